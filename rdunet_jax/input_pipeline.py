@@ -1,0 +1,119 @@
+"""Grain pipelines: records -> resized, [0, 1]-scaled, augmented, fixed-shape numpy batches.
+
+Training batches are a pure function of (seed, epoch, batch index): each epoch builds a Grain
+`MapDataset` shuffled and augmented with a seed derived from both, so the same seed gives the same
+batch sequence, and a checkpointed iterator position resumes exactly.
+"""
+
+import dataclasses
+
+import grain
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from rdunet_jax.errors import UserError
+
+
+def resize(array: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
+    """Resizes a 2-D slice to (size, size): bilinear for images, nearest for masks (stay binary)."""
+    if array.shape == (size, size):
+        return array
+    resample = Image.Resampling.NEAREST if is_mask else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(array).resize((size, size), resample))
+
+
+def preprocess(record: dict, image_size: int) -> dict:
+    """The training preprocessing: resize to `image_size`, intensities to [0, 1], NHWC float32."""
+    image = resize(np.asarray(record["image"]), image_size, is_mask=False)
+    mask = resize(np.asarray(record["mask"]), image_size, is_mask=True)
+    return {
+        "image": (image.astype(np.float32) / 255.0)[..., None],
+        "mask": (mask > 0).astype(np.float32)[..., None],
+    }
+
+
+def zoom(array: np.ndarray, factor: float, order: int) -> np.ndarray:
+    """Zooms about the centre by `factor` (> 1 magnifies), keeping the shape; zeros fill outside."""
+    centre = (np.array(array.shape[:2]) - 1) / 2.0
+    matrix = np.diag([1.0 / factor, 1.0 / factor])
+    offset = centre - matrix @ centre
+    return ndimage.affine_transform(array, matrix, offset=offset, order=order, mode="constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment(grain.transforms.RandomMap):
+    """The paper's augmentation: random horizontal and vertical flips and random zoom, image and
+    mask transformed identically (nearest-neighbour for the mask, so it stays binary)."""
+
+    flip: bool = True
+    zoom_range: float = 0.1
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        image, mask = example["image"][..., 0], example["mask"][..., 0]
+        if self.flip:
+            if rng.random() < 0.5:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+            if rng.random() < 0.5:
+                image, mask = image[::-1, :], mask[::-1, :]
+        if self.zoom_range > 0:
+            factor = rng.uniform(1.0 - self.zoom_range, 1.0 + self.zoom_range)
+            image = zoom(np.ascontiguousarray(image), factor, order=1)
+            mask = zoom(np.ascontiguousarray(mask), factor, order=0)
+        return {
+            "image": np.ascontiguousarray(image)[..., None],
+            "mask": np.ascontiguousarray(mask)[..., None],
+        }
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct 32-bit seed for each (run seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _stack(examples):
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def train_dataset(source, data_config, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
+    """One epoch of training batches (the last partial batch is dropped: fixed shapes)."""
+    if len(source) < batch_size:
+        raise UserError(
+            f"batch_size: {batch_size} is larger than the training split ({len(source)} slices)"
+        )
+    dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
+    dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
+    dataset = dataset.random_map(Augment(data_config.flip, data_config.zoom_range))
+    return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+
+
+def steps_per_epoch(source, batch_size: int) -> int:
+    return len(source) // batch_size
+
+
+def to_iterator(dataset: grain.MapDataset, state: dict | None = None, num_threads: int = 2):
+    """A prefetching Grain iterator over `dataset`, optionally resumed from `get_state()`."""
+    iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
+
+
+def eval_batches(source, image_size: int, batch_size: int):
+    """Yields fixed-shape batches in source order; the last is zero-padded and `weight` marks real
+    slices, so evaluation never compiles a second shape."""
+    dataset = grain.MapDataset.source(source).map(
+        lambda record: {**preprocess(record, image_size), "id": str(record["id"])}
+    )
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+        batch = {
+            "image": np.zeros((batch_size, image_size, image_size, 1), np.float32),
+            "mask": np.zeros((batch_size, image_size, image_size, 1), np.float32),
+            "weight": np.zeros((batch_size,), np.float32),
+        }
+        for row, example in enumerate(examples):
+            batch["image"][row], batch["mask"][row] = example["image"], example["mask"]
+            batch["weight"][row] = 1.0
+        batch["id"] = [example["id"] for example in examples]
+        yield batch

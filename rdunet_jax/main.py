@@ -1,0 +1,50 @@
+"""Command line: `python -m rdunet_jax.main --config configs/rdunet.py [--workdir DIR] [--mode ...]`.
+
+Parses flags and dispatches; user mistakes end in one line on stderr and exit status 2.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rdunet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rdunet.py or configs/rdunet.py:unet.")
+flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, metrics); default runs/<config name>.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate), or only evaluate.")
+flags.DEFINE_integer("checkpoint_step", None, "Evaluate this checkpoint step instead of the best.")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config) -> pathlib.Path:
+    return pathlib.Path("runs") / config.name
+
+
+def run(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from rdunet_jax import evaluate, train
+
+    config = FLAGS.config
+    workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, workdir)
+    else:
+        evaluate.evaluate_workdir(config, workdir, FLAGS.checkpoint_step)
+
+
+def main(argv) -> None:
+    # Orbax logs every checkpoint operation at INFO; our own progress lines go to stdout.
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

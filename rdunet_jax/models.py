@@ -1,0 +1,221 @@
+"""The Residual Dilated U-net family (Amer, Ye, Janan, 2021) as small Flax Linen blocks.
+
+Every baseline of the paper is a configuration of `RDUNet`, not a separate class:
+
+| paper model        | block      | use_se | skip_dilation_rates   | encoder_dilation_rates |
+|--------------------|------------|--------|-----------------------|------------------------|
+| U-net              | "plain"    | False  | ()                    | ()                     |
+| U-net + residual   | "residual" | False  | ()                    | ()                     |
+| + residual + SE    | "residual" | True   | ()                    | ()                     |
+| RDU-net (ours)     | "residual" | True   | (1,2,3,3,2,1)x2, (1,2,2,1)x2 | ()              |
+| ResDUNet           | "residual" | True   | ()                    | (4, 3, 2, 1, 1)        |
+
+Arrays are NHWC; the network returns logits (the sigmoid is applied by the loss and by prediction).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PAPER_SKIP_DILATION_RATES = ((1, 2, 3, 3, 2, 1), (1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (1, 2, 2, 1))
+RESDUNET_ENCODER_DILATION_RATES = (4, 3, 2, 1, 1)
+
+
+def _norm(train: bool, dtype: Any) -> nn.BatchNorm:
+    # Flax's default momentum (0.99) is Keras'; the paper trained in Keras.
+    return nn.BatchNorm(use_running_average=not train, dtype=dtype)
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): a learned per-channel gate from global context."""
+
+    reduction: int = 8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        squeezed = jnp.mean(x, axis=(1, 2))
+        hidden = nn.relu(nn.Dense(max(channels // self.reduction, 1), dtype=self.dtype)(squeezed))
+        gates = nn.sigmoid(nn.Dense(channels, dtype=self.dtype)(hidden))
+        return x * gates[:, None, None, :]
+
+
+class DoubleConv(nn.Module):
+    """conv3x3-BN-ReLU-dropout-conv3x3-BN: the body shared by the U-net and the residual block."""
+
+    features: int
+    dropout_rate: float = 0.5
+    dilation_rate: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for index in range(2):
+            if index:
+                x = nn.relu(x)
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = nn.Conv(
+                self.features,
+                (3, 3),
+                kernel_dilation=self.dilation_rate,
+                use_bias=False,
+                dtype=self.dtype,
+            )(x)
+            x = _norm(train, self.dtype)(x)
+        return x
+
+
+class ConvBlock(nn.Module):
+    """The plain U-net block (Ronneberger et al. 2015): two 3x3 convolutions, no shortcut."""
+
+    features: int
+    dropout_rate: float = 0.5
+    dilation_rate: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        body = DoubleConv(self.features, self.dropout_rate, self.dilation_rate, self.dtype)
+        return nn.relu(body(x, train))
+
+
+class ResidualBlock(nn.Module):
+    """The paper's residual block: DoubleConv plus an identity (or 1x1 conv+BN) shortcut, then ReLU."""
+
+    features: int
+    dropout_rate: float = 0.5
+    dilation_rate: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        body = DoubleConv(self.features, self.dropout_rate, self.dilation_rate, self.dtype)(x, train)
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype)(x)
+            shortcut = _norm(train, self.dtype)(shortcut)
+        return nn.relu(body + shortcut)
+
+
+class DilatedCascade(nn.Module):
+    """The paper's DC module: cascaded 3x3 dilated conv-BN-ReLU on a skip, shape unchanged."""
+
+    dilation_rates: Sequence[int]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for rate in self.dilation_rates:
+            x = nn.Conv(x.shape[-1], (3, 3), kernel_dilation=rate, use_bias=False, dtype=self.dtype)(x)
+            x = nn.relu(_norm(train, self.dtype)(x))
+        return x
+
+
+class EncoderDecoderBlock(nn.Module):
+    """One U-net level's block: plain or residual, optionally followed by squeeze-and-excitation."""
+
+    features: int
+    block: str = "residual"
+    use_se: bool = True
+    se_reduction: int = 8
+    dropout_rate: float = 0.5
+    dilation_rate: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        block_class = {"plain": ConvBlock, "residual": ResidualBlock}[self.block]
+        x = block_class(self.features, self.dropout_rate, self.dilation_rate, self.dtype)(x, train)
+        if self.use_se:
+            x = SqueezeExcitation(self.se_reduction, self.dtype)(x)
+        return x
+
+
+def upsample_bilinear(x):
+    """2x bilinear up-sampling (half-pixel centres, as Keras' UpSampling2D and torch's default)."""
+    batch, height, width, channels = x.shape
+    return jax.image.resize(x, (batch, 2 * height, 2 * width, channels), "bilinear")
+
+
+class RDUNet(nn.Module):
+    """The Residual Dilated U-net and, by configuration, the paper's baselines (see module docstring).
+
+    `depth` is the number of 2x down-samplings: feature maps go features, 2*features, ...,
+    features * 2**depth at the bottom. `skip_dilation_rates` holds one schedule per skip, shallow to
+    deep (an empty schedule, or an empty tuple for all, leaves that skip plain).
+    `encoder_dilation_rates` holds one rate per encoder level (depth + 1 of them) for ResDUNet.
+    """
+
+    features: int = 16
+    depth: int = 4
+    block: str = "residual"
+    use_se: bool = True
+    se_reduction: int = 8
+    skip_dilation_rates: Sequence[Sequence[int]] = PAPER_SKIP_DILATION_RATES
+    encoder_dilation_rates: Sequence[int] = ()
+    dropout_rate: float = 0.5
+    num_classes: int = 1
+    dtype: Any = jnp.float32
+
+    def _block(self, features, dilation_rate=1):
+        return EncoderDecoderBlock(
+            features,
+            self.block,
+            self.use_se,
+            self.se_reduction,
+            self.dropout_rate,
+            dilation_rate,
+            self.dtype,
+        )
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = images.astype(self.dtype)
+        encoder_rates = tuple(self.encoder_dilation_rates) or (1,) * (self.depth + 1)
+        skip_rates = tuple(self.skip_dilation_rates) or ((),) * self.depth
+        skips = []
+        for level in range(self.depth + 1):
+            if level:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = self._block(self.features * 2**level, encoder_rates[level])(x, train)
+            skips.append(x)
+        x = skips.pop()
+        for level in reversed(range(self.depth)):
+            skip = skips[level]
+            if skip_rates[level]:
+                skip = DilatedCascade(tuple(skip_rates[level]), self.dtype)(skip, train)
+            x = jnp.concatenate([upsample_bilinear(x), skip], axis=-1)
+            x = self._block(self.features * 2**level)(x, train)
+        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+        return logits.astype(jnp.float32)
+
+
+def build_model(model_config) -> RDUNet:
+    """Builds an `RDUNet` from a config's `model` section."""
+    return RDUNet(
+        features=model_config.features,
+        depth=model_config.depth,
+        block=model_config.block,
+        use_se=model_config.use_se,
+        se_reduction=model_config.se_reduction,
+        skip_dilation_rates=tuple(tuple(rates) for rates in model_config.skip_dilation_rates),
+        encoder_dilation_rates=tuple(model_config.encoder_dilation_rates),
+        dropout_rate=model_config.dropout_rate,
+        num_classes=1,
+        dtype=jnp.dtype(model_config.dtype),
+    )
+
+
+def count_parameters(params) -> int:
+    """The number of trainable scalars (batch statistics are not parameters)."""
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def abstract_variables(model: RDUNet, image_size: int):
+    """Shapes and dtypes of the model's variables, without running or compiling the initialisers."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
