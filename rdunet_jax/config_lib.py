@@ -65,6 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.num_test = 32
     config.data.flip = True
     config.data.zoom_range = 0.1
+    # Splits of ma2020_2d (by slice) and nifti (by case): 'random' is the paper's seeded random split,
+    # 'blocks' takes contiguous runs of files (volume order), so fewer neighbouring slices straddle splits.
+    config.data.split_scheme = "random"
+    config.data.split_fractions = (0.6, 0.2, 0.2)
+    config.data.split_seed = 0
+    # Hounsfield-unit window (lower, upper) mapped to [0, 1] for nifti slices: the lung window W1500/L-600.
+    config.data.hu_window = (-1350.0, 150.0)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -130,6 +137,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"eval.threshold: must be in (0, 1), got {config.eval.threshold!r}")
     if not 0.0 <= config.data.zoom_range < 1.0:
         raise UserError(f"data.zoom_range: must be in [0, 1), got {config.data.zoom_range!r}")
+    _check_data_splits(config.data)
+
+
+def _check_data_splits(data) -> None:
+    """Checks the split and intensity-window keys of `config.data`."""
+    if data.split_scheme not in ("random", "blocks"):
+        raise UserError(f"data.split_scheme: must be 'random' or 'blocks', got {data.split_scheme!r}")
+    fractions = tuple(data.split_fractions)
+    if (
+        len(fractions) != 3
+        or any(
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            for value in fractions
+        )
+        or abs(sum(fractions) - 1.0) > 1e-6
+    ):
+        raise UserError(f"data.split_fractions: must be 3 positive numbers summing to 1, got {fractions!r}")
+    if isinstance(data.split_seed, bool) or not isinstance(data.split_seed, int) or data.split_seed < 0:
+        raise UserError(f"data.split_seed: must be a non-negative int, got {data.split_seed!r}")
+    window = tuple(data.hu_window)
+    if (
+        len(window) != 2
+        or not all(isinstance(value, (int, float)) for value in window)
+        or window[0] >= window[1]
+    ):
+        raise UserError(
+            f"data.hu_window: must be (lower, upper) Hounsfield units with lower < upper, got {window!r}"
+        )
 
 
 def _check_rates(key, rates):

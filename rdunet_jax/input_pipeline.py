@@ -23,12 +23,25 @@ def resize(array: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), resample))
 
 
-def preprocess(record: dict, image_size: int) -> dict:
-    """The training preprocessing: resize to `image_size`, intensities to [0, 1], NHWC float32."""
-    image = resize(np.asarray(record["image"]), image_size, is_mask=False)
+def preprocess(record: dict, image_size: int, hu_window: tuple | None = None) -> dict:
+    """The training preprocessing: resize to `image_size`, intensities to [0, 1], NHWC float32.
+
+    uint8 images are display-windowed already and are divided by 255; other images (`nifti`) hold
+    Hounsfield units, mapped linearly from `hu_window` (else the record's `hu_window`, else the lung
+    window W1500/L-600, as `data.hu_window`) to [0, 1] and clipped.
+    """
+    image = np.asarray(record["image"])
+    if image.dtype == np.uint8:
+        image = resize(image, image_size, is_mask=False).astype(np.float32) / 255.0
+    else:
+        if hu_window is None:
+            hu_window = record.get("hu_window", (-1350.0, 150.0))
+        lower, upper = (float(value) for value in hu_window)
+        windowed = np.clip((image.astype(np.float32) - lower) / (upper - lower), 0.0, 1.0)
+        image = resize(windowed, image_size, is_mask=False)
     mask = resize(np.asarray(record["mask"]), image_size, is_mask=True)
     return {
-        "image": (image.astype(np.float32) / 255.0)[..., None],
+        "image": image.astype(np.float32)[..., None],
         "mask": (mask > 0).astype(np.float32)[..., None],
     }
 
