@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from rdunet_jax.datasets import layouts, phantom, readers
 from rdunet_jax.errors import UserError
@@ -270,7 +271,9 @@ def builder_config(data_config) -> CovidCtConfig:
     """The builder config of `data_config`, named `<dataset>-<hash of its cache options>`."""
     options = cache_options(data_config)
     # The folder's own location is not part of the key: a copy with the same files reuses the cache.
+    # The builder's version and feature schema are: a cache written by older code is never misread.
     keyed = {key: value for key, value in options.items() if key != "manual_dir"}
+    keyed.update(version=str(CovidCtSlices.VERSION), schema=_schema_digest(options["dataset"]))
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     fields = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
     fields.pop("fingerprint", None)
@@ -280,6 +283,12 @@ def builder_config(data_config) -> CovidCtConfig:
         description=json.dumps(options, sort_keys=True),
         **fields,
     )
+
+
+def _schema_digest(dataset: str) -> str:
+    """A hash of the dataset's feature specification (shapes, dtypes, encodings)."""
+    schema = json_format.MessageToJson(features_for(dataset).to_proto(), sort_keys=True)
+    return hashlib.sha256(schema.encode()).hexdigest()[:12]
 
 
 def prepare(data_config) -> CovidCtSlices:
