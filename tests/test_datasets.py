@@ -1,0 +1,473 @@
+"""The TFDS builder on small files written here: layouts, splits, NIfTI, cache keys and every bad input."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import nibabel
+import numpy as np
+import pytest
+from PIL import Image
+
+from rdunet_jax import config_lib, datasets, input_pipeline
+from rdunet_jax.datasets import builder, phantom
+from rdunet_jax.errors import UserError
+
+MULTICLASS = pathlib.Path("Dataset/TrainingSet/MultiClassInfection-Train")
+DOCTOR_LABEL = pathlib.Path("Dataset/TrainingSet/LungInfection-Train/Doctor-label")
+
+
+def data_config(tmp_path, name, manual_dir="", **overrides):
+    """`config.data` for `name`, built into a data_dir under `tmp_path`."""
+    data = config_lib.base_config().data
+    data.name, data.manual_dir, data.data_dir = name, str(manual_dir), str(tmp_path / "tfds")
+    data.update(overrides)
+    return data
+
+
+def lesion_slice(seed: int, height: int = 24, width: int = 20):
+    """A noisy image with a square lesion: (image uint8, class mask {0,1,2})."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(30, 200, (height, width), dtype=np.uint8)
+    class_mask = np.zeros((height, width), np.uint8)
+    class_mask[4:10, 5:11] = 1
+    class_mask[12:15, 5:8] = 2
+    return image, class_mask
+
+
+def save_png(path, array, palette=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if palette:
+        image = image.convert("P")  # palette indices keep the raw label values
+        image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    image.save(path)
+
+
+def make_semiseg(root, ids=range(6), validation=(4, 5)):
+    """A COVID-SemiSeg layout with `ids`; val.txt holds `validation`, train.txt the rest."""
+    for example_id in ids:
+        image, class_mask = lesion_slice(example_id)
+        (root / DOCTOR_LABEL / "Imgs").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / DOCTOR_LABEL / "Imgs" / f"{example_id}.jpg", quality=95)
+        save_png(root / DOCTOR_LABEL / "GT" / f"{example_id}.png", (class_mask > 0).astype(np.uint8) * 255)
+        save_png(root / MULTICLASS / "GT" / f"{example_id}.png", class_mask, palette=True)
+    train = [i for i in ids if i not in validation]
+    (root / MULTICLASS / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (root / MULTICLASS / "val.txt").write_text("".join(f"{i}\n" for i in validation))
+    return root
+
+
+def make_ma2020(root, count=10):
+    """Ma et al.'s 2-D layout: ct/, covid/, lungs/ with `count` slices."""
+    for index in range(count):
+        image, class_mask = lesion_slice(index, 16, 16)
+        lungs = np.zeros_like(class_mask)
+        lungs[2:15, 2:14] = 255
+        save_png(root / "ct" / f"{index:04d}.png", image)
+        save_png(root / "covid" / f"{index:04d}.png", (class_mask > 0).astype(np.uint8) * 255)
+        save_png(root / "lungs" / f"{index:04d}.png", lungs)
+    return root
+
+
+def save_nifti(path, array, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(
+        nibabel.Nifti1Image(array, np.diag([0.7, 0.7, 5.0, 1.0]) if affine is None else affine), path
+    )
+
+
+def nifti_case(seed, shape=(12, 10, 3)):
+    """Hounsfield-unit volume and label volume {0,1,2,3}."""
+    rng = np.random.default_rng(seed)
+    volume = rng.integers(-1000, 400, shape).astype(np.int16)
+    labels = np.zeros(shape, np.uint8)
+    labels[3:6, 2:5, :] = 1
+    labels[7:9, 6:8, 1] = 2
+    labels[0, 0, 0] = 3
+    return volume, labels
+
+
+def make_nifti(root, cases=("a", "b", "c", "d")):
+    """Generic <case>_image/_mask pairs."""
+    for seed, case in enumerate(cases):
+        volume, labels = nifti_case(seed)
+        save_nifti(root / f"{case}_image.nii.gz", volume)
+        save_nifti(root / f"{case}_mask.nii.gz", labels)
+    return root
+
+
+def assert_no_dataset_left(tmp_path):
+    """Nothing in the data_dir loads as a prepared dataset, and no half-written folder remains."""
+    data_dir = tmp_path / "tfds"
+    assert not list(data_dir.rglob("dataset_info.json"))
+    assert not [path for path in data_dir.rglob("*") if path.name.startswith("incomplete")]
+
+
+def test_synthetic_goes_through_the_builder_and_matches_the_phantom(tmp_path):
+    data = data_config(tmp_path, "synthetic", num_train=16, num_validation=2, num_test=2, image_size=32)
+    source = datasets.load_source(data, "train")
+    assert len(source) == 16
+    expected = phantom.PhantomSource("train", 16, 32)[7]
+    record = source[7]
+    assert record["id"] == expected["id"] == "phantom-train-00007"
+    for key in ("image", "mask", "class_mask"):
+        np.testing.assert_array_equal(record[key], expected[key])
+    assert datasets.has_split(data, "test") and not datasets.has_split(data, "train_full")
+    with pytest.raises(UserError, match="train_full"):
+        datasets.load_source(data, "train_full")
+
+
+def test_semiseg_splits_and_features(tmp_path):
+    data = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
+    sizes = {split: len(datasets.load_source(data, split)) for split in ("train", "validation", "train_full")}
+    assert sizes == {"train": 4, "validation": 2, "train_full": 6}
+    assert not datasets.has_split(data, "test")  # no Dataset/TestingSet
+    record = datasets.load_source(data, "validation")[0]
+    assert record["id"] == "4" and isinstance(record["id"], str)
+    assert record["image"].shape == (24, 20) and record["image"].dtype == np.uint8
+    _, class_mask = lesion_slice(4)
+    np.testing.assert_array_equal(record["class_mask"], class_mask)
+    np.testing.assert_array_equal(record["mask"], (class_mask > 0).astype(np.uint8))
+
+
+def test_semiseg_reads_the_testing_set_when_present(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg")
+    testing = root / "Dataset/TestingSet"
+    for example_id in ("100", "101", "102"):
+        image, class_mask = lesion_slice(int(example_id), 30, 26)
+        save_png(testing / "LungInfection-Test/Imgs" / f"{example_id}.png", image)
+        save_png(
+            testing / "LungInfection-Test/GT" / f"{example_id}.png", (class_mask > 0).astype(np.uint8) * 255
+        )
+        save_png(testing / "MultiClassInfection-Test/GT" / f"{example_id}.png", class_mask, palette=True)
+    data = data_config(tmp_path, "semiseg", root)
+    test = datasets.load_source(data, "test")
+    assert [test[i]["id"] for i in range(len(test))] == ["100", "101", "102"]
+    assert test[0]["image"].shape == (30, 26)
+
+
+@pytest.mark.parametrize("scheme", ["random", "blocks"])
+def test_ma2020_splits_partition_the_slices(tmp_path, scheme):
+    data = data_config(tmp_path, "ma2020_2d", make_ma2020(tmp_path / "ma"), split_scheme=scheme)
+    ids = {
+        split: [r["id"] for r in datasets.load_source(data, split)]
+        for split in ("train", "validation", "test")
+    }
+    assert [len(ids[split]) for split in ("train", "validation", "test")] == [6, 2, 2]
+    assert sorted(sum(ids.values(), [])) == [f"{i:04d}" for i in range(10)]
+    if scheme == "blocks":
+        assert ids["train"] == [f"{i:04d}" for i in range(6)] and ids["test"] == ["0008", "0009"]
+    record = datasets.load_source(data, "train")[0]
+    assert set(np.unique(record["lung_mask"])) == {0, 1} and record["index"] == int(record["id"])
+
+
+def test_ma2020_random_split_is_seeded(tmp_path):
+    root = make_ma2020(tmp_path / "ma")
+
+    def test_ids(seed):
+        source = datasets.load_source(data_config(tmp_path, "ma2020_2d", root, split_seed=seed), "test")
+        return [record["id"] for record in source]
+
+    assert test_ids(0) == test_ids(0)
+    assert test_ids(0) != test_ids(1) or test_ids(0) != test_ids(2)
+
+
+def test_nifti_splits_by_case_and_keeps_hounsfield_units_and_geometry(tmp_path):
+    root = make_nifti(tmp_path / "nifti", cases=("a", "b", "c", "d", "e"))
+    data = data_config(tmp_path, "nifti", root)
+    cases_by_split = {}
+    for split in ("train", "validation", "test"):
+        source = datasets.load_source(data, split)
+        cases_by_split[split] = {record["case_id"] for record in source}
+        assert len(source) == 3 * len(cases_by_split[split])  # every slice of a case in one split
+    assert sorted(set().union(*cases_by_split.values())) == ["a", "b", "c", "d", "e"]
+    assert sum(len(cases) for cases in cases_by_split.values()) == 5
+    record = next(r for r in datasets.load_source(data, "train") if r["slice_index"] == 1)
+    volume, labels = nifti_case("abcde".index(record["case_id"]))
+    assert record["image"].dtype == np.float32
+    np.testing.assert_array_equal(record["image"], volume[:, :, 1])
+    np.testing.assert_array_equal(record["class_mask"], labels[:, :, 1])
+    np.testing.assert_array_equal(
+        record["mask"], np.isin(labels[:, :, 1], (1, 2))
+    )  # effusion (3) is no lesion
+    np.testing.assert_allclose(record["spacing"], (0.7, 0.7, 5.0))
+    np.testing.assert_allclose(record["affine"], np.diag([0.7, 0.7, 5.0, 1.0]))
+    assert tuple(record["volume_shape"]) == (12, 10, 3) and record["id"] == f"{record['case_id']}-0001"
+    np.testing.assert_allclose(record["hu_window"], data.hu_window)
+
+
+def test_nifti_reads_medseg_and_ma_layouts(tmp_path):
+    root = tmp_path / "nifti"
+    stack, stack_labels = nifti_case(0, shape=(12, 10, 5))
+    save_nifti(root / "tr_im.nii.gz", stack)
+    save_nifti(root / "tr_mask.nii.gz", stack_labels)
+    volume, labels = nifti_case(1)
+    save_nifti(root / "COVID-19-CT-Seg_20cases/coronacases_001.nii.gz", volume)
+    save_nifti(root / "Infection_Mask/coronacases_001.nii.gz", (labels > 0).astype(np.uint8))
+    data = data_config(tmp_path, "nifti", root)
+    records = [r for split in ("train", "validation", "test") for r in datasets.load_source(data, split)]
+    assert sorted({r["case_id"] for r in records}) == ["coronacases_001", "medseg_tr"]
+    assert len(records) == 5 + 3
+    # MedSeg's stack holds unrelated slices: they are split one by one, into all three splits.
+    splits_with_stack_slices = [
+        split
+        for split in ("train", "validation", "test")
+        if any(r["case_id"] == "medseg_tr" for r in datasets.load_source(data, split))
+    ]
+    assert len(splits_with_stack_slices) >= 2
+
+
+def test_preprocess_windows_hounsfield_units():
+    record = {
+        "image": np.array([[-2000.0, -1350.0], [-600.0, 150.0]], np.float32),
+        "mask": np.zeros((2, 2), np.uint8),
+    }
+    image = input_pipeline.preprocess(record, 2)["image"][..., 0]
+    np.testing.assert_allclose(image, [[0.0, 0.0], [0.5, 1.0]])
+    custom = input_pipeline.preprocess(record, 2, hu_window=(-1000.0, 0.0))["image"][..., 0]
+    np.testing.assert_allclose(custom, [[0.0, 0.0], [0.4, 1.0]])
+
+
+def test_unchanged_files_reuse_the_cache_and_changed_files_rebuild(tmp_path):
+    root = make_ma2020(tmp_path / "ma")
+    data = data_config(tmp_path, "ma2020_2d", root, split_scheme="blocks")
+    first = builder.prepare(data)
+    assert builder.prepare(data).data_path == first.data_path  # same files: same cache
+    repaired = np.zeros((16, 16), np.uint8)
+    repaired[1:3, 1:3] = 255
+    save_png(root / "covid" / "0000.png", repaired)
+    os.utime(root / "covid" / "0000.png", ns=(1, 1))  # a different time even on coarse-mtime filesystems
+    second = builder.prepare(data)
+    assert second.data_path != first.data_path
+    np.testing.assert_array_equal(datasets.load_source(data, "train")[0]["mask"], repaired > 0)
+    # Split options are part of the key too.
+    data.split_scheme = "random"
+    assert builder.prepare(data).data_path not in (first.data_path, second.data_path)
+
+
+def test_failed_build_leaves_nothing_and_a_repaired_folder_builds(tmp_path):
+    root = make_ma2020(tmp_path / "ma")
+    good = (root / "ct/0007.png").read_bytes()
+    (root / "ct/0007.png").write_bytes(good[: len(good) // 2])
+    data = data_config(tmp_path, "ma2020_2d", root)
+    with pytest.raises(UserError, match="0007.png"):
+        datasets.load_source(data, "train")
+    assert_no_dataset_left(tmp_path)
+    (root / "ct/0007.png").write_bytes(good)
+    assert len(datasets.load_source(data, "train")) == 6
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _garbage(path):
+    path.write_bytes(b"this is not an image at all" * 10)
+
+
+def _resize(path):
+    Image.open(path).resize((11, 9), Image.Resampling.NEAREST).save(path)
+
+
+def _unknown_binary_label(path):
+    array = np.asarray(Image.open(path)).copy()
+    array[0, 0] = 128
+    save_png(path, array)
+
+
+def _unknown_class_label(path):
+    array = np.asarray(Image.open(path)).copy()
+    array[0, 0] = 7
+    save_png(path, array, palette=True)
+
+
+def _rgba_mask(path):
+    Image.open(path).convert("RGBA").save(path)
+
+
+def _append_line(text):
+    def append(path):
+        path.write_text(path.read_text() + text)
+
+    return append
+
+
+BAD_2D_FILES = {
+    "truncated jpeg": ("semiseg", DOCTOR_LABEL / "Imgs/2.jpg", _truncate, "corrupt or truncated"),
+    "corrupt png": ("ma2020_2d", "ct/0003.png", _garbage, "corrupt or truncated"),
+    "image and mask sizes differ": ("ma2020_2d", "covid/0004.png", _resize, "differs from its image"),
+    "class mask size differs": ("semiseg", MULTICLASS / "GT/1.png", _resize, "differs from its image"),
+    "binary mask value 128": (
+        "ma2020_2d",
+        "lungs/0002.png",
+        _unknown_binary_label,
+        "outside the known labels",
+    ),
+    "class mask value 7": (
+        "semiseg",
+        MULTICLASS / "GT/3.png",
+        _unknown_class_label,
+        "outside the known labels",
+    ),
+    "colour mask": ("semiseg", DOCTOR_LABEL / "GT/0.png", _rgba_mask, "single-channel"),
+    "missing mask": ("ma2020_2d", "covid/0005.png", pathlib.Path.unlink, "file missing"),
+    "split list names a missing id": (
+        "semiseg",
+        MULTICLASS / "train.txt",
+        _append_line("99\n"),
+        "has no file",
+    ),
+    "split list escapes the folder": (
+        "semiseg",
+        MULTICLASS / "val.txt",
+        _append_line("../../../../../../etc/hostname\n"),
+        "outside",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_2D_FILES))
+def test_bad_2d_input_is_one_line_naming_the_file(tmp_path, case):
+    name, relative, damage, problem = BAD_2D_FILES[case]
+    make = make_semiseg if name == "semiseg" else make_ma2020
+    root = make(tmp_path / "data")
+    damage(root / relative)
+    with pytest.raises(UserError) as error:
+        datasets.load_source(data_config(tmp_path, name, root), "train")
+    message = str(error.value)
+    assert "\n" not in message and problem in message and pathlib.Path(relative).name in message
+    assert_no_dataset_left(tmp_path)
+
+
+def _nifti_shapes_differ(root):
+    save_nifti(root / "b_mask.nii.gz", np.zeros((12, 10, 4), np.uint8))
+
+
+def _nifti_affines_differ(root):
+    save_nifti(root / "b_mask.nii.gz", nifti_case(1)[1], affine=np.diag([0.8, 0.7, 5.0, 1.0]))
+
+
+def _nifti_4d(root):
+    save_nifti(root / "b_image.nii.gz", np.zeros((12, 10, 3, 2), np.int16))
+
+
+def _nifti_1d(root):
+    save_nifti(root / "b_image.nii.gz", np.zeros((12,), np.int16))
+
+
+def _nifti_2d(root):
+    save_nifti(root / "b_mask.nii.gz", np.zeros((12, 10), np.uint8))
+
+
+def _nifti_unknown_label(root):
+    labels = nifti_case(1)[1]
+    labels[1, 1, 1] = 9
+    save_nifti(root / "b_mask.nii.gz", labels)
+
+
+def _nifti_truncated(root):
+    _truncate(root / "b_image.nii.gz")
+
+
+def _nifti_missing_mask(root):
+    (root / "b_mask.nii.gz").unlink()
+
+
+BAD_NIFTI = {
+    "shapes differ": (_nifti_shapes_differ, "b_mask.nii.gz", "differs from its image"),
+    "affines differ": (_nifti_affines_differ, "b_mask.nii.gz", "affine differs"),
+    "4-D volume": (_nifti_4d, "b_image.nii.gz", "expected a 3-D volume"),
+    "1-D volume": (_nifti_1d, "b_image.nii.gz", "expected a 3-D volume"),
+    "2-D mask": (_nifti_2d, "b_mask.nii.gz", "expected a 3-D volume"),
+    "unknown label": (_nifti_unknown_label, "b_mask.nii.gz", "outside the known labels"),
+    "truncated volume": (_nifti_truncated, "b_image.nii.gz", "corrupt or unreadable"),
+    "missing mask": (_nifti_missing_mask, "b_mask.nii.gz", "file missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NIFTI))
+def test_bad_nifti_input_is_one_line_naming_the_file(tmp_path, case):
+    damage, file_name, problem = BAD_NIFTI[case]
+    root = make_nifti(tmp_path / "nifti")
+    damage(root)
+    with pytest.raises(UserError) as error:
+        datasets.load_source(data_config(tmp_path, "nifti", root), "train")
+    message = str(error.value)
+    assert "\n" not in message and problem in message and file_name in message
+    assert_no_dataset_left(tmp_path)
+
+
+SOURCES = {
+    "semiseg": ("Doctor-label/{Imgs,GT}", "COVID-SemiSeg", "medicalsegmentation.com/covid19"),
+    "ma2020_2d": ("ct/NNNN.png", "zenodo.org/record/3757476"),
+    "nifti": ("tr_im.nii.gz", "medicalsegmentation.com/covid19", "zenodo.org/record/3757476"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("state", ["unset", "missing", "empty"])
+def test_missing_manual_dir_names_layout_source_and_config_key(tmp_path, name, state):
+    manual_dir = {"unset": "", "missing": tmp_path / "nowhere", "empty": tmp_path / "empty"}[state]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as error:
+        datasets.load_source(data_config(tmp_path, name, manual_dir), "train")
+    message = str(error.value)
+    assert "\n" not in message and "data.manual_dir" in message
+    for expected in SOURCES[name]:
+        assert expected in message
+
+
+@pytest.mark.parametrize(
+    "name, make, folder",
+    [("ma2020_2d", make_ma2020, "covid"), ("semiseg", make_semiseg, DOCTOR_LABEL / "GT")],
+)
+def test_missing_or_empty_subfolder(tmp_path, name, make, folder):
+    root = make(tmp_path / "data")
+    for path in (root / folder).iterdir():
+        path.unlink()
+    with pytest.raises(UserError, match="folder is empty"):
+        datasets.load_source(data_config(tmp_path, name, root), "train")
+    (root / folder).rmdir()
+    with pytest.raises(UserError, match="missing folder"):
+        datasets.load_source(data_config(tmp_path, name, root), "train")
+    assert_no_dataset_left(tmp_path)
+
+
+def test_too_few_nifti_cases_to_split(tmp_path):
+    data = data_config(tmp_path, "nifti", make_nifti(tmp_path / "nifti", cases=("a", "b")))
+    with pytest.raises(UserError, match="at least 3"):
+        datasets.load_source(data, "train")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("split_scheme", "volumes"),
+        ("split_fractions", (0.5, 0.5)),
+        ("split_fractions", (0.6, 0.3, 0.3)),
+        ("split_seed", -1),
+        ("hu_window", (100.0, -100.0)),
+    ],
+)
+def test_config_validation_of_data_keys(key, value):
+    config = config_lib.base_config()
+    config.data[key] = value
+    with pytest.raises(UserError, match=f"data.{key}"):
+        config_lib.validate(config)
+
+
+def test_cli_exits_2_with_one_line_for_a_corrupt_file(tmp_path):
+    root = make_ma2020(tmp_path / "ma")
+    _garbage(root / "lungs/0001.png")
+    command = [
+        sys.executable, "-m", "rdunet_jax.main", "--config", "configs/rdunet.py",
+        f"--config.data.manual_dir={root}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "lungs/0001.png" in last_line and "corrupt" in last_line
+    assert_no_dataset_left(tmp_path)

@@ -1,0 +1,105 @@
+"""The builder on the real public datasets in ../shared/data (or $RDUNET_DATA_ROOT).
+
+These tests fail, rather than skip, when the data is absent: a silently skipped integration test would
+let a broken reader pass. Datasets are built into a temporary data_dir, never into the repository.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from rdunet_jax import config_lib, datasets, input_pipeline
+
+pytestmark = pytest.mark.real_data
+
+DATA_ROOT = pathlib.Path(
+    os.environ.get("RDUNET_DATA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+MANUAL_DIRS = {"semiseg": DATA_ROOT / "covid-semiseg", "ma2020_2d": DATA_ROOT / "covid19-ct-seg-2d"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def real_data_config(name, data_dir, **overrides):
+    """`config.data` for a real dataset; fails with where the data is expected when it is absent."""
+    manual_dir = MANUAL_DIRS[name]
+    if not manual_dir.is_dir():
+        pytest.fail(
+            f"real data for {name!r} not found at {manual_dir}: the tests expect ../shared/data beside the "
+            f"repository (see ../shared/data/README.md and docs/datasets.md) or RDUNET_DATA_ROOT set"
+        )
+    data = config_lib.base_config().data
+    data.name, data.manual_dir, data.data_dir = name, str(manual_dir), str(data_dir)
+    data.update(overrides)
+    return data
+
+
+def all_records(source):
+    return [source[index] for index in range(len(source))]
+
+
+def check_slices(records, lesion_inside):
+    """Shapes, dtypes and value ranges of real slices, and lesions lying inside `lesion_inside(record)`."""
+    for record in records:
+        image, mask = record["image"], record["mask"]
+        assert image.ndim == 2 and image.dtype == np.uint8 and mask.shape == image.shape
+        assert set(np.unique(mask)) == {0, 1}, record["id"]  # every released slice has a lesion
+        assert image.std() > 10, record["id"]  # a real image, not a blank or constant one
+        inside = lesion_inside(record)[mask > 0].mean()
+        assert inside > 0.9, f"{record['id']}: only {inside:.0%} of lesion pixels lie inside the body/lungs"
+
+
+def test_semiseg_splits_shapes_and_alignment(data_dir):
+    data = real_data_config("semiseg", data_dir)
+    sizes = {split: len(datasets.load_source(data, split)) for split in ("train", "validation", "train_full")}
+    assert sizes == {"train": 45, "validation": 5, "train_full": 50}
+    records = all_records(datasets.load_source(data, "train_full"))
+    assert len({record["id"] for record in records}) == 50
+    # Images are cropped to the body: lesion pixels lie on tissue, not on the black background.
+    check_slices(records, lambda record: record["image"] > 20)
+    for record in records:
+        assert 150 <= min(record["image"].shape) and max(record["image"].shape) <= 512
+        assert set(np.unique(record["class_mask"])) <= {0, 1, 2}
+        np.testing.assert_array_equal(record["class_mask"] > 0, record["mask"] > 0)
+    if (MANUAL_DIRS["semiseg"] / "Dataset/TestingSet").is_dir():
+        assert len(datasets.load_source(data, "test")) == 48
+    else:
+        assert not datasets.has_split(data, "test")
+
+
+def test_ma2020_splits_shapes_and_alignment(data_dir):
+    data = real_data_config("ma2020_2d", data_dir)
+    sources = {split: datasets.load_source(data, split) for split in ("train", "validation", "test")}
+    assert [len(source) for source in sources.values()] == [968, 323, 323]
+    ids = [source[index]["id"] for source in sources.values() for index in range(len(source))]
+    assert sorted(ids) == [f"{index:04d}" for index in range(1614)]
+    records = all_records(sources["validation"])
+    check_slices(records, lambda record: record["lung_mask"] > 0)  # infection lies inside the lungs
+    assert all(record["image"].shape == (256, 256) for record in records)
+
+
+def test_a_few_train_steps_on_real_slices_at_64_px(data_dir):
+    import jax
+
+    from rdunet_jax import train
+
+    config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
+    config.data = real_data_config("ma2020_2d", data_dir, image_size=64)
+    config.batch_size, config.model.features, config.model.depth = 4, 4, 2
+    config.model.skip_dilation_rates = ((1, 2, 1), (1, 2, 1))
+    config.compilation_cache_dir = str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla")
+    model = train.setup_run(config)
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    source = datasets.load_source(config.data, "train")
+    batches = iter(input_pipeline.train_dataset(source, config.data, config.batch_size, seed=0, epoch=0))
+    losses = []
+    for _ in range(3):
+        state, metrics = train.train_step(state, next(batches))
+        losses.append(float(jax.device_get(metrics["loss"])))
+    assert all(np.isfinite(losses)) and all(0.0 <= loss <= 1.0 for loss in losses)
+    assert int(state.step) == 3
