@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.skip_dilation_rates = models.PAPER_SKIP_DILATION_RATES
     config.model.encoder_dilation_rates = ()
     config.model.dropout_rate = 0.5
+    # Flax's convention (new = momentum * old + (1 - momentum) * batch); Keras' default is 0.99.
+    config.model.batch_norm_momentum = models.BATCH_NORM_MOMENTUM
     config.model.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()
@@ -100,8 +102,17 @@ def _positive(config, key, kind=int):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is built or compiled; raises UserError naming the bad key."""
-    for key in ("num_epochs", "batch_size", "lr_decay_epochs", "log_every_steps", "data.image_size",
-                "model.features", "model.depth", "model.se_reduction", "eval.batch_size"):
+    for key in (
+        "num_epochs",
+        "batch_size",
+        "lr_decay_epochs",
+        "log_every_steps",
+        "data.image_size",
+        "model.features",
+        "model.depth",
+        "model.se_reduction",
+        "eval.batch_size",
+    ):
         _positive(config, key)
     for key in ("learning_rate", "lr_decay_factor"):
         value = config[key]
@@ -112,6 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.block: must be 'plain' or 'residual', got {model.block!r}")
     if not 0.0 <= model.dropout_rate < 1.0:
         raise UserError(f"model.dropout_rate: must be in [0, 1), got {model.dropout_rate!r}")
+    if not 0.0 <= model.batch_norm_momentum < 1.0:
+        raise UserError(f"model.batch_norm_momentum: must be in [0, 1), got {model.batch_norm_momentum!r}")
     if model.dtype not in ("float32", "bfloat16"):
         raise UserError(f"model.dtype: must be 'float32' or 'bfloat16', got {model.dtype!r}")
     divisor = 2**model.depth

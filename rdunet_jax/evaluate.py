@@ -34,7 +34,7 @@ def evaluate_source(state, source, config) -> dict:
     for _, _, masks, probabilities, batch_losses in predict_source(state, source, config):
         counts.append(metrics.confusion_counts(probabilities >= config.eval.threshold, masks))
         slice_losses.append(batch_losses)
-    tp, fp, fn, tn = (np.concatenate(column) for column in zip(*counts))
+    tp, fp, fn, tn = (np.concatenate(column) for column in zip(*counts, strict=True))
     summary = metrics.summarize(tp, fp, fn, tn)
     summary["loss"] = float(np.mean(np.concatenate(slice_losses)))
     return summary
@@ -57,9 +57,12 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
         if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
             kind = "best"
             if checkpoint_step not in run_checkpoints.all_steps(kind):
+                available = sorted(
+                    set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best"))
+                )
                 raise UserError(
                     f"--checkpoint_step: no checkpoint at step {checkpoint_step} in "
-                    f"{run_checkpoints.directory}; have {sorted(set(run_checkpoints.all_steps('latest')) | set(run_checkpoints.all_steps('best')))}"
+                    f"{run_checkpoints.directory}; available steps: {available}"
                 )
         restored = run_checkpoints.restore(kind, target, checkpoint_step)
         if restored is None:
@@ -77,7 +80,10 @@ def evaluate_workdir(config, workdir, checkpoint_step: int | None = None) -> dic
     summary.update(split=split, step=int(state.step), threshold=config.eval.threshold)
     path = pathlib.Path(workdir) / "metrics" / f"{split}.json"
     write_json_atomic(path, summary)
-    print(f"{split}: dice {summary['dice']:.4f} jaccard {summary['jaccard']:.4f} "
-          f"f_score {summary['f_score']:.4f} global_dice {summary['global_dice']:.4f} "
-          f"({summary['num_slices']} slices) -> {path}", flush=True)
+    print(
+        f"{split}: dice {summary['dice']:.4f} jaccard {summary['jaccard']:.4f} "
+        f"f_score {summary['f_score']:.4f} global_dice {summary['global_dice']:.4f} "
+        f"({summary['num_slices']} slices) -> {path}",
+        flush=True,
+    )
     return summary

@@ -91,9 +91,7 @@ def _stack(examples):
 def train_dataset(source, data_config, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
     """One epoch of training batches (the last partial batch is dropped: fixed shapes)."""
     if len(source) < batch_size:
-        raise UserError(
-            f"batch_size: {batch_size} is larger than the training split ({len(source)} slices)"
-        )
+        raise UserError(f"batch_size: {batch_size} is larger than the training split ({len(source)} slices)")
     dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
     dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
     dataset = dataset.random_map(Augment(data_config.flip, data_config.zoom_range))

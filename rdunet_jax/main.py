@@ -12,7 +12,9 @@ from ml_collections import config_flags
 from rdunet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rdunet.py or configs/rdunet.py:unet.")
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/rdunet.py or configs/rdunet.py:unet."
+)
 flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, metrics); default runs/<config name>.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate), or only evaluate.")
 flags.DEFINE_integer("checkpoint_step", None, "Evaluate this checkpoint step instead of the best.")

@@ -19,14 +19,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PAPER_SKIP_DILATION_RATES = ((1, 2, 3, 3, 2, 1), (1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (1, 2, 2, 1))
 RESDUNET_ENCODER_DILATION_RATES = (4, 3, 2, 1, 1)
 
 
-def _norm(train: bool, dtype: Any) -> nn.BatchNorm:
-    # Flax's default momentum (0.99) is Keras'; the paper trained in Keras.
-    return nn.BatchNorm(use_running_average=not train, dtype=dtype)
+# PyTorch's default (0.1 in its convention). Keras' and Flax's 0.99 lets the running statistics lag
+# hundreds of steps behind the weights, which spoils validation in short runs.
+BATCH_NORM_MOMENTUM = 0.9
+
+
+def _norm(train: bool, momentum: float, dtype: Any) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype)
 
 
 class SqueezeExcitation(nn.Module):
@@ -50,6 +55,7 @@ class DoubleConv(nn.Module):
     features: int
     dropout_rate: float = 0.5
     dilation_rate: int = 1
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -65,7 +71,7 @@ class DoubleConv(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
             )(x)
-            x = _norm(train, self.dtype)(x)
+            x = _norm(train, self.batch_norm_momentum, self.dtype)(x)
         return x
 
 
@@ -75,11 +81,14 @@ class ConvBlock(nn.Module):
     features: int
     dropout_rate: float = 0.5
     dilation_rate: int = 1
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        body = DoubleConv(self.features, self.dropout_rate, self.dilation_rate, self.dtype)
+        body = DoubleConv(
+            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+        )
         return nn.relu(body(x, train))
 
 
@@ -89,15 +98,18 @@ class ResidualBlock(nn.Module):
     features: int
     dropout_rate: float = 0.5
     dilation_rate: int = 1
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        body = DoubleConv(self.features, self.dropout_rate, self.dilation_rate, self.dtype)(x, train)
+        body = DoubleConv(
+            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+        )(x, train)
         shortcut = x
         if x.shape[-1] != self.features:
             shortcut = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype)(x)
-            shortcut = _norm(train, self.dtype)(shortcut)
+            shortcut = _norm(train, self.batch_norm_momentum, self.dtype)(shortcut)
         return nn.relu(body + shortcut)
 
 
@@ -105,13 +117,14 @@ class DilatedCascade(nn.Module):
     """The paper's DC module: cascaded 3x3 dilated conv-BN-ReLU on a skip, shape unchanged."""
 
     dilation_rates: Sequence[int]
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         for rate in self.dilation_rates:
             x = nn.Conv(x.shape[-1], (3, 3), kernel_dilation=rate, use_bias=False, dtype=self.dtype)(x)
-            x = nn.relu(_norm(train, self.dtype)(x))
+            x = nn.relu(_norm(train, self.batch_norm_momentum, self.dtype)(x))
         return x
 
 
@@ -124,12 +137,15 @@ class EncoderDecoderBlock(nn.Module):
     se_reduction: int = 8
     dropout_rate: float = 0.5
     dilation_rate: int = 1
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         block_class = {"plain": ConvBlock, "residual": ResidualBlock}[self.block]
-        x = block_class(self.features, self.dropout_rate, self.dilation_rate, self.dtype)(x, train)
+        x = block_class(
+            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+        )(x, train)
         if self.use_se:
             x = SqueezeExcitation(self.se_reduction, self.dtype)(x)
         return x
@@ -158,6 +174,7 @@ class RDUNet(nn.Module):
     skip_dilation_rates: Sequence[Sequence[int]] = PAPER_SKIP_DILATION_RATES
     encoder_dilation_rates: Sequence[int] = ()
     dropout_rate: float = 0.5
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     num_classes: int = 1
     dtype: Any = jnp.float32
 
@@ -169,6 +186,7 @@ class RDUNet(nn.Module):
             self.se_reduction,
             self.dropout_rate,
             dilation_rate,
+            self.batch_norm_momentum,
             self.dtype,
         )
 
@@ -187,7 +205,9 @@ class RDUNet(nn.Module):
         for level in reversed(range(self.depth)):
             skip = skips[level]
             if skip_rates[level]:
-                skip = DilatedCascade(tuple(skip_rates[level]), self.dtype)(skip, train)
+                skip = DilatedCascade(tuple(skip_rates[level]), self.batch_norm_momentum, self.dtype)(
+                    skip, train
+                )
             x = jnp.concatenate([upsample_bilinear(x), skip], axis=-1)
             x = self._block(self.features * 2**level)(x, train)
         logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
@@ -205,6 +225,7 @@ def build_model(model_config) -> RDUNet:
         skip_dilation_rates=tuple(tuple(rates) for rates in model_config.skip_dilation_rates),
         encoder_dilation_rates=tuple(model_config.encoder_dilation_rates),
         dropout_rate=model_config.dropout_rate,
+        batch_norm_momentum=model_config.batch_norm_momentum,
         num_classes=1,
         dtype=jnp.dtype(model_config.dtype),
     )
@@ -219,3 +240,40 @@ def abstract_variables(model: RDUNet, image_size: int):
     """Shapes and dtypes of the model's variables, without running or compiling the initialisers."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+
+
+# Standard deviation of a unit normal truncated to (-2, 2), as in jax.nn.initializers.variance_scaling.
+_TRUNCATED_NORMAL_STDDEV = 0.87962566103423978
+
+
+def _truncated_normal(rng: np.random.Generator, shape, stddev: float) -> np.ndarray:
+    values = rng.standard_normal(shape)
+    outside = np.abs(values) > 2
+    while outside.any():
+        values[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(values) > 2
+    return (values * stddev).astype(np.float32)
+
+
+def initialize_variables(model: RDUNet, image_size: int, seed: int):
+    """The model's variables drawn from Flax's default initialisers (LeCun-normal kernels, zero
+    biases, unit BatchNorm scales and variances) in numpy.
+
+    Same distributions as `model.init`, but nothing is compiled: XLA takes 10-15 s to compile the
+    initialisers of the full model, longer than a training epoch on the phantom.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return _truncated_normal(rng, leaf.shape, np.sqrt(1.0 / fan_in) / _TRUNCATED_NORMAL_STDDEV)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        raise ValueError(f"no initialiser for variable {jax.tree_util.keystr(path)}")
+
+    variables = jax.tree_util.tree_map_with_path(draw, abstract_variables(model, image_size))
+    return jax.device_put(variables)

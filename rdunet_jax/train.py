@@ -6,7 +6,6 @@ end restores the best and evaluates it on the test split (validation where no te
 Running the same command again resumes from the latest checkpoint.
 """
 
-import functools
 import json
 import pathlib
 import time
@@ -53,14 +52,8 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
     """Initialises the model (seeded by `config.seed`) and Adam on the staircase schedule."""
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    images = jnp.zeros((1, config.data.image_size, config.data.image_size, 1), jnp.float32)
-
-    @jax.jit
-    def init(key):
-        return model.init(key, images, train=False)
-
-    variables = init(init_key)
+    variables = models.initialize_variables(model, config.data.image_size, config.seed)
+    dropout_key = jax.random.PRNGKey(config.seed)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -121,8 +114,11 @@ class _Log:
         kept = []
         if self.path.exists():
             # Epochs past the restored checkpoint were not kept: drop their lines.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= start_epoch
+            ]
         self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
 
@@ -165,16 +161,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
     started = time.perf_counter()
     state = create_train_state(config, model, steps_per_epoch)
-    print(f"model {config.model.variant}: {models.count_parameters(state.params):,} parameters "
-          f"(built in {time.perf_counter() - started:.1f}s)", flush=True)
+    print(
+        f"model {config.model.variant}: {models.count_parameters(state.params):,} parameters "
+        f"(built in {time.perf_counter() - started:.1f}s)",
+        flush=True,
+    )
 
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
     meta = {"epoch": 0, "iterator": None, "best_val_loss": None, "best_epoch": None}
     restored = run_checkpoints.restore("latest", state)
     if restored is not None:
         state, meta = restored
-        print(f"resumed from {workdir / 'checkpoints' / 'latest'} at epoch {meta['epoch']}, "
-              f"step {int(state.step)}", flush=True)
+        print(
+            f"resumed from {workdir / 'checkpoints' / 'latest'} at epoch {meta['epoch']}, "
+            f"step {int(state.step)}",
+            flush=True,
+        )
     schedule = learning_rate_schedule(config, steps_per_epoch)
     log = _Log(workdir, meta["epoch"])
     total_steps = config.num_epochs * steps_per_epoch
@@ -200,9 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 loss = float(step_metrics["loss"])
                 elapsed = time.perf_counter() - timer_start
                 rate = (step - timed_from) / max(elapsed, 1e-9)
-                print(f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} "
-                      f"{rate * config.batch_size:.1f} img/s loss {loss:.4f} "
-                      f"left {_format_seconds((total_steps - step) / max(rate, 1e-9))}", flush=True)
+                print(
+                    f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} "
+                    f"{rate * config.batch_size:.1f} img/s loss {loss:.4f} "
+                    f"left {_format_seconds((total_steps - step) / max(rate, 1e-9))}",
+                    flush=True,
+                )
         meta["iterator"] = None
 
         validation = evaluate.evaluate_source(state, validation_source, config)
@@ -223,8 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             "seconds": time.perf_counter() - epoch_start,
         }
         log.write(record)
-        print(f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
-              f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
+            f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",
+            flush=True,
+        )
     run_checkpoints.wait()
     log.close()
     if first_step < int(state.step):

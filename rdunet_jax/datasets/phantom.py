@@ -45,8 +45,9 @@ def phantom_slice(seed: int, size: int) -> dict:
     for _ in range(rng.integers(12, 25)):
         k = rng.integers(len(lung_y))
         radius = rng.uniform(0.012, 0.03)
-        vessels += 0.35 * np.exp(-((yy - yy[lung_y[k], lung_x[k]]) ** 2 + (xx - xx[lung_y[k], lung_x[k]]) ** 2)
-                                 / (2 * radius**2))
+        vessels += 0.35 * np.exp(
+            -((yy - yy[lung_y[k], lung_x[k]]) ** 2 + (xx - xx[lung_y[k], lung_x[k]]) ** 2) / (2 * radius**2)
+        )
 
     class_mask = np.zeros((size, size), np.uint8)
     lesion_intensity = np.zeros_like(image)
@@ -60,8 +61,9 @@ def phantom_slice(seed: int, size: int) -> dict:
         for _ in range(rng.integers(1, 4)):
             offset = rng.normal(0, scale * 0.6, 2)
             sigma = scale * rng.uniform(0.6, 1.0)
-            field += np.exp(-((yy - centre[0] - offset[0]) ** 2 + (xx - centre[1] - offset[1]) ** 2)
-                            / (2 * sigma**2))
+            field += np.exp(
+                -((yy - centre[0] - offset[0]) ** 2 + (xx - centre[1] - offset[1]) ** 2) / (2 * sigma**2)
+            )
         inside = (field > 0.5) & lungs
         if inside.sum() < 4:
             continue

@@ -1,0 +1,86 @@
+"""End to end through the command line: train, stop, resume, evaluate, and user errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO_ROOT, TEST_CACHE
+
+TINY = ["--config", "configs/demo.py:tiny", f"--config.compilation_cache_dir={TEST_CACHE}"]
+
+
+def _run(*args, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "rdunet_jax.main", *TINY, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _epochs(workdir: pathlib.Path):
+    return [json.loads(line)["epoch"] for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_train_stop_resume_and_evaluate(tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--workdir={workdir}", "--config.num_epochs=8"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rdunet_jax.main", *TINY, *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    latest = workdir / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None:
+        if latest.exists() and any(path.name.isdigit() for path in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be stopped: " + process.stdout.read()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = len(_epochs(workdir))
+    assert 1 <= stopped_at < 8
+
+    resumed = _run(*args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert "2,0" not in resumed.stdout  # printed parameter count of the tiny model is small
+    assert "parameters" in resumed.stdout
+    assert _epochs(workdir) == list(range(1, 9))
+    metrics = json.loads((workdir / "metrics" / "test.json").read_text())
+    for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_slices"] == 4
+
+    os.remove(workdir / "metrics" / "test.json")
+    evaluated = _run(f"--workdir={workdir}", "--mode=evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((workdir / "metrics" / "test.json").read_text())
+    assert again == metrics
+    best_epoch = min(
+        (json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()),
+        key=lambda record: record["val_loss"],
+    )
+    assert again["step"] == best_epoch["step"]
+
+
+def test_bad_config_value_is_one_line_error_and_exit_2(tmp_path):
+    result = _run(f"--workdir={tmp_path / 'bad'}", "--config.data.image_size=30")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: data.image_size: 30 is not divisible by 2**model.depth = 4"]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
+    result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,65 @@
+"""The train step, the learning-rate staircase and the evaluation of a split."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+
+from rdunet_jax import datasets, evaluate, input_pipeline, train
+
+
+def _fixed_batch(config):
+    source = datasets.load_source(config.data, "train")
+    dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
+    return dataset[0]
+
+
+def test_train_steps_on_one_batch_lower_the_loss(tiny_state, tiny_config):
+    batch = _fixed_batch(tiny_config)
+    state = tiny_state
+    losses = []
+    for _ in range(12):
+        state, step_metrics = train.train_step(state, batch)
+        losses.append(float(step_metrics["loss"]))
+    assert int(state.step) == 12
+    # Dropout makes single steps noisy: compare the first and last few.
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01
+    # Batch statistics are updated by training, not frozen at their initial values.
+    before = jax.tree_util.tree_leaves(tiny_state.batch_stats)
+    after = jax.tree_util.tree_leaves(state.batch_stats)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tiny_config):
+    batch = _fixed_batch(tiny_config)
+    first, metrics_a = train.train_step(tiny_state, batch)
+    again, metrics_b = train.train_step(tiny_state, batch)
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+    for a, b in zip(
+        jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(again.params), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # Same parameters, different step: a different dropout mask gives a different loss.
+    shifted = tiny_state.replace(step=tiny_state.step + 1)
+    _, metrics_c = train.train_step(shifted, batch)
+    assert float(metrics_c["loss"]) != float(metrics_a["loss"])
+
+
+def test_learning_rate_staircase_at_the_boundaries():
+    config = make_tiny_config()
+    config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = 1e-3, 20, 0.1
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=5)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(20 * 5 - 1)) == pytest.approx(1e-3)
+    assert float(schedule(20 * 5)) == pytest.approx(1e-4)
+    assert float(schedule(40 * 5 - 1)) == pytest.approx(1e-4)
+    assert float(schedule(40 * 5)) == pytest.approx(1e-5)
+
+
+def test_evaluate_source_counts_every_slice_once(tiny_state):
+    config = make_tiny_config(num_validation=21)  # two eval batches, the second padded
+    source = datasets.load_source(config.data, "validation")
+    summary = evaluate.evaluate_source(tiny_state, source, config)
+    assert summary["num_slices"] == 21
+    for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
+        assert 0.0 <= summary[key] <= 1.0
