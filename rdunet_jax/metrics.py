@@ -1,4 +1,4 @@
-"""Segmentation metrics on binary masks: per slice and pooled over a set (numpy only, no model).
+"""Segmentation metrics on binary masks: per slice, per volume and pooled over a set (numpy/scipy, no model).
 
 Conventions, stated once:
 - Every ratio is computed from the confusion counts TP, FP, FN (and TN) of a binary mask pair.
@@ -9,9 +9,15 @@ Conventions, stated once:
   reporting it would repeat Dice. We report F-score as the harmonic mean of the *mean* precision and
   the *mean* recall over slices, which differs from mean Dice whenever slices differ.
 - "Global" (pooled) values sum TP, FP and FN over all slices first, then take the ratio.
+- HD95 is the 95th percentile of the distances from each border pixel of either mask to the other
+  mask's border (MedPy's `hd95`; borders are 4-connected in 2-D). It is undefined when a mask is empty:
+  both empty is excluded and counted, one empty is counted separately; neither enters the mean.
+- Lesions are the 8-connected components of the ground truth in a slice. A lesion is detected when a
+  predicted pixel overlaps it; its Dice is taken against the predicted components that overlap it.
 """
 
 import numpy as np
+from scipy import ndimage
 
 
 def confusion_counts(prediction, target):
@@ -65,4 +71,103 @@ def summarize(tp, fp, fn, tn=None) -> dict:
     pooled = slice_metrics(*(np.sum(np.asarray(c, dtype=np.float64)) for c in (tp, fp, fn)))
     for name, value in pooled.items():
         summary[f"global_{name}"] = float(value)
+    return summary
+
+
+# --- Hausdorff distance (HD95) ---------------------------------------------------------------------------
+
+
+def surface(mask) -> np.ndarray:
+    """The border pixels of a binary mask: those with a face-neighbour outside it (or on the image edge)."""
+    mask = np.asarray(mask).astype(bool)
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def surface_distances(from_mask, to_mask, spacing=None) -> np.ndarray:
+    """Distance from each border pixel of `from_mask` to the nearest border pixel of `to_mask`."""
+    to_border = surface(to_mask)
+    distance_to_border = ndimage.distance_transform_edt(~to_border, sampling=spacing)
+    return distance_to_border[surface(from_mask)]
+
+
+def hausdorff95(prediction, target, spacing=None) -> float:
+    """The 95th percentile of the symmetric border-to-border distances (MedPy's `hd95`), in units of
+    `spacing` (pixels when None). NaN when both masks are empty, inf when exactly one is."""
+    prediction, target = np.asarray(prediction).astype(bool), np.asarray(target).astype(bool)
+    has_prediction, has_target = prediction.any(), target.any()
+    if not has_prediction and not has_target:
+        return float("nan")
+    if has_prediction != has_target:
+        return float("inf")
+    distances = np.concatenate(
+        [surface_distances(prediction, target, spacing), surface_distances(target, prediction, spacing)]
+    )
+    return float(np.percentile(distances, 95))
+
+
+def summarize_hausdorff95(values, prefix: str = "hd95") -> dict:
+    """Mean and std of the finite HD95 values; both-empty (NaN) and one-empty (inf) cases are counted,
+    never averaged."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return {
+        prefix: float(np.mean(finite)) if finite.size else None,
+        f"{prefix}_std": float(np.std(finite)) if finite.size else None,
+        f"{prefix}_num_slices": int(finite.size),
+        f"{prefix}_num_both_empty": int(np.sum(np.isnan(values))),
+        f"{prefix}_num_one_empty": int(np.sum(np.isinf(values))),
+    }
+
+
+# --- Lesion size (connected components of the ground truth) --------------------------------------------
+
+# 8-connectivity in a slice: diagonal neighbours belong to the same lesion.
+LESION_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def lesion_statistics(prediction, target, pixel_area: float = 1.0) -> list[dict]:
+    """One entry per ground-truth lesion (8-connected component) of a slice: its area (in units of
+    `pixel_area`), whether any predicted pixel touches it, and its Dice with the predicted components
+    that overlap it."""
+    prediction, target = np.asarray(prediction).astype(bool), np.asarray(target).astype(bool)
+    lesion_labels, num_lesions = ndimage.label(target, structure=LESION_CONNECTIVITY)
+    if num_lesions == 0:
+        return []
+    predicted_labels, _ = ndimage.label(prediction, structure=LESION_CONNECTIVITY)
+    lesions = []
+    for label in range(1, num_lesions + 1):
+        lesion = lesion_labels == label
+        touching = np.unique(predicted_labels[lesion])
+        touching = touching[touching > 0]
+        matched = np.isin(predicted_labels, touching) if touching.size else np.zeros_like(lesion)
+        overlap = np.sum(lesion & matched)
+        lesions.append(
+            {
+                "area": float(np.sum(lesion) * pixel_area),
+                "detected": bool(touching.size),
+                "dice": float(2.0 * overlap / (np.sum(lesion) + np.sum(matched))),
+            }
+        )
+    return lesions
+
+
+def lesion_size_summary(lesions: list[dict], small_area: float) -> dict:
+    """Per-lesion detection rate and Dice for small (area < `small_area`), large and all lesions."""
+    groups = {
+        "small": [lesion for lesion in lesions if lesion["area"] < small_area],
+        "large": [lesion for lesion in lesions if lesion["area"] >= small_area],
+        "all": list(lesions),
+    }
+    summary = {}
+    for name, members in groups.items():
+        dice = np.array([lesion["dice"] for lesion in members], dtype=np.float64)
+        detected = np.array([lesion["detected"] for lesion in members], dtype=np.float64)
+        summary[name] = {
+            "num_lesions": len(members),
+            "detection_rate": float(np.mean(detected)) if members else None,
+            "dice": float(np.mean(dice)) if members else None,
+            "dice_std": float(np.std(dice)) if members else None,
+            "mean_area": float(np.mean([lesion["area"] for lesion in members])) if members else None,
+        }
     return summary

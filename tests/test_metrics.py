@@ -53,3 +53,102 @@ def test_summary_means_f_score_and_pooled_values():
     assert summary["f_score"] != pytest.approx(summary["dice"])
     assert summary["global_dice"] == pytest.approx(2 * 9 / (2 * 9 + 1 + 2))
     assert summary["dice_std"] == pytest.approx(np.std([1.0, 0.4]))
+
+
+# --- HD95 ---------------------------------------------------------------------------------
+
+
+def _independent_hd95(prediction, target, spacing=(1.0, 1.0)):
+    """HD95 by brute force: border pixels found by checking 4-neighbours, all pairwise distances."""
+    from scipy.spatial.distance import cdist
+
+    def border_points(mask):
+        padded = np.pad(mask.astype(bool), 1)
+        inner = padded[1:-1, 1:-1]
+        neighbours_inside = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return np.argwhere(inner & ~neighbours_inside) * np.asarray(spacing)
+
+    a, b = border_points(prediction), border_points(target)
+    distances = cdist(a, b)
+    return np.percentile(np.concatenate([distances.min(axis=1), distances.min(axis=0)]), 95)
+
+
+def test_hd95_of_single_pixels_is_their_distance_in_pixels_and_mm():
+    prediction = np.zeros((10, 12), np.uint8)
+    target = np.zeros((10, 12), np.uint8)
+    prediction[2, 2], target[2, 7] = 1, 1
+    assert metrics.hausdorff95(prediction, target) == pytest.approx(5.0)
+    # Columns 0.5 mm apart, rows 2 mm: 5 columns are 2.5 mm.
+    assert metrics.hausdorff95(prediction, target, spacing=(2.0, 0.5)) == pytest.approx(2.5)
+    target[2, 7], target[6, 2] = 0, 1  # 4 rows away
+    assert metrics.hausdorff95(prediction, target, spacing=(2.0, 0.5)) == pytest.approx(8.0)
+
+
+def test_hd95_of_a_shifted_square_is_the_shift():
+    target = np.zeros((20, 20), np.uint8)
+    target[5:11, 5:11] = 1
+    prediction = np.roll(target, 3, axis=1)
+    # Every border pixel is at most 3 columns from the other border; most of the left/right edges are 3.
+    assert metrics.hausdorff95(prediction, target) == pytest.approx(_independent_hd95(prediction, target))
+    assert metrics.hausdorff95(prediction, target) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.7, 2.5)])
+def test_hd95_matches_a_brute_force_computation_on_irregular_masks(spacing):
+    target = np.zeros((24, 30), np.uint8)
+    target[3:12, 4:15] = 1
+    target[14:20, 20:27] = 1  # a second lesion
+    target[6:9, 8:11] = 0  # with a hole
+    prediction = np.zeros_like(target)
+    prediction[4:14, 6:16] = 1
+    prediction[0:2, 28:30] = 1  # a false alarm far away, on the image edge
+    expected = _independent_hd95(prediction, target, spacing)
+    assert metrics.hausdorff95(prediction, target, spacing) == pytest.approx(expected)
+
+
+def test_hd95_empty_rules_and_summary_counts():
+    empty, lesion = np.zeros((8, 8)), np.zeros((8, 8))
+    lesion[2:4, 2:4] = 1
+    assert np.isnan(metrics.hausdorff95(empty, empty))
+    assert metrics.hausdorff95(lesion, empty) == np.inf
+    assert metrics.hausdorff95(empty, lesion) == np.inf
+    summary = metrics.summarize_hausdorff95([2.0, 4.0, float("nan"), float("inf"), float("inf")])
+    assert summary == {
+        "hd95": 3.0,
+        "hd95_std": 1.0,
+        "hd95_num_slices": 2,
+        "hd95_num_both_empty": 1,
+        "hd95_num_one_empty": 2,
+    }
+    assert metrics.summarize_hausdorff95([float("nan")])["hd95"] is None
+
+
+# --- Lesion size --------------------------------------------------------------------------------
+
+
+def test_lesion_statistics_on_known_components():
+    target = np.zeros((20, 20), np.uint8)
+    target[1:3, 1:3] = 1  # small: 4 pixels
+    target[3, 3] = 1  # touches it diagonally: the same lesion under 8-connectivity (5 pixels)
+    target[10:16, 10:16] = 1  # large: 36 pixels
+    target[1, 15:17] = 1  # small: 2 pixels, missed
+    prediction = np.zeros_like(target)
+    prediction[10:16, 10:14] = 1  # 24 of the large lesion's 36 pixels
+    prediction[1:3, 1:3] = 1  # the small lesion but its diagonal pixel
+    prediction[3:5, 6] = 1  # a false alarm touching no lesion: not part of any lesion's Dice
+    lesions = metrics.lesion_statistics(prediction, target, pixel_area=0.5)
+    by_area = sorted(lesions, key=lambda lesion: lesion["area"])
+    assert [lesion["area"] for lesion in by_area] == [1.0, 2.5, 18.0]
+    assert [lesion["detected"] for lesion in by_area] == [False, True, True]
+    assert by_area[0]["dice"] == 0.0
+    assert by_area[1]["dice"] == pytest.approx(2 * 4 / (5 + 4))
+    assert by_area[2]["dice"] == pytest.approx(2 * 24 / (36 + 24))
+
+    summary = metrics.lesion_size_summary(lesions, small_area=10.0)
+    assert summary["small"]["num_lesions"] == 2 and summary["large"]["num_lesions"] == 1
+    assert summary["small"]["detection_rate"] == 0.5 and summary["large"]["detection_rate"] == 1.0
+    assert summary["small"]["dice"] == pytest.approx((0.0 + 8 / 9) / 2)
+    assert summary["large"]["dice"] == pytest.approx(48 / 60)
+    assert summary["all"]["num_lesions"] == 3
+    assert metrics.lesion_statistics(prediction, np.zeros_like(target)) == []
+    assert metrics.lesion_size_summary([], 10.0)["small"]["dice"] is None
