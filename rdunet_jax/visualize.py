@@ -1,0 +1,112 @@
+"""Pictures of results: slice overlays in the style of the paper's Figure 5, and training curves.
+
+An overlay draws the predicted lesion outline in red and the expert's outline (when known) in white on
+the grey CT slice. `curves.png` plots the training and validation loss and the validation Dice of
+`train_log.jsonl` against the epoch.
+"""
+
+import io
+import json
+import pathlib
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from rdunet_jax.files import write_bytes_atomic
+
+PREDICTION_COLOUR = (255, 0, 0)
+TARGET_COLOUR = (255, 255, 255)
+
+
+def to_uint8_grey(image) -> np.ndarray:
+    """A 2-D slice as uint8 grey levels: uint8 is kept, floats are taken as [0, 1] and clipped."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    return np.round(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def contour(mask, thickness: int = 1) -> np.ndarray:
+    """The inner outline of a binary mask, `thickness` pixels wide."""
+    mask = np.asarray(mask).astype(bool)
+    eroded = ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
+    return mask & ~eroded
+
+
+def overlay_image(image, prediction=None, target=None) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) picture of a slice with the prediction's outline in red and the target's in
+    white (drawn first, so red shows where both outlines coincide)."""
+    grey = to_uint8_grey(image)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    # Outlines one pixel wide per 256 pixels of slice, so they stay visible on 512 px slices.
+    thickness = max(1, min(grey.shape) // 256)
+    if target is not None:
+        rgb[contour(target, thickness)] = TARGET_COLOUR
+    if prediction is not None:
+        rgb[contour(prediction, thickness)] = PREDICTION_COLOUR
+    return rgb
+
+
+def png_bytes(array) -> bytes:
+    """PNG encoding of a uint8 grey (H, W) or RGB (H, W, 3) array (deterministic: no metadata)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path, array) -> None:
+    """Writes a uint8 grey or RGB array as a PNG file, atomically."""
+    write_bytes_atomic(path, png_bytes(array))
+
+
+def read_train_log(workdir) -> list[dict]:
+    """The epoch records of `<workdir>/train_log.jsonl` (empty when there is none)."""
+    path = pathlib.Path(workdir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves_figure(records: list[dict]):
+    """A matplotlib figure: loss and validation loss (left) and validation Dice (right) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot
+
+    epochs = [record["epoch"] for record in records]
+    figure, (loss_axes, dice_axes) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=100)
+    loss_axes.plot(epochs, [record["loss"] for record in records], marker="o", label="training loss")
+    loss_axes.plot(epochs, [record["val_loss"] for record in records], marker="o", label="validation loss")
+    loss_axes.set(xlabel="epoch", ylabel="soft Dice loss", title="Loss")
+    loss_axes.legend()
+    dice_axes.plot(epochs, [record["val_dice"] for record in records], marker="o", color="tab:green")
+    dice_axes.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (mean over slices)", ylim=(0.0, 1.0))
+    for axes in (loss_axes, dice_axes):
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def write_curves(workdir) -> pathlib.Path | None:
+    """Writes `<workdir>/curves.png` from train_log.jsonl; returns its path (None without a log)."""
+    from matplotlib import pyplot
+
+    records = read_train_log(workdir)
+    if not records:
+        return None
+    figure = curves_figure(records)
+    buffer = io.BytesIO()
+    # No metadata: the same log always gives the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    pyplot.close(figure)
+    path = pathlib.Path(workdir) / "curves.png"
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def add_overlays_to_tensorboard(writer, overlays, step: int, tag: str = "validation/overlay") -> None:
+    """Adds (id, RGB array) overlays to a tensorboardX `SummaryWriter` as images `<tag>/<i>` at `step`."""
+    for index, (_, rgb) in enumerate(overlays):
+        writer.add_image(f"{tag}/{index}", np.asarray(rgb, np.uint8), step, dataformats="HWC")

@@ -1,0 +1,70 @@
+"""Overlays (Figure 5 style), training curves and TensorBoard images."""
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from rdunet_jax import visualize
+
+
+def test_overlay_draws_red_prediction_and_white_target_outlines():
+    image = np.full((16, 16), 0.5, np.float32)
+    target = np.zeros((16, 16), bool)
+    target[2:8, 2:8] = True
+    prediction = np.zeros((16, 16), bool)
+    prediction[9:14, 9:14] = True
+    rgb = visualize.overlay_image(image, prediction, target)
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[2, 5]) == (255, 255, 255)  # target's border
+    assert tuple(rgb[9, 11]) == (255, 0, 0)  # prediction's border
+    assert tuple(rgb[5, 5]) == (128, 128, 128)  # inside the target: the slice itself
+    assert tuple(rgb[11, 11]) == (128, 128, 128)
+    assert tuple(rgb[0, 0]) == (128, 128, 128)
+    # Red wins where both outlines coincide.
+    both = visualize.overlay_image(image, target, target)
+    assert tuple(both[2, 5]) == (255, 0, 0)
+
+
+def test_overlay_of_a_uint8_slice_without_masks_is_grey():
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rgb = visualize.overlay_image(image)
+    np.testing.assert_array_equal(rgb, np.repeat(image[..., None], 3, axis=-1))
+
+
+def _write_log(workdir, epochs=3):
+    lines = [
+        json.dumps(
+            {"epoch": e, "step": 2 * e, "loss": 1 - 0.1 * e, "val_loss": 1 - 0.08 * e, "val_dice": 0.2 * e}
+        )
+        for e in range(1, epochs + 1)
+    ]
+    (workdir / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_curves_png_is_written_and_reproducible(tmp_path):
+    assert visualize.write_curves(tmp_path) is None  # no log yet
+    _write_log(tmp_path)
+    path = visualize.write_curves(tmp_path)
+    assert path == tmp_path / "curves.png"
+    first = path.read_bytes()
+    with Image.open(io.BytesIO(first)) as picture:
+        assert picture.format == "PNG" and picture.size == (1000, 400)
+    visualize.write_curves(tmp_path)
+    assert path.read_bytes() == first
+
+
+def test_overlays_go_to_tensorboard_as_hwc_images():
+    calls = []
+
+    class Writer:
+        def add_image(self, tag, image, step, dataformats):
+            calls.append((tag, image.shape, step, dataformats))
+
+    overlays = [("a", np.zeros((8, 8, 3), np.uint8)), ("b", np.zeros((8, 8, 3), np.uint8))]
+    visualize.add_overlays_to_tensorboard(Writer(), overlays, step=5)
+    assert calls == [
+        ("validation/overlay/0", (8, 8, 3), 5, "HWC"),
+        ("validation/overlay/1", (8, 8, 3), 5, "HWC"),
+    ]
