@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.threshold = 0.5
     config.eval.batch_size = 16
+    # Average the probabilities of the identity, left-right, up-down and both flips (nnU-Net mirroring).
+    config.eval.test_time_flips = False
+    # Ground-truth lesions below this area are "small" in the lesion-size table: mm^2 when the data
+    # carries pixel spacing (nifti), pixels at data.image_size otherwise.
+    config.eval.small_lesion_area = 100.0
+    # Best and worst slices drawn as overlays by evaluation (and slices per volume by prediction).
+    config.eval.num_overlays = 4
     return config
 
 

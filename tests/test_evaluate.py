@@ -1,0 +1,136 @@
+"""Evaluation files (JSON, CSV, markdown, overlays), their reproducibility, flips and per-volume values.
+
+Everything runs the tiny model at the shapes the other tests compile (32 px, eval batch 16)."""
+
+import csv
+import io
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+
+from rdunet_jax import evaluate, train
+
+EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
+
+
+def _files(folder):
+    return {
+        path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
+    config = make_tiny_config()
+    summary = evaluate.evaluate_state(tiny_state, config, tmp_path / "a", "test")
+    evaluate.evaluate_state(tiny_state, config, tmp_path / "b", "test")
+    first, second = _files(tmp_path / "a" / "metrics"), _files(tmp_path / "b" / "metrics")
+    assert first == second
+    names = {str(path) for path in first}
+    assert {"test.json", "test_slices.csv", "test.md"} <= names
+    assert any(name.startswith("overlays/test/best_01_") for name in names)
+    assert any(name.startswith("overlays/test/worst_01_") for name in names)
+
+    written = json.loads(first[evaluate.pathlib.Path("test.json")])
+    assert written == json.loads(json.dumps(summary))
+    for key in EXISTING_KEYS:
+        assert key in written
+    assert written["num_slices"] == 4
+    for key in (
+        "specificity",
+        "hd95",
+        "hd95_std",
+        "hd95_num_one_empty",
+        "hd95_num_both_empty",
+        "conventions",
+    ):
+        assert key in written
+    assert written["hd95_unit"] == "pixels"  # phantom slices carry no spacing
+    assert written["per_volume"] is None  # nor case ids
+    assert written["lesion_size"]["area_unit"] == "pixels"
+
+    rows = list(csv.DictReader(io.StringIO(first[evaluate.pathlib.Path("test_slices.csv")].decode())))
+    assert len(rows) == 4 and rows[0]["id"] == "phantom-test-00000"
+    assert set(rows[0]) == set(evaluate.SLICE_COLUMNS)
+    assert np.mean([float(row["dice"]) for row in rows]) == pytest.approx(written["dice"], abs=1e-5)
+    markdown = first[evaluate.pathlib.Path("test.md")].decode()
+    assert "| Model | DSC | JC | F-score |" in markdown and "Lesion size" in markdown
+
+
+def test_test_time_flips_average_the_flipped_predictions(tiny_state):
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 32, 32, 1), dtype=np.float32)
+    batch = {"image": images, "mask": np.zeros_like(images)}
+    mirrored = evaluate.predict_batch(tiny_state, batch, test_time_flips=True)["probabilities"]
+    expected = np.zeros((16, 32, 32), np.float32)
+    for axes in ((), (2,), (1,), (1, 2)):
+        flipped = {key: np.flip(value, axis=axes) for key, value in batch.items()}
+        probabilities = np.asarray(train.eval_step(tiny_state, flipped)["probabilities"])
+        expected += np.flip(probabilities, axis=axes)[..., 0] / 4
+    np.testing.assert_allclose(mirrored, expected, atol=1e-6)
+    plain = evaluate.predict_batch(tiny_state, batch)["probabilities"]
+    np.testing.assert_allclose(
+        plain, np.asarray(train.eval_step(tiny_state, batch)["probabilities"])[..., 0], atol=0
+    )
+    dispatched = evaluate.dispatch_batch(tiny_state, images, test_time_flips=True)
+    np.testing.assert_allclose(np.asarray(dispatched)[..., 0], mirrored, atol=1e-6)
+    assert isinstance(dispatched, jnp.ndarray)
+
+
+def _volume_records(case_id, num_slices, lesion_rows):
+    """NIfTI-like records: 64x64 HU slices (resized to 32 px), 0.8 x 0.6 mm pixels, 2 mm slices."""
+    records = []
+    for index in range(num_slices):
+        image = np.full((64, 64), -800.0, np.float32)
+        mask = np.zeros((64, 64), np.uint8)
+        if index in lesion_rows:
+            mask[20:40, 10:30] = 1
+            image[mask > 0] = -200.0
+        records.append(
+            {
+                "image": image,
+                "mask": mask,
+                "id": f"{case_id}-{index:04d}",
+                "case_id": case_id,
+                "slice_index": np.int32(index),
+                "spacing": np.array([0.8, 0.6, 2.0], np.float32),
+                "hu_window": np.array([-1350.0, 150.0], np.float32),
+            }
+        )
+    return records
+
+
+def test_per_volume_values_and_millimetres_from_case_ids_and_spacing(tiny_state):
+    config = make_tiny_config()
+    # Case "b" comes in two runs, out of order: volumes are rebuilt from case id and slice index.
+    records = _volume_records("a", 3, {1}) + _volume_records("b", 4, {0, 3})
+    records = records[:3] + records[5:] + records[3:5]
+    collected = evaluate.collect_slices(tiny_state, records, config)
+    summary = evaluate.summarize_collected(collected, config)
+    assert collected["unit"] == "mm" and summary["hd95_unit"] == "mm"
+    assert collected["rows"][0]["pixel_spacing"] == pytest.approx((1.6, 1.2))  # 64 px resized to 32
+    assert summary["lesion_size"]["area_unit"] == "mm^2"
+    volumes = summary["per_volume"]
+    assert volumes["num_volumes"] == 2 and list(volumes["cases"]) == ["a", "b"]
+    assert volumes["cases"]["a"]["num_slices"] == 3 and volumes["cases"]["b"]["num_slices"] == 4
+    # Per-volume Dice pools the counts of the volume's slices.
+    rows_b = [row for row in collected["rows"] if row["case_id"] == "b"]
+    tp, fp, fn = (sum(row[key] for row in rows_b) for key in ("tp", "fp", "fn"))
+    expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    assert volumes["cases"]["b"]["dice"] == pytest.approx(expected)
+    assert json.loads(json.dumps(summary, allow_nan=False))  # no NaN or inf in the JSON
+
+
+def test_ranked_slices_skip_empty_slices_and_break_ties_by_order():
+    rows = [
+        {"tp": 0, "fp": 0, "fn": 0, "lesion_pixels": 0, "predicted_pixels": 0},  # both empty: never ranked
+        {"tp": 5, "fp": 5, "fn": 0, "lesion_pixels": 5, "predicted_pixels": 10},
+        {"tp": 4, "fp": 0, "fn": 0, "lesion_pixels": 4, "predicted_pixels": 4},
+        {"tp": 0, "fp": 3, "fn": 0, "lesion_pixels": 0, "predicted_pixels": 3},
+        {"tp": 0, "fp": 0, "fn": 2, "lesion_pixels": 2, "predicted_pixels": 0},
+    ]
+    best, worst = evaluate.ranked_slices(rows, 2)
+    assert best == [2, 1]
+    assert worst == [3, 4]
