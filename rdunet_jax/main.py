@@ -1,5 +1,8 @@
 """Command line: `python -m rdunet_jax.main --config configs/rdunet.py [--workdir DIR] [--mode ...]`.
 
+`--mode predict --input PATH --output DIR [--overwrite]` segments a NIfTI volume, a PNG/JPEG slice or a
+folder of either with the workdir's best checkpoint.
+
 Parses flags and dispatches; user mistakes end in one line on stderr and exit status 2.
 """
 
@@ -16,8 +19,16 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/rdunet.py or configs/rdunet.py:unet."
 )
 flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, metrics); default runs/<config name>.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate), or only evaluate.")
-flags.DEFINE_integer("checkpoint_step", None, "Evaluate this checkpoint step instead of the best.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "predict"], "Train (then evaluate), only evaluate, or predict."
+)
+flags.DEFINE_integer("checkpoint_step", None, "Evaluate or predict with this checkpoint step, not the best.")
+flags.DEFINE_string("input", None, "predict: a NIfTI volume, a PNG/JPEG slice, or a folder of either.")
+flags.DEFINE_string("output", None, "predict: the folder for masks, summaries and overlays.")
+flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs (refused otherwise).")
+flags.DEFINE_string(
+    "ground_truth", None, "predict: the expert mask (a file, or a folder of same-named files) for overlays."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -34,8 +45,20 @@ def run(argv) -> None:
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, workdir)
-    else:
+    elif FLAGS.mode == "evaluate":
         evaluate.evaluate_workdir(config, workdir, FLAGS.checkpoint_step)
+    else:
+        from rdunet_jax import predict
+
+        predict.predict_path(
+            config,
+            workdir,
+            FLAGS.input,
+            FLAGS.output,
+            overwrite=FLAGS.overwrite,
+            checkpoint_step=FLAGS.checkpoint_step,
+            ground_truth=FLAGS.ground_truth,
+        )
 
 
 def main(argv) -> None:

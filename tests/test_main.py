@@ -84,3 +84,22 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_without_input_is_a_one_line_error(tmp_path):
+    result = _run(f"--workdir={tmp_path / 'none'}", "--mode=predict", f"--output={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output"
+    ]
+
+
+def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
+    image = tmp_path / "slice.png"
+    image.write_bytes(b"")  # never read: the checkpoint is looked for first
+    result = _run(
+        f"--workdir={tmp_path / 'none'}", "--mode=predict", f"--input={image}", f"--output={tmp_path}"
+    )
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "slice_mask.png").exists()

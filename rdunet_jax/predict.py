@@ -1,0 +1,394 @@
+"""Prediction: NIfTI volumes or PNG/JPEG slices in, lesion masks, summaries and overlays out.
+
+`--mode predict --input PATH --output DIR` restores a checkpoint (as evaluation does) and segments
+`PATH`: a NIfTI volume (`.nii`, `.nii.gz`), a PNG/JPEG slice, or a folder of either. Preprocessing is the
+training preprocessing (`input_pipeline.preprocess`: NIfTI slices are Hounsfield units windowed by
+`data.hu_window`, images are divided by 255), and probabilities are resized back to the input's size
+(bilinear) before thresholding at `eval.threshold`.
+
+Outputs, for an input named `<stem>`:
+- NIfTI: `<stem>_mask.nii[.gz]` with the input's exact shape, affine and axis order (slice k of the
+  mask is predicted from `volume[:, :, k]`, the axial slice the `nifti` dataset trains on), values
+  {0, 1}; `<stem>_summary.json` (lesion volume in mL, fraction of slices with lesion); and
+  `<stem>_overlays/` with the slices of largest predicted lesion drawn as in the paper's Figure 5.
+- Image: `<stem>_mask.png` ({0, 255}, the input's size) and `<stem>_overlay.png`.
+
+A volume is streamed: slices are read, predicted in fixed-size batches (at most a few in flight) and
+written to the mask file as they come, so memory does not grow with the number of slices. Existing
+outputs are never replaced without `overwrite`, and every file is written to a temporary name and
+renamed, so an interruption leaves no half-written mask.
+"""
+
+import collections
+import contextlib
+import gzip
+import heapq
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+from PIL import Image
+
+from rdunet_jax import evaluate, input_pipeline, metrics, visualize
+from rdunet_jax.datasets import readers
+from rdunet_jax.errors import UserError
+from rdunet_jax.files import write_json_atomic
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Batches dispatched to the device but not yet collected: enough to overlap reading, computing and
+# writing, few enough to bound memory.
+BATCHES_IN_FLIGHT = 2
+
+
+# --- Inputs and output names -----------------------------------------------------------------------------
+
+
+def input_kind(path: pathlib.Path) -> str | None:
+    """'nifti', 'image', or None for a file this mode does not read."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    return None
+
+
+def stem(path: pathlib.Path) -> str:
+    """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`."""
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_inputs(input_path) -> list[pathlib.Path]:
+    """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
+    input_path = pathlib.Path(input_path)
+    if input_path.is_dir():
+        files = sorted(path for path in input_path.iterdir() if path.is_file() and input_kind(path))
+        if not files:
+            raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg or .jpeg file")
+        return files
+    if not input_path.exists():
+        raise UserError(f"--input: {input_path} does not exist")
+    if input_kind(input_path) is None:
+        raise UserError(f"--input: {input_path} is not a .nii, .nii.gz, .png, .jpg or .jpeg file or a folder")
+    return [input_path]
+
+
+def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Where the outputs of one input go."""
+    name = stem(input_file)
+    if input_kind(input_file) == "nifti":
+        suffix = ".nii.gz" if input_file.name.lower().endswith(".nii.gz") else ".nii"
+        return {
+            "mask": output_dir / f"{name}_mask{suffix}",
+            "summary": output_dir / f"{name}_summary.json",
+            "overlays": output_dir / f"{name}_overlays",
+        }
+    return {"mask": output_dir / f"{name}_mask.png", "overlay": output_dir / f"{name}_overlay.png"}
+
+
+def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> None:
+    """Refuses, before any work, when an output exists (unless `overwrite`) or two inputs share one."""
+    seen = {}
+    for input_file in inputs:
+        for path in output_paths(input_file, output_dir).values():
+            if path in seen:
+                raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
+            seen[path] = input_file
+            if path.exists() and not overwrite:
+                raise UserError(f"--output: {path} exists; pass --overwrite to replace it")
+
+
+def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool) -> pathlib.Path | None:
+    """The expert mask of `input_file`: the `ground_truth` file itself for one input, else the file of
+    the same name in the `ground_truth` folder (None when absent)."""
+    if ground_truth is None:
+        return None
+    ground_truth = pathlib.Path(ground_truth)
+    if ground_truth.is_dir():
+        candidate = ground_truth / input_file.name
+        return candidate if candidate.exists() else None
+    if not single_input:
+        raise UserError(f"--ground_truth: {ground_truth} must be a folder when --input is a folder")
+    if not ground_truth.exists():
+        raise UserError(f"--ground_truth: {ground_truth} does not exist")
+    return ground_truth
+
+
+# --- Streaming prediction --------------------------------------------------------------------------------
+
+
+def predict_stream(state, config, examples):
+    """Yields (payload, probabilities at data.image_size) for each (payload, record) of `examples`, in
+    order. Records are preprocessed as in training and batched to eval.batch_size (the last batch
+    zero-padded, so nothing compiles twice); at most BATCHES_IN_FLIGHT batches wait on the device."""
+    size, batch_size = config.data.image_size, config.eval.batch_size
+    flips = evaluate.eval_option(config, "test_time_flips", False)
+    hu_window = tuple(config.data.hu_window)
+    in_flight = collections.deque()
+
+    def collect_oldest():
+        payloads, probabilities = in_flight.popleft()
+        probabilities = np.asarray(jax.device_get(probabilities))[..., 0]
+        yield from zip(payloads, probabilities[: len(payloads)], strict=False)
+
+    payloads, images = [], np.zeros((batch_size, size, size, 1), np.float32)
+    for payload, record in examples:
+        images[len(payloads)] = input_pipeline.preprocess(record, size, hu_window)["image"]
+        payloads.append(payload)
+        if len(payloads) == batch_size:
+            in_flight.append((payloads, evaluate.dispatch_batch(state, images, flips)))
+            payloads, images = [], np.zeros_like(images)
+            if len(in_flight) > BATCHES_IN_FLIGHT:
+                yield from collect_oldest()
+    if payloads:
+        in_flight.append((payloads, evaluate.dispatch_batch(state, images, flips)))
+    while in_flight:
+        yield from collect_oldest()
+
+
+def resize_probabilities(probabilities: np.ndarray, shape) -> np.ndarray:
+    """Probabilities (size, size) resized bilinearly to `shape` (rows, columns)."""
+    if probabilities.shape == tuple(shape):
+        return probabilities.astype(np.float32)
+    image = Image.fromarray(probabilities.astype(np.float32))
+    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
+def mask_at_input_size(probabilities: np.ndarray, shape, threshold: float) -> np.ndarray:
+    """The uint8 {0, 1} mask of the input's size."""
+    return (resize_probabilities(probabilities, shape) >= threshold).astype(np.uint8)
+
+
+# --- Atomic file output ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output(path: pathlib.Path):
+    """A binary file object for `path`: written under a temporary name beside it and renamed over
+    `path` only when the block completes, so `path` is either absent, the old file or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def nifti_mask_writer(path: pathlib.Path, source_header, shape):
+    """Yields `write(slice)`, which appends one (x, y) uint8 slice of a NIfTI mask with `shape` and the
+    source header's affine (qform and sform with their codes) and voxel sizes; gzip for `.nii.gz`."""
+    import nibabel
+
+    header_type = type(source_header) if isinstance(source_header, nibabel.Nifti1Header) else None
+    header = (header_type or nibabel.Nifti1Header)()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header.set_zooms(source_header.get_zooms()[: len(shape)])
+    header.set_xyzt_units(*source_header.get_xyzt_units())
+    header.set_qform(*source_header.get_qform(coded=True))
+    header.set_sform(*source_header.get_sform(coded=True))
+    with atomic_output(path) as raw:
+        compressed = path.name.lower().endswith(".gz")
+        # mtime=0: the same prediction gives the same bytes.
+        file = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if compressed else raw
+        header.write_to(file)  # the header, then the empty-extension flag: the data start at vox_offset
+
+        def write(mask_slice):
+            # NIfTI stores voxels with x fastest: an (x, y) slice in Fortran order.
+            file.write(np.asarray(mask_slice, np.uint8).tobytes(order="F"))
+
+        yield write
+        if compressed:
+            file.close()
+
+
+# --- NIfTI volumes ---------------------------------------------------------------------------------------
+
+
+def open_volume(path: pathlib.Path):
+    """A NIfTI image whose slices are read on demand (the file is kept open: one pass, not one per slice)."""
+    import nibabel
+
+    try:
+        image = nibabel.load(path, keep_file_open=True)
+    except Exception as error:  # nibabel raises many types for non-NIfTI files
+        reason = f"{type(error).__name__}: {error}"
+        raise UserError(f"{path}: corrupt or unreadable NIfTI file ({reason})") from None
+    shape = image.shape
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape) == 0:
+        raise UserError(f"{path}: expected a 3-D volume (x, y, slices), got an array of shape {shape}")
+    return image
+
+
+def volume_slice(image, index: int) -> np.ndarray:
+    """Axial slice `index` of a volume as float32 (x, y): the same slice the `nifti` dataset stores."""
+    region = (slice(None), slice(None), index) + ((0,) if len(image.shape) == 4 else ())
+    return np.asarray(image.dataobj[region], dtype=np.float32)
+
+
+def display_slice(hu_slice: np.ndarray, hu_window) -> np.ndarray:
+    """A windowed (x, y) slice in [0, 1], as preprocessing windows it (before resizing)."""
+    lower, upper = (float(value) for value in hu_window)
+    return np.clip((hu_slice - lower) / (upper - lower), 0.0, 1.0)
+
+
+def to_display(array: np.ndarray) -> np.ndarray:
+    """An (x, y) slice turned for viewing: rows top to bottom along y, columns along x (radiological view
+    of a RAS volume)."""
+    return np.rot90(array)
+
+
+def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None) -> dict:
+    """Segments one NIfTI volume slice by slice and writes its mask, summary and overlays."""
+    image = open_volume(input_file)
+    truth = open_volume(ground_truth) if ground_truth else None
+    if truth is not None and truth.shape != image.shape:
+        raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
+    shape, num_slices = image.shape, image.shape[2]
+    threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
+    num_overlays = int(evaluate.eval_option(config, "num_overlays", 4))
+    dummy_mask = np.zeros((config.data.image_size,) * 2, np.uint8)
+
+    def examples():
+        for index in range(num_slices):
+            hu_slice = volume_slice(image, index)
+            yield (index, hu_slice), {"image": hu_slice, "mask": dummy_mask}
+
+    lesion_voxels, slices_with_lesion, counts = 0, 0, np.zeros(3, np.int64)
+    largest = []  # a min-heap of (lesion pixels, -index, ...): the slices to draw
+    with nifti_mask_writer(outputs["mask"], image.header, shape) as write:
+        for (index, hu_slice), probabilities in predict_stream(state, config, examples()):
+            mask = mask_at_input_size(probabilities, hu_slice.shape, threshold)
+            write(mask)
+            pixels = int(mask.sum())
+            lesion_voxels += pixels
+            slices_with_lesion += pixels > 0
+            target = None
+            if truth is not None:
+                target = np.isin(np.rint(volume_slice(truth, index)), readers.NIFTI_LESION_LABELS)
+                tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
+                counts += np.concatenate([tp, fp, fn])
+            if pixels and num_overlays:
+                entry = (pixels, -index, display_slice(hu_slice, hu_window), mask, target)
+                (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
+    write_volume_overlays(outputs["overlays"], largest)
+    zooms = [float(value) for value in image.header.get_zooms()[:3]]
+    voxel_ml = float(np.prod(zooms)) / 1000.0  # mm^3 -> mL
+    summary = {
+        "input": str(input_file),
+        "mask": str(outputs["mask"]),
+        "shape": [int(value) for value in shape],
+        "voxel_spacing_mm": zooms,
+        "num_slices": int(num_slices),
+        "lesion_voxels": int(lesion_voxels),
+        "lesion_volume_ml": lesion_voxels * voxel_ml,
+        "slices_with_lesion": int(slices_with_lesion),
+        "fraction_slices_with_lesion": slices_with_lesion / num_slices,
+        **prediction_settings(config, state),
+    }
+    if truth is not None:
+        tp, fp, fn = (int(count) for count in counts)
+        summary["ground_truth"] = str(ground_truth)
+        summary["dice_with_ground_truth"] = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    write_json_atomic(outputs["summary"], summary)
+    return summary
+
+
+def write_volume_overlays(folder: pathlib.Path, largest: list) -> None:
+    """Writes `slice_NNNN.png` overlays of the kept slices (the folder exists even when none has lesion)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("slice_*.png"):
+        old.unlink()
+    for _, negative_index, display, mask, target in sorted(largest, key=lambda entry: -entry[1]):
+        rgb = visualize.overlay_image(
+            to_display(display), to_display(mask), None if target is None else to_display(target)
+        )
+        visualize.write_png(folder / f"slice_{-negative_index:04d}.png", rgb)
+
+
+def prediction_settings(config, state) -> dict:
+    """What a prediction depended on, for its summary."""
+    return {
+        "checkpoint_step": int(state.step),
+        "threshold": float(config.eval.threshold),
+        "test_time_flips": bool(evaluate.eval_option(config, "test_time_flips", False)),
+        "image_size": int(config.data.image_size),
+        "hu_window": [float(value) for value in config.data.hu_window],
+    }
+
+
+# --- Images ----------------------------------------------------------------------------------------------
+
+
+def predict_images(state, config, jobs: list[tuple]) -> None:
+    """Segments PNG/JPEG slices, batched together; writes each mask ({0, 255}) and overlay."""
+    dummy_mask = np.zeros((config.data.image_size,) * 2, np.uint8)
+
+    def examples():
+        for input_file, outputs, ground_truth in jobs:
+            image = readers.read_grayscale_image(input_file)
+            yield (input_file, outputs, ground_truth, image), {"image": image, "mask": dummy_mask}
+
+    for payload, probabilities in predict_stream(state, config, examples()):
+        input_file, outputs, ground_truth, image = payload
+        mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
+        visualize.write_png(outputs["mask"], mask * 255)
+        target = None
+        if ground_truth is not None:
+            target = readers.read_binary_mask(ground_truth)
+            readers.check_same_size(image, target, input_file, ground_truth)
+        visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))
+
+
+# --- The command -----------------------------------------------------------------------------------------
+
+
+def predict_path(
+    config,
+    workdir,
+    input_path,
+    output_dir,
+    overwrite: bool = False,
+    checkpoint_step: int | None = None,
+    ground_truth=None,
+    state=None,
+) -> list[dict]:
+    """Segments `input_path` (a file or a folder) with a checkpoint of `workdir` into `output_dir`;
+    returns the summaries of the NIfTI volumes."""
+    if not input_path or not output_dir:
+        raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
+    inputs = list_inputs(input_path)
+    output_dir = pathlib.Path(output_dir)
+    check_outputs_free(inputs, output_dir, overwrite)
+    if state is None:
+        state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
+    single = len(inputs) == 1
+    summaries, image_jobs = [], []
+    for input_file in inputs:
+        outputs = output_paths(input_file, output_dir)
+        truth = ground_truth_for(input_file, ground_truth, single)
+        if input_kind(input_file) == "nifti":
+            summary = predict_volume(state, config, input_file, outputs, truth)
+            print(
+                f"{input_file}: lesion {summary['lesion_volume_ml']:.1f} mL in "
+                f"{summary['slices_with_lesion']}/{summary['num_slices']} slices -> {outputs['mask']}",
+                flush=True,
+            )
+            summaries.append(summary)
+        else:
+            image_jobs.append((input_file, outputs, truth))
+    if image_jobs:
+        predict_images(state, config, image_jobs)
+        print(f"{len(image_jobs)} image(s) -> {output_dir}", flush=True)
+    return summaries

@@ -1,0 +1,162 @@
+"""Prediction: NIfTI round trip (shape, affine, orientation), image folders, overwrite refusal, atomicity.
+
+The real model runs at the tiny config's shapes (32 px, batch 16); the orientation test replaces the
+model by a threshold on the preprocessed image, so where the mask lands is known exactly."""
+
+import json
+
+import nibabel
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+from PIL import Image
+
+from rdunet_jax import evaluate, predict
+from rdunet_jax.errors import UserError
+
+# Non-identity: rotated, anisotropic (0.7 x 0.9 x 2.5 mm), shifted.
+AFFINE = np.array(
+    [
+        [0.0, -0.9, 0.0, 120.0],
+        [0.7, 0.0, 0.0, -80.5],
+        [0.0, 0.0, 2.5, -300.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def _volume(shape=(45, 37, 5)):
+    """HU volume: air-like lungs with a bright box whose position moves with the slice index."""
+    volume = np.full(shape, -900, np.int16)
+    boxes = []
+    for index in range(shape[2]):
+        box = (slice(5 + 2 * index, 20 + 2 * index), slice(3, 15 + index))
+        volume[box + (index,)] = 100
+        boxes.append(box)
+    return volume, boxes
+
+
+def _save_nifti(path, volume):
+    image = nibabel.Nifti1Image(volume, AFFINE)
+    image.header.set_xyzt_units("mm", "sec")
+    nibabel.save(image, path)
+    return path
+
+
+def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypatch):
+    volume, boxes = _volume()
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    # A stand-in model: the probability is the windowed intensity (bright box -> 1, air -> ~0.3).
+    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
+
+    class State:
+        step = 7
+
+    config = make_tiny_config()
+    config.eval.batch_size = 2  # three batches for five slices: the last one padded
+    (summary,) = predict.predict_path(config, None, source, tmp_path / "out", state=State())
+
+    written = nibabel.load(tmp_path / "out" / "case_mask.nii.gz")
+    assert written.shape == volume.shape
+    np.testing.assert_allclose(written.affine, nibabel.load(source).affine, atol=1e-6)
+    assert written.header.get_zooms() == pytest.approx((0.7, 0.9, 2.5))
+    mask = np.asarray(written.dataobj)
+    assert written.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    for index, box in enumerate(boxes):  # each slice's mask sits on its own box, not transposed
+        expected = np.zeros(volume.shape[:2], bool)
+        expected[box] = True
+        overlap = np.sum(expected & (mask[..., index] > 0))
+        assert 2 * overlap / (expected.sum() + mask[..., index].sum()) > 0.85
+
+    assert summary["lesion_voxels"] == int(mask.sum())
+    assert summary["lesion_volume_ml"] == pytest.approx(mask.sum() * 0.7 * 0.9 * 2.5 / 1000, rel=1e-6)
+    assert summary["fraction_slices_with_lesion"] == 1.0 and summary["checkpoint_step"] == 7
+    assert json.loads((tmp_path / "out" / "case_summary.json").read_text()) == summary
+    overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
+    assert [path.name for path in overlays] == [f"slice_{i:04d}.png" for i in (1, 2, 3, 4)]  # largest 4
+    with Image.open(overlays[0]) as picture:
+        assert picture.mode == "RGB" and picture.size == (45, 37)  # rotated for viewing
+
+
+def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state, tmp_path):
+    volume, _ = _volume((30, 34, 3))
+    source = _save_nifti(tmp_path / "frame.nii", volume[..., None])
+    ground_truth = _save_nifti(tmp_path / "truth.nii", (volume[..., None] > 0).astype(np.uint8))
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, source, tmp_path / "out", state=tiny_state, ground_truth=ground_truth
+    )
+    written = nibabel.load(tmp_path / "out" / "frame_mask.nii")
+    assert written.shape == (30, 34, 3, 1)
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    assert 0.0 <= summary["dice_with_ground_truth"] <= 1.0
+
+
+def _write_images(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    sizes = {"a.png": (40, 60), "b.jpg": (64, 64), "c.jpeg": (31, 17)}
+    for name, size in sizes.items():
+        Image.fromarray((rng.random(size) * 255).astype(np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return sizes
+
+
+def test_predict_on_a_folder_of_images_writes_masks_of_the_input_size(tiny_state, tmp_path):
+    sizes = _write_images(tmp_path / "in")
+    predict.predict_path(make_tiny_config(), None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+    for name, size in sizes.items():
+        stem = name.split(".")[0]
+        with Image.open(tmp_path / "out" / f"{stem}_mask.png") as mask:
+            assert mask.mode == "L" and mask.size == size[::-1]
+            assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        with Image.open(tmp_path / "out" / f"{stem}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.size == size[::-1]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(
+        f"{name.split('.')[0]}_{kind}.png" for name in sizes for kind in ("mask", "overlay")
+    )
+
+
+def test_existing_outputs_are_refused_without_overwrite(tiny_state, tmp_path):
+    _write_images(tmp_path / "in")
+    config = make_tiny_config()
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+    mask = tmp_path / "out" / "b_mask.png"
+    mask.write_bytes(b"kept")
+    with pytest.raises(UserError, match="_mask.png exists; pass --overwrite"):
+        predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+    assert mask.read_bytes() == b"kept"
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", overwrite=True, state=tiny_state)
+    assert mask.read_bytes() != b"kept"
+
+
+def test_an_interrupted_volume_leaves_no_mask_file(tmp_path, monkeypatch):
+    volume, _ = _volume()
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    calls = []
+
+    def dispatch_then_fail(state, images, flips):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return images
+
+    monkeypatch.setattr(evaluate, "dispatch_batch", dispatch_then_fail)
+    config = make_tiny_config()
+    config.eval.batch_size = 2
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_path(config, None, source, tmp_path / "out", state=object())
+    assert not any(path.name.endswith((".nii.gz", ".tmp")) for path in (tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "input_name, message",
+    [("missing.nii", "does not exist"), ("notes.txt", "is not a .nii"), ("empty", "holds no .nii")],
+)
+def test_bad_inputs_are_user_errors(tmp_path, input_name, message):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=message):
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / input_name, tmp_path / "out", state=object()
+        )
