@@ -13,9 +13,9 @@ from rdunet_jax import config_lib
 def get_config(size: str = "full"):
     config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
     config.name = "demo"
-    config.num_epochs = 20
+    config.num_epochs = 12
     config.batch_size = 8
-    config.lr_decay_epochs = 14
+    config.lr_decay_epochs = 8
     config.data.name = "synthetic"
     config.data.image_size = 64
     config.data.num_train = 240

@@ -1,12 +1,54 @@
 """Orbax checkpoints of a run: `latest/` for resuming and `best/` (lowest validation loss).
 
-Each checkpoint holds the train state (parameters, batch statistics, optimizer state, step, RNG key)
-and a small JSON `meta` item (epoch, best validation loss, input-iterator state).
+Each checkpoint holds the train state (parameters, batch statistics, optimizer state, step, dropout key)
+and a small JSON `meta` item: epoch, position of the data iterator, best validation loss, and the
+model's architecture, so a checkpoint is never restored into a different model.
 """
 
+import json
 import pathlib
+import shutil
+import time
 
 import orbax.checkpoint as ocp
+
+from rdunet_jax.errors import UserError
+
+# The `model.*` keys that define the function a checkpoint's parameters belong to.
+ARCHITECTURE_KEYS = (
+    "features",
+    "depth",
+    "block",
+    "use_se",
+    "se_reduction",
+    "skip_dilation_rates",
+    "encoder_dilation_rates",
+)
+
+
+class ModelMismatchError(UserError):
+    """A checkpoint was made by a model with other settings than the config's."""
+
+
+def architecture(model_config) -> dict:
+    """The architecture keys of a `model` config as plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps({key: model_config[key] for key in ARCHITECTURE_KEYS}))
+
+
+def check_architecture(saved: dict | None, model_config, directory) -> None:
+    """Raises ModelMismatchError naming every `model.*` setting that differs from the checkpoint's."""
+    if not saved:
+        return
+    current = architecture(model_config)
+    differences = [
+        f"model.{key}={saved.get(key)!r} in the checkpoint, {current[key]!r} in the config"
+        for key in ARCHITECTURE_KEYS
+        if saved.get(key) != current[key]
+    ]
+    if differences:
+        raise ModelMismatchError(
+            f"checkpoint in {directory} was made by another model: {'; '.join(differences)}"
+        )
 
 
 class RunCheckpoints:
@@ -16,21 +58,20 @@ class RunCheckpoints:
         directory = pathlib.Path(directory).absolute()
         self.directory = directory
         self._managers = {
-            "latest": ocp.CheckpointManager(
-                directory / "latest",
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True),
+            kind: ocp.CheckpointManager(
+                directory / kind,
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
                 item_names=("state", "meta"),
-            ),
-            "best": ocp.CheckpointManager(
-                directory / "best",
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-                item_names=("state", "meta"),
-            ),
+            )
+            for kind, keep in (("latest", keep_latest), ("best", 1))
         }
 
     def save(self, kind: str, step: int, state, meta: dict) -> None:
         """Saves `state` and `meta` as step `step` of `kind` ('latest' or 'best')."""
         manager = self._managers[kind]
+        if step in manager.all_steps():
+            # Left by a timeline that was rolled back past a damaged checkpoint: this one replaces it.
+            manager.delete(step)
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -43,13 +84,17 @@ class RunCheckpoints:
     def all_steps(self, kind: str) -> list[int]:
         return list(self._managers[kind].all_steps())
 
-    def restore(self, kind: str, target_state, step: int | None = None):
+    def restore(self, kind: str, target_state, step: int | None = None, model_config=None):
         """Restores (state, meta) of `kind` at `step` (the newest by default) onto `target_state`'s
-        structure, or returns None when there is no checkpoint."""
+        structure, or returns None when there is none. With `model_config`, first checks that the
+        checkpoint was made by the same architecture."""
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
         if step is None:
             return None
+        if model_config is not None:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            check_architecture(meta.get("model"), model_config, self.directory / kind / str(step))
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -57,6 +102,14 @@ class RunCheckpoints:
             ),
         )
         return restored.state, restored.meta
+
+    def quarantine(self, kind: str, step: int) -> pathlib.Path:
+        """Moves a damaged step out of `kind` (to `damaged/`), so it is neither read nor overwritten."""
+        destination = self.directory / "damaged" / f"{kind}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / kind / str(step)), destination)
+        self._managers[kind].reload()
+        return destination
 
     def wait(self) -> None:
         for manager in self._managers.values():

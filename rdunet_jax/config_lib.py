@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.lr_decay_epochs = 20
     config.lr_decay_factor = 0.1
     config.log_every_steps = 10
+    # 0 saves `latest` at the end of each epoch only; N > 0 also every N steps (with the data position).
+    config.checkpoint_every_steps = 0
     # '' disables the persistent XLA compilation cache; '~' is expanded.
     config.compilation_cache_dir = "~/.cache/rdunet_jax/xla"
 
@@ -61,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.name = "synthetic"
     config.data.image_size = 256
     config.data.manual_dir = ""
+    # `train_full` (semiseg) trains on every labelled slice.
+    config.data.train_split = "train"
     config.data.data_dir = ""
     config.data.num_train = 160
     config.data.num_validation = 32

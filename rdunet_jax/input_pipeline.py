@@ -88,11 +88,22 @@ def _stack(examples):
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
-def train_dataset(source, data_config, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
-    """One epoch of training batches (the last partial batch is dropped: fixed shapes)."""
-    if len(source) < batch_size:
-        raise UserError(f"batch_size: {batch_size} is larger than the training split ({len(source)} slices)")
+def train_dataset(
+    source, data_config, batch_size: int, seed: int, epoch: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.MapDataset:
+    """One epoch of training batches (the last partial batch is dropped: fixed shapes).
+
+    With several hosts, every host shuffles identically and keeps every `shard_count`-th slice from
+    `shard_index`, so the hosts' batches together form the global batch and never overlap.
+    """
+    if len(source) // shard_count < batch_size:
+        raise UserError(
+            f"batch_size: {batch_size} per host is larger than the training split "
+            f"({len(source)} slices over {shard_count} hosts)"
+        )
     dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
+    if shard_count > 1:
+        dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
     dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
     dataset = dataset.random_map(Augment(data_config.flip, data_config.zoom_range))
     return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)

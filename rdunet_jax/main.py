@@ -62,13 +62,19 @@ def run(argv) -> None:
 
 
 def main(argv) -> None:
-    # Orbax logs every checkpoint operation at INFO; our own progress lines go to stdout.
-    logging.set_verbosity(logging.WARNING)
+    # Orbax logs every checkpoint operation (and each failed read of a damaged one) and TFDS warns about
+    # every custom builder config; the command reports progress and problems in its own lines.
+    logging.set_verbosity(logging.FATAL)
+    from rdunet_jax.train import TrainingStopped
+
     try:
         run(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        sys.exit(128 + stopped.signal_number)
 
 
 if __name__ == "__main__":

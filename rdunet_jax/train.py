@@ -3,11 +3,18 @@
 `train_and_evaluate(config, workdir)` trains with Dice loss and Adam on a staircase schedule,
 validates every epoch, keeps the latest checkpoint (resume) and the best by validation loss, and at the
 end restores the best and evaluates it on the test split (validation where no test split exists).
-Running the same command again resumes from the latest checkpoint.
+
+Running the same command again resumes from the latest checkpoint, exactly: batches are a pure function
+of (seed, epoch, position), dropout of (seed, step), and the checkpoint holds the data position, so a
+run stopped at any step and resumed ends bit-identical to one that never stopped. SIGTERM or SIGINT
+saves a checkpoint at the current step and exits. The batch is sharded over every local device (and
+host) along a `data` mesh axis; parameters and optimizer state are replicated.
 """
 
 import json
+import os
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -17,9 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models
+from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
+
+# Fault injection for the resume tests: SIGKILL this process right after the given step.
+_KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
 
 
 class TrainState(train_state.TrainState):
@@ -27,6 +39,21 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     dropout_key: jax.Array
+
+
+class TrainingStopped(Exception):
+    """Training was stopped by a signal after saving a checkpoint; the same command resumes."""
+
+    def __init__(self, signal_number: int, step: int, directory):
+        self.signal_number = signal_number
+        super().__init__(
+            f"stopped by {signal.Signals(signal_number).name} at step {step}; checkpoint saved in "
+            f"{directory}; run the same command to resume"
+        )
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; nothing from that step on was saved."""
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -38,6 +65,12 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-host run when the usual JAX coordinator variables are set."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
+        jax.distributed.initialize()
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -53,13 +86,12 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
     """Initialises the model (seeded by `config.seed`) and Adam on the staircase schedule."""
     variables = models.initialize_variables(model, config.data.image_size, config.seed)
-    dropout_key = jax.random.PRNGKey(config.seed)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=optax.adam(learning_rate_schedule(config, steps_per_epoch)),
-        dropout_key=dropout_key,
+        dropout_key=jax.random.PRNGKey(config.seed),
     )
 
 
@@ -100,6 +132,34 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     }
 
 
+# --- data parallelism -------------------------------------------------------------------------------
+
+
+def data_parallel_mesh() -> Mesh:
+    """A one-axis mesh ('data') over every device of every host."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over devices and hosts (checked before compiling)."""
+    if batch_size % mesh.size:
+        raise UserError(f"batch_size: {batch_size} does not divide over the {mesh.size} devices of this run")
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """This host's part of the global batch, placed as one array sharded along the batch axis."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in ("image", "mask")}
+
+
+def replicate(tree, mesh: Mesh):
+    """Copies every leaf to every device of the mesh (parameters, optimizer state)."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
 def _format_seconds(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -107,13 +167,13 @@ def _format_seconds(seconds: float) -> str:
 
 
 class _Log:
-    """train_log.jsonl and TensorBoard, written once per epoch."""
+    """train_log.jsonl and TensorBoard, written once per epoch by the first host."""
 
     def __init__(self, workdir: pathlib.Path, start_epoch: int):
         self.path = workdir / "train_log.jsonl"
         kept = []
         if self.path.exists():
-            # Epochs past the restored checkpoint were not kept: drop their lines.
+            # Epochs past the restored checkpoint are trained again: drop their lines.
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
@@ -135,12 +195,99 @@ class _Log:
         self.writer.close()
 
 
+class _StopOnSignal:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+
+    def _handle(self, signal_number, frame):
+        self.signal_number = signal_number
+
+    def __enter__(self):
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signal_number] = signal.signal(signal_number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+
+
+class _LossCheck:
+    """Collects step losses on device and checks them in batches (one host sync per log interval)."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, jax.Array]] = []
+
+    def add(self, step: int, loss) -> None:
+        self.pending.append((step, loss))
+
+    def flush(self) -> list[float]:
+        """The pending losses as floats; raises NonFiniteLossError naming the first bad step."""
+        values = [float(value) for value in jax.device_get([loss for _, loss in self.pending])]
+        for (step, _), value in zip(self.pending, values, strict=True):
+            if not np.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {step}; training stopped, the last good checkpoint is kept "
+                    f"(lower learning_rate or check the data)"
+                )
+        self.pending = []
+        return values
+
+
 def setup_run(config: ml_collections.ConfigDict):
-    """Validates the config and builds what a run needs: the model and the train split's size."""
+    """Validates the config, turns on the compilation cache and builds the model."""
     config_lib.validate(config)
     enable_compilation_cache(config.compilation_cache_dir)
-    model = models.build_model(config.model)
-    return model
+    return models.build_model(config.model)
+
+
+def new_meta(config) -> dict:
+    """The JSON part of a checkpoint at the start of training."""
+    return {
+        "epoch": 0,
+        "iterator": None,
+        "epoch_loss_sum": 0.0,
+        "epoch_steps": 0,
+        "best_val_loss": None,
+        "best_epoch": None,
+        "model": checkpoints.architecture(config.model),
+    }
+
+
+def restore_latest(run_checkpoints, state, config):
+    """The newest readable `latest` checkpoint as (state, meta), falling back past damaged ones.
+
+    Returns None when there is no checkpoint; raises UserError when the checkpoints were made by another
+    model, or when every one is damaged (rather than silently training from scratch). Damaged steps
+    newer than the one restored are moved to `checkpoints/damaged/`, out of the way of new saves.
+    """
+    steps = sorted(run_checkpoints.all_steps("latest"), reverse=True)
+    damaged = []
+    for step in steps:
+        try:
+            restored = run_checkpoints.restore("latest", state, step, model_config=config.model)
+        except checkpoints.ModelMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
+            damaged.append((step, type(error).__name__))
+            continue
+        for damaged_step, reason in damaged:
+            moved_to = run_checkpoints.quarantine("latest", damaged_step)
+            print(
+                f"warning: checkpoint step {damaged_step} in {run_checkpoints.directory / 'latest'} is "
+                f"damaged ({reason}); moved it to {moved_to} and resumed from step {step}",
+                flush=True,
+            )
+        return restored
+    if steps:
+        raise UserError(
+            f"every checkpoint in {run_checkpoints.directory / 'latest'} is damaged "
+            f"(steps {steps}); move the folder away to train from scratch"
+        )
+    return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -148,94 +295,131 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     from rdunet_jax import evaluate  # evaluate builds on this module's steps and state
 
     workdir = pathlib.Path(workdir)
+    initialize_distributed()
     model = setup_run(config)
-    train_source = datasets.load_source(config.data, "train")
+    mesh = data_parallel_mesh()
+    check_batch_divides(config.batch_size, mesh)
+    train_source = datasets.load_source(config.data, config.data.train_split)
     validation_source = datasets.load_source(config.data, "validation")
-    steps_per_epoch = input_pipeline.steps_per_epoch(train_source, config.batch_size)
-    if steps_per_epoch == 0:
-        raise config_lib.UserError(
-            f"batch_size: {config.batch_size} is larger than the training split ({len(train_source)} slices)"
+    local_batch_size = config.batch_size // jax.process_count()
+
+    def epoch_batches(epoch):
+        return input_pipeline.train_dataset(
+            train_source,
+            config.data,
+            local_batch_size,
+            config.seed,
+            epoch,
+            jax.process_index(),
+            jax.process_count(),
         )
+
+    steps_per_epoch = len(epoch_batches(0))
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    is_first_host = jax.process_index() == 0
+    if is_first_host:
+        write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     started = time.perf_counter()
     state = create_train_state(config, model, steps_per_epoch)
     print(
         f"model {config.model.variant}: {models.count_parameters(state.params):,} parameters "
-        f"(built in {time.perf_counter() - started:.1f}s)",
+        f"(built in {time.perf_counter() - started:.1f}s); "
+        f"{mesh.size} {mesh.devices.flat[0].platform} device(s)",
         flush=True,
     )
-
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
-    meta = {"epoch": 0, "iterator": None, "best_val_loss": None, "best_epoch": None}
-    restored = run_checkpoints.restore("latest", state)
+    meta = new_meta(config)
+    restored = restore_latest(run_checkpoints, state, config)
     if restored is not None:
         state, meta = restored
-        print(
-            f"resumed from {workdir / 'checkpoints' / 'latest'} at epoch {meta['epoch']}, "
-            f"step {int(state.step)}",
-            flush=True,
-        )
+        position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
+        print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)
+    state = replicate(state, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    log = _Log(workdir, meta["epoch"])
+    log = _Log(workdir, meta["epoch"]) if is_first_host else None
     total_steps = config.num_epochs * steps_per_epoch
-    first_step = int(state.step)
-    timer_start = None
+    kill_at_step = int(os.environ.get(_KILL_AT_STEP_VARIABLE, "0"))
+    loss_check = _LossCheck()
+    timer_start, timed_from = None, 0
 
-    for epoch in range(meta["epoch"], config.num_epochs):
-        epoch_start = time.perf_counter()
-        dataset = input_pipeline.train_dataset(
-            train_source, config.data, config.batch_size, config.seed, epoch
-        )
-        iterator = input_pipeline.to_iterator(dataset, meta["iterator"])
-        epoch_losses = []
-        for batch in iterator:
-            state, step_metrics = train_step(state, batch)
-            step = int(state.step)
-            epoch_losses.append(step_metrics["loss"])
-            if timer_start is None:
-                # Time from the first completed step, so compilation does not skew images/s.
-                jax.block_until_ready(state)
-                timer_start, timed_from = time.perf_counter(), step
-            elif step % config.log_every_steps == 0 or step == total_steps:
-                loss = float(step_metrics["loss"])
-                elapsed = time.perf_counter() - timer_start
-                rate = (step - timed_from) / max(elapsed, 1e-9)
+    def save_latest(epoch, iterator_state):
+        meta.update(epoch=epoch, iterator=iterator_state)
+        run_checkpoints.save("latest", int(state.step), state, meta)
+
+    try:
+        with _StopOnSignal() as stop:
+            for epoch in range(meta["epoch"], config.num_epochs):
+                epoch_start = time.perf_counter()
+                iterator = input_pipeline.to_iterator(epoch_batches(epoch), meta["iterator"])
+                for batch in iterator:
+                    state, step_metrics = train_step(state, shard_batch(batch, mesh))
+                    step = int(state.step)
+                    loss_check.add(step, step_metrics["loss"])
+                    if step == kill_at_step:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    # The last step of an epoch is saved after validation, with the epoch's record.
+                    save_now = step % steps_per_epoch != 0 and (
+                        stop.signal_number is not None
+                        or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+                    )
+                    if step % config.log_every_steps and not save_now:
+                        continue
+                    values = loss_check.flush()
+                    meta["epoch_loss_sum"] += sum(values)
+                    meta["epoch_steps"] += len(values)
+                    if timer_start is None:
+                        # Time from the first logged step, so compilation does not skew images/s.
+                        timer_start, timed_from = time.perf_counter(), step
+                    else:
+                        rate = (step - timed_from) / max(time.perf_counter() - timer_start, 1e-9)
+                        print(
+                            f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} "
+                            f"{rate * config.batch_size:.1f} img/s loss {values[-1]:.4f} "
+                            f"left {_format_seconds((total_steps - step) / max(rate, 1e-9))}",
+                            flush=True,
+                        )
+                    if save_now:
+                        save_latest(epoch, iterator.get_state())
+                        if stop.signal_number is not None:
+                            run_checkpoints.wait()
+                            raise TrainingStopped(
+                                stop.signal_number, step, run_checkpoints.directory / "latest"
+                            )
+                values = loss_check.flush()
+                epoch_loss = (meta["epoch_loss_sum"] + sum(values)) / max(
+                    meta["epoch_steps"] + len(values), 1
+                )
+                validation = evaluate.evaluate_source(state, validation_source, config)
+                is_best = meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
+                meta.update(epoch_loss_sum=0.0, epoch_steps=0)
+                if is_best:
+                    meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
+                    meta.update(epoch=epoch + 1, iterator=None)
+                    run_checkpoints.save("best", int(state.step), state, meta)
+                save_latest(epoch + 1, None)
+                record = {
+                    "epoch": epoch + 1,
+                    "step": int(state.step),
+                    "loss": epoch_loss,
+                    "val_loss": validation["loss"],
+                    "val_dice": validation["dice"],
+                    "learning_rate": float(schedule(int(state.step) - 1)),
+                    "seconds": time.perf_counter() - epoch_start,
+                }
+                if log is not None:
+                    log.write(record)
                 print(
-                    f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} "
-                    f"{rate * config.batch_size:.1f} img/s loss {loss:.4f} "
-                    f"left {_format_seconds((total_steps - step) / max(rate, 1e-9))}",
+                    f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
+                    f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",
                     flush=True,
                 )
-        meta["iterator"] = None
-
-        validation = evaluate.evaluate_source(state, validation_source, config)
-        epoch_loss = float(np.mean(jax.device_get(epoch_losses)))
-        meta["epoch"] = epoch + 1
-        is_best = meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
-        if is_best:
-            meta["best_val_loss"], meta["best_epoch"] = validation["loss"], epoch + 1
-            run_checkpoints.save("best", int(state.step), state, meta)
-        run_checkpoints.save("latest", int(state.step), state, meta)
-        record = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "loss": epoch_loss,
-            "val_loss": validation["loss"],
-            "val_dice": validation["dice"],
-            "learning_rate": float(schedule(int(state.step) - 1)),
-            "seconds": time.perf_counter() - epoch_start,
-        }
-        log.write(record)
-        print(
-            f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
-            f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",
-            flush=True,
-        )
-    run_checkpoints.wait()
-    log.close()
-    if first_step < int(state.step):
-        print(f"trained {int(state.step) - first_step} steps", flush=True)
-    run_checkpoints.close()
+                if stop.signal_number is not None:
+                    run_checkpoints.wait()
+                    raise TrainingStopped(stop.signal_number, int(state.step), run_checkpoints.directory)
+    finally:
+        run_checkpoints.wait()
+        run_checkpoints.close()
+        if log is not None:
+            log.close()
     return evaluate.evaluate_workdir(config, workdir)

@@ -9,6 +9,8 @@ from rdunet_jax import config_lib, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
+# Prepared phantom datasets of the tests, kept out of the user's ~/tensorflow_datasets.
+TEST_DATA_DIR = REPO_ROOT / ".pytest_cache" / "tensorflow_datasets"
 
 train.enable_compilation_cache(str(TEST_CACHE))
 
@@ -29,6 +31,7 @@ def make_tiny_config(**data_overrides):
     config.data.num_train = 8
     config.data.num_validation = 4
     config.data.num_test = 4
+    config.data.data_dir = str(TEST_DATA_DIR)
     config.data.update(data_overrides)
     return config
 

@@ -298,6 +298,8 @@ def prepare(data_config) -> CovidCtSlices:
     if builder.data_path.exists():
         return builder
     download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+    tfds.disable_progress_bar()
+    print(f"preparing dataset {config.name} in {builder.data_path}", flush=True)
     try:
         builder.download_and_prepare(download_config=download_config, file_format="array_record")
     except OSError:
