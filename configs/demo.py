@@ -8,6 +8,7 @@
 """
 
 from rdunet_jax import config_lib
+from rdunet_jax.errors import UserError
 
 
 def get_config(size: str = "full"):
@@ -35,5 +36,5 @@ def get_config(size: str = "full"):
         config.data.num_validation = 4
         config.data.num_test = 4
     elif size != "full":
-        raise ValueError(f"configs/demo.py: unknown size {size!r}; use 'full' or 'tiny'")
+        raise UserError(f"configs/demo.py: unknown argument {size!r}; use 'full' or 'tiny'")
     return config

@@ -4,6 +4,8 @@ Config files under `configs/` start from `base_config()` and change only what th
 every run's config has the same keys and `--config.KEY=VALUE` overrides work everywhere.
 """
 
+import difflib
+
 import ml_collections
 
 from rdunet_jax import models
@@ -103,16 +105,59 @@ def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_c
     return config
 
 
-def _positive(config, key, kind=int):
+def _get(config, key):
     value = config
     for part in key.split("."):
         value = value[part]
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise UserError(f"{key}: must be a positive {kind.__name__}, got {value!r}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _require(config, key, predicate, description: str) -> None:
+    """Raises UserError '<key>: must be <description>, got <value>' unless predicate(value) holds."""
+    value = _get(config, key)
+    try:
+        valid = bool(predicate(value))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(f"{key}: must be {description}, got {value!r}")
+
+
+def _flat_keys(config, prefix="") -> set[str]:
+    keys = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def _check_known_keys(config) -> None:
+    """A key the schema does not know is a typo that would silently be ignored: refuse it."""
+    known = _flat_keys(base_config())
+    for key in sorted(_flat_keys(config) - known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{key}: unknown config key{hint}")
+
+
+def _is_rate_schedule(rates) -> bool:
+    return all(_is_int(rate) and rate > 0 for rate in rates)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is built or compiled; raises UserError naming the bad key."""
+    _check_known_keys(config)
+    positive_int = (lambda value: _is_int(value) and value > 0, "a positive integer")
     for key in (
         "num_epochs",
         "batch_size",
@@ -124,74 +169,88 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.se_reduction",
         "eval.batch_size",
     ):
-        _positive(config, key)
-    for key in ("learning_rate", "lr_decay_factor"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise UserError(f"{key}: must be a positive number, got {value!r}")
+        _require(config, key, *positive_int)
+    for key in ("learning_rate", "lr_decay_factor", "eval.small_lesion_area"):
+        _require(
+            config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
+        )
+    _require(config, "seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    _require(
+        config,
+        "checkpoint_every_steps",
+        lambda value: _is_int(value) and value >= 0,
+        "a non-negative integer",
+    )
+    _require(
+        config, "eval.num_overlays", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+    )
+    _require(
+        config,
+        "name",
+        lambda value: isinstance(value, str) and value and "/" not in value and value not in (".", ".."),
+        "a non-empty name without '/'",
+    )
+    _require(
+        config, "compilation_cache_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    for key in ("model.use_se", "data.flip", "eval.test_time_flips"):
+        _require(config, key, lambda value: isinstance(value, bool), "True or False")
+    _require(config, "model.block", lambda value: value in ("plain", "residual"), "'plain' or 'residual'")
+    _require(config, "model.dtype", lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    for key in ("model.dropout_rate", "model.batch_norm_momentum", "data.zoom_range"):
+        _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    _require(
+        config, "eval.threshold", lambda value: _is_number(value) and 0 < value < 1, "a number in (0, 1)"
+    )
+    _require(
+        config, "data.train_split", lambda value: value in ("train", "train_full"), "'train' or 'train_full'"
+    )
+    for key in ("data.manual_dir", "data.data_dir", "data.name", "eval.split"):
+        _require(config, key, lambda value: isinstance(value, str), "a string")
+    for key in ("data.num_train", "data.num_validation", "data.num_test"):
+        _require(config, key, lambda value: _is_int(value) and value >= 0, "a non-negative integer")
     model = config.model
-    if model.block not in ("plain", "residual"):
-        raise UserError(f"model.block: must be 'plain' or 'residual', got {model.block!r}")
-    if not 0.0 <= model.dropout_rate < 1.0:
-        raise UserError(f"model.dropout_rate: must be in [0, 1), got {model.dropout_rate!r}")
-    if not 0.0 <= model.batch_norm_momentum < 1.0:
-        raise UserError(f"model.batch_norm_momentum: must be in [0, 1), got {model.batch_norm_momentum!r}")
-    if model.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"model.dtype: must be 'float32' or 'bfloat16', got {model.dtype!r}")
     divisor = 2**model.depth
     if config.data.image_size % divisor:
         raise UserError(
             f"data.image_size: {config.data.image_size} is not divisible by 2**model.depth = {divisor}"
         )
-    skip_rates = tuple(model.skip_dilation_rates)
-    if skip_rates and len(skip_rates) != model.depth:
-        raise UserError(
-            f"model.skip_dilation_rates: needs one schedule per skip ({model.depth}), got {len(skip_rates)}"
-        )
-    for schedule in skip_rates:
-        _check_rates("model.skip_dilation_rates", schedule)
-    encoder_rates = tuple(model.encoder_dilation_rates)
-    if encoder_rates and len(encoder_rates) != model.depth + 1:
-        raise UserError(
-            f"model.encoder_dilation_rates: needs one rate per encoder level ({model.depth + 1}), "
-            f"got {len(encoder_rates)}"
-        )
-    _check_rates("model.encoder_dilation_rates", encoder_rates)
-    if not 0.0 < config.eval.threshold < 1.0:
-        raise UserError(f"eval.threshold: must be in (0, 1), got {config.eval.threshold!r}")
-    if not 0.0 <= config.data.zoom_range < 1.0:
-        raise UserError(f"data.zoom_range: must be in [0, 1), got {config.data.zoom_range!r}")
-    _check_data_splits(config.data)
+    _require(
+        config,
+        "model.skip_dilation_rates",
+        lambda schedules: (
+            len(schedules) in (0, model.depth) and all(_is_rate_schedule(schedule) for schedule in schedules)
+        ),
+        f"() or one schedule of positive integer dilation rates per skip ({model.depth})",
+    )
+    _require(
+        config,
+        "model.encoder_dilation_rates",
+        lambda rates: len(rates) in (0, model.depth + 1) and _is_rate_schedule(rates),
+        f"() or one positive integer dilation rate per encoder level ({model.depth + 1})",
+    )
+    _check_data_splits(config)
 
 
-def _check_data_splits(data) -> None:
+def _check_data_splits(config) -> None:
     """Checks the split and intensity-window keys of `config.data`."""
-    if data.split_scheme not in ("random", "blocks"):
-        raise UserError(f"data.split_scheme: must be 'random' or 'blocks', got {data.split_scheme!r}")
-    fractions = tuple(data.split_fractions)
-    if (
-        len(fractions) != 3
-        or any(
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            for value in fractions
-        )
-        or abs(sum(fractions) - 1.0) > 1e-6
-    ):
-        raise UserError(f"data.split_fractions: must be 3 positive numbers summing to 1, got {fractions!r}")
-    if isinstance(data.split_seed, bool) or not isinstance(data.split_seed, int) or data.split_seed < 0:
-        raise UserError(f"data.split_seed: must be a non-negative int, got {data.split_seed!r}")
-    window = tuple(data.hu_window)
-    if (
-        len(window) != 2
-        or not all(isinstance(value, (int, float)) for value in window)
-        or window[0] >= window[1]
-    ):
-        raise UserError(
-            f"data.hu_window: must be (lower, upper) Hounsfield units with lower < upper, got {window!r}"
-        )
-
-
-def _check_rates(key, rates):
-    for rate in rates:
-        if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-            raise UserError(f"{key}: dilation rates must be positive integers, got {tuple(rates)!r}")
+    _require(config, "data.split_scheme", lambda value: value in ("random", "blocks"), "'random' or 'blocks'")
+    _require(
+        config,
+        "data.split_fractions",
+        lambda fractions: (
+            len(fractions) == 3
+            and all(_is_number(value) and value > 0 for value in fractions)
+            and abs(sum(fractions) - 1.0) <= 1e-6
+        ),
+        "3 positive numbers summing to 1",
+    )
+    _require(config, "data.split_seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    _require(
+        config,
+        "data.hu_window",
+        lambda window: (
+            len(window) == 2 and all(_is_number(value) for value in window) and window[0] < window[1]
+        ),
+        "(lower, upper) Hounsfield units with lower < upper",
+    )

@@ -32,6 +32,34 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with every mistake (unknown key, bad value, broken config file) on one line."""
+    try:
+        remaining = FLAGS(argv)
+    except flags.Error as error:
+        _fail(str(error).splitlines()[0])
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises these for `--config.KEY` naming no key of the config.
+        key = str(error).strip("\"'")
+        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.") and key in arg]
+        _fail(f"{overrides[0] if overrides else '--config'}: the config has no key {key!r}")
+    except UserError as error:  # raised by a config file's get_config()
+        _fail(str(error))
+    except Exception as error:  # noqa: BLE001 - a config file is user code: any failure is the user's
+        _fail(f"--config: cannot load the config file: {type(error).__name__}: {error}".splitlines()[0])
+    try:
+        FLAGS.config.name  # noqa: B018 - a config file that could not be found raises when first read
+    except OSError as error:
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+        _fail(f"--config: cannot load the config file: {reason}")
+    return remaining
+
+
 def default_workdir(config) -> pathlib.Path:
     return pathlib.Path("runs") / config.name
 
@@ -70,12 +98,11 @@ def main(argv) -> None:
     try:
         run(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error))
     except TrainingStopped as stopped:
         print(str(stopped), file=sys.stderr)
         sys.exit(128 + stopped.signal_number)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models
+from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
 
@@ -409,6 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 }
                 if log is not None:
                     log.write(record)
+                    overlays = evaluate.validation_overlays(state, validation_source, config)
+                    visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
+                    log.writer.flush()
                 print(
                     f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
                     f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",
@@ -422,4 +425,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         run_checkpoints.close()
         if log is not None:
             log.close()
+    if is_first_host:
+        visualize.write_curves(workdir)
     return evaluate.evaluate_workdir(config, workdir)

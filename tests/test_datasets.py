@@ -8,6 +8,8 @@ import sys
 import nibabel
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from rdunet_jax import config_lib, datasets, input_pipeline
@@ -471,3 +473,57 @@ def test_cli_exits_2_with_one_line_for_a_corrupt_file(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and "lungs/0001.png" in last_line and "corrupt" in last_line
     assert_no_dataset_left(tmp_path)
+
+
+# --- fuzz: malformed files ------------------------------------------------------------------------
+
+CORRUPTIBLE = [
+    DOCTOR_LABEL / "Imgs" / "1.jpg",
+    DOCTOR_LABEL / "GT" / "1.png",
+    MULTICLASS / "GT" / "1.png",
+    MULTICLASS / "train.txt",
+]
+
+
+def _corrupt(path: pathlib.Path, how: str, data) -> None:
+    """Damages one file the way real files get damaged: cut short, overwritten, resized, mislabelled."""
+    content = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(content[: data.draw(st.integers(0, len(content) - 1), label="length")])
+    elif how == "garbage":
+        path.write_bytes(data.draw(st.binary(max_size=64), label="bytes"))
+    elif how == "resize":
+        image = Image.open(path)
+        image.resize((image.width + data.draw(st.integers(1, 5), label="grow"), image.height)).save(path)
+    elif how == "labels":
+        array = np.asarray(Image.open(path)).copy()
+        array[0, 0] = data.draw(st.integers(3, 254), label="label")
+        Image.fromarray(array).save(path)
+    else:  # a split list naming something outside its folder or missing
+        line = data.draw(st.sampled_from(["../1", "/etc/passwd", "99", "1/../../x", ""]), label="line")
+        path.write_text(content.decode() + line + "\n")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_malformed_files_end_in_one_line_naming_the_file(tmp_path_factory, data):
+    tmp_path = tmp_path_factory.mktemp("fuzz")
+    root = make_semiseg(tmp_path / "manual")
+    target = data.draw(st.sampled_from(CORRUPTIBLE), label="file")
+    ways = {".txt": ["truncate", "garbage", "list"], ".jpg": ["truncate", "garbage", "resize"]}
+    how = data.draw(st.sampled_from(ways.get(target.suffix, ["truncate", "garbage", "resize", "labels"])))
+    _corrupt(root / target, how, data)
+    config = data_config(tmp_path, "semiseg", root)
+    try:
+        source = datasets.load_source(config, "train")
+    except UserError as error:
+        message = str(error)
+        assert "\n" not in message
+        assert target.name in message or target.parent.name in message, message
+        assert_no_dataset_left(tmp_path)
+    else:
+        # Some damage leaves a file readable (a list cut short or naming an existing id, a JPEG cut in
+        # its tail padding): then every slice the list names is there and intact.
+        assert 1 <= len(source) <= 4
+        for index in range(len(source)):
+            assert set(np.unique(source[index]["mask"])) <= {0, 1}

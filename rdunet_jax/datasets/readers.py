@@ -144,10 +144,16 @@ def read_split_list(list_path, folder, suffix: str) -> list[str]:
         raise UserError(f"{list_path}: split list not found")
     root = folder.resolve()
     ids = []
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    try:
+        lines = list_path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{list_path}: split list is not UTF-8 text (byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
         example_id = line.strip()
         if not example_id:
             continue
+        if not example_id.isprintable():
+            raise UserError(f"{list_path}:{number}: {example_id!r} is not a valid id")
         candidate = (folder / f"{example_id}{suffix}").resolve()
         if not candidate.is_relative_to(root):
             raise UserError(f"{list_path}:{number}: {example_id!r} names a path outside {folder}")
