@@ -498,7 +498,7 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
                     f"--checkpoint_step: no checkpoint at step {checkpoint_step} in "
                     f"{run_checkpoints.directory}; available steps: {available}"
                 )
-        restored = run_checkpoints.restore(kind, target, checkpoint_step)
+        restored = run_checkpoints.restore(kind, target, checkpoint_step, model_config=config.model)
         if restored is None:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
         return restored[0]

@@ -148,6 +148,10 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path, finished_run):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "model.features=4 in the checkpoint, 8 in the config" in lines[0]
+    evaluated = _run(workdir, "--mode=evaluate", "--config.model.skip_dilation_rates=((1,2),(1,2))")
+    assert evaluated.returncode == 2
+    assert "model.skip_dilation_rates=[[1, 2, 1], [1, 2, 1]] in the checkpoint" in evaluated.stderr
+    assert len(evaluated.stderr.strip().splitlines()) == 1
 
 
 def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
