@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.split_scheme = "random"
     config.data.split_fractions = (0.6, 0.2, 0.2)
     config.data.split_seed = 0
+    # k-fold cross-validation (0 = off): the pool (semiseg's train_full, else train + validation) is cut
+    # into cv_folds folds by a cv_seed-seeded permutation of ids; fold cv_fold is `validation`, the rest
+    # `train`; `test` is unchanged. Every run of a study with the same cv_* keys sees identical folds.
+    config.data.cv_folds = 0
+    config.data.cv_fold = 0
+    config.data.cv_seed = 0
     # Hounsfield-unit window (lower, upper) mapped to [0, 1] for nifti slices: the lung window W1500/L-600.
     config.data.hu_window = (-1350.0, 150.0)
 
@@ -246,6 +252,7 @@ def _check_data_splits(config) -> None:
         "3 positive numbers summing to 1",
     )
     _require(config, "data.split_seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    _check_cross_validation(config)
     _require(
         config,
         "data.hu_window",
@@ -253,4 +260,34 @@ def _check_data_splits(config) -> None:
             len(window) == 2 and all(_is_number(value) for value in window) and window[0] < window[1]
         ),
         "(lower, upper) Hounsfield units with lower < upper",
+    )
+
+
+def _check_cross_validation(config) -> None:
+    """Checks `data.cv_folds`, `data.cv_fold` and `data.cv_seed`."""
+    _require(
+        config,
+        "data.cv_folds",
+        lambda value: _is_int(value) and (value == 0 or value >= 2),
+        "0 (off) or an integer >= 2",
+    )
+    _require(config, "data.cv_seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    folds = config.data.cv_folds
+    if not folds:
+        _require(
+            config, "data.cv_fold", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+        )
+        return
+    _require(
+        config,
+        "data.cv_fold",
+        lambda value: _is_int(value) and 0 <= value < folds,
+        f"an integer in [0, {folds - 1}] (data.cv_folds={folds})",
+    )
+    # train_full is the whole pool, held-out fold included: training on it would leak.
+    _require(
+        config,
+        "data.train_split",
+        lambda value: value == "train",
+        "'train' when data.cv_folds > 0 (train_full holds the held-out fold)",
     )

@@ -527,3 +527,85 @@ def test_fuzz_malformed_files_end_in_one_line_naming_the_file(tmp_path_factory, 
         assert 1 <= len(source) <= 4
         for index in range(len(source)):
             assert set(np.unique(source[index]["mask"])) <= {0, 1}
+
+
+# --- cross-validation folds ------------------------------------------------------------------------------
+
+
+def _ids(source) -> list[str]:
+    return [source[index]["id"] for index in range(len(source))]
+
+
+def test_cross_validation_folds_partition_the_ids_and_depend_only_on_the_seed():
+    ids = [f"slice-{index:02d}" for index in range(23)]
+    folds = datasets.cross_validation_folds(ids, 5, seed=3)
+    assert sorted(len(fold) for fold in folds) == [4, 4, 5, 5, 5]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(23))
+    # Same seed, same folds, whatever the record order; another seed, other folds.
+    reversed_folds = datasets.cross_validation_folds(ids[::-1], 5, seed=3)
+    as_ids = [sorted(ids[i] for i in fold) for fold in folds]
+    assert as_ids == [sorted(ids[::-1][i] for i in fold) for fold in reversed_folds]
+    other = datasets.cross_validation_folds(ids, 5, seed=4)
+    assert as_ids != [sorted(ids[i] for i in fold) for fold in other]
+    with pytest.raises(UserError, match="data.cv_folds"):
+        datasets.cross_validation_folds(ids[:3], 5, seed=0)
+    with pytest.raises(UserError, match="duplicate"):
+        datasets.cross_validation_folds(["a", "a", "b"], 2, seed=0)
+
+
+def test_semiseg_cross_validation_folds_partition_train_full(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg", ids=range(11), validation=(9, 10))
+    validation_ids, train_ids = [], []
+    for fold in range(3):
+        data = data_config(tmp_path, "semiseg", root, cv_folds=3, cv_fold=fold, cv_seed=7)
+        held_out, rest = (
+            _ids(datasets.load_source(data, "validation")),
+            _ids(datasets.load_source(data, "train")),
+        )
+        assert not set(held_out) & set(rest)
+        assert sorted(held_out + rest, key=int) == [str(i) for i in range(11)]
+        validation_ids.append(held_out)
+        train_ids.append(rest)
+        record = datasets.load_source(data, "validation")[0]
+        assert record["image"].shape == (24, 20) and set(record) >= {"image", "mask", "class_mask", "id"}
+    assert sorted(sum(validation_ids, []), key=int) == [str(i) for i in range(11)]
+    assert sorted(len(ids) for ids in validation_ids) == [3, 4, 4]
+    again = data_config(tmp_path, "semiseg", root, cv_folds=3, cv_fold=1, cv_seed=7)
+    assert _ids(datasets.load_source(again, "validation")) == validation_ids[1]
+    with pytest.raises(UserError, match="train_full"):
+        datasets.load_source(again, "train_full")
+
+
+def test_ma2020_cross_validation_pools_train_and_validation_and_keeps_test(tmp_path):
+    root = make_ma2020(tmp_path / "ma")
+    plain = data_config(tmp_path, "ma2020_2d", root)
+    pool = _ids(datasets.load_source(plain, "train")) + _ids(datasets.load_source(plain, "validation"))
+    data = data_config(tmp_path, "ma2020_2d", root, cv_folds=4, cv_fold=2)
+    held_out, rest = _ids(datasets.load_source(data, "validation")), _ids(datasets.load_source(data, "train"))
+    assert sorted(held_out + rest) == sorted(pool) and len(held_out) == 2
+    assert _ids(datasets.load_source(data, "test")) == _ids(datasets.load_source(plain, "test"))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"cv_folds": 1}, "data.cv_folds"),
+        ({"cv_folds": -2}, "data.cv_folds"),
+        ({"cv_folds": 5, "cv_fold": 5}, "data.cv_fold"),
+        ({"cv_folds": 5, "cv_fold": -1}, "data.cv_fold"),
+        ({"cv_fold": -1}, "data.cv_fold"),
+        ({"cv_seed": -1}, "data.cv_seed"),
+        ({"cv_folds": 5, "train_split": "train_full"}, "data.train_split"),
+    ],
+)
+def test_config_validation_of_cross_validation_keys(overrides, key):
+    config = config_lib.base_config()
+    config.data.update(overrides)
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        config_lib.validate(config)
+
+
+def test_cross_validation_keys_accept_valid_values():
+    config = config_lib.base_config()
+    config.data.update(cv_folds=5, cv_fold=4, cv_seed=11)
+    config_lib.validate(config)

@@ -4,6 +4,9 @@ A record is a dict of numpy arrays: `image` (H, W) uint8 display-windowed intens
 Hounsfield units for `nifti`), `mask` (H, W) uint8 in {0, 1}, and `id` (str); datasets add more (class
 mask, lung mask, case id, spacing, affine). Every `data.name` is read through the TFDS builder in
 `builder.py`, which prepares the dataset in `data.data_dir` on first use.
+
+With `data.cv_folds` > 0, `train` and `validation` are index views of a cross-validation pool (see
+`cross_validation_folds`); the prepared dataset itself is never rebuilt per fold.
 """
 
 import numpy as np
@@ -41,9 +44,27 @@ def _splits(prepared) -> list[str]:
     return sorted(prepared.info.splits.keys())
 
 
-def load_source(data_config, split: str) -> RecordSource:
-    """The records of one split of `data_config.name`, as a random-access sequence."""
-    prepared = builder_lib.prepare(data_config)
+class SubsetSource:
+    """Records of other sources, picked by (source, index) pairs: a fold of a cross-validation pool."""
+
+    def __init__(self, entries: list, name: str, split: str):
+        self._entries, self.name, self.split = list(entries), name, split
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self._entries) <= index < len(self._entries):
+            raise IndexError(index)
+        source, source_index = self._entries[index]
+        return source[source_index]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource(name={self.name!r}, split={self.split!r}, num_records={len(self)})"
+
+
+def _load_prepared_split(prepared, data_config, split: str) -> RecordSource:
+    """One split of a prepared dataset, as the builder wrote it."""
     if split not in prepared.info.splits:
         raise UserError(f"data.name={data_config.name!r} has splits {_splits(prepared)}, not {split!r}")
     extra = {}
@@ -51,6 +72,68 @@ def load_source(data_config, split: str) -> RecordSource:
         # The window travels with each record so preprocessing honours `data.hu_window`.
         extra["hu_window"] = np.asarray(tuple(data_config.hu_window), np.float32)
     return RecordSource(prepared.as_data_source(split), data_config.name, split, extra)
+
+
+def load_source(data_config, split: str):
+    """The records of one split of `data_config.name`, as a random-access sequence.
+
+    With `data.cv_folds` > 0, `train` is the pool without fold `data.cv_fold` and `validation` is that
+    fold; `train_full` is refused (it would hold the held-out fold) and `test` is the test split.
+    """
+    prepared = builder_lib.prepare(data_config)
+    num_folds = data_config.get("cv_folds", 0)
+    if not num_folds or split not in ("train", "validation", "train_full"):
+        return _load_prepared_split(prepared, data_config, split)
+    if split == "train_full":
+        raise UserError(
+            "data.train_split: 'train_full' holds the held-out fold when data.cv_folds > 0; use 'train'"
+        )
+    fold = data_config.cv_fold
+    if not 0 <= fold < num_folds:
+        raise UserError(f"data.cv_fold: must be an integer in [0, {num_folds - 1}], got {fold!r}")
+    pool = [_load_prepared_split(prepared, data_config, name) for name in _pool_splits(prepared)]
+    entries = [(source, index) for source in pool for index in range(len(source))]
+    cache_key = (str(prepared.data_path), _pool_splits(prepared))
+    if cache_key not in _POOL_IDS:
+        _POOL_IDS[cache_key] = tuple(str(source[index]["id"]) for source, index in entries)
+    held_out = cross_validation_folds(_POOL_IDS[cache_key], num_folds, data_config.cv_seed)[fold]
+    if split == "validation":
+        chosen = held_out.tolist()
+    else:
+        chosen = sorted(set(range(len(entries))) - set(held_out.tolist()))
+    return SubsetSource([entries[index] for index in chosen], data_config.name, split)
+
+
+def _pool_splits(prepared) -> tuple[str, ...]:
+    """The splits pooled for cross-validation: semiseg's train_full (all 50 labelled slices), or
+    train + validation (every slice outside the test split) for the other datasets."""
+    if "train_full" in prepared.info.splits:
+        return ("train_full",)
+    return ("train", "validation")
+
+
+# Ids of each cross-validation pool, keyed by the prepared dataset's folder (its name hashes the data
+# and the split options): reading them decodes every record, so once per process is enough.
+_POOL_IDS: dict[tuple, tuple[str, ...]] = {}
+
+
+def cross_validation_folds(ids, num_folds: int, seed: int) -> list[np.ndarray]:
+    """Positions in `ids` of each of `num_folds` folds (sizes differ by at most one).
+
+    The folds depend only on the set of ids and the seed, not on record order: ids are sorted, then
+    permuted by a `seed`-seeded generator, then cut into consecutive parts.
+    """
+    ids = [str(value) for value in ids]
+    if len(set(ids)) != len(ids):
+        raise UserError("data.cv_folds: the cross-validation pool has duplicate ids")
+    if num_folds > len(ids):
+        raise UserError(
+            f"data.cv_folds: {num_folds} folds need at least as many slices, the pool has {len(ids)}"
+        )
+    by_id = sorted(range(len(ids)), key=lambda position: ids[position])
+    permutation = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = np.asarray(by_id, np.int64)[permutation]
+    return [np.sort(part) for part in np.array_split(shuffled, num_folds)]
 
 
 def has_split(data_config, split: str) -> bool:
