@@ -1,11 +1,12 @@
 """Shared fixtures: a persistent compilation cache and tiny configs, so the suite compiles little."""
 
+import importlib.util
 import pathlib
 
 import jax
 import pytest
 
-from rdunet_jax import config_lib, train
+from rdunet_jax import train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
@@ -16,21 +17,14 @@ train.enable_compilation_cache(str(TEST_CACHE))
 
 
 def make_tiny_config(**data_overrides):
-    """A few-second config of the full model: 4 feature maps, 2 levels, 32 px, 8 phantom slices."""
-    config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
-    config.name = "tiny"
+    """`configs/demo.py:tiny` (4 feature maps, 2 levels, 32 px, 8 phantom slices), with the tests' caches:
+    in-process tests and the command-line tests compile the same shapes once."""
+    spec = importlib.util.spec_from_file_location("demo_config", REPO_ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
     config.num_epochs = 2
-    config.batch_size = 4
-    config.learning_rate = 1e-2
-    config.log_every_steps = 1
     config.compilation_cache_dir = str(TEST_CACHE)
-    config.model.features = 4
-    config.model.depth = 2
-    config.model.skip_dilation_rates = ((1, 2, 1), (1, 2, 1))
-    config.data.image_size = 32
-    config.data.num_train = 8
-    config.data.num_validation = 4
-    config.data.num_test = 4
     config.data.data_dir = str(TEST_DATA_DIR)
     config.data.update(data_overrides)
     return config
