@@ -52,11 +52,6 @@ CONVENTIONS = {
 }
 
 
-def eval_option(config, key: str, default):
-    """`config.eval.<key>`, or `default` for configs written before the key existed."""
-    return config.eval[key] if key in config.eval else default
-
-
 # --- Batches and prediction ----------------------------------------------------------------------------
 
 
@@ -178,7 +173,7 @@ def _spacing_unit(all_metadata) -> str:
 def collect_slices(state, source, config) -> dict:
     """Predicts every slice of `source` and keeps what the reports need: per-slice counts, HD95 and
     lesion statistics, and (for cases) bit-packed masks to rebuild volumes. Memory: two bits per pixel."""
-    threshold, flips = config.eval.threshold, eval_option(config, "test_time_flips", False)
+    threshold, flips = config.eval.threshold, config.eval.test_time_flips
     rows, lesions, losses, packed = [], [], [], []
     for batch in predict_source(state, source, config, flips):
         predictions = batch["probabilities"] >= threshold
@@ -275,14 +270,14 @@ def summarize_collected(collected: dict, config) -> dict:
     summary["hd95_unit"] = collected["unit"]
     summary["num_slices_with_lesion"] = int(sum(row["lesion_pixels"] > 0 for row in rows))
     summary["per_volume"] = per_volume_summary(collected, config.data.image_size)
-    small_area = float(eval_option(config, "small_lesion_area", 100.0))
+    small_area = float(config.eval.small_lesion_area)
     summary["lesion_size"] = {
         "small_area": small_area,
         "area_unit": "mm^2" if collected["unit"] == "mm" else "pixels",
         **metrics.lesion_size_summary(collected["lesions"], small_area),
     }
     summary["image_size"] = int(config.data.image_size)
-    summary["test_time_flips"] = bool(eval_option(config, "test_time_flips", False))
+    summary["test_time_flips"] = bool(config.eval.test_time_flips)
     summary["conventions"] = CONVENTIONS
     return summary
 
@@ -438,7 +433,7 @@ def ranked_slices(rows: list[dict], count: int) -> tuple[list[int], list[int]]:
 
 def overlays_of(state, source, indices, config) -> list[tuple[str, np.ndarray]]:
     """(id, RGB overlay) of the slices of `source` at `indices`, predicted again (same batch shape)."""
-    flips = eval_option(config, "test_time_flips", False)
+    flips = config.eval.test_time_flips
     overlays = []
     for batch in predict_source(state, _Subset(source, indices), config, flips):
         predictions = batch["probabilities"] >= config.eval.threshold
@@ -452,13 +447,13 @@ def overlays_of(state, source, indices, config) -> list[tuple[str, np.ndarray]]:
 def validation_overlays(state, source, config, count: int | None = None) -> list[tuple[str, np.ndarray]]:
     """Overlays of the first `count` slices of `source` (eval.num_overlays by default): TensorBoard images
     that show the same slices at every evaluation."""
-    count = eval_option(config, "num_overlays", 4) if count is None else count
+    count = config.eval.num_overlays if count is None else count
     return overlays_of(state, source, range(min(count, len(source))), config)
 
 
 def write_overlays(state, source, rows, config, folder: pathlib.Path) -> list[pathlib.Path]:
     """Writes best_NN_<id>.png and worst_NN_<id>.png into `folder`, replacing earlier overlays there."""
-    best, worst = ranked_slices(rows, int(eval_option(config, "num_overlays", 4)))
+    best, worst = ranked_slices(rows, int(config.eval.num_overlays))
     if folder.exists():
         for old in folder.glob("*.png"):
             old.unlink()

@@ -119,23 +119,3 @@ def to_iterator(dataset: grain.MapDataset, state: dict | None = None, num_thread
     if state is not None:
         iterator.set_state(state)
     return iterator
-
-
-def eval_batches(source, image_size: int, batch_size: int):
-    """Yields fixed-shape batches in source order; the last is zero-padded and `weight` marks real
-    slices, so evaluation never compiles a second shape."""
-    dataset = grain.MapDataset.source(source).map(
-        lambda record: {**preprocess(record, image_size), "id": str(record["id"])}
-    )
-    for start in range(0, len(dataset), batch_size):
-        examples = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
-        batch = {
-            "image": np.zeros((batch_size, image_size, image_size, 1), np.float32),
-            "mask": np.zeros((batch_size, image_size, image_size, 1), np.float32),
-            "weight": np.zeros((batch_size,), np.float32),
-        }
-        for row, example in enumerate(examples):
-            batch["image"][row], batch["mask"][row] = example["image"], example["mask"]
-            batch["weight"][row] = 1.0
-        batch["id"] = [example["id"] for example in examples]
-        yield batch

@@ -129,7 +129,7 @@ def predict_stream(state, config, examples):
     order. Records are preprocessed as in training and batched to eval.batch_size (the last batch
     zero-padded, so nothing compiles twice); at most BATCHES_IN_FLIGHT batches wait on the device."""
     size, batch_size = config.data.image_size, config.eval.batch_size
-    flips = evaluate.eval_option(config, "test_time_flips", False)
+    flips = config.eval.test_time_flips
     hu_window = tuple(config.data.hu_window)
     in_flight = collections.deque()
 
@@ -257,7 +257,7 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
         raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
     shape, num_slices = image.shape, image.shape[2]
     threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
-    num_overlays = int(evaluate.eval_option(config, "num_overlays", 4))
+    num_overlays = int(config.eval.num_overlays)
     dummy_mask = np.zeros((config.data.image_size,) * 2, np.uint8)
 
     def examples():
@@ -322,7 +322,7 @@ def prediction_settings(config, state) -> dict:
     return {
         "checkpoint_step": int(state.step),
         "threshold": float(config.eval.threshold),
-        "test_time_flips": bool(evaluate.eval_option(config, "test_time_flips", False)),
+        "test_time_flips": bool(config.eval.test_time_flips),
         "image_size": int(config.data.image_size),
         "hu_window": [float(value) for value in config.data.hu_window],
     }

@@ -342,10 +342,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     kill_at_step = int(os.environ.get(_KILL_AT_STEP_VARIABLE, "0"))
     loss_check = _LossCheck()
     timer_start, timed_from = None, 0
+    # The step is counted on the host: reading state.step would wait for each step to finish and stall
+    # the dispatch of the next.
+    step = int(state.step)
 
     def save_latest(epoch, iterator_state):
         meta.update(epoch=epoch, iterator=iterator_state)
-        run_checkpoints.save("latest", int(state.step), state, meta)
+        run_checkpoints.save("latest", step, state, meta)
 
     try:
         with _StopOnSignal() as stop:
@@ -354,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 iterator = input_pipeline.to_iterator(epoch_batches(epoch), meta["iterator"])
                 for batch in iterator:
                     state, step_metrics = train_step(state, shard_batch(batch, mesh))
-                    step = int(state.step)
+                    step += 1
                     loss_check.add(step, step_metrics["loss"])
                     if step == kill_at_step:
                         os.kill(os.getpid(), signal.SIGKILL)
@@ -396,15 +399,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 if is_best:
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
                     meta.update(epoch=epoch + 1, iterator=None)
-                    run_checkpoints.save("best", int(state.step), state, meta)
+                    run_checkpoints.save("best", step, state, meta)
                 save_latest(epoch + 1, None)
                 record = {
                     "epoch": epoch + 1,
-                    "step": int(state.step),
+                    "step": step,
                     "loss": epoch_loss,
                     "val_loss": validation["loss"],
                     "val_dice": validation["dice"],
-                    "learning_rate": float(schedule(int(state.step) - 1)),
+                    "learning_rate": float(schedule(step - 1)),
                     "seconds": time.perf_counter() - epoch_start,
                 }
                 if log is not None:
@@ -419,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 )
                 if stop.signal_number is not None:
                     run_checkpoints.wait()
-                    raise TrainingStopped(stop.signal_number, int(state.step), run_checkpoints.directory)
+                    raise TrainingStopped(stop.signal_number, step, run_checkpoints.directory)
     finally:
         run_checkpoints.wait()
         run_checkpoints.close()

@@ -134,3 +134,16 @@ def test_ranked_slices_skip_empty_slices_and_break_ties_by_order():
     best, worst = evaluate.ranked_slices(rows, 2)
     assert best == [2, 1]
     assert worst == [3, 4]
+
+
+def test_padded_batches_have_one_shape_and_keep_every_slice_once():
+    from rdunet_jax import datasets
+
+    config = make_tiny_config(num_validation=21)
+    source = datasets.load_source(config.data, "validation")
+    batches = list(evaluate.padded_batches(source, 32, 16))
+    assert [batch["image"].shape for batch, _ in batches] == [(16, 32, 32, 1)] * 2
+    assert [len(metadata) for _, metadata in batches] == [16, 5]
+    assert not batches[1][0]["image"][5:].any()  # padding rows are zeros
+    ids = [meta["id"] for _, metadata in batches for meta in metadata]
+    assert ids == [source[index]["id"] for index in range(21)]

@@ -51,13 +51,6 @@ def test_batches_have_fixed_shapes_and_ranges(source, data):
         assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
 
 
-def test_eval_batches_are_padded_to_one_shape(data):
-    validation = datasets.load_source(data, "validation")  # 6 slices: a full and a padded batch
-    batches = list(input_pipeline.eval_batches(validation, IMAGE_SIZE, BATCH_SIZE))
-    assert [batch["image"].shape for batch in batches] == [(BATCH_SIZE, IMAGE_SIZE, IMAGE_SIZE, 1)] * 2
-    assert batches[1]["weight"].tolist() == [1.0, 1.0, 0.0, 0.0] and len(batches[1]["id"]) == 2
-
-
 @pytest.mark.parametrize("seed", range(12))
 def test_flips_and_zoom_keep_masks_binary_and_aligned(seed):
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
