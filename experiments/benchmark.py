@@ -1,0 +1,458 @@
+"""Speed and memory of the RDU-net on this machine: the train step, inference, start-up and the pipeline.
+
+    python experiments/benchmark.py --image_size 256 --batch_size 8 --json OUT.json
+    python experiments/benchmark.py --image_size 128 256 --json OUT.json        # both sizes
+    python experiments/benchmark.py --image_size 256 --model.dtype bfloat16     # a model.* option
+
+Prints one markdown table row per image size and saves JSON with, per size:
+
+- `train_step_s`: median seconds of a jit-compiled train step (after warm-up); `train_images_per_s`.
+- `infer_ms_per_slice`: median milliseconds per slice of the eval forward pass at `--infer_batch_size`.
+- `compile_s`: compiling the train step with the persistent cache off.
+- `first_step_s_cold`, `first_step_s_warm`: from process start to the end of the first train step of a
+  fresh child process (config, data, model, compile, step), with an empty persistent compilation cache
+  and then with the cache the first child filled.
+- `peak_rss_mb`: the peak resident memory of the warm child, which trains a few steps and nothing else.
+- `pipeline_images_per_s`: the Grain training pipeline (resize, flips, zoom, batching) over the phantom
+  or the real data named by `--data.name`/`--data.manual_dir`.
+- `gflops_per_s`: XLA's cost analysis of the compiled train step (FLOPs) over `train_step_s`.
+
+With `--torch_python`, PyTorch's reference (`--torch_script`, run with that interpreter in its own
+environment) is timed in the same session, interleaved round by round with the JAX steps, and the
+JSON gets `torch_*` figures and `train_step_ratio_vs_torch` (JAX over PyTorch: below 1 is faster).
+The machine may be shared: compare only figures taken side by side in one run.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROCESS_START = time.time()
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_TORCH_SCRIPT = REPO_ROOT.parent / "shared" / "peers" / "torch_rdunet.py"
+REQUIRED_KEYS = (
+    "train_step_s",
+    "train_images_per_s",
+    "infer_ms_per_slice",
+    "compile_s",
+    "first_step_s_cold",
+    "first_step_s_warm",
+    "peak_rss_mb",
+    "pipeline_images_per_s",
+    "gflops_per_s",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (model.* and data.* overrides are typed from the config's defaults)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--image_size", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--infer_batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps (after one warm-up)")
+    parser.add_argument("--infer_steps", type=int, default=5, help="timed inference batches")
+    parser.add_argument("--pipeline_batches", type=int, default=20)
+    parser.add_argument("--startup_steps", type=int, default=3, help="train steps of each start-up child")
+    parser.add_argument("--variant", default="rdunet", help="one of the paper's model variants")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.dtype=bfloat16 or model.features=4 (repeatable)",
+    )
+    parser.add_argument("--skip_startup", action="store_true", help="no cold/warm child processes")
+    parser.add_argument("--xla_flags", default=None, help="XLA_FLAGS for this run and its children")
+    parser.add_argument("--torch_python", default="", help="interpreter of a PyTorch environment")
+    parser.add_argument("--torch_script", default=str(DEFAULT_TORCH_SCRIPT))
+    parser.add_argument("--torch_variants", default="cl", help="comma-separated: eager, cl, bf16, clbf16")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved JAX/PyTorch rounds")
+    parser.add_argument("--json", default="", help="where to save the JSON")
+    parser.add_argument("--markdown", default="", help="where to save the markdown table")
+    parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --- config and state ------------------------------------------------------------------------------
+
+
+def _typed(old, text: str):
+    """`text` parsed to the type of the config's current value (so '4' stays an int)."""
+    if isinstance(old, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(old, (int, float)):
+        return type(old)(text)
+    if isinstance(old, tuple):
+        return tuple(json.loads(text))
+    return text
+
+
+def make_config(args, image_size: int):
+    """The benchmarked config: the paper's variant at `image_size`, with `--set` overrides."""
+    from rdunet_jax import config_lib
+
+    config = config_lib.apply_model_variant(config_lib.base_config(), args.variant)
+    config.batch_size = args.batch_size
+    config.data.image_size = image_size
+    config.data.num_train = max(config.data.num_train, args.batch_size * args.pipeline_batches)
+    config.data.data_dir = str(pathlib.Path("~/.cache/rdunet_jax/benchmark_tfds").expanduser())
+    for item in args.set:
+        key, _, text = item.partition("=")
+        section, _, name = key.rpartition(".")
+        target = config[section] if section else config
+        target[name] = _typed(target[name], text)
+    config_lib.validate(config)
+    return config
+
+
+def random_batch(batch_size: int, image_size: int) -> dict:
+    """A phantom-like batch: uniform images, a sparse mask (fixed seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (batch_size, image_size, image_size, 1)
+    return {
+        "image": rng.random(shape, dtype=np.float32),
+        "mask": (rng.random(shape) > 0.9).astype(np.float32),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --- measurements in this process ------------------------------------------------------------------
+
+
+def median_seconds(function, repeats: int) -> tuple[float, list[float]]:
+    """The median wall time of `function()` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def compiled_train_step(config, model, batch):
+    """(compiled train step, state, compile seconds, XLA FLOPs per step) with the persistent cache off."""
+    import jax
+
+    from rdunet_jax import train
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    state = train.create_train_state(config, model, steps_per_epoch=20)
+    started = time.perf_counter()
+    compiled = train.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - started
+    jax.config.update("jax_enable_compilation_cache", True)
+    return compiled, state, compile_s, xla_flops(compiled)
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled computation by XLA's cost analysis (0 when the backend gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+class TrainTimer:
+    """Repeatable blocks of timed train steps on one compiled step (state carried across blocks)."""
+
+    def __init__(self, compiled, state, batch):
+        import jax
+
+        self.compiled, self.state = compiled, state
+        self.batch = jax.device_put(batch)
+        self.times: list[float] = []
+        self.run(1, record=False)  # warm-up: first-call allocations
+
+    def run(self, steps: int, record: bool = True) -> None:
+        import jax
+
+        for _ in range(steps):
+            started = time.perf_counter()
+            self.state, metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready(metrics)
+            if record:
+                self.times.append(time.perf_counter() - started)
+        self.loss = float(metrics["loss"])
+
+
+def measure_inference(config, model, args, image_size: int) -> dict:
+    """Median ms/slice of the eval forward pass (running BatchNorm statistics, sigmoid) and its FLOP/s."""
+    import jax
+
+    from rdunet_jax import models
+
+    variables = models.initialize_variables(model, image_size, config.seed)
+
+    @jax.jit
+    def infer(variables, images):
+        return jax.nn.sigmoid(model.apply(variables, images, train=False))
+
+    images = jax.device_put(random_batch(args.infer_batch_size, image_size)["image"])
+    compiled = infer.lower(variables, images).compile()
+    jax.block_until_ready(compiled(variables, images))
+    seconds, _ = median_seconds(lambda: jax.block_until_ready(compiled(variables, images)), args.infer_steps)
+    return {
+        "infer_ms_per_slice": 1e3 * seconds / args.infer_batch_size,
+        "infer_batch_size": args.infer_batch_size,
+        "infer_gflops_per_s": xla_flops(compiled) / seconds / 1e9,
+    }
+
+
+def measure_pipeline(config, args) -> dict:
+    """Images/s of the Grain training pipeline (preprocessing, augmentation, batching, prefetch)."""
+    from rdunet_jax import datasets, input_pipeline
+
+    source = datasets.load_source(config.data, config.data.train_split)
+    batch_size = min(config.batch_size, len(source))
+    dataset = input_pipeline.train_dataset(source, config.data, batch_size, config.seed, epoch=0)
+    batches = min(args.pipeline_batches, len(dataset))
+    # Timed from the iterator's creation (thread start-up included), over more batches than it prefetches.
+    started = time.perf_counter()
+    iterator = input_pipeline.to_iterator(dataset)
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - started
+    images_per_s = batches * batch_size / max(seconds, 1e-9)
+    return {"pipeline_images_per_s": images_per_s, "data": config.data.name}
+
+
+# --- start-up, in child processes ------------------------------------------------------------------
+
+
+def child_first_step(args) -> None:
+    """Runs as a fresh process: the path of a real run up to its first train steps, then reports."""
+    payload = json.loads(args._child)
+    phases = {}
+    from rdunet_jax import datasets, input_pipeline, train
+
+    phases["imports"] = time.time()
+    config = make_config(args, payload["image_size"])
+    config.compilation_cache_dir = payload["cache_dir"]
+    model = train.setup_run(config)
+    source = datasets.load_source(config.data, config.data.train_split)
+    dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
+    iterator = input_pipeline.to_iterator(dataset)
+    phases["data"] = time.time()
+    state = train.create_train_state(config, model, steps_per_epoch=len(dataset))
+    phases["model"] = time.time()
+    rss_before_training = peak_rss_mb()
+    state, metrics = train.train_step(state, next(iterator))
+    float(metrics["loss"])
+    first_step_at = time.time()
+    phases["first_step"] = first_step_at
+    for _ in range(args.startup_steps - 1):
+        state, metrics = train.train_step(state, next(iterator))
+    float(metrics["loss"])
+    print(
+        "CHILD "
+        + json.dumps(
+            {
+                "first_step_at": first_step_at,
+                "phases_at": phases,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_before_training_mb": rss_before_training,
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_child(args, image_size: int, cache_dir: str) -> dict:
+    """Starts a fresh benchmark process for the first steps; returns its report and start-up seconds."""
+    payload = json.dumps({"image_size": image_size, "cache_dir": cache_dir})
+    command = [sys.executable, __file__, "--_child", payload, "--batch_size", str(args.batch_size)]
+    command += ["--variant", args.variant, "--startup_steps", str(args.startup_steps)]
+    command += ["--pipeline_batches", str(args.pipeline_batches)]
+    for item in args.set:
+        command += ["--set", item]
+    spawned_at = time.time()
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("CHILD ")]
+    if completed.returncode or not lines:
+        raise RuntimeError(f"start-up child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    report = json.loads(lines[-1][len("CHILD ") :])
+    report["first_step_s"] = report.pop("first_step_at") - spawned_at
+    # Seconds each phase ended after the spawn: imports, data, model, first_step (compile + run).
+    report["phases_s"] = {name: at - spawned_at for name, at in report.pop("phases_at").items()}
+    return report
+
+
+def measure_startup(args, image_size: int) -> dict:
+    """First-step times with an empty and then a warm persistent cache, and the warm child's peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="rdunet_bench_cache_") as cache_dir:
+        cold = run_child(args, image_size, cache_dir)
+        warm = run_child(args, image_size, cache_dir)
+    return {
+        "first_step_s_cold": cold["first_step_s"],
+        "first_step_s_warm": warm["first_step_s"],
+        "peak_rss_mb": warm["peak_rss_mb"],
+        "peak_rss_mb_cold": cold["peak_rss_mb"],
+        "rss_before_training_mb": warm["rss_before_training_mb"],
+        "startup_phases_s_cold": cold["phases_s"],
+        "startup_phases_s_warm": warm["phases_s"],
+    }
+
+
+# --- PyTorch reference, interleaved ----------------------------------------------------------------
+
+
+def run_torch(args, mode: str, image_size: int, batch_size: int, variant: str, steps: int) -> dict:
+    """One run of the PyTorch reference script in its own interpreter; its RESULT line as a dict."""
+    command = [args.torch_python, args.torch_script, mode, str(image_size), str(batch_size), variant]
+    completed = subprocess.run(command + [str(steps)], capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode or not lines:
+        raise RuntimeError(f"PyTorch reference failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# --- one image size --------------------------------------------------------------------------------
+
+
+def benchmark_size(args, image_size: int) -> dict:
+    """Every figure for one image size (see the module docstring)."""
+    from rdunet_jax import models
+
+    config = make_config(args, image_size)
+    model = models.build_model(config.model)
+    batch = random_batch(args.batch_size, image_size)
+    compiled, state, compile_s, flops = compiled_train_step(config, model, batch)
+    timer = TrainTimer(compiled, state, batch)
+    torch_runs: dict[str, list[dict]] = {}
+    torch_variants = [name for name in args.torch_variants.split(",") if name] if args.torch_python else []
+    # Interleave: each round times a block of JAX steps, then each PyTorch variant, so both see the
+    # same load on a shared machine.
+    rounds = args.rounds if torch_variants else 1
+    for _ in range(rounds):
+        timer.run(args.steps)
+        for variant in torch_variants:
+            result = run_torch(args, "train", image_size, args.batch_size, variant, args.steps)
+            torch_runs.setdefault(variant, []).append(result)
+    train_step_s = statistics.median(timer.times)
+    result = {
+        "image_size": image_size,
+        "batch_size": args.batch_size,
+        "model": {key: config.model[key] for key in ("variant", "features", "depth", "dtype")}
+        | {key: config.model[key] for key in ("conv_impl",) if key in config.model},
+        "parameters": models.count_parameters(state.params),
+        "train_step_s": train_step_s,
+        "train_step_s_all": timer.times,
+        "train_images_per_s": args.batch_size / train_step_s,
+        "final_loss": timer.loss,
+        "compile_s": compile_s,
+        "train_gflop": flops / 1e9,
+        "gflops_per_s": flops / train_step_s / 1e9,
+    }
+    del timer, compiled, state  # free the training buffers before inference
+    result.update(measure_inference(config, model, args, image_size))
+    for variant, runs in torch_runs.items():
+        median = statistics.median(run["step_median_s"] for run in runs)
+        result[f"torch_{variant}_train_step_s"] = median
+        result[f"train_step_ratio_vs_torch_{variant}"] = train_step_s / median
+    if torch_variants:
+        result["train_step_ratio_vs_torch"] = result[f"train_step_ratio_vs_torch_{torch_variants[0]}"]
+        for variant in torch_variants:
+            infer = run_torch(args, "infer", image_size, args.infer_batch_size, variant, args.infer_steps)
+            result[f"torch_{variant}_infer_ms_per_slice"] = infer["per_slice_ms"]
+    result.update(measure_pipeline(config, args))
+    if args.skip_startup:
+        result.update(first_step_s_cold=None, first_step_s_warm=None, peak_rss_mb=None)
+    else:
+        result.update(measure_startup(args, image_size))
+    return result
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def _cell(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per image size."""
+    header = (
+        "| px | batch | dtype | train step (s) | train img/s | GFLOP/s | infer ms/slice | compile (s) "
+        "| first step cold (s) | first step warm (s) | peak RSS (MB) | pipeline img/s |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for row in results:
+        lines.append(
+            f"| {row['image_size']} | {row['batch_size']} | {row['model']['dtype']} "
+            f"| {_cell(row['train_step_s'], 3)} | {_cell(row['train_images_per_s'], 2)} "
+            f"| {_cell(row['gflops_per_s'], 1)} | {_cell(row['infer_ms_per_slice'], 1)} "
+            f"| {_cell(row['compile_s'], 1)} | {_cell(row['first_step_s_cold'], 1)} "
+            f"| {_cell(row['first_step_s_warm'], 1)} | {_cell(row['peak_rss_mb'], 0)} "
+            f"| {_cell(row['pipeline_images_per_s'], 0)} |"
+        )
+    torch_rows = [row for row in results if "train_step_ratio_vs_torch" in row]
+    if torch_rows:
+        lines += ["", "| px | PyTorch | PyTorch step (s) | JAX/PyTorch step | PyTorch infer ms/slice |"]
+        lines.append("|---|---|---|---|---|")
+        for row in torch_rows:
+            for key in sorted(row):
+                if key.startswith("torch_") and key.endswith("_train_step_s"):
+                    variant = key[len("torch_") : -len("_train_step_s")]
+                    lines.append(
+                        f"| {row['image_size']} | {variant} | {row[key]:.3f} "
+                        f"| {row[f'train_step_ratio_vs_torch_{variant}']:.3f} "
+                        f"| {_cell(row.get(f'torch_{variant}_infer_ms_per_slice'), 1)} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    """What ran the benchmark: versions, devices, CPU and XLA flags."""
+    import platform
+
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.devices()[0].platform,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.xla_flags is not None:
+        os.environ["XLA_FLAGS"] = args.xla_flags  # before jax starts its backend; children inherit it
+    if args._child:
+        child_first_step(args)
+        return {}
+    results = [benchmark_size(args, size) for size in args.image_size]
+    report = dict(results[-1])
+    report["by_image_size"] = {str(row["image_size"]): row for row in results}
+    report["environment"] = environment()
+    report["command"] = " ".join([pathlib.Path(sys.executable).name, *sys.argv])
+    table = markdown_table(results)
+    print(table, flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
