@@ -1,0 +1,215 @@
+"""Runs a study: trains and evaluates each run not yet finished, and stores one small JSON per run.
+
+A run's identity is the digest of its config without the keys that only name it or locate files on one
+machine. Its workdir is `<runs_root>/<digest>`, so a run interrupted in one study resumes in any study
+that needs the same config, and a run another study already finished is copied, not trained again.
+"""
+
+import csv
+import hashlib
+import json
+import pathlib
+import time
+
+import jax
+
+from rdunet_jax import models
+from rdunet_jax.errors import UserError
+from rdunet_jax.files import write_json_atomic
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Keys that name a run, locate files on this machine or only change what is logged: not part of what a
+# run computes. (`model.variant` is a label; the model.* keys it set are kept.)
+NON_RESULT_KEYS = (
+    "name",
+    "compilation_cache_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "data.manual_dir",
+    "data.data_dir",
+    "model.variant",
+    "eval.num_overlays",
+)
+# Metric keys copied from metrics/<split>.json into the run's record.
+METRIC_KEYS = (
+    "dice",
+    "dice_std",
+    "jaccard",
+    "jaccard_std",
+    "f_score",
+    "precision",
+    "recall",
+    "specificity",
+    "global_dice",
+    "global_jaccard",
+    "hd95",
+    "hd95_unit",
+    "loss",
+    "num_slices",
+    "step",
+    "threshold",
+)
+
+
+def config_json(config) -> dict:
+    """The config as plain JSON values (tuples become lists)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_digest(config) -> str:
+    """A hash of everything in `config` that changes what the run computes."""
+    values = config_json(config)
+    for key in NON_RESULT_KEYS:
+        *parents, leaf = key.split(".")
+        section = values
+        for parent in parents:
+            section = section.get(parent, {})
+        section.pop(leaf, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def workdir_for(runs_root, config) -> pathlib.Path:
+    """The run folder of `config`: shared by every study that runs the same config."""
+    return pathlib.Path(runs_root) / config_digest(config)
+
+
+def count_parameters(config) -> int:
+    """Trainable parameters of the config's model, from shapes alone (nothing is initialised)."""
+    variables = models.abstract_variables(models.build_model(config.model), config.data.image_size)
+    return models.count_parameters(variables["params"])
+
+
+def read_slices_csv(path) -> dict:
+    """Per-slice ids, Dice and Jaccard from evaluate's metrics/<split>_slices.csv."""
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return {
+        "id": [row["id"] for row in rows],
+        "dice": [float(row["dice"]) for row in rows],
+        "jaccard": [float(row["jaccard"]) for row in rows],
+    }
+
+
+def training_time(workdir) -> tuple[float, int]:
+    """(seconds, epochs) of training from train_log.jsonl, across every session that resumed it."""
+    path = pathlib.Path(workdir) / "train_log.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return float(sum(record["seconds"] for record in records)), len(records)
+
+
+def build_record(spec, study: str, tag: str, summary: dict, workdir, wall_seconds: float) -> dict:
+    """The JSON of one finished run: what was run, its metrics, per-slice values, cost and where."""
+    workdir = pathlib.Path(workdir)
+    seconds, epochs = training_time(workdir)
+    device = jax.devices()[0]
+    return {
+        "study": study,
+        "tag": tag,
+        "run": spec.name,
+        "arm": spec.arm,
+        "fold": spec.replicate.fold,
+        "seed": spec.replicate.seed,
+        "config_digest": config_digest(spec.config),
+        "config": config_json(spec.config),
+        "workdir": _relative_to_repo(workdir),
+        "split": summary["split"],
+        "metrics": {key: summary.get(key) for key in METRIC_KEYS},
+        "lesion_size": summary.get("lesion_size"),
+        "num_parameters": count_parameters(spec.config),
+        "train_seconds": seconds,
+        "epochs": epochs,
+        "wall_seconds": wall_seconds,
+        "device": f"{device.platform}:{device.device_kind}",
+        "slices": read_slices_csv(workdir / "metrics" / f"{summary['split']}_slices.csv"),
+    }
+
+
+def _relative_to_repo(path) -> str:
+    """`path` relative to the repository when inside it (records then read the same on every machine)."""
+    path = pathlib.Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def load_record(path) -> dict | None:
+    """The record at `path`, or None when there is none (or it was cut short)."""
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def find_reusable(results_root, digest: str) -> dict | None:
+    """A finished record of the same config in any study under `results_root`, if there is one."""
+    for path in sorted(pathlib.Path(results_root).glob("*/*/*.json")):
+        record = load_record(path)
+        if record and record.get("config_digest") == digest:
+            return record
+    return None
+
+
+def run_status(spec, results_dir, results_root) -> tuple[str, dict | None]:
+    """('finished', record), ('reusable', record of another study) or ('pending', None)."""
+    digest = config_digest(spec.config)
+    record = load_record(pathlib.Path(results_dir) / f"{spec.name}.json")
+    if record is not None:
+        if record.get("config_digest") != digest:
+            raise UserError(
+                f"{pathlib.Path(results_dir) / (spec.name + '.json')}: made with another config "
+                f"(digest {record.get('config_digest')}, now {digest}); delete it or choose another --tag"
+            )
+        return "finished", record
+    reusable = find_reusable(results_root, digest)
+    if reusable is not None:
+        return "reusable", reusable
+    return "pending", None
+
+
+def execute(
+    study, specs, tag: str, results_root, runs_root, train_fn, max_runs: int | None = None, after_each=None
+) -> dict:
+    """Brings every run of `specs` to a finished record (at most `max_runs` trained now), calling
+    `after_each()` after each new record (the tables then show a long study's progress).
+
+    Returns counts of runs skipped (finished), reused from another study, trained and left pending.
+    """
+    results_dir = pathlib.Path(results_root) / study.name / tag
+    counts = {"finished": 0, "reused": 0, "trained": 0, "pending": 0}
+    for spec in specs:
+        status, record = run_status(spec, results_dir, results_root)
+        path = results_dir / f"{spec.name}.json"
+        if status == "finished":
+            counts["finished"] += 1
+            continue
+        if status == "reusable":
+            reused = {**record, "study": study.name, "tag": tag, "run": spec.name, "arm": spec.arm}
+            reused["reused_from"] = f"{record['study']}/{record['tag']}/{record['run']}"
+            write_json_atomic(path, reused)
+            counts["reused"] += 1
+            print(f"{spec.name}: reused {reused['reused_from']}", flush=True)
+            if after_each:
+                after_each()
+            continue
+        if max_runs is not None and counts["trained"] >= max_runs:
+            counts["pending"] += 1
+            continue
+        workdir = workdir_for(runs_root, spec.config)
+        print(f"{spec.name}: training in {workdir}", flush=True)
+        started = time.perf_counter()
+        summary = train_fn(spec.config, workdir)
+        record = build_record(spec, study.name, tag, summary, workdir, time.perf_counter() - started)
+        write_json_atomic(path, record)
+        counts["trained"] += 1
+        if after_each:
+            after_each()
+    return counts
+
+
+def load_records(study, specs, tag: str, results_root) -> dict:
+    """The finished records of `specs`, by run name (records of another config are left out)."""
+    results_dir = pathlib.Path(results_root) / study.name / tag
+    records = {}
+    for spec in specs:
+        record = load_record(results_dir / f"{spec.name}.json")
+        if record is not None and record.get("config_digest") == config_digest(spec.config):
+            records[spec.name] = record
+    return records

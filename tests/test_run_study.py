@@ -1,0 +1,275 @@
+"""The study runner: plans, configs, skipping and reusing finished runs, statistics and tables.
+
+Runs train the tiny config of conftest.py; the two arms differ in augmentation only, which runs outside
+the compiled steps, so the runner compiles nothing the rest of the suite has not compiled.
+"""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, make_tiny_config
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+import run_study  # noqa: E402
+from studies import design, runner, stats, tables  # noqa: E402
+
+from rdunet_jax import datasets, train  # noqa: E402
+from rdunet_jax.errors import UserError  # noqa: E402
+
+# --- statistics against hand-computed values -------------------------------------------------------------
+
+
+def test_t_interval_matches_the_hand_computed_interval():
+    # mean 3, sample sd sqrt(2.5), se sqrt(2.5/5) = 0.7071068, t(0.975, 4) = 2.7764451: half-width 1.9632432.
+    mean, low, high = stats.t_interval([1, 2, 3, 4, 5])
+    assert mean == 3.0
+    assert low == pytest.approx(3 - 1.9632432, abs=1e-6) and high == pytest.approx(3 + 1.9632432, abs=1e-6)
+    # Two values 0.2 and 0.4: se 0.1, t(0.975, 1) = 12.7062047.
+    assert stats.t_interval([0.2, 0.4])[1:] == pytest.approx((0.3 - 1.27062047, 0.3 + 1.27062047))
+    mean, low, high = stats.t_interval([0.7, None])
+    assert mean == 0.7 and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(value) for value in stats.t_interval([]))
+
+
+def test_bootstrap_interval_matches_the_resampling_distribution():
+    # Means of 2 draws from {0, 1} are 0, 0.5, 1 with probability 1/4, 1/2, 1/4: 2.5% -> 0, 97.5% -> 1.
+    assert stats.bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    # Means of 4 draws from {0, 0, 0, 1}: P(mean <= 0.5) = 0.949, P(mean <= 0.75) = 0.996: 97.5% -> 0.75.
+    assert stats.bootstrap_interval([0.0, 0.0, 0.0, 1.0]) == (0.25, 0.0, 0.75)
+    assert stats.bootstrap_interval([0.1] * 7) == pytest.approx((0.1, 0.1, 0.1))
+    assert stats.bootstrap_interval([0.3, -0.1, 0.2], seed=5) == stats.bootstrap_interval(
+        [0.3, -0.1, 0.2], seed=5
+    )
+
+
+def test_paired_slice_differences_average_each_slice_over_runs_first():
+    reference = {"a": [0.5, 0.7], "b": [0.2]}
+    alternative = {"a": [0.8], "b": [0.1, 0.3], "c": [1.0]}  # c: not evaluated by the reference
+    np.testing.assert_allclose(stats.paired_slice_differences(reference, alternative), [0.2, 0.0], atol=1e-12)
+
+
+def test_formatting():
+    assert tables.format_interval((0.61234, 0.5, 0.7)) == "0.612 [0.500, 0.700]"
+    assert tables.format_interval((0.6, math.nan, math.nan)) == "0.600 (n=1)"
+    assert tables.format_interval((math.nan,) * 3) == "n/a"
+    assert [tables.format_seconds(s) for s in (12.4, 185, 3720)] == ["12s", "3m05s", "1h02m"]
+
+
+# --- design: what each study runs -------------------------------------------------------------------------
+
+
+def _differing_keys(first: dict, second: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key in first.keys() | second.keys():
+        a, b = first.get(key), second.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys |= _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+@pytest.mark.parametrize("budget", design.BUDGET_NAMES)
+@pytest.mark.parametrize("study_name", sorted(design.STUDIES))
+def test_every_plan_is_valid_and_arms_differ_only_in_the_compared_thing(study_name, budget):
+    study = design.STUDIES[study_name]
+    for dataset in study.datasets:
+        settings = design.BUDGETS[(budget, dataset)]
+        specs = design.plan(study, design.base_config(dataset, settings, "/data"), settings.seeds)
+        assert len(specs) == len(study.arms) * max(settings.cv_folds, 1) * len(settings.seeds)
+        allowed = {"name", "model.variant", "model.block", "model.use_se", "model.skip_dilation_rates"}
+        allowed |= {"model.encoder_dilation_rates", "data.split_scheme"}
+        by_replicate = {}
+        for spec in specs:
+            by_replicate.setdefault(spec.replicate, []).append(runner.config_json(spec.config))
+        for configs in by_replicate.values():
+            for other in configs[1:]:
+                assert _differing_keys(configs[0], other) <= allowed
+
+
+def test_dilation_schedules_keep_the_papers_depth_and_shared_runs_share_a_digest():
+    paper = design.DILATION_SCHEDULES["paper"]
+    for name, schedule in design.DILATION_SCHEDULES.items():
+        assert [len(rates) for rates in schedule] == [len(rates) for rates in paper], name
+    assert design.DILATION_SCHEDULES["decreasing"][0] == (3, 3, 2, 2, 1, 1)
+    assert design.DILATION_SCHEDULES["increasing"][2] == (1, 1, 2, 2)
+    budget = design.BUDGETS[("small", "semiseg")]
+    base = design.base_config("semiseg", budget, "/data")
+    digests = {
+        study: {
+            spec.name: runner.config_digest(spec.config)
+            for spec in design.plan(design.STUDIES[study], base, (0,))
+        }
+        for study in ("ablation", "dilation", "lesion_size")
+    }
+    assert digests["dilation"]["paper-fold3-seed0"] == digests["ablation"]["rdunet-fold3-seed0"]
+    assert digests["dilation"]["residual_se-fold0-seed0"] == digests["ablation"]["residual_se-fold0-seed0"]
+    assert digests["lesion_size"]["unet-fold1-seed0"] == digests["ablation"]["unet-fold1-seed0"]
+    assert len(set(digests["ablation"].values())) == 25
+    assert base.eval.small_lesion_area == 25.0 and base.eval.split == "validation"
+
+
+def test_smoke_budget_fits_schedules_to_the_shallow_model():
+    settings = design.BUDGETS[("smoke", "semiseg")]
+    specs = design.plan(design.STUDIES["ablation"], design.base_config("semiseg", settings, "/d"), (0,))
+    resdunet = next(spec for spec in specs if spec.arm == "resdunet")
+    rdunet = next(spec for spec in specs if spec.arm == "rdunet")
+    assert tuple(resdunet.config.model.encoder_dilation_rates) == (4, 3, 2)
+    assert len(rdunet.config.model.skip_dilation_rates) == 2
+
+
+# --- the runner on the tiny config ------------------------------------------------------------------------
+
+
+def _flip_arm(flip: bool):
+    def apply(config):
+        config.data.flip = flip
+
+    return design.Arm("flip" if flip else "no_flip", f"flips {'on' if flip else 'off'}", apply)
+
+
+TINY_STUDY = design.Study(
+    "tiny", "Tiny study", (_flip_arm(True), _flip_arm(False)), reference="flip",
+    tables=("per_replicate", "summary", "paired_slices", "lesions"),
+)  # fmt: skip
+
+
+def _tiny_base():
+    config = make_tiny_config()
+    config.num_epochs = 1
+    config.data.cv_folds = 2
+    config.eval.split = "validation"
+    config.eval.num_overlays = 1
+    return config
+
+
+def _refuse_training(config, workdir):
+    raise AssertionError(f"{config.name} was trained again")
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_study(tmp_path_factory):
+    """The tiny study run once: 2 arms x 2 folds (about 15 s)."""
+    root = tmp_path_factory.mktemp("study")
+    base = _tiny_base()
+    specs = design.plan(TINY_STUDY, base, (0,))
+    calls = []
+    counts = runner.execute(
+        TINY_STUDY, specs, "synthetic-tiny", root / "results", root / "runs", train.train_and_evaluate,
+        after_each=lambda: calls.append(1),
+    )  # fmt: skip
+    return root, base, specs, counts, len(calls)
+
+
+def test_runner_trains_every_run_and_stores_config_metrics_and_slices(finished_tiny_study):
+    root, base, specs, counts, callbacks = finished_tiny_study
+    assert counts == {"finished": 0, "reused": 0, "trained": 4, "pending": 0} and callbacks == 4
+    results = root / "results" / "tiny" / "synthetic-tiny"
+    assert sorted(path.name for path in results.glob("*.json")) == sorted(
+        f"{spec.name}.json" for spec in specs
+    )
+    validation_ids = []
+    for spec in specs:
+        record = json.loads((results / f"{spec.name}.json").read_text())
+        assert record["config_digest"] == runner.config_digest(spec.config)
+        assert record["config"]["data"]["flip"] == (spec.arm == "flip")
+        assert record["split"] == "validation" and record["metrics"]["num_slices"] == 6
+        assert 0 <= record["metrics"]["dice"] <= 1 and record["num_parameters"] > 0 and record["epochs"] == 1
+        assert len(record["slices"]["id"]) == len(record["slices"]["dice"]) == 6
+        assert record["slices"]["dice"] == pytest.approx(record["slices"]["dice"], abs=0)
+        assert np.mean(record["slices"]["dice"]) == pytest.approx(record["metrics"]["dice"], abs=1e-5)
+        if spec.arm == "flip":
+            validation_ids += record["slices"]["id"]
+    # The two folds' held-out slices are the whole pool (train + validation of the phantom), once each.
+    pool = datasets.load_source(make_tiny_config().data, "train")
+    assert len(validation_ids) == len(set(validation_ids)) == 12
+    assert {pool[index]["id"] for index in range(len(pool))} < set(validation_ids)
+
+
+def test_runner_skips_finished_runs_and_reuses_another_studys_runs(finished_tiny_study):
+    root, base, specs, _, _ = finished_tiny_study
+    again = runner.execute(
+        TINY_STUDY, specs, "synthetic-tiny", root / "results", root / "runs", _refuse_training
+    )
+    assert again == {"finished": 4, "reused": 0, "trained": 0, "pending": 0}
+    # Another study with one identical arm copies its records instead of training.
+    other = design.Study("other", "Other", (_flip_arm(False),), reference="no_flip", tables=("summary",))
+    other_specs = design.plan(other, base, (0,))
+    reused = runner.execute(
+        other, other_specs, "synthetic-tiny", root / "results", root / "runs", _refuse_training
+    )
+    assert reused["reused"] == 2
+    record = json.loads((root / "results/other/synthetic-tiny/no_flip-fold1-seed0.json").read_text())
+    assert record["reused_from"] == "tiny/synthetic-tiny/no_flip-fold1-seed0" and record["study"] == "other"
+
+
+def test_runner_stops_at_max_runs_and_refuses_a_record_of_another_config(finished_tiny_study, tmp_path):
+    root, base, specs, _, _ = finished_tiny_study
+    counts = runner.execute(
+        TINY_STUDY, specs, "fresh", tmp_path / "results", tmp_path / "runs", _refuse_training, max_runs=0
+    )
+    assert counts == {"finished": 0, "reused": 0, "trained": 0, "pending": 4}
+    changed = base.copy_and_resolve_references()
+    changed.num_epochs = 2
+    changed_specs = design.plan(TINY_STUDY, changed, (0,))
+    with pytest.raises(UserError, match="another config"):
+        runner.execute(
+            TINY_STUDY, changed_specs, "synthetic-tiny", root / "results", root / "runs", _refuse_training
+        )
+
+
+def test_tables_of_the_tiny_study(finished_tiny_study):
+    root, base, specs, _, _ = finished_tiny_study
+    records = runner.load_records(TINY_STUDY, specs, "synthetic-tiny", root / "results")
+    budget = design.Budget(32, 1, 4, 1e-2, 20, cv_folds=2, seeds=(0,), model_features=4, model_depth=2)
+    markdown = tables.study_markdown(TINY_STUDY, base, "tiny", budget, specs, records, "python run tiny")
+    assert "```\npython run tiny\n```" in markdown
+    assert "| Model | fold0-seed0 | fold1-seed0 | mean [95% CI] |" in markdown
+    assert "Runs finished: 4 of 4" in markdown and "2-fold cross-validation" in markdown
+    assert "32x32 px, 1 epochs" in markdown and "model shrunk to 4 feature maps and 2 levels" in markdown
+    # The paired row: 12 slices, the mean of per-slice differences computed here from the records.
+    differences = []
+    for fold in (0, 1):
+        flip, no_flip = (records[f"{arm}-fold{fold}-seed0"]["slices"] for arm in ("flip", "no_flip"))
+        assert flip["id"] == no_flip["id"]
+        differences += list(np.subtract(no_flip["dice"], flip["dice"]))
+    paired_section = markdown.split("## Paired difference")[1]
+    row = next(line for line in paired_section.splitlines() if line.startswith("| flips off"))
+    assert row.endswith("| 12 |") and row.split("|")[2].strip().startswith(f"{np.mean(differences):.4f}")
+    # A missing run shows as '…' and is left out of the means.
+    partial = {name: record for name, record in records.items() if name != "no_flip-fold1-seed0"}
+    markdown = tables.study_markdown(TINY_STUDY, base, "tiny", budget, specs, partial, "cmd")
+    assert "Runs finished: 3 of 4" in markdown and " | … | " in markdown and "(n=1)" in markdown
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    status = run_study.main(
+        ["dilation", "--budget", "smoke", "--dry_run", "--results_root", str(tmp_path / "r"),
+         "--runs_root", str(tmp_path / "w")]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and len(lines) == 13 and lines[0].startswith("paper-fold0-seed0")
+    assert all(" pending " in line for line in lines[:-1]) and not (tmp_path / "r").exists()
+
+
+def test_cli_budget_overrides_tag_and_command(capsys):
+    args = run_study.parse_args(
+        ["ablation", "--budget", "small", "--set", "num_epochs=5", "--set", "seeds=0,1"]
+    )
+    study, dataset, budget, base, specs, tag = run_study.prepare_study(args)
+    assert (budget.num_epochs, budget.seeds, base.num_epochs) == (5, (0, 1), 5)
+    assert len(specs) == 5 * 5 * 2 and tag == "semiseg-small-num_epochs5-seeds0_1"
+    assert run_study.canonical_command(args, dataset) == (
+        "python experiments/run_study.py ablation --budget small --data_root ../shared/data "
+        "--set num_epochs=5 --set seeds=0,1"
+    )
+    assert run_study.main(["ablation", "--set", "epochs=3", "--dry_run"]) == 2
+    assert "KEY one of" in capsys.readouterr().err
+    assert run_study.main(["split_leakage", "--dataset", "semiseg", "--dry_run"]) == 2
