@@ -273,3 +273,23 @@ def test_cli_budget_overrides_tag_and_command(capsys):
     assert run_study.main(["ablation", "--set", "epochs=3", "--dry_run"]) == 2
     assert "KEY one of" in capsys.readouterr().err
     assert run_study.main(["split_leakage", "--dataset", "semiseg", "--dry_run"]) == 2
+
+
+def test_a_key_added_to_the_schema_later_matches_at_its_default(finished_tiny_study, tmp_path):
+    root, base, specs, _, _ = finished_tiny_study
+    source = root / "results" / "tiny" / "synthetic-tiny" / f"{specs[0].name}.json"
+    results = tmp_path / "results" / "tiny" / "synthetic-tiny"
+    record = json.loads(source.read_text())
+    del record["config"]["eval"]["test_time_flips"]  # as if recorded before the key existed
+    results.mkdir(parents=True)
+    (results / source.name).write_text(json.dumps(record))
+    assert runner.run_status(specs[0], results, tmp_path / "results")[0] == "finished"
+    changed = specs[0].config.copy_and_resolve_references()
+    changed.eval.test_time_flips = True  # not the default: not what the old run computed
+    assert not runner.same_run(record["config"], changed)
+    # The run's workdir is found by its config.json even when the digest names another folder.
+    runs = tmp_path / "runs"
+    (runs / "renamed").mkdir(parents=True)
+    (runs / "renamed" / "config.json").write_text(json.dumps(record["config"]))
+    assert runner.workdir_for(runs, specs[0].config) == runs / "renamed"
+    assert runner.workdir_for(runs, changed) == runs / runner.config_digest(changed)

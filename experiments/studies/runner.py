@@ -1,11 +1,14 @@
 """Runs a study: trains and evaluates each run not yet finished, and stores one small JSON per run.
 
-A run's identity is the digest of its config without the keys that only name it or locate files on one
-machine. Its workdir is `<runs_root>/<digest>`, so a run interrupted in one study resumes in any study
-that needs the same config, and a run another study already finished is copied, not trained again.
+A run is identified by its config without the keys that only name it or locate files on one machine.
+Its workdir is `<runs_root>/<digest of that config>`, so a run interrupted in one study resumes in any
+study that needs the same config, and a run another study already finished is copied, not trained again.
+Configs are compared key by key: a key added to the schema after a run was recorded matches when the
+new config keeps the key's default (which, by the schema's rule, reproduces the old behaviour).
 """
 
 import csv
+import functools
 import hashlib
 import json
 import pathlib
@@ -13,7 +16,7 @@ import time
 
 import jax
 
-from rdunet_jax import models
+from rdunet_jax import config_lib, models
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
 
@@ -56,21 +59,57 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """{'a.b': value} from nested JSON dicts."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def result_keys(config_values: dict) -> dict:
+    """The flat keys of a config's JSON that change what a run computes."""
+    return {key: value for key, value in _flatten(config_values).items() if key not in NON_RESULT_KEYS}
+
+
+@functools.cache
+def _schema_defaults() -> dict:
+    return result_keys(config_json(config_lib.base_config()))
+
+
 def config_digest(config) -> str:
     """A hash of everything in `config` that changes what the run computes."""
-    values = config_json(config)
-    for key in NON_RESULT_KEYS:
-        *parents, leaf = key.split(".")
-        section = values
-        for parent in parents:
-            section = section.get(parent, {})
-        section.pop(leaf, None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(result_keys(config_json(config)), sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+
+
+def same_run(recorded: dict, config) -> bool:
+    """Whether a recorded config (JSON) computes what `config` computes: every key equal, and every key
+    the record lacks (added to the schema later) at its default. Keys since removed are ignored."""
+    recorded_keys, planned_keys = result_keys(recorded), result_keys(config_json(config))
+    defaults = _schema_defaults()
+    for key, value in planned_keys.items():
+        expected = recorded_keys[key] if key in recorded_keys else defaults.get(key, value)
+        if value != expected:
+            return False
+    return True
 
 
 def workdir_for(runs_root, config) -> pathlib.Path:
-    """The run folder of `config`: shared by every study that runs the same config."""
-    return pathlib.Path(runs_root) / config_digest(config)
+    """The run folder of `config`: shared by every study that runs the same config, and found again
+    after a schema change renamed its digest (by the config.json a run writes first)."""
+    runs_root = pathlib.Path(runs_root)
+    folder = runs_root / config_digest(config)
+    if folder.exists():
+        return folder
+    for config_path in sorted(runs_root.glob("*/config.json")):
+        if same_run(json.loads(config_path.read_text()), config):
+            return config_path.parent
+    return folder
 
 
 def count_parameters(config) -> int:
@@ -138,27 +177,32 @@ def load_record(path) -> dict | None:
         return None
 
 
-def find_reusable(results_root, digest: str) -> dict | None:
+def find_reusable(results_root, config) -> dict | None:
     """A finished record of the same config in any study under `results_root`, if there is one."""
     for path in sorted(pathlib.Path(results_root).glob("*/*/*.json")):
         record = load_record(path)
-        if record and record.get("config_digest") == digest:
+        if record and "config" in record and same_run(record["config"], config):
             return record
     return None
 
 
 def run_status(spec, results_dir, results_root) -> tuple[str, dict | None]:
     """('finished', record), ('reusable', record of another study) or ('pending', None)."""
-    digest = config_digest(spec.config)
-    record = load_record(pathlib.Path(results_dir) / f"{spec.name}.json")
+    path = pathlib.Path(results_dir) / f"{spec.name}.json"
+    record = load_record(path)
     if record is not None:
-        if record.get("config_digest") != digest:
+        if not same_run(record.get("config", {}), spec.config):
+            changed = sorted(
+                key
+                for key, value in result_keys(config_json(spec.config)).items()
+                if result_keys(record.get("config", {})).get(key, _schema_defaults().get(key)) != value
+            )
             raise UserError(
-                f"{pathlib.Path(results_dir) / (spec.name + '.json')}: made with another config "
-                f"(digest {record.get('config_digest')}, now {digest}); delete it or choose another --tag"
+                f"{path}: made with another config (differs in {', '.join(changed[:5])}); delete it or "
+                "choose another --tag"
             )
         return "finished", record
-    reusable = find_reusable(results_root, digest)
+    reusable = find_reusable(results_root, spec.config)
     if reusable is not None:
         return "reusable", reusable
     return "pending", None
@@ -210,6 +254,6 @@ def load_records(study, specs, tag: str, results_root) -> dict:
     records = {}
     for spec in specs:
         record = load_record(results_dir / f"{spec.name}.json")
-        if record is not None and record.get("config_digest") == config_digest(spec.config):
+        if record is not None and same_run(record.get("config", {}), spec.config):
             records[spec.name] = record
     return records

@@ -175,9 +175,12 @@ def _protocol(base, budget_name: str, budget, specs, records) -> list[str]:
             "for every run); each run is evaluated on its held-out fold"
         )
     else:
+        schemes = sorted({spec.config.data.split_scheme for spec in specs}, reverse=True)
+        named = "the split of each row" if len(schemes) > 1 else "the split"
         split = (
-            f"the `{data.split_scheme}` split (fractions {list(data.split_fractions)}, seed "
-            f"{data.split_seed}); each run is evaluated on `{base.eval.split}`"
+            f"{named} ({' / '.join(f'`{scheme}`' for scheme in schemes)}, fractions "
+            f"{list(data.split_fractions)}, seed {data.split_seed}); "
+            f"each run is evaluated on `{base.eval.split}`"
         )
     done = list(records.values())
     seconds = sum(record["train_seconds"] for record in done)
