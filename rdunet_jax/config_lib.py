@@ -60,6 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Flax's convention (new = momentum * old + (1 - momentum) * batch); Keras' default is 0.99.
     config.model.batch_norm_momentum = models.BATCH_NORM_MOMENTUM
     config.model.dtype = "float32"
+    # Speed options (see rdunet_jax/models.py); none changes the parameters, so checkpoints are shared.
+    # 'stencil' computes the same bilinear up-sampling as 'resize' (to float tolerance), faster.
+    config.model.upsample_impl = "resize"
+    # 'bits' draws the same Bernoulli dropout masks from fewer random bits (other masks than 'flax').
+    config.model.dropout_impl = "flax"
+    # Recompute each block's activations in the backward pass: less memory, more time.
+    config.model.remat = False
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"
@@ -156,6 +163,14 @@ def _check_known_keys(config) -> None:
         raise UserError(f"{key}: unknown config key{hint}")
 
 
+def _check_speed_options(config) -> None:
+    """The `model.*` keys that change speed and memory but not the parameters (see models.py)."""
+    for key, choices in (("upsample_impl", models.UPSAMPLE_IMPLS), ("dropout_impl", models.DROPOUT_IMPLS)):
+        description = f"one of {list(choices)}"
+        _require(config, f"model.{key}", lambda value, choices=choices: value in choices, description)
+    _require(config, "model.remat", lambda value: isinstance(value, bool), "True or False")
+
+
 def _is_rate_schedule(rates) -> bool:
     return all(_is_int(rate) and rate > 0 for rate in rates)
 
@@ -203,6 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(config, key, lambda value: isinstance(value, bool), "True or False")
     _require(config, "model.block", lambda value: value in ("plain", "residual"), "'plain' or 'residual'")
     _require(config, "model.dtype", lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    _check_speed_options(config)
     for key in ("model.dropout_rate", "model.batch_norm_momentum", "data.zoom_range"):
         _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
     _require(

@@ -11,6 +11,17 @@ Every baseline of the paper is a configuration of `RDUNet`, not a separate class
 | ResDUNet           | "residual" | True   | ()                    | (4, 3, 2, 1, 1)        |
 
 Arrays are NHWC; the network returns logits (the sigmoid is applied by the loss and by prediction).
+
+Speed options (none changes the parameter tree, so checkpoints stay interchangeable):
+
+- `dtype="bfloat16"` computes in bfloat16 with float32 parameters, float32 BatchNorm statistics and
+  float32 logits.
+- `upsample_impl`: "resize" (`jax.image.resize`) or "stencil" (the same 2x bilinear up-sampling as a fixed
+  0.75/0.25 stencil: equal to float tolerance, and its gradient is a cheap stencil too).
+- `dropout_impl`: "flax" (`nn.Dropout`: one threefry draw per element) or "bits" (the same Bernoulli
+  masks drawn from fewer random bits: one bit per element at rate 0.5, 16 otherwise; other masks than
+  "flax" for the same key, same distribution).
+- `remat`: recompute each block's activations in the backward pass instead of keeping them.
 """
 
 from collections.abc import Sequence
@@ -20,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 PAPER_SKIP_DILATION_RATES = ((1, 2, 3, 3, 2, 1), (1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (1, 2, 2, 1))
 RESDUNET_ENCODER_DILATION_RATES = (4, 3, 2, 1, 1)
@@ -30,8 +42,50 @@ RESDUNET_ENCODER_DILATION_RATES = (4, 3, 2, 1, 1)
 BATCH_NORM_MOMENTUM = 0.9
 
 
+UPSAMPLE_IMPLS = ("resize", "stencil")
+DROPOUT_IMPLS = ("flax", "bits")
+
+
 def _norm(train: bool, momentum: float, dtype: Any) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype)
+
+
+def dropout_keep_mask(key, rate: float, shape) -> tuple[jax.Array, float]:
+    """A Bernoulli(1 - rate) keep mask from few random bits, and the exact keep probability.
+
+    At rate 0.5 each element takes one bit of a 32-bit draw (32 times fewer threefry evaluations than
+    `jax.random.bernoulli`, which spends one per element); otherwise 16 bits, the keep probability
+    rounded to a multiple of 1/65536 and returned so the rescaling keeps the expectation exact.
+    """
+    size = int(np.prod(shape))
+    if rate == 0.5:
+        words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+        bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        return bits.reshape(-1)[:size].reshape(shape).astype(bool), 0.5
+    threshold = int(round((1.0 - rate) * 65536))
+    words = jax.random.bits(key, (-(-size // 2),), jnp.uint32)
+    halves = lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
+    return halves < threshold, threshold / 65536
+
+
+class BitsDropout(nn.Module):
+    """Inverted dropout like `nn.Dropout`, with masks from `dropout_keep_mask` (few random bits)."""
+
+    rate: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x):
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep, keep_probability = dropout_keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(keep_probability, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dropout(rate: float, train: bool, impl: str) -> nn.Module:
+    if impl == "bits":
+        return BitsDropout(rate, deterministic=not train)
+    return nn.Dropout(rate, deterministic=not train)
 
 
 class SqueezeExcitation(nn.Module):
@@ -57,13 +111,14 @@ class DoubleConv(nn.Module):
     dilation_rate: int = 1
     batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
+    dropout_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool):
         for index in range(2):
             if index:
                 x = nn.relu(x)
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+                x = _dropout(self.dropout_rate, train, self.dropout_impl)(x)
             x = nn.Conv(
                 self.features,
                 (3, 3),
@@ -83,11 +138,17 @@ class ConvBlock(nn.Module):
     dilation_rate: int = 1
     batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
+    dropout_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool):
         body = DoubleConv(
-            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+            self.features,
+            self.dropout_rate,
+            self.dilation_rate,
+            self.batch_norm_momentum,
+            self.dtype,
+            self.dropout_impl,
         )
         return nn.relu(body(x, train))
 
@@ -100,11 +161,17 @@ class ResidualBlock(nn.Module):
     dilation_rate: int = 1
     batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
+    dropout_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool):
         body = DoubleConv(
-            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+            self.features,
+            self.dropout_rate,
+            self.dilation_rate,
+            self.batch_norm_momentum,
+            self.dtype,
+            self.dropout_impl,
         )(x, train)
         shortcut = x
         if x.shape[-1] != self.features:
@@ -139,12 +206,18 @@ class EncoderDecoderBlock(nn.Module):
     dilation_rate: int = 1
     batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     dtype: Any = jnp.float32
+    dropout_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool):
         block_class = {"plain": ConvBlock, "residual": ResidualBlock}[self.block]
         x = block_class(
-            self.features, self.dropout_rate, self.dilation_rate, self.batch_norm_momentum, self.dtype
+            self.features,
+            self.dropout_rate,
+            self.dilation_rate,
+            self.batch_norm_momentum,
+            self.dtype,
+            self.dropout_impl,
         )(x, train)
         if self.use_se:
             x = SqueezeExcitation(self.se_reduction, self.dtype)(x)
@@ -155,6 +228,27 @@ def upsample_bilinear(x):
     """2x bilinear up-sampling (half-pixel centres, as Keras' UpSampling2D and torch's default)."""
     batch, height, width, channels = x.shape
     return jax.image.resize(x, (batch, 2 * height, 2 * width, channels), "bilinear")
+
+
+def _upsample_axis_stencil(x, axis: int):
+    """2x bilinear along one axis: output 2i is 0.75 x[i] + 0.25 x[i-1], 2i+1 is 0.75 x[i] + 0.25 x[i+1],
+    with the edge pixel repeated (what half-pixel centres give at the borders)."""
+    length = x.shape[axis]
+    first = lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = lax.slice_in_dim(x, length - 1, length, axis=axis)
+    previous = jnp.concatenate([first, lax.slice_in_dim(x, 0, length - 1, axis=axis)], axis=axis)
+    following = jnp.concatenate([lax.slice_in_dim(x, 1, length, axis=axis), last], axis=axis)
+    three_quarters = x * jnp.asarray(0.75, x.dtype)
+    even = three_quarters + previous * jnp.asarray(0.25, x.dtype)
+    odd = three_quarters + following * jnp.asarray(0.25, x.dtype)
+    shape = list(x.shape)
+    shape[axis] *= 2
+    return jnp.stack([even, odd], axis=axis + 1).reshape(shape)
+
+
+def upsample_bilinear_stencil(x):
+    """`upsample_bilinear` as a fixed stencil of slices and adds (no resize weights; cheaper gradient)."""
+    return _upsample_axis_stencil(_upsample_axis_stencil(x, 1), 2)
 
 
 class RDUNet(nn.Module):
@@ -177,9 +271,17 @@ class RDUNet(nn.Module):
     batch_norm_momentum: float = BATCH_NORM_MOMENTUM
     num_classes: int = 1
     dtype: Any = jnp.float32
+    upsample_impl: str = "resize"
+    dropout_impl: str = "flax"
+    remat: bool = False
 
-    def _block(self, features, dilation_rate=1):
-        return EncoderDecoderBlock(
+    def _block(self, features, index: int, dilation_rate=1):
+        # Explicit names: nn.remat's class is called CheckpointEncoderDecoderBlock, and the parameter
+        # tree must not depend on the option.
+        block_class = EncoderDecoderBlock
+        if self.remat:
+            block_class = nn.remat(EncoderDecoderBlock, static_argnums=(2,))  # `train` is static
+        return block_class(
             features,
             self.block,
             self.use_se,
@@ -188,6 +290,8 @@ class RDUNet(nn.Module):
             dilation_rate,
             self.batch_norm_momentum,
             self.dtype,
+            self.dropout_impl,
+            name=f"EncoderDecoderBlock_{index}",
         )
 
     @nn.compact
@@ -199,17 +303,18 @@ class RDUNet(nn.Module):
         for level in range(self.depth + 1):
             if level:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            x = self._block(self.features * 2**level, encoder_rates[level])(x, train)
+            x = self._block(self.features * 2**level, level, encoder_rates[level])(x, train)
             skips.append(x)
         x = skips.pop()
+        upsample = upsample_bilinear_stencil if self.upsample_impl == "stencil" else upsample_bilinear
         for level in reversed(range(self.depth)):
             skip = skips[level]
             if skip_rates[level]:
                 skip = DilatedCascade(tuple(skip_rates[level]), self.batch_norm_momentum, self.dtype)(
                     skip, train
                 )
-            x = jnp.concatenate([upsample_bilinear(x), skip], axis=-1)
-            x = self._block(self.features * 2**level)(x, train)
+            x = jnp.concatenate([upsample(x), skip], axis=-1)
+            x = self._block(self.features * 2**level, 2 * self.depth - level)(x, train)
         logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
         return logits.astype(jnp.float32)
 
@@ -228,6 +333,9 @@ def build_model(model_config) -> RDUNet:
         batch_norm_momentum=model_config.batch_norm_momentum,
         num_classes=1,
         dtype=jnp.dtype(model_config.dtype),
+        upsample_impl=model_config.get("upsample_impl", "resize"),
+        dropout_impl=model_config.get("dropout_impl", "flax"),
+        remat=model_config.get("remat", False),
     )
 
 

@@ -146,3 +146,118 @@ def test_numpy_initialisation_matches_flax_structure_and_distributions():
     other = models.initialize_variables(model, 64, seed=4)["params"]["Conv_0"]["kernel"]
     np.testing.assert_array_equal(again, first)
     assert not np.array_equal(other, first)
+
+
+# --- speed options (issue 6): same parameters, same function ----------------------------------------
+
+SPEED_OPTIONS = {
+    "stencil": dict(upsample_impl="stencil"),
+    "bits": dict(dropout_impl="bits"),
+    "remat": dict(remat=True),
+    "all": dict(upsample_impl="stencil", dropout_impl="bits", remat=True),
+}
+
+
+def _tiny_model_config(**options):
+    config = config_lib.base_config()
+    config.model.features, config.model.depth = 4, 2
+    config.model.skip_dilation_rates = ((1, 2, 1), (1, 2))
+    config.model.update(options)
+    config_lib.validate(config)
+    return config.model
+
+
+def test_stencil_upsampling_matches_resize():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 3))
+    np.testing.assert_allclose(models.upsample_bilinear_stencil(x), models.upsample_bilinear(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("option", sorted(SPEED_OPTIONS))
+def test_speed_option_keeps_parameter_tree_and_eval_forward_pass(option):
+    reference = models.build_model(_tiny_model_config())
+    fast = models.build_model(_tiny_model_config(**SPEED_OPTIONS[option]))
+    variables = models.initialize_variables(reference, 16, seed=0)
+    fast_shapes = models.abstract_variables(fast, 16)
+    assert jax.tree_util.tree_structure(fast_shapes) == jax.tree_util.tree_structure(variables)
+    assert jax.tree_util.tree_map(jnp.shape, fast_shapes) == jax.tree_util.tree_map(jnp.shape, variables)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1))
+    np.testing.assert_allclose(
+        fast.apply(variables, images, train=False),
+        reference.apply(variables, images, train=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("option", ["stencil", "remat"])
+def test_speed_option_keeps_training_gradients(option):
+    """Options that draw the same dropout masks give the same loss gradient in training mode."""
+    reference = models.build_model(_tiny_model_config())
+    fast = models.build_model(_tiny_model_config(**SPEED_OPTIONS[option]))
+    variables = models.initialize_variables(reference, 16, seed=0)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1))
+
+    def gradient(model):
+        def loss(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                rngs={"dropout": jax.random.PRNGKey(2)},
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(logits**2)
+
+        return jax.grad(loss)(variables["params"])
+
+    for got, want in zip(
+        jax.tree_util.tree_leaves(gradient(fast)), jax.tree_util.tree_leaves(gradient(reference)), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(PINNED_PARAMETER_COUNTS))
+def test_speed_options_keep_pinned_parameter_counts(variant):
+    config = config_lib.apply_model_variant(config_lib.base_config(), variant)
+    config.model.update(SPEED_OPTIONS["all"], dtype="bfloat16")
+    variables = models.abstract_variables(models.build_model(config.model), 64)
+    assert models.count_parameters(variables["params"]) == PINNED_PARAMETER_COUNTS[variant]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3, 0.9])
+def test_bits_dropout_keeps_the_expected_fraction_and_mean(rate):
+    keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), rate, (4, 32, 32, 8))
+    assert keep.shape == (4, 32, 32, 8) and keep.dtype == jnp.bool_
+    assert abs(keep_probability - (1 - rate)) <= 1 / 65536
+    assert float(keep.mean()) == pytest.approx(keep_probability, abs=0.01)
+    dropout = models.BitsDropout(rate, deterministic=False)
+    x = jnp.ones((4, 32, 32, 8))
+    y = dropout.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.03)
+    values = np.unique(np.asarray(y))
+    np.testing.assert_allclose(values, [0.0, 1 / keep_probability], rtol=1e-6)
+    again = dropout.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
+    np.testing.assert_array_equal(again, y)
+    np.testing.assert_array_equal(models.BitsDropout(rate, deterministic=True).apply({}, x), x)
+
+
+def test_bfloat16_forward_pass_stays_close_to_float32():
+    reference = models.build_model(_tiny_model_config())
+    half = models.build_model(_tiny_model_config(dtype="bfloat16"))
+    variables = models.initialize_variables(reference, 16, seed=0)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1))
+    want = reference.apply(variables, images, train=False)
+    got = half.apply(variables, images, train=False)
+    assert got.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(got - want))) <= 0.05 * float(jnp.max(jnp.abs(want))) + 0.05
+
+
+@pytest.mark.parametrize("key, value", [("upsample_impl", "nearest"), ("dropout_impl", "numpy")])
+def test_bad_speed_option_is_a_user_error(key, value):
+    from rdunet_jax.errors import UserError
+
+    config = config_lib.base_config()
+    config.model[key] = value
+    with pytest.raises(UserError, match=f"model.{key}"):
+        config_lib.validate(config)
