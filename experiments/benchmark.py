@@ -9,9 +9,9 @@ Prints one markdown table row per image size and saves JSON with, per size:
 - `train_step_s`: median seconds of a jit-compiled train step (after warm-up); `train_images_per_s`.
 - `infer_ms_per_slice`: median milliseconds per slice of the eval forward pass at `--infer_batch_size`.
 - `compile_s`: compiling the train step with the persistent cache off.
-- `first_step_s_cold`, `first_step_s_warm`: from process start to the end of the first train step of a
-  fresh child process (config, data, model, compile, step), with an empty persistent compilation cache
-  and then with the cache the first child filled.
+- `first_step_s_cold`, `first_step_s_warm`: from process start to the moment the first train step
+  begins in a fresh child process (imports, config, data, model, compile), with an empty persistent
+  compilation cache and then with the cache the first child filled (`startup_phases_s_*` break it down).
 - `peak_rss_mb`: the peak resident memory of the warm child, which trains a few steps and nothing else.
 - `pipeline_images_per_s`: the Grain training pipeline (resize, flips, zoom, batching) over the phantom
   or the real data named by `--data.name`/`--data.manual_dir`.
@@ -127,7 +127,17 @@ def random_batch(batch_size: int, image_size: int) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MiB.
+
+    VmHWM, not getrusage's ru_maxrss: a child started by fork and exec inherits the parent's high-water
+    mark in ru_maxrss, so a child of a big parent would report the parent's peak.
+    """
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -247,16 +257,20 @@ def child_first_step(args) -> None:
     source = datasets.load_source(config.data, config.data.train_split)
     dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
     iterator = input_pipeline.to_iterator(dataset)
+    batch = next(iterator)
     phases["data"] = time.time()
     state = train.create_train_state(config, model, steps_per_epoch=len(dataset))
     phases["model"] = time.time()
     rss_before_training = peak_rss_mb()
-    state, metrics = train.train_step(state, next(iterator))
-    float(metrics["loss"])
+    # Compiled ahead of time (from the persistent cache when warm) to tell when the first step begins.
+    step = train.train_step.lower(state, batch).compile()
     first_step_at = time.time()
-    phases["first_step"] = first_step_at
+    phases["compile"] = first_step_at
+    state, metrics = step(state, batch)
+    float(metrics["loss"])
+    phases["first_step_done"] = time.time()
     for _ in range(args.startup_steps - 1):
-        state, metrics = train.train_step(state, next(iterator))
+        state, metrics = step(state, next(iterator))
     float(metrics["loss"])
     print(
         "CHILD "
@@ -287,7 +301,8 @@ def run_child(args, image_size: int, cache_dir: str) -> dict:
         raise RuntimeError(f"start-up child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     report = json.loads(lines[-1][len("CHILD ") :])
     report["first_step_s"] = report.pop("first_step_at") - spawned_at
-    # Seconds each phase ended after the spawn: imports, data, model, first_step (compile + run).
+    # Seconds after the spawn at which each phase ended: imports, data, model, compile (the first step
+    # begins), first_step_done.
     report["phases_s"] = {name: at - spawned_at for name, at in report.pop("phases_at").items()}
     return report
 
