@@ -251,7 +251,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         lambda rates: len(rates) in (0, model.depth + 1) and _is_rate_schedule(rates),
         f"() or one positive integer dilation rate per encoder level ({model.depth + 1})",
     )
+    _require(
+        config,
+        "eval.split",
+        lambda value: value in ("train", "validation", "test", "train_full"),
+        "'train', 'validation', 'test' or 'train_full'",
+    )
+    _check_variant(config)
     _check_data_splits(config)
+
+
+def _structure(model_keys) -> dict:
+    """What makes one paper variant another: block type, SE, DC modules on skips, encoder dilation."""
+    return {
+        "block": model_keys["block"],
+        "use_se": model_keys["use_se"],
+        "DC modules on the skips": bool(tuple(model_keys["skip_dilation_rates"])),
+        "encoder dilation": bool(tuple(model_keys["encoder_dilation_rates"])),
+    }
+
+
+def _check_variant(config) -> None:
+    """`model.variant` names the model the `model.*` keys build; setting it alone must not mislabel a run."""
+    variant = config.model.variant
+    if variant not in MODEL_VARIANTS:
+        raise UserError(f"model.variant: unknown variant {variant!r}; choose one of {sorted(MODEL_VARIANTS)}")
+    expected, actual = _structure(MODEL_VARIANTS[variant]), _structure(config.model)
+    differences = [
+        f"{name}: {actual[name]} (variant: {expected[name]})"
+        for name in expected
+        if expected[name] != actual[name]
+    ]
+    if differences:
+        raise UserError(
+            f"model.variant: {variant!r} does not match the model keys ({'; '.join(differences)}); "
+            f"choose a variant with the config argument, e.g. configs/rdunet.py:{variant}"
+        )
 
 
 def _check_data_splits(config) -> None:

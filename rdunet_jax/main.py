@@ -102,6 +102,10 @@ def main(argv) -> None:
     except TrainingStopped as stopped:
         print(str(stopped), file=sys.stderr)
         sys.exit(128 + stopped.signal_number)
+    except KeyboardInterrupt:
+        # Outside the training loop (which checkpoints on SIGINT), nothing is left to save.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

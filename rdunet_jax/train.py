@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
 from rdunet_jax.errors import UserError
-from rdunet_jax.files import write_json_atomic
+from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 # Fault injection for the resume tests: SIGKILL this process right after the given step.
 _KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
@@ -61,16 +61,25 @@ def enable_compilation_cache(directory: str) -> None:
     if not directory:
         return
     path = pathlib.Path(directory).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"compilation_cache_dir: cannot use {path} as a folder ({error.strerror})") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+_distributed_initialized = False
+
+
 def initialize_distributed() -> None:
-    """Joins a multi-host run when the usual JAX coordinator variables are set."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
+    """Joins a multi-host run when the usual JAX coordinator variables are set (once per process, and
+    before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
+    global _distributed_initialized
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not _distributed_initialized:
         jax.distributed.initialize()
+        _distributed_initialized = True
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -173,13 +182,15 @@ class _Log:
         self.path = workdir / "train_log.jsonl"
         kept = []
         if self.path.exists():
-            # Epochs past the restored checkpoint are trained again: drop their lines.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= start_epoch
-            ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            # Epochs past the restored checkpoint are trained again: drop their lines (and a line cut
+            # short by a kill).
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["epoch"] <= start_epoch:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -295,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     from rdunet_jax import evaluate  # evaluate builds on this module's steps and state
 
     workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir: {workdir} exists and is not a folder")
     initialize_distributed()
     model = setup_run(config)
     mesh = data_parallel_mesh()
@@ -315,10 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         )
 
     steps_per_epoch = len(epoch_batches(0))
-    workdir.mkdir(parents=True, exist_ok=True)
     is_first_host = jax.process_index() == 0
-    if is_first_host:
-        write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     started = time.perf_counter()
     state = create_train_state(config, model, steps_per_epoch)
@@ -335,6 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         state, meta = restored
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)
+    if is_first_host:
+        # Written only once the checkpoints (if any) were found to fit this config.
+        write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
     state = replicate(state, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     log = _Log(workdir, meta["epoch"]) if is_first_host else None

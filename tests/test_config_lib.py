@@ -118,3 +118,20 @@ def test_invalid_config_fails_before_writing_anything(tmp_path, key):
     with pytest.raises(UserError):
         train.train_and_evaluate(config, workdir)
     assert not workdir.exists()
+
+
+def test_setting_the_variant_name_alone_is_refused():
+    config = config_lib.base_config()  # the full RDU-net's model keys
+    config.model.variant = "unet"
+    with pytest.raises(
+        UserError, match=r"^model.variant: 'unet' does not match the model keys \(block: residual"
+    ):
+        config_lib.validate(config)
+    config_lib.validate(config_lib.apply_model_variant(config, "unet"))
+
+
+def test_eval_split_is_named_when_misspelt():
+    config = make_tiny_config()
+    config.eval.split = "tset"
+    with pytest.raises(UserError, match=r"^eval.split: must be"):
+        config_lib.validate(config)

@@ -325,7 +325,19 @@ BAD_2D_FILES = {
         "semiseg",
         MULTICLASS / "val.txt",
         _append_line("../../../../../../etc/hostname\n"),
-        "outside",
+        "is a path, not an id",
+    ),
+    "split list names an absolute path": (
+        "semiseg",
+        MULTICLASS / "train.txt",
+        _append_line("/etc/hostname\n"),
+        "is a path, not an id",
+    ),
+    "split list id with '..' that stays inside": (
+        "semiseg",
+        MULTICLASS / "train.txt",
+        _append_line("x/../1\n"),
+        "is a path, not an id",
     ),
 }
 

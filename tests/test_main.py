@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR
 
 TINY = [
@@ -99,3 +100,24 @@ def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "slice_mask.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--workdir={file}", "--workdir: {file} exists and is not a folder"),
+        ("--config.compilation_cache_dir={file}", "compilation_cache_dir: cannot use {file} as a folder"),
+        ("--config.data.data_dir={file}", "data.data_dir: {file} is a file, not a folder"),
+    ],
+)
+def test_a_file_where_a_folder_belongs_is_a_one_line_error(tmp_path, flag, message):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    args = [flag.format(file=file)]
+    if not flag.startswith("--workdir"):
+        args.append(f"--workdir={tmp_path / 'run'}")
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + message.format(file=file))
+    assert file.read_text() == "not a folder"

@@ -128,6 +128,8 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path, finished
     steps = sorted(int(path.name) for path in latest.iterdir() if path.name.isdigit())
     assert steps == [4, 6]
     _damage(latest / "6")
+    with (workdir / "train_log.jsonl").open("a") as log:
+        log.write('{"epoch": 4, "lo')  # a line cut short by a kill
     resumed = _run(workdir, f"--config.num_epochs={NUM_EPOCHS + 1}")
     assert resumed.returncode == 0, resumed.stderr
     assert "checkpoint step 6" in resumed.stdout and "damaged" in resumed.stdout
@@ -148,6 +150,7 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path, finished_run):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "model.features=4 in the checkpoint, 8 in the config" in lines[0]
+    assert (workdir / "config.json").read_text() == (finished_run / "config.json").read_text()
     evaluated = _run(workdir, "--mode=evaluate", "--config.model.skip_dilation_rates=((1,2),(1,2))")
     assert evaluated.returncode == 2
     assert "model.skip_dilation_rates=[[1, 2, 1], [1, 2, 1]] in the checkpoint" in evaluated.stderr

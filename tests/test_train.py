@@ -118,3 +118,16 @@ def test_sharded_train_step_equals_single_device_step():
     # parameter by up to 1e-2, so differences of a few 1e-5 are float noise, not a different step.
     assert float(lines["MAX_ABS_DIFFERENCE"]) < 1e-4
     assert lines["ERROR"] == "batch_size: 6 does not divide over the 4 devices of this run"
+
+
+def test_distributed_initialisation_only_when_a_coordinator_is_set(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train.jax.distributed, "initialize", lambda: calls.append(1))
+    monkeypatch.setattr(train, "_distributed_initialized", False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    train.initialize_distributed()
+    assert calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12355")
+    train.initialize_distributed()
+    train.initialize_distributed()
+    assert calls == [1]

@@ -294,6 +294,8 @@ def _schema_digest(dataset: str) -> str:
 def prepare(data_config) -> CovidCtSlices:
     """The builder of `data_config`, its dataset built into `data.data_dir` unless already there."""
     config = builder_config(data_config)
+    if data_config.data_dir and pathlib.Path(data_config.data_dir).expanduser().is_file():
+        raise UserError(f"data.data_dir: {data_config.data_dir} is a file, not a folder")
     builder = CovidCtSlices(config=config, data_dir=data_config.data_dir or None, file_format="array_record")
     if builder.data_path.exists():
         return builder

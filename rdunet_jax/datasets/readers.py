@@ -154,9 +154,17 @@ def read_split_list(list_path, folder, suffix: str) -> list[str]:
             continue
         if not example_id.isprintable():
             raise UserError(f"{list_path}:{number}: {example_id!r} is not a valid id")
+        # An id is a file name, never a path: absolute paths, separators and '..' are refused outright.
         candidate = (folder / f"{example_id}{suffix}").resolve()
-        if not candidate.is_relative_to(root):
-            raise UserError(f"{list_path}:{number}: {example_id!r} names a path outside {folder}")
+        if (
+            "/" in example_id
+            or "\\" in example_id
+            or ".." in example_id
+            or not candidate.is_relative_to(root)
+        ):
+            raise UserError(
+                f"{list_path}:{number}: {example_id!r} is a path, not an id of a file in {folder}"
+            )
         if not candidate.is_file():
             raise UserError(
                 f"{list_path}:{number}: id {example_id!r} has no file {folder / (example_id + suffix)}"
