@@ -109,10 +109,6 @@ def train_dataset(
     return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
 
 
-def steps_per_epoch(source, batch_size: int) -> int:
-    return len(source) // batch_size
-
-
 def to_iterator(dataset: grain.MapDataset, state: dict | None = None, num_threads: int = 2):
     """A prefetching Grain iterator over `dataset`, optionally resumed from `get_state()`."""
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))

@@ -43,7 +43,7 @@ def test_same_seed_gives_the_same_batch_sequence(source, data):
 
 def test_batches_have_fixed_shapes_and_ranges(source, data):
     batches = epoch_batches(source, data, 0, 0)
-    assert len(batches) == input_pipeline.steps_per_epoch(source, BATCH_SIZE) == 4
+    assert len(batches) == len(source) // BATCH_SIZE == 4  # the partial batch is dropped
     for batch in batches:
         assert batch["image"].shape == batch["mask"].shape == (BATCH_SIZE, IMAGE_SIZE, IMAGE_SIZE, 1)
         assert batch["image"].dtype == batch["mask"].dtype == np.float32
