@@ -1,0 +1,244 @@
+"""Train images/s and inference slices/s of the RDU-net on an accelerator, in float32 and bfloat16.
+
+    python experiments/gpu_benchmark.py --json experiments/results/gpu_<card>.json
+    python experiments/gpu_benchmark.py --smoke          # seconds on a CPU: checks the script runs
+
+For each compute dtype and batch size: the median train step (the project's `train.train_step`, jitted,
+after warm-up) as images/s, and the median eval forward pass as slices/s, at 256x256 by default. Before
+timing, each mode's outputs are checked against a CPU float32 reference on the same variables and
+batch: the eval logits and the first train step's loss (tolerances looser for bfloat16). The paper's
+schedule (350 epochs of 2,728 images) in 10 minutes needs 1,600 train images/s.
+
+Uses only jax, flax, optax and numpy (what the device image has) plus this package.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from rdunet_jax import config_lib, models, train  # noqa: E402
+
+PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
+# Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
+LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32, 64, 128])
+    parser.add_argument("--infer_batch_sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.* override")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 32 px, a few steps (any device)")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.batch_sizes, args.infer_batch_sizes, args.steps = 32, [2], [4], 2
+        args.set = ["features=4", "depth=2", "skip_dilation_rates=[[1,2,1],[1,2]]", *args.set]
+    return args
+
+
+def make_config(args, dtype: str, batch_size: int):
+    """The paper's RDU-net config at `args.image_size`, with `dtype` and any `--set model.*` overrides."""
+    config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
+    config.batch_size = batch_size
+    config.data.image_size = args.image_size
+    config.model.dtype = dtype
+    for item in args.set:
+        key, _, text = item.partition("=")
+        key = key.removeprefix("model.")
+        old = config.model[key]
+        if isinstance(old, bool):
+            config.model[key] = text.lower() in ("1", "true", "yes")
+        elif isinstance(old, (int, float)):
+            config.model[key] = type(old)(text)
+        elif isinstance(old, tuple):
+            config.model[key] = tuple(tuple(rates) for rates in json.loads(text))
+        else:
+            config.model[key] = text
+    config_lib.validate(config)
+    return config
+
+
+def make_batch(batch_size: int, image_size: int) -> dict:
+    """Phantom-like images and sparse masks (fixed seed), as numpy arrays."""
+    rng = np.random.default_rng(0)
+    shape = (batch_size, image_size, image_size, 1)
+    return {
+        "image": rng.random(shape, dtype=np.float32),
+        "mask": (rng.random(shape) > 0.9).astype(np.float32),
+    }
+
+
+def median_time(function, steps: int) -> float:
+    """Median seconds of `function()` over `steps` calls after one warm-up (it must block)."""
+    function()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def eval_logits(model, variables, images, device):
+    """The eval-mode logits computed on `device`."""
+    variables, images = jax.device_put((variables, images), device)
+    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+
+
+def first_step_loss(config, model, batch, device) -> float:
+    """The loss of the first train step from the seeded initial state, computed on `device`."""
+    with jax.default_device(device):
+        state = train.create_train_state(config, model, steps_per_epoch=10)
+        state, batch = jax.device_put((state, batch), device)
+        _, metrics = train.train_step(state, batch)
+        return float(metrics["loss"])
+
+
+def check_against_cpu(args, dtype: str, accelerator) -> dict:
+    """This dtype's logits and first loss on the accelerator against float32 on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    config = make_config(args, dtype, args.batch_sizes[0])
+    reference_config = make_config(args, "float32", args.batch_sizes[0])
+    model, reference_model = models.build_model(config.model), models.build_model(reference_config.model)
+    variables = models.initialize_variables(reference_model, args.image_size, config.seed)
+    batch = make_batch(args.batch_sizes[0], args.image_size)
+    want = eval_logits(reference_model, variables, batch["image"], cpu)
+    got = eval_logits(model, variables, batch["image"], accelerator)
+    logit_error = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+    reference_loss = first_step_loss(reference_config, reference_model, batch, cpu)
+    loss = first_step_loss(config, model, batch, accelerator)
+    agreement = float(np.mean((got > 0) == (want > 0)))
+    check = {
+        "max_relative_logit_error": logit_error,
+        "pixel_agreement": agreement,
+        "first_loss": loss,
+        "first_loss_cpu_float32": reference_loss,
+        "passed": logit_error <= LOGIT_TOLERANCE[dtype]
+        and abs(loss - reference_loss) <= LOSS_TOLERANCE[dtype],
+    }
+    print(f"check {dtype}: {check}", flush=True)
+    return check
+
+
+def train_images_per_s(args, dtype: str, batch_size: int, device) -> dict:
+    """Median train-step time at one batch size, as images/s."""
+    config = make_config(args, dtype, batch_size)
+    model = models.build_model(config.model)
+    with jax.default_device(device):
+        state = jax.device_put(train.create_train_state(config, model, steps_per_epoch=10), device)
+        batch = jax.device_put(make_batch(batch_size, args.image_size), device)
+        started = time.perf_counter()
+        step = train.train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - started
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch)
+            jax.block_until_ready(metrics)
+
+        seconds = median_time(run, args.steps)
+    return {"step_s": seconds, "images_per_s": batch_size / seconds, "compile_s": compile_s}
+
+
+def infer_slices_per_s(args, dtype: str, batch_size: int, device) -> dict:
+    """Median eval forward pass (sigmoid probabilities) at one batch size, as slices/s."""
+    config = make_config(args, dtype, batch_size)
+    model = models.build_model(config.model)
+    variables = jax.device_put(models.initialize_variables(model, args.image_size, config.seed), device)
+    images = jax.device_put(make_batch(batch_size, args.image_size)["image"], device)
+    forward = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x, train=False)))
+    seconds = median_time(lambda: jax.block_until_ready(forward(variables, images)), args.steps)
+    return {"batch_s": seconds, "slices_per_s": batch_size / seconds}
+
+
+def peak_memory_gb(device) -> float | None:
+    """The device allocator's peak bytes in use, where the backend reports it."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None
+
+
+def markdown(report: dict) -> str:
+    """Tables of train images/s and inference slices/s per dtype and batch size."""
+    lines = [f"{report['device']} ({report['platform']}), {report['image_size']}x{report['image_size']}", ""]
+    lines += [
+        "| dtype | batch | train step (ms) | train img/s | paper schedule (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["train"]:
+        minutes = 350 * 2728 / row["images_per_s"] / 60
+        lines.append(
+            f"| {row['dtype']} | {row['batch_size']} | {1e3 * row['step_s']:.1f} "
+            f"| {row['images_per_s']:.0f} | {minutes:.1f} |"
+        )
+    lines += ["", "| dtype | batch | infer slices/s | check vs CPU f32 |", "|---|---|---|---|"]
+    for row in report["infer"]:
+        check = report["checks"][row["dtype"]]
+        verdict = "ok" if check["passed"] else "FAILED"
+        lines.append(
+            f"| {row['dtype']} | {row['batch_size']} | {row['slices_per_s']:.0f} "
+            f"| {verdict} (logit err {check['max_relative_logit_error']:.1e}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    report = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "image_size": args.image_size,
+        "smoke": args.smoke,
+        "overrides": args.set,
+        "paper_schedule_images_per_s": PAPER_IMAGES_PER_10_MINUTES,
+        "checks": {},
+        "train": [],
+        "infer": [],
+    }
+    for dtype in args.dtypes:
+        report["checks"][dtype] = check_against_cpu(args, dtype, device)
+        for batch_size in args.batch_sizes:
+            row = {"dtype": dtype, "batch_size": batch_size} | train_images_per_s(
+                args, dtype, batch_size, device
+            )
+            report["train"].append(row)
+            print(json.dumps(row), flush=True)
+        for batch_size in args.infer_batch_sizes:
+            row = {"dtype": dtype, "batch_size": batch_size} | infer_slices_per_s(
+                args, dtype, batch_size, device
+            )
+            report["infer"].append(row)
+            print(json.dumps(row), flush=True)
+    report["peak_memory_gb"] = peak_memory_gb(device)
+    report["best_train_images_per_s"] = max(row["images_per_s"] for row in report["train"])
+    report["meets_paper_schedule_in_10_minutes"] = (
+        report["best_train_images_per_s"] >= PAPER_IMAGES_PER_10_MINUTES
+    )
+    report["markdown"] = markdown(report)
+    print(report["markdown"], flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if not all(check["passed"] for check in report["checks"].values()):
+        raise SystemExit("outputs differ from the CPU float32 reference beyond tolerance (see 'checks')")
+    return report
+
+
+if __name__ == "__main__":
+    main()
