@@ -216,10 +216,47 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     compiled = infer.lower(variables, images).compile()
     jax.block_until_ready(compiled(variables, images))
     seconds, _ = median_seconds(lambda: jax.block_until_ready(compiled(variables, images)), args.infer_steps)
-    return {
+    result = {
         "infer_ms_per_slice": 1e3 * seconds / args.infer_batch_size,
         "infer_batch_size": args.infer_batch_size,
         "infer_gflops_per_s": xla_flops(compiled) / seconds / 1e9,
+    }
+    if config.model.dtype != "float32" or config.model.upsample_impl != "resize":
+        result.update(accuracy_against_float32(config, model, variables, args))
+    return result
+
+
+def phantom_images(config, count: int):
+    """The first `count` training slices of the configured data, preprocessed (no augmentation)."""
+    import numpy as np
+
+    from rdunet_jax import datasets, input_pipeline
+
+    source = datasets.load_source(config.data, config.data.train_split)
+    examples = [input_pipeline.preprocess(source[index], config.data.image_size) for index in range(count)]
+    return np.stack([example["image"] for example in examples])
+
+
+def accuracy_against_float32(config, model, variables, args) -> dict:
+    """How far this mode's masks are from the float32 reference model's on the same slices and weights:
+    the Dice of the two thresholded masks (1.0: identical) and the largest probability difference."""
+    import jax
+    import numpy as np
+
+    from rdunet_jax import models
+
+    reference_config = config.model.copy_and_resolve_references()
+    reference_config.update(dtype="float32", upsample_impl="resize")
+    reference = models.build_model(reference_config)
+    images = phantom_images(config, args.infer_batch_size)
+    got = np.asarray(jax.nn.sigmoid(model.apply(variables, images, train=False)))
+    want = np.asarray(jax.nn.sigmoid(reference.apply(variables, images, train=False)))
+    masks, reference_masks = got > 0.5, want > 0.5
+    overlap = 2 * np.sum(masks & reference_masks)
+    total = np.sum(masks) + np.sum(reference_masks)
+    return {
+        "infer_dice_vs_float32": float(overlap / total) if total else 1.0,
+        "infer_max_probability_difference": float(np.max(np.abs(got - want))),
     }
 
 
@@ -362,8 +399,11 @@ def benchmark_size(args, image_size: int) -> dict:
     result = {
         "image_size": image_size,
         "batch_size": args.batch_size,
-        "model": {key: config.model[key] for key in ("variant", "features", "depth", "dtype")}
-        | {key: config.model[key] for key in ("conv_impl",) if key in config.model},
+        "model": {
+            key: config.model[key]
+            for key in ("variant", "features", "depth", "dtype", "upsample_impl", "dropout_impl", "remat")
+        },
+        "mode": mode_name(config.model),
         "parameters": models.count_parameters(state.params),
         "train_step_s": train_step_s,
         "train_step_s_all": timer.times,
@@ -395,6 +435,18 @@ def benchmark_size(args, image_size: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 
+def mode_name(model_config) -> str:
+    """The compute dtype plus every speed option away from its default, e.g. 'bfloat16+stencil+bits'."""
+    parts = [model_config.dtype]
+    if model_config.upsample_impl != "resize":
+        parts.append(model_config.upsample_impl)
+    if model_config.dropout_impl != "flax":
+        parts.append(model_config.dropout_impl)
+    if model_config.remat:
+        parts.append("remat")
+    return "+".join(parts)
+
+
 def _cell(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -402,13 +454,13 @@ def _cell(value, digits: int) -> str:
 def markdown_table(results: list[dict]) -> str:
     """One row per image size."""
     header = (
-        "| px | batch | dtype | train step (s) | train img/s | GFLOP/s | infer ms/slice | compile (s) "
+        "| px | batch | mode | train step (s) | train img/s | GFLOP/s | infer ms/slice | compile (s) "
         "| first step cold (s) | first step warm (s) | peak RSS (MB) | pipeline img/s |"
     )
     lines = [header, "|" + "---|" * 12]
     for row in results:
         lines.append(
-            f"| {row['image_size']} | {row['batch_size']} | {row['model']['dtype']} "
+            f"| {row['image_size']} | {row['batch_size']} | {row['mode']} "
             f"| {_cell(row['train_step_s'], 3)} | {_cell(row['train_images_per_s'], 2)} "
             f"| {_cell(row['gflops_per_s'], 1)} | {_cell(row['infer_ms_per_slice'], 1)} "
             f"| {_cell(row['compile_s'], 1)} | {_cell(row['first_step_s_cold'], 1)} "
