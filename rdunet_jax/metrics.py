@@ -106,17 +106,17 @@ def hausdorff95(prediction, target, spacing=None) -> float:
     return float(np.percentile(distances, 95))
 
 
-def summarize_hausdorff95(values, prefix: str = "hd95") -> dict:
+def summarize_hausdorff95(values) -> dict:
     """Mean and std of the finite HD95 values; both-empty (NaN) and one-empty (inf) cases are counted,
     never averaged."""
     values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     return {
-        prefix: float(np.mean(finite)) if finite.size else None,
-        f"{prefix}_std": float(np.std(finite)) if finite.size else None,
-        f"{prefix}_num_slices": int(finite.size),
-        f"{prefix}_num_both_empty": int(np.sum(np.isnan(values))),
-        f"{prefix}_num_one_empty": int(np.sum(np.isinf(values))),
+        "hd95": float(np.mean(finite)) if finite.size else None,
+        "hd95_std": float(np.std(finite)) if finite.size else None,
+        "hd95_num_slices": int(finite.size),
+        "hd95_num_both_empty": int(np.sum(np.isnan(values))),
+        "hd95_num_one_empty": int(np.sum(np.isinf(values))),
     }
 
 
@@ -126,9 +126,9 @@ def summarize_hausdorff95(values, prefix: str = "hd95") -> dict:
 LESION_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 
-def lesion_statistics(prediction, target, pixel_area: float = 1.0) -> list[dict]:
-    """One entry per ground-truth lesion (8-connected component) of a slice: its area (in units of
-    `pixel_area`), whether any predicted pixel touches it, and its Dice with the predicted components
+def lesion_statistics(prediction, target) -> list[dict]:
+    """One entry per ground-truth lesion (8-connected component) of a slice: its area in pixels,
+    whether any predicted pixel touches it, and its Dice with the predicted components
     that overlap it."""
     prediction, target = np.asarray(prediction).astype(bool), np.asarray(target).astype(bool)
     lesion_labels, num_lesions = ndimage.label(target, structure=LESION_CONNECTIVITY)
@@ -144,7 +144,7 @@ def lesion_statistics(prediction, target, pixel_area: float = 1.0) -> list[dict]
         overlap = np.sum(lesion & matched)
         lesions.append(
             {
-                "area": float(np.sum(lesion) * pixel_area),
+                "area": float(np.sum(lesion)),
                 "detected": bool(touching.size),
                 "dice": float(2.0 * overlap / (np.sum(lesion) + np.sum(matched))),
             }

@@ -136,9 +136,9 @@ def test_lesion_statistics_on_known_components():
     prediction[10:16, 10:14] = 1  # 24 of the large lesion's 36 pixels
     prediction[1:3, 1:3] = 1  # the small lesion but its diagonal pixel
     prediction[3:5, 6] = 1  # a false alarm touching no lesion: not part of any lesion's Dice
-    lesions = metrics.lesion_statistics(prediction, target, pixel_area=0.5)
+    lesions = metrics.lesion_statistics(prediction, target)
     by_area = sorted(lesions, key=lambda lesion: lesion["area"])
-    assert [lesion["area"] for lesion in by_area] == [1.0, 2.5, 18.0]
+    assert [lesion["area"] for lesion in by_area] == [2.0, 5.0, 36.0]  # pixels
     assert [lesion["detected"] for lesion in by_area] == [False, True, True]
     assert by_area[0]["dice"] == 0.0
     assert by_area[1]["dice"] == pytest.approx(2 * 4 / (5 + 4))
