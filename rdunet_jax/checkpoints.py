@@ -54,13 +54,14 @@ def check_architecture(saved: dict | None, model_config, directory) -> None:
 class RunCheckpoints:
     """The checkpoints of one workdir: `<workdir>/checkpoints/{latest,best}`."""
 
-    def __init__(self, directory, keep_latest: int = 2):
+    def __init__(self, directory, keep_latest: int = 2, create: bool = True):
+        """`create=False` opens existing checkpoints only: no folder is made (evaluation, prediction)."""
         directory = pathlib.Path(directory).absolute()
         self.directory = directory
         self._managers = {
             kind: ocp.CheckpointManager(
                 directory / kind,
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
                 item_names=("state", "meta"),
             )
             for kind, keep in (("latest", keep_latest), ("best", 1))
@@ -77,9 +78,6 @@ class RunCheckpoints:
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
-
-    def latest_step(self, kind: str) -> int | None:
-        return self._managers[kind].latest_step()
 
     def all_steps(self, kind: str) -> list[int]:
         return list(self._managers[kind].all_steps())

@@ -77,19 +77,6 @@ def slice_metadata(record: dict, image_size: int) -> dict:
     return meta
 
 
-class _Subset:
-    """The records of `source` at `indices`, as a sequence."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.source[self.indices[index]]
-
-
 def padded_batches(source, image_size: int, batch_size: int):
     """Yields (batch, metadata) in source order with the training preprocessing; every batch has
     `batch_size` rows (the last zero-padded), so evaluation never compiles a second shape."""
@@ -205,7 +192,7 @@ def collect_slices(state, source, config) -> dict:
             losses.append(float(loss))
             if meta["case_id"] is not None:
                 packed.append((np.packbits(prediction), np.packbits(target)))
-    unit = _spacing_unit([row for row in rows])
+    unit = _spacing_unit(rows)
     for row in rows:
         row["hd95"] = row["hd95_mm"] if unit == "mm" else row["hd95_pixels"]
     for lesion in lesions:
@@ -431,11 +418,17 @@ def ranked_slices(rows: list[dict], count: int) -> tuple[list[int], list[int]]:
     return best, worst
 
 
+def _subset(source, indices) -> datasets.SubsetSource:
+    """The records of `source` at `indices`, as a sequence."""
+    entries = [(source, index) for index in indices]
+    return datasets.SubsetSource(entries, getattr(source, "name", ""), getattr(source, "split", ""))
+
+
 def overlays_of(state, source, indices, config) -> list[tuple[str, np.ndarray]]:
     """(id, RGB overlay) of the slices of `source` at `indices`, predicted again (same batch shape)."""
     flips = config.eval.test_time_flips
     overlays = []
-    for batch in predict_source(state, _Subset(source, indices), config, flips):
+    for batch in predict_source(state, _subset(source, indices), config, flips):
         predictions = batch["probabilities"] >= config.eval.threshold
         for meta, image, prediction, target in zip(
             batch["metadata"], batch["images"], predictions, batch["masks"], strict=True
@@ -477,25 +470,38 @@ def default_split(config) -> str:
 
 
 def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
-    """The train state of `workdir`'s best checkpoint (or the given step of `latest`)."""
+    """The train state of `workdir`'s best checkpoint (or the given step of `latest`). Creates nothing:
+    a workdir without checkpoints, an unknown step or a damaged checkpoint is a UserError."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"--workdir: no checkpoint in {directory.absolute()}; train first")
     model = train.setup_run(config)
-    run_checkpoints = checkpoints.RunCheckpoints(pathlib.Path(workdir) / "checkpoints")
+    run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
     try:
         target = train.abstract_train_state(config, model, steps_per_epoch=1)
+        available = sorted(set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best")))
         kind = "best" if checkpoint_step is None else "latest"
         if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
             kind = "best"
             if checkpoint_step not in run_checkpoints.all_steps(kind):
-                available = sorted(
-                    set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best"))
-                )
                 raise UserError(
                     f"--checkpoint_step: no checkpoint at step {checkpoint_step} in "
                     f"{run_checkpoints.directory}; available steps: {available}"
                 )
-        restored = run_checkpoints.restore(kind, target, checkpoint_step, model_config=config.model)
-        if restored is None:
+        steps = run_checkpoints.all_steps(kind)
+        if not steps:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
+        step = max(steps) if checkpoint_step is None else checkpoint_step
+        try:
+            restored = run_checkpoints.restore(kind, target, step, model_config=config.model)
+        except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not a damaged one
+            raise
+        except Exception as error:  # orbax and tensorstore raise many types for missing or cut files
+            others = [other for other in available if other != step]
+            raise UserError(
+                f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged "
+                f"({type(error).__name__}); evaluate another with --checkpoint_step (available: {others})"
+            ) from None
         return restored[0]
     finally:
         run_checkpoints.close()

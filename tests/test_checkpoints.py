@@ -36,3 +36,10 @@ def test_restore_without_checkpoint_returns_none(tmp_path, tiny_state):
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "empty")
     assert run_checkpoints.restore("latest", tiny_state) is None
     run_checkpoints.close()
+
+
+def test_without_create_nothing_is_made(tmp_path):
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "absent", create=False)
+    assert run_checkpoints.all_steps("best") == run_checkpoints.all_steps("latest") == []
+    run_checkpoints.close()
+    assert not (tmp_path / "absent").exists()

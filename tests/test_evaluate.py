@@ -5,13 +5,16 @@ Everything runs the tiny model at the shapes the other tests compile (32 px, eva
 import csv
 import io
 import json
+import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_tiny_config
 
-from rdunet_jax import evaluate, train
+from rdunet_jax import checkpoints, evaluate, train
+from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
 
@@ -147,3 +150,54 @@ def test_padded_batches_have_one_shape_and_keep_every_slice_once():
     assert not batches[1][0]["image"][5:].any()  # padding rows are zeros
     ids = [meta["id"] for _, metadata in batches for meta in metadata]
     assert ids == [source[index]["id"] for index in range(21)]
+
+
+# --- Restoring a checkpoint for evaluation and prediction -----------------------------------------------
+
+
+def _save_checkpoints(tiny_state, workdir):
+    """Best and latest at step 1, latest at step 2 (the same state)."""
+    run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    for kind, step in (("best", 1), ("latest", 1), ("latest", 2)):
+        run_checkpoints.save(kind, step, tiny_state, meta)
+    run_checkpoints.close()
+
+
+@pytest.mark.parametrize("damage", ["delete_data", "truncate_files"])
+def test_a_damaged_best_checkpoint_is_a_user_error_naming_the_others(tiny_state, tmp_path, damage):
+    _save_checkpoints(tiny_state, tmp_path)
+    state_folder = tmp_path / "checkpoints" / "best" / "1" / "state"
+    if damage == "delete_data":
+        shutil.rmtree(state_folder / "d")
+    else:
+        for path in state_folder.rglob("*"):
+            if path.is_file():
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError) as raised:
+        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path)
+    assert re.fullmatch(
+        rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \(\w+\); "
+        r"evaluate another with --checkpoint_step \(available: \[2\]\)",
+        str(raised.value),
+    )
+    restored = evaluate.restore_for_evaluation(make_tiny_config(), tmp_path, checkpoint_step=2)
+    assert int(restored.step) == int(tiny_state.step)  # the undamaged one still restores
+
+
+def test_another_models_checkpoint_is_still_a_model_mismatch(tiny_state, tmp_path):
+    _save_checkpoints(tiny_state, tmp_path)
+    config = make_tiny_config()
+    config.model.features = 8
+    with pytest.raises(checkpoints.ModelMismatchError, match="model.features=4 in the checkpoint"):
+        evaluate.restore_for_evaluation(config, tmp_path)
+
+
+def test_restoring_from_a_missing_workdir_creates_nothing(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint in .*; train first"):
+        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="no checkpoint in .*; train first"):
+        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path / "empty")
+    assert list((tmp_path / "empty" / "checkpoints").iterdir()) == []

@@ -81,6 +81,7 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "none").exists()  # nothing created on the way
 
 
 def test_predict_without_input_is_a_one_line_error(tmp_path):
@@ -100,6 +101,7 @@ def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "slice_mask.png").exists()
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize(
