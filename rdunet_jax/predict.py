@@ -13,6 +13,11 @@ Outputs, for an input named `<stem>`:
   `<stem>_overlays/` with the slices of largest predicted lesion drawn as in the paper's Figure 5.
 - Image: `<stem>_mask.png` ({0, 255}, the input's size) and `<stem>_overlay.png`.
 
+Before anything is written, the output folder, the checkpoint and every input are checked: images are
+decoded, NIfTI headers, shapes and (uncompressed) lengths read, ground truths matched in size. A
+`.nii.gz` cut short in its data shows only when that slice is read: it is a one-line error that leaves
+no mask, and an output folder this run created and left empty is removed.
+
 A volume is streamed: slices are read, predicted in fixed-size batches (at most a few in flight) and
 written to the mask file as they come, so memory does not grow with the number of slices. Existing
 outputs are never replaced without `overwrite`, and every file is written to a temporary name and
@@ -25,7 +30,7 @@ import gzip
 import heapq
 import os
 import pathlib
-import tempfile
+import zlib
 
 import jax
 import numpy as np
@@ -33,11 +38,13 @@ from PIL import Image
 
 from rdunet_jax import evaluate, input_pipeline, metrics, visualize
 from rdunet_jax.datasets import readers
+from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
-from rdunet_jax.files import write_json_atomic
+from rdunet_jax.files import atomic_path, write_json_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What reading a damaged volume's voxels raises: a cut gzip stream, a short file, a bad deflate block.
+READ_ERRORS = (EOFError, OSError, zlib.error, ValueError)
 # Batches dispatched to the device but not yet collected: enough to overlap reading, computing and
 # writing, few enough to bound memory.
 BATCHES_IN_FLIGHT = 2
@@ -91,6 +98,38 @@ def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str
             "overlays": output_dir / f"{name}_overlays",
         }
     return {"mask": output_dir / f"{name}_mask.png", "overlay": output_dir / f"{name}_overlay.png"}
+
+
+def check_output_folder(output_dir: pathlib.Path) -> None:
+    """Refuses an `output_dir` that is, or lies below, something other than a folder."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--output: {folder} exists and is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--output: cannot write in {folder}")
+            return
+
+
+def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The folders from `output_dir` up that do not exist yet (deepest first): those prediction creates."""
+    missing = []
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_empty_folders(folders: list[pathlib.Path]) -> None:
+    """Removes the `folders` (deepest first) that are empty, stopping at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> None:
@@ -166,22 +205,7 @@ def mask_at_input_size(probabilities: np.ndarray, shape, threshold: float) -> np
     return (resize_probabilities(probabilities, shape) >= threshold).astype(np.uint8)
 
 
-# --- Atomic file output ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output(path: pathlib.Path):
-    """A binary file object for `path`: written under a temporary name beside it and renamed over
-    `path` only when the block completes, so `path` is either absent, the old file or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            yield file
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+# --- NIfTI mask output ----------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -198,7 +222,7 @@ def nifti_mask_writer(path: pathlib.Path, source_header, shape):
     header.set_xyzt_units(*source_header.get_xyzt_units())
     header.set_qform(*source_header.get_qform(coded=True))
     header.set_sform(*source_header.get_sform(coded=True))
-    with atomic_output(path) as raw:
+    with atomic_path(path) as temporary, open(temporary, "wb") as raw:
         compressed = path.name.lower().endswith(".gz")
         # mtime=0: the same prediction gives the same bytes.
         file = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if compressed else raw
@@ -216,25 +240,48 @@ def nifti_mask_writer(path: pathlib.Path, source_header, shape):
 # --- NIfTI volumes ---------------------------------------------------------------------------------------
 
 
-def open_volume(path: pathlib.Path):
-    """A NIfTI image whose slices are read on demand (the file is kept open: one pass, not one per slice)."""
+def open_volume(path: pathlib.Path, keep_file_open: bool = True):
+    """A NIfTI image whose slices are read on demand (by default the file is kept open: one pass, not one
+    per slice), its header and shape checked. An uncompressed file shorter than its data is refused here;
+    a cut `.nii.gz` shows only when its slices are read (`volume_slice`)."""
     import nibabel
 
     try:
-        image = nibabel.load(path, keep_file_open=True)
+        image = nibabel.load(path, keep_file_open=keep_file_open)
     except Exception as error:  # nibabel raises many types for non-NIfTI files
         reason = f"{type(error).__name__}: {error}"
         raise UserError(f"{path}: corrupt or unreadable NIfTI file ({reason})") from None
     shape = image.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape) == 0:
         raise UserError(f"{path}: expected a 3-D volume (x, y, slices), got an array of shape {shape}")
+    if not path.name.lower().endswith(".gz"):
+        offset = int(image.dataobj.offset)  # where the voxels start (the header's vox_offset)
+        expected = offset + int(np.prod(shape)) * image.header.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < expected:
+            raise UserError(f"{path}: truncated NIfTI file ({size} bytes, its header needs {expected})")
     return image
 
 
-def volume_slice(image, index: int) -> np.ndarray:
-    """Axial slice `index` of a volume as float32 (x, y): the same slice the `nifti` dataset stores."""
+def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True):
+    """(volume, expert mask volume or None), checked to have the same shape."""
+    image = open_volume(input_file, keep_file_open)
+    truth = open_volume(ground_truth, keep_file_open) if ground_truth else None
+    if truth is not None and truth.shape != image.shape:
+        raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
+    return image, truth
+
+
+def volume_slice(image, index: int, path: pathlib.Path) -> np.ndarray:
+    """Axial slice `index` of a volume as float32 (x, y): the same slice the `nifti` dataset stores.
+    A failed read (a cut or damaged file) is a UserError naming `path`."""
     region = (slice(None), slice(None), index) + ((0,) if len(image.shape) == 4 else ())
-    return np.asarray(image.dataobj[region], dtype=np.float32)
+    try:
+        return np.asarray(image.dataobj[region], dtype=np.float32)
+    except READ_ERRORS as error:
+        reason = f"{type(error).__name__}: {error}"
+        message = f"{path}: corrupt or truncated NIfTI file, slice {index} unreadable ({reason})"
+        raise UserError(message) from None
 
 
 def display_slice(hu_slice: np.ndarray, hu_window) -> np.ndarray:
@@ -251,10 +298,7 @@ def to_display(array: np.ndarray) -> np.ndarray:
 
 def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None) -> dict:
     """Segments one NIfTI volume slice by slice and writes its mask, summary and overlays."""
-    image = open_volume(input_file)
-    truth = open_volume(ground_truth) if ground_truth else None
-    if truth is not None and truth.shape != image.shape:
-        raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
+    image, truth = open_volume_pair(input_file, ground_truth)
     shape, num_slices = image.shape, image.shape[2]
     threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
     num_overlays = int(config.eval.num_overlays)
@@ -262,7 +306,7 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
 
     def examples():
         for index in range(num_slices):
-            hu_slice = volume_slice(image, index)
+            hu_slice = volume_slice(image, index, input_file)
             yield (index, hu_slice), {"image": hu_slice, "mask": dummy_mask}
 
     lesion_voxels, slices_with_lesion, counts = 0, 0, np.zeros(3, np.int64)
@@ -276,7 +320,8 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
             slices_with_lesion += pixels > 0
             target = None
             if truth is not None:
-                target = np.isin(np.rint(volume_slice(truth, index)), readers.NIFTI_LESION_LABELS)
+                labels = np.rint(volume_slice(truth, index, ground_truth))
+                target = np.isin(labels, readers.NIFTI_LESION_LABELS)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
             if pixels and num_overlays:
@@ -300,7 +345,7 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
     if truth is not None:
         tp, fp, fn = (int(count) for count in counts)
         summary["ground_truth"] = str(ground_truth)
-        summary["dice_with_ground_truth"] = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        summary["dice_with_ground_truth"] = float(metrics.slice_metrics(tp, fp, fn)["dice"])
     write_json_atomic(outputs["summary"], summary)
     return summary
 
@@ -342,16 +387,30 @@ def predict_images(state, config, jobs: list[tuple]) -> None:
 
     for payload, probabilities in predict_stream(state, config, examples()):
         input_file, outputs, ground_truth, image = payload
-        mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
-        visualize.write_png(outputs["mask"], mask * 255)
         target = None
-        if ground_truth is not None:
+        if ground_truth is not None:  # checked before anything of this input is written
             target = readers.read_binary_mask(ground_truth)
             readers.check_same_size(image, target, input_file, ground_truth)
+        mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
+        visualize.write_png(outputs["mask"], mask * 255)
         visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))
 
 
 # --- The command -----------------------------------------------------------------------------------------
+
+
+def verify_inputs(jobs: list[tuple]) -> None:
+    """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
+    shape and, uncompressed, length) and checks their sizes agree, so a bad file fails before any
+    output is written."""
+    for input_file, _, ground_truth in jobs:
+        if input_kind(input_file) == "nifti":
+            open_volume_pair(input_file, ground_truth, keep_file_open=False)
+        else:
+            image = readers.read_grayscale_image(input_file)
+            if ground_truth is not None:
+                target = readers.read_binary_mask(ground_truth)
+                readers.check_same_size(image, target, input_file, ground_truth)
 
 
 def predict_path(
@@ -365,19 +424,33 @@ def predict_path(
     state=None,
 ) -> list[dict]:
     """Segments `input_path` (a file or a folder) with a checkpoint of `workdir` into `output_dir`;
-    returns the summaries of the NIfTI volumes."""
+    returns the summaries of the NIfTI volumes. Outputs, inputs and the checkpoint are checked before
+    anything is written; on failure, output folders this call created and left empty are removed."""
     if not input_path or not output_dir:
         raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
     inputs = list_inputs(input_path)
     output_dir = pathlib.Path(output_dir)
+    check_output_folder(output_dir)
     check_outputs_free(inputs, output_dir, overwrite)
+    single = len(inputs) == 1
+    jobs = [
+        (input_file, output_paths(input_file, output_dir), ground_truth_for(input_file, ground_truth, single))
+        for input_file in inputs
+    ]
     if state is None:
         state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    single = len(inputs) == 1
+    verify_inputs(jobs)
+    created = missing_folders(output_dir)
+    try:
+        return _predict_jobs(state, config, jobs, output_dir)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
+def _predict_jobs(state, config, jobs: list[tuple], output_dir: pathlib.Path) -> list[dict]:
     summaries, image_jobs = [], []
-    for input_file in inputs:
-        outputs = output_paths(input_file, output_dir)
-        truth = ground_truth_for(input_file, ground_truth, single)
+    for input_file, outputs, truth in jobs:
         if input_kind(input_file) == "nifti":
             summary = predict_volume(state, config, input_file, outputs, truth)
             print(

@@ -146,7 +146,96 @@ def test_an_interrupted_volume_leaves_no_mask_file(tmp_path, monkeypatch):
     config.eval.batch_size = 2
     with pytest.raises(KeyboardInterrupt):
         predict.predict_path(config, None, source, tmp_path / "out", state=object())
-    assert not any(path.name.endswith((".nii.gz", ".tmp")) for path in (tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # no temporary left, and the folder it made is gone
+
+
+class _Stub:
+    """A stand-in train state; `evaluate.dispatch_batch` is replaced, so no model runs."""
+
+    step = 3
+
+
+def _no_model(monkeypatch):
+    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("the checkpoint was restored")
+
+    monkeypatch.setattr(evaluate, "restore_for_evaluation", no_restore)
+
+
+def test_an_output_that_is_a_file_is_refused_before_restoring(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    _write_images(tmp_path / "in")
+    output = tmp_path / "out"
+    output.write_text("a file")
+    with pytest.raises(UserError, match=f"^--output: {output} exists and is not a folder$"):
+        predict.predict_path(make_tiny_config(), tmp_path / "run", tmp_path / "in", output)
+    with pytest.raises(UserError, match=f"^--output: {output} exists and is not a folder$"):
+        predict.predict_path(make_tiny_config(), tmp_path / "run", tmp_path / "in", output / "below")
+    assert output.read_text() == "a file"
+
+
+def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    rng = np.random.default_rng(0)  # noise: the compressed data are long enough to cut mid-stream
+    volume = rng.integers(-1000, 400, (45, 37, 5)).astype(np.int16)
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    data = source.read_bytes()
+    source.write_bytes(data[: len(data) * 3 // 5])
+    config = make_tiny_config()
+    config.eval.batch_size = 2
+    with pytest.raises(UserError, match="case.nii.gz: corrupt or truncated NIfTI file, slice \\d unreadable"):
+        predict.predict_path(config, None, source, tmp_path / "new" / "out", state=_Stub())
+    assert not (tmp_path / "new").exists()  # the folders it created, left empty, are removed
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("x")
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        predict.predict_path(config, None, source, tmp_path / "kept", state=_Stub())
+    assert [path.name for path in (tmp_path / "kept").iterdir()] == ["other.txt"]
+
+
+def _truncated_nifti(path):
+    _save_nifti(path, _volume((20, 20, 4))[0])
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "bad_name, write_bad, message",
+    [
+        ("z.png", lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n cut"), "corrupt or truncated image"),
+        ("z.nii", _truncated_nifti, "truncated NIfTI file"),
+    ],
+)
+def test_a_bad_input_in_a_folder_fails_before_any_output(tmp_path, monkeypatch, bad_name, write_bad, message):
+    _no_model(monkeypatch)
+    _write_images(tmp_path / "in")
+    _save_nifti(tmp_path / "in" / "a_volume.nii", _volume((20, 20, 4))[0])
+    write_bad(tmp_path / "in" / bad_name)
+    config = make_tiny_config()
+    config.eval.batch_size = 1  # the bad file comes batches after the first
+    with pytest.raises(UserError, match=f"{bad_name}: {message}"):
+        predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=_Stub())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ground_truth_of_another_size_is_refused_before_the_mask_is_written(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    _write_images(tmp_path / "in")
+    truth = tmp_path / "truth.png"
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(truth)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="truth.png: size \\(30, 30\\) differs from its image"):
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in" / "a.png",
+            tmp_path / "out",
+            ground_truth=truth,
+            state=_Stub(),
+        )
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize(
