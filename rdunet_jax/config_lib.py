@@ -8,7 +8,7 @@ import difflib
 
 import ml_collections
 
-from rdunet_jax import models
+from rdunet_jax import input_pipeline, models
 from rdunet_jax.errors import UserError
 
 # The paper's model family, by name: each entry is a set of `model.*` overrides.
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.cv_fold = 0
     config.data.cv_seed = 0
     # Hounsfield-unit window (lower, upper) mapped to [0, 1] for nifti slices: the lung window W1500/L-600.
-    config.data.hu_window = (-1350.0, 150.0)
+    config.data.hu_window = input_pipeline.LUNG_WINDOW
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"

@@ -14,6 +14,9 @@ from scipy import ndimage
 
 from rdunet_jax.errors import UserError
 
+# Hounsfield units: the lung window W1500/L-600, the default of `data.hu_window`.
+LUNG_WINDOW = (-1350.0, 150.0)
+
 
 def resize(array: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
     """Resizes a 2-D slice to (size, size): bilinear for images, nearest for masks (stay binary)."""
@@ -21,6 +24,12 @@ def resize(array: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
         return array
     resample = Image.Resampling.NEAREST if is_mask else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(array).resize((size, size), resample))
+
+
+def window_hounsfield(image: np.ndarray, hu_window) -> np.ndarray:
+    """Maps Hounsfield units linearly from the (lower, upper) window to [0, 1], clipped (CT windowing)."""
+    lower, upper = (float(value) for value in hu_window)
+    return np.clip((np.asarray(image, np.float32) - lower) / (upper - lower), 0.0, 1.0)
 
 
 def preprocess(record: dict, image_size: int, hu_window: tuple | None = None) -> dict:
@@ -35,10 +44,8 @@ def preprocess(record: dict, image_size: int, hu_window: tuple | None = None) ->
         image = resize(image, image_size, is_mask=False).astype(np.float32) / 255.0
     else:
         if hu_window is None:
-            hu_window = record.get("hu_window", (-1350.0, 150.0))
-        lower, upper = (float(value) for value in hu_window)
-        windowed = np.clip((image.astype(np.float32) - lower) / (upper - lower), 0.0, 1.0)
-        image = resize(windowed, image_size, is_mask=False)
+            hu_window = record.get("hu_window", LUNG_WINDOW)
+        image = resize(window_hounsfield(image, hu_window), image_size, is_mask=False)
     mask = resize(np.asarray(record["mask"]), image_size, is_mask=True)
     return {
         "image": image.astype(np.float32)[..., None],

@@ -284,12 +284,6 @@ def volume_slice(image, index: int, path: pathlib.Path) -> np.ndarray:
         raise UserError(message) from None
 
 
-def display_slice(hu_slice: np.ndarray, hu_window) -> np.ndarray:
-    """A windowed (x, y) slice in [0, 1], as preprocessing windows it (before resizing)."""
-    lower, upper = (float(value) for value in hu_window)
-    return np.clip((hu_slice - lower) / (upper - lower), 0.0, 1.0)
-
-
 def to_display(array: np.ndarray) -> np.ndarray:
     """An (x, y) slice turned for viewing: rows top to bottom along y, columns along x (radiological view
     of a RAS volume)."""
@@ -325,7 +319,7 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
             if pixels and num_overlays:
-                entry = (pixels, -index, display_slice(hu_slice, hu_window), mask, target)
+                entry = (pixels, -index, input_pipeline.window_hounsfield(hu_slice, hu_window), mask, target)
                 (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
     write_volume_overlays(outputs["overlays"], largest)
     zooms = [float(value) for value in image.header.get_zooms()[:3]]
