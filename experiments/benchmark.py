@@ -19,7 +19,8 @@ Prints one markdown table row per image size and saves JSON with, per size:
 
 With `--torch_python`, PyTorch's reference (`--torch_script`, run with that interpreter in its own
 environment) is timed in the same session, interleaved round by round with the JAX steps, and the
-JSON gets `torch_*` figures and `train_step_ratio_vs_torch` (JAX over PyTorch: below 1 is faster).
+JSON gets `torch_*` figures and `train_step_ratio_vs_torch` (JAX over PyTorch: below 1 is faster; the
+median over rounds of each round's ratio).
 The machine may be shared: compare only figures taken side by side in one run.
 """
 
@@ -390,11 +391,14 @@ def benchmark_size(args, image_size: int) -> dict:
     # Interleave: each round times a block of JAX steps, then each PyTorch variant, so both see the
     # same load on a shared machine.
     rounds = args.rounds if torch_variants else 1
+    round_ratios: dict[str, list[float]] = {}
     for _ in range(rounds):
         timer.run(args.steps)
+        jax_round = statistics.median(timer.times[-args.steps :])
         for variant in torch_variants:
             result = run_torch(args, "train", image_size, args.batch_size, variant, args.steps)
             torch_runs.setdefault(variant, []).append(result)
+            round_ratios.setdefault(variant, []).append(jax_round / result["step_median_s"])
     train_step_s = statistics.median(timer.times)
     result = {
         "image_size": image_size,
@@ -416,9 +420,11 @@ def benchmark_size(args, image_size: int) -> dict:
     del timer, compiled, state  # free the training buffers before inference
     result.update(measure_inference(config, model, args, image_size))
     for variant, runs in torch_runs.items():
-        median = statistics.median(run["step_median_s"] for run in runs)
-        result[f"torch_{variant}_train_step_s"] = median
-        result[f"train_step_ratio_vs_torch_{variant}"] = train_step_s / median
+        result[f"torch_{variant}_train_step_s"] = statistics.median(run["step_median_s"] for run in runs)
+        # The median of per-round ratios: each round's JAX and PyTorch steps ran minutes apart at most,
+        # so a shared machine's changing load cancels better than in a ratio of overall medians.
+        result[f"train_step_ratio_vs_torch_{variant}"] = statistics.median(round_ratios[variant])
+        result[f"train_step_ratios_vs_torch_{variant}_by_round"] = round_ratios[variant]
     if torch_variants:
         result["train_step_ratio_vs_torch"] = result[f"train_step_ratio_vs_torch_{torch_variants[0]}"]
         for variant in torch_variants:
