@@ -2,7 +2,7 @@
 
     python experiments/benchmark.py --image_size 256 --batch_size 8 --json OUT.json
     python experiments/benchmark.py --image_size 128 256 --json OUT.json        # both sizes
-    python experiments/benchmark.py --image_size 256 --model.dtype bfloat16     # a model.* option
+    python experiments/benchmark.py --image_size 256 --set model.dtype=bfloat16  # any config key
 
 Prints one markdown table row per image size and saves JSON with, per size:
 
@@ -222,7 +222,7 @@ def measure_inference(config, model, args, image_size: int) -> dict:
         "infer_batch_size": args.infer_batch_size,
         "infer_gflops_per_s": xla_flops(compiled) / seconds / 1e9,
     }
-    if config.model.dtype != "float32" or config.model.upsample_impl != "resize":
+    if config.model.dtype != "float32":
         result.update(accuracy_against_float32(config, model, variables, args))
     return result
 
@@ -247,7 +247,7 @@ def accuracy_against_float32(config, model, variables, args) -> dict:
     from rdunet_jax import models
 
     reference_config = config.model.copy_and_resolve_references()
-    reference_config.update(dtype="float32", upsample_impl="resize")
+    reference_config.update(dtype="float32")
     reference = models.build_model(reference_config)
     images = phantom_images(config, args.infer_batch_size)
     got = np.asarray(jax.nn.sigmoid(model.apply(variables, images, train=False)))
@@ -442,9 +442,9 @@ def benchmark_size(args, image_size: int) -> dict:
 
 
 def mode_name(model_config) -> str:
-    """The compute dtype plus every speed option away from its default, e.g. 'bfloat16+stencil+bits'."""
+    """The compute dtype plus every speed option away from the config default, e.g. 'bfloat16+bits'."""
     parts = [model_config.dtype]
-    if model_config.upsample_impl != "resize":
+    if model_config.upsample_impl != "stencil":
         parts.append(model_config.upsample_impl)
     if model_config.dropout_impl != "flax":
         parts.append(model_config.dropout_impl)

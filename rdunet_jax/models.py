@@ -16,8 +16,8 @@ Speed options (none changes the parameter tree, so checkpoints stay interchangea
 
 - `dtype="bfloat16"` computes in bfloat16 with float32 parameters, float32 BatchNorm statistics and
   float32 logits.
-- `upsample_impl`: "resize" (`jax.image.resize`) or "stencil" (the same 2x bilinear up-sampling as a fixed
-  0.75/0.25 stencil: equal to float tolerance, and its gradient is a cheap stencil too).
+- `upsample_impl`: "resize" (`jax.image.resize`) or "stencil" (the config default: the same 2x bilinear
+  up-sampling as a fixed 0.75/0.25 stencil, equal to float tolerance, and its gradient is cheap too).
 - `dropout_impl`: "flax" (`nn.Dropout`: one threefry draw per element) or "bits" (the same Bernoulli
   masks drawn from fewer random bits: one bit per element at rate 0.5, 16 otherwise; other masks than
   "flax" for the same key, same distribution).

@@ -159,9 +159,11 @@ SPEED_OPTIONS = {
 
 
 def _tiny_model_config(**options):
+    """The reference model (every speed option off) at 4 feature maps and 2 levels, plus `options`."""
     config = config_lib.base_config()
     config.model.features, config.model.depth = 4, 2
     config.model.skip_dilation_rates = ((1, 2, 1), (1, 2))
+    config.model.update(upsample_impl="resize", dropout_impl="flax", remat=False)
     config.model.update(options)
     config_lib.validate(config)
     return config.model
