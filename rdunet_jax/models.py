@@ -140,9 +140,8 @@ class ConvBlock(nn.Module):
     dtype: Any = jnp.float32
     dropout_impl: str = "flax"
 
-    @nn.compact
-    def __call__(self, x, train: bool):
-        body = DoubleConv(
+    def _body(self) -> DoubleConv:
+        return DoubleConv(
             self.features,
             self.dropout_rate,
             self.dilation_rate,
@@ -150,29 +149,18 @@ class ConvBlock(nn.Module):
             self.dtype,
             self.dropout_impl,
         )
-        return nn.relu(body(x, train))
-
-
-class ResidualBlock(nn.Module):
-    """The paper's residual block: DoubleConv plus an identity (or 1x1 conv+BN) shortcut, then ReLU."""
-
-    features: int
-    dropout_rate: float = 0.5
-    dilation_rate: int = 1
-    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
-    dtype: Any = jnp.float32
-    dropout_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        body = DoubleConv(
-            self.features,
-            self.dropout_rate,
-            self.dilation_rate,
-            self.batch_norm_momentum,
-            self.dtype,
-            self.dropout_impl,
-        )(x, train)
+        return nn.relu(self._body()(x, train))
+
+
+class ResidualBlock(ConvBlock):
+    """The paper's residual block: DoubleConv plus an identity (or 1x1 conv+BN) shortcut, then ReLU."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        body = self._body()(x, train)
         shortcut = x
         if x.shape[-1] != self.features:
             shortcut = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype)(x)
