@@ -3,13 +3,17 @@
     python experiments/gpu_benchmark.py --json experiments/results/gpu_<card>.json
     python experiments/gpu_benchmark.py --smoke          # seconds on a CPU: checks the script runs
 
-For each compute dtype and batch size: the median train step (the project's `train.train_step`, jitted,
-after warm-up) as images/s, and the median eval forward pass as slices/s, at 256x256 by default. Before
-timing, each mode's outputs are checked against a CPU float32 reference on the same variables and
-batch: the eval logits and the first train step's loss (tolerances looser for bfloat16). The paper's
-schedule (350 epochs of 2,728 images) in 10 minutes needs 1,600 train images/s.
+For each compute mode and batch size: the median train step (the project's `train.train_step`, jitted,
+after warm-up) as images/s, and the median eval forward pass as slices/s, at 256x256 by default. Modes:
+`float32` (float32 numerics: matmul/conv precision 'highest'), `tf32` (float32 parameters and activations,
+XLA's default precision, which on Ampere and later GPUs multiplies in TensorFloat-32) and `bfloat16`
+(model.dtype: bfloat16 compute, float32 parameters). Before timing, each mode's outputs are checked
+against a CPU float32 reference on the same variables and batch: the eval logits and the first train
+step's loss (tolerances looser for tf32 and bfloat16). The paper's schedule (350 epochs of 2,728 images)
+in 10 minutes needs 1,600 train images/s.
 
-Uses only jax, flax, optax and numpy (what the device image has) plus this package.
+Needs this package's dependencies; a GPU image without grain, tfds or ml_collections gets them as wheels
+(experiments/gpu_session.sh shows how).
 """
 
 import argparse
@@ -29,8 +33,14 @@ from rdunet_jax import config_lib, models, train  # noqa: E402
 
 PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
 # Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
-LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
-LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+LOGIT_TOLERANCE = {"float32": 1e-3, "tf32": 2e-2, "bfloat16": 5e-2}
+LOSS_TOLERANCE = {"float32": 1e-4, "tf32": 2e-3, "bfloat16": 2e-2}
+# Compute mode -> (model.dtype, jax matmul/convolution precision).
+MODES = {
+    "float32": ("float32", "highest"),
+    "tf32": ("float32", "default"),
+    "bfloat16": ("bfloat16", "default"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32, 64, 128])
     parser.add_argument("--infer_batch_sizes", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(MODES), default=["float32", "tf32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.* override")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 32 px, a few steps (any device)")
@@ -57,7 +67,7 @@ def make_config(args, dtype: str, batch_size: int):
     config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
     config.batch_size = batch_size
     config.data.image_size = args.image_size
-    config.model.dtype = dtype
+    config.model.dtype = MODES[dtype][0]
     for item in args.set:
         key, _, text = item.partition("=")
         key = key.removeprefix("model.")
@@ -110,18 +120,27 @@ def first_step_loss(config, model, batch, device) -> float:
         return float(metrics["loss"])
 
 
-def check_against_cpu(args, dtype: str, accelerator) -> dict:
-    """This dtype's logits and first loss on the accelerator against float32 on the CPU."""
+def cpu_reference(args) -> tuple[np.ndarray, float]:
+    """(eval logits, first-step loss) in float32 on the CPU, for the first batch size (computed once)."""
     cpu = jax.devices("cpu")[0]
+    config = make_config(args, "float32", args.batch_sizes[0])
+    model = models.build_model(config.model)
+    variables = models.initialize_variables(model, args.image_size, config.seed)
+    batch = make_batch(args.batch_sizes[0], args.image_size)
+    with jax.default_matmul_precision("highest"):
+        return eval_logits(model, variables, batch["image"], cpu), first_step_loss(config, model, batch, cpu)
+
+
+def check_against_cpu(args, dtype: str, accelerator, reference) -> dict:
+    """This mode's logits and first loss on the accelerator against `cpu_reference`."""
+    want, reference_loss = reference
     config = make_config(args, dtype, args.batch_sizes[0])
-    reference_config = make_config(args, "float32", args.batch_sizes[0])
-    model, reference_model = models.build_model(config.model), models.build_model(reference_config.model)
+    model = models.build_model(config.model)
+    reference_model = models.build_model(make_config(args, "float32", args.batch_sizes[0]).model)
     variables = models.initialize_variables(reference_model, args.image_size, config.seed)
     batch = make_batch(args.batch_sizes[0], args.image_size)
-    want = eval_logits(reference_model, variables, batch["image"], cpu)
     got = eval_logits(model, variables, batch["image"], accelerator)
     logit_error = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
-    reference_loss = first_step_loss(reference_config, reference_model, batch, cpu)
     loss = first_step_loss(config, model, batch, accelerator)
     agreement = float(np.mean((got > 0) == (want > 0)))
     check = {
@@ -173,6 +192,12 @@ def peak_memory_gb(device) -> float | None:
     return stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None
 
 
+def save_partial(args, report: dict) -> None:
+    """Writes what is measured so far, so a run cut short by a time limit still leaves its figures."""
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def markdown(report: dict) -> str:
     """Tables of train images/s and inference slices/s per dtype and batch size."""
     lines = [f"{report['device']} ({report['platform']}), {report['image_size']}x{report['image_size']}", ""]
@@ -212,20 +237,22 @@ def main(argv=None) -> dict:
         "train": [],
         "infer": [],
     }
+    reference = cpu_reference(args)
     for dtype in args.dtypes:
-        report["checks"][dtype] = check_against_cpu(args, dtype, device)
-        for batch_size in args.batch_sizes:
-            row = {"dtype": dtype, "batch_size": batch_size} | train_images_per_s(
-                args, dtype, batch_size, device
-            )
-            report["train"].append(row)
-            print(json.dumps(row), flush=True)
-        for batch_size in args.infer_batch_sizes:
-            row = {"dtype": dtype, "batch_size": batch_size} | infer_slices_per_s(
-                args, dtype, batch_size, device
-            )
-            report["infer"].append(row)
-            print(json.dumps(row), flush=True)
+        with jax.default_matmul_precision(MODES[dtype][1]):
+            report["checks"][dtype] = check_against_cpu(args, dtype, device, reference)
+            for batch_size in args.batch_sizes:
+                row = {"dtype": dtype, "batch_size": batch_size}
+                row |= train_images_per_s(args, dtype, batch_size, device)
+                report["train"].append(row)
+                print(json.dumps(row), flush=True)
+                save_partial(args, report)
+            for batch_size in args.infer_batch_sizes:
+                row = {"dtype": dtype, "batch_size": batch_size}
+                row |= infer_slices_per_s(args, dtype, batch_size, device)
+                report["infer"].append(row)
+                print(json.dumps(row), flush=True)
+                save_partial(args, report)
     report["peak_memory_gb"] = peak_memory_gb(device)
     report["best_train_images_per_s"] = max(row["images_per_s"] for row in report["train"])
     report["meets_paper_schedule_in_10_minutes"] = (

@@ -1,7 +1,8 @@
 """Runs one of the paper's comparisons and writes its tables.
 
-    python experiments/run_study.py ablation|dilation|lesion_size|split_leakage --budget smoke|small|paper \\
-        [--dataset semiseg|ma2020_2d] [--data_root ../shared/data] [--max_runs N] [--dry_run]
+    python experiments/run_study.py ablation|dilation|lesion_size|split_leakage|recipe \\
+        --budget smoke|small|paper [--dataset semiseg|ma2020_2d] [--data_root ../shared/data] \\
+        [--max_runs N] [--folds K,...] [--arms A,...] [--dry_run]
 
 Each run's config and metrics go to experiments/results/<study>/<tag>/<run>.json (tag: <dataset>-<budget>)
 and its workdir to experiments/runs/<config digest>/ (gitignored). Finished runs are skipped, runs another
@@ -55,10 +56,29 @@ def parse_args(argv):
         "--tag", default=None, help="results sub-folder (default <dataset>-<budget>[-<sets>])"
     )
     parser.add_argument("--max_runs", type=int, default=None, help="train at most this many runs now")
+    parser.add_argument(
+        "--folds",
+        type=_fold_list,
+        default=None,
+        help="train only these cross-validation folds now, comma-separated (e.g. one process per fold)",
+    )
+    parser.add_argument(
+        "--arms",
+        type=lambda text: tuple(text.split(",")),
+        default=None,
+        help="train only these arms now, comma-separated (two processes must never share a run)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the plan and each run's status only")
     parser.add_argument("--results_root", default=str(EXPERIMENTS / "results"))
     parser.add_argument("--runs_root", default=str(EXPERIMENTS / "runs"))
     return parser.parse_args(argv)
+
+
+def _fold_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fold numbers") from None
 
 
 def resolve_budget(budget_name: str, dataset: str, settings: list[str]) -> design.Budget:
@@ -109,6 +129,28 @@ def prepare_study(args):
     return study, dataset, budget, base, specs, tag
 
 
+def select_folds(specs, budget: design.Budget, folds) -> list:
+    """The runs of `specs` on the given cross-validation folds (all of them when `folds` is None)."""
+    if folds is None:
+        return specs
+    if not budget.cv_folds:
+        raise UserError("--folds: this budget has no cross-validation folds")
+    if not set(folds) <= set(range(budget.cv_folds)):
+        raise UserError(f"--folds {','.join(map(str, folds))}: folds run from 0 to {budget.cv_folds - 1}")
+    return [spec for spec in specs if spec.replicate.fold in folds]
+
+
+def select_arms(study, specs, arms) -> list:
+    """The runs of `specs` of the given arms (all of them when `arms` is None)."""
+    if arms is None:
+        return specs
+    names = [arm.name for arm in study.arms]
+    unknown = [arm for arm in arms if arm not in names]
+    if unknown:
+        raise UserError(f"--arms: {', '.join(unknown)} not in the {study.name} study's arms {names}")
+    return [spec for spec in specs if spec.arm in arms]
+
+
 def write_tables(args, study, dataset, budget, base, specs, tag) -> pathlib.Path:
     """Writes <results_root>/<study>/<tag>.md from the finished records."""
     from rdunet_jax.files import write_text_atomic
@@ -143,8 +185,9 @@ def main(argv=None) -> int:
 
     try:
         study, dataset, budget, base, specs, tag = prepare_study(args)
+        selected = select_arms(study, select_folds(specs, budget, args.folds), args.arms)
         if args.dry_run:
-            print_plan(study, specs, tag, args)
+            print_plan(study, selected, tag, args)
             return 0
 
         def tables_now():
@@ -152,7 +195,7 @@ def main(argv=None) -> int:
 
         counts = runner.execute(
             study,
-            specs,
+            selected,
             tag,
             args.results_root,
             args.runs_root,

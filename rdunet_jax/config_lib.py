@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.threshold = 0.5
     config.eval.batch_size = 16
+    # Which checkpoint training evaluates at its end: 'best' (lowest validation loss) or 'last' (the final
+    # epoch). Under cross-validation the validation set is the held-out fold, so 'best' picks the epoch on
+    # the very slices it is scored on; 'last' keeps the fold unseen.
+    config.eval.checkpoint = "best"
     # Average the probabilities of the identity, left-right, up-down and both flips (nnU-Net mirroring).
     config.eval.test_time_flips = False
     # Ground-truth lesions below this area are "small" in the lesion-size table: mm^2 when the data
@@ -258,6 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         lambda value: value in ("train", "validation", "test", "train_full"),
         "'train', 'validation', 'test' or 'train_full'",
     )
+    _require(config, "eval.checkpoint", lambda value: value in ("best", "last"), "'best' or 'last'")
     _check_variant(config)
     _check_data_splits(config)
 

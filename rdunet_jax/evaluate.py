@@ -1,7 +1,7 @@
 """Evaluation: restore a checkpoint, predict a split, and write its metrics, tables and overlays.
 
-`--mode evaluate` restores the best checkpoint of a workdir (or `--checkpoint_step`) and writes, for
-`eval.split`:
+`--mode evaluate` restores the `eval.checkpoint` (best or last) of a workdir (or `--checkpoint_step`) and
+writes, for `eval.split`:
 - `metrics/<split>.json`: means and standard deviations over slices, pooled (global) values, HD95,
   per-volume values (when slices carry a case id), the lesion-size table and the conventions used;
 - `metrics/<split>_slices.csv`: one row per slice;
@@ -470,8 +470,8 @@ def default_split(config) -> str:
 
 
 def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
-    """The train state of `workdir`'s best checkpoint (or the given step of `latest`). Creates nothing:
-    a workdir without checkpoints, an unknown step or a damaged checkpoint is a UserError."""
+    """The train state of `workdir`'s `eval.checkpoint` (best or last), or the given step of `latest`.
+    Creates nothing: a workdir without checkpoints, an unknown step or a damaged checkpoint is a UserError."""
     directory = pathlib.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"--workdir: no checkpoint in {directory.absolute()}; train first")
@@ -480,7 +480,11 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
     try:
         target = train.abstract_train_state(config, model, steps_per_epoch=1)
         available = sorted(set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best")))
-        kind = "best" if checkpoint_step is None else "latest"
+        kind = (
+            {"best": "best", "last": "latest"}[config.eval.checkpoint]
+            if checkpoint_step is None
+            else "latest"
+        )
         if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
             kind = "best"
             if checkpoint_step not in run_checkpoints.all_steps(kind):

@@ -61,6 +61,7 @@ INVALID_VALUES = {
     "eval.threshold": st.one_of(st.floats(min_value=1.0), st.floats(max_value=0.0), st.none()),
     "eval.num_overlays": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "eval.test_time_flips": st.one_of(st.integers(), st.none()),
+    "eval.checkpoint": st.text(max_size=8).filter(lambda t: t not in ("best", "last")),
 }
 
 

@@ -201,3 +201,18 @@ def test_restoring_from_a_missing_workdir_creates_nothing(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*; train first"):
         evaluate.restore_for_evaluation(make_tiny_config(), tmp_path / "empty")
     assert list((tmp_path / "empty" / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize(("which", "step_offset"), [("best", 0), ("last", 5)])
+def test_eval_checkpoint_picks_the_best_or_the_last_checkpoint(tiny_state, tmp_path, which, step_offset):
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    later = tiny_state.replace(step=tiny_state.step + 5)
+    run_checkpoints.save("best", 1, tiny_state, meta)
+    run_checkpoints.save("latest", 1, tiny_state, meta)
+    run_checkpoints.save("latest", 2, later, meta)
+    run_checkpoints.close()
+    config = make_tiny_config()
+    config.eval.checkpoint = which
+    restored = evaluate.restore_for_evaluation(config, tmp_path)
+    assert int(restored.step) == int(tiny_state.step) + step_offset

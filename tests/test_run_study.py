@@ -83,6 +83,9 @@ def test_every_plan_is_valid_and_arms_differ_only_in_the_compared_thing(study_na
         assert len(specs) == len(study.arms) * max(settings.cv_folds, 1) * len(settings.seeds)
         allowed = {"name", "model.variant", "model.block", "model.use_se", "model.skip_dilation_rates"}
         allowed |= {"model.encoder_dilation_rates", "data.split_scheme"}
+        if study_name == "recipe":  # candidates change the schedule, resolution and augmentation too
+            recipes = design.semiseg_recipes().RECIPE_CANDIDATES.values()
+            allowed |= {key for recipe in recipes for key in recipe} | {"eval.small_lesion_area"}
         by_replicate = {}
         for spec in specs:
             by_replicate.setdefault(spec.replicate, []).append(runner.config_json(spec.config))
@@ -257,6 +260,40 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert status == 0 and len(lines) == 13 and lines[0].startswith("paper-fold0-seed0")
     assert all(" pending " in line for line in lines[:-1]) and not (tmp_path / "r").exists()
+
+
+def test_cli_folds_and_arms_select_their_runs(tmp_path, capsys):
+    roots = ["--results_root", str(tmp_path / "r"), "--runs_root", str(tmp_path / "w")]
+    assert run_study.main(["ablation", "--budget", "smoke", "--dry_run", "--folds", "1", *roots]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == [
+        f"{arm}-fold1-seed0" for arm in ("unet", "residual", "residual_se", "rdunet", "resdunet")
+    ]
+    assert run_study.main(["ablation", "--budget", "smoke", "--dry_run", "--folds", "2", *roots]) == 2
+    assert capsys.readouterr().err == "error: --folds 2: folds run from 0 to 1\n"
+    assert run_study.main(["split_leakage", "--budget", "smoke", "--dry_run", "--folds", "0", *roots]) == 2
+    assert "no cross-validation folds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_study.parse_args(["ablation", "--folds", "one"])
+    arms = ["--arms", "unet,rdunet", "--folds", "0"]
+    assert run_study.main(["ablation", "--budget", "smoke", "--dry_run", *arms, *roots]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["unet-fold0-seed0", "rdunet-fold0-seed0"]
+    assert run_study.main(["ablation", "--budget", "smoke", "--dry_run", "--arms", "unet,vnet", *roots]) == 2
+    assert capsys.readouterr().err.startswith("error: --arms: vnet not in the ablation study's arms ['unet',")
+
+
+def test_the_semiseg_config_is_the_chosen_recipe_arm_without_its_fold():
+    recipes = design.semiseg_recipes()
+    budget = design.BUDGETS[("small", "semiseg")]
+    specs = design.plan(design.STUDIES["recipe"], design.base_config("semiseg", budget, "/d"), (0,))
+    arm = next(spec for spec in specs if spec.arm == recipes.CHOSEN_RECIPE).config
+    config = recipes.get_config()
+    differing = _differing_keys(runner.config_json(arm), runner.config_json(config))
+    # Only what locates the data, names the run and makes it a CV fold differs.
+    assert differing == {"name", "data.manual_dir", "data.cv_folds", "eval.split"}
+    assert config.data.image_size == 256 and config.eval.checkpoint == "last"
+    assert recipes.get_config("unet").model.block == "plain"
 
 
 def test_cli_budget_overrides_tag_and_command(capsys):

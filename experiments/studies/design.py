@@ -5,6 +5,8 @@ its replicate, so runs that differ in the compared thing share data split, seed 
 """
 
 import dataclasses
+import functools
+import importlib.util
 import pathlib
 from collections.abc import Callable
 
@@ -123,6 +125,30 @@ class Study:
         return next(arm for arm in self.arms if arm.name == name)
 
 
+@functools.cache
+def semiseg_recipes():
+    """configs/semiseg.py, imported by path (configs/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "semiseg.py"
+    spec = importlib.util.spec_from_file_location("semiseg_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_arm(name: str) -> Arm:
+    """An arm of the full model trained with candidate `name` of configs/semiseg.py's recipes."""
+    recipes = semiseg_recipes()
+    changes = ", ".join(f"{key}={value}" for key, value in recipes.RECIPE_CANDIDATES[name].items())
+    chosen = " (configs/semiseg.py's choice)" if name == recipes.CHOSEN_RECIPE else ""
+
+    def apply(config):
+        config_lib.apply_model_variant(config, "rdunet")
+        recipes.apply_recipe(config, name)
+        config.eval.small_lesion_area = SMALL_LESION_AREA_AT_256 * (config.data.image_size / 256) ** 2
+
+    return Arm(name, f"recipe{chosen}: {changes}", apply)
+
+
 ABLATION_ARMS = (
     variant_arm("unet", "U-net (plain blocks)"),
     variant_arm("residual", "+ residual blocks"),
@@ -174,6 +200,17 @@ STUDIES = {
         reference="blocks",
         tables=("per_replicate", "summary", "paired_replicates"),
         datasets=("ma2020_2d",),
+    ),
+    "recipe": Study(
+        "recipe",
+        "COVID-SemiSeg recipe candidates against the budget's paper schedule",
+        (
+            variant_arm("rdunet", "the full model at this budget (the paper's schedule, shortened)"),
+            *(recipe_arm(name) for name in semiseg_recipes().RECIPE_CANDIDATES),
+        ),
+        reference="rdunet",
+        tables=("per_replicate", "summary", "paired_slices", "lesions"),
+        datasets=("semiseg",),
     ),
 }
 DEFAULT_DATASETS = {"ablation": "semiseg", "dilation": "semiseg", "lesion_size": "semiseg"}
