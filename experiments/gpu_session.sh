@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session in a fixed time box: the GPU benchmark alone on the card, then pending study runs in
-# parallel processes (the card is far from busy with one small run), then an archive of the new records.
+# One GPU session in a fixed time box: pending study runs in parallel processes (the card is far from
+# busy with one small run) for STUDY_SECONDS (default 360), then the GPU benchmark alone on the card until
+# SECONDS, then an archive of the new records.
 #
 #   bash experiments/gpu_session.sh OUT DATA_ROOT [SECONDS=560]
 #
@@ -27,12 +28,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
   "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())") >"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-# 1. The benchmark, alone on the card.
-timeout "${BENCHMARK_SECONDS:-200}" python3 experiments/gpu_benchmark.py --batch_sizes 8 64 \
-  --infer_batch_sizes 16 128 --steps 10 --json "$out/gpu_benchmark.json" >"$out/benchmark.log" 2>&1
-echo "benchmark: exit $?, $(left) s left"
-
-# 2. Studies. The prepared dataset is built once, before the processes that read it start.
+# 1. Studies, for STUDY_SECONDS (runs cut short leave no record and rerun next time). The prepared
+# dataset is built once, before the processes that read it start.
 budget=${STUDY_BUDGET:-small}
 study() { python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
 python3 -c "
@@ -62,12 +59,19 @@ for fold in $folds; do
     done
   fi
 done
-remaining=$(($(left) - 25))
-(sleep "$remaining"; kill "${pids[@]}" 2>/dev/null) &
+# SIGTERM: each run saves a checkpoint and exits within seconds.
+(sleep "$((${STUDY_SECONDS:-360} - ($(date +%s) - started)))"; pkill -TERM -f experiments/run_study.py) &
 killer=$!
 wait "${pids[@]}" 2>/dev/null
 kill "$killer" 2>/dev/null
 echo "studies ended with $(left) s left"
+sleep 2
+
+# 2. The benchmark, alone on the card, in the time left (it saves its figures as it goes).
+unset JAX_DEFAULT_MATMUL_PRECISION
+timeout "$(($(left) - 20))" python3 experiments/gpu_benchmark.py --batch_sizes 8 64 \
+  --infer_batch_sizes 16 128 --steps 10 --json "$out/gpu_benchmark.json" >"$out/benchmark.log" 2>&1
+echo "benchmark: exit $?, $(left) s left"
 tar czf "$out/results.tgz" experiments/results
 # Logs: one archive (the tool brings back few files).
 tar czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls ./*.log)
