@@ -31,7 +31,8 @@ cat "$out/gpu.txt"
 # 1. Studies, for STUDY_SECONDS (runs cut short leave no record and rerun next time). The prepared
 # dataset is built once, before the processes that read it start.
 budget=${STUDY_BUDGET:-small}
-study() { python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
+# exec: each background job is then the Python process itself, so its pid is the one to signal.
+study() { exec python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
 python3 -c "
 import sys; sys.path.insert(0, 'experiments')
 from studies import design
@@ -60,7 +61,7 @@ for fold in $folds; do
   fi
 done
 # SIGTERM: each run saves a checkpoint and exits within seconds.
-(sleep "$((${STUDY_SECONDS:-360} - ($(date +%s) - started)))"; pkill -TERM -f experiments/run_study.py) &
+(sleep "$((${STUDY_SECONDS:-360} - ($(date +%s) - started)))"; kill -TERM "${pids[@]}" 2>/dev/null) &
 killer=$!
 wait "${pids[@]}" 2>/dev/null
 kill "$killer" 2>/dev/null

@@ -292,7 +292,9 @@ def test_the_semiseg_config_is_the_chosen_recipe_arm_without_its_fold():
     differing = _differing_keys(runner.config_json(arm), runner.config_json(config))
     # Only what locates the data, names the run and makes it a CV fold differs.
     assert differing == {"name", "data.manual_dir", "data.cv_folds", "eval.split"}
-    assert config.data.image_size == 256 and config.eval.checkpoint == "last"
+    chosen = recipes.RECIPE_CANDIDATES[recipes.CHOSEN_RECIPE]
+    assert config.data.image_size == chosen["data.image_size"] and config.eval.checkpoint == "last"
+    assert config.eval.small_lesion_area == 100.0 * (config.data.image_size / 256) ** 2
     assert recipes.get_config("unet").model.block == "plain"
 
 

@@ -144,7 +144,6 @@ def recipe_arm(name: str) -> Arm:
     def apply(config):
         config_lib.apply_model_variant(config, "rdunet")
         recipes.apply_recipe(config, name)
-        config.eval.small_lesion_area = SMALL_LESION_AREA_AT_256 * (config.data.image_size / 256) ** 2
 
     return Arm(name, f"recipe{chosen}: {changes}", apply)
 
