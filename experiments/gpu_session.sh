@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One GPU session in a fixed time box: pending study runs in parallel processes (the card is far from
-# busy with one small run) for STUDY_SECONDS (default 360), then the GPU benchmark alone on the card until
-# SECONDS, then an archive of the new records.
+# One GPU session in a fixed time box of SECONDS, in phases (PHASES, default "breakdown benchmark studies"):
+#   breakdown  experiments/step_breakdown.py: each block's forward and backward alone (BREAKDOWN_SECONDS)
+#   benchmark  experiments/gpu_benchmark.py, alone on the card, as configured and with the model.* speed
+#              options in BENCHMARK_SETS (BENCHMARK_SECONDS)
+#   studies    pending study runs in parallel processes until 30 s before the end (the card is far from
+#              busy with one small run); runs cut short leave no record and rerun next time
 #
 #   bash experiments/gpu_session.sh OUT DATA_ROOT [SECONDS=560]
 #
-# OUT receives gpu.txt, gpu_benchmark.json, the logs and results.tgz (experiments/results as it ends;
-# unpack it over the checkout: finished runs are skipped next time, unfinished ones rerun). DATA_ROOT holds
-# covid-semiseg/. Wheels in .whl/ (packages the GPU image lacks: grain, tfds, ml_collections...) are
-# installed first. Study runs use float32 matmul precision ('highest'), as on the CPU; no two processes
-# ever share a run (each takes its own arms and folds).
+# OUT receives gpu.txt, the JSON of each measurement, logs.tgz and results.tgz (experiments/results as it
+# ends: unpack it over the checkout). DATA_ROOT holds covid-semiseg/. Wheels in .whl/ (what the GPU image
+# lacks: grain, tfds, ml_collections...) are installed first. Study runs use float32 matmul precision
+# ('highest'), as on the CPU; no two processes ever share a run (each takes its own arms and folds).
 set -u
 out=${1:?OUT}
 data_root=${2:?DATA_ROOT}
@@ -28,53 +30,65 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
   "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())") >"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-# 1. Studies, for STUDY_SECONDS (runs cut short leave no record and rerun next time). The prepared
-# dataset is built once, before the processes that read it start.
-budget=${STUDY_BUDGET:-small}
-# exec: each background job is then the Python process itself, so its pid is the one to signal.
-study() { exec python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
-python3 -c "
+breakdown() {
+  timeout "${BREAKDOWN_SECONDS:-120}" python3 experiments/step_breakdown.py --image_size 256 --batch_size 8 \
+    --json "$out/step_breakdown.json" >"$out/breakdown.log" 2>&1
+  echo "breakdown: exit $?, $(left) s left"
+}
+
+benchmark() {
+  local each=$((${BENCHMARK_SECONDS:-200} / (1 + $(wc -w <<<"${BENCHMARK_SETS-pool_impl=reshape}"))))
+  local name set
+  for set in "" ${BENCHMARK_SETS-pool_impl=reshape}; do
+    name=gpu_benchmark${set:+_${set//[^a-z0-9]/_}}
+    timeout "$each" python3 experiments/gpu_benchmark.py --dtypes float32 bfloat16 --batch_sizes 8 64 \
+      --infer_batch_sizes 128 --steps 10 ${set:+--set "$set"} --json "$out/$name.json" >"$out/$name.log" 2>&1
+    echo "$name: exit $?, $(left) s left"
+  done
+}
+
+studies() {
+  local budget=${STUDY_BUDGET:-small} pids=() fold arm recipe_arms folds
+  # exec: each background job is then the Python process itself, so its pid is the one to signal.
+  study() { exec python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
+  # The prepared dataset is built once, before the processes that read it start.
+  python3 -c "
 import sys; sys.path.insert(0, 'experiments')
 from studies import design
 from rdunet_jax.datasets import builder
 budget = design.BUDGETS[('$budget', 'semiseg')]
 builder.prepare(design.base_config('semiseg', budget, '$data_root').data)
-" || exit 1
-folds=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
+" >"$out/prepare.log" 2>&1 || return 1
+  folds=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
 print(' '.join(map(str, range(design.BUDGETS[('$budget', 'semiseg')].cv_folds))))")
-export JAX_DEFAULT_MATMUL_PRECISION=highest
-pids=()
-recipe_arms=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
+  recipe_arms=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
 print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
-for fold in $folds; do
-  study ablation --folds "$fold" >"$out/ablation_$fold.log" 2>&1 &
-  pids+=($!)
-  # Only the schedules no other study runs; the shared arms (paper, residual_se, resdunet) come from the
-  # ablation, and running `dilation` once more afterwards records them.
-  study dilation --folds "$fold" --arms decreasing,increasing,rate1 >"$out/dilation_$fold.log" 2>&1 &
-  pids+=($!)
-  if [ "${RECIPE:-1}" = 1 ]; then
+  export JAX_DEFAULT_MATMUL_PRECISION=highest
+  for fold in $folds; do
+    study ablation --folds "$fold" >"$out/ablation_$fold.log" 2>&1 &
+    pids+=($!)
+    # Only the schedules no other study runs; the shared arms (paper, residual_se, resdunet) come from
+    # the ablation, and running `dilation` once more afterwards records them.
+    study dilation --folds "$fold" --arms decreasing,increasing,rate1 >"$out/dilation_$fold.log" 2>&1 &
+    pids+=($!)
     for arm in $recipe_arms; do
       study recipe --folds "$fold" --arms "$arm" >"$out/recipe_${arm}_$fold.log" 2>&1 &
       pids+=($!)
     done
-  fi
-done
-# SIGTERM: each run saves a checkpoint and exits within seconds.
-(sleep "$((${STUDY_SECONDS:-360} - ($(date +%s) - started)))"; kill -TERM "${pids[@]}" 2>/dev/null) &
-killer=$!
-wait "${pids[@]}" 2>/dev/null
-kill "$killer" 2>/dev/null
-echo "studies ended with $(left) s left"
-sleep 2
+  done
+  unset JAX_DEFAULT_MATMUL_PRECISION
+  # SIGTERM: each run saves a checkpoint and exits within seconds.
+  (sleep "$(($(left) - 30))"; kill -TERM "${pids[@]}" 2>/dev/null) &
+  local killer=$!
+  wait "${pids[@]}" 2>/dev/null
+  kill "$killer" 2>/dev/null
+  echo "studies ended with $(left) s left"
+}
 
-# 2. The benchmark, alone on the card, in the time left (it saves its figures as it goes).
-unset JAX_DEFAULT_MATMUL_PRECISION
-timeout "$(($(left) - 20))" python3 experiments/gpu_benchmark.py --batch_sizes 8 64 \
-  --infer_batch_sizes 16 128 --steps 10 --json "$out/gpu_benchmark.json" >"$out/benchmark.log" 2>&1
-echo "benchmark: exit $?, $(left) s left"
+for phase in ${PHASES:-breakdown benchmark studies}; do
+  "$phase"
+done
 tar czf "$out/results.tgz" experiments/results
-# Logs: one archive (the tool brings back few files).
-tar czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls ./*.log)
-rm -f "$out"/ablation_*.log "$out"/dilation_*.log "$out"/recipe_*.log
+# The logs as one archive (the tool brings back at most 8 files).
+(cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
 ls -la "$out"

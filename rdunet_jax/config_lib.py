@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_impl = "flax"
     # Recompute each block's activations in the backward pass: less memory, more time.
     config.model.remat = False
+    # 'reshape' computes the same 2x2 max-pooling without XLA's select-and-scatter in the gradient.
+    config.model.pool_impl = "reduce_window"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"
@@ -170,7 +172,12 @@ def _check_known_keys(config) -> None:
 
 def _check_speed_options(config) -> None:
     """The `model.*` keys that change speed and memory but not the parameters (see models.py)."""
-    for key, choices in (("upsample_impl", models.UPSAMPLE_IMPLS), ("dropout_impl", models.DROPOUT_IMPLS)):
+    speed_choices = (
+        ("upsample_impl", models.UPSAMPLE_IMPLS),
+        ("dropout_impl", models.DROPOUT_IMPLS),
+        ("pool_impl", models.POOL_IMPLS),
+    )
+    for key, choices in speed_choices:
         description = f"one of {list(choices)}"
         _require(config, f"model.{key}", lambda value, choices=choices: value in choices, description)
     _require(config, "model.remat", lambda value: isinstance(value, bool), "True or False")

@@ -22,6 +22,9 @@ Speed options (none changes the parameter tree, so checkpoints stay interchangea
   masks drawn from fewer random bits: one bit per element at rate 0.5, 16 otherwise; other masks than
   "flax" for the same key, same distribution).
 - `remat`: recompute each block's activations in the backward pass instead of keeping them.
+- `pool_impl`: "reduce_window" (`nn.max_pool`, whose gradient is XLA's select-and-scatter) or "reshape"
+  (the same 2x2 maximum as a reshape and a max, whose gradient is elementwise; it differs only where a
+  window holds tied maxima, e.g. zeros after a ReLU, which share the gradient instead of the first taking it).
 """
 
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ BATCH_NORM_MOMENTUM = 0.9
 
 UPSAMPLE_IMPLS = ("resize", "stencil")
 DROPOUT_IMPLS = ("flax", "bits")
+POOL_IMPLS = ("reduce_window", "reshape")
 
 
 def _norm(train: bool, momentum: float, dtype: Any) -> nn.BatchNorm:
@@ -212,6 +216,12 @@ class EncoderDecoderBlock(nn.Module):
         return x
 
 
+def max_pool_reshape(x):
+    """2x2 max-pooling, stride 2, as a reshape and a max (the U-net's down-sampling step)."""
+    batch, height, width, channels = x.shape
+    return jnp.max(x.reshape(batch, height // 2, 2, width // 2, 2, channels), axis=(2, 4))
+
+
 def upsample_bilinear(x):
     """2x bilinear up-sampling (half-pixel centres, as Keras' UpSampling2D and torch's default)."""
     batch, height, width, channels = x.shape
@@ -262,6 +272,7 @@ class RDUNet(nn.Module):
     upsample_impl: str = "resize"
     dropout_impl: str = "flax"
     remat: bool = False
+    pool_impl: str = "reduce_window"
 
     def _block(self, features, index: int, dilation_rate=1):
         # Explicit names: nn.remat's class is called CheckpointEncoderDecoderBlock, and the parameter
@@ -290,7 +301,7 @@ class RDUNet(nn.Module):
         skips = []
         for level in range(self.depth + 1):
             if level:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_reshape(x) if self.pool_impl == "reshape" else nn.max_pool(x, (2, 2), (2, 2))
             x = self._block(self.features * 2**level, level, encoder_rates[level])(x, train)
             skips.append(x)
         x = skips.pop()
@@ -324,6 +335,7 @@ def build_model(model_config) -> RDUNet:
         upsample_impl=model_config.get("upsample_impl", "resize"),
         dropout_impl=model_config.get("dropout_impl", "flax"),
         remat=model_config.get("remat", False),
+        pool_impl=model_config.get("pool_impl", "reduce_window"),
     )
 
 

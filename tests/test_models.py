@@ -1,5 +1,6 @@
 """The model blocks and the paper's configurations."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,7 +155,8 @@ SPEED_OPTIONS = {
     "stencil": dict(upsample_impl="stencil"),
     "bits": dict(dropout_impl="bits"),
     "remat": dict(remat=True),
-    "all": dict(upsample_impl="stencil", dropout_impl="bits", remat=True),
+    "reshape_pool": dict(pool_impl="reshape"),
+    "all": dict(upsample_impl="stencil", dropout_impl="bits", remat=True, pool_impl="reshape"),
 }
 
 
@@ -163,10 +165,22 @@ def _tiny_model_config(**options):
     config = config_lib.base_config()
     config.model.features, config.model.depth = 4, 2
     config.model.skip_dilation_rates = ((1, 2, 1), (1, 2))
-    config.model.update(upsample_impl="resize", dropout_impl="flax", remat=False)
+    config.model.update(upsample_impl="resize", dropout_impl="flax", remat=False, pool_impl="reduce_window")
     config.model.update(options)
     config_lib.validate(config)
     return config.model
+
+
+def test_reshape_max_pool_matches_max_pool_and_its_gradient_without_ties():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
+    np.testing.assert_array_equal(models.max_pool_reshape(x), nn.max_pool(x, (2, 2), (2, 2)))
+    weights = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 3))
+    want = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (2, 2)) * weights))(x)
+    got = jax.grad(lambda v: jnp.sum(models.max_pool_reshape(v) * weights))(x)
+    np.testing.assert_array_equal(got, want)
+    # A window of tied maxima: the reshape form shares the gradient, select-and-scatter gives it to one.
+    tied = jax.grad(lambda v: jnp.sum(models.max_pool_reshape(v)))(jnp.zeros((1, 2, 2, 1)))
+    assert float(jnp.sum(tied)) == pytest.approx(1.0)
 
 
 def test_stencil_upsampling_matches_resize():
@@ -191,7 +205,7 @@ def test_speed_option_keeps_parameter_tree_and_eval_forward_pass(option):
     )
 
 
-@pytest.mark.parametrize("option", ["stencil", "remat"])
+@pytest.mark.parametrize("option", ["stencil", "remat", "reshape_pool"])
 def test_speed_option_keeps_training_gradients(option):
     """Options that draw the same dropout masks give the same loss gradient in training mode."""
     reference = models.build_model(_tiny_model_config())
@@ -255,7 +269,9 @@ def test_bfloat16_forward_pass_stays_close_to_float32():
     assert float(jnp.max(jnp.abs(got - want))) <= 0.05 * float(jnp.max(jnp.abs(want))) + 0.05
 
 
-@pytest.mark.parametrize("key, value", [("upsample_impl", "nearest"), ("dropout_impl", "numpy")])
+@pytest.mark.parametrize(
+    "key, value", [("upsample_impl", "nearest"), ("dropout_impl", "numpy"), ("pool_impl", "avg")]
+)
 def test_bad_speed_option_is_a_user_error(key, value):
     from rdunet_jax.errors import UserError
 

@@ -1,0 +1,183 @@
+"""Where a train step's time goes: each building block's forward and forward+backward, timed alone.
+
+    python experiments/step_breakdown.py --image_size 256 --batch_size 8 --json OUT.json
+    python experiments/step_breakdown.py --smoke             # a few seconds on any device
+
+Times (median of `--steps` after one warm-up, in ms) at the shallowest level's shape (16 feature maps at
+full resolution), where most of the step's memory traffic is: a 3x3 convolution at dilation rates 1 and
+3, the 2x2 max-pooling in both `model.pool_impl` forms, the 2x up-sampling in both `model.upsample_impl`
+forms, both dropout masks, BatchNorm, squeeze-and-excitation, and the whole model's eval forward pass and
+train step (`--set model.KEY=VALUE` applies to those two). On the GPU, the first session found the train
+step 20x slower than the forward pass (normally about 3x); this names the block that makes it so.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+import flax.linen as nn  # noqa: E402
+from gpu_benchmark import make_batch, make_config  # noqa: E402
+
+from rdunet_jax import models, train  # noqa: E402
+
+
+def median_ms(function, *arguments, steps: int) -> float:
+    """Median milliseconds of the jitted `function(*arguments)` after a compiling warm-up call."""
+    compiled = jax.jit(function)
+    jax.block_until_ready(compiled(*arguments))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        jax.block_until_ready(compiled(*arguments))
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def forward_and_backward(apply, parameters, x, steps: int) -> dict:
+    """ms of `apply(parameters, x)` and of the gradient of its sum of squares wrt both arguments."""
+
+    def loss(parameters, x):
+        return jnp.sum(jnp.square(apply(parameters, x).astype(jnp.float32)))
+
+    return {
+        "forward_ms": median_ms(apply, parameters, x, steps=steps),
+        "forward_backward_ms": median_ms(jax.grad(loss, argnums=(0, 1)), parameters, x, steps=steps),
+    }
+
+
+def module_timing(module, x, steps: int, rngs=None) -> dict:
+    """`forward_and_backward` of a Flax module in training mode (batch statistics updated, dropout on)."""
+    variables = module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)
+    parameters, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def apply(parameters, x):
+        output, _ = module.apply(
+            {"params": parameters, **state}, x, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=list(state)
+        )
+        return output
+
+    return forward_and_backward(apply, parameters, x, steps)
+
+
+class _Conv(nn.Module):
+    features: int
+    dilation: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(self.features, (3, 3), kernel_dilation=self.dilation, dtype=self.dtype)(x)
+
+
+class _Norm(nn.Module):
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=False, dtype=self.dtype)(x)
+
+
+def blocks(args, dtype) -> dict:
+    """Each block at (batch, size, size, 16)."""
+    shape = (args.batch_size, args.image_size, args.image_size, 16)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+    none = {}
+    results = {}
+    for rate in (1, 3):
+        results[f"conv3x3_rate{rate}"] = module_timing(_Conv(16, rate, dtype), x, args.steps)
+    results["max_pool_reduce_window"] = forward_and_backward(
+        lambda _, v: nn.max_pool(v, (2, 2), (2, 2)), none, x, args.steps
+    )
+    results["max_pool_reshape"] = forward_and_backward(
+        lambda _, v: models.max_pool_reshape(v), none, x, args.steps
+    )
+    half = x[:, ::2, ::2, :]
+    results["upsample_resize"] = forward_and_backward(
+        lambda _, v: models.upsample_bilinear(v), none, half, args.steps
+    )
+    results["upsample_stencil"] = forward_and_backward(
+        lambda _, v: models.upsample_bilinear_stencil(v), none, half, args.steps
+    )
+    key = jax.random.PRNGKey(3)
+    results["dropout_mask_flax"] = {
+        "forward_ms": median_ms(lambda k: jax.random.bernoulli(k, 0.5, shape), key, steps=args.steps)
+    }
+    results["dropout_mask_bits"] = {
+        "forward_ms": median_ms(lambda k: models.dropout_keep_mask(k, 0.5, shape)[0], key, steps=args.steps)
+    }
+    results["batch_norm"] = module_timing(_Norm(dtype), x, args.steps)
+    results["squeeze_excitation"] = module_timing(models.SqueezeExcitation(8, dtype), x, args.steps)
+    return results
+
+
+def whole_model(args, mode: str) -> dict:
+    """The model's eval forward pass and the project's train step at the benchmark's config."""
+    config = make_config(args, mode, args.batch_size)
+    model = models.build_model(config.model)
+    batch = jax.device_put(make_batch(args.batch_size, args.image_size))
+    variables = models.initialize_variables(model, args.image_size, config.seed)
+    forward = median_ms(
+        lambda v, x: model.apply(v, x, train=False), variables, batch["image"], steps=args.steps
+    )
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    step = train.train_step.lower(state, batch).compile()
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    run()
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return {"model_forward_ms": forward, "train_step_ms": 1e3 * statistics.median(times)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.* override")
+    parser.add_argument("--smoke", action="store_true", help="32 px, batch 2, tiny model")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.batch_size, args.steps = 32, 2, 2
+        args.set = ["features=4", "depth=2", "skip_dilation_rates=[[1,2,1],[1,2]]", *args.set]
+    device = jax.devices()[0]
+    report = {"device": f"{device.platform}:{device.device_kind}", "image_size": args.image_size}
+    report |= {
+        "batch_size": args.batch_size,
+        "overrides": args.set,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "modes": {},
+    }
+    for mode in args.dtypes:
+        dtype = jnp.dtype(mode)
+        report["modes"][mode] = blocks(args, dtype) | {"model": whole_model(args, mode)}
+        print(json.dumps({mode: report["modes"][mode]}), flush=True)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
