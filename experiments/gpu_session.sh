@@ -3,7 +3,7 @@
 #   breakdown  experiments/step_breakdown.py: each block's forward and backward alone (BREAKDOWN_SECONDS)
 #   benchmark  experiments/gpu_benchmark.py, alone on the card, as configured and with the model.* speed
 #              options in BENCHMARK_SETS (BENCHMARK_SECONDS)
-#   studies    pending study runs in parallel processes until 30 s before the end (the card is far from
+#   studies    pending study runs in parallel processes until 40 s before the end (the card is far from
 #              busy with one small run); runs cut short leave no record and rerun next time
 #
 #   bash experiments/gpu_session.sh OUT DATA_ROOT [SECONDS=560]
@@ -77,8 +77,8 @@ print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
     done
   done
   unset JAX_DEFAULT_MATMUL_PRECISION
-  # SIGTERM: each run saves a checkpoint and exits within seconds.
-  (sleep "$(($(left) - 30))"; kill -TERM "${pids[@]}" 2>/dev/null) &
+  # SIGTERM: each run saves a checkpoint and exits within seconds; SIGKILL 20 s later regardless.
+  (sleep "$(($(left) - 40))"; kill -TERM "${pids[@]}" 2>/dev/null; sleep 20; kill -KILL "${pids[@]}" 2>/dev/null) &
   local killer=$!
   wait "${pids[@]}" 2>/dev/null
   kill "$killer" 2>/dev/null
