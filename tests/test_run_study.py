@@ -52,6 +52,13 @@ def test_paired_slice_differences_average_each_slice_over_runs_first():
     np.testing.assert_allclose(stats.paired_slice_differences(reference, alternative), [0.2, 0.0], atol=1e-12)
 
 
+def test_train_time_per_run_is_split_by_device_only_when_runs_ran_on_several():
+    cpu = [{"device": "cpu:cpu", "train_seconds": seconds} for seconds in (100.0, 140.0)]
+    gpu = [{"device": "gpu:NVIDIA H200", "train_seconds": 30.0}]
+    assert tables._time_per_run(cpu) == "2m00s"
+    assert tables._time_per_run(cpu + gpu) == "2m00s cpu:cpu (2); 30s gpu:NVIDIA H200 (1)"
+
+
 def test_formatting():
     assert tables.format_interval((0.61234, 0.5, 0.7)) == "0.612 [0.500, 0.700]"
     assert tables.format_interval((0.6, math.nan, math.nan)) == "0.600 (n=1)"
