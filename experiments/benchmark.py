@@ -295,20 +295,21 @@ def child_first_step(args) -> None:
     source = datasets.load_source(config.data, config.data.train_split)
     dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
     iterator = input_pipeline.to_iterator(dataset)
-    batch = next(iterator)
+    mesh = train.data_parallel_mesh()
+    batch = train.shard_batch(next(iterator), mesh)
     phases["data"] = time.time()
     state = train.create_train_state(config, model, steps_per_epoch=len(dataset))
     phases["model"] = time.time()
     rss_before_training = peak_rss_mb()
-    # Compiled ahead of time (from the persistent cache when warm) to tell when the first step begins.
-    step = train.train_step.lower(state, batch).compile()
+    # As a run gets it: compiled (cold) or loaded from the executable cache (warm) before the first step.
+    step = train.cached_train_step(config, state, batch, len(dataset), mesh)
     first_step_at = time.time()
     phases["compile"] = first_step_at
     state, metrics = step(state, batch)
     float(metrics["loss"])
     phases["first_step_done"] = time.time()
     for _ in range(args.startup_steps - 1):
-        state, metrics = step(state, next(iterator))
+        state, metrics = step(state, train.shard_batch(next(iterator), mesh))
     float(metrics["loss"])
     print(
         "CHILD "

@@ -12,6 +12,8 @@ saves a checkpoint at the current step and exits. The batch is sharded over ever
 host) along a `data` mesh axis; parameters and optimizer state are replicated.
 """
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -25,11 +27,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import serialize_executable
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
 from rdunet_jax.errors import UserError
-from rdunet_jax.files import write_json_atomic, write_text_atomic
+from rdunet_jax.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # Fault injection for the resume tests: SIGKILL this process right after the given step.
 _KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
@@ -128,6 +131,118 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     return state, {"loss": loss}
+
+
+# Python sources whose code is traced into the train step (a change to any of them is a new program).
+_TRAIN_STEP_SOURCES = ("models.py", "losses.py", "train.py")
+_TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+
+
+def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
+    """A digest of everything the compiled train step depends on: the package sources it traces, the
+    library versions, the device, the model and optimizer keys, and every input's path, shape and dtype."""
+    digest = hashlib.sha256()
+    package = pathlib.Path(__file__).parent
+    for name in _TRAIN_STEP_SOURCES:
+        digest.update((package / name).read_bytes())
+    device = jax.devices()[0]
+    inputs = jax.tree_util.tree_flatten_with_path((state, batch))[0]
+    described = {
+        "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
+        "device": [device.platform, device.device_kind, jax.device_count()],
+        "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
+        "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
+        # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
+        "inputs": [
+            [
+                jax.tree_util.keystr(path),
+                list(np.shape(leaf)),
+                str(getattr(leaf, "dtype", type(leaf).__name__)),
+            ]
+            for path, leaf in inputs
+        ],
+    }
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: int, mesh: Mesh):
+    """The train step compiled for these inputs, loaded from `compilation_cache_dir` when this exact
+    program was stored before: no tracing, the start-up of a second run of a config.
+
+    Used on one device only; elsewhere, and with the cache off, it is `train_step` (jit). XLA:CPU does not
+    serialise every executable faithfully (a reloaded one can miss a kernel: "Function ... not found"),
+    so a program is stored only after its serialised form has loaded and run one step (the run's first
+    step, whose result is handed out), and a program that failed is marked and left to jit and the
+    persistent cache from then on. A stored executable that fails to load or to run is replaced by jit.
+    """
+    if not config.compilation_cache_dir or mesh.size > 1 or jax.process_count() > 1:
+        return train_step
+    folder = pathlib.Path(config.compilation_cache_dir).expanduser() / "train_step"
+    path = folder / f"{train_step_key(config, state, batch, steps_per_epoch)}.bin"
+    refused = path.with_suffix(".unserialisable")
+    in_tree = jax.tree_util.tree_structure(((state, batch), {}))
+    out_tree = jax.tree_util.tree_structure((state, {"loss": 0.0}))
+    if path.exists():
+        try:
+            loaded = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree, out_tree)
+            return _CachedStep(loaded, batch, stored_at=path)
+        except Exception:  # noqa: BLE001 - written by another jaxlib build, or damaged: compile again
+            pass
+    if refused.exists():
+        return train_step
+    compiled = train_step.lower(state, batch).compile()
+    try:
+        serialized = serialize_executable.serialize(compiled)[0]
+        loaded = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        first_result = jax.block_until_ready(loaded(state, batch))
+    except Exception:  # noqa: BLE001 - XLA could not round-trip this program
+        _write_marker(refused)
+        return _CachedStep(compiled, batch)
+    try:
+        write_bytes_atomic(path, serialized)
+    except OSError:  # a read-only or full cache folder only costs start-up time
+        pass
+    return _CachedStep(loaded, batch, first=(state, batch, first_result))
+
+
+def _write_marker(path: pathlib.Path) -> None:
+    try:
+        write_text_atomic(path, "XLA could not serialise this train step; jit compiles it instead\n")
+    except OSError:
+        pass
+
+
+class _CachedStep:
+    """A compiled train step for batches of one shape (others go to the jitted `train_step`).
+
+    `first` (state, batch, result) answers one call on exactly those objects with a result already
+    computed. An executable loaded from `stored_at` is checked on its first call: if it fails, the file
+    is replaced by a marker and the jitted step takes over.
+    """
+
+    def __init__(self, compiled, batch: dict, first=None, stored_at: pathlib.Path | None = None):
+        self.compiled, self.first, self.stored_at = compiled, first, stored_at
+        self.shapes = {key: value.shape for key, value in batch.items()}
+
+    def __call__(self, state, batch):
+        if self.first is not None:
+            first_state, first_batch, result = self.first
+            self.first = None
+            if state is first_state and batch is first_batch:
+                return result
+        if {key: value.shape for key, value in batch.items()} != self.shapes:
+            return train_step(state, batch)
+        if self.stored_at is None:
+            return self.compiled(state, batch)
+        stored_at, self.stored_at = self.stored_at, None
+        try:
+            return jax.block_until_ready(self.compiled(state, batch))
+        except jax.errors.JaxRuntimeError:
+            stored_at.unlink(missing_ok=True)
+            _write_marker(stored_at.with_suffix(".unserialisable"))
+            self.compiled = train_step
+            return train_step(state, batch)
 
 
 @jax.jit
@@ -359,6 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     # The step is counted on the host: reading state.step would wait for each step to finish and stall
     # the dispatch of the next.
     step = int(state.step)
+    step_function = None
 
     def save_latest(epoch, iterator_state):
         meta.update(epoch=epoch, iterator=iterator_state)
@@ -370,7 +486,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 epoch_start = time.perf_counter()
                 iterator = input_pipeline.to_iterator(epoch_batches(epoch), meta["iterator"])
                 for batch in iterator:
-                    state, step_metrics = train_step(state, shard_batch(batch, mesh))
+                    batch = shard_batch(batch, mesh)
+                    if step_function is None:
+                        step_function = cached_train_step(config, state, batch, steps_per_epoch, mesh)
+                    state, step_metrics = step_function(state, batch)
                     step += 1
                     loss_check.add(step, step_metrics["loss"])
                     if step == kill_at_step:
