@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
@@ -171,10 +172,11 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
     program was stored before: no tracing, the start-up of a second run of a config.
 
     Used on one device only; elsewhere, and with the cache off, it is `train_step` (jit). XLA:CPU does not
-    serialise every executable faithfully (a reloaded one can miss a kernel: "Function ... not found"),
-    so a program is stored only after its serialised form has loaded and run one step (the run's first
-    step, whose result is handed out), and a program that failed is marked and left to jit and the
-    persistent cache from then on. A stored executable that fails to load or to run is replaced by jit.
+    serialise every executable faithfully (a reloaded one can miss a kernel: "Function ... not found"; an
+    executable that came from the persistent cache always does), so a program to store is compiled with
+    that cache bypassed, stored only after its serialised form has loaded and run one step (the run's
+    first step, whose result is handed out), and marked and left to jit and the persistent cache from
+    then on when that fails. A stored executable that fails to load or to run is replaced by jit.
     """
     if not config.compilation_cache_dir or mesh.size > 1 or jax.process_count() > 1:
         return train_step
@@ -191,7 +193,16 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
             pass
     if refused.exists():
         return train_step
-    compiled = train_step.lower(state, batch).compile()
+    # Executables loaded from the persistent cache never reload faithfully: compile this one afresh. JAX
+    # decides once per process whether the cache is used, hence the resets around the switch.
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    persistent_cache.reset_cache()
+    try:
+        compiled = train_step.lower(state, batch).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
+        persistent_cache.reset_cache()
     try:
         serialized = serialize_executable.serialize(compiled)[0]
         loaded = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
