@@ -241,16 +241,11 @@ def main(argv=None) -> dict:
     for dtype in args.dtypes:
         with jax.default_matmul_precision(MODES[dtype][1]):
             report["checks"][dtype] = check_against_cpu(args, dtype, device, reference)
-            for batch_size in args.batch_sizes:
-                row = {"dtype": dtype, "batch_size": batch_size}
-                row |= train_images_per_s(args, dtype, batch_size, device)
-                report["train"].append(row)
-                print(json.dumps(row), flush=True)
-                save_partial(args, report)
-            for batch_size in args.infer_batch_sizes:
-                row = {"dtype": dtype, "batch_size": batch_size}
-                row |= infer_slices_per_s(args, dtype, batch_size, device)
-                report["infer"].append(row)
+            measurements = [("train", size, train_images_per_s) for size in args.batch_sizes]
+            measurements += [("infer", size, infer_slices_per_s) for size in args.infer_batch_sizes]
+            for kind, batch_size, measure in measurements:
+                row = {"dtype": dtype, "batch_size": batch_size} | measure(args, dtype, batch_size, device)
+                report[kind].append(row)
                 print(json.dumps(row), flush=True)
                 save_partial(args, report)
     report["peak_memory_gb"] = peak_memory_gb(device)

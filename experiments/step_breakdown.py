@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,21 +25,15 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 import flax.linen as nn  # noqa: E402
-from gpu_benchmark import make_batch, make_config  # noqa: E402
+from gpu_benchmark import infer_slices_per_s, median_time, save_partial, train_images_per_s  # noqa: E402
 
-from rdunet_jax import models, train  # noqa: E402
+from rdunet_jax import models  # noqa: E402
 
 
 def median_ms(function, *arguments, steps: int) -> float:
     """Median milliseconds of the jitted `function(*arguments)` after a compiling warm-up call."""
     compiled = jax.jit(function)
-    jax.block_until_ready(compiled(*arguments))
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        jax.block_until_ready(compiled(*arguments))
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(lambda: jax.block_until_ready(compiled(*arguments)), steps)
 
 
 def forward_and_backward(apply, parameters, x, steps: int) -> dict:
@@ -56,7 +48,7 @@ def forward_and_backward(apply, parameters, x, steps: int) -> dict:
     }
 
 
-def module_timing(module, x, steps: int, rngs=None) -> dict:
+def module_timing(module, x, steps: int) -> dict:
     """`forward_and_backward` of a Flax module in training mode (batch statistics updated, dropout on)."""
     variables = module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)
     parameters, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
@@ -122,29 +114,11 @@ def blocks(args, dtype) -> dict:
 
 
 def whole_model(args, mode: str) -> dict:
-    """The model's eval forward pass and the project's train step at the benchmark's config."""
-    config = make_config(args, mode, args.batch_size)
-    model = models.build_model(config.model)
-    batch = jax.device_put(make_batch(args.batch_size, args.image_size))
-    variables = models.initialize_variables(model, args.image_size, config.seed)
-    forward = median_ms(
-        lambda v, x: model.apply(v, x, train=False), variables, batch["image"], steps=args.steps
-    )
-    state = train.create_train_state(config, model, steps_per_epoch=10)
-    step = train.train_step.lower(state, batch).compile()
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    run()
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return {"model_forward_ms": forward, "train_step_ms": 1e3 * statistics.median(times)}
+    """The model's eval forward pass and the project's train step, as `gpu_benchmark` times them."""
+    device = jax.devices()[0]
+    forward = infer_slices_per_s(args, mode, args.batch_size, device)["batch_s"]
+    step = train_images_per_s(args, mode, args.batch_size, device)["step_s"]
+    return {"model_forward_ms": 1e3 * forward, "train_step_ms": 1e3 * step}
 
 
 def main(argv=None) -> dict:
@@ -174,8 +148,7 @@ def main(argv=None) -> dict:
         dtype = jnp.dtype(mode)
         report["modes"][mode] = blocks(args, dtype) | {"model": whole_model(args, mode)}
         print(json.dumps({mode: report["modes"][mode]}), flush=True)
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        save_partial(args, report)
     return report
 
 

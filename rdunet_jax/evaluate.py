@@ -469,6 +469,10 @@ def default_split(config) -> str:
     return config.eval.split
 
 
+# eval.checkpoint -> the checkpoints.RunCheckpoints kind it restores.
+_CHECKPOINT_KINDS = {"best": "best", "last": "latest"}
+
+
 def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
     """The train state of `workdir`'s `eval.checkpoint` (best or last), or the given step of `latest`.
     Creates nothing: a workdir without checkpoints, an unknown step or a damaged checkpoint is a UserError."""
@@ -480,11 +484,7 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
     try:
         target = train.abstract_train_state(config, model, steps_per_epoch=1)
         available = sorted(set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best")))
-        kind = (
-            {"best": "best", "last": "latest"}[config.eval.checkpoint]
-            if checkpoint_step is None
-            else "latest"
-        )
+        kind = _CHECKPOINT_KINDS[config.eval.checkpoint] if checkpoint_step is None else "latest"
         if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
             kind = "best"
             if checkpoint_step not in run_checkpoints.all_steps(kind):

@@ -2,8 +2,9 @@
 
 `train_and_evaluate(config, workdir)` trains with Dice loss and Adam on a staircase schedule,
 validates every epoch, keeps the latest checkpoint (resume) and the best by validation loss, and at the
-end restores the best (or, with eval.checkpoint='last', the last)
-and evaluates it on the test split (validation where no test split exists).
+end restores `eval.checkpoint` (the best, or the last) and evaluates it on the test split (validation
+where no test split exists). The first step of a second run of a config loads its compiled train step
+from the cache folder (`cached_train_step`).
 
 Running the same command again resumes from the latest checkpoint, exactly: batches are a pure function
 of (seed, epoch, position), dropout of (seed, step), and the checkpoint holds the data position, so a
