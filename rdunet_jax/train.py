@@ -13,6 +13,7 @@ saves a checkpoint at the current step and exits. The batch is sharded over ever
 host) along a `data` mesh axis; parameters and optimizer state are replicated.
 """
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -115,7 +116,13 @@ def abstract_train_state(config, model, steps_per_epoch: int) -> TrainState:
     return jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch))
 
 
-@jax.jit
+# XLA:CPU orders a program for concurrency by default, which kept 2.5 GB of temporaries in the train
+# step at 256 px, batch 8; its memory-minimising order needs 1.7 GB and was as fast on 2 cores
+# (experiments/README.md, "Peak memory"). Other backends ignore XLA:CPU options.
+COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+@functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step on the mean soft Dice loss of the batch; dropout keyed by (seed, step)."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
@@ -257,7 +264,7 @@ class _CachedStep:
             return train_step(state, batch)
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Per-image Dice loss and lesion probabilities, with running BatchNorm statistics."""
     logits = state.apply_fn(

@@ -49,6 +49,18 @@ def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tin
     assert float(metrics_c["loss"]) != float(metrics_a["loss"])
 
 
+def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
+    batch = _fixed_batch(tiny_config)
+    default_order = jax.jit(train.train_step.__wrapped__)  # XLA:CPU's own scheduler
+    ours = train.train_step.lower(tiny_state, batch).compile()
+    theirs = default_order.lower(tiny_state, batch).compile()
+    # 5.0 MB against 7.2 MB for this tiny model (1.7 GB against 2.5 GB at 256 px, batch 8).
+    assert ours.memory_analysis().temp_size_in_bytes < 0.8 * theirs.memory_analysis().temp_size_in_bytes
+    np.testing.assert_allclose(
+        float(ours(tiny_state, batch)[1]["loss"]), float(theirs(tiny_state, batch)[1]["loss"]), rtol=1e-5
+    )
+
+
 def test_learning_rate_staircase_at_the_boundaries():
     config = make_tiny_config()
     config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = 1e-3, 20, 0.1
