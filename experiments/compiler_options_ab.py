@@ -1,0 +1,155 @@
+"""XLA compiler options side by side in one process: the train step (or the inference forward pass)
+compiled once per variant, then run round-robin, one call of each per round.
+
+    python experiments/compiler_options_ab.py --image_size 256 --rounds 5 \\
+        --option xla_default='{"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}' \\
+        --option ynn_off='{"xla_cpu_experimental_ynn_fusion_type": ""}' --json OUT.json
+    python experiments/compiler_options_ab.py --what infer --batch_size 16 --option ...
+
+The reference is the project's own step (`train.COMPILER_OPTIONS`); each `--option NAME=JSON` adds those
+XLA debug options on top of it. Per variant it reports XLA's temporary memory, the compile time, the median
+seconds per call, the median over rounds of each round's time ratio to the reference (below 1 is faster)
+and the largest difference of its output from the reference's (loss for `train`, probabilities for
+`infer`). Unlike XLA_FLAGS, which a process reads once, options given per compilation share one process,
+one load and one set of inputs, so the ratios hold up on a busy machine. Any `--set` config override
+applies to every variant.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import benchmark
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--what", choices=("train", "infer"), default="train")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variant", default="rdunet", help="one of the paper's model variants")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=JSON", help="repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--markdown", default="")
+    return parser.parse_args(argv)
+
+
+def parse_option(text: str) -> tuple[str, dict]:
+    """'NAME={"xla_...": value}' as (NAME, options)."""
+    name, separator, body = text.partition("=")
+    try:
+        options = json.loads(body) if separator else None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--option {text}: not NAME=JSON ({error.msg})") from None
+    if not name or not isinstance(options, dict):
+        raise SystemExit(f"--option {text}: expected NAME={{...}}, a JSON object of XLA options")
+    return name, options
+
+
+def build_function(args, config):
+    """(function to compile, its arguments, the output to compare) for `--what`."""
+    import jax
+
+    from rdunet_jax import models, train
+
+    model = models.build_model(config.model)
+    if args.what == "train":
+        state = train.create_train_state(config, model, steps_per_epoch=20)
+        batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
+        return train.train_step.__wrapped__, (state, batch), lambda output: output[1]["loss"]
+    variables = models.initialize_variables(model, args.image_size, config.seed)
+    images = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size)["image"])
+
+    def infer(variables, images):
+        return jax.nn.sigmoid(model.apply(variables, images, train=False))
+
+    return infer, (variables, images), lambda output: output
+
+
+def run(args) -> dict:
+    import jax
+    import numpy as np
+
+    from rdunet_jax import train
+
+    benchmark_args = benchmark.parse_args(["--batch_size", str(args.batch_size), "--variant", args.variant])
+    benchmark_args.set = args.set
+    config = benchmark.make_config(benchmark_args, args.image_size)
+    function, inputs, output_of = build_function(args, config)
+    jax.config.update("jax_enable_compilation_cache", False)  # compile every variant for real
+    variants = {"project": dict(train.COMPILER_OPTIONS)}
+    for text in args.option:
+        name, options = parse_option(text)
+        variants[name] = {**train.COMPILER_OPTIONS, **options}
+    compiled, rows = {}, {}
+    for name, options in variants.items():
+        started = time.perf_counter()
+        compiled[name] = jax.jit(function, compiler_options=options).lower(*inputs).compile()
+        rows[name] = {
+            "options": options,
+            "compile_s": time.perf_counter() - started,
+            "temp_mb": compiled[name].memory_analysis().temp_size_in_bytes / 2**20,
+        }
+    reference = np.asarray(output_of(compiled["project"](*inputs)))
+    for name, executable in compiled.items():  # also the warm-up call
+        difference = np.max(np.abs(np.asarray(output_of(executable(*inputs))) - reference))
+        rows[name]["max_difference_vs_project"] = float(difference)
+    times = {name: [] for name in compiled}
+    for _ in range(args.rounds):
+        for name, executable in compiled.items():
+            started = time.perf_counter()
+            jax.block_until_ready(executable(*inputs))
+            times[name].append(time.perf_counter() - started)
+    for name, row in rows.items():
+        row["median_s"] = statistics.median(times[name])
+        row["times_s"] = times[name]
+        ratios = [ours / theirs for ours, theirs in zip(times[name], times["project"], strict=True)]
+        row["ratio_vs_project"] = statistics.median(ratios)
+    return {
+        "what": args.what,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "config_overrides": args.set,
+        "variants": rows,
+        "environment": benchmark.environment(),
+        "command": " ".join([pathlib.Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def markdown_table(report: dict) -> str:
+    per = "call" if report["what"] == "train" else "slice"
+    divisor = 1 if report["what"] == "train" else report["batch_size"]
+    lines = [
+        f"| variant ({report['what']}, {report['image_size']} px, batch {report['batch_size']}) "
+        f"| ms per {per} | ratio vs project | XLA temp (MB) | max difference | compile (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in report["variants"].items():
+        lines.append(
+            f"| {name} | {1e3 * row['median_s'] / divisor:.1f} | {row['ratio_vs_project']:.3f} "
+            f"| {row['temp_mb']:.0f} | {row['max_difference_vs_project']:.1e} | {row['compile_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    table = markdown_table(report)
+    print(table, flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
