@@ -25,6 +25,7 @@ The machine may be shared: compare only figures taken side by side in one run.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -205,11 +206,11 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     """Median ms/slice of the eval forward pass (running BatchNorm statistics, sigmoid) and its FLOP/s."""
     import jax
 
-    from rdunet_jax import models
+    from rdunet_jax import models, train
 
     variables = models.initialize_variables(model, image_size, config.seed)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)  # as evaluation compiles it
     def infer(variables, images):
         return jax.nn.sigmoid(model.apply(variables, images, train=False))
 

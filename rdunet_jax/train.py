@@ -120,6 +120,10 @@ def abstract_train_state(config, model, steps_per_epoch: int) -> TrainState:
 # step at 256 px, batch 8; its memory-minimising order needs 1.7 GB and was as fast on 2 cores
 # (experiments/README.md, "Peak memory"). Other backends ignore XLA:CPU options.
 COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# The forward pass alone is another matter: XLA's own convolution kernels ran it in 0.61-0.65 of the time
+# of the YNNPACK ones it picks by default, and the memory-minimising order cost it 13% while it needs
+# only 320 MB at 256 px, batch 16 (experiments/README.md, "XLA options"). Same numbers to 1e-7.
+EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
@@ -264,7 +268,7 @@ class _CachedStep:
             return train_step(state, batch)
 
 
-@functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
+@functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Per-image Dice loss and lesion probabilities, with running BatchNorm statistics."""
     logits = state.apply_fn(

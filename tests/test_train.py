@@ -61,6 +61,16 @@ def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state,
     )
 
 
+def test_the_eval_step_uses_xlas_own_convolutions_with_the_same_result(tiny_state, tiny_config):
+    batch = _fixed_batch(tiny_config)
+    ours = train.eval_step.lower(tiny_state, batch).compile()
+    theirs = jax.jit(train.eval_step.__wrapped__).lower(tiny_state, batch).compile()
+    assert "ynn" in theirs.as_text() and "ynn" not in ours.as_text()
+    np.testing.assert_allclose(
+        ours(tiny_state, batch)["probabilities"], theirs(tiny_state, batch)["probabilities"], atol=1e-6
+    )
+
+
 def test_learning_rate_staircase_at_the_boundaries():
     config = make_tiny_config()
     config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = 1e-3, 20, 0.1
