@@ -7,12 +7,13 @@ next variant).
         --option ynn_off='{"xla_cpu_experimental_ynn_fusion_type": ""}' --json OUT.json
     python experiments/compiler_options_ab.py --what infer --batch_size 16 --option ...
 
-The reference is the project's own step (`train.COMPILER_OPTIONS`); each `--option NAME=JSON` adds those
-XLA debug options on top of it. Per variant it reports XLA's temporary memory, the compile time, the median
-seconds per call, the median over rounds of each round's time ratio to the reference (below 1 is faster)
-and the largest difference of its output from the reference's (loss for `train`, probabilities for
-`infer`). Unlike XLA_FLAGS, which a process reads once, options given per compilation share one process,
-one load and one set of inputs, so the ratios hold up on a busy machine. Any `--set` config override
+The reference is the project's own compilation (`train.COMPILER_OPTIONS` for the train step,
+`train.EVAL_COMPILER_OPTIONS` for inference); each `--option NAME=JSON` adds those XLA debug options on
+top. Per variant it reports XLA's temporary memory, the compile time, the median seconds per call, the
+median over rounds of each round's time ratio to the reference (below 1 is faster) and the largest
+difference of its output from the reference's (loss for `train`, probabilities for `infer`). Unlike
+XLA_FLAGS, which a process reads once, options given per compilation share one process, one load and one
+set of inputs, so the ratios hold up on a busy machine. Any `--set` config override
 applies to every variant.
 """
 
@@ -84,10 +85,11 @@ def run(args) -> dict:
     config = benchmark.make_config(benchmark_args, args.image_size)
     function, inputs, output_of = build_function(args, config)
     jax.config.update("jax_enable_compilation_cache", False)  # compile every variant for real
-    variants = {"project": dict(train.COMPILER_OPTIONS)}
+    project = train.COMPILER_OPTIONS if args.what == "train" else train.EVAL_COMPILER_OPTIONS
+    variants = {"project": dict(project)}
     for text in args.option:
         name, options = parse_option(text)
-        variants[name] = {**train.COMPILER_OPTIONS, **options}
+        variants[name] = {**project, **options}
     compiled, rows = {}, {}
     for name, options in variants.items():
         started = time.perf_counter()
