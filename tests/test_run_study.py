@@ -7,6 +7,7 @@ the compiled steps, so the runner compiles nothing the rest of the suite has not
 import json
 import math
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,6 +231,28 @@ def test_runner_stops_at_max_runs_and_refuses_a_record_of_another_config(finishe
         runner.execute(
             TINY_STUDY, changed_specs, "synthetic-tiny", root / "results", root / "runs", _refuse_training
         )
+
+
+def test_a_resumed_run_reports_the_wall_time_of_every_session(tmp_path):
+    specs = design.plan(TINY_STUDY, _tiny_base(), (0,))[:1]
+    sessions = []
+
+    def interrupted_then_trained(config, workdir):
+        sessions.append(workdir)
+        if len(sessions) == 1:
+            time.sleep(0.3)
+            raise KeyboardInterrupt  # e.g. the session ended mid-run
+        return train.train_and_evaluate(config, workdir)
+
+    arguments = (TINY_STUDY, specs, "t", tmp_path / "results", tmp_path / "runs", interrupted_then_trained)
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(*arguments)
+    first = float((sessions[0] / runner.WALL_SECONDS_FILE).read_text())
+    assert 0.3 <= first < 5
+    runner.execute(*arguments)
+    record = json.loads((tmp_path / "results" / "tiny" / "t" / f"{specs[0].name}.json").read_text())
+    total = float((sessions[1] / runner.WALL_SECONDS_FILE).read_text())
+    assert record["wall_seconds"] == total and total > first
 
 
 def test_tables_of_the_tiny_study(finished_tiny_study):

@@ -18,7 +18,7 @@ import jax
 
 from rdunet_jax import config_lib, models
 from rdunet_jax.errors import UserError
-from rdunet_jax.files import write_json_atomic
+from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Keys that name a run, locate files on this machine or only change what is logged: not part of what a
@@ -136,6 +136,23 @@ def training_time(workdir) -> tuple[float, int]:
     return float(sum(record["seconds"] for record in records)), len(records)
 
 
+WALL_SECONDS_FILE = "study_wall_seconds.txt"
+
+
+def add_wall_seconds(workdir, seconds: float) -> float:
+    """Adds a session's wall time to the run's total in its workdir and returns the total, so a run
+    resumed over several sessions (interrupted ones included) reports all of them, as its training time
+    does."""
+    path = pathlib.Path(workdir) / WALL_SECONDS_FILE
+    try:
+        total = float(path.read_text()) + seconds
+    except (OSError, ValueError):
+        total = seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, f"{total}\n")
+    return total
+
+
 def build_record(spec, study: str, tag: str, summary: dict, workdir, wall_seconds: float) -> dict:
     """The JSON of one finished run: what was run, its metrics, per-slice values, cost and where."""
     workdir = pathlib.Path(workdir)
@@ -239,8 +256,11 @@ def execute(
         workdir = workdir_for(runs_root, spec.config)
         print(f"{spec.name}: training in {workdir}", flush=True)
         started = time.perf_counter()
-        summary = train_fn(spec.config, workdir)
-        record = build_record(spec, study.name, tag, summary, workdir, time.perf_counter() - started)
+        try:
+            summary = train_fn(spec.config, workdir)
+        finally:
+            wall_seconds = add_wall_seconds(workdir, time.perf_counter() - started)
+        record = build_record(spec, study.name, tag, summary, workdir, wall_seconds)
         write_json_atomic(path, record)
         counts["trained"] += 1
         if after_each:
