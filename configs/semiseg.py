@@ -38,9 +38,12 @@ _R256 = {
     "eval.test_time_flips": True,
     "eval.checkpoint": "last",
 }
+# The studies' `small` schedule plus stronger zoom, flip TTA and the last checkpoint.
+_R128 = _R256 | {"data.image_size": 128, "num_epochs": 40, "lr_decay_epochs": 15, "data.zoom_range": 0.2}
 RECIPE_CANDIDATES = {
-    # The studies' `small` schedule plus stronger zoom, flip TTA and the last checkpoint.
-    "r128": _R256 | {"data.image_size": 128, "num_epochs": 40, "lr_decay_epochs": 15, "data.zoom_range": 0.2},
+    "r128": _R128,
+    # The dilation study's best schedule (rate 1 throughout: +0.015 Dice over the paper's, per slice).
+    "r128_rate1": _R128 | {"model.skip_dilation_rates": ((1,) * 6, (1,) * 6, (1,) * 4, (1,) * 4)},
     "r256": _R256,
     "r256_zoom02": _R256 | {"data.zoom_range": 0.2},
     "r256_dropout02": _R256 | {"model.dropout_rate": 0.2},
