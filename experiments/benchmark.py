@@ -522,13 +522,17 @@ def main(argv=None) -> dict:
     report["by_image_size"] = {str(row["image_size"]): row for row in results}
     report["environment"] = environment()
     report["command"] = " ".join([pathlib.Path(sys.executable).name, *sys.argv])
-    table = markdown_table(results)
-    print(table, flush=True)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        pathlib.Path(args.markdown).write_text(table)
+    print_and_save(report, markdown_table(results), args.json, args.markdown)
     return report
+
+
+def print_and_save(report: dict, table: str, json_path: str, markdown_path: str) -> None:
+    """Prints the markdown table and saves it and the JSON report where asked ('' skips)."""
+    print(table, flush=True)
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        pathlib.Path(markdown_path).write_text(table)
 
 
 if __name__ == "__main__":

@@ -148,12 +148,7 @@ def markdown_table(report: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    table = markdown_table(report)
-    print(table, flush=True)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        pathlib.Path(args.markdown).write_text(table)
+    benchmark.print_and_save(report, markdown_table(report), args.json, args.markdown)
     return report
 
 

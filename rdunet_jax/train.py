@@ -117,8 +117,8 @@ def abstract_train_state(config, model, steps_per_epoch: int) -> TrainState:
 
 
 # XLA:CPU orders a program for concurrency by default, which kept 2.5 GB of temporaries in the train
-# step at 256 px, batch 8; its memory-minimising order needs 1.7 GB and was as fast on 2 cores
-# (experiments/README.md, "Peak memory"). Other backends ignore XLA:CPU options.
+# step at 256 px, batch 8; its memory-minimising order needs 1.7 GB and ran 12% faster on 2 cores
+# (experiments/README.md, "XLA options"). Other backends ignore XLA:CPU options.
 COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 # The forward pass alone is another matter: XLA's own convolution kernels ran it in 0.61-0.65 of the time
 # of the YNNPACK ones it picks by default, and the memory-minimising order cost it 13% while it needs
