@@ -303,9 +303,7 @@ def child_first_step(args) -> None:
     phases["model"] = time.time()
     rss_before_training = peak_rss_mb()
     # As a run gets it: compiled (cold) or loaded from the executable cache (warm) before the first step.
-    step = train.cached_train_step(config, state, batch, len(dataset), mesh)
-    if step is train.train_step:  # jit would compile inside the first call: compile it here instead
-        step = train.train_step.lower(state, batch).compile()
+    step = train.compiled_train_step(config, state, batch, len(dataset), mesh)
     first_step_at = time.time()
     phases["compile"] = first_step_at
     state, metrics = step(state, batch)

@@ -13,6 +13,7 @@ saves a checkpoint at the current step and exits. The batch is sharded over ever
 host) along a `data` mesh axis; parameters and optimizer state are replicated.
 """
 
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -218,6 +219,7 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
     try:
         serialized = serialize_executable.serialize(compiled)[0]
         loaded = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        release_freed_memory()
         first_result = jax.block_until_ready(loaded(state, batch))
     except Exception:  # noqa: BLE001 - XLA could not round-trip this program
         _write_marker(refused)
@@ -227,6 +229,28 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
     except OSError:  # a read-only or full cache folder only costs start-up time
         pass
     return _CachedStep(loaded, batch, first=(state, batch, first_result))
+
+
+def compiled_train_step(config, state: TrainState, batch: dict, steps_per_epoch: int, mesh: Mesh):
+    """The train step for batches shaped like `batch`, compiled or loaded before its first run, with the
+    memory that compiling used and freed handed back to the system (`release_freed_memory`)."""
+    step = cached_train_step(config, state, batch, steps_per_epoch, mesh)
+    if step is train_step:  # jit would compile inside the first call, on top of the compiler's leftovers
+        step = _CachedStep(train_step.lower(state, batch).compile(), batch)
+    release_freed_memory()
+    return step
+
+
+def release_freed_memory() -> None:
+    """Returns the C heap's free pages to the system (glibc only; elsewhere nothing happens).
+
+    XLA's compiler frees about 400 MB at 256 px that glibc keeps mapped, so without this a training
+    process holds it through every step on top of the step's own buffers (peak RSS 2.75 GB against 2.33 GB).
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: macOS's and musl's allocators have no malloc_trim
+        pass
 
 
 def _write_marker(path: pathlib.Path) -> None:
@@ -511,7 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 for batch in iterator:
                     batch = shard_batch(batch, mesh)
                     if step_function is None:
-                        step_function = cached_train_step(config, state, batch, steps_per_epoch, mesh)
+                        step_function = compiled_train_step(config, state, batch, steps_per_epoch, mesh)
                     state, step_metrics = step_function(state, batch)
                     step += 1
                     loss_check.add(step, step_metrics["loss"])

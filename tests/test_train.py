@@ -297,3 +297,48 @@ def test_the_executable_cache_is_off_with_the_compilation_cache_and_other_shapes
     half = {name: value[:1] for name, value in batch.items()}
     got = step_function(tiny_state, half)[1]["loss"]
     assert float(got) == float(train.train_step(tiny_state, half)[1]["loss"])
+
+
+def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_shapes_use_jit(
+    tiny_state, monkeypatch
+):
+    config = _executable_config("")
+    batch = jax.device_put(_fixed_batch(config))
+    released = []
+    monkeypatch.setattr(train, "release_freed_memory", lambda: released.append(True))
+    step_function = train.compiled_train_step(config, tiny_state, batch, 2, train.data_parallel_mesh())
+    assert released == [True]  # after compiling, before the step runs
+    assert step_function is not train.train_step and step_function.compiled is not train.train_step
+    _assert_same_step(step_function, tiny_state, batch)
+    half = {name: value[:1] for name, value in batch.items()}
+    want = train.train_step(tiny_state, half)[1]["loss"]
+    assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
+
+
+def _resident_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
+def test_release_freed_memory_returns_free_heap_pages_to_the_system():
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 128 MB in 64 KB blocks (below the mmap threshold, so on the heap), touched, then freed below a block
+    # still in use: glibc keeps such pages mapped, as it keeps the compiler's.
+    blocks = [libc.malloc(64 * 1024) for _ in range(2048)]
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    fence = libc.malloc(64)
+    for block in blocks:
+        libc.free(block)
+    held = _resident_mb()
+    train.release_freed_memory()
+    released = held - _resident_mb()
+    libc.free(fence)
+    assert released > 100, f"only {released:.0f} MB of 128 MB freed came back"
