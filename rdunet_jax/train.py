@@ -245,7 +245,7 @@ def release_freed_memory() -> None:
     """Returns the C heap's free pages to the system (glibc only; elsewhere nothing happens).
 
     XLA's compiler frees about 400 MB at 256 px that glibc keeps mapped, so without this a training
-    process holds it through every step on top of the step's own buffers (peak RSS 2.75 GB against 2.33 GB).
+    process holds it through every step on top of the step's own buffers (peak RSS 2,750 MiB against 2,332).
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)
