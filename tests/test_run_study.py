@@ -4,6 +4,8 @@ Runs train the tiny config of conftest.py; the two arms differ in augmentation o
 the compiled steps, so the runner compiles nothing the rest of the suite has not compiled.
 """
 
+import copy
+import dataclasses
 import json
 import math
 import sys
@@ -273,6 +275,19 @@ def test_tables_of_the_tiny_study(finished_tiny_study):
     paired_section = markdown.split("## Paired difference")[1]
     row = next(line for line in paired_section.splitlines() if line.startswith("| flips off"))
     assert row.endswith("| 12 |") and row.split("|")[2].strip().startswith(f"{np.mean(differences):.4f}")
+    # Paired with a second arm too (the recipe study's chosen candidate): the differences negated. The tiny
+    # arms may score alike, so the second arm's slices are raised by 0.1 to give the pairing a sign.
+    raised = copy.deepcopy(records)
+    for fold in (0, 1):
+        slices = raised[f"no_flip-fold{fold}-seed0"]["slices"]
+        slices["dice"] = [value + 0.1 for value in slices["dice"]]
+    twice = dataclasses.replace(TINY_STUDY, also_paired_with="no_flip")
+    markdown_twice = tables.study_markdown(twice, base, "tiny", budget, specs, raised, "cmd")
+    second_section = markdown_twice.split("## Paired difference to `no_flip`, per slice")[1]
+    row = next(line for line in second_section.splitlines() if line.startswith("| flips on"))
+    expected = -np.mean(differences) - 0.1
+    assert row.endswith("| 12 |") and float(row.split("|")[2].split()[0]) == pytest.approx(expected, abs=1e-4)
+    assert "## Paired difference to `no_flip`" not in markdown
     # A missing run shows as '…' and is left out of the means.
     partial = {name: record for name, record in records.items() if name != "no_flip-fold1-seed0"}
     markdown = tables.study_markdown(TINY_STUDY, base, "tiny", budget, specs, partial, "cmd")

@@ -120,6 +120,8 @@ class Study:
     reference: str
     tables: tuple[str, ...]  # of 'per_replicate', 'summary', 'paired_slices', 'paired_replicates', 'lesions'
     datasets: tuple[str, ...] = ("semiseg", "ma2020_2d")
+    # A second arm the others are paired with per slice (the recipe study: the chosen candidate).
+    also_paired_with: str = ""
 
     def arm(self, name: str) -> Arm:
         return next(arm for arm in self.arms if arm.name == name)
@@ -210,6 +212,7 @@ STUDIES = {
         reference="rdunet",
         tables=("per_replicate", "summary", "paired_slices", "lesions"),
         datasets=("semiseg",),
+        also_paired_with=semiseg_recipes().CHOSEN_RECIPE,
     ),
 }
 DEFAULT_DATASETS = {"ablation": "semiseg", "dilation": "semiseg", "lesion_size": "semiseg"}

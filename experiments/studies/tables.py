@@ -111,15 +111,17 @@ def slice_values(runs, key: str = "dice") -> dict:
     return values
 
 
-def paired_slices_table(study, specs, records) -> list[str]:
-    """Per alternative: mean over slices of its Dice minus the reference's, with a 95% bootstrap interval."""
-    reference = slice_values(_records_of(study.reference, specs, records))
+def paired_slices_table(study, specs, records, reference_arm: str = "") -> list[str]:
+    """Per alternative: mean over slices of its Dice minus the reference's (`reference_arm`, by default the
+    study's), with a 95% bootstrap interval."""
+    reference_arm = reference_arm or study.reference
+    reference = slice_values(_records_of(reference_arm, specs, records))
     lines = [
-        f"| Model | ΔDSC vs `{study.reference}` [95% bootstrap CI] | Slices paired |",
+        f"| Model | ΔDSC vs `{reference_arm}` [95% bootstrap CI] | Slices paired |",
         "|---|---|---|",
     ]
     for arm in study.arms:
-        if arm.name == study.reference:
+        if arm.name == reference_arm:
             continue
         differences = stats.paired_slice_differences(
             reference, slice_values(_records_of(arm.name, specs, records))
@@ -251,4 +253,7 @@ def study_markdown(study, base, budget_name: str, budget, specs, records, comman
         lines += ["", heading, "", *make(study, specs, records)]
         if table in notes:
             lines += ["", notes[table]]
+        if table == "paired_slices" and study.also_paired_with:
+            lines += ["", f"## Paired difference to `{study.also_paired_with}`, per slice", ""]
+            lines += paired_slices_table(study, specs, records, study.also_paired_with)
     return "\n".join(lines) + "\n"
