@@ -322,7 +322,13 @@ def _resident_mb() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
+def _has_glibc_malloc_trim() -> bool:
+    import ctypes
+
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim")
+
+
+@pytest.mark.skipif(not _has_glibc_malloc_trim(), reason="needs glibc's malloc_trim and Linux's /proc")
 def test_release_freed_memory_returns_free_heap_pages_to_the_system():
     import ctypes
 
