@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.num_test = 32
     config.data.flip = True
     config.data.zoom_range = 0.1
+    # Random in-plane rotation in [-rotation_degrees, rotation_degrees] (0 = off, the paper's setting).
+    config.data.rotation_degrees = 0.0
     # Splits of ma2020_2d (by slice) and nifti (by case): 'random' is the paper's seeded random split,
     # 'blocks' takes contiguous runs of files (volume order), so fewer neighbouring slices straddle splits.
     config.data.split_scheme = "random"
@@ -233,6 +235,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_speed_options(config)
     for key in ("model.dropout_rate", "model.batch_norm_momentum", "data.zoom_range"):
         _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    _require(
+        config,
+        "data.rotation_degrees",
+        lambda value: _is_number(value) and 0 <= value <= 180,
+        "a number of degrees in [0, 180]",
+    )
     _require(
         config, "eval.threshold", lambda value: _is_number(value) and 0 < value < 1, "a number in (0, 1)"
     )

@@ -53,10 +53,13 @@ def preprocess(record: dict, image_size: int, hu_window: tuple | None = None) ->
     }
 
 
-def zoom(array: np.ndarray, factor: float, order: int) -> np.ndarray:
-    """Zooms about the centre by `factor` (> 1 magnifies), keeping the shape; zeros fill outside."""
+def zoom_and_rotate(array: np.ndarray, factor: float, degrees: float, order: int) -> np.ndarray:
+    """Zooms by `factor` (> 1 magnifies) and rotates by `degrees` about the centre, keeping the shape;
+    zeros fill outside."""
     centre = (np.array(array.shape[:2]) - 1) / 2.0
-    matrix = np.diag([1.0 / factor, 1.0 / factor])
+    angle = np.deg2rad(degrees)
+    # affine_transform maps output to input coordinates, hence the inverse zoom.
+    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / factor
     offset = centre - matrix @ centre
     return ndimage.affine_transform(array, matrix, offset=offset, order=order, mode="constant")
 
@@ -64,10 +67,12 @@ def zoom(array: np.ndarray, factor: float, order: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Augment(grain.transforms.RandomMap):
     """The paper's augmentation: random horizontal and vertical flips and random zoom, image and
-    mask transformed identically (nearest-neighbour for the mask, so it stays binary)."""
+    mask transformed identically (nearest-neighbour for the mask, so it stays binary); optionally a
+    random in-plane rotation too (nnU-Net's default spatial augmentation)."""
 
     flip: bool = True
     zoom_range: float = 0.1
+    rotation_degrees: float = 0.0
 
     def random_map(self, example: dict, rng: np.random.Generator) -> dict:
         image, mask = example["image"][..., 0], example["mask"][..., 0]
@@ -76,10 +81,16 @@ class Augment(grain.transforms.RandomMap):
                 image, mask = image[:, ::-1], mask[:, ::-1]
             if rng.random() < 0.5:
                 image, mask = image[::-1, :], mask[::-1, :]
+        # Draws happen only for enabled transforms, so a run without rotation sees the same random
+        # stream, and the same batches, as before rotation existed.
+        factor, degrees = 1.0, 0.0
         if self.zoom_range > 0:
             factor = rng.uniform(1.0 - self.zoom_range, 1.0 + self.zoom_range)
-            image = zoom(np.ascontiguousarray(image), factor, order=1)
-            mask = zoom(np.ascontiguousarray(mask), factor, order=0)
+        if self.rotation_degrees > 0:
+            degrees = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
+        if self.zoom_range > 0 or self.rotation_degrees > 0:
+            image = zoom_and_rotate(np.ascontiguousarray(image), factor, degrees, order=1)
+            mask = zoom_and_rotate(np.ascontiguousarray(mask), factor, degrees, order=0)
         return {
             "image": np.ascontiguousarray(image)[..., None],
             "mask": np.ascontiguousarray(mask)[..., None],
@@ -112,7 +123,9 @@ def train_dataset(
     if shard_count > 1:
         dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
     dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
-    dataset = dataset.random_map(Augment(data_config.flip, data_config.zoom_range))
+    dataset = dataset.random_map(
+        Augment(data_config.flip, data_config.zoom_range, data_config.rotation_degrees)
+    )
     return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
 
 

@@ -28,6 +28,9 @@ INVALID_VALUES = {
         st.integers(max_value=0), st.integers(1, 500).filter(lambda n: n % 4), NOT_AN_INT
     ),
     "data.zoom_range": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), st.none()),
+    "data.rotation_degrees": st.one_of(
+        st.floats(min_value=180.001), st.floats(max_value=-1e-9), st.none(), st.text(max_size=2)
+    ),
     "data.flip": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
     "data.train_split": st.text(max_size=6).filter(lambda t: t not in ("train", "train_full")),
     "data.split_fractions": st.one_of(

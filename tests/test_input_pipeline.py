@@ -51,21 +51,55 @@ def test_batches_have_fixed_shapes_and_ranges(source, data):
         assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("rotation_degrees", [0.0, 20.0])
 @pytest.mark.parametrize("seed", range(12))
-def test_flips_and_zoom_keep_masks_binary_and_aligned(seed):
+def test_flips_zoom_and_rotation_keep_masks_binary_and_aligned(seed, rotation_degrees):
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
     mask[5:14, 8:25] = 1.0  # an asymmetric blob, so a flip of one but not the other would show
     mask[20:28, 3:9] = 1.0
     example = {"image": mask[..., None].copy(), "mask": mask[..., None].copy()}
-    augmented = input_pipeline.Augment(flip=True, zoom_range=0.2).random_map(
-        example, np.random.default_rng(seed)
-    )
+    augment = input_pipeline.Augment(flip=True, zoom_range=0.2, rotation_degrees=rotation_degrees)
+    augmented = augment.random_map(example, np.random.default_rng(seed))
     image, new_mask = augmented["image"][..., 0], augmented["mask"][..., 0]
     assert set(np.unique(new_mask)) <= {0.0, 1.0} and new_mask.sum() > 0
     # The image went through bilinear, the mask through nearest interpolation: they may differ on the
     # blob's edge only.
     disagreement = np.mean((image > 0.5) != (new_mask > 0.5))
     assert disagreement < 0.02
+
+
+def test_zoom_and_rotate_matches_hand_computed_turns_and_magnification():
+    image = np.arange(25, dtype=np.float32).reshape(5, 5)
+    # A quarter turn about the centre is an exact permutation of the pixels (clockwise as displayed
+    # with row 0 on top; a negative angle turns the other way), and no change returns the image.
+    np.testing.assert_allclose(
+        input_pipeline.zoom_and_rotate(image, 1.0, 90.0, order=1), np.rot90(image, -1), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        input_pipeline.zoom_and_rotate(image, 1.0, -90.0, order=1), np.rot90(image), atol=1e-4
+    )
+    np.testing.assert_array_equal(input_pipeline.zoom_and_rotate(image, 1.0, 0.0, order=1), image)
+    # Zoom 2 about the centre (2, 2): output pixel (r, c) samples input (2 + (r - 2) / 2, 2 + (c - 2) / 2).
+    zoomed = input_pipeline.zoom_and_rotate(image, 2.0, 0.0, order=1)
+    assert zoomed[2, 2] == image[2, 2] and zoomed[0, 0] == image[1, 1] and zoomed[4, 4] == image[3, 3]
+    assert zoomed[0, 1] == pytest.approx((image[1, 1] + image[1, 2]) / 2)
+
+
+def test_rotation_off_leaves_the_random_stream_and_batches_as_before(source, data):
+    example = {"image": np.random.default_rng(0).random((IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)}
+    example["mask"] = (example["image"] > 0.5).astype(np.float32)
+    before = input_pipeline.Augment(True, 0.2).random_map(example, np.random.default_rng(4))
+    off = input_pipeline.Augment(True, 0.2, 0.0).random_map(example, np.random.default_rng(4))
+    on = input_pipeline.Augment(True, 0.2, 15.0).random_map(example, np.random.default_rng(4))
+    np.testing.assert_array_equal(before["image"], off["image"])
+    assert not np.array_equal(before["image"], on["image"])
+    rotated = data.copy_and_resolve_references()
+    rotated.rotation_degrees = 15.0
+    assert_same_batches(epoch_batches(source, data, 3, 0), epoch_batches(source, data, 3, 0))
+    assert any(
+        not np.array_equal(a["image"], b["image"])
+        for a, b in zip(epoch_batches(source, data, 3, 0), epoch_batches(source, rotated, 3, 0), strict=True)
+    )
 
 
 def test_augmentation_is_applied(source, data):
