@@ -8,7 +8,7 @@ import difflib
 
 import ml_collections
 
-from rdunet_jax import input_pipeline, models
+from rdunet_jax import input_pipeline, losses, models
 from rdunet_jax.errors import UserError
 
 # The paper's model family, by name: each entry is a set of `model.*` overrides.
@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.lr_decay_epochs = 20
     config.lr_decay_factor = 0.1
+    # The training (and validation) loss, a key of losses.LOSSES: 'dice' is the paper's soft Dice,
+    # 'dice_bce' adds binary cross-entropy (nnU-Net's default).
+    config.loss = "dice"
     config.log_every_steps = 10
     # 0 saves `latest` at the end of each epoch only; N > 0 also every N steps (with the data position).
     config.checkpoint_every_steps = 0
@@ -278,6 +281,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "'train', 'validation', 'test' or 'train_full'",
     )
     _require(config, "eval.checkpoint", lambda value: value in ("best", "last"), "'best' or 'last'")
+    _require(config, "loss", lambda value: value in losses.LOSSES, f"one of {list(losses.LOSSES)}")
     _check_variant(config)
     _check_data_splits(config)
 

@@ -1,10 +1,10 @@
 """Training: the train state, the jit-compiled train and eval steps, and the epoch loop.
 
-`train_and_evaluate(config, workdir)` trains with Dice loss and Adam on a staircase schedule,
-validates every epoch, keeps the latest checkpoint (resume) and the best by validation loss, and at the
-end restores `eval.checkpoint` (the best, or the last) and evaluates it on the test split (validation
-where no test split exists). The first step of a second run of a config loads its compiled train step
-from the cache folder (`cached_train_step`).
+`train_and_evaluate(config, workdir)` trains with Dice loss (or `config.loss`) and Adam on a staircase
+schedule, validates every epoch, keeps the latest checkpoint (resume) and the best by validation loss,
+and at the end restores `eval.checkpoint` (the best, or the last) and evaluates it on the test split
+(validation where no test split exists). The first step of a second run of a config loads its compiled
+train step from the cache folder (`cached_train_step`).
 
 Running the same command again resumes from the latest checkpoint, exactly: batches are a pure function
 of (seed, epoch, position), dropout of (seed, step), and the checkpoint holds the data position, so a
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache as persistent_cache
@@ -43,10 +44,12 @@ _KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
 
 
 class TrainState(train_state.TrainState):
-    """Parameters and optimizer state, plus BatchNorm statistics and the dropout key."""
+    """Parameters and optimizer state, plus BatchNorm statistics, the dropout key and the loss's name."""
 
     batch_stats: Any
     dropout_key: jax.Array
+    # A key of `losses.LOSSES`; static, so each loss is its own compiled program and nothing is saved.
+    loss: str = struct.field(pytree_node=False, default="dice")
 
 
 class TrainingStopped(Exception):
@@ -109,6 +112,7 @@ def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
         batch_stats=variables["batch_stats"],
         tx=optax.adam(learning_rate_schedule(config, steps_per_epoch)),
         dropout_key=jax.random.PRNGKey(config.seed),
+        loss=config.loss,
     )
 
 
@@ -129,7 +133,8 @@ EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One Adam step on the mean soft Dice loss of the batch; dropout keyed by (seed, step)."""
+    """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
+    keyed by (seed, step)."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
     def loss_fn(params):
@@ -140,7 +145,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return jnp.mean(losses.soft_dice_loss(logits, batch["mask"])), updates
+        return jnp.mean(losses.LOSSES[state.loss](logits, batch["mask"])), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
@@ -165,6 +170,7 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
         "device": [device.platform, device.device_kind, jax.device_count()],
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
+        "loss": config.loss,
         "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
         # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
         "inputs": [
@@ -294,12 +300,12 @@ class _CachedStep:
 
 @functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """Per-image Dice loss and lesion probabilities, with running BatchNorm statistics."""
+    """Per-image loss (the trained one) and lesion probabilities, with running BatchNorm statistics."""
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
     return {
-        "loss": losses.soft_dice_loss(logits, batch["mask"]),
+        "loss": losses.LOSSES[state.loss](logits, batch["mask"]),
         "probabilities": jax.nn.sigmoid(logits),
     }
 

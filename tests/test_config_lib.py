@@ -65,6 +65,7 @@ INVALID_VALUES = {
     "eval.num_overlays": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "eval.test_time_flips": st.one_of(st.integers(), st.none()),
     "eval.checkpoint": st.text(max_size=8).filter(lambda t: t not in ("best", "last")),
+    "loss": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("dice", "dice_bce")), st.none()),
 }
 
 

@@ -1,4 +1,4 @@
-"""The soft Dice loss against hand-computed values."""
+"""The soft Dice and Dice + cross-entropy losses against hand-computed values."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,3 +31,21 @@ def test_completely_wrong_prediction_approaches_one():
     logits = jnp.where(mask > 0, -BIG, BIG)
     # 1 - 1 / (50 + 50 + 1)
     np.testing.assert_allclose(losses.soft_dice_loss(logits, mask), [1 - 1 / 101], atol=1e-6)
+
+
+def test_hand_computed_dice_plus_cross_entropy():
+    # Dice 0.5 as above; every pixel's cross-entropy at probability 0.5 is log 2, whatever its label.
+    logits = jnp.zeros((1, 2, 2, 1))
+    mask = jnp.array([[[[1.0], [0.0]], [[0.0], [0.0]]]])
+    np.testing.assert_allclose(losses.dice_bce_loss(logits, mask), [0.5 + np.log(2.0)], atol=1e-6)
+
+
+def test_dice_plus_cross_entropy_is_per_image_and_zero_when_perfect():
+    mask = jnp.zeros((2, 4, 4, 1)).at[1, :2].set(1.0)
+    perfect = jnp.where(mask > 0, BIG, -BIG)
+    np.testing.assert_allclose(losses.dice_bce_loss(perfect, mask), [0.0, 0.0], atol=1e-6)
+    # Image 0 (empty mask) predicted at p = sigmoid(1): Dice 1 - 1 / (16 p + 1), cross-entropy log(1 + e).
+    logits = perfect.at[0].set(1.0)
+    probability = 1 / (1 + np.exp(-1.0))
+    expected = 1 - 1 / (16 * probability + 1) + np.log1p(np.e)
+    np.testing.assert_allclose(losses.dice_bce_loss(logits, mask), [expected, 0.0], atol=1e-5)

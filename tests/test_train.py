@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO_ROOT, make_tiny_config
 
 from rdunet_jax import datasets, evaluate, input_pipeline, train
+from rdunet_jax import losses as losses_lib
 
 
 def _fixed_batch(config):
@@ -47,6 +48,29 @@ def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tin
     shifted = tiny_state.replace(step=tiny_state.step + 1)
     _, metrics_c = train.train_step(shifted, batch)
     assert float(metrics_c["loss"]) != float(metrics_a["loss"])
+
+
+def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
+    batch = _fixed_batch(tiny_config)
+    dropout_key = jax.random.fold_in(tiny_state.dropout_key, tiny_state.step)
+    logits, _ = tiny_state.apply_fn(
+        {"params": tiny_state.params, "batch_stats": tiny_state.batch_stats},
+        batch["image"],
+        train=True,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+    )
+    for name in ("dice", "dice_bce"):
+        _, step_metrics = train.train_step(tiny_state.replace(loss=name), batch)
+        expected = float(np.mean(losses_lib.LOSSES[name](logits, batch["mask"])))
+        np.testing.assert_allclose(float(step_metrics["loss"]), expected, rtol=1e-5)
+    validation = train.eval_step(tiny_state.replace(loss="dice_bce"), batch)["loss"]
+    assert validation.shape == (tiny_config.batch_size,)
+    # Cross-entropy is positive, so the validation loss rises above plain Dice on every image.
+    assert np.all(validation > train.eval_step(tiny_state, batch)["loss"])
+    config = make_tiny_config()
+    config.loss = "dice_bce"
+    assert train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2).loss == "dice_bce"
 
 
 def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
@@ -281,6 +305,9 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     assert train.train_step_key(config, tiny_state, batch, 3) != key  # the schedule's step count
     other = _executable_config(tmp_path)
     other.model.pool_impl = "reshape"
+    assert train.train_step_key(other, tiny_state, batch, 2) != key
+    other = _executable_config(tmp_path)
+    other.loss = "dice_bce"
     assert train.train_step_key(other, tiny_state, batch, 2) != key
     half = {name: value[:1] for name, value in batch.items()}
     assert train.train_step_key(config, tiny_state, half, 2) != key
