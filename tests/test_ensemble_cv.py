@@ -1,0 +1,46 @@
+"""experiments/ensemble_cv.py: ensemble Dice against hand-computed values, its table, and its errors."""
+
+import sys
+
+import numpy as np
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+import ensemble_cv  # noqa: E402
+
+
+def test_the_ensemble_averages_probabilities_before_thresholding():
+    masks = np.array([[[1.0, 0.0]]])  # one 1x2 slice, lesion on the left pixel
+    confident = np.array([[[0.9, 0.6]]])  # alone: both pixels, Dice 2 / (2 + 1)
+    doubtful = np.array([[[0.3, 0.2]]])  # alone: nothing, Dice 0
+    np.testing.assert_allclose(ensemble_cv.ensemble_slice_dice([confident], masks, 0.5), [2 / 3])
+    np.testing.assert_allclose(ensemble_cv.ensemble_slice_dice([doubtful], masks, 0.5), [0.0])
+    # Mean (0.6, 0.4): exactly the lesion.
+    np.testing.assert_allclose(ensemble_cv.ensemble_slice_dice([confident, doubtful], masks, 0.5), [1.0])
+
+
+def test_the_table_pairs_each_ensemble_with_its_first_member():
+    scores = {
+        ("a", "b"): {
+            "folds": [0.7, 0.8],
+            "slices": {"s1": [0.6], "s2": [0.9]},
+            "first_member": {"s1": [0.5], "s2": [0.7]},
+        }
+    }
+    table = ensemble_cv.markdown_table(scores)
+    assert table[0].startswith("| Ensemble | fold0 | fold1 | mean [95% CI] |")
+    # t-interval of (0.7, 0.8): 0.75 +- 12.706 * 0.05; per-slice differences 0.1 and 0.2, mean 0.15.
+    assert table[2].startswith("| a + b | 0.700 | 0.800 | 0.750 [0.115, 1.385] | 0.1500 [0.1000, 0.2000] |")
+
+
+def test_unknown_arms_and_untrained_members_are_one_line_errors(tmp_path, capsys):
+    roots = ["--data_root", str(tmp_path / "data"), "--runs_root", str(tmp_path / "runs")]
+    assert ensemble_cv.main(["--ensemble", "r128_e200_dropout0,r999", *roots]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --ensemble: r999 is not an arm of the recipe study; choose from [")
+    assert ensemble_cv.main(["--ensemble", "r128_e200_dropout0,r128_e200", *roots]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error
+    assert error.startswith("error: --ensemble: r128_e200_dropout0 fold 0 has no checkpoint in ")
+    assert error.endswith("python experiments/run_study.py recipe --arms r128_e200_dropout0")
