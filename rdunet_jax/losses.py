@@ -25,8 +25,7 @@ def dice_bce_loss(logits, masks, smooth: float = 1.0):
     Cross-entropy adds a gradient on every pixel, which Dice alone gives weakly where the image has little
     lesion; returns one loss per image (shape [batch]).
     """
-    masks32 = masks.astype(jnp.float32)
-    cross_entropy = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks32)
+    cross_entropy = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks.astype(jnp.float32))
     axes = tuple(range(1, masks.ndim))
     return soft_dice_loss(logits, masks, smooth) + jnp.mean(cross_entropy, axis=axes)
 
