@@ -159,7 +159,8 @@ _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
     """A digest of everything the compiled train step depends on: the package sources it traces, the
-    library versions, the device, the model and optimizer keys, and every input's path, shape and dtype."""
+    library versions, the device, the model and optimizer keys, the state's loss, and every input's path,
+    shape and dtype."""
     digest = hashlib.sha256()
     package = pathlib.Path(__file__).parent
     for name in _TRAIN_STEP_SOURCES:
@@ -170,7 +171,7 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
         "device": [device.platform, device.device_kind, jax.device_count()],
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
-        "loss": config.loss,
+        "loss": state.loss,
         "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
         # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
         "inputs": [

@@ -306,9 +306,7 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     other = _executable_config(tmp_path)
     other.model.pool_impl = "reshape"
     assert train.train_step_key(other, tiny_state, batch, 2) != key
-    other = _executable_config(tmp_path)
-    other.loss = "dice_bce"
-    assert train.train_step_key(other, tiny_state, batch, 2) != key
+    assert train.train_step_key(config, tiny_state.replace(loss="dice_bce"), batch, 2) != key
     half = {name: value[:1] for name, value in batch.items()}
     assert train.train_step_key(config, tiny_state, half, 2) != key
 
