@@ -3,11 +3,16 @@
 On every fold, each member's last checkpoint (its run of `run_study.py recipe`, kept under
 experiments/runs/) predicts the held-out slices with flip test-time augmentation; the members'
 probabilities are averaged and thresholded at `eval.threshold`. Each ensemble is reported per fold, as a
-mean with a 95% t-interval over folds, and paired per slice with its first member. Nothing is trained:
+mean with a 95% t-interval over folds, and paired per slice with its first member. Nothing is trained.
+`--resolution original` scores each slice at the size of its stored expert mask (the averaged
+probabilities resized bilinearly), as published COVID-SemiSeg results are; a one-arm "ensemble" is that
+arm alone:
 
     python experiments/ensemble_cv.py --data_root ../shared/data \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02 \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02,r128_e300
+    python experiments/ensemble_cv.py --data_root ../shared/data --resolution original \
+        --ensemble r128_e200_dropout0
 """
 
 import argparse
@@ -35,13 +40,27 @@ def parse_args(argv):
     parser.add_argument("--budget", choices=design.BUDGET_NAMES, default="small")
     parser.add_argument("--data_root", default="../shared/data", help="folder holding the datasets' folders")
     parser.add_argument("--runs_root", default=str(EXPERIMENTS / "runs"))
+    parser.add_argument(
+        "--resolution",
+        choices=("model", "original"),
+        default="model",
+        help="score at the model's resolution (as the studies) or at each stored mask's own size",
+    )
     return parser.parse_args(argv)
 
 
 def ensemble_slice_dice(member_probabilities, masks, threshold: float) -> np.ndarray:
-    """Per-slice Dice of the mean of the members' probabilities (each [N, H, W]) thresholded."""
+    """Per-slice Dice of the mean of the members' probabilities (each [N, H, W]) thresholded, against
+    `masks`: an [N, H, W] array at the model's resolution, or a list of stored masks of any size."""
     mean = np.mean(np.stack(member_probabilities), axis=0)
-    tp, fp, fn, _ = metrics.confusion_counts(mean >= threshold, np.asarray(masks) > 0.5)
+    if isinstance(masks, np.ndarray) and masks.shape == mean.shape:
+        tp, fp, fn, _ = metrics.confusion_counts(mean >= threshold, masks > 0.5)
+    else:
+        counts = [
+            evaluate.original_resolution_counts(probabilities, np.asarray(mask) > 0.5, threshold)
+            for probabilities, mask in zip(mean, masks, strict=True)
+        ]
+        tp, fp, fn, _ = np.array(counts).T
     return metrics.slice_metrics(tp, fp, fn)["dice"]
 
 
@@ -76,21 +95,24 @@ def member_runs(specs, arm: str, runs_root) -> dict:
     return runs
 
 
-def fold_predictions(config, workdir) -> tuple[list, np.ndarray, np.ndarray]:
-    """Slice ids, probabilities and masks of the held-out fold from the run's last checkpoint."""
+def fold_predictions(config, workdir, resolution: str = "model") -> tuple[list, np.ndarray, list]:
+    """Slice ids, probabilities and masks (at the model's resolution, or as stored for `original`) of the
+    held-out fold from the run's last checkpoint."""
     state = evaluate.restore_for_evaluation(config, workdir)
     source = datasets.load_source(config.data, "validation")
     batches = list(evaluate.predict_source(state, source, config, test_time_flips=True))
     ids = [meta["id"] for batch in batches for meta in batch["metadata"]]
     probabilities = np.concatenate([batch["probabilities"] for batch in batches])
+    if resolution == "original":
+        return ids, probabilities, [mask for batch in batches for mask in batch["original_masks"]]
     return ids, probabilities, np.concatenate([batch["masks"] for batch in batches])
 
 
-def score_ensembles(ensembles, runs) -> dict:
+def score_ensembles(ensembles, runs, resolution: str = "model") -> dict:
     """members -> per-fold mean Dice, and per-slice Dice of the ensemble and of its first member."""
     scores = {members: {"folds": [], "slices": {}, "first_member": {}} for members in ensembles}
     for fold in sorted(next(iter(runs.values()))):
-        predicted = {arm: fold_predictions(*arm_runs[fold]) for arm, arm_runs in runs.items()}
+        predicted = {arm: fold_predictions(*arm_runs[fold], resolution) for arm, arm_runs in runs.items()}
         for members in ensembles:
             ids, _, masks = predicted[members[0]]
             threshold = runs[members[0]][fold][0].eval.threshold
@@ -131,8 +153,9 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "experiments/ensemble_cv.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"Produced by `{command}` ({args.budget} budget, flip TTA, last checkpoints):\n")
-    print("\n".join(markdown_table(score_ensembles(ensembles, runs))))
+    where = "each stored mask's own size" if args.resolution == "original" else "the model's resolution"
+    print(f"Produced by `{command}` ({args.budget} budget, flip TTA, last checkpoints, Dice at {where}):\n")
+    print("\n".join(markdown_table(score_ensembles(ensembles, runs, args.resolution))))
     return 0
 
 

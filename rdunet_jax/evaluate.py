@@ -10,8 +10,10 @@ writes, for `eval.split`:
 
 Metrics are computed at the model's resolution (`data.image_size`), where validation computes them
 during training, so test and validation numbers compare. Millimetres use the slice's spacing scaled by
-the resize. Every file is a pure function of the checkpoint and the data: evaluating twice gives
-identical bytes.
+the resize. The overlap metrics are also computed at each slice's original resolution (probabilities
+resized back bilinearly and scored against the expert mask as stored), the way published results on
+COVID-SemiSeg are scored, under `original_resolution`. Every file is a pure function of the checkpoint
+and the data: evaluating twice gives identical bytes.
 """
 
 import csv
@@ -47,6 +49,9 @@ CONVENTIONS = {
     "lesions": "ground-truth lesions are 8-connected components of a slice's mask; a lesion is detected "
     "when a predicted pixel overlaps it; its Dice is against the predicted components that overlap it; "
     "small when its area is below eval.small_lesion_area",
+    "original_resolution": "original_resolution.* score each slice at the size of its stored expert mask: "
+    "probabilities resized bilinearly to it, thresholded, against the mask as stored (as Inf-Net's "
+    "COVID-SemiSeg results are scored)",
     "test_time_flips": "when on, probabilities are the mean over the identity, left-right, up-down and "
     "both flips of the input, each flipped back",
 }
@@ -78,20 +83,27 @@ def slice_metadata(record: dict, image_size: int) -> dict:
 
 
 def padded_batches(source, image_size: int, batch_size: int):
-    """Yields (batch, metadata) in source order with the training preprocessing; every batch has
-    `batch_size` rows (the last zero-padded), so evaluation never compiles a second shape."""
+    """Yields (batch, metadata, original masks) in source order with the training preprocessing; every
+    batch has `batch_size` rows (the last zero-padded), so evaluation never compiles a second shape."""
     for start in range(0, len(source), batch_size):
         batch = {
             "image": np.zeros((batch_size, image_size, image_size, 1), np.float32),
             "mask": np.zeros((batch_size, image_size, image_size, 1), np.float32),
         }
-        metadata = []
+        metadata, original_masks = [], []
         for row, index in enumerate(range(start, min(start + batch_size, len(source)))):
             record = source[index]
             example = input_pipeline.preprocess(record, image_size)
             batch["image"][row], batch["mask"][row] = example["image"], example["mask"]
             metadata.append(slice_metadata(record, image_size))
-        yield batch, metadata
+            original_masks.append(np.asarray(record["mask"]) > 0)
+        yield batch, metadata, original_masks
+
+
+def original_resolution_counts(probabilities, original_mask, threshold: float) -> tuple[int, ...]:
+    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask."""
+    prediction = input_pipeline.resize_probabilities(probabilities, original_mask.shape) >= threshold
+    return tuple(int(count[0]) for count in metrics.confusion_counts(prediction[None], original_mask[None]))
 
 
 def _mirrored_probabilities(state, batch: dict, probabilities, test_time_flips: bool):
@@ -121,8 +133,10 @@ def predict_batch(state, batch: dict, test_time_flips: bool = False) -> dict:
 
 
 def predict_source(state, source, config, test_time_flips: bool = False):
-    """Yields per batch a dict of metadata, images, masks, probabilities and losses of its real rows."""
-    for batch, metadata in padded_batches(source, config.data.image_size, config.eval.batch_size):
+    """Yields per batch a dict of metadata, images, masks, probabilities and losses of its real rows, and
+    the masks as stored (`original_masks`, each at its own size)."""
+    batches = padded_batches(source, config.data.image_size, config.eval.batch_size)
+    for batch, metadata, original_masks in batches:
         outputs = predict_batch(state, batch, test_time_flips)
         count = len(metadata)
         yield {
@@ -131,6 +145,7 @@ def predict_source(state, source, config, test_time_flips: bool = False):
             "masks": batch["mask"][:count, ..., 0],
             "probabilities": outputs["probabilities"][:count],
             "losses": outputs["loss"][:count],
+            "original_masks": original_masks,
         }
 
 
@@ -165,8 +180,14 @@ def collect_slices(state, source, config) -> dict:
     for batch in predict_source(state, source, config, flips):
         predictions = batch["probabilities"] >= threshold
         targets = batch["masks"] > 0.5
-        for meta, prediction, target, loss in zip(
-            batch["metadata"], predictions, targets, batch["losses"], strict=True
+        for meta, prediction, target, loss, probabilities, original_mask in zip(
+            batch["metadata"],
+            predictions,
+            targets,
+            batch["losses"],
+            batch["probabilities"],
+            batch["original_masks"],
+            strict=True,
         ):
             spacing = meta["pixel_spacing"]
             tp, fp, fn, tn = (
@@ -183,6 +204,7 @@ def collect_slices(state, source, config) -> dict:
                     "hd95_pixels": metrics.hausdorff95(prediction, target),
                     "lesion_pixels": int(target.sum()),
                     "predicted_pixels": int(prediction.sum()),
+                    "original_counts": original_resolution_counts(probabilities, original_mask, threshold),
                 }
             )
             pixel_area_mm2 = spacing[0] * spacing[1] if spacing else None
@@ -255,6 +277,8 @@ def summarize_collected(collected: dict, config) -> dict:
     summary["loss"] = float(np.mean(collected["losses"]))
     summary.update(metrics.summarize_hausdorff95([row["hd95"] for row in rows]))
     summary["hd95_unit"] = collected["unit"]
+    original_counts = np.array([row["original_counts"] for row in rows]).reshape(-1, 4)
+    summary["original_resolution"] = metrics.summarize(*original_counts.T)
     summary["num_slices_with_lesion"] = int(sum(row["lesion_pixels"] > 0 for row in rows))
     summary["per_volume"] = per_volume_summary(collected, config.data.image_size)
     small_area = float(config.eval.small_lesion_area)
@@ -351,6 +375,8 @@ def markdown_report(summary: dict, config) -> str:
         f"HD95 over the {summary['hd95_num_slices']} slices where both masks have lesion; "
         f"{summary['hd95_num_one_empty']} slices with exactly one empty mask counted apart, "
         f"{summary['hd95_num_both_empty']} with both empty excluded.",
+        "",
+        _original_resolution_sentence(summary["original_resolution"]),
     ]
     volumes = summary["per_volume"]
     if volumes:
@@ -399,6 +425,15 @@ def markdown_report(summary: dict, config) -> str:
             f"{values['detection_rate']:.4f} | {_mean_std(values, 'dice')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _original_resolution_sentence(original: dict) -> str:
+    return (
+        "At each slice's original resolution (probabilities resized bilinearly to the stored expert "
+        f"mask, as published COVID-SemiSeg results are scored): DSC {_mean_std(original, 'dice')}, "
+        f"JC {_mean_std(original, 'jaccard')}, F-score {original['f_score']:.4f}, "
+        f"pooled DSC {original['global_dice']:.4f}."
+    )
 
 
 def _file_safe(text: str) -> str:

@@ -26,6 +26,14 @@ def resize(array: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), resample))
 
 
+def resize_probabilities(probabilities: np.ndarray, shape) -> np.ndarray:
+    """Probabilities (size, size) resized bilinearly back to a slice's `shape` (rows, columns)."""
+    if probabilities.shape == tuple(shape):
+        return probabilities.astype(np.float32)
+    image = Image.fromarray(probabilities.astype(np.float32))
+    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
 def window_hounsfield(image: np.ndarray, hu_window) -> np.ndarray:
     """Maps Hounsfield units linearly from the (lower, upper) window to [0, 1], clipped (CT windowing)."""
     lower, upper = (float(value) for value in hu_window)

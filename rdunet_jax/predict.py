@@ -34,7 +34,6 @@ import zlib
 
 import jax
 import numpy as np
-from PIL import Image
 
 from rdunet_jax import evaluate, input_pipeline, metrics, visualize
 from rdunet_jax.datasets import readers
@@ -192,17 +191,9 @@ def predict_stream(state, config, examples):
         yield from collect_oldest()
 
 
-def resize_probabilities(probabilities: np.ndarray, shape) -> np.ndarray:
-    """Probabilities (size, size) resized bilinearly to `shape` (rows, columns)."""
-    if probabilities.shape == tuple(shape):
-        return probabilities.astype(np.float32)
-    image = Image.fromarray(probabilities.astype(np.float32))
-    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
-
-
 def mask_at_input_size(probabilities: np.ndarray, shape, threshold: float) -> np.ndarray:
     """The uint8 {0, 1} mask of the input's size."""
-    return (resize_probabilities(probabilities, shape) >= threshold).astype(np.uint8)
+    return (input_pipeline.resize_probabilities(probabilities, shape) >= threshold).astype(np.uint8)
 
 
 # --- NIfTI mask output ----------------------------------------------------------------------------------

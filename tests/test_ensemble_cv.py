@@ -20,6 +20,19 @@ def test_the_ensemble_averages_probabilities_before_thresholding():
     np.testing.assert_allclose(ensemble_cv.ensemble_slice_dice([confident, doubtful], masks, 0.5), [1.0])
 
 
+def test_original_resolution_scores_the_mean_resized_to_each_stored_mask():
+    # Mean of the members: left column 0.8, right 0.2; resized to 2x4 the left two columns stay >= 0.5.
+    first = np.array([[[1.0, 0.4], [1.0, 0.4]]])
+    second = np.array([[[0.6, 0.0], [0.6, 0.0]]])
+    stored = np.zeros((2, 4))
+    stored[:, :3] = 1  # 6 lesion pixels, 4 predicted: Dice 8 / 10
+    dice = ensemble_cv.ensemble_slice_dice([first, second], [stored], 0.5)
+    np.testing.assert_allclose(dice, [0.8])
+    # The same slice stored at the model's size is scored without resizing.
+    at_model_size = np.array([[[1.0, 0.0], [1.0, 0.0]]])
+    np.testing.assert_allclose(ensemble_cv.ensemble_slice_dice([first, second], at_model_size, 0.5), [1.0])
+
+
 def test_the_table_pairs_each_ensemble_with_its_first_member():
     scores = {
         ("a", "b"): {

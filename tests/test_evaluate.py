@@ -60,6 +60,11 @@ def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
     assert np.mean([float(row["dice"]) for row in rows]) == pytest.approx(written["dice"], abs=1e-5)
     markdown = first[evaluate.pathlib.Path("test.md")].decode()
     assert "| Model | DSC | JC | F-score |" in markdown and "Lesion size" in markdown
+    # Phantom slices are stored at the model's 32 px: scored at their original resolution, nothing changes.
+    original = written["original_resolution"]
+    for key in ("dice", "jaccard", "f_score", "global_dice", "num_slices"):
+        assert original[key] == pytest.approx(written[key], abs=1e-12)
+    assert "At each slice's original resolution" in markdown and f"DSC {original['dice']:.4f}" in markdown
 
 
 def test_test_time_flips_average_the_flipped_predictions(tiny_state):
@@ -124,6 +129,27 @@ def test_per_volume_values_and_millimetres_from_case_ids_and_spacing(tiny_state)
     expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
     assert volumes["cases"]["b"]["dice"] == pytest.approx(expected)
     assert json.loads(json.dumps(summary, allow_nan=False))  # no NaN or inf in the JSON
+    # Original resolution: each slice is scored against its stored 64x64 mask, with 4 times the pixels.
+    counts = np.array([row["original_counts"] for row in collected["rows"]])
+    assert counts.sum(axis=1).tolist() == [64 * 64] * 7
+    assert counts[:, [0, 2]].sum() == 3 * 20 * 20  # TP + FN: the stored lesion pixels of the 3 lesion slices
+    original = summary["original_resolution"]
+    dice = [1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn) for tp, fp, fn, _ in counts]
+    assert original["num_slices"] == 7 and original["dice"] == pytest.approx(np.mean(dice))
+
+
+def test_original_resolution_counts_resize_probabilities_bilinearly_to_the_stored_mask():
+    # Top row certain, bottom row not: resized to 4 rows, PIL's bilinear (pixel centres aligned) gives
+    # rows 1, 0.75, 0.25, 0, so the top two rows of the 4x6 slice are predicted.
+    probabilities = np.array([[1.0, 1.0], [0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(
+        evaluate.input_pipeline.resize_probabilities(probabilities, (4, 6))[:, 0], [1.0, 0.75, 0.25, 0.0]
+    )
+    mask = np.zeros((4, 6), bool)
+    mask[:3, :] = True  # 18 lesion pixels: 12 predicted, 6 missed
+    mask[0, 0] = False  # one predicted pixel outside the lesion
+    assert evaluate.original_resolution_counts(probabilities, mask, 0.5) == (11, 1, 6, 6)
+    assert evaluate.original_resolution_counts(probabilities, mask, 0.8) == (5, 1, 12, 6)
 
 
 def test_ranked_slices_skip_empty_slices_and_break_ties_by_order():
@@ -145,11 +171,13 @@ def test_padded_batches_have_one_shape_and_keep_every_slice_once():
     config = make_tiny_config(num_validation=21)
     source = datasets.load_source(config.data, "validation")
     batches = list(evaluate.padded_batches(source, 32, 16))
-    assert [batch["image"].shape for batch, _ in batches] == [(16, 32, 32, 1)] * 2
-    assert [len(metadata) for _, metadata in batches] == [16, 5]
+    assert [batch["image"].shape for batch, _, _ in batches] == [(16, 32, 32, 1)] * 2
+    assert [len(metadata) for _, metadata, _ in batches] == [16, 5]
+    assert [len(masks) for _, _, masks in batches] == [16, 5]
     assert not batches[1][0]["image"][5:].any()  # padding rows are zeros
-    ids = [meta["id"] for _, metadata in batches for meta in metadata]
+    ids = [meta["id"] for _, metadata, _ in batches for meta in metadata]
     assert ids == [source[index]["id"] for index in range(21)]
+    np.testing.assert_array_equal(batches[1][2][4], np.asarray(source[20]["mask"]) > 0)
 
 
 # --- Restoring a checkpoint for evaluation and prediction -----------------------------------------------
