@@ -195,6 +195,9 @@ def test_runner_trains_every_run_and_stores_config_metrics_and_slices(finished_t
         assert len(record["slices"]["id"]) == len(record["slices"]["dice"]) == 6
         assert record["slices"]["dice"] == pytest.approx(record["slices"]["dice"], abs=0)
         assert np.mean(record["slices"]["dice"]) == pytest.approx(record["metrics"]["dice"], abs=1e-5)
+        # Phantom slices are stored at the model's size: their original-resolution Dice is the same.
+        assert record["original_resolution"]["dice"] == pytest.approx(record["metrics"]["dice"], abs=1e-12)
+        assert set(record["original_resolution"]) == {"dice", "jaccard", "f_score", "global_dice"}
         if spec.arm == "flip":
             validation_ids += record["slices"]["id"]
     # The two folds' held-out slices are the whole pool (train + validation of the phantom), once each.

@@ -171,6 +171,10 @@ def build_record(spec, study: str, tag: str, summary: dict, workdir, wall_second
         "split": summary["split"],
         "metrics": {key: summary.get(key) for key in METRIC_KEYS},
         "lesion_size": summary.get("lesion_size"),
+        # Published COVID-SemiSeg figures are scored at the stored masks' own size.
+        "original_resolution": {
+            key: summary["original_resolution"][key] for key in ("dice", "jaccard", "f_score", "global_dice")
+        },
         "num_parameters": count_parameters(spec.config),
         "train_seconds": seconds,
         "epochs": epochs,
