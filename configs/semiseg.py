@@ -93,10 +93,11 @@ RECIPE_CANDIDATES = {
 # higher on every fold but the first: the chosen one); r128_e200_dropout0_dicebce 0.725 (-0.006 [-0.016,
 # 0.004] per slice against Dice alone); r128_e200_dropout0_decay100 0.734 [0.697, 0.771] (+0.003 [-0.005,
 # 0.010] per slice, not separable: the choice stays); r128_e200_dropout0_batch2 one fold (0.681 against
-# 0.717); r128_e200_rot15 one fold (0.664 against 0.729); r256_e40 one fold of five (0.554 against r128's
-# 0.643 there). Scored at the stored masks' own resolution, as published results are, the chosen recipe's
-# CV Dice is 0.730 (experiments/results/recipe/original-resolution-small.md). The r256 family awaits a GPU
-# or a longer session.
+# 0.717); r128_e200_dropout0_zoom03 two folds (0.704, 0.683 against 0.717, 0.697); r128_e200_rot15 one
+# fold (0.664 against 0.729); r256_e40 one fold of five (0.554 against r128's 0.643 there). Scored at the
+# stored masks' own resolution, as published results are, the chosen recipe's CV Dice is 0.730
+# (experiments/results/recipe/original-resolution-small.md). The r256 family awaits a GPU or a longer
+# session.
 CHOSEN_RECIPE = "r128_e200_dropout0"
 
 
