@@ -11,7 +11,7 @@ arm alone:
     python experiments/ensemble_cv.py --data_root ../shared/data \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02 \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02,r128_e300
-    python experiments/ensemble_cv.py --data_root ../shared/data --resolution original \
+    python experiments/ensemble_cv.py --data_root ../shared/data --resolution original \\
         --ensemble r128_e200_dropout0
 """
 
@@ -53,14 +53,11 @@ def ensemble_slice_dice(member_probabilities, masks, threshold: float) -> np.nda
     """Per-slice Dice of the mean of the members' probabilities (each [N, H, W]) thresholded, against
     `masks`: an [N, H, W] array at the model's resolution, or a list of stored masks of any size."""
     mean = np.mean(np.stack(member_probabilities), axis=0)
-    if isinstance(masks, np.ndarray) and masks.shape == mean.shape:
-        tp, fp, fn, _ = metrics.confusion_counts(mean >= threshold, masks > 0.5)
-    else:
-        counts = [
-            evaluate.original_resolution_counts(probabilities, np.asarray(mask) > 0.5, threshold)
-            for probabilities, mask in zip(mean, masks, strict=True)
-        ]
-        tp, fp, fn, _ = np.array(counts).T
+    counts = [
+        evaluate.original_resolution_counts(probabilities, mask, threshold)
+        for probabilities, mask in zip(mean, masks, strict=True)
+    ]
+    tp, fp, fn, _ = np.array(counts).T
     return metrics.slice_metrics(tp, fp, fn)["dice"]
 
 

@@ -96,14 +96,15 @@ def padded_batches(source, image_size: int, batch_size: int):
             example = input_pipeline.preprocess(record, image_size)
             batch["image"][row], batch["mask"][row] = example["image"], example["mask"]
             metadata.append(slice_metadata(record, image_size))
-            original_masks.append(np.asarray(record["mask"]) > 0)
+            original_masks.append(record["mask"])
         yield batch, metadata, original_masks
 
 
 def original_resolution_counts(probabilities, original_mask, threshold: float) -> tuple[int, ...]:
-    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask."""
-    prediction = input_pipeline.resize_probabilities(probabilities, original_mask.shape) >= threshold
-    return tuple(int(count[0]) for count in metrics.confusion_counts(prediction[None], original_mask[None]))
+    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask (lesion where > 0)."""
+    target = np.asarray(original_mask) > 0
+    prediction = input_pipeline.resize_probabilities(probabilities, target.shape) >= threshold
+    return tuple(int(count[0]) for count in metrics.confusion_counts(prediction[None], target[None]))
 
 
 def _mirrored_probabilities(state, batch: dict, probabilities, test_time_flips: bool):
