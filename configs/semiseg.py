@@ -82,7 +82,7 @@ RECIPE_CANDIDATES = {
     # (decay100, batch2), so this asks whether more varied training slices do.
     "r128_e200_dropout0_zoom03": _R128_E200 | {"model.dropout_rate": 0.0, "data.zoom_range": 0.3},
     # No dropout, 1.5 times longer with the decay moved to match (150 epochs at 1e-3, 150 at 1e-4): without
-    # dropout the training loss still ends near 0.19 after 2,000 steps (validation 0.29), so the fit, not
+    # dropout the training loss still ends near 0.20 after 2,000 steps (validation 0.29), so the fit, not
     # overfitting, is what limits; e300 bought nothing while dropout 0.5 capped the fit. Its full run took
     # 26 minutes here, inside the 60-minute limit.
     "r128_e300_dropout0_decay150": _R128
