@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.remat = False
     # 'reshape' computes the same 2x2 max-pooling without XLA's select-and-scatter in the gradient.
     config.model.pool_impl = "reduce_window"
+    # 'space_to_batch' computes the same dilated convolutions over the input's phases, whose gradient
+    # XLA hands to cuDNN's fast kernels on a GPU (30x faster there, 2.8x slower on a CPU); 'auto' picks
+    # it on GPUs and 'xla' elsewhere.
+    config.model.dilation_impl = "auto"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"
@@ -181,6 +185,7 @@ def _check_speed_options(config) -> None:
         ("upsample_impl", models.UPSAMPLE_IMPLS),
         ("dropout_impl", models.DROPOUT_IMPLS),
         ("pool_impl", models.POOL_IMPLS),
+        ("dilation_impl", models.DILATION_IMPLS),
     )
     for key, choices in speed_choices:
         description = f"one of {list(choices)}"

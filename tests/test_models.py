@@ -156,7 +156,14 @@ SPEED_OPTIONS = {
     "bits": dict(dropout_impl="bits"),
     "remat": dict(remat=True),
     "reshape_pool": dict(pool_impl="reshape"),
-    "all": dict(upsample_impl="stencil", dropout_impl="bits", remat=True, pool_impl="reshape"),
+    "space_to_batch": dict(dilation_impl="space_to_batch"),
+    "all": dict(
+        upsample_impl="stencil",
+        dropout_impl="bits",
+        remat=True,
+        pool_impl="reshape",
+        dilation_impl="space_to_batch",
+    ),
 }
 
 
@@ -165,7 +172,13 @@ def _tiny_model_config(**options):
     config = config_lib.base_config()
     config.model.features, config.model.depth = 4, 2
     config.model.skip_dilation_rates = ((1, 2, 1), (1, 2))
-    config.model.update(upsample_impl="resize", dropout_impl="flax", remat=False, pool_impl="reduce_window")
+    config.model.update(
+        upsample_impl="resize",
+        dropout_impl="flax",
+        remat=False,
+        pool_impl="reduce_window",
+        dilation_impl="xla",
+    )
     config.model.update(options)
     config_lib.validate(config)
     return config.model
@@ -181,6 +194,47 @@ def test_reshape_max_pool_matches_max_pool_and_its_gradient_without_ties():
     # A window of tied maxima: the reshape form shares the gradient, select-and-scatter gives it to one.
     tied = jax.grad(lambda v: jnp.sum(models.max_pool_reshape(v)))(jnp.zeros((1, 2, 2, 1)))
     assert float(jnp.sum(tied)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "height, width, rates, padding",
+    [
+        (16, 16, (3, 3), "SAME"),  # 16 + 2 * 3 is not a multiple of 3: the phases need an extra row
+        (15, 10, (2, 2), "SAME"),
+        (13, 9, (3, 2), "VALID"),
+        (12, 11, (2, 3), ((2, 1), (0, 3))),
+        (9, 9, (1, 1), "SAME"),  # no dilation: plain lax.conv_general_dilated
+    ],
+)
+def test_space_to_batch_convolution_matches_the_dilated_convolution_and_its_gradients(
+    height, width, rates, padding
+):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, height, width, 3))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def convolve(conv):
+        return lambda v, k: conv(v, k, (1, 1), padding, rhs_dilation=rates, dimension_numbers=numbers)
+
+    reference, phases = convolve(jax.lax.conv_general_dilated), convolve(models.conv_space_to_batch)
+    with jax.default_matmul_precision("highest"):
+        want, got = reference(x, kernel), phases(x, kernel)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        weights = jax.random.normal(jax.random.PRNGKey(2), want.shape)
+        want_grads = jax.grad(lambda v, k: jnp.sum(reference(v, k) * weights), argnums=(0, 1))(x, kernel)
+        got_grads = jax.grad(lambda v, k: jnp.sum(phases(v, k) * weights), argnums=(0, 1))(x, kernel)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_dilation_form_is_space_to_batch_on_gpus_only(monkeypatch):
+    assert models.resolve_dilation_impl("space_to_batch") == "space_to_batch"
+    for backend, want in (("cpu", "xla"), ("gpu", "space_to_batch"), ("tpu", "xla")):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert models.resolve_dilation_impl("auto") == want
+        assert models.build_model(_tiny_model_config(dilation_impl="auto")).dilation_impl == want
+    assert models.resolve_dilation_impl("xla") == "xla"
 
 
 def test_stencil_upsampling_matches_resize():
@@ -205,7 +259,7 @@ def test_speed_option_keeps_parameter_tree_and_eval_forward_pass(option):
     )
 
 
-@pytest.mark.parametrize("option", ["stencil", "remat", "reshape_pool"])
+@pytest.mark.parametrize("option", ["stencil", "remat", "reshape_pool", "space_to_batch"])
 def test_speed_option_keeps_training_gradients(option):
     """Options that draw the same dropout masks give the same loss gradient in training mode."""
     reference = models.build_model(_tiny_model_config())
@@ -270,7 +324,8 @@ def test_bfloat16_forward_pass_stays_close_to_float32():
 
 
 @pytest.mark.parametrize(
-    "key, value", [("upsample_impl", "nearest"), ("dropout_impl", "numpy"), ("pool_impl", "avg")]
+    "key, value",
+    [("upsample_impl", "nearest"), ("dropout_impl", "numpy"), ("pool_impl", "avg"), ("dilation_impl", "fft")],
 )
 def test_bad_speed_option_is_a_user_error(key, value):
     from rdunet_jax.errors import UserError
