@@ -5,10 +5,12 @@
 
 Times (median of `--steps` after one warm-up, in ms) at the shallowest level's shape (16 feature maps at
 full resolution), where most of the step's memory traffic is: a 3x3 convolution at dilation rates 1 and
-3, the 2x2 max-pooling in both `model.pool_impl` forms, the 2x up-sampling in both `model.upsample_impl`
-forms, both dropout masks, BatchNorm, squeeze-and-excitation, and the whole model's eval forward pass and
-train step (`--set model.KEY=VALUE` applies to those two). On the GPU, the first session found the train
-step 20x slower than the forward pass (normally about 3x); this names the block that makes it so.
+3 (and 3 in the `model.dilation_impl=space_to_batch` form), the 2x2 max-pooling in both
+`model.pool_impl` forms, the 2x up-sampling in both `model.upsample_impl` forms, both dropout masks,
+BatchNorm, squeeze-and-excitation, and the whole model's eval forward pass and train step (`--set
+model.KEY=VALUE` applies to those two). On the GPU, the first session found the train step 20x slower
+than the forward pass (normally about 3x); this names the block that makes it so.
+`--blocks conv3x3_rate3 model` times only those.
 """
 
 import argparse
@@ -66,10 +68,11 @@ class _Conv(nn.Module):
     features: int
     dilation: int
     dtype: jnp.dtype
+    dilation_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        return nn.Conv(self.features, (3, 3), kernel_dilation=self.dilation, dtype=self.dtype)(x)
+        return models._conv3x3(self.features, self.dilation, self.dtype, self.dilation_impl)(x)
 
 
 class _Norm(nn.Module):
@@ -81,36 +84,42 @@ class _Norm(nn.Module):
 
 
 def blocks(args, dtype) -> dict:
-    """Each block at (batch, size, size, 16)."""
+    """Each block at (batch, size, size, 16), those named in `args.blocks` (all when empty)."""
     shape = (args.batch_size, args.image_size, args.image_size, 16)
     x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
-    none = {}
-    results = {}
-    for rate in (1, 3):
-        results[f"conv3x3_rate{rate}"] = module_timing(_Conv(16, rate, dtype), x, args.steps)
-    results["max_pool_reduce_window"] = forward_and_backward(
-        lambda _, v: nn.max_pool(v, (2, 2), (2, 2)), none, x, args.steps
-    )
-    results["max_pool_reshape"] = forward_and_backward(
-        lambda _, v: models.max_pool_reshape(v), none, x, args.steps
-    )
     half = x[:, ::2, ::2, :]
-    results["upsample_resize"] = forward_and_backward(
-        lambda _, v: models.upsample_bilinear(v), none, half, args.steps
-    )
-    results["upsample_stencil"] = forward_and_backward(
-        lambda _, v: models.upsample_bilinear_stencil(v), none, half, args.steps
-    )
     key = jax.random.PRNGKey(3)
-    results["dropout_mask_flax"] = {
-        "forward_ms": median_ms(lambda k: jax.random.bernoulli(k, 0.5, shape), key, steps=args.steps)
+    none = {}
+    timings = {
+        "conv3x3_rate1": lambda: module_timing(_Conv(16, 1, dtype), x, args.steps),
+        "conv3x3_rate3": lambda: module_timing(_Conv(16, 3, dtype), x, args.steps),
+        "conv3x3_rate3_space_to_batch": lambda: module_timing(
+            _Conv(16, 3, dtype, "space_to_batch"), x, args.steps
+        ),
+        "max_pool_reduce_window": lambda: forward_and_backward(
+            lambda _, v: nn.max_pool(v, (2, 2), (2, 2)), none, x, args.steps
+        ),
+        "max_pool_reshape": lambda: forward_and_backward(
+            lambda _, v: models.max_pool_reshape(v), none, x, args.steps
+        ),
+        "upsample_resize": lambda: forward_and_backward(
+            lambda _, v: models.upsample_bilinear(v), none, half, args.steps
+        ),
+        "upsample_stencil": lambda: forward_and_backward(
+            lambda _, v: models.upsample_bilinear_stencil(v), none, half, args.steps
+        ),
+        "dropout_mask_flax": lambda: {
+            "forward_ms": median_ms(lambda k: jax.random.bernoulli(k, 0.5, shape), key, steps=args.steps)
+        },
+        "dropout_mask_bits": lambda: {
+            "forward_ms": median_ms(
+                lambda k: models.dropout_keep_mask(k, 0.5, shape)[0], key, steps=args.steps
+            )
+        },
+        "batch_norm": lambda: module_timing(_Norm(dtype), x, args.steps),
+        "squeeze_excitation": lambda: module_timing(models.SqueezeExcitation(8, dtype), x, args.steps),
     }
-    results["dropout_mask_bits"] = {
-        "forward_ms": median_ms(lambda k: models.dropout_keep_mask(k, 0.5, shape)[0], key, steps=args.steps)
-    }
-    results["batch_norm"] = module_timing(_Norm(dtype), x, args.steps)
-    results["squeeze_excitation"] = module_timing(models.SqueezeExcitation(8, dtype), x, args.steps)
-    return results
+    return {name: timing() for name, timing in timings.items() if not args.blocks or name in args.blocks}
 
 
 def whole_model(args, mode: str) -> dict:
@@ -129,6 +138,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--blocks", nargs="*", default=[], help="time only these blocks (and 'model')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.* override")
     parser.add_argument("--smoke", action="store_true", help="32 px, batch 2, tiny model")
     parser.add_argument("--json", default="")
@@ -146,7 +156,9 @@ def main(argv=None) -> dict:
     }
     for mode in args.dtypes:
         dtype = jnp.dtype(mode)
-        report["modes"][mode] = blocks(args, dtype) | {"model": whole_model(args, mode)}
+        report["modes"][mode] = blocks(args, dtype)
+        if not args.blocks or "model" in args.blocks:
+            report["modes"][mode]["model"] = whole_model(args, mode)
         print(json.dumps({mode: report["modes"][mode]}), flush=True)
         save_partial(args, report)
     return report
