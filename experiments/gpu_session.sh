@@ -2,7 +2,8 @@
 # One GPU session in a fixed time box of SECONDS, in phases (PHASES, default "breakdown benchmark studies"):
 #   breakdown  experiments/step_breakdown.py: each block's forward and backward alone (BREAKDOWN_SECONDS)
 #   benchmark  experiments/gpu_benchmark.py, alone on the card, as configured and with the model.* speed
-#              options in BENCHMARK_SETS (BENCHMARK_SECONDS)
+#              options in BENCHMARK_SETS, default none (BENCHMARK_SECONDS; on an H200 compiling the
+#              batch-128 step alone took 95-108 s, XLA's autotuner)
 #   studies    pending study runs in parallel processes until 40 s before the end (the card is far from
 #              busy with one small run); runs cut short leave no record and rerun next time
 #
@@ -37,11 +38,11 @@ breakdown() {
 }
 
 benchmark() {
-  local each=$((${BENCHMARK_SECONDS:-200} / (1 + $(wc -w <<<"${BENCHMARK_SETS-pool_impl=reshape}"))))
+  local each=$((${BENCHMARK_SECONDS:-300} / (1 + $(wc -w <<<"${BENCHMARK_SETS-}"))))
   local name set
-  for set in "" ${BENCHMARK_SETS-pool_impl=reshape}; do
+  for set in "" ${BENCHMARK_SETS-}; do
     name=gpu_benchmark${set:+_${set//[^a-z0-9]/_}}
-    timeout "$each" python3 experiments/gpu_benchmark.py --dtypes float32 bfloat16 --batch_sizes 8 64 \
+    timeout "$each" python3 experiments/gpu_benchmark.py --dtypes bfloat16 float32 --batch_sizes 8 128 \
       --infer_batch_sizes 128 --steps 10 ${set:+--set "$set"} --json "$out/$name.json" >"$out/$name.log" 2>&1
     echo "$name: exit $?, $(left) s left"
   done
