@@ -65,18 +65,31 @@ def resolve_dilation_impl(dilation_impl: str) -> str:
     return "space_to_batch" if jax.default_backend() == "gpu" else "xla"
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_plain_nhwc_dilation(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, kwargs) -> bool:
+    """Whether a convolution is the 2-D, NHWC, stride-1 dilated kind that `conv_space_to_batch` rewrites."""
+    if lhs.ndim != 4 or tuple(rhs_dilation or (1, 1)) == (1, 1) or kwargs.get("batch_group_count", 1) != 1:
+        return False
+    numbers = kwargs.get("dimension_numbers")
+    if numbers is None or lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, numbers
+    ) != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
+        return False
+    unit = (1, 1)
+    negative_padding = not isinstance(padding, str) and any(side < 0 for pair in padding for side in pair)
+    return tuple(window_strides) == unit and tuple(lhs_dilation or unit) == unit and not negative_padding
+
+
 def conv_space_to_batch(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
-    """`lax.conv_general_dilated` (NHWC, HWIO) with a kernel dilation, as an undilated convolution of the
-    input's rate x rate phases stacked on the batch axis: the atrous convolution's "space-to-batch" form."""
-    rate_h, rate_w = rhs_dilation or (1, 1)
-    if (
-        (rate_h, rate_w) == (1, 1)
-        or tuple(window_strides) != (1, 1)
-        or tuple(lhs_dilation or (1, 1)) != (1, 1)
-    ):
+    """An atrous convolution computed as an undilated one over the input's phases (space-to-batch)."""
+    # Anything else (no dilation, strides, another layout) is left to XLA as it is.
+    if not _is_plain_nhwc_dilation(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, kwargs):
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, **kwargs
         )
+    rate_h, rate_w = rhs_dilation
     batch, height, width, channels = lhs.shape
     kernel_h, kernel_w = rhs.shape[:2]
     if isinstance(padding, str):
@@ -99,8 +112,10 @@ def conv_space_to_batch(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
     return y[:, :out_h, :out_w, :]
 
 
-def _conv3x3(features: int, dilation_rate: int, dtype: Any, dilation_impl: str) -> nn.Conv:
-    conv = conv_space_to_batch if dilation_impl == "space_to_batch" else lax.conv_general_dilated
+def conv3x3(features: int, dilation_rate: int, dtype: Any, dilation_impl: str) -> nn.Conv:
+    """The paper's 3x3 convolution (no bias: BatchNorm follows), dilated in `dilation_impl`'s form."""
+    space_to_batch = resolve_dilation_impl(dilation_impl) == "space_to_batch"
+    conv = conv_space_to_batch if space_to_batch else lax.conv_general_dilated
     return nn.Conv(
         features,
         (3, 3),
@@ -185,7 +200,7 @@ class DoubleConv(nn.Module):
             if index:
                 x = nn.relu(x)
                 x = _dropout(self.dropout_rate, train, self.dropout_impl)(x)
-            x = _conv3x3(self.features, self.dilation_rate, self.dtype, self.dilation_impl)(x)
+            x = conv3x3(self.features, self.dilation_rate, self.dtype, self.dilation_impl)(x)
             x = _norm(train, self.batch_norm_momentum, self.dtype)(x)
         return x
 
@@ -241,7 +256,7 @@ class DilatedCascade(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         for rate in self.dilation_rates:
-            x = _conv3x3(x.shape[-1], rate, self.dtype, self.dilation_impl)(x)
+            x = conv3x3(x.shape[-1], rate, self.dtype, self.dilation_impl)(x)
             x = nn.relu(_norm(train, self.batch_norm_momentum, self.dtype)(x))
         return x
 

@@ -228,6 +228,69 @@ def test_space_to_batch_convolution_matches_the_dilated_convolution_and_its_grad
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
 
 
+def test_space_to_batch_leaves_other_convolutions_to_xla_and_keeps_bfloat16():
+    nchw = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 12, 10))
+    nhwc = nchw.transpose(0, 2, 3, 1)
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
+    numbers = ("NHWC", "HWIO", "NHWC")
+    cases = [  # another layout, a stride, negative padding: each left to lax as it is
+        (nchw, kernel.transpose(3, 2, 0, 1), (1, 1), "SAME", {}),
+        (nhwc, kernel, (2, 1), "SAME", {"dimension_numbers": numbers}),
+        (nhwc, kernel, (1, 1), ((-1, 0), (2, 2)), {"dimension_numbers": numbers}),
+    ]
+    for lhs, rhs, strides, padding, options in cases:
+        np.testing.assert_array_equal(
+            models.conv_space_to_batch(lhs, rhs, strides, padding, rhs_dilation=(2, 2), **options),
+            jax.lax.conv_general_dilated(lhs, rhs, strides, padding, rhs_dilation=(2, 2), **options),
+        )
+    half, half_kernel = nhwc.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    got = models.conv_space_to_batch(
+        half, half_kernel, (1, 1), "SAME", (1, 1), (3, 3), dimension_numbers=numbers
+    )
+    want = jax.lax.conv_general_dilated(
+        half, half_kernel, (1, 1), "SAME", (1, 1), (3, 3), dimension_numbers=numbers
+    )
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=0.02, atol=0.05)
+
+
+def _convolution_dilations(jaxpr) -> list[tuple[int, ...]]:
+    """The kernel dilation of every convolution in a (closed) jaxpr, nested ones included."""
+    found = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "conv_general_dilated":
+            found.append(tuple(equation.params["rhs_dilation"]))
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(inner, "eqns"):
+                    found += _convolution_dilations(inner)
+                elif hasattr(inner, "jaxpr"):
+                    found += _convolution_dilations(inner.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("dilation_impl", ["xla", "space_to_batch"])
+def test_space_to_batch_model_runs_no_dilated_convolution_in_training(dilation_impl):
+    model = models.build_model(_tiny_model_config(dilation_impl=dilation_impl))
+    variables = models.initialize_variables(model, 16, seed=0)
+    images = jnp.zeros((2, 16, 16, 1))
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            rngs={"dropout": jax.random.PRNGKey(0)},
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(logits)
+
+    dilations = _convolution_dilations(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
+    assert len(dilations) > 20  # forward and both gradients of every convolution
+    dilated = [rates for rates in dilations if rates != (1, 1)]
+    assert bool(dilated) == (dilation_impl == "xla")
+
+
 def test_auto_dilation_form_is_space_to_batch_on_gpus_only(monkeypatch):
     assert models.resolve_dilation_impl("space_to_batch") == "space_to_batch"
     for backend, want in (("cpu", "xla"), ("gpu", "space_to_batch"), ("tpu", "xla")):
