@@ -127,6 +127,8 @@ def cpu_reference(args) -> tuple[np.ndarray, float]:
     """(eval logits, first-step loss) in float32 on the CPU, for the first batch size (computed once)."""
     cpu = jax.devices("cpu")[0]
     config = make_config(args, "float32", args.batch_sizes[0])
+    # XLA's own dilated convolution: the reference for every `--set model.dilation_impl` form.
+    config.model.dilation_impl = "xla"
     model = models.build_model(config.model)
     variables = models.initialize_variables(model, args.image_size, config.seed)
     batch = make_batch(args.batch_sizes[0], args.image_size)
