@@ -254,6 +254,18 @@ def test_space_to_batch_leaves_other_convolutions_to_xla_and_keeps_bfloat16():
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=0.02, atol=0.05)
 
 
+def _training_logits(model, variables, params, images, dropout_seed: int = 2):
+    """The model's logits in training mode (batch statistics of `variables`, dropout on)."""
+    logits, _ = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        images,
+        train=True,
+        rngs={"dropout": jax.random.PRNGKey(dropout_seed)},
+        mutable=["batch_stats"],
+    )
+    return logits
+
+
 def _convolution_dilations(jaxpr) -> list[tuple[int, ...]]:
     """The kernel dilation of every convolution in a (closed) jaxpr, nested ones included."""
     found = []
@@ -276,14 +288,7 @@ def test_space_to_batch_model_runs_no_dilated_convolution_in_training(dilation_i
     images = jnp.zeros((2, 16, 16, 1))
 
     def loss(params):
-        logits, _ = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            images,
-            train=True,
-            rngs={"dropout": jax.random.PRNGKey(0)},
-            mutable=["batch_stats"],
-        )
-        return jnp.mean(logits)
+        return jnp.mean(_training_logits(model, variables, params, images))
 
     dilations = _convolution_dilations(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
     assert len(dilations) > 20  # forward and both gradients of every convolution
@@ -332,14 +337,7 @@ def test_speed_option_keeps_training_gradients(option):
 
     def gradient(model):
         def loss(params):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                images,
-                train=True,
-                rngs={"dropout": jax.random.PRNGKey(2)},
-                mutable=["batch_stats"],
-            )
-            return jnp.mean(logits**2)
+            return jnp.mean(_training_logits(model, variables, params, images) ** 2)
 
         return jax.grad(loss)(variables["params"])
 
