@@ -320,6 +320,8 @@ def _upsample_axis_stencil(x, axis: int):
     return jnp.stack([even, odd], axis=axis + 1).reshape(shape)
 
 
+# A named subprogram (XLA inlines it): the ONNX export finds it by name and writes one Resize operator.
+@jax.jit
 def upsample_bilinear_stencil(x):
     """`upsample_bilinear` as a fixed stencil of slices and adds (no resize weights; cheaper gradient)."""
     return _upsample_axis_stencil(_upsample_axis_stencil(x, 1), 2)
