@@ -1,7 +1,8 @@
 """Command line: `python -m rdunet_jax.main --config configs/rdunet.py [--workdir DIR] [--mode ...]`.
 
 `--mode predict --input PATH --output DIR [--overwrite]` segments a NIfTI volume, a PNG/JPEG slice or a
-folder of either with the workdir's best checkpoint.
+folder of either with the workdir's best checkpoint. `--mode export --output FILE.onnx` writes that
+checkpoint as an ONNX model (for ONNX Runtime, or `--config.eval.runtime=onnxruntime` in predict).
 
 Parses flags and dispatches; user mistakes end in one line on stderr and exit status 2.
 """
@@ -20,12 +21,17 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, metrics); default runs/<config name>.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "evaluate", "predict"], "Train (then evaluate), only evaluate, or predict."
+    "mode",
+    "train",
+    ["train", "evaluate", "predict", "export"],
+    "Train (then evaluate), only evaluate, predict, or export the checkpoint to ONNX.",
 )
 flags.DEFINE_integer("checkpoint_step", None, "Evaluate or predict with this checkpoint step, not the best.")
 flags.DEFINE_string("input", None, "predict: a NIfTI volume, a PNG/JPEG slice, or a folder of either.")
-flags.DEFINE_string("output", None, "predict: the folder for masks, summaries and overlays.")
-flags.DEFINE_bool("overwrite", False, "predict: replace existing outputs (refused otherwise).")
+flags.DEFINE_string(
+    "output", None, "predict: the folder for masks, summaries and overlays; export: the .onnx file."
+)
+flags.DEFINE_bool("overwrite", False, "predict, export: replace existing outputs (refused otherwise).")
 flags.DEFINE_string(
     "ground_truth", None, "predict: the expert mask (a file, or a folder of same-named files) for overlays."
 )
@@ -75,6 +81,10 @@ def run(argv) -> None:
         train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "evaluate":
         evaluate.evaluate_workdir(config, workdir, FLAGS.checkpoint_step)
+    elif FLAGS.mode == "export":
+        from rdunet_jax import onnx_export
+
+        onnx_export.export_workdir(config, workdir, FLAGS.output, FLAGS.overwrite, FLAGS.checkpoint_step)
     else:
         from rdunet_jax import predict
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import onnx
 import pytest
 from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR
 
@@ -68,6 +69,13 @@ def test_train_stop_resume_and_evaluate(tmp_path):
     )
     assert again["step"] == best_epoch["step"]
 
+    exported = _run(f"--workdir={workdir}", "--mode=export", f"--output={tmp_path / 'model.onnx'}")
+    assert exported.returncode == 0, exported.stderr
+    assert f"of checkpoint step {again['step']}" in exported.stdout
+    model = onnx.load(tmp_path / "model.onnx")
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    assert metadata["checkpoint_step"] == str(again["step"]) and metadata["config_name"] == "demo_tiny"
+
 
 def test_bad_config_value_is_one_line_error_and_exit_2(tmp_path):
     result = _run(f"--workdir={tmp_path / 'bad'}", "--config.data.image_size=30")
@@ -90,6 +98,18 @@ def test_predict_without_input_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: --mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output"
     ]
+
+
+def test_export_without_output_or_checkpoint_is_a_one_line_error(tmp_path):
+    result = _run(f"--workdir={tmp_path / 'none'}", "--mode=export")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --mode=export needs --output, the .onnx file to write"
+    ]
+    result = _run(f"--workdir={tmp_path / 'none'}", "--mode=export", f"--output={tmp_path / 'model.onnx'}")
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):

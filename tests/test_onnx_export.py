@@ -1,0 +1,207 @@
+"""ONNX export: the exported graph computes the model's function (every paper variant, any batch size),
+BatchNorm and ReLU fold into the convolutions, and the export command and runtime option work end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+from conftest import make_tiny_config
+from flax import linen as nn
+from PIL import Image
+
+from rdunet_jax import config_lib, evaluate, models, onnx_export, predict
+from rdunet_jax.errors import UserError
+
+SIZE = 32
+# Tiny-model stand-ins for the paper's schedules (the tiny config has 3 levels, 2 skips).
+TINY_SCHEDULES = {"skip_dilation_rates": ((1, 2, 1), (2, 3)), "encoder_dilation_rates": (3, 2, 1)}
+
+
+def _variant_model(variant: str, **overrides) -> models.RDUNet:
+    config = config_lib.apply_model_variant(make_tiny_config(), variant)
+    for key, value in TINY_SCHEDULES.items():
+        if config.model[key]:
+            config.model[key] = value
+    config.model.update(overrides)
+    return models.build_model(config.model)
+
+
+def _trained_looking_variables(model, seed=0):
+    """Initial variables with BatchNorm scales, biases and running statistics moved off their initial
+    values, so that folding them into the convolutions is exercised."""
+    rng = np.random.default_rng(seed)
+    shifts = {
+        "mean": lambda x: x + 0.05 * rng.standard_normal(x.shape),
+        "var": lambda x: x * rng.uniform(0.5, 2.0, x.shape),
+        "scale": lambda x: x * rng.uniform(0.5, 1.5, x.shape),
+        "bias": lambda x: x + 0.05 * rng.standard_normal(x.shape),
+    }
+
+    def shift(path, leaf):
+        change = shifts.get(path[-1].key)
+        return leaf if change is None else np.asarray(change(np.asarray(leaf)), np.float32)
+
+    return jax.tree_util.tree_map_with_path(shift, models.initialize_variables(model, SIZE, seed))
+
+
+def _session(onnx_model):
+    return onnx_export.OnnxRuntimeModel(onnx_model, step=0).session
+
+
+def _images(batch, seed=1):
+    return np.random.default_rng(seed).random((batch, SIZE, SIZE, 1), np.float32)
+
+
+def _assert_close(ours, reference):
+    scale = float(np.abs(reference).max())
+    assert scale > 1e-3  # a network that outputs zeros would match anything
+    np.testing.assert_allclose(ours, reference, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(config_lib.MODEL_VARIANTS))
+def test_every_variant_exports_its_function_at_any_batch_size(variant):
+    model = _variant_model(variant)
+    variables = _trained_looking_variables(model)
+    session = _session(onnx_export.export_model(model, variables, SIZE))
+    for batch in (1, 3):
+        images = _images(batch)
+        logits, probabilities = session.run(None, {"images": images})
+        reference = np.asarray(model.apply(variables, images, train=False))
+        assert logits.shape == probabilities.shape == (batch, SIZE, SIZE, 1)
+        _assert_close(logits, reference)
+        np.testing.assert_allclose(probabilities, jax.nn.sigmoid(reference), atol=1e-6)
+
+
+def test_batchnorm_and_relu_fold_into_the_convolutions():
+    model = _variant_model("rdunet")
+    graph = onnx_export.export_model(model, _trained_looking_variables(model), SIZE).graph
+    op_types = [node.op_type for node in graph.node]
+    # 5 residual blocks (3 encoder, 2 decoder) of two 3x3 convs and a 1x1 shortcut (every block changes
+    # the width), 5 DC-module convs, the 1x1 head: one Conv each, BatchNorm's subtraction and scaling
+    # folded into it, and no Max (ReLU) left beside it.
+    assert op_types.count("Conv") == 5 * 3 + 5 + 1
+    assert "Sub" not in op_types and "Max" not in op_types
+    assert op_types.count("Resize") == 2 and op_types.count("MaxPool") == 2
+
+
+def test_training_speed_options_export_the_same_function():
+    """bfloat16, jax.image.resize, space-to-batch dilation and reshape pooling export in float32 with the
+    plain forms; the parameter tree is the same, so the graph matches the plain float32 model."""
+    plain = _variant_model("rdunet")
+    variables = _trained_looking_variables(plain)
+    fast = _variant_model(
+        "rdunet",
+        dtype="bfloat16",
+        upsample_impl="resize",
+        dilation_impl="space_to_batch",
+        pool_impl="reshape",
+        remat=True,
+    )
+    images = _images(2)
+    logits, _ = _session(onnx_export.export_model(fast, variables, SIZE)).run(None, {"images": images})
+    _assert_close(logits, np.asarray(plain.apply(variables, images, train=False)))
+
+
+def _export(function, shape=(8, 8, 3)):
+    return _session(onnx_export.export_function(function, shape))
+
+
+def test_a_folded_convolution_keeps_its_plain_output_for_other_consumers():
+    kernel = np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32)
+    scale = np.arange(1, 5, dtype=np.float32).reshape(1, 1, 1, 4)
+    spatial = np.linspace(0.5, 2.0, 8, dtype=np.float32).reshape(1, 8, 1, 1)
+
+    def function(images):
+        convolved = jax.lax.conv_general_dilated(
+            images, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        per_channel = nn.relu(convolved * scale - 0.5)  # folds into the Conv
+        per_row = convolved * spatial  # varies along height: must not fold
+        return jax.lax.slice_in_dim(per_channel + per_row + convolved, 0, 1, axis=3)
+
+    images = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    logits, _ = _export(function).run(None, {"images": images})
+    _assert_close(logits, np.asarray(function(images)))
+
+
+def test_batched_matrix_products_and_transposes_translate():
+    weights = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+
+    def function(images):  # (N, 2, 4, 3) x (2, 3, 5), batched over the 2 -> (2, N, 4, 5) -> (N, 2, 4, 1)
+        product = jax.lax.dot_general(images, weights, (((3,), (1,)), ((1,), (0,))))
+        return jax.lax.slice_in_dim(jnp.transpose(product, (1, 0, 2, 3)), 0, 1, axis=3)
+
+    images = np.random.default_rng(1).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    session = _export(function, (2, 4, 3))
+    _assert_close(session.run(None, {"images": images})[0], np.asarray(function(images)))
+
+
+def test_an_unsupported_primitive_is_named():
+    with pytest.raises(NotImplementedError, match="'cumsum'"):
+        onnx_export.export_function(lambda images: jnp.cumsum(images, axis=1), (8, 8, 1))
+
+
+def test_onnxruntime_flips_match_the_jax_evaluation(tiny_state):
+    config = make_tiny_config()
+    runtime = onnx_export.runtime_model(config, tiny_state)
+    images = _images(4)
+    for flips in (False, True):
+        reference = np.asarray(evaluate.dispatch_batch(tiny_state, images, flips))
+        np.testing.assert_allclose(runtime.dispatch_batch(images, flips), reference, atol=1e-5)
+    assert runtime.step == int(tiny_state.step)
+
+
+def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for name, size in {"a.png": (40, 60), "b.png": (32, 32)}.items():
+        Image.fromarray((rng.random(size) * 255).astype(np.uint8)).save(tmp_path / "in" / name)
+    config = make_tiny_config()
+    config.eval.threshold = 0.49  # untrained: probabilities sit near 0.5; keep the masks non-trivial
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "jax", state=tiny_state)
+    config.eval.runtime = "onnxruntime"
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "onnx", state=tiny_state)
+    for stem in ("a", "b"):
+        ours = np.asarray(Image.open(tmp_path / "onnx" / f"{stem}_mask.png"))
+        theirs = np.asarray(Image.open(tmp_path / "jax" / f"{stem}_mask.png"))
+        assert ours.shape == theirs.shape
+        assert np.mean(ours == theirs) > 0.99
+
+
+def test_a_bad_runtime_is_a_config_error():
+    config = make_tiny_config()
+    config.eval.runtime = "tensorrt"
+    with pytest.raises(UserError, match="eval.runtime: must be 'jax' or 'onnxruntime', got 'tensorrt'"):
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("model.txt", "is not a .onnx file name"),
+        ("missing/model.onnx", "does not exist"),
+        ("existing.onnx", "exists; pass --overwrite"),
+    ],
+)
+def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, output, message):
+    (tmp_path / "existing.onnx").write_bytes(b"kept")
+    monkeypatch.setattr(evaluate, "restore_for_evaluation", pytest.fail)
+    with pytest.raises(UserError, match=message):
+        onnx_export.export_workdir(make_tiny_config(), tmp_path, tmp_path / output)
+    assert (tmp_path / "existing.onnx").read_bytes() == b"kept"
+
+
+def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "restore_for_evaluation", lambda *args: tiny_state)
+    config = make_tiny_config()
+    path = onnx_export.export_workdir(config, tmp_path, tmp_path / "model.onnx")
+    model = onnx.load(path)
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    assert metadata["checkpoint_step"] == str(int(tiny_state.step))
+    assert metadata["input"] == "images (batch, 32, 32, 1) float32 in [0, 1]"
+    assert [entry.name for entry in model.graph.output] == ["logits", "probabilities"]
+    with pytest.raises(UserError, match="exists"):
+        onnx_export.export_workdir(config, tmp_path, path)
+    onnx_export.export_workdir(config, tmp_path, path, overwrite=True)
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
