@@ -8,6 +8,9 @@ Prints one markdown table row per image size and saves JSON with, per size:
 
 - `train_step_s`: median seconds of a jit-compiled train step (after warm-up); `train_images_per_s`.
 - `infer_ms_per_slice`: median milliseconds per slice of the eval forward pass at `--infer_batch_size`.
+- `infer_ms_per_slice_onnxruntime` (with the `onnx` extra): the same weights exported to ONNX and run by
+  ONNX Runtime (`eval.runtime='onnxruntime'`), timed alternately with XLA's batches;
+  `infer_ratio_onnxruntime_vs_jax` (median of per-batch ratios) and the largest probability difference.
 - `compile_s`: compiling the train step with the persistent cache off.
 - `first_step_s_cold`, `first_step_s_warm`: from process start to the moment the first train step
   begins in a fresh child process (imports, config, data, model, compile), with an empty persistent
@@ -73,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="config override, e.g. model.dtype=bfloat16 or model.features=4 (repeatable)",
     )
     parser.add_argument("--skip_startup", action="store_true", help="no cold/warm child processes")
+    parser.add_argument("--no_onnxruntime", action="store_true", help="no ONNX Runtime inference figure")
     parser.add_argument("--xla_flags", default=None, help="XLA_FLAGS for this run and its children")
     parser.add_argument("--torch_python", default="", help="interpreter of a PyTorch environment")
     parser.add_argument("--torch_script", default=str(DEFAULT_TORCH_SCRIPT))
@@ -203,8 +207,11 @@ class TrainTimer:
 
 
 def measure_inference(config, model, args, image_size: int) -> dict:
-    """Median ms/slice of the eval forward pass (running BatchNorm statistics, sigmoid) and its FLOP/s."""
+    """Median ms/slice of the eval forward pass (running BatchNorm statistics, sigmoid) and its FLOP/s;
+    with onnxruntime installed, also of the same weights exported to ONNX (`eval.runtime='onnxruntime'`),
+    timed alternately with XLA's batches so both see the same load."""
     import jax
+    import numpy as np
 
     from rdunet_jax import models, train
 
@@ -214,18 +221,51 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     def infer(variables, images):
         return jax.nn.sigmoid(model.apply(variables, images, train=False))
 
-    images = jax.device_put(random_batch(args.infer_batch_size, image_size)["image"])
+    host_images = random_batch(args.infer_batch_size, image_size)["image"]
+    images = jax.device_put(host_images)
     compiled = infer.lower(variables, images).compile()
     jax.block_until_ready(compiled(variables, images))
-    seconds, _ = median_seconds(lambda: jax.block_until_ready(compiled(variables, images)), args.infer_steps)
+    runtime = None if args.no_onnxruntime else onnxruntime_model(config, model, variables, image_size)
+    jax_times, runtime_times = [], []
+    for _ in range(args.infer_steps):
+        started = time.perf_counter()
+        jax.block_until_ready(compiled(variables, images))
+        jax_times.append(time.perf_counter() - started)
+        if runtime is not None:
+            started = time.perf_counter()
+            runtime.probabilities(host_images)
+            runtime_times.append(time.perf_counter() - started)
+    seconds = statistics.median(jax_times)
     result = {
         "infer_ms_per_slice": 1e3 * seconds / args.infer_batch_size,
         "infer_batch_size": args.infer_batch_size,
         "infer_gflops_per_s": xla_flops(compiled) / seconds / 1e9,
     }
+    if runtime is not None:
+        probabilities = np.asarray(compiled(variables, images))
+        result.update(
+            infer_ms_per_slice_onnxruntime=1e3 * statistics.median(runtime_times) / args.infer_batch_size,
+            infer_ratio_onnxruntime_vs_jax=statistics.median(
+                ours / theirs for ours, theirs in zip(runtime_times, jax_times, strict=True)
+            ),
+            infer_onnxruntime_max_probability_difference=float(
+                np.max(np.abs(runtime.probabilities(host_images) - probabilities))
+            ),
+        )
     if config.model.dtype != "float32":
         result.update(accuracy_against_float32(config, model, variables, args))
     return result
+
+
+def onnxruntime_model(config, model, variables, image_size: int):
+    """The model exported to ONNX in an ONNX Runtime session, or None without the `onnx` extra."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    from rdunet_jax import onnx_export
+
+    return onnx_export.OnnxRuntimeModel(onnx_export.export_model(model, variables, image_size), step=0)
 
 
 def phantom_images(config, count: int):
@@ -462,18 +502,19 @@ def _cell(value, digits: int) -> str:
 def markdown_table(results: list[dict]) -> str:
     """One row per image size."""
     header = (
-        "| px | batch | mode | train step (s) | train img/s | GFLOP/s | infer ms/slice | compile (s) "
-        "| first step cold (s) | first step warm (s) | peak RSS (MB) | pipeline img/s |"
+        "| px | batch | mode | train step (s) | train img/s | GFLOP/s | infer ms/slice "
+        "| ONNX Runtime infer ms/slice | compile (s) | first step cold (s) | first step warm (s) "
+        "| peak RSS (MB) | pipeline img/s |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for row in results:
         lines.append(
             f"| {row['image_size']} | {row['batch_size']} | {row['mode']} "
             f"| {_cell(row['train_step_s'], 3)} | {_cell(row['train_images_per_s'], 2)} "
             f"| {_cell(row['gflops_per_s'], 1)} | {_cell(row['infer_ms_per_slice'], 1)} "
-            f"| {_cell(row['compile_s'], 1)} | {_cell(row['first_step_s_cold'], 1)} "
-            f"| {_cell(row['first_step_s_warm'], 1)} | {_cell(row['peak_rss_mb'], 0)} "
-            f"| {_cell(row['pipeline_images_per_s'], 0)} |"
+            f"| {_cell(row.get('infer_ms_per_slice_onnxruntime'), 1)} | {_cell(row['compile_s'], 1)} "
+            f"| {_cell(row['first_step_s_cold'], 1)} | {_cell(row['first_step_s_warm'], 1)} "
+            f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['pipeline_images_per_s'], 0)} |"
         )
     torch_rows = [row for row in results if "train_step_ratio_vs_torch" in row]
     if torch_rows:

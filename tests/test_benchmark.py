@@ -38,6 +38,8 @@ def test_benchmark_smoke_run_writes_every_key(tmp_path):
     assert report["pipeline_images_per_s"] > 0
     assert report["image_size"] == 16 and report["model"]["depth"] == 1
     assert report["train_images_per_s"] == report["batch_size"] / report["train_step_s"]
+    assert report["infer_ms_per_slice_onnxruntime"] > 0
+    assert report["infer_onnxruntime_max_probability_difference"] < 1e-5
     assert "| 16 | 2 | float32 |" in (tmp_path / "bench.md").read_text()
     assert "| 16 |" in completed.stdout
 
