@@ -14,7 +14,9 @@ median over rounds of each round's time ratio to the reference (below 1 is faste
 difference of its output from the reference's (loss for `train`, probabilities for `infer`). Unlike
 XLA_FLAGS, which a process reads once, options given per compilation share one process, one load and one
 set of inputs, so the ratios hold up on a busy machine. Any `--set` config override
-applies to every variant.
+applies to every variant; `--model_option NAME=KEY=VALUE,...` adds a variant with its own config
+overrides (the speed options of `models.py`, which keep the parameters), e.g.
+`--model_option pool_reshape=model.pool_impl=reshape`.
 """
 
 import argparse
@@ -36,6 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variant", default="rdunet", help="one of the paper's model variants")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=JSON", help="repeatable")
+    parser.add_argument(
+        "--model_option",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+        help="a variant with these config overrides (speed options: same parameters), repeatable",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
@@ -52,6 +61,15 @@ def parse_option(text: str) -> tuple[str, dict]:
     if not name or not isinstance(options, dict):
         raise SystemExit(f"--option {text}: expected NAME={{...}}, a JSON object of XLA options")
     return name, options
+
+
+def parse_model_option(text: str) -> tuple[str, list[str]]:
+    """'NAME=model.pool_impl=reshape,model.dropout_impl=bits' as (NAME, ['model.pool_impl=reshape', ...])."""
+    name, separator, body = text.partition("=")
+    overrides = [item for item in body.split(",") if item]
+    if not name or not separator or not all("=" in item for item in overrides) or not overrides:
+        raise SystemExit(f"--model_option {text}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+    return name, overrides
 
 
 def build_function(args, config):
@@ -80,28 +98,36 @@ def run(args) -> dict:
 
     from rdunet_jax import train
 
-    benchmark_args = benchmark.parse_args(["--batch_size", str(args.batch_size), "--variant", args.variant])
-    benchmark_args.set = args.set
-    config = benchmark.make_config(benchmark_args, args.image_size)
-    function, inputs, output_of = build_function(args, config)
-    jax.config.update("jax_enable_compilation_cache", False)  # compile every variant for real
     project = train.COMPILER_OPTIONS if args.what == "train" else train.EVAL_COMPILER_OPTIONS
-    variants = {"project": dict(project)}
+    variants = {"project": (dict(project), [])}
     for text in args.option:
         name, options = parse_option(text)
-        variants[name] = {**project, **options}
-    compiled, rows = {}, {}
-    for name, options in variants.items():
+        variants[name] = ({**project, **options}, [])
+    for text in args.model_option:
+        name, overrides = parse_model_option(text)
+        variants[name] = (dict(project), overrides)
+    jax.config.update("jax_enable_compilation_cache", False)  # compile every variant for real
+    compiled, inputs, rows = {}, {}, {}
+    for name, (options, overrides) in variants.items():
+        benchmark_args = benchmark.parse_args(
+            ["--batch_size", str(args.batch_size), "--variant", args.variant]
+        )
+        benchmark_args.set = args.set + overrides
+        # Speed options leave the parameters as they are: every variant starts from the same values.
+        function, inputs[name], output_of = build_function(
+            args, benchmark.make_config(benchmark_args, args.image_size)
+        )
         started = time.perf_counter()
-        compiled[name] = jax.jit(function, compiler_options=options).lower(*inputs).compile()
+        compiled[name] = jax.jit(function, compiler_options=options).lower(*inputs[name]).compile()
         rows[name] = {
             "options": options,
+            "config_overrides": overrides,
             "compile_s": time.perf_counter() - started,
             "temp_mb": compiled[name].memory_analysis().temp_size_in_bytes / 2**20,
         }
-    reference = np.asarray(output_of(compiled["project"](*inputs)))
+    reference = np.asarray(output_of(compiled["project"](*inputs["project"])))
     for name, executable in compiled.items():  # also the warm-up call
-        difference = np.max(np.abs(np.asarray(output_of(executable(*inputs))) - reference))
+        difference = np.max(np.abs(np.asarray(output_of(executable(*inputs[name]))) - reference))
         rows[name]["max_difference_vs_project"] = float(difference)
     times = {name: [] for name in compiled}
     names = list(compiled)
@@ -110,7 +136,7 @@ def run(args) -> dict:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
-            jax.block_until_ready(compiled[name](*inputs))
+            jax.block_until_ready(compiled[name](*inputs[name]))
             times[name].append(time.perf_counter() - started)
     for name, row in rows.items():
         row["median_s"] = statistics.median(times[name])
