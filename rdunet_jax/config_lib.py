@@ -71,8 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_impl = "flax"
     # Recompute each block's activations in the backward pass: less memory, more time.
     config.model.remat = False
-    # 'reshape' computes the same 2x2 max-pooling without XLA's select-and-scatter in the gradient.
-    config.model.pool_impl = "reduce_window"
+    # 'reshape' computes the same 2x2 max-pooling without XLA's select-and-scatter in the gradient: a
+    # 4.6% faster train step on a 2-core CPU, 70 MB fewer temporaries, same loss (experiments/README.md).
+    # Runs before 2026-11-29 used 'reduce_window': set it to reproduce them to the digit.
+    config.model.pool_impl = "reshape"
     # 'space_to_batch' computes the same dilated convolutions over the input's phases, whose gradient
     # XLA hands to cuDNN's fast kernels on a GPU (30x faster there, 2.8x slower on a CPU); 'auto' picks
     # it on GPUs and 'xla' elsewhere.

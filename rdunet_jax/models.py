@@ -30,8 +30,9 @@ Speed options (none changes the parameter tree, so checkpoints stay interchangea
   16-channel 256x256 layer, batch 8, bfloat16); on a CPU the phases' transposes cost more than they save
   (2.8x slower).
 - `pool_impl`: "reduce_window" (`nn.max_pool`, whose gradient is XLA's select-and-scatter) or "reshape"
-  (the same 2x2 maximum as a reshape and a max, whose gradient is elementwise; it differs only where a
-  window holds tied maxima, e.g. zeros after a ReLU, which share the gradient instead of the first taking it).
+  (the config default: the same 2x2 maximum as a reshape and a max, whose gradient is elementwise; it
+  differs only where a window holds tied maxima, e.g. zeros after a ReLU, which share the gradient instead
+  of the first taking it, and that gradient then meets the ReLU's zero derivative).
 """
 
 from collections.abc import Sequence

@@ -304,7 +304,7 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     assert train.train_step_key(_executable_config(tmp_path), tiny_state, batch, 2) == key
     assert train.train_step_key(config, tiny_state, batch, 3) != key  # the schedule's step count
     other = _executable_config(tmp_path)
-    other.model.pool_impl = "reshape"
+    other.model.pool_impl = "reduce_window"
     assert train.train_step_key(other, tiny_state, batch, 2) != key
     assert train.train_step_key(config, tiny_state.replace(loss="dice_bce"), batch, 2) != key
     half = {name: value[:1] for name, value in batch.items()}
