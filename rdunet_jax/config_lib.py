@@ -123,8 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.small_lesion_area = 100.0
     # Best and worst slices drawn as overlays by evaluation (and slices per volume by prediction).
     config.eval.num_overlays = 4
-    # What runs the model in --mode predict: 'jax' (XLA), or 'onnxruntime' (the model exported to ONNX;
-    # 0.65x the time per slice on a 2-core CPU, same probabilities to 1e-7; needs the `onnx` extra).
+    # What runs the model in evaluation (--mode evaluate, and after training) and --mode predict: 'jax'
+    # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
+    # cores, same probabilities to 1e-7; needs the `onnx` extra). Training always runs in JAX.
     config.eval.runtime = "jax"
     return config
 

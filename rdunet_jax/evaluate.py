@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import checkpoints, datasets, input_pipeline, metrics, train, visualize
+from rdunet_jax import checkpoints, datasets, input_pipeline, metrics, onnx_export, train, visualize
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
@@ -117,9 +117,19 @@ def _mirrored_probabilities(state, batch: dict, probabilities, test_time_flips: 
     return probabilities / len(TEST_TIME_FLIPS)
 
 
+def with_runtime(config, state):
+    """`state`, or its export in ONNX Runtime when `eval.runtime` asks for it (what evaluation and
+    prediction run; training and its per-epoch validation always run in JAX)."""
+    if config.eval.runtime == "onnxruntime" and not isinstance(state, onnx_export.OnnxRuntimeModel):
+        return onnx_export.runtime_model(config, state)
+    return state
+
+
 def dispatch_batch(state, images: np.ndarray, test_time_flips: bool = False):
     """Lesion probabilities (N, H, W, 1) of a batch of images, as a device array still being computed
     (JAX dispatches asynchronously: the caller prepares the next batch meanwhile)."""
+    if isinstance(state, onnx_export.OnnxRuntimeModel):
+        return state.dispatch_batch(images, test_time_flips)
     batch = {"image": images, "mask": np.zeros_like(images)}
     probabilities = train.eval_step(state, batch)["probabilities"]
     return _mirrored_probabilities(state, batch, probabilities, test_time_flips)
@@ -127,6 +137,8 @@ def dispatch_batch(state, images: np.ndarray, test_time_flips: bool = False):
 
 def predict_batch(state, batch: dict, test_time_flips: bool = False) -> dict:
     """Per-image loss and lesion probabilities (N, H, W) of a batch, optionally averaged over flips."""
+    if isinstance(state, onnx_export.OnnxRuntimeModel):
+        return state.predict_batch(batch, test_time_flips)
     outputs = train.eval_step(state, batch)
     probabilities = _mirrored_probabilities(state, batch, outputs["probabilities"], test_time_flips)
     loss, probabilities = jax.device_get((outputs["loss"], probabilities))
@@ -550,6 +562,7 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
 def evaluate_state(state, config, workdir, split: str) -> dict:
     """Evaluates `state` on `split` and writes the JSON, CSV, markdown and overlays under `workdir`."""
     source = datasets.load_source(config.data, split)
+    state = with_runtime(config, state)
     collected = collect_slices(state, source, config)
     summary = summarize_collected(collected, config)
     summary.update(split=split, step=int(state.step), threshold=config.eval.threshold)

@@ -484,7 +484,7 @@ def _onnxruntime():
 class OnnxRuntimeModel:
     """An exported model in an ONNX Runtime session, standing in for the train state in prediction."""
 
-    def __init__(self, onnx_model, step: int, threads: int = 0):
+    def __init__(self, onnx_model, step: int, loss: str = "dice", threads: int = 0):
         onnxruntime = _onnxruntime()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: one per physical core
@@ -493,23 +493,37 @@ class OnnxRuntimeModel:
         self.session = onnxruntime.InferenceSession(
             onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        self.step = step
+        self.step, self.loss = step, loss
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Lesion probabilities (N, H, W, 1) of float32 images (N, H, W, 1)."""
         return self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
 
+    def predict_batch(self, batch: dict, test_time_flips: bool = False) -> dict:
+        """`evaluate.predict_batch` for this session: per-image loss (of the unflipped logits, as there)
+        and probabilities (N, H, W), optionally averaged over flips."""
+        from rdunet_jax import losses
+
+        images = np.ascontiguousarray(batch["image"], np.float32)
+        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        loss = np.asarray(losses.LOSSES[self.loss](jnp.asarray(logits), jnp.asarray(batch["mask"])))
+        if test_time_flips:
+            probabilities = self._mirrored(images, probabilities)
+        return {"loss": loss, "probabilities": probabilities[..., 0]}
+
     def dispatch_batch(self, images: np.ndarray, test_time_flips: bool = False) -> np.ndarray:
         """`evaluate.dispatch_batch` for this session: probabilities, optionally averaged over flips."""
+        probabilities = self.probabilities(images)
+        return self._mirrored(images, probabilities) if test_time_flips else probabilities
+
+    def _mirrored(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """The mean of `probabilities` (the unflipped images') and those of the flipped images, flipped
+        back (`evaluate.TEST_TIME_FLIPS`)."""
         from rdunet_jax.evaluate import TEST_TIME_FLIPS
 
-        if not test_time_flips:
-            return self.probabilities(images)
-        total = np.zeros(images.shape, np.float32)
-        for axes in TEST_TIME_FLIPS:
-            flipped = np.flip(images, axis=axes) if axes else images
-            probabilities = self.probabilities(flipped)
-            total += np.flip(probabilities, axis=axes) if axes else probabilities
+        total = probabilities.copy()
+        for axes in TEST_TIME_FLIPS[1:]:
+            total += np.flip(self.probabilities(np.flip(images, axis=axes)), axis=axes)
         return total / len(TEST_TIME_FLIPS)
 
 
@@ -532,8 +546,8 @@ def export_state(config, state):
 
 
 def runtime_model(config, state) -> OnnxRuntimeModel:
-    """`state` exported and loaded into ONNX Runtime (for `eval.runtime='onnxruntime'`)."""
-    return OnnxRuntimeModel(export_state(config, state), int(state.step))
+    """`state` exported and loaded into ONNX Runtime (`eval.runtime='onnxruntime'`)."""
+    return OnnxRuntimeModel(export_state(config, state), int(state.step), state.loss)
 
 
 def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_step: int | None = None):

@@ -26,7 +26,6 @@ renamed, so an interruption leaves no half-written mask.
 
 import collections
 import contextlib
-import functools
 import gzip
 import heapq
 import os
@@ -36,7 +35,7 @@ import zlib
 import jax
 import numpy as np
 
-from rdunet_jax import evaluate, input_pipeline, metrics, onnx_export, visualize
+from rdunet_jax import evaluate, input_pipeline, metrics, visualize
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -177,22 +176,17 @@ def predict_stream(state, config, examples):
         probabilities = np.asarray(jax.device_get(probabilities))[..., 0]
         yield from zip(payloads, probabilities[: len(payloads)], strict=False)
 
-    if isinstance(state, onnx_export.OnnxRuntimeModel):
-        dispatch = state.dispatch_batch
-    else:
-        dispatch = functools.partial(evaluate.dispatch_batch, state)
-
     payloads, images = [], np.zeros((batch_size, size, size, 1), np.float32)
     for payload, record in examples:
         images[len(payloads)] = input_pipeline.preprocess(record, size, hu_window)["image"]
         payloads.append(payload)
         if len(payloads) == batch_size:
-            in_flight.append((payloads, dispatch(images, flips)))
+            in_flight.append((payloads, evaluate.dispatch_batch(state, images, flips)))
             payloads, images = [], np.zeros_like(images)
             if len(in_flight) > BATCHES_IN_FLIGHT:
                 yield from collect_oldest()
     if payloads:
-        in_flight.append((payloads, dispatch(images, flips)))
+        in_flight.append((payloads, evaluate.dispatch_batch(state, images, flips)))
     while in_flight:
         yield from collect_oldest()
 
@@ -431,8 +425,7 @@ def predict_path(
     ]
     if state is None:
         state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    if config.eval.runtime == "onnxruntime" and not isinstance(state, onnx_export.OnnxRuntimeModel):
-        state = onnx_export.runtime_model(config, state)
+    state = evaluate.with_runtime(config, state)
     verify_inputs(jobs)
     created = missing_folders(output_dir)
     try:

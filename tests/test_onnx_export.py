@@ -152,6 +152,32 @@ def test_onnxruntime_flips_match_the_jax_evaluation(tiny_state):
     assert runtime.step == int(tiny_state.step)
 
 
+def test_onnxruntime_batches_give_the_jax_losses_and_probabilities(tiny_state):
+    config = make_tiny_config()
+    runtime = onnx_export.runtime_model(config, tiny_state.replace(loss="dice_bce"))
+    images = _images(4)
+    masks = (images > 0.7).astype(np.float32)
+    batch = {"image": images, "mask": masks}
+    for flips in (False, True):
+        ours = evaluate.predict_batch(runtime, batch, flips)
+        theirs = evaluate.predict_batch(tiny_state.replace(loss="dice_bce"), batch, flips)
+        assert ours["loss"].shape == (4,) and ours["probabilities"].shape == (4, SIZE, SIZE)
+        np.testing.assert_allclose(ours["loss"], theirs["loss"], atol=1e-5)
+        np.testing.assert_allclose(ours["probabilities"], theirs["probabilities"], atol=1e-5)
+    plain_loss = evaluate.predict_batch(onnx_export.runtime_model(config, tiny_state), batch)["loss"]
+    assert np.all(plain_loss != ours["loss"])  # the state's loss, not a default one
+
+
+def test_evaluation_with_onnxruntime_writes_the_jax_metrics(tiny_state, tmp_path):
+    config = make_tiny_config()
+    expected = evaluate.evaluate_state(tiny_state, config, tmp_path / "jax", "test")
+    config.eval.runtime = "onnxruntime"
+    summary = evaluate.evaluate_state(tiny_state, config, tmp_path / "onnx", "test")
+    assert summary["step"] == expected["step"] and summary["num_slices"] == expected["num_slices"]
+    for key in ("dice", "jaccard", "precision", "recall", "global_dice", "loss"):
+        assert summary[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
 def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "in").mkdir()
