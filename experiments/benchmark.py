@@ -447,7 +447,17 @@ def benchmark_size(args, image_size: int) -> dict:
         "batch_size": args.batch_size,
         "model": {
             key: config.model[key]
-            for key in ("variant", "features", "depth", "dtype", "upsample_impl", "dropout_impl", "remat")
+            for key in (
+                "variant",
+                "features",
+                "depth",
+                "dtype",
+                "upsample_impl",
+                "dropout_impl",
+                "remat",
+                "pool_impl",
+                "dilation_impl",
+            )
         },
         "mode": mode_name(config.model),
         "parameters": models.count_parameters(state.params),
