@@ -71,13 +71,15 @@ class _PendingConv:
             size != 1 for axis, size in enumerate(array.shape) if axis != channel_axis
         ):
             return None
+        if array.shape[channel_axis] not in (1, self.kernel.shape[0]):
+            return None
         return np.broadcast_to(array.reshape(-1), self.kernel.shape[:1]).astype(self.kernel.dtype)
 
-    def folded(self, name: str, values):
+    def folded(self, name: str, values, out_shape):
         """A new convolution computing `self <name> constant`, or None when that does not fold. (A new
         one, not this one changed: other consumers of this convolution still need its plain output.)"""
-        if self.relu or len(values) != 2:
-            return None
+        if self.relu or len(values) != 2 or tuple(out_shape) != self.shape:
+            return None  # the constant also broadcasts the convolution's output: not a bias or scale
         first, second = values
         if first is not self:
             if name not in ("add", "mul", "max"):
@@ -95,7 +97,7 @@ class _PendingConv:
             return None
         if name in ("mul", "div"):
             factor = factor if name == "mul" else 1 / factor
-            result.kernel = self.kernel * factor[:, None, None, None]
+            result.kernel = self.kernel * factor.reshape((-1,) + (1,) * (self.kernel.ndim - 1))
             result.bias = self.bias * factor
         else:
             result.bias = self.bias + (factor if name == "add" else -factor)
@@ -104,6 +106,26 @@ class _PendingConv:
 
 def _concrete(shape) -> bool:
     return all(isinstance(size, int) for size in shape)
+
+
+def _same_size(first, second) -> bool:
+    """Whether two sizes, either possibly symbolic, are the same."""
+    try:
+        return bool(first == second)
+    except Exception:  # noqa: BLE001 - symbolic sizes that cannot be compared are not the same
+        return False
+
+
+def _covers(operand_shapes, shape) -> bool:
+    """Whether ONNX's broadcasting of operands of `operand_shapes` gives all of `shape`."""
+    for axis, size in enumerate(shape):
+        if _same_size(size, 1):
+            continue
+        if not any(
+            len(operand) == len(shape) and _same_size(operand[axis], size) for operand in operand_shapes
+        ):
+            return False
+    return True
 
 
 def _onnx_shape(shape) -> list[int]:
@@ -138,9 +160,10 @@ _NESTED = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "cu
 class _GraphBuilder:
     """Accumulates ONNX nodes and initializers while walking a jaxpr."""
 
-    def __init__(self):
+    def __init__(self, batch_size=None):
         self.onnx = _onnx()
         self.nodes, self.initializers, self._count = [], [], 0
+        self.batch_size, self._batch_tensor = batch_size, None  # the symbolic batch size, its ONNX value
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -155,6 +178,23 @@ class _GraphBuilder:
         output = output or self.name(op_type.lower())
         self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [output], **attributes))
         return output
+
+    def shape_tensor(self, shape) -> str:
+        """`shape` as an ONNX int64 tensor, the symbolic batch size read off the input at run time."""
+        if _concrete(shape):
+            return self.constant(np.array(shape, np.int64))
+        parts = []
+        for size in shape:
+            if isinstance(size, int):
+                parts.append(self.constant(np.array([size], np.int64)))
+            elif self.batch_size is not None and _same_size(size, self.batch_size):
+                if self._batch_tensor is None:
+                    starts, ends = (self.constant(np.array([index], np.int64)) for index in (0, 1))
+                    self._batch_tensor = self.node("Slice", [self.node("Shape", [INPUT_NAME]), starts, ends])
+                parts.append(self._batch_tensor)
+            else:
+                raise NotImplementedError(f"a shape with the symbolic size {size}")
+        return self.node("Concat", parts, axis=0)
 
     # --- values ---------------------------------------------------------------------------------------
 
@@ -214,7 +254,7 @@ class _GraphBuilder:
             closed = params[_NESTED[name]]
             return self.run(closed.jaxpr, closed.consts, values)
         if name in _ELEMENTWISE:
-            return [self.elementwise(name, values, out_aval)]
+            return [self.elementwise(name, values, equation)]
         if all(isinstance(value, _Const) for value in values) and _concrete(out_aval.shape):
             if int(np.prod(out_aval.shape)) <= _MAX_FOLDED_ELEMENTS:
                 arrays = [jnp.asarray(value.materialized()) for value in values]
@@ -226,8 +266,9 @@ class _GraphBuilder:
             raise NotImplementedError(f"no ONNX translation for the JAX primitive {name!r}")
         return [converter(values, params, equation)]
 
-    def elementwise(self, name: str, values, out_aval):
+    def elementwise(self, name: str, values, equation):
         op_type, numpy_function = _ELEMENTWISE[name]
+        out_aval = equation.outvars[0].aval
         dtype = out_aval.dtype
         if all(isinstance(value, _Const) for value in values):
             result = numpy_function(*[value.array for value in values]).astype(dtype)
@@ -237,7 +278,7 @@ class _GraphBuilder:
             return _Const(result, shape)
         convolutions = [value for value in values if isinstance(value, _PendingConv)]
         if len(convolutions) == 1:
-            folded = convolutions[0].folded(name, values)
+            folded = convolutions[0].folded(name, values, out_aval.shape)
             if folded is not None:
                 return folded
         if (
@@ -249,8 +290,18 @@ class _GraphBuilder:
             return self.node("Relu", [self.tensor(values[0], dtype)])
         inputs = [self.tensor(value, dtype) for value in values]
         if name == "rsqrt":
-            return self.node("Reciprocal", [self.node("Sqrt", inputs)])
-        return self.node(op_type, inputs)
+            output = self.node("Reciprocal", [self.node("Sqrt", inputs)])
+        else:
+            output = self.node(op_type, inputs)
+        # JAX broadcasts size-1 axes itself, and constants are kept with size-1 axes: when no operand is
+        # as large as the result along some axis, ONNX's broadcasting alone would leave it too small.
+        stored = [
+            value.array.shape if isinstance(value, _Const) else var.aval.shape
+            for value, var in zip(values, equation.invars, strict=True)
+        ]
+        if not _covers(stored, out_aval.shape):
+            output = self.node("Expand", [output, self.shape_tensor(out_aval.shape)])
+        return output
 
     def upsample(self, value, equation) -> str:
         """`models.upsample_bilinear_stencil` (2x bilinear, half-pixel centres, NHWC) as ONNX's Resize."""
@@ -272,12 +323,11 @@ class _GraphBuilder:
             expanded[dimension] = in_shape[axis]
         if isinstance(operand, _Const):
             return _Const(operand.materialized().reshape(_onnx_shape(expanded)), shape)
+        operand = self.tensor(operand, equation.invars[0].aval.dtype)
         reshaped = self.node("Reshape", [operand, self.constant(np.array(_onnx_shape(expanded)))])
-        if tuple(expanded) == tuple(shape):
+        if all(_same_size(first, second) for first, second in zip(expanded, shape, strict=True)):
             return reshaped
-        # Expand takes the larger of each pair of sizes, so a 1 keeps the operand's (symbolic) size.
-        target = [size if isinstance(size, int) else 1 for size in shape]
-        return self.node("Expand", [reshaped, self.constant(np.array(target, np.int64))])
+        return self.node("Expand", [reshaped, self.shape_tensor(shape)])
 
     def _reshape(self, values, params, equation):
         if params.get("dimensions") is not None:
@@ -318,7 +368,7 @@ class _GraphBuilder:
         ends = []
         for limit, size in zip(limits, in_shape, strict=True):
             if not isinstance(limit, int):
-                if limit is not size:
+                if not _same_size(limit, size):
                     raise NotImplementedError("a slice ending inside a symbolic dimension")
                 limit = _INT64_MAX
             ends.append(limit)
@@ -422,7 +472,7 @@ def export_function(function, image_shape, graph_name: str = "rdunet"):
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     closed = jax.make_jaxpr(function)(images)
-    builder = _GraphBuilder()
+    builder = _GraphBuilder(batch)
     (logits,) = builder.run(closed.jaxpr, closed.consts, [INPUT_NAME])
     logits = builder.tensor(logits, np.float32)
     builder.node("Identity", [logits], OUTPUT_NAMES[0])
@@ -482,7 +532,8 @@ def _onnxruntime():
 
 
 class OnnxRuntimeModel:
-    """An exported model in an ONNX Runtime session, standing in for the train state in prediction."""
+    """An exported model in an ONNX Runtime session, standing in for the train state in evaluation and
+    prediction (`evaluate.dispatch_batch`, `evaluate.predict_batch`)."""
 
     def __init__(self, onnx_model, step: int, loss: str = "dice", threads: int = 0):
         onnxruntime = _onnxruntime()
@@ -561,6 +612,8 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
         raise UserError(f"--output: {output} is not a .onnx file name")
     if not output.parent.is_dir():
         raise UserError(f"--output: the folder {output.parent} does not exist")
+    if output.is_dir():
+        raise UserError(f"--output: {output} is a folder, not a file")
     if output.exists() and not overwrite:
         raise UserError(f"--output: {output} exists; pass --overwrite to replace it")
     _onnx()

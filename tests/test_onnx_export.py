@@ -1,6 +1,8 @@
 """ONNX export: the exported graph computes the model's function (every paper variant, any batch size),
 BatchNorm and ReLU fold into the convolutions, and the export command and runtime option work end to end."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,7 @@ def test_batchnorm_and_relu_fold_into_the_convolutions():
     # the width), 5 DC-module convs, the 1x1 head: one Conv each, BatchNorm's subtraction and scaling
     # folded into it, and no Max (ReLU) left beside it.
     assert op_types.count("Conv") == 5 * 3 + 5 + 1
-    assert "Sub" not in op_types and "Max" not in op_types
+    assert "Sub" not in op_types and "Max" not in op_types and "Expand" not in op_types
     assert op_types.count("Resize") == 2 and op_types.count("MaxPool") == 2
 
 
@@ -135,6 +137,49 @@ def test_batched_matrix_products_and_transposes_translate():
     images = np.random.default_rng(1).standard_normal((3, 2, 4, 3)).astype(np.float32)
     session = _export(function, (2, 4, 3))
     _assert_close(session.run(None, {"images": images})[0], np.asarray(function(images)))
+
+
+def _conv(images, kernel):
+    return jax.lax.conv_general_dilated(
+        images, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+ONE_CHANNEL_KERNEL = np.random.default_rng(2).standard_normal((3, 3, 3, 1)).astype(np.float32)
+FOUR = np.arange(1, 5, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        # JAX broadcasts size-1 axes itself: the result is larger than the tensor operand.
+        lambda x: x.sum(axis=1, keepdims=True) * jnp.ones_like(x),
+        lambda x: jnp.zeros(x.shape) + x.sum(axis=2, keepdims=True),
+        # Into the batch axis, whose size is only known at run time.
+        lambda x: jnp.broadcast_to(x.sum(axis=0), x.shape),
+        # A constant with more channels than the convolution: not a bias or scale of it.
+        lambda x: _conv(x, ONE_CHANNEL_KERNEL) * FOUR,
+        lambda x: _conv(x, ONE_CHANNEL_KERNEL) + jnp.broadcast_to(FOUR, (8, 8, 4)),
+        lambda x: jnp.broadcast_to(_conv(x, ONE_CHANNEL_KERNEL), x.shape[:3] + (4,)),
+        # A slice to the end of the batch axis, its limit computed anew.
+        lambda x: jax.lax.slice(x, (0, 0, 0, 0), (x.shape[0] + 1 - 1, 8, 8, 2)),
+    ],
+    ids=[
+        "sum_times_ones",
+        "zeros_plus_sum",
+        "batch_broadcast",
+        "conv_times_wider",
+        "conv_plus_wider",
+        "conv_broadcast",
+        "recomputed_limit",
+    ],
+)
+def test_broadcasting_results_come_out_at_their_full_shape(function):
+    images = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    reference = np.asarray(function(images))
+    logits, _ = _export(function).run(None, {"images": images})
+    assert logits.shape == reference.shape
+    _assert_close(logits, reference)
 
 
 def test_an_unsupported_primitive_is_named():
@@ -195,6 +240,18 @@ def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_pa
         assert np.mean(ours == theirs) > 0.99
 
 
+def test_onnxruntime_without_the_extra_is_refused_before_training(monkeypatch):
+    config = make_tiny_config()
+    config.eval.runtime = "onnxruntime"
+    config_lib.validate(config)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name)
+    )
+    with pytest.raises(UserError, match=r"eval.runtime: 'onnxruntime' needs onnxruntime, not installed"):
+        config_lib.validate(config)
+
+
 def test_a_bad_runtime_is_a_config_error():
     config = make_tiny_config()
     config.eval.runtime = "tensorrt"
@@ -208,13 +265,17 @@ def test_a_bad_runtime_is_a_config_error():
         ("model.txt", "is not a .onnx file name"),
         ("missing/model.onnx", "does not exist"),
         ("existing.onnx", "exists; pass --overwrite"),
+        ("folder.onnx", "is a folder, not a file"),
     ],
 )
 def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, output, message):
     (tmp_path / "existing.onnx").write_bytes(b"kept")
+    (tmp_path / "folder.onnx").mkdir()
     monkeypatch.setattr(evaluate, "restore_for_evaluation", pytest.fail)
     with pytest.raises(UserError, match=message):
-        onnx_export.export_workdir(make_tiny_config(), tmp_path, tmp_path / output)
+        onnx_export.export_workdir(
+            make_tiny_config(), tmp_path, tmp_path / output, overwrite="folder" in output
+        )
     assert (tmp_path / "existing.onnx").read_bytes() == b"kept"
 
 
