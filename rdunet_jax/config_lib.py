@@ -5,6 +5,7 @@ every run's config has the same keys and `--config.KEY=VALUE` overrides work eve
 """
 
 import difflib
+import importlib.util
 
 import ml_collections
 
@@ -293,9 +294,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _require(config, "eval.checkpoint", lambda value: value in ("best", "last"), "'best' or 'last'")
     _require(config, "eval.runtime", lambda value: value in ("jax", "onnxruntime"), "'jax' or 'onnxruntime'")
+    _check_runtime_installed(config)
     _require(config, "loss", lambda value: value in losses.LOSSES, f"one of {list(losses.LOSSES)}")
     _check_variant(config)
     _check_data_splits(config)
+
+
+def _check_runtime_installed(config) -> None:
+    """`eval.runtime='onnxruntime'` needs the `onnx` extra: said before training, not after it."""
+    if config.eval.runtime != "onnxruntime":
+        return
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"eval.runtime: 'onnxruntime' needs {' and '.join(missing)}, not installed: "
+            "pip install -e '.[onnx]'"
+        )
 
 
 def _structure(model_keys) -> dict:

@@ -126,8 +126,9 @@ def with_runtime(config, state):
 
 
 def dispatch_batch(state, images: np.ndarray, test_time_flips: bool = False):
-    """Lesion probabilities (N, H, W, 1) of a batch of images, as a device array still being computed
-    (JAX dispatches asynchronously: the caller prepares the next batch meanwhile)."""
+    """Lesion probabilities (N, H, W, 1) of a batch of images: from JAX, a device array still being
+    computed (JAX dispatches asynchronously: the caller prepares the next batch meanwhile); from ONNX
+    Runtime, a computed numpy array."""
     if isinstance(state, onnx_export.OnnxRuntimeModel):
         return state.dispatch_batch(images, test_time_flips)
     batch = {"image": images, "mask": np.zeros_like(images)}

@@ -416,6 +416,7 @@ def build_model(model_config) -> RDUNet:
         upsample_impl=model_config.get("upsample_impl", "resize"),
         dropout_impl=model_config.get("dropout_impl", "flax"),
         remat=model_config.get("remat", False),
+        # A config without the key predates it: its runs used reduce_window (the config default is reshape).
         pool_impl=model_config.get("pool_impl", "reduce_window"),
         dilation_impl=resolve_dilation_impl(model_config.get("dilation_impl", "auto")),
     )

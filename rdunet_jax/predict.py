@@ -425,8 +425,8 @@ def predict_path(
     ]
     if state is None:
         state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    state = evaluate.with_runtime(config, state)
     verify_inputs(jobs)
+    state = evaluate.with_runtime(config, state)
     created = missing_folders(output_dir)
     try:
         return _predict_jobs(state, config, jobs, output_dir)
