@@ -1,0 +1,36 @@
+"""A seconds-long run of experiments/onnx_int8.py on the tiny model: it quantises, scores and times."""
+
+import json
+import pathlib
+import sys
+
+from conftest import TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+
+from rdunet_jax import checkpoints
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_int8_and_float32_are_scored_and_timed_on_the_split(tiny_state, tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
+    import onnx_int8
+
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "run" / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    run_checkpoints.save("best", 1, tiny_state, meta)
+    run_checkpoints.close()
+    output = tmp_path / "int8.json"
+    argv = ["--config", str(REPO_ROOT / "configs" / "demo.py") + ":tiny", "--workdir", str(tmp_path / "run")]
+    argv += ["--set", f"data.data_dir={TEST_DATA_DIR}", "--set", f"compilation_cache_dir={TEST_CACHE}"]
+    argv += ["--calibration_slices", "4", "--repeats", "2", "--json", str(output)]
+    report = onnx_int8.main(argv)
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    assert report["split"] == "validation" and report["num_slices"] == 4
+    assert report["checkpoint_step"] == int(tiny_state.step)
+    for name in ("float32", "int8"):
+        assert report[name]["ms_per_slice"] > 0
+        assert 0.0 <= report[name]["dice"] <= 1.0
+    assert report["int8_time_ratio"] > 0
+    assert 0.0 <= report["mask_pixels_changed"] <= 1.0
+    # int8 rounding moves probabilities, but not far: the model is the same.
+    assert 0.0 < report["max_probability_difference"] < 0.2
