@@ -1,5 +1,5 @@
 """ONNX export of a trained model: the forward pass as an ONNX graph, for ONNX Runtime (the fastest CPU
-inference we measured) and for the viewers and deployment tools that load ONNX (MONAI Deploy, 3D Slicer).
+inference we measured) and other tools that read ONNX.
 
 The graph is translated from the model's traced program (its jaxpr), primitive by primitive, so every
 configuration of `models.RDUNet` (the paper's baselines included) exports without a second copy of the
