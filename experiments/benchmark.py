@@ -29,6 +29,7 @@ The machine may be shared: compare only figures taken side by side in one run.
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -91,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- config and state ------------------------------------------------------------------------------
 
 
+def _as_tuples(value):
+    """JSON lists as (nested) tuples, the form config defaults take."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
 def _typed(old, text: str):
     """`text` parsed to the type of the config's current value (so '4' stays an int)."""
     if isinstance(old, bool):
@@ -98,8 +104,19 @@ def _typed(old, text: str):
     if isinstance(old, (int, float)):
         return type(old)(text)
     if isinstance(old, tuple):
-        return tuple(json.loads(text))
+        return _as_tuples(json.loads(text))
     return text
+
+
+def apply_overrides(config, items):
+    """`--set KEY=VALUE` items (dotted keys, e.g. model.dtype=bfloat16) applied to `config`, each value
+    parsed to the type of the one it replaces."""
+    for item in items:
+        key, _, text = item.partition("=")
+        section, _, name = key.rpartition(".")
+        target = config[section] if section else config
+        target[name] = _typed(target[name], text)
+    return config
 
 
 def make_config(args, image_size: int):
@@ -111,11 +128,7 @@ def make_config(args, image_size: int):
     config.data.image_size = image_size
     config.data.num_train = max(config.data.num_train, args.batch_size * args.pipeline_batches)
     config.data.data_dir = str(pathlib.Path("~/.cache/rdunet_jax/benchmark_tfds").expanduser())
-    for item in args.set:
-        key, _, text = item.partition("=")
-        section, _, name = key.rpartition(".")
-        target = config[section] if section else config
-        target[name] = _typed(target[name], text)
+    apply_overrides(config, args.set)
     config_lib.validate(config)
     return config
 
@@ -259,24 +272,24 @@ def measure_inference(config, model, args, image_size: int) -> dict:
 
 def onnxruntime_model(config, model, variables, image_size: int):
     """The model exported to ONNX in an ONNX Runtime session, or None without the `onnx` extra."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
         return None
     from rdunet_jax import onnx_export
 
     return onnx_export.OnnxRuntimeModel(onnx_export.export_model(model, variables, image_size), step=0)
 
 
-def phantom_images(config, count: int):
-    """The first `count` training slices of the configured data, preprocessed (no augmentation)."""
+def first_slices(config, split: str, count: int | None = None):
+    """Images and masks (N, S, S, 1) of the first `count` (default: all) slices of `split`, preprocessed
+    as evaluation does (no augmentation)."""
     import numpy as np
 
     from rdunet_jax import datasets, input_pipeline
 
-    source = datasets.load_source(config.data, config.data.train_split)
+    source = datasets.load_source(config.data, split)
+    count = len(source) if count is None else min(count, len(source))
     examples = [input_pipeline.preprocess(source[index], config.data.image_size) for index in range(count)]
-    return np.stack([example["image"] for example in examples])
+    return np.stack([example["image"] for example in examples]), np.stack([ex["mask"] for ex in examples])
 
 
 def accuracy_against_float32(config, model, variables, args) -> dict:
@@ -290,7 +303,7 @@ def accuracy_against_float32(config, model, variables, args) -> dict:
     reference_config = config.model.copy_and_resolve_references()
     reference_config.update(dtype="float32")
     reference = models.build_model(reference_config)
-    images = phantom_images(config, args.infer_batch_size)
+    images, _ = first_slices(config, config.data.train_split, args.infer_batch_size)
     got = np.asarray(jax.nn.sigmoid(model.apply(variables, images, train=False)))
     want = np.asarray(jax.nn.sigmoid(reference.apply(variables, images, train=False)))
     masks, reference_masks = got > 0.5, want > 0.5

@@ -28,6 +28,9 @@ import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+
+import benchmark  # noqa: E402
 
 from rdunet_jax import config_lib, models, train  # noqa: E402
 
@@ -71,18 +74,8 @@ def make_config(args, dtype: str, batch_size: int):
     config.batch_size = batch_size
     config.data.image_size = args.image_size
     config.model.dtype = MODES[dtype][0]
-    for item in args.set:
-        key, _, text = item.partition("=")
-        key = key.removeprefix("model.")
-        old = config.model[key]
-        if isinstance(old, bool):
-            config.model[key] = text.lower() in ("1", "true", "yes")
-        elif isinstance(old, (int, float)):
-            config.model[key] = type(old)(text)
-        elif isinstance(old, tuple):
-            config.model[key] = tuple(tuple(rates) for rates in json.loads(text))
-        else:
-            config.model[key] = text
+    # `--set` names model keys, with or without the "model." prefix.
+    benchmark.apply_overrides(config, [f"model.{item.removeprefix('model.')}" for item in args.set])
     config_lib.validate(config)
     return config
 

@@ -28,9 +28,9 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
-from benchmark import _typed  # noqa: E402
+import benchmark  # noqa: E402
 
-from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, metrics, onnx_export  # noqa: E402
+from rdunet_jax import config_lib, evaluate, metrics, onnx_export  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,23 +53,9 @@ def load_config(spec: str, overrides):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(argument) if argument else module.get_config()
-    for item in overrides:
-        key, _, text = item.partition("=")
-        section, _, name = key.rpartition(".")
-        target = config[section] if section else config
-        target[name] = _typed(target[name], text)
+    benchmark.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config
-
-
-def preprocessed_images(config, split: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks (N, S, S, 1) of the first `count` slices of `split`, preprocessed as in evaluation."""
-    source = datasets.load_source(config.data, split)
-    count = len(source) if count is None else min(count, len(source))
-    examples = [input_pipeline.preprocess(source[index], config.data.image_size) for index in range(count)]
-    return np.stack([example["image"] for example in examples]), np.stack(
-        [example["mask"] for example in examples]
-    )
 
 
 def quantized_model(float_model, calibration_images: np.ndarray, batch_size: int):
@@ -129,7 +115,7 @@ def run(args) -> dict:
     config = load_config(args.config, args.set)
     state = evaluate.restore_for_evaluation(config, args.workdir)
     float_model = onnx_export.export_state(config, state)
-    calibration, _ = preprocessed_images(config, "train", args.calibration_slices)
+    calibration, _ = benchmark.first_slices(config, "train", args.calibration_slices)
     batch_size = config.eval.batch_size
     models = {
         "float32": onnx_export.OnnxRuntimeModel(float_model, int(state.step)),
@@ -137,7 +123,7 @@ def run(args) -> dict:
             quantized_model(float_model, calibration, batch_size), int(state.step)
         ),
     }
-    images, masks = preprocessed_images(config, args.split)
+    images, masks = benchmark.first_slices(config, args.split)
     batch = images[:batch_size]
     times = {name: [] for name in models}
     for _ in range(args.repeats):

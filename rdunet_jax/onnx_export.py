@@ -43,10 +43,14 @@ class _Const:
 
     def materialized(self) -> np.ndarray:
         if self.array.shape != self.shape:
-            if not all(isinstance(size, int) for size in self.shape):
+            if not _concrete(self.shape):
                 raise NotImplementedError(f"a constant broadcast to the symbolic shape {self.shape}")
             return np.broadcast_to(self.array, self.shape)
         return self.array
+
+    def is_scalar_zero(self) -> bool:
+        """Whether this is the 0 of `max(x, 0)`, JAX's ReLU."""
+        return self.array.ndim == 0 and float(self.array) == 0.0
 
 
 class _PendingConv:
@@ -88,7 +92,7 @@ class _PendingConv:
         result = copy.copy(self)
         result.output = None
         if name == "max":
-            if not (isinstance(second, _Const) and second.array.ndim == 0 and float(second.array) == 0.0):
+            if not (isinstance(second, _Const) and second.is_scalar_zero()):
                 return None
             result.relu = True
             return result
@@ -281,12 +285,7 @@ class _GraphBuilder:
             folded = convolutions[0].folded(name, values, out_aval.shape)
             if folded is not None:
                 return folded
-        if (
-            name == "max"
-            and isinstance(values[1], _Const)
-            and values[1].array.ndim == 0
-            and values[1].array == 0
-        ):
+        if name == "max" and isinstance(values[1], _Const) and values[1].is_scalar_zero():
             return self.node("Relu", [self.tensor(values[0], dtype)])
         inputs = [self.tensor(value, dtype) for value in values]
         if name == "rsqrt":
@@ -578,6 +577,10 @@ class OnnxRuntimeModel:
         return total / len(TEST_TIME_FLIPS)
 
 
+def _input_contract(image_size: int) -> str:
+    return f"{INPUT_NAME} (batch, {image_size}, {image_size}, 1) float32 in [0, 1]"
+
+
 def export_state(config, state):
     """The ONNX model of a restored train state, with what its input must be in its metadata."""
     from rdunet_jax import models
@@ -588,7 +591,7 @@ def export_state(config, state):
     metadata = {
         "checkpoint_step": str(int(state.step)),
         "config_name": str(config.get("name", "")),
-        "input": f"images (batch, {config.data.image_size}, {config.data.image_size}, 1) float32 in [0, 1]",
+        "input": _input_contract(config.data.image_size),
         "hu_window": ",".join(str(float(value)) for value in config.data.hu_window),
         "threshold": str(float(config.eval.threshold)),
     }
@@ -619,10 +622,9 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
     _onnx()
     state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
     path = save(export_state(config, state), output)
-    size = config.data.image_size
     print(
-        f"{path}: ONNX (opset {OPSET}) of checkpoint step {int(state.step)}; input '{INPUT_NAME}' "
-        f"(batch, {size}, {size}, 1) float32 in [0, 1], outputs {', '.join(OUTPUT_NAMES)}",
+        f"{path}: ONNX (opset {OPSET}) of checkpoint step {int(state.step)}; input "
+        f"{_input_contract(config.data.image_size)}, outputs {', '.join(OUTPUT_NAMES)}",
         flush=True,
     )
     return path
