@@ -506,15 +506,19 @@ def benchmark_size(args, image_size: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 
+SPEED_OPTION_KEYS = ("upsample_impl", "dropout_impl", "pool_impl", "dilation_impl", "remat")
+
+
 def mode_name(model_config) -> str:
-    """The compute dtype plus every speed option away from the config default, e.g. 'bfloat16+bits'."""
+    """The compute dtype plus every speed option away from the config default, e.g. 'bfloat16+flax'."""
+    from rdunet_jax import config_lib
+
+    defaults = config_lib.base_config().model
     parts = [model_config.dtype]
-    if model_config.upsample_impl != "stencil":
-        parts.append(model_config.upsample_impl)
-    if model_config.dropout_impl != "flax":
-        parts.append(model_config.dropout_impl)
-    if model_config.remat:
-        parts.append("remat")
+    for key in SPEED_OPTION_KEYS:
+        value = model_config.get(key)
+        if value != defaults[key]:
+            parts.append(key if value is True else str(value))
     return "+".join(parts)
 
 

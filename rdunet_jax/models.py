@@ -18,9 +18,9 @@ Speed options (none changes the parameter tree, so checkpoints stay interchangea
   float32 logits.
 - `upsample_impl`: "resize" (`jax.image.resize`) or "stencil" (the config default: the same 2x bilinear
   up-sampling as a fixed 0.75/0.25 stencil, equal to float tolerance, and its gradient is cheap too).
-- `dropout_impl`: "flax" (`nn.Dropout`: one threefry draw per element) or "bits" (the same Bernoulli
-  masks drawn from fewer random bits: one bit per element at rate 0.5, 16 otherwise; other masks than
-  "flax" for the same key, same distribution).
+- `dropout_impl`: "flax" (`nn.Dropout`: one threefry draw per element) or "bits" (the config default: the
+  same Bernoulli masks drawn from fewer random bits: one bit per element at rate 0.5, 16 otherwise; other
+  masks than "flax" for the same key, same distribution).
 - `remat`: recompute each block's activations in the backward pass instead of keeping them.
 - `dilation_impl`: "xla" (`lax.conv_general_dilated` with a kernel dilation) or "space_to_batch" (the
   same dilated convolution as an undilated one over the input's rate x rate phases, as TensorFlow's
@@ -414,9 +414,10 @@ def build_model(model_config) -> RDUNet:
         num_classes=1,
         dtype=jnp.dtype(model_config.dtype),
         upsample_impl=model_config.get("upsample_impl", "resize"),
+        # A config without one of these keys predates it: its runs used nn.Dropout and nn.max_pool (the
+        # config defaults are now bits and reshape).
         dropout_impl=model_config.get("dropout_impl", "flax"),
         remat=model_config.get("remat", False),
-        # A config without the key predates it: its runs used reduce_window (the config default is reshape).
         pool_impl=model_config.get("pool_impl", "reduce_window"),
         dilation_impl=resolve_dilation_impl(model_config.get("dilation_impl", "auto")),
     )

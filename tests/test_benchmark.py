@@ -60,3 +60,15 @@ def test_child_startup_report_measures_first_step_begin(tmp_path):
     assert report["first_step_s"] == phases["compile"]
     assert report["peak_rss_mb"] > 50
     assert any((tmp_path / "cache").iterdir())  # the child filled the persistent cache
+
+
+def test_mode_name_lists_the_speed_options_away_from_the_defaults():
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
+    import benchmark
+
+    from rdunet_jax import config_lib
+
+    model_config = config_lib.base_config().model
+    assert benchmark.mode_name(model_config) == "float32"
+    model_config.update(dtype="bfloat16", dropout_impl="flax", pool_impl="reduce_window", remat=True)
+    assert benchmark.mode_name(model_config) == "bfloat16+flax+reduce_window+remat"

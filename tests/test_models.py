@@ -184,6 +184,16 @@ def _tiny_model_config(**options):
     return config.model
 
 
+def test_defaults_are_the_fast_forms_and_older_configs_keep_theirs():
+    model = models.build_model(config_lib.base_config().model)
+    assert (model.dropout_impl, model.pool_impl, model.upsample_impl) == ("bits", "reshape", "stencil")
+    older = config_lib.base_config().model  # a config saved before these keys existed
+    for key in ("dropout_impl", "pool_impl", "upsample_impl"):
+        del older[key]
+    model = models.build_model(older)
+    assert (model.dropout_impl, model.pool_impl, model.upsample_impl) == ("flax", "reduce_window", "resize")
+
+
 def test_reshape_max_pool_matches_max_pool_and_its_gradient_without_ties():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
     np.testing.assert_array_equal(models.max_pool_reshape(x), nn.max_pool(x, (2, 2), (2, 2)))
