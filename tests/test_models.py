@@ -157,12 +157,14 @@ SPEED_OPTIONS = {
     "remat": dict(remat=True),
     "reshape_pool": dict(pool_impl="reshape"),
     "space_to_batch": dict(dilation_impl="space_to_batch"),
+    "closed_form_norm": dict(batch_norm_impl="closed_form"),
     "all": dict(
         upsample_impl="stencil",
         dropout_impl="bits",
         remat=True,
         pool_impl="reshape",
         dilation_impl="space_to_batch",
+        batch_norm_impl="closed_form",
     ),
 }
 
@@ -178,6 +180,7 @@ def _tiny_model_config(**options):
         remat=False,
         pool_impl="reduce_window",
         dilation_impl="xla",
+        batch_norm_impl="flax",
     )
     config.model.update(options)
     config_lib.validate(config)
@@ -185,13 +188,75 @@ def _tiny_model_config(**options):
 
 
 def test_defaults_are_the_fast_forms_and_older_configs_keep_theirs():
+    keys = ("dropout_impl", "pool_impl", "upsample_impl", "batch_norm_impl")
     model = models.build_model(config_lib.base_config().model)
-    assert (model.dropout_impl, model.pool_impl, model.upsample_impl) == ("bits", "reshape", "stencil")
+    assert tuple(getattr(model, key) for key in keys) == ("bits", "reshape", "stencil", "closed_form")
     older = config_lib.base_config().model  # a config saved before these keys existed
-    for key in ("dropout_impl", "pool_impl", "upsample_impl"):
+    for key in keys:
         del older[key]
     model = models.build_model(older)
-    assert (model.dropout_impl, model.pool_impl, model.upsample_impl) == ("flax", "reduce_window", "resize")
+    assert tuple(getattr(model, key) for key in keys) == ("flax", "reduce_window", "resize", "flax")
+
+
+def _both_batch_norms(x, train, **kwargs):
+    """(ours, nn.BatchNorm) applied to x with the same random scale, bias and running statistics."""
+    ours = models.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
+    theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
+    variables = theirs.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(
+        variables
+    )
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 4))
+    variables = jax.tree_util.tree_map(
+        lambda leaf: leaf + 0.5 * jax.random.uniform(next(keys), leaf.shape), variables
+    )
+    return ours, theirs, variables
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_closed_form_batch_norm_matches_flax_in_evaluation_to_the_bit(dtype):
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 4))).astype(dtype)
+    ours, theirs, variables = _both_batch_norms(x, train=False, dtype=dtype)
+    got, want = ours.apply(variables, x), theirs.apply(variables, x)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_closed_form_batch_norm_matches_flax_in_training_values_statistics_and_gradients(dtype):
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 4))).astype(dtype)
+    weights = jax.random.normal(jax.random.PRNGKey(2), x.shape)  # a loss that weighs every output
+    ours, theirs, variables = _both_batch_norms(x, train=True, dtype=dtype)
+
+    def run(module):
+        def loss(params, x):
+            y, updates = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
+            )
+            return jnp.sum(y.astype(jnp.float32) * weights), (y, updates)
+
+        (_, (y, updates)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            variables["params"], x
+        )
+        return y, updates, grads
+
+    (y, updates, grads), (want_y, want_updates, want_grads) = run(ours), run(theirs)
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want_y, np.float32), atol=tolerance)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(want_updates), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads), strict=True
+    ):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=tolerance * np.abs(want).max())
+    # The input gradient of a batch-normalised output is orthogonal to constants and to x: a version
+    # that dropped either statistic's term would fail here as well.
+    grad_x = np.asarray(grads[1], np.float32)
+    assert np.abs(grad_x.sum(axis=(0, 1, 2))).max() <= 100 * tolerance
 
 
 def test_reshape_max_pool_matches_max_pool_and_its_gradient_without_ties():
@@ -337,7 +402,7 @@ def test_speed_option_keeps_parameter_tree_and_eval_forward_pass(option):
     )
 
 
-@pytest.mark.parametrize("option", ["stencil", "remat", "reshape_pool", "space_to_batch"])
+@pytest.mark.parametrize("option", ["stencil", "remat", "reshape_pool", "space_to_batch", "closed_form_norm"])
 def test_speed_option_keeps_training_gradients(option):
     """Options that draw the same dropout masks give the same loss gradient in training mode."""
     reference = models.build_model(_tiny_model_config())
@@ -396,7 +461,13 @@ def test_bfloat16_forward_pass_stays_close_to_float32():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("upsample_impl", "nearest"), ("dropout_impl", "numpy"), ("pool_impl", "avg"), ("dilation_impl", "fft")],
+    [
+        ("upsample_impl", "nearest"),
+        ("dropout_impl", "numpy"),
+        ("pool_impl", "avg"),
+        ("dilation_impl", "fft"),
+        ("batch_norm_impl", "layer"),
+    ],
 )
 def test_bad_speed_option_is_a_user_error(key, value):
     from rdunet_jax.errors import UserError
