@@ -459,18 +459,7 @@ def benchmark_size(args, image_size: int) -> dict:
         "image_size": image_size,
         "batch_size": args.batch_size,
         "model": {
-            key: config.model[key]
-            for key in (
-                "variant",
-                "features",
-                "depth",
-                "dtype",
-                "upsample_impl",
-                "dropout_impl",
-                "remat",
-                "pool_impl",
-                "dilation_impl",
-            )
+            key: config.model[key] for key in ("variant", "features", "depth", "dtype", *SPEED_OPTION_KEYS)
         },
         "mode": mode_name(config.model),
         "parameters": models.count_parameters(state.params),
@@ -506,7 +495,14 @@ def benchmark_size(args, image_size: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 
-SPEED_OPTION_KEYS = ("upsample_impl", "dropout_impl", "pool_impl", "dilation_impl", "remat")
+SPEED_OPTION_KEYS = (
+    "upsample_impl",
+    "dropout_impl",
+    "pool_impl",
+    "dilation_impl",
+    "batch_norm_impl",
+    "remat",
+)
 
 
 def mode_name(model_config) -> str:

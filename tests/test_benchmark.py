@@ -37,6 +37,7 @@ def test_benchmark_smoke_run_writes_every_key(tmp_path):
         assert report[key] > 0, key
     assert report["pipeline_images_per_s"] > 0
     assert report["image_size"] == 16 and report["model"]["depth"] == 1
+    assert report["model"]["batch_norm_impl"] == "closed_form" and report["mode"] == "float32"
     assert report["train_images_per_s"] == report["batch_size"] / report["train_step_s"]
     assert report["infer_ms_per_slice_onnxruntime"] > 0
     assert report["infer_onnxruntime_max_probability_difference"] < 1e-5
@@ -72,3 +73,5 @@ def test_mode_name_lists_the_speed_options_away_from_the_defaults():
     assert benchmark.mode_name(model_config) == "float32"
     model_config.update(dtype="bfloat16", dropout_impl="flax", pool_impl="reduce_window", remat=True)
     assert benchmark.mode_name(model_config) == "bfloat16+flax+reduce_window+remat"
+    model_config.update(batch_norm_impl="flax", dropout_impl="bits")
+    assert benchmark.mode_name(model_config) == "bfloat16+reduce_window+flax+remat"
