@@ -374,6 +374,14 @@ def test_a_key_added_to_the_schema_later_matches_at_its_default(finished_tiny_st
     changed = specs[0].config.copy_and_resolve_references()
     changed.eval.test_time_flips = True  # not the default: not what the old run computed
     assert not runner.same_run(record["config"], changed)
+    # A speed option the record lacks stood for its old form, not for today's default.
+    older = json.loads(json.dumps(record["config"]))
+    del older["model"]["batch_norm_impl"]
+    old_form = specs[0].config.copy_and_resolve_references()
+    old_form.model.batch_norm_impl = "flax"
+    assert old_form.model.batch_norm_impl != specs[0].config.model.batch_norm_impl
+    assert runner.same_run(older, old_form)
+    assert not runner.same_run(older, specs[0].config)
     # The run's workdir is found by its config.json even when the digest names another folder.
     runs = tmp_path / "runs"
     (runs / "renamed").mkdir(parents=True)
