@@ -506,7 +506,8 @@ SPEED_OPTION_KEYS = (
 
 
 def mode_name(model_config) -> str:
-    """The compute dtype plus every speed option away from the config default, e.g. 'bfloat16+flax'."""
+    """The compute dtype plus every speed option away from the config default, e.g.
+    'bfloat16+dropout_impl=flax'."""
     from rdunet_jax import config_lib
 
     defaults = config_lib.base_config().model
@@ -514,7 +515,7 @@ def mode_name(model_config) -> str:
     for key in SPEED_OPTION_KEYS:
         value = model_config.get(key)
         if value != defaults[key]:
-            parts.append(key if value is True else str(value))
+            parts.append(key if value is True else f"{key}={value}")
     return "+".join(parts)
 
 

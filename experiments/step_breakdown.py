@@ -7,9 +7,10 @@ Times (median of `--steps` after one warm-up, in ms) at the shallowest level's s
 full resolution), where most of the step's memory traffic is: a 3x3 convolution at dilation rates 1 and
 3 (and 3 in the `model.dilation_impl=space_to_batch` form), the 2x2 max-pooling in both
 `model.pool_impl` forms, the 2x up-sampling in both `model.upsample_impl` forms, both dropout masks,
-BatchNorm, squeeze-and-excitation, and the whole model's eval forward pass and train step (`--set
-model.KEY=VALUE` applies to those two). On the GPU, the first session found the train step 20x slower
-than the forward pass (normally about 3x); this names the block that makes it so.
+BatchNorm in both `model.batch_norm_impl` forms ("batch_norm" is `flax`), squeeze-and-excitation, and
+the whole model's eval forward pass and train step (`--set model.KEY=VALUE` applies to those two). On the
+GPU, the first session found the train step 20x slower than the forward pass (normally about 3x); this
+names the block that makes it so.
 `--blocks conv3x3_rate3 model` times only those.
 """
 
@@ -77,10 +78,12 @@ class _Conv(nn.Module):
 
 class _Norm(nn.Module):
     dtype: jnp.dtype
+    closed_form: bool = False
 
     @nn.compact
     def __call__(self, x):
-        return nn.BatchNorm(use_running_average=False, dtype=self.dtype)(x)
+        norm_class = models.BatchNorm if self.closed_form else nn.BatchNorm
+        return norm_class(use_running_average=False, dtype=self.dtype)(x)
 
 
 BLOCK_NAMES = (
@@ -94,6 +97,7 @@ BLOCK_NAMES = (
     "dropout_mask_flax",
     "dropout_mask_bits",
     "batch_norm",
+    "batch_norm_closed_form",
     "squeeze_excitation",
 )
 
@@ -132,6 +136,7 @@ def blocks(args, dtype) -> dict:
             )
         },
         "batch_norm": lambda: module_timing(_Norm(dtype), x, args.steps),
+        "batch_norm_closed_form": lambda: module_timing(_Norm(dtype, closed_form=True), x, args.steps),
         "squeeze_excitation": lambda: module_timing(models.SqueezeExcitation(8, dtype), x, args.steps),
     }
     assert tuple(timings) == BLOCK_NAMES

@@ -82,10 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA hands to cuDNN's fast kernels on a GPU (30x faster there, 2.8x slower on a CPU); 'auto' picks
     # it on GPUs and 'xla' elsewhere.
     config.model.dilation_impl = "auto"
-    # 'closed_form' is nn.BatchNorm with the textbook gradient written out (a custom VJP): the same
-    # function to float tolerance, an 8% faster train step on a 2-core CPU, 200 MB fewer temporaries
-    # (experiments/README.md). 'flax' (nn.BatchNorm) was the default until 2026-11-29: set it to
-    # reproduce earlier runs to the digit.
+    # 'closed_form' is nn.BatchNorm with the textbook gradient written out (a custom VJP, first-order
+    # reverse mode only): the same function to float tolerance, a 7.8% faster train step on a 2-core
+    # CPU, 207 MB fewer temporaries (experiments/README.md). 'flax' (nn.BatchNorm) was the default until
+    # 2026-11-29: set it to reproduce earlier runs to the digit.
     config.model.batch_norm_impl = "closed_form"
 
     config.data = ml_collections.ConfigDict()

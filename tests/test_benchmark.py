@@ -72,6 +72,6 @@ def test_mode_name_lists_the_speed_options_away_from_the_defaults():
     model_config = config_lib.base_config().model
     assert benchmark.mode_name(model_config) == "float32"
     model_config.update(dtype="bfloat16", dropout_impl="flax", pool_impl="reduce_window", remat=True)
-    assert benchmark.mode_name(model_config) == "bfloat16+flax+reduce_window+remat"
+    assert benchmark.mode_name(model_config) == "bfloat16+dropout_impl=flax+pool_impl=reduce_window+remat"
     model_config.update(batch_norm_impl="flax", dropout_impl="bits")
-    assert benchmark.mode_name(model_config) == "bfloat16+reduce_window+flax+remat"
+    assert benchmark.mode_name(model_config) == "bfloat16+pool_impl=reduce_window+batch_norm_impl=flax+remat"

@@ -1,0 +1,21 @@
+"""experiments/step_breakdown.py: a seconds-long run of two blocks writes their timings for both dtypes."""
+
+import json
+import pathlib
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_times_both_batch_norm_forms(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
+    import step_breakdown
+
+    output = tmp_path / "breakdown.json"
+    command = ["--smoke", "--blocks", "batch_norm", "batch_norm_closed_form", "--json", str(output)]
+    report = step_breakdown.main(command)
+    assert json.loads(output.read_text()) == report
+    for mode in ("float32", "bfloat16"):
+        assert set(report["modes"][mode]) == {"batch_norm", "batch_norm_closed_form"}
+        for timing in report["modes"][mode].values():
+            assert 0 < timing["forward_ms"] <= timing["forward_backward_ms"] * 10
