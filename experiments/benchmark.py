@@ -459,7 +459,8 @@ def benchmark_size(args, image_size: int) -> dict:
         "image_size": image_size,
         "batch_size": args.batch_size,
         "model": {
-            key: config.model[key] for key in ("variant", "features", "depth", "dtype", *SPEED_OPTION_KEYS)
+            key: config.model[key]
+            for key in ("variant", "features", "depth", "dtype", *models.KEYLESS_MODEL_OPTIONS)
         },
         "mode": mode_name(config.model),
         "parameters": models.count_parameters(state.params),
@@ -495,24 +496,14 @@ def benchmark_size(args, image_size: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 
-SPEED_OPTION_KEYS = (
-    "upsample_impl",
-    "dropout_impl",
-    "pool_impl",
-    "dilation_impl",
-    "batch_norm_impl",
-    "remat",
-)
-
-
 def mode_name(model_config) -> str:
     """The compute dtype plus every speed option away from the config default, e.g.
     'bfloat16+dropout_impl=flax'."""
-    from rdunet_jax import config_lib
+    from rdunet_jax import config_lib, models
 
     defaults = config_lib.base_config().model
     parts = [model_config.dtype]
-    for key in SPEED_OPTION_KEYS:
+    for key in models.KEYLESS_MODEL_OPTIONS:  # every speed option
         value = model_config.get(key)
         if value != defaults[key]:
             parts.append(key if value is True else f"{key}={value}")

@@ -65,7 +65,8 @@ POOL_IMPLS = ("reduce_window", "reshape")
 DILATION_IMPLS = ("auto", "xla", "space_to_batch")
 BATCH_NORM_IMPLS = ("flax", "closed_form")
 
-# What a config saved before a speed option existed ran with: the option's old form, not today's default.
+# Every speed option, with what a config saved before the option existed ran with: its old form, not
+# today's default (build_model, the study runner and the benchmark's mode names read this table).
 KEYLESS_MODEL_OPTIONS = {
     "upsample_impl": "resize",
     "dropout_impl": "flax",
