@@ -202,7 +202,7 @@ def test_lesion_statistics_on_known_components():
     target[10:16, 10:16] = 1  # large: 36 pixels
     target[1, 15:17] = 1  # small: 2 pixels, missed
     prediction = np.zeros_like(target)
-    prediction[10:16, 10:14] = 1  # 24 of the large lesion's 36 pixels
+    prediction[10:16, 12:18] = 1  # 24 of the large lesion's 36 pixels, and 12 outside it
     prediction[1:3, 1:3] = 1  # the small lesion but its diagonal pixel
     prediction[3:5, 6] = 1  # a false alarm touching no lesion: not part of any lesion's Dice
     lesions = metrics.lesion_statistics(prediction, target)
@@ -211,13 +211,13 @@ def test_lesion_statistics_on_known_components():
     assert [lesion["detected"] for lesion in by_area] == [False, True, True]
     assert by_area[0]["dice"] == 0.0
     assert by_area[1]["dice"] == pytest.approx(2 * 4 / (5 + 4))
-    assert by_area[2]["dice"] == pytest.approx(2 * 24 / (36 + 24))
+    assert by_area[2]["dice"] == pytest.approx(2 * 24 / (36 + 36))  # the whole overlapping component
 
     summary = metrics.lesion_size_summary(lesions, small_area=10.0)
     assert summary["small"]["num_lesions"] == 2 and summary["large"]["num_lesions"] == 1
     assert summary["small"]["detection_rate"] == 0.5 and summary["large"]["detection_rate"] == 1.0
     assert summary["small"]["dice"] == pytest.approx((0.0 + 8 / 9) / 2)
-    assert summary["large"]["dice"] == pytest.approx(48 / 60)
+    assert summary["large"]["dice"] == pytest.approx(48 / 72)
     assert summary["all"]["num_lesions"] == 3
     assert summary["small"]["mean_area"] == 3.5 and summary["large"]["mean_area"] == 36.0
     at_the_boundary = metrics.lesion_size_summary(lesions, small_area=36.0)  # "small" is strictly below
