@@ -235,6 +235,10 @@ def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels(m
     }
     for case_id, expected in expected_hd95.items():
         assert cases[case_id]["hd95"] == pytest.approx(expected, rel=1e-6), case_id
+        _, prediction, target = volumes[case_id]
+        volume_dice = 2 * np.sum(prediction & target) / (prediction.sum() + target.sum())
+        assert cases[case_id]["dice"] == pytest.approx(volume_dice, rel=1e-12), case_id
+    assert summary["per_volume"]["hd95_num_volumes"] == 2
     assert summary["per_volume"]["hd95"] == pytest.approx(np.mean(list(expected_hd95.values())), rel=1e-6)
     # Case a's masks tell the slice spacing and the order of the in-plane spacings apart.
     _, prediction_a, target_a = volumes["a"]
