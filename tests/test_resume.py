@@ -168,8 +168,10 @@ def _train(workdir, after_step=None, config=None):
     real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
 
     def validation(state, source, config, *args, **kwargs):
+        step = int(state.step)
+        assert step in INJECTED_VALIDATION_LOSS, f"validation after step {step}, not at an epoch's end"
         summary = real_validation(state, source, config, *args, **kwargs)
-        return {**summary, "loss": INJECTED_VALIDATION_LOSS[int(state.step)]}
+        return {**summary, "loss": INJECTED_VALIDATION_LOSS[step]}
 
     def compiled_with_hook(*args):
         step_function = real_compile(*args)
