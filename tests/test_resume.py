@@ -162,7 +162,7 @@ def _loop_config():
     return config
 
 
-def _train(workdir, after_step=None, config=None):
+def _train(workdir, after_step=None):
     """`train.train_and_evaluate` with the validation loss of INJECTED_VALIDATION_LOSS, and
     `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result."""
     real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
@@ -186,7 +186,7 @@ def _train(workdir, after_step=None, config=None):
         patch.setattr(evaluate, "evaluate_source", validation)
         if after_step is not None:
             patch.setattr(train, "compiled_train_step", compiled_with_hook)
-        return train.train_and_evaluate(config or _loop_config(), workdir)
+        return train.train_and_evaluate(_loop_config(), workdir)
 
 
 def _steps(workdir, kind: str) -> list[int]:
