@@ -1,20 +1,33 @@
-"""Surviving interruptions: exact resume after SIGKILL, SIGTERM checkpoints, damaged checkpoints,
-non-finite losses and checkpoints of another model."""
+"""The training loop end to end: the best checkpoint, exact resume after SIGKILL, SIGTERM and SIGINT,
+damaged checkpoints, non-finite losses, a finished run started again, and checkpoints of another model.
 
+The command-line tests run `rdunet_jax.main` in a child process; the loop's own tests run
+`train.train_and_evaluate` in this one, with the validation loss and the faults (a signal, a NaN) injected
+around the real loop, and compare every run with one uninterrupted run of the same config.
+"""
+
+import contextlib
+import functools
+import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, train
+from rdunet_jax import checkpoints, evaluate, train
+from rdunet_jax.errors import UserError
 
 NUM_EPOCHS = 3  # 8 slices, batch 4: 2 steps an epoch, 6 in all
 TINY = [
@@ -115,33 +128,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tmp_path):
     assert meta["epoch"] < 500
 
 
-def _damage(step_folder: pathlib.Path) -> None:
-    for path in step_folder.rglob("*"):
-        if path.is_file() and path.stat().st_size > 0:
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def test_damaged_latest_falls_back_to_the_previous_checkpoint(tmp_path, finished_run):
-    workdir = tmp_path / "run"
-    shutil.copytree(finished_run, workdir)
-    latest = workdir / "checkpoints" / "latest"
-    steps = sorted(int(path.name) for path in latest.iterdir() if path.name.isdigit())
-    assert steps == [4, 6]
-    _damage(latest / "6")
-    with (workdir / "train_log.jsonl").open("a") as log:
-        log.write('{"epoch": 4, "lo')  # a line cut short by a kill
-    resumed = _run(workdir, f"--config.num_epochs={NUM_EPOCHS + 1}")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "checkpoint step 6" in resumed.stdout and "damaged" in resumed.stdout
-    assert "resumed at epoch 3 (step 4)" in resumed.stdout
-
-    for step in sorted(int(path.name) for path in latest.iterdir() if path.name.isdigit()):
-        _damage(latest / str(step))
-    broken = _run(workdir, f"--config.num_epochs={NUM_EPOCHS + 2}")
-    assert broken.returncode == 2
-    assert broken.stderr.startswith("error: every checkpoint in") and "Traceback" not in broken.stderr
-
-
 def test_checkpoint_of_another_model_is_refused_by_name(tmp_path, finished_run):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
@@ -157,9 +143,336 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path, finished_run):
     assert len(evaluated.stderr.strip().splitlines()) == 1
 
 
-def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
-    result = _run(tmp_path, "--config.learning_rate=1e30")
-    assert result.returncode == 2
-    assert "loss is nan at step" in result.stderr and "Traceback" not in result.stderr
-    latest = tmp_path / "checkpoints" / "latest"
-    assert not any(path.name.isdigit() for path in latest.iterdir())
+# --- the loop in this process ---------------------------------------------------------------------------
+
+# Validation loss by the step each epoch ends at: it falls, rises, then falls again but not to its
+# minimum, so the best epoch (2) is neither the first, the last, nor the last one to improve on its
+# predecessor.
+INJECTED_VALIDATION_LOSS = {2: 0.5, 4: 0.3, 6: 0.4, 8: 0.35}
+BEST_STEP, LAST_STEP = 4, 8
+
+
+def _loop_config():
+    """The tiny config for 4 epochs of 2 steps, saving `latest` every step, the learning rate halved
+    every 2 epochs (so resumes cross a drop)."""
+    config = make_tiny_config()
+    config.num_epochs = 4
+    config.checkpoint_every_steps = 1
+    config.lr_decay_epochs, config.lr_decay_factor = 2, 0.5
+    return config
+
+
+def _train(workdir, after_step=None):
+    """`train.train_and_evaluate` with the validation loss of INJECTED_VALIDATION_LOSS, and
+    `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result."""
+    real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
+
+    def validation(state, source, config, *args, **kwargs):
+        step = int(state.step)
+        assert step in INJECTED_VALIDATION_LOSS, f"validation after step {step}, not at an epoch's end"
+        summary = real_validation(state, source, config, *args, **kwargs)
+        return {**summary, "loss": INJECTED_VALIDATION_LOSS[step]}
+
+    def compiled_with_hook(*args):
+        step_function = real_compile(*args)
+
+        def step(state, batch):
+            state, metrics = step_function(state, batch)
+            return after_step(int(state.step), state, metrics)
+
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "evaluate_source", validation)
+        if after_step is not None:
+            patch.setattr(train, "compiled_train_step", compiled_with_hook)
+        return train.train_and_evaluate(_loop_config(), workdir)
+
+
+def _steps(workdir, kind: str) -> list[int]:
+    folder = pathlib.Path(workdir) / "checkpoints" / kind
+    return sorted(int(path.name) for path in folder.iterdir() if path.name.isdigit())
+
+
+@functools.cache
+def _restore_target():
+    config = _loop_config()
+    return train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+
+
+def _restore(workdir, kind: str, step=None):
+    target = _restore_target()
+    run_checkpoints = checkpoints.RunCheckpoints(pathlib.Path(workdir) / "checkpoints", create=False)
+    try:
+        return run_checkpoints.restore(kind, target, step)
+    finally:
+        run_checkpoints.close()
+
+
+def _assert_same_state(state_a, state_b):
+    """Every leaf (step, parameters, batch statistics, optimizer state, dropout key) equal, bit for bit."""
+    leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
+    leaves_b = jax.tree_util.tree_leaves(state_b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for (path, a), b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _log_records(workdir) -> list[dict]:
+    records = [
+        json.loads(line) for line in (pathlib.Path(workdir) / "train_log.jsonl").read_text().splitlines()
+    ]
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
+
+
+def _test_metrics(workdir) -> dict:
+    return json.loads((pathlib.Path(workdir) / "metrics" / "test.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted in-process run of `_loop_config()`, with its final and best checkpoints."""
+    workdir = tmp_path_factory.mktemp("loop") / "uninterrupted"
+    _train(workdir)
+    return types.SimpleNamespace(
+        workdir=workdir, latest=_restore(workdir, "latest"), best=_restore(workdir, "best")
+    )
+
+
+def _assert_ends_as_the_reference(workdir, reference):
+    """The run in `workdir` ended as the uninterrupted one: checkpoints, their meta, log and metrics."""
+    state, meta = _restore(workdir, "latest")
+    assert int(state.step) == LAST_STEP
+    _assert_same_state(state, reference.latest[0])
+    assert meta == reference.latest[1]
+    assert _steps(workdir, "best") == [BEST_STEP]
+    best_state, best_meta = _restore(workdir, "best")
+    _assert_same_state(best_state, reference.best[0])
+    assert best_meta == reference.best[1]
+    assert _log_records(workdir) == _log_records(reference.workdir)
+    assert _test_metrics(workdir) == _test_metrics(reference.workdir)
+
+
+def test_the_best_checkpoint_has_the_lowest_validation_loss_and_eval_checkpoint_picks_best_or_last(
+    reference,
+):
+    assert [record["val_loss"] for record in _log_records(reference.workdir)] == [0.5, 0.3, 0.4, 0.35]
+    assert _steps(reference.workdir, "best") == [BEST_STEP]
+    best_state, best_meta = reference.best
+    assert int(best_state.step) == BEST_STEP
+    assert (best_meta["best_epoch"], best_meta["best_val_loss"]) == (2, 0.3)
+    # `latest` carries the best so far, which a resumed run compares its epochs against.
+    assert (reference.latest[1]["best_epoch"], reference.latest[1]["best_val_loss"]) == (2, 0.3)
+    assert _test_metrics(reference.workdir)["step"] == BEST_STEP  # training ended by scoring the best
+    for which, step, expected in [
+        ("best", BEST_STEP, reference.best[0]),
+        ("last", LAST_STEP, reference.latest[0]),
+    ]:
+        config = _loop_config()
+        config.eval.checkpoint = which
+        restored = evaluate.restore_for_evaluation(config, reference.workdir)
+        assert int(restored.step) == step, which
+        _assert_same_state(restored, expected)
+
+
+def test_the_loop_steps_adam_with_the_learning_rate_of_the_staircase(reference):
+    """The last update, read from the checkpoints of steps 7 and 8, is Adam's at half the learning rate
+    (epochs 3-4); the log records the rate of each epoch's last step."""
+    assert [record["learning_rate"] for record in _log_records(reference.workdir)] == pytest.approx(
+        [1e-2, 1e-2, 5e-3, 5e-3], rel=1e-6
+    )
+    assert _steps(reference.workdir, "latest") == [7, 8]
+    before, _ = _restore(reference.workdir, "latest", 7)
+    after = reference.latest[0]
+    count = 8  # Adam's bias correction after the 8th update
+    mu, nu = (
+        optax.tree_utils.tree_get(after.opt_state, "mu"),
+        optax.tree_utils.tree_get(after.opt_state, "nu"),
+    )
+    for moved, old, m, v in zip(
+        *(jax.tree_util.tree_leaves(tree) for tree in (after.params, before.params, mu, nu)), strict=True
+    ):
+        m_hat = np.asarray(m, np.float64) / (1 - 0.9**count)
+        v_hat = np.asarray(v, np.float64) / (1 - 0.999**count)
+        expected = -5e-3 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(
+            np.asarray(moved, np.float64) - np.asarray(old), expected, rtol=2e-3, atol=1e-7
+        )
+
+
+class _UnhandledSignal(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM and SIGINT raise here rather than end pytest, should the loop leave them unhandled."""
+
+    def handler(signal_number, frame):
+        raise _UnhandledSignal(signal.Signals(signal_number).name)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, old_handler in previous.items():
+            signal.signal(number, old_handler)
+
+
+def _stop_by_signal(workdir, signal_number: int, at_step: int) -> None:
+    """Runs `_train` and sends this process `signal_number` right after train step `at_step`."""
+
+    def send_signal(step, state, metrics):
+        if step == at_step:
+            os.kill(os.getpid(), signal_number)
+        return state, metrics
+
+    with _signals_raise(), pytest.raises(train.TrainingStopped) as stopped:
+        _train(workdir, after_step=send_signal)
+    assert stopped.value.signal_number == signal_number
+    assert str(stopped.value).startswith(
+        f"stopped by {signal.Signals(signal_number).name} at step {at_step};"
+    )
+
+
+@pytest.fixture(scope="module")
+def stopped_at_an_epoch_end(tmp_path_factory):
+    """A run stopped by SIGINT at step 6, the end of epoch 3: `latest` holds steps 5 and 6."""
+    workdir = tmp_path_factory.mktemp("loop") / "sigint"
+    _stop_by_signal(workdir, signal.SIGINT, 6)
+    assert _steps(workdir, "latest") == [5, 6]
+    return workdir
+
+
+def _copy(workdir, tmp_path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(workdir, tmp_path / "run"))
+
+
+def test_sigterm_mid_epoch_then_the_same_command_ends_bit_identical(tmp_path, reference, capsys):
+    _stop_by_signal(tmp_path, signal.SIGTERM, 3)
+    assert _steps(tmp_path, "latest") == [2, 3]
+    _train(tmp_path)
+    assert "resumed at epoch 2, 1 steps into it (step 3)" in capsys.readouterr().out
+    _assert_ends_as_the_reference(tmp_path, reference)
+
+
+def test_sigint_at_an_epoch_end_then_the_same_command_ends_bit_identical(
+    tmp_path, stopped_at_an_epoch_end, reference, capsys
+):
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    _train(workdir)
+    assert "resumed at epoch 4 (step 6)" in capsys.readouterr().out
+    _assert_ends_as_the_reference(workdir, reference)
+
+
+def _delete_array_data(step_folder: pathlib.Path) -> None:
+    """Deletes the arrays' data files, leaving the metadata that makes the folder a checkpoint step."""
+    for path in step_folder.rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.unlink()
+
+
+def _truncate_every_file(step_folder: pathlib.Path) -> None:
+    for path in step_folder.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _file_sizes(folder: pathlib.Path) -> dict:
+    return {
+        str(path.relative_to(folder)): path.stat().st_size for path in folder.rglob("*") if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("damage", [_delete_array_data, _truncate_every_file], ids=["deleted", "truncated"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_as_if_never_damaged(
+    tmp_path, stopped_at_an_epoch_end, reference, capsys, damage
+):
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    damaged = workdir / "checkpoints" / "latest" / "6"
+    damage(damaged)
+    left = _file_sizes(damaged)
+    with (workdir / "train_log.jsonl").open("a") as log:
+        log.write('{"epoch": 4, "lo')  # a line cut short by a kill
+    _train(workdir)
+    out = capsys.readouterr().out
+    assert re.search(
+        r"checkpoint step 6 in \S+ is damaged \(\w+\); moved it to \S+ and resumed from step 5", out
+    )
+    assert "resumed at epoch 3, 1 steps into it (step 5)" in out
+    (moved,) = (workdir / "checkpoints" / "damaged").iterdir()
+    assert moved.name.startswith("latest-6-")
+    assert _file_sizes(moved) == left  # the damaged files themselves, kept for inspection
+    assert _steps(workdir, "latest") == [7, 8]
+    _assert_ends_as_the_reference(workdir, reference)
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(
+    tmp_path, stopped_at_an_epoch_end
+):
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    for step in (5, 6):
+        _truncate_every_file(workdir / "checkpoints" / "latest" / str(step))
+    with pytest.raises(UserError) as raised:
+        _train(workdir)
+    assert re.fullmatch(
+        r"every checkpoint in \S+ is damaged \(steps \[6, 5\]\); move the folder away to train from scratch",
+        str(raised.value),
+    )
+    assert not (workdir / "checkpoints" / "damaged").exists()
+    assert _steps(workdir, "latest") == [5, 6]
+
+
+def test_a_non_finite_loss_after_a_good_checkpoint_leaves_it_intact_and_restorable(tmp_path, reference):
+    def diverge_at_step_5(step, state, metrics):
+        if step != 5:
+            return state, metrics
+        nan = jnp.float32(jnp.nan)
+        return state.replace(params=jax.tree_util.tree_map(lambda p: p * nan, state.params)), {"loss": nan}
+
+    with pytest.raises(train.NonFiniteLossError, match=r"^loss is nan at step 5; training stopped"):
+        _train(tmp_path, after_step=diverge_at_step_5)
+    assert _steps(tmp_path, "latest") == [3, 4]  # step 5 was due to be saved (checkpoint_every_steps=1)
+    assert _steps(tmp_path, "best") == [4]
+    config = _loop_config()
+    config.eval.checkpoint = "last"
+    restored = evaluate.restore_for_evaluation(config, tmp_path)
+    assert int(restored.step) == 4
+    _assert_same_state(restored, reference.best[0])  # the uninterrupted run's state at step 4
+
+
+def test_a_loss_that_diverges_at_once_stops_naming_the_step_and_saves_nothing(tmp_path):
+    config = make_tiny_config()  # saves at epoch ends only
+    config.learning_rate = 1e30
+    with pytest.raises(train.NonFiniteLossError, match=r"^loss is nan at step \d; training stopped"):
+        train.train_and_evaluate(config, tmp_path)
+    assert _steps(tmp_path, "latest") == _steps(tmp_path, "best") == []
+
+
+def test_a_finished_run_given_the_same_command_only_evaluates_again(tmp_path, reference, capsys):
+    workdir = _copy(reference.workdir, tmp_path)
+    checkpoint_files = {
+        path: (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in (workdir / "checkpoints").rglob("*")
+        if path.is_file()
+    }
+    log = (workdir / "train_log.jsonl").read_text()
+    (workdir / "metrics" / "test.json").unlink()  # rewritten by the evaluation
+    trained = []
+
+    def count_steps(step, state, metrics):
+        trained.append(step)
+        return state, metrics
+
+    _train(workdir, after_step=count_steps)
+    out = capsys.readouterr().out
+    assert trained == []
+    assert not re.search(r"^epoch \d", out, re.MULTILINE)  # no training and no validation epoch
+    assert "(step 8)" in out and re.search(r"^test: dice \d", out, re.MULTILINE)
+    assert {
+        path: (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in (workdir / "checkpoints").rglob("*")
+        if path.is_file()
+    } == checkpoint_files
+    assert (workdir / "train_log.jsonl").read_text() == log
+    assert _test_metrics(workdir) == _test_metrics(reference.workdir)

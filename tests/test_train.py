@@ -1,15 +1,18 @@
-"""The train step, the learning-rate staircase, data parallelism and the evaluation of a split."""
+"""The train step, Adam on the learning-rate staircase, the paper's defaults, data parallelism and the
+evaluation of a split."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import REPO_ROOT, make_tiny_config
 
-from rdunet_jax import datasets, evaluate, input_pipeline, train
+from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, models, train
 from rdunet_jax import losses as losses_lib
 
 
@@ -95,15 +98,124 @@ def test_the_eval_step_uses_xlas_own_convolutions_with_the_same_result(tiny_stat
     )
 
 
-def test_learning_rate_staircase_at_the_boundaries():
+@pytest.mark.parametrize(
+    "learning_rate, decay_epochs, decay_factor, steps_per_epoch, boundary_steps, expected",
+    [
+        # The paper's: 1e-3, divided by 10 every 20 epochs (5 steps an epoch: a drop every 100 steps).
+        (1e-3, 20, 0.1, 5, [0, 99, 100, 199, 200, 299, 300], [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6]),
+        # Not the paper's, so a hard-coded 0.1 or 20 fails: halved every 7 epochs of 3 steps (21 steps).
+        (3e-3, 7, 0.5, 3, [0, 20, 21, 41, 42, 62, 63], [3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4, 7.5e-4, 3.75e-4]),
+    ],
+)
+def test_learning_rate_staircase_at_the_boundaries(
+    learning_rate, decay_epochs, decay_factor, steps_per_epoch, boundary_steps, expected
+):
     config = make_tiny_config()
-    config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = 1e-3, 20, 0.1
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=5)
-    assert float(schedule(0)) == pytest.approx(1e-3)
-    assert float(schedule(20 * 5 - 1)) == pytest.approx(1e-3)
-    assert float(schedule(20 * 5)) == pytest.approx(1e-4)
-    assert float(schedule(40 * 5 - 1)) == pytest.approx(1e-4)
-    assert float(schedule(40 * 5)) == pytest.approx(1e-5)
+    config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = (
+        learning_rate,
+        decay_epochs,
+        decay_factor,
+    )
+    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    got = [float(schedule(step)) for step in boundary_steps]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Flat between drops: every step of an epoch, not only the boundaries, has its staircase value.
+    drop_every = decay_epochs * steps_per_epoch
+    for step in range(3 * drop_every + 2):
+        assert float(schedule(step)) == pytest.approx(expected[2 * (step // drop_every)], rel=1e-6)
+
+
+def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
+    """One update of the train state's optimizer against Adam written out (Kingma and Ba, Algorithm 1,
+    optax's defaults beta1 0.9, beta2 0.999, eps 1e-8), at steps on both sides of each drop."""
+    config = make_tiny_config()
+    paper = config_lib.base_config()
+    config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = (
+        paper.learning_rate,
+        paper.lr_decay_epochs,
+        paper.lr_decay_factor,
+    )
+    optimizer = train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=3).tx
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=6).astype(np.float32)}
+    gradient = {"w": rng.normal(size=6).astype(np.float32)}
+    first_moment = rng.normal(size=6).astype(np.float32)
+    second_moment = rng.uniform(0.1, 2.0, size=6).astype(np.float32)
+    # 20 epochs of 3 steps: the learning rate drops after step 59 and after step 119.
+    for step, learning_rate in [(0, 1e-3), (59, 1e-3), (60, 1e-4), (119, 1e-4), (120, 1e-5)]:
+        state = optimizer.init(params)
+        state = optax.tree_utils.tree_set(
+            state, count=np.int32(step), mu={"w": first_moment}, nu={"w": second_moment}
+        )
+        updates, _ = optimizer.update(gradient, state, params)
+        g = gradient["w"].astype(np.float64)
+        m = 0.9 * first_moment + 0.1 * g
+        v = 0.999 * second_moment + 0.001 * g**2
+        m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
+        expected = -learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-5, err_msg=f"step {step}")
+
+
+# The paper's training setup (Amer, Ye, Janan, ICCVW 2021), as issue 23 and the README record it. The
+# PDF is not in the repository: these are its settings in our words, not its sentences.
+PAPER_SETUP = (
+    "350 epochs; Adam, learning rate 1e-3 divided by 10 every 20 epochs; batch size 8; dropout 0.5; "
+    "Dice loss; augmentation by random flips and random zoom in [0.9, 1.1]; 256x256 inputs; 16 feature "
+    "maps doubling at each of four down-samplings; squeeze-and-excitation with reduction 8; DC modules "
+    "of dilation rates (1,2,3,3,2,1) on the two shallowest skip connections and (1,2,2,1) on the two "
+    "deepest"
+)
+
+
+def _rdunet_recipe():
+    spec = importlib.util.spec_from_file_location("rdunet_config", REPO_ROOT / "configs" / "rdunet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("make_config", [config_lib.base_config, _rdunet_recipe], ids=["base", "rdunet.py"])
+def test_the_defaults_are_the_papers_training_setup(make_config):
+    config = make_config()
+    assert config.num_epochs == 350, PAPER_SETUP
+    assert (config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor) == (1e-3, 20, 0.1)
+    assert config.batch_size == 8
+    assert config.model.dropout_rate == 0.5
+    assert config.loss == "dice" and losses_lib.LOSSES[config.loss] is losses_lib.soft_dice_loss
+    assert config.data.flip is True and config.data.rotation_degrees == 0.0
+    assert (1 - config.data.zoom_range, 1 + config.data.zoom_range) == pytest.approx((0.9, 1.1))
+    assert config.data.image_size == 256
+    model = config.model
+    assert (model.variant, model.block, model.use_se) == ("rdunet", "residual", True)
+    assert (model.features, model.depth, model.se_reduction) == (16, 4, 8)
+    assert [tuple(rates) for rates in model.skip_dilation_rates] == [
+        (1, 2, 3, 3, 2, 1),
+        (1, 2, 3, 3, 2, 1),
+        (1, 2, 2, 1),
+        (1, 2, 2, 1),
+    ]
+    assert tuple(model.encoder_dilation_rates) == ()
+
+    # The built model, read from its parameters: widths 16 to 256, Dense C -> C/8 in every
+    # squeeze-and-excitation unit, six convolutions in the DC modules of the two shallowest skips
+    # (16 and 32 channels) and four in the two deepest (64 and 128).
+    built = models.build_model(model)
+    assert built.dropout_rate == 0.5
+    params = models.abstract_variables(built, 16)["params"]
+    blocks = [params[f"EncoderDecoderBlock_{index}"] for index in range(2 * model.depth + 1)]
+    encoder_widths = [
+        block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1] for block in blocks
+    ]
+    assert encoder_widths[:5] == [16, 32, 64, 128, 256]
+    for block in blocks:
+        width = block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1]
+        assert block["SqueezeExcitation_0"]["Dense_0"]["kernel"].shape == (width, width // 8)
+    cascades = {
+        module["Conv_0"]["kernel"].shape[-1]: sum(name.startswith("Conv_") for name in module)
+        for name, module in params.items()
+        if name.startswith("DilatedCascade_")
+    }
+    assert cascades == {16: 6, 32: 6, 64: 4, 128: 4}
 
 
 def test_evaluate_source_counts_every_slice_once(tiny_state):
