@@ -35,6 +35,13 @@ flags.DEFINE_bool("overwrite", False, "predict, export: replace existing outputs
 flags.DEFINE_string(
     "ground_truth", None, "predict: the expert mask (a file, or a folder of same-named files) for overlays."
 )
+flags.DEFINE_enum(
+    "input_units",
+    "hu",
+    ["hu", "display"],
+    "predict: how volumes hold their values: CT in Hounsfield units (checked: refused without air near "
+    "-1000), or display-windowed images in [0, 255] or [0, 1], read as the PNG datasets are.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -96,6 +103,7 @@ def run(argv) -> None:
             overwrite=FLAGS.overwrite,
             checkpoint_step=FLAGS.checkpoint_step,
             ground_truth=FLAGS.ground_truth,
+            input_units=FLAGS.input_units,
         )
 
 

@@ -47,6 +47,17 @@ READ_ERRORS = (EOFError, OSError, zlib.error, ValueError)
 # Batches dispatched to the device but not yet collected: enough to overlap reading, computing and
 # writing, few enough to bound memory.
 BATCHES_IN_FLIGHT = 2
+# How a volume's values are read: CT in Hounsfield units (windowed by `data.hu_window`), or images already
+# display-windowed to [0, 255] (or [0, 1]), read as the PNG datasets are.
+INPUT_UNITS = ("hu", "display")
+# The units check reads this many slices, evenly spaced: enough to meet air in any chest CT, few enough
+# that a volume is still read in bounded memory.
+UNITS_SAMPLE_SLICES = 9
+# CT air is -1000 HU by definition and aerated lung -950 to -700 HU, so in a chest CT (air around the
+# body, in the lungs and airways) far more than 1% of voxels lie below -800 HU; display images, or stored
+# values whose rescale intercept was lost, have no negative values at all.
+HU_AIR_CEILING = -800.0
+HU_AIR_PERCENTILE = 1.0
 
 
 # --- Inputs and output names -----------------------------------------------------------------------------
@@ -275,15 +286,57 @@ def volume_slice(image, index: int, path: pathlib.Path) -> np.ndarray:
         raise UserError(message) from None
 
 
+def sampled_slice_indices(num_slices: int) -> list[int]:
+    """Up to UNITS_SAMPLE_SLICES slice indices, evenly spaced from the first to the last."""
+    return sorted({int(round(value)) for value in np.linspace(0, num_slices - 1, UNITS_SAMPLE_SLICES)})
+
+
+def display_scale(image, path: pathlib.Path, input_units: str) -> float | None:
+    """The units check on evenly spaced slices: None for CT in Hounsfield units; for `input_units`
+    'display', the factor to [0, 255] (255 for images in [0, 1], else 1).
+
+    Hounsfield units are assumed when the darkest HU_AIR_PERCENTILE % of the sampled voxels lie at or below
+    HU_AIR_CEILING (air, as in every chest CT); anything else (display-windowed [0, 255] or [0, 1] images,
+    raw stored values without their rescale intercept) is refused unless `input_units` is 'display'."""
+    samples = np.concatenate(
+        [volume_slice(image, index, path).ravel() for index in sampled_slice_indices(image.shape[2])]
+    )
+    low, high = float(samples.min()), float(samples.max())
+    if input_units == "display":
+        if low < 0.0 or high > 255.0:
+            raise UserError(
+                f"--input_units display: {path} holds values in [{low:g}, {high:g}], "
+                "not display intensities in [0, 255] or [0, 1]"
+            )
+        return 255.0 if high <= 1.0 else 1.0
+    air_level = float(np.percentile(samples, HU_AIR_PERCENTILE))
+    if air_level > HU_AIR_CEILING:
+        raise UserError(
+            f"{path}: values do not look like CT in Hounsfield units (no air near -1000: "
+            f"{HU_AIR_PERCENTILE:g}th percentile {air_level:g}, range [{low:g}, {high:g}]); "
+            "pass --input_units display for already-windowed images"
+        )
+    return None
+
+
+def display_slice(hu_or_display: np.ndarray, scale: float) -> np.ndarray:
+    """A display-windowed slice as the uint8 image the PNG datasets give (so preprocessing divides by 255)."""
+    return np.clip(np.rint(hu_or_display * scale), 0, 255).astype(np.uint8)
+
+
 def to_display(array: np.ndarray) -> np.ndarray:
     """An (x, y) slice turned for viewing: rows top to bottom along y, columns along x (radiological view
     of a RAS volume)."""
     return np.rot90(array)
 
 
-def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None) -> dict:
+def predict_volume(
+    state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None, input_units: str = "hu"
+) -> dict:
     """Segments one NIfTI volume slice by slice and writes its mask, summary and overlays."""
     image, truth = open_volume_pair(input_file, ground_truth)
+    # Checked again by verify_inputs before anything was written; here it also gives the display scale.
+    scale = display_scale(image, input_file, input_units)
     shape, num_slices = image.shape, image.shape[2]
     threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
     num_overlays = int(config.eval.num_overlays)
@@ -292,6 +345,8 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
     def examples():
         for index in range(num_slices):
             hu_slice = volume_slice(image, index, input_file)
+            if scale is not None:
+                hu_slice = display_slice(hu_slice, scale)
             yield (index, hu_slice), {"image": hu_slice, "mask": dummy_mask}
 
     lesion_voxels, slices_with_lesion, counts = 0, 0, np.zeros(3, np.int64)
@@ -310,7 +365,11 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
             if pixels and num_overlays:
-                entry = (pixels, -index, input_pipeline.window_hounsfield(hu_slice, hu_window), mask, target)
+                if scale is None:
+                    shown = input_pipeline.window_hounsfield(hu_slice, hu_window)
+                else:
+                    shown = hu_slice.astype(np.float32) / 255.0
+                entry = (pixels, -index, shown, mask, target)
                 (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
     write_volume_overlays(outputs["overlays"], largest)
     zooms = [float(value) for value in image.header.get_zooms()[:3]]
@@ -325,6 +384,7 @@ def predict_volume(state, config, input_file: pathlib.Path, outputs: dict, groun
         "lesion_volume_ml": lesion_voxels * voxel_ml,
         "slices_with_lesion": int(slices_with_lesion),
         "fraction_slices_with_lesion": slices_with_lesion / num_slices,
+        "input_units": input_units,
         **prediction_settings(config, state),
     }
     if truth is not None:
@@ -385,13 +445,14 @@ def predict_images(state, config, jobs: list[tuple]) -> None:
 # --- The command -----------------------------------------------------------------------------------------
 
 
-def verify_inputs(jobs: list[tuple]) -> None:
+def verify_inputs(jobs: list[tuple], input_units: str = "hu") -> None:
     """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
-    shape and, uncompressed, length) and checks their sizes agree, so a bad file fails before any
-    output is written."""
+    shape, (uncompressed) length and the units of a few slices) and checks their sizes agree, so a bad
+    file fails before any output is written."""
     for input_file, _, ground_truth in jobs:
         if input_kind(input_file) == "nifti":
-            open_volume_pair(input_file, ground_truth, keep_file_open=False)
+            image, _ = open_volume_pair(input_file, ground_truth, keep_file_open=False)
+            display_scale(image, input_file, input_units)
         else:
             image = readers.read_grayscale_image(input_file)
             if ground_truth is not None:
@@ -408,12 +469,16 @@ def predict_path(
     checkpoint_step: int | None = None,
     ground_truth=None,
     state=None,
+    input_units: str = "hu",
 ) -> list[dict]:
     """Segments `input_path` (a file or a folder) with a checkpoint of `workdir` into `output_dir`;
     returns the summaries of the NIfTI volumes. Outputs, inputs and the checkpoint are checked before
-    anything is written; on failure, output folders this call created and left empty are removed."""
+    anything is written; on failure, output folders this call created and left empty are removed.
+    `input_units` says how volumes hold their values (INPUT_UNITS; images are always display)."""
     if not input_path or not output_dir:
         raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
+    if input_units not in INPUT_UNITS:
+        raise UserError(f"--input_units: {input_units!r} is not one of {list(INPUT_UNITS)}")
     inputs = list_inputs(input_path)
     output_dir = pathlib.Path(output_dir)
     check_output_folder(output_dir)
@@ -425,21 +490,21 @@ def predict_path(
     ]
     if state is None:
         state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    verify_inputs(jobs)
+    verify_inputs(jobs, input_units)
     state = evaluate.with_runtime(config, state)
     created = missing_folders(output_dir)
     try:
-        return _predict_jobs(state, config, jobs, output_dir)
+        return _predict_jobs(state, config, jobs, output_dir, input_units)
     except BaseException:
         remove_empty_folders(created)
         raise
 
 
-def _predict_jobs(state, config, jobs: list[tuple], output_dir: pathlib.Path) -> list[dict]:
+def _predict_jobs(state, config, jobs: list[tuple], output_dir: pathlib.Path, input_units: str) -> list[dict]:
     summaries, image_jobs = [], []
     for input_file, outputs, truth in jobs:
         if input_kind(input_file) == "nifti":
-            summary = predict_volume(state, config, input_file, outputs, truth)
+            summary = predict_volume(state, config, input_file, outputs, truth, input_units)
             print(
                 f"{input_file}: lesion {summary['lesion_volume_ml']:.1f} mL in "
                 f"{summary['slices_with_lesion']}/{summary['num_slices']} slices -> {outputs['mask']}",
