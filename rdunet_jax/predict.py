@@ -4,11 +4,13 @@
 `PATH`: a NIfTI volume (`.nii`, `.nii.gz`), a PNG/JPEG slice, or a folder of either. Preprocessing is the
 training preprocessing (`input_pipeline.preprocess`: NIfTI slices are Hounsfield units windowed by
 `data.hu_window`, images are divided by 255), and probabilities are resized back to the input's size
-(bilinear) before thresholding at `eval.threshold`.
+(bilinear) before thresholding at `eval.threshold`. A volume whose values do not look like Hounsfield
+units is refused unless `input_units` is 'display' (`display_scale`). A volume is turned from its affine
+so that its axial slices face the way the model's training slices did (`data.orientation`, see
+orientation.py), and its mask is turned back; images carry no geometry and are read as they are.
 
 Outputs, for an input named `<stem>`:
-- NIfTI: `<stem>_mask.nii[.gz]` with the input's exact shape, affine and axis order (slice k of the
-  mask is predicted from `volume[:, :, k]`, the axial slice the `nifti` dataset trains on), values
+- NIfTI: `<stem>_mask.nii[.gz]` with the input's exact shape, affine and voxel order, values
   {0, 1}; `<stem>_summary.json` (lesion volume in mL, fraction of slices with lesion); and
   `<stem>_overlays/` with the slices of largest predicted lesion drawn as in the paper's Figure 5.
 - Image: `<stem>_mask.png` ({0, 255}, the input's size) and `<stem>_overlay.png`.
@@ -35,7 +37,7 @@ import zlib
 import jax
 import numpy as np
 
-from rdunet_jax import evaluate, input_pipeline, metrics, visualize
+from rdunet_jax import evaluate, input_pipeline, metrics, orientation, visualize
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -324,43 +326,94 @@ def display_slice(hu_or_display: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(hu_or_display * scale), 0, 255).astype(np.uint8)
 
 
-def to_display(array: np.ndarray) -> np.ndarray:
-    """An (x, y) slice turned for viewing: rows top to bottom along y, columns along x (radiological view
-    of a RAS volume)."""
-    return np.rot90(array)
+class VolumeSlices:
+    """The slices of a volume (and of its expert mask) as the model is to see them, and the way back.
+
+    When the stored slices are the model's slices turned in plane (`layout.per_slice`: the stored third
+    axis is the one nearest superior-inferior), each is read, turned and, once predicted, turned back and
+    written on its own, in bounded memory; otherwise the whole volume is read and turned at once."""
+
+    def __init__(self, image, truth, input_file, ground_truth, layout: orientation.VolumeLayout):
+        self.image, self.truth, self.input_file, self.ground_truth = image, truth, input_file, ground_truth
+        self.layout = layout
+        self.turned = self.turned_truth = None
+        if not layout.per_slice:
+            self.turned = orientation.turn(self._whole(image, input_file), layout.to_model)
+            if truth is not None:
+                self.turned_truth = orientation.turn(self._whole(truth, ground_truth), layout.to_model)
+
+    @staticmethod
+    def _whole(image, path):
+        return np.stack([volume_slice(image, index, path) for index in range(image.shape[2])], axis=2)
+
+    @property
+    def num_slices(self) -> int:
+        return self.image.shape[2] if self.turned is None else self.turned.shape[2]
+
+    def image_slice(self, index: int) -> np.ndarray:
+        if self.turned is not None:
+            return self.turned[:, :, index]
+        return self.layout.slice_to_model(volume_slice(self.image, index, self.input_file))
+
+    def truth_slice(self, index: int) -> np.ndarray:
+        if self.turned_truth is not None:
+            return self.turned_truth[:, :, index]
+        return self.layout.slice_to_model(volume_slice(self.truth, index, self.ground_truth))
+
+    @contextlib.contextmanager
+    def mask_writer(self, path: pathlib.Path):
+        """Yields `write(index, model-layout mask slice)`; the mask file gets the stored voxel order."""
+        with nifti_mask_writer(path, self.image.header, self.image.shape) as write_stored:
+            if self.turned is None:
+                yield lambda index, mask: write_stored(self.layout.slice_from_model(mask))
+                return
+            masks = np.zeros(self.turned.shape, np.uint8)
+
+            def collect(index, mask):
+                masks[:, :, index] = mask
+
+            yield collect
+            stored = orientation.turn(masks, self.layout.from_model)
+            for index in range(stored.shape[2]):
+                write_stored(stored[:, :, index])
 
 
 def predict_volume(
     state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None, input_units: str = "hu"
 ) -> dict:
-    """Segments one NIfTI volume slice by slice and writes its mask, summary and overlays."""
+    """Segments one NIfTI volume slice by slice, turned to the model's orientation (`data.orientation`),
+    and writes its mask (in the input's voxel order), summary and overlays."""
     image, truth = open_volume_pair(input_file, ground_truth)
     # Checked again by verify_inputs before anything was written; here it also gives the display scale.
     scale = display_scale(image, input_file, input_units)
-    shape, num_slices = image.shape, image.shape[2]
+    model_orientation = orientation.model_orientation(config.data)
+    slices = VolumeSlices(
+        image, truth, input_file, ground_truth, orientation.volume_layout(image.affine, model_orientation)
+    )
+    shape, num_slices = image.shape, slices.num_slices
     threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
     num_overlays = int(config.eval.num_overlays)
     dummy_mask = np.zeros((config.data.image_size,) * 2, np.uint8)
 
     def examples():
         for index in range(num_slices):
-            hu_slice = volume_slice(image, index, input_file)
+            hu_slice = slices.image_slice(index)
             if scale is not None:
                 hu_slice = display_slice(hu_slice, scale)
             yield (index, hu_slice), {"image": hu_slice, "mask": dummy_mask}
 
     lesion_voxels, slices_with_lesion, counts = 0, 0, np.zeros(3, np.int64)
     largest = []  # a min-heap of (lesion pixels, -index, ...): the slices to draw
-    with nifti_mask_writer(outputs["mask"], image.header, shape) as write:
+    with slices.mask_writer(outputs["mask"]) as write:
         for (index, hu_slice), probabilities in predict_stream(state, config, examples()):
             mask = mask_at_input_size(probabilities, hu_slice.shape, threshold)
-            write(mask)
+            write(index, mask)
             pixels = int(mask.sum())
             lesion_voxels += pixels
             slices_with_lesion += pixels > 0
             target = None
             if truth is not None:
-                labels = np.rint(volume_slice(truth, index, ground_truth))
+                labels = np.rint(slices.truth_slice(index))
                 target = np.isin(labels, readers.NIFTI_LESION_LABELS)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
@@ -371,7 +424,7 @@ def predict_volume(
                     shown = hu_slice.astype(np.float32) / 255.0
                 entry = (pixels, -index, shown, mask, target)
                 (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
-    write_volume_overlays(outputs["overlays"], largest)
+    write_volume_overlays(outputs["overlays"], largest, model_orientation)
     zooms = [float(value) for value in image.header.get_zooms()[:3]]
     voxel_ml = float(np.prod(zooms)) / 1000.0  # mm^3 -> mL
     summary = {
@@ -385,6 +438,7 @@ def predict_volume(
         "slices_with_lesion": int(slices_with_lesion),
         "fraction_slices_with_lesion": slices_with_lesion / num_slices,
         "input_units": input_units,
+        "orientation": model_orientation,
         **prediction_settings(config, state),
     }
     if truth is not None:
@@ -395,15 +449,18 @@ def predict_volume(
     return summary
 
 
-def write_volume_overlays(folder: pathlib.Path, largest: list) -> None:
-    """Writes `slice_NNNN.png` overlays of the kept slices (the folder exists even when none has lesion)."""
+def write_volume_overlays(folder: pathlib.Path, largest: list, model_orientation: str) -> None:
+    """Writes `slice_NNNN.png` overlays of the kept slices, in radiological display (the folder exists
+    even when none has lesion); NNNN counts the model's slices."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("slice_*.png"):
         old.unlink()
+
+    def shown(array):
+        return orientation.to_display(array, model_orientation)
+
     for _, negative_index, display, mask, target in sorted(largest, key=lambda entry: -entry[1]):
-        rgb = visualize.overlay_image(
-            to_display(display), to_display(mask), None if target is None else to_display(target)
-        )
+        rgb = visualize.overlay_image(shown(display), shown(mask), None if target is None else shown(target))
         visualize.write_png(folder / f"slice_{-negative_index:04d}.png", rgb)
 
 

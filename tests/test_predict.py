@@ -75,7 +75,8 @@ def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypat
     overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
     assert [path.name for path in overlays] == [f"slice_{i:04d}.png" for i in (1, 2, 3, 4)]  # largest 4
     with Image.open(overlays[0]) as picture:
-        assert picture.mode == "RGB" and picture.size == (45, 37)  # rotated for viewing
+        # Radiological display: AFFINE's voxel axis 0 (45) runs anterior-posterior, so it gives the rows.
+        assert picture.mode == "RGB" and picture.size == (37, 45)
 
 
 def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state, tmp_path):
