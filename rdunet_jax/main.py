@@ -27,7 +27,9 @@ flags.DEFINE_enum(
     "Train (then evaluate), only evaluate, predict, or export the checkpoint to ONNX.",
 )
 flags.DEFINE_integer("checkpoint_step", None, "Evaluate or predict with this checkpoint step, not the best.")
-flags.DEFINE_string("input", None, "predict: a NIfTI volume, a PNG/JPEG slice, or a folder of either.")
+flags.DEFINE_string(
+    "input", None, "predict: a NIfTI volume, a PNG/JPEG slice, a folder of either, or a DICOM series folder."
+)
 flags.DEFINE_string(
     "output", None, "predict: the folder for masks, summaries and overlays; export: the .onnx file."
 )
@@ -41,6 +43,11 @@ flags.DEFINE_enum(
     ["hu", "display"],
     "predict: how volumes hold their values: CT in Hounsfield units (checked: refused without air near "
     "-1000), or display-windowed images in [0, 255] or [0, 1], read as the PNG datasets are.",
+)
+flags.DEFINE_string(
+    "series",
+    None,
+    "predict: the SeriesInstanceUID to read when the --input folder holds several DICOM series.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -104,6 +111,7 @@ def run(argv) -> None:
             checkpoint_step=FLAGS.checkpoint_step,
             ground_truth=FLAGS.ground_truth,
             input_units=FLAGS.input_units,
+            series=FLAGS.series,
         )
 
 

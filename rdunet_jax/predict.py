@@ -66,7 +66,9 @@ HU_AIR_PERCENTILE = 1.0
 
 
 def input_kind(path: pathlib.Path) -> str | None:
-    """'nifti', 'image', or None for a file this mode does not read."""
+    """'nifti', 'image', 'dicom' (a folder: one series), or None for a file this mode does not read."""
+    if path.is_dir():
+        return "dicom"
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -76,8 +78,10 @@ def input_kind(path: pathlib.Path) -> str | None:
 
 
 def stem(path: pathlib.Path) -> str:
-    """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`."""
+    """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`; a folder's name."""
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -89,9 +93,13 @@ def list_inputs(input_path) -> list[pathlib.Path]:
     input_path = pathlib.Path(input_path)
     if input_path.is_dir():
         files = sorted(path for path in input_path.iterdir() if path.is_file() and input_kind(path))
-        if not files:
-            raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg or .jpeg file")
-        return files
+        if files:
+            return files
+        from rdunet_jax import dicom
+
+        if dicom.dicom_files(input_path):
+            return [input_path]
+        raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file")
     if not input_path.exists():
         raise UserError(f"--input: {input_path} does not exist")
     if input_kind(input_path) is None:
@@ -102,8 +110,8 @@ def list_inputs(input_path) -> list[pathlib.Path]:
 def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     """Where the outputs of one input go."""
     name = stem(input_file)
-    if input_kind(input_file) == "nifti":
-        suffix = ".nii.gz" if input_file.name.lower().endswith(".nii.gz") else ".nii"
+    if input_kind(input_file) in ("nifti", "dicom"):
+        suffix = ".nii" if input_file.name.lower().endswith(".nii") else ".nii.gz"
         return {
             "mask": output_dir / f"{name}_mask{suffix}",
             "summary": output_dir / f"{name}_summary.json",
@@ -161,6 +169,8 @@ def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool)
     the same name in the `ground_truth` folder (None when absent)."""
     if ground_truth is None:
         return None
+    if input_kind(input_file) == "dicom":
+        raise UserError(f"--ground_truth: not read for a DICOM series ({input_file})")
     ground_truth = pathlib.Path(ground_truth)
     if ground_truth.is_dir():
         candidate = ground_truth / input_file.name
@@ -267,8 +277,13 @@ def open_volume(path: pathlib.Path, keep_file_open: bool = True):
     return image
 
 
-def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True):
-    """(volume, expert mask volume or None), checked to have the same shape."""
+def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True, series=None):
+    """(volume, expert mask volume or None), checked to have the same shape; a folder is a DICOM series
+    (`series`: its SeriesInstanceUID, needed when the folder holds several)."""
+    if input_kind(input_file) == "dicom":
+        from rdunet_jax import dicom
+
+        return dicom.open_series(input_file, series), None
     image = open_volume(input_file, keep_file_open)
     truth = open_volume(ground_truth, keep_file_open) if ground_truth else None
     if truth is not None and truth.shape != image.shape:
@@ -379,11 +394,17 @@ class VolumeSlices:
 
 
 def predict_volume(
-    state, config, input_file: pathlib.Path, outputs: dict, ground_truth=None, input_units: str = "hu"
+    state,
+    config,
+    input_file: pathlib.Path,
+    outputs: dict,
+    ground_truth=None,
+    input_units: str = "hu",
+    series: str | None = None,
 ) -> dict:
     """Segments one NIfTI volume slice by slice, turned to the model's orientation (`data.orientation`),
     and writes its mask (in the input's voxel order), summary and overlays."""
-    image, truth = open_volume_pair(input_file, ground_truth)
+    image, truth = open_volume_pair(input_file, ground_truth, series=series)
     # Checked again by verify_inputs before anything was written; here it also gives the display scale.
     scale = display_scale(image, input_file, input_units)
     model_orientation = orientation.model_orientation(config.data)
@@ -441,6 +462,9 @@ def predict_volume(
         "orientation": model_orientation,
         **prediction_settings(config, state),
     }
+    geometry = getattr(image, "dicom_geometry", None)
+    if geometry is not None:
+        summary["series_uid"] = str(geometry.files[0][1].SeriesInstanceUID)
     if truth is not None:
         tp, fp, fn = (int(count) for count in counts)
         summary["ground_truth"] = str(ground_truth)
@@ -502,14 +526,18 @@ def predict_images(state, config, jobs: list[tuple]) -> None:
 # --- The command -----------------------------------------------------------------------------------------
 
 
-def verify_inputs(jobs: list[tuple], input_units: str = "hu") -> None:
+def verify_inputs(jobs: list[tuple], input_units: str = "hu", series: str | None = None) -> None:
     """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
     shape, (uncompressed) length and the units of a few slices) and checks their sizes agree, so a bad
     file fails before any output is written."""
     for input_file, _, ground_truth in jobs:
-        if input_kind(input_file) == "nifti":
-            image, _ = open_volume_pair(input_file, ground_truth, keep_file_open=False)
+        if input_kind(input_file) in ("nifti", "dicom"):
+            image, _ = open_volume_pair(input_file, ground_truth, keep_file_open=False, series=series)
             display_scale(image, input_file, input_units)
+            if hasattr(image, "dicom_geometry"):
+                from rdunet_jax import dicom
+
+                dicom.print_warnings(image.dicom_geometry)
         else:
             image = readers.read_grayscale_image(input_file)
             if ground_truth is not None:
@@ -527,16 +555,20 @@ def predict_path(
     ground_truth=None,
     state=None,
     input_units: str = "hu",
+    series: str | None = None,
 ) -> list[dict]:
     """Segments `input_path` (a file or a folder) with a checkpoint of `workdir` into `output_dir`;
     returns the summaries of the NIfTI volumes. Outputs, inputs and the checkpoint are checked before
     anything is written; on failure, output folders this call created and left empty are removed.
-    `input_units` says how volumes hold their values (INPUT_UNITS; images are always display)."""
+    `input_units` says how volumes hold their values (INPUT_UNITS; images are always display); a folder
+    without NIfTI or image files is a DICOM series (`series`: the SeriesInstanceUID to read)."""
     if not input_path or not output_dir:
         raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
     if input_units not in INPUT_UNITS:
         raise UserError(f"--input_units: {input_units!r} is not one of {list(INPUT_UNITS)}")
     inputs = list_inputs(input_path)
+    if series and not any(input_kind(input_file) == "dicom" for input_file in inputs):
+        raise UserError(f"--series: {input_path} is not a folder of DICOM files")
     output_dir = pathlib.Path(output_dir)
     check_output_folder(output_dir)
     check_outputs_free(inputs, output_dir, overwrite)
@@ -547,21 +579,23 @@ def predict_path(
     ]
     if state is None:
         state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    verify_inputs(jobs, input_units)
+    verify_inputs(jobs, input_units, series)
     state = evaluate.with_runtime(config, state)
     created = missing_folders(output_dir)
     try:
-        return _predict_jobs(state, config, jobs, output_dir, input_units)
+        return _predict_jobs(state, config, jobs, output_dir, input_units, series)
     except BaseException:
         remove_empty_folders(created)
         raise
 
 
-def _predict_jobs(state, config, jobs: list[tuple], output_dir: pathlib.Path, input_units: str) -> list[dict]:
+def _predict_jobs(
+    state, config, jobs: list[tuple], output_dir: pathlib.Path, input_units: str, series: str | None
+) -> list[dict]:
     summaries, image_jobs = [], []
     for input_file, outputs, truth in jobs:
-        if input_kind(input_file) == "nifti":
-            summary = predict_volume(state, config, input_file, outputs, truth, input_units)
+        if input_kind(input_file) in ("nifti", "dicom"):
+            summary = predict_volume(state, config, input_file, outputs, truth, input_units, series)
             print(
                 f"{input_file}: lesion {summary['lesion_volume_ml']:.1f} mL in "
                 f"{summary['slices_with_lesion']}/{summary['num_slices']} slices -> {outputs['mask']}",
