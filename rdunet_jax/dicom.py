@@ -272,3 +272,62 @@ def open_series(folder: pathlib.Path, series_uid: str | None = None):
 def print_warnings(geometry: SeriesGeometry) -> None:
     for warning in geometry.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+SEGMENT_LABEL = "COVID-19 lesion"
+
+
+def segmentation_writer():
+    """highdicom, or a UserError naming the extra (checked before anything of a series is written)."""
+    try:
+        import highdicom
+    except ImportError:
+        raise UserError(
+            f"--input: writing DICOM SEG needs highdicom, not installed: {INSTALL_HINT}"
+        ) from None
+    return highdicom
+
+
+def write_segmentation(
+    path: pathlib.Path, geometry: SeriesGeometry, mask_volume: np.ndarray, step: int
+) -> None:
+    """Writes the (column, row, slice) {0, 1} mask as a binary DICOM SEG of the series (highdicom): one
+    segment, SEGMENT_LABEL, each frame referencing its source image; written to a temporary name and
+    renamed."""
+    highdicom = segmentation_writer()
+    from pydicom.sr.codedict import codes
+
+    from rdunet_jax.files import atomic_path
+
+    algorithm = highdicom.AlgorithmIdentificationSequence(
+        name="rdunet_jax Residual Dilated U-net",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=str(step),
+    )
+    segment = highdicom.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    sources = [header for _, header in geometry.files]
+    frames = np.ascontiguousarray(np.transpose(mask_volume, (2, 1, 0)), dtype=np.uint8)  # (slice, row, col)
+    segmentation = highdicom.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=highdicom.UID(),
+        series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+        manufacturer="rdunet_jax",
+        manufacturer_model_name="Residual Dilated U-net",
+        software_versions=str(step),
+        device_serial_number="0",
+        series_description=f"{SEGMENT_LABEL} (rdunet_jax)",
+    )
+    with atomic_path(path) as temporary:
+        segmentation.save_as(temporary)

@@ -112,11 +112,14 @@ def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str
     name = stem(input_file)
     if input_kind(input_file) in ("nifti", "dicom"):
         suffix = ".nii" if input_file.name.lower().endswith(".nii") else ".nii.gz"
-        return {
+        outputs = {
             "mask": output_dir / f"{name}_mask{suffix}",
             "summary": output_dir / f"{name}_summary.json",
             "overlays": output_dir / f"{name}_overlays",
         }
+        if input_kind(input_file) == "dicom":
+            outputs["segmentation"] = output_dir / f"{name}_seg.dcm"
+        return outputs
     return {"mask": output_dir / f"{name}_mask.png", "overlay": output_dir / f"{name}_overlay.png"}
 
 
@@ -464,7 +467,15 @@ def predict_volume(
     }
     geometry = getattr(image, "dicom_geometry", None)
     if geometry is not None:
+        import nibabel
+
+        from rdunet_jax import dicom
+
+        # The mask just written, read back whole: a SEG is encoded from all its frames at once.
+        mask_volume = np.asarray(nibabel.load(outputs["mask"]).dataobj)
+        dicom.write_segmentation(outputs["segmentation"], geometry, mask_volume, int(state.step))
         summary["series_uid"] = str(geometry.files[0][1].SeriesInstanceUID)
+        summary["segmentation"] = str(outputs["segmentation"])
     if truth is not None:
         tp, fp, fn = (int(count) for count in counts)
         summary["ground_truth"] = str(ground_truth)
@@ -537,6 +548,7 @@ def verify_inputs(jobs: list[tuple], input_units: str = "hu", series: str | None
             if hasattr(image, "dicom_geometry"):
                 from rdunet_jax import dicom
 
+                dicom.segmentation_writer()
                 dicom.print_warnings(image.dicom_geometry)
         else:
             image = readers.read_grayscale_image(input_file)

@@ -244,6 +244,14 @@ def test_a_series_that_cannot_be_read_is_one_line_naming_the_file_and_nothing_is
     assert not (tmp_path / "out").exists()
 
 
+def test_without_highdicom_a_series_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    write_series(tmp_path / "series", _phantom_hu())
+    monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
+    with pytest.raises(UserError, match=r"^--input: writing DICOM SEG needs highdicom, not installed"):
+        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypatch):
     write_series(tmp_path / "series", _phantom_hu())
     monkeypatch.setitem(__import__("sys").modules, "pydicom", None)  # `import pydicom` raises ImportError
@@ -252,3 +260,42 @@ def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypa
         match=r'^--input: reading DICOM needs pydicom, not installed: pip install -e "\.\[dicom\]"$',
     ):
         predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+
+
+# --- DICOM SEG out ----------------------------------------------------------------------------------------
+
+
+def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_path, monkeypatch):
+    import highdicom
+
+    _stand_in_model(monkeypatch)
+    volume = _phantom_hu()
+    series_uid = write_series(tmp_path / "series", volume, order=[2, 0, 3, 1])
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub()
+    )
+    mask = np.asarray(nibabel.load(tmp_path / "out" / "series_mask.nii.gz").dataobj)  # (column, row, slice)
+    assert 0 < mask.mean() < 1
+    assert summary["segmentation"] == str(tmp_path / "out" / "series_seg.dcm")
+
+    segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
+    assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert segmentation.StudyInstanceUID == STUDY_UID and segmentation.FrameOfReferenceUID == FRAME_UID
+    (segment,) = segmentation.SegmentSequence
+    assert (
+        segment.SegmentLabel == "COVID-19 lesion"
+        and segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    )
+    # Each source image, found by its own position (not the file order), gets the frame of its slice.
+    sources = {}
+    for path in (tmp_path / "series").iterdir():
+        data = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[data.SOPInstanceUID] = round((float(data.ImagePositionPatient[2]) + 200.0) / 2.5)
+    uids = sorted(sources)
+    frames = segmentation.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True
+    )[..., 0]
+    for uid, frame in zip(uids, frames, strict=True):
+        np.testing.assert_array_equal(frame, mask[:, :, sources[uid]].T)
+    # And the mask is the stand-in model's: the phantom's bright box, where each slice put it.
+    np.testing.assert_array_equal(mask.transpose(1, 0, 2), (volume > 0).astype(np.uint8))
