@@ -69,14 +69,16 @@ def read_header(path: pathlib.Path):
 
 
 def find_series(folder: pathlib.Path) -> dict[str, list[tuple[pathlib.Path, object]]]:
-    """{SeriesInstanceUID: [(file, header), ...]} of the DICOM files under `folder`."""
+    """{SeriesInstanceUID: [(file, header), ...]} of the DICOM files under `folder` (files of no series,
+    such as a DICOMDIR, are left out)."""
     series = {}
     for path in dicom_files(folder):
         header = read_header(path)
         uid = str(header.get("SeriesInstanceUID", ""))
-        series.setdefault(uid, []).append((path, header))
+        if uid:
+            series.setdefault(uid, []).append((path, header))
     if not series:
-        raise UserError(f"--input: {folder} holds no DICOM file")
+        raise UserError(f"--input: {folder} holds no DICOM series")
     return series
 
 

@@ -154,10 +154,23 @@ def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, t
 # --- Refusals and warnings --------------------------------------------------------------------------------
 
 
+def _directory_file(path):
+    """A DICOMDIR-like file: DICOM, but of no series."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = Dataset()
+    data.file_meta = meta
+    data.FileSetID = "TEST"
+    data.save_as(path, enforce_file_format=True)
+
+
 def test_several_series_need_one_chosen(tmp_path, monkeypatch):
     _stand_in_model(monkeypatch)
     first = write_series(tmp_path / "study" / "a", _phantom_hu())
     second = write_series(tmp_path / "study" / "b", _phantom_hu((40, 48, 3)))
+    _directory_file(tmp_path / "study" / "DICOMDIR")  # not a third series
     with pytest.raises(UserError, match="holds 2 DICOM series, choose one with --series") as error:
         predict.predict_path(make_tiny_config(), None, tmp_path / "study", tmp_path / "out", state=_Stub())
     assert first in str(error.value) and second in str(error.value) and "\n" not in str(error.value)
