@@ -9,7 +9,7 @@ import importlib.util
 
 import ml_collections
 
-from rdunet_jax import input_pipeline, losses, models
+from rdunet_jax import input_pipeline, losses, models, orientation
 from rdunet_jax.errors import UserError
 
 # The paper's model family, by name: each entry is a set of `model.*` overrides.
@@ -115,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.cv_seed = 0
     # Hounsfield-unit window (lower, upper) mapped to [0, 1] for nifti slices: the lung window W1500/L-600.
     config.data.hu_window = input_pipeline.LUNG_WINDOW
+    # The in-plane orientation of the training slices, two letters for the patient directions in which
+    # rows and columns increase ('PL': radiological display); prediction turns every volume this way
+    # from its affine. 'auto' (also what a config without the key means): the dataset's own orientation
+    # (orientation.DATASET_ORIENTATIONS); 'voxel': volumes in their stored voxel order, unturned.
+    config.data.orientation = orientation.AUTO
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -371,6 +376,13 @@ def _check_data_splits(config) -> None:
         ),
         "(lower, upper) Hounsfield units with lower < upper",
     )
+    if "orientation" in config.data:  # a config written before the key existed means 'auto'
+        _require(
+            config,
+            "data.orientation",
+            lambda value: value in orientation.ORIENTATION_CHOICES,
+            f"one of {list(orientation.ORIENTATION_CHOICES)}",
+        )
 
 
 def _check_cross_validation(config) -> None:

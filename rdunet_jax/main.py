@@ -27,13 +27,27 @@ flags.DEFINE_enum(
     "Train (then evaluate), only evaluate, predict, or export the checkpoint to ONNX.",
 )
 flags.DEFINE_integer("checkpoint_step", None, "Evaluate or predict with this checkpoint step, not the best.")
-flags.DEFINE_string("input", None, "predict: a NIfTI volume, a PNG/JPEG slice, or a folder of either.")
+flags.DEFINE_string(
+    "input", None, "predict: a NIfTI volume, a PNG/JPEG slice, a folder of either, or a DICOM series folder."
+)
 flags.DEFINE_string(
     "output", None, "predict: the folder for masks, summaries and overlays; export: the .onnx file."
 )
 flags.DEFINE_bool("overwrite", False, "predict, export: replace existing outputs (refused otherwise).")
 flags.DEFINE_string(
     "ground_truth", None, "predict: the expert mask (a file, or a folder of same-named files) for overlays."
+)
+flags.DEFINE_enum(
+    "input_units",
+    "hu",
+    ["hu", "display"],
+    "predict: how volumes hold their values: CT in Hounsfield units (checked: refused without air near "
+    "-1000), or display-windowed images in [0, 255] or [0, 1], read as the PNG datasets are.",
+)
+flags.DEFINE_string(
+    "series",
+    None,
+    "predict: the SeriesInstanceUID to read when the --input folder holds several DICOM series.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -96,6 +110,8 @@ def run(argv) -> None:
             overwrite=FLAGS.overwrite,
             checkpoint_step=FLAGS.checkpoint_step,
             ground_truth=FLAGS.ground_truth,
+            input_units=FLAGS.input_units,
+            series=FLAGS.series,
         )
 
 

@@ -75,7 +75,8 @@ def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypat
     overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
     assert [path.name for path in overlays] == [f"slice_{i:04d}.png" for i in (1, 2, 3, 4)]  # largest 4
     with Image.open(overlays[0]) as picture:
-        assert picture.mode == "RGB" and picture.size == (45, 37)  # rotated for viewing
+        # Radiological display: AFFINE's voxel axis 0 (45) runs anterior-posterior, so it gives the rows.
+        assert picture.mode == "RGB" and picture.size == (37, 45)
 
 
 def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state, tmp_path):
@@ -249,3 +250,100 @@ def test_bad_inputs_are_user_errors(tmp_path, input_name, message):
         predict.predict_path(
             make_tiny_config(), None, tmp_path / input_name, tmp_path / "out", state=object()
         )
+
+
+# --- Units: CT in Hounsfield units, or display-windowed images --------------------------------------------
+
+
+def _stand_in_model(monkeypatch):
+    """The model's probability is the preprocessed image itself, and no checkpoint is restored."""
+    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
+    monkeypatch.setattr(evaluate, "restore_for_evaluation", lambda *args, **kwargs: _Stub())
+
+
+def _display_volume(shape=(32, 32, 4)):
+    """Display intensities in [0, 255] (a windowed export), at the tiny model's size so no resize blurs."""
+    rng = np.random.default_rng(4)
+    return rng.integers(0, 256, shape).astype(np.float32)
+
+
+def test_a_volume_not_in_hounsfield_units_is_refused_by_the_command(tmp_path, monkeypatch, capsys):
+    from rdunet_jax import main
+
+    _stand_in_model(monkeypatch)
+    source = _save_nifti(tmp_path / "windowed.nii.gz", _display_volume() / 255.0)
+    argv = ["prog", "--config", "configs/demo.py:tiny", "--mode=predict", f"--input={source}"]
+    main.parse_flags([*argv, f"--output={tmp_path / 'out'}"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["prog"])
+    finally:
+        main.FLAGS.unparse_flags()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {source}: values do not look like CT in Hounsfield units")
+    assert "--input_units display" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", [255.0, 1.0])
+def test_display_units_read_a_volume_as_the_png_datasets_are(tmp_path, monkeypatch, scale):
+    _stand_in_model(monkeypatch)
+    display = _display_volume()
+    source = _save_nifti(tmp_path / "windowed.nii", display / 255.0 * scale)
+    config = make_tiny_config()
+    with pytest.raises(UserError, match="windowed.nii: values do not look like CT"):
+        predict.predict_path(config, None, source, tmp_path / "out")
+    (summary,) = predict.predict_path(config, None, source, tmp_path / "out", input_units="display")
+    mask = np.asarray(nibabel.load(tmp_path / "out" / "windowed_mask.nii").dataobj)
+    # The stand-in model's probability is the intensity over 255, as for a PNG slice.
+    np.testing.assert_array_equal(mask, (display / 255.0 >= config.eval.threshold).astype(np.uint8))
+    assert summary["input_units"] == "display"
+
+
+def test_display_units_refuse_values_outside_the_display_range(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    volume, _ = _volume((32, 32, 3))
+    source = _save_nifti(tmp_path / "ct.nii", volume)
+    with pytest.raises(UserError, match=r"^--input_units display: .*ct.nii holds values in \[-900, 100\]"):
+        predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", input_units="display")
+    assert not (tmp_path / "out").exists()
+
+
+def test_units_check_samples_few_slices_spanning_the_volume():
+    for num_slices in (1, 2, 9, 300):
+        indices = predict.sampled_slice_indices(num_slices)
+        assert indices[0] == 0 and indices[-1] == num_slices - 1
+        assert len(indices) == min(num_slices, predict.UNITS_SAMPLE_SLICES)
+
+
+@pytest.mark.real_data
+def test_a_real_slice_in_hounsfield_units_passes_and_its_display_export_is_refused(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    png = _real_data_root() / "covid19-ct-seg-2d" / "ct" / "0700.png"
+    display = np.asarray(Image.open(png).convert("L"), np.float32)
+    lower, upper = make_tiny_config().data.hu_window
+    hounsfield = display / 255.0 * (upper - lower) + lower  # back through the lung window
+    _save_nifti(tmp_path / "hu.nii", hounsfield[:, :, None])
+    _save_nifti(tmp_path / "display.nii", display[:, :, None])
+    config = make_tiny_config()
+    predict.predict_path(config, None, tmp_path / "hu.nii", tmp_path / "out")
+    with pytest.raises(UserError, match="display.nii: values do not look like CT"):
+        predict.predict_path(config, None, tmp_path / "display.nii", tmp_path / "out")
+    predict.predict_path(config, None, tmp_path / "display.nii", tmp_path / "out", input_units="display")
+    hu_mask = np.asarray(nibabel.load(tmp_path / "out" / "hu_mask.nii").dataobj)[:, :, 0]
+    display_mask = np.asarray(nibabel.load(tmp_path / "out" / "display_mask.nii").dataobj)[:, :, 0]
+    assert 0 < hu_mask.sum() < hu_mask.size
+    assert np.mean(hu_mask == display_mask) > 0.999  # the same image either way, up to float rounding
+
+
+def _real_data_root():
+    import os
+    import pathlib
+
+    default = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+    root = pathlib.Path(os.environ.get("RDUNET_DATA_ROOT", default))
+    if not (root / "covid19-ct-seg-2d").is_dir():
+        pytest.fail(f"real data not found at {root}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)")
+    return root

@@ -1,0 +1,314 @@
+"""DICOM CT series in: slices ordered by position (not file name or InstanceNumber), Hounsfield units from
+the rescale, the same mask in world coordinates as the NIfTI of the same volume, and one-line errors
+for folders and files that cannot be read as one CT series."""
+
+import nibabel
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+from test_orientation import (
+    CANONICAL_AFFINE,
+    EXACT_WINDOW,
+    _in_canonical_voxels,
+    _real_display_slices,
+)
+
+from rdunet_jax import evaluate, predict
+from rdunet_jax.errors import UserError
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid  # noqa: E402
+
+# Standard axial: along a row (columns) toward the patient's left, down a column (rows) toward posterior.
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+RESCALE_INTERCEPT = -1024.0
+STUDY_UID, FRAME_UID = generate_uid(), generate_uid()
+
+
+def _ct_file(path, pixels_hu, orientation, position, spacing, series_uid, instance, modality="CT"):
+    """One single-frame CT image: stored values = HU - RescaleIntercept (uint16), explicit VR LE."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = Dataset()
+    data.file_meta = meta
+    data.SOPClassUID, data.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    data.Modality, data.Manufacturer = modality, "test"
+    data.PatientName, data.PatientID, data.PatientBirthDate, data.PatientSex = "Test^Phantom", "P1", "", "O"
+    data.StudyInstanceUID, data.SeriesInstanceUID, data.FrameOfReferenceUID = STUDY_UID, series_uid, FRAME_UID
+    data.StudyID, data.StudyDate, data.StudyTime, data.AccessionNumber = "1", "20200101", "120000", ""
+    data.ReferringPhysicianName, data.SeriesNumber, data.InstanceNumber = "", 1, instance
+    data.SeriesDescription = f"series {series_uid[-6:]}"
+    data.ImageOrientationPatient = [float(value) for value in orientation]
+    data.ImagePositionPatient = [float(value) for value in position]
+    data.PixelSpacing, data.SliceThickness = [float(value) for value in spacing], 2.5
+    data.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    data.Rows, data.Columns = pixels_hu.shape
+    data.SamplesPerPixel, data.PhotometricInterpretation = 1, "MONOCHROME2"
+    data.BitsAllocated, data.BitsStored, data.HighBit, data.PixelRepresentation = 16, 16, 15, 0
+    data.RescaleIntercept, data.RescaleSlope, data.RescaleType = RESCALE_INTERCEPT, 1.0, "HU"
+    data.PixelData = np.asarray(pixels_hu - RESCALE_INTERCEPT, np.uint16).tobytes()
+    data.save_as(path, enforce_file_format=True)
+
+
+def write_series(
+    folder,
+    hu_slices,
+    orientation=AXIAL,
+    origin=(-100.0, -60.0, -200.0),
+    spacing=(0.8, 0.7),
+    step=2.5,
+    series_uid=None,
+    order=None,
+    modality="CT",
+):
+    """A CT series of the (rows, columns, n) pixel arrays in Hounsfield units, slice k at `origin` + k
+    `step` along the normal; files named and numbered in a shuffled `order` (default: reversed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    count = hu_slices.shape[2]
+    order = list(range(count))[::-1] if order is None else order
+    normal = np.cross(orientation[:3], orientation[3:])
+    for rank, index in enumerate(order):
+        position = np.asarray(origin) + index * step * normal
+        _ct_file(
+            folder / f"img{rank:03d}.dcm",
+            hu_slices[:, :, index],
+            orientation,
+            position,
+            spacing,
+            series_uid,
+            instance=(7 * rank) % count + 1,
+            modality=modality,
+        )
+    return series_uid
+
+
+def _stand_in_model(monkeypatch):
+    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
+
+
+class _Stub:
+    step = 1
+
+
+def _phantom_hu(shape=(40, 48, 4)):
+    """Air-filled lungs with a bright box that moves with the slice: HU, (rows, columns, slices)."""
+    volume = np.full(shape, -950.0, np.float32)
+    for index in range(shape[2]):
+        volume[5 + 3 * index : 20 + 3 * index, 4 : 18 + index, index] = 60.0
+    return volume
+
+
+# --- Reading a series -------------------------------------------------------------------------------------
+
+
+def test_a_series_is_ordered_by_position_and_read_in_hounsfield_units(tmp_path):
+    from rdunet_jax import dicom
+
+    volume = _phantom_hu()
+    write_series(tmp_path / "series", volume, order=[2, 0, 3, 1])
+    image = dicom.open_series(tmp_path / "series")
+    # Voxel order (column, row, slice): slice k is pixel array k transposed, slices by position.
+    assert image.shape == (48, 40, 4)
+    for index in range(4):
+        np.testing.assert_array_equal(np.asarray(image.dataobj[:, :, index]), volume[:, :, index].T)
+    # By hand: column i -> LPS x + 0.7 i (RAS -x), row j -> LPS y + 0.8 j (RAS -y), slice k -> z + 2.5 k.
+    expected = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
+    np.testing.assert_allclose(image.affine, expected, atol=1e-6)
+    assert image.header.get_zooms() == pytest.approx((0.7, 0.8, 2.5))
+
+
+@pytest.mark.real_data
+def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, tmp_path):
+    config = make_tiny_config(hu_window=EXACT_WINDOW)
+    config.eval.num_overlays = 0
+    canonical_hu = _real_display_slices().astype(np.float32) * 5 - 1000  # (P rows, L columns, S slices)
+    rows, columns, count = canonical_hu.shape
+    nibabel.save(nibabel.Nifti1Image(canonical_hu.astype(np.int16), CANONICAL_AFFINE), tmp_path / "ref.nii")
+    predict.predict_path(config, None, tmp_path / "ref.nii", tmp_path / "out", state=tiny_state)
+    reference = np.asarray(nibabel.load(tmp_path / "out" / "ref_mask.nii").dataobj)
+    assert 0 < reference.mean() < 1
+
+    # CANONICAL_AFFINE in DICOM terms: rows 0.8 mm toward P, columns 0.7 mm toward L, origin RAS
+    # (100, 60, -200) = LPS (-100, -60, -200).
+    write_series(tmp_path / "axial", canonical_hu, order=[1, 2, 0])
+    # The same slices as images whose rows run toward L and columns toward A: pixels[r, c] is the
+    # canonical voxel (rows - 1 - c, r), and pixel (0, 0) sits at the canonical voxel (rows - 1, 0).
+    turned = np.stack([canonical_hu[::-1, :, index].T for index in range(count)], axis=2)
+    corner = CANONICAL_AFFINE @ np.array([rows - 1, 0, 0, 1.0])
+    origin = (-corner[0], -corner[1], corner[2])
+    write_series(
+        tmp_path / "turned", turned, orientation=(0, -1, 0, 1, 0, 0), origin=origin, spacing=(0.7, 0.8)
+    )
+    for name in ("axial", "turned"):
+        (summary,) = predict.predict_path(config, None, tmp_path / name, tmp_path / "out", state=tiny_state)
+        written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii.gz")
+        mask = _in_canonical_voxels(np.asarray(written.dataobj), written.affine, canonical_hu.shape)
+        np.testing.assert_array_equal(mask, reference, err_msg=name)
+        assert summary["series_uid"] and (tmp_path / "out" / f"{name}_summary.json").exists()
+
+
+# --- Refusals and warnings --------------------------------------------------------------------------------
+
+
+def _directory_file(path):
+    """A DICOMDIR-like file: DICOM, but of no series."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = Dataset()
+    data.file_meta = meta
+    data.FileSetID = "TEST"
+    data.save_as(path, enforce_file_format=True)
+
+
+def test_several_series_need_one_chosen(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    first = write_series(tmp_path / "study" / "a", _phantom_hu())
+    second = write_series(tmp_path / "study" / "b", _phantom_hu((40, 48, 3)))
+    _directory_file(tmp_path / "study" / "DICOMDIR")  # not a third series
+    with pytest.raises(UserError, match="holds 2 DICOM series, choose one with --series") as error:
+        predict.predict_path(make_tiny_config(), None, tmp_path / "study", tmp_path / "out", state=_Stub())
+    assert first in str(error.value) and second in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, tmp_path / "study", tmp_path / "out", state=_Stub(), series=second
+    )
+    assert summary["series_uid"] == second and summary["num_slices"] == 3
+
+
+def test_a_missing_slice_is_warned_and_the_series_still_read(tmp_path, monkeypatch, capsys):
+    _stand_in_model(monkeypatch)
+    volume = _phantom_hu((40, 48, 5))
+    write_series(tmp_path / "gap", volume, order=[0, 1, 2, 3, 4])
+    (tmp_path / "gap" / "img003.dcm").unlink()  # the slice at index 3
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, tmp_path / "gap", tmp_path / "out", state=_Stub()
+    )
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "img004.dcm: 5 mm from img002.dcm" in warnings[0]
+    assert "1 missing slice" in warnings[0]
+    assert summary["num_slices"] == 4
+
+
+def _mixed_orientation(folder):
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img002.dcm")
+    data.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    data.save_as(folder / "img002.dcm")
+
+
+def _not_ct(folder):
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img001.dcm")
+    data.Modality = "MR"
+    data.save_as(folder / "img001.dcm")
+
+
+def _truncated(folder):
+    write_series(folder, _phantom_hu())
+    path = folder / "img002.dcm"
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def _compressed(folder):
+    from pydicom.encaps import encapsulate
+
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img000.dcm")
+    data.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    data.PixelData = encapsulate([b"\xff\xd8\xff\xc3 not decoded \xff\xd9"])
+    data.save_as(folder / "img000.dcm")
+
+
+def _without_rescale(folder):
+    write_series(folder, _phantom_hu())
+    for path in sorted(folder.iterdir()):
+        data = pydicom.dcmread(path)
+        del data.RescaleIntercept, data.RescaleSlope
+        data.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "break_series, message",
+    [
+        (_mixed_orientation, r"img002.dcm: ImageOrientationPatient .* \(mixed orientations in one series\)"),
+        (_not_ct, "img001.dcm: modality MR, not CT"),
+        (_truncated, r"img002.dcm: truncated DICOM file \(\d+ bytes, its pixel data end at \d+\)"),
+        (
+            _compressed,
+            r"img000.dcm: pixel data compressed as JPEG Lossless.*; install a decoder: .*pylibjpeg",
+        ),
+        (_without_rescale, "series: values do not look like CT in Hounsfield units"),
+    ],
+)
+def test_a_series_that_cannot_be_read_is_one_line_naming_the_file_and_nothing_is_written(
+    tmp_path, monkeypatch, break_series, message
+):
+    _stand_in_model(monkeypatch)
+    break_series(tmp_path / "series")
+    with pytest.raises(UserError, match=message) as error:
+        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_highdicom_a_series_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    write_series(tmp_path / "series", _phantom_hu())
+    monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
+    with pytest.raises(UserError, match=r"^--input: writing DICOM SEG needs highdicom, not installed"):
+        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    write_series(tmp_path / "series", _phantom_hu())
+    monkeypatch.setitem(__import__("sys").modules, "pydicom", None)  # `import pydicom` raises ImportError
+    with pytest.raises(
+        UserError,
+        match=r'^--input: reading DICOM needs pydicom, not installed: pip install -e "\.\[dicom\]"$',
+    ):
+        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+
+
+# --- DICOM SEG out ----------------------------------------------------------------------------------------
+
+
+def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_path, monkeypatch):
+    import highdicom
+
+    _stand_in_model(monkeypatch)
+    volume = _phantom_hu()
+    series_uid = write_series(tmp_path / "series", volume, order=[2, 0, 3, 1])
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub()
+    )
+    mask = np.asarray(nibabel.load(tmp_path / "out" / "series_mask.nii.gz").dataobj)  # (column, row, slice)
+    assert 0 < mask.mean() < 1
+    assert summary["segmentation"] == str(tmp_path / "out" / "series_seg.dcm")
+
+    segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
+    assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert segmentation.StudyInstanceUID == STUDY_UID and segmentation.FrameOfReferenceUID == FRAME_UID
+    (segment,) = segmentation.SegmentSequence
+    assert (
+        segment.SegmentLabel == "COVID-19 lesion"
+        and segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    )
+    # Each source image, found by its own position (not the file order), gets the frame of its slice.
+    sources = {}
+    for path in (tmp_path / "series").iterdir():
+        data = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[data.SOPInstanceUID] = round((float(data.ImagePositionPatient[2]) + 200.0) / 2.5)
+    uids = sorted(sources)
+    frames = segmentation.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True
+    )[..., 0]
+    for uid, frame in zip(uids, frames, strict=True):
+        np.testing.assert_array_equal(frame, mask[:, :, sources[uid]].T)
+    # And the mask is the stand-in model's: the phantom's bright box, where each slice put it.
+    np.testing.assert_array_equal(mask.transpose(1, 0, 2), (volume > 0).astype(np.uint8))

@@ -1,0 +1,198 @@
+"""In-plane orientation: the PNG releases' orientation read from the anatomy of real slices, the config
+key, and NIfTI prediction that gives one mask in world coordinates whatever the volume's voxel order."""
+
+import os
+import pathlib
+
+import ml_collections
+import nibabel
+import numpy as np
+import pytest
+from conftest import make_tiny_config
+from nibabel import orientations as nib_orientations
+from PIL import Image
+
+from rdunet_jax import config_lib, evaluate, input_pipeline, orientation, predict
+from rdunet_jax.errors import UserError
+
+DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _data_root() -> pathlib.Path:
+    root = pathlib.Path(os.environ.get("RDUNET_DATA_ROOT", DEFAULT_DATA_ROOT))
+    if not (root / "covid19-ct-seg-2d").is_dir() or not (root / "covid-semiseg").is_dir():
+        pytest.fail(f"real data not found at {root}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)")
+    return root
+
+
+def _grayscale(path) -> np.ndarray:
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("L"), np.float32)
+
+
+def _bone_below_centre(display: np.ndarray, rows: slice, columns: slice) -> bool:
+    """Whether the brightest 2% of a slice (bone, the table) in the central column band lie mostly in the
+    lower half of `rows`: in radiological display the vertebral body and the table are posterior, below."""
+    band = display[rows, columns]
+    bright_rows = np.nonzero(band >= np.percentile(display[rows], 98))[0]
+    return bool(np.mean(bright_rows > band.shape[0] / 2) > 0.5)
+
+
+# --- The PNG releases, from their anatomy --------------------------------------------------------------
+
+
+@pytest.mark.real_data
+def test_ma2020_slices_turned_to_display_have_the_spine_below_and_the_larger_right_lung_on_the_left():
+    ct_folder = _data_root() / "covid19-ct-seg-2d"
+    source = orientation.DATASET_ORIENTATIONS["ma2020_2d"]
+    spine_below, right_lung_on_left = [], []
+    # The coronacases volumes (the first ~1250 slices); many later Radiopaedia slices are flipped.
+    for index in range(0, 1250, 20):
+        display = orientation.to_display(_grayscale(ct_folder / "ct" / f"{index:04d}.png"), source)
+        lungs = orientation.to_display(_grayscale(ct_folder / "lungs" / f"{index:04d}.png") > 127, source)
+        lung_rows, lung_columns = np.nonzero(lungs)
+        top, bottom = lung_rows.min(), lung_rows.max() + 1
+        left, right = lung_columns.min(), lung_columns.max() + 1
+        width = right - left
+        centre_band = slice(left + int(0.45 * width), left + int(0.55 * width))
+        spine_below.append(_bone_below_centre(display, slice(top, bottom), centre_band))
+        # The right lung (three lobes, no heart beside it) is the larger: on the image left in display.
+        right_lung_on_left.append(np.mean(lung_columns < (left + right) / 2) > 0.5)
+    assert np.mean(spine_below) > 0.9  # 95% measured
+    assert np.mean(right_lung_on_left) > 0.8  # 87% measured
+
+
+@pytest.mark.real_data
+def test_semiseg_slices_turned_to_display_have_the_spine_below():
+    folder = _data_root() / "covid-semiseg" / "Dataset" / "TrainingSet" / "LungInfection-Train"
+    source = orientation.DATASET_ORIENTATIONS["semiseg"]
+    spine_below = []
+    for path in sorted((folder / "Doctor-label" / "Imgs").glob("*.jpg")):
+        display = orientation.to_display(_grayscale(path), source)
+        width = display.shape[1]
+        spine_below.append(
+            _bone_below_centre(display, slice(None), slice(int(0.4 * width), int(0.6 * width)))
+        )
+    assert len(spine_below) == 50 and np.mean(spine_below) > 0.9  # 96% measured
+
+
+# --- The config key ---------------------------------------------------------------------------------------
+
+
+def test_the_orientation_key_defaults_to_the_datasets_and_is_validated():
+    config = make_tiny_config()
+    assert config.data.orientation == "auto"
+    assert orientation.model_orientation(config.data) == "PL"  # the phantom: spine at the bottom
+    config.data.name = "semiseg"
+    assert orientation.model_orientation(config.data) == "LP"
+    config.data.name = "nifti"
+    assert orientation.model_orientation(config.data) == "voxel"
+    config.data.orientation = "RA"
+    assert orientation.model_orientation(config.data) == "RA"
+    config_lib.validate(config)
+    config.data.orientation = "PP"
+    with pytest.raises(UserError, match=r"^data.orientation: must be one of \['auto', 'voxel', 'PL'"):
+        config_lib.validate(config)
+    # A config written before the key existed reads as 'auto'.
+    old = ml_collections.ConfigDict({"name": "semiseg", "image_size": 32})
+    assert orientation.model_orientation(old) == "LP"
+
+
+def test_a_ras_volume_is_turned_to_radiological_display_per_slice():
+    stored = np.arange(5 * 4 * 3).reshape(5, 4, 3)  # axis 0 toward R, 1 toward A, 2 toward S
+    layout = orientation.volume_layout(np.eye(4), "PL")
+    assert layout.per_slice
+    for index in range(3):
+        # By hand: display rows run toward P (stored y reversed), columns toward L (stored x reversed).
+        expected = stored[::-1, ::-1, index].T
+        np.testing.assert_array_equal(layout.slice_to_model(stored[:, :, index]), expected)
+        np.testing.assert_array_equal(layout.slice_from_model(expected), stored[:, :, index])
+
+
+# --- NIfTI prediction in every voxel order ----------------------------------------------------------------
+
+# The canonical volume's affine: voxel axes toward P, L and S; 0.8 x 0.7 mm in plane, 2.5 mm slices.
+CANONICAL_AFFINE = np.array(
+    [[0.0, -0.7, 0.0, 100.0], [-0.8, 0.0, 0.0, 60.0], [0.0, 0.0, 2.5, -200.0], [0.0, 0.0, 0.0, 1.0]]
+)
+# The same volume stored in other voxel orders (nibabel orientation transforms from the canonical one):
+# RAS, LPS, in-plane axes swapped with slices reversed, turned by 90 degrees (the one in-plane change
+# that is not its own inverse), and slices along the first axis.
+STORAGE_ORDERS = {
+    "RAS": ("R", "A", "S"),
+    "LPS": ("L", "P", "S"),
+    "ARI": ("A", "R", "I"),
+    "LAI": ("L", "A", "I"),
+    "SPL": ("S", "P", "L"),
+}
+# A window whose width is 5 * 255: display value v is exactly 5 v - 1000 HU, and back to v / 255.
+EXACT_WINDOW = (-1000.0, 275.0)
+
+
+def _real_display_slices(shape=(48, 64), count=3) -> np.ndarray:
+    """Neighbouring real slices (ma2020_2d, radiological display 'PL') resized to `shape`, stacked last."""
+    folder = _data_root() / "covid19-ct-seg-2d" / "ct"
+    slices = []
+    for index in range(700, 700 + count):
+        with Image.open(folder / f"{index:04d}.png") as picture:
+            slices.append(np.asarray(picture.convert("L").resize(shape[::-1], Image.BILINEAR), np.uint8))
+    return np.stack(slices, axis=2)
+
+
+def _stored(volume: np.ndarray, codes) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical `volume` in the voxel order `codes`, with the affine that keeps every voxel's world
+    position (nibabel's orientation tools)."""
+    transform = nib_orientations.ornt_transform(
+        nib_orientations.io_orientation(CANONICAL_AFFINE), nib_orientations.axcodes2ornt(codes)
+    )
+    stored = nib_orientations.apply_orientation(volume, transform)
+    affine = CANONICAL_AFFINE @ nib_orientations.inv_ornt_aff(transform, volume.shape)
+    return stored, affine
+
+
+def _in_canonical_voxels(mask: np.ndarray, affine: np.ndarray, shape) -> np.ndarray:
+    """`mask` resampled onto the canonical grid through world coordinates (plain affine algebra: every
+    stored voxel's world position, then its canonical voxel index)."""
+    indices = np.indices(mask.shape).reshape(3, -1)
+    world = affine @ np.vstack([indices, np.ones(indices.shape[1])])
+    canonical = np.rint(np.linalg.inv(CANONICAL_AFFINE) @ world)[:3].astype(int)
+    resampled = np.full(shape, 255, np.uint8)
+    resampled[tuple(canonical)] = mask.reshape(-1)
+    return resampled
+
+
+@pytest.mark.real_data
+def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates(tiny_state, tmp_path):
+    config = make_tiny_config(hu_window=EXACT_WINDOW)
+    config.eval.num_overlays = 0
+    display = _real_display_slices()
+    hounsfield = display.astype(np.int16) * 5 - 1000
+    # A random model's probabilities depend on position and direction; its median over the volume as the
+    # threshold makes about half of every mask lesion, so a slice fed turned would not match.
+    batch = np.zeros((config.eval.batch_size, 32, 32, 1), np.float32)  # the shape prediction compiles
+    for index in range(display.shape[2]):
+        batch[index, ..., 0] = input_pipeline.resize(display[:, :, index] / 255.0, 32, is_mask=False)
+    probabilities = np.asarray(evaluate.dispatch_batch(tiny_state, batch, False))[: display.shape[2]]
+    config.eval.threshold = float(np.median(probabilities))
+
+    masks = {}
+    for name, codes in {"canonical": ("P", "L", "S"), **STORAGE_ORDERS}.items():
+        stored, affine = _stored(hounsfield, codes)
+        nibabel.save(nibabel.Nifti1Image(stored, affine), tmp_path / f"{name}.nii")
+        predict.predict_path(config, None, tmp_path / f"{name}.nii", tmp_path / "out", state=tiny_state)
+        written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii")
+        assert written.shape == stored.shape
+        np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+        masks[name] = _in_canonical_voxels(np.asarray(written.dataobj), affine, hounsfield.shape)
+    canonical = masks.pop("canonical")
+    assert 0.2 < canonical.mean() < 0.8
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(mask, canonical, err_msg=name)
+
+    # The PNG slices themselves (read as the training data are) give the same masks, up to the float
+    # rounding of resizing before or after dividing by 255.
+    for index in range(display.shape[2]):
+        Image.fromarray(display[:, :, index]).save(tmp_path / f"slice{index}.png")
+        predict.predict_path(config, None, tmp_path / f"slice{index}.png", tmp_path / "out", state=tiny_state)
+        png_mask = _grayscale(tmp_path / "out" / f"slice{index}_mask.png") > 127
+        assert np.mean(png_mask == (canonical[:, :, index] > 0)) > 0.99
