@@ -111,7 +111,11 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert pack_ma2020.main(["unpack", "--pack", str(not_a_part), "--dest", str(tmp_path / "d")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
-    assert "not a folder" in errors[0] and "no *-partNofM.tar" in errors[1] and "not a part written by pack" in errors[2]
+    assert (
+        "not a folder" in errors[0]
+        and "no *-partNofM.tar" in errors[1]
+        and "not a part written by pack" in errors[2]
+    )
 
 
 @pytest.mark.real_data
