@@ -128,7 +128,7 @@ ab() {
 
 paper() {
   local budget=${PAPER_BUDGET:-paper} runs_root=${RUNS_ROOT:-experiments/runs} item pid
-  local concurrency=${PAPER_CONCURRENCY:-2} min_start=${PAPER_MIN_START:-240} margin=${PAPER_STOP_MARGIN:-50}
+  local concurrency=${PAPER_CONCURRENCY:-2} min_start=${PAPER_MIN_START:-240} margin=${PAPER_STOP_MARGIN:-60}
   local common=(--budget "$budget" --dataset ma2020_2d --data_root "$data_root"
     --data_dir "${PAPER_DATA_DIR-}" --results_root "$results_root" --runs_root "$runs_root")
   for item in ${PAPER_SETS-dtype=bfloat16 num_epochs=80}; do common+=(--set "$item"); done
@@ -187,7 +187,8 @@ PYTHON
   fi
   local -A running=()
   local next=0 study arm seed
-  while :; do
+  # Prints each finished run's exit status and forgets it (running: pid -> "study arm seed N").
+  paper_reap() {
     for pid in "${!running[@]}"; do
       if ! kill -0 "$pid" 2>/dev/null; then
         wait "$pid"
@@ -195,16 +196,20 @@ PYTHON
         unset "running[$pid]"
       fi
     done
+  }
+  while :; do
+    paper_reap
     if (($(left) <= margin)); then
-      # SIGTERM: each run saves a checkpoint and exits within seconds; SIGKILL 30 s later regardless.
+      # SIGTERM: a training run saves a checkpoint at its next step and exits; one still compiling or
+      # evaluating hears it only afterwards, so SIGKILL 20 s later regardless.
       ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
-      for _ in $(seq 30); do
-        for pid in "${!running[@]}"; do kill -0 "$pid" 2>/dev/null || unset "running[$pid]"; done
+      for _ in $(seq 20); do
+        paper_reap
         ((${#running[@]})) || break
         sleep 1
       done
       if ((${#running[@]})); then
-        echo "paper: killing ${running[*]}, alive 30 s after SIGTERM (a checkpoint saved before is kept)"
+        echo "paper: killing ${running[*]}, alive 20 s after SIGTERM (a checkpoint saved before is kept)"
         kill -KILL "${!running[@]}" 2>/dev/null
       fi
       break
@@ -224,7 +229,7 @@ PYTHON
   [[ ${PAPER_MPS-} == 1 ]] && echo quit | nvidia-cuda-mps-control 2>/dev/null
   # Records other studies can reuse (split_leakage's random arm is ablation's rdunet; dilation's paper,
   # residual_se and resdunet arms are ablation's) are copied, and every table rewritten, training nothing.
-  (($(left) > 10)) && timeout "$(($(left) - 5))" python3 -c "import sys; sys.path.insert(0, 'experiments')
+  (($(left) > 8)) && timeout "$(($(left) - 3))" python3 -c "import sys; sys.path.insert(0, 'experiments')
 import run_study
 for study in ('ablation', 'split_leakage', 'dilation'):
     run_study.main([study, *sys.argv[1:], '--max_runs', '0'])" "${common[@]}" >"$out/paper_tables.log" 2>&1
@@ -236,7 +241,7 @@ for study in ('ablation', 'split_leakage', 'dilation'):
   else
     echo "paper: to continue (unfinished runs resume from their checkpoints on this warm machine; a fresh"
     echo "one needs both data calls again and restarts them), with the same carry:"
-    echo "  PHASES=paper PAPER_SETS=\"${PAPER_SETS-dtype=bfloat16 num_epochs=80}\"" \
+    echo "  PHASES=paper PAPER_BUDGET=$budget PAPER_SETS=\"${PAPER_SETS-dtype=bfloat16 num_epochs=80}\"" \
       "bash experiments/gpu_session.sh \$OUT $data_root $seconds"
   fi
 }
