@@ -6,13 +6,29 @@
 #              batch-128 step alone took 95-108 s, XLA's autotuner)
 #   studies    pending study runs in parallel processes until 40 s before the end (the card is far from
 #              busy with one small run); runs cut short leave no record and rerun next time
+#   unpack     experiments/pack_ma2020.py: the Ma et al. parts found in PACK (.gpu_data/ma2020) into
+#              DATA_ROOT/covid19-ct-seg-2d, checked; the folder may stay incomplete (a part per call)
+#   ab         experiments/compiler_options_ab.py: the bfloat16 train step with today's speed defaults
+#              against AB_VARIANTS (default: BatchNorm and dropout in their old forms, 'flax'), compiled
+#              in one process and timed round-robin (AB_SECONDS=200, AB_BATCH_SIZE=8, AB_ROUNDS=30,
+#              AB_EXTRA: more arguments)
+#   paper      the paper's table on ma2020_2d (issue 28; experiments/README.md "Paper table on a GPU"):
+#              checks the unpacked folder is complete, prepares the random and blocks splits, then
+#              trains PAPER_QUEUE's arms seed by seed, PAPER_CONCURRENCY processes at a time, starting
+#              one only while more than PAPER_MIN_START s are left, and stops them PAPER_STOP_MARGIN s
+#              before the end (SIGTERM: each saves a checkpoint that the same command resumes from on
+#              this machine); PAPER_BUDGET (paper), PAPER_SETS (run_study --set items), PAPER_DATA_DIR,
+#              RESULTS_ROOT, RUNS_ROOT, PAPER_MPS=1 (runs share the card through CUDA MPS; untried);
+#              OUT gets runs.tgz (each run's logs and metrics, no checkpoints)
 #
 #   bash experiments/gpu_session.sh OUT DATA_ROOT [SECONDS=560]
 #
 # OUT receives gpu.txt, the JSON of each measurement, logs.tgz and results.tgz (experiments/results as it
-# ends: unpack it over the checkout). DATA_ROOT holds covid-semiseg/. Wheels in .whl/ (what the GPU image
-# lacks: grain, tfds, ml_collections...) are installed first. Study runs use float32 matmul precision
-# ('highest'), as on the CPU; no two processes ever share a run (each takes its own arms and folds).
+# ends, or RESULTS_ROOT: unpack it over the checkout). DATA_ROOT holds covid-semiseg/ (studies) or
+# covid19-ct-seg-2d/ (paper). Wheels in WHEEL_DIR (.whl/: what the GPU image lacks, grain, tfds,
+# ml_collections...) are installed first. Study runs use float32 matmul precision ('highest'), as on the
+# CPU, unless they compute in bfloat16; no two processes ever share a run (each takes its own arms and
+# folds or seeds).
 set -u
 out=${1:?OUT}
 data_root=${2:?DATA_ROOT}
@@ -21,14 +37,17 @@ started=$(date +%s)
 left() { echo $((seconds - ($(date +%s) - started))); }
 cd "$(dirname "$0")/.."
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+results_root=${RESULTS_ROOT:-experiments/results}
+wheel_dir=${WHEEL_DIR:-.whl}
+if compgen -G "$wheel_dir/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
+    "$wheel_dir"/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv && python3 -c \
-  "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())") >"$out/gpu.txt" 2>&1
+  "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())
+import grain, ml_collections, tensorboardX, tensorflow_datasets") >"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
 breakdown() {
@@ -78,6 +97,7 @@ print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
     done
   done
   unset JAX_DEFAULT_MATMUL_PRECISION
+  [[ ${PAPER_MPS-} == 1 ]] && echo quit | nvidia-cuda-mps-control 2>/dev/null
   # SIGTERM: each run saves a checkpoint and exits within seconds; SIGKILL 20 s later regardless.
   (sleep "$(($(left) - 40))"; kill -TERM "${pids[@]}" 2>/dev/null; sleep 20; kill -KILL "${pids[@]}" 2>/dev/null) &
   local killer=$!
@@ -86,10 +106,150 @@ print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
   echo "studies ended with $(left) s left"
 }
 
+unpack() {
+  python3 experiments/pack_ma2020.py unpack --pack "${PACK:-.gpu_data/ma2020}" \
+    --dest "$data_root/covid19-ct-seg-2d" --partial
+  echo "unpack: exit $?, $(left) s left"
+}
+
+ab() {
+  local batch=${AB_BATCH_SIZE:-8} variants=() variant
+  for variant in ${AB_VARIANTS:-old_forms=model.batch_norm_impl=flax,model.dropout_impl=flax}; do
+    variants+=(--model_option "$variant")
+  done
+  # One process: the variants share XLA's autotuning of the convolutions they have in common, and
+  # round-robin rounds keep the card's drift out of the ratios. It prints only at its end.
+  timeout "${AB_SECONDS:-200}" python3 experiments/compiler_options_ab.py --what train --image_size 256 \
+    --batch_size "$batch" --rounds "${AB_ROUNDS:-30}" --set model.dtype=bfloat16 "${variants[@]}" \
+    ${AB_EXTRA-} --json "$out/speed_ab_b$batch.json" --markdown "$out/speed_ab_b$batch.md" >"$out/speed_ab.log" 2>&1
+  echo "ab: exit $?, $(left) s left"
+  cat "$out/speed_ab_b$batch.md" 2>/dev/null
+}
+
+paper() {
+  local budget=${PAPER_BUDGET:-paper} runs_root=${RUNS_ROOT:-experiments/runs} item pid
+  local concurrency=${PAPER_CONCURRENCY:-2} min_start=${PAPER_MIN_START:-240} margin=${PAPER_STOP_MARGIN:-60}
+  local common=(--budget "$budget" --dataset ma2020_2d --data_root "$data_root"
+    --data_dir "${PAPER_DATA_DIR-}" --results_root "$results_root" --runs_root "$runs_root")
+  for item in ${PAPER_SETS-dtype=bfloat16 num_epochs=80}; do common+=(--set "$item"); done
+  python3 experiments/pack_ma2020.py unpack --pack "${PACK:-.gpu_data/ma2020}" \
+    --dest "$data_root/covid19-ct-seg-2d" || return 1
+  # The prepared datasets (random and blocks splits) are built once, before the processes that read them
+  # start; then the queue: "study arm seed" lines of the runs not yet recorded, in PAPER_QUEUE order
+  # within each seed.
+  local queue_text queue
+  queue_text=$(python3 - "${common[@]}" <<'PYTHON' 2>"$out/paper_prepare.log"
+import sys
+sys.path.insert(0, "experiments")
+queue_out, sys.stdout = sys.stdout, sys.stderr  # only the queue goes to the shell
+import os
+import run_study
+from studies import runner
+from rdunet_jax.datasets import builder
+order = os.environ.get(
+    "PAPER_QUEUE",
+    "ablation:rdunet ablation:unet ablation:resdunet split_leakage:blocks dilation:decreasing "
+    "dilation:increasing dilation:rate1 ablation:residual_se ablation:residual",
+).split()
+plans = {}
+for study_name in dict.fromkeys(item.split(":")[0] for item in order):
+    args = run_study.parse_args([study_name, *sys.argv[1:]])
+    study, dataset, budget, base, specs, tag = run_study.prepare_study(args)
+    plans[study_name] = (study, specs, tag, budget)
+    results_root = args.results_root
+prepared = set()
+for study, specs, tag, budget in plans.values():
+    for spec in specs:
+        if spec.config.data.split_scheme not in prepared:
+            builder.prepare(spec.config.data)
+            prepared.add(spec.config.data.split_scheme)
+seeds = next(iter(plans.values()))[3].seeds
+for seed in seeds:
+    for item in order:
+        study_name, arm = item.split(":")
+        study, specs, tag, budget = plans[study_name]
+        spec = next(s for s in specs if s.arm == arm and s.replicate.seed == seed)
+        status, _ = runner.run_status(spec, f"{results_root}/{study_name}/{tag}", results_root)
+        if status == "pending":
+            print(study_name, arm, seed, file=queue_out)
+PYTHON
+  ) || {
+    echo "paper: preparing failed (paper_prepare.log):"
+    tail -n 3 "$out/paper_prepare.log"
+    return 1
+  }
+  mapfile -t queue <<<"$queue_text"
+  [[ -z ${queue[0]} ]] && queue=()
+  echo "paper: ${#queue[@]} runs pending, $(left) s left: ${queue[*]/%/;}"
+  [[ " ${common[*]} " == *" dtype=bfloat16 "* ]] || export JAX_DEFAULT_MATMUL_PRECISION=highest
+  if [[ ${PAPER_MPS-} == 1 ]] && nvidia-cuda-mps-control -d; then
+    echo "paper: CUDA MPS daemon started"
+  fi
+  local -A running=()
+  local next=0 study arm seed
+  # Prints each finished run's exit status and forgets it (running: pid -> "study arm seed N").
+  paper_reap() {
+    for pid in "${!running[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid"
+        echo "${running[$pid]}: exit $?, $(left) s left"
+        unset "running[$pid]"
+      fi
+    done
+  }
+  while :; do
+    paper_reap
+    if (($(left) <= margin)); then
+      # SIGTERM: a training run saves a checkpoint at its next step and exits; one still compiling or
+      # evaluating hears it only afterwards, so SIGKILL 20 s later regardless.
+      ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
+      for _ in $(seq 20); do
+        paper_reap
+        ((${#running[@]})) || break
+        sleep 1
+      done
+      if ((${#running[@]})); then
+        echo "paper: killing ${running[*]}, alive 20 s after SIGTERM (a checkpoint saved before is kept)"
+        kill -KILL "${!running[@]}" 2>/dev/null
+      fi
+      break
+    fi
+    while ((${#running[@]} < concurrency && next < ${#queue[@]} && $(left) > min_start)); do
+      read -r study arm seed <<<"${queue[next]}"
+      (exec python3 experiments/run_study.py "$study" "${common[@]}" --arms "$arm" --seeds "$seed") \
+        >"$out/paper_${study}_${arm}_seed$seed.log" 2>&1 &
+      running[$!]="$study $arm seed $seed"
+      echo "paper: started ${running[$!]}, $(left) s left"
+      next=$((next + 1))
+    done
+    ((${#running[@]})) || break
+    sleep 2
+  done
+  unset JAX_DEFAULT_MATMUL_PRECISION
+  [[ ${PAPER_MPS-} == 1 ]] && echo quit | nvidia-cuda-mps-control 2>/dev/null
+  # Records other studies can reuse (split_leakage's random arm is ablation's rdunet; dilation's paper,
+  # residual_se and resdunet arms are ablation's) are copied, and every table rewritten, training nothing.
+  (($(left) > 8)) && timeout "$(($(left) - 3))" python3 -c "import sys; sys.path.insert(0, 'experiments')
+import run_study
+for study in ('ablation', 'split_leakage', 'dilation'):
+    run_study.main([study, *sys.argv[1:], '--max_runs', '0'])" "${common[@]}" >"$out/paper_tables.log" 2>&1
+  tar czf "$out/runs.tgz" --exclude=checkpoints --exclude=tensorboard "$runs_root" 2>/dev/null
+  grep -h "left; tables in" "$out/paper_tables.log" 2>/dev/null
+  if grep -q "left; tables in" "$out/paper_tables.log" 2>/dev/null &&
+    ! grep -h "left; tables in" "$out/paper_tables.log" | grep -qv " 0 left;"; then
+    echo "paper: every run of the three studies is recorded"
+  else
+    echo "paper: to continue (unfinished runs resume from their checkpoints on this warm machine; a fresh"
+    echo "one needs both data calls again and restarts them), with the same carry:"
+    echo "  PHASES=paper PAPER_BUDGET=$budget PAPER_SETS=\"${PAPER_SETS-dtype=bfloat16 num_epochs=80}\"" \
+      "bash experiments/gpu_session.sh \$OUT $data_root $seconds"
+  fi
+}
+
 for phase in ${PHASES:-breakdown benchmark studies}; do
   "$phase"
 done
-tar czf "$out/results.tgz" experiments/results
+tar czf "$out/results.tgz" "$results_root"
 # The logs as one archive (the tool brings back at most 8 files).
 (cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
 ls -la "$out"

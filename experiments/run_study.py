@@ -32,7 +32,14 @@ BUDGET_OVERRIDES = {
     "lr_decay_epochs": int,
     "cv_folds": int,
     "seeds": lambda text: tuple(int(value) for value in text.split(",")),
+    "dtype": lambda text: _one_of(text, ("float32", "bfloat16")),
 }
+
+
+def _one_of(text: str, choices: tuple) -> str:
+    if text not in choices:
+        raise ValueError(text)
+    return text
 
 
 def parse_args(argv):
@@ -63,6 +70,12 @@ def parse_args(argv):
         help="train only these cross-validation folds now, comma-separated (e.g. one process per fold)",
     )
     parser.add_argument(
+        "--seeds",
+        type=_fold_list,
+        default=None,
+        help="train only these of the budget's seeds now, comma-separated (e.g. one process per seed)",
+    )
+    parser.add_argument(
         "--arms",
         type=lambda text: tuple(text.split(",")),
         default=None,
@@ -78,7 +91,7 @@ def _fold_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(value) for value in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fold numbers") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def resolve_budget(budget_name: str, dataset: str, settings: list[str]) -> design.Budget:
@@ -140,6 +153,16 @@ def select_folds(specs, budget: design.Budget, folds) -> list:
     return [spec for spec in specs if spec.replicate.fold in folds]
 
 
+def select_seeds(specs, budget: design.Budget, seeds) -> list:
+    """The runs of `specs` with the given seeds (all of them when `seeds` is None)."""
+    if seeds is None:
+        return specs
+    if not set(seeds) <= set(budget.seeds):
+        listed = ",".join(map(str, seeds))
+        raise UserError(f"--seeds {listed}: this budget's seeds are {','.join(map(str, budget.seeds))}")
+    return [spec for spec in specs if spec.replicate.seed in seeds]
+
+
 def select_arms(study, specs, arms) -> list:
     """The runs of `specs` of the given arms (all of them when `arms` is None)."""
     if arms is None:
@@ -185,7 +208,8 @@ def main(argv=None) -> int:
 
     try:
         study, dataset, budget, base, specs, tag = prepare_study(args)
-        selected = select_arms(study, select_folds(specs, budget, args.folds), args.arms)
+        selected = select_folds(specs, budget, args.folds)
+        selected = select_arms(study, select_seeds(selected, budget, args.seeds), args.arms)
         if args.dry_run:
             print_plan(study, selected, tag, args)
             return 0

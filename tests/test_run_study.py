@@ -388,3 +388,27 @@ def test_a_key_added_to_the_schema_later_matches_at_its_default(finished_tiny_st
     (runs / "renamed" / "config.json").write_text(json.dumps(record["config"]))
     assert runner.workdir_for(runs, specs[0].config) == runs / "renamed"
     assert runner.workdir_for(runs, changed) == runs / runner.config_digest(changed)
+
+
+def test_cli_seeds_select_runs_and_dtype_changes_the_model_and_tag(tmp_path, capsys):
+    roots = ["--results_root", str(tmp_path / "r"), "--runs_root", str(tmp_path / "w")]
+    common = ["ablation", "--budget", "paper", "--dataset", "ma2020_2d", "--dry_run", *roots]
+    assert run_study.main([*common, "--seeds", "2", "--arms", "unet,rdunet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["unet-seed2", "rdunet-seed2"]
+    assert run_study.main([*common, "--seeds", "0,3"]) == 2
+    assert capsys.readouterr().err == "error: --seeds 0,3: this budget's seeds are 0,1,2\n"
+
+    args = run_study.parse_args([*common, "--set", "dtype=bfloat16", "--set", "num_epochs=100"])
+    study, dataset, budget, base, specs, tag = run_study.prepare_study(args)
+    assert tag == "ma2020_2d-paper-dtypebfloat16-num_epochs100" and budget.batch_size == 8
+    assert {spec.config.model.dtype for spec in specs} == {"bfloat16"} and base.num_epochs == 100
+    assert "bfloat16 compute" in budget.describe()
+    float32 = run_study.prepare_study(run_study.parse_args(common))[4]
+    # Same runs otherwise, so the digests differ by the compute type alone.
+    assert _differing_keys(runner.config_json(specs[0].config), runner.config_json(float32[0].config)) == {
+        "model.dtype",
+        "num_epochs",
+    }
+    assert run_study.main([*common, "--set", "dtype=float16"]) == 2
+    assert "not a valid dtype" in capsys.readouterr().err

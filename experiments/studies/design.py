@@ -34,6 +34,7 @@ class Budget:
     seeds: tuple[int, ...]
     model_features: int = 16
     model_depth: int = 4
+    dtype: str = "float32"  # model.dtype: the compute type ('bfloat16': float32 parameters)
 
     def describe(self) -> str:
         """One line for the tables: resolution, schedule, replicates."""
@@ -44,6 +45,8 @@ class Budget:
         )
         if (self.model_features, self.model_depth) != (16, 4):
             text += f", model shrunk to {self.model_features} feature maps and {self.model_depth} levels"
+        if self.dtype != "float32":
+            text += f", {self.dtype} compute"
         return text
 
 
@@ -255,6 +258,7 @@ def base_config(dataset: str, budget: Budget, data_root) -> ml_collections.Confi
     config.lr_decay_epochs = budget.lr_decay_epochs
     config.model.features = budget.model_features
     config.model.depth = budget.model_depth
+    config.model.dtype = budget.dtype
     config.data.cv_folds = budget.cv_folds
     # With CV the held-out fold is the evaluation set (the test split, where present, stays untouched).
     config.eval.split = "validation" if budget.cv_folds else "test"
