@@ -220,17 +220,12 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     import jax
     import numpy as np
 
-    from rdunet_jax import models, train
+    from rdunet_jax import models
 
     variables = models.initialize_variables(model, image_size, config.seed)
-
-    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)  # as evaluation compiles it
-    def infer(variables, images):
-        return jax.nn.sigmoid(model.apply(variables, images, train=False))
-
     host_images = random_batch(args.infer_batch_size, image_size)["image"]
     images = jax.device_put(host_images)
-    compiled = infer.lower(variables, images).compile()
+    compiled = compiled_inference(model, variables, images)
     jax.block_until_ready(compiled(variables, images))
     runtime = None if args.no_onnxruntime else onnxruntime_model(config, model, variables, image_size)
     jax_times, runtime_times = [], []
@@ -262,6 +257,19 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     if config.model.dtype != "float32":
         result.update(accuracy_against_float32(config, model, variables, args))
     return result
+
+
+def compiled_inference(model, variables, images):
+    """The eval forward pass (running BatchNorm statistics, sigmoid), compiled as evaluation compiles it."""
+    import jax
+
+    from rdunet_jax import train
+
+    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)
+    def infer(variables, images):
+        return jax.nn.sigmoid(model.apply(variables, images, train=False))
+
+    return infer.lower(variables, images).compile()
 
 
 def onnxruntime_model(config, model, variables, image_size: int):

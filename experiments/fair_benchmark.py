@@ -4,10 +4,13 @@ fresh process, alternating.
     python experiments/fair_benchmark.py --torch_python /work/torchenv/bin/python \\
         --image_size 256 --batch_size 8 --rounds 7 --json OUT.json --markdown OUT.md
     python experiments/fair_benchmark.py ... --set model.dtype=bfloat16 --torch_variants clbf16
+    python experiments/fair_benchmark.py ... --what infer --batch_size 16 --set eval.runtime=onnxruntime
     python experiments/fair_benchmark.py ... --probe_living_parent   # what a living JAX process costs
 
 Each round runs one fresh JAX process (compile, two untimed steps as the PyTorch script takes, then
 `--steps` timed steps), then one fresh PyTorch process per variant: JAX, PyTorch, JAX, PyTorch, ...
+With `--what infer` a step is one inference batch (sigmoid probabilities, evaluation's BatchNorm) in the
+runtime `eval.runtime` names: XLA ('jax') or the ONNX export in ONNX Runtime ('onnxruntime').
 This process only starts them, one at a time; it imports neither jax nor torch (benchmark.py imports jax
 inside its functions), so nothing else of ours runs while a child is timed.
 
@@ -53,9 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (`--set` overrides as in benchmark.py)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--what", choices=("train", "infer"), default="train", help="what a step is")
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6, help="timed train steps of each child")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each child")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--variant", default="rdunet", help="one of the paper's model variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="JAX config override")
@@ -98,9 +102,15 @@ def run_result_child(command: list[str]) -> dict:
     return {**json.loads(lines[-1][len("RESULT ") :]), "load_before": load_before}
 
 
+def call_seconds(result: dict) -> float:
+    """A child's median seconds per step: a train step, or an inference batch (`batch_median_s`, the
+    PyTorch script's name)."""
+    return result["step_median_s"] if "step_median_s" in result else result["batch_median_s"]
+
+
 def jax_command(args, role: str) -> list[str]:
-    """This script as a fresh JAX child in `role` ('jax' times train steps, 'probe' is a living parent)."""
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_child", role]
+    """This script as a fresh JAX child in `role` ('jax' times steps, 'probe' is a living parent)."""
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_child", role, "--what", args.what]
     command += ["--image_size", str(args.image_size), "--batch_size", str(args.batch_size)]
     command += ["--steps", str(args.steps), "--variant", args.variant]
     command += ["--torch_python", args.torch_python, "--torch_script", args.torch_script]
@@ -111,9 +121,9 @@ def jax_command(args, role: str) -> list[str]:
 
 
 def torch_command(args, variant: str) -> list[str]:
-    """The PyTorch reference script training with `variant` (channels-last, autocast, ...)."""
+    """The PyTorch reference script training (or inferring) with `variant` (channels-last, autocast, ...)."""
     sizes = [str(args.image_size), str(args.batch_size)]
-    return [args.torch_python, args.torch_script, "train", *sizes, variant, str(args.steps)]
+    return [args.torch_python, args.torch_script, args.what, *sizes, variant, str(args.steps)]
 
 
 def contenders(args) -> list[tuple[str, list[str]]]:
@@ -130,7 +140,7 @@ def run_rounds(named_commands, rounds: int, run=run_result_child) -> dict[str, l
         for name, command in named_commands:
             result = run(command)
             results[name].append(result)
-            print(f"round {round_index + 1}/{rounds} {name}: {result['step_median_s']:.3f} s", flush=True)
+            print(f"round {round_index + 1}/{rounds} {name}: {call_seconds(result):.3f} s", flush=True)
     return results
 
 
@@ -148,6 +158,44 @@ def jax_train_child(args) -> None:
         "mode": benchmark.mode_name(config.model),
         "jax": jax.__version__,
         "parameters": models.count_parameters(timer.state.params),
+        "peak_rss_mb": benchmark.peak_rss_mb(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def jax_infer_child(args) -> None:
+    """Runs as a fresh process: times inference batches in the runtime `eval.runtime` names."""
+    import jax
+
+    from rdunet_jax import models
+
+    config = benchmark.make_config(_benchmark_args(args), args.image_size)
+    model = models.build_model(config.model)
+    variables = models.initialize_variables(model, args.image_size, config.seed)
+    host_images = benchmark.random_batch(args.batch_size, args.image_size)["image"]
+    if config.eval.runtime == "onnxruntime":
+        session = benchmark.onnxruntime_model(config, model, variables, args.image_size)
+
+        def infer():
+            session.probabilities(host_images)
+
+        runtime = "onnxruntime"
+    else:
+        images = jax.device_put(host_images)
+        compiled = benchmark.compiled_inference(model, variables, images)
+
+        def infer():
+            jax.block_until_ready(compiled(variables, images))
+
+        runtime = "xla"
+
+    benchmark.median_seconds(infer, 2)  # untimed, as the PyTorch script's warm-up
+    seconds, times = benchmark.median_seconds(infer, args.steps)
+    result = {
+        "batch_median_s": seconds,
+        "batches_s": times,
+        "mode": f"{benchmark.mode_name(config.model)}+{runtime}",
+        "jax": jax.__version__,
         "peak_rss_mb": benchmark.peak_rss_mb(),
     }
     print("RESULT " + json.dumps(result), flush=True)
@@ -230,7 +278,7 @@ def run_probe(args, run=run_result_child) -> dict[str, list[dict]]:
         by_condition["fresh"].append(run(torch_command(args, args.torch_variants[0])))
         for name, result in run(jax_command(args, "probe"))["conditions"].items():
             by_condition[name].append(result)
-        steps = {name: runs[-1]["step_median_s"] for name, runs in by_condition.items() if runs}
+        steps = {name: call_seconds(runs[-1]) for name, runs in by_condition.items() if runs}
         print(f"round {round_index + 1}/{args.rounds}: {json.dumps(steps)}", flush=True)
     return {name: runs for name, runs in by_condition.items() if runs}
 
@@ -260,9 +308,9 @@ def summarize_probe(by_condition: dict[str, list[dict]]) -> dict:
     """Per condition: the PyTorch child's median step, its ratio to the fresh child's (median over
     rounds of each round's ratio), and the living parent's CPU seconds and memory while it ran."""
     summary = {}
-    fresh = [run["step_median_s"] for run in by_condition["fresh"]]
+    fresh = [call_seconds(run) for run in by_condition["fresh"]]
     for name, runs in by_condition.items():
-        seconds = [run["step_median_s"] for run in runs]
+        seconds = [call_seconds(run) for run in runs]
         row = {
             "torch_step_s": statistics.median(seconds),
             "torch_step_s_by_round": seconds,
@@ -279,7 +327,8 @@ def summarize_probe(by_condition: dict[str, list[dict]]) -> dict:
 def markdown_table(report: dict) -> str:
     """One row per round and a row of medians (paired ratio) per PyTorch variant."""
     variants = report["torch_variants"]
-    header = "| round | load | JAX step (s) | " + " | ".join(
+    step = "step" if report["what"] == "train" else f"batch of {report['batch_size']}"
+    header = f"| round | load | JAX {step} (s) | " + " | ".join(
         f"PyTorch {v} (s) | JAX/PyTorch {v}" for v in variants
     )
     lines = [header + " |", "|---" * (3 + 2 * len(variants)) + "|"]
@@ -331,7 +380,10 @@ def environment(children: dict[str, list[dict]]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args._child == "jax":
-        jax_train_child(args)
+        if args.what == "train":
+            jax_train_child(args)
+        else:
+            jax_infer_child(args)
         return {}
     if args._child == "probe":
         probe_child(args)
@@ -352,8 +404,8 @@ def main(argv=None) -> dict:
         table = probe_markdown_table(report)
     else:
         children = run_rounds(contenders(args), args.rounds)
-        report = {**common, "what": "train", "mode": children["jax"][0]["mode"]}
-        step_s = {name: [run["step_median_s"] for run in runs] for name, runs in children.items()}
+        report = {**common, "what": args.what, "mode": children["jax"][0]["mode"]}
+        step_s = {name: [call_seconds(run) for run in runs] for name, runs in children.items()}
         report.update(summarize(step_s))
         report["load_before_by_round"] = [run["load_before"] for run in children["jax"]]
         report["children"] = children

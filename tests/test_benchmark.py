@@ -88,9 +88,10 @@ calls = log.read_text().count("\\n") if log.exists() else 0
 maps = pathlib.Path(f"/proc/{os.getppid()}/maps").read_text()
 with log.open("a") as handle:
     handle.write(json.dumps(sys.argv[1:]) + "\\n")
-seconds = json.loads(os.environ.get("FAKE_STEP_S", "[0.5, 0.25, 0.125, 2.0]"))[calls % 4]
-print("RESULT " + json.dumps({"step_median_s": seconds, "torch": "fake", "threads": 2,
-                              "parent_has_jaxlib": "jaxlib" in maps}))
+seconds = [0.5, 0.25, 0.125, 2.0][calls % 4]
+key = "batch_median_s" if sys.argv[1] == "infer" else "step_median_s"  # as the real script names them
+result = {key: seconds, "torch": "fake", "threads": 2, "parent_has_jaxlib": "jaxlib" in maps}
+print("RESULT " + json.dumps(result))
 """
 FRAMEWORK_MODULES = ("jax", "jaxlib", "flax", "torch", "onnxruntime")
 
@@ -150,6 +151,17 @@ def test_fair_benchmark_parent_loads_no_framework_and_reports_paired_ratios(tmp_
     assert len(report["load_before_by_round"]) == 2
     table = (tmp_path / "fair.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table and f"**{report['ratio_vs_torch_cl']:.3f}**" in table
+
+
+def test_fair_benchmark_infer_times_the_configured_runtime_against_torch_inference(tmp_path):
+    output = tmp_path / "fair.json"
+    argv = _fair_command_line(tmp_path, "--what", "infer", "--set", "eval.runtime=onnxruntime")
+    assert _run_orchestrator(tmp_path, argv + ["--rounds", "1", "--json", str(output)]) == []
+    report = json.loads(output.read_text())
+    assert (tmp_path / "fake_torch.log").read_text().splitlines() == ['["infer", "16", "2", "cl", "1"]']
+    assert report["what"] == "infer" and report["mode"] == "float32+onnxruntime"  # what was timed
+    assert report["torch_cl_step_s"] == 0.5 and report["jax_step_s"] > 0
+    assert report["ratio_vs_torch_cl"] == report["jax_step_s"] / 0.5
 
 
 def test_fair_benchmark_rounds_alternate_jax_and_each_torch_variant(tmp_path):
