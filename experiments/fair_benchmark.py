@@ -250,6 +250,8 @@ def probe_child(args) -> None:
     """Runs as a JAX process that stays alive, as benchmark.py's process did while its PyTorch children
     ran: trains, then starts PyTorch children while idle, with an ONNX Runtime session open, and after
     closing it."""
+    import jax
+
     from rdunet_jax import models
 
     timer, config = _trained_timer(args)
@@ -268,19 +270,22 @@ def probe_child(args) -> None:
         del session
         gc.collect()
         results["child_of_living_jax_onnxruntime_closed"] = timed_torch_child(args, variant)
-    print("RESULT " + json.dumps({"conditions": results}), flush=True)
+    print("RESULT " + json.dumps({"conditions": results, "jax": jax.__version__}), flush=True)
 
 
-def run_probe(args, run=run_result_child) -> dict[str, list[dict]]:
-    """Rounds of: a PyTorch child of this thin process, then one living JAX parent's PyTorch children."""
+def run_probe(args, run=run_result_child) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Rounds of: a PyTorch child of this thin process, then one living JAX parent's PyTorch children.
+    Returns the PyTorch children's results by condition and the living parents' own results."""
     by_condition: dict[str, list[dict]] = {name: [] for name in PROBE_CONDITIONS}
+    parents = []
     for round_index in range(args.rounds):
         by_condition["fresh"].append(run(torch_command(args, args.torch_variants[0])))
-        for name, result in run(jax_command(args, "probe"))["conditions"].items():
+        parents.append(run(jax_command(args, "probe")))
+        for name, result in parents[-1].pop("conditions").items():
             by_condition[name].append(result)
         steps = {name: call_seconds(runs[-1]) for name, runs in by_condition.items() if runs}
         print(f"round {round_index + 1}/{args.rounds}: {json.dumps(steps)}", flush=True)
-    return {name: runs for name, runs in by_condition.items() if runs}
+    return {name: runs for name, runs in by_condition.items() if runs}, parents
 
 
 # --- summary and report ----------------------------------------------------------------------------
@@ -364,10 +369,9 @@ def probe_markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment(children: dict[str, list[dict]]) -> dict:
-    """What ran the benchmark, read from the children (this process has no jax or torch)."""
-    first = {name: runs[0] for name, runs in children.items()}
-    versions = {key: run[key] for run in first.values() for key in ("jax", "torch", "threads") if key in run}
+def environment(results: list[dict]) -> dict:
+    """What ran the benchmark, read from the children's results (this process has no jax or torch)."""
+    versions = {key: run[key] for run in results for key in ("jax", "torch", "threads") if key in run}
     return {
         **versions,
         "cpu_count": os.cpu_count(),
@@ -398,9 +402,9 @@ def main(argv=None) -> dict:
         "torch_variants": args.torch_variants,
     }
     if args.probe_living_parent:
-        by_condition = run_probe(args)
+        by_condition, parents = run_probe(args)
         report = {**common, "what": "probe_living_parent", "conditions": summarize_probe(by_condition)}
-        report["children"] = by_condition
+        report["children"], report["living_parents"] = by_condition, parents
         table = probe_markdown_table(report)
     else:
         children = run_rounds(contenders(args), args.rounds)
@@ -410,7 +414,8 @@ def main(argv=None) -> dict:
         report["load_before_by_round"] = [run["load_before"] for run in children["jax"]]
         report["children"] = children
         table = markdown_table(report)
-    report["environment"] = environment(report["children"])
+    results = [run for runs in report["children"].values() for run in runs]
+    report["environment"] = environment(results + report.get("living_parents", []))
     report["wall_s"] = time.time() - started
     report["command"] = " ".join([pathlib.Path(sys.executable).name, *sys.argv])
     benchmark.print_and_save(report, table, args.json, args.markdown)

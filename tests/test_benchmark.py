@@ -233,6 +233,7 @@ def test_fair_benchmark_probe_starts_torch_from_a_living_jax_process(tmp_path):
     assert parent_has_jaxlib == [False, True, True, True]
     assert [report["conditions"][name]["torch_step_s"] for name in children] == [0.5, 0.25, 0.125, 2.0]
     assert report["conditions"]["child_of_living_jax"]["parent_rss_mb"] > 50
+    assert report["environment"]["jax"] and report["environment"]["torch"] == "fake"
 
 
 def test_fair_benchmark_user_errors_exit_2_naming_the_option(tmp_path, capsys):
