@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.torch_variants:
         if name not in TORCH_VARIANTS:
             parser.exit(2, f"--torch_variants: unknown variant {name!r} (one of {variants_help})\n")
+    if shutil.which(args.torch_python) is None:
+        parser.exit(2, f"--torch_python: no interpreter {args.torch_python}\n")
     if not pathlib.Path(args.torch_script).is_file():
         parser.exit(2, f"--torch_script: no file {args.torch_script}\n")
     if args.rounds < 1 or args.steps < 1:

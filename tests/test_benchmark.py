@@ -242,6 +242,7 @@ def test_fair_benchmark_user_errors_exit_2_naming_the_option(tmp_path, capsys):
         (["--torch_variants", "cl,fp16"], "--torch_variants: unknown variant 'fp16'"),
         (["--json", str(tmp_path / "missing" / "out.json")], "--json: no folder"),
         (["--rounds", "0"], "--rounds and --steps must be at least 1"),
+        (["--torch_python", str(tmp_path / "no_python")], "--torch_python: no interpreter"),
     ):
         try:
             fair_benchmark.parse_args(_fair_command_line(tmp_path, *extra))
