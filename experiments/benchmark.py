@@ -20,10 +20,9 @@ Prints one markdown table row per image size and saves JSON with, per size:
   or the real data named by `--data.name`/`--data.manual_dir`.
 - `gflops_per_s`: XLA's cost analysis of the compiled train step (FLOPs) over `train_step_s`.
 
-With `--torch_python`, PyTorch's reference (`--torch_script`, run with that interpreter in its own
-environment) is timed in the same session, interleaved round by round with the JAX steps, and the
-JSON gets `torch_*` figures and `train_step_ratio_vs_torch` (JAX over PyTorch: below 1 is faster; the
-median over rounds of each round's ratio).
+Against PyTorch's reference: `experiments/fair_benchmark.py`, which runs each framework alone in a fresh
+process. (This script used to start PyTorch as a child of its own living process, whose ratio did not
+match what a user measures with each framework on its own.)
 The machine may be shared: compare only figures taken side by side in one run.
 """
 
@@ -43,7 +42,6 @@ import time
 PROCESS_START = time.time()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_TORCH_SCRIPT = REPO_ROOT.parent / "shared" / "peers" / "torch_rdunet.py"
 REQUIRED_KEYS = (
     "train_step_s",
     "train_images_per_s",
@@ -79,10 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip_startup", action="store_true", help="no cold/warm child processes")
     parser.add_argument("--no_onnxruntime", action="store_true", help="no ONNX Runtime inference figure")
     parser.add_argument("--xla_flags", default=None, help="XLA_FLAGS for this run and its children")
-    parser.add_argument("--torch_python", default="", help="interpreter of a PyTorch environment")
-    parser.add_argument("--torch_script", default=str(DEFAULT_TORCH_SCRIPT))
-    parser.add_argument("--torch_variants", default="cl", help="comma-separated: eager, cl, bf16, clbf16")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved JAX/PyTorch rounds")
     parser.add_argument("--json", default="", help="where to save the JSON")
     parser.add_argument("--markdown", default="", help="where to save the markdown table")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
@@ -226,17 +220,12 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     import jax
     import numpy as np
 
-    from rdunet_jax import models, train
+    from rdunet_jax import models
 
     variables = models.initialize_variables(model, image_size, config.seed)
-
-    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)  # as evaluation compiles it
-    def infer(variables, images):
-        return jax.nn.sigmoid(model.apply(variables, images, train=False))
-
     host_images = random_batch(args.infer_batch_size, image_size)["image"]
     images = jax.device_put(host_images)
-    compiled = infer.lower(variables, images).compile()
+    compiled = compiled_inference(model, variables, images)
     jax.block_until_ready(compiled(variables, images))
     runtime = None if args.no_onnxruntime else onnxruntime_model(config, model, variables, image_size)
     jax_times, runtime_times = [], []
@@ -268,6 +257,19 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     if config.model.dtype != "float32":
         result.update(accuracy_against_float32(config, model, variables, args))
     return result
+
+
+def compiled_inference(model, variables, images):
+    """The eval forward pass (running BatchNorm statistics, sigmoid), compiled as evaluation compiles it."""
+    import jax
+
+    from rdunet_jax import train
+
+    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)
+    def infer(variables, images):
+        return jax.nn.sigmoid(model.apply(variables, images, train=False))
+
+    return infer.lower(variables, images).compile()
 
 
 def onnxruntime_model(config, model, variables, image_size: int):
@@ -416,19 +418,6 @@ def measure_startup(args, image_size: int) -> dict:
     }
 
 
-# --- PyTorch reference, interleaved ----------------------------------------------------------------
-
-
-def run_torch(args, mode: str, image_size: int, batch_size: int, variant: str, steps: int) -> dict:
-    """One run of the PyTorch reference script in its own interpreter; its RESULT line as a dict."""
-    command = [args.torch_python, args.torch_script, mode, str(image_size), str(batch_size), variant]
-    completed = subprocess.run(command + [str(steps)], capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    if completed.returncode or not lines:
-        raise RuntimeError(f"PyTorch reference failed:\n{completed.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 # --- one image size --------------------------------------------------------------------------------
 
 
@@ -441,19 +430,7 @@ def benchmark_size(args, image_size: int) -> dict:
     batch = random_batch(args.batch_size, image_size)
     compiled, state, compile_s, flops = compiled_train_step(config, model, batch)
     timer = TrainTimer(compiled, state, batch)
-    torch_runs: dict[str, list[dict]] = {}
-    torch_variants = [name for name in args.torch_variants.split(",") if name] if args.torch_python else []
-    # Interleave: each round times a block of JAX steps, then each PyTorch variant, so both see the
-    # same load on a shared machine.
-    rounds = args.rounds if torch_variants else 1
-    round_ratios: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        timer.run(args.steps)
-        jax_round = statistics.median(timer.times[-args.steps :])
-        for variant in torch_variants:
-            result = run_torch(args, "train", image_size, args.batch_size, variant, args.steps)
-            torch_runs.setdefault(variant, []).append(result)
-            round_ratios.setdefault(variant, []).append(jax_round / result["step_median_s"])
+    timer.run(args.steps)
     train_step_s = statistics.median(timer.times)
     result = {
         "image_size": image_size,
@@ -474,17 +451,6 @@ def benchmark_size(args, image_size: int) -> dict:
     }
     del timer, compiled, state  # free the training buffers before inference
     result.update(measure_inference(config, model, args, image_size))
-    for variant, runs in torch_runs.items():
-        result[f"torch_{variant}_train_step_s"] = statistics.median(run["step_median_s"] for run in runs)
-        # The median of per-round ratios: each round's JAX and PyTorch steps ran minutes apart at most,
-        # so a shared machine's changing load cancels better than in a ratio of overall medians.
-        result[f"train_step_ratio_vs_torch_{variant}"] = statistics.median(round_ratios[variant])
-        result[f"train_step_ratios_vs_torch_{variant}_by_round"] = round_ratios[variant]
-    if torch_variants:
-        result["train_step_ratio_vs_torch"] = result[f"train_step_ratio_vs_torch_{torch_variants[0]}"]
-        for variant in torch_variants:
-            infer = run_torch(args, "infer", image_size, args.infer_batch_size, variant, args.infer_steps)
-            result[f"torch_{variant}_infer_ms_per_slice"] = infer["per_slice_ms"]
     result.update(measure_pipeline(config, args))
     if args.skip_startup:
         result.update(first_step_s_cold=None, first_step_s_warm=None, peak_rss_mb=None)
@@ -531,19 +497,6 @@ def markdown_table(results: list[dict]) -> str:
             f"| {_cell(row['first_step_s_cold'], 1)} | {_cell(row['first_step_s_warm'], 1)} "
             f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['pipeline_images_per_s'], 0)} |"
         )
-    torch_rows = [row for row in results if "train_step_ratio_vs_torch" in row]
-    if torch_rows:
-        lines += ["", "| px | PyTorch | PyTorch step (s) | JAX/PyTorch step | PyTorch infer ms/slice |"]
-        lines.append("|---|---|---|---|---|")
-        for row in torch_rows:
-            for key in sorted(row):
-                if key.startswith("torch_") and key.endswith("_train_step_s"):
-                    variant = key[len("torch_") : -len("_train_step_s")]
-                    lines.append(
-                        f"| {row['image_size']} | {variant} | {row[key]:.3f} "
-                        f"| {row[f'train_step_ratio_vs_torch_{variant}']:.3f} "
-                        f"| {_cell(row.get(f'torch_{variant}_infer_ms_per_slice'), 1)} |"
-                    )
     return "\n".join(lines) + "\n"
 
 
