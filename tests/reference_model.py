@@ -14,7 +14,9 @@ in float64. Arrays are NHWC. Architecture, as the README states it:
   convolutions of encoder level l by rate l of its schedule;
 - the DC module on skip l: one 3x3 dilated conv-BN-ReLU per rate of its schedule, in order, width unchanged;
 - decoder: bilinear 2x up-sampling (half-pixel centres, edge pixels repeated), concatenated with the
-  (DC-processed) skip as [up-sampled, skip] along channels, then a block of the skip's width;
+  (DC-processed) skip along channels, then a block of the skip's width. Neither the paper nor the
+  variable shapes fix the order of the concatenation (the next kernel sees 3 * width channels either
+  way); [up-sampled, skip] is the order the package's checkpoints hold, pinned here;
 - a 1x1 convolution with bias to one logit per pixel.
 
 Module paths are Flax's names in order of use: encoder block l is `EncoderDecoderBlock_{l}`, the decoder
@@ -68,13 +70,20 @@ class Architecture:
 
 
 class Variables:
-    """Flax variables read by path, each checked for its expected shape and recorded as used."""
+    """Flax variables read by path, each checked for its expected shape and recorded as used.
 
-    def __init__(self, variables):
+    With `training_momentum`, BatchNorm takes its training form: it normalises by the batch's own
+    statistics and records in `updated_stats` the running averages it would store,
+    momentum * old + (1 - momentum) * batch statistic (the variance biased, over batch, height, width).
+    """
+
+    def __init__(self, variables, training_momentum=None):
         self._collections = {
             name: _to_float64(variables[name]) for name in ("params", "batch_stats") if name in variables
         }
         self.used = set()
+        self.training_momentum = training_momentum
+        self.updated_stats = {}
 
     def get(self, collection: str, path: tuple, name: str, shape: tuple) -> np.ndarray:
         node = self._collections[collection]
@@ -190,14 +199,20 @@ def conv_bn(
 
 
 def batch_norm_at(variables: Variables, path: tuple, index: int, x):
-    name, shape = f"BatchNorm_{index}", (x.shape[-1],)
-    return batch_norm(
-        x,
-        variables.get("params", (*path, name), "scale", shape),
-        variables.get("params", (*path, name), "bias", shape),
-        variables.get("batch_stats", (*path, name), "mean", shape),
-        variables.get("batch_stats", (*path, name), "var", shape),
-    )
+    """BatchNorm_{index} under `path`, in evaluation form or (see `Variables`) training form."""
+    path, shape = (*path, f"BatchNorm_{index}"), (x.shape[-1],)
+    scale, bias = variables.get("params", path, "scale", shape), variables.get("params", path, "bias", shape)
+    mean = variables.get("batch_stats", path, "mean", shape)
+    var = variables.get("batch_stats", path, "var", shape)
+    momentum = variables.training_momentum
+    if momentum is None:
+        return batch_norm(x, scale, bias, mean, var)
+    batch_mean, batch_var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    variables.updated_stats[path] = {
+        "mean": momentum * mean + (1 - momentum) * batch_mean,
+        "var": momentum * var + (1 - momentum) * batch_var,
+    }
+    return batch_norm(x, scale, bias, batch_mean, batch_var)
 
 
 def two_convolutions(variables: Variables, path: tuple, x, features: int, dilation: int):

@@ -109,6 +109,36 @@ def test_non_paper_schedules_equal_the_reference(name):
     _assert_matches_reference(_model_config(variant, **overrides), size=40, seed=3)
 
 
+@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+@pytest.mark.parametrize("variant", ["unet", "rdunet"])
+def test_training_forward_pass_normalises_by_the_batch_and_updates_running_averages(variant, batch_norm_impl):
+    """In training (dropout off), BatchNorm uses the batch's statistics and stores their running averages."""
+    model_config = _model_config(
+        variant, dropout_rate=0.0, batch_norm_momentum=0.8, batch_norm_impl=batch_norm_impl
+    )
+    model = models.build_model(model_config)
+    variables = _perturbed(models.initialize_variables(model, 32, seed=4), seed=5)
+    images = _images(32, seed=6, batch=3)
+    reader = reference.Variables(variables, training_momentum=0.8)
+    want = reference.forward(reader, images, reference.Architecture.from_config(model_config))
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    with jax.default_matmul_precision("highest"):
+        got, updates = apply(variables, images)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    stored = {
+        tuple(key.key for key in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0]
+    }
+    expected = {
+        (*path, name): value
+        for path, statistics in reader.updated_stats.items()
+        for name, value in statistics.items()
+    }
+    assert sorted(stored) == sorted(expected)  # every BatchNorm updated its running averages
+    for path, value in expected.items():
+        np.testing.assert_allclose(stored[path], value, rtol=1e-4, atol=1e-5, err_msg="/".join(path))
+
+
 # The speed options away from the config's defaults: each must compute the paper's network too.
 OTHER_SPEED_FORMS = {
     "keyless": dict(models.KEYLESS_MODEL_OPTIONS, dilation_impl="xla"),  # resize, reduce_window, nn.BatchNorm
