@@ -35,9 +35,7 @@ def _model_config(variant: str, **overrides):
 OTHER_SCHEDULES = {
     "rdunet_depth3": (
         "rdunet",
-        dict(
-            features=6, depth=3, se_reduction=2, skip_dilation_rates=((3, 1, 2), (), (1, 4)), dropout_rate=0.3
-        ),
+        dict(features=6, depth=3, se_reduction=2, skip_dilation_rates=((3, 1, 2), (), (1, 4))),
     ),
     "resdunet_depth3": (
         "resdunet",
@@ -357,10 +355,12 @@ def _expected_dilation(architecture: reference.Architecture, kernel_path: str, k
     return architecture.encoder_rate(block_index) if block_index <= architecture.depth else 1
 
 
-@pytest.mark.parametrize(
-    "variant, overrides", [("rdunet", {}), ("resdunet", {})] + list(OTHER_SCHEDULES.values())
-)
-def test_every_configured_dilation_is_in_its_convolution(variant, overrides):
+DILATED_SCHEDULES = {"rdunet": ("rdunet", {}), "resdunet": ("resdunet", {}), **OTHER_SCHEDULES}
+
+
+@pytest.mark.parametrize("name", sorted(DILATED_SCHEDULES))
+def test_every_configured_dilation_is_in_its_convolution(name):
+    variant, overrides = DILATED_SCHEDULES[name]
     model_config = _model_config(variant, dilation_impl="xla", **overrides)
     architecture = reference.Architecture.from_config(model_config)
     model = models.build_model(model_config)
@@ -406,8 +406,9 @@ def test_paper_dilation_schedules_are_the_configured_ones():
     assert resdunet.skip_dilation_rates == ()
 
 
-@pytest.mark.parametrize("variant, overrides", [("rdunet", {}), OTHER_SCHEDULES["rdunet_depth3"]])
-def test_every_dc_module_output_reaches_the_decoder(variant, overrides):
+@pytest.mark.parametrize("name", ["rdunet", "rdunet_depth3"])
+def test_every_dc_module_output_reaches_the_decoder(name):
+    variant, overrides = DILATED_SCHEDULES[name]
     model_config = _model_config(variant, **overrides)
     model = models.build_model(model_config)
     size = 32
