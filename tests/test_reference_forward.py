@@ -225,7 +225,7 @@ def test_dilated_cascade_equals_the_reference(rates, dilation_impl):
     assert np.abs(reversed_order - want).max() > 1e-2
 
 
-@pytest.mark.parametrize("batch_norm_class", [models.BatchNorm, nn.BatchNorm])
+@pytest.mark.parametrize("batch_norm_class", [models.BatchNorm, nn.BatchNorm], ids=["closed_form", "flax"])
 def test_batch_norm_evaluation_equals_the_reference(batch_norm_class):
     x = _images(6, seed=5, channels=3)
     module = batch_norm_class(use_running_average=True)
@@ -252,7 +252,11 @@ def test_reference_upsampling_is_scipys_half_pixel_zoom_and_not_align_corners():
     assert np.abs(align_corners - want).max() > 0.1
 
 
-@pytest.mark.parametrize("pool", [models.max_pool_reshape, lambda x: nn.max_pool(x, (2, 2), (2, 2))])
+@pytest.mark.parametrize(
+    "pool",
+    [models.max_pool_reshape, lambda x: nn.max_pool(x, (2, 2), (2, 2))],
+    ids=["reshape", "reduce_window"],
+)
 def test_max_pooling_equals_the_reference(pool):
     x = _images(8, seed=11, channels=3)
     np.testing.assert_array_equal(np.asarray(pool(x)), reference.max_pool_2x2(x))
