@@ -160,11 +160,15 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, tiny_con
     restored, meta = restore_latest(two_processes, tiny_state)
     assert int(restored.step) == int(reference.step) == 4
     assert meta["epoch"] == reference_meta["epoch"] == 2
-    # Float tolerance: the global batch's sums run in another order over 4 devices than on 1. One Adam
-    # step moves a parameter by up to the learning rate, 1e-2; a different batch moves most by that much.
+    # Float tolerance: the global batch's sums run in another order over 4 devices than on 1 (measured up
+    # to 6e-5). One Adam step moves a parameter by up to the learning rate, 1e-2, and a host feeding the
+    # wrong slices moved some by 3e-3 and more.
     for part in ("params", "batch_stats"):
         expected_leaves = jax.tree_util.tree_leaves_with_path(getattr(reference, part))
         actual_leaves = jax.tree_util.tree_leaves(getattr(restored, part))
-        for (path, expected), actual in zip(expected_leaves, actual_leaves, strict=True):
-            name = jax.tree_util.keystr(path)
-            np.testing.assert_allclose(actual, expected, rtol=0, atol=5e-4, err_msg=name)
+        differences = {
+            jax.tree_util.keystr(path): float(np.max(np.abs(np.asarray(actual) - np.asarray(expected))))
+            for (path, expected), actual in zip(expected_leaves, actual_leaves, strict=True)
+        }
+        worst = max(differences, key=differences.get)
+        assert differences[worst] < 5e-4, f"{part}{worst} differs by {differences[worst]:.2e}"
