@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, datasets, input_pipeline, train
+from rdunet_jax.errors import UserError
 
 HOST_BATCH_SIZE = 2
 
@@ -78,6 +79,30 @@ def test_the_hosts_read_disjoint_slices_of_the_epoch(monkeypatch, source, source
     whole_batches = len(source) // config.batch_size
     assert len(every_record) == len(set(every_record)) == whole_batches * config.batch_size
     assert all(len(host_records) == len(read[0]) for host_records in read)
+
+
+@pytest.mark.parametrize(
+    ("num_processes", "process_id", "named"),
+    [
+        (None, "0", "JAX_NUM_PROCESSES"),
+        ("two", "0", "JAX_NUM_PROCESSES"),
+        ("2", None, "JAX_PROCESS_ID"),
+        ("2", "2", "JAX_PROCESS_ID"),
+        ("2", "-1", "JAX_PROCESS_ID"),
+    ],
+)
+def test_a_coordinator_without_a_valid_process_count_and_index_is_a_user_error(
+    monkeypatch, num_processes, process_id, named
+):
+    # JAX reads JAX_COORDINATOR_ADDRESS itself but not the other two variables the README names.
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for name, value in (("JAX_NUM_PROCESSES", num_processes), ("JAX_PROCESS_ID", process_id)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"^{named}: "):
+        train.initialize_distributed()
 
 
 # --- a real two-process run ---------------------------------------------------------------------------
