@@ -95,6 +95,7 @@ def test_a_coordinator_without_a_valid_process_count_and_index_is_a_user_error(
     monkeypatch, num_processes, process_id, named
 ):
     # JAX reads JAX_COORDINATOR_ADDRESS itself but not the other two variables the README names.
+    monkeypatch.setattr(train, "_distributed_initialized", False)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     for name, value in (("JAX_NUM_PROCESSES", num_processes), ("JAX_PROCESS_ID", process_id)):
         if value is None:
