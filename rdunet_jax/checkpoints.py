@@ -61,7 +61,13 @@ class RunCheckpoints:
         self._managers = {
             kind: ocp.CheckpointManager(
                 directory / kind,
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+                # With several processes, `best` and `latest` saving the same step would otherwise
+                # share Orbax's barrier names ("Barrier _async_write_complete.<step> is already ongoing").
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep,
+                    create=create,
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind),
+                ),
                 item_names=("state", "meta"),
             )
             for kind, keep in (("latest", keep_latest), ("best", 1))

@@ -119,8 +119,10 @@ def train_dataset(
 ) -> grain.MapDataset:
     """One epoch of training batches (the last partial batch is dropped: fixed shapes).
 
-    With several hosts, every host shuffles identically and keeps every `shard_count`-th slice from
-    `shard_index`, so the hosts' batches together form the global batch and never overlap.
+    With several hosts, `batch_size` is each host's part of the global batch: every host shuffles and
+    augments the epoch identically, cuts it into parts of `batch_size` slices and keeps every
+    `shard_count`-th part from `shard_index`, so the hosts' parts, in host order, are exactly the
+    one-host run's global batch (the same augmented slices in the same rows) and never overlap.
     """
     if len(source) // shard_count < batch_size:
         raise UserError(
@@ -128,13 +130,16 @@ def train_dataset(
             f"({len(source)} slices over {shard_count} hosts)"
         )
     dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
-    if shard_count > 1:
-        dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
     dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
+    # Augmented before sharding: Grain draws a slice's randomness from its position in the dataset, so
+    # it stays the global position. The dataset is lazy: a host prepares only the slices it keeps.
     dataset = dataset.random_map(
         Augment(data_config.flip, data_config.zoom_range, data_config.rotation_degrees)
     )
-    return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    if shard_count > 1:
+        dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
+    return dataset
 
 
 def to_iterator(dataset: grain.MapDataset, state: dict | None = None, num_threads: int = 2):

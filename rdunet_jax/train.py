@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import struct
 from flax.training import train_state
 from jax.experimental import serialize_executable
@@ -84,13 +85,49 @@ def enable_compilation_cache(directory: str) -> None:
 _distributed_initialized = False
 
 
+def _process_variable(name: str, num_processes: int | None = None) -> int:
+    """A process count or index from the environment, checked (JAX itself reads only the address)."""
+    text = os.environ.get(name, "")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    low, high = (1, None) if num_processes is None else (0, num_processes - 1)
+    if value < low or (high is not None and value > high):
+        expected = "a whole number >= 1" if high is None else f"a whole number from 0 to {high}"
+        raise UserError(f"{name}: {text!r} is not {expected} (JAX_COORDINATOR_ADDRESS is set)")
+    return value
+
+
 def initialize_distributed() -> None:
-    """Joins a multi-host run when the usual JAX coordinator variables are set (once per process, and
-    before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
+    """Joins a multi-host run when JAX_COORDINATOR_ADDRESS is set, with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (once per process, and before anything starts a JAX backend, which
+    `jax.distributed.initialize` requires)."""
     global _distributed_initialized
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not _distributed_initialized:
-        jax.distributed.initialize()
+        num_processes = _process_variable("JAX_NUM_PROCESSES")
+        process_id = _process_variable("JAX_PROCESS_ID", num_processes)
+        jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
         _distributed_initialized = True
+
+
+# How long the hosts wait for each other's compiler before the first step (a 256 px train step compiles
+# for minutes on a small CPU).
+_COMPILE_BARRIER_SECONDS = 3600
+
+
+def wait_for_every_host(name: str) -> None:
+    """A barrier of the coordination service across every process (nothing with one process).
+
+    XLA:CPU's Gloo collectives give up after 30 s when one process reaches the first collective and the
+    others have not ("Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out"),
+    which is what happens when one host loads the train step from its compilation cache while another
+    compiles it; the coordination service waits as long as it is told.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(
+            name, timeout=_COMPILE_BARRIER_SECONDS, processes=set(range(jax.process_count()))
+        )
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -331,6 +368,19 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in ("image", "mask")}
 
 
+def host_batches(source, config, epoch: int):
+    """This host's part of every global batch of an epoch (`input_pipeline.train_dataset`'s shard)."""
+    return input_pipeline.train_dataset(
+        source,
+        config.data,
+        config.batch_size // jax.process_count(),
+        config.seed,
+        epoch,
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+
 def replicate(tree, mesh: Mesh):
     """Copies every leaf to every device of the mesh (parameters, optimizer state)."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
@@ -484,20 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     check_batch_divides(config.batch_size, mesh)
     train_source = datasets.load_source(config.data, config.data.train_split)
     validation_source = datasets.load_source(config.data, "validation")
-    local_batch_size = config.batch_size // jax.process_count()
-
-    def epoch_batches(epoch):
-        return input_pipeline.train_dataset(
-            train_source,
-            config.data,
-            local_batch_size,
-            config.seed,
-            epoch,
-            jax.process_index(),
-            jax.process_count(),
-        )
-
-    steps_per_epoch = len(epoch_batches(0))
+    steps_per_epoch = len(host_batches(train_source, config, 0))
     is_first_host = jax.process_index() == 0
 
     started = time.perf_counter()
@@ -538,11 +575,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         with _StopOnSignal() as stop:
             for epoch in range(meta["epoch"], config.num_epochs):
                 epoch_start = time.perf_counter()
-                iterator = input_pipeline.to_iterator(epoch_batches(epoch), meta["iterator"])
+                iterator = input_pipeline.to_iterator(
+                    host_batches(train_source, config, epoch), meta["iterator"]
+                )
                 for batch in iterator:
                     batch = shard_batch(batch, mesh)
                     if step_function is None:
                         step_function = compiled_train_step(config, state, batch, steps_per_epoch, mesh)
+                        wait_for_every_host("rdunet_train_step_compiled")
                     state, step_metrics = step_function(state, batch)
                     step += 1
                     loss_check.add(step, step_metrics["loss"])

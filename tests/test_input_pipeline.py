@@ -52,21 +52,41 @@ def test_batches_have_fixed_shapes_and_ranges(source, data):
         assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
 
 
+def augment_with_seed(augment, image, mask, seed):
+    """One augmentation draw (the same one for the same seed) of an (image, mask) pair of 2-D arrays."""
+    example = {"image": image[..., None], "mask": mask[..., None]}
+    augmented = augment.random_map(example, np.random.default_rng(seed))
+    return augmented["image"][..., 0], augmented["mask"][..., 0]
+
+
 @pytest.mark.parametrize("rotation_degrees", [0.0, 20.0])
 @pytest.mark.parametrize("seed", range(12))
-def test_flips_zoom_and_rotation_keep_masks_binary_and_aligned(seed, rotation_degrees):
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    mask[5:14, 8:25] = 1.0  # an asymmetric blob, so a flip of one but not the other would show
+def test_flips_zoom_and_rotation_move_image_and_mask_identically_and_keep_masks_binary(
+    seed, rotation_degrees
+):
+    # Images that say where each pixel came from: bilinear interpolation reproduces a constant and a linear
+    # ramp exactly wherever it reads inside the slice, so the augmented row and column ramps give the source
+    # point that each output pixel shows, whatever flips, zoom and rotation were drawn. The mask must be
+    # the source mask at the nearest source pixel there (nearest-neighbour: no new values).
+    rows, columns = np.indices((IMAGE_SIZE, IMAGE_SIZE)).astype(np.float64)
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
+    mask[5:14, 8:25] = 1.0  # asymmetric blobs: every flip, zoom and turn changes the mask
     mask[20:28, 3:9] = 1.0
-    example = {"image": mask[..., None].copy(), "mask": mask[..., None].copy()}
     augment = input_pipeline.Augment(flip=True, zoom_range=0.2, rotation_degrees=rotation_degrees)
-    augmented = augment.random_map(example, np.random.default_rng(seed))
-    image, new_mask = augmented["image"][..., 0], augmented["mask"][..., 0]
-    assert set(np.unique(new_mask)) <= {0.0, 1.0} and new_mask.sum() > 0
-    # The image went through bilinear, the mask through nearest interpolation: they may differ on the
-    # blob's edge only.
-    disagreement = np.mean((image > 0.5) != (new_mask > 0.5))
-    assert disagreement < 0.02
+    coverage, augmented_mask = augment_with_seed(augment, np.ones_like(mask), mask, seed)
+    source_rows, _ = augment_with_seed(augment, rows, mask, seed)
+    source_columns, _ = augment_with_seed(augment, columns, mask, seed)
+    assert set(np.unique(augmented_mask)) <= {0.0, 1.0} and augmented_mask.sum() > 0
+    read_inside = np.abs(coverage - 1.0) < 1e-9
+    halfway = (np.abs(source_rows % 1 - 0.5) < 1e-3) | (np.abs(source_columns % 1 - 0.5) < 1e-3)
+    checked = read_inside & ~halfway  # a point halfway between two pixels may round to either
+    assert checked.mean() > 0.5
+    nearest = mask[
+        np.rint(source_rows).astype(int).clip(0, IMAGE_SIZE - 1),
+        np.rint(source_columns).astype(int).clip(0, IMAGE_SIZE - 1),
+    ]
+    np.testing.assert_array_equal(augmented_mask[checked], nearest[checked])
+    assert 0 < augmented_mask[checked].sum() < checked.sum()  # both classes inside the compared region
 
 
 def test_zoom_and_rotate_matches_hand_computed_turns_and_magnification():

@@ -280,15 +280,18 @@ def test_sharded_train_step_equals_single_device_step():
 
 def test_distributed_initialisation_only_when_a_coordinator_is_set(monkeypatch):
     calls = []
-    monkeypatch.setattr(train.jax.distributed, "initialize", lambda: calls.append(1))
+    monkeypatch.setattr(train.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(train, "_distributed_initialized", False)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     train.initialize_distributed()
     assert calls == []
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12355")
+    # JAX reads only the address from the environment: the count and index are passed on.
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
     train.initialize_distributed()
     train.initialize_distributed()
-    assert calls == [1]
+    assert calls == [{"num_processes": 2, "process_id": 1}]
 
 
 # --- the train step's executable cache (start-up of a second run) ------------------------------------
