@@ -86,9 +86,7 @@ def test_the_orientation_key_defaults_to_the_datasets_and_is_validated():
     config.data.name = "semiseg"
     assert orientation.model_orientation(config.data) == "LP"
     config.data.name = "nifti"
-    assert (
-        orientation.model_orientation(config.data) == "PL"
-    )  # volumes are turned from their affine, to radiological display
+    assert orientation.model_orientation(config.data) == "PL"  # turned from the affine to display
     config.data.orientation = "RA"
     assert orientation.model_orientation(config.data) == "RA"
     config_lib.validate(config)
