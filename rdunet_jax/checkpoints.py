@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: `latest/` for resuming and `best/` (lowest validation loss).
 
 Each checkpoint holds the train state (parameters, batch statistics, optimizer state, step, dropout key)
-and a small JSON `meta` item: epoch, position of the data iterator, best validation loss, and the
-model's architecture, so a checkpoint is never restored into a different model.
+and a small JSON `meta` item: epoch, position of the data iterator, best validation loss, the model's
+architecture, so a checkpoint is never restored into a different model, and the in-plane orientation of
+its training slices, so a model is never fed slices the other way round.
 """
 
 import json
@@ -12,6 +13,7 @@ import time
 
 import orbax.checkpoint as ocp
 
+from rdunet_jax import orientation
 from rdunet_jax.errors import UserError
 
 # The `model.*` keys that define the function a checkpoint's parameters belong to.
@@ -48,6 +50,17 @@ def check_architecture(saved: dict | None, model_config, directory) -> None:
     if differences:
         raise ModelMismatchError(
             f"checkpoint in {directory} was made by another model: {'; '.join(differences)}"
+        )
+
+
+def check_orientation(saved: str | None, data_config, directory) -> None:
+    """Raises ModelMismatchError when the checkpoint's training slices faced another way than the config's
+    `data.orientation` says (checkpoints saved before the orientation was recorded are not checked)."""
+    current = orientation.model_orientation(data_config)
+    if saved is not None and saved != current:
+        raise ModelMismatchError(
+            f"checkpoint in {directory} was trained on slices in orientation {saved!r}, the config gives "
+            f"data.orientation={current!r}; set --config.data.orientation={saved}"
         )
 
 
@@ -88,10 +101,10 @@ class RunCheckpoints:
     def all_steps(self, kind: str) -> list[int]:
         return list(self._managers[kind].all_steps())
 
-    def restore(self, kind: str, target_state, step: int | None = None, model_config=None):
+    def restore(self, kind: str, target_state, step: int | None = None, model_config=None, data_config=None):
         """Restores (state, meta) of `kind` at `step` (the newest by default) onto `target_state`'s
-        structure, or returns None when there is none. With `model_config`, first checks that the
-        checkpoint was made by the same architecture."""
+        structure, or returns None when there is none. With `model_config` (and `data_config`), first
+        checks that the checkpoint was made by the same architecture (and slice orientation)."""
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -99,6 +112,8 @@ class RunCheckpoints:
         if model_config is not None:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             check_architecture(meta.get("model"), model_config, self.directory / kind / str(step))
+            if data_config is not None:
+                check_orientation(meta.get("orientation"), data_config, self.directory / kind / str(step))
         restored = manager.restore(
             step,
             args=ocp.args.Composite(

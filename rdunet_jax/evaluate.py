@@ -546,7 +546,9 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
         step = max(steps) if checkpoint_step is None else checkpoint_step
         try:
-            restored = run_checkpoints.restore(kind, target, step, model_config=config.model)
+            restored = run_checkpoints.restore(
+                kind, target, step, model_config=config.model, data_config=config.data
+            )
         except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not a damaged one
             raise
         except Exception as error:  # orbax and tensorstore raise many types for missing or cut files

@@ -14,25 +14,27 @@ The public PNG releases, read from their anatomy (spine and table, liver and sto
   body is at the right edge, the heart and liver to the left; the arch of the aorta runs from the upper
   left (anterior, patient right) to the lower right (posterior, patient left).
 - The phantom (`synthetic`) draws its spine at the bottom: `PL`.
+- NIfTI volumes (`nifti`) carry their orientation in the affine: the builder turns each to radiological
+  display (`PL`), as prediction does, so training and prediction agree for every NIfTI source.
 
 `data.orientation` records the orientation a model was trained in: `auto` (the default, also for configs
-written before the key existed) means the training dataset's orientation above; `voxel` (what `auto`
-means for the `nifti` dataset, which stores slices in each file's voxel order) feeds volumes in their
-stored voxel order, unturned, as prediction did before orientations were known.
+written before the key existed) means the training dataset's orientation above; `voxel` keeps volumes in
+their stored voxel order, unturned (how the `nifti` builder and prediction read them before
+orientations were known).
 """
 
 import dataclasses
 
 import numpy as np
 
+# Radiological display, in which overlays are drawn.
+DISPLAY = "PL"
 IN_PLANE_ORIENTATIONS = ("PL", "PR", "AL", "AR", "LP", "LA", "RP", "RA")
 VOXEL_ORDER = "voxel"
 AUTO = "auto"
 ORIENTATION_CHOICES = (AUTO, VOXEL_ORDER, *IN_PLANE_ORIENTATIONS)
 # The orientation of each dataset's slices (see the module docstring for the evidence).
-DATASET_ORIENTATIONS = {"ma2020_2d": "PL", "synthetic": "PL", "semiseg": "LP", "nifti": VOXEL_ORDER}
-# Radiological display, in which overlays are drawn.
-DISPLAY = "PL"
+DATASET_ORIENTATIONS = {"ma2020_2d": "PL", "synthetic": "PL", "semiseg": "LP", "nifti": DISPLAY}
 
 
 def model_orientation(data_config) -> str:
@@ -84,6 +86,19 @@ class VolumeLayout:
     def slice_from_model(self, model_slice: np.ndarray) -> np.ndarray:
         """A model-layout slice turned back to the stored voxel order; needs `per_slice`."""
         return turn(model_slice, self.from_model[:2])
+
+    def affine_in_model(self, affine: np.ndarray, stored_shape) -> np.ndarray:
+        """The affine of the turned volume: every voxel keeps its world position."""
+        from nibabel import orientations
+
+        return affine @ orientations.inv_ornt_aff(self.to_model, stored_shape)
+
+    def spacing_in_model(self, spacing) -> tuple:
+        """Voxel sizes along the model's (rows, columns, slices) from the stored axes' sizes."""
+        model_spacing = [0.0, 0.0, 0.0]
+        for stored_axis, (model_axis, _) in enumerate(self.to_model):
+            model_spacing[int(model_axis)] = spacing[stored_axis]
+        return tuple(model_spacing)
 
 
 def volume_layout(affine: np.ndarray, orientation: str) -> VolumeLayout:

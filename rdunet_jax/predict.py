@@ -172,9 +172,12 @@ def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool)
     the same name in the `ground_truth` folder (None when absent)."""
     if ground_truth is None:
         return None
-    if input_kind(input_file) == "dicom":
-        raise UserError(f"--ground_truth: not read for a DICOM series ({input_file})")
     ground_truth = pathlib.Path(ground_truth)
+    if input_kind(input_file) == "dicom" and (not single_input or input_kind(ground_truth) != "nifti"):
+        raise UserError(
+            f"--ground_truth: a DICOM series ({input_file}) takes one NIfTI mask in the series' geometry "
+            f"(that of the mask prediction writes for it), not {ground_truth}"
+        )
     if ground_truth.is_dir():
         candidate = ground_truth / input_file.name
         return candidate if candidate.exists() else None
@@ -282,15 +285,23 @@ def open_volume(path: pathlib.Path, keep_file_open: bool = True):
 
 def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True, series=None):
     """(volume, expert mask volume or None), checked to have the same shape; a folder is a DICOM series
-    (`series`: its SeriesInstanceUID, needed when the folder holds several)."""
+    (`series`: its SeriesInstanceUID, needed when the folder holds several), whose mask must also have
+    the series' affine (that of the NIfTI mask written for it)."""
     if input_kind(input_file) == "dicom":
         from rdunet_jax import dicom
 
-        return dicom.open_series(input_file, series), None
-    image = open_volume(input_file, keep_file_open)
+        image = dicom.open_series(input_file, series)
+    else:
+        image = open_volume(input_file, keep_file_open)
     truth = open_volume(ground_truth, keep_file_open) if ground_truth else None
     if truth is not None and truth.shape != image.shape:
         raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
+    if truth is not None and input_kind(input_file) == "dicom":
+        if not np.allclose(truth.affine, image.affine, atol=1e-3):
+            raise UserError(
+                f"--ground_truth: {ground_truth} is not in the geometry of the series {input_file} "
+                f"(its affine differs from the series' {np.round(image.affine, 3).tolist()})"
+            )
     return image, truth
 
 

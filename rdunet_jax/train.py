@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from rdunet_jax.orientation import model_orientation
 
 # Fault injection for the resume tests: SIGKILL this process right after the given step.
 _KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
@@ -485,6 +486,7 @@ def new_meta(config) -> dict:
         "best_val_loss": None,
         "best_epoch": None,
         "model": checkpoints.architecture(config.model),
+        "orientation": model_orientation(config.data),
     }
 
 
@@ -499,7 +501,9 @@ def restore_latest(run_checkpoints, state, config):
     damaged = []
     for step in steps:
         try:
-            restored = run_checkpoints.restore("latest", state, step, model_config=config.model)
+            restored = run_checkpoints.restore(
+                "latest", state, step, model_config=config.model, data_config=config.data
+            )
         except checkpoints.ModelMismatchError:
             raise
         except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint

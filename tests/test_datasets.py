@@ -178,7 +178,7 @@ def test_ma2020_random_split_is_seeded(tmp_path):
 
 def test_nifti_splits_by_case_and_keeps_hounsfield_units_and_geometry(tmp_path):
     root = make_nifti(tmp_path / "nifti", cases=("a", "b", "c", "d", "e"))
-    data = data_config(tmp_path, "nifti", root)
+    data = data_config(tmp_path, "nifti", root, orientation="voxel")  # the stored order, unturned
     cases_by_split = {}
     for split in ("train", "validation", "test"):
         source = datasets.load_source(data, split)
@@ -621,3 +621,95 @@ def test_cross_validation_keys_accept_valid_values():
     config = config_lib.base_config()
     config.data.update(cv_folds=5, cv_fold=4, cv_seed=11)
     config_lib.validate(config)
+
+
+# One volume (x toward the patient's right, y anterior, z superior; 0.6 x 0.8 x 5 mm) stored four ways:
+# (voxel array, affine) as RAS, LPS (both in-plane axes flipped), with x and y swapped, and with the
+# slices stored inferior-first. The affines are written out by hand, not by nibabel's reorientation.
+ORIENTED_SHAPE = (12, 10, 3)
+
+
+def _stored_orientations(volume):
+    nx, ny, nz = volume.shape
+    return {
+        "ras": (volume, np.diag([0.6, 0.8, 5.0, 1.0])),
+        "lps": (
+            volume[::-1, ::-1, :],
+            np.array(
+                [[-0.6, 0, 0, 0.6 * (nx - 1)], [0, -0.8, 0, 0.8 * (ny - 1)], [0, 0, 5, 0], [0, 0, 0, 1]]
+            ),
+        ),
+        "swapped": (
+            volume.transpose(1, 0, 2),
+            np.array([[0, 0.6, 0, 0], [0.8, 0, 0, 0], [0, 0, 5, 0], [0, 0, 0, 1]]),
+        ),
+        "inferior": (
+            volume[:, :, ::-1],
+            np.array([[0.6, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, -5, 5 * (nz - 1)], [0, 0, 0, 1]]),
+        ),
+    }
+
+
+def _oriented_nifti(root):
+    """The four stored orientations of one volume and its labels as <case>_image/_mask pairs."""
+    volume, labels = nifti_case(7, ORIENTED_SHAPE)
+    for case, (stored, affine) in _stored_orientations(volume).items():
+        save_nifti(root / f"{case}_image.nii.gz", np.ascontiguousarray(stored), affine=affine)
+    for case, (stored, affine) in _stored_orientations(labels).items():
+        save_nifti(root / f"{case}_mask.nii.gz", np.ascontiguousarray(stored), affine=affine)
+    return root, volume, labels
+
+
+def test_nifti_volumes_in_any_stored_orientation_give_the_same_training_slices(tmp_path):
+    root, volume, labels = _oriented_nifti(tmp_path / "nifti")
+    data = data_config(tmp_path, "nifti", root)  # auto: radiological display, PL
+    records = [r for split in ("train", "validation", "test") for r in datasets.load_source(data, split)]
+    by_case = {}
+    for record in records:
+        by_case.setdefault(record["case_id"], {})[int(record["slice_index"])] = record
+    assert sorted(by_case) == ["inferior", "lps", "ras", "swapped"]
+    for case, slices in by_case.items():
+        assert sorted(slices) == [0, 1, 2], case
+        for index, record in slices.items():
+            # Stored index k of the inferior-first copy is the RAS copy's slice 2 - k.
+            ras_index = 2 - index if case == "inferior" else index
+            # By hand: PL rows run anterior to posterior (y descending), columns right to left (x descending).
+            np.testing.assert_array_equal(record["image"], volume[::-1, ::-1, ras_index].T, err_msg=case)
+            np.testing.assert_array_equal(record["class_mask"], labels[::-1, ::-1, ras_index].T, err_msg=case)
+            np.testing.assert_allclose(record["spacing"], (0.8, 0.6, 5.0))
+            assert tuple(record["volume_shape"]) == (10, 12, 3)
+            # The recorded affine puts every turned voxel where the RAS copy has it in the world.
+            rows, columns = np.meshgrid(*(np.arange(n) for n in record["image"].shape), indexing="ij")
+            turned = np.stack([rows.ravel(), columns.ravel(), np.full(rows.size, index), np.ones(rows.size)])
+            ras_voxels = np.rint(np.linalg.inv(np.diag([0.6, 0.8, 5.0, 1.0])) @ record["affine"] @ turned)
+            x, y, z = ras_voxels[:3].astype(int)
+            np.testing.assert_array_equal(record["image"].ravel(), volume[x, y, z], err_msg=case)
+
+
+def test_nifti_orientation_is_part_of_the_prepared_dataset_key(tmp_path):
+    root, volume, _ = _oriented_nifti(tmp_path / "nifti")
+    display = builder.prepare(data_config(tmp_path, "nifti", root)).data_path
+    assert builder.prepare(data_config(tmp_path, "nifti", root, orientation="PL")).data_path == display
+    voxel_data = data_config(tmp_path, "nifti", root, orientation="voxel")
+    assert builder.prepare(voxel_data).data_path != display
+    record = next(
+        r
+        for split in ("train", "validation", "test")
+        for r in datasets.load_source(voxel_data, split)
+        if r["case_id"] == "lps" and r["slice_index"] == 0
+    )
+    np.testing.assert_array_equal(record["image"], volume[::-1, ::-1, 0])  # as stored
+
+
+def test_a_medseg_stack_resliced_by_its_affine_is_refused(tmp_path):
+    root = tmp_path / "nifti"
+    stack, stack_labels = nifti_case(0, shape=(12, 10, 5))
+    sagittal = np.array([[0, 0, 5.0, 0], [0, 0.7, 0, 0], [0.7, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 runs S-I
+    save_nifti(root / "tr_im.nii.gz", stack, affine=sagittal)
+    save_nifti(root / "tr_mask.nii.gz", stack_labels, affine=sagittal)
+    with pytest.raises(
+        UserError, match=r"tr_im.nii.gz: a stack of unrelated slices.*data.orientation='voxel'"
+    ):
+        datasets.load_source(data_config(tmp_path, "nifti", root), "train")
+    assert_no_dataset_left(tmp_path)
+    assert len(datasets.load_source(data_config(tmp_path, "nifti", root, orientation="voxel"), "train")) > 0

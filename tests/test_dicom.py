@@ -312,3 +312,43 @@ def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_p
         np.testing.assert_array_equal(frame, mask[:, :, sources[uid]].T)
     # And the mask is the stand-in model's: the phantom's bright box, where each slice put it.
     np.testing.assert_array_equal(mask.transpose(1, 0, 2), (volume > 0).astype(np.uint8))
+
+
+def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    volume = _phantom_hu()
+    write_series(tmp_path / "series", volume)
+    # By hand, as in the ordering test: (column, row, slice) voxels, the series' RAS affine.
+    affine = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
+    truth = (volume > 0).transpose(1, 0, 2).astype(np.uint8)
+    truth[:, :, 3] = 0  # the expert drew no lesion on the last slice
+    nibabel.save(nibabel.Nifti1Image(truth, affine), tmp_path / "truth.nii.gz")
+    (summary,) = predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "series",
+        tmp_path / "out",
+        state=_Stub(),
+        ground_truth=tmp_path / "truth.nii.gz",
+    )
+    # The stand-in model predicts every box (volume > 0), the truth holds all but the last.
+    predicted = int((volume > 0).sum())
+    assert summary["dice_with_ground_truth"] == pytest.approx(2 * truth.sum() / (predicted + truth.sum()))
+
+    moved = affine.copy()
+    moved[0, 3] += 5.0  # the same grid 5 mm to the side
+    nibabel.save(nibabel.Nifti1Image(truth, moved), tmp_path / "moved.nii.gz")
+    for ground_truth, message in (
+        (tmp_path / "moved.nii.gz", r"moved.nii.gz is not in the geometry of the series .*series"),
+        (tmp_path / "series", r"series\) takes one NIfTI mask in the series' geometry"),
+    ):
+        with pytest.raises(UserError, match=message):
+            predict.predict_path(
+                make_tiny_config(),
+                None,
+                tmp_path / "series",
+                tmp_path / "refused",
+                state=_Stub(),
+                ground_truth=ground_truth,
+            )
+        assert not (tmp_path / "refused").exists()

@@ -12,7 +12,7 @@ from conftest import make_tiny_config
 from nibabel import orientations as nib_orientations
 from PIL import Image
 
-from rdunet_jax import config_lib, evaluate, input_pipeline, orientation, predict
+from rdunet_jax import checkpoints, config_lib, evaluate, input_pipeline, orientation, predict, train
 from rdunet_jax.errors import UserError
 
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -86,7 +86,7 @@ def test_the_orientation_key_defaults_to_the_datasets_and_is_validated():
     config.data.name = "semiseg"
     assert orientation.model_orientation(config.data) == "LP"
     config.data.name = "nifti"
-    assert orientation.model_orientation(config.data) == "voxel"
+    assert orientation.model_orientation(config.data) == "PL"  # turned from the affine to display
     config.data.orientation = "RA"
     assert orientation.model_orientation(config.data) == "RA"
     config_lib.validate(config)
@@ -96,6 +96,20 @@ def test_the_orientation_key_defaults_to_the_datasets_and_is_validated():
     # A config written before the key existed reads as 'auto'.
     old = ml_collections.ConfigDict({"name": "semiseg", "image_size": 32})
     assert orientation.model_orientation(old) == "LP"
+
+
+def test_a_checkpoint_carries_its_orientation_and_refuses_another(tiny_state, tmp_path):
+    trained = make_tiny_config()  # the phantom: auto is PL
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    run_checkpoints.save("best", 1, tiny_state, train.new_meta(trained))
+    run_checkpoints.close()
+    evaluate.restore_for_evaluation(trained, tmp_path)
+    turned = make_tiny_config()
+    turned.data.orientation = "LP"
+    with pytest.raises(
+        UserError, match=r"orientation 'PL', .*data.orientation='LP'; set --config.data.orientation=PL$"
+    ):
+        evaluate.restore_for_evaluation(turned, tmp_path)
 
 
 def test_a_ras_volume_is_turned_to_radiological_display_per_slice():

@@ -4,8 +4,9 @@ It works without TensorFlow: examples are written as array_record files with `Te
 back with `as_data_source`. A build runs in a TFDS `incomplete.*` folder that is renamed only when every
 split was written, so a failed build (a corrupt file, a missing mask) leaves nothing that loads as
 complete. The builder config's name carries a hash of the manual directory's fingerprint (file list,
-sizes, modification times) and of the split options, so changed data or options build a new cache
-instead of silently reusing a stale one.
+sizes, modification times), of the split options and (for `nifti`) of the in-plane orientation the
+volumes are turned to, so changed data or options build a new cache instead of silently reusing a
+stale one.
 """
 
 import collections
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
+from rdunet_jax import orientation
 from rdunet_jax.datasets import layouts, phantom, readers
 from rdunet_jax.errors import UserError
 
@@ -38,6 +40,7 @@ class CovidCtConfig(tfds.core.BuilderConfig):
     split_seed: int = 0
     synthetic_sizes: tuple = (160, 32, 32)
     synthetic_image_size: int = 256
+    orientation: str = orientation.VOXEL_ORDER
 
 
 def _image_tensor(dtype=np.uint8):
@@ -191,7 +194,7 @@ def _nifti_split_generators(cases, config) -> dict:
             units.append((case, None))
     splits = layouts.assign_splits(units, config.split_scheme, config.split_fractions, config.split_seed)
     _require_nonempty(splits, f"{len(units)} cases")
-    return {split: _generate_nifti(split_units) for split, split_units in splits.items()}
+    return {split: _generate_nifti(split_units, config.orientation) for split, split_units in splits.items()}
 
 
 def _nifti_slice_count(path) -> int:
@@ -209,12 +212,13 @@ def _nifti_slice_count(path) -> int:
     return shape[2]
 
 
-def _generate_nifti(units):
-    """Axial slices of NIfTI volumes in voxel order, with HU, spacing, affine and slice index."""
+def _generate_nifti(units, model_orientation: str):
+    """Axial slices of NIfTI volumes turned to `model_orientation` (as prediction turns them), with HU,
+    and the spacing, affine, slice index and shape of the turned volume."""
     loaded_case, volumes = None, None
     for case, only_slice in units:
         if case is not loaded_case:  # units of one case are adjacent: read each volume once per split
-            loaded_case, volumes = case, _read_nifti_case(case)
+            loaded_case, volumes = case, _read_nifti_case(case, model_orientation)
         image, labels, affine, spacing = volumes
         indices = range(image.shape[2]) if only_slice is None else (only_slice,)
         for index in indices:
@@ -236,12 +240,27 @@ def _generate_nifti(units):
             )
 
 
-def _read_nifti_case(case):
-    """Image (float32 HU) and label volumes of a case, checked to share shape and affine."""
+def _read_nifti_case(case, model_orientation: str):
+    """Image (float32 HU) and label volumes of a case, checked to share shape and affine, turned from
+    their affine to `model_orientation` (slices along the axis nearest superior-inferior), with the
+    turned volume's affine and spacing."""
     image, image_affine, spacing = readers.read_nifti(case.image)
     mask, mask_affine, _ = readers.read_nifti(case.mask)
     readers.check_nifti_pair(case.image, image, image_affine, case.mask, mask, mask_affine)
-    return image, readers.nifti_label_volume(mask, case.mask), image_affine, spacing
+    labels = readers.nifti_label_volume(mask, case.mask)
+    layout = orientation.volume_layout(image_affine, model_orientation)
+    if case.independent_slices and not layout.per_slice:
+        # Unrelated slices stacked along the third axis cannot be resliced along another.
+        raise UserError(
+            f"{case.image}: a stack of unrelated slices whose affine puts superior-inferior on another "
+            f"axis than the third; set data.orientation='voxel' to read it in voxel order"
+        )
+    return (
+        orientation.turn(image, layout.to_model),
+        orientation.turn(labels, layout.to_model),
+        layout.affine_in_model(image_affine, image.shape),
+        layout.spacing_in_model(spacing),
+    )
 
 
 def cache_options(data_config) -> dict:
@@ -258,6 +277,9 @@ def cache_options(data_config) -> dict:
         "manual_dir": str(manual_dir.resolve()),
         "fingerprint": readers.fingerprint(manual_dir),
     }
+    if name == "nifti":
+        # The turned slices are what is prepared: another orientation is another dataset.
+        options["orientation"] = orientation.model_orientation(data_config)
     if name in ("ma2020_2d", "nifti"):
         options.update(
             split_scheme=data_config.split_scheme,
