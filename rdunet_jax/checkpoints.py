@@ -55,8 +55,15 @@ def check_architecture(saved: dict | None, model_config, directory) -> None:
 
 def check_orientation(saved: str | None, data_config, directory) -> None:
     """Raises ModelMismatchError when the checkpoint's training slices faced another way than the config's
-    `data.orientation` says (checkpoints saved before the orientation was recorded are not checked)."""
+    `data.orientation` says. Checkpoints saved before the orientation was recorded are trusted, except a
+    `nifti` model left at `auto`: it was trained in stored voxel order, which `auto` no longer means."""
     current = orientation.model_orientation(data_config)
+    left_at_auto = data_config.get("orientation", orientation.AUTO) == orientation.AUTO
+    if saved is None and data_config.name == "nifti" and left_at_auto:
+        raise ModelMismatchError(
+            f"checkpoint in {directory} predates recorded orientations and was trained on NIfTI volumes in "
+            f"their stored voxel order; set --config.data.orientation={orientation.VOXEL_ORDER}"
+        )
     if saved is not None and saved != current:
         raise ModelMismatchError(
             f"checkpoint in {directory} was trained on slices in orientation {saved!r}, the config gives "

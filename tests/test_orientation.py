@@ -210,3 +210,15 @@ def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates
         predict.predict_path(config, None, tmp_path / f"slice{index}.png", tmp_path / "out", state=tiny_state)
         png_mask = _grayscale(tmp_path / "out" / f"slice{index}_mask.png") > 127
         assert np.mean(png_mask == (canonical[:, :, index] > 0)) > 0.99
+
+
+def test_a_nifti_checkpoint_saved_before_orientations_were_recorded_needs_its_voxel_order_named(tmp_path):
+    """Before `data.orientation` existed a `nifti` model trained in stored voxel order; `auto` now means
+    radiological display, so such a checkpoint is refused at `auto` and accepted once the order is named."""
+    nifti = ml_collections.ConfigDict({"name": "nifti", "image_size": 32, "orientation": "auto"})
+    with pytest.raises(UserError, match=r"predates recorded orientations.*data.orientation=voxel$"):
+        checkpoints.check_orientation(None, nifti, tmp_path)
+    nifti.orientation = "voxel"
+    checkpoints.check_orientation(None, nifti, tmp_path)
+    # PNG-trained checkpoints were trained in their dataset's own orientation, which `auto` still means.
+    checkpoints.check_orientation(None, ml_collections.ConfigDict({"name": "ma2020_2d"}), tmp_path)
