@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import onnx
 import pytest
-from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR
+from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+
+from rdunet_jax import checkpoints, train
 
 TINY = [
     "--config",
@@ -143,3 +147,57 @@ def test_a_file_where_a_folder_belongs_is_a_one_line_error(tmp_path, flag, messa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + message.format(file=file))
     assert file.read_text() == "not a folder"
+
+
+def _checkpoint_bytes(workdir: pathlib.Path) -> dict:
+    """Every checkpoint of a tiny run as {(kind, step, leaf path): array bytes}, plus each one's meta."""
+    config = make_tiny_config()
+    target = train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints", create=False)
+    contents = {}
+    try:
+        for kind in ("best", "latest"):
+            for step in run_checkpoints.all_steps(kind):
+                state, meta = run_checkpoints.restore(kind, target, step)
+                contents[kind, step, "meta"] = json.dumps(meta, sort_keys=True).encode()
+                for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+                    array = np.asarray(leaf)
+                    contents[kind, step, jax.tree_util.keystr(path)] = (array.dtype.str, array.tobytes())
+    finally:
+        run_checkpoints.close()
+    return contents
+
+
+def _log_without_times(workdir: pathlib.Path) -> list:
+    records = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
+
+
+def test_two_runs_with_the_same_settings_write_the_same_bytes(tmp_path):
+    """The README's promise: same machine, thread count, versions, seed and config give the same digits.
+    Two fresh processes (different hash seeds, run at once so their threads interleave differently)."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rdunet_jax.main", *TINY, f"--workdir={workdir}", "--config.num_epochs=2"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        )
+        for hash_seed, workdir in enumerate(runs, start=1)
+    ]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=240)
+        assert process.returncode == 0, stdout + stderr
+    first, second = runs
+    for name in ("config.json", "metrics/test.json", "metrics/test_slices.csv", "metrics/test.md"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert _log_without_times(first) == _log_without_times(second)
+    first_checkpoints, second_checkpoints = _checkpoint_bytes(first), _checkpoint_bytes(second)
+    # Both epochs' `latest`, and `best`: parameters, BatchNorm statistics, Adam moments, step, dropout key.
+    assert len(first_checkpoints) > 50
+    assert first_checkpoints.keys() == second_checkpoints.keys()
+    for key, value in first_checkpoints.items():
+        assert second_checkpoints[key] == value, key
