@@ -560,6 +560,7 @@ def verify_inputs(jobs: list[tuple], input_units: str = "hu", series: str | None
                 from rdunet_jax import dicom
 
                 dicom.segmentation_writer()
+                dicom.check_segmentation_references(image.dicom_geometry)
                 dicom.print_warnings(image.dicom_geometry)
         else:
             image = readers.read_grayscale_image(input_file)
