@@ -79,9 +79,9 @@ def input_kind(path: pathlib.Path) -> str | None:
 
 def stem(path: pathlib.Path) -> str:
     """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`; a folder's name."""
-    name = path.name
     if path.is_dir():
-        return name
+        return path.resolve().name  # '.' and '..' have no name of their own
+    name = path.name
     for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

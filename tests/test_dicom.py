@@ -404,3 +404,16 @@ def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_a
         predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_series_given_as_the_current_folder_names_its_outputs_after_the_folder(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    write_series(tmp_path / "chest", _phantom_hu())
+    monkeypatch.chdir(tmp_path / "chest")
+    (summary,) = predict.predict_path(make_tiny_config(), None, ".", tmp_path / "out", state=_Stub())
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "chest_mask.nii.gz",
+        "chest_overlays",
+        "chest_seg.dcm",
+        "chest_summary.json",
+    ]
