@@ -86,29 +86,42 @@ def enable_compilation_cache(directory: str) -> None:
 _distributed_initialized = False
 
 
-def _process_variable(name: str, num_processes: int | None = None) -> int:
-    """A process count or index from the environment, checked (JAX itself reads only the address)."""
+def _process_variable(name: str, low: int, high: int | None = None) -> int | None:
+    """A process count or index from the environment, checked (JAX itself reads only the address); None
+    when unset, left to JAX to read from a cluster scheduler (Slurm, Open MPI, Kubernetes...)."""
     text = os.environ.get(name, "")
+    if not text:
+        return None
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    low, high = (1, None) if num_processes is None else (0, num_processes - 1)
+        value = low - 1
     if value < low or (high is not None and value > high):
-        expected = "a whole number >= 1" if high is None else f"a whole number from 0 to {high}"
+        expected = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
         raise UserError(f"{name}: {text!r} is not {expected} (JAX_COORDINATOR_ADDRESS is set)")
     return value
 
 
 def initialize_distributed() -> None:
     """Joins a multi-host run when JAX_COORDINATOR_ADDRESS is set, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID (once per process, and before anything starts a JAX backend, which
-    `jax.distributed.initialize` requires)."""
+    JAX_PROCESS_ID, or the count and index JAX reads from a cluster scheduler (once per process, and
+    before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
     global _distributed_initialized
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not _distributed_initialized:
-        num_processes = _process_variable("JAX_NUM_PROCESSES")
-        process_id = _process_variable("JAX_PROCESS_ID", num_processes)
-        jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+        num_processes = _process_variable("JAX_NUM_PROCESSES", 1)
+        highest_id = None if num_processes is None else num_processes - 1
+        process_id = _process_variable("JAX_PROCESS_ID", 0, highest_id)
+        try:
+            jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+        except ValueError:
+            if num_processes is not None and process_id is not None:
+                raise
+            # JAX found no scheduler to read the missing one from (it checks before connecting).
+            missing = "JAX_NUM_PROCESSES" if num_processes is None else "JAX_PROCESS_ID"
+            raise UserError(
+                f"{missing}: not set, and no cluster scheduler (Slurm, Open MPI...) gives it "
+                "(JAX_COORDINATOR_ADDRESS is set)"
+            ) from None
         _distributed_initialized = True
 
 
