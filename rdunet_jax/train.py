@@ -86,11 +86,25 @@ def enable_compilation_cache(directory: str) -> None:
 _distributed_initialized = False
 
 
-def _process_variable(name: str, low: int, high: int | None = None) -> int | None:
+def _cluster_scheduler_detected() -> bool:
+    """Whether JAX would read the process count and index from a cluster scheduler it detects (Slurm,
+    Open MPI, Kubernetes...); False where JAX's detection cannot be asked (a private module)."""
+    try:
+        from jax._src import clusters
+
+        return any(
+            not environment.opt_in_only_method and environment.is_env_present()
+            for environment in clusters.ClusterEnv._cluster_types
+        )
+    except (ImportError, AttributeError):
+        return False
+
+
+def _process_variable(name: str, low: int, high: int | None, required: bool) -> int | None:
     """A process count or index from the environment, checked (JAX itself reads only the address); None
-    when unset, left to JAX to read from a cluster scheduler (Slurm, Open MPI, Kubernetes...)."""
+    when unset and not `required` (JAX then reads it from the cluster scheduler)."""
     text = os.environ.get(name, "")
-    if not text:
+    if not text and not required:
         return None
     try:
         value = int(text)
@@ -104,24 +118,15 @@ def _process_variable(name: str, low: int, high: int | None = None) -> int | Non
 
 def initialize_distributed() -> None:
     """Joins a multi-host run when JAX_COORDINATOR_ADDRESS is set, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, or the count and index JAX reads from a cluster scheduler (once per process, and
-    before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
+    JAX_PROCESS_ID, or under a cluster scheduler the count and index JAX reads from it (once per process,
+    and before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
     global _distributed_initialized
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not _distributed_initialized:
-        num_processes = _process_variable("JAX_NUM_PROCESSES", 1)
+        required = not _cluster_scheduler_detected()
+        num_processes = _process_variable("JAX_NUM_PROCESSES", 1, None, required)
         highest_id = None if num_processes is None else num_processes - 1
-        process_id = _process_variable("JAX_PROCESS_ID", 0, highest_id)
-        try:
-            jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
-        except ValueError:
-            if num_processes is not None and process_id is not None:
-                raise
-            # JAX found no scheduler to read the missing one from (it checks before connecting).
-            missing = "JAX_NUM_PROCESSES" if num_processes is None else "JAX_PROCESS_ID"
-            raise UserError(
-                f"{missing}: not set, and no cluster scheduler (Slurm, Open MPI...) gives it "
-                "(JAX_COORDINATOR_ADDRESS is set)"
-            ) from None
+        process_id = _process_variable("JAX_PROCESS_ID", 0, highest_id, required)
+        jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
         _distributed_initialized = True
 
 
