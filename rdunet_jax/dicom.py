@@ -279,6 +279,42 @@ def print_warnings(geometry: SeriesGeometry) -> None:
 SEGMENT_LABEL = "COVID-19 lesion"
 
 
+# What a DICOM SEG copies from its source images: type 1 UIDs it cannot do without, and type 2 attributes
+# (required, but may be empty) that anonymisers often delete and highdicom reads unguarded.
+SEGMENTATION_REFERENCES = ("StudyInstanceUID", "FrameOfReferenceUID")
+SEGMENTATION_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+)
+
+
+def check_segmentation_references(geometry: SeriesGeometry) -> None:
+    """Refuses a series whose files lack a UID its SEG must reference (checked before anything is written)."""
+    for path, header in geometry.files:
+        for keyword in SEGMENTATION_REFERENCES:
+            _required(path, header, keyword)
+
+
+def _completed_for_segmentation(header, slice_step: float):
+    """A copy of `header` with the SEGMENTATION_TYPE_2 attributes it lacks present and empty, and a missing
+    SliceThickness (which the SEG's pixel measures need a value for) the series' step between slices."""
+    import copy
+
+    completed = copy.deepcopy(header)
+    for keyword in SEGMENTATION_TYPE_2:
+        if keyword not in completed:
+            setattr(completed, keyword, None)
+    if completed.get("SliceThickness") is None:
+        completed.SliceThickness = slice_step
+    return completed
+
+
 def segmentation_writer():
     """highdicom, or a UserError naming the extra (checked before anything of a series is written)."""
     try:
@@ -314,7 +350,7 @@ def write_segmentation(
         algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    sources = [header for _, header in geometry.files]
+    sources = [_completed_for_segmentation(header, geometry.zooms[2]) for _, header in geometry.files]
     frames = np.ascontiguousarray(np.transpose(mask_volume, (2, 1, 0)), dtype=np.uint8)  # (slice, row, col)
     segmentation = highdicom.seg.Segmentation(
         source_images=sources,

@@ -79,9 +79,9 @@ def input_kind(path: pathlib.Path) -> str | None:
 
 def stem(path: pathlib.Path) -> str:
     """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`; a folder's name."""
-    name = path.name
     if path.is_dir():
-        return name
+        return path.resolve().name  # '.' and '..' have no name of their own
+    name = path.name
     for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -560,6 +560,7 @@ def verify_inputs(jobs: list[tuple], input_units: str = "hu", series: str | None
                 from rdunet_jax import dicom
 
                 dicom.segmentation_writer()
+                dicom.check_segmentation_references(image.dicom_geometry)
                 dicom.print_warnings(image.dicom_geometry)
         else:
             image = readers.read_grayscale_image(input_file)

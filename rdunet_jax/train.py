@@ -86,28 +86,46 @@ def enable_compilation_cache(directory: str) -> None:
 _distributed_initialized = False
 
 
-def _process_variable(name: str, num_processes: int | None = None) -> int:
-    """A process count or index from the environment, checked (JAX itself reads only the address)."""
+def _cluster_scheduler_detected() -> bool:
+    """Whether JAX would read the process count and index from a cluster scheduler it detects (Slurm,
+    Open MPI, Kubernetes...); False where JAX's detection cannot be asked (a private module)."""
+    try:
+        from jax._src import clusters
+
+        return any(
+            not environment.opt_in_only_method and environment.is_env_present()
+            for environment in clusters.ClusterEnv._cluster_types
+        )
+    except (ImportError, AttributeError):
+        return False
+
+
+def _process_variable(name: str, low: int, high: int | None, required: bool) -> int | None:
+    """A process count or index from the environment, checked (JAX itself reads only the address); None
+    when unset and not `required` (JAX then reads it from the cluster scheduler)."""
     text = os.environ.get(name, "")
+    if not text and not required:
+        return None
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    low, high = (1, None) if num_processes is None else (0, num_processes - 1)
+        value = low - 1
     if value < low or (high is not None and value > high):
-        expected = "a whole number >= 1" if high is None else f"a whole number from 0 to {high}"
+        expected = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
         raise UserError(f"{name}: {text!r} is not {expected} (JAX_COORDINATOR_ADDRESS is set)")
     return value
 
 
 def initialize_distributed() -> None:
     """Joins a multi-host run when JAX_COORDINATOR_ADDRESS is set, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID (once per process, and before anything starts a JAX backend, which
-    `jax.distributed.initialize` requires)."""
+    JAX_PROCESS_ID, or under a cluster scheduler the count and index JAX reads from it (once per process,
+    and before anything starts a JAX backend, which `jax.distributed.initialize` requires)."""
     global _distributed_initialized
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not _distributed_initialized:
-        num_processes = _process_variable("JAX_NUM_PROCESSES")
-        process_id = _process_variable("JAX_PROCESS_ID", num_processes)
+        required = not _cluster_scheduler_detected()
+        num_processes = _process_variable("JAX_NUM_PROCESSES", 1, None, required)
+        highest_id = None if num_processes is None else num_processes - 1
+        process_id = _process_variable("JAX_PROCESS_ID", 0, highest_id, required)
         jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
         _distributed_initialized = True
 

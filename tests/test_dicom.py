@@ -352,3 +352,68 @@ def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tm
                 ground_truth=ground_truth,
             )
         assert not (tmp_path / "refused").exists()
+
+
+def _without(folder, keywords):
+    """Every file of the series at `folder` rewritten without the attributes `keywords` (as anonymisers
+    that delete rather than empty them leave it)."""
+    for path in folder.iterdir():
+        data = pydicom.dcmread(path)
+        for keyword in keywords:
+            delattr(data, keyword)
+        data.save_as(path)
+
+
+# Type 2 attributes of the patient and study modules that highdicom copies into a SEG, and SliceThickness.
+ABSENT_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "SliceThickness",
+)
+
+
+def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path, monkeypatch):
+    import highdicom
+
+    _stand_in_model(monkeypatch)
+    write_series(tmp_path / "series", _phantom_hu(), step=3.0)
+    _without(tmp_path / "series", ABSENT_TYPE_2)
+    predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
+    # Present and empty in the SEG (type 2), the slice thickness the series' step, the sources untouched.
+    assert all(keyword in segmentation and not segmentation.get(keyword) for keyword in ABSENT_TYPE_2[:-1])
+    measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(3.0)
+    assert "PatientID" not in pydicom.dcmread(tmp_path / "series" / "img000.dcm")
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID"])
+def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch, keyword
+):
+    _stand_in_model(monkeypatch)
+    write_series(tmp_path / "series", _phantom_hu())
+    _without(tmp_path / "series", [keyword])
+    with pytest.raises(UserError, match=rf"img\d{{3}}\.dcm: DICOM file without {keyword}$") as error:
+        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_series_given_as_the_current_folder_names_its_outputs_after_the_folder(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    write_series(tmp_path / "chest", _phantom_hu())
+    monkeypatch.chdir(tmp_path / "chest")
+    (summary,) = predict.predict_path(make_tiny_config(), None, ".", tmp_path / "out", state=_Stub())
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "chest_mask.nii.gz",
+        "chest_overlays",
+        "chest_seg.dcm",
+        "chest_summary.json",
+    ]

@@ -106,6 +106,47 @@ def test_a_coordinator_without_a_valid_process_count_and_index_is_a_user_error(
         train.initialize_distributed()
 
 
+JOIN_AND_REPORT = (
+    "from rdunet_jax import train; train.initialize_distributed(); import jax; "
+    "print('JOINED', jax.process_index(), jax.process_count(), flush=True); jax.distributed.shutdown()"
+)
+
+
+def test_a_coordinator_under_a_scheduler_takes_the_process_count_and_index_jax_detects(tmp_path):
+    # Under Slurm (Open MPI, Kubernetes...) JAX reads the count and index from the scheduler's variables:
+    # a coordinator address alone must not be refused there.
+    address = f"127.0.0.1:{free_loopback_port()}"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "SLURM_"))}
+    environment.update(
+        JAX_COORDINATOR_ADDRESS=address,
+        JAX_COORDINATOR_BIND_ADDRESS=address,
+        JAX_PLATFORMS="cpu",
+        SLURM_JOB_ID="1",
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS="2",
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", JOIN_AND_REPORT],
+            cwd=REPO_ROOT,
+            env={**environment, "SLURM_PROCID": str(index), "SLURM_LOCALID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for index, (process, output) in enumerate(zip(processes, outputs, strict=True)):
+        assert process.returncode == 0 and f"JOINED {index} 2" in output, output[-2000:]
+
+
 # --- a real two-process run ---------------------------------------------------------------------------
 
 TINY_COMMAND = [
