@@ -18,4 +18,6 @@ def test_smoke_run_times_both_batch_norm_forms(tmp_path):
     for mode in ("float32", "bfloat16"):
         assert set(report["modes"][mode]) == {"batch_norm", "batch_norm_closed_form"}
         for timing in report["modes"][mode].values():
-            assert 0 < timing["forward_ms"] <= timing["forward_backward_ms"] * 10
+            # Only that both were timed: on a shared machine one preempted forward pass can outlast ten
+            # backward passes (13.8 against 0.17 ms once in CI), so no ordering between them is asserted.
+            assert 0 < timing["forward_ms"] < 60_000 and 0 < timing["forward_backward_ms"] < 60_000
