@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_model as reference
 
 from rdunet_jax import config_lib, models
 
-# Parameter counts at the paper's widths (16 feature maps doubling to 256, depth 4). Changing the
-# architecture changes these: update the README's table with them.
+# Parameter counts at the paper's widths (16 feature maps doubling to 256, depth 4): the README's table,
+# which tests/test_reference_forward.py derives by hand from the widths.
 PINNED_PARAMETER_COUNTS = {
     "unet": 1_963_809,
     "residual": 2_074_097,
@@ -34,20 +35,26 @@ def test_squeeze_excitation_shape_and_gates_in_unit_interval():
     assert np.all((gates > 0) & (gates < 1))
 
 
-def test_squeeze_excitation_rescales_channel_constant_input_per_channel():
-    levels = jnp.arange(1.0, 9.0)  # channel k is the constant k + 1 everywhere
-    x = jnp.broadcast_to(levels, (1, 4, 4, 8))
+def test_squeeze_excitation_gates_each_channel_by_its_spatial_mean():
+    # Spatially varying channels whose maxima are far from their means, so max pooling would differ.
+    ramp = jnp.linspace(0.0, 4.0, 6)[None, :, None, None] * jnp.linspace(-1.0, 2.0, 5)[None, None, :, None]
+    x = ramp * jnp.arange(1.0, 9.0) + jax.random.normal(jax.random.PRNGKey(2), (2, 6, 5, 8))
     se = models.SqueezeExcitation(reduction=4)
     variables = _init(se, x)
-    y = np.asarray(se.apply(variables, x))
-    params = variables["params"]
-    hidden = np.maximum(np.asarray(levels) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"], 0)
-    expected_gates = 1 / (1 + np.exp(-(hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"])))
-    # Every pixel of channel k is scaled by the same gate, the one computed by hand.
-    np.testing.assert_allclose(
-        y[0], np.broadcast_to(np.asarray(levels) * expected_gates, (4, 4, 8)), rtol=1e-5
+    params = jax.tree_util.tree_map(  # non-zero biases, so that each Dense's bias is exercised
+        lambda leaf: leaf + 0.3 * jax.random.normal(jax.random.PRNGKey(3), leaf.shape), variables["params"]
     )
-    assert len(np.unique(np.round(expected_gates, 6))) > 1
+    y = np.asarray(se.apply({"params": params}, x))
+
+    def gated(pooled):
+        dense_0, dense_1 = params["Dense_0"], params["Dense_1"]
+        hidden = np.maximum(pooled @ np.asarray(dense_0["kernel"]) + np.asarray(dense_0["bias"]), 0)
+        gates = 1 / (1 + np.exp(-(hidden @ np.asarray(dense_1["kernel"]) + np.asarray(dense_1["bias"]))))
+        return np.asarray(x) * gates[:, None, None, :]
+
+    expected = gated(np.asarray(x).mean(axis=(1, 2)))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(gated(np.asarray(x).max(axis=(1, 2))) - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("rates", [(1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (2, 2), (3,)])
@@ -79,9 +86,11 @@ def test_residual_block_uses_projection_only_when_channels_change():
 
 @pytest.mark.parametrize("variant", sorted(PINNED_PARAMETER_COUNTS))
 def test_variant_parameter_count_is_pinned(variant):
+    """The model's count equals the layer-by-layer count from the paper's widths (and the README's)."""
     config = config_lib.apply_model_variant(config_lib.base_config(), variant)
     variables = models.abstract_variables(models.build_model(config.model), 64)
-    assert models.count_parameters(variables["params"]) == PINNED_PARAMETER_COUNTS[variant]
+    by_hand = reference.parameter_count(reference.Architecture.from_config(config.model))
+    assert models.count_parameters(variables["params"]) == by_hand == PINNED_PARAMETER_COUNTS[variant]
 
 
 def test_other_reading_of_the_widths_is_one_flag_away():
@@ -89,7 +98,8 @@ def test_other_reading_of_the_widths_is_one_flag_away():
     config.model.depth = 5
     config.model.skip_dilation_rates = ((1, 2, 3, 3, 2, 1),) * 2 + ((1, 2, 2, 1),) * 3
     variables = models.abstract_variables(models.build_model(config.model), 64)
-    assert models.count_parameters(variables["params"]) == 11_585_357
+    by_hand = reference.parameter_count(reference.Architecture.from_config(config.model))
+    assert models.count_parameters(variables["params"]) == by_hand == 11_585_357
 
 
 @pytest.mark.parametrize("variant", sorted(config_lib.MODEL_VARIANTS))
@@ -112,16 +122,31 @@ def test_variant_forward_pass_gives_logits_of_input_shape(variant):
 
 def test_resdunet_dilates_the_encoder():
     config = config_lib.apply_model_variant(config_lib.base_config(), "resdunet")
+    config.model.update(features=4, dilation_impl="xla")
     model = models.build_model(config.model)
     assert model.encoder_dilation_rates == models.RESDUNET_ENCODER_DILATION_RATES
     assert list(model.encoder_dilation_rates) == sorted(model.encoder_dilation_rates, reverse=True)
+    # The traced program runs them: both 3x3 convolutions of encoder levels 0-2 at rates 4, 3, 2.
+    images = jnp.zeros((1, 32, 32, 1))
+    variables = models.initialize_variables(model, 32, seed=0)
+    jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(images)
+    dilated = [rates for rates in _convolution_dilations(jaxpr.jaxpr) if rates != (1, 1)]
+    assert dilated == [(4, 4)] * 2 + [(3, 3)] * 2 + [(2, 2)] * 2
 
 
-def test_upsample_bilinear_doubles_and_preserves_constants():
-    x = jnp.full((1, 3, 5, 2), 7.0)
-    y = models.upsample_bilinear(x)
+@pytest.mark.parametrize("upsample", [models.upsample_bilinear, models.upsample_bilinear_stencil])
+def test_upsample_bilinear_interpolates_with_half_pixel_centres(upsample):
+    # x[h, w] = rows[h] + columns[w]; bilinear weights sum to one, so the output is separable too.
+    rows, columns = jnp.array([0.0, 4.0, 8.0]), jnp.array([0.0, 2.0, -6.0, 10.0, 1.0])
+    x = jnp.stack([rows[:, None] + columns[None, :], 2 * rows[:, None] - columns[None, :]], axis=-1)[None]
+    y = np.asarray(upsample(x))
     assert y.shape == (1, 6, 10, 2)
-    np.testing.assert_allclose(y, 7.0)
+    # By hand: output o samples input coordinate (o + 0.5) / 2 - 0.5, the edge pixel repeated outside.
+    rows_up = np.array([0.0, 1.0, 3.0, 5.0, 7.0, 8.0])
+    columns_up = np.array([0.0, 0.5, 1.5, 0.0, -4.0, -2.0, 6.0, 7.75, 3.25, 1.0])
+    np.testing.assert_allclose(y[0, :, :, 0], rows_up[:, None] + columns_up[None, :], atol=1e-5)
+    np.testing.assert_allclose(y[0, :, :, 1], 2 * rows_up[:, None] - columns_up[None, :], atol=1e-5)
+    np.testing.assert_allclose(upsample(jnp.full((1, 3, 5, 2), 7.0)), 7.0, rtol=1e-6)
 
 
 def test_numpy_initialisation_matches_flax_structure_and_distributions():
