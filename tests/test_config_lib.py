@@ -1,5 +1,6 @@
 """The config schema: variants, validation of every key, and a fuzz of invalid configs."""
 
+import functools
 import math
 
 import pytest
@@ -69,6 +70,47 @@ INVALID_VALUES = {
 }
 
 
+# Each key's requirement in the words its error message uses: '<key>: must be <requirement>, got <value>'.
+REQUIREMENTS = {
+    "num_epochs": "a positive integer",
+    "batch_size": "a positive integer",
+    "lr_decay_epochs": "a positive integer",
+    "log_every_steps": "a positive integer",
+    "checkpoint_every_steps": "a non-negative integer",
+    "seed": "a non-negative integer",
+    "learning_rate": "a positive number",
+    "lr_decay_factor": "a positive number",
+    "name": "a non-empty name without '/'",
+    "data.image_size": "a positive integer",
+    "data.zoom_range": "a number in [0, 1)",
+    "data.rotation_degrees": "a number of degrees in [0, 180]",
+    "data.flip": "True or False",
+    "data.train_split": "'train' or 'train_full'",
+    "data.split_fractions": "3 positive numbers summing to 1",
+    "data.hu_window": "(lower, upper) Hounsfield units with lower < upper",
+    "model.features": "a positive integer",
+    "model.block": "'plain' or 'residual'",
+    "model.dtype": "'float32' or 'bfloat16'",
+    "model.dropout_rate": "a number in [0, 1)",
+    "model.batch_norm_momentum": "a number in [0, 1)",
+    "model.skip_dilation_rates": "() or one schedule of positive integer dilation rates per skip ({depth})",
+    "model.encoder_dilation_rates": "() or one positive integer dilation rate per encoder level ({levels})",
+    "eval.threshold": "a number in (0, 1)",
+    "eval.num_overlays": "a non-negative integer",
+    "eval.test_time_flips": "True or False",
+    "eval.checkpoint": "'best' or 'last'",
+    "loss": "one of ['dice', 'dice_bce']",
+}
+
+
+def _expected_message(key, value, depth):
+    """The one-line error a config whose only invalid key is `key` must raise, for a model of `depth`."""
+    if key == "data.image_size" and type(value) is int and value > 0:  # an integer the pools cannot halve
+        return f"data.image_size: {value} is not divisible by 2**model.depth = {2**depth}"
+    requirement = REQUIREMENTS[key].format(depth=depth, levels=depth + 1)
+    return f"{key}: must be {requirement}, got {value!r}"
+
+
 def _set(config, key, value):
     *parents, leaf = key.split(".")
     section = config
@@ -102,16 +144,15 @@ def test_image_size_must_divide_by_the_pools():
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_fuzz_invalid_configs_end_in_one_line_naming_the_key(data):
+def test_fuzz_invalid_configs_end_in_one_line_naming_the_key_and_the_requirement(data):
     key = data.draw(st.sampled_from(sorted(INVALID_VALUES)), label="key")
     value = data.draw(INVALID_VALUES[key], label="value")
     config = make_tiny_config()
     _set(config, key, value)
     with pytest.raises(UserError) as raised:
         config_lib.validate(config)
-    message = str(raised.value)
-    assert "\n" not in message
-    assert message.startswith(key) or message.startswith("data.image_size")
+    stored = functools.reduce(lambda section, part: section[part], key.split("."), config)
+    assert str(raised.value) == _expected_message(key, stored, config.model.depth)  # lists are held as tuples
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_tiny_config
+from scipy import ndimage
+from test_metrics import ellipsoid, independent_hd95
 
 from rdunet_jax import checkpoints, evaluate, train
 from rdunet_jax.errors import UserError
@@ -136,6 +138,154 @@ def test_per_volume_values_and_millimetres_from_case_ids_and_spacing(tiny_state)
     original = summary["original_resolution"]
     dice = [1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn) for tp, fp, fn, _ in counts]
     assert original["num_slices"] == 7 and original["dice"] == pytest.approx(np.mean(dice))
+
+
+# Stored slices of 64 rows x 96 columns, voxels 0.7 x 0.8 x 5 mm, scored at the tiny model's 32 px: a
+# model pixel spans 2 stored rows and 3 stored columns, 1.4 x 2.4 mm, whatever the code derives.
+STORED_SHAPE, STORED_SPACING = (64, 96), (0.7, 0.8, 5.0)
+MODEL_SPACING = (0.7 * 64 / 32, 0.8 * 96 / 32, 5.0)
+
+
+def _planted_volumes():
+    """{case id: (first slice index, predicted volume, expert volume)} at 32 x 32 px per slice."""
+    target_a = ellipsoid((32, 32, 6), (14, 15, 2), (11.0, 16.0, 12.0), MODEL_SPACING)
+    target_a[26:30, 2:7, 4] = True  # a second, 20-pixel lesion (67 mm^2) in slice 4
+    prediction_a = ellipsoid((32, 32, 6), (17, 14, 3), (12.0, 14.0, 11.0), MODEL_SPACING)
+    prediction_a[30:32, 28:32, 0] = True  # a false alarm in the corner
+    target_b, prediction_b = np.zeros((2, 32, 32, 4), bool)
+    target_b[5:13, 20:27, 1:3] = True
+    prediction_b[6:14, 20:28, 0:3] = True
+    return {"a": (0, prediction_a, target_a), "b": (10, prediction_b, target_b)}
+
+
+def _stored_records_and_predictions(volumes, with_spacing=True):
+    """Records of the volumes' slices, mixed and out of order, with their masks enlarged to the stored
+    64 x 96 px (nearest-neighbour resizing to 32 px gives them back), and each slice's planted prediction."""
+    order = [
+        ("a", 3),
+        ("a", 0),
+        ("b", 2),
+        ("a", 5),
+        ("b", 0),
+        ("a", 1),
+        ("b", 3),
+        ("a", 4),
+        ("b", 1),
+        ("a", 2),
+    ]
+    records, predictions = [], []
+    for case_id, position in order:
+        first, prediction, target = volumes[case_id]
+        record = {
+            "image": np.full(STORED_SHAPE, -800.0, np.float32),
+            "mask": np.repeat(np.repeat(target[:, :, position], 2, axis=0), 3, axis=1).astype(np.uint8),
+            "id": f"{case_id}-{first + position:04d}",
+            "case_id": case_id,
+            "slice_index": np.int32(first + position),
+            "hu_window": np.array([-1350.0, 150.0], np.float32),
+        }
+        if with_spacing:
+            record["spacing"] = np.array(STORED_SPACING, np.float32)
+        records.append(record)
+        predictions.append(prediction[:, :, position])
+    return records, predictions
+
+
+def _collect_with_planted_predictions(monkeypatch, records, predictions, config):
+    """evaluate.collect_slices with the model replaced by one that returns each slice's planted mask."""
+    planted = iter(predictions)
+
+    def predict_planted(state, batch, test_time_flips=False):
+        probabilities = np.zeros(batch["image"].shape[:3], np.float32)
+        # Padding rows, after the last record, stay empty.
+        for row, prediction in zip(range(len(probabilities)), planted, strict=False):
+            probabilities[row] = prediction
+        return {"loss": np.zeros(len(probabilities), np.float32), "probabilities": probabilities}
+
+    monkeypatch.setattr(evaluate, "predict_batch", predict_planted)
+    return evaluate.collect_slices(None, records, config)
+
+
+def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels(monkeypatch):
+    """Per-slice HD95 in mm, per-volume 3-D HD95 in mm (MedPy's definition: 95th percentile of the union
+    of both directions' nearest border distances, see test_metrics.independent_hd95) and lesion areas in
+    mm^2 against brute force, for non-square stored slices with 0.7 x 0.8 x 5 mm voxels."""
+    config = make_tiny_config()
+    config.eval.small_lesion_area = 100.0  # mm^2: 30 model pixels of 1.4 x 2.4 mm
+    volumes = _planted_volumes()
+    records, predictions = _stored_records_and_predictions(volumes)
+    collected = _collect_with_planted_predictions(monkeypatch, records, predictions, config)
+    summary = evaluate.summarize_collected(collected, config)
+    assert collected["unit"] == "mm" and summary["hd95_unit"] == "mm"
+
+    for row, record, prediction in zip(collected["rows"], records, predictions, strict=True):
+        assert row["pixel_spacing"] == pytest.approx(MODEL_SPACING[:2], rel=1e-6)
+        assert row["slice_spacing"] == pytest.approx(MODEL_SPACING[2], rel=1e-6)
+        target = record["mask"][::2, ::3] > 0
+        if prediction.any() and target.any():
+            expected = independent_hd95(prediction, target, MODEL_SPACING[:2])
+            assert row["hd95"] == pytest.approx(expected, rel=1e-6), row["id"]
+        else:
+            assert not np.isfinite(row["hd95"])
+
+    cases = summary["per_volume"]["cases"]
+    expected_hd95 = {
+        case_id: independent_hd95(prediction, target, MODEL_SPACING)
+        for case_id, (_, prediction, target) in volumes.items()
+    }
+    for case_id, expected in expected_hd95.items():
+        assert cases[case_id]["hd95"] == pytest.approx(expected, rel=1e-6), case_id
+        _, prediction, target = volumes[case_id]
+        volume_dice = 2 * np.sum(prediction & target) / (prediction.sum() + target.sum())
+        assert cases[case_id]["dice"] == pytest.approx(volume_dice, rel=1e-12), case_id
+    assert summary["per_volume"]["hd95_num_volumes"] == 2
+    assert summary["per_volume"]["hd95"] == pytest.approx(np.mean(list(expected_hd95.values())), rel=1e-6)
+    # Case a's masks tell the slice spacing and the order of the in-plane spacings apart.
+    _, prediction_a, target_a = volumes["a"]
+    for wrong_spacing in ((1.4, 2.4, 1.0), (2.4, 1.4, 5.0)):
+        assert abs(independent_hd95(prediction_a, target_a, wrong_spacing) - expected_hd95["a"]) > 1.0
+
+    pixel_area_mm2 = (0.7 * 64 / 32) * (0.8 * 96 / 32)
+    expected_areas = []
+    for record in records:
+        labels, count = ndimage.label(record["mask"][::2, ::3], structure=np.ones((3, 3)))
+        expected_areas += [np.sum(labels == label) * pixel_area_mm2 for label in range(1, count + 1)]
+    areas = [lesion["area"] for lesion in collected["lesions"]]
+    np.testing.assert_allclose(sorted(areas), sorted(expected_areas), rtol=1e-6)
+    sizes = summary["lesion_size"]
+    assert sizes["area_unit"] == "mm^2" and sizes["small_area"] == 100.0
+    small = [area for area in expected_areas if area < 100.0]
+    large = [area for area in expected_areas if area >= 100.0]
+    assert len(small) == 1 and len(large) == 7  # 20 px is small; 51 and 56 px (171, 188 mm^2) are large
+    assert sizes["small"]["num_lesions"] == 1 and sizes["large"]["num_lesions"] == 7
+    assert sizes["small"]["mean_area"] == pytest.approx(np.mean(small), rel=1e-6)
+    assert sizes["large"]["mean_area"] == pytest.approx(np.mean(large), rel=1e-6)
+
+
+def test_without_spacing_hd95_is_in_voxels_and_lesion_areas_in_model_pixels(monkeypatch):
+    config = make_tiny_config()
+    config.eval.small_lesion_area = 100.0  # pixels at 32 px
+    volumes = _planted_volumes()
+    records, predictions = _stored_records_and_predictions(volumes, with_spacing=False)
+    collected = _collect_with_planted_predictions(monkeypatch, records, predictions, config)
+    summary = evaluate.summarize_collected(collected, config)
+    assert collected["unit"] == "pixels" and summary["lesion_size"]["area_unit"] == "pixels"
+    for case_id, (_, prediction, target) in volumes.items():
+        expected = independent_hd95(prediction, target, (1.0, 1.0, 1.0))
+        assert summary["per_volume"]["cases"][case_id]["hd95"] == pytest.approx(expected, rel=1e-9)
+    sizes = summary["lesion_size"]
+    assert sizes["small"]["num_lesions"] == 5 and sizes["large"]["num_lesions"] == 3  # 20, 51, 51, 56, 56 px
+    assert sizes["large"]["mean_area"] == pytest.approx((143 + 167 + 143) / 3)
+
+
+def test_slice_metadata_scales_each_axis_spacing_by_its_own_resize():
+    record = {"image": np.zeros((60, 90), np.float32), "id": 7, "spacing": np.array([0.7, 0.8, 5.0])}
+    meta = evaluate.slice_metadata(record, 30)
+    assert meta["pixel_spacing"] == pytest.approx((0.7 * 60 / 30, 0.8 * 90 / 30))
+    assert meta["slice_spacing"] == 5.0
+    assert meta["id"] == "7" and meta["case_id"] is None and meta["slice_index"] is None
+    del record["spacing"]
+    assert evaluate.slice_metadata(record, 30)["pixel_spacing"] is None
 
 
 def test_original_resolution_counts_resize_probabilities_bilinearly_to_the_stored_mask():

@@ -58,18 +58,24 @@ def test_summary_means_f_score_and_pooled_values():
 # --- HD95 ---------------------------------------------------------------------------------
 
 
-def _independent_hd95(prediction, target, spacing=(1.0, 1.0)):
-    """HD95 by brute force: border pixels found by checking 4-neighbours, all pairwise distances."""
+def independent_hd95(prediction, target, spacing):
+    """HD95 by brute force, in any dimension: the border voxels of a mask are those with a face neighbour
+    outside it (beyond the array's edge counts as outside); every border-to-border distance in physical
+    units; the 95th percentile of the union of both directions' nearest distances (the code's definition,
+    MedPy's hd95; not the larger of two directed percentiles)."""
     from scipy.spatial.distance import cdist
 
     def border_points(mask):
-        padded = np.pad(mask.astype(bool), 1)
-        inner = padded[1:-1, 1:-1]
-        neighbours_inside = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        return np.argwhere(inner & ~neighbours_inside) * np.asarray(spacing)
+        mask = np.asarray(mask).astype(bool)
+        padded = np.pad(mask, 1)
+        interior = tuple(slice(1, -1) for _ in range(mask.ndim))
+        all_neighbours_inside = np.ones_like(mask)
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                all_neighbours_inside &= np.roll(padded, step, axis=axis)[interior]
+        return np.argwhere(mask & ~all_neighbours_inside) * np.asarray(spacing, np.float64)
 
-    a, b = border_points(prediction), border_points(target)
-    distances = cdist(a, b)
+    distances = cdist(border_points(prediction), border_points(target))
     return np.percentile(np.concatenate([distances.min(axis=1), distances.min(axis=0)]), 95)
 
 
@@ -89,7 +95,9 @@ def test_hd95_of_a_shifted_square_is_the_shift():
     target[5:11, 5:11] = 1
     prediction = np.roll(target, 3, axis=1)
     # Every border pixel is at most 3 columns from the other border; most of the left/right edges are 3.
-    assert metrics.hausdorff95(prediction, target) == pytest.approx(_independent_hd95(prediction, target))
+    assert metrics.hausdorff95(prediction, target) == pytest.approx(
+        independent_hd95(prediction, target, (1.0, 1.0))
+    )
     assert metrics.hausdorff95(prediction, target) == pytest.approx(3.0)
 
 
@@ -102,8 +110,69 @@ def test_hd95_matches_a_brute_force_computation_on_irregular_masks(spacing):
     prediction = np.zeros_like(target)
     prediction[4:14, 6:16] = 1
     prediction[0:2, 28:30] = 1  # a false alarm far away, on the image edge
-    expected = _independent_hd95(prediction, target, spacing)
+    expected = independent_hd95(prediction, target, spacing)
     assert metrics.hausdorff95(prediction, target, spacing) == pytest.approx(expected)
+
+
+ANISOTROPIC_SPACING = (0.7, 0.8, 5.0)  # mm: rows, columns, slices (thick CT slices)
+
+
+def ellipsoid(shape, centre, radii_mm, spacing):
+    """A boolean ellipsoid of `radii_mm` about the voxel `centre`, in a volume of voxel `spacing`."""
+    grid = np.indices(shape, dtype=np.float64)
+    return sum(((grid[axis] - centre[axis]) * spacing[axis] / radii_mm[axis]) ** 2 for axis in range(3)) <= 1
+
+
+def test_3d_hd95_in_mm_with_anisotropic_spacing_matches_a_brute_force_computation():
+    """Slice spacing 5 mm against 0.7 x 0.8 mm pixels: the prediction is an ellipsoid of other radii, four
+    rows off, with a false alarm at the volume's edge; the code must weigh every axis by its spacing."""
+    shape = (24, 24, 7)
+    target = ellipsoid(shape, (9, 12, 3), (3.0, 5.0, 7.0), ANISOTROPIC_SPACING)
+    prediction = ellipsoid(shape, (5, 11, 3), (6.0, 3.0, 7.0), ANISOTROPIC_SPACING)
+    prediction[22:24, 0:2, 0] = True
+    expected = independent_hd95(prediction, target, ANISOTROPIC_SPACING)
+    assert metrics.hausdorff95(prediction, target, ANISOTROPIC_SPACING) == pytest.approx(expected, rel=1e-9)
+    # The masks make the plausible mistakes visible: slices taken as 1 mm apart, row and column spacings
+    # swapped, the maximum instead of the 95th percentile, or the larger of the two directed 95th
+    # percentiles instead of the percentile of their union each give a number at least 10% off.
+    forward = metrics.surface_distances(prediction, target, ANISOTROPIC_SPACING)
+    backward = metrics.surface_distances(target, prediction, ANISOTROPIC_SPACING)
+    mistakes = [
+        independent_hd95(prediction, target, spacing) for spacing in ((0.7, 0.8, 1.0), (0.8, 0.7, 5.0))
+    ]
+    mistakes += [
+        max(forward.max(), backward.max()),
+        max(np.percentile(forward, 95), np.percentile(backward, 95)),
+    ]
+    for mistaken in mistakes:
+        assert abs(mistaken - expected) > 0.1 * expected
+
+
+def test_directed_surface_distances_in_mm_are_the_nearest_border_voxel_distances():
+    """`surface_distances` from each border voxel of one mask to the other's border, against cdist."""
+    from scipy.spatial.distance import cdist
+
+    shape = (12, 14, 5)
+    source = ellipsoid(shape, (5, 6, 2), (3.0, 4.0, 6.0), ANISOTROPIC_SPACING)
+    destination = ellipsoid(shape, (7, 8, 3), (4.0, 3.0, 8.0), ANISOTROPIC_SPACING)
+    spacing = np.asarray(ANISOTROPIC_SPACING)
+
+    def border(mask):  # a voxel with one of its 6 face neighbours outside (or beyond the edge)
+        padded = np.pad(mask, 1)
+        inner = padded[1:-1, 1:-1, 1:-1]
+        neighbours = [
+            padded[:-2, 1:-1, 1:-1],
+            padded[2:, 1:-1, 1:-1],
+            padded[1:-1, :-2, 1:-1],
+            padded[1:-1, 2:, 1:-1],
+            padded[1:-1, 1:-1, :-2],
+            padded[1:-1, 1:-1, 2:],
+        ]
+        return inner & ~np.logical_and.reduce(neighbours)
+
+    source_points = np.argwhere(border(source)) * spacing  # argwhere's order is the boolean mask's order
+    nearest = cdist(source_points, np.argwhere(border(destination)) * spacing).min(axis=1)
+    np.testing.assert_allclose(metrics.surface_distances(source, destination, spacing), nearest, rtol=1e-12)
 
 
 def test_hd95_empty_rules_and_summary_counts():
@@ -133,7 +202,7 @@ def test_lesion_statistics_on_known_components():
     target[10:16, 10:16] = 1  # large: 36 pixels
     target[1, 15:17] = 1  # small: 2 pixels, missed
     prediction = np.zeros_like(target)
-    prediction[10:16, 10:14] = 1  # 24 of the large lesion's 36 pixels
+    prediction[10:16, 12:18] = 1  # 24 of the large lesion's 36 pixels, and 12 outside it
     prediction[1:3, 1:3] = 1  # the small lesion but its diagonal pixel
     prediction[3:5, 6] = 1  # a false alarm touching no lesion: not part of any lesion's Dice
     lesions = metrics.lesion_statistics(prediction, target)
@@ -142,13 +211,17 @@ def test_lesion_statistics_on_known_components():
     assert [lesion["detected"] for lesion in by_area] == [False, True, True]
     assert by_area[0]["dice"] == 0.0
     assert by_area[1]["dice"] == pytest.approx(2 * 4 / (5 + 4))
-    assert by_area[2]["dice"] == pytest.approx(2 * 24 / (36 + 24))
+    assert by_area[2]["dice"] == pytest.approx(2 * 24 / (36 + 36))  # the whole overlapping component
 
     summary = metrics.lesion_size_summary(lesions, small_area=10.0)
     assert summary["small"]["num_lesions"] == 2 and summary["large"]["num_lesions"] == 1
     assert summary["small"]["detection_rate"] == 0.5 and summary["large"]["detection_rate"] == 1.0
     assert summary["small"]["dice"] == pytest.approx((0.0 + 8 / 9) / 2)
-    assert summary["large"]["dice"] == pytest.approx(48 / 60)
+    assert summary["large"]["dice"] == pytest.approx(48 / 72)
     assert summary["all"]["num_lesions"] == 3
+    assert summary["small"]["mean_area"] == 3.5 and summary["large"]["mean_area"] == 36.0
+    at_the_boundary = metrics.lesion_size_summary(lesions, small_area=36.0)  # "small" is strictly below
+    assert at_the_boundary["small"]["num_lesions"] == 2 and at_the_boundary["large"]["num_lesions"] == 1
+    assert metrics.lesion_size_summary(lesions, small_area=36.5)["small"]["num_lesions"] == 3
     assert metrics.lesion_statistics(prediction, np.zeros_like(target)) == []
     assert metrics.lesion_size_summary([], 10.0)["small"]["dice"] is None

@@ -75,6 +75,30 @@ def test_every_variant_exports_its_function_at_any_batch_size(variant):
         np.testing.assert_allclose(probabilities, jax.nn.sigmoid(reference), atol=1e-6)
 
 
+def test_the_paper_width_model_exports_its_function_at_256_px():
+    """The full default config (RDU-net, 16 feature maps, 4 levels, the paper's DC schedules) at 256x256,
+    batch 1, BatchNorm statistics perturbed and the 1x1 head rescaled so that the logits spread over about
+    +-6, as after training: a fresh head's logits sit within 0.1 of 0, where sigmoid hides any error."""
+    config = config_lib.base_config()
+    model = models.build_model(config.model)
+    variables = _trained_looking_variables(model)  # the parameters' shapes do not depend on the image size
+    images = np.random.default_rng(1).random((1, 256, 256, 1), np.float32)
+    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    fresh = np.asarray(forward(variables, images))
+    head = variables["params"]["Conv_0"]
+    gain = 12.0 / float(fresh.max() - fresh.min())
+    head = {"kernel": head["kernel"] * gain, "bias": (head["bias"] - float(fresh.mean())) * gain}
+    variables = {**variables, "params": {**variables["params"], "Conv_0": head}}
+    reference = np.asarray(forward(variables, images))
+    assert reference.min() < -4 and reference.max() > 4
+    logits, probabilities = _session(onnx_export.export_model(model, variables, 256)).run(
+        None, {"images": images}
+    )
+    _assert_close(logits, reference)
+    # Observed 3.3e-6 to 3.5e-6 (logits 1.6e-5): float32 rounding through 4 levels of folded convolutions.
+    np.testing.assert_allclose(probabilities, jax.nn.sigmoid(reference), atol=1e-5, rtol=0)
+
+
 def test_batchnorm_and_relu_fold_into_the_convolutions():
     model = _variant_model("rdunet")
     graph = onnx_export.export_model(model, _trained_looking_variables(model), SIZE).graph
