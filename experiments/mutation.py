@@ -1,11 +1,12 @@
 """Mutation testing with mutmut 3: the staged copy it mutates, and the score table of its results.
 
-`prepare` copies the package, the tests and the mutmut config into a work folder (default `.mutation/`), with
-every decorated function of the mutated modules rewritten as a plain `def` followed by `name =
-decorator(name)`: mutmut 3 never mutates a decorated function, and nearly all the model's arithmetic lives
-in `@nn.compact` methods (and in `@jax.custom_vjp` / `@jax.jit` functions). Same program, other spelling.
+`prepare MODULE` copies the package, the tests and the mutmut config into a work folder (`.mutation/MODULE`)
+that mutates that module alone under the tests that exercise it (TESTS below), with every decorated function
+of the module rewritten as a plain `def` followed by `name = decorator(name)`: mutmut 3 never mutates a
+decorated function, and nearly all the model's arithmetic lives in `@nn.compact` methods (and in
+`@jax.custom_vjp` / `@jax.jit` functions). Same program, other spelling.
 
-`report` reads mutmut's verdicts from the work folder and prints, per module, the mutants, killed,
+`report` reads mutmut's verdicts from the work folders and prints, per module, the mutants, killed,
 equivalent (listed with a reason in experiments/results/mutation/equivalent.txt), survivors and the score
 killed / (mutants - equivalent), then every survivor with its diff.
 """
@@ -18,13 +19,19 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tomllib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EQUIVALENT_LIST = REPO_ROOT / "experiments" / "results" / "mutation" / "equivalent.txt"
 # What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the
 # mutmut config and the fork server's preload list.
 STAGED_PATHS = ("rdunet_jax", "tests", "configs", "pyproject.toml", "experiments/mutation_preload.txt")
+# The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
+# function (mutmut's own per-function selection), stopping at the first failure.
+TESTS = {
+    "losses": ["tests/test_losses.py"],
+    "metrics": ["tests/test_metrics.py"],
+    "models": ["tests/test_models.py", "tests/test_reference_forward.py"],
+}
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
 # mutmut's exit-code verdicts (mutmut/stats.py), folded into the table's columns.
@@ -63,10 +70,18 @@ def _write_if_changed(path: pathlib.Path, text: str):
         path.write_text(text)
 
 
-def prepare(work: pathlib.Path):
-    """Stages the package (decorators undone in the mutated modules), tests and config in `work`."""
-    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    mutated = set(config["only_mutate"])
+def staged_config(pyproject: str, module: str) -> str:
+    """The project's pyproject.toml with the [tool.mutmut] section mutating `module` under its tests."""
+    if "[tool.mutmut]\n" not in pyproject:
+        raise SystemExit("pyproject.toml: no [tool.mutmut] section")
+    settings = f"only_mutate = {json.dumps([f'rdunet_jax/{module}.py'])}\n"
+    settings += f"pytest_add_cli_args_test_selection = {json.dumps(TESTS[module])}\n"
+    return pyproject.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + settings)
+
+
+def prepare(work: pathlib.Path, module: str):
+    """Stages the package (decorators undone in `module`), tests and config in `work`."""
+    mutated = f"rdunet_jax/{module}.py"
     for name in STAGED_PATHS:
         source = REPO_ROOT / name
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
@@ -76,7 +91,11 @@ def prepare(work: pathlib.Path):
                 continue
             if relative.suffix == ".py" or relative.suffix in (".toml", ".txt"):
                 text = file.read_text()
-                _write_if_changed(work / relative, undecorate(text) if str(relative) in mutated else text)
+                if str(relative) == mutated:
+                    text = undecorate(text)
+                elif str(relative) == "pyproject.toml":
+                    text = staged_config(text, module)
+                _write_if_changed(work / relative, text)
             else:
                 target = work / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,11 +114,13 @@ def read_equivalent() -> dict[str, str]:
     return equivalent
 
 
-def report(work: pathlib.Path, mutmut: str, show_diffs: bool):
+def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
     """Prints the score table and every surviving (or untested, or unchecked) mutant."""
     equivalent = read_equivalent()
     rows, survivors = [], []
-    for meta in sorted((work / "mutants" / "rdunet_jax").glob("*.py.meta")):
+    metas = sorted(work_root.glob("*/mutants/rdunet_jax/*.py.meta"))
+    for meta in metas:
+        work = meta.parents[2]
         verdicts = json.loads(meta.read_text())["exit_code_by_key"]
         counts = collections.Counter()
         for name, code in verdicts.items():
@@ -110,7 +131,7 @@ def report(work: pathlib.Path, mutmut: str, show_diffs: bool):
             elif code in TIMEOUT_CODES:
                 counts["timeout"] += 1
             else:
-                survivors.append((name, _status(code)))
+                survivors.append((work, name, _status(code)))
                 counts["survivors"] += 1
         total = len(verdicts)
         detected = counts["killed"] + counts["timeout"]
@@ -125,12 +146,12 @@ def report(work: pathlib.Path, mutmut: str, show_diffs: bool):
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nscore = (killed + timeout) / (mutants - equivalent)\n")
-    for name, status in survivors:
+    for work, name, status in survivors:
         print(f"## {name} ({status})")
         if show_diffs:
             diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
             print("```diff\n" + diff.strip() + "\n```")
-    stale = sorted(set(equivalent) - {n for m in (work / "mutants").rglob("*.py.meta") for n in _names(m)})
+    stale = sorted(set(equivalent) - {name for meta in metas for name in _names(meta)})
     for name in stale:
         print(f"warning: {EQUIVALENT_LIST.name} names {name}, which is no longer a mutant", file=sys.stderr)
 
@@ -150,12 +171,15 @@ def _names(meta: pathlib.Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("prepare", "report"))
+    parser.add_argument("module", nargs="?", choices=sorted(TESTS), help="the module to stage (prepare)")
     parser.add_argument("--work", type=pathlib.Path, default=REPO_ROOT / ".mutation")
     parser.add_argument("--mutmut", default="mutmut", help="the mutmut executable (for `mutmut show`)")
     parser.add_argument("--no_diffs", action="store_true", help="list survivors without their diffs")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.work)
+        if args.module is None:
+            parser.error("prepare needs a module")
+        prepare(args.work / args.module, args.module)
     else:
         report(args.work, args.mutmut, show_diffs=not args.no_diffs)
 

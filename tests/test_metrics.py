@@ -225,3 +225,39 @@ def test_lesion_statistics_on_known_components():
     assert metrics.lesion_size_summary(lesions, small_area=36.5)["small"]["num_lesions"] == 3
     assert metrics.lesion_statistics(prediction, np.zeros_like(target)) == []
     assert metrics.lesion_size_summary([], 10.0)["small"]["dice"] is None
+
+
+# --- Mutation-testing survivors (experiments/results/mutation) ------------------------------------------
+
+
+def test_confusion_counts_tell_every_count_apart():
+    """Per slice of a (2, 3, 3) batch, TP, FP, FN and TN all differ, so no count can stand in for another."""
+    prediction = np.array(
+        [_masks([[1, 1, 1], [1, 0, 0], [0, 0, 0]]), _masks([[0, 0, 0], [0, 1, 0], [0, 0, 0]])]
+    )
+    target = np.array([_masks([[1, 0, 0], [1, 1, 1], [1, 0, 0]]), _masks([[1, 1, 0], [0, 1, 0], [0, 0, 0]])])
+    tp, fp, fn, tn = metrics.confusion_counts(prediction, target)
+    # slice 0: TP at (0,0), (1,0); FP at (0,1), (0,2); FN at (1,1), (1,2), (2,0); TN the other 2 pixels.
+    np.testing.assert_array_equal(tp, [2, 1])
+    np.testing.assert_array_equal(fp, [2, 0])
+    np.testing.assert_array_equal(fn, [3, 2])
+    np.testing.assert_array_equal(tn, [2, 6])
+
+
+def test_hd95_summary_averages_in_float64_and_has_no_std_without_finite_values():
+    # float32 distances: 2**24 + 1 rounds back to 2**24 in float32, so a float32 mean would be 4194304.0.
+    summary = metrics.summarize_hausdorff95(np.array([2.0**24, 1.0, 1.0, 1.0], np.float32))
+    assert summary["hd95"] == (2**24 + 3) / 4
+    none_finite = metrics.summarize_hausdorff95([float("nan"), float("inf")])
+    assert none_finite["hd95"] is None and none_finite["hd95_std"] is None
+
+
+def test_lesion_statistics_of_a_single_lesion_with_a_diagonally_joined_false_pixel():
+    """One lesion (2x2); the prediction covers it plus a pixel touching its corner diagonally: under
+    8-connectivity that pixel belongs to the overlapping predicted component, so Dice is 2*4 / (4 + 5)."""
+    target = np.zeros((8, 8), np.uint8)
+    target[2:4, 2:4] = 1
+    prediction = target.copy()
+    prediction[4, 4] = 1
+    (lesion,) = metrics.lesion_statistics(prediction, target)
+    assert lesion == {"area": 4.0, "detected": True, "dice": pytest.approx(8 / 9)}
