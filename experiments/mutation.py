@@ -16,6 +16,7 @@ import ast
 import collections
 import json
 import pathlib
+import random
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def read_equivalent() -> dict[str, str]:
 
 
 def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
-    """Prints the score table and every surviving (or untested, or unchecked) mutant."""
+    """Prints the score table and every surviving (survived, or covered by no test) mutant."""
     equivalent = read_equivalent()
     rows, survivors = [], []
     metas = sorted(work_root.glob("*/mutants/rdunet_jax/*.py.meta"))
@@ -124,7 +125,9 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         verdicts = json.loads(meta.read_text())["exit_code_by_key"]
         counts = collections.Counter()
         for name, code in verdicts.items():
-            if name in equivalent:
+            if code is None:
+                counts["untested"] += 1
+            elif name in equivalent:
                 counts["equivalent"] += 1
             elif code in KILLED_CODES:
                 counts["killed"] += 1
@@ -133,21 +136,21 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
             else:
                 survivors.append((work, name, _status(code)))
                 counts["survivors"] += 1
-        total = len(verdicts)
+        tested = len(verdicts) - counts["untested"]
         detected = counts["killed"] + counts["timeout"]
-        relevant = total - counts["equivalent"]
+        relevant = tested - counts["equivalent"]
         score = f"{100 * detected / relevant:.1f}%" if relevant else "-"
         module = meta.name.removesuffix(".py.meta")
         rows.append(
-            f"| {module} | {total} | {counts['killed']} | {counts['timeout']} | {counts['equivalent']} "
-            f"| {counts['survivors']} | {score} |"
+            f"| {module} | {len(verdicts)} | {tested} | {counts['killed']} | {counts['timeout']} "
+            f"| {counts['equivalent']} | {counts['survivors']} | {score} |"
         )
-    print("| module | mutants | killed | timeout | equivalent | survivors | score |")
-    print("|---|---|---|---|---|---|---|")
+    print("| module | mutants | tested | killed | timeout | equivalent | survivors | score |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\nscore = (killed + timeout) / (mutants - equivalent)\n")
+    print("\nscore = (killed + timeout) / (tested - equivalent)\n")
     for work, name, status in survivors:
-        print(f"## {name} ({status})")
+        print(f"- {name} ({status})")
         if show_diffs:
             diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
             print("```diff\n" + diff.strip() + "\n```")
@@ -161,25 +164,38 @@ def _status(code) -> str:
         return "survived"
     if code in NO_TESTS_CODES:
         return "no tests"
-    return "not checked" if code is None else f"exit {code}"
+    return f"exit {code}"
 
 
 def _names(meta: pathlib.Path):
     return json.loads(meta.read_text())["exit_code_by_key"]
 
 
+def sample(work: pathlib.Path, module: str, count: int, seed: int):
+    """Prints `count` of the module's mutant names drawn at random (for a run too long to test them all)."""
+    meta = work / module / "mutants" / "rdunet_jax" / f"{module}.py.meta"
+    if not meta.exists():
+        raise SystemExit(f"{meta}: no mutants yet: start experiments/mutation.sh {module} once")
+    names = sorted(_names(meta))
+    print("\n".join(random.Random(seed).sample(names, min(count, len(names)))))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("prepare", "report"))
+    parser.add_argument("command", choices=("prepare", "report", "sample"))
     parser.add_argument("module", nargs="?", choices=sorted(TESTS), help="the module to stage (prepare)")
     parser.add_argument("--work", type=pathlib.Path, default=REPO_ROOT / ".mutation")
     parser.add_argument("--mutmut", default="mutmut", help="the mutmut executable (for `mutmut show`)")
     parser.add_argument("--no_diffs", action="store_true", help="list survivors without their diffs")
+    parser.add_argument("--count", type=int, default=100, help="mutants to draw (sample)")
+    parser.add_argument("--seed", type=int, default=0, help="the draw's seed (sample)")
     args = parser.parse_args()
+    if args.command in ("prepare", "sample") and args.module is None:
+        parser.error(f"{args.command} needs a module")
     if args.command == "prepare":
-        if args.module is None:
-            parser.error("prepare needs a module")
         prepare(args.work / args.module, args.module)
+    elif args.command == "sample":
+        sample(args.work, args.module, args.count, args.seed)
     else:
         report(args.work, args.mutmut, show_diffs=not args.no_diffs)
 
