@@ -83,6 +83,11 @@ def staged_config(pyproject: str, module: str) -> str:
 def prepare(work: pathlib.Path, module: str):
     """Stages the package (decorators undone in `module`), tests and config in `work`."""
     mutated = f"rdunet_jax/{module}.py"
+    # The tests' persistent compilation cache (tests/conftest.py), seeded from the checkout's: the unmutated
+    # programs of mutmut's first full test run are then read, not compiled.
+    test_cache = REPO_ROOT / ".pytest_cache" / "xla"
+    if test_cache.is_dir():
+        shutil.copytree(test_cache, work / "mutants" / ".pytest_cache" / "xla", dirs_exist_ok=True)
     for name in STAGED_PATHS:
         source = REPO_ROOT / name
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
