@@ -261,3 +261,11 @@ def test_lesion_statistics_of_a_single_lesion_with_a_diagonally_joined_false_pix
     prediction[4, 4] = 1
     (lesion,) = metrics.lesion_statistics(prediction, target)
     assert lesion == {"area": 4.0, "detected": True, "dice": pytest.approx(8 / 9)}
+
+
+def test_f_score_harmonic_mean_by_hand_including_zero_and_equal_inputs():
+    assert metrics.harmonic_mean(0.0, 0.0) == 0.0  # no precision and no recall: F 0, not a division by zero
+    assert metrics.harmonic_mean(0.5, 0.5) == 0.5
+    assert metrics.harmonic_mean(0.25, 0.75) == pytest.approx(2 * 0.25 * 0.75 / 1.0)
+    # Every slice a miss or a false alarm: mean precision and recall 0, so the F-score is 0.
+    assert metrics.summarize([0, 0], [3, 0], [0, 2])["f_score"] == 0.0
