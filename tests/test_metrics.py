@@ -1,5 +1,7 @@
 """Metrics against hand-computed values, including the empty-mask rules."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -269,3 +271,20 @@ def test_f_score_harmonic_mean_by_hand_including_zero_and_equal_inputs():
     assert metrics.harmonic_mean(0.25, 0.75) == pytest.approx(2 * 0.25 * 0.75 / 1.0)
     # Every slice a miss or a false alarm: mean precision and recall 0, so the F-score is 0.
     assert metrics.summarize([0, 0], [3, 0], [0, 2])["f_score"] == 0.0
+
+
+def test_summary_reports_specificity_when_true_negatives_are_given():
+    # slice A: TN=10, FP=0 -> 1; slice B: TN=6, FP=2 -> 0.75
+    summary = metrics.summarize([8, 1], [0, 2], [0, 2], [10, 6])
+    assert summary["specificity"] == pytest.approx((1.0 + 0.75) / 2)
+    assert summary["specificity_std"] == pytest.approx(0.125)
+    assert "specificity" not in metrics.summarize([8, 1], [0, 2], [0, 2])
+
+
+def test_summary_of_no_slices_is_nan_without_numpy_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would be an error here
+        summary = metrics.summarize([], [], [], [])
+    assert summary["num_slices"] == 0
+    for name in ("dice", "jaccard", "precision", "recall", "specificity"):
+        assert np.isnan(summary[name]) and np.isnan(summary[f"{name}_std"])
