@@ -23,9 +23,16 @@ import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EQUIVALENT_LIST = REPO_ROOT / "experiments" / "results" / "mutation" / "equivalent.txt"
-# What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the
-# mutmut config and the fork server's preload list.
-STAGED_PATHS = ("rdunet_jax", "tests", "configs", "pyproject.toml", "experiments/mutation_preload.txt")
+# What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the README
+# (whose figures test_reference_forward checks), the mutmut config and the fork server's preload list.
+STAGED_PATHS = (
+    "rdunet_jax",
+    "tests",
+    "configs",
+    "README.md",
+    "pyproject.toml",
+    "experiments/mutation_preload.txt",
+)
 # The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
 # function (mutmut's own per-function selection), stopping at the first failure.
 TESTS = {
