@@ -36,7 +36,10 @@ for module in "${modules[@]}"; do
   "$python" "$repo/experiments/mutation.py" prepare "$module"
   start=$(date +%s)
   # Named mutants are tested again even when they have a verdict; unnamed, only those without one.
-  (cd "$repo/.mutation/$module" && nice -n 10 "$mutmut" run "${children[@]}" "${globs[@]}" | tr '\r' '\n' | tail -n 3)
+  # mutmut's whole output (its progress line redrawn) goes to run.log; the last lines are shown.
+  (cd "$repo/.mutation/$module" && nice -n 10 "$mutmut" run "${children[@]}" "${globs[@]}" 2>&1 |
+    tr '\r' '\n' >run.log) || { tail -n 40 "$repo/.mutation/$module/run.log"; exit 1; }
+  tail -n 3 "$repo/.mutation/$module/run.log"
   echo "$module: $(($(date +%s) - start)) s"
 done
 "$python" "$repo/experiments/mutation.py" report --mutmut "$mutmut" --no_diffs
