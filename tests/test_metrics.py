@@ -288,3 +288,32 @@ def test_summary_of_no_slices_is_nan_without_numpy_warnings():
     assert summary["num_slices"] == 0
     for name in ("dice", "jaccard", "precision", "recall", "specificity"):
         assert np.isnan(summary[name]) and np.isnan(summary[f"{name}_std"])
+
+
+def test_lesion_size_summary_by_hand_with_an_empty_group():
+    lesions = [
+        {"area": 3.0, "detected": True, "dice": 0.5},
+        {"area": 5.0, "detected": False, "dice": 0.0},
+        {"area": 20.0, "detected": True, "dice": 0.9},
+    ]
+    summary = metrics.lesion_size_summary(lesions, small_area=10.0)
+    assert summary["small"] == {
+        "num_lesions": 2,
+        "detection_rate": 0.5,
+        "dice": 0.25,
+        "dice_std": 0.25,
+        "mean_area": 4.0,
+    }
+    assert summary["large"]["dice_std"] == 0.0 and summary["all"]["dice_std"] == pytest.approx(
+        np.std([0.5, 0, 0.9])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty group is None, not numpy's warned-about NaN
+        no_small = metrics.lesion_size_summary(lesions, small_area=1.0)["small"]
+    assert no_small == {
+        "num_lesions": 0,
+        "detection_rate": None,
+        "dice": None,
+        "dice_std": None,
+        "mean_area": None,
+    }
