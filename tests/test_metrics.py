@@ -317,3 +317,13 @@ def test_lesion_size_summary_by_hand_with_an_empty_group():
         "dice_std": None,
         "mean_area": None,
     }
+
+
+def test_ratios_with_a_denominator_of_one_and_empty_slices_without_division_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the zero denominators of slice 0 must not be divided by
+        result = metrics.slice_metrics([0, 1], [0, 0], [0, 0], [4, 0])
+    # slice 1: one pixel, found: Jaccard, precision and recall are 1/1, Dice 2/2; no negatives to flag, so
+    # specificity 0/0 follows the empty rule (1.0)
+    for name in ("dice", "jaccard", "precision", "recall", "specificity"):
+        np.testing.assert_array_equal(result[name], [1.0, 1.0])
