@@ -327,3 +327,11 @@ def test_ratios_with_a_denominator_of_one_and_empty_slices_without_division_warn
     # specificity 0/0 follows the empty rule (1.0)
     for name in ("dice", "jaccard", "precision", "recall", "specificity"):
         np.testing.assert_array_equal(result[name], [1.0, 1.0])
+
+
+def test_slice_metrics_of_narrow_integer_counts_do_not_overflow():
+    # uint8 counts: 2 * TP = 400 would wrap to 144 without the float64 conversion
+    result = metrics.slice_metrics(
+        np.array([200], np.uint8), np.array([0], np.uint8), np.array([100], np.uint8)
+    )
+    assert result["dice"][0] == pytest.approx(400 / 500)
