@@ -501,3 +501,15 @@ def test_bad_speed_option_is_a_user_error(key, value):
     config.model[key] = value
     with pytest.raises(UserError, match=f"model.{key}"):
         config_lib.validate(config)
+
+
+def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
+    """dtype=bfloat16 promises bfloat16 compute: both of the unit's matrix products take bfloat16 operands."""
+    unit = models.SqueezeExcitation(reduction=2, dtype=jnp.bfloat16)
+    x = jnp.ones((1, 4, 4, 8), jnp.bfloat16)
+    variables = unit.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(unit.apply)(variables, x)
+    products = [equation for equation in program.jaxpr.eqns if equation.primitive.name == "dot_general"]
+    assert len(products) == 2
+    for product in products:
+        assert [operand.aval.dtype for operand in product.invars] == [jnp.bfloat16, jnp.bfloat16]
