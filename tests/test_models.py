@@ -513,3 +513,30 @@ def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
     assert len(products) == 2
     for product in products:
         assert [operand.aval.dtype for operand in product.invars] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def _primitive_names(jaxpr):
+    """Every primitive of a program, nested programs (jit, custom VJP, remat) included."""
+    for equation in jaxpr.eqns:
+        yield equation.primitive.name
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a closed program's program
+                if hasattr(inner, "eqns"):
+                    yield from _primitive_names(inner)
+
+
+def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
+    """batch_norm_impl="closed_form" reaches every block's, shortcut's and DC module's BatchNorm: the training
+    program holds one custom-VJP normalisation per BatchNorm layer of the variable tree."""
+    model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), batch_norm_impl="closed_form")
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    layers = len([path for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])]) // 2
+    program = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+        )
+    )(variables)
+    custom_vjps = [name for name in _primitive_names(program.jaxpr) if "custom_vjp" in name]
+    assert layers == 11 and len(custom_vjps) == layers
