@@ -540,3 +540,24 @@ def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
     )(variables)
     custom_vjps = [name for name in _primitive_names(program.jaxpr) if "custom_vjp" in name]
     assert layers == 11 and len(custom_vjps) == layers
+
+
+@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_impl):
+    """dtype=bfloat16: both 3x3 convolutions take bfloat16 operands and the BatchNorm hands on bfloat16."""
+    block = models.DoubleConv(4, dtype=jnp.bfloat16, batch_norm_impl=batch_norm_impl)
+    x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
+    variables = block.init(jax.random.PRNGKey(0), x, train=False)
+    for train in (False, True):
+
+        def apply(v, train=train):
+            return block.apply(
+                v, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+            )
+
+        program = jax.make_jaxpr(apply)(variables)
+        assert program.out_avals[0].dtype == jnp.bfloat16
+        convolutions = [e for e in program.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert len(convolutions) == 2
+        for convolution in convolutions:
+            assert [operand.aval.dtype for operand in convolution.invars] == [jnp.bfloat16, jnp.bfloat16]
