@@ -561,3 +561,27 @@ def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_im
         assert len(convolutions) == 2
         for convolution in convolutions:
             assert [operand.aval.dtype for operand in convolution.invars] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dilation, options", [(None, {}), ((1, 1), {}), ((2, 2), {"batch_group_count": 2})])
+def test_space_to_batch_leaves_undilated_and_grouped_convolutions_to_one_xla_convolution(dilation, options):
+    lhs = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def convolve(convolution, lhs, rhs):
+        return convolution(
+            lhs, rhs, (1, 1), "SAME", rhs_dilation=dilation, dimension_numbers=numbers, **options
+        )
+
+    program = jax.make_jaxpr(lambda x, k: convolve(models.conv_space_to_batch, x, k))(lhs, kernel)
+    assert [equation.primitive.name for equation in program.jaxpr.eqns] == ["conv_general_dilated"]
+    np.testing.assert_array_equal(
+        convolve(models.conv_space_to_batch, lhs, kernel), convolve(jax.lax.conv_general_dilated, lhs, kernel)
+    )
+
+
+def test_sixteen_bit_dropout_keep_probability_is_the_rounded_threshold():
+    # rate 0.3: keep 0.7 * 65536 = 45875.2 -> 45875 of 65536 half-words
+    keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), 0.3, (4, 8))
+    assert keep_probability == 45875 / 65536 and keep.shape == (4, 8) and keep.dtype == jnp.bool_
