@@ -585,3 +585,15 @@ def test_sixteen_bit_dropout_keep_probability_is_the_rounded_threshold():
     # rate 0.3: keep 0.7 * 65536 = 45875.2 -> 45875 of 65536 half-words
     keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), 0.3, (4, 8))
     assert keep_probability == 45875 / 65536 and keep.shape == (4, 8) and keep.dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3])
+def test_bits_dropout_keeps_bfloat16_and_scales_kept_values(rate):
+    x = jnp.full((4, 64), 1.5, jnp.bfloat16)
+    dropped = models.BitsDropout(rate, deterministic=False).apply(
+        {}, x, rngs={"dropout": jax.random.PRNGKey(0)}
+    )
+    assert dropped.dtype == jnp.bfloat16
+    values = set(np.unique(np.asarray(dropped, np.float32)).tolist())
+    keep_probability = 0.5 if rate == 0.5 else round((1 - rate) * 65536) / 65536
+    assert values == {0.0, float(jnp.asarray(1.5 / keep_probability, jnp.bfloat16))}
