@@ -597,3 +597,50 @@ def test_bits_dropout_keeps_bfloat16_and_scales_kept_values(rate):
     values = set(np.unique(np.asarray(dropped, np.float32)).tolist())
     keep_probability = 0.5 if rate == 0.5 else round((1 - rate) * 65536) / 65536
     assert values == {0.0, float(jnp.asarray(1.5 / keep_probability, jnp.bfloat16))}
+
+
+def _equations(jaxpr):
+    """Every equation of a program, nested programs included."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_bfloat16_model_multiplies_and_rectifies_in_bfloat16_everywhere():
+    """dtype=bfloat16 reaches every block, shortcut, SE unit and DC module: each convolution and matrix
+    product takes bfloat16 operands, and each full-size ReLU (a max over an 8x8 map) runs on bfloat16."""
+    model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), dtype=jnp.bfloat16)
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+        )
+    )(variables)
+    checked = 0
+    for equation in _equations(program.jaxpr):
+        name, operands = equation.primitive.name, [operand.aval for operand in equation.invars]
+        if name in ("conv_general_dilated", "dot_general") or (
+            name == "max" and operands[0].shape[1:3] == (8, 8)
+        ):
+            assert [operand.dtype for operand in operands] == [jnp.bfloat16] * len(operands), name
+            checked += 1
+    assert checked > 20
+
+
+def test_space_to_batch_reaches_resdunet_encoder_blocks():
+    model = models.RDUNet(
+        features=4,
+        depth=1,
+        skip_dilation_rates=(),
+        encoder_dilation_rates=(2, 3),
+        dilation_impl="space_to_batch",
+    )
+    x = jnp.ones((1, 12, 12, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
+    assert all(dilation == (1, 1) for dilation in _convolution_dilations(program.jaxpr))
