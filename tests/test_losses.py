@@ -74,3 +74,11 @@ def test_dice_plus_cross_entropy_is_per_image_and_zero_when_perfect():
     loss = np.asarray(losses.dice_bce_loss(logits, mask))
     assert loss.shape == (2,)
     np.testing.assert_allclose(loss, [expected, 0.0], atol=1e-5)
+
+
+def test_dice_plus_cross_entropy_passes_its_smoothing_to_the_dice_term():
+    # p = 0.5 on 4 pixels, 1 lesion pixel, s = 0.5: Dice 1 - (2*0.5 + 0.5) / (2 + 1 + 0.5) = 4/7, plus log 2.
+    logits = jnp.zeros((1, 2, 2, 1))
+    mask = jnp.array([[[[1.0], [0.0]], [[0.0], [0.0]]]])
+    _assert_per_image(losses.soft_dice_loss(logits, mask, smooth=0.5), [4 / 7])
+    _assert_per_image(losses.dice_bce_loss(logits, mask, smooth=0.5), [4 / 7 + np.log(2.0)])

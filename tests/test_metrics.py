@@ -1,5 +1,7 @@
 """Metrics against hand-computed values, including the empty-mask rules."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -225,3 +227,111 @@ def test_lesion_statistics_on_known_components():
     assert metrics.lesion_size_summary(lesions, small_area=36.5)["small"]["num_lesions"] == 3
     assert metrics.lesion_statistics(prediction, np.zeros_like(target)) == []
     assert metrics.lesion_size_summary([], 10.0)["small"]["dice"] is None
+
+
+# --- Mutation-testing survivors (experiments/results/mutation) ------------------------------------------
+
+
+def test_confusion_counts_tell_every_count_apart():
+    """Per slice of a (2, 3, 3) batch, TP, FP, FN and TN all differ, so no count can stand in for another."""
+    prediction = np.array(
+        [_masks([[1, 1, 1], [1, 0, 0], [0, 0, 0]]), _masks([[0, 0, 0], [0, 1, 0], [0, 0, 0]])]
+    )
+    target = np.array([_masks([[1, 0, 0], [1, 1, 1], [1, 0, 0]]), _masks([[1, 1, 0], [0, 1, 0], [0, 0, 0]])])
+    tp, fp, fn, tn = metrics.confusion_counts(prediction, target)
+    # slice 0: TP at (0,0), (1,0); FP at (0,1), (0,2); FN at (1,1), (1,2), (2,0); TN the other 2 pixels.
+    np.testing.assert_array_equal(tp, [2, 1])
+    np.testing.assert_array_equal(fp, [2, 0])
+    np.testing.assert_array_equal(fn, [3, 2])
+    np.testing.assert_array_equal(tn, [2, 6])
+
+
+def test_hd95_summary_averages_in_float64_and_has_no_std_without_finite_values():
+    # float32 distances: 2**24 + 1 rounds back to 2**24 in float32, so a float32 mean would be 4194304.0.
+    summary = metrics.summarize_hausdorff95(np.array([2.0**24, 1.0, 1.0, 1.0], np.float32))
+    assert summary["hd95"] == (2**24 + 3) / 4
+    none_finite = metrics.summarize_hausdorff95([float("nan"), float("inf")])
+    assert none_finite["hd95"] is None and none_finite["hd95_std"] is None
+
+
+def test_lesion_statistics_of_a_single_lesion_with_a_diagonally_joined_false_pixel():
+    """One lesion (2x2); the prediction covers it plus a pixel touching its corner diagonally: under
+    8-connectivity that pixel belongs to the overlapping predicted component, so Dice is 2*4 / (4 + 5)."""
+    target = np.zeros((8, 8), np.uint8)
+    target[2:4, 2:4] = 1
+    prediction = target.copy()
+    prediction[4, 4] = 1
+    (lesion,) = metrics.lesion_statistics(prediction, target)
+    assert lesion == {"area": 4.0, "detected": True, "dice": pytest.approx(8 / 9)}
+
+
+def test_f_score_harmonic_mean_by_hand_including_zero_and_equal_inputs():
+    assert metrics.harmonic_mean(0.0, 0.0) == 0.0  # no precision and no recall: F 0, not a division by zero
+    assert metrics.harmonic_mean(0.5, 0.5) == 0.5
+    assert metrics.harmonic_mean(0.25, 0.75) == pytest.approx(2 * 0.25 * 0.75 / 1.0)
+    # Every slice a miss or a false alarm: mean precision and recall 0, so the F-score is 0.
+    assert metrics.summarize([0, 0], [3, 0], [0, 2])["f_score"] == 0.0
+
+
+def test_summary_reports_specificity_when_true_negatives_are_given():
+    # slice A: TN=10, FP=0 -> 1; slice B: TN=6, FP=2 -> 0.75
+    summary = metrics.summarize([8, 1], [0, 2], [0, 2], [10, 6])
+    assert summary["specificity"] == pytest.approx((1.0 + 0.75) / 2)
+    assert summary["specificity_std"] == pytest.approx(0.125)
+    assert "specificity" not in metrics.summarize([8, 1], [0, 2], [0, 2])
+
+
+def test_summary_of_no_slices_is_nan_without_numpy_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would be an error here
+        summary = metrics.summarize([], [], [], [])
+    assert summary["num_slices"] == 0
+    for name in ("dice", "jaccard", "precision", "recall", "specificity"):
+        assert np.isnan(summary[name]) and np.isnan(summary[f"{name}_std"])
+
+
+def test_lesion_size_summary_by_hand_with_an_empty_group():
+    lesions = [
+        {"area": 3.0, "detected": True, "dice": 0.5},
+        {"area": 5.0, "detected": False, "dice": 0.0},
+        {"area": 20.0, "detected": True, "dice": 0.9},
+    ]
+    summary = metrics.lesion_size_summary(lesions, small_area=10.0)
+    assert summary["small"] == {
+        "num_lesions": 2,
+        "detection_rate": 0.5,
+        "dice": 0.25,
+        "dice_std": 0.25,
+        "mean_area": 4.0,
+    }
+    assert summary["large"]["dice_std"] == 0.0 and summary["all"]["dice_std"] == pytest.approx(
+        np.std([0.5, 0, 0.9])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty group is None, not numpy's warned-about NaN
+        no_small = metrics.lesion_size_summary(lesions, small_area=1.0)["small"]
+    assert no_small == {
+        "num_lesions": 0,
+        "detection_rate": None,
+        "dice": None,
+        "dice_std": None,
+        "mean_area": None,
+    }
+
+
+def test_ratios_with_a_denominator_of_one_and_empty_slices_without_division_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the zero denominators of slice 0 must not be divided by
+        result = metrics.slice_metrics([0, 1], [0, 0], [0, 0], [4, 0])
+    # slice 1: one pixel, found: Jaccard, precision and recall are 1/1, Dice 2/2; no negatives to flag, so
+    # specificity 0/0 follows the empty rule (1.0)
+    for name in ("dice", "jaccard", "precision", "recall", "specificity"):
+        np.testing.assert_array_equal(result[name], [1.0, 1.0])
+
+
+def test_slice_metrics_of_narrow_integer_counts_do_not_overflow():
+    # uint8 counts: 2 * TP = 400 would wrap to 144 without the float64 conversion
+    result = metrics.slice_metrics(
+        np.array([200], np.uint8), np.array([0], np.uint8), np.array([100], np.uint8)
+    )
+    assert result["dice"][0] == pytest.approx(400 / 500)

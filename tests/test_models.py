@@ -501,3 +501,146 @@ def test_bad_speed_option_is_a_user_error(key, value):
     config.model[key] = value
     with pytest.raises(UserError, match=f"model.{key}"):
         config_lib.validate(config)
+
+
+def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
+    """dtype=bfloat16 promises bfloat16 compute: both of the unit's matrix products take bfloat16 operands."""
+    unit = models.SqueezeExcitation(reduction=2, dtype=jnp.bfloat16)
+    x = jnp.ones((1, 4, 4, 8), jnp.bfloat16)
+    variables = unit.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(unit.apply)(variables, x)
+    products = [equation for equation in program.jaxpr.eqns if equation.primitive.name == "dot_general"]
+    assert len(products) == 2
+    for product in products:
+        assert [operand.aval.dtype for operand in product.invars] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def _primitive_names(jaxpr):
+    """Every primitive of a program, nested programs (jit, custom VJP, remat) included."""
+    for equation in jaxpr.eqns:
+        yield equation.primitive.name
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a closed program's program
+                if hasattr(inner, "eqns"):
+                    yield from _primitive_names(inner)
+
+
+def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
+    """batch_norm_impl="closed_form" reaches every block's, shortcut's and DC module's BatchNorm: the training
+    program holds one custom-VJP normalisation per BatchNorm layer of the variable tree."""
+    model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), batch_norm_impl="closed_form")
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    layers = len([path for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])]) // 2
+    program = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+        )
+    )(variables)
+    custom_vjps = [name for name in _primitive_names(program.jaxpr) if "custom_vjp" in name]
+    assert layers == 11 and len(custom_vjps) == layers
+
+
+@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_impl):
+    """dtype=bfloat16: both 3x3 convolutions take bfloat16 operands and the BatchNorm hands on bfloat16."""
+    block = models.DoubleConv(4, dtype=jnp.bfloat16, batch_norm_impl=batch_norm_impl)
+    x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
+    variables = block.init(jax.random.PRNGKey(0), x, train=False)
+    for train in (False, True):
+
+        def apply(v, train=train):
+            return block.apply(
+                v, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+            )
+
+        program = jax.make_jaxpr(apply)(variables)
+        assert program.out_avals[0].dtype == jnp.bfloat16
+        convolutions = [e for e in program.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert len(convolutions) == 2
+        for convolution in convolutions:
+            assert [operand.aval.dtype for operand in convolution.invars] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dilation, options", [(None, {}), ((1, 1), {}), ((2, 2), {"batch_group_count": 2})])
+def test_space_to_batch_leaves_undilated_and_grouped_convolutions_to_one_xla_convolution(dilation, options):
+    lhs = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def convolve(convolution, lhs, rhs):
+        return convolution(
+            lhs, rhs, (1, 1), "SAME", rhs_dilation=dilation, dimension_numbers=numbers, **options
+        )
+
+    program = jax.make_jaxpr(lambda x, k: convolve(models.conv_space_to_batch, x, k))(lhs, kernel)
+    assert [equation.primitive.name for equation in program.jaxpr.eqns] == ["conv_general_dilated"]
+    np.testing.assert_array_equal(
+        convolve(models.conv_space_to_batch, lhs, kernel), convolve(jax.lax.conv_general_dilated, lhs, kernel)
+    )
+
+
+def test_sixteen_bit_dropout_keep_probability_is_the_rounded_threshold():
+    # rate 0.3: keep 0.7 * 65536 = 45875.2 -> 45875 of 65536 half-words
+    keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), 0.3, (4, 8))
+    assert keep_probability == 45875 / 65536 and keep.shape == (4, 8) and keep.dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3])
+def test_bits_dropout_keeps_bfloat16_and_scales_kept_values(rate):
+    x = jnp.full((4, 64), 1.5, jnp.bfloat16)
+    dropped = models.BitsDropout(rate, deterministic=False).apply(
+        {}, x, rngs={"dropout": jax.random.PRNGKey(0)}
+    )
+    assert dropped.dtype == jnp.bfloat16
+    values = set(np.unique(np.asarray(dropped, np.float32)).tolist())
+    keep_probability = 0.5 if rate == 0.5 else round((1 - rate) * 65536) / 65536
+    assert values == {0.0, float(jnp.asarray(1.5 / keep_probability, jnp.bfloat16))}
+
+
+def _equations(jaxpr):
+    """Every equation of a program, nested programs included."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_bfloat16_model_multiplies_and_rectifies_in_bfloat16_everywhere():
+    """dtype=bfloat16 reaches every block, shortcut, SE unit and DC module: each convolution and matrix
+    product takes bfloat16 operands, and each full-size ReLU (a max over an 8x8 map) runs on bfloat16."""
+    model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), dtype=jnp.bfloat16)
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+        )
+    )(variables)
+    checked = 0
+    for equation in _equations(program.jaxpr):
+        name, operands = equation.primitive.name, [operand.aval for operand in equation.invars]
+        if name in ("conv_general_dilated", "dot_general") or (
+            name == "max" and operands[0].shape[1:3] == (8, 8)
+        ):
+            assert [operand.dtype for operand in operands] == [jnp.bfloat16] * len(operands), name
+            checked += 1
+    assert checked > 20
+
+
+def test_space_to_batch_reaches_resdunet_encoder_blocks():
+    model = models.RDUNet(
+        features=4,
+        depth=1,
+        skip_dilation_rates=(),
+        encoder_dilation_rates=(2, 3),
+        dilation_impl="space_to_batch",
+    )
+    x = jnp.ones((1, 12, 12, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    program = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
+    assert all(dilation == (1, 1) for dilation in _convolution_dilations(program.jaxpr))

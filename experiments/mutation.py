@@ -1,0 +1,216 @@
+"""Mutation testing with mutmut 3: the staged copy it mutates, and the score table of its results.
+
+`prepare MODULE` copies the package, the tests and the mutmut config into a work folder (`.mutation/MODULE`)
+that mutates that module alone under the tests that exercise it (TESTS below), with every decorated function
+of the module rewritten as a plain `def` followed by `name = decorator(name)`: mutmut 3 never mutates a
+decorated function, and nearly all the model's arithmetic lives in `@nn.compact` methods (and in
+`@jax.custom_vjp` / `@jax.jit` functions). Same program, other spelling.
+
+`report` reads mutmut's verdicts from the work folders and prints, per module, the mutants, killed,
+equivalent (listed with a reason in experiments/results/mutation/equivalent.txt), survivors and the score
+killed / (mutants - equivalent), then every survivor with its diff.
+"""
+
+import argparse
+import ast
+import collections
+import json
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EQUIVALENT_LIST = REPO_ROOT / "experiments" / "results" / "mutation" / "equivalent.txt"
+# What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the README
+# (whose figures test_reference_forward checks), the mutmut config and the fork server's preload list.
+STAGED_PATHS = (
+    "rdunet_jax",
+    "tests",
+    "configs",
+    "README.md",
+    "pyproject.toml",
+    "experiments/mutation_preload.txt",
+)
+# The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
+# function (mutmut's own per-function selection), stopping at the first failure.
+TESTS = {
+    "losses": ["tests/test_losses.py"],
+    "metrics": ["tests/test_metrics.py"],
+    "models": ["tests/test_models.py", "tests/test_reference_forward.py"],
+}
+KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
+
+# mutmut's exit-code verdicts (mutmut/stats.py), folded into the table's columns.
+KILLED_CODES = {1, 3}
+TIMEOUT_CODES = {-24, 24, 152, 255, 36}
+SURVIVED_CODES = {0}
+NO_TESTS_CODES = {5, 33}
+
+
+def undecorate(source: str) -> str:
+    """`source` with each decorated function's decorators applied by assignment after its body."""
+    lines = source.splitlines(keepends=True)
+    functions = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.decorator_list
+        and not any(ast.unparse(d) in KEPT_DECORATORS for d in node.decorator_list)
+    ]
+    # Bottom-up, so that earlier line numbers stay valid while lines are added and removed below them.
+    for function in sorted(functions, key=lambda node: node.lineno, reverse=True):
+        indent = " " * function.col_offset
+        wrapped = function.name
+        for decorator in reversed(function.decorator_list):  # the innermost decorator applies first
+            wrapped = f"{ast.unparse(decorator)}({wrapped})"
+        lines.insert(function.end_lineno, f"{indent}{function.name} = {wrapped}\n")
+        first, last = function.decorator_list[0].lineno, function.decorator_list[-1].end_lineno
+        del lines[first - 1 : last]
+    return "".join(lines)
+
+
+def _write_if_changed(path: pathlib.Path, text: str):
+    # An unchanged mtime tells mutmut that a module's mutants (and their verdicts) are still current.
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def staged_config(pyproject: str, module: str) -> str:
+    """The project's pyproject.toml with the [tool.mutmut] section mutating `module` under its tests."""
+    if "[tool.mutmut]\n" not in pyproject:
+        raise SystemExit("pyproject.toml: no [tool.mutmut] section")
+    settings = f"only_mutate = {json.dumps([f'rdunet_jax/{module}.py'])}\n"
+    settings += f"pytest_add_cli_args_test_selection = {json.dumps(TESTS[module])}\n"
+    return pyproject.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + settings)
+
+
+def prepare(work: pathlib.Path, module: str):
+    """Stages the package (decorators undone in `module`), tests and config in `work`."""
+    mutated = f"rdunet_jax/{module}.py"
+    # The tests' persistent compilation cache (tests/conftest.py), seeded from the checkout's: the unmutated
+    # programs of mutmut's first full test run are then read, not compiled.
+    test_cache = REPO_ROOT / ".pytest_cache" / "xla"
+    if test_cache.is_dir():
+        shutil.copytree(test_cache, work / "mutants" / ".pytest_cache" / "xla", dirs_exist_ok=True)
+    for name in STAGED_PATHS:
+        source = REPO_ROOT / name
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for file in files:
+            relative = file.relative_to(REPO_ROOT)
+            if "__pycache__" in relative.parts:
+                continue
+            if relative.suffix == ".py" or relative.suffix in (".toml", ".txt"):
+                text = file.read_text()
+                if str(relative) == mutated:
+                    text = undecorate(text)
+                elif str(relative) == "pyproject.toml":
+                    text = staged_config(text, module)
+                _write_if_changed(work / relative, text)
+            else:
+                target = work / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, target)
+
+
+def read_equivalent() -> dict[str, str]:
+    """Mutant name -> why it is equivalent, from the committed list (`name  reason` per line)."""
+    if not EQUIVALENT_LIST.exists():
+        return {}
+    equivalent = {}
+    for line in EQUIVALENT_LIST.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.strip().partition(" ")
+            equivalent[name] = reason.strip()
+    return equivalent
+
+
+def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
+    """Prints the score table and every surviving (survived, or covered by no test) mutant."""
+    equivalent = read_equivalent()
+    rows, survivors = [], []
+    metas = sorted(work_root.glob("*/mutants/rdunet_jax/*.py.meta"))
+    for meta in metas:
+        work = meta.parents[2]
+        verdicts = json.loads(meta.read_text())["exit_code_by_key"]
+        counts = collections.Counter()
+        for name, code in verdicts.items():
+            if code is None:
+                counts["untested"] += 1
+            elif name in equivalent:
+                counts["equivalent"] += 1
+            elif code in KILLED_CODES:
+                counts["killed"] += 1
+            elif code in TIMEOUT_CODES:
+                counts["timeout"] += 1
+            else:
+                survivors.append((work, name, _status(code)))
+                counts["survivors"] += 1
+        tested = len(verdicts) - counts["untested"]
+        detected = counts["killed"] + counts["timeout"]
+        relevant = tested - counts["equivalent"]
+        score = f"{100 * detected / relevant:.1f}%" if relevant else "-"
+        module = meta.name.removesuffix(".py.meta")
+        rows.append(
+            f"| {module} | {len(verdicts)} | {tested} | {counts['killed']} | {counts['timeout']} "
+            f"| {counts['equivalent']} | {counts['survivors']} | {score} |"
+        )
+    print("| module | mutants | tested | killed | timeout | equivalent | survivors | score |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nscore = (killed + timeout) / (tested - equivalent)\n")
+    for work, name, status in survivors:
+        print(f"- {name} ({status})")
+        if show_diffs:
+            diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
+            print("```diff\n" + diff.strip() + "\n```")
+    stale = sorted(set(equivalent) - {name for meta in metas for name in _names(meta)})
+    for name in stale:
+        print(f"warning: {EQUIVALENT_LIST.name} names {name}, which is no longer a mutant", file=sys.stderr)
+
+
+def _status(code) -> str:
+    if code in SURVIVED_CODES:
+        return "survived"
+    if code in NO_TESTS_CODES:
+        return "no tests"
+    return f"exit {code}"
+
+
+def _names(meta: pathlib.Path):
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def sample(work: pathlib.Path, module: str, count: int, seed: int):
+    """Prints `count` of the module's mutant names drawn at random (for a run too long to test them all)."""
+    meta = work / module / "mutants" / "rdunet_jax" / f"{module}.py.meta"
+    if not meta.exists():
+        raise SystemExit(f"{meta}: no mutants yet: start experiments/mutation.sh {module} once")
+    names = sorted(_names(meta))
+    print("\n".join(random.Random(seed).sample(names, min(count, len(names)))))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("prepare", "report", "sample"))
+    parser.add_argument("module", nargs="?", choices=sorted(TESTS), help="the module to stage (prepare)")
+    parser.add_argument("--work", type=pathlib.Path, default=REPO_ROOT / ".mutation")
+    parser.add_argument("--mutmut", default="mutmut", help="the mutmut executable (for `mutmut show`)")
+    parser.add_argument("--no_diffs", action="store_true", help="list survivors without their diffs")
+    parser.add_argument("--count", type=int, default=100, help="mutants to draw (sample)")
+    parser.add_argument("--seed", type=int, default=0, help="the draw's seed (sample)")
+    args = parser.parse_args()
+    if args.command in ("prepare", "sample") and args.module is None:
+        parser.error(f"{args.command} needs a module")
+    if args.command == "prepare":
+        prepare(args.work / args.module, args.module)
+    elif args.command == "sample":
+        sample(args.work, args.module, args.count, args.seed)
+    else:
+        report(args.work, args.mutmut, show_diffs=not args.no_diffs)
+
+
+if __name__ == "__main__":
+    main()
