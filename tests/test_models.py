@@ -644,3 +644,19 @@ def test_space_to_batch_reaches_resdunet_encoder_blocks():
     variables = model.init(jax.random.PRNGKey(0), x)
     program = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
     assert all(dilation == (1, 1) for dilation in _convolution_dilations(program.jaxpr))
+
+
+def test_bits_dropout_option_draws_the_models_masks_with_bits_dropout():
+    """`dropout_impl='bits'` really puts BitsDropout in the blocks: its masks, unlike every other speed
+    option's, differ from nn.Dropout's for the same key, so the training logits differ (and match when the
+    same form is asked for twice). A survivor of mutation testing (the option silently falling back)."""
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1))
+    flax_dropout = models.build_model(_tiny_model_config(dropout_impl="flax"))
+    variables = models.initialize_variables(flax_dropout, 16, seed=0)
+
+    def logits(impl):
+        model = models.build_model(_tiny_model_config(dropout_impl=impl))
+        return np.asarray(_training_logits(model, variables, variables["params"], images))
+
+    np.testing.assert_array_equal(logits("bits"), logits("bits"))
+    assert np.max(np.abs(logits("bits") - logits("flax"))) > 1e-3
