@@ -12,6 +12,7 @@ import os
 import pathlib
 
 import jax
+
 from rdunet_jax import config_lib, models
 
 LISTING = pathlib.Path(__file__).parent / "data" / "parameter_trees.txt"
@@ -21,9 +22,7 @@ def tree_listing(variant: str) -> list[str]:
     config = config_lib.apply_model_variant(config_lib.base_config(), variant)
     variables = models.abstract_variables(models.build_model(config.model), 64)
     flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-    return [
-        f"{variant} {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {leaf.dtype}" for path, leaf in flat
-    ]
+    return [f"{variant} {jax.tree_util.keystr(path)} {tuple(leaf.shape)} {leaf.dtype}" for path, leaf in flat]
 
 
 def all_listings() -> list[str]:
