@@ -171,12 +171,12 @@ def compiled_train_step(config, model, batch):
     """(compiled train step, state, compile seconds, XLA FLOPs per step) with the persistent cache off."""
     import jax
 
-    from rdunet_jax import train
+    from rdunet_jax import steps
 
     jax.config.update("jax_enable_compilation_cache", False)
-    state = train.create_train_state(config, model, steps_per_epoch=20)
+    state = steps.create_train_state(config, model, steps_per_epoch=20)
     started = time.perf_counter()
-    compiled = train.train_step.lower(state, batch).compile()
+    compiled = steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - started
     jax.config.update("jax_enable_compilation_cache", True)
     return compiled, state, compile_s, xla_flops(compiled)
@@ -263,9 +263,9 @@ def compiled_inference(model, variables, images):
     """The eval forward pass (running BatchNorm statistics, sigmoid), compiled as evaluation compiles it."""
     import jax
 
-    from rdunet_jax import train
+    from rdunet_jax import steps
 
-    @functools.partial(jax.jit, compiler_options=train.EVAL_COMPILER_OPTIONS)
+    @functools.partial(jax.jit, compiler_options=steps.EVAL_COMPILER_OPTIONS)
     def infer(variables, images):
         return jax.nn.sigmoid(model.apply(variables, images, train=False))
 
@@ -342,7 +342,7 @@ def child_first_step(args) -> None:
     """Runs as a fresh process: the path of a real run up to its first train steps, then reports."""
     payload = json.loads(args._child)
     phases = {}
-    from rdunet_jax import datasets, input_pipeline, train
+    from rdunet_jax import datasets, input_pipeline, steps, train
 
     phases["imports"] = time.time()
     config = make_config(args, payload["image_size"])
@@ -354,7 +354,7 @@ def child_first_step(args) -> None:
     mesh = train.data_parallel_mesh()
     batch = train.shard_batch(next(iterator), mesh)
     phases["data"] = time.time()
-    state = train.create_train_state(config, model, steps_per_epoch=len(dataset))
+    state = steps.create_train_state(config, model, steps_per_epoch=len(dataset))
     phases["model"] = time.time()
     rss_before_training = peak_rss_mb()
     # As a run gets it: compiled (cold) or loaded from the executable cache (warm) before the first step.

@@ -7,8 +7,8 @@ next variant).
         --option ynn_off='{"xla_cpu_experimental_ynn_fusion_type": ""}' --json OUT.json
     python experiments/compiler_options_ab.py --what infer --batch_size 16 --option ...
 
-The reference is the project's own compilation (`train.COMPILER_OPTIONS` for the train step,
-`train.EVAL_COMPILER_OPTIONS` for inference); each `--option NAME=JSON` adds those XLA debug options on
+The reference is the project's own compilation (`steps.COMPILER_OPTIONS` for the train step,
+`steps.EVAL_COMPILER_OPTIONS` for inference); each `--option NAME=JSON` adds those XLA debug options on
 top. Per variant it reports XLA's temporary memory, the compile time, the median seconds per call, the
 median over rounds of each round's time ratio to the reference (below 1 is faster) and the largest
 difference of its output from the reference's (loss for `train`, probabilities for `infer`). Unlike
@@ -76,13 +76,13 @@ def build_function(args, config):
     """(function to compile, its arguments, the output to compare) for `--what`."""
     import jax
 
-    from rdunet_jax import models, train
+    from rdunet_jax import models, steps
 
     model = models.build_model(config.model)
     if args.what == "train":
-        state = train.create_train_state(config, model, steps_per_epoch=20)
+        state = steps.create_train_state(config, model, steps_per_epoch=20)
         batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
-        return train.train_step.__wrapped__, (state, batch), lambda output: output[1]["loss"]
+        return steps.train_step.__wrapped__, (state, batch), lambda output: output[1]["loss"]
     variables = models.initialize_variables(model, args.image_size, config.seed)
     images = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size)["image"])
 
@@ -96,9 +96,9 @@ def run(args) -> dict:
     import jax
     import numpy as np
 
-    from rdunet_jax import train
+    from rdunet_jax import steps
 
-    project = train.COMPILER_OPTIONS if args.what == "train" else train.EVAL_COMPILER_OPTIONS
+    project = steps.COMPILER_OPTIONS if args.what == "train" else steps.EVAL_COMPILER_OPTIONS
     variants = {"project": (dict(project), [])}
     for text in args.option:
         name, options = parse_option(text)

@@ -3,7 +3,7 @@
     python experiments/gpu_benchmark.py --json experiments/results/gpu_<card>.json
     python experiments/gpu_benchmark.py --smoke          # seconds on a CPU: checks the script runs
 
-For each compute mode and batch size: the median train step (the project's `train.train_step`, jitted,
+For each compute mode and batch size: the median train step (the project's `steps.train_step`, jitted,
 after warm-up) as images/s, and the median eval forward pass as slices/s, at 256x256 by default. Modes:
 `float32` (float32 numerics: matmul/conv precision 'highest'), `tf32` (float32 parameters and activations,
 XLA's default precision, which on Ampere and later GPUs multiplies in TensorFloat-32) and `bfloat16`
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 import benchmark  # noqa: E402
 
-from rdunet_jax import config_lib, models, train  # noqa: E402
+from rdunet_jax import config_lib, models, steps  # noqa: E402
 
 PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
 # Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
@@ -110,9 +110,9 @@ def eval_logits(model, variables, images, device):
 def first_step_loss(config, model, batch, device) -> float:
     """The loss of the first train step from the seeded initial state, computed on `device`."""
     with jax.default_device(device):
-        state = train.create_train_state(config, model, steps_per_epoch=10)
+        state = steps.create_train_state(config, model, steps_per_epoch=10)
         state, batch = jax.device_put((state, batch), device)
-        _, metrics = train.train_step(state, batch)
+        _, metrics = steps.train_step(state, batch)
         return float(metrics["loss"])
 
 
@@ -158,10 +158,10 @@ def train_images_per_s(args, dtype: str, batch_size: int, device) -> dict:
     config = make_config(args, dtype, batch_size)
     model = models.build_model(config.model)
     with jax.default_device(device):
-        state = jax.device_put(train.create_train_state(config, model, steps_per_epoch=10), device)
+        state = jax.device_put(steps.create_train_state(config, model, steps_per_epoch=10), device)
         batch = jax.device_put(make_batch(batch_size, args.image_size), device)
         started = time.perf_counter()
-        step = train.train_step.lower(state, batch).compile()
+        step = steps.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - started
         holder = {"state": state}
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import checkpoints, datasets, input_pipeline, metrics, onnx_export, train, visualize
+from rdunet_jax import checkpoints, datasets, input_pipeline, metrics, onnx_export, steps, train, visualize
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
@@ -113,7 +113,7 @@ def _mirrored_probabilities(state, batch: dict, probabilities, test_time_flips: 
         return probabilities
     for axes in TEST_TIME_FLIPS[1:]:
         flipped = {key: jnp.flip(value, axis=axes) for key, value in batch.items()}
-        probabilities = probabilities + jnp.flip(train.eval_step(state, flipped)["probabilities"], axis=axes)
+        probabilities = probabilities + jnp.flip(steps.eval_step(state, flipped)["probabilities"], axis=axes)
     return probabilities / len(TEST_TIME_FLIPS)
 
 
@@ -132,7 +132,7 @@ def dispatch_batch(state, images: np.ndarray, test_time_flips: bool = False):
     if isinstance(state, onnx_export.OnnxRuntimeModel):
         return state.dispatch_batch(images, test_time_flips)
     batch = {"image": images, "mask": np.zeros_like(images)}
-    probabilities = train.eval_step(state, batch)["probabilities"]
+    probabilities = steps.eval_step(state, batch)["probabilities"]
     return _mirrored_probabilities(state, batch, probabilities, test_time_flips)
 
 
@@ -140,7 +140,7 @@ def predict_batch(state, batch: dict, test_time_flips: bool = False) -> dict:
     """Per-image loss and lesion probabilities (N, H, W) of a batch, optionally averaged over flips."""
     if isinstance(state, onnx_export.OnnxRuntimeModel):
         return state.predict_batch(batch, test_time_flips)
-    outputs = train.eval_step(state, batch)
+    outputs = steps.eval_step(state, batch)
     probabilities = _mirrored_probabilities(state, batch, outputs["probabilities"], test_time_flips)
     loss, probabilities = jax.device_get((outputs["loss"], probabilities))
     return {"loss": np.asarray(loss), "probabilities": np.asarray(probabilities)[..., 0]}
@@ -531,7 +531,7 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
     model = train.setup_run(config)
     run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
     try:
-        target = train.abstract_train_state(config, model, steps_per_epoch=1)
+        target = steps.abstract_train_state(config, model, steps_per_epoch=1)
         available = sorted(set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best")))
         kind = _CHECKPOINT_KINDS[config.eval.checkpoint] if checkpoint_step is None else "latest"
         if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
@@ -541,10 +541,10 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
                     f"--checkpoint_step: no checkpoint at step {checkpoint_step} in "
                     f"{run_checkpoints.directory}; available steps: {available}"
                 )
-        steps = run_checkpoints.all_steps(kind)
-        if not steps:
+        saved_steps = run_checkpoints.all_steps(kind)
+        if not saved_steps:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
-        step = max(steps) if checkpoint_step is None else checkpoint_step
+        step = max(saved_steps) if checkpoint_step is None else checkpoint_step
         try:
             restored = run_checkpoints.restore(
                 kind, target, step, model_config=config.model, data_config=config.data

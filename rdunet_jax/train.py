@@ -14,7 +14,6 @@ host) along a `data` mesh axis; parameters and optimizer state are replicated.
 """
 
 import ctypes
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -22,36 +21,28 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from flax import struct
-from flax.training import train_state
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, losses, models, visualize
+from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, models, visualize
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from rdunet_jax.orientation import model_orientation
+from rdunet_jax.steps import (
+    TrainState,
+    create_train_state,
+    learning_rate_schedule,
+    train_step,
+)
 
 # Fault injection for the resume tests: SIGKILL this process right after the given step.
 _KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
-
-
-class TrainState(train_state.TrainState):
-    """Parameters and optimizer state, plus BatchNorm statistics, the dropout key and the loss's name."""
-
-    batch_stats: Any
-    dropout_key: jax.Array
-    # A key of `losses.LOSSES`; static, so each loss is its own compiled program and nothing is saved.
-    loss: str = struct.field(pytree_node=False, default="dice")
 
 
 class TrainingStopped(Exception):
@@ -149,67 +140,8 @@ def wait_for_every_host(name: str) -> None:
         )
 
 
-def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """The paper's staircase: learning_rate, multiplied by lr_decay_factor every lr_decay_epochs."""
-    return optax.exponential_decay(
-        init_value=config.learning_rate,
-        transition_steps=config.lr_decay_epochs * steps_per_epoch,
-        decay_rate=config.lr_decay_factor,
-        staircase=True,
-    )
-
-
-def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
-    """Initialises the model (seeded by `config.seed`) and Adam on the staircase schedule."""
-    variables = models.initialize_variables(model, config.data.image_size, config.seed)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=optax.adam(learning_rate_schedule(config, steps_per_epoch)),
-        dropout_key=jax.random.PRNGKey(config.seed),
-        loss=config.loss,
-    )
-
-
-def abstract_train_state(config, model, steps_per_epoch: int) -> TrainState:
-    """The train state's structure, shapes and dtypes, without computing it (a restore target)."""
-    return jax.eval_shape(lambda: create_train_state(config, model, steps_per_epoch))
-
-
-# XLA:CPU orders a program for concurrency by default, which kept 2.5 GB of temporaries in the train
-# step at 256 px, batch 8; its memory-minimising order needs 1.7 GB and ran 12% faster on 2 cores
-# (experiments/README.md, "XLA options"). Other backends ignore XLA:CPU options.
-COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-# The forward pass alone is another matter: XLA's own convolution kernels ran it in 0.61-0.65 of the time
-# of the YNNPACK ones it picks by default, and the memory-minimising order cost it 13% while it needs
-# only 320 MB at 256 px, batch 16 (experiments/README.md, "XLA options"). Same numbers to 1e-7.
-EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
-def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
-    keyed by (seed, step)."""
-    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
-        )
-        return jnp.mean(losses.LOSSES[state.loss](logits, batch["mask"])), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    return state, {"loss": loss}
-
-
 # Python sources whose code is traced into the train step (a change to any of them is a new program).
-_TRAIN_STEP_SOURCES = ("models.py", "losses.py", "train.py")
+_TRAIN_STEP_SOURCES = ("models.py", "losses.py", "steps.py", "train.py")
 _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
@@ -353,18 +285,6 @@ class _CachedStep:
             _write_marker(stored_at.with_suffix(".unserialisable"))
             self.compiled = train_step
             return train_step(state, batch)
-
-
-@functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)
-def eval_step(state: TrainState, batch: dict) -> dict:
-    """Per-image loss (the trained one) and lesion probabilities, with running BatchNorm statistics."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
-    return {
-        "loss": losses.LOSSES[state.loss](logits, batch["mask"]),
-        "probabilities": jax.nn.sigmoid(logits),
-    }
 
 
 # --- data parallelism -------------------------------------------------------------------------------

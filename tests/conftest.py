@@ -6,7 +6,7 @@ import pathlib
 import jax
 import pytest
 
-from rdunet_jax import train
+from rdunet_jax import steps, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
@@ -40,7 +40,7 @@ def tiny_state():
     """A freshly initialised train state of the tiny config (built once per session)."""
     config = make_tiny_config()
     model = train.setup_run(config)
-    return train.create_train_state(config, model, steps_per_epoch=2)
+    return steps.create_train_state(config, model, steps_per_epoch=2)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from conftest import make_tiny_config
 
-from rdunet_jax import checkpoints, train
+from rdunet_jax import checkpoints, steps, train
 
 
 def test_save_then_restore_gives_identical_state(tmp_path, tiny_state):
@@ -13,13 +13,13 @@ def test_save_then_restore_gives_identical_state(tmp_path, tiny_state):
         "image": np.random.default_rng(0).random((4, 32, 32, 1), np.float32),
         "mask": (np.random.default_rng(1).random((4, 32, 32, 1)) > 0.7).astype(np.float32),
     }
-    state, _ = train.train_step(tiny_state, batch)  # non-trivial optimizer state and batch stats
+    state, _ = steps.train_step(tiny_state, batch)  # non-trivial optimizer state and batch stats
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
     meta = {"epoch": 1, "iterator": {"next_index": 3}, "best_val_loss": 0.5, "best_epoch": 1}
     run_checkpoints.save("latest", int(state.step), state, meta)
     run_checkpoints.wait()
 
-    target = train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    target = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
     restored_state, restored_meta = run_checkpoints.restore("latest", target)
     run_checkpoints.close()
     assert restored_meta == meta

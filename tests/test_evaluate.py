@@ -15,7 +15,7 @@ from conftest import make_tiny_config
 from scipy import ndimage
 from test_metrics import ellipsoid, independent_hd95
 
-from rdunet_jax import checkpoints, evaluate, train
+from rdunet_jax import checkpoints, evaluate, steps
 from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
@@ -77,12 +77,12 @@ def test_test_time_flips_average_the_flipped_predictions(tiny_state):
     expected = np.zeros((16, 32, 32), np.float32)
     for axes in ((), (2,), (1,), (1, 2)):
         flipped = {key: np.flip(value, axis=axes) for key, value in batch.items()}
-        probabilities = np.asarray(train.eval_step(tiny_state, flipped)["probabilities"])
+        probabilities = np.asarray(steps.eval_step(tiny_state, flipped)["probabilities"])
         expected += np.flip(probabilities, axis=axes)[..., 0] / 4
     np.testing.assert_allclose(mirrored, expected, atol=1e-6)
     plain = evaluate.predict_batch(tiny_state, batch)["probabilities"]
     np.testing.assert_allclose(
-        plain, np.asarray(train.eval_step(tiny_state, batch)["probabilities"])[..., 0], atol=0
+        plain, np.asarray(steps.eval_step(tiny_state, batch)["probabilities"])[..., 0], atol=0
     )
     dispatched = evaluate.dispatch_batch(tiny_state, images, test_time_flips=True)
     np.testing.assert_allclose(np.asarray(dispatched)[..., 0], mirrored, atol=1e-6)

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from rdunet_jax import config_lib, datasets, input_pipeline
+from rdunet_jax import config_lib, datasets, input_pipeline, steps
 
 pytestmark = pytest.mark.real_data
 
@@ -94,12 +94,12 @@ def test_a_few_train_steps_on_real_slices_at_64_px(data_dir):
     config.model.skip_dilation_rates = ((1, 2, 1), (1, 2, 1))
     config.compilation_cache_dir = str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla")
     model = train.setup_run(config)
-    state = train.create_train_state(config, model, steps_per_epoch=10)
+    state = steps.create_train_state(config, model, steps_per_epoch=10)
     source = datasets.load_source(config.data, "train")
     batches = iter(input_pipeline.train_dataset(source, config.data, config.batch_size, seed=0, epoch=0))
     losses = []
     for _ in range(3):
-        state, metrics = train.train_step(state, next(batches))
+        state, metrics = steps.train_step(state, next(batches))
         losses.append(float(jax.device_get(metrics["loss"])))
     assert all(np.isfinite(losses)) and all(0.0 <= loss <= 1.0 for loss in losses)
     assert int(state.step) == 3

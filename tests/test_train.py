@@ -12,7 +12,7 @@ import optax
 import pytest
 from conftest import REPO_ROOT, make_tiny_config
 
-from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, models, train
+from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, models, steps, train
 from rdunet_jax import losses as losses_lib
 
 
@@ -27,7 +27,7 @@ def test_train_steps_on_one_batch_lower_the_loss(tiny_state, tiny_config):
     state = tiny_state
     losses = []
     for _ in range(12):
-        state, step_metrics = train.train_step(state, batch)
+        state, step_metrics = steps.train_step(state, batch)
         losses.append(float(step_metrics["loss"]))
     assert int(state.step) == 12
     # Dropout makes single steps noisy: compare the first and last few.
@@ -40,8 +40,8 @@ def test_train_steps_on_one_batch_lower_the_loss(tiny_state, tiny_config):
 
 def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tiny_config):
     batch = _fixed_batch(tiny_config)
-    first, metrics_a = train.train_step(tiny_state, batch)
-    again, metrics_b = train.train_step(tiny_state, batch)
+    first, metrics_a = steps.train_step(tiny_state, batch)
+    again, metrics_b = steps.train_step(tiny_state, batch)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for a, b in zip(
         jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(again.params), strict=True
@@ -49,7 +49,7 @@ def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tin
         np.testing.assert_array_equal(a, b)
     # Same parameters, different step: a different dropout mask gives a different loss.
     shifted = tiny_state.replace(step=tiny_state.step + 1)
-    _, metrics_c = train.train_step(shifted, batch)
+    _, metrics_c = steps.train_step(shifted, batch)
     assert float(metrics_c["loss"]) != float(metrics_a["loss"])
 
 
@@ -64,22 +64,22 @@ def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
         mutable=["batch_stats"],
     )
     for name in ("dice", "dice_bce"):
-        _, step_metrics = train.train_step(tiny_state.replace(loss=name), batch)
+        _, step_metrics = steps.train_step(tiny_state.replace(loss=name), batch)
         expected = float(np.mean(losses_lib.LOSSES[name](logits, batch["mask"])))
         np.testing.assert_allclose(float(step_metrics["loss"]), expected, rtol=1e-5)
-    validation = train.eval_step(tiny_state.replace(loss="dice_bce"), batch)["loss"]
+    validation = steps.eval_step(tiny_state.replace(loss="dice_bce"), batch)["loss"]
     assert validation.shape == (tiny_config.batch_size,)
     # Cross-entropy is positive, so the validation loss rises above plain Dice on every image.
-    assert np.all(validation > train.eval_step(tiny_state, batch)["loss"])
+    assert np.all(validation > steps.eval_step(tiny_state, batch)["loss"])
     config = make_tiny_config()
     config.loss = "dice_bce"
-    assert train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2).loss == "dice_bce"
+    assert steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2).loss == "dice_bce"
 
 
 def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
     batch = _fixed_batch(tiny_config)
-    default_order = jax.jit(train.train_step.__wrapped__)  # XLA:CPU's own scheduler
-    ours = train.train_step.lower(tiny_state, batch).compile()
+    default_order = jax.jit(steps.train_step.__wrapped__)  # XLA:CPU's own scheduler
+    ours = steps.train_step.lower(tiny_state, batch).compile()
     theirs = default_order.lower(tiny_state, batch).compile()
     # 5.0 MB against 7.2 MB for this tiny model (1.7 GB against 2.5 GB at 256 px, batch 8).
     assert ours.memory_analysis().temp_size_in_bytes < 0.8 * theirs.memory_analysis().temp_size_in_bytes
@@ -90,8 +90,8 @@ def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state,
 
 def test_the_eval_step_uses_xlas_own_convolutions_with_the_same_result(tiny_state, tiny_config):
     batch = _fixed_batch(tiny_config)
-    ours = train.eval_step.lower(tiny_state, batch).compile()
-    theirs = jax.jit(train.eval_step.__wrapped__).lower(tiny_state, batch).compile()
+    ours = steps.eval_step.lower(tiny_state, batch).compile()
+    theirs = jax.jit(steps.eval_step.__wrapped__).lower(tiny_state, batch).compile()
     assert "ynn" in theirs.as_text() and "ynn" not in ours.as_text()
     np.testing.assert_allclose(
         ours(tiny_state, batch)["probabilities"], theirs(tiny_state, batch)["probabilities"], atol=1e-6
@@ -116,7 +116,7 @@ def test_learning_rate_staircase_at_the_boundaries(
         decay_epochs,
         decay_factor,
     )
-    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch)
     got = [float(schedule(step)) for step in boundary_steps]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     # Flat between drops: every step of an epoch, not only the boundaries, has its staircase value.
@@ -135,7 +135,7 @@ def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
         paper.lr_decay_epochs,
         paper.lr_decay_factor,
     )
-    optimizer = train.abstract_train_state(config, train.setup_run(config), steps_per_epoch=3).tx
+    optimizer = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=3).tx
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=6).astype(np.float32)}
     gradient = {"w": rng.normal(size=6).astype(np.float32)}
@@ -237,15 +237,15 @@ from rdunet_jax.errors import UserError
 
 assert jax.device_count() == 4, jax.devices()
 config = make_tiny_config()
-state = train.create_train_state(config, train.setup_run(config), steps_per_epoch=2)
+state = steps.create_train_state(config, train.setup_run(config), steps_per_epoch=2)
 source = datasets.load_source(config.data, "train")
 batch = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)[0]
 
-single_state, single_metrics = train.train_step(jax.device_put(state, jax.devices()[0]), batch)
+single_state, single_metrics = steps.train_step(jax.device_put(state, jax.devices()[0]), batch)
 mesh = train.data_parallel_mesh()
 sharded_batch = train.shard_batch(batch, mesh)
 assert len(sharded_batch["image"].sharding.device_set) == 4
-sharded_state, sharded_metrics = train.train_step(train.replicate(state, mesh), sharded_batch)
+sharded_state, sharded_metrics = steps.train_step(train.replicate(state, mesh), sharded_batch)
 difference = max(
     float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
     for a, b in zip(jax.tree_util.tree_leaves(single_state), jax.tree_util.tree_leaves(sharded_state))
@@ -306,7 +306,7 @@ def _executable_config(cache_dir):
 def _fresh_state(steps_per_epoch: int):
     """A tiny state whose schedule makes a program no other test compiled in this process."""
     config = make_tiny_config()
-    return train.create_train_state(config, train.setup_run(config), steps_per_epoch)
+    return steps.create_train_state(config, train.setup_run(config), steps_per_epoch)
 
 
 class _FakeSerializer:
@@ -333,7 +333,7 @@ class _FakeSerializer:
 
 
 def _assert_same_step(step_function, state, batch):
-    want_state, want = train.train_step(state, batch)
+    want_state, want = steps.train_step(state, batch)
     got_state, got = step_function(state, batch)
     assert float(got["loss"]) == float(want["loss"])
     for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(want_state), strict=True):
@@ -350,7 +350,7 @@ def test_the_compiled_train_step_is_stored_then_loaded_without_tracing(tiny_stat
     assert stored.read_bytes() == b"executable-0"
     _assert_same_step(first, tiny_state, batch)  # the check's result, handed out once
     _assert_same_step(first, tiny_state, batch)  # the executable itself
-    jitted = train.train_step
+    jitted = steps.train_step
     monkeypatch.setattr(train, "train_step", None)  # loading must not trace or compile
     second = train.cached_train_step(config, tiny_state, batch, 2, mesh)
     monkeypatch.setattr(train, "train_step", jitted)
@@ -368,7 +368,7 @@ def test_a_program_that_does_not_survive_serialisation_is_marked_and_left_to_jit
     _assert_same_step(train.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch)
     assert not list((tmp_path / "train_step").glob("*.bin"))
     assert len(list((tmp_path / "train_step").glob("*.unserialisable"))) == 1
-    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is train.train_step
+    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
 
 
 def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tmp_path, monkeypatch):
@@ -432,11 +432,11 @@ def test_the_executable_cache_is_off_with_the_compilation_cache_and_other_shapes
     config = _executable_config("")
     batch = jax.device_put(_fixed_batch(config))
     mesh = train.data_parallel_mesh()
-    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is train.train_step
+    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
     step_function = train.cached_train_step(_executable_config(tmp_path), tiny_state, batch, 2, mesh)
     half = {name: value[:1] for name, value in batch.items()}
     got = step_function(tiny_state, half)[1]["loss"]
-    assert float(got) == float(train.train_step(tiny_state, half)[1]["loss"])
+    assert float(got) == float(steps.train_step(tiny_state, half)[1]["loss"])
 
 
 def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_shapes_use_jit(
@@ -448,10 +448,10 @@ def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_
     monkeypatch.setattr(train, "release_freed_memory", lambda: released.append(True))
     step_function = train.compiled_train_step(config, tiny_state, batch, 2, train.data_parallel_mesh())
     assert released == [True]  # after compiling, before the step runs
-    assert step_function is not train.train_step and step_function.compiled is not train.train_step
+    assert step_function is not steps.train_step and step_function.compiled is not steps.train_step
     _assert_same_step(step_function, tiny_state, batch)
     half = {name: value[:1] for name, value in batch.items()}
-    want = train.train_step(tiny_state, half)[1]["loss"]
+    want = steps.train_step(tiny_state, half)[1]["loss"]
     assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
 
 
