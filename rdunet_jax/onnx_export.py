@@ -5,6 +5,7 @@ The graph is translated from the model's traced program (its jaxpr), primitive b
 configuration of `models.RDUNet` (the paper's baselines included) exports without a second copy of the
 architecture; the parameters and BatchNorm statistics are folded into constants. The input is NHWC like the
 model's (`images`, float32 in [0, 1], any batch size); the outputs are `logits` and `probabilities`.
+onnx_runtime.py runs it as a Predictor.
 """
 
 import copy
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import files
+from rdunet_jax import files, inference, steps
 from rdunet_jax.errors import UserError
 
 OPSET = 17
@@ -520,72 +521,13 @@ def save(onnx_model, path) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise UserError(
-            "eval.runtime='onnxruntime' needs the onnxruntime package: pip install -e '.[onnx]'"
-        ) from error
-    return onnxruntime
-
-
-class OnnxRuntimeModel:
-    """An exported model in an ONNX Runtime session, standing in for the train state in evaluation and
-    prediction (`evaluate.dispatch_batch`, `evaluate.predict_batch`)."""
-
-    def __init__(self, onnx_model, step: int, loss: str = "dice", threads: int = 0):
-        onnxruntime = _onnxruntime()
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: one per physical core
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only; ONNX Runtime warns about every unused initializer
-        self.session = onnxruntime.InferenceSession(
-            onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        self.step, self.loss = step, loss
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Lesion probabilities (N, H, W, 1) of float32 images (N, H, W, 1)."""
-        return self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
-
-    def predict_batch(self, batch: dict, test_time_flips: bool = False) -> dict:
-        """`evaluate.predict_batch` for this session: per-image loss (of the unflipped logits, as there)
-        and probabilities (N, H, W), optionally averaged over flips."""
-        from rdunet_jax import losses
-
-        images = np.ascontiguousarray(batch["image"], np.float32)
-        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        loss = np.asarray(losses.LOSSES[self.loss](jnp.asarray(logits), jnp.asarray(batch["mask"])))
-        if test_time_flips:
-            probabilities = self._mirrored(images, probabilities)
-        return {"loss": loss, "probabilities": probabilities[..., 0]}
-
-    def dispatch_batch(self, images: np.ndarray, test_time_flips: bool = False) -> np.ndarray:
-        """`evaluate.dispatch_batch` for this session: probabilities, optionally averaged over flips."""
-        probabilities = self.probabilities(images)
-        return self._mirrored(images, probabilities) if test_time_flips else probabilities
-
-    def _mirrored(self, images: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """The mean of `probabilities` (the unflipped images') and those of the flipped images, flipped
-        back (`evaluate.TEST_TIME_FLIPS`)."""
-        from rdunet_jax.evaluate import TEST_TIME_FLIPS
-
-        total = probabilities.copy()
-        for axes in TEST_TIME_FLIPS[1:]:
-            total += np.flip(self.probabilities(np.flip(images, axis=axes)), axis=axes)
-        return total / len(TEST_TIME_FLIPS)
-
-
 def _input_contract(image_size: int) -> str:
     return f"{INPUT_NAME} (batch, {image_size}, {image_size}, 1) float32 in [0, 1]"
 
 
-def export_state(config, state):
-    """The ONNX model of a restored train state, with what its input must be in its metadata."""
-    from rdunet_jax import models
-
-    model = models.build_model(config.model)
+def export_state(config, model, state):
+    """The ONNX model of a restored train state of `model` (built from `config.model`), with what its input
+    must be in its metadata."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     onnx_model = export_model(model, variables, config.data.image_size)
     metadata = {
@@ -599,15 +541,14 @@ def export_state(config, state):
     return onnx_model
 
 
-def runtime_model(config, state) -> OnnxRuntimeModel:
-    """`state` exported and loaded into ONNX Runtime (`eval.runtime='onnxruntime'`)."""
-    return OnnxRuntimeModel(export_state(config, state), int(state.step), state.loss)
-
-
 def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_step: int | None = None):
-    """Writes the ONNX model of `workdir`'s checkpoint (the one `--mode evaluate` takes) to `output`."""
-    from rdunet_jax import evaluate
+    """Writes the ONNX model of `workdir`'s checkpoint to `output` (`--mode export`) and returns its path.
 
+    Args: `config`, the run's config; `workdir`, the run folder; `output`, the `.onnx` file to write (its
+    folder must exist); `overwrite`, replace an existing `output` (refused otherwise); `checkpoint_step`,
+    that step instead of the `eval.checkpoint` (best or last) that `--mode evaluate` takes. Every check on
+    `output` comes before the checkpoint is restored.
+    """
     if not output:
         raise UserError("--mode=export needs --output, the .onnx file to write")
     output = pathlib.Path(output)
@@ -620,8 +561,9 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
     if output.exists() and not overwrite:
         raise UserError(f"--output: {output} exists; pass --overwrite to replace it")
     _onnx()
-    state = evaluate.restore_for_evaluation(config, workdir, checkpoint_step)
-    path = save(export_state(config, state), output)
+    model = inference.build_model(config)
+    state = steps.restore_state(config, workdir, checkpoint_step, model=model)
+    path = save(export_state(config, model, state), output)
     print(
         f"{path}: ONNX (opset {OPSET}) of checkpoint step {int(state.step)}; input "
         f"{_input_contract(config.data.image_size)}, outputs {', '.join(OUTPUT_NAMES)}",

@@ -1,10 +1,12 @@
-"""The train state and the two jit-compiled steps: one Adam step on the loss, and the eval forward pass.
+"""The train state and the two jit-compiled steps: one Adam step on the loss, and the eval forward pass;
+and the restore of a run's checkpoint for evaluation, prediction and export.
 
 Module functions over a `TrainState` (whose `apply_fn` is the model's), so the trainer, the evaluator and
 the benchmarks share them without importing each other.
 """
 
 import functools
+import pathlib
 from typing import Any
 
 import jax
@@ -13,7 +15,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from rdunet_jax import losses, models
+from rdunet_jax import checkpoints, losses, models
+from rdunet_jax.errors import UserError
 
 
 class TrainState(train_state.TrainState):
@@ -94,3 +97,48 @@ def eval_step(state: TrainState, batch: dict) -> dict:
         "loss": losses.LOSSES[state.loss](logits, batch["mask"]),
         "probabilities": jax.nn.sigmoid(logits),
     }
+
+
+# eval.checkpoint -> the checkpoints.RunCheckpoints kind it restores.
+_CHECKPOINT_KINDS = {"best": "best", "last": "latest"}
+
+
+def restore_state(config, workdir, checkpoint_step: int | None = None, model=None) -> TrainState:
+    """The train state of `workdir`'s `eval.checkpoint` (best or last), or the given step of `latest`
+    (else `best`), for `model` (built from `config.model` when None). Creates nothing: a workdir without
+    checkpoints, an unknown step or a damaged checkpoint is a UserError."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"--workdir: no checkpoint in {directory.absolute()}; train first")
+    model = models.build_model(config.model) if model is None else model
+    run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
+    try:
+        target = abstract_train_state(config, model, steps_per_epoch=1)
+        available = sorted(set(run_checkpoints.all_steps("latest")) | set(run_checkpoints.all_steps("best")))
+        kind = _CHECKPOINT_KINDS[config.eval.checkpoint] if checkpoint_step is None else "latest"
+        if checkpoint_step is not None and checkpoint_step not in run_checkpoints.all_steps(kind):
+            kind = "best"
+            if checkpoint_step not in run_checkpoints.all_steps(kind):
+                raise UserError(
+                    f"--checkpoint_step: no checkpoint at step {checkpoint_step} in "
+                    f"{run_checkpoints.directory}; available steps: {available}"
+                )
+        saved_steps = run_checkpoints.all_steps(kind)
+        if not saved_steps:
+            raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
+        step = max(saved_steps) if checkpoint_step is None else checkpoint_step
+        try:
+            restored = run_checkpoints.restore(
+                kind, target, step, model_config=config.model, data_config=config.data
+            )
+        except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not a damaged one
+            raise
+        except Exception as error:  # orbax and tensorstore raise many types for missing or cut files
+            others = [other for other in available if other != step]
+            raise UserError(
+                f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged "
+                f"({type(error).__name__}); evaluate another with --checkpoint_step (available: {others})"
+            ) from None
+        return restored[0]
+    finally:
+        run_checkpoints.close()

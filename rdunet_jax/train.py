@@ -30,7 +30,16 @@ from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rdunet_jax import checkpoints, config_lib, datasets, input_pipeline, models, visualize
+from rdunet_jax import (
+    checkpoints,
+    config_lib,
+    datasets,
+    evaluate,
+    inference,
+    input_pipeline,
+    models,
+    visualize,
+)
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from rdunet_jax.orientation import model_orientation
@@ -465,8 +474,6 @@ def restore_latest(run_checkpoints, state, config):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains (resuming if `workdir` has a checkpoint), then evaluates the best checkpoint."""
-    from rdunet_jax import evaluate  # evaluate builds on this module's steps and state
-
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir: {workdir} exists and is not a folder")
@@ -562,7 +569,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 epoch_loss = (meta["epoch_loss_sum"] + sum(values)) / max(
                     meta["epoch_steps"] + len(values), 1
                 )
-                validation = evaluate.evaluate_source(state, validation_source, config)
+                validation = evaluate.evaluate_source(
+                    inference.JaxPredictor(state), validation_source, config
+                )
                 is_best = meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
                 meta.update(epoch_loss_sum=0.0, epoch_steps=0)
                 if is_best:
@@ -581,7 +590,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 }
                 if log is not None:
                     log.write(record)
-                    overlays = evaluate.validation_overlays(state, validation_source, config)
+                    overlays = evaluate.validation_overlays(
+                        inference.JaxPredictor(state), validation_source, config
+                    )
                     visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
                     log.writer.flush()
                 print(
