@@ -27,7 +27,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 from studies import design, runner, stats, tables  # noqa: E402
 
-from rdunet_jax import datasets, evaluate, metrics  # noqa: E402
+from rdunet_jax import datasets, evaluate, inference, metrics, steps  # noqa: E402
 from rdunet_jax.errors import UserError  # noqa: E402
 
 
@@ -95,9 +95,10 @@ def member_runs(specs, arm: str, runs_root) -> dict:
 def fold_predictions(config, workdir, resolution: str = "model") -> tuple[list, np.ndarray, list]:
     """Slice ids, probabilities and masks (at the model's resolution, or as stored for `original`) of the
     held-out fold from the run's last checkpoint."""
-    state = evaluate.restore_for_evaluation(config, workdir)
+    model = inference.build_model(config)
+    predictor = inference.JaxPredictor(steps.restore_state(config, workdir, model=model))
     source = datasets.load_source(config.data, "validation")
-    batches = list(evaluate.predict_source(state, source, config, test_time_flips=True))
+    batches = list(evaluate.predict_source(predictor, source, config, test_time_flips=True))
     ids = [meta["id"] for batch in batches for meta in batch["metadata"]]
     probabilities = np.concatenate([batch["probabilities"] for batch in batches])
     if resolution == "original":

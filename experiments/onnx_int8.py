@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 import benchmark  # noqa: E402
 
-from rdunet_jax import config_lib, evaluate, metrics, onnx_export  # noqa: E402
+from rdunet_jax import config_lib, inference, metrics, onnx_export, onnx_runtime, steps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,13 +113,14 @@ def scores(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> di
 
 def run(args) -> dict:
     config = load_config(args.config, args.set)
-    state = evaluate.restore_for_evaluation(config, args.workdir)
-    float_model = onnx_export.export_state(config, state)
+    network = inference.build_model(config)
+    state = steps.restore_state(config, args.workdir, model=network)
+    float_model = onnx_export.export_state(config, network, state)
     calibration, _ = benchmark.first_slices(config, "train", args.calibration_slices)
     batch_size = config.eval.batch_size
     models = {
-        "float32": onnx_export.OnnxRuntimeModel(float_model, int(state.step)),
-        "int8": onnx_export.OnnxRuntimeModel(
+        "float32": onnx_runtime.OnnxRuntimePredictor(float_model, int(state.step)),
+        "int8": onnx_runtime.OnnxRuntimePredictor(
             quantized_model(float_model, calibration, batch_size), int(state.step)
         ),
     }

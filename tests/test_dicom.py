@@ -12,8 +12,9 @@ from test_orientation import (
     _in_canonical_voxels,
     _real_display_slices,
 )
+from test_predict import ImagePredictor
 
-from rdunet_jax import evaluate, predict
+from rdunet_jax import inference, predict
 from rdunet_jax.errors import UserError
 
 pydicom = pytest.importorskip("pydicom")
@@ -86,14 +87,6 @@ def write_series(
     return series_uid
 
 
-def _stand_in_model(monkeypatch):
-    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
-
-
-class _Stub:
-    step = 1
-
-
 def _phantom_hu(shape=(40, 48, 4)):
     """Air-filled lungs with a bright box that moves with the slice: HU, (rows, columns, slices)."""
     volume = np.full(shape, -950.0, np.float32)
@@ -128,7 +121,9 @@ def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, t
     canonical_hu = _real_display_slices().astype(np.float32) * 5 - 1000  # (P rows, L columns, S slices)
     rows, columns, count = canonical_hu.shape
     nibabel.save(nibabel.Nifti1Image(canonical_hu.astype(np.int16), CANONICAL_AFFINE), tmp_path / "ref.nii")
-    predict.predict_path(config, None, tmp_path / "ref.nii", tmp_path / "out", state=tiny_state)
+    predict.predict_path(
+        config, None, tmp_path / "ref.nii", tmp_path / "out", predictor=inference.JaxPredictor(tiny_state)
+    )
     reference = np.asarray(nibabel.load(tmp_path / "out" / "ref_mask.nii").dataobj)
     assert 0 < reference.mean() < 1
 
@@ -144,7 +139,9 @@ def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, t
         tmp_path / "turned", turned, orientation=(0, -1, 0, 1, 0, 0), origin=origin, spacing=(0.7, 0.8)
     )
     for name in ("axial", "turned"):
-        (summary,) = predict.predict_path(config, None, tmp_path / name, tmp_path / "out", state=tiny_state)
+        (summary,) = predict.predict_path(
+            config, None, tmp_path / name, tmp_path / "out", predictor=inference.JaxPredictor(tiny_state)
+        )
         written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii.gz")
         mask = _in_canonical_voxels(np.asarray(written.dataobj), written.affine, canonical_hu.shape)
         np.testing.assert_array_equal(mask, reference, err_msg=name)
@@ -167,27 +164,32 @@ def _directory_file(path):
 
 
 def test_several_series_need_one_chosen(tmp_path, monkeypatch):
-    _stand_in_model(monkeypatch)
     first = write_series(tmp_path / "study" / "a", _phantom_hu())
     second = write_series(tmp_path / "study" / "b", _phantom_hu((40, 48, 3)))
     _directory_file(tmp_path / "study" / "DICOMDIR")  # not a third series
     with pytest.raises(UserError, match="holds 2 DICOM series, choose one with --series") as error:
-        predict.predict_path(make_tiny_config(), None, tmp_path / "study", tmp_path / "out", state=_Stub())
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "study", tmp_path / "out", predictor=ImagePredictor(1)
+        )
     assert first in str(error.value) and second in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
     (summary,) = predict.predict_path(
-        make_tiny_config(), None, tmp_path / "study", tmp_path / "out", state=_Stub(), series=second
+        make_tiny_config(),
+        None,
+        tmp_path / "study",
+        tmp_path / "out",
+        predictor=ImagePredictor(1),
+        series=second,
     )
     assert summary["series_uid"] == second and summary["num_slices"] == 3
 
 
 def test_a_missing_slice_is_warned_and_the_series_still_read(tmp_path, monkeypatch, capsys):
-    _stand_in_model(monkeypatch)
     volume = _phantom_hu((40, 48, 5))
     write_series(tmp_path / "gap", volume, order=[0, 1, 2, 3, 4])
     (tmp_path / "gap" / "img003.dcm").unlink()  # the slice at index 3
     (summary,) = predict.predict_path(
-        make_tiny_config(), None, tmp_path / "gap", tmp_path / "out", state=_Stub()
+        make_tiny_config(), None, tmp_path / "gap", tmp_path / "out", predictor=ImagePredictor(1)
     )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "img004.dcm: 5 mm from img002.dcm" in warnings[0]
@@ -249,10 +251,11 @@ def _without_rescale(folder):
 def test_a_series_that_cannot_be_read_is_one_line_naming_the_file_and_nothing_is_written(
     tmp_path, monkeypatch, break_series, message
 ):
-    _stand_in_model(monkeypatch)
     break_series(tmp_path / "series")
     with pytest.raises(UserError, match=message) as error:
-        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+        )
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -261,7 +264,9 @@ def test_without_highdicom_a_series_is_refused_before_anything_is_written(tmp_pa
     write_series(tmp_path / "series", _phantom_hu())
     monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
     with pytest.raises(UserError, match=r"^--input: writing DICOM SEG needs highdicom, not installed"):
-        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -272,7 +277,9 @@ def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypa
         UserError,
         match=r'^--input: reading DICOM needs pydicom, not installed: pip install -e "\.\[dicom\]"$',
     ):
-        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+        )
 
 
 # --- DICOM SEG out ----------------------------------------------------------------------------------------
@@ -281,11 +288,10 @@ def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypa
 def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_path, monkeypatch):
     import highdicom
 
-    _stand_in_model(monkeypatch)
     volume = _phantom_hu()
     series_uid = write_series(tmp_path / "series", volume, order=[2, 0, 3, 1])
     (summary,) = predict.predict_path(
-        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub()
+        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
     )
     mask = np.asarray(nibabel.load(tmp_path / "out" / "series_mask.nii.gz").dataobj)  # (column, row, slice)
     assert 0 < mask.mean() < 1
@@ -315,7 +321,6 @@ def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_p
 
 
 def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tmp_path, monkeypatch):
-    _stand_in_model(monkeypatch)
     volume = _phantom_hu()
     write_series(tmp_path / "series", volume)
     # By hand, as in the ordering test: (column, row, slice) voxels, the series' RAS affine.
@@ -328,7 +333,7 @@ def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tm
         None,
         tmp_path / "series",
         tmp_path / "out",
-        state=_Stub(),
+        predictor=ImagePredictor(1),
         ground_truth=tmp_path / "truth.nii.gz",
     )
     # The stand-in model predicts every box (volume > 0), the truth holds all but the last.
@@ -348,7 +353,7 @@ def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tm
                 None,
                 tmp_path / "series",
                 tmp_path / "refused",
-                state=_Stub(),
+                predictor=ImagePredictor(1),
                 ground_truth=ground_truth,
             )
         assert not (tmp_path / "refused").exists()
@@ -381,10 +386,11 @@ ABSENT_TYPE_2 = (
 def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path, monkeypatch):
     import highdicom
 
-    _stand_in_model(monkeypatch)
     write_series(tmp_path / "series", _phantom_hu(), step=3.0)
     _without(tmp_path / "series", ABSENT_TYPE_2)
-    predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+    predict.predict_path(
+        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+    )
     segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
     # Present and empty in the SEG (type 2), the slice thickness the series' step, the sources untouched.
     assert all(keyword in segmentation and not segmentation.get(keyword) for keyword in ABSENT_TYPE_2[:-1])
@@ -397,20 +403,22 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
 def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_anything_is_written(
     tmp_path, monkeypatch, keyword
 ):
-    _stand_in_model(monkeypatch)
     write_series(tmp_path / "series", _phantom_hu())
     _without(tmp_path / "series", [keyword])
     with pytest.raises(UserError, match=rf"img\d{{3}}\.dcm: DICOM file without {keyword}$") as error:
-        predict.predict_path(make_tiny_config(), None, tmp_path / "series", tmp_path / "out", state=_Stub())
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+        )
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_series_given_as_the_current_folder_names_its_outputs_after_the_folder(tmp_path, monkeypatch):
-    _stand_in_model(monkeypatch)
     write_series(tmp_path / "chest", _phantom_hu())
     monkeypatch.chdir(tmp_path / "chest")
-    (summary,) = predict.predict_path(make_tiny_config(), None, ".", tmp_path / "out", state=_Stub())
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, ".", tmp_path / "out", predictor=ImagePredictor(1)
+    )
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "chest_mask.nii.gz",
         "chest_overlays",

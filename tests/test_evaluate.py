@@ -8,14 +8,13 @@ import json
 import re
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_tiny_config
 from scipy import ndimage
 from test_metrics import ellipsoid, independent_hd95
 
-from rdunet_jax import checkpoints, evaluate, steps
+from rdunet_jax import checkpoints, evaluate, inference, reports, steps
 from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
@@ -29,8 +28,9 @@ def _files(folder):
 
 def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
     config = make_tiny_config()
-    summary = evaluate.evaluate_state(tiny_state, config, tmp_path / "a", "test")
-    evaluate.evaluate_state(tiny_state, config, tmp_path / "b", "test")
+    predictor = inference.JaxPredictor(tiny_state)
+    summary = evaluate.evaluate_state(predictor, config, tmp_path / "a", "test")
+    evaluate.evaluate_state(predictor, config, tmp_path / "b", "test")
     first, second = _files(tmp_path / "a" / "metrics"), _files(tmp_path / "b" / "metrics")
     assert first == second
     names = {str(path) for path in first}
@@ -58,7 +58,7 @@ def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
 
     rows = list(csv.DictReader(io.StringIO(first[evaluate.pathlib.Path("test_slices.csv")].decode())))
     assert len(rows) == 4 and rows[0]["id"] == "phantom-test-00000"
-    assert set(rows[0]) == set(evaluate.SLICE_COLUMNS)
+    assert set(rows[0]) == set(reports.SLICE_COLUMNS)
     assert np.mean([float(row["dice"]) for row in rows]) == pytest.approx(written["dice"], abs=1e-5)
     markdown = first[evaluate.pathlib.Path("test.md")].decode()
     assert "| Model | DSC | JC | F-score |" in markdown and "Lesion size" in markdown
@@ -67,26 +67,6 @@ def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
     for key in ("dice", "jaccard", "f_score", "global_dice", "num_slices"):
         assert original[key] == pytest.approx(written[key], abs=1e-12)
     assert "At each slice's original resolution" in markdown and f"DSC {original['dice']:.4f}" in markdown
-
-
-def test_test_time_flips_average_the_flipped_predictions(tiny_state):
-    rng = np.random.default_rng(0)
-    images = rng.random((16, 32, 32, 1), dtype=np.float32)
-    batch = {"image": images, "mask": np.zeros_like(images)}
-    mirrored = evaluate.predict_batch(tiny_state, batch, test_time_flips=True)["probabilities"]
-    expected = np.zeros((16, 32, 32), np.float32)
-    for axes in ((), (2,), (1,), (1, 2)):
-        flipped = {key: np.flip(value, axis=axes) for key, value in batch.items()}
-        probabilities = np.asarray(steps.eval_step(tiny_state, flipped)["probabilities"])
-        expected += np.flip(probabilities, axis=axes)[..., 0] / 4
-    np.testing.assert_allclose(mirrored, expected, atol=1e-6)
-    plain = evaluate.predict_batch(tiny_state, batch)["probabilities"]
-    np.testing.assert_allclose(
-        plain, np.asarray(steps.eval_step(tiny_state, batch)["probabilities"])[..., 0], atol=0
-    )
-    dispatched = evaluate.dispatch_batch(tiny_state, images, test_time_flips=True)
-    np.testing.assert_allclose(np.asarray(dispatched)[..., 0], mirrored, atol=1e-6)
-    assert isinstance(dispatched, jnp.ndarray)
 
 
 def _volume_records(case_id, num_slices, lesion_rows):
@@ -117,7 +97,7 @@ def test_per_volume_values_and_millimetres_from_case_ids_and_spacing(tiny_state)
     # Case "b" comes in two runs, out of order: volumes are rebuilt from case id and slice index.
     records = _volume_records("a", 3, {1}) + _volume_records("b", 4, {0, 3})
     records = records[:3] + records[5:] + records[3:5]
-    collected = evaluate.collect_slices(tiny_state, records, config)
+    collected = evaluate.collect_slices(inference.JaxPredictor(tiny_state), records, config)
     summary = evaluate.summarize_collected(collected, config)
     assert collected["unit"] == "mm" and summary["hd95_unit"] == "mm"
     assert collected["rows"][0]["pixel_spacing"] == pytest.approx((1.6, 1.2))  # 64 px resized to 32
@@ -191,22 +171,28 @@ def _stored_records_and_predictions(volumes, with_spacing=True):
     return records, predictions
 
 
-def _collect_with_planted_predictions(monkeypatch, records, predictions, config):
-    """evaluate.collect_slices with the model replaced by one that returns each slice's planted mask."""
-    planted = iter(predictions)
+class PlantedPredictor(inference.Predictor):
+    """A stand-in model that returns each slice's planted mask as its probabilities, in order."""
 
-    def predict_planted(state, batch, test_time_flips=False):
-        probabilities = np.zeros(batch["image"].shape[:3], np.float32)
+    step = 0
+
+    def __init__(self, predictions):
+        self.planted = iter(predictions)
+
+    def _loss_and_probabilities(self, batch):
+        probabilities = np.zeros(batch["image"].shape, np.float32)
         # Padding rows, after the last record, stay empty.
-        for row, prediction in zip(range(len(probabilities)), planted, strict=False):
-            probabilities[row] = prediction
-        return {"loss": np.zeros(len(probabilities), np.float32), "probabilities": probabilities}
-
-    monkeypatch.setattr(evaluate, "predict_batch", predict_planted)
-    return evaluate.collect_slices(None, records, config)
+        for row, prediction in zip(range(len(probabilities)), self.planted, strict=False):
+            probabilities[row, ..., 0] = prediction
+        return np.zeros(len(probabilities), np.float32), probabilities
 
 
-def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels(monkeypatch):
+def _collect_with_planted_predictions(records, predictions, config):
+    """evaluate.collect_slices with the model replaced by one that returns each slice's planted mask."""
+    return evaluate.collect_slices(PlantedPredictor(predictions), records, config)
+
+
+def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels():
     """Per-slice HD95 in mm, per-volume 3-D HD95 in mm (MedPy's definition: 95th percentile of the union
     of both directions' nearest border distances, see test_metrics.independent_hd95) and lesion areas in
     mm^2 against brute force, for non-square stored slices with 0.7 x 0.8 x 5 mm voxels."""
@@ -214,7 +200,7 @@ def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels(m
     config.eval.small_lesion_area = 100.0  # mm^2: 30 model pixels of 1.4 x 2.4 mm
     volumes = _planted_volumes()
     records, predictions = _stored_records_and_predictions(volumes)
-    collected = _collect_with_planted_predictions(monkeypatch, records, predictions, config)
+    collected = _collect_with_planted_predictions(records, predictions, config)
     summary = evaluate.summarize_collected(collected, config)
     assert collected["unit"] == "mm" and summary["hd95_unit"] == "mm"
 
@@ -262,12 +248,12 @@ def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels(m
     assert sizes["large"]["mean_area"] == pytest.approx(np.mean(large), rel=1e-6)
 
 
-def test_without_spacing_hd95_is_in_voxels_and_lesion_areas_in_model_pixels(monkeypatch):
+def test_without_spacing_hd95_is_in_voxels_and_lesion_areas_in_model_pixels():
     config = make_tiny_config()
     config.eval.small_lesion_area = 100.0  # pixels at 32 px
     volumes = _planted_volumes()
     records, predictions = _stored_records_and_predictions(volumes, with_spacing=False)
-    collected = _collect_with_planted_predictions(monkeypatch, records, predictions, config)
+    collected = _collect_with_planted_predictions(records, predictions, config)
     summary = evaluate.summarize_collected(collected, config)
     assert collected["unit"] == "pixels" and summary["lesion_size"]["area_unit"] == "pixels"
     for case_id, (_, prediction, target) in volumes.items():
@@ -315,22 +301,23 @@ def test_ranked_slices_skip_empty_slices_and_break_ties_by_order():
     assert worst == [3, 4]
 
 
-def test_padded_batches_have_one_shape_and_keep_every_slice_once():
+def test_predict_source_keeps_every_slice_once_in_order_with_its_stored_mask():
     from rdunet_jax import datasets
 
     config = make_tiny_config(num_validation=21)
     source = datasets.load_source(config.data, "validation")
-    batches = list(evaluate.padded_batches(source, 32, 16))
-    assert [batch["image"].shape for batch, _, _ in batches] == [(16, 32, 32, 1)] * 2
-    assert [len(metadata) for _, metadata, _ in batches] == [16, 5]
-    assert [len(masks) for _, _, masks in batches] == [16, 5]
-    assert not batches[1][0]["image"][5:].any()  # padding rows are zeros
-    ids = [meta["id"] for _, metadata, _ in batches for meta in metadata]
+    predictions = [np.full((32, 32), index / 21, np.float32) for index in range(21)]
+    batches = list(evaluate.predict_source(PlantedPredictor(predictions), source, config))
+    assert [len(batch["metadata"]) for batch in batches] == [16, 5]
+    assert [batch["images"].shape for batch in batches] == [(16, 32, 32), (5, 32, 32)]
+    ids = [meta["id"] for batch in batches for meta in batch["metadata"]]
     assert ids == [source[index]["id"] for index in range(21)]
-    np.testing.assert_array_equal(batches[1][2][4], np.asarray(source[20]["mask"]) > 0)
+    np.testing.assert_array_equal(batches[1]["original_masks"][4], np.asarray(source[20]["mask"]))
+    probabilities = np.concatenate([batch["probabilities"] for batch in batches])
+    np.testing.assert_array_equal(probabilities, np.stack(predictions))
 
 
-# --- Restoring a checkpoint for evaluation and prediction -----------------------------------------------
+# --- steps.restore_state: the checkpoint that evaluation, prediction and export take ----------------------
 
 
 def _save_checkpoints(tiny_state, workdir):
@@ -353,13 +340,13 @@ def test_a_damaged_best_checkpoint_is_a_user_error_naming_the_others(tiny_state,
             if path.is_file():
                 path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError) as raised:
-        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path)
+        steps.restore_state(make_tiny_config(), tmp_path)
     assert re.fullmatch(
         rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \(\w+\); "
         r"evaluate another with --checkpoint_step \(available: \[2\]\)",
         str(raised.value),
     )
-    restored = evaluate.restore_for_evaluation(make_tiny_config(), tmp_path, checkpoint_step=2)
+    restored = steps.restore_state(make_tiny_config(), tmp_path, checkpoint_step=2)
     assert int(restored.step) == int(tiny_state.step)  # the undamaged one still restores
 
 
@@ -368,16 +355,16 @@ def test_another_models_checkpoint_is_still_a_model_mismatch(tiny_state, tmp_pat
     config = make_tiny_config()
     config.model.features = 8
     with pytest.raises(checkpoints.ModelMismatchError, match="model.features=4 in the checkpoint"):
-        evaluate.restore_for_evaluation(config, tmp_path)
+        steps.restore_state(config, tmp_path)
 
 
 def test_restoring_from_a_missing_workdir_creates_nothing(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*; train first"):
-        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path / "none")
+        steps.restore_state(make_tiny_config(), tmp_path / "none")
     assert not (tmp_path / "none").exists()
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint in .*; train first"):
-        evaluate.restore_for_evaluation(make_tiny_config(), tmp_path / "empty")
+        steps.restore_state(make_tiny_config(), tmp_path / "empty")
     assert list((tmp_path / "empty" / "checkpoints").iterdir()) == []
 
 
@@ -392,5 +379,5 @@ def test_eval_checkpoint_picks_the_best_or_the_last_checkpoint(tiny_state, tmp_p
     run_checkpoints.close()
     config = make_tiny_config()
     config.eval.checkpoint = which
-    restored = evaluate.restore_for_evaluation(config, tmp_path)
+    restored = steps.restore_state(config, tmp_path)
     assert int(restored.step) == int(tiny_state.step) + step_offset

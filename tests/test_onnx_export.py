@@ -12,7 +12,17 @@ from conftest import make_tiny_config
 from flax import linen as nn
 from PIL import Image
 
-from rdunet_jax import config_lib, evaluate, models, onnx_export, predict
+from rdunet_jax import (
+    checkpoints,
+    config_lib,
+    evaluate,
+    inference,
+    models,
+    onnx_export,
+    onnx_runtime,
+    predict,
+    steps,
+)
 from rdunet_jax.errors import UserError
 
 SIZE = 32
@@ -48,7 +58,7 @@ def _trained_looking_variables(model, seed=0):
 
 
 def _session(onnx_model):
-    return onnx_export.OnnxRuntimeModel(onnx_model, step=0).session
+    return onnx_runtime.OnnxRuntimePredictor(onnx_model, step=0).session
 
 
 def _images(batch, seed=1):
@@ -211,37 +221,50 @@ def test_an_unsupported_primitive_is_named():
         onnx_export.export_function(lambda images: jnp.cumsum(images, axis=1), (8, 8, 1))
 
 
+def _runtime(config, state):
+    return onnx_runtime.OnnxRuntimePredictor.from_state(config, models.build_model(config.model), state)
+
+
 def test_onnxruntime_flips_match_the_jax_evaluation(tiny_state):
     config = make_tiny_config()
-    runtime = onnx_export.runtime_model(config, tiny_state)
+    runtime = _runtime(config, tiny_state)
     images = _images(4)
     for flips in (False, True):
-        reference = np.asarray(evaluate.dispatch_batch(tiny_state, images, flips))
-        np.testing.assert_allclose(runtime.dispatch_batch(images, flips), reference, atol=1e-5)
+        reference = np.asarray(inference.JaxPredictor(tiny_state).probabilities(images, flips))
+        np.testing.assert_allclose(runtime.probabilities(images, flips), reference, atol=1e-5)
     assert runtime.step == int(tiny_state.step)
 
 
 def test_onnxruntime_batches_give_the_jax_losses_and_probabilities(tiny_state):
     config = make_tiny_config()
-    runtime = onnx_export.runtime_model(config, tiny_state.replace(loss="dice_bce"))
+    runtime = _runtime(config, tiny_state.replace(loss="dice_bce"))
+    jax_predictor = inference.JaxPredictor(tiny_state.replace(loss="dice_bce"))
     images = _images(4)
     masks = (images > 0.7).astype(np.float32)
     batch = {"image": images, "mask": masks}
     for flips in (False, True):
-        ours = evaluate.predict_batch(runtime, batch, flips)
-        theirs = evaluate.predict_batch(tiny_state.replace(loss="dice_bce"), batch, flips)
-        assert ours["loss"].shape == (4,) and ours["probabilities"].shape == (4, SIZE, SIZE)
-        np.testing.assert_allclose(ours["loss"], theirs["loss"], atol=1e-5)
-        np.testing.assert_allclose(ours["probabilities"], theirs["probabilities"], atol=1e-5)
-    plain_loss = evaluate.predict_batch(onnx_export.runtime_model(config, tiny_state), batch)["loss"]
-    assert np.all(plain_loss != ours["loss"])  # the state's loss, not a default one
+        loss, probabilities = runtime.loss_and_probabilities(batch, flips)
+        expected_loss, expected_probabilities = jax_predictor.loss_and_probabilities(batch, flips)
+        assert loss.shape == (4,) and probabilities.shape == (4, SIZE, SIZE, 1)
+        np.testing.assert_allclose(loss, expected_loss, atol=1e-5)
+        np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
+    plain_loss, _ = _runtime(config, tiny_state).loss_and_probabilities(batch)
+    assert np.all(plain_loss != loss)  # the state's loss, not a default one
+    np.testing.assert_allclose(runtime.logits(images), jax_predictor.logits(images), atol=1e-5)
+
+
+def test_eval_runtime_picks_the_predictor(tiny_state):
+    config = make_tiny_config()
+    model = models.build_model(config.model)
+    assert type(inference.for_config(config, model, tiny_state)) is inference.JaxPredictor
+    config.eval.runtime = "onnxruntime"
+    assert type(inference.for_config(config, model, tiny_state)) is onnx_runtime.OnnxRuntimePredictor
 
 
 def test_evaluation_with_onnxruntime_writes_the_jax_metrics(tiny_state, tmp_path):
     config = make_tiny_config()
-    expected = evaluate.evaluate_state(tiny_state, config, tmp_path / "jax", "test")
-    config.eval.runtime = "onnxruntime"
-    summary = evaluate.evaluate_state(tiny_state, config, tmp_path / "onnx", "test")
+    expected = evaluate.evaluate_state(inference.JaxPredictor(tiny_state), config, tmp_path / "jax", "test")
+    summary = evaluate.evaluate_state(_runtime(config, tiny_state), config, tmp_path / "onnx", "test")
     assert summary["step"] == expected["step"] and summary["num_slices"] == expected["num_slices"]
     for key in ("dice", "jaccard", "precision", "recall", "global_dice", "loss"):
         assert summary[key] == pytest.approx(expected[key], abs=1e-4), key
@@ -254,9 +277,10 @@ def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_pa
         Image.fromarray((rng.random(size) * 255).astype(np.uint8)).save(tmp_path / "in" / name)
     config = make_tiny_config()
     config.eval.threshold = 0.49  # untrained: probabilities sit near 0.5; keep the masks non-trivial
-    predict.predict_path(config, None, tmp_path / "in", tmp_path / "jax", state=tiny_state)
-    config.eval.runtime = "onnxruntime"
-    predict.predict_path(config, None, tmp_path / "in", tmp_path / "onnx", state=tiny_state)
+    jax_predictor = inference.JaxPredictor(tiny_state)
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "jax", predictor=jax_predictor)
+    runtime = _runtime(config, tiny_state)
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "onnx", predictor=runtime)
     for stem in ("a", "b"):
         ours = np.asarray(Image.open(tmp_path / "onnx" / f"{stem}_mask.png"))
         theirs = np.asarray(Image.open(tmp_path / "jax" / f"{stem}_mask.png"))
@@ -295,7 +319,7 @@ def test_a_bad_runtime_is_a_config_error():
 def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, output, message):
     (tmp_path / "existing.onnx").write_bytes(b"kept")
     (tmp_path / "folder.onnx").mkdir()
-    monkeypatch.setattr(evaluate, "restore_for_evaluation", pytest.fail)
+    monkeypatch.setattr(steps, "restore_state", pytest.fail)
     with pytest.raises(UserError, match=message):
         onnx_export.export_workdir(
             make_tiny_config(), tmp_path, tmp_path / output, overwrite="folder" in output
@@ -304,9 +328,17 @@ def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, 
 
 
 def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "restore_for_evaluation", lambda *args: tiny_state)
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    run_checkpoints.save("best", 1, tiny_state, {"model": checkpoints.architecture(make_tiny_config().model)})
+    run_checkpoints.close()
+    built = []
+    build_model = models.build_model
+    monkeypatch.setattr(
+        models, "build_model", lambda model_config: built.append(1) or build_model(model_config)
+    )
     config = make_tiny_config()
     path = onnx_export.export_workdir(config, tmp_path, tmp_path / "model.onnx")
+    assert len(built) == 1  # one model, restored into and exported
     model = onnx.load(path)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     assert metadata["checkpoint_step"] == str(int(tiny_state.step))
@@ -315,4 +347,4 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
     with pytest.raises(UserError, match="exists"):
         onnx_export.export_workdir(config, tmp_path, path)
     onnx_export.export_workdir(config, tmp_path, path, overwrite=True)
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoints", "model.onnx"]  # no temporary

@@ -12,7 +12,7 @@ from conftest import make_tiny_config
 from nibabel import orientations as nib_orientations
 from PIL import Image
 
-from rdunet_jax import checkpoints, config_lib, evaluate, input_pipeline, orientation, predict, train
+from rdunet_jax import checkpoints, config_lib, inference, input_pipeline, orientation, predict, steps, train
 from rdunet_jax.errors import UserError
 
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -103,13 +103,13 @@ def test_a_checkpoint_carries_its_orientation_and_refuses_another(tiny_state, tm
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
     run_checkpoints.save("best", 1, tiny_state, train.new_meta(trained))
     run_checkpoints.close()
-    evaluate.restore_for_evaluation(trained, tmp_path)
+    steps.restore_state(trained, tmp_path)
     turned = make_tiny_config()
     turned.data.orientation = "LP"
     with pytest.raises(
         UserError, match=r"orientation 'PL', .*data.orientation='LP'; set --config.data.orientation=PL$"
     ):
-        evaluate.restore_for_evaluation(turned, tmp_path)
+        steps.restore_state(turned, tmp_path)
 
 
 def test_a_ras_volume_is_turned_to_radiological_display_per_slice():
@@ -186,14 +186,20 @@ def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates
     batch = np.zeros((config.eval.batch_size, 32, 32, 1), np.float32)  # the shape prediction compiles
     for index in range(display.shape[2]):
         batch[index, ..., 0] = input_pipeline.resize(display[:, :, index] / 255.0, 32, is_mask=False)
-    probabilities = np.asarray(evaluate.dispatch_batch(tiny_state, batch, False))[: display.shape[2]]
+    probabilities = np.asarray(inference.JaxPredictor(tiny_state).probabilities(batch))[: display.shape[2]]
     config.eval.threshold = float(np.median(probabilities))
 
     masks = {}
     for name, codes in {"canonical": ("P", "L", "S"), **STORAGE_ORDERS}.items():
         stored, affine = _stored(hounsfield, codes)
         nibabel.save(nibabel.Nifti1Image(stored, affine), tmp_path / f"{name}.nii")
-        predict.predict_path(config, None, tmp_path / f"{name}.nii", tmp_path / "out", state=tiny_state)
+        predict.predict_path(
+            config,
+            None,
+            tmp_path / f"{name}.nii",
+            tmp_path / "out",
+            predictor=inference.JaxPredictor(tiny_state),
+        )
         written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii")
         assert written.shape == stored.shape
         np.testing.assert_allclose(written.affine, affine, atol=1e-6)
@@ -207,7 +213,13 @@ def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates
     # rounding of resizing before or after dividing by 255.
     for index in range(display.shape[2]):
         Image.fromarray(display[:, :, index]).save(tmp_path / f"slice{index}.png")
-        predict.predict_path(config, None, tmp_path / f"slice{index}.png", tmp_path / "out", state=tiny_state)
+        predict.predict_path(
+            config,
+            None,
+            tmp_path / f"slice{index}.png",
+            tmp_path / "out",
+            predictor=inference.JaxPredictor(tiny_state),
+        )
         png_mask = _grayscale(tmp_path / "out" / f"slice{index}_mask.png") > 127
         assert np.mean(png_mask == (canonical[:, :, index] > 0)) > 0.99
 

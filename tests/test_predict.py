@@ -11,7 +11,7 @@ import pytest
 from conftest import make_tiny_config
 from PIL import Image
 
-from rdunet_jax import evaluate, predict
+from rdunet_jax import inference, predict, steps, volumes
 from rdunet_jax.errors import UserError
 
 # Non-identity: rotated, anisotropic (0.7 x 0.9 x 2.5 mm), shifted.
@@ -23,6 +23,16 @@ AFFINE = np.array(
         [0.0, 0.0, 0.0, 1.0],
     ]
 )
+
+
+class ImagePredictor(inference.Predictor):
+    """A stand-in model: the probability is the preprocessed image itself (a bright box -> 1)."""
+
+    def __init__(self, step=3):
+        self.step = step
+
+    def _probabilities(self, images):
+        return images
 
 
 def _volume(shape=(45, 37, 5)):
@@ -46,15 +56,10 @@ def _save_nifti(path, volume):
 def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypatch):
     volume, boxes = _volume()
     source = _save_nifti(tmp_path / "case.nii.gz", volume)
-    # A stand-in model: the probability is the windowed intensity (bright box -> 1, air -> ~0.3).
-    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
-
-    class State:
-        step = 7
-
     config = make_tiny_config()
     config.eval.batch_size = 2  # three batches for five slices: the last one padded
-    (summary,) = predict.predict_path(config, None, source, tmp_path / "out", state=State())
+    # The windowed intensity as probability: bright box -> 1, air -> ~0.3.
+    (summary,) = predict.predict_path(config, None, source, tmp_path / "out", predictor=ImagePredictor(7))
 
     written = nibabel.load(tmp_path / "out" / "case_mask.nii.gz")
     assert written.shape == volume.shape
@@ -84,7 +89,12 @@ def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state
     source = _save_nifti(tmp_path / "frame.nii", volume[..., None])
     ground_truth = _save_nifti(tmp_path / "truth.nii", (volume[..., None] > 0).astype(np.uint8))
     (summary,) = predict.predict_path(
-        make_tiny_config(), None, source, tmp_path / "out", state=tiny_state, ground_truth=ground_truth
+        make_tiny_config(),
+        None,
+        source,
+        tmp_path / "out",
+        predictor=inference.JaxPredictor(tiny_state),
+        ground_truth=ground_truth,
     )
     written = nibabel.load(tmp_path / "out" / "frame_mask.nii")
     assert written.shape == (30, 34, 3, 1)
@@ -105,7 +115,13 @@ def _write_images(folder):
 
 def test_predict_on_a_folder_of_images_writes_masks_of_the_input_size(tiny_state, tmp_path):
     sizes = _write_images(tmp_path / "in")
-    predict.predict_path(make_tiny_config(), None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+    predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "in",
+        tmp_path / "out",
+        predictor=inference.JaxPredictor(tiny_state),
+    )
     for name, size in sizes.items():
         stem = name.split(".")[0]
         with Image.open(tmp_path / "out" / f"{stem}_mask.png") as mask:
@@ -121,48 +137,52 @@ def test_predict_on_a_folder_of_images_writes_masks_of_the_input_size(tiny_state
 def test_existing_outputs_are_refused_without_overwrite(tiny_state, tmp_path):
     _write_images(tmp_path / "in")
     config = make_tiny_config()
-    predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+    predict.predict_path(
+        config, None, tmp_path / "in", tmp_path / "out", predictor=inference.JaxPredictor(tiny_state)
+    )
     mask = tmp_path / "out" / "b_mask.png"
     mask.write_bytes(b"kept")
     with pytest.raises(UserError, match="_mask.png exists; pass --overwrite"):
-        predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=tiny_state)
+        predict.predict_path(
+            config, None, tmp_path / "in", tmp_path / "out", predictor=inference.JaxPredictor(tiny_state)
+        )
     assert mask.read_bytes() == b"kept"
-    predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", overwrite=True, state=tiny_state)
+    predict.predict_path(
+        config,
+        None,
+        tmp_path / "in",
+        tmp_path / "out",
+        overwrite=True,
+        predictor=inference.JaxPredictor(tiny_state),
+    )
     assert mask.read_bytes() != b"kept"
 
 
-def test_an_interrupted_volume_leaves_no_mask_file(tmp_path, monkeypatch):
+def test_an_interrupted_volume_leaves_no_mask_file(tmp_path):
     volume, _ = _volume()
     source = _save_nifti(tmp_path / "case.nii.gz", volume)
-    calls = []
 
-    def dispatch_then_fail(state, images, flips):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return images
+    class InterruptedPredictor(ImagePredictor):
+        calls = 0
 
-    monkeypatch.setattr(evaluate, "dispatch_batch", dispatch_then_fail)
+        def _probabilities(self, images):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return images
+
     config = make_tiny_config()
     config.eval.batch_size = 2
     with pytest.raises(KeyboardInterrupt):
-        predict.predict_path(config, None, source, tmp_path / "out", state=object())
+        predict.predict_path(config, None, source, tmp_path / "out", predictor=InterruptedPredictor())
     assert not (tmp_path / "out").exists()  # no temporary left, and the folder it made is gone
 
 
-class _Stub:
-    """A stand-in train state; `evaluate.dispatch_batch` is replaced, so no model runs."""
-
-    step = 3
-
-
 def _no_model(monkeypatch):
-    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
-
     def no_restore(*args, **kwargs):
         raise AssertionError("the checkpoint was restored")
 
-    monkeypatch.setattr(evaluate, "restore_for_evaluation", no_restore)
+    monkeypatch.setattr(steps, "restore_state", no_restore)
 
 
 def test_an_output_that_is_a_file_is_refused_before_restoring(tmp_path, monkeypatch):
@@ -187,13 +207,13 @@ def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monke
     config = make_tiny_config()
     config.eval.batch_size = 2
     with pytest.raises(UserError, match="case.nii.gz: corrupt or truncated NIfTI file, slice \\d unreadable"):
-        predict.predict_path(config, None, source, tmp_path / "new" / "out", state=_Stub())
+        predict.predict_path(config, None, source, tmp_path / "new" / "out", predictor=ImagePredictor())
     assert not (tmp_path / "new").exists()  # the folders it created, left empty, are removed
 
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "other.txt").write_text("x")
     with pytest.raises(UserError, match="corrupt or truncated"):
-        predict.predict_path(config, None, source, tmp_path / "kept", state=_Stub())
+        predict.predict_path(config, None, source, tmp_path / "kept", predictor=ImagePredictor())
     assert [path.name for path in (tmp_path / "kept").iterdir()] == ["other.txt"]
 
 
@@ -217,7 +237,7 @@ def test_a_bad_input_in_a_folder_fails_before_any_output(tmp_path, monkeypatch, 
     config = make_tiny_config()
     config.eval.batch_size = 1  # the bad file comes batches after the first
     with pytest.raises(UserError, match=f"{bad_name}: {message}"):
-        predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", state=_Stub())
+        predict.predict_path(config, None, tmp_path / "in", tmp_path / "out", predictor=ImagePredictor())
     assert not (tmp_path / "out").exists()
 
 
@@ -234,7 +254,7 @@ def test_a_ground_truth_of_another_size_is_refused_before_the_mask_is_written(tm
             tmp_path / "in" / "a.png",
             tmp_path / "out",
             ground_truth=truth,
-            state=_Stub(),
+            predictor=ImagePredictor(),
         )
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -248,7 +268,7 @@ def test_bad_inputs_are_user_errors(tmp_path, input_name, message):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=message):
         predict.predict_path(
-            make_tiny_config(), None, tmp_path / input_name, tmp_path / "out", state=object()
+            make_tiny_config(), None, tmp_path / input_name, tmp_path / "out", predictor=ImagePredictor()
         )
 
 
@@ -257,8 +277,8 @@ def test_bad_inputs_are_user_errors(tmp_path, input_name, message):
 
 def _stand_in_model(monkeypatch):
     """The model's probability is the preprocessed image itself, and no checkpoint is restored."""
-    monkeypatch.setattr(evaluate, "dispatch_batch", lambda state, images, flips: images)
-    monkeypatch.setattr(evaluate, "restore_for_evaluation", lambda *args, **kwargs: _Stub())
+    monkeypatch.setattr(steps, "restore_state", lambda *args, **kwargs: None)
+    monkeypatch.setattr(inference, "for_config", lambda *args: ImagePredictor())
 
 
 def _display_volume(shape=(32, 32, 4)):
@@ -313,9 +333,9 @@ def test_display_units_refuse_values_outside_the_display_range(tmp_path, monkeyp
 
 def test_units_check_samples_few_slices_spanning_the_volume():
     for num_slices in (1, 2, 9, 300):
-        indices = predict.sampled_slice_indices(num_slices)
+        indices = volumes.sampled_slice_indices(num_slices)
         assert indices[0] == 0 and indices[-1] == num_slices - 1
-        assert len(indices) == min(num_slices, predict.UNITS_SAMPLE_SLICES)
+        assert len(indices) == min(num_slices, volumes.UNITS_SAMPLE_SLICES)
 
 
 @pytest.mark.real_data

@@ -270,7 +270,7 @@ def test_the_best_checkpoint_has_the_lowest_validation_loss_and_eval_checkpoint_
     ]:
         config = _loop_config()
         config.eval.checkpoint = which
-        restored = evaluate.restore_for_evaluation(config, reference.workdir)
+        restored = steps.restore_state(config, reference.workdir)
         assert int(restored.step) == step, which
         _assert_same_state(restored, expected)
 
@@ -436,7 +436,7 @@ def test_a_non_finite_loss_after_a_good_checkpoint_leaves_it_intact_and_restorab
     assert _steps(tmp_path, "best") == [4]
     config = _loop_config()
     config.eval.checkpoint = "last"
-    restored = evaluate.restore_for_evaluation(config, tmp_path)
+    restored = steps.restore_state(config, tmp_path)
     assert int(restored.step) == 4
     _assert_same_state(restored, reference.best[0])  # the uninterrupted run's state at step 4
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 from conftest import REPO_ROOT, make_tiny_config
 
-from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, models, steps, train
+from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, models, steps, train
 from rdunet_jax import losses as losses_lib
 
 
@@ -221,7 +221,7 @@ def test_the_defaults_are_the_papers_training_setup(make_config):
 def test_evaluate_source_counts_every_slice_once(tiny_state):
     config = make_tiny_config(num_validation=21)  # two eval batches, the second padded
     source = datasets.load_source(config.data, "validation")
-    summary = evaluate.evaluate_source(tiny_state, source, config)
+    summary = evaluate.evaluate_source(inference.JaxPredictor(tiny_state), source, config)
     assert summary["num_slices"] == 21
     for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
         assert 0.0 <= summary[key] <= 1.0
