@@ -21,7 +21,7 @@ One fold by hand (fold k of 5 is held out and scored, with the last checkpoint, 
         --config.data.cv_folds=5 --config.data.cv_fold=0 --config.eval.split=validation
 """
 
-from rdunet_jax import config_lib
+from rdunet_jax import config_lib, reports
 
 # Candidates: config changes on top of the paper's settings (rdunet, Dice loss, Adam 1e-3, flips and zoom),
 # each scored on the held-out fold with its last checkpoint (so the fold stays unseen) and flip TTA.
@@ -113,8 +113,7 @@ def apply_recipe(config, name: str = CHOSEN_RECIPE):
     for key, value in RECIPE_CANDIDATES[name].items():
         section, _, leaf = key.rpartition(".")
         (config[section] if section else config)[leaf] = value
-    # "Small" lesions keep the paper's 100 px at 256x256 as a fraction of the slice.
-    config.eval.small_lesion_area = 100.0 * (config.data.image_size / 256) ** 2
+    config.eval.small_lesion_area = reports.small_lesion_area(config.data.image_size)
     return config
 
 

@@ -27,7 +27,6 @@ The machine may be shared: compare only figures taken side by side in one run.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -225,13 +224,13 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     variables = models.initialize_variables(model, image_size, config.seed)
     host_images = random_batch(args.infer_batch_size, image_size)["image"]
     images = jax.device_put(host_images)
-    compiled = compiled_inference(model, variables, images)
-    jax.block_until_ready(compiled(variables, images))
+    compiled, arguments = compiled_inference(model, variables, images)
+    jax.block_until_ready(compiled(*arguments))
     runtime = None if args.no_onnxruntime else onnxruntime_model(config, model, variables, image_size)
     jax_times, runtime_times = [], []
     for _ in range(args.infer_steps):
         started = time.perf_counter()
-        jax.block_until_ready(compiled(variables, images))
+        jax.block_until_ready(compiled(*arguments))
         jax_times.append(time.perf_counter() - started)
         if runtime is not None:
             started = time.perf_counter()
@@ -244,7 +243,7 @@ def measure_inference(config, model, args, image_size: int) -> dict:
         "infer_gflops_per_s": xla_flops(compiled) / seconds / 1e9,
     }
     if runtime is not None:
-        probabilities = np.asarray(compiled(variables, images))
+        probabilities = np.asarray(compiled(*arguments)["probabilities"])
         result.update(
             infer_ms_per_slice_onnxruntime=1e3 * statistics.median(runtime_times) / args.infer_batch_size,
             infer_ratio_onnxruntime_vs_jax=statistics.median(
@@ -260,25 +259,24 @@ def measure_inference(config, model, args, image_size: int) -> dict:
 
 
 def compiled_inference(model, variables, images):
-    """The eval forward pass (running BatchNorm statistics, sigmoid), compiled as evaluation compiles it."""
-    import jax
+    """(executable, its arguments): `steps.eval_step` (running BatchNorm statistics, sigmoid, loss) of
+    `model` with `variables` on `images`, compiled as evaluation compiles it."""
+    import jax.numpy as jnp
 
-    from rdunet_jax import steps
+    from rdunet_jax import inference, steps
 
-    @functools.partial(jax.jit, compiler_options=steps.EVAL_COMPILER_OPTIONS)
-    def infer(variables, images):
-        return jax.nn.sigmoid(model.apply(variables, images, train=False))
-
-    return infer.lower(variables, images).compile()
+    state = inference.JaxPredictor.from_variables(model, variables).state
+    arguments = (state, {"image": images, "mask": jnp.zeros_like(images)})
+    return steps.eval_step.lower(*arguments).compile(), arguments
 
 
 def onnxruntime_model(config, model, variables, image_size: int):
     """The model exported to ONNX in an ONNX Runtime session, or None without the `onnx` extra."""
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
         return None
-    from rdunet_jax import onnx_export
+    from rdunet_jax import onnx_export, onnx_runtime
 
-    return onnx_export.OnnxRuntimeModel(onnx_export.export_model(model, variables, image_size), step=0)
+    return onnx_runtime.OnnxRuntimePredictor(onnx_export.export_model(model, variables, image_size), step=0)
 
 
 def first_slices(config, split: str, count: int | None = None):

@@ -76,7 +76,7 @@ def build_function(args, config):
     """(function to compile, its arguments, the output to compare) for `--what`."""
     import jax
 
-    from rdunet_jax import models, steps
+    from rdunet_jax import inference, models, steps
 
     model = models.build_model(config.model)
     if args.what == "train":
@@ -84,12 +84,9 @@ def build_function(args, config):
         batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
         return steps.train_step.__wrapped__, (state, batch), lambda output: output[1]["loss"]
     variables = models.initialize_variables(model, args.image_size, config.seed)
-    images = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size)["image"])
-
-    def infer(variables, images):
-        return jax.nn.sigmoid(model.apply(variables, images, train=False))
-
-    return infer, (variables, images), lambda output: output
+    state = inference.JaxPredictor.from_variables(model, variables).state
+    batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
+    return steps.eval_step.__wrapped__, (state, batch), lambda output: output["probabilities"]
 
 
 def run(args) -> dict:

@@ -185,10 +185,10 @@ def jax_infer_child(args) -> None:
         runtime = "onnxruntime"
     else:
         images = jax.device_put(host_images)
-        compiled = benchmark.compiled_inference(model, variables, images)
+        compiled, arguments = benchmark.compiled_inference(model, variables, images)
 
         def infer():
-            jax.block_until_ready(compiled(variables, images))
+            jax.block_until_ready(compiled(*arguments))
 
         runtime = "xla"
 

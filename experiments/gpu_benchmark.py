@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 import benchmark  # noqa: E402
 
-from rdunet_jax import config_lib, models, steps  # noqa: E402
+from rdunet_jax import config_lib, inference, models, steps  # noqa: E402
 
 PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
 # Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
@@ -104,7 +104,7 @@ def median_time(function, steps: int) -> float:
 def eval_logits(model, variables, images, device):
     """The eval-mode logits computed on `device`."""
     variables, images = jax.device_put((variables, images), device)
-    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+    return np.asarray(inference.JaxPredictor.from_variables(model, variables).logits(images))
 
 
 def first_step_loss(config, model, batch, device) -> float:

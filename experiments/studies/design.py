@@ -12,13 +12,10 @@ from collections.abc import Callable
 
 import ml_collections
 
-from rdunet_jax import config_lib, models
+from rdunet_jax import config_lib, models, reports
 
 # Data sub-folders of --data_root (../shared/data), by dataset.
 DATA_FOLDERS = {"semiseg": "covid-semiseg", "ma2020_2d": "covid19-ct-seg-2d"}
-# Lesions below this area (pixels at 256x256) are "small"; scaled with the square of the resolution so
-# that "small" covers the same fraction of a slice at every budget.
-SMALL_LESION_AREA_AT_256 = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +259,7 @@ def base_config(dataset: str, budget: Budget, data_root) -> ml_collections.Confi
     config.data.cv_folds = budget.cv_folds
     # With CV the held-out fold is the evaluation set (the test split, where present, stays untouched).
     config.eval.split = "validation" if budget.cv_folds else "test"
-    config.eval.small_lesion_area = SMALL_LESION_AREA_AT_256 * (budget.image_size / 256) ** 2
+    config.eval.small_lesion_area = reports.small_lesion_area(budget.image_size)
     return config
 
 
