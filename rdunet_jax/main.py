@@ -87,13 +87,15 @@ def default_workdir(config) -> pathlib.Path:
 def run(argv) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from rdunet_jax import evaluate, train
-
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
     if FLAGS.mode == "train":
+        from rdunet_jax import train
+
         train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "evaluate":
+        from rdunet_jax import evaluate
+
         evaluate.evaluate_workdir(config, workdir, FLAGS.checkpoint_step)
     elif FLAGS.mode == "export":
         from rdunet_jax import onnx_export
