@@ -14,6 +14,9 @@ the resize. The overlap metrics are also computed at each slice's original resol
 resized back bilinearly and scored against the expert mask as stored), the way published results on
 COVID-SemiSeg are scored, under `original_resolution`. Every file is a pure function of the checkpoint
 and the data: evaluating twice gives identical bytes.
+
+The model runs behind an `inference.Predictor` (JAX or ONNX Runtime, as `eval.runtime` says); reports.py
+writes the CSV and the markdown tables.
 """
 
 import pathlib
