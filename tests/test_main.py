@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, steps, train
 
