@@ -1,7 +1,7 @@
 """Times `--mode predict` on a synthetic 300-slice 512x512 NIfTI volume, with its peak memory.
 
     python -m rdunet_jax.main --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny   # a checkpoint
-    python experiments/predict_volume_timing.py --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny
+    python -m experiments.predict_volume_timing --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny
 
 The volume (int16 Hounsfield units, 0.7 x 0.7 x 1.25 mm, a non-identity affine) is written once to
 `--scratch` and reused. The prediction runs as the command line runs it, in a child process, so the wall
@@ -10,28 +10,13 @@ time includes restoring the checkpoint and compiling (from the persistent cache 
 
 import argparse
 import pathlib
-import resource
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-
-def phantom_slices(slices: int, size: int):
-    """Yields `slices` int16 Hounsfield-unit slices (size, size): a body ellipse of soft tissue with two
-    air-filled lungs and a dense blob that moves from slice to slice, plus noise."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
-    body = (xx / 0.9) ** 2 + (yy / 0.7) ** 2 <= 1
-    lungs = ((np.abs(xx) - 0.4) / 0.3) ** 2 + (yy / 0.5) ** 2 <= 1
-    base = np.where(body, 40.0, -1000.0)
-    base = np.where(lungs, -850.0, base)
-    for index in range(slices):
-        blob = (xx - 0.4 * np.sin(index / 20)) ** 2 + (yy - 0.1) ** 2 <= 0.01
-        image = np.where(lungs & blob, -300.0, base) + rng.normal(0, 20, (size, size))
-        yield np.clip(image, -1024, 3000).astype(np.int16)
+from experiments import common
 
 
 def write_volume(path: pathlib.Path, slices: int, size: int) -> None:
@@ -39,20 +24,11 @@ def write_volume(path: pathlib.Path, slices: int, size: int) -> None:
     import nibabel
 
     volume = np.empty((size, size, slices), np.int16)
-    for index, image in enumerate(phantom_slices(slices, size)):
+    for index, image in enumerate(common.phantom_slices(slices, size)):
         volume[:, :, index] = image
     affine = np.diag([-0.7, -0.7, 1.25, 1.0])
     affine[:3, 3] = (180.0, 170.0, -400.0)
     nibabel.save(nibabel.Nifti1Image(volume, affine), path)
-
-
-def timed_command(command: list[str]) -> tuple[float, float]:
-    """Runs `command` (printed first) to completion: (wall seconds, peak RSS in MB of its processes)."""
-    print(" ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - started
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -87,7 +63,7 @@ def main() -> None:
         f"--output={output}",
         *args.overrides,
     ]
-    seconds, peak_mb = timed_command(command)
+    seconds, peak_mb = common.timed_command(command)
     raw_mb = args.slices * args.size * args.size * 4 / 1e6
     print(
         f"predicted {args.slices} slices of {args.size}x{args.size} in {seconds:.1f}s "
