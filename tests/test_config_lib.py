@@ -4,7 +4,7 @@ import functools
 import math
 
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
