@@ -59,6 +59,33 @@ def timed_command(command: list[str]) -> tuple[float, float]:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
+def prediction_timing_parser(description: str, default_config: str, workdir_help: str):
+    """The command line of the `--mode predict` timings: config, workdir, volume size, extra flags."""
+    import argparse
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=description, formatter_class=formatter)
+    parser.add_argument("--config", default=default_config)
+    parser.add_argument("--workdir", required=True, help=workdir_help)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("overrides", nargs="*", help="extra flags, e.g. --config.eval.batch_size=16")
+    return parser
+
+
+def timed_prediction(args, workdir, input_path, output, what: str, prefix=()) -> None:
+    """Runs `--mode predict` on `input_path` as the command line does, in a child process (after `prefix`,
+    e.g. /usr/bin/time -v), and prints `what` with its wall time, slices/s and peak memory."""
+    command = [*prefix, sys.executable, "-m", "rdunet_jax.main", f"--config={args.config}"]
+    command += [f"--workdir={workdir}", "--mode=predict", f"--input={input_path}", f"--output={output}"]
+    seconds, peak_mb = timed_command([*command, *args.overrides])
+    raw_mb = args.slices * args.size * args.size * 4 / 1e6
+    print(
+        f"{what} in {seconds:.1f}s ({args.slices / seconds:.1f} slices/s); peak RSS {peak_mb:.0f} MB "
+        f"(the volume as float32 would be {raw_mb:.0f} MB)"
+    )
+
+
 def random_batch(batch_size: int, image_size: int) -> dict:
     """A phantom-like batch as numpy arrays: uniform images, a sparse mask (fixed seed)."""
     import numpy as np

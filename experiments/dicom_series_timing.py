@@ -13,11 +13,9 @@ the wall time includes starting Python, restoring the checkpoint and compiling (
 when warm), and the peak memory is the child's maximum resident set size. Needs the `dicom` extra.
 """
 
-import argparse
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 
@@ -84,14 +82,9 @@ def ensure_checkpoint(config_spec: str, workdir: pathlib.Path) -> None:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--config", default="configs/rdunet.py")
-    parser.add_argument("--workdir", required=True, help="a run with a checkpoint, or where to save one")
+    workdir_help = "a run with a checkpoint, or where to save one"
+    parser = common.prediction_timing_parser(__doc__, "configs/rdunet.py", workdir_help)
     parser.add_argument("--scratch", default=None, help="where the temporary series folder goes")
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("overrides", nargs="*", help="extra flags, e.g. --config.eval.batch_size=16")
     args = parser.parse_args()
 
     workdir = pathlib.Path(args.workdir).resolve()
@@ -106,27 +99,10 @@ def main() -> None:
         print(f"wrote {args.slices} DICOM files ({megabytes:.0f} MB) in {time.perf_counter() - started:.1f}s")
         output = pathlib.Path(scratch) / "prediction"
         time_command = ["/usr/bin/time", "-v"] if shutil.which("/usr/bin/time") else []
-        command = [
-            *time_command,
-            sys.executable,
-            "-m",
-            "rdunet_jax.main",
-            f"--config={args.config}",
-            f"--workdir={workdir}",
-            "--mode=predict",
-            f"--input={series}",
-            f"--output={output}",
-            *args.overrides,
-        ]
-        seconds, peak_mb = common.timed_command(command)
+        what = f"DICOM series of {args.slices} slices of {args.size}x{args.size} -> SEG and NIfTI"
+        common.timed_prediction(args, workdir, series, output, what, prefix=time_command)
         written = {path.name: path.stat().st_size / 1e6 for path in output.iterdir() if path.is_file()}
     print(f"outputs (MB): {', '.join(f'{name} {size:.1f}' for name, size in sorted(written.items()))}")
-    raw_mb = args.slices * args.size * args.size * 4 / 1e6
-    print(
-        f"DICOM series of {args.slices} slices of {args.size}x{args.size} -> SEG and NIfTI in {seconds:.1f}s "
-        f"({args.slices / seconds:.1f} slices/s); peak RSS {peak_mb:.0f} MB "
-        f"(the volume as float32 would be {raw_mb:.0f} MB)"
-    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ The volume (int16 Hounsfield units, 0.7 x 0.7 x 1.25 mm, a non-identity affine) 
 time includes restoring the checkpoint and compiling (from the persistent cache when warm).
 """
 
-import argparse
 import pathlib
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -32,14 +30,8 @@ def write_volume(path: pathlib.Path, slices: int, size: int) -> None:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--config", default="configs/demo.py:tiny")
-    parser.add_argument("--workdir", required=True, help="a run with a checkpoint")
+    parser = common.prediction_timing_parser(__doc__, "configs/demo.py:tiny", "a run with a checkpoint")
     parser.add_argument("--scratch", default="/tmp/rdunet_predict_timing")
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("overrides", nargs="*", help="extra flags, e.g. --config.eval.batch_size=16")
     args = parser.parse_args()
 
     scratch = pathlib.Path(args.scratch)
@@ -52,23 +44,8 @@ def main() -> None:
         print(f"wrote {volume} ({megabytes:.0f} MB) in {time.perf_counter() - started:.1f}s")
     output = scratch / "prediction"
     shutil.rmtree(output, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "rdunet_jax.main",
-        f"--config={args.config}",
-        f"--workdir={args.workdir}",
-        "--mode=predict",
-        f"--input={volume}",
-        f"--output={output}",
-        *args.overrides,
-    ]
-    seconds, peak_mb = common.timed_command(command)
-    raw_mb = args.slices * args.size * args.size * 4 / 1e6
-    print(
-        f"predicted {args.slices} slices of {args.size}x{args.size} in {seconds:.1f}s "
-        f"({args.slices / seconds:.1f} slices/s); peak RSS {peak_mb:.0f} MB "
-        f"(the volume as float32 would be {raw_mb:.0f} MB)"
+    common.timed_prediction(
+        args, args.workdir, volume, output, f"predicted {args.slices} slices of {args.size}x{args.size}"
     )
 
 

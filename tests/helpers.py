@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ TINY_MODEL = [
     "data.num_train=8",
     f"data.data_dir={TEST_DATA_DIR}",
 ]
+TINY_MODEL_FLAGS = [part for item in TINY_MODEL for part in ("--set", item)]
 
 
 def make_tiny_config(**data_overrides):
@@ -33,9 +35,15 @@ def make_tiny_config(**data_overrides):
     return config
 
 
-def experiment_command(module: str) -> list[str]:
-    """`python -m experiments.<module>` with this interpreter (run it with `checkout_environment()`)."""
-    return [sys.executable, "-m", f"experiments.{module}"]
+def run_tiny_experiment(module: str, arguments: list[str], folder) -> subprocess.CompletedProcess:
+    """`python -m experiments.<module> ARGUMENTS` on the TINY_MODEL in a fresh process started in `folder`;
+    fails the test, with the end of its stderr, unless it exits 0."""
+    command = [sys.executable, "-m", f"experiments.{module}", *arguments, *TINY_MODEL_FLAGS]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=folder, env=checkout_environment()
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 def checkout_environment() -> dict:

@@ -4,24 +4,20 @@ import json
 import subprocess
 import sys
 
-from helpers import TINY_MODEL, checkout_environment, experiment_command
+import pytest
+from helpers import TINY_MODEL_FLAGS, checkout_environment, run_tiny_experiment
 
 from experiments import benchmark, common, fair_benchmark
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run_writes_every_key(tmp_path):
     output = tmp_path / "bench.json"
-    command = [*experiment_command("benchmark"), "--image_size", "16"]
-    command += ["--batch_size", "2", "--steps", "2", "--infer_steps", "2", "--infer_batch_size", "2"]
-    command += ["--pipeline_batches", "2", "--skip_startup", "--json", str(output)]
-    command += ["--markdown", str(tmp_path / "bench.md")]
-    for item in TINY_MODEL:
-        command += ["--set", item]
+    arguments = ["--image_size", "16", "--batch_size", "2", "--steps", "2", "--infer_steps", "2"]
+    arguments += ["--infer_batch_size", "2", "--pipeline_batches", "2", "--skip_startup"]
+    arguments += ["--json", str(output), "--markdown", str(tmp_path / "bench.md")]
     # A separate process: the benchmark turns the compilation cache off and on for its own timing.
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=checkout_environment()
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_tiny_experiment("benchmark", arguments, tmp_path)
     report = json.loads(output.read_text())
     assert set(benchmark.REQUIRED_KEYS) <= set(report)
     for key in ("train_step_s", "train_images_per_s", "infer_ms_per_slice", "compile_s", "gflops_per_s"):
@@ -36,11 +32,12 @@ def test_benchmark_smoke_run_writes_every_key(tmp_path):
     assert "| 16 |" in completed.stdout
 
 
+@pytest.mark.slow
 def test_child_startup_report_measures_first_step_begin(tmp_path):
     """The cold/warm start-up child runs the real path and reports when the first step began."""
     args = benchmark.parse_args(
         ["--image_size", "16", "--batch_size", "2", "--startup_steps", "1", "--pipeline_batches", "2"]
-        + [part for item in TINY_MODEL for part in ("--set", item)]
+        + TINY_MODEL_FLAGS
     )
     report = benchmark.run_child(args, 16, str(tmp_path / "cache"))
     phases = report["phases_s"]
@@ -86,7 +83,7 @@ def _fair_command_line(tmp_path, *extra):
     script.write_text(FAKE_TORCH_SCRIPT)
     argv = ["--torch_python", sys.executable, "--torch_script", str(script), "--image_size", "16"]
     argv += ["--batch_size", "2", "--steps", "1", *extra]
-    return argv + [part for item in TINY_MODEL for part in ("--set", item)]
+    return argv + TINY_MODEL_FLAGS
 
 
 def _run_orchestrator(tmp_path, argv):
@@ -105,6 +102,7 @@ def _run_orchestrator(tmp_path, argv):
     return json.loads(completed.stdout.split("LOADED ")[-1])
 
 
+@pytest.mark.slow
 def test_fair_benchmark_parent_loads_no_framework_and_reports_paired_ratios(tmp_path):
     """Two real rounds (a tiny JAX child, a stand-in PyTorch script): the orchestrator never imports
     jax or torch, no PyTorch child has a jaxlib-loaded parent, and the JSON holds hand-checkable ratios."""
@@ -197,6 +195,7 @@ def test_fair_benchmark_probe_summary_against_hand_values():
     assert living["parent_cpu_s_during_child_by_round"] == [0.1, 0.0, 0.2]
 
 
+@pytest.mark.slow
 def test_fair_benchmark_probe_starts_torch_from_a_living_jax_process(tmp_path):
     """--probe_living_parent: the fresh child's parent has no jaxlib, the probe's children's parent has."""
     output = tmp_path / "probe.json"

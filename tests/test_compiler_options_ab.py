@@ -1,27 +1,21 @@
 """A seconds-long run of experiments.compiler_options_ab at a tiny size, and its option parsing."""
 
 import json
-import subprocess
 
 import pytest
-from helpers import TINY_MODEL, checkout_environment, experiment_command
+from helpers import run_tiny_experiment
 
 from experiments import compiler_options_ab
 
 
+@pytest.mark.slow
 def test_each_variant_is_timed_against_the_projects_step(tmp_path):
     output = tmp_path / "ab.json"
     default_scheduler = json.dumps({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
-    command = [*experiment_command("compiler_options_ab"), "--image_size", "16", "--batch_size", "2"]
-    command += ["--rounds", "2"]
-    command += ["--option", f"xla_default={default_scheduler}", "--json", str(output)]
-    command += ["--model_option", "pool_window=model.pool_impl=reduce_window"]
-    for item in TINY_MODEL:
-        command += ["--set", item]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=checkout_environment()
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    arguments = ["--image_size", "16", "--batch_size", "2", "--rounds", "2"]
+    arguments += ["--option", f"xla_default={default_scheduler}", "--json", str(output)]
+    arguments += ["--model_option", "pool_window=model.pool_impl=reduce_window"]
+    completed = run_tiny_experiment("compiler_options_ab", arguments, tmp_path)
     report = json.loads(output.read_text())
     variants = report["variants"]
     assert list(variants) == ["project", "xla_default", "pool_window"]

@@ -81,6 +81,7 @@ def finished_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_at_step, checkpoint_every_steps",
     # Before any checkpoint; mid-epoch, resuming from an epoch end; mid-epoch, resuming mid-epoch. A
