@@ -21,10 +21,9 @@ def get_config(size: str = "full"):
     config.data.num_validation = 32
     config.data.num_test = 64
     if size == "full":
-        # 12 epochs with the paper's dropout of 0.5 scored test Dice 0.775-0.828 across 1, 2 and 4 threads
-        # and machines (README, Reproducibility), straddling the demo's 0.80: dropout held the short fit
-        # back, as on semiseg (configs/semiseg.py). Without it and with 4 more epochs at the first learning
-        # rate: 0.838-0.856 on 1, 2 and 4 threads, in about 2.5 minutes on 2 cores.
+        # Without dropout and with 4 more epochs at the first learning rate than the paper-like 12 with
+        # dropout 0.5 (which straddled the demo's 0.80): test Dice 0.838-0.856 on 1, 2 and 4 threads, in
+        # about 2.5 minutes on 2 cores (docs/results.md, Reproducibility).
         config.num_epochs = 16
         config.lr_decay_epochs = 12
         config.model.dropout_rate = 0.0

@@ -1,8 +1,8 @@
 """Speed and memory of the RDU-net on this machine: the train step, inference, start-up and the pipeline.
 
-    python experiments/benchmark.py --image_size 256 --batch_size 8 --json OUT.json
-    python experiments/benchmark.py --image_size 128 256 --json OUT.json        # both sizes
-    python experiments/benchmark.py --image_size 256 --set model.dtype=bfloat16  # any config key
+    python -m experiments.benchmark --image_size 256 --batch_size 8 --json OUT.json
+    python -m experiments.benchmark --image_size 128 256 --json OUT.json        # both sizes
+    python -m experiments.benchmark --image_size 256 --set model.dtype=bfloat16  # any config key
 
 Prints one markdown table row per image size and saves JSON with, per size:
 
@@ -20,8 +20,8 @@ Prints one markdown table row per image size and saves JSON with, per size:
   or the real data named by `--data.name`/`--data.manual_dir`.
 - `gflops_per_s`: XLA's cost analysis of the compiled train step (FLOPs) over `train_step_s`.
 
-Against PyTorch's reference: `experiments/fair_benchmark.py`, which runs each framework alone in a fresh
-process. (This script used to start PyTorch as a child of its own living process, whose ratio did not
+Against PyTorch's reference: `python -m experiments.fair_benchmark`, which runs each framework alone in
+a fresh process. (This script used to start PyTorch as a child of its own living process, whose ratio did not
 match what a user measures with each framework on its own.)
 The machine may be shared: compare only figures taken side by side in one run.
 """
@@ -31,16 +31,16 @@ import importlib.util
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from experiments import common
+
 PROCESS_START = time.time()
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = (
     "train_step_s",
     "train_images_per_s",
@@ -85,33 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- config and state ------------------------------------------------------------------------------
 
 
-def _as_tuples(value):
-    """JSON lists as (nested) tuples, the form config defaults take."""
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
-
-
-def _typed(old, text: str):
-    """`text` parsed to the type of the config's current value (so '4' stays an int)."""
-    if isinstance(old, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(old, (int, float)):
-        return type(old)(text)
-    if isinstance(old, tuple):
-        return _as_tuples(json.loads(text))
-    return text
-
-
-def apply_overrides(config, items):
-    """`--set KEY=VALUE` items (dotted keys, e.g. model.dtype=bfloat16) applied to `config`, each value
-    parsed to the type of the one it replaces."""
-    for item in items:
-        key, _, text = item.partition("=")
-        section, _, name = key.rpartition(".")
-        target = config[section] if section else config
-        target[name] = _typed(target[name], text)
-    return config
-
-
 def make_config(args, image_size: int):
     """The benchmarked config: the paper's variant at `image_size`, with `--set` overrides."""
     from rdunet_jax import config_lib
@@ -121,49 +94,12 @@ def make_config(args, image_size: int):
     config.data.image_size = image_size
     config.data.num_train = max(config.data.num_train, args.batch_size * args.pipeline_batches)
     config.data.data_dir = str(pathlib.Path("~/.cache/rdunet_jax/benchmark_tfds").expanduser())
-    apply_overrides(config, args.set)
+    common.apply_set_items(config, args.set)
     config_lib.validate(config)
     return config
 
 
-def random_batch(batch_size: int, image_size: int) -> dict:
-    """A phantom-like batch: uniform images, a sparse mask (fixed seed)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    shape = (batch_size, image_size, image_size, 1)
-    return {
-        "image": rng.random(shape, dtype=np.float32),
-        "mask": (rng.random(shape) > 0.9).astype(np.float32),
-    }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB.
-
-    VmHWM, not getrusage's ru_maxrss: a child started by fork and exec inherits the parent's high-water
-    mark in ru_maxrss, so a child of a big parent would report the parent's peak.
-    """
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 # --- measurements in this process ------------------------------------------------------------------
-
-
-def median_seconds(function, repeats: int) -> tuple[float, list[float]]:
-    """The median wall time of `function()` (which must block until its result is ready)."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), times
 
 
 def compiled_train_step(config, model, batch):
@@ -222,7 +158,7 @@ def measure_inference(config, model, args, image_size: int) -> dict:
     from rdunet_jax import models
 
     variables = models.initialize_variables(model, image_size, config.seed)
-    host_images = random_batch(args.infer_batch_size, image_size)["image"]
+    host_images = common.random_batch(args.infer_batch_size, image_size)["image"]
     images = jax.device_put(host_images)
     compiled, arguments = compiled_inference(model, variables, images)
     jax.block_until_ready(compiled(*arguments))
@@ -279,19 +215,6 @@ def onnxruntime_model(config, model, variables, image_size: int):
     return onnx_runtime.OnnxRuntimePredictor(onnx_export.export_model(model, variables, image_size), step=0)
 
 
-def first_slices(config, split: str, count: int | None = None):
-    """Images and masks (N, S, S, 1) of the first `count` (default: all) slices of `split`, preprocessed
-    as evaluation does (no augmentation)."""
-    import numpy as np
-
-    from rdunet_jax import datasets, input_pipeline
-
-    source = datasets.load_source(config.data, split)
-    count = len(source) if count is None else min(count, len(source))
-    examples = [input_pipeline.preprocess(source[index], config.data.image_size) for index in range(count)]
-    return np.stack([example["image"] for example in examples]), np.stack([ex["mask"] for ex in examples])
-
-
 def accuracy_against_float32(config, model, variables, args) -> dict:
     """How far this mode's masks are from the float32 reference model's on the same slices and weights:
     the Dice of the two thresholded masks (1.0: identical) and the largest probability difference."""
@@ -303,7 +226,7 @@ def accuracy_against_float32(config, model, variables, args) -> dict:
     reference_config = config.model.copy_and_resolve_references()
     reference_config.update(dtype="float32")
     reference = models.build_model(reference_config)
-    images, _ = first_slices(config, config.data.train_split, args.infer_batch_size)
+    images, _ = common.first_slices(config, config.data.train_split, args.infer_batch_size)
     got = np.asarray(jax.nn.sigmoid(model.apply(variables, images, train=False)))
     want = np.asarray(jax.nn.sigmoid(reference.apply(variables, images, train=False)))
     masks, reference_masks = got > 0.5, want > 0.5
@@ -354,7 +277,7 @@ def child_first_step(args) -> None:
     phases["data"] = time.time()
     state = steps.create_train_state(config, model, steps_per_epoch=len(dataset))
     phases["model"] = time.time()
-    rss_before_training = peak_rss_mb()
+    rss_before_training = common.peak_rss_mb()
     # As a run gets it: compiled (cold) or loaded from the executable cache (warm) before the first step.
     step = train.compiled_train_step(config, state, batch, len(dataset), mesh)
     first_step_at = time.time()
@@ -371,7 +294,7 @@ def child_first_step(args) -> None:
             {
                 "first_step_at": first_step_at,
                 "phases_at": phases,
-                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_mb": common.peak_rss_mb(),
                 "rss_before_training_mb": rss_before_training,
             }
         ),
@@ -382,13 +305,15 @@ def child_first_step(args) -> None:
 def run_child(args, image_size: int, cache_dir: str) -> dict:
     """Starts a fresh benchmark process for the first steps; returns its report and start-up seconds."""
     payload = json.dumps({"image_size": image_size, "cache_dir": cache_dir})
-    command = [sys.executable, __file__, "--_child", payload, "--batch_size", str(args.batch_size)]
+    command = [*common.module_command("benchmark"), "--_child", payload, "--batch_size", str(args.batch_size)]
     command += ["--variant", args.variant, "--startup_steps", str(args.startup_steps)]
     command += ["--pipeline_batches", str(args.pipeline_batches)]
     for item in args.set:
         command += ["--set", item]
     spawned_at = time.time()
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=common.child_environment()
+    )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("CHILD ")]
     if completed.returncode or not lines:
         raise RuntimeError(f"start-up child failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
@@ -425,7 +350,7 @@ def benchmark_size(args, image_size: int) -> dict:
 
     config = make_config(args, image_size)
     model = models.build_model(config.model)
-    batch = random_batch(args.batch_size, image_size)
+    batch = common.random_batch(args.batch_size, image_size)
     compiled, state, compile_s, flops = compiled_train_step(config, model, batch)
     timer = TrainTimer(compiled, state, batch)
     timer.run(args.steps)
@@ -437,7 +362,7 @@ def benchmark_size(args, image_size: int) -> dict:
             key: config.model[key]
             for key in ("variant", "features", "depth", "dtype", *models.KEYLESS_MODEL_OPTIONS)
         },
-        "mode": mode_name(config.model),
+        "mode": common.mode_name(config.model),
         "parameters": models.count_parameters(state.params),
         "train_step_s": train_step_s,
         "train_step_s_all": timer.times,
@@ -460,26 +385,9 @@ def benchmark_size(args, image_size: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 
-def mode_name(model_config) -> str:
-    """The compute dtype plus every speed option away from the config default, e.g.
-    'bfloat16+dropout_impl=flax'."""
-    from rdunet_jax import config_lib, models
-
-    defaults = config_lib.base_config().model
-    parts = [model_config.dtype]
-    for key in models.KEYLESS_MODEL_OPTIONS:  # every speed option
-        value = model_config.get(key)
-        if value != defaults[key]:
-            parts.append(key if value is True else f"{key}={value}")
-    return "+".join(parts)
-
-
-def _cell(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def markdown_table(results: list[dict]) -> str:
     """One row per image size."""
+    cell = common.format_cell
     header = (
         "| px | batch | mode | train step (s) | train img/s | GFLOP/s | infer ms/slice "
         "| ONNX Runtime infer ms/slice | compile (s) | first step cold (s) | first step warm (s) "
@@ -489,30 +397,13 @@ def markdown_table(results: list[dict]) -> str:
     for row in results:
         lines.append(
             f"| {row['image_size']} | {row['batch_size']} | {row['mode']} "
-            f"| {_cell(row['train_step_s'], 3)} | {_cell(row['train_images_per_s'], 2)} "
-            f"| {_cell(row['gflops_per_s'], 1)} | {_cell(row['infer_ms_per_slice'], 1)} "
-            f"| {_cell(row.get('infer_ms_per_slice_onnxruntime'), 1)} | {_cell(row['compile_s'], 1)} "
-            f"| {_cell(row['first_step_s_cold'], 1)} | {_cell(row['first_step_s_warm'], 1)} "
-            f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['pipeline_images_per_s'], 0)} |"
+            f"| {cell(row['train_step_s'], 3)} | {cell(row['train_images_per_s'], 2)} "
+            f"| {cell(row['gflops_per_s'], 1)} | {cell(row['infer_ms_per_slice'], 1)} "
+            f"| {cell(row.get('infer_ms_per_slice_onnxruntime'), 1)} | {cell(row['compile_s'], 1)} "
+            f"| {cell(row['first_step_s_cold'], 1)} | {cell(row['first_step_s_warm'], 1)} "
+            f"| {cell(row['peak_rss_mb'], 0)} | {cell(row['pipeline_images_per_s'], 0)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def environment() -> dict:
-    """What ran the benchmark: versions, devices, CPU and XLA flags."""
-    import platform
-
-    import jax
-
-    return {
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
 
 
 def main(argv=None) -> dict:
@@ -525,19 +416,10 @@ def main(argv=None) -> dict:
     results = [benchmark_size(args, size) for size in args.image_size]
     report = dict(results[-1])
     report["by_image_size"] = {str(row["image_size"]): row for row in results}
-    report["environment"] = environment()
+    report["environment"] = common.environment()
     report["command"] = " ".join([pathlib.Path(sys.executable).name, *sys.argv])
-    print_and_save(report, markdown_table(results), args.json, args.markdown)
+    common.print_and_save(report, markdown_table(results), args.json, args.markdown)
     return report
-
-
-def print_and_save(report: dict, table: str, json_path: str, markdown_path: str) -> None:
-    """Prints the markdown table and saves it and the JSON report where asked ('' skips)."""
-    print(table, flush=True)
-    if json_path:
-        pathlib.Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if markdown_path:
-        pathlib.Path(markdown_path).write_text(table)
 
 
 if __name__ == "__main__":

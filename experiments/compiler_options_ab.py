@@ -2,10 +2,10 @@
 compiled once per variant, then run round-robin, one call of each per round (each round starting with the
 next variant).
 
-    python experiments/compiler_options_ab.py --image_size 256 --rounds 5 \\
+    python -m experiments.compiler_options_ab --image_size 256 --rounds 5 \\
         --option xla_default='{"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}' \\
         --option ynn_off='{"xla_cpu_experimental_ynn_fusion_type": ""}' --json OUT.json
-    python experiments/compiler_options_ab.py --what infer --batch_size 16 --option ...
+    python -m experiments.compiler_options_ab --what infer --batch_size 16 --option ...
 
 The reference is the project's own compilation (`steps.COMPILER_OPTIONS` for the train step,
 `steps.EVAL_COMPILER_OPTIONS` for inference); each `--option NAME=JSON` adds those XLA debug options on
@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-import benchmark
+from experiments import benchmark, common
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,11 +81,11 @@ def build_function(args, config):
     model = models.build_model(config.model)
     if args.what == "train":
         state = steps.create_train_state(config, model, steps_per_epoch=20)
-        batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
+        batch = jax.device_put(common.random_batch(args.batch_size, args.image_size))
         return steps.train_step.__wrapped__, (state, batch), lambda output: output[1]["loss"]
     variables = models.initialize_variables(model, args.image_size, config.seed)
     state = inference.JaxPredictor.from_variables(model, variables).state
-    batch = jax.device_put(benchmark.random_batch(args.batch_size, args.image_size))
+    batch = jax.device_put(common.random_batch(args.batch_size, args.image_size))
     return steps.eval_step.__wrapped__, (state, batch), lambda output: output["probabilities"]
 
 
@@ -149,7 +149,7 @@ def run(args) -> dict:
         "rounds": args.rounds,
         "config_overrides": args.set,
         "variants": rows,
-        "environment": benchmark.environment(),
+        "environment": common.environment(),
         "command": " ".join([pathlib.Path(sys.executable).name, *sys.argv]),
     }
 
@@ -173,7 +173,7 @@ def markdown_table(report: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    benchmark.print_and_save(report, markdown_table(report), args.json, args.markdown)
+    common.print_and_save(report, markdown_table(report), args.json, args.markdown)
     return report
 
 

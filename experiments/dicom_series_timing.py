@@ -1,33 +1,27 @@
 """Times `--mode predict` end to end on a synthetic DICOM CT series (300 slices of 512x512 by default):
 reading the series, segmenting it with the paper-width model, writing the DICOM SEG and the NIfTI mask.
 
-    python experiments/dicom_series_timing.py --workdir /tmp/rdunet_paper_init
+    python -m experiments.dicom_series_timing --workdir /tmp/rdunet_paper_init
 
-The series is written with pydicom into a temporary folder (the phantom of predict_volume_timing.py:
-uint16 stored values, RescaleIntercept -1024 so the values are Hounsfield units; axial, 0.7 x 0.7 mm,
-1.25 mm apart; files named in a shuffled order). The model is `--config` (default configs/rdunet.py, the
-paper's RDU-Net at 256x256); when `--workdir` has no checkpoint, its freshly initialised state is saved
-there as one (the weights do not change the amount of computation). The prediction runs as the command
-line, in a child process under `/usr/bin/time -v` where that exists: the wall time includes starting
-Python, restoring the checkpoint and compiling (from the persistent cache when warm), and the peak
-memory is the child's maximum resident set size. Needs the `dicom` extra.
+The series is written with pydicom into a temporary folder (`common.phantom_slices`, as in
+predict_volume_timing.py: uint16 stored values, RescaleIntercept -1024 so the values are Hounsfield
+units; axial, 0.7 x 0.7 mm, 1.25 mm apart; files named in a shuffled order). The model is `--config`
+(default configs/rdunet.py, the paper's RDU-Net at 256x256); when `--workdir` has no checkpoint, its
+freshly initialised state is saved there as one (the weights do not change the amount of computation).
+The prediction runs as the command line, in a child process under `/usr/bin/time -v` where that exists:
+the wall time includes starting Python, restoring the checkpoint and compiling (from the persistent cache
+when warm), and the peak memory is the child's maximum resident set size. Needs the `dicom` extra.
 """
 
-import argparse
-import importlib.util
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # this checkout's rdunet_jax, in this process and (cwd) the child
-
-from predict_volume_timing import phantom_slices, timed_command  # noqa: E402
+from experiments import common
 
 RESCALE_INTERCEPT = -1024
 PIXEL_SPACING_MM = 0.7
@@ -41,7 +35,7 @@ def write_series(folder: pathlib.Path, slices: int, size: int) -> None:
 
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     file_names = np.random.default_rng(1).permutation(slices)  # file order says nothing of position
-    for index, hounsfield in enumerate(phantom_slices(slices, size)):
+    for index, hounsfield in enumerate(common.phantom_slices(slices, size)):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -70,15 +64,6 @@ def write_series(folder: pathlib.Path, slices: int, size: int) -> None:
         data.save_as(folder / f"im{file_names[index]:04d}.dcm", enforce_file_format=True)
 
 
-def load_config(spec: str):
-    """`configs/NAME.py[:ARGUMENT]`'s get_config."""
-    path, _, argument = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("timed_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(argument) if argument else module.get_config()
-
-
 def ensure_checkpoint(config_spec: str, workdir: pathlib.Path) -> None:
     """Saves the freshly initialised state of `config_spec`'s model as the `best` checkpoint of `workdir`,
     unless `workdir` already has checkpoints."""
@@ -86,7 +71,7 @@ def ensure_checkpoint(config_spec: str, workdir: pathlib.Path) -> None:
         return
     from rdunet_jax import checkpoints, config_lib, models, steps, train
 
-    config = load_config(config_spec)
+    config = common.load_config(config_spec)
     config_lib.validate(config)
     state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=1)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
@@ -97,18 +82,13 @@ def ensure_checkpoint(config_spec: str, workdir: pathlib.Path) -> None:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--config", default="configs/rdunet.py")
-    parser.add_argument("--workdir", required=True, help="a run with a checkpoint, or where to save one")
+    workdir_help = "a run with a checkpoint, or where to save one"
+    parser = common.prediction_timing_parser(__doc__, "configs/rdunet.py", workdir_help)
     parser.add_argument("--scratch", default=None, help="where the temporary series folder goes")
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("overrides", nargs="*", help="extra flags, e.g. --config.eval.batch_size=16")
     args = parser.parse_args()
 
     workdir = pathlib.Path(args.workdir).resolve()
-    os.chdir(REPO_ROOT)
+    os.chdir(common.REPO_ROOT)  # this checkout's rdunet_jax in the child, config paths as given
     ensure_checkpoint(args.config, workdir)
     with tempfile.TemporaryDirectory(dir=args.scratch, prefix="rdunet_dicom_timing_") as scratch:
         series = pathlib.Path(scratch) / "series"
@@ -119,27 +99,10 @@ def main() -> None:
         print(f"wrote {args.slices} DICOM files ({megabytes:.0f} MB) in {time.perf_counter() - started:.1f}s")
         output = pathlib.Path(scratch) / "prediction"
         time_command = ["/usr/bin/time", "-v"] if shutil.which("/usr/bin/time") else []
-        command = [
-            *time_command,
-            sys.executable,
-            "-m",
-            "rdunet_jax.main",
-            f"--config={args.config}",
-            f"--workdir={workdir}",
-            "--mode=predict",
-            f"--input={series}",
-            f"--output={output}",
-            *args.overrides,
-        ]
-        seconds, peak_mb = timed_command(command)
+        what = f"DICOM series of {args.slices} slices of {args.size}x{args.size} -> SEG and NIfTI"
+        common.timed_prediction(args, workdir, series, output, what, prefix=time_command)
         written = {path.name: path.stat().st_size / 1e6 for path in output.iterdir() if path.is_file()}
     print(f"outputs (MB): {', '.join(f'{name} {size:.1f}' for name, size in sorted(written.items()))}")
-    raw_mb = args.slices * args.size * args.size * 4 / 1e6
-    print(
-        f"DICOM series of {args.slices} slices of {args.size}x{args.size} -> SEG and NIfTI in {seconds:.1f}s "
-        f"({args.slices / seconds:.1f} slices/s); peak RSS {peak_mb:.0f} MB "
-        f"(the volume as float32 would be {raw_mb:.0f} MB)"
-    )
 
 
 if __name__ == "__main__":

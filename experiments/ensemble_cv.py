@@ -8,10 +8,10 @@ mean with a 95% t-interval over folds, and paired per slice with its first membe
 probabilities resized bilinearly), as published COVID-SemiSeg results are; a one-arm "ensemble" is that
 arm alone:
 
-    python experiments/ensemble_cv.py --data_root ../shared/data \\
+    python -m experiments.ensemble_cv --data_root ../shared/data \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02 \\
         --ensemble r128_e200_dropout0,r128_e200_dropout02,r128_e300
-    python experiments/ensemble_cv.py --data_root ../shared/data --resolution original \\
+    python -m experiments.ensemble_cv --data_root ../shared/data --resolution original \\
         --ensemble r128_e200_dropout0
 """
 
@@ -22,13 +22,11 @@ import sys
 
 import numpy as np
 
+from experiments.studies import design, runner, stats, tables
+from rdunet_jax import datasets, evaluate, inference, metrics, steps
+from rdunet_jax.errors import UserError
+
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(EXPERIMENTS))
-
-from studies import design, runner, stats, tables  # noqa: E402
-
-from rdunet_jax import datasets, evaluate, inference, metrics, steps  # noqa: E402
-from rdunet_jax.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
@@ -86,7 +84,7 @@ def member_runs(specs, arm: str, runs_root) -> dict:
         if not (workdir / "checkpoints" / "latest").is_dir():
             raise UserError(
                 f"--ensemble: {arm} fold {spec.replicate.fold} has no checkpoint in {workdir}; "
-                f"train it first: python experiments/run_study.py recipe --arms {arm}"
+                f"train it first: python -m experiments.run_study recipe --arms {arm}"
             )
         runs[spec.replicate.fold] = (spec.config, workdir)
     return runs
@@ -150,7 +148,8 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "experiments/ensemble_cv.py", *(sys.argv[1:] if argv is None else argv)])
+    arguments = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "experiments.ensemble_cv", *arguments])
     where = "each stored mask's own size" if args.resolution == "original" else "the model's resolution"
     print(f"Produced by `{command}` ({args.budget} budget, flip TTA, last checkpoints, Dice at {where}):\n")
     print("\n".join(markdown_table(score_ensembles(ensembles, runs, args.resolution))))

@@ -1,11 +1,11 @@
 """JAX's train step against PyTorch's reference the way a user compares them: each framework alone in a
 fresh process, alternating.
 
-    python experiments/fair_benchmark.py --torch_python /work/torchenv/bin/python \\
+    python -m experiments.fair_benchmark --torch_python /work/torchenv/bin/python \\
         --image_size 256 --batch_size 8 --rounds 7 --json OUT.json --markdown OUT.md
-    python experiments/fair_benchmark.py ... --set model.dtype=bfloat16 --torch_variants clbf16
-    python experiments/fair_benchmark.py ... --what infer --batch_size 16 --set eval.runtime=onnxruntime
-    python experiments/fair_benchmark.py ... --probe_living_parent   # what a living JAX process costs
+    python -m experiments.fair_benchmark ... --set model.dtype=bfloat16 --torch_variants clbf16
+    python -m experiments.fair_benchmark ... --what infer --batch_size 16 --set eval.runtime=onnxruntime
+    python -m experiments.fair_benchmark ... --probe_living_parent   # what a living JAX process costs
 
 Each round runs one fresh JAX process (compile, two untimed steps as the PyTorch script takes, then
 `--steps` timed steps), then one fresh PyTorch process per variant: JAX, PyTorch, JAX, PyTorch, ...
@@ -37,11 +37,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import benchmark  # noqa: E402  (standard library only at import time)
+from experiments import benchmark, common  # standard library only at import time
 
 # The reference model beside the project: ../shared/peers from the main checkout.
-DEFAULT_TORCH_SCRIPT = benchmark.REPO_ROOT.parent / "shared" / "peers" / "torch_rdunet.py"
+DEFAULT_TORCH_SCRIPT = common.REPO_ROOT.parent / "shared" / "peers" / "torch_rdunet.py"
 
 TORCH_VARIANTS = ("eager", "cl", "bf16", "clbf16")
 # The PyTorch child's conditions in --probe_living_parent, in the order each round runs them.
@@ -97,7 +96,9 @@ def run_result_child(command: list[str]) -> dict:
     """Runs `command` to its end; its last `RESULT {json}` line as a dict, with the load average at
     its start."""
     load_before = os.getloadavg()[0]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=common.child_environment()
+    )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode or not lines:
         failure = f"{' '.join(command)} failed ({completed.returncode})"
@@ -113,7 +114,7 @@ def call_seconds(result: dict) -> float:
 
 def jax_command(args, role: str) -> list[str]:
     """This script as a fresh JAX child in `role` ('jax' times steps, 'probe' is a living parent)."""
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_child", role, "--what", args.what]
+    command = [*common.module_command("fair_benchmark"), "--_child", role, "--what", args.what]
     command += ["--image_size", str(args.image_size), "--batch_size", str(args.batch_size)]
     command += ["--steps", str(args.steps), "--variant", args.variant]
     command += ["--torch_python", args.torch_python, "--torch_script", args.torch_script]
@@ -158,10 +159,10 @@ def jax_train_child(args) -> None:
     result = {
         "step_median_s": statistics.median(timer.times),
         "steps_s": timer.times,
-        "mode": benchmark.mode_name(config.model),
+        "mode": common.mode_name(config.model),
         "jax": jax.__version__,
         "parameters": models.count_parameters(timer.state.params),
-        "peak_rss_mb": benchmark.peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -175,7 +176,7 @@ def jax_infer_child(args) -> None:
     config = benchmark.make_config(_benchmark_args(args), args.image_size)
     model = models.build_model(config.model)
     variables = models.initialize_variables(model, args.image_size, config.seed)
-    host_images = benchmark.random_batch(args.batch_size, args.image_size)["image"]
+    host_images = common.random_batch(args.batch_size, args.image_size)["image"]
     if config.eval.runtime == "onnxruntime":
         session = benchmark.onnxruntime_model(config, model, variables, args.image_size)
 
@@ -192,14 +193,14 @@ def jax_infer_child(args) -> None:
 
         runtime = "xla"
 
-    benchmark.median_seconds(infer, 2)  # untimed, as the PyTorch script's warm-up
-    seconds, times = benchmark.median_seconds(infer, args.steps)
+    # Two untimed calls, as the PyTorch script's warm-up.
+    seconds, times = common.median_seconds(infer, args.steps, warmup=2)
     result = {
         "batch_median_s": seconds,
         "batches_s": times,
-        "mode": f"{benchmark.mode_name(config.model)}+{runtime}",
+        "mode": f"{common.mode_name(config.model)}+{runtime}",
         "jax": jax.__version__,
-        "peak_rss_mb": benchmark.peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -210,7 +211,7 @@ def _trained_timer(args):
 
     config = benchmark.make_config(_benchmark_args(args), args.image_size)
     model = models.build_model(config.model)
-    batch = benchmark.random_batch(args.batch_size, args.image_size)
+    batch = common.random_batch(args.batch_size, args.image_size)
     compiled, state, _, _ = benchmark.compiled_train_step(config, model, batch)
     timer = benchmark.TrainTimer(compiled, state, batch)  # one untimed step
     timer.run(1, record=False)  # a second, as the PyTorch script's warm-up
@@ -266,7 +267,7 @@ def probe_child(args) -> None:
     variables = models.initialize_variables(model, args.image_size, config.seed)
     session = benchmark.onnxruntime_model(config, model, variables, args.image_size)
     if session is not None:  # without the onnx extra: only the idle-JAX condition
-        images = benchmark.random_batch(args.batch_size, args.image_size)["image"]
+        images = common.random_batch(args.batch_size, args.image_size)["image"]
         for _ in range(3):
             session.probabilities(images)
         results["child_of_living_jax_with_onnxruntime"] = timed_torch_child(args, variant)
@@ -367,7 +368,7 @@ def probe_markdown_table(report: dict) -> str:
         lines.append(
             f"| {name} | {row['torch_step_s']:.3f} | {by_round} "
             f"| {row['ratio_vs_fresh']:.3f} | {'-' if cpu is None else ', '.join(f'{c:.2f}' for c in cpu)} "
-            f"| {benchmark._cell(row.get('parent_rss_mb'), 0)} |"
+            f"| {common.format_cell(row.get('parent_rss_mb'), 0)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -396,7 +397,7 @@ def main(argv=None) -> dict:
         probe_child(args)
         return {}
     started = time.time()
-    common = {
+    settings = {
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "steps": args.steps,
@@ -406,12 +407,12 @@ def main(argv=None) -> dict:
     }
     if args.probe_living_parent:
         by_condition, parents = run_probe(args)
-        report = {**common, "what": "probe_living_parent", "conditions": summarize_probe(by_condition)}
+        report = {**settings, "what": "probe_living_parent", "conditions": summarize_probe(by_condition)}
         report["children"], report["living_parents"] = by_condition, parents
         table = probe_markdown_table(report)
     else:
         children = run_rounds(contenders(args), args.rounds)
-        report = {**common, "what": args.what, "mode": children["jax"][0]["mode"]}
+        report = {**settings, "what": args.what, "mode": children["jax"][0]["mode"]}
         step_s = {name: [call_seconds(run) for run in runs] for name, runs in children.items()}
         report.update(summarize(step_s))
         report["load_before_by_round"] = [run["load_before"] for run in children["jax"]]
@@ -421,7 +422,7 @@ def main(argv=None) -> dict:
     report["environment"] = environment(results + report.get("living_parents", []))
     report["wall_s"] = time.time() - started
     report["command"] = " ".join([pathlib.Path(sys.executable).name, *sys.argv])
-    benchmark.print_and_save(report, table, args.json, args.markdown)
+    common.print_and_save(report, table, args.json, args.markdown)
     return report
 
 

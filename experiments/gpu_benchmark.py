@@ -1,7 +1,7 @@
 """Train images/s and inference slices/s of the RDU-net on an accelerator, in float32 and bfloat16.
 
-    python experiments/gpu_benchmark.py --json experiments/results/gpu_<card>.json
-    python experiments/gpu_benchmark.py --smoke          # seconds on a CPU: checks the script runs
+    python -m experiments.gpu_benchmark --json experiments/results/gpu_<card>.json
+    python -m experiments.gpu_benchmark --smoke          # seconds on a CPU: checks the script runs
 
 For each compute mode and batch size: the median train step (the project's `steps.train_step`, jitted,
 after warm-up) as images/s, and the median eval forward pass as slices/s, at 256x256 by default. Modes:
@@ -18,21 +18,13 @@ Needs this package's dependencies; a GPU image without grain, tfds or ml_collect
 
 import argparse
 import json
-import pathlib
-import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import benchmark  # noqa: E402
-
-from rdunet_jax import config_lib, inference, models, steps  # noqa: E402
+from experiments import common
+from rdunet_jax import config_lib, inference, models, steps
 
 PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
 # Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
@@ -75,30 +67,9 @@ def make_config(args, dtype: str, batch_size: int):
     config.data.image_size = args.image_size
     config.model.dtype = MODES[dtype][0]
     # `--set` names model keys, with or without the "model." prefix.
-    benchmark.apply_overrides(config, [f"model.{item.removeprefix('model.')}" for item in args.set])
+    common.apply_set_items(config, [f"model.{item.removeprefix('model.')}" for item in args.set])
     config_lib.validate(config)
     return config
-
-
-def make_batch(batch_size: int, image_size: int) -> dict:
-    """Phantom-like images and sparse masks (fixed seed), as numpy arrays."""
-    rng = np.random.default_rng(0)
-    shape = (batch_size, image_size, image_size, 1)
-    return {
-        "image": rng.random(shape, dtype=np.float32),
-        "mask": (rng.random(shape) > 0.9).astype(np.float32),
-    }
-
-
-def median_time(function, steps: int) -> float:
-    """Median seconds of `function()` over `steps` calls after one warm-up (it must block)."""
-    function()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def eval_logits(model, variables, images, device):
@@ -124,7 +95,7 @@ def cpu_reference(args) -> tuple[np.ndarray, float]:
     config.model.dilation_impl = "xla"
     model = models.build_model(config.model)
     variables = models.initialize_variables(model, args.image_size, config.seed)
-    batch = make_batch(args.batch_sizes[0], args.image_size)
+    batch = common.random_batch(args.batch_sizes[0], args.image_size)
     with jax.default_matmul_precision("highest"):
         return eval_logits(model, variables, batch["image"], cpu), first_step_loss(config, model, batch, cpu)
 
@@ -136,7 +107,7 @@ def check_against_cpu(args, dtype: str, accelerator, reference) -> dict:
     model = models.build_model(config.model)
     reference_model = models.build_model(make_config(args, "float32", args.batch_sizes[0]).model)
     variables = models.initialize_variables(reference_model, args.image_size, config.seed)
-    batch = make_batch(args.batch_sizes[0], args.image_size)
+    batch = common.random_batch(args.batch_sizes[0], args.image_size)
     got = eval_logits(model, variables, batch["image"], accelerator)
     logit_error = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
     loss = first_step_loss(config, model, batch, accelerator)
@@ -159,7 +130,7 @@ def train_images_per_s(args, dtype: str, batch_size: int, device) -> dict:
     model = models.build_model(config.model)
     with jax.default_device(device):
         state = jax.device_put(steps.create_train_state(config, model, steps_per_epoch=10), device)
-        batch = jax.device_put(make_batch(batch_size, args.image_size), device)
+        batch = jax.device_put(common.random_batch(batch_size, args.image_size), device)
         started = time.perf_counter()
         step = steps.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - started
@@ -169,7 +140,7 @@ def train_images_per_s(args, dtype: str, batch_size: int, device) -> dict:
             holder["state"], metrics = step(holder["state"], batch)
             jax.block_until_ready(metrics)
 
-        seconds = median_time(run, args.steps)
+        seconds, _ = common.median_seconds(run, args.steps, warmup=1)
     return {"step_s": seconds, "images_per_s": batch_size / seconds, "compile_s": compile_s}
 
 
@@ -178,9 +149,11 @@ def infer_slices_per_s(args, dtype: str, batch_size: int, device) -> dict:
     config = make_config(args, dtype, batch_size)
     model = models.build_model(config.model)
     variables = jax.device_put(models.initialize_variables(model, args.image_size, config.seed), device)
-    images = jax.device_put(make_batch(batch_size, args.image_size)["image"], device)
+    images = jax.device_put(common.random_batch(batch_size, args.image_size)["image"], device)
     forward = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x, train=False)))
-    seconds = median_time(lambda: jax.block_until_ready(forward(variables, images)), args.steps)
+    seconds, _ = common.median_seconds(
+        lambda: jax.block_until_ready(forward(variables, images)), args.steps, warmup=1
+    )
     return {"batch_s": seconds, "slices_per_s": batch_size / seconds}
 
 
@@ -188,12 +161,6 @@ def peak_memory_gb(device) -> float | None:
     """The device allocator's peak bytes in use, where the backend reports it."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None
-
-
-def save_partial(args, report: dict) -> None:
-    """Writes what is measured so far, so a run cut short by a time limit still leaves its figures."""
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def markdown(report: dict) -> str:
@@ -246,7 +213,7 @@ def main(argv=None) -> dict:
                 row = {"dtype": dtype, "batch_size": batch_size} | measure(args, dtype, batch_size, device)
                 report[kind].append(row)
                 print(json.dumps(row), flush=True)
-                save_partial(args, report)
+                common.save_json(report, args.json)
     report["peak_memory_gb"] = peak_memory_gb(device)
     report["best_train_images_per_s"] = max(row["images_per_s"] for row in report["train"])
     report["meets_paper_schedule_in_10_minutes"] = (
@@ -254,8 +221,7 @@ def main(argv=None) -> dict:
     )
     report["markdown"] = markdown(report)
     print(report["markdown"], flush=True)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    common.save_json(report, args.json)
     if not all(check["passed"] for check in report["checks"].values()):
         raise SystemExit("outputs differ from the CPU float32 reference beyond tolerance (see 'checks')")
     return report

@@ -51,7 +51,7 @@ import grain, ml_collections, tensorboardX, tensorflow_datasets") >"$out/gpu.txt
 cat "$out/gpu.txt"
 
 breakdown() {
-  timeout "${BREAKDOWN_SECONDS:-120}" python3 experiments/step_breakdown.py --image_size 256 --batch_size 8 \
+  timeout "${BREAKDOWN_SECONDS:-120}" python3 -m experiments.step_breakdown --image_size 256 --batch_size 8 \
     --json "$out/step_breakdown.json" >"$out/breakdown.log" 2>&1
   echo "breakdown: exit $?, $(left) s left"
 }
@@ -61,7 +61,7 @@ benchmark() {
   local name set
   for set in "" ${BENCHMARK_SETS-}; do
     name=gpu_benchmark${set:+_${set//[^a-z0-9]/_}}
-    timeout "$each" python3 experiments/gpu_benchmark.py --dtypes bfloat16 float32 --batch_sizes 8 128 \
+    timeout "$each" python3 -m experiments.gpu_benchmark --dtypes bfloat16 float32 --batch_sizes 8 128 \
       --infer_batch_sizes 128 --steps 10 ${set:+--set "$set"} --json "$out/$name.json" >"$out/$name.log" 2>&1
     echo "$name: exit $?, $(left) s left"
   done
@@ -70,18 +70,17 @@ benchmark() {
 studies() {
   local budget=${STUDY_BUDGET:-small} pids=() fold arm recipe_arms folds
   # exec: each background job is then the Python process itself, so its pid is the one to signal.
-  study() { exec python3 experiments/run_study.py "$@" --budget "$budget" --data_root "$data_root"; }
+  study() { exec python3 -m experiments.run_study "$@" --budget "$budget" --data_root "$data_root"; }
   # The prepared dataset is built once, before the processes that read it start.
   python3 -c "
-import sys; sys.path.insert(0, 'experiments')
-from studies import design
+from experiments.studies import design
 from rdunet_jax.datasets import builder
 budget = design.BUDGETS[('$budget', 'semiseg')]
 builder.prepare(design.base_config('semiseg', budget, '$data_root').data)
 " >"$out/prepare.log" 2>&1 || return 1
-  folds=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
+  folds=$(python3 -c "from experiments.studies import design
 print(' '.join(map(str, range(design.BUDGETS[('$budget', 'semiseg')].cv_folds))))")
-  recipe_arms=$(python3 -c "import sys; sys.path.insert(0, 'experiments'); from studies import design
+  recipe_arms=$(python3 -c "from experiments.studies import design
 print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
   export JAX_DEFAULT_MATMUL_PRECISION=highest
   for fold in $folds; do
@@ -107,7 +106,7 @@ print(' '.join(arm.name for arm in design.STUDIES['recipe'].arms[1:]))")
 }
 
 unpack() {
-  python3 experiments/pack_ma2020.py unpack --pack "${PACK:-.gpu_data/ma2020}" \
+  python3 -m experiments.pack_ma2020 unpack --pack "${PACK:-.gpu_data/ma2020}" \
     --dest "$data_root/covid19-ct-seg-2d" --partial
   echo "unpack: exit $?, $(left) s left"
 }
@@ -119,7 +118,7 @@ ab() {
   done
   # One process: the variants share XLA's autotuning of the convolutions they have in common, and
   # round-robin rounds keep the card's drift out of the ratios. It prints only at its end.
-  timeout "${AB_SECONDS:-200}" python3 experiments/compiler_options_ab.py --what train --image_size 256 \
+  timeout "${AB_SECONDS:-200}" python3 -m experiments.compiler_options_ab --what train --image_size 256 \
     --batch_size "$batch" --rounds "${AB_ROUNDS:-30}" --set model.dtype=bfloat16 "${variants[@]}" \
     ${AB_EXTRA-} --json "$out/speed_ab_b$batch.json" --markdown "$out/speed_ab_b$batch.md" >"$out/speed_ab.log" 2>&1
   echo "ab: exit $?, $(left) s left"
@@ -132,7 +131,7 @@ paper() {
   local common=(--budget "$budget" --dataset ma2020_2d --data_root "$data_root"
     --data_dir "${PAPER_DATA_DIR-}" --results_root "$results_root" --runs_root "$runs_root")
   for item in ${PAPER_SETS-dtype=bfloat16 num_epochs=80}; do common+=(--set "$item"); done
-  python3 experiments/pack_ma2020.py unpack --pack "${PACK:-.gpu_data/ma2020}" \
+  python3 -m experiments.pack_ma2020 unpack --pack "${PACK:-.gpu_data/ma2020}" \
     --dest "$data_root/covid19-ct-seg-2d" || return 1
   # The prepared datasets (random and blocks splits) are built once, before the processes that read them
   # start; then the queue: "study arm seed" lines of the runs not yet recorded, in PAPER_QUEUE order
@@ -140,11 +139,10 @@ paper() {
   local queue_text queue
   queue_text=$(python3 - "${common[@]}" <<'PYTHON' 2>"$out/paper_prepare.log"
 import sys
-sys.path.insert(0, "experiments")
 queue_out, sys.stdout = sys.stdout, sys.stderr  # only the queue goes to the shell
 import os
-import run_study
-from studies import runner
+from experiments import run_study
+from experiments.studies import runner
 from rdunet_jax.datasets import builder
 order = os.environ.get(
     "PAPER_QUEUE",
@@ -216,7 +214,7 @@ PYTHON
     fi
     while ((${#running[@]} < concurrency && next < ${#queue[@]} && $(left) > min_start)); do
       read -r study arm seed <<<"${queue[next]}"
-      (exec python3 experiments/run_study.py "$study" "${common[@]}" --arms "$arm" --seeds "$seed") \
+      (exec python3 -m experiments.run_study "$study" "${common[@]}" --arms "$arm" --seeds "$seed") \
         >"$out/paper_${study}_${arm}_seed$seed.log" 2>&1 &
       running[$!]="$study $arm seed $seed"
       echo "paper: started ${running[$!]}, $(left) s left"
@@ -229,8 +227,8 @@ PYTHON
   [[ ${PAPER_MPS-} == 1 ]] && echo quit | nvidia-cuda-mps-control 2>/dev/null
   # Records other studies can reuse (split_leakage's random arm is ablation's rdunet; dilation's paper,
   # residual_se and resdunet arms are ablation's) are copied, and every table rewritten, training nothing.
-  (($(left) > 8)) && timeout "$(($(left) - 3))" python3 -c "import sys; sys.path.insert(0, 'experiments')
-import run_study
+  (($(left) > 8)) && timeout "$(($(left) - 3))" python3 -c "import sys
+from experiments import run_study
 for study in ('ablation', 'split_leakage', 'dilation'):
     run_study.main([study, *sys.argv[1:], '--max_runs', '0'])" "${common[@]}" >"$out/paper_tables.log" 2>&1
   tar czf "$out/runs.tgz" --exclude=checkpoints --exclude=tensorboard "$runs_root" 2>/dev/null

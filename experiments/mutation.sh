@@ -10,13 +10,14 @@
 # sets the workers per module (default: mutmut's, the CPU count).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo" # `python -m experiments.mutation` runs from the checkout
 python=${PYTHON:-python}
 mutmut=${MUTMUT:-mutmut}
 children=()
 [[ -n ${MAX_CHILDREN:-} ]] && children=(--max-children "$MAX_CHILDREN")
 
 if [[ ${1:-} == report ]]; then
-  exec "$python" "$repo/experiments/mutation.py" report --mutmut "$mutmut"
+  exec "$python" -m experiments.mutation report --mutmut "$mutmut"
 fi
 
 modules=(losses metrics models)
@@ -33,7 +34,7 @@ if [[ $# -gt 0 ]]; then
 fi
 
 for module in "${modules[@]}"; do
-  "$python" "$repo/experiments/mutation.py" prepare "$module"
+  "$python" -m experiments.mutation prepare "$module"
   start=$(date +%s)
   # Named mutants are tested again even when they have a verdict; unnamed, only those without one.
   # mutmut's whole output (its progress line redrawn) goes to run.log; the last lines are shown.
@@ -42,4 +43,4 @@ for module in "${modules[@]}"; do
   tail -n 3 "$repo/.mutation/$module/run.log"
   echo "$module: $(($(date +%s) - start)) s"
 done
-"$python" "$repo/experiments/mutation.py" report --mutmut "$mutmut" --no_diffs
+"$python" -m experiments.mutation report --mutmut "$mutmut" --no_diffs

@@ -6,7 +6,7 @@ Runtime's own tool (QDQ format, per-channel int8 weights, uint8 activations cali
 test split: this is model selection territory) and are scored with the project's metrics; the forward
 passes are timed alternately, batch by batch, in one process.
 
-    python experiments/onnx_int8.py --config configs/rdunet.py --workdir runs/rdunet \\
+    python -m experiments.onnx_int8 --config configs/rdunet.py --workdir runs/rdunet \\
         --set data.manual_dir=../shared/data/covid19-ct-seg-2d --json OUT.json
 
 JSON: per model, ms per slice (median of `--repeats` batches of `eval.batch_size`), Dice and the other
@@ -15,7 +15,6 @@ largest) and the fraction of pixels whose mask changes.
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -25,12 +24,8 @@ import time
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import benchmark  # noqa: E402
-
-from rdunet_jax import config_lib, inference, metrics, onnx_export, onnx_runtime, steps  # noqa: E402
+from experiments import common
+from rdunet_jax import inference, metrics, onnx_export, onnx_runtime, steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,18 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per model")
     parser.add_argument("--json", default="")
     return parser.parse_args(argv)
-
-
-def load_config(spec: str, overrides):
-    """`configs/NAME.py[:ARGUMENT]`'s get_config, with KEY=VALUE overrides, validated."""
-    path, _, argument = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if argument else module.get_config()
-    benchmark.apply_overrides(config, overrides)
-    config_lib.validate(config)
-    return config
 
 
 def quantized_model(float_model, calibration_images: np.ndarray, batch_size: int):
@@ -112,11 +95,11 @@ def scores(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> di
 
 
 def run(args) -> dict:
-    config = load_config(args.config, args.set)
+    config = common.load_config(args.config, args.set)
     network = inference.build_model(config)
     state = steps.restore_state(config, args.workdir, model=network)
     float_model = onnx_export.export_state(config, network, state)
-    calibration, _ = benchmark.first_slices(config, "train", args.calibration_slices)
+    calibration, _ = common.first_slices(config, "train", args.calibration_slices)
     batch_size = config.eval.batch_size
     models = {
         "float32": onnx_runtime.OnnxRuntimePredictor(float_model, int(state.step)),
@@ -124,7 +107,7 @@ def run(args) -> dict:
             quantized_model(float_model, calibration, batch_size), int(state.step)
         ),
     }
-    images, masks = benchmark.first_slices(config, args.split)
+    images, masks = common.first_slices(config, args.split)
     batch = images[:batch_size]
     times = {name: [] for name in models}
     for _ in range(args.repeats):

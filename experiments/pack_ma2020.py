@@ -1,7 +1,7 @@
 """Packs a dataset folder into tar parts that fit the GPU machine's transfer limit, and unpacks them there.
 
-    python experiments/pack_ma2020.py pack --source ../shared/data/covid19-ct-seg-2d --out .gpu_data/ma2020
-    python experiments/pack_ma2020.py unpack --pack .gpu_data/ma2020 --dest .gpu_data/covid19-ct-seg-2d
+    python -m experiments.pack_ma2020 pack --source ../shared/data/covid19-ct-seg-2d --out .gpu_data/ma2020
+    python -m experiments.pack_ma2020 unpack --pack .gpu_data/ma2020 --dest .gpu_data/covid19-ct-seg-2d
 
 The device tool carries at most 64 MiB a call, and Ma et al.'s slices are 84 MiB of PNGs that no lossless
 codec here shrinks below the limit (lzma over the decoded CT pixels: 79.2 MB; WebP lossless: 0.95 of the

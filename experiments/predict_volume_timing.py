@@ -1,37 +1,20 @@
 """Times `--mode predict` on a synthetic 300-slice 512x512 NIfTI volume, with its peak memory.
 
     python -m rdunet_jax.main --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny   # a checkpoint
-    python experiments/predict_volume_timing.py --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny
+    python -m experiments.predict_volume_timing --config configs/demo.py:tiny --workdir /tmp/rdunet_tiny
 
 The volume (int16 Hounsfield units, 0.7 x 0.7 x 1.25 mm, a non-identity affine) is written once to
 `--scratch` and reused. The prediction runs as the command line runs it, in a child process, so the wall
 time includes restoring the checkpoint and compiling (from the persistent cache when warm).
 """
 
-import argparse
 import pathlib
-import resource
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-
-def phantom_slices(slices: int, size: int):
-    """Yields `slices` int16 Hounsfield-unit slices (size, size): a body ellipse of soft tissue with two
-    air-filled lungs and a dense blob that moves from slice to slice, plus noise."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
-    body = (xx / 0.9) ** 2 + (yy / 0.7) ** 2 <= 1
-    lungs = ((np.abs(xx) - 0.4) / 0.3) ** 2 + (yy / 0.5) ** 2 <= 1
-    base = np.where(body, 40.0, -1000.0)
-    base = np.where(lungs, -850.0, base)
-    for index in range(slices):
-        blob = (xx - 0.4 * np.sin(index / 20)) ** 2 + (yy - 0.1) ** 2 <= 0.01
-        image = np.where(lungs & blob, -300.0, base) + rng.normal(0, 20, (size, size))
-        yield np.clip(image, -1024, 3000).astype(np.int16)
+from experiments import common
 
 
 def write_volume(path: pathlib.Path, slices: int, size: int) -> None:
@@ -39,31 +22,16 @@ def write_volume(path: pathlib.Path, slices: int, size: int) -> None:
     import nibabel
 
     volume = np.empty((size, size, slices), np.int16)
-    for index, image in enumerate(phantom_slices(slices, size)):
+    for index, image in enumerate(common.phantom_slices(slices, size)):
         volume[:, :, index] = image
     affine = np.diag([-0.7, -0.7, 1.25, 1.0])
     affine[:3, 3] = (180.0, 170.0, -400.0)
     nibabel.save(nibabel.Nifti1Image(volume, affine), path)
 
 
-def timed_command(command: list[str]) -> tuple[float, float]:
-    """Runs `command` (printed first) to completion: (wall seconds, peak RSS in MB of its processes)."""
-    print(" ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - started
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--config", default="configs/demo.py:tiny")
-    parser.add_argument("--workdir", required=True, help="a run with a checkpoint")
+    parser = common.prediction_timing_parser(__doc__, "configs/demo.py:tiny", "a run with a checkpoint")
     parser.add_argument("--scratch", default="/tmp/rdunet_predict_timing")
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("overrides", nargs="*", help="extra flags, e.g. --config.eval.batch_size=16")
     args = parser.parse_args()
 
     scratch = pathlib.Path(args.scratch)
@@ -76,23 +44,8 @@ def main() -> None:
         print(f"wrote {volume} ({megabytes:.0f} MB) in {time.perf_counter() - started:.1f}s")
     output = scratch / "prediction"
     shutil.rmtree(output, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "rdunet_jax.main",
-        f"--config={args.config}",
-        f"--workdir={args.workdir}",
-        "--mode=predict",
-        f"--input={volume}",
-        f"--output={output}",
-        *args.overrides,
-    ]
-    seconds, peak_mb = timed_command(command)
-    raw_mb = args.slices * args.size * args.size * 4 / 1e6
-    print(
-        f"predicted {args.slices} slices of {args.size}x{args.size} in {seconds:.1f}s "
-        f"({args.slices / seconds:.1f} slices/s); peak RSS {peak_mb:.0f} MB "
-        f"(the volume as float32 would be {raw_mb:.0f} MB)"
+    common.timed_prediction(
+        args, args.workdir, volume, output, f"predicted {args.slices} slices of {args.size}x{args.size}"
     )
 
 

@@ -1,6 +1,6 @@
 """Runs one of the paper's comparisons and writes its tables.
 
-    python experiments/run_study.py ablation|dilation|lesion_size|split_leakage|recipe \\
+    python -m experiments.run_study ablation|dilation|lesion_size|split_leakage|recipe \\
         --budget smoke|small|paper [--dataset semiseg|ma2020_2d] [--data_root ../shared/data] \\
         [--max_runs N] [--folds K,...] [--arms A,...] [--dry_run]
 
@@ -16,12 +16,10 @@ import pathlib
 import shlex
 import sys
 
+from experiments.studies import design, runner, tables
+from rdunet_jax.errors import UserError
+
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(EXPERIMENTS))
-
-from studies import design, runner, tables  # noqa: E402
-
-from rdunet_jax.errors import UserError  # noqa: E402
 
 # Budget fields `--set` may change, with their parsers.
 BUDGET_OVERRIDES = {
@@ -117,7 +115,7 @@ def default_tag(dataset: str, budget_name: str, settings: list[str]) -> str:
 
 def canonical_command(args, dataset: str) -> str:
     """The command that reproduces the tables (progress flags such as --max_runs left out)."""
-    parts = ["python", "experiments/run_study.py", args.study, "--budget", args.budget]
+    parts = ["python", "-m", "experiments.run_study", args.study, "--budget", args.budget]
     if dataset != design.DEFAULT_DATASETS.get(args.study, dataset):
         parts += ["--dataset", dataset]
     parts += ["--data_root", args.data_root]

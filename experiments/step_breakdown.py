@@ -1,7 +1,7 @@
 """Where a train step's time goes: each building block's forward and forward+backward, timed alone.
 
-    python experiments/step_breakdown.py --image_size 256 --batch_size 8 --json OUT.json
-    python experiments/step_breakdown.py --smoke             # a few seconds on any device
+    python -m experiments.step_breakdown --image_size 256 --batch_size 8 --json OUT.json
+    python -m experiments.step_breakdown --smoke             # a few seconds on any device
 
 Times (median of `--steps` after one warm-up, in ms) at the shallowest level's shape (16 feature maps at
 full resolution), where most of the step's memory traffic is: a 3x3 convolution at dilation rates 1 and
@@ -17,26 +17,21 @@ names the block that makes it so.
 import argparse
 import json
 import os
-import pathlib
-import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import flax.linen as nn  # noqa: E402
-from gpu_benchmark import infer_slices_per_s, median_time, save_partial, train_images_per_s  # noqa: E402
-
-from rdunet_jax import models  # noqa: E402
+from experiments import common
+from experiments.gpu_benchmark import infer_slices_per_s, train_images_per_s
+from rdunet_jax import models
 
 
 def median_ms(function, *arguments, steps: int) -> float:
     """Median milliseconds of the jitted `function(*arguments)` after a compiling warm-up call."""
     compiled = jax.jit(function)
-    return 1e3 * median_time(lambda: jax.block_until_ready(compiled(*arguments)), steps)
+    seconds, _ = common.median_seconds(lambda: jax.block_until_ready(compiled(*arguments)), steps, warmup=1)
+    return 1e3 * seconds
 
 
 def forward_and_backward(apply, parameters, x, steps: int) -> dict:
@@ -187,7 +182,7 @@ def main(argv=None) -> dict:
         if not args.blocks or "model" in args.blocks:
             report["modes"][mode]["model"] = whole_model(args, mode)
         print(json.dumps({mode: report["modes"][mode]}), flush=True)
-        save_partial(args, report)
+        common.save_json(report, args.json)
     return report
 
 

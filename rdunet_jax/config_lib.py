@@ -413,3 +413,19 @@ def _check_cross_validation(config) -> None:
         lambda value: value == "train",
         "'train' when data.cv_folds > 0 (train_full holds the held-out fold)",
     )
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets each dotted key of `overrides` (e.g. {"model.dtype": "bfloat16"}) in `config` (returned).
+
+    Args:
+        config: the config to change in place.
+        overrides: dotted key -> value; a key without a dot names a top-level key.
+    """
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[leaf] = value
+    return config

@@ -1,37 +1,24 @@
-"""A seconds-long smoke run of experiments/benchmark.py at a tiny size: it runs and its JSON has every key."""
+"""A seconds-long smoke run of experiments.benchmark at a tiny size: it runs and its JSON has every key."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
-from conftest import TEST_DATA_DIR
+import pytest
+from helpers import TINY_MODEL_FLAGS, checkout_environment, run_tiny_experiment
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY_MODEL = [
-    "model.features=2",
-    "model.depth=1",
-    "model.skip_dilation_rates=[[1]]",
-    "data.num_train=8",
-    f"data.data_dir={TEST_DATA_DIR}",
-]
+from experiments import benchmark, common, fair_benchmark
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run_writes_every_key(tmp_path):
     output = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO_ROOT / "experiments" / "benchmark.py"), "--image_size", "16"]
-    command += ["--batch_size", "2", "--steps", "2", "--infer_steps", "2", "--infer_batch_size", "2"]
-    command += ["--pipeline_batches", "2", "--skip_startup", "--json", str(output)]
-    command += ["--markdown", str(tmp_path / "bench.md")]
-    for item in TINY_MODEL:
-        command += ["--set", item]
+    arguments = ["--image_size", "16", "--batch_size", "2", "--steps", "2", "--infer_steps", "2"]
+    arguments += ["--infer_batch_size", "2", "--pipeline_batches", "2", "--skip_startup"]
+    arguments += ["--json", str(output), "--markdown", str(tmp_path / "bench.md")]
     # A separate process: the benchmark turns the compilation cache off and on for its own timing.
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_tiny_experiment("benchmark", arguments, tmp_path)
     report = json.loads(output.read_text())
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import benchmark
-
     assert set(benchmark.REQUIRED_KEYS) <= set(report)
     for key in ("train_step_s", "train_images_per_s", "infer_ms_per_slice", "compile_s", "gflops_per_s"):
         assert report[key] > 0, key
@@ -45,14 +32,12 @@ def test_benchmark_smoke_run_writes_every_key(tmp_path):
     assert "| 16 |" in completed.stdout
 
 
+@pytest.mark.slow
 def test_child_startup_report_measures_first_step_begin(tmp_path):
     """The cold/warm start-up child runs the real path and reports when the first step began."""
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import benchmark
-
     args = benchmark.parse_args(
         ["--image_size", "16", "--batch_size", "2", "--startup_steps", "1", "--pipeline_batches", "2"]
-        + [part for item in TINY_MODEL for part in ("--set", item)]
+        + TINY_MODEL_FLAGS
     )
     report = benchmark.run_child(args, 16, str(tmp_path / "cache"))
     phases = report["phases_s"]
@@ -64,20 +49,17 @@ def test_child_startup_report_measures_first_step_begin(tmp_path):
 
 
 def test_mode_name_lists_the_speed_options_away_from_the_defaults():
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import benchmark
-
     from rdunet_jax import config_lib
 
     model_config = config_lib.base_config().model
-    assert benchmark.mode_name(model_config) == "float32"
+    assert common.mode_name(model_config) == "float32"
     model_config.update(dtype="bfloat16", dropout_impl="flax", pool_impl="reduce_window", remat=True)
-    assert benchmark.mode_name(model_config) == "bfloat16+dropout_impl=flax+pool_impl=reduce_window+remat"
+    assert common.mode_name(model_config) == "bfloat16+dropout_impl=flax+pool_impl=reduce_window+remat"
     model_config.update(batch_norm_impl="flax", dropout_impl="bits")
-    assert benchmark.mode_name(model_config) == "bfloat16+pool_impl=reduce_window+batch_norm_impl=flax+remat"
+    assert common.mode_name(model_config) == "bfloat16+pool_impl=reduce_window+batch_norm_impl=flax+remat"
 
 
-# --- experiments/fair_benchmark.py: each framework alone in a fresh process, alternating ------------
+# --- experiments.fair_benchmark: each framework alone in a fresh process, alternating ------------
 
 # Stands in for ../shared/peers/torch_rdunet.py: hand-chosen step seconds by call, its command line, and
 # whether the process that started it has jaxlib loaded (read from the parent's memory map).
@@ -96,35 +78,31 @@ print("RESULT " + json.dumps(result))
 FRAMEWORK_MODULES = ("jax", "jaxlib", "flax", "torch", "onnxruntime")
 
 
-def _fair_benchmark():
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import fair_benchmark
-
-    return fair_benchmark
-
-
 def _fair_command_line(tmp_path, *extra):
     script = tmp_path / "fake_torch.py"
     script.write_text(FAKE_TORCH_SCRIPT)
     argv = ["--torch_python", sys.executable, "--torch_script", str(script), "--image_size", "16"]
     argv += ["--batch_size", "2", "--steps", "1", *extra]
-    return argv + [part for item in TINY_MODEL for part in ("--set", item)]
+    return argv + TINY_MODEL_FLAGS
 
 
 def _run_orchestrator(tmp_path, argv):
     """fair_benchmark.main(argv) in a fresh interpreter; the framework modules it had loaded at the end."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import fair_benchmark; "
-        "fair_benchmark.main(sys.argv[2:]); "
+        "import json, sys; from experiments import fair_benchmark; "
+        "fair_benchmark.main(sys.argv[1:]); "
         f"loaded = [m for m in sys.modules if m.split('.')[0] in {FRAMEWORK_MODULES}]; "
         "print('LOADED', json.dumps(sorted(loaded)))"
     )
-    command = [sys.executable, "-c", code, str(REPO_ROOT / "experiments"), *argv]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    command = [sys.executable, "-c", code, *argv]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=checkout_environment()
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.split("LOADED ")[-1])
 
 
+@pytest.mark.slow
 def test_fair_benchmark_parent_loads_no_framework_and_reports_paired_ratios(tmp_path):
     """Two real rounds (a tiny JAX child, a stand-in PyTorch script): the orchestrator never imports
     jax or torch, no PyTorch child has a jaxlib-loaded parent, and the JSON holds hand-checkable ratios."""
@@ -165,7 +143,6 @@ def test_fair_benchmark_infer_times_the_configured_runtime_against_torch_inferen
 
 
 def test_fair_benchmark_rounds_alternate_jax_and_each_torch_variant(tmp_path):
-    fair_benchmark = _fair_benchmark()
     args = fair_benchmark.parse_args(_fair_command_line(tmp_path, "--torch_variants", "cl,clbf16"))
     started = []
 
@@ -177,8 +154,7 @@ def test_fair_benchmark_rounds_alternate_jax_and_each_torch_variant(tmp_path):
     results = fair_benchmark.run_rounds(named, rounds=3, run=run)
     jax_command, cl_command, bf16_command = (command for _, command in named)
     assert started == [jax_command, cl_command, bf16_command] * 3
-    this_script = str(REPO_ROOT / "experiments" / "fair_benchmark.py")
-    assert jax_command[:4] == [sys.executable, this_script, "--_child", "jax"]
+    assert jax_command[:5] == [sys.executable, "-m", "experiments.fair_benchmark", "--_child", "jax"]
     assert "model.features=2" in jax_command
     assert cl_command == [sys.executable, str(tmp_path / "fake_torch.py"), "train", "16", "2", "cl", "1"]
     assert bf16_command[-2:] == ["clbf16", "1"]
@@ -186,7 +162,6 @@ def test_fair_benchmark_rounds_alternate_jax_and_each_torch_variant(tmp_path):
 
 
 def test_fair_benchmark_summary_against_hand_values():
-    fair_benchmark = _fair_benchmark()
     odd = fair_benchmark.summarize({"jax": [4.0, 6.0, 5.0], "torch_cl": [2.0, 4.0, 5.0]})
     assert odd["jax_step_s"] == 5.0 and odd["torch_cl_step_s"] == 4.0
     assert odd["ratio_vs_torch_cl_by_round"] == [2.0, 1.5, 1.0]
@@ -198,7 +173,6 @@ def test_fair_benchmark_summary_against_hand_values():
 
 
 def test_fair_benchmark_probe_summary_against_hand_values():
-    fair_benchmark = _fair_benchmark()
 
     def runs(seconds, cpu=(0.0, 0.0, 0.0)):
         return [
@@ -221,6 +195,7 @@ def test_fair_benchmark_probe_summary_against_hand_values():
     assert living["parent_cpu_s_during_child_by_round"] == [0.1, 0.0, 0.2]
 
 
+@pytest.mark.slow
 def test_fair_benchmark_probe_starts_torch_from_a_living_jax_process(tmp_path):
     """--probe_living_parent: the fresh child's parent has no jaxlib, the probe's children's parent has."""
     output = tmp_path / "probe.json"
@@ -228,7 +203,7 @@ def test_fair_benchmark_probe_starts_torch_from_a_living_jax_process(tmp_path):
     assert _run_orchestrator(tmp_path, argv) == []
     report = json.loads(output.read_text())
     children = report["children"]
-    assert list(children) == list(_fair_benchmark().PROBE_CONDITIONS)
+    assert list(children) == list(fair_benchmark.PROBE_CONDITIONS)
     parent_has_jaxlib = [run["parent_has_jaxlib"] for name in children for run in children[name]]
     assert parent_has_jaxlib == [False, True, True, True]
     assert [report["conditions"][name]["torch_step_s"] for name in children] == [0.5, 0.25, 0.125, 2.0]
@@ -237,7 +212,6 @@ def test_fair_benchmark_probe_starts_torch_from_a_living_jax_process(tmp_path):
 
 
 def test_fair_benchmark_user_errors_exit_2_naming_the_option(tmp_path, capsys):
-    fair_benchmark = _fair_benchmark()
     for extra, message in (
         (["--torch_variants", "cl,fp16"], "--torch_variants: unknown variant 'fp16'"),
         (["--json", str(tmp_path / "missing" / "out.json")], "--json: no folder"),

@@ -2,7 +2,7 @@
 
 import jax
 import numpy as np
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 from rdunet_jax import checkpoints, steps, train
 

@@ -1,27 +1,21 @@
-"""A seconds-long run of experiments/compiler_options_ab.py at a tiny size, and its option parsing."""
+"""A seconds-long run of experiments.compiler_options_ab at a tiny size, and its option parsing."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
-from test_benchmark import TINY_MODEL
+from helpers import run_tiny_experiment
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "experiments" / "compiler_options_ab.py"
+from experiments import compiler_options_ab
 
 
+@pytest.mark.slow
 def test_each_variant_is_timed_against_the_projects_step(tmp_path):
     output = tmp_path / "ab.json"
     default_scheduler = json.dumps({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
-    command = [sys.executable, str(SCRIPT), "--image_size", "16", "--batch_size", "2", "--rounds", "2"]
-    command += ["--option", f"xla_default={default_scheduler}", "--json", str(output)]
-    command += ["--model_option", "pool_window=model.pool_impl=reduce_window"]
-    for item in TINY_MODEL:
-        command += ["--set", item]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    arguments = ["--image_size", "16", "--batch_size", "2", "--rounds", "2"]
+    arguments += ["--option", f"xla_default={default_scheduler}", "--json", str(output)]
+    arguments += ["--model_option", "pool_window=model.pool_impl=reduce_window"]
+    completed = run_tiny_experiment("compiler_options_ab", arguments, tmp_path)
     report = json.loads(output.read_text())
     variants = report["variants"]
     assert list(variants) == ["project", "xla_default", "pool_window"]
@@ -39,17 +33,11 @@ def test_each_variant_is_timed_against_the_projects_step(tmp_path):
 
 @pytest.mark.parametrize("text", ["no_equals", "name=[1]", "name={bad json", "={}"])
 def test_a_malformed_option_is_named_in_one_line(text):
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import compiler_options_ab
-
     with pytest.raises(SystemExit, match="--option"):
         compiler_options_ab.parse_option(text)
 
 
 @pytest.mark.parametrize("text", ["name", "name=", "=model.remat=True", "name=model.remat"])
 def test_a_malformed_model_option_is_named_in_one_line(text):
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import compiler_options_ab
-
     with pytest.raises(SystemExit, match="--model_option"):
         compiler_options_ab.parse_model_option(text)

@@ -4,7 +4,7 @@ import functools
 import math
 
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,3 +181,15 @@ def test_eval_split_is_named_when_misspelt():
     config.eval.split = "tset"
     with pytest.raises(UserError, match=r"^eval.split: must be"):
         config_lib.validate(config)
+
+
+def test_apply_overrides_sets_dotted_and_top_level_keys_and_nothing_else():
+    config = config_lib.base_config()
+    untouched = config_lib.base_config()
+    returned = config_lib.apply_overrides(
+        config, {"model.dtype": "bfloat16", "data.image_size": 96, "batch_size": 3}
+    )
+    assert returned is config
+    assert (config.model.dtype, config.data.image_size, config.batch_size) == ("bfloat16", 96, 3)
+    untouched.model.dtype, untouched.data.image_size, untouched.batch_size = "bfloat16", 96, 3
+    assert config.to_dict() == untouched.to_dict()

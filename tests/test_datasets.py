@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rdunet_jax import config_lib, datasets, input_pipeline
-from rdunet_jax.datasets import builder, phantom
+from rdunet_jax.datasets import builder, synthetic
 from rdunet_jax.errors import UserError
 
 MULTICLASS = pathlib.Path("Dataset/TrainingSet/MultiClassInfection-Train")
@@ -107,11 +107,11 @@ def assert_no_dataset_left(tmp_path):
     assert not [path for path in data_dir.rglob("*") if path.name.startswith("incomplete")]
 
 
-def test_synthetic_goes_through_the_builder_and_matches_the_phantom(tmp_path):
+def test_synthetic_goes_through_the_builder_and_matches_its_source(tmp_path):
     data = data_config(tmp_path, "synthetic", num_train=16, num_validation=2, num_test=2, image_size=32)
     source = datasets.load_source(data, "train")
     assert len(source) == 16
-    expected = phantom.PhantomSource("train", 16, 32)[7]
+    expected = synthetic.SyntheticSource("train", 16, 32)[7]
     record = source[7]
     assert record["id"] == expected["id"] == "phantom-train-00007"
     for key in ("image", "mask", "class_mask"):

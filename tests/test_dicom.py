@@ -5,7 +5,7 @@ for folders and files that cannot be read as one CT series."""
 import nibabel
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from test_orientation import (
     CANONICAL_AFFINE,
     EXACT_WINDOW,

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, datasets, input_pipeline, train
 from rdunet_jax.errors import UserError

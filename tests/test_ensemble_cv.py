@@ -1,13 +1,8 @@
-"""experiments/ensemble_cv.py: ensemble Dice against hand-computed values, its table, and its errors."""
-
-import sys
+"""experiments.ensemble_cv: ensemble Dice against hand-computed values, its table, and its errors."""
 
 import numpy as np
-from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import ensemble_cv  # noqa: E402
+from experiments import ensemble_cv
 
 
 def test_the_ensemble_averages_probabilities_before_thresholding():
@@ -56,4 +51,4 @@ def test_unknown_arms_and_untrained_members_are_one_line_errors(tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert "\n" not in error
     assert error.startswith("error: --ensemble: r128_e200_dropout0 fold 0 has no checkpoint in ")
-    assert error.endswith("python experiments/run_study.py recipe --arms r128_e200_dropout0")
+    assert error.endswith("python -m experiments.run_study recipe --arms r128_e200_dropout0")

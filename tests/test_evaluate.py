@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from scipy import ndimage
 from test_metrics import ellipsoid, independent_hd95
 

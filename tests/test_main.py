@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, steps, train
 
@@ -37,6 +37,7 @@ def _epochs(workdir: pathlib.Path):
     return [json.loads(line)["epoch"] for line in (workdir / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_stop_resume_and_evaluate(tmp_path):
     workdir = tmp_path / "run"
     args = [f"--workdir={workdir}", "--config.num_epochs=3"]
@@ -173,6 +174,7 @@ def _log_without_times(workdir: pathlib.Path) -> list:
     return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_settings_write_the_same_bytes(tmp_path):
     """The README's promise: same machine, thread count, versions, seed and config give the same digits.
     Two fresh processes (different hash seeds, run at once so their threads interleave differently)."""

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
-from conftest import make_tiny_config
 from flax import linen as nn
+from helpers import make_tiny_config
 from PIL import Image
 
 from rdunet_jax import (

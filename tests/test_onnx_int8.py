@@ -1,19 +1,14 @@
-"""A seconds-long run of experiments/onnx_int8.py on the tiny model: it quantises, scores and times."""
+"""A seconds-long run of experiments.onnx_int8 on the tiny model: it quantises, scores and times."""
 
 import json
-import pathlib
-import sys
 
-from conftest import TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def test_int8_and_float32_are_scored_and_timed_on_the_split(tiny_state, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import onnx_int8
+    from experiments import onnx_int8
 
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "run" / "checkpoints")
     meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}

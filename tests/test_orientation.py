@@ -8,7 +8,7 @@ import ml_collections
 import nibabel
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from nibabel import orientations as nib_orientations
 from PIL import Image
 

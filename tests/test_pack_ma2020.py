@@ -1,21 +1,16 @@
-"""experiments/pack_ma2020.py: a folder packed into parts and unpacked is the same folder, byte for byte."""
+"""experiments.pack_ma2020: a folder packed into parts and unpacked is the same folder, byte for byte."""
 
 import hashlib
 import os
 import pathlib
-import sys
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
 from PIL import Image
 
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import pack_ma2020  # noqa: E402
-
-from rdunet_jax.datasets import builder, layouts, readers  # noqa: E402
+from experiments import pack_ma2020
+from rdunet_jax.datasets import builder, layouts, readers
 
 REAL_DATA = pathlib.Path(
     os.environ.get("RDUNET_DATA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")

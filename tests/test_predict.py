@@ -8,7 +8,7 @@ import json
 import nibabel
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from PIL import Image
 
 from rdunet_jax import inference, predict, steps, volumes

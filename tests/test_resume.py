@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, evaluate, steps, train
 from rdunet_jax.errors import UserError
@@ -81,6 +81,7 @@ def finished_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_at_step, checkpoint_every_steps",
     # Before any checkpoint; mid-epoch, resuming from an epoch end; mid-epoch, resuming mid-epoch. A

@@ -1,6 +1,6 @@
 """The study runner: plans, configs, skipping and reusing finished runs, statistics and tables.
 
-Runs train the tiny config of conftest.py; the two arms differ in augmentation only, which runs outside
+Runs train the tiny config of helpers.py; the two arms differ in augmentation only, which runs outside
 the compiled steps, so the runner compiles nothing the rest of the suite has not compiled.
 """
 
@@ -8,20 +8,16 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, make_tiny_config
+from helpers import make_tiny_config
 
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-
-import run_study  # noqa: E402
-from studies import design, runner, stats, tables  # noqa: E402
-
-from rdunet_jax import datasets, train  # noqa: E402
-from rdunet_jax.errors import UserError  # noqa: E402
+from experiments import run_study
+from experiments.studies import design, runner, stats, tables
+from rdunet_jax import datasets, train
+from rdunet_jax.errors import UserError
 
 # --- statistics against hand-computed values -------------------------------------------------------------
 
@@ -354,7 +350,7 @@ def test_cli_budget_overrides_tag_and_command(capsys):
     assert (budget.num_epochs, budget.seeds, base.num_epochs) == (5, (0, 1), 5)
     assert len(specs) == 5 * 5 * 2 and tag == "semiseg-small-num_epochs5-seeds0_1"
     assert run_study.canonical_command(args, dataset) == (
-        "python experiments/run_study.py ablation --budget small --data_root ../shared/data "
+        "python -m experiments.run_study ablation --budget small --data_root ../shared/data "
         "--set num_epochs=5 --set seeds=0,1"
     )
     assert run_study.main(["ablation", "--set", "epochs=3", "--dry_run"]) == 2

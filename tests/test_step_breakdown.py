@@ -1,15 +1,10 @@
-"""experiments/step_breakdown.py: a seconds-long run of two blocks writes their timings for both dtypes."""
+"""experiments.step_breakdown: a seconds-long run of two blocks writes their timings for both dtypes."""
 
 import json
-import pathlib
-import sys
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_smoke_run_times_both_batch_norm_forms(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
-    import step_breakdown
+    from experiments import step_breakdown
 
     output = tmp_path / "breakdown.json"
     command = ["--smoke", "--blocks", "batch_norm", "batch_norm_closed_form", "--json", str(output)]

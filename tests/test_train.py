@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import REPO_ROOT, make_tiny_config
+from helpers import REPO_ROOT, make_tiny_config
 
 from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, models, steps, train
 from rdunet_jax import losses as losses_lib
@@ -231,8 +231,8 @@ SHARDED_STEP_SCRIPT = """
 import sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
-from conftest import REPO_ROOT, make_tiny_config
-from rdunet_jax import datasets, input_pipeline, train
+from helpers import REPO_ROOT, make_tiny_config
+from rdunet_jax import datasets, input_pipeline, steps, train
 from rdunet_jax.errors import UserError
 
 assert jax.device_count() == 4, jax.devices()

@@ -1,2 +1,2 @@
 """The paper's comparisons as resumable studies: design (what runs), runner (train, skip, store), statistics
-and markdown tables. The command is `experiments/run_study.py`; see experiments/README.md."""
+and markdown tables. The command is `python -m experiments.run_study`; see experiments/README.md."""

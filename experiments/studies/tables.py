@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from studies import stats
+from experiments.studies import stats
 
 BOOTSTRAP_RESAMPLES = 10_000
 

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from rdunet_jax import orientation
-from rdunet_jax.datasets import layouts, phantom, readers
+from rdunet_jax.datasets import layouts, readers, synthetic
 from rdunet_jax.errors import UserError
 
 DATASETS = ("synthetic", "semiseg", "ma2020_2d", "nifti")
@@ -97,7 +97,7 @@ class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if config.dataset == "synthetic":
             sizes = dict(zip(("train", "validation", "test"), config.synthetic_sizes, strict=True))
-            return {split: self._generate_phantom(split, count) for split, count in sizes.items()}
+            return {split: self._generate_synthetic(split, count) for split, count in sizes.items()}
         manual_dir = pathlib.Path(config.manual_dir)
         if config.dataset == "semiseg":
             return {
@@ -119,9 +119,9 @@ class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
         """Unused: each split passes its own generator (TFDS requires the method to exist)."""
         yield from examples
 
-    def _generate_phantom(self, split, count):
-        """Phantom slices, identical to `phantom.PhantomSource`."""
-        source = phantom.PhantomSource(split, count, self.builder_config.synthetic_image_size)
+    def _generate_synthetic(self, split, count):
+        """Synthetic slices, identical to `synthetic.SyntheticSource`."""
+        source = synthetic.SyntheticSource(split, count, self.builder_config.synthetic_image_size)
         for index in range(count):
             record = source[index]
             yield record["id"], record

@@ -4,7 +4,7 @@
 #   python3 -m venv /work/torchenv && /work/torchenv/bin/pip install torch==2.13.0 numpy
 # Expected wall time on the 2-core Zen 4, quiet: about 11 + 6 + 10 + 6 = 33 minutes.
 set -eu
-F="python experiments/fair_benchmark.py --torch_python /work/torchenv/bin/python"
+F="python -m experiments.fair_benchmark --torch_python /work/torchenv/bin/python"
 R=experiments/results/benchmark
 uptime
 # 1. float32 train step against PyTorch channels-last float32 and channels-last bf16 autocast (~11 min).

@@ -1,4 +1,4 @@
-"""A synthetic axial chest-CT phantom with COVID-19-like lesions, generated from a seed.
+"""The `synthetic` dataset: an axial chest-CT phantom with COVID-19-like lesions, generated from a seed.
 
 Each slice has a body ellipse with a spine, two dark lungs with bright vessel cross-sections, and one
 to four lesions inside the lungs: fuzzy low-contrast ground-glass opacities and denser, sharper
@@ -23,8 +23,8 @@ def _ellipse(yy, xx, centre, radii, angle=0.0):
     return u**2 + v**2
 
 
-def phantom_slice(seed: int, size: int) -> dict:
-    """One phantom slice: `image` uint8 (size, size), `mask` {0,1} and `class_mask` {0,1,2} uint8."""
+def synthetic_slice(seed: int, size: int) -> dict:
+    """One synthetic slice: `image` uint8 (size, size), `mask` {0,1} and `class_mask` {0,1,2} uint8."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
 
@@ -85,8 +85,8 @@ def phantom_slice(seed: int, size: int) -> dict:
     }
 
 
-class PhantomSource:
-    """A split of phantom slices as a random-access sequence of records."""
+class SyntheticSource:
+    """A split of synthetic slices as a random-access sequence of records."""
 
     def __init__(self, split: str, num_slices: int, size: int):
         self.split, self.num_slices, self.size = split, num_slices, size
@@ -98,10 +98,11 @@ class PhantomSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_slices:
             raise IndexError(index)
+        # The seed and id strings keep the dataset's first name: they fix its slices and their ids.
         seed = zlib.crc32(f"phantom/{self._split_seed}/{index}".encode())
-        record = phantom_slice(seed, self.size)
+        record = synthetic_slice(seed, self.size)
         record["id"] = f"phantom-{self.split}-{index:05d}"
         return record
 
     def __repr__(self) -> str:
-        return f"PhantomSource(split={self.split!r}, num_slices={self.num_slices}, size={self.size})"
+        return f"SyntheticSource(split={self.split!r}, num_slices={self.num_slices}, size={self.size})"

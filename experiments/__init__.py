@@ -1,0 +1,1 @@
+"""The experiment scripts, each run from the checkout as `python -m experiments.NAME`."""
