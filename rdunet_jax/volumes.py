@@ -65,8 +65,13 @@ def nifti_mask_writer(path: pathlib.Path, source_header, shape):
     header.set_sform(*source_header.get_sform(coded=True))
     with atomic_path(path) as temporary, open(temporary, "wb") as raw:
         compressed = path.name.lower().endswith(".gz")
-        # mtime=0: the same prediction gives the same bytes.
-        file = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if compressed else raw
+        # No time and no (temporary, random) file name in the gzip header: the same prediction gives the
+        # same bytes.
+        file = (
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0)
+            if compressed
+            else raw
+        )
         header.write_to(file)  # the header, then the empty-extension flag: the data start at vox_offset
 
         def write(mask_slice):

@@ -367,3 +367,20 @@ def _real_data_root():
     if not (root / "covid19-ct-seg-2d").is_dir():
         pytest.fail(f"real data not found at {root}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)")
     return root
+
+
+def test_the_same_mask_written_twice_has_the_same_gzip_bytes(tmp_path):
+    import nibabel
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4, 3, 2))
+    written = []
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "case_mask.nii.gz"
+        with volumes.nifti_mask_writer(path, header, (4, 3, 2)) as write:
+            for index in range(2):
+                write(np.full((4, 3), index, np.uint8))
+        written.append(path.read_bytes())
+    assert written[0] == written[1]
+    assert nibabel.load(tmp_path / "first" / "case_mask.nii.gz").get_fdata()[..., 1].min() == 1
