@@ -423,7 +423,7 @@ def measure_startup(args, image_size: int) -> dict:
 
 def benchmark_size(args, image_size: int) -> dict:
     """Every figure for one image size (see the module docstring)."""
-    from rdunet_jax import models
+    from rdunet_jax import config_lib, models
 
     config = make_config(args, image_size)
     model = models.build_model(config.model)
@@ -437,7 +437,7 @@ def benchmark_size(args, image_size: int) -> dict:
         "batch_size": args.batch_size,
         "model": {
             key: config.model[key]
-            for key in ("variant", "features", "depth", "dtype", *models.KEYLESS_MODEL_OPTIONS)
+            for key in ("variant", "features", "depth", "dtype", *config_lib.SPEED_OPTIONS)
         },
         "mode": mode_name(config.model),
         "parameters": models.count_parameters(state.params),
@@ -465,11 +465,11 @@ def benchmark_size(args, image_size: int) -> dict:
 def mode_name(model_config) -> str:
     """The compute dtype plus every speed option away from the config default, e.g.
     'bfloat16+dropout_impl=flax'."""
-    from rdunet_jax import config_lib, models
+    from rdunet_jax import config_lib
 
     defaults = config_lib.base_config().model
     parts = [model_config.dtype]
-    for key in models.KEYLESS_MODEL_OPTIONS:  # every speed option
+    for key in config_lib.SPEED_OPTIONS:
         value = model_config.get(key)
         if value != defaults[key]:
             parts.append(key if value is True else f"{key}={value}")
