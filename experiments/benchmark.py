@@ -346,7 +346,7 @@ def measure_startup(args, image_size: int) -> dict:
 
 def benchmark_size(args, image_size: int) -> dict:
     """Every figure for one image size (see the module docstring)."""
-    from rdunet_jax import models
+    from rdunet_jax import config_lib, models
 
     config = make_config(args, image_size)
     model = models.build_model(config.model)
@@ -360,7 +360,7 @@ def benchmark_size(args, image_size: int) -> dict:
         "batch_size": args.batch_size,
         "model": {
             key: config.model[key]
-            for key in ("variant", "features", "depth", "dtype", *models.KEYLESS_MODEL_OPTIONS)
+            for key in ("variant", "features", "depth", "dtype", *config_lib.SPEED_OPTIONS)
         },
         "mode": common.mode_name(config.model),
         "parameters": models.count_parameters(state.params),

@@ -176,11 +176,11 @@ def load_config(spec: str, overrides=()):
 def mode_name(model_config) -> str:
     """The compute dtype plus every speed option away from the config default, e.g.
     'bfloat16+dropout_impl=flax'."""
-    from rdunet_jax import config_lib, models
+    from rdunet_jax import config_lib
 
     defaults = config_lib.base_config().model
     parts = [model_config.dtype]
-    for key in models.KEYLESS_MODEL_OPTIONS:  # every speed option
+    for key in config_lib.SPEED_OPTIONS:
         value = model_config.get(key)
         if value != defaults[key]:
             parts.append(key if value is True else f"{key}={value}")

@@ -15,7 +15,7 @@ difference of its output from the reference's (loss for `train`, probabilities f
 XLA_FLAGS, which a process reads once, options given per compilation share one process, one load and one
 set of inputs, so the ratios hold up on a busy machine. Any `--set` config override
 applies to every variant; `--model_option NAME=KEY=VALUE,...` adds a variant with its own config
-overrides (the speed options of `models.py`, which keep the parameters), e.g.
+overrides (the speed options of `config_lib.SPEED_OPTIONS`, which keep the parameters), e.g.
 `--model_option pool_reshape=model.pool_impl=reshape`.
 """
 

@@ -39,6 +39,7 @@ TESTS = {
     "losses": ["tests/test_losses.py"],
     "metrics": ["tests/test_metrics.py"],
     "models": ["tests/test_models.py", "tests/test_reference_forward.py"],
+    "layers": ["tests/test_layers.py", "tests/test_models.py", "tests/test_reference_forward.py"],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 

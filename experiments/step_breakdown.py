@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from experiments import common
 from experiments.gpu_benchmark import infer_slices_per_s, train_images_per_s
-from rdunet_jax import models
+from rdunet_jax import layers, models
 
 
 def median_ms(function, *arguments, steps: int) -> float:
@@ -68,7 +68,8 @@ class _Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return models.conv3x3(self.features, self.dilation, self.dtype, self.dilation_impl)(x)
+        conv = models.make_layers(False, self.dtype, dilation_impl=self.dilation_impl).conv
+        return conv(self.features, (3, 3), kernel_dilation=self.dilation)(x)
 
 
 class _Norm(nn.Module):
@@ -77,7 +78,7 @@ class _Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        norm_class = models.BatchNorm if self.closed_form else nn.BatchNorm
+        norm_class = layers.BatchNorm if self.closed_form else nn.BatchNorm
         return norm_class(use_running_average=False, dtype=self.dtype)(x)
 
 
@@ -114,20 +115,20 @@ def blocks(args, dtype) -> dict:
             lambda _, v: nn.max_pool(v, (2, 2), (2, 2)), none, x, args.steps
         ),
         "max_pool_reshape": lambda: forward_and_backward(
-            lambda _, v: models.max_pool_reshape(v), none, x, args.steps
+            lambda _, v: layers.max_pool_reshape(v), none, x, args.steps
         ),
         "upsample_resize": lambda: forward_and_backward(
-            lambda _, v: models.upsample_bilinear(v), none, half, args.steps
+            lambda _, v: layers.upsample_bilinear(v), none, half, args.steps
         ),
         "upsample_stencil": lambda: forward_and_backward(
-            lambda _, v: models.upsample_bilinear_stencil(v), none, half, args.steps
+            lambda _, v: layers.upsample_bilinear_stencil(v), none, half, args.steps
         ),
         "dropout_mask_flax": lambda: {
             "forward_ms": median_ms(lambda k: jax.random.bernoulli(k, 0.5, shape), key, steps=args.steps)
         },
         "dropout_mask_bits": lambda: {
             "forward_ms": median_ms(
-                lambda k: models.dropout_keep_mask(k, 0.5, shape)[0], key, steps=args.steps
+                lambda k: layers.dropout_keep_mask(k, 0.5, shape)[0], key, steps=args.steps
             )
         },
         "batch_norm": lambda: module_timing(_Norm(dtype), x, args.steps),

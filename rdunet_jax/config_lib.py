@@ -1,16 +1,24 @@
-"""The config schema: defaults for every key, the paper's model variants, and validation.
+"""The config schema: defaults for every key, the paper's model variants, the speed options, validation.
 
 Config files under `configs/` start from `base_config()` and change only what their recipe needs, so
 every run's config has the same keys and `--config.KEY=VALUE` overrides work everywhere.
 """
 
+import contextlib
+import copy
+import dataclasses
 import difflib
 import importlib.util
+from typing import Any
 
 import ml_collections
 
-from rdunet_jax import input_pipeline, losses, models, orientation
+from rdunet_jax import input_pipeline, layers, losses, orientation
 from rdunet_jax.errors import UserError
+
+# The paper's DC-module schedules, one per skip from shallow to deep, and ResDUNet's encoder rates.
+PAPER_SKIP_DILATION_RATES = ((1, 2, 3, 3, 2, 1), (1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (1, 2, 2, 1))
+RESDUNET_ENCODER_DILATION_RATES = (4, 3, 2, 1, 1)
 
 # The paper's model family, by name: each entry is a set of `model.*` overrides.
 MODEL_VARIANTS = {
@@ -20,16 +28,55 @@ MODEL_VARIANTS = {
     "rdunet": dict(
         block="residual",
         use_se=True,
-        skip_dilation_rates=models.PAPER_SKIP_DILATION_RATES,
+        skip_dilation_rates=PAPER_SKIP_DILATION_RATES,
         encoder_dilation_rates=(),
     ),
     "resdunet": dict(
         block="residual",
         use_se=True,
         skip_dilation_rates=(),
-        encoder_dilation_rates=models.RESDUNET_ENCODER_DILATION_RATES,
+        encoder_dilation_rates=RESDUNET_ENCODER_DILATION_RATES,
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedOption:
+    """A `model.*` key that changes speed and memory but never the parameters (so checkpoints are shared):
+    its choices, and the value a config saved before the key existed ran with (not today's default)."""
+
+    choices: tuple
+    before_key: Any
+
+
+# Every speed option (the forms are in rdunet_jax/layers.py; their defaults and figures in base_config).
+SPEED_OPTIONS = {
+    "upsample_impl": SpeedOption(tuple(layers.UPSAMPLINGS), before_key="resize"),
+    "dropout_impl": SpeedOption(tuple(layers.DROPOUTS), before_key="flax"),
+    "pool_impl": SpeedOption(tuple(layers.POOLS), before_key="reduce_window"),
+    "batch_norm_impl": SpeedOption(tuple(layers.NORMS), before_key="flax"),
+    "remat": SpeedOption((False, True), before_key=False),
+    "dilation_impl": SpeedOption(("auto", *layers.CONVOLUTIONS), before_key="auto"),
+}
+
+
+def speed_options(model_config) -> dict:
+    """The speed options a `model` section runs with: its own values, and for each key the section
+    predates, the value it ran with."""
+    return {key: model_config.get(key, option.before_key) for key, option in SPEED_OPTIONS.items()}
+
+
+def upgrade(config):
+    """A copy of a saved config (ConfigDict or its JSON dict) with each speed option it predates set to
+    the value it ran with, so that it describes the run it records."""
+    upgraded = copy.deepcopy(config)
+    model = upgraded["model"]
+    unlocked = model.unlocked() if isinstance(model, ml_collections.ConfigDict) else contextlib.nullcontext()
+    with unlocked:
+        for key, value in speed_options(model).items():
+            if key not in model:
+                model[key] = value
+    return upgraded
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,34 +105,32 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.block = "residual"
     config.model.use_se = True
     config.model.se_reduction = 8
-    config.model.skip_dilation_rates = models.PAPER_SKIP_DILATION_RATES
+    config.model.skip_dilation_rates = PAPER_SKIP_DILATION_RATES
     config.model.encoder_dilation_rates = ()
     config.model.dropout_rate = 0.5
     # Flax's convention (new = momentum * old + (1 - momentum) * batch); Keras' default is 0.99.
-    config.model.batch_norm_momentum = models.BATCH_NORM_MOMENTUM
+    config.model.batch_norm_momentum = layers.BATCH_NORM_MOMENTUM
     config.model.dtype = "float32"
-    # Speed options (see rdunet_jax/models.py); none changes the parameters, so checkpoints are shared.
+    # Speed options (SPEED_OPTIONS; forms in layers.py, figures from experiments/README.md) keep the
+    # parameters. Configs saved without a key ran its `before_key` form: set it to rerun them to the digit.
     # 'stencil' computes the same bilinear up-sampling as 'resize' (jax.image.resize) to float
     # tolerance, 5% faster per CPU train step at 256 px.
     config.model.upsample_impl = "stencil"
     # 'bits' draws the same Bernoulli dropout masks from fewer random bits: a 2.7% faster train step on a
-    # 2-core CPU and 97 MB fewer temporaries (experiments/README.md). Its masks differ from 'flax'
-    # (`nn.Dropout`) for the same key: the default until 2026-11-29, set it to reproduce earlier runs.
+    # 2-core CPU and 97 MB fewer temporaries. Its masks differ from 'flax' (`nn.Dropout`) for the same key.
     config.model.dropout_impl = "bits"
     # Recompute each block's activations in the backward pass: less memory, more time.
     config.model.remat = False
     # 'reshape' computes the same 2x2 max-pooling without XLA's select-and-scatter in the gradient: a
-    # 4.6% faster train step on a 2-core CPU, 70 MB fewer temporaries, same loss (experiments/README.md).
-    # Runs before 2026-11-29 used 'reduce_window': set it to reproduce them to the digit.
+    # 4.6% faster train step on a 2-core CPU, 70 MB fewer temporaries, same loss.
     config.model.pool_impl = "reshape"
     # 'space_to_batch' computes the same dilated convolutions over the input's phases, whose gradient
-    # XLA hands to cuDNN's fast kernels on a GPU (30x faster there, 2.8x slower on a CPU); 'auto' picks
-    # it on GPUs and 'xla' elsewhere.
+    # XLA hands to cuDNN's fast kernels on a GPU (H200: 14.4 against 0.45 ms for a 16-channel 256x256
+    # layer, batch 8, bfloat16; 2.8x slower on a CPU); 'auto' picks it on GPUs and 'xla' elsewhere.
     config.model.dilation_impl = "auto"
     # 'closed_form' is nn.BatchNorm with the textbook gradient written out (a custom VJP, first-order
     # reverse mode only): the same function to float tolerance, a 7.8% faster train step on a 2-core
-    # CPU, 207 MB fewer temporaries (experiments/README.md). 'flax' (nn.BatchNorm) was the default until
-    # 2026-11-29: set it to reproduce earlier runs to the digit.
+    # CPU, 207 MB fewer temporaries.
     config.model.batch_norm_impl = "closed_form"
 
     config.data = ml_collections.ConfigDict()
@@ -143,12 +188,18 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-    """Sets `config.model` to one of the paper's variants (see `MODEL_VARIANTS`)."""
+def _variant_keys(variant: str) -> dict:
+    """The `model.*` keys of one of the paper's variants, by name."""
     if variant not in MODEL_VARIANTS:
         raise UserError(f"model.variant: unknown variant {variant!r}; choose one of {sorted(MODEL_VARIANTS)}")
+    return MODEL_VARIANTS[variant]
+
+
+def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Sets `config.model` to one of the paper's variants (see `MODEL_VARIANTS`)."""
+    overrides = _variant_keys(variant)
     config.model.variant = variant
-    for key, value in MODEL_VARIANTS[variant].items():
+    for key, value in overrides.items():
         config.model[key] = value
     return config
 
@@ -166,6 +217,9 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+_NON_NEGATIVE_INT = (lambda value: _is_int(value) and value >= 0, "a non-negative integer")
 
 
 def _require(config, key, predicate, description: str) -> None:
@@ -199,18 +253,13 @@ def _check_known_keys(config) -> None:
 
 
 def _check_speed_options(config) -> None:
-    """The `model.*` keys that change speed and memory but not the parameters (see models.py)."""
-    speed_choices = (
-        ("upsample_impl", models.UPSAMPLE_IMPLS),
-        ("dropout_impl", models.DROPOUT_IMPLS),
-        ("pool_impl", models.POOL_IMPLS),
-        ("dilation_impl", models.DILATION_IMPLS),
-        ("batch_norm_impl", models.BATCH_NORM_IMPLS),
-    )
-    for key, choices in speed_choices:
-        description = f"one of {list(choices)}"
-        _require(config, f"model.{key}", lambda value, choices=choices: value in choices, description)
-    _require(config, "model.remat", lambda value: isinstance(value, bool), "True or False")
+    """The `model.*` keys of SPEED_OPTIONS, each one of its choices, of the choice's type (remat=1 is not
+    remat=True)."""
+    for key, option in SPEED_OPTIONS.items():
+        allowed = {(type(choice), choice) for choice in option.choices}
+        on_off = all(isinstance(choice, bool) for choice in option.choices)
+        description = "True or False" if on_off else f"one of {list(option.choices)}"
+        _require(config, f"model.{key}", lambda value, ok=allowed: (type(value), value) in ok, description)
 
 
 def _is_rate_schedule(rates) -> bool:
@@ -237,16 +286,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(
             config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
         )
-    _require(config, "seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
-    _require(
-        config,
-        "checkpoint_every_steps",
-        lambda value: _is_int(value) and value >= 0,
-        "a non-negative integer",
-    )
-    _require(
-        config, "eval.num_overlays", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
-    )
+    for key in ("seed", "checkpoint_every_steps", "eval.num_overlays"):
+        _require(config, key, *_NON_NEGATIVE_INT)
     _require(
         config,
         "name",
@@ -278,7 +319,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("data.manual_dir", "data.data_dir", "data.name", "eval.split"):
         _require(config, key, lambda value: isinstance(value, str), "a string")
     for key in ("data.num_train", "data.num_validation", "data.num_test"):
-        _require(config, key, lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+        _require(config, key, *_NON_NEGATIVE_INT)
     model = config.model
     divisor = 2**model.depth
     if config.data.image_size % divisor:
@@ -338,9 +379,7 @@ def _structure(model_keys) -> dict:
 def _check_variant(config) -> None:
     """`model.variant` names the model the `model.*` keys build; setting it alone must not mislabel a run."""
     variant = config.model.variant
-    if variant not in MODEL_VARIANTS:
-        raise UserError(f"model.variant: unknown variant {variant!r}; choose one of {sorted(MODEL_VARIANTS)}")
-    expected, actual = _structure(MODEL_VARIANTS[variant]), _structure(config.model)
+    expected, actual = _structure(_variant_keys(variant)), _structure(config.model)
     differences = [
         f"{name}: {actual[name]} (variant: {expected[name]})"
         for name in expected
@@ -366,7 +405,7 @@ def _check_data_splits(config) -> None:
         ),
         "3 positive numbers summing to 1",
     )
-    _require(config, "data.split_seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    _require(config, "data.split_seed", *_NON_NEGATIVE_INT)
     _check_cross_validation(config)
     _require(
         config,
@@ -393,12 +432,10 @@ def _check_cross_validation(config) -> None:
         lambda value: _is_int(value) and (value == 0 or value >= 2),
         "0 (off) or an integer >= 2",
     )
-    _require(config, "data.cv_seed", lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+    _require(config, "data.cv_seed", *_NON_NEGATIVE_INT)
     folds = config.data.cv_folds
     if not folds:
-        _require(
-            config, "data.cv_fold", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
-        )
+        _require(config, "data.cv_fold", *_NON_NEGATIVE_INT)
         return
     _require(
         config,

@@ -296,7 +296,7 @@ class GraphBuilder:
         return output
 
     def upsample(self, value, equation) -> str:
-        """`models.upsample_bilinear_stencil` (2x bilinear, half-pixel centres, NHWC) as ONNX's Resize."""
+        """`layers.upsample_bilinear_stencil` (2x bilinear, half-pixel centres, NHWC) as ONNX's Resize."""
         image = self.node("Transpose", [self.materialized(value, np.float32)], perm=[0, 3, 1, 2])
         scales = self.constant(np.array([1, 1, 2, 2], np.float32))
         resized = self.node(

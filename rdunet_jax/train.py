@@ -150,7 +150,7 @@ def wait_for_every_host(name: str) -> None:
 
 
 # Python sources whose code is traced into the train step (a change to any of them is a new program).
-_TRAIN_STEP_SOURCES = ("models.py", "losses.py", "steps.py", "train.py")
+_TRAIN_STEP_SOURCES = ("models.py", "layers.py", "losses.py", "steps.py", "train.py")
 _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 

@@ -127,8 +127,13 @@ def test_every_variant_and_shipped_config_is_valid():
 
 
 def test_unknown_variant_and_unknown_key_are_named():
-    with pytest.raises(UserError, match="model.variant: unknown variant 'vnet'"):
+    unknown = r"^model.variant: unknown variant 'vnet'; choose one of \['rdunet', 'resdunet', 'residual', "
+    with pytest.raises(UserError, match=unknown):
         config_lib.apply_model_variant(config_lib.base_config(), "vnet")
+    config = make_tiny_config()
+    config.model.variant = "vnet"  # set directly: validation names it the same way
+    with pytest.raises(UserError, match=unknown):
+        config_lib.validate(config)
     config = make_tiny_config()
     config.num_epoch = 3  # a typo adds a key in a config file; it must not be silently ignored
     with pytest.raises(UserError, match=r"^num_epoch: unknown config key \(did you mean num_epochs\?\)$"):
@@ -193,3 +198,49 @@ def test_apply_overrides_sets_dotted_and_top_level_keys_and_nothing_else():
     assert (config.model.dtype, config.data.image_size, config.batch_size) == ("bfloat16", 96, 3)
     untouched.model.dtype, untouched.data.image_size, untouched.batch_size = "bfloat16", 96, 3
     assert config.to_dict() == untouched.to_dict()
+
+
+# The speed options' choices as the README and the experiments name them, written out by hand.
+SPEED_CHOICES = {
+    "upsample_impl": "one of ['resize', 'stencil']",
+    "dropout_impl": "one of ['flax', 'bits']",
+    "pool_impl": "one of ['reduce_window', 'reshape']",
+    "batch_norm_impl": "one of ['flax', 'closed_form']",
+    "dilation_impl": "one of ['auto', 'xla', 'space_to_batch']",
+    "remat": "True or False",
+}
+
+
+@pytest.mark.parametrize("key", sorted(SPEED_CHOICES))
+@pytest.mark.parametrize("value", ["nearest", 1, None])
+def test_bad_speed_option_names_the_key_and_its_choices(key, value):
+    """remat=1 is refused too: a choice must have the choice's type, not only compare equal to it."""
+    config = make_tiny_config()
+    _set(config, f"model.{key}", value)
+    with pytest.raises(UserError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value) == f"model.{key}: must be {SPEED_CHOICES[key]}, got {value!r}"
+    assert sorted(config_lib.SPEED_OPTIONS) == sorted(SPEED_CHOICES)
+
+
+def test_upgrade_gives_a_config_saved_before_the_speed_options_the_forms_it_ran_with():
+    saved = {"name": "old_run", "model": {"features": 16, "pool_impl": "reshape"}}  # a config.json's JSON
+    upgraded = config_lib.upgrade(saved)
+    assert upgraded["model"] == {
+        "features": 16,
+        "pool_impl": "reshape",  # a key the config has stays as it is
+        "upsample_impl": "resize",
+        "dropout_impl": "flax",
+        "batch_norm_impl": "flax",
+        "remat": False,
+        "dilation_impl": "auto",
+    }
+    assert saved["model"] == {"features": 16, "pool_impl": "reshape"}  # the saved config is not changed
+    config = config_lib.base_config()
+    with config.unlocked():
+        del config.model.batch_norm_impl
+    config.lock()  # as ml_collections' flags hand a config over
+    upgraded = config_lib.upgrade(config)
+    assert upgraded.model.batch_norm_impl == "flax" and upgraded.model.upsample_impl == "stencil"
+    assert "batch_norm_impl" not in config.model
+    config_lib.validate(upgraded)

@@ -1,13 +1,12 @@
 """The model blocks and the paper's configurations."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_model as reference
 
-from rdunet_jax import config_lib, models
+from rdunet_jax import config_lib, layers, models
 
 # Parameter counts at the paper's widths (16 feature maps doubling to 256, depth 4): the README's table,
 # which tests/test_reference_forward.py derives by hand from the widths.
@@ -61,11 +60,11 @@ def test_squeeze_excitation_gates_each_channel_by_its_spatial_mean():
 def test_dilated_cascade_receptive_field_matches_the_rates(rates):
     size = 41
     impulse = jnp.zeros((1, size, size, 1)).at[0, size // 2, size // 2, 0].set(1.0)
-    cascade = models.DilatedCascade(rates)
-    variables = _init(cascade, impulse, train=False)
+    cascade = models.DilatedCascade(rates, models.make_layers(train=False))
+    variables = _init(cascade, impulse)
     # Positive kernels and identity BatchNorm: a pixel is non-zero iff the impulse reaches it.
     variables = jax.tree_util.tree_map(jnp.abs, variables)
-    response = np.asarray(cascade.apply(variables, impulse, train=False))[0, :, :, 0]
+    response = np.asarray(cascade.apply(variables, impulse))[0, :, :, 0]
     assert response.shape == (size, size)
     offsets = {0}
     for rate in rates:
@@ -78,8 +77,8 @@ def test_dilated_cascade_receptive_field_matches_the_rates(rates):
 
 def test_residual_block_uses_projection_only_when_channels_change():
     x = jnp.ones((1, 8, 8, 4))
-    same = _init(models.ResidualBlock(4), x, train=False)["params"]
-    projected = _init(models.ResidualBlock(8), x, train=False)["params"]
+    same = _init(models.ResidualBlock(4, models.make_layers(train=False)), x)["params"]
+    projected = _init(models.ResidualBlock(8, models.make_layers(train=False)), x)["params"]
     assert "Conv_0" not in same
     assert projected["Conv_0"]["kernel"].shape == (1, 1, 4, 8)
 
@@ -124,7 +123,7 @@ def test_resdunet_dilates_the_encoder():
     config = config_lib.apply_model_variant(config_lib.base_config(), "resdunet")
     config.model.update(features=4, dilation_impl="xla")
     model = models.build_model(config.model)
-    assert model.encoder_dilation_rates == models.RESDUNET_ENCODER_DILATION_RATES
+    assert model.encoder_dilation_rates == config_lib.RESDUNET_ENCODER_DILATION_RATES
     assert list(model.encoder_dilation_rates) == sorted(model.encoder_dilation_rates, reverse=True)
     # The traced program runs them: both 3x3 convolutions of encoder levels 0-2 at rates 4, 3, 2.
     images = jnp.zeros((1, 32, 32, 1))
@@ -132,21 +131,6 @@ def test_resdunet_dilates_the_encoder():
     jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(images)
     dilated = [rates for rates in _convolution_dilations(jaxpr.jaxpr) if rates != (1, 1)]
     assert dilated == [(4, 4)] * 2 + [(3, 3)] * 2 + [(2, 2)] * 2
-
-
-@pytest.mark.parametrize("upsample", [models.upsample_bilinear, models.upsample_bilinear_stencil])
-def test_upsample_bilinear_interpolates_with_half_pixel_centres(upsample):
-    # x[h, w] = rows[h] + columns[w]; bilinear weights sum to one, so the output is separable too.
-    rows, columns = jnp.array([0.0, 4.0, 8.0]), jnp.array([0.0, 2.0, -6.0, 10.0, 1.0])
-    x = jnp.stack([rows[:, None] + columns[None, :], 2 * rows[:, None] - columns[None, :]], axis=-1)[None]
-    y = np.asarray(upsample(x))
-    assert y.shape == (1, 6, 10, 2)
-    # By hand: output o samples input coordinate (o + 0.5) / 2 - 0.5, the edge pixel repeated outside.
-    rows_up = np.array([0.0, 1.0, 3.0, 5.0, 7.0, 8.0])
-    columns_up = np.array([0.0, 0.5, 1.5, 0.0, -4.0, -2.0, 6.0, 7.75, 3.25, 1.0])
-    np.testing.assert_allclose(y[0, :, :, 0], rows_up[:, None] + columns_up[None, :], atol=1e-5)
-    np.testing.assert_allclose(y[0, :, :, 1], 2 * rows_up[:, None] - columns_up[None, :], atol=1e-5)
-    np.testing.assert_allclose(upsample(jnp.full((1, 3, 5, 2), 7.0)), 7.0, rtol=1e-6)
 
 
 def test_numpy_initialisation_matches_flax_structure_and_distributions():
@@ -223,137 +207,6 @@ def test_defaults_are_the_fast_forms_and_older_configs_keep_theirs():
     assert tuple(getattr(model, key) for key in keys) == ("flax", "reduce_window", "resize", "flax")
 
 
-def _both_batch_norms(x, train, **kwargs):
-    """(ours, nn.BatchNorm) applied to x with the same random scale, bias and running statistics."""
-    ours = models.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
-    theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
-    variables = theirs.init(jax.random.PRNGKey(0), x)
-    assert jax.tree_util.tree_structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(
-        variables
-    )
-    keys = iter(jax.random.split(jax.random.PRNGKey(5), 4))
-    variables = jax.tree_util.tree_map(
-        lambda leaf: leaf + 0.5 * jax.random.uniform(next(keys), leaf.shape), variables
-    )
-    return ours, theirs, variables
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_closed_form_batch_norm_matches_flax_in_evaluation_to_the_bit(dtype):
-    x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 4))).astype(dtype)
-    ours, theirs, variables = _both_batch_norms(x, train=False, dtype=dtype)
-    got, want = ours.apply(variables, x), theirs.apply(variables, x)
-    assert got.dtype == want.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_closed_form_batch_norm_matches_flax_in_training_values_statistics_and_gradients(dtype):
-    x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 4))).astype(dtype)
-    weights = jax.random.normal(jax.random.PRNGKey(2), x.shape)  # a loss that weighs every output
-    ours, theirs, variables = _both_batch_norms(x, train=True, dtype=dtype)
-
-    def run(module):
-        def loss(params, x):
-            y, updates = module.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
-            )
-            return jnp.sum(y.astype(jnp.float32) * weights), (y, updates)
-
-        (_, (y, updates)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            variables["params"], x
-        )
-        return y, updates, grads
-
-    (y, updates, grads), (want_y, want_updates, want_grads) = run(ours), run(theirs)
-    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want_y, np.float32), atol=tolerance)
-    for got, want in zip(
-        jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(want_updates), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-    for got, want in zip(
-        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads), strict=True
-    ):
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, atol=tolerance * np.abs(want).max())
-    # The input gradient of a batch-normalised output is orthogonal to constants and to x: a version
-    # that dropped either statistic's term would fail here as well.
-    grad_x = np.asarray(grads[1], np.float32)
-    assert np.abs(grad_x.sum(axis=(0, 1, 2))).max() <= 100 * tolerance
-
-
-def test_reshape_max_pool_matches_max_pool_and_its_gradient_without_ties():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
-    np.testing.assert_array_equal(models.max_pool_reshape(x), nn.max_pool(x, (2, 2), (2, 2)))
-    weights = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 3))
-    want = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (2, 2)) * weights))(x)
-    got = jax.grad(lambda v: jnp.sum(models.max_pool_reshape(v) * weights))(x)
-    np.testing.assert_array_equal(got, want)
-    # A window of tied maxima: the reshape form shares the gradient, select-and-scatter gives it to one.
-    tied = jax.grad(lambda v: jnp.sum(models.max_pool_reshape(v)))(jnp.zeros((1, 2, 2, 1)))
-    assert float(jnp.sum(tied)) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize(
-    "height, width, rates, padding",
-    [
-        (16, 16, (3, 3), "SAME"),  # 16 + 2 * 3 is not a multiple of 3: the phases need an extra row
-        (15, 10, (2, 2), "SAME"),
-        (13, 9, (3, 2), "VALID"),
-        (12, 11, (2, 3), ((2, 1), (0, 3))),
-        (9, 9, (1, 1), "SAME"),  # no dilation: plain lax.conv_general_dilated
-    ],
-)
-def test_space_to_batch_convolution_matches_the_dilated_convolution_and_its_gradients(
-    height, width, rates, padding
-):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, height, width, 3))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5))
-    numbers = ("NHWC", "HWIO", "NHWC")
-
-    def convolve(conv):
-        return lambda v, k: conv(v, k, (1, 1), padding, rhs_dilation=rates, dimension_numbers=numbers)
-
-    reference, phases = convolve(jax.lax.conv_general_dilated), convolve(models.conv_space_to_batch)
-    with jax.default_matmul_precision("highest"):
-        want, got = reference(x, kernel), phases(x, kernel)
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        weights = jax.random.normal(jax.random.PRNGKey(2), want.shape)
-        want_grads = jax.grad(lambda v, k: jnp.sum(reference(v, k) * weights), argnums=(0, 1))(x, kernel)
-        got_grads = jax.grad(lambda v, k: jnp.sum(phases(v, k) * weights), argnums=(0, 1))(x, kernel)
-    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
-
-
-def test_space_to_batch_leaves_other_convolutions_to_xla_and_keeps_bfloat16():
-    nchw = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 12, 10))
-    nhwc = nchw.transpose(0, 2, 3, 1)
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
-    numbers = ("NHWC", "HWIO", "NHWC")
-    cases = [  # another layout, a stride, negative padding: each left to lax as it is
-        (nchw, kernel.transpose(3, 2, 0, 1), (1, 1), "SAME", {}),
-        (nhwc, kernel, (2, 1), "SAME", {"dimension_numbers": numbers}),
-        (nhwc, kernel, (1, 1), ((-1, 0), (2, 2)), {"dimension_numbers": numbers}),
-    ]
-    for lhs, rhs, strides, padding, options in cases:
-        np.testing.assert_array_equal(
-            models.conv_space_to_batch(lhs, rhs, strides, padding, rhs_dilation=(2, 2), **options),
-            jax.lax.conv_general_dilated(lhs, rhs, strides, padding, rhs_dilation=(2, 2), **options),
-        )
-    half, half_kernel = nhwc.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    got = models.conv_space_to_batch(
-        half, half_kernel, (1, 1), "SAME", (1, 1), (3, 3), dimension_numbers=numbers
-    )
-    want = jax.lax.conv_general_dilated(
-        half, half_kernel, (1, 1), "SAME", (1, 1), (3, 3), dimension_numbers=numbers
-    )
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=0.02, atol=0.05)
-
-
 def _training_logits(model, variables, params, images, dropout_seed: int = 2):
     """The model's logits in training mode (batch statistics of `variables`, dropout on)."""
     logits, _ = model.apply(
@@ -397,17 +250,12 @@ def test_space_to_batch_model_runs_no_dilated_convolution_in_training(dilation_i
 
 
 def test_auto_dilation_form_is_space_to_batch_on_gpus_only(monkeypatch):
-    assert models.resolve_dilation_impl("space_to_batch") == "space_to_batch"
+    assert layers.resolve_dilation_impl("space_to_batch") == "space_to_batch"
     for backend, want in (("cpu", "xla"), ("gpu", "space_to_batch"), ("tpu", "xla")):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-        assert models.resolve_dilation_impl("auto") == want
+        assert layers.resolve_dilation_impl("auto") == want
         assert models.build_model(_tiny_model_config(dilation_impl="auto")).dilation_impl == want
-    assert models.resolve_dilation_impl("xla") == "xla"
-
-
-def test_stencil_upsampling_matches_resize():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 3))
-    np.testing.assert_allclose(models.upsample_bilinear_stencil(x), models.upsample_bilinear(x), atol=1e-6)
+    assert layers.resolve_dilation_impl("xla") == "xla"
 
 
 @pytest.mark.parametrize("option", sorted(SPEED_OPTIONS))
@@ -456,23 +304,6 @@ def test_speed_options_keep_pinned_parameter_counts(variant):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
 
 
-@pytest.mark.parametrize("rate", [0.5, 0.3, 0.9])
-def test_bits_dropout_keeps_the_expected_fraction_and_mean(rate):
-    keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), rate, (4, 32, 32, 8))
-    assert keep.shape == (4, 32, 32, 8) and keep.dtype == jnp.bool_
-    assert abs(keep_probability - (1 - rate)) <= 1 / 65536
-    assert float(keep.mean()) == pytest.approx(keep_probability, abs=0.01)
-    dropout = models.BitsDropout(rate, deterministic=False)
-    x = jnp.ones((4, 32, 32, 8))
-    y = dropout.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
-    assert float(y.mean()) == pytest.approx(1.0, abs=0.03)
-    values = np.unique(np.asarray(y))
-    np.testing.assert_allclose(values, [0.0, 1 / keep_probability], rtol=1e-6)
-    again = dropout.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
-    np.testing.assert_array_equal(again, y)
-    np.testing.assert_array_equal(models.BitsDropout(rate, deterministic=True).apply({}, x), x)
-
-
 def test_bfloat16_forward_pass_stays_close_to_float32():
     reference = models.build_model(_tiny_model_config())
     half = models.build_model(_tiny_model_config(dtype="bfloat16"))
@@ -482,25 +313,6 @@ def test_bfloat16_forward_pass_stays_close_to_float32():
     got = half.apply(variables, images, train=False)
     assert got.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(got - want))) <= 0.05 * float(jnp.max(jnp.abs(want))) + 0.05
-
-
-@pytest.mark.parametrize(
-    "key, value",
-    [
-        ("upsample_impl", "nearest"),
-        ("dropout_impl", "numpy"),
-        ("pool_impl", "avg"),
-        ("dilation_impl", "fft"),
-        ("batch_norm_impl", "layer"),
-    ],
-)
-def test_bad_speed_option_is_a_user_error(key, value):
-    from rdunet_jax.errors import UserError
-
-    config = config_lib.base_config()
-    config.model[key] = value
-    with pytest.raises(UserError, match=f"model.{key}"):
-        config_lib.validate(config)
 
 
 def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
@@ -532,28 +344,27 @@ def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
     model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), batch_norm_impl="closed_form")
     x = jnp.ones((2, 8, 8, 1))
     variables = model.init(jax.random.PRNGKey(0), x)
-    layers = len([path for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])]) // 2
+    norm_layers = len(jax.tree_util.tree_leaves(variables["batch_stats"])) // 2
     program = jax.make_jaxpr(
         lambda v: model.apply(
             v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
         )
     )(variables)
     custom_vjps = [name for name in _primitive_names(program.jaxpr) if "custom_vjp" in name]
-    assert layers == 11 and len(custom_vjps) == layers
+    assert norm_layers == 11 and len(custom_vjps) == norm_layers
 
 
-@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+@pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)
 def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_impl):
     """dtype=bfloat16: both 3x3 convolutions take bfloat16 operands and the BatchNorm hands on bfloat16."""
-    block = models.DoubleConv(4, dtype=jnp.bfloat16, batch_norm_impl=batch_norm_impl)
     x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
-    variables = block.init(jax.random.PRNGKey(0), x, train=False)
     for train in (False, True):
+        block_layers = models.make_layers(train, jnp.bfloat16, batch_norm_impl=batch_norm_impl)
+        block = models.DoubleConv(4, block_layers)
+        variables = block.init(jax.random.PRNGKey(0), x)
 
-        def apply(v, train=train):
-            return block.apply(
-                v, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
-            )
+        def apply(v, block=block):
+            return block.apply(v, x, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
 
         program = jax.make_jaxpr(apply)(variables)
         assert program.out_avals[0].dtype == jnp.bfloat16
@@ -561,42 +372,6 @@ def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_im
         assert len(convolutions) == 2
         for convolution in convolutions:
             assert [operand.aval.dtype for operand in convolution.invars] == [jnp.bfloat16, jnp.bfloat16]
-
-
-@pytest.mark.parametrize("dilation, options", [(None, {}), ((1, 1), {}), ((2, 2), {"batch_group_count": 2})])
-def test_space_to_batch_leaves_undilated_and_grouped_convolutions_to_one_xla_convolution(dilation, options):
-    lhs = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 4))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
-    numbers = ("NHWC", "HWIO", "NHWC")
-
-    def convolve(convolution, lhs, rhs):
-        return convolution(
-            lhs, rhs, (1, 1), "SAME", rhs_dilation=dilation, dimension_numbers=numbers, **options
-        )
-
-    program = jax.make_jaxpr(lambda x, k: convolve(models.conv_space_to_batch, x, k))(lhs, kernel)
-    assert [equation.primitive.name for equation in program.jaxpr.eqns] == ["conv_general_dilated"]
-    np.testing.assert_array_equal(
-        convolve(models.conv_space_to_batch, lhs, kernel), convolve(jax.lax.conv_general_dilated, lhs, kernel)
-    )
-
-
-def test_sixteen_bit_dropout_keep_probability_is_the_rounded_threshold():
-    # rate 0.3: keep 0.7 * 65536 = 45875.2 -> 45875 of 65536 half-words
-    keep, keep_probability = models.dropout_keep_mask(jax.random.PRNGKey(0), 0.3, (4, 8))
-    assert keep_probability == 45875 / 65536 and keep.shape == (4, 8) and keep.dtype == jnp.bool_
-
-
-@pytest.mark.parametrize("rate", [0.5, 0.3])
-def test_bits_dropout_keeps_bfloat16_and_scales_kept_values(rate):
-    x = jnp.full((4, 64), 1.5, jnp.bfloat16)
-    dropped = models.BitsDropout(rate, deterministic=False).apply(
-        {}, x, rngs={"dropout": jax.random.PRNGKey(0)}
-    )
-    assert dropped.dtype == jnp.bfloat16
-    values = set(np.unique(np.asarray(dropped, np.float32)).tolist())
-    keep_probability = 0.5 if rate == 0.5 else round((1 - rate) * 65536) / 65536
-    assert values == {0.0, float(jnp.asarray(1.5 / keep_probability, jnp.bfloat16))}
 
 
 def _equations(jaxpr):

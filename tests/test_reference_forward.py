@@ -16,7 +16,7 @@ import pytest
 import reference_model as reference
 from scipy import ndimage
 
-from rdunet_jax import config_lib, models
+from rdunet_jax import config_lib, layers, models
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 VARIANTS = sorted(config_lib.MODEL_VARIANTS)
@@ -107,7 +107,7 @@ def test_non_paper_schedules_equal_the_reference(name):
     _assert_matches_reference(_model_config(variant, **overrides), size=40, seed=3)
 
 
-@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+@pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)
 def test_training_forward_pass_normalises_by_the_batch_and_updates_running_averages(batch_norm_impl):
     """In training (dropout off), BatchNorm uses the batch's statistics and stores their running averages."""
     model_config = _model_config(
@@ -138,7 +138,7 @@ def test_training_forward_pass_normalises_by_the_batch_and_updates_running_avera
 
 # The speed options away from the config's defaults: each must compute the paper's network too.
 OTHER_SPEED_FORMS = {
-    "keyless": dict(models.KEYLESS_MODEL_OPTIONS, dilation_impl="xla"),  # resize, reduce_window, nn.BatchNorm
+    "keyless": dict(config_lib.speed_options({}), dilation_impl="xla"),  # resize, reduce_window, nn.BatchNorm
     "space_to_batch": dict(dilation_impl="space_to_batch"),
     "remat": dict(remat=True, dilation_impl="space_to_batch", batch_norm_impl="flax"),
 }
@@ -195,39 +195,41 @@ def test_squeeze_excitation_gates_by_the_channel_average():
     assert np.abs(by_max - want).max() > 1e-2
 
 
-@pytest.mark.parametrize("batch_norm_impl", models.BATCH_NORM_IMPLS)
+@pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)
 @pytest.mark.parametrize("in_channels, features, dilation", [(4, 4, 1), (3, 6, 2), (6, 6, 3)])
 def test_residual_block_equals_the_reference(in_channels, features, dilation, batch_norm_impl):
     x = _images(14, seed=in_channels, channels=in_channels)
-    module = models.ResidualBlock(features, dilation_rate=dilation, batch_norm_impl=batch_norm_impl)
-    variables = _block_variables(module, x, seed=features, train=False)
+    module = models.ResidualBlock(
+        features, models.make_layers(train=False, batch_norm_impl=batch_norm_impl), dilation_rate=dilation
+    )
+    variables = _block_variables(module, x, seed=features)
     want = reference.residual_block(reference.Variables(variables), (), x, features, dilation)
-    _assert_close(_apply(module, variables, x, train=False), want)
+    _assert_close(_apply(module, variables, x), want)
 
 
 @pytest.mark.parametrize("in_channels, features, dilation", [(3, 5, 1), (5, 5, 2)])
 def test_plain_block_equals_the_reference(in_channels, features, dilation):
     x = _images(14, seed=7, channels=in_channels)
-    module = models.ConvBlock(features, dilation_rate=dilation)
-    variables = _block_variables(module, x, seed=8, train=False)
+    module = models.ConvBlock(features, models.make_layers(train=False), dilation_rate=dilation)
+    variables = _block_variables(module, x, seed=8)
     want = reference.plain_block(reference.Variables(variables), (), x, features, dilation)
-    _assert_close(_apply(module, variables, x, train=False), want)
+    _assert_close(_apply(module, variables, x), want)
 
 
 @pytest.mark.parametrize("dilation_impl", ["xla", "space_to_batch"])
 @pytest.mark.parametrize("rates", [(1, 3, 2), (2, 4)])
 def test_dilated_cascade_equals_the_reference(rates, dilation_impl):
     x = _images(17, seed=3, channels=4)
-    module = models.DilatedCascade(rates, dilation_impl=dilation_impl)
-    variables = _block_variables(module, x, seed=4, train=False)
+    module = models.DilatedCascade(rates, models.make_layers(train=False, dilation_impl=dilation_impl))
+    variables = _block_variables(module, x, seed=4)
     want = reference.dilated_cascade(reference.Variables(variables), (), x, rates)
-    _assert_close(_apply(module, variables, x, train=False), want)
+    _assert_close(_apply(module, variables, x), want)
     # The order of the rates matters for this input (a reversed cascade computes something else).
     reversed_order = reference.dilated_cascade(reference.Variables(variables), (), x, rates[::-1])
     assert np.abs(reversed_order - want).max() > 1e-2
 
 
-@pytest.mark.parametrize("batch_norm_class", [models.BatchNorm, nn.BatchNorm], ids=["closed_form", "flax"])
+@pytest.mark.parametrize("batch_norm_class", [layers.BatchNorm, nn.BatchNorm], ids=["closed_form", "flax"])
 def test_batch_norm_evaluation_equals_the_reference(batch_norm_class):
     x = _images(6, seed=5, channels=3)
     module = batch_norm_class(use_running_average=True)
@@ -237,7 +239,7 @@ def test_batch_norm_evaluation_equals_the_reference(batch_norm_class):
     _assert_close(_apply(module, variables, x), want)
 
 
-@pytest.mark.parametrize("upsample", [models.upsample_bilinear, models.upsample_bilinear_stencil])
+@pytest.mark.parametrize("upsample", [layers.upsample_bilinear, layers.upsample_bilinear_stencil])
 def test_upsampling_equals_bilinear_with_half_pixel_centres(upsample):
     x = _images(5, seed=9, channels=3)[:, :, :4]  # 5x4: both axes, one odd
     _assert_close(np.asarray(upsample(x)), reference.upsample_bilinear_2x(x.astype(np.float64)))
@@ -256,7 +258,7 @@ def test_reference_upsampling_is_scipys_half_pixel_zoom_and_not_align_corners():
 
 @pytest.mark.parametrize(
     "pool",
-    [models.max_pool_reshape, lambda x: nn.max_pool(x, (2, 2), (2, 2))],
+    [layers.max_pool_reshape, lambda x: nn.max_pool(x, (2, 2), (2, 2))],
     ids=["reshape", "reduce_window"],
 )
 def test_max_pooling_equals_the_reference(pool):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from rdunet_jax import config_lib, models, reports
+from rdunet_jax import config_lib, reports
 
 # Data sub-folders of --data_root (../shared/data), by dataset.
 DATA_FOLDERS = {"semiseg": "covid-semiseg", "ma2020_2d": "covid19-ct-seg-2d"}
@@ -69,10 +69,10 @@ def _sorted_schedules(schedules, reverse: bool) -> tuple:
 # Dilation schedules on the skips, shallow to deep. The alternatives keep the paper's convolutions per
 # skip (same depth, same parameters) and change only the order or the rates.
 DILATION_SCHEDULES = {
-    "paper": models.PAPER_SKIP_DILATION_RATES,
-    "decreasing": _sorted_schedules(models.PAPER_SKIP_DILATION_RATES, reverse=True),
-    "increasing": _sorted_schedules(models.PAPER_SKIP_DILATION_RATES, reverse=False),
-    "rate1": tuple(tuple(1 for _ in rates) for rates in models.PAPER_SKIP_DILATION_RATES),
+    "paper": config_lib.PAPER_SKIP_DILATION_RATES,
+    "decreasing": _sorted_schedules(config_lib.PAPER_SKIP_DILATION_RATES, reverse=True),
+    "increasing": _sorted_schedules(config_lib.PAPER_SKIP_DILATION_RATES, reverse=False),
+    "rate1": tuple(tuple(1 for _ in rates) for rates in config_lib.PAPER_SKIP_DILATION_RATES),
 }
 
 

@@ -90,15 +90,13 @@ def config_digest(config) -> str:
 def same_run(recorded: dict, config) -> bool:
     """Whether a recorded config (JSON) computes what `config` computes: every key equal, and every key
     the record lacks (added to the schema later) at the value it stood for then: a speed option's old
-    form (`models.KEYLESS_MODEL_OPTIONS`, as `build_model` reads it), otherwise its default. Keys since
-    removed are ignored."""
-    recorded_keys, planned_keys = result_keys(recorded), result_keys(config_json(config))
+    form (`config_lib.upgrade`, as `build_model` reads it), otherwise its default. Keys since removed are
+    ignored."""
+    recorded_keys, planned_keys = result_keys(config_lib.upgrade(recorded)), result_keys(config_json(config))
     defaults = _schema_defaults()
     for key, value in planned_keys.items():
         if key in recorded_keys:
             expected = recorded_keys[key]
-        elif key.startswith("model.") and key[len("model.") :] in models.KEYLESS_MODEL_OPTIONS:
-            expected = models.KEYLESS_MODEL_OPTIONS[key[len("model.") :]]
         else:
             expected = defaults.get(key, value)
         if value != expected:
