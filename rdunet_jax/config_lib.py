@@ -9,7 +9,7 @@ import importlib.util
 
 import ml_collections
 
-from rdunet_jax import input_pipeline, losses, models, orientation
+from rdunet_jax import heads, input_pipeline, losses, models, orientation
 from rdunet_jax.errors import UserError
 
 # The paper's model family, by name: each entry is a set of `model.*` overrides.
@@ -33,7 +33,7 @@ MODEL_VARIANTS = {
 
 
 # `model.head` choices: see base_config.
-HEADS = ("binary", "exclusive", "multilabel")
+HEADS = heads.HEADS
 DEFAULT_CLASSES = ("lesion",)
 
 
