@@ -22,12 +22,12 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from rdunet_jax import orientation
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.datasets import layouts, phantom, readers
 from rdunet_jax.errors import UserError
 
 DATASETS = ("synthetic", "semiseg", "ma2020_2d", "nifti")
 SEMISEG_SPLITS = ("train", "validation", "train_full", "test")
-DEFAULT_CLASSES = ("lesion",)  # config_lib.DEFAULT_CLASSES: a binary config's classes
 
 
 @dataclasses.dataclass(eq=False)
@@ -292,7 +292,7 @@ def cache_options(data_config) -> dict:
     if name == "nifti":
         # The turned slices are what is prepared: another orientation is another dataset.
         options["orientation"] = orientation.model_orientation(data_config)
-    if name == "nifti" and tuple(data_config.get("classes", ())) not in ((), DEFAULT_CLASSES):
+    if name == "nifti" and tuple(data_config.get("classes", ())) not in ((), class_labels.BINARY_CLASSES):
         # Label maps are checked against the configured classes when prepared: another set, another dataset.
         options["num_classes"] = len(data_config.classes)
     if name in ("ma2020_2d", "nifti"):

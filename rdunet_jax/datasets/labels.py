@@ -23,7 +23,7 @@ DATASET_CLASSES = {
     "synthetic": ("ggo", "consolidation"),
     "ma2020_2d": ("lungs", "infection"),
 }
-BINARY_CLASSES = ("lesion",)
+BINARY_CLASSES = ("lesion",)  # a binary config's data.classes (config_lib.DEFAULT_CLASSES)
 
 
 def check_classes(data_config, head: str) -> tuple[str, ...]:
