@@ -253,3 +253,23 @@ def test_a_config_written_before_heads_existed_is_a_binary_one():
     config.loss = "dice_ce"
     with pytest.raises(UserError, match=r"^loss: must be one of \['dice', 'dice_bce'\], got 'dice_ce'$"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "file_name, head, classes",
+    [
+        ("semiseg_multiclass.py", "exclusive", ("ggo", "consolidation")),
+        ("ma2020_lungs.py", "multilabel", ("lungs", "infection")),
+    ],
+)
+def test_the_multiclass_configs_are_valid_and_name_their_classes(file_name, head, classes):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("multiclass_config", REPO_ROOT / "configs" / file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config_lib.validate(config)
+    assert (config.model.head, tuple(config.data.classes)) == (head, classes)
