@@ -239,3 +239,28 @@ def test_preprocess_resizes_labels_by_nearest_neighbour_like_the_mask():
     channels = np.stack([label_map == 1, label_map == 2], axis=-1).astype(np.uint8)
     moved = input_pipeline.preprocess({**record, "labels": channels}, IMAGE_SIZE)["labels"]
     np.testing.assert_array_equal(moved, np.stack([labels[..., 0] == 1, labels[..., 0] == 2], axis=-1))
+
+
+@pytest.mark.parametrize("head, channels", [("exclusive", 1), ("multilabel", 2)])
+def test_training_batches_of_a_labelled_source_carry_labels_aligned_with_the_mask(
+    source, data, head, channels
+):
+    from rdunet_jax.datasets import labels as class_labels
+
+    labelled_data = data.copy_and_resolve_references()
+    labelled_data.classes = ("ggo", "consolidation")
+    labelled = class_labels.LabelledSource(source, labelled_data, head)
+    batches = epoch_batches(labelled, labelled_data, 7, 0)
+    binary = epoch_batches(source, data, 7, 0)
+    for batch, binary_batch in zip(batches, binary, strict=True):
+        for key in ("image", "mask"):  # the labels change nothing else in the batch
+            np.testing.assert_array_equal(batch[key], binary_batch[key])
+        labels = batch["labels"]
+        assert labels.shape == (BATCH_SIZE, IMAGE_SIZE, IMAGE_SIZE, channels) and labels.dtype == np.int32
+        # The phantom's lesion mask is its class mask > 0: after the same flips and zoom, still so.
+        np.testing.assert_array_equal(labels.max(axis=-1) > 0, batch["mask"][..., 0] > 0)
+    every_label = np.concatenate([batch["labels"] for batch in batches])
+    if head == "exclusive":
+        assert set(np.unique(every_label).tolist()) == {0, 1, 2}
+    else:
+        assert every_label[..., 0].any() and every_label[..., 1].any()
