@@ -98,3 +98,30 @@ def involvement_error(predicted_percent, expert_percent) -> dict:
         "involvement_num_scored": int(predicted.size),
         "involvement_num_undefined": int(np.sum(~defined)),
     }
+
+
+def involvement_report(predicted_lungs, predicted_infection, expert_lungs, expert_infection, case_ids=None):
+    """The involvement error of a split's (N, H, W) predicted masks against the experts': per slice, the
+    share of slices in the experts' severity band, and per volume when slices carry `case_ids`."""
+    predicted = per_slice_percent(predicted_lungs, predicted_infection)
+    expert = per_slice_percent(expert_lungs, expert_infection)
+    defined = np.isfinite(predicted) & np.isfinite(expert)
+    same_band = [
+        severity_band(value) == severity_band(reference)
+        for value, reference in zip(predicted[defined], expert[defined], strict=True)
+    ]
+    report = {
+        "per_slice": involvement_error(predicted, expert),
+        "severity_agreement": float(np.mean(same_band)) if same_band else None,
+        "expert_mean_percent": float(np.mean(expert[np.isfinite(expert)]))
+        if np.isfinite(expert).any()
+        else None,
+    }
+    if case_ids is not None:
+        predicted_volumes = per_volume_percent(predicted_lungs, predicted_infection, case_ids)
+        expert_volumes = per_volume_percent(expert_lungs, expert_infection, case_ids)
+        cases = list(expert_volumes)
+        report["per_volume"] = involvement_error(
+            [predicted_volumes[case] for case in cases], [expert_volumes[case] for case in cases]
+        )
+    return report

@@ -76,3 +76,31 @@ def test_involvement_error_against_scipy_with_an_undefined_item():
     assert constant["involvement_pearson_r"] is None and constant["involvement_mae_points"] == pytest.approx(
         8.5
     )
+
+
+def test_involvement_report_over_a_split_by_hand():
+    # Three 10 x 10 slices, all lung in the experts' masks. Expert infection: 10, 30 and 60 rows of pixels
+    # -> 10%, 30%, 60%; predicted: 20%, 30%, 40% with the predicted lungs missing half of slice 2 -> 80%.
+    lungs = np.ones((3, 10, 10), bool)
+    expert_infection = np.stack([box((10, 10), (0, 1), (0, 10)), box((10, 10), (0, 3), (0, 10)),
+                                 box((10, 10), (0, 6), (0, 10))])  # fmt: skip
+    predicted_infection = np.stack([box((10, 10), (0, 2), (0, 10)), box((10, 10), (0, 3), (0, 10)),
+                                    box((10, 10), (0, 4), (0, 10))])  # fmt: skip
+    predicted_lungs = lungs.copy()
+    predicted_lungs[2, 5:] = False  # slice 2: 40 infected of 50 lung pixels -> 80%
+    report = involvement.involvement_report(
+        predicted_lungs, predicted_infection, lungs, expert_infection, case_ids=["a", "a", "b"]
+    )
+    assert report["per_slice"]["involvement_mae_points"] == pytest.approx((10 + 0 + 20) / 3)
+    assert report["per_slice"]["involvement_pearson_r"] == pytest.approx(
+        stats.pearsonr([20, 30, 80], [10, 30, 60])[0]
+    )
+    # Bands: 5-25% vs 5-25%, 25-50% vs 25-50%, >75% vs 50-75%.
+    assert report["severity_agreement"] == pytest.approx(2 / 3)
+    assert report["expert_mean_percent"] == pytest.approx(100 / 3)
+    # Volume a: predicted (20 + 30) / 200 = 25%, expert (10 + 30) / 200 = 20%; b: 80% against 60%.
+    assert report["per_volume"]["involvement_mae_points"] == pytest.approx((5 + 20) / 2)
+    assert report["per_volume"]["involvement_num_scored"] == 2
+    assert "per_volume" not in involvement.involvement_report(
+        predicted_lungs, predicted_infection, lungs, expert_infection
+    )
