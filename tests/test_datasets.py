@@ -815,3 +815,22 @@ def test_binary_configs_keep_their_prepared_dataset_key(tmp_path):
         tmp_path, "semiseg", tmp_path / "semiseg", classes=("ggo", "consolidation")
     )
     assert builder.builder_config(semiseg).name == builder.builder_config(semiseg_multiclass).name
+
+
+def test_semiseg_test_labels_come_from_the_multiclass_testing_masks(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg")
+    testing = root / "Dataset/TestingSet"
+    written = {}
+    for example_id in ("100", "101"):
+        image, class_mask = lesion_slice(int(example_id), 30, 26)
+        class_mask[20:25, 10:20] = 2  # a consolidation patch only the testing masks have
+        written[example_id] = class_mask
+        save_png(testing / "LungInfection-Test/Imgs" / f"{example_id}.png", image)
+        save_png(
+            testing / "LungInfection-Test/GT" / f"{example_id}.png", (class_mask > 0).astype(np.uint8) * 255
+        )
+        save_png(testing / "MultiClassInfection-Test/GT" / f"{example_id}.png", class_mask, palette=True)
+    data = data_config(tmp_path, "semiseg", root, classes=("ggo", "consolidation"))
+    test = class_labels.LabelledSource(datasets.load_source(data, "test"), data, "exclusive")
+    for index in range(len(test)):
+        np.testing.assert_array_equal(test[index]["labels"], written[test[index]["id"]])
