@@ -91,7 +91,8 @@ def zoom_and_rotate(array: np.ndarray, factor: float, degrees: float, order: int
 class Augment(grain.transforms.RandomMap):
     """The paper's augmentation: random horizontal and vertical flips and random zoom, image and
     mask transformed identically (nearest-neighbour for the mask, so it stays binary); optionally a
-    random in-plane rotation too (nnU-Net's default spatial augmentation)."""
+    random in-plane rotation too (nnU-Net's default spatial augmentation). An example's class `labels`
+    (multi-class heads), when it has them, move with the mask, by nearest neighbour, from the same draws."""
 
     flip: bool = True
     zoom_range: float = 0.1
