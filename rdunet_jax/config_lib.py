@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from rdunet_jax import input_pipeline, layers, losses, orientation
+from rdunet_jax import heads, input_pipeline, layers, losses, orientation
 from rdunet_jax.errors import UserError
 
 # The paper's DC-module schedules, one per skip from shallow to deep, and ResDUNet's encoder rates.
@@ -79,6 +79,11 @@ def upgrade(config):
     return upgraded
 
 
+# `model.head` choices: see base_config.
+HEADS = heads.HEADS
+DEFAULT_CLASSES = ("lesion",)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, at the paper's values where the paper gives one."""
     config = ml_collections.ConfigDict()
@@ -132,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     # reverse mode only): the same function to float tolerance, a 7.8% faster train step on a 2-core
     # CPU, 207 MB fewer temporaries.
     config.model.batch_norm_impl = "closed_form"
+    # The output head: 'binary' (one sigmoid channel, the paper's), 'exclusive' (softmax over background
+    # and the classes of `data.classes`: one class per pixel) or 'multilabel' (one sigmoid per class:
+    # classes may overlap, e.g. lungs and infection inside them).
+    config.model.head = "binary"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"
@@ -165,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
     # from its affine. 'auto' (also what a config without the key means): the dataset's own orientation
     # (orientation.DATASET_ORIENTATIONS); 'voxel': volumes in their stored voxel order, unturned.
     config.data.orientation = orientation.AUTO
+    # Class names, one per foreground value of the label map (value k is class k, 0 is background): the
+    # keys of per-class metrics. A 'binary' head has one class, the lesion.
+    config.data.classes = DEFAULT_CLASSES
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -349,9 +361,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config, "eval.checkpoint", lambda value: value in ("best", "last"), "'best' or 'last'")
     _require(config, "eval.runtime", lambda value: value in ("jax", "onnxruntime"), "'jax' or 'onnxruntime'")
     _check_runtime_installed(config)
-    _require(config, "loss", lambda value: value in losses.LOSSES, f"one of {list(losses.LOSSES)}")
+    _check_head_and_classes(config)
     _check_variant(config)
     _check_data_splits(config)
+
+
+def _check_head_and_classes(config) -> None:
+    """`model.head`, `data.classes` and the `loss` the head trains with (configs written before the head
+    existed mean the binary head)."""
+    head = config.model.get("head", "binary")
+    if "head" in config.model:
+        _require(config, "model.head", lambda value: value in HEADS, f"one of {list(HEADS)}")
+    if "classes" in config.data:
+        _require(
+            config,
+            "data.classes",
+            lambda names: (
+                not isinstance(names, str)
+                and len(names) >= 1
+                and all(isinstance(name, str) and name.isidentifier() for name in names)
+                and len(set(names)) == len(names)
+            ),
+            "a non-empty tuple of distinct class names (letters, digits, '_')",
+        )
+        if head == "binary":
+            _require(
+                config,
+                "data.classes",
+                lambda names: len(names) == 1,
+                "one class name for model.head='binary'",
+            )
+    choices = losses.LOSSES_BY_HEAD[head]
+    for_head = "" if head == "binary" else f" for model.head={head!r}"
+    _require(config, "loss", lambda value: value in choices, f"one of {list(choices)}{for_head}")
 
 
 def _check_runtime_installed(config) -> None:

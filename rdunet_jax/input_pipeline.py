@@ -55,10 +55,25 @@ def preprocess(record: dict, image_size: int, hu_window: tuple | None = None) ->
             hu_window = record.get("hu_window", LUNG_WINDOW)
         image = resize(window_hounsfield(image, hu_window), image_size, is_mask=False)
     mask = resize(np.asarray(record["mask"]), image_size, is_mask=True)
-    return {
+    example = {
         "image": image.astype(np.float32)[..., None],
         "mask": (mask > 0).astype(np.float32)[..., None],
     }
+    if "labels" in record:
+        example["labels"] = resize_labels(record["labels"], image_size)
+    return example
+
+
+def resize_labels(labels, size: int) -> np.ndarray:
+    """Class labels (a label map (H, W) or per-class channels (H, W, K)) resized by nearest neighbour
+    to (size, size, C) int32 (C = 1 for a label map): every value is one of the input's."""
+    labels = np.asarray(labels)
+    channels = labels[..., None] if labels.ndim == 2 else labels
+    resized = [
+        resize(np.ascontiguousarray(channels[..., index]), size, is_mask=True)
+        for index in range(channels.shape[-1])
+    ]
+    return np.stack(resized, axis=-1).astype(np.int32)
 
 
 def zoom_and_rotate(array: np.ndarray, factor: float, degrees: float, order: int) -> np.ndarray:
@@ -76,7 +91,8 @@ def zoom_and_rotate(array: np.ndarray, factor: float, degrees: float, order: int
 class Augment(grain.transforms.RandomMap):
     """The paper's augmentation: random horizontal and vertical flips and random zoom, image and
     mask transformed identically (nearest-neighbour for the mask, so it stays binary); optionally a
-    random in-plane rotation too (nnU-Net's default spatial augmentation)."""
+    random in-plane rotation too (nnU-Net's default spatial augmentation). An example's class `labels`
+    (multi-class heads), when it has them, move with the mask, by nearest neighbour, from the same draws."""
 
     flip: bool = True
     zoom_range: float = 0.1
@@ -84,10 +100,12 @@ class Augment(grain.transforms.RandomMap):
 
     def random_map(self, example: dict, rng: np.random.Generator) -> dict:
         image, mask = example["image"][..., 0], example["mask"][..., 0]
+        flips = (False, False)
         if self.flip:
-            if rng.random() < 0.5:
+            flips = (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+            if flips[0]:
                 image, mask = image[:, ::-1], mask[:, ::-1]
-            if rng.random() < 0.5:
+            if flips[1]:
                 image, mask = image[::-1, :], mask[::-1, :]
         # Draws happen only for enabled transforms, so a run without rotation sees the same random
         # stream, and the same batches, as before rotation existed.
@@ -99,10 +117,29 @@ class Augment(grain.transforms.RandomMap):
         if self.zoom_range > 0 or self.rotation_degrees > 0:
             image = zoom_and_rotate(np.ascontiguousarray(image), factor, degrees, order=1)
             mask = zoom_and_rotate(np.ascontiguousarray(mask), factor, degrees, order=0)
-        return {
+        augmented = {
             "image": np.ascontiguousarray(image)[..., None],
             "mask": np.ascontiguousarray(mask)[..., None],
         }
+        if "labels" in example:
+            augmented["labels"] = self._move_labels(example["labels"], flips, factor, degrees)
+        return augmented
+
+    def _move_labels(self, labels: np.ndarray, flips: tuple, factor: float, degrees: float) -> np.ndarray:
+        """Class labels (H, W, C) moved as the mask was, channel by channel and by nearest neighbour,
+        so a label map keeps exactly its values (0, background, fills outside)."""
+        flip_columns, flip_rows = flips
+        labels = labels[:, ::-1] if flip_columns else labels
+        labels = labels[::-1, :] if flip_rows else labels
+        if self.zoom_range > 0 or self.rotation_degrees > 0:
+            labels = np.stack(
+                [
+                    zoom_and_rotate(np.ascontiguousarray(labels[..., index]), factor, degrees, order=0)
+                    for index in range(labels.shape[-1])
+                ],
+                axis=-1,
+            )
+        return np.ascontiguousarray(labels)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

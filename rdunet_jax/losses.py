@@ -32,3 +32,76 @@ def dice_bce_loss(logits, masks, smooth: float = 1.0):
 
 # `config.loss` names one of these; each maps (logits, masks) to one loss per image.
 LOSSES = {"dice": soft_dice_loss, "dice_bce": dice_bce_loss}
+
+
+# --- Multi-class heads ----------------------------------------------------------------------------------
+#
+# Shapes: an 'exclusive' head's logits are (batch, H, W, K + 1), channel 0 the background, and its
+# labels an integer label map (batch, H, W, 1) or (batch, H, W) with values 0..K; a 'multilabel' head's
+# logits and targets are both (batch, H, W, K), one binary channel per class. Every loss returns one
+# value per image (shape [batch]), as the binary losses do.
+#
+# Dice per image and foreground class c: (2 sum(p_c g_c) + s) / (sum(p_c) + sum(g_c) + s), the binary
+# loss's smoothing per class. A class absent from both the image's mask and its prediction therefore
+# scores Dice 1 (loss 0) and still counts in the mean over the K foreground classes: MONAI's DiceLoss
+# (smooth_nr = smooth_dr) and nnU-Net's SoftDiceLoss (smooth in numerator and denominator, do_bg=False)
+# do the same. Background is never a Dice class.
+
+
+def _per_class_soft_dice(probabilities, targets, smooth: float):
+    """Soft Dice of each channel of (batch, H, W, C) probabilities and targets: shape (batch, C)."""
+    axes = tuple(range(1, probabilities.ndim - 1))
+    intersection = jnp.sum(probabilities * targets, axis=axes)
+    total = jnp.sum(probabilities, axis=axes) + jnp.sum(targets, axis=axes)
+    return (2.0 * intersection + smooth) / (total + smooth)
+
+
+def _one_hot_labels(labels, num_channels: int):
+    """(batch, H, W[, 1]) integer labels 0..K as (batch, H, W, K + 1) float32 one-hot channels."""
+    labels = jnp.asarray(labels)
+    if labels.ndim == 4:
+        labels = labels[..., 0]
+    return jax.nn.one_hot(labels.astype(jnp.int32), num_channels, dtype=jnp.float32)
+
+
+def exclusive_soft_dice_loss(logits, labels, smooth: float = 1.0):
+    """1 - mean over the K foreground classes of the soft Dice of softmax(logits) per image."""
+    logits = logits.astype(jnp.float32)
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    targets = _one_hot_labels(labels, logits.shape[-1])
+    dice = _per_class_soft_dice(probabilities[..., 1:], targets[..., 1:], smooth)
+    return 1.0 - jnp.mean(dice, axis=-1)
+
+
+def exclusive_dice_ce_loss(logits, labels, smooth: float = 1.0):
+    """Foreground soft Dice plus the pixel mean of softmax cross-entropy over background and classes
+    (nnU-Net's DC_and_CE_loss, MONAI's DiceCELoss) per image."""
+    logits = logits.astype(jnp.float32)
+    targets = _one_hot_labels(labels, logits.shape[-1])
+    cross_entropy = optax.softmax_cross_entropy(logits, targets)
+    axes = tuple(range(1, cross_entropy.ndim))
+    return exclusive_soft_dice_loss(logits, labels, smooth) + jnp.mean(cross_entropy, axis=axes)
+
+
+def multilabel_soft_dice_loss(logits, targets, smooth: float = 1.0):
+    """1 - mean over the K channels of each channel's sigmoid soft Dice per image."""
+    probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))
+    dice = _per_class_soft_dice(probabilities, targets.astype(jnp.float32), smooth)
+    return 1.0 - jnp.mean(dice, axis=-1)
+
+
+def multilabel_dice_bce_loss(logits, targets, smooth: float = 1.0):
+    """Per-channel sigmoid soft Dice plus the mean binary cross-entropy over pixels and channels."""
+    cross_entropy = optax.sigmoid_binary_cross_entropy(
+        logits.astype(jnp.float32), targets.astype(jnp.float32)
+    )
+    axes = tuple(range(1, cross_entropy.ndim))
+    return multilabel_soft_dice_loss(logits, targets, smooth) + jnp.mean(cross_entropy, axis=axes)
+
+
+# The losses each `model.head` trains with, by `config.loss` name; 'binary' is LOSSES itself.
+LOSSES_BY_HEAD = {
+    "binary": LOSSES,
+    "exclusive": {"dice": exclusive_soft_dice_loss, "dice_ce": exclusive_dice_ce_loss},
+    "multilabel": {"dice": multilabel_soft_dice_loss, "dice_bce": multilabel_dice_bce_loss},
+}

@@ -171,3 +171,63 @@ def lesion_size_summary(lesions: list[dict], small_area: float) -> dict:
             "mean_area": float(np.mean([lesion["area"] for lesion in members])) if members else None,
         }
     return summary
+
+
+# --- Per-class metrics (multi-class heads) --------------------------------------------------------------
+#
+# A class's metrics take the slices as they come: Dice, Jaccard, precision, recall and HD95 are means
+# over the slices whose expert mask contains the class (a slice without it would score 1.0 for an empty
+# prediction and 0.0 for any false pixel, telling nothing about how well the class is outlined); the
+# slices without it are scored by the false-positive rate, the share of them on which the class is
+# predicted at all. `global_dice` pools TP, FP and FN over every slice of the split, absent ones included.
+
+
+def class_masks(label_maps, num_classes: int) -> np.ndarray:
+    """Integer label maps (..., H, W) with values 0..K as boolean per-class masks (..., H, W, K)."""
+    label_maps = np.asarray(label_maps)
+    return label_maps[..., None] == np.arange(1, num_classes + 1)
+
+
+def _spacing_of(spacing, index):
+    """The pixel spacing of slice `index`: None, one spacing for every slice, or one per slice."""
+    if spacing is None:
+        return None
+    spacing = np.asarray(spacing, np.float64)
+    return tuple(spacing[index]) if spacing.ndim == 2 else tuple(spacing)
+
+
+def class_summary(predictions, targets, spacing=None) -> dict:
+    """The metrics of one class over a split, from boolean masks (N, H, W) of prediction and expert."""
+    predictions, targets = np.asarray(predictions).astype(bool), np.asarray(targets).astype(bool)
+    tp, fp, fn, _ = confusion_counts(predictions, targets)
+    present = np.any(targets, axis=tuple(range(1, targets.ndim)))
+    predicted = np.any(predictions, axis=tuple(range(1, predictions.ndim)))
+    per_slice = slice_metrics(tp[present], fp[present], fn[present])
+    summary = {"num_slices_present": int(np.sum(present)), "num_slices_absent": int(np.sum(~present))}
+    for name, values in per_slice.items():
+        summary[name] = float(np.mean(values)) if values.size else None
+        summary[f"{name}_std"] = float(np.std(values)) if values.size else None
+    hausdorff = [
+        hausdorff95(predictions[index], targets[index], _spacing_of(spacing, index))
+        for index in np.flatnonzero(present)
+    ]
+    summary.update(summarize_hausdorff95(hausdorff))
+    pooled = slice_metrics(*(np.sum(np.asarray(count, np.float64)) for count in (tp, fp, fn)))
+    summary["global_dice"] = float(pooled["dice"])
+    summary["false_positive_rate"] = float(np.mean(predicted[~present])) if np.any(~present) else None
+    return summary
+
+
+def per_class_summary(predictions, targets, class_names, spacing=None) -> dict:
+    """`class_summary` of each class, keyed by class name, from boolean masks (N, H, W, K) whose channel
+    k is class `class_names[k]` (`class_masks` turns label maps into these)."""
+    predictions, targets = np.asarray(predictions), np.asarray(targets)
+    if predictions.shape != targets.shape or predictions.shape[-1] != len(class_names):
+        raise ValueError(
+            f"predictions {predictions.shape} and targets {targets.shape} must both be (N, H, W, "
+            f"{len(class_names)}) for classes {list(class_names)}"
+        )
+    return {
+        name: class_summary(predictions[..., index], targets[..., index], spacing)
+        for index, name in enumerate(class_names)
+    }

@@ -67,6 +67,7 @@ INVALID_VALUES = {
     "eval.test_time_flips": st.one_of(st.integers(), st.none()),
     "eval.checkpoint": st.text(max_size=8).filter(lambda t: t not in ("best", "last")),
     "loss": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("dice", "dice_bce")), st.none()),
+    "model.head": st.one_of(st.text(max_size=10).filter(lambda t: t not in config_lib.HEADS), st.none()),
 }
 
 
@@ -100,6 +101,7 @@ REQUIREMENTS = {
     "eval.test_time_flips": "True or False",
     "eval.checkpoint": "'best' or 'last'",
     "loss": "one of ['dice', 'dice_bce']",
+    "model.head": "one of ['binary', 'exclusive', 'multilabel']",
 }
 
 
@@ -244,3 +246,93 @@ def test_upgrade_gives_a_config_saved_before_the_speed_options_the_forms_it_ran_
     assert upgraded.model.batch_norm_impl == "flax" and upgraded.model.upsample_impl == "stencil"
     assert "batch_norm_impl" not in config.model
     config_lib.validate(upgraded)
+
+
+@pytest.mark.parametrize(
+    "head, classes, loss",
+    [
+        ("binary", ("lesion",), "dice"),
+        ("exclusive", ("ggo", "consolidation"), "dice_ce"),
+        ("multilabel", ("lungs", "infection"), "dice_bce"),
+    ],
+)
+def test_each_head_with_its_classes_and_loss_is_valid(head, classes, loss):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = head, classes, loss
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "head, classes, loss, message",
+    [
+        (
+            "binary",
+            ("ggo", "consolidation"),
+            "dice",
+            "data.classes: must be one class name for model.head='binary'",
+        ),
+        ("exclusive", (), "dice", "data.classes: must be a non-empty tuple of distinct class names"),
+        (
+            "exclusive",
+            ("ggo", "ggo"),
+            "dice",
+            "data.classes: must be a non-empty tuple of distinct class names",
+        ),
+        (
+            "exclusive",
+            ("ground glass",),
+            "dice",
+            "data.classes: must be a non-empty tuple of distinct class names",
+        ),
+        ("exclusive", "ggo", "dice", "data.classes: must be a non-empty tuple of distinct class names"),
+        (
+            "exclusive",
+            ("ggo",),
+            "dice_bce",
+            "loss: must be one of ['dice', 'dice_ce'] for model.head='exclusive'",
+        ),
+        (
+            "multilabel",
+            ("lungs",),
+            "dice_ce",
+            "loss: must be one of ['dice', 'dice_bce'] for model.head='multilabel'",
+        ),
+    ],
+)
+def test_head_classes_and_loss_mismatches_are_named(head, classes, loss, message):
+    config = make_tiny_config()
+    config.model.head, config.loss = head, loss
+    _set(config, "data.classes", classes)
+    with pytest.raises(UserError) as error:
+        config_lib.validate(config)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_config_written_before_heads_existed_is_a_binary_one():
+    config = make_tiny_config()
+    del config.model["head"]
+    del config.data["classes"]
+    config_lib.validate(config)
+    config.loss = "dice_ce"
+    with pytest.raises(UserError, match=r"^loss: must be one of \['dice', 'dice_bce'\], got 'dice_ce'$"):
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "file_name, head, classes",
+    [
+        ("semiseg_multiclass.py", "exclusive", ("ggo", "consolidation")),
+        ("ma2020_lungs.py", "multilabel", ("lungs", "infection")),
+    ],
+)
+def test_the_multiclass_configs_are_valid_and_name_their_classes(file_name, head, classes):
+    import importlib.util
+
+    from helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("multiclass_config", REPO_ROOT / "configs" / file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config_lib.validate(config)
+    assert (config.model.head, tuple(config.data.classes)) == (head, classes)

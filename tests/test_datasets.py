@@ -14,6 +14,7 @@ from PIL import Image
 
 from rdunet_jax import config_lib, datasets, input_pipeline
 from rdunet_jax.datasets import builder, synthetic
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
 
 MULTICLASS = pathlib.Path("Dataset/TrainingSet/MultiClassInfection-Train")
@@ -713,3 +714,123 @@ def test_a_medseg_stack_resliced_by_its_affine_is_refused(tmp_path):
         datasets.load_source(data_config(tmp_path, "nifti", root), "train")
     assert_no_dataset_left(tmp_path)
     assert len(datasets.load_source(data_config(tmp_path, "nifti", root, orientation="voxel"), "train")) > 0
+
+
+# --- Class labels for the multi-class heads -------------------------------------------------------------
+
+
+def labelled(source, data, head):
+    return [class_labels.LabelledSource(source, data, head)[index] for index in range(len(source))]
+
+
+def test_semiseg_labels_are_the_palette_classes_as_a_map_or_as_channels(tmp_path):
+    data = data_config(
+        tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"), classes=("ggo", "consolidation")
+    )
+    source = datasets.load_source(data, "train_full")
+    for head in ("exclusive", "multilabel"):
+        for record in labelled(source, data, head):
+            _, class_mask = lesion_slice(int(record["id"]))
+            if head == "exclusive":
+                np.testing.assert_array_equal(record["labels"], class_mask)
+            else:
+                assert record["labels"].shape == (24, 20, 2)
+                np.testing.assert_array_equal(record["labels"][..., 0], class_mask == 1)
+                np.testing.assert_array_equal(record["labels"][..., 1], class_mask == 2)
+    binary = class_labels.LabelledSource(source, data, "binary")[0]
+    assert "labels" not in binary and set(binary) == set(source[0])
+
+
+def test_ma2020_labels_are_lungs_and_infection(tmp_path):
+    data = data_config(tmp_path, "ma2020_2d", make_ma2020(tmp_path / "ma"), classes=("lungs", "infection"))
+    source = datasets.load_source(data, "train")
+    record = source[0]
+    _, class_mask = lesion_slice(int(record["id"]), 16, 16)
+    lungs = np.zeros((16, 16), bool)
+    lungs[2:15, 2:14] = True
+    channels = class_labels.LabelledSource(source, data, "multilabel")[0]["labels"]
+    np.testing.assert_array_equal(channels[..., 0], lungs)
+    np.testing.assert_array_equal(channels[..., 1], class_mask > 0)
+    # As one label map infection takes precedence over the lungs around it.
+    label_map = class_labels.LabelledSource(source, data, "exclusive")[0]["labels"]
+    np.testing.assert_array_equal(label_map, np.where(class_mask > 0, 2, np.where(lungs, 1, 0)))
+
+
+def test_a_dataset_with_fixed_classes_refuses_another_number_of_names(tmp_path):
+    data = data_config(tmp_path, "semiseg", "", classes=("ggo", "consolidation", "effusion"))
+    with pytest.raises(
+        UserError, match=r"^data.classes: data.name='semiseg' has 2 classes \['ggo', 'consolidation'\]"
+    ):
+        class_labels.check_classes(data, "exclusive")
+    assert class_labels.check_classes(data, "binary") == ("ggo", "consolidation", "effusion")
+
+
+def test_a_label_map_with_values_above_the_classes_is_refused_naming_the_record():
+    record = {"id": "7", "image": np.zeros((4, 4), np.uint8), "mask": np.zeros((4, 4), np.uint8)}
+    record["class_mask"] = np.array([[0, 1], [2, 3]], np.uint8)
+    assert class_labels.with_labels(record, "nifti", "exclusive", 3)["labels"].max() == 3
+    for head in ("exclusive", "multilabel"):
+        with pytest.raises(UserError, match=r"^record 7.*label values \{3\} outside data.classes \(0..2\)$"):
+            class_labels.with_labels(record, "nifti", head, 2)
+
+
+def test_nifti_label_maps_with_any_number_of_classes_named_by_the_config(tmp_path):
+    root = make_nifti(tmp_path / "nifti")
+    labels = nifti_case(1)[1]
+    labels[9:11, 0:3, 2] = 5  # a fifth class in case b
+    save_nifti(root / "b_mask.nii.gz", labels)
+    names = ("ggo", "consolidation", "effusion", "nodule", "emphysema")
+    data = data_config(tmp_path, "nifti", root, orientation="voxel", classes=names, split_scheme="blocks")
+    train = datasets.load_source(data, "train")  # blocks: cases a and b train
+    index = next(i for i, r in enumerate(train) if r["case_id"] == "b" and r["slice_index"] == 2)
+    np.testing.assert_array_equal(train[index]["class_mask"], labels[:, :, 2])
+    label_map = class_labels.LabelledSource(train, data, "exclusive")[index]["labels"]
+    np.testing.assert_array_equal(label_map, labels[:, :, 2])
+    assert label_map.max() == 5
+    # Fewer configured classes than the files hold (case a has effusion, 3), or the binary default
+    # (MedSeg's labels 0..3, case b has a 5): one line naming the file, nothing prepared.
+    for classes, file_name, value in (
+        (("ggo", "consolidation"), "a_mask.nii.gz", "3"),
+        (("lesion",), "b_mask.nii.gz", "5"),
+    ):
+        other = data_config(tmp_path / str(len(classes)), "nifti", root, orientation="voxel", classes=classes)
+        with pytest.raises(UserError) as error:
+            datasets.load_source(other, "train")
+        message = str(error.value)
+        assert "\n" not in message and file_name in message and f"mask values {{{value}" in message
+        assert "outside the known labels" in message
+        assert_no_dataset_left(tmp_path / str(len(classes)))
+
+
+def test_binary_configs_keep_their_prepared_dataset_key(tmp_path):
+    root = make_nifti(tmp_path / "nifti")
+    binary = data_config(tmp_path, "nifti", root)
+    before_classes_existed = binary.copy_and_resolve_references()
+    del before_classes_existed["classes"]
+    assert builder.builder_config(binary).name == builder.builder_config(before_classes_existed).name
+    multiclass = data_config(tmp_path, "nifti", root, classes=("ggo", "consolidation", "effusion"))
+    assert builder.builder_config(multiclass).name != builder.builder_config(binary).name
+    semiseg = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
+    semiseg_multiclass = data_config(
+        tmp_path, "semiseg", tmp_path / "semiseg", classes=("ggo", "consolidation")
+    )
+    assert builder.builder_config(semiseg).name == builder.builder_config(semiseg_multiclass).name
+
+
+def test_semiseg_test_labels_come_from_the_multiclass_testing_masks(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg")
+    testing = root / "Dataset/TestingSet"
+    written = {}
+    for example_id in ("100", "101"):
+        image, class_mask = lesion_slice(int(example_id), 30, 26)
+        class_mask[20:25, 10:20] = 2  # a consolidation patch only the testing masks have
+        written[example_id] = class_mask
+        save_png(testing / "LungInfection-Test/Imgs" / f"{example_id}.png", image)
+        save_png(
+            testing / "LungInfection-Test/GT" / f"{example_id}.png", (class_mask > 0).astype(np.uint8) * 255
+        )
+        save_png(testing / "MultiClassInfection-Test/GT" / f"{example_id}.png", class_mask, palette=True)
+    data = data_config(tmp_path, "semiseg", root, classes=("ggo", "consolidation"))
+    test = class_labels.LabelledSource(datasets.load_source(data, "test"), data, "exclusive")
+    for index in range(len(test)):
+        np.testing.assert_array_equal(test[index]["labels"], written[test[index]["id"]])

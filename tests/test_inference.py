@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 from rdunet_jax import inference, models, steps
 

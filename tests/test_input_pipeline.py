@@ -150,3 +150,117 @@ def test_iterator_restored_mid_epoch_yields_exactly_the_remaining_batches(source
     resumed = list(input_pipeline.to_iterator(rebuilt, state))
     assert_same_batches(consumed + resumed, uninterrupted)
     assert len(resumed) == len(uninterrupted) - 2
+
+
+# --- Label maps (multi-class heads) ---------------------------------------------------------------------
+
+
+def checkerboard_labels(num_values: int, seed: int) -> np.ndarray:
+    """A label map of 4-pixel squares cycling through 0..num_values-1 from a seeded offset."""
+    rows, columns = np.indices((IMAGE_SIZE, IMAGE_SIZE))
+    offset = np.random.default_rng(seed).integers(num_values)
+    return ((rows // 4 + 2 * (columns // 4) + offset) % num_values).astype(np.int32)
+
+
+@pytest.mark.parametrize("rotation_degrees", [0.0, 25.0])
+@pytest.mark.parametrize("seed", range(8))
+def test_label_maps_and_label_channels_stay_exact_through_flips_zoom_and_rotation(seed, rotation_degrees):
+    # As for the mask: the augmented coordinate ramps say where each output pixel was read from, and the
+    # labels there must be the source labels at the nearest source pixel, in every channel.
+    rows, columns = np.indices((IMAGE_SIZE, IMAGE_SIZE)).astype(np.float64)
+    label_map = checkerboard_labels(4, seed)
+    channels = np.stack([label_map % 2, (label_map >= 2).astype(np.int32)], axis=-1)  # overlapping classes
+    augment = input_pipeline.Augment(flip=True, zoom_range=0.2, rotation_degrees=rotation_degrees)
+
+    def run(image, labels):
+        example = {"image": image[..., None], "mask": (label_map > 0).astype(np.float32)[..., None]}
+        example["labels"] = labels
+        return augment.random_map(example, np.random.default_rng(seed))
+
+    coverage = run(np.ones_like(rows), label_map[..., None])
+    source_rows = run(rows, label_map[..., None])["image"][..., 0]
+    source_columns = run(columns, channels)["image"][..., 0]
+    moved_map, moved_channels = coverage["labels"], run(columns, channels)["labels"]
+    assert moved_map.shape == (IMAGE_SIZE, IMAGE_SIZE, 1) and moved_channels.shape == (
+        IMAGE_SIZE,
+        IMAGE_SIZE,
+        2,
+    )
+    assert set(np.unique(moved_map)) <= {0, 1, 2, 3} and moved_map.dtype == label_map.dtype
+    # The binary mask of the same slice moves identically: labels > 0 is the augmented mask everywhere.
+    np.testing.assert_array_equal(moved_map[..., 0] > 0, coverage["mask"][..., 0] > 0)
+    read_inside = np.abs(coverage["image"][..., 0] - 1.0) < 1e-9
+    halfway = (np.abs(source_rows % 1 - 0.5) < 1e-3) | (np.abs(source_columns % 1 - 0.5) < 1e-3)
+    checked = read_inside & ~halfway
+    assert checked.mean() > 0.5
+    nearest = (
+        np.rint(source_rows).astype(int).clip(0, IMAGE_SIZE - 1),
+        np.rint(source_columns).astype(int).clip(0, IMAGE_SIZE - 1),
+    )
+    np.testing.assert_array_equal(moved_map[..., 0][checked], label_map[nearest][checked])
+    for index in range(2):
+        np.testing.assert_array_equal(
+            moved_channels[..., index][checked], channels[..., index][nearest][checked]
+        )
+    assert len(np.unique(moved_map[..., 0][checked])) == 4  # every class inside the compared region
+
+
+def test_labels_take_no_random_draws_of_their_own():
+    example = {"image": np.random.default_rng(0).random((IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)}
+    example["mask"] = (example["image"] > 0.5).astype(np.float32)
+    augment = input_pipeline.Augment(True, 0.2, 15.0)
+    without = augment.random_map(example, np.random.default_rng(5))
+    with_labels = augment.random_map(
+        {**example, "labels": checkerboard_labels(3, 0)[..., None]}, np.random.default_rng(5)
+    )
+    for key in ("image", "mask"):
+        np.testing.assert_array_equal(without[key], with_labels[key])
+
+
+def test_preprocess_resizes_labels_by_nearest_neighbour_like_the_mask():
+    rng = np.random.default_rng(3)
+    label_map = rng.integers(0, 3, size=(45, 37)).astype(np.uint8)
+    record = {
+        "image": rng.integers(0, 256, size=(45, 37)).astype(np.uint8),
+        "mask": (label_map > 0).astype(np.uint8),
+    }
+    binary = input_pipeline.preprocess(record, IMAGE_SIZE)
+    assert "labels" not in binary  # a binary record's example is as before
+    example = input_pipeline.preprocess({**record, "labels": label_map}, IMAGE_SIZE)
+    for key in ("image", "mask"):
+        np.testing.assert_array_equal(example[key], binary[key])
+    labels = example["labels"]
+    assert labels.shape == (IMAGE_SIZE, IMAGE_SIZE, 1) and labels.dtype == np.int32
+    # PIL's nearest neighbour reads source pixel floor((i + 0.5) * in / out) in each axis.
+    source_rows = np.floor((np.arange(IMAGE_SIZE) + 0.5) * 45 / IMAGE_SIZE).astype(int)
+    source_columns = np.floor((np.arange(IMAGE_SIZE) + 0.5) * 37 / IMAGE_SIZE).astype(int)
+    np.testing.assert_array_equal(labels[..., 0], label_map[np.ix_(source_rows, source_columns)])
+    np.testing.assert_array_equal(labels[..., 0] > 0, example["mask"][..., 0] > 0)
+    channels = np.stack([label_map == 1, label_map == 2], axis=-1).astype(np.uint8)
+    moved = input_pipeline.preprocess({**record, "labels": channels}, IMAGE_SIZE)["labels"]
+    np.testing.assert_array_equal(moved, np.stack([labels[..., 0] == 1, labels[..., 0] == 2], axis=-1))
+
+
+@pytest.mark.parametrize("head, channels", [("exclusive", 1), ("multilabel", 2)])
+def test_training_batches_of_a_labelled_source_carry_labels_aligned_with_the_mask(
+    source, data, head, channels
+):
+    from rdunet_jax.datasets import labels as class_labels
+
+    labelled_data = data.copy_and_resolve_references()
+    labelled_data.classes = ("ggo", "consolidation")
+    labelled = class_labels.LabelledSource(source, labelled_data, head)
+    batches = epoch_batches(labelled, labelled_data, 7, 0)
+    binary = epoch_batches(source, data, 7, 0)
+    for batch, binary_batch in zip(batches, binary, strict=True):
+        for key in ("image", "mask"):  # the labels change nothing else in the batch
+            np.testing.assert_array_equal(batch[key], binary_batch[key])
+        labels = batch["labels"]
+        assert labels.shape == (BATCH_SIZE, IMAGE_SIZE, IMAGE_SIZE, channels) and labels.dtype == np.int32
+        # The phantom's lesion mask is its class mask > 0: after the same flips and zoom, still so.
+        np.testing.assert_array_equal(labels.max(axis=-1) > 0, batch["mask"][..., 0] > 0)
+    every_label = np.concatenate([batch["labels"] for batch in batches])
+    if head == "exclusive":
+        assert set(np.unique(every_label).tolist()) == {0, 1, 2}
+    else:
+        assert every_label[..., 0].any() and every_label[..., 1].any()

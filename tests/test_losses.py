@@ -1,7 +1,9 @@
 """The soft Dice and Dice + cross-entropy losses against hand-computed values, one loss per image."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rdunet_jax import losses
 
@@ -82,3 +84,113 @@ def test_dice_plus_cross_entropy_passes_its_smoothing_to_the_dice_term():
     mask = jnp.array([[[[1.0], [0.0]], [[0.0], [0.0]]]])
     _assert_per_image(losses.soft_dice_loss(logits, mask, smooth=0.5), [4 / 7])
     _assert_per_image(losses.dice_bce_loss(logits, mask, smooth=0.5), [4 / 7 + np.log(2.0)])
+
+
+# --- Multi-class heads: hand-computed values and a plain numpy re-implementation ------------------------
+
+
+def _numpy_softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def numpy_exclusive_losses(logits, labels, smooth=1.0):
+    """Dice (mean over foreground classes, per image) and Dice + CE, written out with loops in numpy."""
+    logits = np.asarray(logits, np.float64)
+    batch, _, _, channels = logits.shape
+    dice_losses, ce_terms = [], []
+    for image in range(batch):
+        probabilities = _numpy_softmax(logits[image])
+        label_map = np.asarray(labels)[image].reshape(probabilities.shape[:2])
+        per_class = []
+        for class_index in range(1, channels):
+            target = (label_map == class_index).astype(np.float64)
+            predicted = probabilities[..., class_index]
+            per_class.append(
+                (2 * np.sum(predicted * target) + smooth) / (np.sum(predicted) + np.sum(target) + smooth)
+            )
+        dice_losses.append(1 - np.mean(per_class))
+        picked = np.take_along_axis(probabilities, label_map[..., None].astype(int), axis=-1)
+        ce_terms.append(np.mean(-np.log(picked)))
+    dice_losses = np.array(dice_losses)
+    return dice_losses, dice_losses + np.array(ce_terms)
+
+
+def numpy_multilabel_losses(logits, targets, smooth=1.0):
+    """Per-channel sigmoid Dice averaged over channels, and plus the mean binary cross-entropy."""
+    logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)
+    probabilities = 1 / (1 + np.exp(-logits))
+    intersection = np.sum(probabilities * targets, axis=(1, 2))
+    total = np.sum(probabilities, axis=(1, 2)) + np.sum(targets, axis=(1, 2))
+    dice_losses = 1 - np.mean((2 * intersection + smooth) / (total + smooth), axis=-1)
+    cross_entropy = -(targets * np.log(probabilities) + (1 - targets) * np.log(1 - probabilities))
+    return dice_losses, dice_losses + np.mean(cross_entropy, axis=(1, 2, 3))
+
+
+def test_exclusive_dice_by_hand_with_a_class_absent_from_the_mask():
+    # Zero logits over background + 2 classes: p = 1/3 on each of 4 pixels. Class 1 has one pixel:
+    # (2/3 + 1) / (4/3 + 1 + 1) = 1/2. Class 2 is absent from the mask: (0 + 1) / (4/3 + 0 + 1) = 3/7.
+    labels = jnp.array([[[1, 0], [0, 0]]])[..., None]
+    logits = jnp.zeros((1, 2, 2, 3))
+    _assert_per_image(losses.exclusive_soft_dice_loss(logits, labels), [1 - (1 / 2 + 3 / 7) / 2])
+    # Every pixel's softmax cross-entropy at p = 1/3 is log 3.
+    _assert_per_image(losses.exclusive_dice_ce_loss(logits, labels), [1 - (1 / 2 + 3 / 7) / 2 + np.log(3)])
+
+
+def test_exclusive_class_absent_from_mask_and_prediction_scores_dice_one_and_still_counts():
+    # Class 1 predicted perfectly, class 2 absent from both: its Dice is (0 + 1) / (0 + 0 + 1) = 1.
+    labels = jnp.array([[[1, 0], [0, 1]], [[0, 0], [0, 0]]])
+    logits = jnp.where(jax.nn.one_hot(labels, 3) > 0, BIG, -BIG)
+    _assert_per_image(losses.exclusive_soft_dice_loss(logits, labels), [0.0, 0.0])
+    # Image 0 now also predicts class 2 on one background pixel (p = 1): class 2 Dice 1 / (1 + 0 + 1).
+    logits = logits.at[0, 0, 1].set(jnp.array([-BIG, -BIG, BIG]))
+    _assert_per_image(losses.exclusive_soft_dice_loss(logits, labels), [1 - (1 + 1 / 2) / 2, 0.0])
+
+
+def test_exclusive_head_with_one_class_is_the_binary_loss_of_the_logit_difference():
+    # softmax over (l0, l1) gives p1 = sigmoid(l1 - l0): one class reduces to the paper's soft Dice.
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 4, 2)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 2, size=(3, 5, 4, 1)))
+    binary = losses.soft_dice_loss(logits[..., 1:] - logits[..., :1], labels)
+    np.testing.assert_allclose(losses.exclusive_soft_dice_loss(logits, labels), binary, atol=1e-6)
+
+
+@pytest.mark.parametrize("trailing_channel", [True, False])
+def test_exclusive_losses_match_a_numpy_re_implementation(trailing_channel):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 6, 5, 4)) * 2
+    labels = rng.integers(0, 4, size=(4, 6, 5))
+    labels[2][labels[2] == 3] = 0  # image 2 lacks class 3
+    given = labels[..., None] if trailing_channel else labels
+    expected_dice, expected_dice_ce = numpy_exclusive_losses(logits, labels)
+    logits = jnp.asarray(logits, jnp.float32)
+    _assert_per_image(losses.exclusive_soft_dice_loss(logits, given), expected_dice)
+    np.testing.assert_allclose(losses.exclusive_dice_ce_loss(logits, given), expected_dice_ce, atol=1e-5)
+
+
+def test_multilabel_dice_by_hand_with_overlapping_channels():
+    # Channel 0 (lungs): p = 0.5 on 4 pixels, 2 lung pixels: (2 + 1) / (2 + 2 + 1) = 3/5. Channel 1
+    # (infection, inside the lungs): predicted perfectly, Dice 1. Loss 1 - (3/5 + 1) / 2 = 1/5.
+    targets = jnp.zeros((1, 2, 2, 2)).at[0, 0, :, 0].set(1.0).at[0, 0, 0, 1].set(1.0)
+    logits = jnp.stack([jnp.zeros((1, 2, 2)), jnp.where(targets[..., 1] > 0, BIG, -BIG)], axis=-1)
+    _assert_per_image(losses.multilabel_soft_dice_loss(logits, targets), [1 / 5])
+    # Cross-entropy: 4 pixels of log 2 in channel 0, 0 in channel 1, averaged over 8 values.
+    _assert_per_image(losses.multilabel_dice_bce_loss(logits, targets), [1 / 5 + np.log(2) / 2])
+
+
+def test_multilabel_losses_match_a_numpy_re_implementation():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 6, 5, 2)) * 2
+    targets = rng.integers(0, 2, size=(3, 6, 5, 2)).astype(np.float32)
+    targets[1, ..., 1] = 0  # image 1 lacks class 1
+    expected_dice, expected_dice_bce = numpy_multilabel_losses(logits, targets)
+    logits = jnp.asarray(logits, jnp.float32)
+    _assert_per_image(losses.multilabel_soft_dice_loss(logits, targets), expected_dice)
+    np.testing.assert_allclose(losses.multilabel_dice_bce_loss(logits, targets), expected_dice_bce, atol=1e-5)
+
+
+def test_every_head_names_its_losses_and_binary_is_the_paper_table():
+    assert losses.LOSSES_BY_HEAD["binary"] is losses.LOSSES
+    assert set(losses.LOSSES_BY_HEAD) == {"binary", "exclusive", "multilabel"}
+    assert all("dice" in table for table in losses.LOSSES_BY_HEAD.values())

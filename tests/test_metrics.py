@@ -335,3 +335,91 @@ def test_slice_metrics_of_narrow_integer_counts_do_not_overflow():
         np.array([200], np.uint8), np.array([0], np.uint8), np.array([100], np.uint8)
     )
     assert result["dice"][0] == pytest.approx(400 / 500)
+
+
+# --- Per-class metrics ----------------------------------------------------------------------------------
+
+
+def _label_maps(pixels_by_slice):
+    """4x4 label maps from {label: [(row, column), ...]} per slice."""
+    maps = np.zeros((len(pixels_by_slice), 4, 4), np.uint8)
+    for index, pixels in enumerate(pixels_by_slice):
+        for label, coordinates in pixels.items():
+            for row, column in coordinates:
+                maps[index, row, column] = label
+    return maps
+
+
+SQUARE = [(2, 0), (2, 1), (3, 0), (3, 1)]
+# Slice A: class 1 half found, class 2 absent and not predicted. Slice B: class 1 exact, class 2 found
+# with one false pixel. Slice C: class 1 absent but predicted on one pixel, class 2 missed entirely.
+EXPERT = _label_maps([{1: [(0, 0), (0, 1)]}, {1: SQUARE, 2: [(0, 3)]}, {2: [(3, 0)]}])
+PREDICTED = _label_maps([{1: [(0, 0), (1, 0)]}, {1: SQUARE, 2: [(0, 3), (1, 3)]}, {1: [(3, 3)]}])
+
+
+def test_class_masks_split_a_label_map_into_one_channel_per_class():
+    masks = metrics.class_masks(np.array([[0, 1], [2, 2]]), 3)
+    assert masks.shape == (2, 2, 3) and masks.dtype == bool
+    np.testing.assert_array_equal(masks[..., 0], [[0, 1], [0, 0]])
+    np.testing.assert_array_equal(masks[..., 1], [[0, 0], [1, 1]])
+    assert not masks[..., 2].any()
+
+
+def test_per_class_metrics_by_hand_with_a_class_absent_from_a_slice():
+    result = metrics.per_class_summary(
+        metrics.class_masks(PREDICTED, 2), metrics.class_masks(EXPERT, 2), ("ggo", "consolidation")
+    )
+    assert list(result) == ["ggo", "consolidation"]
+    ggo, consolidation = result["ggo"], result["consolidation"]
+    # ggo on A (TP 1, FP 1, FN 1) and B (exact); C lacks it and has one false pixel.
+    assert (ggo["num_slices_present"], ggo["num_slices_absent"]) == (2, 1)
+    assert ggo["dice"] == pytest.approx((1 / 2 + 1) / 2)
+    assert ggo["jaccard"] == pytest.approx((1 / 3 + 1) / 2)
+    assert ggo["precision"] == pytest.approx(0.75) and ggo["recall"] == pytest.approx(0.75)
+    assert ggo["global_dice"] == pytest.approx(2 * 5 / (2 * 5 + 2 + 1))  # TP 5, FP 1 + 1, FN 1
+    assert ggo["false_positive_rate"] == 1.0
+    # HD95 on A: distances {0, 1} each way, 95th percentile of [0, 0, 1, 1] = 1; B exact: 0.
+    assert ggo["hd95"] == pytest.approx(0.5) and ggo["hd95_num_slices"] == 2
+    # consolidation on B (TP 1, FP 1) and C (missed); A lacks it and none is predicted there.
+    assert (consolidation["num_slices_present"], consolidation["num_slices_absent"]) == (2, 1)
+    assert consolidation["dice"] == pytest.approx((2 / 3 + 0) / 2)
+    assert consolidation["jaccard"] == pytest.approx(0.25)
+    assert consolidation["precision"] == pytest.approx(0.25) and consolidation["recall"] == pytest.approx(0.5)
+    assert consolidation["global_dice"] == pytest.approx(2 / 4)
+    assert consolidation["false_positive_rate"] == 0.0
+    # B: distances [0, 1] and [0]: 95th percentile of [0, 0, 1] = 0.9; C has no prediction (one empty).
+    assert consolidation["hd95"] == pytest.approx(0.9)
+    assert (consolidation["hd95_num_slices"], consolidation["hd95_num_one_empty"]) == (1, 1)
+
+
+def test_per_class_hd95_uses_the_pixel_spacing():
+    # Rows 2 mm apart, columns 1 mm: on A the distances are [0, 0, 1, 2] mm, 95th percentile 1.85.
+    result = metrics.per_class_summary(
+        metrics.class_masks(PREDICTED, 2),
+        metrics.class_masks(EXPERT, 2),
+        ("ggo", "consolidation"),
+        (2.0, 1.0),
+    )
+    assert result["ggo"]["hd95"] == pytest.approx((1.85 + 0) / 2)
+    per_slice_spacing = np.array([[2.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    result = metrics.per_class_summary(
+        metrics.class_masks(PREDICTED, 2), metrics.class_masks(EXPERT, 2), ("a", "b"), per_slice_spacing
+    )
+    assert result["a"]["hd95"] == pytest.approx(1.85 / 2) and result["b"]["hd95"] == pytest.approx(0.9)
+
+
+def test_a_class_no_slice_contains_has_no_means_but_a_false_positive_rate():
+    expert = np.zeros((2, 4, 4, 1), bool)
+    predicted = expert.copy()
+    predicted[1, 0, 0, 0] = True
+    result = metrics.per_class_summary(predicted, expert, ("effusion",))["effusion"]
+    assert result["num_slices_present"] == 0 and result["dice"] is None and result["hd95"] is None
+    assert result["false_positive_rate"] == 0.5 and result["global_dice"] == 0.0
+
+
+def test_per_class_summary_refuses_masks_that_do_not_match_the_classes():
+    masks = np.zeros((2, 4, 4, 2), bool)
+    with pytest.raises(ValueError, match="classes"):
+        metrics.per_class_summary(masks, masks, ("ggo",))
+    with pytest.raises(ValueError, match="classes"):
+        metrics.per_class_summary(masks, masks[..., :1], ("ggo", "consolidation"))

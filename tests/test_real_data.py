@@ -103,3 +103,32 @@ def test_a_few_train_steps_on_real_slices_at_64_px(data_dir):
         losses.append(float(jax.device_get(metrics["loss"])))
     assert all(np.isfinite(losses)) and all(0.0 <= loss <= 1.0 for loss in losses)
     assert int(state.step) == 3
+
+
+def test_semiseg_multiclass_labels_are_ggo_and_consolidation_and_cover_the_binary_mask(data_dir):
+    # The release's palette masks hold 0 background, 1 ground-glass opacity, 2 consolidation, and their
+    # lesion pixels are exactly the binary masks' (checked on all 50 slices).
+    from rdunet_jax.datasets import labels as class_labels
+
+    data = real_data_config("semiseg", data_dir, classes=("ggo", "consolidation"))
+    source = class_labels.LabelledSource(datasets.load_source(data, "train_full"), data, "exclusive")
+    present = []
+    for index in range(len(source)):
+        record = source[index]
+        assert set(np.unique(record["labels"])) <= {0, 1, 2}, record["id"]
+        np.testing.assert_array_equal(record["labels"] > 0, record["mask"] > 0, err_msg=record["id"])
+        present.append([bool(np.any(record["labels"] == value)) for value in (1, 2)])
+    assert len(source) == 50 and np.sum(present, axis=0).tolist() == [48, 39]
+
+
+def test_ma2020_lungs_and_infection_channels_give_an_involvement_for_every_slice(data_dir):
+    from rdunet_jax import involvement
+    from rdunet_jax.datasets import labels as class_labels
+
+    data = real_data_config("ma2020_2d", data_dir, classes=("lungs", "infection"))
+    source = class_labels.LabelledSource(datasets.load_source(data, "validation"), data, "multilabel")
+    channels = np.stack([source[index]["labels"] for index in range(len(source))]).astype(bool)
+    lungs, infection = channels[..., 0], channels[..., 1]
+    assert np.sum(lungs & infection) / np.sum(infection) > 0.999  # the infection masks lie inside the lungs
+    percent = involvement.per_slice_percent(lungs, infection)
+    assert np.all(np.isfinite(percent)) and 0 < percent.min() and percent.max() < 100

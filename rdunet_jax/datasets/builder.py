@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from rdunet_jax import orientation
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.datasets import layouts, readers, synthetic
 from rdunet_jax.errors import UserError
 
@@ -41,6 +42,9 @@ class CovidCtConfig(tfds.core.BuilderConfig):
     synthetic_sizes: tuple = (160, 32, 32)
     synthetic_image_size: int = 256
     orientation: str = orientation.VOXEL_ORDER
+    # nifti label maps with data.classes (multi-class heads): values 0..num_classes; 0 keeps the default
+    # labels (readers.NIFTI_LABELS), so binary datasets keep their cache key.
+    num_classes: int = 0
 
 
 def _image_tensor(dtype=np.uint8):
@@ -194,7 +198,15 @@ def _nifti_split_generators(cases, config) -> dict:
             units.append((case, None))
     splits = layouts.assign_splits(units, config.split_scheme, config.split_fractions, config.split_seed)
     _require_nonempty(splits, f"{len(units)} cases")
-    return {split: _generate_nifti(split_units, config.orientation) for split, split_units in splits.items()}
+    return {
+        split: _generate_nifti(split_units, config.orientation, _nifti_labels(config))
+        for split, split_units in splits.items()
+    }
+
+
+def _nifti_labels(config) -> tuple[int, ...]:
+    """The label values a nifti mask may hold: 0..K for K configured classes, else the default ones."""
+    return tuple(range(config.num_classes + 1)) if config.num_classes else readers.NIFTI_LABELS
 
 
 def _nifti_slice_count(path) -> int:
@@ -212,13 +224,13 @@ def _nifti_slice_count(path) -> int:
     return shape[2]
 
 
-def _generate_nifti(units, model_orientation: str):
+def _generate_nifti(units, model_orientation: str, label_values=readers.NIFTI_LABELS):
     """Axial slices of NIfTI volumes turned to `model_orientation` (as prediction turns them), with HU,
     and the spacing, affine, slice index and shape of the turned volume."""
     loaded_case, volumes = None, None
     for case, only_slice in units:
         if case is not loaded_case:  # units of one case are adjacent: read each volume once per split
-            loaded_case, volumes = case, _read_nifti_case(case, model_orientation)
+            loaded_case, volumes = case, _read_nifti_case(case, model_orientation, label_values)
         image, labels, affine, spacing = volumes
         indices = range(image.shape[2]) if only_slice is None else (only_slice,)
         for index in indices:
@@ -240,14 +252,14 @@ def _generate_nifti(units, model_orientation: str):
             )
 
 
-def _read_nifti_case(case, model_orientation: str):
+def _read_nifti_case(case, model_orientation: str, label_values=readers.NIFTI_LABELS):
     """Image (float32 HU) and label volumes of a case, checked to share shape and affine, turned from
     their affine to `model_orientation` (slices along the axis nearest superior-inferior), with the
     turned volume's affine and spacing."""
     image, image_affine, spacing = readers.read_nifti(case.image)
     mask, mask_affine, _ = readers.read_nifti(case.mask)
     readers.check_nifti_pair(case.image, image, image_affine, case.mask, mask, mask_affine)
-    labels = readers.nifti_label_volume(mask, case.mask)
+    labels = readers.nifti_label_volume(mask, case.mask, label_values)
     layout = orientation.volume_layout(image_affine, model_orientation)
     if case.independent_slices and not layout.per_slice:
         # Unrelated slices stacked along the third axis cannot be resliced along another.
@@ -280,6 +292,9 @@ def cache_options(data_config) -> dict:
     if name == "nifti":
         # The turned slices are what is prepared: another orientation is another dataset.
         options["orientation"] = orientation.model_orientation(data_config)
+    if name == "nifti" and tuple(data_config.get("classes", ())) not in ((), class_labels.BINARY_CLASSES):
+        # Label maps are checked against the configured classes when prepared: another set, another dataset.
+        options["num_classes"] = len(data_config.classes)
     if name in ("ma2020_2d", "nifti"):
         options.update(
             split_scheme=data_config.split_scheme,

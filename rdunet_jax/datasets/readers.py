@@ -128,12 +128,12 @@ def check_nifti_pair(image_path, image_volume, image_affine, mask_path, mask_vol
         raise UserError(f"{mask_path}: affine differs from its image {image_path}")
 
 
-def nifti_label_volume(volume: np.ndarray, path) -> np.ndarray:
-    """A NIfTI mask volume as uint8 labels, rejecting non-integer or unknown values."""
+def nifti_label_volume(volume: np.ndarray, path, labels=NIFTI_LABELS) -> np.ndarray:
+    """A NIfTI mask volume as uint8 labels, rejecting non-integer values or values outside `labels`."""
     rounded = np.rint(volume)
     if not np.allclose(rounded, volume, atol=1e-3):
-        raise UserError(f"{path}: mask has non-integer values; expected labels {set(NIFTI_LABELS)}")
-    check_labels(rounded, NIFTI_LABELS, path)
+        raise UserError(f"{path}: mask has non-integer values; expected labels {set(labels)}")
+    check_labels(rounded, labels, path)
     return rounded.astype(np.uint8)
 
 
