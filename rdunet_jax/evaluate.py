@@ -25,7 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import checkpoints, datasets, input_pipeline, metrics, onnx_export, steps, train, visualize
+from rdunet_jax import (
+    checkpoints,
+    config_lib,
+    datasets,
+    devices,
+    input_pipeline,
+    metrics,
+    models,
+    onnx_export,
+    steps,
+    visualize,
+)
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
@@ -528,7 +539,9 @@ def restore_for_evaluation(config, workdir, checkpoint_step: int | None = None):
     directory = pathlib.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"--workdir: no checkpoint in {directory.absolute()}; train first")
-    model = train.setup_run(config)
+    config_lib.validate(config)
+    devices.enable_compilation_cache(config.compilation_cache_dir)
+    model = models.build_model(config.model)
     run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
     try:
         target = steps.abstract_train_state(config, model, steps_per_epoch=1)

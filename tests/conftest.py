@@ -6,14 +6,14 @@ import pathlib
 import jax
 import pytest
 
-from rdunet_jax import steps, train
+from rdunet_jax import devices, models, steps
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
 # Prepared phantom datasets of the tests, kept out of the user's ~/tensorflow_datasets.
 TEST_DATA_DIR = REPO_ROOT / ".pytest_cache" / "tensorflow_datasets"
 
-train.enable_compilation_cache(str(TEST_CACHE))
+devices.enable_compilation_cache(str(TEST_CACHE))
 
 
 def make_tiny_config(**data_overrides):
@@ -39,7 +39,7 @@ def tiny_config():
 def tiny_state():
     """A freshly initialised train state of the tiny config (built once per session)."""
     config = make_tiny_config()
-    model = train.setup_run(config)
+    model = models.build_model(config.model)
     return steps.create_train_state(config, model, steps_per_epoch=2)
 
 
