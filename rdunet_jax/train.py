@@ -14,7 +14,6 @@ host) along a `data` mesh axis; parameters and optimizer state are replicated (`
 """
 
 import json
-import os
 import pathlib
 import signal
 import time
@@ -29,9 +28,6 @@ from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 from rdunet_jax.orientation import model_orientation
 from rdunet_jax.steps import create_train_state, learning_rate_schedule
-
-# Fault injection for the resume tests: SIGKILL this process right after the given step.
-_KILL_AT_STEP_VARIABLE = "RDUNET_TEST_KILL_AT_STEP"
 
 
 class TrainingStopped(Exception):
@@ -225,7 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     schedule = learning_rate_schedule(config, steps_per_epoch)
     log = _Log(workdir, meta["epoch"]) if is_first_host else None
     total_steps = config.num_epochs * steps_per_epoch
-    kill_at_step = int(os.environ.get(_KILL_AT_STEP_VARIABLE, "0"))
     loss_check = _LossCheck()
     timer_start, timed_from = None, 0
     # The step is counted on the host: reading state.step would wait for each step to finish and stall
@@ -252,8 +247,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                     state, step_metrics = step_function(state, batch)
                     step += 1
                     loss_check.add(step, step_metrics["loss"])
-                    if step == kill_at_step:
-                        os.kill(os.getpid(), signal.SIGKILL)
                     # The last step of an epoch is saved after validation, with the epoch's record.
                     save_now = step % steps_per_epoch != 0 and (
                         stop.signal_number is not None

@@ -41,12 +41,11 @@ def test_train_stop_resume_and_evaluate(tmp_path):
     workdir = tmp_path / "run"
     args = [f"--workdir={workdir}", "--config.num_epochs=3"]
     stopped = subprocess.run(
-        [sys.executable, "-m", "rdunet_jax.main", *TINY, *args],
+        [sys.executable, "-m", "tests.kill_at_step", "5", "--", *TINY, *args],  # SIGKILL during epoch 3
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, "RDUNET_TEST_KILL_AT_STEP": "5"},  # SIGKILL during epoch 3
     )
     assert stopped.returncode == -signal.SIGKILL
     assert 1 <= len(_epochs(workdir)) < 3

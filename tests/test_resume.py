@@ -40,17 +40,16 @@ TINY = [
 
 
 def _run(workdir, *args, kill_at_step=None, timeout=240):
-    environment = dict(os.environ)
-    environment.pop("RDUNET_TEST_KILL_AT_STEP", None)
+    """The command line in a child process; SIGKILLed right after step `kill_at_step` when given."""
+    launcher = ["rdunet_jax.main"]
     if kill_at_step is not None:
-        environment["RDUNET_TEST_KILL_AT_STEP"] = str(kill_at_step)
+        launcher = ["tests.kill_at_step", str(kill_at_step), "--"]
     return subprocess.run(
-        [sys.executable, "-m", "rdunet_jax.main", *TINY, f"--workdir={workdir}", *args],
+        [sys.executable, "-m", *launcher, *TINY, f"--workdir={workdir}", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=environment,
     )
 
 
