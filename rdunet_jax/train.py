@@ -242,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 for batch in iterator:
                     batch = devices.shard_batch(batch, mesh)
                     if step_function is None:
+                        # Looked up in this module, so a caller can wrap the step (tests/kill_at_step.py).
                         step_function = compiled_train_step(config, state, batch, steps_per_epoch, mesh)
                         devices.wait_for_every_host("rdunet_train_step_compiled")
                     state, step_metrics = step_function(state, batch)

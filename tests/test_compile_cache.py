@@ -1,7 +1,10 @@
 """The train step's stored executables: stored then loaded without tracing, marked when XLA cannot
 round-trip them, replaced when damaged, and keyed by everything the program depends on."""
 
+import pathlib
+
 import jax
+import jax.extend
 import numpy as np
 from conftest import make_tiny_config
 
@@ -171,3 +174,25 @@ def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_
     half = {name: value[:1] for name, value in batch.items()}
     want = steps.train_step(tiny_state, half)[1]["loss"]
     assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
+
+
+def _package_sources_in(jaxpr, package: pathlib.Path) -> set[str]:
+    """The package's files named in the source tracebacks of a program's equations, nested ones too."""
+    names = set()
+    for equation in jaxpr.eqns:
+        traceback = equation.source_info.traceback
+        for frame in traceback.frames if traceback is not None else ():
+            if pathlib.Path(frame.file_name).parent == package:
+                names.add(pathlib.Path(frame.file_name).name)
+        for inner in jax.extend.core.jaxprs_in_params(equation.params):
+            names |= _package_sources_in(inner, package)
+    return names
+
+
+def test_the_executable_key_reads_every_package_source_traced_into_the_step(tiny_state, tiny_config):
+    # A change to any file whose code ends up in the program must be a new key, or a stale executable
+    # would be loaded; JAX's own record of where each operation was traced from names those files.
+    program = jax.make_jaxpr(steps.train_step.__wrapped__)(tiny_state, _fixed_batch(tiny_config))
+    traced = _package_sources_in(program.jaxpr, pathlib.Path(compile_cache.__file__).parent)
+    assert {"models.py", "losses.py", "steps.py"} <= traced
+    assert traced <= set(compile_cache._TRAIN_STEP_SOURCES)
