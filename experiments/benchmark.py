@@ -263,30 +263,32 @@ def child_first_step(args) -> None:
     """Runs as a fresh process: the path of a real run up to its first train steps, then reports."""
     payload = json.loads(args._child)
     phases = {}
-    from rdunet_jax import datasets, input_pipeline, steps, train
+    from rdunet_jax import compile_cache, config_lib, datasets, devices, input_pipeline, models, steps
 
     phases["imports"] = time.time()
     config = make_config(args, payload["image_size"])
     config.compilation_cache_dir = payload["cache_dir"]
-    model = train.setup_run(config)
+    config_lib.validate(config)
+    devices.enable_compilation_cache(config.compilation_cache_dir)
+    model = models.build_model(config.model)
     source = datasets.load_source(config.data, config.data.train_split)
     dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
     iterator = input_pipeline.to_iterator(dataset)
-    mesh = train.data_parallel_mesh()
-    batch = train.shard_batch(next(iterator), mesh)
+    mesh = devices.data_parallel_mesh()
+    batch = devices.shard_batch(next(iterator), mesh)
     phases["data"] = time.time()
     state = steps.create_train_state(config, model, steps_per_epoch=len(dataset))
     phases["model"] = time.time()
     rss_before_training = common.peak_rss_mb()
     # As a run gets it: compiled (cold) or loaded from the executable cache (warm) before the first step.
-    step = train.compiled_train_step(config, state, batch, len(dataset), mesh)
+    step = compile_cache.compiled_train_step(config, state, batch, len(dataset), mesh)
     first_step_at = time.time()
     phases["compile"] = first_step_at
     state, metrics = step(state, batch)
     float(metrics["loss"])
     phases["first_step_done"] = time.time()
     for _ in range(args.startup_steps - 1):
-        state, metrics = step(state, train.shard_batch(next(iterator), mesh))
+        state, metrics = step(state, devices.shard_batch(next(iterator), mesh))
     float(metrics["loss"])
     print(
         "CHILD "

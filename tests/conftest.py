@@ -5,9 +5,9 @@ import jax
 import pytest
 from helpers import TEST_CACHE, make_tiny_config
 
-from rdunet_jax import steps, train
+from rdunet_jax import devices, models, steps
 
-train.enable_compilation_cache(str(TEST_CACHE))
+devices.enable_compilation_cache(str(TEST_CACHE))
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def tiny_config():
 def tiny_state():
     """A freshly initialised train state of the tiny config (built once per session)."""
     config = make_tiny_config()
-    model = train.setup_run(config)
+    model = models.build_model(config.model)
     return steps.create_train_state(config, model, steps_per_epoch=2)
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from helpers import make_tiny_config
 
-from rdunet_jax import checkpoints, steps, train
+from rdunet_jax import checkpoints, models, steps
 
 
 def test_save_then_restore_gives_identical_state(tmp_path, tiny_state):
@@ -19,7 +19,7 @@ def test_save_then_restore_gives_identical_state(tmp_path, tiny_state):
     run_checkpoints.save("latest", int(state.step), state, meta)
     run_checkpoints.wait()
 
-    target = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    target = steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=2)
     restored_state, restored_meta = run_checkpoints.restore("latest", target)
     run_checkpoints.close()
     assert restored_meta == meta

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, datasets, input_pipeline, train
+from rdunet_jax import checkpoints, datasets, devices, input_pipeline, train
 from rdunet_jax.errors import UserError
 
 HOST_BATCH_SIZE = 2
@@ -29,12 +29,12 @@ def source(source_config):
 
 
 def batches_of_every_host(monkeypatch, source, config, num_hosts: int, epoch: int) -> list[list[dict]]:
-    """`train.host_batches` as each of `num_hosts` processes sees it (process index and count patched)."""
+    """`devices.host_batches` as each of `num_hosts` processes sees it (process index and count patched)."""
     hosts = []
     for host in range(num_hosts):
         monkeypatch.setattr(jax, "process_index", lambda host=host: host)
         monkeypatch.setattr(jax, "process_count", lambda: num_hosts)
-        hosts.append(list(train.host_batches(source, config, epoch)))
+        hosts.append(list(devices.host_batches(source, config, epoch)))
     monkeypatch.undo()
     return hosts
 
@@ -45,7 +45,7 @@ def test_the_hosts_parts_in_host_order_are_the_one_host_global_batches(
 ):
     config = source_config.copy_and_resolve_references()
     config.batch_size = num_hosts * HOST_BATCH_SIZE
-    one_host = list(train.host_batches(source, config, epoch=1))
+    one_host = list(devices.host_batches(source, config, epoch=1))
     hosts = batches_of_every_host(monkeypatch, source, config, num_hosts, epoch=1)
     assert len(one_host) == len(source) // config.batch_size >= 2
     for host_batches in hosts:
@@ -95,7 +95,7 @@ def test_a_coordinator_without_a_valid_process_count_and_index_is_a_user_error(
     monkeypatch, num_processes, process_id, named
 ):
     # JAX reads JAX_COORDINATOR_ADDRESS itself but not the other two variables the README names.
-    monkeypatch.setattr(train, "_distributed_initialized", False)
+    monkeypatch.setattr(devices, "_distributed_initialized", False)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     for name, value in (("JAX_NUM_PROCESSES", num_processes), ("JAX_PROCESS_ID", process_id)):
         if value is None:
@@ -103,11 +103,11 @@ def test_a_coordinator_without_a_valid_process_count_and_index_is_a_user_error(
         else:
             monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=f"^{named}: "):
-        train.initialize_distributed()
+        devices.initialize_distributed()
 
 
 JOIN_AND_REPORT = (
-    "from rdunet_jax import train; train.initialize_distributed(); import jax; "
+    "from rdunet_jax import devices; devices.initialize_distributed(); import jax; "
     "print('JOINED', jax.process_index(), jax.process_count(), flush=True); jax.distributed.shutdown()"
 )
 

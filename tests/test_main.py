@@ -13,7 +13,7 @@ import onnx
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, steps, train
+from rdunet_jax import checkpoints, models, steps
 
 TINY = [
     "--config",
@@ -42,12 +42,11 @@ def test_train_stop_resume_and_evaluate(tmp_path):
     workdir = tmp_path / "run"
     args = [f"--workdir={workdir}", "--config.num_epochs=3"]
     stopped = subprocess.run(
-        [sys.executable, "-m", "rdunet_jax.main", *TINY, *args],
+        [sys.executable, "-m", "tests.kill_at_step", "5", "--", *TINY, *args],  # SIGKILL during epoch 3
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        env={**os.environ, "RDUNET_TEST_KILL_AT_STEP": "5"},  # SIGKILL during epoch 3
     )
     assert stopped.returncode == -signal.SIGKILL
     assert 1 <= len(_epochs(workdir)) < 3
@@ -153,7 +152,7 @@ def test_a_file_where_a_folder_belongs_is_a_one_line_error(tmp_path, flag, messa
 def _checkpoint_bytes(workdir: pathlib.Path) -> dict:
     """Every checkpoint of a tiny run as {(kind, step, leaf path): array bytes}, plus each one's meta."""
     config = make_tiny_config()
-    target = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    target = steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=2)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints", create=False)
     contents = {}
     try:

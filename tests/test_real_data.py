@@ -86,14 +86,14 @@ def test_ma2020_splits_shapes_and_alignment(data_dir):
 def test_a_few_train_steps_on_real_slices_at_64_px(data_dir):
     import jax
 
-    from rdunet_jax import train
+    from rdunet_jax import models
 
     config = config_lib.apply_model_variant(config_lib.base_config(), "rdunet")
     config.data = real_data_config("ma2020_2d", data_dir, image_size=64)
     config.batch_size, config.model.features, config.model.depth = 4, 4, 2
     config.model.skip_dilation_rates = ((1, 2, 1), (1, 2, 1))
     config.compilation_cache_dir = str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla")
-    model = train.setup_run(config)
+    model = models.build_model(config.model)
     state = steps.create_train_state(config, model, steps_per_epoch=10)
     source = datasets.load_source(config.data, "train")
     batches = iter(input_pipeline.train_dataset(source, config.data, config.batch_size, seed=0, epoch=0))

@@ -26,7 +26,7 @@ import optax
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, evaluate, steps, train
+from rdunet_jax import checkpoints, evaluate, models, steps, train
 from rdunet_jax.errors import UserError
 
 NUM_EPOCHS = 3  # 8 slices, batch 4: 2 steps an epoch, 6 in all
@@ -40,23 +40,22 @@ TINY = [
 
 
 def _run(workdir, *args, kill_at_step=None, timeout=240):
-    environment = dict(os.environ)
-    environment.pop("RDUNET_TEST_KILL_AT_STEP", None)
+    """The command line in a child process; SIGKILLed right after step `kill_at_step` when given."""
+    launcher = ["rdunet_jax.main"]
     if kill_at_step is not None:
-        environment["RDUNET_TEST_KILL_AT_STEP"] = str(kill_at_step)
+        launcher = ["tests.kill_at_step", str(kill_at_step), "--"]
     return subprocess.run(
-        [sys.executable, "-m", "rdunet_jax.main", *TINY, f"--workdir={workdir}", *args],
+        [sys.executable, "-m", *launcher, *TINY, f"--workdir={workdir}", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=environment,
     )
 
 
 def _final_state(workdir):
     config = make_tiny_config()
-    target = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    target = steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=2)
     run_checkpoints = checkpoints.RunCheckpoints(pathlib.Path(workdir) / "checkpoints")
     try:
         return run_checkpoints.restore("latest", target)
@@ -198,7 +197,7 @@ def _steps(workdir, kind: str) -> list[int]:
 @functools.cache
 def _restore_target():
     config = _loop_config()
-    return steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2)
+    return steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=2)
 
 
 def _restore(workdir, kind: str, step=None):

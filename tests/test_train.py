@@ -1,10 +1,7 @@
-"""The train step, Adam on the learning-rate staircase, the paper's defaults, data parallelism and the
-evaluation of a split."""
+"""The train step, Adam on the learning-rate staircase, the paper's defaults and the evaluation of a
+split."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,7 +9,7 @@ import optax
 import pytest
 from helpers import REPO_ROOT, make_tiny_config
 
-from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, models, steps, train
+from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, models, steps
 from rdunet_jax import losses as losses_lib
 
 
@@ -73,7 +70,8 @@ def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
     assert np.all(validation > steps.eval_step(tiny_state, batch)["loss"])
     config = make_tiny_config()
     config.loss = "dice_bce"
-    assert steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=2).loss == "dice_bce"
+    model = models.build_model(config.model)
+    assert steps.abstract_train_state(config, model, steps_per_epoch=2).loss == "dice_bce"
 
 
 def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
@@ -135,7 +133,7 @@ def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
         paper.lr_decay_epochs,
         paper.lr_decay_factor,
     )
-    optimizer = steps.abstract_train_state(config, train.setup_run(config), steps_per_epoch=3).tx
+    optimizer = steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=3).tx
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=6).astype(np.float32)}
     gradient = {"w": rng.normal(size=6).astype(np.float32)}
@@ -225,267 +223,3 @@ def test_evaluate_source_counts_every_slice_once(tiny_state):
     assert summary["num_slices"] == 21
     for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
         assert 0.0 <= summary[key] <= 1.0
-
-
-SHARDED_STEP_SCRIPT = """
-import sys
-import jax, numpy as np
-sys.path.insert(0, "tests")
-from helpers import REPO_ROOT, make_tiny_config
-from rdunet_jax import datasets, input_pipeline, steps, train
-from rdunet_jax.errors import UserError
-
-assert jax.device_count() == 4, jax.devices()
-config = make_tiny_config()
-state = steps.create_train_state(config, train.setup_run(config), steps_per_epoch=2)
-source = datasets.load_source(config.data, "train")
-batch = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)[0]
-
-single_state, single_metrics = steps.train_step(jax.device_put(state, jax.devices()[0]), batch)
-mesh = train.data_parallel_mesh()
-sharded_batch = train.shard_batch(batch, mesh)
-assert len(sharded_batch["image"].sharding.device_set) == 4
-sharded_state, sharded_metrics = steps.train_step(train.replicate(state, mesh), sharded_batch)
-difference = max(
-    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-    for a, b in zip(jax.tree_util.tree_leaves(single_state), jax.tree_util.tree_leaves(sharded_state))
-)
-print("LOSS", float(single_metrics["loss"]), float(sharded_metrics["loss"]))
-print("MAX_ABS_DIFFERENCE", difference)
-try:
-    train.check_batch_divides(6, mesh)
-except UserError as error:
-    print("ERROR", error)
-"""
-
-
-def test_sharded_train_step_equals_single_device_step():
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED_STEP_SCRIPT],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
-    )
-    assert result.returncode == 0, result.stderr
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
-    single_loss, sharded_loss = map(float, lines["LOSS"].split())
-    assert sharded_loss == pytest.approx(single_loss, rel=1e-5)
-    # Reductions run in another order over 4 devices; Adam's first step (learning rate 1e-2) moves a
-    # parameter by up to 1e-2, so differences of a few 1e-5 are float noise, not a different step.
-    assert float(lines["MAX_ABS_DIFFERENCE"]) < 1e-4
-    assert lines["ERROR"] == "batch_size: 6 does not divide over the 4 devices of this run"
-
-
-def test_distributed_initialisation_only_when_a_coordinator_is_set(monkeypatch):
-    calls = []
-    monkeypatch.setattr(train.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(train, "_distributed_initialized", False)
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    train.initialize_distributed()
-    assert calls == []
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12355")
-    # JAX reads only the address from the environment: the count and index are passed on.
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
-    monkeypatch.setenv("JAX_PROCESS_ID", "1")
-    train.initialize_distributed()
-    train.initialize_distributed()
-    assert calls == [{"num_processes": 2, "process_id": 1}]
-
-
-# --- the train step's executable cache (start-up of a second run) ------------------------------------
-
-
-def _executable_config(cache_dir):
-    config = make_tiny_config()
-    config.compilation_cache_dir = str(cache_dir)
-    return config
-
-
-def _fresh_state(steps_per_epoch: int):
-    """A tiny state whose schedule makes a program no other test compiled in this process."""
-    config = make_tiny_config()
-    return steps.create_train_state(config, train.setup_run(config), steps_per_epoch)
-
-
-class _FakeSerializer:
-    """Stands in for jax.experimental.serialize_executable: bytes name executables kept in memory;
-    `broken` makes every loaded executable fail when run, as XLA:CPU's sometimes do."""
-
-    def __init__(self, broken=False):
-        self.executables, self.broken = {}, broken
-
-    def serialize(self, compiled):
-        name = f"executable-{len(self.executables)}".encode()
-        self.executables[name] = compiled
-        return name, None, None
-
-    def deserialize_and_load(self, serialized, in_tree, out_tree):
-        compiled = self.executables[serialized]
-        if not self.broken:
-            return compiled
-
-        def fails(*args):
-            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found")
-
-        return fails
-
-
-def _assert_same_step(step_function, state, batch):
-    want_state, want = steps.train_step(state, batch)
-    got_state, got = step_function(state, batch)
-    assert float(got["loss"]) == float(want["loss"])
-    for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(want_state), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_the_compiled_train_step_is_stored_then_loaded_without_tracing(tiny_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "serialize_executable", _FakeSerializer())
-    config = _executable_config(tmp_path)
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    first = train.cached_train_step(config, tiny_state, batch, 2, mesh)
-    (stored,) = (tmp_path / "train_step").glob("*.bin")
-    assert stored.read_bytes() == b"executable-0"
-    _assert_same_step(first, tiny_state, batch)  # the check's result, handed out once
-    _assert_same_step(first, tiny_state, batch)  # the executable itself
-    jitted = steps.train_step
-    monkeypatch.setattr(train, "train_step", None)  # loading must not trace or compile
-    second = train.cached_train_step(config, tiny_state, batch, 2, mesh)
-    monkeypatch.setattr(train, "train_step", jitted)
-    assert second.compiled is first.compiled and second.stored_at == stored
-    _assert_same_step(second, tiny_state, batch)
-
-
-def test_a_program_that_does_not_survive_serialisation_is_marked_and_left_to_jit(
-    tiny_state, tmp_path, monkeypatch
-):
-    monkeypatch.setattr(train, "serialize_executable", _FakeSerializer(broken=True))
-    config = _executable_config(tmp_path)
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    _assert_same_step(train.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch)
-    assert not list((tmp_path / "train_step").glob("*.bin"))
-    assert len(list((tmp_path / "train_step").glob("*.unserialisable"))) == 1
-    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
-
-
-def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tmp_path, monkeypatch):
-    serializer = _FakeSerializer()
-    monkeypatch.setattr(train, "serialize_executable", serializer)
-    config = _executable_config(tmp_path)
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    train.cached_train_step(config, tiny_state, batch, 2, mesh)
-    serializer.broken = True  # as if the stored bytes missed a kernel in this process
-    step_function = train.cached_train_step(config, tiny_state, batch, 2, mesh)
-    _assert_same_step(step_function, tiny_state, batch)
-    assert not list((tmp_path / "train_step").glob("*.bin"))
-    assert len(list((tmp_path / "train_step").glob("*.unserialisable"))) == 1
-    _assert_same_step(step_function, tiny_state, batch)
-
-
-def test_a_damaged_stored_executable_is_compiled_again(tiny_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "serialize_executable", _FakeSerializer())
-    config = _executable_config(tmp_path)
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    train.cached_train_step(config, tiny_state, batch, 2, mesh)
-    (stored,) = (tmp_path / "train_step").glob("*.bin")
-    stored.write_bytes(b"not an executable")
-    _assert_same_step(train.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch)
-    assert stored.read_bytes() == b"executable-1"  # rewritten
-
-
-def test_the_real_serialiser_either_round_trips_the_step_or_marks_it(tmp_path):
-    config = _executable_config(tmp_path)
-    state = _fresh_state(7)
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    step_function = train.cached_train_step(config, state, batch, 7, mesh)
-    stored = list((tmp_path / "train_step").glob("*.bin"))
-    refused = list((tmp_path / "train_step").glob("*.unserialisable"))
-    assert len(stored) + len(refused) == 1
-    _assert_same_step(step_function, state, batch)
-    again = train.cached_train_step(config, state, batch, 7, mesh)
-    _assert_same_step(again, state, batch)
-
-
-def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_path):
-    config = _executable_config(tmp_path)
-    batch = _fixed_batch(config)
-    key = train.train_step_key(config, tiny_state, batch, 2)
-    assert train.train_step_key(_executable_config(tmp_path), tiny_state, batch, 2) == key
-    assert train.train_step_key(config, tiny_state, batch, 3) != key  # the schedule's step count
-    other = _executable_config(tmp_path)
-    other.model.pool_impl = "reduce_window"
-    assert train.train_step_key(other, tiny_state, batch, 2) != key
-    assert train.train_step_key(config, tiny_state.replace(loss="dice_bce"), batch, 2) != key
-    half = {name: value[:1] for name, value in batch.items()}
-    assert train.train_step_key(config, tiny_state, half, 2) != key
-
-
-def test_the_executable_cache_is_off_with_the_compilation_cache_and_other_shapes_use_jit(
-    tiny_state, tmp_path
-):
-    config = _executable_config("")
-    batch = jax.device_put(_fixed_batch(config))
-    mesh = train.data_parallel_mesh()
-    assert train.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
-    step_function = train.cached_train_step(_executable_config(tmp_path), tiny_state, batch, 2, mesh)
-    half = {name: value[:1] for name, value in batch.items()}
-    got = step_function(tiny_state, half)[1]["loss"]
-    assert float(got) == float(steps.train_step(tiny_state, half)[1]["loss"])
-
-
-def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_shapes_use_jit(
-    tiny_state, monkeypatch
-):
-    config = _executable_config("")
-    batch = jax.device_put(_fixed_batch(config))
-    released = []
-    monkeypatch.setattr(train, "release_freed_memory", lambda: released.append(True))
-    step_function = train.compiled_train_step(config, tiny_state, batch, 2, train.data_parallel_mesh())
-    assert released == [True]  # after compiling, before the step runs
-    assert step_function is not steps.train_step and step_function.compiled is not steps.train_step
-    _assert_same_step(step_function, tiny_state, batch)
-    half = {name: value[:1] for name, value in batch.items()}
-    want = steps.train_step(tiny_state, half)[1]["loss"]
-    assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
-
-
-def _resident_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def _has_glibc_malloc_trim() -> bool:
-    import ctypes
-
-    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim")
-
-
-@pytest.mark.skipif(not _has_glibc_malloc_trim(), reason="needs glibc's malloc_trim and Linux's /proc")
-def test_release_freed_memory_returns_free_heap_pages_to_the_system():
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    # 128 MB in 64 KB blocks (below the mmap threshold, so on the heap), touched, then all freed but the
-    # highest: pages freed below a block still in use stay mapped in glibc, as the compiler's do.
-    blocks = [libc.malloc(64 * 1024) for _ in range(2049)]
-    for block in blocks:
-        ctypes.memset(block, 1, 64 * 1024)
-    fence = max(blocks)
-    for block in blocks:
-        if block != fence:
-            libc.free(block)
-    held = _resident_mb()
-    train.release_freed_memory()
-    released = held - _resident_mb()
-    libc.free(fence)
-    assert released > 100, f"only {released:.0f} MB of 128 MB freed came back"

@@ -1,0 +1,157 @@
+"""The train step's executables stored in the compilation cache folder: the first step of a second run of
+a config loads its compiled train step instead of tracing and compiling it.
+
+Kept beside, not instead of, JAX's persistent compilation cache (`devices.enable_compilation_cache`), which
+still has to trace the step to find its entry.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+
+import jax
+import numpy as np
+from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache as persistent_cache
+from jax.sharding import Mesh
+
+from rdunet_jax.devices import release_freed_memory
+from rdunet_jax.files import write_bytes_atomic, write_text_atomic
+from rdunet_jax.steps import TrainState, train_step
+
+# Python sources whose code is traced into the train step (a change to any of them is a new program);
+# one that does not exist in this version of the package is skipped.
+_TRAIN_STEP_SOURCES = ("models.py", "layers.py", "losses.py", "steps.py")
+_TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+
+
+def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
+    """A digest of everything the compiled train step depends on: the package sources it traces, the
+    library versions, the device, the model and optimizer keys, the state's loss, and every input's path,
+    shape and dtype."""
+    digest = hashlib.sha256()
+    package = pathlib.Path(__file__).parent
+    for name in _TRAIN_STEP_SOURCES:
+        if (package / name).exists():
+            digest.update((package / name).read_bytes())
+    device = jax.devices()[0]
+    inputs = jax.tree_util.tree_flatten_with_path((state, batch))[0]
+    described = {
+        "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
+        "device": [device.platform, device.device_kind, jax.device_count()],
+        "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
+        "loss": state.loss,
+        "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
+        # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
+        "inputs": [
+            [
+                jax.tree_util.keystr(path),
+                list(np.shape(leaf)),
+                str(getattr(leaf, "dtype", type(leaf).__name__)),
+            ]
+            for path, leaf in inputs
+        ],
+    }
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: int, mesh: Mesh):
+    """The train step compiled for these inputs, loaded from `compilation_cache_dir` when this exact
+    program was stored before: no tracing, the start-up of a second run of a config.
+
+    Used on one device only; elsewhere, and with the cache off, it is `train_step` (jit). XLA:CPU does not
+    serialise every executable faithfully (a reloaded one can miss a kernel: "Function ... not found"; an
+    executable that came from the persistent cache always does), so a program to store is compiled with
+    that cache bypassed, stored only after its serialised form has loaded and run one step (the run's
+    first step, whose result is handed out), and marked and left to jit and the persistent cache from
+    then on when that fails. A stored executable that fails to load or to run is replaced by jit.
+    """
+    if not config.compilation_cache_dir or mesh.size > 1 or jax.process_count() > 1:
+        return train_step
+    folder = pathlib.Path(config.compilation_cache_dir).expanduser() / "train_step"
+    path = folder / f"{train_step_key(config, state, batch, steps_per_epoch)}.bin"
+    refused = path.with_suffix(".unserialisable")
+    in_tree = jax.tree_util.tree_structure(((state, batch), {}))
+    out_tree = jax.tree_util.tree_structure((state, {"loss": 0.0}))
+    if path.exists():
+        try:
+            loaded = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree, out_tree)
+            return _CachedStep(loaded, batch, stored_at=path)
+        except Exception:  # noqa: BLE001 - written by another jaxlib build, or damaged: compile again
+            pass
+    if refused.exists():
+        return train_step
+    # Executables loaded from the persistent cache never reload faithfully: compile this one afresh. JAX
+    # decides once per process whether the cache is used, hence the resets around the switch.
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    persistent_cache.reset_cache()
+    try:
+        compiled = train_step.lower(state, batch).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
+        persistent_cache.reset_cache()
+    try:
+        serialized = serialize_executable.serialize(compiled)[0]
+        loaded = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        release_freed_memory()
+        first_result = jax.block_until_ready(loaded(state, batch))
+    except Exception:  # noqa: BLE001 - XLA could not round-trip this program
+        _write_marker(refused)
+        return _CachedStep(compiled, batch)
+    try:
+        write_bytes_atomic(path, serialized)
+    except OSError:  # a read-only or full cache folder only costs start-up time
+        pass
+    return _CachedStep(loaded, batch, first=(state, batch, first_result))
+
+
+def compiled_train_step(config, state: TrainState, batch: dict, steps_per_epoch: int, mesh: Mesh):
+    """The train step for batches shaped like `batch`, compiled or loaded before its first run, with the
+    memory that compiling used and freed handed back to the system (`release_freed_memory`)."""
+    step = cached_train_step(config, state, batch, steps_per_epoch, mesh)
+    if step is train_step:  # jit would compile inside the first call, on top of the compiler's leftovers
+        step = _CachedStep(train_step.lower(state, batch).compile(), batch)
+    release_freed_memory()
+    return step
+
+
+def _write_marker(path: pathlib.Path) -> None:
+    try:
+        write_text_atomic(path, "XLA could not serialise this train step; jit compiles it instead\n")
+    except OSError:
+        pass
+
+
+class _CachedStep:
+    """A compiled train step for batches of one shape (others go to the jitted `train_step`).
+
+    `first` (state, batch, result) answers one call on exactly those objects with a result already
+    computed. An executable loaded from `stored_at` is checked on its first call: if it fails, the file
+    is replaced by a marker and the jitted step takes over.
+    """
+
+    def __init__(self, compiled, batch: dict, first=None, stored_at: pathlib.Path | None = None):
+        self.compiled, self.first, self.stored_at = compiled, first, stored_at
+        self.shapes = {key: value.shape for key, value in batch.items()}
+
+    def __call__(self, state, batch):
+        if self.first is not None:
+            first_state, first_batch, result = self.first
+            self.first = None
+            if state is first_state and batch is first_batch:
+                return result
+        if {key: value.shape for key, value in batch.items()} != self.shapes:
+            return train_step(state, batch)
+        if self.stored_at is None:
+            return self.compiled(state, batch)
+        stored_at, self.stored_at = self.stored_at, None
+        try:
+            return jax.block_until_ready(self.compiled(state, batch))
+        except jax.errors.JaxRuntimeError:
+            stored_at.unlink(missing_ok=True)
+            _write_marker(stored_at.with_suffix(".unserialisable"))
+            self.compiled = train_step
+            return train_step(state, batch)

@@ -1,0 +1,198 @@
+"""The train step's stored executables: stored then loaded without tracing, marked when XLA cannot
+round-trip them, replaced when damaged, and keyed by everything the program depends on."""
+
+import pathlib
+
+import jax
+import jax.extend
+import numpy as np
+from conftest import make_tiny_config
+
+from rdunet_jax import compile_cache, datasets, devices, input_pipeline, models, steps
+
+
+def _fixed_batch(config):
+    source = datasets.load_source(config.data, "train")
+    dataset = input_pipeline.train_dataset(source, config.data, config.batch_size, config.seed, epoch=0)
+    return dataset[0]
+
+
+def _executable_config(cache_dir):
+    config = make_tiny_config()
+    config.compilation_cache_dir = str(cache_dir)
+    return config
+
+
+def _fresh_state(steps_per_epoch: int):
+    """A tiny state whose schedule makes a program no other test compiled in this process."""
+    config = make_tiny_config()
+    return steps.create_train_state(config, models.build_model(config.model), steps_per_epoch)
+
+
+class _FakeSerializer:
+    """Stands in for jax.experimental.serialize_executable: bytes name executables kept in memory;
+    `broken` makes every loaded executable fail when run, as XLA:CPU's sometimes do."""
+
+    def __init__(self, broken=False):
+        self.executables, self.broken = {}, broken
+
+    def serialize(self, compiled):
+        name = f"executable-{len(self.executables)}".encode()
+        self.executables[name] = compiled
+        return name, None, None
+
+    def deserialize_and_load(self, serialized, in_tree, out_tree):
+        compiled = self.executables[serialized]
+        if not self.broken:
+            return compiled
+
+        def fails(*args):
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found")
+
+        return fails
+
+
+def _assert_same_step(step_function, state, batch):
+    want_state, want = steps.train_step(state, batch)
+    got_state, got = step_function(state, batch)
+    assert float(got["loss"]) == float(want["loss"])
+    for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(want_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_compiled_train_step_is_stored_then_loaded_without_tracing(tiny_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "serialize_executable", _FakeSerializer())
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    first = compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    (stored,) = (tmp_path / "train_step").glob("*.bin")
+    assert stored.read_bytes() == b"executable-0"
+    _assert_same_step(first, tiny_state, batch)  # the check's result, handed out once
+    _assert_same_step(first, tiny_state, batch)  # the executable itself
+    jitted = steps.train_step
+    monkeypatch.setattr(compile_cache, "train_step", None)  # loading must not trace or compile
+    second = compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    monkeypatch.setattr(compile_cache, "train_step", jitted)
+    assert second.compiled is first.compiled and second.stored_at == stored
+    _assert_same_step(second, tiny_state, batch)
+
+
+def test_a_program_that_does_not_survive_serialisation_is_marked_and_left_to_jit(
+    tiny_state, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(compile_cache, "serialize_executable", _FakeSerializer(broken=True))
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    _assert_same_step(compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch)
+    assert not list((tmp_path / "train_step").glob("*.bin"))
+    assert len(list((tmp_path / "train_step").glob("*.unserialisable"))) == 1
+    assert compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
+
+
+def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tmp_path, monkeypatch):
+    serializer = _FakeSerializer()
+    monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    serializer.broken = True  # as if the stored bytes missed a kernel in this process
+    step_function = compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    _assert_same_step(step_function, tiny_state, batch)
+    assert not list((tmp_path / "train_step").glob("*.bin"))
+    assert len(list((tmp_path / "train_step").glob("*.unserialisable"))) == 1
+    _assert_same_step(step_function, tiny_state, batch)
+
+
+def test_a_damaged_stored_executable_is_compiled_again(tiny_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "serialize_executable", _FakeSerializer())
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    (stored,) = (tmp_path / "train_step").glob("*.bin")
+    stored.write_bytes(b"not an executable")
+    _assert_same_step(compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch)
+    assert stored.read_bytes() == b"executable-1"  # rewritten
+
+
+def test_the_real_serialiser_either_round_trips_the_step_or_marks_it(tmp_path):
+    config = _executable_config(tmp_path)
+    state = _fresh_state(7)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    step_function = compile_cache.cached_train_step(config, state, batch, 7, mesh)
+    stored = list((tmp_path / "train_step").glob("*.bin"))
+    refused = list((tmp_path / "train_step").glob("*.unserialisable"))
+    assert len(stored) + len(refused) == 1
+    _assert_same_step(step_function, state, batch)
+    again = compile_cache.cached_train_step(config, state, batch, 7, mesh)
+    _assert_same_step(again, state, batch)
+
+
+def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_path):
+    config = _executable_config(tmp_path)
+    batch = _fixed_batch(config)
+    key = compile_cache.train_step_key(config, tiny_state, batch, 2)
+    assert compile_cache.train_step_key(_executable_config(tmp_path), tiny_state, batch, 2) == key
+    assert compile_cache.train_step_key(config, tiny_state, batch, 3) != key  # the schedule's step count
+    other = _executable_config(tmp_path)
+    other.model.pool_impl = "reduce_window"
+    assert compile_cache.train_step_key(other, tiny_state, batch, 2) != key
+    assert compile_cache.train_step_key(config, tiny_state.replace(loss="dice_bce"), batch, 2) != key
+    half = {name: value[:1] for name, value in batch.items()}
+    assert compile_cache.train_step_key(config, tiny_state, half, 2) != key
+
+
+def test_the_executable_cache_is_off_with_the_compilation_cache_and_other_shapes_use_jit(
+    tiny_state, tmp_path
+):
+    config = _executable_config("")
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    assert compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
+    step_function = compile_cache.cached_train_step(_executable_config(tmp_path), tiny_state, batch, 2, mesh)
+    half = {name: value[:1] for name, value in batch.items()}
+    got = step_function(tiny_state, half)[1]["loss"]
+    assert float(got) == float(steps.train_step(tiny_state, half)[1]["loss"])
+
+
+def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_shapes_use_jit(
+    tiny_state, monkeypatch
+):
+    config = _executable_config("")
+    batch = jax.device_put(_fixed_batch(config))
+    released = []
+    monkeypatch.setattr(compile_cache, "release_freed_memory", lambda: released.append(True))
+    mesh = devices.data_parallel_mesh()
+    step_function = compile_cache.compiled_train_step(config, tiny_state, batch, 2, mesh)
+    assert released == [True]  # after compiling, before the step runs
+    assert step_function is not steps.train_step and step_function.compiled is not steps.train_step
+    _assert_same_step(step_function, tiny_state, batch)
+    half = {name: value[:1] for name, value in batch.items()}
+    want = steps.train_step(tiny_state, half)[1]["loss"]
+    assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
+
+
+def _package_sources_in(jaxpr, package: pathlib.Path) -> set[str]:
+    """The package's files named in the source tracebacks of a program's equations, nested ones too."""
+    names = set()
+    for equation in jaxpr.eqns:
+        traceback = equation.source_info.traceback
+        for frame in traceback.frames if traceback is not None else ():
+            if pathlib.Path(frame.file_name).parent == package:
+                names.add(pathlib.Path(frame.file_name).name)
+        for inner in jax.extend.core.jaxprs_in_params(equation.params):
+            names |= _package_sources_in(inner, package)
+    return names
+
+
+def test_the_executable_key_reads_every_package_source_traced_into_the_step(tiny_state, tiny_config):
+    # A change to any file whose code ends up in the program must be a new key, or a stale executable
+    # would be loaded; JAX's own record of where each operation was traced from names those files.
+    program = jax.make_jaxpr(steps.train_step.__wrapped__)(tiny_state, _fixed_batch(tiny_config))
+    traced = _package_sources_in(program.jaxpr, pathlib.Path(compile_cache.__file__).parent)
+    assert {"models.py", "losses.py", "steps.py"} <= traced
+    assert traced <= set(compile_cache._TRAIN_STEP_SOURCES)
