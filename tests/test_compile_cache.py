@@ -6,7 +6,7 @@ import pathlib
 import jax
 import jax.extend
 import numpy as np
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 from rdunet_jax import compile_cache, datasets, devices, input_pipeline, models, steps
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from rdunet_jax import devices
 
@@ -14,7 +14,7 @@ SHARDED_STEP_SCRIPT = """
 import sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
-from conftest import REPO_ROOT, make_tiny_config
+from helpers import REPO_ROOT, make_tiny_config
 from rdunet_jax import datasets, devices, input_pipeline, models, steps
 from rdunet_jax.errors import UserError
 
