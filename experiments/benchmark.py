@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_config(args, image_size: int):
     """The benchmarked config: the paper's variant at `image_size`, with `--set` overrides."""
-    from rdunet_jax import config_lib
+    from rdunet_jax import config_lib, config_validation
 
     config = config_lib.apply_model_variant(config_lib.base_config(), args.variant)
     config.batch_size = args.batch_size
@@ -95,7 +95,7 @@ def make_config(args, image_size: int):
     config.data.num_train = max(config.data.num_train, args.batch_size * args.pipeline_batches)
     config.data.data_dir = str(pathlib.Path("~/.cache/rdunet_jax/benchmark_tfds").expanduser())
     common.apply_set_items(config, args.set)
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config
 
 
@@ -263,12 +263,20 @@ def child_first_step(args) -> None:
     """Runs as a fresh process: the path of a real run up to its first train steps, then reports."""
     payload = json.loads(args._child)
     phases = {}
-    from rdunet_jax import compile_cache, config_lib, datasets, devices, input_pipeline, models, steps
+    from rdunet_jax import (
+        compile_cache,
+        config_validation,
+        datasets,
+        devices,
+        input_pipeline,
+        models,
+        steps,
+    )
 
     phases["imports"] = time.time()
     config = make_config(args, payload["image_size"])
     config.compilation_cache_dir = payload["cache_dir"]
-    config_lib.validate(config)
+    config_validation.validate(config)
     devices.enable_compilation_cache(config.compilation_cache_dir)
     model = models.build_model(config.model)
     source = datasets.load_source(config.data, config.data.train_split)

@@ -69,10 +69,10 @@ def ensure_checkpoint(config_spec: str, workdir: pathlib.Path) -> None:
     unless `workdir` already has checkpoints."""
     if (workdir / "checkpoints").is_dir():
         return
-    from rdunet_jax import checkpoints, config_lib, models, steps, train
+    from rdunet_jax import checkpoints, config_validation, models, steps, train
 
     config = common.load_config(config_spec)
-    config_lib.validate(config)
+    config_validation.validate(config)
     state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=1)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
     run_checkpoints.save("best", 0, state, train.new_meta(config))

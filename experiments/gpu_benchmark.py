@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from rdunet_jax import config_lib, inference, models, steps
+from rdunet_jax import config_lib, config_validation, inference, models, steps
 
 PAPER_IMAGES_PER_10_MINUTES = 350 * 2728 / 600  # 1,591 train images/s
 # Largest |logit difference| allowed against the CPU float32 reference, relative to the largest |logit|.
@@ -68,7 +68,7 @@ def make_config(args, dtype: str, batch_size: int):
     config.model.dtype = MODES[dtype][0]
     # `--set` names model keys, with or without the "model." prefix.
     common.apply_set_items(config, [f"model.{item.removeprefix('model.')}" for item in args.set])
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config
 
 

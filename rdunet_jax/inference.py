@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import config_lib, devices, input_pipeline, models, steps
+from rdunet_jax import config_validation, devices, input_pipeline, models, steps
 
 # nnU-Net's mirroring in 2-D: none, left-right, up-down, both (axes of an NHWC batch).
 TEST_TIME_FLIPS = ((), (2,), (1,), (1, 2))
@@ -111,7 +111,7 @@ def _eval_logits(state, images):
 def build_model(config):
     """Validates `config`, turns on its compilation cache and builds its model: what evaluation, prediction
     and export start from."""
-    config_lib.validate(config)
+    config_validation.validate(config)
     devices.enable_compilation_cache(config.compilation_cache_dir)
     return models.build_model(config.model)
 

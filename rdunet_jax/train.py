@@ -24,7 +24,7 @@ import numpy as np
 
 from rdunet_jax import (
     checkpoints,
-    config_lib,
+    config_validation,
     datasets,
     devices,
     evaluate,
@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir: {workdir} exists and is not a folder")
     devices.initialize_distributed()
-    config_lib.validate(config)
+    config_validation.validate(config)
     devices.enable_compilation_cache(config.compilation_cache_dir)
     model = models.build_model(config.model)
     mesh = devices.data_parallel_mesh()

@@ -8,7 +8,7 @@ from helpers import make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdunet_jax import config_lib, train
+from rdunet_jax import config_lib, config_validation, train
 from rdunet_jax.errors import UserError
 
 # Keys and values that must be refused, whatever a config file or override sets.
@@ -124,8 +124,8 @@ def _set(config, key, value):
 
 def test_every_variant_and_shipped_config_is_valid():
     for variant in config_lib.MODEL_VARIANTS:
-        config_lib.validate(config_lib.apply_model_variant(config_lib.base_config(), variant))
-    config_lib.validate(make_tiny_config())
+        config_validation.validate(config_lib.apply_model_variant(config_lib.base_config(), variant))
+    config_validation.validate(make_tiny_config())
 
 
 def test_unknown_variant_and_unknown_key_are_named():
@@ -135,18 +135,18 @@ def test_unknown_variant_and_unknown_key_are_named():
     config = make_tiny_config()
     config.model.variant = "vnet"  # set directly: validation names it the same way
     with pytest.raises(UserError, match=unknown):
-        config_lib.validate(config)
+        config_validation.validate(config)
     config = make_tiny_config()
     config.num_epoch = 3  # a typo adds a key in a config file; it must not be silently ignored
     with pytest.raises(UserError, match=r"^num_epoch: unknown config key \(did you mean num_epochs\?\)$"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_image_size_must_divide_by_the_pools():
     config = make_tiny_config()
     config.data.image_size = 34
     with pytest.raises(UserError, match=r"^data.image_size: 34 is not divisible by 2\*\*model.depth = 4$"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,7 +157,7 @@ def test_fuzz_invalid_configs_end_in_one_line_naming_the_key_and_the_requirement
     config = make_tiny_config()
     _set(config, key, value)
     with pytest.raises(UserError) as raised:
-        config_lib.validate(config)
+        config_validation.validate(config)
     stored = functools.reduce(lambda section, part: section[part], key.split("."), config)
     assert str(raised.value) == _expected_message(key, stored, config.model.depth)  # lists are held as tuples
 
@@ -179,15 +179,15 @@ def test_setting_the_variant_name_alone_is_refused():
     with pytest.raises(
         UserError, match=r"^model.variant: 'unet' does not match the model keys \(block: residual"
     ):
-        config_lib.validate(config)
-    config_lib.validate(config_lib.apply_model_variant(config, "unet"))
+        config_validation.validate(config)
+    config_validation.validate(config_lib.apply_model_variant(config, "unet"))
 
 
 def test_eval_split_is_named_when_misspelt():
     config = make_tiny_config()
     config.eval.split = "tset"
     with pytest.raises(UserError, match=r"^eval.split: must be"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_apply_overrides_sets_dotted_and_top_level_keys_and_nothing_else():
@@ -220,7 +220,7 @@ def test_bad_speed_option_names_the_key_and_its_choices(key, value):
     config = make_tiny_config()
     _set(config, f"model.{key}", value)
     with pytest.raises(UserError) as raised:
-        config_lib.validate(config)
+        config_validation.validate(config)
     assert str(raised.value) == f"model.{key}: must be {SPEED_CHOICES[key]}, got {value!r}"
     assert sorted(config_lib.SPEED_OPTIONS) == sorted(SPEED_CHOICES)
 
@@ -245,7 +245,7 @@ def test_upgrade_gives_a_config_saved_before_the_speed_options_the_forms_it_ran_
     upgraded = config_lib.upgrade(config)
     assert upgraded.model.batch_norm_impl == "flax" and upgraded.model.upsample_impl == "stencil"
     assert "batch_norm_impl" not in config.model
-    config_lib.validate(upgraded)
+    config_validation.validate(upgraded)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +259,7 @@ def test_upgrade_gives_a_config_saved_before_the_speed_options_the_forms_it_ran_
 def test_each_head_with_its_classes_and_loss_is_valid(head, classes, loss):
     config = make_tiny_config()
     config.model.head, config.data.classes, config.loss = head, classes, loss
-    config_lib.validate(config)
+    config_validation.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -304,7 +304,7 @@ def test_head_classes_and_loss_mismatches_are_named(head, classes, loss, message
     config.model.head, config.loss = head, loss
     _set(config, "data.classes", classes)
     with pytest.raises(UserError) as error:
-        config_lib.validate(config)
+        config_validation.validate(config)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
@@ -312,10 +312,10 @@ def test_a_config_written_before_heads_existed_is_a_binary_one():
     config = make_tiny_config()
     del config.model["head"]
     del config.data["classes"]
-    config_lib.validate(config)
+    config_validation.validate(config)
     config.loss = "dice_ce"
     with pytest.raises(UserError, match=r"^loss: must be one of \['dice', 'dice_bce'\], got 'dice_ce'$"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -334,5 +334,5 @@ def test_the_multiclass_configs_are_valid_and_name_their_classes(file_name, head
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config_lib.validate(config)
+    config_validation.validate(config)
     assert (config.model.head, tuple(config.data.classes)) == (head, classes)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from rdunet_jax import config_lib, datasets, input_pipeline
+from rdunet_jax import config_lib, config_validation, datasets, input_pipeline
 from rdunet_jax.datasets import builder, synthetic
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
@@ -470,7 +470,7 @@ def test_config_validation_of_data_keys(key, value):
     config = config_lib.base_config()
     config.data[key] = value
     with pytest.raises(UserError, match=f"data.{key}"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_cli_exits_2_with_one_line_for_a_corrupt_file(tmp_path):
@@ -615,13 +615,13 @@ def test_config_validation_of_cross_validation_keys(overrides, key):
     config = config_lib.base_config()
     config.data.update(overrides)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_cross_validation_keys_accept_valid_values():
     config = config_lib.base_config()
     config.data.update(cv_folds=5, cv_fold=4, cv_seed=11)
-    config_lib.validate(config)
+    config_validation.validate(config)
 
 
 # One volume (x toward the patient's right, y anterior, z superior; 0.6 x 0.8 x 5 mm) stored four ways:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import reference_model as reference
 
-from rdunet_jax import config_lib, layers, models
+from rdunet_jax import config_lib, config_validation, layers, models
 
 # Parameter counts at the paper's widths (16 feature maps doubling to 256, depth 4): the README's table,
 # which tests/test_reference_forward.py derives by hand from the widths.
@@ -192,7 +192,7 @@ def _tiny_model_config(**options):
         batch_norm_impl="flax",
     )
     config.model.update(options)
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config.model
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from rdunet_jax import (
     checkpoints,
     config_lib,
+    config_validation,
     evaluate,
     inference,
     models,
@@ -291,20 +292,20 @@ def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_pa
 def test_onnxruntime_without_the_extra_is_refused_before_training(monkeypatch):
     config = make_tiny_config()
     config.eval.runtime = "onnxruntime"
-    config_lib.validate(config)
+    config_validation.validate(config)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name)
     )
     with pytest.raises(UserError, match=r"eval.runtime: 'onnxruntime' needs onnxruntime, not installed"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_a_bad_runtime_is_a_config_error():
     config = make_tiny_config()
     config.eval.runtime = "tensorrt"
     with pytest.raises(UserError, match="eval.runtime: must be 'jax' or 'onnxruntime', got 'tensorrt'"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,16 @@ from helpers import make_tiny_config
 from nibabel import orientations as nib_orientations
 from PIL import Image
 
-from rdunet_jax import checkpoints, config_lib, inference, input_pipeline, orientation, predict, steps, train
+from rdunet_jax import (
+    checkpoints,
+    config_validation,
+    inference,
+    input_pipeline,
+    orientation,
+    predict,
+    steps,
+    train,
+)
 from rdunet_jax.errors import UserError
 
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -89,10 +98,10 @@ def test_the_orientation_key_defaults_to_the_datasets_and_is_validated():
     assert orientation.model_orientation(config.data) == "PL"  # turned from the affine to display
     config.data.orientation = "RA"
     assert orientation.model_orientation(config.data) == "RA"
-    config_lib.validate(config)
+    config_validation.validate(config)
     config.data.orientation = "PP"
     with pytest.raises(UserError, match=r"^data.orientation: must be one of \['auto', 'voxel', 'PL'"):
-        config_lib.validate(config)
+        config_validation.validate(config)
     # A config written before the key existed reads as 'auto'.
     old = ml_collections.ConfigDict({"name": "semiseg", "image_size": 32})
     assert orientation.model_orientation(old) == "LP"

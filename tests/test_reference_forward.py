@@ -16,7 +16,7 @@ import pytest
 import reference_model as reference
 from scipy import ndimage
 
-from rdunet_jax import config_lib, layers, models
+from rdunet_jax import config_lib, config_validation, layers, models
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 VARIANTS = sorted(config_lib.MODEL_VARIANTS)
@@ -27,7 +27,7 @@ def _model_config(variant: str, **overrides):
     config = config_lib.apply_model_variant(config_lib.base_config(), variant)
     config.model.features = 4
     config.model.update(overrides)
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config.model
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from rdunet_jax import config_lib, reports
+from rdunet_jax import config_lib, config_validation, reports
 
 # Data sub-folders of --data_root (../shared/data), by dataset.
 DATA_FOLDERS = {"semiseg": "covid-semiseg", "ma2020_2d": "covid19-ct-seg-2d"}
@@ -287,7 +287,7 @@ def run_config(base: ml_collections.ConfigDict, arm: Arm, replicate: Replicate, 
     if replicate.fold is not None:
         config.data.cv_fold = replicate.fold
     config.name = f"{study}-{arm.name}-{replicate.label}"
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config
 
 

@@ -1,0 +1,290 @@
+"""Validation of a config: each key checked against its type, range or choices (the schema and its tables
+are in config_lib), so a bad key fails in one line naming it before anything is built or compiled."""
+
+import difflib
+import importlib.util
+
+import ml_collections
+
+from rdunet_jax import config_lib, losses, orientation
+from rdunet_jax.errors import UserError
+
+
+def _get(config, key):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+_NON_NEGATIVE_INT = (lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+
+
+def _require(config, key, predicate, description: str) -> None:
+    """Raises UserError '<key>: must be <description>, got <value>' unless predicate(value) holds."""
+    value = _get(config, key)
+    try:
+        valid = bool(predicate(value))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(f"{key}: must be {description}, got {value!r}")
+
+
+def _flat_keys(config, prefix="") -> set[str]:
+    keys = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def _check_known_keys(config) -> None:
+    """A key the schema does not know is a typo that would silently be ignored: refuse it."""
+    known = _flat_keys(config_lib.base_config())
+    for key in sorted(_flat_keys(config) - known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{key}: unknown config key{hint}")
+
+
+def _check_speed_options(config) -> None:
+    """The `model.*` keys of SPEED_OPTIONS, each one of its choices, of the choice's type (remat=1 is not
+    remat=True)."""
+    for key, option in config_lib.SPEED_OPTIONS.items():
+        allowed = {(type(choice), choice) for choice in option.choices}
+        on_off = all(isinstance(choice, bool) for choice in option.choices)
+        description = "True or False" if on_off else f"one of {list(option.choices)}"
+        _require(config, f"model.{key}", lambda value, ok=allowed: (type(value), value) in ok, description)
+
+
+def _is_rate_schedule(rates) -> bool:
+    return all(_is_int(rate) and rate > 0 for rate in rates)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a config before anything is built or compiled; raises UserError naming the bad key."""
+    _check_known_keys(config)
+    positive_int = (lambda value: _is_int(value) and value > 0, "a positive integer")
+    for key in (
+        "num_epochs",
+        "batch_size",
+        "lr_decay_epochs",
+        "log_every_steps",
+        "data.image_size",
+        "model.features",
+        "model.depth",
+        "model.se_reduction",
+        "eval.batch_size",
+    ):
+        _require(config, key, *positive_int)
+    for key in ("learning_rate", "lr_decay_factor", "eval.small_lesion_area"):
+        _require(
+            config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
+        )
+    for key in ("seed", "checkpoint_every_steps", "eval.num_overlays"):
+        _require(config, key, *_NON_NEGATIVE_INT)
+    _require(
+        config,
+        "name",
+        lambda value: isinstance(value, str) and value and "/" not in value and value not in (".", ".."),
+        "a non-empty name without '/'",
+    )
+    _require(
+        config, "compilation_cache_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    for key in ("model.use_se", "data.flip", "eval.test_time_flips"):
+        _require(config, key, lambda value: isinstance(value, bool), "True or False")
+    _require(config, "model.block", lambda value: value in ("plain", "residual"), "'plain' or 'residual'")
+    _require(config, "model.dtype", lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+    _check_speed_options(config)
+    for key in ("model.dropout_rate", "model.batch_norm_momentum", "data.zoom_range"):
+        _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    _require(
+        config,
+        "data.rotation_degrees",
+        lambda value: _is_number(value) and 0 <= value <= 180,
+        "a number of degrees in [0, 180]",
+    )
+    _require(
+        config, "eval.threshold", lambda value: _is_number(value) and 0 < value < 1, "a number in (0, 1)"
+    )
+    _require(
+        config, "data.train_split", lambda value: value in ("train", "train_full"), "'train' or 'train_full'"
+    )
+    for key in ("data.manual_dir", "data.data_dir", "data.name", "eval.split"):
+        _require(config, key, lambda value: isinstance(value, str), "a string")
+    for key in ("data.num_train", "data.num_validation", "data.num_test"):
+        _require(config, key, *_NON_NEGATIVE_INT)
+    model = config.model
+    divisor = 2**model.depth
+    if config.data.image_size % divisor:
+        raise UserError(
+            f"data.image_size: {config.data.image_size} is not divisible by 2**model.depth = {divisor}"
+        )
+    _require(
+        config,
+        "model.skip_dilation_rates",
+        lambda schedules: (
+            len(schedules) in (0, model.depth) and all(_is_rate_schedule(schedule) for schedule in schedules)
+        ),
+        f"() or one schedule of positive integer dilation rates per skip ({model.depth})",
+    )
+    _require(
+        config,
+        "model.encoder_dilation_rates",
+        lambda rates: len(rates) in (0, model.depth + 1) and _is_rate_schedule(rates),
+        f"() or one positive integer dilation rate per encoder level ({model.depth + 1})",
+    )
+    _require(
+        config,
+        "eval.split",
+        lambda value: value in ("train", "validation", "test", "train_full"),
+        "'train', 'validation', 'test' or 'train_full'",
+    )
+    _require(config, "eval.checkpoint", lambda value: value in ("best", "last"), "'best' or 'last'")
+    _require(config, "eval.runtime", lambda value: value in ("jax", "onnxruntime"), "'jax' or 'onnxruntime'")
+    _check_runtime_installed(config)
+    _check_head_and_classes(config)
+    _check_variant(config)
+    _check_data_splits(config)
+
+
+def _check_head_and_classes(config) -> None:
+    """`model.head`, `data.classes` and the `loss` the head trains with (configs written before the head
+    existed mean the binary head)."""
+    head = config.model.get("head", "binary")
+    if "head" in config.model:
+        _require(
+            config, "model.head", lambda value: value in config_lib.HEADS, f"one of {list(config_lib.HEADS)}"
+        )
+    if "classes" in config.data:
+        _require(
+            config,
+            "data.classes",
+            lambda names: (
+                not isinstance(names, str)
+                and len(names) >= 1
+                and all(isinstance(name, str) and name.isidentifier() for name in names)
+                and len(set(names)) == len(names)
+            ),
+            "a non-empty tuple of distinct class names (letters, digits, '_')",
+        )
+        if head == "binary":
+            _require(
+                config,
+                "data.classes",
+                lambda names: len(names) == 1,
+                "one class name for model.head='binary'",
+            )
+    choices = losses.LOSSES_BY_HEAD[head]
+    for_head = "" if head == "binary" else f" for model.head={head!r}"
+    _require(config, "loss", lambda value: value in choices, f"one of {list(choices)}{for_head}")
+
+
+def _check_runtime_installed(config) -> None:
+    """`eval.runtime='onnxruntime'` needs the `onnx` extra: said before training, not after it."""
+    if config.eval.runtime != "onnxruntime":
+        return
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"eval.runtime: 'onnxruntime' needs {' and '.join(missing)}, not installed: "
+            "pip install -e '.[onnx]'"
+        )
+
+
+def _structure(model_keys) -> dict:
+    """What makes one paper variant another: block type, SE, DC modules on skips, encoder dilation."""
+    return {
+        "block": model_keys["block"],
+        "use_se": model_keys["use_se"],
+        "DC modules on the skips": bool(tuple(model_keys["skip_dilation_rates"])),
+        "encoder dilation": bool(tuple(model_keys["encoder_dilation_rates"])),
+    }
+
+
+def _check_variant(config) -> None:
+    """`model.variant` names the model the `model.*` keys build; setting it alone must not mislabel a run."""
+    variant = config.model.variant
+    expected, actual = _structure(config_lib.variant_keys(variant)), _structure(config.model)
+    differences = [
+        f"{name}: {actual[name]} (variant: {expected[name]})"
+        for name in expected
+        if expected[name] != actual[name]
+    ]
+    if differences:
+        raise UserError(
+            f"model.variant: {variant!r} does not match the model keys ({'; '.join(differences)}); "
+            f"choose a variant with the config argument, e.g. configs/rdunet.py:{variant}"
+        )
+
+
+def _check_data_splits(config) -> None:
+    """Checks the split and intensity-window keys of `config.data`."""
+    _require(config, "data.split_scheme", lambda value: value in ("random", "blocks"), "'random' or 'blocks'")
+    _require(
+        config,
+        "data.split_fractions",
+        lambda fractions: (
+            len(fractions) == 3
+            and all(_is_number(value) and value > 0 for value in fractions)
+            and abs(sum(fractions) - 1.0) <= 1e-6
+        ),
+        "3 positive numbers summing to 1",
+    )
+    _require(config, "data.split_seed", *_NON_NEGATIVE_INT)
+    _check_cross_validation(config)
+    _require(
+        config,
+        "data.hu_window",
+        lambda window: (
+            len(window) == 2 and all(_is_number(value) for value in window) and window[0] < window[1]
+        ),
+        "(lower, upper) Hounsfield units with lower < upper",
+    )
+    if "orientation" in config.data:  # a config written before the key existed means 'auto'
+        _require(
+            config,
+            "data.orientation",
+            lambda value: value in orientation.ORIENTATION_CHOICES,
+            f"one of {list(orientation.ORIENTATION_CHOICES)}",
+        )
+
+
+def _check_cross_validation(config) -> None:
+    """Checks `data.cv_folds`, `data.cv_fold` and `data.cv_seed`."""
+    _require(
+        config,
+        "data.cv_folds",
+        lambda value: _is_int(value) and (value == 0 or value >= 2),
+        "0 (off) or an integer >= 2",
+    )
+    _require(config, "data.cv_seed", *_NON_NEGATIVE_INT)
+    folds = config.data.cv_folds
+    if not folds:
+        _require(config, "data.cv_fold", *_NON_NEGATIVE_INT)
+        return
+    _require(
+        config,
+        "data.cv_fold",
+        lambda value: _is_int(value) and 0 <= value < folds,
+        f"an integer in [0, {folds - 1}] (data.cv_folds={folds})",
+    )
+    # train_full is the whole pool, held-out fold included: training on it would leak.
+    _require(
+        config,
+        "data.train_split",
+        lambda value: value == "train",
+        "'train' when data.cv_folds > 0 (train_full holds the held-out fold)",
+    )
