@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from rdunet_jax import datasets, inference, input_pipeline, metrics, reports, steps, visualize
+from rdunet_jax import datasets, inference, input_pipeline, metrics, predictors, reports, steps, visualize
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 # --- Batches and prediction ----------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def evaluate_workdir(config, workdir, checkpoint_step: int | None = None) -> dic
     model = inference.build_model(config)
     state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     split = default_split(config)
-    summary = evaluate_state(inference.for_config(config, model, state), config, workdir, split)
+    summary = evaluate_state(predictors.for_config(config, model, state), config, workdir, split)
     hd95 = "n/a" if summary["hd95"] is None else f"{summary['hd95']:.2f} {summary['hd95_unit']}"
     print(
         f"{split}: dice {summary['dice']:.4f} jaccard {summary['jaccard']:.4f} "

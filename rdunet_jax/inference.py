@@ -116,16 +116,6 @@ def build_model(config):
     return models.build_model(config.model)
 
 
-def for_config(config, model, state) -> Predictor:
-    """The Predictor that `eval.runtime` asks for: `state` in JAX, or exported from `model` and `state` into
-    ONNX Runtime ('onnxruntime')."""
-    if config.eval.runtime == "onnxruntime":
-        from rdunet_jax import onnx_runtime
-
-        return onnx_runtime.OnnxRuntimePredictor.from_state(config, model, state)
-    return JaxPredictor(state)
-
-
 @dataclasses.dataclass
 class Batch:
     """One padded batch: the payloads of its real rows, the preprocessed arrays (`image`, `mask`, each

@@ -33,7 +33,7 @@ import pathlib
 
 import numpy as np
 
-from rdunet_jax import inference, input_pipeline, metrics, orientation, steps, visualize, volumes
+from rdunet_jax import inference, input_pipeline, metrics, orientation, predictors, steps, visualize, volumes
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -385,7 +385,7 @@ def predict_path(
         state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     verify_inputs(jobs, input_units, series)
     if predictor is None:
-        predictor = inference.for_config(config, model, state)
+        predictor = predictors.for_config(config, model, state)
     created = missing_folders(output_dir)
     try:
         return _predict_jobs(predictor, config, jobs, output_dir, input_units, series)

@@ -22,6 +22,7 @@ from rdunet_jax import (
     onnx_export,
     onnx_runtime,
     predict,
+    predictors,
     steps,
 )
 from rdunet_jax.errors import UserError
@@ -257,9 +258,9 @@ def test_onnxruntime_batches_give_the_jax_losses_and_probabilities(tiny_state):
 def test_eval_runtime_picks_the_predictor(tiny_state):
     config = make_tiny_config()
     model = models.build_model(config.model)
-    assert type(inference.for_config(config, model, tiny_state)) is inference.JaxPredictor
+    assert type(predictors.for_config(config, model, tiny_state)) is inference.JaxPredictor
     config.eval.runtime = "onnxruntime"
-    assert type(inference.for_config(config, model, tiny_state)) is onnx_runtime.OnnxRuntimePredictor
+    assert type(predictors.for_config(config, model, tiny_state)) is onnx_runtime.OnnxRuntimePredictor
 
 
 def test_evaluation_with_onnxruntime_writes_the_jax_metrics(tiny_state, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from helpers import make_tiny_config
 from PIL import Image
 
-from rdunet_jax import inference, predict, steps, volumes
+from rdunet_jax import inference, predict, predictors, steps, volumes
 from rdunet_jax.errors import UserError
 
 # Non-identity: rotated, anisotropic (0.7 x 0.9 x 2.5 mm), shifted.
@@ -278,7 +278,7 @@ def test_bad_inputs_are_user_errors(tmp_path, input_name, message):
 def _stand_in_model(monkeypatch):
     """The model's probability is the preprocessed image itself, and no checkpoint is restored."""
     monkeypatch.setattr(steps, "restore_state", lambda *args, **kwargs: None)
-    monkeypatch.setattr(inference, "for_config", lambda *args: ImagePredictor())
+    monkeypatch.setattr(predictors, "for_config", lambda *args: ImagePredictor())
 
 
 def _display_volume(shape=(32, 32, 4)):
