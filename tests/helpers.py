@@ -6,6 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from rdunet_jax import inference
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
 # Prepared phantom datasets of the tests, kept out of the user's ~/tensorflow_datasets.
@@ -21,13 +27,18 @@ TINY_MODEL = [
 TINY_MODEL_FLAGS = [part for item in TINY_MODEL for part in ("--set", item)]
 
 
+def config_from_file(file_name: str, *arguments):
+    """`get_config(*arguments)` of configs/<file_name>, loaded as the command line loads a config file."""
+    spec = importlib.util.spec_from_file_location("config_file", REPO_ROOT / "configs" / file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arguments)
+
+
 def make_tiny_config(**data_overrides):
     """`configs/demo.py:tiny` (4 feature maps, 2 levels, 32 px, 8 phantom slices), with the tests' caches:
     in-process tests and the command-line tests compile the same shapes once."""
-    spec = importlib.util.spec_from_file_location("demo_config", REPO_ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_from_file("demo.py", "tiny")
     config.num_epochs = 2
     config.compilation_cache_dir = str(TEST_CACHE)
     config.data.data_dir = str(TEST_DATA_DIR)
@@ -51,3 +62,92 @@ def checkout_environment() -> dict:
     checkout's `experiments` and `rdunet_jax`."""
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+# --- Real data ---------------------------------------------------------------------------------------------
+
+# The public datasets beside the repository (../shared/data), or RDUNET_DATA_ROOT.
+DATA_ROOT = pathlib.Path(os.environ.get("RDUNET_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+
+
+def real_data_root() -> pathlib.Path:
+    """DATA_ROOT, or a failed test saying where the data is expected (an absent dataset must not pass)."""
+    if not (DATA_ROOT / "covid19-ct-seg-2d").is_dir() or not (DATA_ROOT / "covid-semiseg").is_dir():
+        pytest.fail(
+            f"real data not found at {DATA_ROOT}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)"
+        )
+    return DATA_ROOT
+
+
+# --- Volumes in world coordinates (orientation and DICOM tests) ------------------------------------------
+
+# The canonical volume's affine: voxel axes toward P, L and S; 0.8 x 0.7 mm in plane, 2.5 mm slices.
+CANONICAL_AFFINE = np.array(
+    [[0.0, -0.7, 0.0, 100.0], [-0.8, 0.0, 0.0, 60.0], [0.0, 0.0, 2.5, -200.0], [0.0, 0.0, 0.0, 1.0]]
+)
+# A window whose width is 5 * 255: display value v is exactly 5 v - 1000 HU, and back to v / 255.
+EXACT_WINDOW = (-1000.0, 275.0)
+
+
+def real_display_slices(shape=(48, 64), count=3) -> np.ndarray:
+    """Neighbouring real slices (ma2020_2d, radiological display 'PL') resized to `shape`, stacked last."""
+    folder = real_data_root() / "covid19-ct-seg-2d" / "ct"
+    slices = []
+    for index in range(700, 700 + count):
+        with Image.open(folder / f"{index:04d}.png") as picture:
+            slices.append(np.asarray(picture.convert("L").resize(shape[::-1], Image.BILINEAR), np.uint8))
+    return np.stack(slices, axis=2)
+
+
+def in_canonical_voxels(mask: np.ndarray, affine: np.ndarray, shape) -> np.ndarray:
+    """`mask` resampled onto the canonical grid through world coordinates (plain affine algebra: every
+    stored voxel's world position, then its canonical voxel index)."""
+    indices = np.indices(mask.shape).reshape(3, -1)
+    world = affine @ np.vstack([indices, np.ones(indices.shape[1])])
+    canonical = np.rint(np.linalg.inv(CANONICAL_AFFINE) @ world)[:3].astype(int)
+    resampled = np.full(shape, 255, np.uint8)
+    resampled[tuple(canonical)] = mask.reshape(-1)
+    return resampled
+
+
+# --- A stand-in model --------------------------------------------------------------------------------------
+
+
+class ImagePredictor(inference.Predictor):
+    """A stand-in model: the probability is the preprocessed image itself (a bright box -> 1)."""
+
+    def __init__(self, step=3):
+        self.step = step
+
+    def _probabilities(self, images):
+        return images
+
+
+# --- Independent references for surface distances ----------------------------------------------------------
+
+
+def independent_hd95(prediction, target, spacing):
+    """HD95 by brute force, in any dimension: the border voxels of a mask are those with a face neighbour
+    outside it (beyond the array's edge counts as outside); every border-to-border distance in physical
+    units; the 95th percentile of the union of both directions' nearest distances (the code's definition,
+    MedPy's hd95; not the larger of two directed percentiles)."""
+    from scipy.spatial.distance import cdist
+
+    def border_points(mask):
+        mask = np.asarray(mask).astype(bool)
+        padded = np.pad(mask, 1)
+        interior = tuple(slice(1, -1) for _ in range(mask.ndim))
+        all_neighbours_inside = np.ones_like(mask)
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                all_neighbours_inside &= np.roll(padded, step, axis=axis)[interior]
+        return np.argwhere(mask & ~all_neighbours_inside) * np.asarray(spacing, np.float64)
+
+    distances = cdist(border_points(prediction), border_points(target))
+    return np.percentile(np.concatenate([distances.min(axis=1), distances.min(axis=0)]), 95)
+
+
+def ellipsoid(shape, centre, radii_mm, spacing):
+    """A boolean ellipsoid of `radii_mm` about the voxel `centre`, in a volume of voxel `spacing`."""
+    grid = np.indices(shape, dtype=np.float64)
+    return sum(((grid[axis] - centre[axis]) * spacing[axis] / radii_mm[axis]) ** 2 for axis in range(3)) <= 1

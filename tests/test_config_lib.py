@@ -4,11 +4,12 @@ import functools
 import math
 
 import pytest
-from helpers import make_tiny_config
+from helpers import config_from_file, make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdunet_jax import config_lib, config_validation, train
+from rdunet_jax import config_lib, config_validation, models, train
+from rdunet_jax import losses as losses_lib
 from rdunet_jax.errors import UserError
 
 # Keys and values that must be refused, whatever a config file or override sets.
@@ -326,13 +327,65 @@ def test_a_config_written_before_heads_existed_is_a_binary_one():
     ],
 )
 def test_the_multiclass_configs_are_valid_and_name_their_classes(file_name, head, classes):
-    import importlib.util
-
-    from helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("multiclass_config", REPO_ROOT / "configs" / file_name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_from_file(file_name)
     config_validation.validate(config)
     assert (config.model.head, tuple(config.data.classes)) == (head, classes)
+
+
+# The paper's training setup (Amer, Ye, Janan, ICCVW 2021), as issue 23 and the README record it. The
+# PDF is not in the repository: these are its settings in our words, not its sentences.
+PAPER_SETUP = (
+    "350 epochs; Adam, learning rate 1e-3 divided by 10 every 20 epochs; batch size 8; dropout 0.5; "
+    "Dice loss; augmentation by random flips and random zoom in [0.9, 1.1]; 256x256 inputs; 16 feature "
+    "maps doubling at each of four down-samplings; squeeze-and-excitation with reduction 8; DC modules "
+    "of dilation rates (1,2,3,3,2,1) on the two shallowest skip connections and (1,2,2,1) on the two "
+    "deepest"
+)
+
+
+def _rdunet_recipe():
+    return config_from_file("rdunet.py")
+
+
+@pytest.mark.parametrize("make_config", [config_lib.base_config, _rdunet_recipe], ids=["base", "rdunet.py"])
+def test_the_defaults_are_the_papers_training_setup(make_config):
+    config = make_config()
+    assert config.num_epochs == 350, PAPER_SETUP
+    assert (config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor) == (1e-3, 20, 0.1)
+    assert config.batch_size == 8
+    assert config.model.dropout_rate == 0.5
+    assert config.loss == "dice" and losses_lib.LOSSES[config.loss] is losses_lib.soft_dice_loss
+    assert config.data.flip is True and config.data.rotation_degrees == 0.0
+    assert (1 - config.data.zoom_range, 1 + config.data.zoom_range) == pytest.approx((0.9, 1.1))
+    assert config.data.image_size == 256
+    model = config.model
+    assert (model.variant, model.block, model.use_se) == ("rdunet", "residual", True)
+    assert (model.features, model.depth, model.se_reduction) == (16, 4, 8)
+    assert [tuple(rates) for rates in model.skip_dilation_rates] == [
+        (1, 2, 3, 3, 2, 1),
+        (1, 2, 3, 3, 2, 1),
+        (1, 2, 2, 1),
+        (1, 2, 2, 1),
+    ]
+    assert tuple(model.encoder_dilation_rates) == ()
+
+    # The built model, read from its parameters: widths 16 to 256, Dense C -> C/8 in every
+    # squeeze-and-excitation unit, six convolutions in the DC modules of the two shallowest skips
+    # (16 and 32 channels) and four in the two deepest (64 and 128).
+    built = models.build_model(model)
+    assert built.dropout_rate == 0.5
+    params = models.abstract_variables(built, 16)["params"]
+    blocks = [params[f"EncoderDecoderBlock_{index}"] for index in range(2 * model.depth + 1)]
+    encoder_widths = [
+        block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1] for block in blocks
+    ]
+    assert encoder_widths[:5] == [16, 32, 64, 128, 256]
+    for block in blocks:
+        width = block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1]
+        assert block["SqueezeExcitation_0"]["Dense_0"]["kernel"].shape == (width, width // 8)
+    cascades = {
+        module["Conv_0"]["kernel"].shape[-1]: sum(name.startswith("Conv_") for name in module)
+        for name, module in params.items()
+        if name.startswith("DilatedCascade_")
+    }
+    assert cascades == {16: 6, 32: 6, 64: 4, 128: 4}

@@ -5,14 +5,14 @@ for folders and files that cannot be read as one CT series."""
 import nibabel
 import numpy as np
 import pytest
-from helpers import make_tiny_config
-from test_orientation import (
+from helpers import (
     CANONICAL_AFFINE,
     EXACT_WINDOW,
-    _in_canonical_voxels,
-    _real_display_slices,
+    ImagePredictor,
+    in_canonical_voxels,
+    make_tiny_config,
+    real_display_slices,
 )
-from test_predict import ImagePredictor
 
 from rdunet_jax import inference, predict
 from rdunet_jax.errors import UserError
@@ -118,7 +118,7 @@ def test_a_series_is_ordered_by_position_and_read_in_hounsfield_units(tmp_path):
 def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, tmp_path):
     config = make_tiny_config(hu_window=EXACT_WINDOW)
     config.eval.num_overlays = 0
-    canonical_hu = _real_display_slices().astype(np.float32) * 5 - 1000  # (P rows, L columns, S slices)
+    canonical_hu = real_display_slices().astype(np.float32) * 5 - 1000  # (P rows, L columns, S slices)
     rows, columns, count = canonical_hu.shape
     nibabel.save(nibabel.Nifti1Image(canonical_hu.astype(np.int16), CANONICAL_AFFINE), tmp_path / "ref.nii")
     predict.predict_path(
@@ -143,7 +143,7 @@ def test_a_series_gives_the_mask_of_its_nifti_in_world_coordinates(tiny_state, t
             config, None, tmp_path / name, tmp_path / "out", predictor=inference.JaxPredictor(tiny_state)
         )
         written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii.gz")
-        mask = _in_canonical_voxels(np.asarray(written.dataobj), written.affine, canonical_hu.shape)
+        mask = in_canonical_voxels(np.asarray(written.dataobj), written.affine, canonical_hu.shape)
         np.testing.assert_array_equal(mask, reference, err_msg=name)
         assert summary["series_uid"] and (tmp_path / "out" / f"{name}_summary.json").exists()
 

@@ -10,11 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import ellipsoid, independent_hd95, make_tiny_config
 from scipy import ndimage
-from test_metrics import ellipsoid, independent_hd95
 
-from rdunet_jax import checkpoints, evaluate, inference, reports, steps
+from rdunet_jax import checkpoints, datasets, evaluate, inference, reports, steps
 from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
@@ -194,7 +193,7 @@ def _collect_with_planted_predictions(records, predictions, config):
 
 def test_hd95_and_lesion_areas_in_mm_match_brute_force_with_anisotropic_voxels():
     """Per-slice HD95 in mm, per-volume 3-D HD95 in mm (MedPy's definition: 95th percentile of the union
-    of both directions' nearest border distances, see test_metrics.independent_hd95) and lesion areas in
+    of both directions' nearest border distances, see helpers.independent_hd95) and lesion areas in
     mm^2 against brute force, for non-square stored slices with 0.7 x 0.8 x 5 mm voxels."""
     config = make_tiny_config()
     config.eval.small_lesion_area = 100.0  # mm^2: 30 model pixels of 1.4 x 2.4 mm
@@ -381,3 +380,12 @@ def test_eval_checkpoint_picks_the_best_or_the_last_checkpoint(tiny_state, tmp_p
     config.eval.checkpoint = which
     restored = steps.restore_state(config, tmp_path)
     assert int(restored.step) == int(tiny_state.step) + step_offset
+
+
+def test_evaluate_source_counts_every_slice_once(tiny_state):
+    config = make_tiny_config(num_validation=21)  # two eval batches, the second padded
+    source = datasets.load_source(config.data, "validation")
+    summary = evaluate.evaluate_source(inference.JaxPredictor(tiny_state), source, config)
+    assert summary["num_slices"] == 21
+    for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
+        assert 0.0 <= summary[key] <= 1.0

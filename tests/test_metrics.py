@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import ellipsoid, independent_hd95
 
 from rdunet_jax import metrics
 
@@ -60,27 +61,6 @@ def test_summary_means_f_score_and_pooled_values():
 # --- HD95 ---------------------------------------------------------------------------------
 
 
-def independent_hd95(prediction, target, spacing):
-    """HD95 by brute force, in any dimension: the border voxels of a mask are those with a face neighbour
-    outside it (beyond the array's edge counts as outside); every border-to-border distance in physical
-    units; the 95th percentile of the union of both directions' nearest distances (the code's definition,
-    MedPy's hd95; not the larger of two directed percentiles)."""
-    from scipy.spatial.distance import cdist
-
-    def border_points(mask):
-        mask = np.asarray(mask).astype(bool)
-        padded = np.pad(mask, 1)
-        interior = tuple(slice(1, -1) for _ in range(mask.ndim))
-        all_neighbours_inside = np.ones_like(mask)
-        for axis in range(mask.ndim):
-            for step in (-1, 1):
-                all_neighbours_inside &= np.roll(padded, step, axis=axis)[interior]
-        return np.argwhere(mask & ~all_neighbours_inside) * np.asarray(spacing, np.float64)
-
-    distances = cdist(border_points(prediction), border_points(target))
-    return np.percentile(np.concatenate([distances.min(axis=1), distances.min(axis=0)]), 95)
-
-
 def test_hd95_of_single_pixels_is_their_distance_in_pixels_and_mm():
     prediction = np.zeros((10, 12), np.uint8)
     target = np.zeros((10, 12), np.uint8)
@@ -117,12 +97,6 @@ def test_hd95_matches_a_brute_force_computation_on_irregular_masks(spacing):
 
 
 ANISOTROPIC_SPACING = (0.7, 0.8, 5.0)  # mm: rows, columns, slices (thick CT slices)
-
-
-def ellipsoid(shape, centre, radii_mm, spacing):
-    """A boolean ellipsoid of `radii_mm` about the voxel `centre`, in a volume of voxel `spacing`."""
-    grid = np.indices(shape, dtype=np.float64)
-    return sum(((grid[axis] - centre[axis]) * spacing[axis] / radii_mm[axis]) ** 2 for axis in range(3)) <= 1
 
 
 def test_3d_hd95_in_mm_with_anisotropic_spacing_matches_a_brute_force_computation():

@@ -1,14 +1,18 @@
 """In-plane orientation: the PNG releases' orientation read from the anatomy of real slices, the config
 key, and NIfTI prediction that gives one mask in world coordinates whatever the volume's voxel order."""
 
-import os
-import pathlib
-
 import ml_collections
 import nibabel
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import (
+    CANONICAL_AFFINE,
+    EXACT_WINDOW,
+    in_canonical_voxels,
+    make_tiny_config,
+    real_data_root,
+    real_display_slices,
+)
 from nibabel import orientations as nib_orientations
 from PIL import Image
 
@@ -23,15 +27,6 @@ from rdunet_jax import (
     train,
 )
 from rdunet_jax.errors import UserError
-
-DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _data_root() -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("RDUNET_DATA_ROOT", DEFAULT_DATA_ROOT))
-    if not (root / "covid19-ct-seg-2d").is_dir() or not (root / "covid-semiseg").is_dir():
-        pytest.fail(f"real data not found at {root}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)")
-    return root
 
 
 def _grayscale(path) -> np.ndarray:
@@ -52,7 +47,7 @@ def _bone_below_centre(display: np.ndarray, rows: slice, columns: slice) -> bool
 
 @pytest.mark.real_data
 def test_ma2020_slices_turned_to_display_have_the_spine_below_and_the_larger_right_lung_on_the_left():
-    ct_folder = _data_root() / "covid19-ct-seg-2d"
+    ct_folder = real_data_root() / "covid19-ct-seg-2d"
     source = orientation.DATASET_ORIENTATIONS["ma2020_2d"]
     spine_below, right_lung_on_left = [], []
     # The coronacases volumes (the first ~1250 slices); many later Radiopaedia slices are flipped.
@@ -73,7 +68,7 @@ def test_ma2020_slices_turned_to_display_have_the_spine_below_and_the_larger_rig
 
 @pytest.mark.real_data
 def test_semiseg_slices_turned_to_display_have_the_spine_below():
-    folder = _data_root() / "covid-semiseg" / "Dataset" / "TrainingSet" / "LungInfection-Train"
+    folder = real_data_root() / "covid-semiseg" / "Dataset" / "TrainingSet" / "LungInfection-Train"
     source = orientation.DATASET_ORIENTATIONS["semiseg"]
     spine_below = []
     for path in sorted((folder / "Doctor-label" / "Imgs").glob("*.jpg")):
@@ -134,10 +129,6 @@ def test_a_ras_volume_is_turned_to_radiological_display_per_slice():
 
 # --- NIfTI prediction in every voxel order ----------------------------------------------------------------
 
-# The canonical volume's affine: voxel axes toward P, L and S; 0.8 x 0.7 mm in plane, 2.5 mm slices.
-CANONICAL_AFFINE = np.array(
-    [[0.0, -0.7, 0.0, 100.0], [-0.8, 0.0, 0.0, 60.0], [0.0, 0.0, 2.5, -200.0], [0.0, 0.0, 0.0, 1.0]]
-)
 # The same volume stored in other voxel orders (nibabel orientation transforms from the canonical one):
 # RAS, LPS, in-plane axes swapped with slices reversed, turned by 90 degrees (the one in-plane change
 # that is not its own inverse), and slices along the first axis.
@@ -148,18 +139,6 @@ STORAGE_ORDERS = {
     "LAI": ("L", "A", "I"),
     "SPL": ("S", "P", "L"),
 }
-# A window whose width is 5 * 255: display value v is exactly 5 v - 1000 HU, and back to v / 255.
-EXACT_WINDOW = (-1000.0, 275.0)
-
-
-def _real_display_slices(shape=(48, 64), count=3) -> np.ndarray:
-    """Neighbouring real slices (ma2020_2d, radiological display 'PL') resized to `shape`, stacked last."""
-    folder = _data_root() / "covid19-ct-seg-2d" / "ct"
-    slices = []
-    for index in range(700, 700 + count):
-        with Image.open(folder / f"{index:04d}.png") as picture:
-            slices.append(np.asarray(picture.convert("L").resize(shape[::-1], Image.BILINEAR), np.uint8))
-    return np.stack(slices, axis=2)
 
 
 def _stored(volume: np.ndarray, codes) -> tuple[np.ndarray, np.ndarray]:
@@ -173,22 +152,11 @@ def _stored(volume: np.ndarray, codes) -> tuple[np.ndarray, np.ndarray]:
     return stored, affine
 
 
-def _in_canonical_voxels(mask: np.ndarray, affine: np.ndarray, shape) -> np.ndarray:
-    """`mask` resampled onto the canonical grid through world coordinates (plain affine algebra: every
-    stored voxel's world position, then its canonical voxel index)."""
-    indices = np.indices(mask.shape).reshape(3, -1)
-    world = affine @ np.vstack([indices, np.ones(indices.shape[1])])
-    canonical = np.rint(np.linalg.inv(CANONICAL_AFFINE) @ world)[:3].astype(int)
-    resampled = np.full(shape, 255, np.uint8)
-    resampled[tuple(canonical)] = mask.reshape(-1)
-    return resampled
-
-
 @pytest.mark.real_data
 def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates(tiny_state, tmp_path):
     config = make_tiny_config(hu_window=EXACT_WINDOW)
     config.eval.num_overlays = 0
-    display = _real_display_slices()
+    display = real_display_slices()
     hounsfield = display.astype(np.int16) * 5 - 1000
     # A random model's probabilities depend on position and direction; its median over the volume as the
     # threshold makes about half of every mask lesion, so a slice fed turned would not match.
@@ -212,7 +180,7 @@ def test_every_voxel_order_and_the_png_slices_give_one_mask_in_world_coordinates
         written = nibabel.load(tmp_path / "out" / f"{name}_mask.nii")
         assert written.shape == stored.shape
         np.testing.assert_allclose(written.affine, affine, atol=1e-6)
-        masks[name] = _in_canonical_voxels(np.asarray(written.dataobj), affine, hounsfield.shape)
+        masks[name] = in_canonical_voxels(np.asarray(written.dataobj), affine, hounsfield.shape)
     canonical = masks.pop("canonical")
     assert 0.2 < canonical.mean() < 0.8
     for name, mask in masks.items():

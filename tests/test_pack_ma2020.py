@@ -7,14 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import DATA_ROOT
 from PIL import Image
 
 from experiments import pack_ma2020
 from rdunet_jax.datasets import builder, layouts, readers
-
-REAL_DATA = pathlib.Path(
-    os.environ.get("RDUNET_DATA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
-)
 
 
 def tree(folder: pathlib.Path) -> dict:
@@ -115,7 +112,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 @pytest.mark.real_data
 def test_real_slices_read_the_same_after_a_round_trip(tmp_path):
-    source = REAL_DATA / "covid19-ct-seg-2d"
+    source = DATA_ROOT / "covid19-ct-seg-2d"
     if not source.is_dir():
         pytest.fail(f"{source} is missing: the real data sits beside the repository (or RDUNET_DATA_ROOT)")
     copy = tmp_path / "covid19-ct-seg-2d"

@@ -8,7 +8,7 @@ import json
 import nibabel
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import ImagePredictor, make_tiny_config, real_data_root
 from PIL import Image
 
 from rdunet_jax import inference, predict, predictors, steps, volumes
@@ -23,16 +23,6 @@ AFFINE = np.array(
         [0.0, 0.0, 0.0, 1.0],
     ]
 )
-
-
-class ImagePredictor(inference.Predictor):
-    """A stand-in model: the probability is the preprocessed image itself (a bright box -> 1)."""
-
-    def __init__(self, step=3):
-        self.step = step
-
-    def _probabilities(self, images):
-        return images
 
 
 def _volume(shape=(45, 37, 5)):
@@ -341,7 +331,7 @@ def test_units_check_samples_few_slices_spanning_the_volume():
 @pytest.mark.real_data
 def test_a_real_slice_in_hounsfield_units_passes_and_its_display_export_is_refused(tmp_path, monkeypatch):
     _stand_in_model(monkeypatch)
-    png = _real_data_root() / "covid19-ct-seg-2d" / "ct" / "0700.png"
+    png = real_data_root() / "covid19-ct-seg-2d" / "ct" / "0700.png"
     display = np.asarray(Image.open(png).convert("L"), np.float32)
     lower, upper = make_tiny_config().data.hu_window
     hounsfield = display / 255.0 * (upper - lower) + lower  # back through the lung window
@@ -356,17 +346,6 @@ def test_a_real_slice_in_hounsfield_units_passes_and_its_display_export_is_refus
     display_mask = np.asarray(nibabel.load(tmp_path / "out" / "display_mask.nii").dataobj)[:, :, 0]
     assert 0 < hu_mask.sum() < hu_mask.size
     assert np.mean(hu_mask == display_mask) > 0.999  # the same image either way, up to float rounding
-
-
-def _real_data_root():
-    import os
-    import pathlib
-
-    default = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-    root = pathlib.Path(os.environ.get("RDUNET_DATA_ROOT", default))
-    if not (root / "covid19-ct-seg-2d").is_dir():
-        pytest.fail(f"real data not found at {root}: set RDUNET_DATA_ROOT (see ../shared/data/README.md)")
-    return root
 
 
 def test_the_same_mask_written_twice_has_the_same_gzip_bytes(tmp_path):

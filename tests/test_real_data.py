@@ -4,19 +4,16 @@ These tests fail, rather than skip, when the data is absent: a silently skipped 
 let a broken reader pass. Datasets are built into a temporary data_dir, never into the repository.
 """
 
-import os
 import pathlib
 
 import numpy as np
 import pytest
+from helpers import DATA_ROOT
 
 from rdunet_jax import config_lib, datasets, input_pipeline, steps
 
 pytestmark = pytest.mark.real_data
 
-DATA_ROOT = pathlib.Path(
-    os.environ.get("RDUNET_DATA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
-)
 MANUAL_DIRS = {"semiseg": DATA_ROOT / "covid-semiseg", "ma2020_2d": DATA_ROOT / "covid19-ct-seg-2d"}
 
 

@@ -1,15 +1,12 @@
-"""The train step, Adam on the learning-rate staircase, the paper's defaults and the evaluation of a
-split."""
-
-import importlib.util
+"""steps.py: the train step, the eval step, and Adam on the learning-rate staircase."""
 
 import jax
 import numpy as np
 import optax
 import pytest
-from helpers import REPO_ROOT, make_tiny_config
+from helpers import make_tiny_config
 
-from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, models, steps
+from rdunet_jax import config_lib, datasets, input_pipeline, models, steps
 from rdunet_jax import losses as losses_lib
 
 
@@ -152,74 +149,3 @@ def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
         m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
         expected = -learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
         np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-5, err_msg=f"step {step}")
-
-
-# The paper's training setup (Amer, Ye, Janan, ICCVW 2021), as issue 23 and the README record it. The
-# PDF is not in the repository: these are its settings in our words, not its sentences.
-PAPER_SETUP = (
-    "350 epochs; Adam, learning rate 1e-3 divided by 10 every 20 epochs; batch size 8; dropout 0.5; "
-    "Dice loss; augmentation by random flips and random zoom in [0.9, 1.1]; 256x256 inputs; 16 feature "
-    "maps doubling at each of four down-samplings; squeeze-and-excitation with reduction 8; DC modules "
-    "of dilation rates (1,2,3,3,2,1) on the two shallowest skip connections and (1,2,2,1) on the two "
-    "deepest"
-)
-
-
-def _rdunet_recipe():
-    spec = importlib.util.spec_from_file_location("rdunet_config", REPO_ROOT / "configs" / "rdunet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-@pytest.mark.parametrize("make_config", [config_lib.base_config, _rdunet_recipe], ids=["base", "rdunet.py"])
-def test_the_defaults_are_the_papers_training_setup(make_config):
-    config = make_config()
-    assert config.num_epochs == 350, PAPER_SETUP
-    assert (config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor) == (1e-3, 20, 0.1)
-    assert config.batch_size == 8
-    assert config.model.dropout_rate == 0.5
-    assert config.loss == "dice" and losses_lib.LOSSES[config.loss] is losses_lib.soft_dice_loss
-    assert config.data.flip is True and config.data.rotation_degrees == 0.0
-    assert (1 - config.data.zoom_range, 1 + config.data.zoom_range) == pytest.approx((0.9, 1.1))
-    assert config.data.image_size == 256
-    model = config.model
-    assert (model.variant, model.block, model.use_se) == ("rdunet", "residual", True)
-    assert (model.features, model.depth, model.se_reduction) == (16, 4, 8)
-    assert [tuple(rates) for rates in model.skip_dilation_rates] == [
-        (1, 2, 3, 3, 2, 1),
-        (1, 2, 3, 3, 2, 1),
-        (1, 2, 2, 1),
-        (1, 2, 2, 1),
-    ]
-    assert tuple(model.encoder_dilation_rates) == ()
-
-    # The built model, read from its parameters: widths 16 to 256, Dense C -> C/8 in every
-    # squeeze-and-excitation unit, six convolutions in the DC modules of the two shallowest skips
-    # (16 and 32 channels) and four in the two deepest (64 and 128).
-    built = models.build_model(model)
-    assert built.dropout_rate == 0.5
-    params = models.abstract_variables(built, 16)["params"]
-    blocks = [params[f"EncoderDecoderBlock_{index}"] for index in range(2 * model.depth + 1)]
-    encoder_widths = [
-        block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1] for block in blocks
-    ]
-    assert encoder_widths[:5] == [16, 32, 64, 128, 256]
-    for block in blocks:
-        width = block["ResidualBlock_0"]["DoubleConv_0"]["Conv_1"]["kernel"].shape[-1]
-        assert block["SqueezeExcitation_0"]["Dense_0"]["kernel"].shape == (width, width // 8)
-    cascades = {
-        module["Conv_0"]["kernel"].shape[-1]: sum(name.startswith("Conv_") for name in module)
-        for name, module in params.items()
-        if name.startswith("DilatedCascade_")
-    }
-    assert cascades == {16: 6, 32: 6, 64: 4, 128: 4}
-
-
-def test_evaluate_source_counts_every_slice_once(tiny_state):
-    config = make_tiny_config(num_validation=21)  # two eval batches, the second padded
-    source = datasets.load_source(config.data, "validation")
-    summary = evaluate.evaluate_source(inference.JaxPredictor(tiny_state), source, config)
-    assert summary["num_slices"] == 21
-    for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
-        assert 0.0 <= summary[key] <= 1.0
