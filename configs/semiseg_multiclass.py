@@ -18,8 +18,6 @@ config, losses, labels and per-class metrics exist.
 import importlib.util
 import pathlib
 
-from rdunet_jax import config_lib
-
 
 def _binary_semiseg_config():
     """configs/semiseg.py, beside this file (config files are loaded by path, not as a package)."""
@@ -33,11 +31,8 @@ def _binary_semiseg_config():
 
 def get_config(variant: str = "rdunet"):
     """COVID-SemiSeg's two lesion classes with model variant `variant`, from the binary recipe."""
-    config = config_lib.apply_model_variant(config_lib.base_config(), variant or "rdunet")
+    config = _binary_semiseg_config().get_config(variant)
     config.name = f"{config.model.variant}-semiseg-multiclass"
-    config.data.name = "semiseg"
-    config.eval.split = "test"
-    _binary_semiseg_config().apply_recipe(config)
     config.model.head = "exclusive"
     config.data.classes = ("ggo", "consolidation")
     config.loss = "dice_ce"

@@ -163,16 +163,24 @@ def _directory_file(path):
     data.save_as(path, enforce_file_format=True)
 
 
+def _refused_before_writing(input_path, output_dir, message) -> str:
+    """Predicting `input_path` raises one UserError line matching `message` with nothing written to
+    `output_dir`; returns the message."""
+    with pytest.raises(UserError, match=message) as error:
+        predict.predict_path(make_tiny_config(), None, input_path, output_dir, predictor=ImagePredictor(1))
+    assert "\n" not in str(error.value)
+    assert not output_dir.exists()
+    return str(error.value)
+
+
 def test_several_series_need_one_chosen(tmp_path, monkeypatch):
     first = write_series(tmp_path / "study" / "a", _phantom_hu())
     second = write_series(tmp_path / "study" / "b", _phantom_hu((40, 48, 3)))
     _directory_file(tmp_path / "study" / "DICOMDIR")  # not a third series
-    with pytest.raises(UserError, match="holds 2 DICOM series, choose one with --series") as error:
-        predict.predict_path(
-            make_tiny_config(), None, tmp_path / "study", tmp_path / "out", predictor=ImagePredictor(1)
-        )
-    assert first in str(error.value) and second in str(error.value) and "\n" not in str(error.value)
-    assert not (tmp_path / "out").exists()
+    error = _refused_before_writing(
+        tmp_path / "study", tmp_path / "out", "holds 2 DICOM series, choose one with --series"
+    )
+    assert first in error and second in error
     (summary,) = predict.predict_path(
         make_tiny_config(),
         None,
@@ -252,22 +260,15 @@ def test_a_series_that_cannot_be_read_is_one_line_naming_the_file_and_nothing_is
     tmp_path, monkeypatch, break_series, message
 ):
     break_series(tmp_path / "series")
-    with pytest.raises(UserError, match=message) as error:
-        predict.predict_path(
-            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
-        )
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "out").exists()
+    _refused_before_writing(tmp_path / "series", tmp_path / "out", message)
 
 
 def test_without_highdicom_a_series_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     write_series(tmp_path / "series", _phantom_hu())
     monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
-    with pytest.raises(UserError, match=r"^--input: writing DICOM SEG needs highdicom, not installed"):
-        predict.predict_path(
-            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
-        )
-    assert not (tmp_path / "out").exists()
+    _refused_before_writing(
+        tmp_path / "series", tmp_path / "out", r"^--input: writing DICOM SEG needs highdicom, not installed"
+    )
 
 
 def test_without_pydicom_a_series_is_refused_naming_the_extra(tmp_path, monkeypatch):
@@ -405,12 +406,9 @@ def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_a
 ):
     write_series(tmp_path / "series", _phantom_hu())
     _without(tmp_path / "series", [keyword])
-    with pytest.raises(UserError, match=rf"img\d{{3}}\.dcm: DICOM file without {keyword}$") as error:
-        predict.predict_path(
-            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
-        )
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "out").exists()
+    _refused_before_writing(
+        tmp_path / "series", tmp_path / "out", rf"img\d{{3}}\.dcm: DICOM file without {keyword}$"
+    )
 
 
 def test_a_series_given_as_the_current_folder_names_its_outputs_after_the_folder(tmp_path, monkeypatch):

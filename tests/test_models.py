@@ -327,15 +327,15 @@ def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
         assert [operand.aval.dtype for operand in product.invars] == [jnp.bfloat16, jnp.bfloat16]
 
 
-def _primitive_names(jaxpr):
-    """Every primitive of a program, nested programs (jit, custom VJP, remat) included."""
+def _equations(jaxpr):
+    """Every equation of a program, nested programs (jit, custom VJP, remat) included."""
     for equation in jaxpr.eqns:
-        yield equation.primitive.name
+        yield equation
         for value in equation.params.values():
             for inner in value if isinstance(value, tuple | list) else (value,):
                 inner = getattr(inner, "jaxpr", inner)  # a closed program's program
                 if hasattr(inner, "eqns"):
-                    yield from _primitive_names(inner)
+                    yield from _equations(inner)
 
 
 def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
@@ -350,7 +350,8 @@ def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
             v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
         )
     )(variables)
-    custom_vjps = [name for name in _primitive_names(program.jaxpr) if "custom_vjp" in name]
+    names = [equation.primitive.name for equation in _equations(program.jaxpr)]
+    custom_vjps = [name for name in names if "custom_vjp" in name]
     assert norm_layers == 11 and len(custom_vjps) == norm_layers
 
 
@@ -372,17 +373,6 @@ def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_im
         assert len(convolutions) == 2
         for convolution in convolutions:
             assert [operand.aval.dtype for operand in convolution.invars] == [jnp.bfloat16, jnp.bfloat16]
-
-
-def _equations(jaxpr):
-    """Every equation of a program, nested programs included."""
-    for equation in jaxpr.eqns:
-        yield equation
-        for value in equation.params.values():
-            for inner in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
 
 
 def test_bfloat16_model_multiplies_and_rectifies_in_bfloat16_everywhere():
