@@ -183,3 +183,12 @@ def test_the_graph_reader_resolves_every_import_form(tmp_path):
     full = with_parent_packages(graph)
     assert full["pkg.a"] == {"pkg", "pkg.b", "pkg.c", "pkg.sub", "pkg.sub.d"}
     assert chain(reachable(full, "pkg.sub.d"), "pkg.sub.d", "pkg.a") == "pkg.sub.d -> pkg.b -> pkg.c -> pkg.a"
+
+
+def test_the_readmes_layout_names_every_file_of_the_package():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed = {word for word in section.split() if word.startswith(f"{PACKAGE}/")}
+    files = {str(path.relative_to(REPO_ROOT)) for path in PACKAGE_ROOT.rglob("*.py")}
+    files -= {f"{PACKAGE}/__init__.py"}
+    assert sorted(files - listed) == [], "add a line for each to the Layout section of README.md"
