@@ -67,8 +67,10 @@ class Predictor:
 
 
 class JaxPredictor(Predictor):
-    """A Predictor over a `steps.TrainState` (or any state with apply_fn, params, batch_stats, loss and
-    step): XLA runs `steps.eval_step`, compiled once per batch shape."""
+    """A Predictor in JAX: XLA runs `steps.eval_step`, compiled once per batch shape.
+
+    Args: `state`, a `steps.TrainState` (or any state with apply_fn, params, batch_stats, loss and step).
+    """
 
     def __init__(self, state):
         self.state = state
