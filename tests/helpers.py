@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import nibabel
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,6 +109,27 @@ def in_canonical_voxels(mask: np.ndarray, affine: np.ndarray, shape) -> np.ndarr
     resampled = np.full(shape, 255, np.uint8)
     resampled[tuple(canonical)] = mask.reshape(-1)
     return resampled
+
+
+# --- NIfTI volumes (prediction tests) ------------------------------------------------------------------
+
+# Non-identity: rotated, anisotropic (0.7 x 0.9 x 2.5 mm), shifted.
+ROTATED_AFFINE = np.array(
+    [
+        [0.0, -0.9, 0.0, 120.0],
+        [0.7, 0.0, 0.0, -80.5],
+        [0.0, 0.0, 2.5, -300.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def save_nifti(path, volume, affine=ROTATED_AFFINE):
+    """`volume` saved as a NIfTI file at `path` (units mm), with `affine`; returns `path`."""
+    image = nibabel.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    nibabel.save(image, path)
+    return path
 
 
 # --- A stand-in model --------------------------------------------------------------------------------------

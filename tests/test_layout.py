@@ -192,3 +192,15 @@ def test_the_readmes_layout_names_every_file_of_the_package():
     files = {str(path.relative_to(REPO_ROOT)) for path in PACKAGE_ROOT.rglob("*.py")}
     files -= {f"{PACKAGE}/__init__.py"}
     assert sorted(files - listed) == [], "add a line for each to the Layout section of README.md"
+
+
+def test_test_modules_take_shared_code_from_helpers_not_from_each_other():
+    importers = {}
+    for path in sorted((REPO_ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name.split(".")[0].startswith("test_") for name in names):
+                importers.setdefault(path.name, []).extend(names)
+    assert importers == {}, "move what they share into tests/helpers.py"

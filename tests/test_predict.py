@@ -8,21 +8,11 @@ import json
 import nibabel
 import numpy as np
 import pytest
-from helpers import ImagePredictor, make_tiny_config, real_data_root
+from helpers import ROTATED_AFFINE, ImagePredictor, make_tiny_config, real_data_root, save_nifti
 from PIL import Image
 
 from rdunet_jax import inference, predict, predictors, steps, volumes
 from rdunet_jax.errors import UserError
-
-# Non-identity: rotated, anisotropic (0.7 x 0.9 x 2.5 mm), shifted.
-AFFINE = np.array(
-    [
-        [0.0, -0.9, 0.0, 120.0],
-        [0.7, 0.0, 0.0, -80.5],
-        [0.0, 0.0, 2.5, -300.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
-)
 
 
 def _volume(shape=(45, 37, 5)):
@@ -36,16 +26,9 @@ def _volume(shape=(45, 37, 5)):
     return volume, boxes
 
 
-def _save_nifti(path, volume):
-    image = nibabel.Nifti1Image(volume, AFFINE)
-    image.header.set_xyzt_units("mm", "sec")
-    nibabel.save(image, path)
-    return path
-
-
 def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypatch):
     volume, boxes = _volume()
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
     config = make_tiny_config()
     config.eval.batch_size = 2  # three batches for five slices: the last one padded
     # The windowed intensity as probability: bright box -> 1, air -> ~0.3.
@@ -70,14 +53,14 @@ def test_nifti_round_trip_keeps_shape_affine_and_orientation(tmp_path, monkeypat
     overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
     assert [path.name for path in overlays] == [f"slice_{i:04d}.png" for i in (1, 2, 3, 4)]  # largest 4
     with Image.open(overlays[0]) as picture:
-        # Radiological display: AFFINE's voxel axis 0 (45) runs anterior-posterior, so it gives the rows.
+        # Radiological display: ROTATED_AFFINE's voxel axis 0 (45) runs anterior-posterior: the rows.
         assert picture.mode == "RGB" and picture.size == (37, 45)
 
 
 def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state, tmp_path):
     volume, _ = _volume((30, 34, 3))
-    source = _save_nifti(tmp_path / "frame.nii", volume[..., None])
-    ground_truth = _save_nifti(tmp_path / "truth.nii", (volume[..., None] > 0).astype(np.uint8))
+    source = save_nifti(tmp_path / "frame.nii", volume[..., None])
+    ground_truth = save_nifti(tmp_path / "truth.nii", (volume[..., None] > 0).astype(np.uint8))
     (summary,) = predict.predict_path(
         make_tiny_config(),
         None,
@@ -88,7 +71,7 @@ def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state
     )
     written = nibabel.load(tmp_path / "out" / "frame_mask.nii")
     assert written.shape == (30, 34, 3, 1)
-    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+    np.testing.assert_allclose(written.affine, ROTATED_AFFINE, atol=1e-6)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
     assert 0.0 <= summary["dice_with_ground_truth"] <= 1.0
 
@@ -150,7 +133,7 @@ def test_existing_outputs_are_refused_without_overwrite(tiny_state, tmp_path):
 
 def test_an_interrupted_volume_leaves_no_mask_file(tmp_path):
     volume, _ = _volume()
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
 
     class InterruptedPredictor(ImagePredictor):
         calls = 0
@@ -191,7 +174,7 @@ def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monke
     _no_model(monkeypatch)
     rng = np.random.default_rng(0)  # noise: the compressed data are long enough to cut mid-stream
     volume = rng.integers(-1000, 400, (45, 37, 5)).astype(np.int16)
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
     data = source.read_bytes()
     source.write_bytes(data[: len(data) * 3 // 5])
     config = make_tiny_config()
@@ -208,7 +191,7 @@ def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monke
 
 
 def _truncated_nifti(path):
-    _save_nifti(path, _volume((20, 20, 4))[0])
+    save_nifti(path, _volume((20, 20, 4))[0])
     path.write_bytes(path.read_bytes()[:-100])
 
 
@@ -222,7 +205,7 @@ def _truncated_nifti(path):
 def test_a_bad_input_in_a_folder_fails_before_any_output(tmp_path, monkeypatch, bad_name, write_bad, message):
     _no_model(monkeypatch)
     _write_images(tmp_path / "in")
-    _save_nifti(tmp_path / "in" / "a_volume.nii", _volume((20, 20, 4))[0])
+    save_nifti(tmp_path / "in" / "a_volume.nii", _volume((20, 20, 4))[0])
     write_bad(tmp_path / "in" / bad_name)
     config = make_tiny_config()
     config.eval.batch_size = 1  # the bad file comes batches after the first
@@ -281,7 +264,7 @@ def test_a_volume_not_in_hounsfield_units_is_refused_by_the_command(tmp_path, mo
     from rdunet_jax import main
 
     _stand_in_model(monkeypatch)
-    source = _save_nifti(tmp_path / "windowed.nii.gz", _display_volume() / 255.0)
+    source = save_nifti(tmp_path / "windowed.nii.gz", _display_volume() / 255.0)
     argv = ["prog", "--config", "configs/demo.py:tiny", "--mode=predict", f"--input={source}"]
     main.parse_flags([*argv, f"--output={tmp_path / 'out'}"])
     try:
@@ -301,7 +284,7 @@ def test_a_volume_not_in_hounsfield_units_is_refused_by_the_command(tmp_path, mo
 def test_display_units_read_a_volume_as_the_png_datasets_are(tmp_path, monkeypatch, scale):
     _stand_in_model(monkeypatch)
     display = _display_volume()
-    source = _save_nifti(tmp_path / "windowed.nii", display / 255.0 * scale)
+    source = save_nifti(tmp_path / "windowed.nii", display / 255.0 * scale)
     config = make_tiny_config()
     with pytest.raises(UserError, match="windowed.nii: values do not look like CT"):
         predict.predict_path(config, None, source, tmp_path / "out")
@@ -315,7 +298,7 @@ def test_display_units_read_a_volume_as_the_png_datasets_are(tmp_path, monkeypat
 def test_display_units_refuse_values_outside_the_display_range(tmp_path, monkeypatch):
     _stand_in_model(monkeypatch)
     volume, _ = _volume((32, 32, 3))
-    source = _save_nifti(tmp_path / "ct.nii", volume)
+    source = save_nifti(tmp_path / "ct.nii", volume)
     with pytest.raises(UserError, match=r"^--input_units display: .*ct.nii holds values in \[-900, 100\]"):
         predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", input_units="display")
     assert not (tmp_path / "out").exists()
@@ -335,8 +318,8 @@ def test_a_real_slice_in_hounsfield_units_passes_and_its_display_export_is_refus
     display = np.asarray(Image.open(png).convert("L"), np.float32)
     lower, upper = make_tiny_config().data.hu_window
     hounsfield = display / 255.0 * (upper - lower) + lower  # back through the lung window
-    _save_nifti(tmp_path / "hu.nii", hounsfield[:, :, None])
-    _save_nifti(tmp_path / "display.nii", display[:, :, None])
+    save_nifti(tmp_path / "hu.nii", hounsfield[:, :, None])
+    save_nifti(tmp_path / "display.nii", display[:, :, None])
     config = make_tiny_config()
     predict.predict_path(config, None, tmp_path / "hu.nii", tmp_path / "out")
     with pytest.raises(UserError, match="display.nii: values do not look like CT"):
