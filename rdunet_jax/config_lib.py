@@ -120,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
     # from its affine. 'auto' (also what a config without the key means): the dataset's own orientation
     # (orientation.DATASET_ORIENTATIONS); 'voxel': volumes in their stored voxel order, unturned.
     config.data.orientation = orientation.AUTO
+    # Self-training (rdunet_jax/selftrain.py). The phantom's unlabelled pool (semiseg's is the release's).
+    config.data.num_unlabelled = 0
+    # A folder of pseudo-labels (rdunet_jax/datasets/pseudo_labels.py): when set, training batches mix
+    # them in, `pseudo_fraction` of each batch, with their per-pixel weights in the loss.
+    config.data.pseudo_label_dir = ""
+    config.data.pseudo_fraction = 0.5
+    # Random contrast and brightness change of up to this much (0 = off): the student's extra noise.
+    config.data.intensity_range = 0.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -140,6 +148,19 @@ def base_config() -> ml_collections.ConfigDict:
     # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
     # cores, same probabilities to 1e-7; needs the `onnx` extra). Training always runs in JAX.
     config.eval.runtime = "jax"
+
+    # Teacher-student self-training (rdunet_jax/selftrain.py): 0 rounds is plain training; each round
+    # pseudo-labels the unlabelled split with the previous model (flip TTA) and trains a student from
+    # scratch on the labelled slices plus those pseudo-labels.
+    config.selftrain = ml_collections.ConfigDict()
+    config.selftrain.rounds = 0
+    # A pixel is confident when its probability is at least this far from undecided: p >= t or p <= 1 - t.
+    config.selftrain.confidence_threshold = 0.9
+    # 'threshold': weight 1 on confident pixels; 'confidence': weight |2p - 1| on them; 0 elsewhere.
+    config.selftrain.weighting = "threshold"
+    config.selftrain.student_num_epochs = 150
+    config.selftrain.student_lr_decay_epochs = 75
+    config.selftrain.student_intensity_range = 0.1
     return config
 
 
@@ -311,6 +332,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config, "loss", lambda value: value in losses.LOSSES, f"one of {list(losses.LOSSES)}")
     _check_variant(config)
     _check_data_splits(config)
+    _check_selftrain(config)
+
+
+def _check_selftrain(config) -> None:
+    """The keys of self-training and of training on pseudo-labels."""
+    _require(
+        config, "data.num_unlabelled", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+    )
+    _require(
+        config, "data.pseudo_label_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    for key in ("data.pseudo_fraction", "data.intensity_range", "selftrain.student_intensity_range"):
+        _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    _require(
+        config, "selftrain.rounds", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+    )
+    _require(
+        config,
+        "selftrain.confidence_threshold",
+        lambda value: _is_number(value) and 0.5 <= value < 1,
+        "a probability in [0.5, 1)",
+    )
+    _require(
+        config,
+        "selftrain.weighting",
+        lambda value: value in ("threshold", "confidence"),
+        "'threshold' or 'confidence'",
+    )
+    for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
+        _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
 
 
 def _check_runtime_installed(config) -> None:

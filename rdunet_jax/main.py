@@ -91,7 +91,11 @@ def run(argv) -> None:
 
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
-    if FLAGS.mode == "train":
+    if FLAGS.mode == "train" and config.selftrain.rounds:
+        from rdunet_jax import selftrain
+
+        selftrain.run(config, workdir)
+    elif FLAGS.mode == "train":
         train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "evaluate":
         evaluate.evaluate_workdir(config, workdir, FLAGS.checkpoint_step)

@@ -713,3 +713,54 @@ def test_a_medseg_stack_resliced_by_its_affine_is_refused(tmp_path):
         datasets.load_source(data_config(tmp_path, "nifti", root), "train")
     assert_no_dataset_left(tmp_path)
     assert len(datasets.load_source(data_config(tmp_path, "nifti", root, orientation="voxel"), "train")) > 0
+
+
+UNLABELLED = pathlib.Path("Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs")
+
+
+def test_semiseg_reads_the_unlabelled_pool_as_its_own_split_with_volume_case_ids(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg")
+    data = data_config(tmp_path, "semiseg", root)
+    assert not datasets.has_split(data, "unlabelled")  # the pool is optional
+    names = {
+        "Data-1_coronacases_org_001_10": 10,
+        "Data-1_coronacases_org_001_2": 2,
+        "Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_7": 7,
+    }
+    images = {}
+    for name, seed in names.items():
+        images[name], _ = lesion_slice(seed, 18, 22)
+        save_png(root / UNLABELLED / f"{name}.png", images[name])  # PNG: lossless, compared exactly
+    data = data_config(tmp_path / "second", "semiseg", root)
+    pool = datasets.load_source(data, "unlabelled")
+    records = [pool[index] for index in range(len(pool))]
+    # Name order, slice numbers numerically within a volume (2 before 10).
+    assert [record["id"] for record in records] == [
+        "Data-1_coronacases_org_001_2",
+        "Data-1_coronacases_org_001_10",
+        "Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_7",
+    ]
+    assert [record["case_id"] for record in records] == [
+        "coronacases_org_001",
+        "coronacases_org_001",
+        "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm",
+    ]
+    for record in records:
+        np.testing.assert_array_equal(record["image"], images[record["id"]])
+        assert not record["mask"].any() and record["mask"].shape == record["image"].shape
+    # The labelled splits are unchanged by the pool beside them.
+    assert len(datasets.load_source(data, "train_full")) == 6
+
+
+def test_phantom_unlabelled_split_is_the_phantom_of_its_own_seeds_without_masks(tmp_path):
+    data = data_config(tmp_path, "synthetic", num_train=4, num_validation=2, num_test=2, image_size=32)
+    assert not datasets.has_split(data, "unlabelled")
+    data.num_unlabelled = 3
+    pool = datasets.load_source(data, "unlabelled")
+    assert len(pool) == 3
+    expected = phantom.PhantomSource("unlabelled", 3, 32)[1]
+    assert pool[1]["id"] == expected["id"] == "phantom-unlabelled-00001"
+    np.testing.assert_array_equal(pool[1]["image"], expected["image"])
+    assert expected["mask"].any() and not pool[1]["mask"].any()
+    train = datasets.load_source(data, "train")[0]
+    assert not np.array_equal(train["image"], pool[0]["image"])  # other seeds than the train split's
