@@ -186,3 +186,38 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
     for name in ("masks", "confidence"):
         for path in sorted((reference / "pseudo_labels" / "round1" / name).iterdir()):
             assert (workdir / "pseudo_labels" / "round1" / name / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "selftrain.weighting",
+            "soft",
+            "selftrain.weighting: must be 'threshold' or 'confidence', got 'soft'",
+        ),
+        ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
+        ("data.pseudo_fraction", 1.0, "data.pseudo_fraction: must be a number in [0, 1), got 1.0"),
+        ("selftrain.rounds", -1, "selftrain.rounds: must be a non-negative integer, got -1"),
+    ],
+)
+def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message):
+    from rdunet_jax import config_lib
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with pytest.raises(UserError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_self_training_without_an_unlabelled_split_is_refused_before_training(tmp_path):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    config.data.num_unlabelled = 0
+    with pytest.raises(UserError, match="no unlabelled split .*data.num_unlabelled > 0"):
+        selftrain.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
