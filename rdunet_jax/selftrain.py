@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import signal
+import time
 
 import numpy as np
 from PIL import Image
@@ -127,6 +128,7 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         summary = pseudo_labels.read_summary(folder)
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
+    started = time.perf_counter()
     unlabelled = datasets.load_source(config.data, "unlabelled")
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -180,6 +182,7 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "weighting": selftrain_config.weighting,
         "mask_threshold": config.eval.threshold,
         "totals": totals,
+        "seconds": time.perf_counter() - started,
         "slices": slices,
     }
     write_json_atomic(partial / pseudo_labels.SUMMARY, summary)
@@ -187,7 +190,7 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
     os.replace(partial, folder)
     print(
         f"pseudo-labels: {len(slices)} slices in {folder}; lesion in {totals['slices_with_lesion']}, "
-        f"{100 * totals['mean_kept_fraction']:.1f}% of pixels kept",
+        f"{100 * totals['mean_kept_fraction']:.1f}% of pixels kept ({summary['seconds']:.0f}s)",
         flush=True,
     )
     return totals
