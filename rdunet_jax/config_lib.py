@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     # them in, `pseudo_fraction` of each batch, with their per-pixel weights in the loss.
     config.data.pseudo_label_dir = ""
     config.data.pseudo_fraction = 0.5
+    # Joint training: a folder of Ma et al.'s 2-D slices (ma2020_2d's layout) whose every slice joins the
+    # training batches, `extra_fraction` of each batch, as extra labelled data.
+    config.data.extra_labelled_dir = ""
+    config.data.extra_fraction = 0.5
     # Random contrast and brightness change of up to this much (0 = off): the student's extra noise.
     config.data.intensity_range = 0.0
 
@@ -343,7 +347,23 @@ def _check_selftrain(config) -> None:
     _require(
         config, "data.pseudo_label_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
     )
-    for key in ("data.pseudo_fraction", "data.intensity_range", "selftrain.student_intensity_range"):
+    _require(
+        config, "data.extra_labelled_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    if config.data.pseudo_label_dir and config.data.extra_labelled_dir:
+        raise UserError("data.extra_labelled_dir: cannot be mixed in together with data.pseudo_label_dir")
+    weighted = sorted(losses.WEIGHTED_LOSSES.values())
+    if (config.data.pseudo_label_dir or config.data.extra_labelled_dir) and config.loss not in weighted:
+        # Mixed batches carry a weight channel beside the mask, which only the weighted losses read.
+        raise UserError(
+            f"loss: training on mixed batches needs a weighted loss {weighted}, got {config.loss!r}"
+        )
+    for key in (
+        "data.pseudo_fraction",
+        "data.extra_fraction",
+        "data.intensity_range",
+        "selftrain.student_intensity_range",
+    ):
         _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
     _require(
         config, "selftrain.rounds", lambda value: _is_int(value) and value >= 0, "a non-negative integer"

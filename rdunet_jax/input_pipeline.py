@@ -201,7 +201,7 @@ class MixedEpoch:
 
     def __init__(self, source, batch_size: int, seed: int, epoch: int):
         self.source, self.seed, self.epoch = source, seed, epoch
-        self.pseudo_rows = pseudo_per_batch(batch_size, source.pseudo_fraction)
+        self.pseudo_rows = pseudo_per_batch(batch_size, source.extra_fraction)
         self.labelled_rows = batch_size - self.pseudo_rows
         self.batch_size = batch_size
         self.num_batches = len(source.labelled) // self.labelled_rows
@@ -213,7 +213,7 @@ class MixedEpoch:
 
     def pseudo_index(self, draw: int) -> int:
         """The pool slice of the run's `draw`-th pseudo-labelled row (counted from epoch 0)."""
-        pool_size = len(self.source.pseudo)
+        pool_size = len(self.source.extra)
         cycle, position = divmod(draw, pool_size)
         if cycle not in self._pool_orders:
             self._pool_orders[cycle] = np.random.default_rng([self.seed, cycle, 1]).permutation(pool_size)
@@ -229,7 +229,7 @@ class MixedEpoch:
 
     def __getitem__(self, index: int) -> dict:
         kind, position = self.locate(index)
-        return (self.source.labelled if kind == "labelled" else self.source.pseudo)[position]
+        return (self.source.labelled if kind == "labelled" else self.source.extra)[position]
 
 
 def mixed_epoch(source, batch_size: int, seed: int, epoch: int, image_size: int) -> grain.MapDataset:

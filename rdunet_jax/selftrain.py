@@ -26,7 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from rdunet_jax import datasets, evaluate, input_pipeline, losses, train
+from rdunet_jax import config_lib, datasets, evaluate, input_pipeline, losses, train
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
@@ -76,13 +76,34 @@ def _config_record(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def _flat(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _same_config(stored: dict, current: dict) -> bool:
+    """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
+    when `current` holds their default (a stage finished by older code is not run again)."""
+    stored, current = _flat(stored), _flat(current)
+    defaults = _flat(_config_record(config_lib.base_config()))
+    return all(
+        stored[key] == value if key in stored else defaults.get(key) == value
+        for key, value in current.items()
+    ) and set(stored) <= set(current)
+
+
 def _finished_stage(folder: pathlib.Path, config) -> dict | None:
     """The recorded outcome of a complete stage run with `config`, or None when it is not complete."""
     marker = folder / STAGE_DONE
     if not marker.is_file():
         return None
     done = json.loads(marker.read_text())
-    if done["config"] != _config_record(config):
+    if not _same_config(done["config"], _config_record(config)):
         raise UserError(
             f"{folder}: this stage was run with another config; use another --workdir (or remove the folder)"
         )

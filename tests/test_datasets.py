@@ -764,3 +764,42 @@ def test_phantom_unlabelled_split_is_the_phantom_of_its_own_seeds_without_masks(
     assert expected["mask"].any() and not pool[1]["mask"].any()
     train = datasets.load_source(data, "train")[0]
     assert not np.array_equal(train["image"], pool[0]["image"])  # other seeds than the train split's
+
+
+def test_joint_training_mixes_every_ma2020_slice_into_the_semiseg_training_split(tmp_path):
+    from rdunet_jax.datasets import pseudo_labels
+
+    data = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
+    data.extra_labelled_dir = str(make_ma2020(tmp_path / "ma2020"))
+    source = datasets.load_source(data, "train")
+    assert isinstance(source, pseudo_labels.MixedSource) and source.extra_fraction == 0.5
+    assert [source[i]["id"] for i in range(len(source))] == ["0", "1", "2", "3"]  # the labelled split
+    extra_ids = sorted(source.extra[i]["id"] for i in range(len(source.extra)))
+    assert extra_ids == sorted(f"{i:04d}" for i in range(10))  # all ten, whatever split ma2020 put them in
+    ma2020 = data_config(tmp_path, "ma2020_2d", tmp_path / "ma2020")
+    by_id = {
+        record["id"]: record
+        for split in ("train", "validation", "test")
+        for record in _records(ma2020, split)
+    }
+    for index in range(len(source.extra)):
+        record = source.extra[index]
+        np.testing.assert_array_equal(record["mask"], by_id[record["id"]]["mask"])
+    assert len(datasets.load_source(data, "validation")) == 2  # validation is never mixed
+
+
+def _records(data, split):
+    source = datasets.load_source(data, split)
+    return [source[index] for index in range(len(source))]
+
+
+def test_mixed_training_needs_a_weighted_loss_and_one_extra_source(tmp_path):
+    config = config_lib.base_config()
+    config.data.extra_labelled_dir = "somewhere"
+    with pytest.raises(UserError, match=r"^loss: training on mixed batches needs a weighted loss"):
+        config_lib.validate(config)
+    config.loss = "dice_weighted"
+    config_lib.validate(config)
+    config.data.pseudo_label_dir = "elsewhere"
+    with pytest.raises(UserError, match="^data.extra_labelled_dir: cannot be mixed in together"):
+        config_lib.validate(config)

@@ -202,7 +202,7 @@ def test_pseudo_rows_per_batch_is_the_nearest_whole_number_leaving_a_labelled_ro
 
 def test_mixed_batches_hold_the_configured_ratio_with_weights_in_the_second_mask_channel(mixed_data):
     source = datasets.load_source(mixed_data, "train")
-    assert isinstance(source, pseudo_labels.MixedSource) and len(source.pseudo) == POOL_SIZE
+    assert isinstance(source, pseudo_labels.MixedSource) and len(source.extra) == POOL_SIZE
     batches = epoch_batches(source, mixed_data, 3, 0)
     # 16 labelled slices, 2 a batch: 8 batches, each 2 labelled (weight 1) and 2 pseudo (128/255) rows.
     assert len(batches) == 8

@@ -221,3 +221,20 @@ def test_self_training_without_an_unlabelled_split_is_refused_before_training(tm
     with pytest.raises(UserError, match="no unlabelled split .*data.num_unlabelled > 0"):
         selftrain.run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_finished_by_older_code_counts_as_finished_and_another_config_is_refused(tmp_path):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    record = json.loads(config.to_json_best_effort(sort_keys=True))
+    del record["data"]["extra_fraction"]  # a key the schema gained after the stage ran, left at its default
+    (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+    assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
+    config.data.extra_fraction = 0.25  # not the default: not what the stage ran
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(tmp_path, config)
+    config = tiny_selftrain_config()
+    config.num_epochs = 5
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(tmp_path, config)

@@ -80,7 +80,8 @@ def load_source(data_config, split: str):
 
     With `data.cv_folds` > 0, `train` is the pool without fold `data.cv_fold` and `validation` is that
     fold; `train_full` is refused (it would hold the held-out fold) and `test` is the test split. With
-    `data.pseudo_label_dir` set, the training split comes mixed with those pseudo-labelled slices.
+    `data.pseudo_label_dir` set, the training split comes mixed with those pseudo-labelled slices; with
+    `data.extra_labelled_dir`, with Ma et al.'s labelled slices (joint training).
     """
     labelled = _load_labelled_source(data_config, split)
     if split == data_config.train_split and data_config.get("pseudo_label_dir", ""):
@@ -91,7 +92,24 @@ def load_source(data_config, split: str):
             ),
             data_config.pseudo_fraction,
         )
+    if split == data_config.train_split and data_config.get("extra_labelled_dir", ""):
+        return pseudo_labels.MixedSource(
+            labelled, extra_labelled_source(data_config), data_config.extra_fraction
+        )
     return labelled
+
+
+def extra_labelled_source(data_config) -> SubsetSource:
+    """Every slice (all three splits) of Ma et al.'s 2-D data in `data.extra_labelled_dir`: the other
+    labelled data joint training mixes into the training batches."""
+    extra = data_config.copy_and_resolve_references()
+    extra.name, extra.manual_dir, extra.cv_folds = "ma2020_2d", data_config.extra_labelled_dir, 0
+    extra.extra_labelled_dir = extra.pseudo_label_dir = ""
+    prepared = builder_lib.prepare(extra)
+    sources = [_load_prepared_split(prepared, extra, split) for split in _splits(prepared)]
+    return SubsetSource(
+        [(source, index) for source in sources for index in range(len(source))], "ma2020_2d", "all"
+    )
 
 
 def _load_labelled_source(data_config, split: str):

@@ -68,11 +68,12 @@ class PseudoLabelSource:
 
 
 class MixedSource:
-    """The labelled training slices and pseudo-labelled ones, mixed into batches by the input pipeline
-    (`pseudo_fraction` of each batch pseudo-labelled). Its length and items are the labelled slices'."""
+    """The labelled training slices and extra ones (pseudo-labelled, or another dataset's labelled slices),
+    mixed into batches by the input pipeline (`extra_fraction` of each batch from `extra`). Its length and
+    items are the labelled slices'."""
 
-    def __init__(self, labelled, pseudo: PseudoLabelSource, pseudo_fraction: float):
-        self.labelled, self.pseudo, self.pseudo_fraction = labelled, pseudo, float(pseudo_fraction)
+    def __init__(self, labelled, extra, extra_fraction: float):
+        self.labelled, self.extra, self.extra_fraction = labelled, extra, float(extra_fraction)
         self.name, self.split = getattr(labelled, "name", ""), getattr(labelled, "split", "train")
 
     def __len__(self) -> int:
@@ -82,5 +83,5 @@ class MixedSource:
         return self.labelled[index]
 
     def __repr__(self) -> str:
-        fraction = self.pseudo_fraction
-        return f"MixedSource(labelled={self.labelled!r}, pseudo={self.pseudo!r}, fraction={fraction})"
+        fraction = self.extra_fraction
+        return f"MixedSource(labelled={self.labelled!r}, extra={self.extra!r}, fraction={fraction})"
