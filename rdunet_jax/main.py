@@ -91,6 +91,8 @@ def run(argv) -> None:
 
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
+    if config.selftrain.rounds and FLAGS.mode != "train":  # evaluate, predict, export: the final student
+        workdir = workdir / f"student{config.selftrain.rounds}"
     if FLAGS.mode == "train" and config.selftrain.rounds:
         from rdunet_jax import selftrain
 

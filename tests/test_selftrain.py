@@ -135,7 +135,7 @@ def test_a_finished_run_is_skipped_stage_by_stage(uninterrupted, capsys):
     assert "pseudo-labels: finished before" in output and "epoch 1" not in output
 
 
-def _run_command(workdir, environment_changes):
+def _run_command(workdir, environment_changes, *arguments):
     environment = dict(os.environ)
     environment.pop("RDUNET_TEST_KILL_AT_STEP", None)
     environment.pop(selftrain._KILL_AFTER_SLICES_VARIABLE, None)
@@ -155,10 +155,20 @@ def _run_command(workdir, environment_changes):
         "--config.selftrain.student_num_epochs=2",
         "--config.selftrain.student_lr_decay_epochs=1",
         "--config.eval.test_time_flips=True",
+        *arguments,
     ]
     return subprocess.run(
         command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment
     )
+
+
+def test_evaluate_mode_of_a_self_training_workdir_evaluates_the_final_student(uninterrupted):
+    workdir, summary = uninterrupted
+    result = _run_command(workdir, {}, "--mode=evaluate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(workdir / "student1" / "metrics" / "test.json") in result.stdout
+    metrics = json.loads((workdir / "student1" / "metrics" / "test.json").read_text())
+    assert metrics["dice"] == summary["final"]["dice"] and metrics["step"] == summary["final"]["step"]
 
 
 @pytest.mark.slow
