@@ -176,6 +176,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Class names, one per foreground value of the label map (value k is class k, 0 is background): the
     # keys of per-class metrics. A 'binary' head has one class, the lesion.
     config.data.classes = DEFAULT_CLASSES
+    # Self-training (rdunet_jax/selftrain.py). The phantom's unlabelled pool (semiseg's is the release's).
+    config.data.num_unlabelled = 0
+    # A folder of pseudo-labels (rdunet_jax/datasets/pseudo_labels.py): when set, training batches mix
+    # them in, `pseudo_fraction` of each batch, with their per-pixel weights in the loss.
+    config.data.pseudo_label_dir = ""
+    config.data.pseudo_fraction = 0.5
+    # Joint training: a folder of Ma et al.'s 2-D slices (ma2020_2d's layout) whose every slice joins the
+    # training batches, `extra_fraction` of each batch, as extra labelled data.
+    config.data.extra_labelled_dir = ""
+    config.data.extra_fraction = 0.5
+    # Random contrast and brightness change of up to this much (0 = off): the student's extra noise.
+    config.data.intensity_range = 0.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -196,6 +208,19 @@ def base_config() -> ml_collections.ConfigDict:
     # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
     # cores, same probabilities to 1e-7; needs the `onnx` extra). Training always runs in JAX.
     config.eval.runtime = "jax"
+
+    # Teacher-student self-training (rdunet_jax/selftrain.py): 0 rounds is plain training; each round
+    # pseudo-labels the unlabelled split with the previous model (flip TTA) and trains a student from
+    # scratch on the labelled slices plus those pseudo-labels.
+    config.selftrain = ml_collections.ConfigDict()
+    config.selftrain.rounds = 0
+    # A pixel is confident when its probability is at least this far from undecided: p >= t or p <= 1 - t.
+    config.selftrain.confidence_threshold = 0.9
+    # 'threshold': weight 1 on confident pixels; 'confidence': weight |2p - 1| on them; 0 elsewhere.
+    config.selftrain.weighting = "threshold"
+    config.selftrain.student_num_epochs = 150
+    config.selftrain.student_lr_decay_epochs = 75
+    config.selftrain.student_intensity_range = 0.1
     return config
 
 

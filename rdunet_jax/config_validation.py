@@ -158,6 +158,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_head_and_classes(config)
     _check_variant(config)
     _check_data_splits(config)
+    _check_selftrain(config)
+
+
+def _check_selftrain(config) -> None:
+    """The keys of self-training and of training on pseudo-labels."""
+    _require(
+        config, "data.num_unlabelled", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+    )
+    _require(
+        config, "data.pseudo_label_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    _require(
+        config, "data.extra_labelled_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
+    )
+    if config.data.pseudo_label_dir and config.data.extra_labelled_dir:
+        raise UserError("data.extra_labelled_dir: cannot be mixed in together with data.pseudo_label_dir")
+    weighted = sorted(losses.WEIGHTED_LOSSES.values())
+    if (config.data.pseudo_label_dir or config.data.extra_labelled_dir) and config.loss not in weighted:
+        # Mixed batches carry a weight channel beside the mask, which only the weighted losses read.
+        raise UserError(
+            f"loss: training on mixed batches needs a weighted loss {weighted}, got {config.loss!r}"
+        )
+    for key in (
+        "data.pseudo_fraction",
+        "data.extra_fraction",
+        "data.intensity_range",
+        "selftrain.student_intensity_range",
+    ):
+        _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    _require(
+        config, "selftrain.rounds", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
+    )
+    _require(
+        config,
+        "selftrain.confidence_threshold",
+        lambda value: _is_number(value) and 0.5 <= value < 1,
+        "a probability in [0.5, 1)",
+    )
+    _require(
+        config,
+        "selftrain.weighting",
+        lambda value: value in ("threshold", "confidence"),
+        "'threshold' or 'confidence'",
+    )
+    for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
+        _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
 
 
 def _check_head_and_classes(config) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from rdunet_jax import datasets
 from rdunet_jax.errors import UserError
 
 # Hounsfield units: the lung window W1500/L-600, the default of `data.hu_window`.
@@ -91,22 +92,23 @@ def zoom_and_rotate(array: np.ndarray, factor: float, degrees: float, order: int
 class Augment(grain.transforms.RandomMap):
     """The paper's augmentation: random horizontal and vertical flips and random zoom, image and
     mask transformed identically (nearest-neighbour for the mask, so it stays binary); optionally a
-    random in-plane rotation too (nnU-Net's default spatial augmentation). An example's class `labels`
-    (multi-class heads), when it has them, move with the mask, by nearest neighbour, from the same draws."""
+    random in-plane rotation too (nnU-Net's default spatial augmentation), and a random contrast and
+    brightness change of the image (`intensity_range`). Every channel of the mask (a pseudo-label's weight
+    map too) and an example's class `labels` (multi-class heads) move with the image, by nearest
+    neighbour, from the same draws."""
 
     flip: bool = True
     zoom_range: float = 0.1
     rotation_degrees: float = 0.0
+    intensity_range: float = 0.0
 
     def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-        image, mask = example["image"][..., 0], example["mask"][..., 0]
+        image = example["image"][..., 0]
         flips = (False, False)
         if self.flip:
             flips = (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
-            if flips[0]:
-                image, mask = image[:, ::-1], mask[:, ::-1]
-            if flips[1]:
-                image, mask = image[::-1, :], mask[::-1, :]
+            image = image[:, ::-1] if flips[0] else image
+            image = image[::-1, :] if flips[1] else image
         # Draws happen only for enabled transforms, so a run without rotation sees the same random
         # stream, and the same batches, as before rotation existed.
         factor, degrees = 1.0, 0.0
@@ -116,30 +118,40 @@ class Augment(grain.transforms.RandomMap):
             degrees = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
         if self.zoom_range > 0 or self.rotation_degrees > 0:
             image = zoom_and_rotate(np.ascontiguousarray(image), factor, degrees, order=1)
-            mask = zoom_and_rotate(np.ascontiguousarray(mask), factor, degrees, order=0)
+        if self.intensity_range > 0:
+            image = jitter_intensity(image, rng, self.intensity_range)
         augmented = {
             "image": np.ascontiguousarray(image)[..., None],
-            "mask": np.ascontiguousarray(mask)[..., None],
+            "mask": self._move_like_the_image(example["mask"], flips, factor, degrees),
         }
         if "labels" in example:
-            augmented["labels"] = self._move_labels(example["labels"], flips, factor, degrees)
+            augmented["labels"] = self._move_like_the_image(example["labels"], flips, factor, degrees)
         return augmented
 
-    def _move_labels(self, labels: np.ndarray, flips: tuple, factor: float, degrees: float) -> np.ndarray:
-        """Class labels (H, W, C) moved as the mask was, channel by channel and by nearest neighbour,
-        so a label map keeps exactly its values (0, background, fills outside)."""
+    def _move_like_the_image(self, channels: np.ndarray, flips: tuple, factor: float, degrees: float):
+        """A mask, weight map or class labels (H, W, C) moved as the image was, channel by channel and by
+        nearest neighbour, so each keeps exactly its values (0, background, fills outside)."""
         flip_columns, flip_rows = flips
-        labels = labels[:, ::-1] if flip_columns else labels
-        labels = labels[::-1, :] if flip_rows else labels
+        channels = channels[:, ::-1] if flip_columns else channels
+        channels = channels[::-1, :] if flip_rows else channels
         if self.zoom_range > 0 or self.rotation_degrees > 0:
-            labels = np.stack(
+            channels = np.stack(
                 [
-                    zoom_and_rotate(np.ascontiguousarray(labels[..., index]), factor, degrees, order=0)
-                    for index in range(labels.shape[-1])
+                    zoom_and_rotate(np.ascontiguousarray(channels[..., index]), factor, degrees, order=0)
+                    for index in range(channels.shape[-1])
                 ],
                 axis=-1,
             )
-        return np.ascontiguousarray(labels)
+        return np.ascontiguousarray(channels)
+
+
+def jitter_intensity(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A random contrast (x U(1-s, 1+s) about the slice mean) and brightness (+ U(-s/2, s/2)) change,
+    clipped to [0, 1]: the label-preserving intensity noise of the student's stronger augmentation."""
+    contrast = rng.uniform(1.0 - strength, 1.0 + strength)
+    brightness = rng.uniform(-strength / 2, strength / 2)
+    mean = float(np.mean(image))
+    return np.clip((image - mean) * contrast + mean + brightness, 0.0, 1.0).astype(np.float32)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -166,17 +178,95 @@ def train_dataset(
             f"batch_size: {batch_size} per host is larger than the training split "
             f"({len(source)} slices over {shard_count} hosts)"
         )
-    dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
-    dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
+    if isinstance(source, datasets.pseudo_labels.MixedSource):
+        dataset = mixed_epoch(source, batch_size * shard_count, seed, epoch, data_config.image_size)
+    else:
+        dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()
+        dataset = dataset.map(lambda record: preprocess(record, data_config.image_size))
     # Augmented before sharding: Grain draws a slice's randomness from its position in the dataset, so
     # it stays the global position. The dataset is lazy: a host prepares only the slices it keeps.
     dataset = dataset.random_map(
-        Augment(data_config.flip, data_config.zoom_range, data_config.rotation_degrees)
+        Augment(
+            data_config.flip,
+            data_config.zoom_range,
+            data_config.rotation_degrees,
+            data_config.get("intensity_range", 0.0),
+        )
     )
     dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
     if shard_count > 1:
         dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
     return dataset
+
+
+# --- Labelled slices mixed with pseudo-labelled ones (self-training) ---------------------------------------
+
+
+def pseudo_per_batch(batch_size: int, pseudo_fraction: float) -> int:
+    """How many of each (global) batch's rows are pseudo-labelled: the nearest whole number to
+    `pseudo_fraction` of the batch, leaving at least one labelled row."""
+    return min(int(np.floor(batch_size * pseudo_fraction + 0.5)), batch_size - 1)
+
+
+def preprocess_weighted(record: dict, image_size: int) -> dict:
+    """`preprocess`, with the mask's second channel the per-pixel loss weight (a pseudo-label's stored
+    weight, 1 everywhere for an expert mask)."""
+    example = preprocess(record, image_size)
+    if "weight" in record:
+        weight = resize(np.asarray(record["weight"]), image_size, is_mask=True).astype(np.float32) / 255.0
+    else:
+        weight = np.ones(example["mask"].shape[:2], np.float32)
+    example["mask"] = np.concatenate([example["mask"], weight[..., None]], axis=-1)
+    return example
+
+
+class MixedEpoch:
+    """One epoch of a `MixedSource` in batch order: every global batch holds `batch_size - k` labelled
+    slices (a seeded permutation of them per epoch, each once) then `k` pseudo-labelled ones
+    (`pseudo_per_batch`). The pseudo-labelled slices are drawn without replacement from a seeded
+    permutation of the pool, carried on across epochs (a new permutation per pass over the pool), so a
+    run sees the whole pool before any slice twice. Item `i` is a pure function of (seed, epoch, i)."""
+
+    def __init__(self, source, batch_size: int, seed: int, epoch: int):
+        self.source, self.seed, self.epoch = source, seed, epoch
+        self.pseudo_rows = pseudo_per_batch(batch_size, source.extra_fraction)
+        self.labelled_rows = batch_size - self.pseudo_rows
+        self.batch_size = batch_size
+        self.num_batches = len(source.labelled) // self.labelled_rows
+        self.labelled_order = np.random.default_rng([seed, epoch, 0]).permutation(len(source.labelled))
+        self._pool_orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def pseudo_index(self, draw: int) -> int:
+        """The pool slice of the run's `draw`-th pseudo-labelled row (counted from epoch 0)."""
+        pool_size = len(self.source.extra)
+        cycle, position = divmod(draw, pool_size)
+        if cycle not in self._pool_orders:
+            self._pool_orders[cycle] = np.random.default_rng([self.seed, cycle, 1]).permutation(pool_size)
+        return int(self._pool_orders[cycle][position])
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """('labelled' or 'pseudo', the index in that source) of item `index`."""
+        batch, row = divmod(index, self.batch_size)
+        if row < self.labelled_rows:
+            return "labelled", int(self.labelled_order[batch * self.labelled_rows + row])
+        draw = (self.epoch * self.num_batches + batch) * self.pseudo_rows + row - self.labelled_rows
+        return "pseudo", self.pseudo_index(draw)
+
+    def __getitem__(self, index: int) -> dict:
+        kind, position = self.locate(index)
+        return (self.source.labelled if kind == "labelled" else self.source.extra)[position]
+
+
+def mixed_epoch(source, batch_size: int, seed: int, epoch: int, image_size: int) -> grain.MapDataset:
+    """A `MixedEpoch` of global batches of `batch_size`, preprocessed with weight channels."""
+    return (
+        grain.MapDataset.source(MixedEpoch(source, batch_size, seed, epoch))
+        .seed(epoch_seed(seed, epoch))
+        .map(lambda record: preprocess_weighted(record, image_size))
+    )
 
 
 def to_iterator(dataset: grain.MapDataset, state: dict | None = None, num_threads: int = 2):

@@ -30,8 +30,48 @@ def dice_bce_loss(logits, masks, smooth: float = 1.0):
     return soft_dice_loss(logits, masks, smooth) + jnp.mean(cross_entropy, axis=axes)
 
 
-# `config.loss` names one of these; each maps (logits, masks) to one loss per image.
-LOSSES = {"dice": soft_dice_loss, "dice_bce": dice_bce_loss}
+def split_pixel_weights(targets):
+    """(masks, weights) of targets whose last axis holds the mask and, when it has two channels, each
+    pixel's loss weight (a pseudo-label's confidence; 0 ignores the pixel); one channel weighs 1."""
+    targets = targets.astype(jnp.float32)
+    if targets.shape[-1] == 2:
+        return targets[..., :1], targets[..., 1:]
+    return targets, jnp.ones_like(targets)
+
+
+def weighted_soft_dice_loss(logits, targets, smooth: float = 1.0):
+    """Soft Dice over weighted pixels: 1 - (2 sum w P G + s) / (sum w P + sum w G + s) per image, the
+    weights from `split_pixel_weights` (with weights 1, the paper's Dice loss)."""
+    masks, weights = split_pixel_weights(targets)
+    probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))
+    axes = tuple(range(1, masks.ndim))
+    intersection = jnp.sum(weights * probabilities * masks, axis=axes)
+    total = jnp.sum(weights * probabilities, axis=axes) + jnp.sum(weights * masks, axis=axes)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def weighted_dice_bce_loss(logits, targets, smooth: float = 1.0):
+    """Weighted soft Dice plus the weighted mean of binary cross-entropy over the image's pixels
+    (sum w CE / sum w; 0 where every weight is 0)."""
+    masks, weights = split_pixel_weights(targets)
+    cross_entropy = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks)
+    axes = tuple(range(1, masks.ndim))
+    weighted_mean = jnp.sum(weights * cross_entropy, axis=axes) / jnp.maximum(
+        jnp.sum(weights, axis=axes), 1e-6
+    )
+    return weighted_soft_dice_loss(logits, targets, smooth) + weighted_mean
+
+
+# `config.loss` names one of these; each maps (logits, masks) to one loss per image. The `_weighted`
+# forms read a second mask channel as per-pixel weights (self-training's student: `WEIGHTED_LOSSES`).
+LOSSES = {
+    "dice": soft_dice_loss,
+    "dice_bce": dice_bce_loss,
+    "dice_weighted": weighted_soft_dice_loss,
+    "dice_bce_weighted": weighted_dice_bce_loss,
+}
+# The weighted form of each loss.
+WEIGHTED_LOSSES = {"dice": "dice_weighted", "dice_bce": "dice_bce_weighted"}
 
 
 # --- Multi-class heads ----------------------------------------------------------------------------------

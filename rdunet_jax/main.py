@@ -89,7 +89,13 @@ def run(argv) -> None:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
-    if FLAGS.mode == "train":
+    if config.selftrain.rounds and FLAGS.mode != "train":  # evaluate, predict, export: the final student
+        workdir = workdir / f"student{config.selftrain.rounds}"
+    if FLAGS.mode == "train" and config.selftrain.rounds:
+        from rdunet_jax import selftrain
+
+        selftrain.run(config, workdir)
+    elif FLAGS.mode == "train":
         from rdunet_jax import train
 
         train.train_and_evaluate(config, workdir)

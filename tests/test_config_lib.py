@@ -101,7 +101,7 @@ REQUIREMENTS = {
     "eval.num_overlays": "a non-negative integer",
     "eval.test_time_flips": "True or False",
     "eval.checkpoint": "'best' or 'last'",
-    "loss": "one of ['dice', 'dice_bce']",
+    "loss": "one of ['dice', 'dice_bce', 'dice_weighted', 'dice_bce_weighted']",
     "model.head": "one of ['binary', 'exclusive', 'multilabel']",
 }
 

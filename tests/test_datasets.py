@@ -834,3 +834,93 @@ def test_semiseg_test_labels_come_from_the_multiclass_testing_masks(tmp_path):
     test = class_labels.LabelledSource(datasets.load_source(data, "test"), data, "exclusive")
     for index in range(len(test)):
         np.testing.assert_array_equal(test[index]["labels"], written[test[index]["id"]])
+
+
+UNLABELLED = pathlib.Path("Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs")
+
+
+def test_semiseg_reads_the_unlabelled_pool_as_its_own_split_with_volume_case_ids(tmp_path):
+    root = make_semiseg(tmp_path / "semiseg")
+    data = data_config(tmp_path, "semiseg", root)
+    assert not datasets.has_split(data, "unlabelled")  # the pool is optional
+    names = {
+        "Data-1_coronacases_org_001_10": 10,
+        "Data-1_coronacases_org_001_2": 2,
+        "Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_7": 7,
+    }
+    images = {}
+    for name, seed in names.items():
+        images[name], _ = lesion_slice(seed, 18, 22)
+        save_png(root / UNLABELLED / f"{name}.png", images[name])  # PNG: lossless, compared exactly
+    data = data_config(tmp_path / "second", "semiseg", root)
+    pool = datasets.load_source(data, "unlabelled")
+    records = [pool[index] for index in range(len(pool))]
+    # Name order, slice numbers numerically within a volume (2 before 10).
+    assert [record["id"] for record in records] == [
+        "Data-1_coronacases_org_001_2",
+        "Data-1_coronacases_org_001_10",
+        "Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_7",
+    ]
+    assert [record["case_id"] for record in records] == [
+        "coronacases_org_001",
+        "coronacases_org_001",
+        "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm",
+    ]
+    for record in records:
+        np.testing.assert_array_equal(record["image"], images[record["id"]])
+        assert not record["mask"].any() and record["mask"].shape == record["image"].shape
+    # The labelled splits are unchanged by the pool beside them.
+    assert len(datasets.load_source(data, "train_full")) == 6
+
+
+def test_phantom_unlabelled_split_is_the_phantom_of_its_own_seeds_without_masks(tmp_path):
+    data = data_config(tmp_path, "synthetic", num_train=4, num_validation=2, num_test=2, image_size=32)
+    assert not datasets.has_split(data, "unlabelled")
+    data.num_unlabelled = 3
+    pool = datasets.load_source(data, "unlabelled")
+    assert len(pool) == 3
+    expected = synthetic.SyntheticSource("unlabelled", 3, 32)[1]
+    assert pool[1]["id"] == expected["id"] == "phantom-unlabelled-00001"
+    np.testing.assert_array_equal(pool[1]["image"], expected["image"])
+    assert expected["mask"].any() and not pool[1]["mask"].any()
+    train = datasets.load_source(data, "train")[0]
+    assert not np.array_equal(train["image"], pool[0]["image"])  # other seeds than the train split's
+
+
+def test_joint_training_mixes_every_ma2020_slice_into_the_semiseg_training_split(tmp_path):
+    from rdunet_jax.datasets import pseudo_labels
+
+    data = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
+    data.extra_labelled_dir = str(make_ma2020(tmp_path / "ma2020"))
+    source = datasets.load_source(data, "train")
+    assert isinstance(source, pseudo_labels.MixedSource) and source.extra_fraction == 0.5
+    assert [source[i]["id"] for i in range(len(source))] == ["0", "1", "2", "3"]  # the labelled split
+    extra_ids = sorted(source.extra[i]["id"] for i in range(len(source.extra)))
+    assert extra_ids == sorted(f"{i:04d}" for i in range(10))  # all ten, whatever split ma2020 put them in
+    ma2020 = data_config(tmp_path, "ma2020_2d", tmp_path / "ma2020")
+    by_id = {
+        record["id"]: record
+        for split in ("train", "validation", "test")
+        for record in _records(ma2020, split)
+    }
+    for index in range(len(source.extra)):
+        record = source.extra[index]
+        np.testing.assert_array_equal(record["mask"], by_id[record["id"]]["mask"])
+    assert len(datasets.load_source(data, "validation")) == 2  # validation is never mixed
+
+
+def _records(data, split):
+    source = datasets.load_source(data, split)
+    return [source[index] for index in range(len(source))]
+
+
+def test_mixed_training_needs_a_weighted_loss_and_one_extra_source(tmp_path):
+    config = config_lib.base_config()
+    config.data.extra_labelled_dir = "somewhere"
+    with pytest.raises(UserError, match=r"^loss: training on mixed batches needs a weighted loss"):
+        config_validation.validate(config)
+    config.loss = "dice_weighted"
+    config_validation.validate(config)
+    config.data.pseudo_label_dir = "elsewhere"
+    with pytest.raises(UserError, match="^data.extra_labelled_dir: cannot be mixed in together"):
+        config_validation.validate(config)

@@ -1,10 +1,14 @@
 """The Grain pipeline: seeded batch order, aligned binary augmentation, exact resume, fixed shapes."""
 
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from rdunet_jax import config_lib, datasets, input_pipeline
+from rdunet_jax.datasets import pseudo_labels
 
 IMAGE_SIZE, BATCH_SIZE = 32, 4
 
@@ -264,3 +268,126 @@ def test_training_batches_of_a_labelled_source_carry_labels_aligned_with_the_mas
         assert set(np.unique(every_label).tolist()) == {0, 1, 2}
     else:
         assert every_label[..., 0].any() and every_label[..., 1].any()
+
+
+# --- Labelled and pseudo-labelled slices mixed (self-training) ---------------------------------------------
+
+POOL_SIZE, PSEUDO_WEIGHT_BYTE = 10, 128
+
+
+def write_pseudo_labels(folder, pool, weight_byte):
+    """A pseudo-label folder for every slice of `pool`: the phantom's own lesion-free mask, and one
+    weight everywhere, so a batch row tells by its weight channel where it came from."""
+    for subfolder in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
+        (folder / subfolder).mkdir(parents=True)
+    slices = []
+    for index in range(len(pool)):
+        record = pool[index]
+        mask = np.zeros_like(record["image"])
+        mask[: mask.shape[0] // 2] = 255  # top half "lesion"
+        Image.fromarray(mask).save(folder / pseudo_labels.MASKS / f"{record['id']}.png")
+        weight = np.full_like(record["image"], weight_byte)
+        Image.fromarray(weight).save(folder / pseudo_labels.WEIGHTS / f"{record['id']}.png")
+        slices.append({"index": index, "id": record["id"]})
+    (folder / pseudo_labels.SUMMARY).write_text(json.dumps({"slices": slices}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed_data(data, tmp_path_factory):
+    """`data` with a phantom pool of 10 slices pseudo-labelled (weight 128/255), zoom off (flips only, so
+    the weight channels stay uniform), half of each batch pseudo-labelled."""
+    mixed = data.copy_and_resolve_references()
+    mixed.num_unlabelled = POOL_SIZE
+    folder = tmp_path_factory.mktemp("pseudo") / "round1"
+    write_pseudo_labels(folder, datasets.load_source(mixed, "unlabelled"), PSEUDO_WEIGHT_BYTE)
+    mixed.pseudo_label_dir, mixed.pseudo_fraction, mixed.zoom_range = str(folder), 0.5, 0.0
+    return mixed
+
+
+def test_pseudo_rows_per_batch_is_the_nearest_whole_number_leaving_a_labelled_row():
+    assert input_pipeline.pseudo_per_batch(4, 0.5) == 2
+    assert input_pipeline.pseudo_per_batch(4, 0.3) == 1  # 1.2
+    assert input_pipeline.pseudo_per_batch(8, 0.3) == 2  # 2.4
+    assert input_pipeline.pseudo_per_batch(8, 0.7) == 6  # 5.6
+    assert input_pipeline.pseudo_per_batch(4, 0.0) == 0
+    assert input_pipeline.pseudo_per_batch(4, 0.95) == 3  # 3.8 rounds to 4: one row stays labelled
+
+
+def test_mixed_batches_hold_the_configured_ratio_with_weights_in_the_second_mask_channel(mixed_data):
+    source = datasets.load_source(mixed_data, "train")
+    assert isinstance(source, pseudo_labels.MixedSource) and len(source.extra) == POOL_SIZE
+    batches = epoch_batches(source, mixed_data, 3, 0)
+    # 16 labelled slices, 2 a batch: 8 batches, each 2 labelled (weight 1) and 2 pseudo (128/255) rows.
+    assert len(batches) == 8
+    for batch in batches:
+        assert batch["mask"].shape == (BATCH_SIZE, IMAGE_SIZE, IMAGE_SIZE, 2)
+        weights = batch["mask"][..., 1]
+        row_weights = [np.unique(weights[row]).tolist() for row in range(BATCH_SIZE)]
+        assert row_weights == [[1.0], [1.0], [np.float32(128 / 255)], [np.float32(128 / 255)]]
+        # Pseudo rows carry their stored mask: half of the (possibly flipped) slice.
+        for row in (2, 3):
+            assert batch["mask"][row, ..., 0].mean() == 0.5
+
+
+def test_mixed_epochs_use_each_labelled_slice_once_and_the_pool_without_replacement(mixed_data):
+    source = datasets.load_source(mixed_data, "train")
+    pool_draws = []
+    for epoch in range(4):
+        mixed = input_pipeline.MixedEpoch(source, BATCH_SIZE, seed=3, epoch=epoch)
+        located = [mixed.locate(index) for index in range(len(mixed))]
+        labelled = sorted(position for kind, position in located if kind == "labelled")
+        assert labelled == list(range(16))
+        pool_draws += [position for kind, position in located if kind == "pseudo"]
+    # 4 epochs x 16 draws = 64 draws: six whole passes over the 10 pool slices, then 4 of a seventh.
+    for start in range(0, 60, POOL_SIZE):
+        assert sorted(pool_draws[start : start + POOL_SIZE]) == list(range(POOL_SIZE))
+    assert len(set(pool_draws[60:])) == 4
+    assert pool_draws[:POOL_SIZE] != pool_draws[POOL_SIZE : 2 * POOL_SIZE]  # a new order each pass
+
+
+def test_mixed_batches_are_a_pure_function_of_seed_and_epoch_and_resume_mid_epoch(mixed_data):
+    source = datasets.load_source(mixed_data, "train")
+    assert_same_batches(epoch_batches(source, mixed_data, 7, 1), epoch_batches(source, mixed_data, 7, 1))
+    assert not np.array_equal(
+        epoch_batches(source, mixed_data, 7, 1)[0]["image"],
+        epoch_batches(source, mixed_data, 8, 1)[0]["image"],
+    )
+    dataset = input_pipeline.train_dataset(source, mixed_data, BATCH_SIZE, seed=5, epoch=2)
+    uninterrupted = list(input_pipeline.to_iterator(dataset))
+    iterator = input_pipeline.to_iterator(dataset)
+    consumed = [next(iterator) for _ in range(3)]
+    state = iterator.get_state()
+    del iterator
+    rebuilt = datasets.load_source(mixed_data, "train")  # a new process reads the folder again
+    resumed = list(
+        input_pipeline.to_iterator(input_pipeline.train_dataset(rebuilt, mixed_data, BATCH_SIZE, 5, 2), state)
+    )
+    assert_same_batches(consumed + resumed, uninterrupted)
+
+
+def test_two_hosts_mixed_parts_are_the_one_host_batch(mixed_data):
+    source = datasets.load_source(mixed_data, "train")
+    whole = list(input_pipeline.train_dataset(source, mixed_data, BATCH_SIZE, 4, 1))
+    parts = [
+        list(input_pipeline.train_dataset(source, mixed_data, BATCH_SIZE // 2, 4, 1, host, 2))
+        for host in (0, 1)
+    ]
+    for index, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([parts[0][index][key], parts[1][index][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_intensity_jitter_is_off_by_default_and_a_clipped_contrast_and_brightness_change():
+    example = {"image": np.random.default_rng(0).random((IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)}
+    example["mask"] = (example["image"] > 0.5).astype(np.float32)
+    plain = input_pipeline.Augment(False, 0.0, 0.0).random_map(example, np.random.default_rng(1))
+    np.testing.assert_array_equal(plain["image"], example["image"])
+    jittered = input_pipeline.Augment(False, 0.0, 0.0, 0.2).random_map(example, np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)
+    image = example["image"][..., 0]
+    expected = np.clip((image - image.mean()) * contrast + image.mean() + brightness, 0, 1)
+    np.testing.assert_allclose(jittered["image"][..., 0], expected, atol=1e-6)
+    np.testing.assert_array_equal(jittered["mask"], example["mask"])  # labels do not move

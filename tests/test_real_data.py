@@ -5,6 +5,7 @@ let a broken reader pass. Datasets are built into a temporary data_dir, never in
 """
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,28 @@ def test_semiseg_splits_shapes_and_alignment(data_dir):
         assert len(datasets.load_source(data, "test")) == 48
     else:
         assert not datasets.has_split(data, "test")
+
+
+def test_semiseg_unlabelled_pool_has_1600_images_of_20_volumes(data_dir):
+    data = real_data_config("semiseg", data_dir)
+    folder = MANUAL_DIRS["semiseg"] / "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
+    if not folder.is_dir():
+        pytest.fail(f"the unlabelled pool is not at {folder} (see ../shared/data/README.md)")
+    pool = datasets.load_source(data, "unlabelled")
+    records = all_records(pool)
+    assert len(records) == 1600
+    # Independent of the reader: the file names, and the volume as the name without "Data-1_" and "_<n>".
+    names = sorted(path.stem for path in folder.glob("*.jpg"))
+    assert sorted(record["id"] for record in records) == names
+    expected_cases = {name: re.fullmatch(r"Data-1_(.+)_\d+", name).group(1) for name in names}
+    assert {record["id"]: record["case_id"] for record in records} == expected_cases
+    cases = set(expected_cases.values())
+    assert len(cases) == 20 and sum(case.startswith("coronacases_org_") for case in cases) == 10
+    for record in records[::40]:
+        image = record["image"]
+        assert image.ndim == 2 and image.dtype == np.uint8 and image.std() > 10, record["id"]
+        assert 150 <= min(image.shape) and max(image.shape) <= 512
+        assert not record["mask"].any()  # no labels: the release's Inf-Net pseudo-labels are never read
 
 
 def test_ma2020_splits_shapes_and_alignment(data_dir):

@@ -12,6 +12,7 @@ With `data.cv_folds` > 0, `train` and `validation` are index views of a cross-va
 import numpy as np
 
 from rdunet_jax.datasets import builder as builder_lib
+from rdunet_jax.datasets import layouts, pseudo_labels
 from rdunet_jax.errors import UserError
 
 
@@ -78,9 +79,44 @@ def load_source(data_config, split: str):
     """The records of one split of `data_config.name`, as a random-access sequence.
 
     With `data.cv_folds` > 0, `train` is the pool without fold `data.cv_fold` and `validation` is that
-    fold; `train_full` is refused (it would hold the held-out fold) and `test` is the test split.
+    fold; `train_full` is refused (it would hold the held-out fold) and `test` is the test split. With
+    `data.pseudo_label_dir` set, the training split comes mixed with those pseudo-labelled slices; with
+    `data.extra_labelled_dir`, with Ma et al.'s labelled slices (joint training).
     """
+    labelled = _load_labelled_source(data_config, split)
+    if split == data_config.train_split and data_config.get("pseudo_label_dir", ""):
+        return pseudo_labels.MixedSource(
+            labelled,
+            pseudo_labels.PseudoLabelSource(
+                data_config.pseudo_label_dir, load_source(data_config, "unlabelled")
+            ),
+            data_config.pseudo_fraction,
+        )
+    if split == data_config.train_split and data_config.get("extra_labelled_dir", ""):
+        return pseudo_labels.MixedSource(
+            labelled, extra_labelled_source(data_config), data_config.extra_fraction
+        )
+    return labelled
+
+
+def extra_labelled_source(data_config) -> SubsetSource:
+    """Every slice (all three splits) of Ma et al.'s 2-D data in `data.extra_labelled_dir`: the other
+    labelled data joint training mixes into the training batches."""
+    extra = data_config.copy_and_resolve_references()
+    extra.name, extra.manual_dir, extra.cv_folds = "ma2020_2d", data_config.extra_labelled_dir, 0
+    extra.extra_labelled_dir = extra.pseudo_label_dir = ""
+    prepared = builder_lib.prepare(extra)
+    sources = [_load_prepared_split(prepared, extra, split) for split in _splits(prepared)]
+    return SubsetSource(
+        [(source, index) for source in sources for index in range(len(source))], "ma2020_2d", "all"
+    )
+
+
+def _load_labelled_source(data_config, split: str):
+    """`load_source` without pseudo-labels: one split, or one fold of the cross-validation pool."""
     prepared = builder_lib.prepare(data_config)
+    if split == builder_lib.UNLABELLED_SPLIT:
+        return UnlabelledSource(_load_prepared_split(prepared, data_config, split))
     num_folds = data_config.get("cv_folds", 0)
     if not num_folds or split not in ("train", "validation", "train_full"):
         return _load_prepared_split(prepared, data_config, split)
@@ -102,6 +138,26 @@ def load_source(data_config, split: str):
     else:
         chosen = sorted(set(range(len(entries))) - set(held_out.tolist()))
     return SubsetSource([entries[index] for index in chosen], data_config.name, split)
+
+
+class UnlabelledSource:
+    """The unlabelled split: each record's image and id, its volume as `case_id`, and the all-zero `mask`
+    placeholder (what prediction reads as the absent expert mask)."""
+
+    def __init__(self, records: RecordSource):
+        self._records, self.name, self.split = records, records.name, records.split
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._records[index]
+        example_id = str(record["id"])
+        case_id = layouts.unlabelled_case_id(example_id) if self.name == "semiseg" else self.name
+        return {"image": record["image"], "mask": record["mask"], "id": example_id, "case_id": case_id}
+
+    def __repr__(self) -> str:
+        return f"UnlabelledSource(name={self.name!r}, num_records={len(self)})"
 
 
 def _pool_splits(prepared) -> tuple[str, ...]:

@@ -27,7 +27,10 @@ from rdunet_jax.datasets import layouts, readers, synthetic
 from rdunet_jax.errors import UserError
 
 DATASETS = ("synthetic", "semiseg", "ma2020_2d", "nifti")
-SEMISEG_SPLITS = ("train", "validation", "train_full", "test")
+SEMISEG_SPLITS = ("train", "validation", "train_full", "test", "unlabelled")
+# The split of slices without expert masks (semiseg's pool; the phantom's with data.num_unlabelled > 0):
+# its records hold all-zero `mask` and `class_mask` placeholders, read through `load_source` as images.
+UNLABELLED_SPLIT = "unlabelled"
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,6 +44,7 @@ class CovidCtConfig(tfds.core.BuilderConfig):
     split_seed: int = 0
     synthetic_sizes: tuple = (160, 32, 32)
     synthetic_image_size: int = 256
+    synthetic_unlabelled: int = 0
     orientation: str = orientation.VOXEL_ORDER
     # nifti label maps with data.classes (multi-class heads): values 0..num_classes; 0 keeps the default
     # labels (readers.NIFTI_LABELS), so binary datasets keep their cache key.
@@ -101,13 +105,22 @@ class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if config.dataset == "synthetic":
             sizes = dict(zip(("train", "validation", "test"), config.synthetic_sizes, strict=True))
-            return {split: self._generate_synthetic(split, count) for split, count in sizes.items()}
+            generators = {split: self._generate_synthetic(split, count) for split, count in sizes.items()}
+            if config.synthetic_unlabelled:
+                generators[UNLABELLED_SPLIT] = self._generate_unlabelled_synthetic(
+                    config.synthetic_unlabelled
+                )
+            return generators
         manual_dir = pathlib.Path(config.manual_dir)
         if config.dataset == "semiseg":
-            return {
+            generators = {
                 split: self._generate_semiseg(files)
                 for split, files in layouts.semiseg_splits(manual_dir).items()
             }
+            unlabelled = layouts.semiseg_unlabelled_files(manual_dir)
+            if unlabelled is not None:
+                generators[UNLABELLED_SPLIT] = _map_in_order(_read_unlabelled, unlabelled)
+            return generators
         if config.dataset == "ma2020_2d":
             files = layouts.ma2020_files(manual_dir)
             splits = layouts.assign_splits(
@@ -129,6 +142,13 @@ class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
         for index in range(count):
             record = source[index]
             yield record["id"], record
+
+    def _generate_unlabelled_synthetic(self, count):
+        """Phantom slices of their own seeds, their masks zeroed: the phantom's unlabelled pool."""
+        source = synthetic.SyntheticSource(UNLABELLED_SPLIT, count, self.builder_config.synthetic_image_size)
+        for index in range(count):
+            record = source[index]
+            yield record["id"], _without_labels(record["image"], record["id"])
 
     def _generate_semiseg(self, files_list):
         """COVID-SemiSeg slices, read a few at a time in parallel."""
@@ -161,6 +181,17 @@ def _read_semiseg(files) -> tuple[str, dict]:
     class_mask = readers.read_label_image(files.extra_mask, readers.SEMISEG_CLASS_LABELS)
     readers.check_same_size(image, class_mask, files.image, files.extra_mask)
     return files.example_id, {"image": image, "mask": mask, "class_mask": class_mask, "id": files.example_id}
+
+
+def _without_labels(image: np.ndarray, example_id: str) -> dict:
+    """An unlabelled record: the image, all-zero mask placeholders (the features every split shares)."""
+    zeros = np.zeros_like(image, np.uint8)
+    return {"image": image, "mask": zeros, "class_mask": zeros, "id": example_id}
+
+
+def _read_unlabelled(path: pathlib.Path) -> tuple[str, dict]:
+    """One slice of the unlabelled pool: its image only; the id is the file name (which names the volume)."""
+    return path.stem, _without_labels(readers.read_grayscale_image(path), path.stem)
 
 
 def _read_ma2020(files) -> tuple[str, dict]:
@@ -280,7 +311,11 @@ def cache_options(data_config) -> dict:
     name = data_config.name
     if name == "synthetic":
         sizes = [data_config.num_train, data_config.num_validation, data_config.num_test]
-        return {"dataset": name, "synthetic_sizes": sizes, "synthetic_image_size": data_config.image_size}
+        options = {"dataset": name, "synthetic_sizes": sizes, "synthetic_image_size": data_config.image_size}
+        # Keyed only when used, so phantoms without an unlabelled pool keep their prepared caches.
+        if data_config.get("num_unlabelled", 0):
+            options["synthetic_unlabelled"] = data_config.num_unlabelled
+        return options
     if name not in DATASETS:
         raise UserError(f"data.name: unknown dataset {name!r}; choose one of {list(DATASETS)}")
     manual_dir = layouts.check_manual_dir(name, data_config.manual_dir)
@@ -289,6 +324,9 @@ def cache_options(data_config) -> dict:
         "manual_dir": str(manual_dir.resolve()),
         "fingerprint": readers.fingerprint(manual_dir),
     }
+    if name == "semiseg":
+        # Caches built before the unlabelled split existed lack it: a new key rebuilds them once.
+        options["unlabelled_split"] = 1
     if name == "nifti":
         # The turned slices are what is prepared: another orientation is another dataset.
         options["orientation"] = orientation.model_orientation(data_config)
@@ -314,6 +352,7 @@ def builder_config(data_config) -> CovidCtConfig:
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     fields = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
     fields.pop("fingerprint", None)
+    fields.pop("unlabelled_split", None)
     return CovidCtConfig(
         name=f"{options['dataset']}-{digest}",
         version=CovidCtSlices.VERSION,

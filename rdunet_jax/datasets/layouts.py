@@ -18,6 +18,9 @@ SEMISEG_MULTICLASS = SEMISEG_TRAIN / "MultiClassInfection-Train"
 SEMISEG_TEST = pathlib.Path("Dataset/TestingSet")
 SEMISEG_TEST_BINARY = SEMISEG_TEST / "LungInfection-Test"
 SEMISEG_TEST_MULTICLASS = SEMISEG_TEST / "MultiClassInfection-Test"
+# The release's unlabelled pool: 1,600 slices of Ma et al.'s 20 volumes, images only (Inf-Net's pseudo-labels
+# beside them, `Pseudo-label/GT`, are never read: ours come from our own models).
+SEMISEG_UNLABELLED = SEMISEG_TRAIN / "LungInfection-Train/Pseudo-label/Imgs"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # What each dataset's manual directory must hold and where to get it, for the missing-data error.
@@ -143,6 +146,32 @@ def semiseg_splits(manual_dir) -> dict[str, list[SliceFiles]]:
             raise UserError(f"{test_images}: no .jpg or .png images in the folder")
         splits["test"] = [files(i, test_images, test_masks, test_class_masks) for i in test_ids]
     return splits
+
+
+def unlabelled_case_id(example_id: str) -> str:
+    """The volume of an unlabelled pool slice, from its file name `Data-1_<volume>_<n>`: Ma et al.'s volume
+    name (`coronacases_org_001`, `radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm`)."""
+    volume, _, number = example_id.rpartition("_")
+    if not volume or not number.isdigit():
+        raise UserError(f"{example_id}: an unlabelled slice's name must end in _<slice number>")
+    return volume.removeprefix("Data-1_")
+
+
+def semiseg_unlabelled_files(manual_dir) -> list[pathlib.Path] | None:
+    """The unlabelled pool's images in name order (numeric within a volume), or None when the folder is
+    absent (the pool is optional)."""
+    folder = pathlib.Path(manual_dir).expanduser() / SEMISEG_UNLABELLED
+    if not folder.is_dir():
+        return None
+    paths = [path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise UserError(f"{folder}: no .jpg or .png images in the unlabelled pool's folder")
+
+    def volume_then_number(path):
+        volume, _, number = path.stem.rpartition("_")
+        return (volume, int(number) if number.isdigit() else -1, path.stem)
+
+    return sorted(paths, key=volume_then_number)
 
 
 def ma2020_files(manual_dir) -> list[SliceFiles]:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 GROUND_GLASS, CONSOLIDATION = 1, 2
-_SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+_SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2, "unlabelled": 3}
 
 
 def _ellipse(yy, xx, centre, radii, angle=0.0):

@@ -1,0 +1,87 @@
+"""Pseudo-labels on disk, and the training source that mixes them with the expert-labelled slices.
+
+A pseudo-label folder (written by `rdunet_jax.selftrain`; complete once `summary.json` exists, which is
+written last):
+
+    masks/<id>.png        the teacher's lesion mask at the slice's stored size, {0, 255}
+    confidence/<id>.png   the per-pixel loss weight at that size, 0-255 for [0, 1] (0: the pixel is ignored)
+    summary.json          the settings, per-slice statistics, and each slice's index in the unlabelled split
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+from rdunet_jax.datasets import readers
+from rdunet_jax.errors import UserError
+
+SUMMARY = "summary.json"
+MASKS = "masks"
+WEIGHTS = "confidence"
+# Weights are stored as 8-bit PNGs: weight w is the byte round(255 w).
+WEIGHT_SCALE = 255
+
+
+def read_summary(directory) -> dict:
+    """The summary of a complete pseudo-label folder; UserError naming the folder when incomplete."""
+    path = pathlib.Path(directory) / SUMMARY
+    if not path.is_file():
+        raise UserError(
+            f"data.pseudo_label_dir: {directory} holds no {SUMMARY} (not a complete pseudo-label folder)"
+        )
+    return json.loads(path.read_text())
+
+
+class PseudoLabelSource:
+    """Unlabelled slices with their pseudo-labels: records of `image`, `mask` {0, 1}, `weight` (uint8,
+    255 = 1) and `id`, in the summary's order."""
+
+    def __init__(self, directory, unlabelled):
+        self.directory = pathlib.Path(directory)
+        self.slices = read_summary(self.directory)["slices"]
+        self._unlabelled = unlabelled
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.slices[index]
+        record = self._unlabelled[entry["index"]]
+        if str(record["id"]) != entry["id"]:
+            raise UserError(
+                f"data.pseudo_label_dir: {self.directory} labels slice {entry['id']!r} at index "
+                f"{entry['index']}, where the unlabelled split now holds {record['id']!r}; predict it again"
+            )
+        image = np.asarray(record["image"])
+        mask = readers.read_binary_mask(self.directory / MASKS / f"{entry['id']}.png")
+        weight = readers.read_grayscale_image(self.directory / WEIGHTS / f"{entry['id']}.png")
+        for name, array in (("mask", mask), ("weight", weight)):
+            if array.shape != image.shape:
+                raise UserError(
+                    f"{self.directory}: the {name} of {entry['id']} is {array.shape}, its image {image.shape}"
+                )
+        return {"image": image, "mask": mask, "weight": weight, "id": entry["id"]}
+
+    def __repr__(self) -> str:
+        return f"PseudoLabelSource(directory={str(self.directory)!r}, num_records={len(self)})"
+
+
+class MixedSource:
+    """The labelled training slices and extra ones (pseudo-labelled, or another dataset's labelled slices),
+    mixed into batches by the input pipeline (`extra_fraction` of each batch from `extra`). Its length and
+    items are the labelled slices'."""
+
+    def __init__(self, labelled, extra, extra_fraction: float):
+        self.labelled, self.extra, self.extra_fraction = labelled, extra, float(extra_fraction)
+        self.name, self.split = getattr(labelled, "name", ""), getattr(labelled, "split", "train")
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.labelled[index]
+
+    def __repr__(self) -> str:
+        fraction = self.extra_fraction
+        return f"MixedSource(labelled={self.labelled!r}, extra={self.extra!r}, fraction={fraction})"

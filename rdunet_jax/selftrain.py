@@ -1,0 +1,244 @@
+"""Teacher-student self-training on the unlabelled split (Semi-Inf-Net's loop, from scratch).
+
+Stages, each in its own folder under the workdir and skipped once its outputs are complete:
+
+    teacher/                 the config trained on the labelled slices (`train.train_and_evaluate`)
+    pseudo_labels/round<r>/  the previous model's flip-averaged predictions of the unlabelled split, confident
+                             pixels kept (PNG masks, PNG weight maps, summary.json; see
+                             datasets/pseudo_labels.py), renamed into place only when every slice is written
+    student<r>/              a student trained from scratch on the labelled slices mixed with round r's
+                             pseudo-labels (`data.pseudo_fraction` of each batch), with the student's
+                             schedule and stronger augmentation (`selftrain.student_*`)
+    selftrain.json           every stage's evaluation (the test split when present, else validation)
+
+A training stage resumes from its checkpoints; a killed pseudo-labelling stage starts again (its
+predictions are deterministic). Rerunning the same command after a kill at any point finishes the run.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import numpy as np
+from PIL import Image
+
+from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, losses, steps, train
+from rdunet_jax.datasets import pseudo_labels
+from rdunet_jax.errors import UserError
+from rdunet_jax.files import write_json_atomic
+
+STAGE_DONE = "stage.json"
+
+
+def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_threshold: float = 0.5):
+    """(mask {0, 1} uint8, weight float32 in [0, 1]) of lesion probabilities: a pixel is confident when
+    p >= threshold or p <= 1 - threshold; its weight is 1 ('threshold') or |2p - 1| ('confidence') when
+    confident, 0 otherwise; the mask is p >= mask_threshold."""
+    probabilities = np.asarray(probabilities, np.float32)
+    confident = (probabilities >= threshold) | (probabilities <= 1.0 - threshold)
+    if weighting == "threshold":
+        strength = np.ones_like(probabilities)
+    elif weighting == "confidence":
+        strength = np.abs(2.0 * probabilities - 1.0)
+    else:
+        raise UserError(f"selftrain.weighting: must be 'threshold' or 'confidence', got {weighting!r}")
+    mask = (probabilities >= mask_threshold).astype(np.uint8)
+    return mask, np.where(confident, strength, 0.0).astype(np.float32)
+
+
+def teacher_config(config):
+    """The config as plain supervised training: the teacher."""
+    teacher = copy.deepcopy(config)
+    teacher.selftrain.rounds = 0
+    teacher.data.pseudo_label_dir = ""
+    return teacher
+
+
+def student_config(config, pseudo_label_dir: pathlib.Path):
+    """The student: the config on the labelled slices mixed with `pseudo_label_dir`'s pseudo-labels, the
+    loss weighted per pixel, the student's schedule and its intensity augmentation."""
+    student = teacher_config(config)
+    student.data.pseudo_label_dir = str(pseudo_label_dir)
+    student.data.intensity_range = config.selftrain.student_intensity_range
+    student.num_epochs = config.selftrain.student_num_epochs
+    student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
+    student.loss = losses.WEIGHTED_LOSSES.get(config.loss, config.loss)
+    return student
+
+
+def _config_record(config) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _same_config(stored: dict, current: dict) -> bool:
+    """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
+    when `current` holds their default (a stage finished by older code is not run again)."""
+    stored, current = _flat(stored), _flat(current)
+    defaults = _flat(_config_record(config_lib.base_config()))
+    return all(
+        stored[key] == value if key in stored else defaults.get(key) == value
+        for key, value in current.items()
+    ) and set(stored) <= set(current)
+
+
+def _finished_stage(folder: pathlib.Path, config) -> dict | None:
+    """The recorded outcome of a complete stage run with `config`, or None when it is not complete."""
+    marker = folder / STAGE_DONE
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    if not _same_config(done["config"], _config_record(config)):
+        raise UserError(
+            f"{folder}: this stage was run with another config; use another --workdir (or remove the folder)"
+        )
+    return done["result"]
+
+
+def _mark_finished(folder: pathlib.Path, config, result: dict) -> dict:
+    write_json_atomic(folder / STAGE_DONE, {"config": _config_record(config), "result": result})
+    return result
+
+
+def _evaluation_summary(summary: dict) -> dict:
+    keys = ("split", "step", "dice", "jaccard", "f_score", "global_dice", "num_slices")
+    return {key: summary[key] for key in keys if key in summary}
+
+
+def train_stage(config, folder: pathlib.Path, name: str) -> dict:
+    """Trains (or resumes) one model in `folder` and evaluates it; skipped when already finished."""
+    finished = _finished_stage(folder, config)
+    if finished is not None:
+        print(
+            f"{name}: finished before ({folder}); dice {finished['dice']:.4f} on {finished['split']}",
+            flush=True,
+        )
+        return finished
+    print(f"{name}: training in {folder}", flush=True)
+    summary = train.train_and_evaluate(config, folder)
+    return _mark_finished(folder, config, _evaluation_summary(summary))
+
+
+def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder: pathlib.Path) -> dict:
+    """Predicts the unlabelled split with the model of `model_folder` (flip TTA) and writes its
+    pseudo-labels to `folder` (see datasets/pseudo_labels.py); skipped when `folder` is complete.
+
+    Everything is written in `<folder>.partial`, renamed to `folder` once the summary is written: a folder
+    that exists is complete, and a killed run starts the stage again.
+    """
+    if (folder / pseudo_labels.SUMMARY).is_file():
+        summary = pseudo_labels.read_summary(folder)
+        print(f"pseudo-labels: finished before ({folder})", flush=True)
+        return summary["totals"]
+    started = time.perf_counter()
+    unlabelled = datasets.load_source(config.data, "unlabelled")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for subfolder in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
+        (partial / subfolder).mkdir(parents=True)
+    predictor = inference.JaxPredictor(steps.restore_state(model_config, model_folder))
+    selftrain_config = config.selftrain
+    print(f"pseudo-labels: predicting {len(unlabelled)} unlabelled slices with {model_folder}", flush=True)
+    slices = []
+    for batch in evaluate.predict_source(predictor, unlabelled, model_config, test_time_flips=True):
+        for meta, probabilities, stored in zip(
+            batch["metadata"], batch["probabilities"], batch["original_masks"], strict=True
+        ):
+            original = input_pipeline.resize_probabilities(probabilities, np.shape(stored))
+            mask, weight = pseudo_label_weights(
+                original,
+                selftrain_config.confidence_threshold,
+                selftrain_config.weighting,
+                config.eval.threshold,
+            )
+            _write_png(partial / pseudo_labels.MASKS / f"{meta['id']}.png", mask * np.uint8(255))
+            weight_bytes = np.round(weight * pseudo_labels.WEIGHT_SCALE).astype(np.uint8)
+            _write_png(partial / pseudo_labels.WEIGHTS / f"{meta['id']}.png", weight_bytes)
+            slices.append(
+                {
+                    "index": len(slices),
+                    "id": meta["id"],
+                    "case_id": meta["case_id"],
+                    "lesion_fraction": float(mask.mean()),
+                    "kept_fraction": float((weight > 0).mean()),
+                    "kept_lesion_fraction": float(((weight > 0) & (mask > 0)).mean()),
+                    "mean_weight": float(weight.mean()),
+                }
+            )
+    totals = {
+        "num_slices": len(slices),
+        "slices_with_lesion": int(sum(entry["lesion_fraction"] > 0 for entry in slices)),
+        **{
+            f"mean_{key}": float(np.mean([entry[key] for entry in slices]))
+            for key in ("lesion_fraction", "kept_fraction", "kept_lesion_fraction", "mean_weight")
+        },
+    }
+    summary = {
+        "model": str(model_folder),
+        "step": int(predictor.step),
+        "test_time_flips": True,
+        "confidence_threshold": selftrain_config.confidence_threshold,
+        "weighting": selftrain_config.weighting,
+        "mask_threshold": config.eval.threshold,
+        "totals": totals,
+        "seconds": time.perf_counter() - started,
+        "slices": slices,
+    }
+    write_json_atomic(partial / pseudo_labels.SUMMARY, summary)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    print(
+        f"pseudo-labels: {len(slices)} slices in {folder}; lesion in {totals['slices_with_lesion']}, "
+        f"{100 * totals['mean_kept_fraction']:.1f}% of pixels kept ({summary['seconds']:.0f}s)",
+        flush=True,
+    )
+    return totals
+
+
+def run(config, workdir) -> dict:
+    """Runs (or resumes) every stage of self-training under `workdir`; returns the summary it writes."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir: {workdir} exists and is not a folder")
+    if not datasets.has_split(config.data, "unlabelled"):
+        raise UserError(
+            f"selftrain.rounds: data.name={config.data.name!r} has no unlabelled split (semiseg: the folder "
+            "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs; the phantom: data.num_unlabelled > 0)"
+        )
+    model_config = teacher_config(config)
+    model_folder = workdir / "teacher"
+    stages = {"teacher": train_stage(model_config, model_folder, "teacher")}
+    for round_number in range(1, config.selftrain.rounds + 1):
+        labels_folder = workdir / "pseudo_labels" / f"round{round_number}"
+        stages[f"pseudo_labels{round_number}"] = write_pseudo_labels(
+            config, model_folder, model_config, labels_folder
+        )
+        model_config = student_config(config, labels_folder.absolute())
+        model_folder = workdir / f"student{round_number}"
+        stages[f"student{round_number}"] = train_stage(model_config, model_folder, f"student {round_number}")
+    final = stages[f"student{config.selftrain.rounds}"]
+    summary = {"final": final, "final_model": str(model_folder), "stages": stages}
+    write_json_atomic(workdir / "selftrain.json", summary)
+    teacher = stages["teacher"]
+    print(
+        f"self-training: {final['split']} dice {final['dice']:.4f} (teacher {teacher['dice']:.4f}) -> "
+        f"{workdir / 'selftrain.json'}",
+        flush=True,
+    )
+    return summary

@@ -1,0 +1,246 @@
+"""Self-training: pseudo-label confidence and weights, the weighted loss, and whole tiny runs on the phantom
+(every stage's outputs; a run killed in each stage and rerun ends as an uninterrupted one).
+"""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from PIL import Image
+
+from rdunet_jax import datasets, losses, selftrain
+from rdunet_jax.datasets import pseudo_labels
+
+POOL_SIZE = 6
+
+
+def test_pseudo_label_weights_against_hand_computed_values():
+    probabilities = np.array([0.95, 0.5, 0.05, 0.91, 0.89, 0.08, 0.0, 1.0, 0.12], np.float32)
+    # Confident at 0.9: p >= 0.9 or p <= 0.1.
+    mask, weight = selftrain.pseudo_label_weights(probabilities, 0.9, "threshold")
+    np.testing.assert_array_equal(mask, [1, 1, 0, 1, 1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(weight, [1, 0, 1, 1, 0, 1, 1, 1, 0])
+    # 'confidence': |2p - 1| on the confident pixels: 0.9, 0.9, 0.82, 0.84, 1, 1.
+    _, weight = selftrain.pseudo_label_weights(probabilities, 0.9, "confidence")
+    np.testing.assert_allclose(weight, [0.9, 0, 0.9, 0.82, 0, 0.84, 1, 1, 0], atol=1e-6)
+    # A lower threshold keeps more: at 0.85, 0.89 and 0.12 become confident.
+    _, weight = selftrain.pseudo_label_weights(probabilities, 0.85, "threshold")
+    np.testing.assert_array_equal(weight, [1, 0, 1, 1, 1, 1, 1, 1, 1])
+
+
+def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
+    # One 1x3 image: sigmoid(0) = 0.5, sigmoid(log 3) = 0.75, sigmoid(-log 3) = 0.25.
+    logits = jnp.log(jnp.array([1.0, 3.0, 1 / 3]))[None, None, :, None]
+    masks = np.array([1.0, 1.0, 0.0])[None, None, :, None]
+    weights = np.array([1.0, 0.0, 0.5])[None, None, :, None]
+    targets = np.concatenate([masks, weights], axis=-1)
+    # sum wPG = 0.5; sum wP = 0.5 + 0.125 = 0.625; sum wG = 1; loss = 1 - (1 + 1) / (1.625 + 1).
+    expected = 1 - 2.0 / 2.625
+    np.testing.assert_allclose(losses.weighted_soft_dice_loss(logits, targets), [expected], rtol=1e-6)
+    # Weighted cross-entropy mean: (-log 0.5 + 0.5 * -log 0.75) / 1.5.
+    cross_entropy = (np.log(2) + 0.5 * -np.log(0.75)) / 1.5
+    np.testing.assert_allclose(
+        losses.weighted_dice_bce_loss(logits, targets), [expected + cross_entropy], rtol=1e-6
+    )
+    # One channel (an expert mask) weighs every pixel 1: the paper's Dice loss and Dice + BCE.
+    np.testing.assert_allclose(
+        losses.weighted_soft_dice_loss(logits, masks), losses.soft_dice_loss(logits, masks), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        losses.weighted_dice_bce_loss(logits, masks), losses.dice_bce_loss(logits, masks), rtol=1e-6
+    )
+
+
+def tiny_selftrain_config():
+    """The tiny phantom config with one self-training round over a pool of 6 slices."""
+    config = make_tiny_config(num_unlabelled=POOL_SIZE)
+    config.selftrain.rounds = 1
+    config.selftrain.student_num_epochs = 2
+    config.selftrain.student_lr_decay_epochs = 1
+    config.eval.test_time_flips = True
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("selftrain") / "run"
+    summary = selftrain.run(tiny_selftrain_config(), workdir)
+    return workdir, summary
+
+
+def test_a_whole_tiny_run_writes_every_stage(uninterrupted):
+    workdir, summary = uninterrupted
+    assert json.loads((workdir / "selftrain.json").read_text()) == summary
+    assert set(summary["stages"]) == {"teacher", "pseudo_labels1", "student1"}
+    assert summary["final"] == summary["stages"]["student1"] and summary["final"]["split"] == "test"
+    for stage in ("teacher", "student1"):
+        assert (workdir / stage / "metrics" / "test.json").is_file()
+    # The student trained on the mixed source with the weighted loss and its own schedule.
+    student = json.loads((workdir / "student1" / "config.json").read_text())
+    assert student["loss"] == "dice_weighted" and student["num_epochs"] == 2
+    assert student["data"]["pseudo_label_dir"] == str((workdir / "pseudo_labels" / "round1").absolute())
+    assert student["data"]["intensity_range"] == 0.1
+    # 8 labelled slices, 2 a batch of 4: 4 steps an epoch, 8 in 2 epochs (the teacher: 2 an epoch, 4).
+    assert summary["stages"]["student1"]["step"] == 8 and summary["stages"]["teacher"]["step"] == 4
+
+
+def test_pseudo_labels_are_inspectable_files_that_match_the_teacher_predictions(uninterrupted):
+    workdir, _ = uninterrupted
+    folder = workdir / "pseudo_labels" / "round1"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["confidence_threshold"] == 0.9 and summary["test_time_flips"] is True
+    assert not (folder.parent / "round1.partial").exists()
+    config = tiny_selftrain_config()
+    pool = datasets.load_source(config.data, "unlabelled")
+    assert [entry["id"] for entry in summary["slices"]] == [pool[i]["id"] for i in range(POOL_SIZE)]
+    # The teacher predicted again here (independently of the stage's code path) gives the same files.
+    from rdunet_jax import evaluate, inference, steps
+
+    teacher_config = selftrain.teacher_config(config)
+    predictor = inference.JaxPredictor(steps.restore_state(teacher_config, workdir / "teacher"))
+    predicted = [
+        probabilities
+        for batch in evaluate.predict_source(predictor, pool, teacher_config, test_time_flips=True)
+        for probabilities in batch["probabilities"]
+    ]
+    for entry, probabilities in zip(summary["slices"], predicted, strict=True):
+        mask = np.asarray(Image.open(folder / "masks" / f"{entry['id']}.png"))
+        weight = np.asarray(Image.open(folder / "confidence" / f"{entry['id']}.png"))
+        assert mask.shape == weight.shape == pool[entry["index"]]["image"].shape  # the stored size
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, probabilities >= 0.5)  # 32 px phantom: no resize
+        confident = (probabilities >= 0.9) | (probabilities <= 0.1)
+        np.testing.assert_array_equal(weight, np.where(confident, 255, 0))
+        assert entry["kept_fraction"] == pytest.approx(confident.mean())
+        assert entry["case_id"] == "synthetic"
+    # The student's source reads them back: mask {0, 1} and weights as stored.
+    source = pseudo_labels.PseudoLabelSource(folder, pool)
+    record = source[2]
+    np.testing.assert_array_equal(
+        record["mask"] * 255, np.asarray(Image.open(folder / "masks" / f"{record['id']}.png"))
+    )
+
+
+def test_a_finished_run_is_skipped_stage_by_stage(uninterrupted, capsys):
+    workdir, summary = uninterrupted
+    again = selftrain.run(tiny_selftrain_config(), workdir)
+    assert again == summary
+    output = capsys.readouterr().out
+    assert "teacher: finished before" in output and "student 1: finished before" in output
+    assert "pseudo-labels: finished before" in output and "epoch 1" not in output
+
+
+def _run_command(workdir, kill, *arguments):
+    """The tiny self-training command; `kill` ('STEP' or 'pseudo_labels:SLICES') runs it under
+    tests/kill_at_step.py."""
+    launcher = ["tests.kill_at_step", kill, "--"] if kill else ["rdunet_jax.main"]
+    command = [
+        sys.executable,
+        "-m",
+        *launcher,
+        "--config",
+        "configs/demo.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.compilation_cache_dir={TEST_CACHE}",
+        f"--config.data.data_dir={TEST_DATA_DIR}",
+        "--config.num_epochs=2",
+        f"--config.data.num_unlabelled={POOL_SIZE}",
+        "--config.selftrain.rounds=1",
+        "--config.selftrain.student_num_epochs=2",
+        "--config.selftrain.student_lr_decay_epochs=1",
+        "--config.eval.test_time_flips=True",
+        *arguments,
+    ]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_mode_of_a_self_training_workdir_evaluates_the_final_student(uninterrupted):
+    workdir, summary = uninterrupted
+    result = _run_command(workdir, None, "--mode=evaluate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(workdir / "student1" / "metrics" / "test.json") in result.stdout
+    metrics = json.loads((workdir / "student1" / "metrics" / "test.json").read_text())
+    assert metrics["dice"] == summary["final"]["dice"] and metrics["step"] == summary["final"]["step"]
+
+
+@pytest.mark.slow
+def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
+    reference, summary = uninterrupted
+    workdir = tmp_path / "killed"
+    kills = [
+        ("teacher", "3"),  # mid-epoch 2 of the teacher
+        ("pseudo-labels", "pseudo_labels:3"),  # half of the pool written
+        ("student", "6"),  # mid-epoch 2 of the student
+    ]
+    for stage, kill in kills:
+        result = _run_command(workdir, kill)
+        assert result.returncode == -9, f"{stage}: {result.stderr[-2000:]}"
+        if stage == "pseudo-labels":
+            partial = workdir / "pseudo_labels" / "round1.partial"
+            assert len(list((partial / "masks").iterdir())) == 3
+            assert not (workdir / "pseudo_labels" / "round1").exists()  # nothing half-written in place
+    result = _run_command(workdir, None)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "teacher: finished before" in result.stdout and "pseudo-labels: finished before" in result.stdout
+    resumed = json.loads((workdir / "selftrain.json").read_text())
+    for stage in ("teacher", "student1"):
+        assert resumed["stages"][stage] == summary["stages"][stage]
+    for name in ("masks", "confidence"):
+        for path in sorted((reference / "pseudo_labels" / "round1" / name).iterdir()):
+            assert (workdir / "pseudo_labels" / "round1" / name / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "selftrain.weighting",
+            "soft",
+            "selftrain.weighting: must be 'threshold' or 'confidence', got 'soft'",
+        ),
+        ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
+        ("data.pseudo_fraction", 1.0, "data.pseudo_fraction: must be a number in [0, 1), got 1.0"),
+        ("selftrain.rounds", -1, "selftrain.rounds: must be a non-negative integer, got -1"),
+    ],
+)
+def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message):
+    from rdunet_jax import config_validation
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_self_training_without_an_unlabelled_split_is_refused_before_training(tmp_path):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    config.data.num_unlabelled = 0
+    with pytest.raises(UserError, match="no unlabelled split .*data.num_unlabelled > 0"):
+        selftrain.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_finished_by_older_code_counts_as_finished_and_another_config_is_refused(tmp_path):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    record = json.loads(config.to_json_best_effort(sort_keys=True))
+    del record["data"]["extra_fraction"]  # a key the schema gained after the stage ran, left at its default
+    (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+    assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
+    config.data.extra_fraction = 0.25  # not the default: not what the stage ran
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(tmp_path, config)
+    config = tiny_selftrain_config()
+    config.num_epochs = 5
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(tmp_path, config)
