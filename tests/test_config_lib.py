@@ -315,7 +315,8 @@ def test_a_config_written_before_heads_existed_is_a_binary_one():
     del config.data["classes"]
     config_validation.validate(config)
     config.loss = "dice_ce"
-    with pytest.raises(UserError, match=r"^loss: must be one of \['dice', 'dice_bce'\], got 'dice_ce'$"):
+    binary_losses = r"\['dice', 'dice_bce', 'dice_weighted', 'dice_bce_weighted'\]"
+    with pytest.raises(UserError, match=rf"^loss: must be one of {binary_losses}, got 'dice_ce'$"):
         config_validation.validate(config)
 
 
