@@ -334,8 +334,14 @@ def test_the_semiseg_config_is_the_chosen_recipe_arm_without_its_fold():
     arm = next(spec for spec in specs if spec.arm == recipes.CHOSEN_RECIPE).config
     config = recipes.get_config()
     differing = _differing_keys(runner.config_json(arm), runner.config_json(config))
-    # Only what locates the data, names the run and makes it a CV fold differs.
-    assert differing == {"name", "data.manual_dir", "data.cv_folds", "eval.split"}
+    # Only what locates the data, names the run and makes it a CV fold differs, and the speed forms the
+    # study's records were made with (design.base_config): the same function, and no dropout to draw.
+    assert differing == {"name", "data.manual_dir", "data.cv_folds", "eval.split"} | {
+        "model.dropout_impl",
+        "model.pool_impl",
+        "model.batch_norm_impl",
+    }
+    assert config.model.dropout_rate == 0.0
     chosen = recipes.RECIPE_CANDIDATES[recipes.CHOSEN_RECIPE]
     assert config.data.image_size == chosen["data.image_size"] and config.eval.checkpoint == "last"
     assert config.eval.small_lesion_area == 100.0 * (config.data.image_size / 256) ** 2
@@ -408,3 +414,25 @@ def test_cli_seeds_select_runs_and_dtype_changes_the_model_and_tag(tmp_path, cap
     }
     assert run_study.main([*common, "--set", "dtype=float16"]) == 2
     assert "not a valid dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("study", "folder"),
+    [
+        ("ablation", "semiseg-small"),
+        ("lesion_size", "semiseg-small"),
+        ("dilation", "semiseg-small"),
+        ("split_leakage", "ma2020_2d-small"),
+        ("recipe", "semiseg-small"),
+    ],
+)
+def test_every_committed_study_record_is_still_the_run_its_plan_describes(study, folder, tmp_path, capsys):
+    # A plan whose config no longer matches a record refuses it ("made with another config"), and a rerun
+    # would not reproduce it: a change to the schema's defaults must leave every record finished.
+    results = run_study.EXPERIMENTS / "results" / study / folder
+    records = sorted(path.stem for path in results.glob("*.json"))
+    status = run_study.main([study, "--budget", "small", "--dry_run", "--runs_root", str(tmp_path / "w")])
+    lines = capsys.readouterr().out.splitlines()
+    finished = sorted(line.split()[0] for line in lines if " finished " in line)
+    assert status == 0 and len(records) >= 6
+    assert finished == records
