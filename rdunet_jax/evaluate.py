@@ -330,11 +330,15 @@ def overlays_of(predictor, source, indices, config) -> list[tuple[str, np.ndarra
     flips = config.eval.test_time_flips
     overlays = []
     for batch in predict_source(predictor, _subset(source, indices), config, flips):
-        predictions = batch["probabilities"] >= config.eval.threshold
-        for meta, image, prediction, target in zip(
-            batch["metadata"], batch["images"], predictions, batch["masks"], strict=True
-        ):
-            overlays.append((meta["id"], visualize.overlay_image(image, prediction, target > 0.5)))
+        predictions, targets, class_predictions, class_targets = batch_masks(batch, config)
+        for index, (meta, image) in enumerate(zip(batch["metadata"], batch["images"], strict=True)):
+            if class_predictions is None:
+                rgb = visualize.overlay_image(image, predictions[index], targets[index])
+            else:
+                rgb = visualize.class_overlay_image(
+                    image, class_predictions[index], class_targets[index], tuple(config.data.classes)
+                )
+            overlays.append((meta["id"], rgb))
     return overlays
 
 
