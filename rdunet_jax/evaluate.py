@@ -73,14 +73,8 @@ def original_resolution_counts(
     if head == "binary":
         prediction = input_pipeline.resize_probabilities(probabilities, target.shape) >= threshold
     else:
-        resized = np.stack(
-            [
-                input_pipeline.resize_probabilities(probabilities[..., channel], target.shape)
-                for channel in range(probabilities.shape[-1])
-            ],
-            axis=-1,
-        )
-        prediction = heads.any_lesion(heads.class_masks(resized, head, threshold), head, classes)
+        class_masks = heads.class_masks_at_size(probabilities, target.shape, head, threshold)
+        prediction = heads.any_lesion(class_masks, head, classes)
     return tuple(int(count[0]) for count in metrics.confusion_counts(prediction[None], target[None]))
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdunet_jax import input_pipeline
+
 HEADS = ("binary", "exclusive", "multilabel")
 
 
@@ -50,9 +52,27 @@ def class_masks(probabilities, head: str, threshold: float = 0.5) -> np.ndarray:
 def label_map(probabilities, head: str, threshold: float = 0.5) -> np.ndarray:
     """One label map (...) uint8, 0 background and k the k-th class; for 'multilabel', whose classes may
     overlap, the last class that is on wins (infection drawn over the lungs that hold it)."""
-    masks = class_masks(probabilities, head, threshold)
+    return masks_to_label_map(class_masks(probabilities, head, threshold))
+
+
+def masks_to_label_map(masks) -> np.ndarray:
+    """The uint8 label map (...) of boolean class masks (..., K): k where class k is on, the last on wins."""
+    masks = np.asarray(masks)
     values = np.arange(1, masks.shape[-1] + 1, dtype=np.uint8)
     return np.max(np.where(masks, values, 0), axis=-1).astype(np.uint8)
+
+
+def class_masks_at_size(probabilities, shape, head: str, threshold: float = 0.5) -> np.ndarray:
+    """Class masks (rows, columns, K) of one slice's probabilities (S, S, C) resized to `shape`: each
+    channel resized bilinearly (as the binary probabilities are), then the head's rule."""
+    resized = np.stack(
+        [
+            input_pipeline.resize_probabilities(np.asarray(probabilities)[..., channel], shape)
+            for channel in range(np.shape(probabilities)[-1])
+        ],
+        axis=-1,
+    )
+    return class_masks(resized, head, threshold)
 
 
 # --- Expert labels and the "any lesion" mask -------------------------------------------------------------

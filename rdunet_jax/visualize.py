@@ -99,6 +99,19 @@ def png_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
+def write_label_png(path, label_map) -> None:
+    """Writes a uint8 label map (0 background, k class k) as a palette PNG: the values as stored, shown
+    in the overlay colours (black background)."""
+    picture = Image.fromarray(np.asarray(label_map, np.uint8), mode="P")
+    palette = [0, 0, 0]
+    for index in range(255):
+        palette.extend(class_colour(index))
+    picture.putpalette(palette)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_png(path, array) -> None:
     """Writes a uint8 grey or RGB array as a PNG file, atomically."""
     write_bytes_atomic(path, png_bytes(array))
