@@ -48,6 +48,7 @@ from rdunet_jax import (
     visualize,
     volumes,
 )
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -235,6 +236,10 @@ def predict_volume(
                 write(index, mask)
                 drawn = mask
             else:
+                if expert_labels is not None:  # a label map: 0..K for the K classes of data.classes
+                    class_labels.check_label_map(
+                        np.rint(expert_labels).astype(np.int64), len(tally.classes), str(ground_truth)
+                    )
                 drawn = heads.class_masks_at_size(probabilities, hu_slice.shape, head, threshold)
                 tally.add(drawn, expert_labels)
                 write(index, heads.masks_to_label_map(drawn))

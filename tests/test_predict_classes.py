@@ -11,6 +11,7 @@ from PIL import Image
 from test_predict import AFFINE, _save_nifti
 
 from rdunet_jax import inference, predict
+from rdunet_jax.errors import UserError
 
 # Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
 # W1500/L-600 maps -900 HU to 0.3 (background), -600 HU to 0.5 (class 1), 0 HU to 0.9 (class 2).
@@ -125,3 +126,23 @@ def test_image_prediction_writes_a_palette_label_map(tmp_path):
     expected = np.zeros((32, 32), np.uint8)
     expected[2:10, 2:10], expected[20:30, 5:25] = 1, 2
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
+    volume, expected = _phantom()
+    expected[0, 0, 1] = 3  # two classes: 0..2 only
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = _save_nifti(tmp_path / "truth.nii.gz", expected)
+    config = _config("multilabel", ("lungs", "infection"))
+    with pytest.raises(
+        UserError, match=r"truth\.nii\.gz: label values \{3\} outside data\.classes \(0\.\.2\)"
+    ):
+        predict.predict_path(
+            config,
+            None,
+            source,
+            tmp_path / "out",
+            predictor=IntensityClassPredictor("multilabel"),
+            ground_truth=truth,
+        )
+    assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
