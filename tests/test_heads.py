@@ -31,7 +31,7 @@ def test_exclusive_masks_and_label_map_by_hand():
 
 
 def test_sigmoid_heads_threshold_each_class_and_multilabel_draws_the_last_class_on_top():
-    probabilities = np.array([[0.9, 0.8], [0.9, 0.2], [0.1, 0.6], [0.5, 0.3]])  # (lungs, infection)
+    probabilities = np.array([[0.9, 0.8], [0.9, 0.2], [0.1, 0.6], [0.45, 0.3]])  # (lungs, infection)
     np.testing.assert_array_equal(
         heads.class_masks(probabilities, "multilabel"), [[1, 1], [1, 0], [0, 1], [0, 0]]
     )
