@@ -290,6 +290,8 @@ def summarize_collected(collected: dict, config) -> dict:
     summary["image_size"] = int(config.data.image_size)
     summary["test_time_flips"] = bool(config.eval.test_time_flips)
     summary["conventions"] = reports.CONVENTIONS
+    if collected["class_lesions"] is not None:
+        summary["conventions"] = {**reports.CONVENTIONS, **reports.CLASS_CONVENTIONS}
     return summary
 
 

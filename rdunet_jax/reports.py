@@ -40,6 +40,11 @@ CONVENTIONS = {
     "COVID-SemiSeg results are scored)",
     "test_time_flips": "when on, probabilities are the mean over the identity, left-right, up-down and "
     "both flips of the input, each flipped back",
+}
+
+
+# Added to CONVENTIONS for the multi-class heads only (a binary run's JSON stays as it was).
+CLASS_CONVENTIONS = {
     "per_class": "multi-class heads: the top-level metrics score the 'any lesion' mask (lesion_classes: "
     "any foreground class for model.head='exclusive', the infection or lesion class for 'multilabel'); "
     "per_class.<name>.dice, jaccard, precision, recall and hd95 are means over the slices whose expert "
