@@ -48,7 +48,6 @@ from rdunet_jax import (
     visualize,
     volumes,
 )
-from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -232,16 +231,10 @@ def predict_volume(
         for (index, hu_slice), probabilities in predict_stream(predictor, config, examples()):
             expert_labels = None if truth is None else slices.truth_slice(index)
             if tally is None:
-                mask = mask_at_input_size(probabilities, hu_slice.shape, threshold)
+                mask = drawn = mask_at_input_size(probabilities, hu_slice.shape, threshold)
                 write(index, mask)
-                drawn = mask
             else:
-                if expert_labels is not None:  # a label map: 0..K for the K classes of data.classes
-                    class_labels.check_label_map(
-                        np.rint(expert_labels).astype(np.int64), len(tally.classes), str(ground_truth)
-                    )
-                drawn = heads.class_masks_at_size(probabilities, hu_slice.shape, head, threshold)
-                tally.add(drawn, expert_labels)
+                drawn = tally.add(probabilities, hu_slice.shape, expert_labels, ground_truth)
                 write(index, heads.masks_to_label_map(drawn))
                 mask = heads.any_lesion(drawn, head, tally.classes).astype(np.uint8)
             pixels = int(mask.sum())
@@ -351,16 +344,12 @@ def predict_images(predictor, config, jobs: list[tuple]) -> None:
         if ground_truth is not None:  # checked before anything of this input is written
             target = readers.read_binary_mask(ground_truth)
             readers.check_same_size(image, target, input_file, ground_truth)
-        head = config.model.get("head", "binary")
-        if head == "binary":
-            mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
-            visualize.write_png(outputs["mask"], mask * 255)
-            visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))
+        if config.model.get("head", "binary") != "binary":
+            predict_classes.write_image_outputs(outputs, image, probabilities, config)
             continue
-        class_masks = heads.class_masks_at_size(probabilities, image.shape, head, config.eval.threshold)
-        visualize.write_label_png(outputs["mask"], heads.masks_to_label_map(class_masks))
-        overlay = visualize.class_overlay_image(image, class_masks, None, tuple(config.data.classes))
-        visualize.write_png(outputs["overlay"], overlay)
+        mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
+        visualize.write_png(outputs["mask"], mask * 255)
+        visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))
 
 
 # --- The command -----------------------------------------------------------------------------------------
