@@ -10,8 +10,9 @@ involvement (infection inside the lungs as a share of lung area) against the exp
     python -m rdunet_jax.main --config configs/ma2020_lungs.py \\
         --config.data.manual_dir=../shared/data/covid19-ct-seg-2d
 
-Needs the head wired into the model, training and evaluation (issue #25, phase 2): until then only the
-config, losses, labels, per-class metrics and involvement exist.
+Evaluation writes `per_class` (lungs, infection) and `involvement` (per slice and per volume) into
+metrics/<split>.json; the top-level metrics score the infection class. The training recipe is not tuned yet
+(experiments/results/multiclass/ has a short run).
 """
 
 from rdunet_jax import config_lib

@@ -11,8 +11,8 @@ recipe is to be chosen by cross-validation over the 50 training slices only, nev
     python -m rdunet_jax.main --config configs/semiseg_multiclass.py \\
         --config.data.manual_dir=../shared/data/covid-semiseg
 
-Needs the head wired into the model, training and evaluation (issue #25, phase 2): until then only the
-config, losses, labels and per-class metrics exist.
+The head is wired end to end (model, training, per-class evaluation, prediction, ONNX); the recipe is still
+the binary one: the multi-class cross-validation is to choose it (experiments/results/multiclass/).
 """
 
 import importlib.util

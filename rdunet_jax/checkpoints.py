@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 from rdunet_jax import orientation
 from rdunet_jax.errors import UserError
 
-# The `model.*` keys that define the function a checkpoint's parameters belong to.
+# The `model.*` keys that define the function a checkpoint's parameters belong to; `head` and `classes`
+# (`data.classes`) fix its output channels and what each means.
 ARCHITECTURE_KEYS = (
     "features",
     "depth",
@@ -25,25 +26,37 @@ ARCHITECTURE_KEYS = (
     "se_reduction",
     "skip_dilation_rates",
     "encoder_dilation_rates",
+    "head",
+    "classes",
 )
+# What a checkpoint saved before the heads existed was: the paper's binary lesion model.
+BINARY_ARCHITECTURE = {"head": "binary", "classes": ["lesion"]}
 
 
 class ModelMismatchError(UserError):
     """A checkpoint was made by a model with other settings than the config's."""
 
 
-def architecture(model_config) -> dict:
-    """The architecture keys of a `model` config as plain JSON values (tuples become lists)."""
-    return json.loads(json.dumps({key: model_config[key] for key in ARCHITECTURE_KEYS}))
+def architecture(model_config, data_config=None) -> dict:
+    """The architecture keys of a `model` config (and `data.classes`) as plain JSON values (tuples become
+    lists); a config without a head or classes is binary."""
+    values = {key: model_config[key] for key in ARCHITECTURE_KEYS if key in model_config}
+    values.setdefault("head", BINARY_ARCHITECTURE["head"])
+    classes = None if data_config is None else data_config.get("classes")
+    values["classes"] = BINARY_ARCHITECTURE["classes"] if classes is None else list(classes)
+    return json.loads(json.dumps(values))
 
 
-def check_architecture(saved: dict | None, model_config, directory) -> None:
-    """Raises ModelMismatchError naming every `model.*` setting that differs from the checkpoint's."""
+def check_architecture(saved: dict | None, model_config, directory, data_config=None) -> None:
+    """Raises ModelMismatchError naming every setting that differs from the checkpoint's (a checkpoint
+    from before the heads existed holds a binary model)."""
     if not saved:
         return
-    current = architecture(model_config)
+    saved = {**BINARY_ARCHITECTURE, **saved}
+    current = architecture(model_config, data_config)
     differences = [
-        f"model.{key}={saved.get(key)!r} in the checkpoint, {current[key]!r} in the config"
+        f"{'data' if key == 'classes' else 'model'}.{key}={saved.get(key)!r} in the checkpoint, "
+        f"{current[key]!r} in the config"
         for key in ARCHITECTURE_KEYS
         if saved.get(key) != current[key]
     ]
@@ -118,7 +131,9 @@ class RunCheckpoints:
             return None
         if model_config is not None:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            check_architecture(meta.get("model"), model_config, self.directory / kind / str(step))
+            check_architecture(
+                meta.get("model"), model_config, self.directory / kind / str(step), data_config
+            )
             if data_config is not None:
                 check_orientation(meta.get("orientation"), data_config, self.directory / kind / str(step))
         restored = manager.restore(

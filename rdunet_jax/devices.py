@@ -127,9 +127,10 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """This host's part of the global batch, placed as one array sharded along the batch axis."""
+    """This host's part of the global batch (image, mask and any class labels), placed as arrays sharded
+    along the batch axis."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in ("image", "mask")}
+    return {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in batch}
 
 
 def host_batches(source, config, epoch: int):

@@ -24,7 +24,19 @@ import re
 
 import numpy as np
 
-from rdunet_jax import datasets, inference, input_pipeline, metrics, predictors, reports, steps, visualize
+from rdunet_jax import (
+    datasets,
+    evaluate_classes,
+    heads,
+    inference,
+    input_pipeline,
+    metrics,
+    predictors,
+    reports,
+    steps,
+    visualize,
+)
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 # --- Batches and prediction ----------------------------------------------------------------------------
@@ -52,10 +64,18 @@ def slice_metadata(record: dict, image_size: int) -> dict:
     return meta
 
 
-def original_resolution_counts(probabilities, original_mask, threshold: float) -> tuple[int, ...]:
-    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask (lesion where > 0)."""
+def original_resolution_counts(
+    probabilities, original_mask, threshold: float, head: str = "binary", classes=("lesion",)
+) -> tuple[int, ...]:
+    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask (lesion where > 0); a
+    multi-class head's probabilities (S, S, C) are resized channel by channel, then made its "any lesion"
+    mask."""
     target = np.asarray(original_mask) > 0
-    prediction = input_pipeline.resize_probabilities(probabilities, target.shape) >= threshold
+    if head == "binary":
+        prediction = input_pipeline.resize_probabilities(probabilities, target.shape) >= threshold
+    else:
+        class_masks = heads.class_masks_at_size(probabilities, target.shape, head, threshold)
+        prediction = heads.any_lesion(class_masks, head, classes)
     return tuple(int(count[0]) for count in metrics.confusion_counts(prediction[None], target[None]))
 
 
@@ -79,10 +99,29 @@ def predict_source(predictor, source, config, test_time_flips: bool = False):
             "metadata": metadata,
             "images": batch.arrays["image"][:count, ..., 0],
             "masks": batch.arrays["mask"][:count, ..., 0],
+            "labels": batch.arrays["labels"][:count] if "labels" in batch.arrays else None,
             "probabilities": batch.outputs["probabilities"],
             "losses": batch.outputs["loss"],
             "original_masks": original_masks,
         }
+
+
+def batch_masks(batch: dict, config):
+    """(lesion predictions (n, S, S), lesion targets (n, S, S), class predictions (n, S, S, K), class
+    targets (n, S, S, K)) of a `predict_source` batch; the class masks are None for the binary head, whose
+    lesion mask is the thresholded probability against the record's mask."""
+    head, classes = config.model.get("head", "binary"), tuple(config.data.classes)
+    threshold = config.eval.threshold
+    if head == "binary":
+        return batch["probabilities"] >= threshold, batch["masks"] > 0.5, None, None
+    predicted = heads.class_masks(batch["probabilities"], head, threshold)
+    expert = heads.expert_class_masks(batch["labels"], head, len(classes))
+    return (
+        heads.any_lesion(predicted, head, classes),
+        heads.any_lesion(expert, head, classes),
+        predicted,
+        expert,
+    )
 
 
 def evaluate_source(predictor, source, config, test_time_flips: bool = False) -> dict:
@@ -90,9 +129,8 @@ def evaluate_source(predictor, source, config, test_time_flips: bool = False) ->
     validation)."""
     counts, slice_losses = [], []
     for batch in predict_source(predictor, source, config, test_time_flips):
-        counts.append(
-            metrics.confusion_counts(batch["probabilities"] >= config.eval.threshold, batch["masks"])
-        )
+        predictions, targets, _, _ = batch_masks(batch, config)
+        counts.append(metrics.confusion_counts(predictions, targets))
         slice_losses.append(batch["losses"])
     tp, fp, fn, tn = (np.concatenate(column) for column in zip(*counts, strict=True))
     summary = metrics.summarize(tp, fp, fn, tn)
@@ -113,18 +151,21 @@ def collect_slices(predictor, source, config) -> dict:
     """Predicts every slice of `source` and keeps what the reports need: per-slice counts, HD95 and
     lesion statistics, and (for cases) bit-packed masks to rebuild volumes. Memory: two bits per pixel."""
     threshold, flips = config.eval.threshold, config.eval.test_time_flips
-    rows, lesions, losses, packed = [], [], [], []
+    head, classes = config.model.get("head", "binary"), tuple(config.data.classes)
+    rows, lesions, losses, packed, packed_classes = [], [], [], [], []
+    class_lesions = {name: [] for name in classes} if head != "binary" else None
     for batch in predict_source(predictor, source, config, flips):
-        predictions = batch["probabilities"] >= threshold
-        targets = batch["masks"] > 0.5
-        for meta, prediction, target, loss, probabilities, original_mask in zip(
-            batch["metadata"],
-            predictions,
-            targets,
-            batch["losses"],
-            batch["probabilities"],
-            batch["original_masks"],
-            strict=True,
+        predictions, targets, class_predictions, class_targets = batch_masks(batch, config)
+        for index, (meta, prediction, target, loss, probabilities, original_mask) in enumerate(
+            zip(
+                batch["metadata"],
+                predictions,
+                targets,
+                batch["losses"],
+                batch["probabilities"],
+                batch["original_masks"],
+                strict=True,
+            )
         ):
             spacing = meta["pixel_spacing"]
             tp, fp, fn, tn = (
@@ -141,22 +182,43 @@ def collect_slices(predictor, source, config) -> dict:
                     "hd95_pixels": metrics.hausdorff95(prediction, target),
                     "lesion_pixels": int(target.sum()),
                     "predicted_pixels": int(prediction.sum()),
-                    "original_counts": original_resolution_counts(probabilities, original_mask, threshold),
+                    "original_counts": original_resolution_counts(
+                        probabilities, original_mask, threshold, head, classes
+                    ),
                 }
             )
             pixel_area_mm2 = spacing[0] * spacing[1] if spacing else None
             for lesion in metrics.lesion_statistics(prediction, target):
                 lesion["area_mm2"] = lesion["area"] * pixel_area_mm2 if spacing else None
                 lesions.append(lesion)
+            if class_predictions is not None:
+                # Two bits per pixel and class: the per-class summary and involvement need whole masks.
+                packed_classes.append(
+                    (np.packbits(class_predictions[index]), np.packbits(class_targets[index]))
+                )
+                for channel, name in enumerate(classes):
+                    for lesion in metrics.lesion_statistics(
+                        class_predictions[index, ..., channel], class_targets[index, ..., channel]
+                    ):
+                        lesion["area_mm2"] = lesion["area"] * pixel_area_mm2 if spacing else None
+                        class_lesions[name].append(lesion)
             losses.append(float(loss))
             if meta["case_id"] is not None:
                 packed.append((np.packbits(prediction), np.packbits(target)))
     unit = _spacing_unit(rows)
     for row in rows:
         row["hd95"] = row["hd95_mm"] if unit == "mm" else row["hd95_pixels"]
-    for lesion in lesions:
+    for lesion in [*lesions, *(lesion for found in (class_lesions or {}).values() for lesion in found)]:
         lesion["area"] = lesion["area_mm2"] if unit == "mm" else lesion["area"]
-    return {"rows": rows, "lesions": lesions, "losses": losses, "packed": packed, "unit": unit}
+    return {
+        "rows": rows,
+        "lesions": lesions,
+        "losses": losses,
+        "packed": packed,
+        "unit": unit,
+        "packed_classes": packed_classes,
+        "class_lesions": class_lesions,
+    }
 
 
 def _volume_hd95(slices, image_size: int, unit: str) -> float:
@@ -224,9 +286,13 @@ def summarize_collected(collected: dict, config) -> dict:
         "area_unit": "mm^2" if collected["unit"] == "mm" else "pixels",
         **metrics.lesion_size_summary(collected["lesions"], small_area),
     }
+    if collected["class_lesions"] is not None:
+        summary.update(evaluate_classes.class_sections(collected, config))
     summary["image_size"] = int(config.data.image_size)
     summary["test_time_flips"] = bool(config.eval.test_time_flips)
     summary["conventions"] = reports.CONVENTIONS
+    if collected["class_lesions"] is not None:
+        summary["conventions"] = {**reports.CONVENTIONS, **reports.CLASS_CONVENTIONS}
     return summary
 
 
@@ -261,11 +327,15 @@ def overlays_of(predictor, source, indices, config) -> list[tuple[str, np.ndarra
     flips = config.eval.test_time_flips
     overlays = []
     for batch in predict_source(predictor, _subset(source, indices), config, flips):
-        predictions = batch["probabilities"] >= config.eval.threshold
-        for meta, image, prediction, target in zip(
-            batch["metadata"], batch["images"], predictions, batch["masks"], strict=True
-        ):
-            overlays.append((meta["id"], visualize.overlay_image(image, prediction, target > 0.5)))
+        predictions, targets, class_predictions, class_targets = batch_masks(batch, config)
+        for index, (meta, image) in enumerate(zip(batch["metadata"], batch["images"], strict=True)):
+            if class_predictions is None:
+                rgb = visualize.overlay_image(image, predictions[index], targets[index])
+            else:
+                rgb = visualize.class_overlay_image(
+                    image, class_predictions[index], class_targets[index], tuple(config.data.classes)
+                )
+            overlays.append((meta["id"], rgb))
     return overlays
 
 
@@ -303,7 +373,7 @@ def default_split(config) -> str:
 
 def evaluate_state(predictor, config, workdir, split: str) -> dict:
     """Evaluates `predictor` on `split` and writes the JSON, CSV, markdown and overlays under `workdir`."""
-    source = datasets.load_source(config.data, split)
+    source = class_labels.for_head(datasets.load_source(config.data, split), config)
     collected = collect_slices(predictor, source, config)
     summary = summarize_collected(collected, config)
     summary.update(split=split, step=predictor.step, threshold=config.eval.threshold)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdunet_jax import config_validation, devices, input_pipeline, models, steps
+from rdunet_jax.datasets import labels as class_labels
 
 # nnU-Net's mirroring in 2-D: none, left-right, up-down, both (axes of an NHWC batch).
 TEST_TIME_FLIPS = ((), (2,), (1,), (1, 2))
@@ -27,15 +28,17 @@ class Predictor:
     """A trained model's forward pass in evaluation mode (running BatchNorm statistics), for NHWC float32
     images (N, S, S, 1) in [0, 1] preprocessed as in training.
 
-    Attributes: `step`, the checkpoint step the model comes from. Backends implement `logits(images)`,
+    Attributes: `step`, the checkpoint step the model comes from; `head`, its `model.head` (probabilities
+    have one channel per output of the head). Backends implement `logits(images)`,
     `_probabilities(images)` and `_loss_and_probabilities(batch)`; each may return device arrays still
     being computed (JAX dispatches asynchronously) or numpy arrays.
     """
 
     step: int
+    head: str = "binary"
 
     def logits(self, images):
-        """The model's logits (N, S, S, 1) of `images`."""
+        """The model's logits (N, S, S, C) of `images` (C = 1 for the binary head)."""
         raise NotImplementedError
 
     def _probabilities(self, images):
@@ -45,14 +48,16 @@ class Predictor:
         raise NotImplementedError
 
     def probabilities(self, images, test_time_flips: bool = False):
-        """Lesion probabilities (N, S, S, 1) of `images`; with `test_time_flips`, their mean over
+        """Probabilities (N, S, S, C) of `images` (lesion for the binary head, C = 1); with
+        `test_time_flips`, their mean over
         TEST_TIME_FLIPS, each flipped back."""
         probabilities = self._probabilities(images)
         return self._mirrored(images, probabilities) if test_time_flips else probabilities
 
     def loss_and_probabilities(self, batch: dict, test_time_flips: bool = False):
-        """(per-image loss (N,) of the trained loss against batch['mask'], probabilities (N, S, S, 1)) of
-        batch['image']; the loss is that of the unflipped images."""
+        """(per-image loss (N,) of the trained loss against batch['mask'] (batch['labels'] for the
+        multi-class heads), probabilities (N, S, S, C)) of batch['image']; the loss is that of the
+        unflipped images."""
         loss, probabilities = self._loss_and_probabilities(batch)
         if test_time_flips:
             probabilities = self._mirrored(batch["image"], probabilities)
@@ -75,11 +80,14 @@ class JaxPredictor(Predictor):
     def __init__(self, state):
         self.state = state
         self.step = int(state.step)
+        self.head = state.head
 
     @classmethod
-    def from_variables(cls, model, variables: dict, loss: str = "dice", step: int = 0) -> "JaxPredictor":
+    def from_variables(
+        cls, model, variables: dict, loss: str = "dice", step: int = 0, head: str = "binary"
+    ) -> "JaxPredictor":
         """A Predictor of `model` with `variables` ({'params', 'batch_stats'}), for benchmarks and tests
-        that have no train state; `loss` names the eval loss (a key of `losses.LOSSES`)."""
+        that have no train state; `loss` names the eval loss (a key of `losses.LOSSES_BY_HEAD[head]`)."""
         state = steps.TrainState(
             step=step,
             apply_fn=model.apply,
@@ -89,6 +97,7 @@ class JaxPredictor(Predictor):
             opt_state=None,
             dropout_key=None,
             loss=loss,
+            head=head,
         )
         return cls(state)
 
@@ -96,6 +105,8 @@ class JaxPredictor(Predictor):
         return _eval_logits(self.state, images)
 
     def _probabilities(self, images):
+        if self.head != "binary":  # no labels: the step computes no loss
+            return steps.eval_step(self.state, {"image": images})["probabilities"]
         return steps.eval_step(self.state, {"image": images, "mask": np.zeros(np.shape(images), np.float32)})[
             "probabilities"
         ]
@@ -114,15 +125,17 @@ def build_model(config):
     """Validates `config`, turns on its compilation cache and builds its model: what evaluation, prediction
     and export start from."""
     config_validation.validate(config)
+    classes = class_labels.check_classes(config.data, config.model.get("head", "binary"))
     devices.enable_compilation_cache(config.compilation_cache_dir)
-    return models.build_model(config.model)
+    return models.build_model(config.model, classes)
 
 
 @dataclasses.dataclass
 class Batch:
     """One padded batch: the payloads of its real rows, the preprocessed arrays (`image`, `mask`, each
-    (batch_size, S, S, 1)) and the model's outputs for the real rows, as numpy: `probabilities` (n, S, S)
-    and, when asked for, `loss` (n,)."""
+    (batch_size, S, S, 1), and `labels` (batch_size, S, S, C) when the records carry class labels) and the
+    model's outputs for the real rows, as numpy: `probabilities` (n, S, S) for the binary head, (n, S, S, C)
+    for the others, and, when asked for, `loss` (n,)."""
 
     payloads: list
     arrays: dict
@@ -140,7 +153,10 @@ def padded_batches(examples, image_size: int, batch_size: int, hu_window=None):
                 for key in ("image", "mask")
             }
         example = input_pipeline.preprocess(record, image_size, hu_window)
-        arrays["image"][len(payloads)], arrays["mask"][len(payloads)] = example["image"], example["mask"]
+        if "labels" in example and "labels" not in arrays:
+            arrays["labels"] = np.zeros((batch_size, *example["labels"].shape), np.int32)
+        for key in arrays:
+            arrays[key][len(payloads)] = example[key]
         payloads.append(payload)
         if len(payloads) == batch_size:
             yield payloads, arrays
@@ -166,7 +182,8 @@ def predict_batches(
         payloads, arrays, pending = in_flight.popleft()
         count = len(payloads)
         outputs = {key: np.asarray(value)[:count] for key, value in jax.device_get(pending).items()}
-        outputs["probabilities"] = outputs["probabilities"][..., 0]
+        if predictor.head == "binary":
+            outputs["probabilities"] = outputs["probabilities"][..., 0]
         return Batch(payloads, arrays, outputs)
 
     for payloads, arrays in padded_batches(examples, image_size, batch_size, hu_window):

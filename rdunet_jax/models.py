@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import config_lib, layers
+from rdunet_jax import config_lib, heads, layers
+from rdunet_jax.datasets.labels import BINARY_CLASSES
 
 ModuleDef = Any
 
@@ -236,8 +237,9 @@ class RDUNet(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def build_model(model_config) -> RDUNet:
-    """The `RDUNet` a config's `model` section describes.
+def build_model(model_config, classes=BINARY_CLASSES) -> RDUNet:
+    """The `RDUNet` a config's `model` section describes, with the output channels of its `model.head` for
+    `classes` (`config.data.classes`).
 
     Args:
       model_config: `config.model` (see `config_lib.base_config`): the architecture (features, depth,
@@ -246,8 +248,11 @@ def build_model(model_config) -> RDUNet:
         `config_lib.SPEED_OPTIONS`; a speed option the section predates takes the value it ran with then,
         and dilation_impl 'auto' becomes the fast form for the default backend.
 
+      classes: the class names of `data.classes` (one channel each for 'multilabel', plus background for
+        'exclusive'; the binary head has one channel whatever they are).
+
     Returns:
-      The Flax module (one output class, logits); its variables come from `initialize_variables`.
+      The Flax module (logits); its variables come from `initialize_variables`.
     """
     options = config_lib.speed_options(model_config)
     options["dilation_impl"] = layers.resolve_dilation_impl(options["dilation_impl"])
@@ -261,7 +266,7 @@ def build_model(model_config) -> RDUNet:
         encoder_dilation_rates=tuple(model_config.encoder_dilation_rates),
         dropout_rate=model_config.dropout_rate,
         batch_norm_momentum=model_config.batch_norm_momentum,
-        num_classes=1,
+        num_classes=heads.num_output_channels(model_config.get("head", "binary"), len(classes)),
         dtype=jnp.dtype(model_config.dtype),
         **options,
     )

@@ -18,9 +18,17 @@ from rdunet_jax import files, inference, steps
 from rdunet_jax.errors import UserError
 from rdunet_jax.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAMES, GraphBuilder, import_onnx
 
+# The ONNX node that turns each head's logits into its probabilities (heads.activate).
+ACTIVATION_NODES = {
+    "binary": ("Sigmoid", {}),
+    "multilabel": ("Sigmoid", {}),
+    "exclusive": ("Softmax", {"axis": -1}),
+}
 
-def export_function(function, image_shape, graph_name: str = "rdunet"):
-    """The ONNX model of `function` (NHWC float32 images -> logits), its batch size left free."""
+
+def export_function(function, image_shape, graph_name: str = "rdunet", head: str = "binary"):
+    """The ONNX model of `function` (NHWC float32 images -> logits), its batch size left free; the
+    probabilities are the logits through the `head`'s activation."""
     onnx = import_onnx()
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
@@ -29,7 +37,8 @@ def export_function(function, image_shape, graph_name: str = "rdunet"):
     (logits,) = builder.run(closed.jaxpr, closed.consts, [INPUT_NAME])
     logits = builder.tensor(logits, np.float32)
     builder.node("Identity", [logits], OUTPUT_NAMES[0])
-    builder.node("Sigmoid", [OUTPUT_NAMES[0]], OUTPUT_NAMES[1])
+    operator, attributes = ACTIVATION_NODES[head]
+    builder.node(operator, [OUTPUT_NAMES[0]], OUTPUT_NAMES[1], **attributes)
     out_shape = ["batch", *closed.out_avals[0].shape[1:]]
     graph = onnx.helper.make_graph(
         builder.nodes,
@@ -49,7 +58,7 @@ def export_function(function, image_shape, graph_name: str = "rdunet"):
     return model
 
 
-def export_model(model, variables, image_size: int):
+def export_model(model, variables, image_size: int, head: str = "binary"):
     """The ONNX model of a trained `models.RDUNet` in evaluation mode (running BatchNorm statistics).
 
     Exported in float32 with the implementation options that do not change the function (stencil
@@ -64,7 +73,7 @@ def export_model(model, variables, image_size: int):
     )
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     return export_function(
-        lambda images: plain.apply(variables, images, train=False), (image_size, image_size, 1)
+        lambda images: plain.apply(variables, images, train=False), (image_size, image_size, 1), head=head
     )
 
 
@@ -82,13 +91,16 @@ def export_state(config, model, state):
     """The ONNX model of a restored train state of `model` (built from `config.model`), with what its input
     must be in its metadata."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    onnx_model = export_model(model, variables, config.data.image_size)
+    head = config.model.get("head", "binary")
+    onnx_model = export_model(model, variables, config.data.image_size, head)
     metadata = {
         "checkpoint_step": str(int(state.step)),
         "config_name": str(config.get("name", "")),
         "input": _input_contract(config.data.image_size),
         "hu_window": ",".join(str(float(value)) for value in config.data.hu_window),
         "threshold": str(float(config.eval.threshold)),
+        "head": head,
+        "classes": ",".join(config.data.get("classes", ("lesion",))),
     }
     import_onnx().helper.set_model_props(onnx_model, metadata)
     return onnx_model

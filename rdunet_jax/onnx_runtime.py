@@ -4,7 +4,7 @@ the fastest CPU inference we measured, for evaluation and prediction (training a
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import inference, losses, onnx_export
+from rdunet_jax import inference, losses, onnx_export, steps
 from rdunet_jax.errors import UserError
 
 
@@ -22,11 +22,11 @@ class OnnxRuntimePredictor(inference.Predictor):
     """An exported model (`onnx_export.export_model`) in a CPU ONNX Runtime session.
 
     Args: `onnx_model`, the ONNX ModelProto; `step`, its checkpoint step; `loss`, the trained loss's name
-    (a key of `losses.LOSSES`) for evaluation losses; `threads`, ONNX Runtime's intra-op threads (0: one
-    per physical core).
+    (a key of `losses.LOSSES_BY_HEAD[head]`) for evaluation losses; `threads`, ONNX Runtime's intra-op
+    threads (0: one per physical core); `head`, the model's `model.head`.
     """
 
-    def __init__(self, onnx_model, step: int, loss: str = "dice", threads: int = 0):
+    def __init__(self, onnx_model, step: int, loss: str = "dice", threads: int = 0, head: str = "binary"):
         onnxruntime = _onnxruntime()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -35,12 +35,14 @@ class OnnxRuntimePredictor(inference.Predictor):
         self.session = onnxruntime.InferenceSession(
             onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        self.step, self.loss = step, loss
+        self.step, self.loss, self.head = step, loss, head
 
     @classmethod
     def from_state(cls, config, model, state) -> "OnnxRuntimePredictor":
         """`state` (of `model`, built from `config.model`) exported and loaded into ONNX Runtime."""
-        return cls(onnx_export.export_state(config, model, state), int(state.step), state.loss)
+        return cls(
+            onnx_export.export_state(config, model, state), int(state.step), state.loss, head=state.head
+        )
 
     def _run(self, names, images) -> list:
         return self.session.run(
@@ -55,5 +57,6 @@ class OnnxRuntimePredictor(inference.Predictor):
 
     def _loss_and_probabilities(self, batch: dict):
         logits, probabilities = self._run(onnx_export.OUTPUT_NAMES, batch["image"])
-        loss = np.asarray(losses.LOSSES[self.loss](jnp.asarray(logits), jnp.asarray(batch["mask"])))
+        target = jnp.asarray(steps.loss_target(batch, self.head))
+        loss = np.asarray(losses.LOSSES_BY_HEAD[self.head][self.loss](jnp.asarray(logits), target))
         return loss, probabilities

@@ -16,6 +16,10 @@ Outputs, for an input named `<stem>`:
   `<stem>_overlays/` with the slices of largest predicted lesion drawn as in the paper's Figure 5.
 - Image: `<stem>_mask.png` ({0, 255}, the input's size) and `<stem>_overlay.png`.
 
+A multi-class head writes label maps (0 background, k the k-th of `data.classes`; NIfTI, or a palette
+PNG), per-class voxels and mL and, with lungs and infection, the involvement in the summary, and overlays
+with one colour per class (predict_classes.py).
+
 Before anything is written, the output folder, the checkpoint and every input are checked: images are
 decoded, NIfTI headers, shapes and (uncompressed) lengths read, ground truths matched in size. A
 `.nii.gz` cut short in its data shows only when that slice is read: it is a one-line error that leaves
@@ -33,7 +37,18 @@ import pathlib
 
 import numpy as np
 
-from rdunet_jax import inference, input_pipeline, metrics, orientation, predictors, steps, visualize, volumes
+from rdunet_jax import (
+    heads,
+    inference,
+    input_pipeline,
+    metrics,
+    orientation,
+    predict_classes,
+    predictors,
+    steps,
+    visualize,
+    volumes,
+)
 from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
@@ -211,16 +226,24 @@ def predict_volume(
 
     lesion_voxels, slices_with_lesion, counts = 0, 0, np.zeros(3, np.int64)
     largest = []  # a min-heap of (lesion pixels, -index, ...): the slices to draw
+    head = config.model.get("head", "binary")
+    tally = predict_classes.ClassTally(config) if head != "binary" else None
     with slices.mask_writer(outputs["mask"]) as write:
         for (index, hu_slice), probabilities in predict_stream(predictor, config, examples()):
-            mask = mask_at_input_size(probabilities, hu_slice.shape, threshold)
-            write(index, mask)
+            expert_labels = None if truth is None else slices.truth_slice(index)
+            if tally is None:
+                mask = drawn = mask_at_input_size(probabilities, hu_slice.shape, threshold)
+                write(index, mask)
+            else:
+                drawn = tally.add(probabilities, hu_slice.shape, expert_labels, ground_truth)
+                write(index, heads.masks_to_label_map(drawn))
+                mask = heads.any_lesion(drawn, head, tally.classes).astype(np.uint8)
             pixels = int(mask.sum())
             lesion_voxels += pixels
             slices_with_lesion += pixels > 0
             target = None
             if truth is not None:
-                labels = np.rint(slices.truth_slice(index))
+                labels = np.rint(expert_labels)
                 target = np.isin(labels, readers.NIFTI_LESION_LABELS)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
@@ -229,9 +252,9 @@ def predict_volume(
                     shown = input_pipeline.window_hounsfield(hu_slice, hu_window)
                 else:
                     shown = hu_slice.astype(np.float32) / 255.0
-                entry = (pixels, -index, shown, mask, target)
+                entry = (pixels, -index, shown, drawn, target)
                 (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
-    write_volume_overlays(outputs["overlays"], largest, model_orientation)
+    write_volume_overlays(outputs["overlays"], largest, model_orientation, tuple(config.data.classes))
     zooms = [float(value) for value in image.header.get_zooms()[:3]]
     voxel_ml = float(np.prod(zooms)) / 1000.0  # mm^3 -> mL
     summary = {
@@ -248,6 +271,8 @@ def predict_volume(
         "orientation": model_orientation,
         **prediction_settings(config, predictor),
     }
+    if tally is not None:
+        summary.update(tally.summary(voxel_ml, with_expert=truth is not None))
     geometry = getattr(image, "dicom_geometry", None)
     if geometry is not None:
         import nibabel
@@ -267,9 +292,12 @@ def predict_volume(
     return summary
 
 
-def write_volume_overlays(folder: pathlib.Path, largest: list, model_orientation: str) -> None:
+def write_volume_overlays(
+    folder: pathlib.Path, largest: list, model_orientation: str, class_names=()
+) -> None:
     """Writes `slice_NNNN.png` overlays of the kept slices, in radiological display (the folder exists
-    even when none has lesion); NNNN counts the model's slices."""
+    even when none has lesion); NNNN counts the model's slices. A kept slice's masks are one lesion mask,
+    or class masks (rows, columns, K) drawn one colour per class."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("slice_*.png"):
         old.unlink()
@@ -278,7 +306,12 @@ def write_volume_overlays(folder: pathlib.Path, largest: list, model_orientation
         return orientation.to_display(array, model_orientation)
 
     for _, negative_index, display, mask, target in sorted(largest, key=lambda entry: -entry[1]):
-        rgb = visualize.overlay_image(shown(display), shown(mask), None if target is None else shown(target))
+        if mask.ndim == 3:
+            rgb = visualize.class_overlay_image(shown(display), shown(mask), None, class_names)
+        else:
+            rgb = visualize.overlay_image(
+                shown(display), shown(mask), None if target is None else shown(target)
+            )
         visualize.write_png(folder / f"slice_{-negative_index:04d}.png", rgb)
 
 
@@ -312,6 +345,9 @@ def predict_images(predictor, config, jobs: list[tuple]) -> None:
         if ground_truth is not None:  # checked before anything of this input is written
             target = readers.read_binary_mask(ground_truth)
             readers.check_same_size(image, target, input_file, ground_truth)
+        if config.model.get("head", "binary") != "binary":
+            predict_classes.write_image_outputs(outputs, image, probabilities, config)
+            continue
         mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
         visualize.write_png(outputs["mask"], mask * 255)
         visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))

@@ -43,6 +43,19 @@ CONVENTIONS = {
 }
 
 
+# Added to CONVENTIONS for the multi-class heads only (a binary run's JSON stays as it was).
+CLASS_CONVENTIONS = {
+    "per_class": "multi-class heads: the top-level metrics score the 'any lesion' mask (lesion_classes: "
+    "any foreground class for model.head='exclusive', the infection or lesion class for 'multilabel'); "
+    "per_class.<name>.dice, jaccard, precision, recall and hd95 are means over the slices whose expert "
+    "mask holds the class (num_slices_present), global_dice pools the split, false_positive_rate is the "
+    "share of the other slices where the class is predicted",
+    "involvement": "infection inside the lungs as a percent of lung area (slice) or volume (case); "
+    "severity bands <5%, 5-25%, 25-50%, 50-75%, >75% of the whole lungs (not per lobe); errors over the "
+    "slices or volumes where both predicted and expert lungs are non-empty",
+}
+
+
 SLICE_COLUMNS = (
     "id",
     "case_id",
@@ -64,11 +77,21 @@ def _number(value) -> str:
     return f"{value:.6g}"
 
 
+# With a lungs head, the slice's predicted and expert involvement in percent of its lung area.
+INVOLVEMENT_COLUMNS = ("involvement_percent", "expert_involvement_percent")
+
+
+def _optional_number(value) -> str:
+    return "" if value is None else _number(value)
+
+
 def slices_csv(rows: list[dict]) -> str:
-    """The per-slice CSV: one row per slice; hd95 is empty unless both masks have lesion (hd95_status)."""
+    """The per-slice CSV: one row per slice; hd95 is empty unless both masks have lesion (hd95_status);
+    the involvement columns when the rows carry them (a lungs head)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SLICE_COLUMNS)
+    with_involvement = bool(rows) and INVOLVEMENT_COLUMNS[0] in rows[0]
+    writer.writerow(SLICE_COLUMNS + (INVOLVEMENT_COLUMNS if with_involvement else ()))
     for row in rows:
         values = metrics.slice_metrics([row["tp"]], [row["fp"]], [row["fn"]], [row["tn"]])
         hd95 = row["hd95"]
@@ -86,6 +109,7 @@ def slices_csv(rows: list[dict]) -> str:
                 status,
                 row["lesion_pixels"],
                 row["predicted_pixels"],
+                *(_optional_number(row[name]) for name in (INVOLVEMENT_COLUMNS if with_involvement else ())),
             ]
         )
     return buffer.getvalue()
@@ -146,8 +170,10 @@ def markdown_report(summary: dict, config) -> str:
             f"{_mean_std(volumes, 'jaccard')} | {_mean_std(volumes, 'precision')} | "
             f"{_mean_std(volumes, 'recall')} | {_mean_std(volumes, 'hd95')} |"
         )
-    sizes = summary["lesion_size"]
-    area_unit = sizes["area_unit"]
+    if "per_class" in summary:
+        lines += _per_class_lines(summary, unit)
+    if "involvement" in summary:
+        lines += _involvement_lines(summary["involvement"])
     lines += [
         "",
         "## Lesion size (the form of the paper's Table 2)",
@@ -155,7 +181,18 @@ def markdown_report(summary: dict, config) -> str:
         "Lesions: 8-connected components of the ground truth in a slice; detected when a predicted pixel "
         "overlaps; Dice against the overlapping predicted components.",
         "",
-        f"| Lesions | Count | Mean area ({area_unit}) | Detection rate | DSC |",
+        *_lesion_size_lines(summary["lesion_size"], "Lesions"),
+    ]
+    for name, values in summary.get("per_class", {}).items():
+        lines += ["", f"Class {name}:", "", *_lesion_size_lines(values["lesion_size"], name)]
+    return "\n".join(lines) + "\n"
+
+
+def _lesion_size_lines(sizes: dict, title: str) -> list[str]:
+    """One lesion-size table (small, large, all)."""
+    area_unit = sizes["area_unit"]
+    lines = [
+        f"| {title} | Count | Mean area ({area_unit}) | Detection rate | DSC |",
         "|---|---|---|---|---|",
     ]
     labels = {
@@ -172,7 +209,57 @@ def markdown_report(summary: dict, config) -> str:
             f"| {label} | {values['num_lesions']} | {values['mean_area']:.1f} | "
             f"{values['detection_rate']:.4f} | {_mean_std(values, 'dice')} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _optional(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _per_class_lines(summary: dict, unit: str) -> list[str]:
+    """The per-class table of a multi-class head."""
+    lines = [
+        "",
+        "## Per class",
+        "",
+        f"Top-level metrics above score the union of {', '.join(summary['lesion_classes'])}. Per class: "
+        "means over the slices whose expert mask holds the class; pooled DSC over the split; "
+        "false-positive rate on the slices without it.",
+        "",
+        f"| Class | Slices with it | DSC | JC | Precision | Recall | HD95 ({unit}) | Pooled DSC | FP rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, values in summary["per_class"].items():
+        lines.append(
+            f"| {name} | {values['num_slices_present']} | {_mean_std(values, 'dice')} | "
+            f"{_mean_std(values, 'jaccard')} | {_mean_std(values, 'precision')} | "
+            f"{_mean_std(values, 'recall')} | {_mean_std(values, 'hd95')} | {values['global_dice']:.4f} | "
+            f"{_optional(values['false_positive_rate'])} |"
+        )
+    return lines
+
+
+def _involvement_lines(report: dict) -> list[str]:
+    """The involvement error (predicted against expert share of the lungs infected)."""
+    lines = [
+        "",
+        "## Lung involvement",
+        "",
+        "Infection inside the lungs as a percent of the lungs (whole lungs, not per lobe).",
+        "",
+        "| Level | Scored | MAE (percentage points) | Pearson r |",
+        "|---|---|---|---|",
+    ]
+    for level in ("per_slice", "per_volume"):
+        if level in report:
+            values = report[level]
+            mae, pearson = values["involvement_mae_points"], values["involvement_pearson_r"]
+            lines.append(
+                f"| {level.replace('_', ' ')} | {values['involvement_num_scored']} | "
+                f"{_optional(mae, 2)} | {_optional(pearson)} |"
+            )
+    lines += ["", f"Severity band agreement per slice: {_optional(report['severity_agreement'])}."]
+    return lines
 
 
 def _original_resolution_sentence(original: dict) -> str:

@@ -15,7 +15,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from rdunet_jax import checkpoints, losses, models
+from rdunet_jax import checkpoints, heads, losses, models
 from rdunet_jax.errors import UserError
 
 
@@ -24,8 +24,21 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     dropout_key: jax.Array
-    # A key of `losses.LOSSES`; static, so each loss is its own compiled program and nothing is saved.
+    # A key of `losses.LOSSES_BY_HEAD[head]`; static, so each loss is its own compiled program and nothing
+    # is saved.
     loss: str = struct.field(pytree_node=False, default="dice")
+    # `model.head`: which loss family, target and activation the steps use; static like the loss.
+    head: str = struct.field(pytree_node=False, default="binary")
+
+
+def loss_target(batch: dict, head: str):
+    """What the head's loss compares the logits with: the binary lesion `mask`, else the class `labels`."""
+    return batch["mask"] if head == "binary" else batch["labels"]
+
+
+def per_image_loss(state, logits, batch: dict):
+    """The trained loss of each image of the batch (shape [batch])."""
+    return losses.LOSSES_BY_HEAD[state.head][state.loss](logits, loss_target(batch, state.head))
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -48,6 +61,7 @@ def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
         tx=optax.adam(learning_rate_schedule(config, steps_per_epoch)),
         dropout_key=jax.random.PRNGKey(config.seed),
         loss=config.loss,
+        head=config.model.get("head", "binary"),
     )
 
 
@@ -80,7 +94,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return jnp.mean(losses.LOSSES[state.loss](logits, batch["mask"])), updates
+        return jnp.mean(per_image_loss(state, logits, batch)), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
@@ -89,14 +103,15 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
 @functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """Per-image loss (the trained one) and lesion probabilities, with running BatchNorm statistics."""
+    """Per-image loss (the trained one; left out when the batch has no target) and the head's
+    probabilities (sigmoid, or softmax over channels for 'exclusive'), with running BatchNorm statistics."""
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
-    return {
-        "loss": losses.LOSSES[state.loss](logits, batch["mask"]),
-        "probabilities": jax.nn.sigmoid(logits),
-    }
+    outputs = {"probabilities": heads.activate(logits, state.head)}
+    if ("mask" if state.head == "binary" else "labels") in batch:
+        outputs["loss"] = per_image_loss(state, logits, batch)
+    return outputs
 
 
 # eval.checkpoint -> the checkpoints.RunCheckpoints kind it restores.
@@ -110,7 +125,8 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
     directory = pathlib.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"--workdir: no checkpoint in {directory.absolute()}; train first")
-    model = models.build_model(config.model) if model is None else model
+    if model is None:
+        model = models.build_model(config.model, config.data.get("classes", models.BINARY_CLASSES))
     run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
     try:
         target = abstract_train_state(config, model, steps_per_epoch=1)

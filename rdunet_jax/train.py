@@ -34,6 +34,7 @@ from rdunet_jax import (
     visualize,
 )
 from rdunet_jax.compile_cache import compiled_train_step
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 from rdunet_jax.orientation import model_orientation
@@ -143,7 +144,7 @@ def new_meta(config) -> dict:
         "epoch_steps": 0,
         "best_val_loss": None,
         "best_epoch": None,
-        "model": checkpoints.architecture(config.model),
+        "model": checkpoints.architecture(config.model, config.data),
         "orientation": model_orientation(config.data),
     }
 
@@ -201,11 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     devices.initialize_distributed()
     config_validation.validate(config)
     devices.enable_compilation_cache(config.compilation_cache_dir)
-    model = models.build_model(config.model)
+    classes = class_labels.check_classes(config.data, config.model.head)
+    model = models.build_model(config.model, classes)
     mesh = devices.data_parallel_mesh()
     devices.check_batch_divides(config.batch_size, mesh)
-    train_source = datasets.load_source(config.data, config.data.train_split)
-    validation_source = datasets.load_source(config.data, "validation")
+    train_source = class_labels.for_head(datasets.load_source(config.data, config.data.train_split), config)
+    validation_source = class_labels.for_head(datasets.load_source(config.data, "validation"), config)
     steps_per_epoch = len(devices.host_batches(train_source, config, 0))
     is_first_host = jax.process_index() == 0
 

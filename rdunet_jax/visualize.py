@@ -1,8 +1,9 @@
 """Pictures of results: slice overlays in the style of the paper's Figure 5, and training curves.
 
 An overlay draws the predicted lesion outline in red and the expert's outline (when known) in white on
-the grey CT slice. `curves.png` plots the training and validation loss and the validation Dice of
-`train_log.jsonl` against the epoch.
+the grey CT slice; a multi-class overlay draws each class's predicted outline in its own colour
+(CLASS_COLOURS), the experts' in white, with a legend below the slice. `curves.png` plots the training
+and validation loss and the validation Dice of `train_log.jsonl` against the epoch.
 """
 
 import io
@@ -10,13 +11,21 @@ import json
 import pathlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from rdunet_jax.files import write_bytes_atomic
 
 PREDICTION_COLOUR = (255, 0, 0)
 TARGET_COLOUR = (255, 255, 255)
+# Class k's colour (cycled past the last): red, green, blue, yellow, magenta, cyan, as label-map palettes.
+CLASS_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 96, 255), (255, 220, 0), (255, 0, 255), (0, 220, 220))
+LEGEND_ROW_PIXELS = 12
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The colour of the class at `index` (0 the first foreground class)."""
+    return CLASS_COLOURS[index % len(CLASS_COLOURS)]
 
 
 def to_uint8_grey(image) -> np.ndarray:
@@ -48,11 +57,59 @@ def overlay_image(image, prediction=None, target=None) -> np.ndarray:
     return rgb
 
 
+def class_overlay_image(image, predictions, targets, class_names) -> np.ndarray:
+    """An RGB uint8 picture of a slice with each class's predicted outline (masks (H, W, K)) in its colour
+    over the experts' outlines in white, and below it a legend row per class (swatch and name)."""
+    grey = to_uint8_grey(image)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    thickness = max(1, min(grey.shape) // 256)
+    if targets is not None:
+        for index in range(len(class_names)):
+            rgb[contour(targets[..., index], thickness)] = TARGET_COLOUR
+    for index in range(len(class_names)):
+        rgb[contour(predictions[..., index], thickness)] = class_colour(index)
+    return np.concatenate([_pad_width(rgb, 120), legend(class_names, max(rgb.shape[1], 120))], axis=0)
+
+
+def _pad_width(rgb: np.ndarray, width: int) -> np.ndarray:
+    """`rgb` padded with black columns on the right to at least `width` pixels."""
+    return np.pad(rgb, ((0, 0), (0, max(0, width - rgb.shape[1])), (0, 0)))
+
+
+def legend(class_names, width: int) -> np.ndarray:
+    """An RGB strip (rows of LEGEND_ROW_PIXELS, black) naming each class beside a swatch of its colour,
+    then 'expert' beside a white swatch."""
+    entries = [
+        *((name, class_colour(index)) for index, name in enumerate(class_names)),
+        ("expert", TARGET_COLOUR),
+    ]
+    picture = Image.new("RGB", (width, LEGEND_ROW_PIXELS * len(entries)))
+    draw = ImageDraw.Draw(picture)
+    for row, (name, colour) in enumerate(entries):
+        top = row * LEGEND_ROW_PIXELS
+        draw.rectangle([2, top + 2, 10, top + LEGEND_ROW_PIXELS - 3], fill=colour)
+        draw.text((14, top), name, fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
 def png_bytes(array) -> bytes:
     """PNG encoding of a uint8 grey (H, W) or RGB (H, W, 3) array (deterministic: no metadata)."""
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_label_png(path, label_map) -> None:
+    """Writes a uint8 label map (0 background, k class k) as a palette PNG: the values as stored, shown
+    in the overlay colours (black background)."""
+    picture = Image.fromarray(np.asarray(label_map, np.uint8), mode="P")
+    palette = [0, 0, 0]
+    for index in range(255):
+        palette.extend(class_colour(index))
+    picture.putpalette(palette)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_png(path, array) -> None:

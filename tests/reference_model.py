@@ -285,8 +285,10 @@ def _cascade_path(variables: Variables, width: int) -> tuple:
     return (matches[0],)
 
 
-def forward(variables, images: np.ndarray, architecture: Architecture, return_reader: bool = False):
-    """The network's logits (N, H, W, 1) for NHWC images, in float64."""
+def forward(
+    variables, images: np.ndarray, architecture: Architecture, return_reader: bool = False, outputs: int = 1
+):
+    """The network's logits (N, H, W, outputs) for NHWC images, in float64."""
     reader = variables if isinstance(variables, Variables) else Variables(variables)
     x = np.asarray(images, np.float64)
     skips = []
@@ -308,10 +310,30 @@ def forward(variables, images: np.ndarray, architecture: Architecture, return_re
     channels = x.shape[-1]
     logits = conv2d(
         x,
-        reader.get("params", ("Conv_0",), "kernel", (1, 1, channels, 1)),
-        bias=reader.get("params", ("Conv_0",), "bias", (1,)),
+        reader.get("params", ("Conv_0",), "kernel", (1, 1, channels, outputs)),
+        bias=reader.get("params", ("Conv_0",), "bias", (outputs,)),
     )
     return (logits, reader) if return_reader else logits
+
+
+# --- output heads ---------------------------------------------------------------------------------------
+#
+# 'binary': one logit per pixel through the logistic function (the paper's); 'exclusive': background plus
+# K class logits, normalised over channels (softmax: one class per pixel); 'multilabel': K logits, each
+# through its own logistic function (classes may overlap).
+
+
+def head_outputs(head: str, num_classes: int) -> int:
+    """The number of logits per pixel of a head over `num_classes` foreground classes."""
+    return {"binary": 1, "exclusive": num_classes + 1, "multilabel": num_classes}[head]
+
+
+def head_probabilities(logits: np.ndarray, head: str) -> np.ndarray:
+    """The head's probabilities of float64 logits (N, H, W, C)."""
+    if head == "exclusive":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
 
 
 # --- parameter count by hand --------------------------------------------------------------------------

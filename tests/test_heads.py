@@ -31,14 +31,14 @@ def test_exclusive_masks_and_label_map_by_hand():
 
 
 def test_sigmoid_heads_threshold_each_class_and_multilabel_draws_the_last_class_on_top():
-    probabilities = np.array([[0.9, 0.8], [0.9, 0.2], [0.1, 0.6], [0.5, 0.3]])  # (lungs, infection)
+    probabilities = np.array([[0.9, 0.8], [0.9, 0.2], [0.1, 0.6], [0.45, 0.3]])  # (lungs, infection)
     np.testing.assert_array_equal(
         heads.class_masks(probabilities, "multilabel"), [[1, 1], [1, 0], [0, 1], [0, 0]]
     )
     np.testing.assert_array_equal(heads.label_map(probabilities, "multilabel"), [2, 1, 2, 0])
     np.testing.assert_array_equal(heads.label_map(probabilities, "multilabel", threshold=0.7), [2, 1, 0, 0])
-    binary = np.array([[0.2], [0.51], [0.5]])
-    np.testing.assert_array_equal(heads.label_map(binary, "binary"), [0, 1, 0])
+    binary = np.array([[0.2], [0.51], [0.5], [0.49]])  # at the threshold is lesion, as in evaluation
+    np.testing.assert_array_equal(heads.label_map(binary, "binary"), [0, 1, 1, 0])
 
 
 def test_an_exclusive_head_with_one_class_agrees_with_the_binary_head_on_the_logit_difference():

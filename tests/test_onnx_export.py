@@ -336,7 +336,9 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
     built = []
     build_model = models.build_model
     monkeypatch.setattr(
-        models, "build_model", lambda model_config: built.append(1) or build_model(model_config)
+        models,
+        "build_model",
+        lambda config, *classes: built.append(1) or build_model(config, *classes),
     )
     config = make_tiny_config()
     path = onnx_export.export_workdir(config, tmp_path, tmp_path / "model.onnx")
@@ -350,3 +352,37 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
         onnx_export.export_workdir(config, tmp_path, path)
     onnx_export.export_workdir(config, tmp_path, path, overwrite=True)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoints", "model.onnx"]  # no temporary
+
+
+@pytest.mark.parametrize(
+    "head, classes, loss",
+    [("exclusive", ("ggo", "consolidation"), "dice_ce"), ("multilabel", ("lungs", "infection"), "dice_bce")],
+)
+def test_onnxruntime_gives_the_jax_probabilities_and_losses_of_each_head(head, classes, loss):
+    """The export's `probabilities` output is the head's activation (softmax over channels for
+    'exclusive'), and the evaluation loss reads the class labels."""
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = head, classes, loss
+    model = models.build_model(config.model, classes)
+    state = steps.create_train_state(config, model, steps_per_epoch=1)
+    # Logits of a few units, so the probabilities spread over (0, 1) and a wrong activation shows.
+    params = jax.tree_util.tree_map(np.asarray, state.params)
+    params["Conv_0"]["kernel"] = params["Conv_0"]["kernel"] * 300.0
+    state = state.replace(params=params)
+    runtime = onnx_runtime.OnnxRuntimePredictor.from_state(config, model, state)
+    jax_predictor = inference.JaxPredictor(state)
+    images = _images(4)
+    if head == "exclusive":
+        labels = np.minimum((images * 3).astype(np.int32), 2)  # (N, S, S, 1) label map 0..2
+    else:
+        labels = np.concatenate([images > 0.3, images > 0.7], axis=-1).astype(np.int32)
+    batch = {"image": images, "mask": np.zeros_like(images), "labels": labels}
+    loss, probabilities = runtime.loss_and_probabilities(batch)
+    expected_loss, expected_probabilities = jax_predictor.loss_and_probabilities(batch)
+    channels = len(classes) + (head == "exclusive")
+    assert probabilities.shape == (4, SIZE, SIZE, channels)
+    assert np.std(expected_probabilities) > 0.05
+    np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
+    np.testing.assert_allclose(loss, expected_loss, atol=1e-5)
+    if head == "exclusive":
+        np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)

@@ -16,7 +16,7 @@ import pytest
 import reference_model as reference
 from scipy import ndimage
 
-from rdunet_jax import config_lib, config_validation, layers, models
+from rdunet_jax import config_lib, config_validation, inference, layers, models
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 VARIANTS = sorted(config_lib.MODEL_VARIANTS)
@@ -105,6 +105,37 @@ def test_evaluation_forward_pass_equals_the_reference(variant):
 def test_non_paper_schedules_equal_the_reference(name):
     variant, overrides = OTHER_SCHEDULES[name]
     _assert_matches_reference(_model_config(variant, **overrides), size=40, seed=3)
+
+
+@pytest.mark.parametrize(
+    "head, classes",
+    [
+        ("binary", ("lesion",)),
+        ("exclusive", ("ggo", "consolidation")),
+        ("multilabel", ("lungs", "infection", "vessel")),
+    ],
+)
+def test_each_head_equals_the_reference_logits_and_probabilities(head, classes):
+    """The model built for each `model.head` gives the reference network's logits with the head's number
+    of channels, and `steps.eval_step` the reference's probabilities (logistic, or softmax over channels)."""
+    model_config = _model_config("rdunet", head=head)
+    model = models.build_model(model_config, classes)
+    size = 32
+    variables = _perturbed(models.initialize_variables(model, size, seed=5), seed=6)
+    # Logits of a few units, so the probabilities spread over (0, 1) rather than sit near 0.5.
+    variables["params"]["Conv_0"]["kernel"] = variables["params"]["Conv_0"]["kernel"] * 30.0
+    images = _images(size, seed=7)
+    outputs = reference.head_outputs(head, len(classes))
+    want_logits = reference.forward(
+        variables, images, reference.Architecture.from_config(model_config), outputs=outputs
+    )
+    want = reference.head_probabilities(want_logits, head)
+    predictor = inference.JaxPredictor.from_variables(model, variables, head=head)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(predictor.probabilities(images))
+    assert got.shape == want.shape == (2, size, size, outputs)
+    assert want.std() > 0.1  # probabilities vary, so the comparison is meaningful
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 @pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)

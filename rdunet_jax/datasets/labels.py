@@ -101,3 +101,9 @@ class LabelledSource:
 
     def __repr__(self) -> str:
         return f"LabelledSource({self._source!r}, head={self._head!r})"
+
+
+def for_head(source, config):
+    """`source` with the class labels `config.model.head` trains on (itself for the binary head)."""
+    head = config.model.get("head", "binary")
+    return source if head == "binary" else LabelledSource(source, config.data, head)

@@ -1,0 +1,121 @@
+"""Per-class metrics and lung involvement in a split's evaluation, against values computed by hand on
+planted predictions (a stand-in Predictor returns fixed probabilities, no model runs)."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import make_tiny_config
+
+from rdunet_jax import evaluate, inference, reports
+from rdunet_jax.datasets import labels as class_labels
+
+SIZE = 32  # the tiny config's image size: records are stored at the model's resolution
+
+
+class PlantedPredictor(inference.Predictor):
+    """Returns each slice's planted probabilities (S, S, C), in order; padding rows stay zero."""
+
+    step = 0
+
+    def __init__(self, planted, head: str):
+        self.planted, self.head = list(planted), head
+        self.next = 0
+
+    def _loss_and_probabilities(self, batch):
+        probabilities = np.zeros((len(batch["image"]), SIZE, SIZE, self.planted[0].shape[-1]), np.float32)
+        for row in range(len(probabilities)):
+            if self.next < len(self.planted):
+                probabilities[row] = self.planted[self.next]
+                self.next += 1
+        return np.zeros(len(probabilities), np.float32), probabilities
+
+
+def _record(index: int, expert: np.ndarray, **extra) -> dict:
+    lesion = expert > 0 if expert.ndim == 2 else expert[..., -1] > 0
+    return {
+        "id": f"slice-{index}",
+        "image": np.full((SIZE, SIZE), 100, np.uint8),
+        "mask": lesion.astype(np.uint8),
+        **extra,
+    }
+
+
+def _one_hot(label_map: np.ndarray, channels: int) -> np.ndarray:
+    return (label_map[..., None] == np.arange(channels)).astype(np.float32)
+
+
+def _exclusive_case():
+    """Three slices of ggo (1) and consolidation (2): expert and predicted label maps."""
+    expert, predicted = np.zeros((3, SIZE, SIZE), np.uint8), np.zeros((3, SIZE, SIZE), np.uint8)
+    expert[0, 0:4, 0:4] = 1  # ggo, 16 px; predicted: its left half, 8 px
+    predicted[0, 0:4, 0:2] = 1
+    expert[0, 10:14, 10:12] = predicted[0, 10:14, 10:12] = 2  # consolidation found exactly, 8 px
+    expert[1, 20:22, 0:4] = predicted[1, 20:22, 0:4] = 1  # ggo found exactly, 8 px
+    predicted[1, 30:31, 30:32] = 2  # consolidation absent from slice 1, predicted on 2 px
+    return expert, predicted  # slice 2: nothing in either
+
+
+def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = "exclusive", ("ggo", "consolidation"), "dice_ce"
+    expert, predicted = _exclusive_case()
+    records = [_record(index, expert[index], class_mask=expert[index]) for index in range(3)]
+    source = class_labels.LabelledSource(records, config.data, "exclusive")
+    predictor = PlantedPredictor([_one_hot(labels, 3) for labels in predicted], "exclusive")
+    collected = evaluate.collect_slices(predictor, source, config)
+    summary = evaluate.summarize_collected(collected, config)
+
+    ggo, consolidation = summary["per_class"]["ggo"], summary["per_class"]["consolidation"]
+    assert ggo["num_slices_present"] == 2 and consolidation["num_slices_present"] == 1
+    assert ggo["dice"] == pytest.approx((2 * 8 / (8 + 16) + 1.0) / 2)
+    assert ggo["global_dice"] == pytest.approx(2 * 16 / (16 + 24))
+    assert ggo["false_positive_rate"] == 0.0  # slice 2 has no ggo and none is predicted
+    assert consolidation["dice"] == 1.0 and consolidation["hd95"] == 0.0
+    assert consolidation["global_dice"] == pytest.approx(2 * 8 / (2 * 8 + 2))
+    assert consolidation["false_positive_rate"] == 0.5  # predicted on slice 1, not on slice 2
+    # The top level scores any foreground class: slice 0 finds 16 of 24 px, slice 1 has 2 px too many,
+    # slice 2 is empty in both (1.0).
+    assert summary["lesion_classes"] == ["ggo", "consolidation"] and "per_class" in summary["conventions"]
+    assert summary["dice"] == pytest.approx((2 * 16 / 40 + 2 * 8 / 18 + 1.0) / 3)
+    assert summary["per_class"]["ggo"]["lesion_size"]["all"]["num_lesions"] == 2
+    markdown = reports.markdown_report({**summary, "split": "test", "step": 0, "threshold": 0.5}, config)
+    assert (
+        "| ggo | 2 | 0.8333 ± 0.1667 |" in markdown and "| consolidation | 1 | 1.0000 ± 0.0000 |" in markdown
+    )
+    json.dumps(summary)  # every value is JSON
+
+
+def test_multilabel_lungs_and_infection_involvement_by_hand():
+    config = make_tiny_config()
+    config.model.head, config.data.classes = "multilabel", ("lungs", "infection")
+    expert, predicted = np.zeros((2, SIZE, SIZE, 2), np.uint8), np.zeros((2, SIZE, SIZE, 2), np.float32)
+    expert[0, 0:10, 0:10, 0] = predicted[0, 0:10, 0:10, 0] = 1  # 100 px of lung
+    expert[0, 0:5, 0:5, 1] = 1  # 25 px infected: 25 %
+    predicted[0, 0:5, 0:10, 1] = 1  # 50 px: 50 %
+    expert[1, 10:20, 0:20, 0] = predicted[1, 10:20, 0:20, 0] = 1  # 200 px of lung, expert 0 % infected
+    predicted[1, 10:11, 0:20, 1] = 1  # 20 px: 10 %
+    spacing = np.array([1.0, 1.0, 2.0])  # mm: rows, columns, slices
+    records = [
+        _record(
+            index, expert[index], labels=expert[index], case_id="case", slice_index=index, spacing=spacing
+        )
+        for index in range(2)
+    ]
+    collected = evaluate.collect_slices(PlantedPredictor(predicted, "multilabel"), records, config)
+    summary = evaluate.summarize_collected(collected, config)
+
+    assert summary["lesion_classes"] == ["infection"]
+    assert summary["global_dice"] == pytest.approx(2 * 25 / (25 + 70))  # infection only, pooled
+    report = summary["involvement"]
+    assert report["per_slice"]["involvement_mae_points"] == pytest.approx((25 + 10) / 2)
+    assert report["per_slice"]["involvement_pearson_r"] == pytest.approx(1.0)
+    assert report["severity_agreement"] == 0.0  # 25-50% vs 50-75%, <5% vs 5-25%
+    volume = report["volumes"]["case"]
+    assert volume["expert"]["involvement_percent"] == pytest.approx(100 * 25 / 300)
+    assert volume["predicted"]["involvement_percent"] == pytest.approx(100 * 70 / 300)
+    assert volume["expert"]["lung_ml"] == pytest.approx(300 * 1 * 1 * 2 / 1000)
+    assert volume["predicted"]["severity"] == "5-25%"
+    assert report["per_volume"]["involvement_mae_points"] == pytest.approx(100 * 45 / 300)
+    assert [row["involvement_percent"] for row in collected["rows"]] == pytest.approx([50.0, 10.0])
+    assert "expert_involvement_percent" in reports.slices_csv(collected["rows"]).splitlines()[0]

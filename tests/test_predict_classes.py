@@ -1,0 +1,148 @@
+"""Prediction with the multi-class heads: label-map NIfTI round trip, per-class volumes, involvement and
+palette PNG masks, with a stand-in model whose class follows the preprocessed intensity."""
+
+import json
+
+import nibabel
+import numpy as np
+import pytest
+from helpers import make_tiny_config
+from PIL import Image
+from test_predict import AFFINE, _save_nifti
+
+from rdunet_jax import inference, predict
+from rdunet_jax.errors import UserError
+
+# Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
+# W1500/L-600 maps -900 HU to 0.3 (background), -600 HU to 0.5 (class 1), 0 HU to 0.9 (class 2).
+AIR, CLASS_1, CLASS_2 = -900, -600, 0
+
+
+class IntensityClassPredictor(inference.Predictor):
+    """Exclusive: one-hot probabilities of the class of each pixel's windowed intensity (< 0.4
+    background, < 0.8 class 1, else class 2); multilabel: (0.4 <= x, 0.8 <= x), overlapping channels."""
+
+    step = 5
+
+    def __init__(self, head):
+        self.head = head
+
+    def _probabilities(self, images):
+        x = np.asarray(images)[..., 0]
+        first, second = x >= 0.4, x >= 0.8
+        if self.head == "exclusive":
+            channels = [~first, first & ~second, second]
+        else:
+            channels = [first, second]
+        return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def _phantom(shape=(32, 32, 3)):
+    """A volume at the model's in-plane size (no resize, so the expected labels are exact)."""
+    volume = np.full(shape, AIR, np.int16)
+    expected = np.zeros(shape, np.uint8)
+    for index in range(shape[2]):
+        volume[4 : 20 + index, 3:15, index], expected[4 : 20 + index, 3:15, index] = CLASS_1, 1
+        volume[22:26, 10 : 20 + 2 * index, index], expected[22:26, 10 : 20 + 2 * index, index] = CLASS_2, 2
+    return volume, expected
+
+
+def _config(head, classes):
+    config = make_tiny_config()
+    config.model.head, config.data.classes = head, classes
+    config.loss = "dice_ce" if head == "exclusive" else "dice"
+    return config
+
+
+def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
+    volume, expected = _phantom()
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    config = _config("exclusive", ("ggo", "consolidation"))
+    (summary,) = predict.predict_path(
+        config, None, source, tmp_path / "out", predictor=IntensityClassPredictor("exclusive")
+    )
+    written = nibabel.load(tmp_path / "out" / "case_mask.nii.gz")
+    assert written.shape == volume.shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)  # each voxel's class, exactly
+    voxel_ml = 0.7 * 0.9 * 2.5 / 1000
+    for value, name in ((1, "ggo"), (2, "consolidation")):
+        count = int(np.sum(expected == value))
+        assert summary["classes"][name]["voxels"] == count
+        assert summary["classes"][name]["volume_ml"] == pytest.approx(count * voxel_ml)
+    assert summary["lesion_voxels"] == int(np.sum(expected > 0))  # any class
+    assert "involvement" not in summary
+    assert json.loads((tmp_path / "out" / "case_summary.json").read_text()) == summary
+    overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
+    with Image.open(overlays[0]) as picture:  # a legend below the slice: taller than the 32 px slice
+        assert picture.mode == "RGB" and picture.size[1] > 32
+
+
+def test_multilabel_lungs_and_infection_summary_has_the_involvement(tmp_path):
+    volume, expected = _phantom()
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = _save_nifti(tmp_path / "truth.nii.gz", expected)
+    config = _config("multilabel", ("lungs", "infection"))
+    (summary,) = predict.predict_path(
+        config,
+        None,
+        source,
+        tmp_path / "out",
+        predictor=IntensityClassPredictor("multilabel"),
+        ground_truth=truth,
+    )
+    # Channel 'lungs' is on for classes 1 and 2, 'infection' for class 2 only: the label map draws
+    # infection (2) over the lungs, so it equals the phantom's labels.
+    np.testing.assert_array_equal(
+        np.asarray(nibabel.load(tmp_path / "out" / "case_mask.nii.gz").dataobj), expected
+    )
+    lungs, infection = int(np.sum(expected > 0)), int(np.sum(expected == 2))
+    assert summary["classes"]["lungs"]["voxels"] == lungs
+    assert summary["involvement"]["involvement_percent"] == pytest.approx(100 * infection / lungs)
+    assert (lungs, infection) == (756, 144) and summary["involvement"]["severity"] == "5-25%"  # 19 %
+    # Against the label map as ground truth (value k is class k): infection exact; the lungs channel
+    # also covers the infection, which the label map marks 2, so its Dice is 2 L1 / (L1 + L1 + L2).
+    assert summary["classes"]["infection"]["dice_with_ground_truth"] == 1.0
+    lung_only = int(np.sum(expected == 1))
+    assert summary["classes"]["lungs"]["dice_with_ground_truth"] == pytest.approx(
+        2 * lung_only / (lung_only + lungs)
+    )
+
+
+def test_image_prediction_writes_a_palette_label_map(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.zeros((32, 32), np.uint8)
+    image[2:10, 2:10], image[20:30, 5:25] = 150, 240  # 0.59 -> class 1, 0.94 -> class 2
+    Image.fromarray(image).save(folder / "slice.png")
+    config = _config("exclusive", ("ggo", "consolidation"))
+    predict.predict_path(
+        config, None, folder, tmp_path / "out", predictor=IntensityClassPredictor("exclusive")
+    )
+    with Image.open(tmp_path / "out" / "slice_mask.png") as mask:
+        assert mask.mode == "P"
+        labels = np.asarray(mask)
+        assert mask.getpalette()[3:9] == [255, 0, 0, 0, 200, 0]  # class 1 red, class 2 green
+    expected = np.zeros((32, 32), np.uint8)
+    expected[2:10, 2:10], expected[20:30, 5:25] = 1, 2
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
+    volume, expected = _phantom()
+    expected[0, 0, 1] = 3  # two classes: 0..2 only
+    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = _save_nifti(tmp_path / "truth.nii.gz", expected)
+    config = _config("multilabel", ("lungs", "infection"))
+    with pytest.raises(
+        UserError, match=r"truth\.nii\.gz: label values \{3\} outside data\.classes \(0\.\.2\)"
+    ):
+        predict.predict_path(
+            config,
+            None,
+            source,
+            tmp_path / "out",
+            predictor=IntensityClassPredictor("multilabel"),
+            ground_truth=truth,
+        )
+    assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
