@@ -7,8 +7,7 @@ training preprocessing (`input_pipeline.preprocess`: NIfTI slices are Hounsfield
 (bilinear) before thresholding at `eval.threshold`. A volume whose values do not look like Hounsfield
 units is refused unless `input_units` is 'display' (`volumes.display_scale`). A volume is turned from its
 affine so that its axial slices face the way the model's training slices did (`data.orientation`, see
-orientation.py), and its mask is turned back; images carry no geometry and are read as they are.
-Volumes are read and written by volumes.py; the model runs behind an `inference.Predictor`.
+orientation.py), its mask turned back (volumes.py); images are read as they are.
 
 Outputs, for an input named `<stem>`:
 - NIfTI: `<stem>_mask.nii[.gz]` with the input's exact shape, affine and voxel order, values

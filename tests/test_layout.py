@@ -13,7 +13,9 @@ MAX_LINES = 450
 # Evaluation, prediction and export run over a Predictor; the loop is one of their callers, never a callee.
 INFERENCE_SIDE = (
     "evaluate",
+    "evaluate_classes",
     "predict",
+    "predict_classes",
     "volumes",
     "inference",
     "onnx_export",

@@ -6,9 +6,8 @@ import json
 import nibabel
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import ROTATED_AFFINE, make_tiny_config, save_nifti
 from PIL import Image
-from test_predict import AFFINE, _save_nifti
 
 from rdunet_jax import inference, predict
 from rdunet_jax.errors import UserError
@@ -56,14 +55,14 @@ def _config(head, classes):
 
 def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
     volume, expected = _phantom()
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
     config = _config("exclusive", ("ggo", "consolidation"))
     (summary,) = predict.predict_path(
         config, None, source, tmp_path / "out", predictor=IntensityClassPredictor("exclusive")
     )
     written = nibabel.load(tmp_path / "out" / "case_mask.nii.gz")
     assert written.shape == volume.shape and written.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+    np.testing.assert_allclose(written.affine, ROTATED_AFFINE, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)  # each voxel's class, exactly
     voxel_ml = 0.7 * 0.9 * 2.5 / 1000
     for value, name in ((1, "ggo"), (2, "consolidation")):
@@ -80,8 +79,8 @@ def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
 
 def test_multilabel_lungs_and_infection_summary_has_the_involvement(tmp_path):
     volume, expected = _phantom()
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
-    truth = _save_nifti(tmp_path / "truth.nii.gz", expected)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = save_nifti(tmp_path / "truth.nii.gz", expected)
     config = _config("multilabel", ("lungs", "infection"))
     (summary,) = predict.predict_path(
         config,
@@ -131,8 +130,8 @@ def test_image_prediction_writes_a_palette_label_map(tmp_path):
 def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
     volume, expected = _phantom()
     expected[0, 0, 1] = 3  # two classes: 0..2 only
-    source = _save_nifti(tmp_path / "case.nii.gz", volume)
-    truth = _save_nifti(tmp_path / "truth.nii.gz", expected)
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = save_nifti(tmp_path / "truth.nii.gz", expected)
     config = _config("multilabel", ("lungs", "infection"))
     with pytest.raises(
         UserError, match=r"truth\.nii\.gz: label values \{3\} outside data\.classes \(0\.\.2\)"
