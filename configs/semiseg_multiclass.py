@@ -15,23 +15,14 @@ The head is wired end to end (model, training, per-class evaluation, prediction,
 the binary one: the multi-class cross-validation is to choose it (experiments/results/multiclass/).
 """
 
-import importlib.util
 import pathlib
 
-
-def _binary_semiseg_config():
-    """configs/semiseg.py, beside this file (config files are loaded by path, not as a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "semiseg_config", pathlib.Path(__file__).with_name("semiseg.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rdunet_jax import config_lib
 
 
 def get_config(variant: str = "rdunet"):
     """COVID-SemiSeg's two lesion classes with model variant `variant`, from the binary recipe."""
-    config = _binary_semiseg_config().get_config(variant)
+    config = config_lib.config_module(pathlib.Path(__file__).with_name("semiseg.py")).get_config(variant)
     config.name = f"{config.model.variant}-semiseg-multiclass"
     config.model.head = "exclusive"
     config.data.classes = ("ggo", "consolidation")

@@ -14,21 +14,14 @@ the cross-validation by hand (fold k held out from both teacher and student; the
         --config.data.cv_folds=5 --config.data.cv_fold=0 --config.eval.split=validation
 """
 
-import importlib.util
 import pathlib
 
-
-def _semiseg_config_module():
-    path = pathlib.Path(__file__).with_name("semiseg.py")
-    spec = importlib.util.spec_from_file_location("semiseg_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rdunet_jax import config_lib
 
 
 def get_config(variant: str = "rdunet"):
     """The chosen semiseg recipe as teacher, with one round of self-training."""
-    config = _semiseg_config_module().get_config(variant)
+    config = config_lib.config_module(pathlib.Path(__file__).with_name("semiseg.py")).get_config(variant)
     config.name = f"{config.model.variant}-semiseg-selftrain"
     config.selftrain.rounds = 1
     # Pseudo-labels keep pixels the teacher is at least 90% sure of (either way), weight 1; the lesion

@@ -163,12 +163,10 @@ def apply_set_items(config, items):
 
 def load_config(spec: str, overrides=()):
     """`configs/NAME.py[:ARGUMENT]`'s get_config, with `--set KEY=VALUE` overrides."""
-    import importlib.util
+    from rdunet_jax import config_lib
 
     path, _, argument = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = config_lib.config_module(path)
     config = module.get_config(argument) if argument else module.get_config()
     return apply_set_items(config, overrides)
 

@@ -8,6 +8,9 @@ each key are in config_validation.py.
 import contextlib
 import copy
 import dataclasses
+import importlib.util
+import json
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -254,3 +257,29 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
             target = target[section]
         target[leaf] = value
     return config
+
+
+def to_json(config) -> dict:
+    """The config as plain JSON values (tuples become lists), keys sorted: what records and stages store."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{'a.b': value} from a config's nested JSON dicts."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_module(path):
+    """The config file at `path` as a module: config files are run by path (`--config`), not imported as
+    a package, so one that builds on another (configs/semiseg_*.py on semiseg.py) loads it this way."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

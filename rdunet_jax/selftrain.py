@@ -69,25 +69,11 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
     return student
 
 
-def _config_record(config) -> dict:
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _flat(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _same_config(stored: dict, current: dict) -> bool:
     """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
     when `current` holds their default (a stage finished by older code is not run again)."""
-    stored, current = _flat(stored), _flat(current)
-    defaults = _flat(_config_record(config_lib.base_config()))
+    stored, current = config_lib.flatten(stored), config_lib.flatten(current)
+    defaults = config_lib.flatten(config_lib.to_json(config_lib.base_config()))
     return all(
         stored[key] == value if key in stored else defaults.get(key) == value
         for key, value in current.items()
@@ -100,7 +86,7 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
     if not marker.is_file():
         return None
     done = json.loads(marker.read_text())
-    if not _same_config(done["config"], _config_record(config)):
+    if not _same_config(done["config"], config_lib.to_json(config)):
         raise UserError(
             f"{folder}: this stage was run with another config; use another --workdir (or remove the folder)"
         )
@@ -108,7 +94,7 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
 
 
 def _mark_finished(folder: pathlib.Path, config, result: dict) -> dict:
-    write_json_atomic(folder / STAGE_DONE, {"config": _config_record(config), "result": result})
+    write_json_atomic(folder / STAGE_DONE, {"config": config_lib.to_json(config), "result": result})
     return result
 
 

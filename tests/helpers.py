@@ -1,6 +1,5 @@
 """Shared test constructors and paths: the tiny config the suite compiles once, and where its caches go."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdunet_jax import inference
+from rdunet_jax import config_lib, inference
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
@@ -30,10 +29,7 @@ TINY_MODEL_FLAGS = [part for item in TINY_MODEL for part in ("--set", item)]
 
 def config_from_file(file_name: str, *arguments):
     """`get_config(*arguments)` of configs/<file_name>, loaded as the command line loads a config file."""
-    spec = importlib.util.spec_from_file_location("config_file", REPO_ROOT / "configs" / file_name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*arguments)
+    return config_lib.config_module(REPO_ROOT / "configs" / file_name).get_config(*arguments)
 
 
 def make_tiny_config(**data_overrides):

@@ -16,7 +16,7 @@ from helpers import make_tiny_config
 
 from experiments import run_study
 from experiments.studies import design, runner, stats, tables
-from rdunet_jax import datasets, train
+from rdunet_jax import config_lib, datasets, train
 from rdunet_jax.errors import UserError
 
 # --- statistics against hand-computed values -------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_every_plan_is_valid_and_arms_differ_only_in_the_compared_thing(study_na
             allowed |= {key for recipe in recipes for key in recipe} | {"eval.small_lesion_area"}
         by_replicate = {}
         for spec in specs:
-            by_replicate.setdefault(spec.replicate, []).append(runner.config_json(spec.config))
+            by_replicate.setdefault(spec.replicate, []).append(config_lib.to_json(spec.config))
         for configs in by_replicate.values():
             for other in configs[1:]:
                 assert _differing_keys(configs[0], other) <= allowed
@@ -333,7 +333,7 @@ def test_the_semiseg_config_is_the_chosen_recipe_arm_without_its_fold():
     specs = design.plan(design.STUDIES["recipe"], design.base_config("semiseg", budget, "/d"), (0,))
     arm = next(spec for spec in specs if spec.arm == recipes.CHOSEN_RECIPE).config
     config = recipes.get_config()
-    differing = _differing_keys(runner.config_json(arm), runner.config_json(config))
+    differing = _differing_keys(config_lib.to_json(arm), config_lib.to_json(config))
     # Only what locates the data, names the run and makes it a CV fold differs, and the speed forms the
     # study's records were made with (design.base_config): the same function, and no dropout to draw.
     assert differing == {"name", "data.manual_dir", "data.cv_folds", "eval.split"} | {
@@ -408,7 +408,7 @@ def test_cli_seeds_select_runs_and_dtype_changes_the_model_and_tag(tmp_path, cap
     assert "bfloat16 compute" in budget.describe()
     float32 = run_study.prepare_study(run_study.parse_args(common))[4]
     # Same runs otherwise, so the digests differ by the compute type alone.
-    assert _differing_keys(runner.config_json(specs[0].config), runner.config_json(float32[0].config)) == {
+    assert _differing_keys(config_lib.to_json(specs[0].config), config_lib.to_json(float32[0].config)) == {
         "model.dtype",
         "num_epochs",
     }

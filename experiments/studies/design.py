@@ -6,7 +6,6 @@ its replicate, so runs that differ in the compared thing share data split, seed 
 
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 from collections.abc import Callable
 
@@ -130,11 +129,7 @@ class Study:
 @functools.cache
 def semiseg_recipes():
     """configs/semiseg.py, imported by path (configs/ is not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "semiseg.py"
-    spec = importlib.util.spec_from_file_location("semiseg_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.config_module(pathlib.Path(__file__).resolve().parents[2] / "configs" / "semiseg.py")
 
 
 def recipe_arm(name: str) -> Arm:

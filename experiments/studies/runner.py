@@ -54,37 +54,23 @@ METRIC_KEYS = (
 )
 
 
-def config_json(config) -> dict:
-    """The config as plain JSON values (tuples become lists)."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    """{'a.b': value} from nested JSON dicts."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def result_keys(config_values: dict) -> dict:
     """The flat keys of a config's JSON that change what a run computes."""
-    return {key: value for key, value in _flatten(config_values).items() if key not in NON_RESULT_KEYS}
+    return {
+        key: value for key, value in config_lib.flatten(config_values).items() if key not in NON_RESULT_KEYS
+    }
 
 
 @functools.cache
 def _schema_defaults() -> dict:
-    return result_keys(config_json(config_lib.base_config()))
+    return result_keys(config_lib.to_json(config_lib.base_config()))
 
 
 def config_digest(config) -> str:
     """A hash of everything in `config` that changes what the run computes."""
-    return hashlib.sha256(json.dumps(result_keys(config_json(config)), sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
+    return hashlib.sha256(
+        json.dumps(result_keys(config_lib.to_json(config)), sort_keys=True).encode()
+    ).hexdigest()[:16]
 
 
 def same_run(recorded: dict, config) -> bool:
@@ -92,7 +78,10 @@ def same_run(recorded: dict, config) -> bool:
     the record lacks (added to the schema later) at the value it stood for then: a speed option's old
     form (`config_lib.upgrade`, as `build_model` reads it), otherwise its default. Keys since removed are
     ignored."""
-    recorded_keys, planned_keys = result_keys(config_lib.upgrade(recorded)), result_keys(config_json(config))
+    recorded_keys, planned_keys = (
+        result_keys(config_lib.upgrade(recorded)),
+        result_keys(config_lib.to_json(config)),
+    )
     defaults = _schema_defaults()
     for key, value in planned_keys.items():
         if key in recorded_keys:
@@ -171,7 +160,7 @@ def build_record(spec, study: str, tag: str, summary: dict, workdir, wall_second
         "fold": spec.replicate.fold,
         "seed": spec.replicate.seed,
         "config_digest": config_digest(spec.config),
-        "config": config_json(spec.config),
+        "config": config_lib.to_json(spec.config),
         "workdir": _relative_to_repo(workdir),
         "split": summary["split"],
         "metrics": {key: summary.get(key) for key in METRIC_KEYS},
@@ -220,7 +209,7 @@ def run_status(spec, results_dir, results_root) -> tuple[str, dict | None]:
         if not same_run(record.get("config", {}), spec.config):
             changed = sorted(
                 key
-                for key, value in result_keys(config_json(spec.config)).items()
+                for key, value in result_keys(config_lib.to_json(spec.config)).items()
                 if result_keys(record.get("config", {})).get(key, _schema_defaults().get(key)) != value
             )
             raise UserError(
