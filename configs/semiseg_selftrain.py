@@ -24,22 +24,17 @@ def get_config(variant: str = "rdunet"):
     config = config_lib.config_module(pathlib.Path(__file__).with_name("semiseg.py")).get_config(variant)
     config.name = f"{config.model.variant}-semiseg-selftrain"
     config.selftrain.rounds = 1
+    # The rest of the recipe is base_config's `selftrain` defaults (and data.pseudo_fraction 0.5); why:
     # Pseudo-labels keep pixels the teacher is at least 90% sure of (either way), weight 1; the lesion
     # borders, where a 0.74-Dice teacher is least reliable, drop out of the student's loss.
-    config.selftrain.confidence_threshold = 0.9
-    config.selftrain.weighting = "threshold"
     # Half of each batch of 4 is pseudo-labelled: an epoch is still one pass over the labelled slices
     # (22 steps over 45 slices, 20 in a cross-validation fold), so the student's 150 epochs are the
     # teacher's 3,300 steps (its 300 epochs of 11 steps) and the same compute, 6,600 pseudo-labelled
     # slices drawn without replacement: about 4 passes over the pool. The decay at half-way copies the
     # teacher's schedule (150 of 300 epochs at 1e-3, then 1e-4).
-    config.data.pseudo_fraction = 0.5
-    config.selftrain.student_num_epochs = 150
-    config.selftrain.student_lr_decay_epochs = 75
     # Stronger augmentation for the student (Noisy Student's noise): the teacher's flips and zoom 0.2 plus
     # a random contrast (x0.9-1.1) and brightness (+-0.05) change. Geometric augmentation beyond the
     # teacher's scored worse on the 50 labelled slices (zoom 0.3: -0.014 per slice; rotation 15 degrees:
     # 0.664 against 0.729 on fold 0), so the extra noise is in intensity only; it is not cross-validated
     # on its own.
-    config.selftrain.student_intensity_range = 0.1
     return config
