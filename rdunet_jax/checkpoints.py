@@ -112,6 +112,9 @@ class RunCheckpoints:
         if step in manager.all_steps():
             # Left by a timeline that was rolled back past a damaged checkpoint: this one replaces it.
             manager.delete(step)
+        # Orbax serialises `meta` in a background thread, possibly after the caller has gone on to change
+        # the dict (the train loop resets its epoch counters right after a save): save a copy.
+        meta = json.loads(json.dumps(meta))
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

@@ -1,7 +1,10 @@
 """Orbax round trips of the whole train state."""
 
+import asyncio
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from helpers import make_tiny_config
 
 from rdunet_jax import checkpoints, models, steps
@@ -43,3 +46,22 @@ def test_without_create_nothing_is_made(tmp_path):
     assert run_checkpoints.all_steps("best") == run_checkpoints.all_steps("latest") == []
     run_checkpoints.close()
     assert not (tmp_path / "absent").exists()
+
+
+def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monkeypatch):
+    """The train loop changes its meta dict right after saving; a slow background write must not see that."""
+    original_write = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def slow_write(self, item, directory):
+        await asyncio.sleep(0.5)
+        await original_write(self, item, directory)
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", slow_write)
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    meta = {"epoch": 2, "iterator": {"next_index": 5}, "epoch_steps": 1}
+    run_checkpoints.save("latest", 5, tiny_state, meta)
+    meta.update(epoch=3, iterator=None, epoch_steps=0)
+    run_checkpoints.wait()
+    _, restored_meta = run_checkpoints.restore("latest", tiny_state)
+    run_checkpoints.close()
+    assert restored_meta == {"epoch": 2, "iterator": {"next_index": 5}, "epoch_steps": 1}
