@@ -380,6 +380,10 @@ def evaluate_state(predictor, config, workdir, split: str) -> dict:
     folder = pathlib.Path(workdir) / "metrics"
     write_json_atomic(folder / f"{split}.json", summary)
     write_text_atomic(folder / f"{split}_slices.csv", reports.slices_csv(collected["rows"]))
+    if "per_class" in summary:
+        write_text_atomic(
+            folder / f"{split}_classes.csv", evaluate_classes.class_slices_csv(collected, config)
+        )
     write_text_atomic(folder / f"{split}.md", reports.markdown_report(summary, config))
     write_overlays(predictor, source, collected["rows"], config, folder / "overlays" / split)
     return summary

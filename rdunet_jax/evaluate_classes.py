@@ -7,9 +7,24 @@ The top level of metrics/<split>.json keeps the binary metrics of the head's "an
 'multilabel'.
 """
 
+import csv
+import io
+
 import numpy as np
 
 from rdunet_jax import heads, involvement, metrics
+
+CLASS_SLICE_COLUMNS = (
+    "id",
+    "class",
+    "present",
+    "dice",
+    "jaccard",
+    "precision",
+    "recall",
+    "expert_pixels",
+    "predicted_pixels",
+)
 
 
 def unpacked_class_masks(collected: dict, image_size: int, num_classes: int):
@@ -22,6 +37,31 @@ def unpacked_class_masks(collected: dict, image_size: int, num_classes: int):
     predictions = np.stack([unpack(prediction) for prediction, _ in collected["packed_classes"]])
     targets = np.stack([unpack(target) for _, target in collected["packed_classes"]])
     return predictions, targets
+
+
+def class_slices_csv(collected: dict, config) -> str:
+    """The per-class slice CSV (`metrics/<split>_classes.csv`): a row per slice and class, so per-slice
+    paired comparisons (cross-validation) can be made per class. `present` says whether the experts'
+    mask holds the class: the summary's per-class means are over those rows; Dice is 1 on a row where
+    neither mask holds it."""
+    classes = tuple(config.data.classes)
+    predictions, targets = unpacked_class_masks(collected, config.data.image_size, len(classes))
+    tp = (predictions & targets).sum(axis=(1, 2))
+    fp = (predictions & ~targets).sum(axis=(1, 2))
+    fn = (~predictions & targets).sum(axis=(1, 2))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CLASS_SLICE_COLUMNS)
+    for index, name in enumerate(classes):
+        values = metrics.slice_metrics(tp[:, index], fp[:, index], fn[:, index])
+        for row_number, row in enumerate(collected["rows"]):
+            expert = int(tp[row_number, index] + fn[row_number, index])
+            writer.writerow(
+                [row["id"], name, int(expert > 0)]
+                + [f"{values[key][row_number]:.6g}" for key in ("dice", "jaccard", "precision", "recall")]
+                + [expert, int(tp[row_number, index] + fp[row_number, index])]
+            )
+    return buffer.getvalue()
 
 
 def _volume_involvement(lungs, infection, rows, unit: str) -> dict:

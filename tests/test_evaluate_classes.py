@@ -1,13 +1,15 @@
 """Per-class metrics and lung involvement in a split's evaluation, against values computed by hand on
 planted predictions (a stand-in Predictor returns fixed probabilities, no model runs)."""
 
+import csv
+import io
 import json
 
 import numpy as np
 import pytest
 from helpers import make_tiny_config
 
-from rdunet_jax import evaluate, inference, reports
+from rdunet_jax import evaluate, evaluate_classes, inference, reports
 from rdunet_jax.datasets import labels as class_labels
 
 SIZE = 32  # the tiny config's image size: records are stored at the model's resolution
@@ -84,6 +86,21 @@ def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path):
         "| ggo | 2 | 0.8333 ± 0.1667 |" in markdown and "| consolidation | 1 | 1.0000 ± 0.0000 |" in markdown
     )
     json.dumps(summary)  # every value is JSON
+    rows = list(csv.DictReader(io.StringIO(evaluate_classes.class_slices_csv(collected, config))))
+    table = {(row["id"], row["class"]): row for row in rows}
+    assert len(rows) == 6  # 3 slices x 2 classes
+    assert table["slice-0", "ggo"] == {
+        "id": "slice-0", "class": "ggo", "present": "1", "dice": reports._number(2 * 8 / 24),
+        "jaccard": "0.5", "precision": "1", "recall": "0.5", "expert_pixels": "16", "predicted_pixels": "8",
+    }  # fmt: skip
+    assert table["slice-1", "consolidation"]["present"] == "0"
+    assert (
+        table["slice-1", "consolidation"]["dice"] == "0"
+        and table["slice-1", "consolidation"]["predicted_pixels"] == "2"
+    )
+    assert table["slice-2", "ggo"]["dice"] == "1" and table["slice-2", "ggo"]["present"] == "0"
+    present_ggo = [float(row["dice"]) for row in rows if row["class"] == "ggo" and row["present"] == "1"]
+    assert np.mean(present_ggo) == pytest.approx(ggo["dice"])
 
 
 def test_multilabel_lungs_and_infection_involvement_by_hand():
