@@ -82,6 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "lr_decay_epochs",
         "log_every_steps",
         "data.image_size",
+        "checkpoint_every_epochs",
         "model.features",
         "model.depth",
         "model.se_reduction",

@@ -301,7 +301,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
                     meta.update(epoch=epoch + 1, iterator=None)
                     run_checkpoints.save("best", step, state, meta)
-                save_latest(epoch + 1, None)
+                if (
+                    (epoch + 1) % config.checkpoint_every_epochs == 0
+                    or epoch + 1 == config.num_epochs
+                    or stop.signal_number is not None
+                ):
+                    save_latest(epoch + 1, None)
                 record = {
                     "epoch": epoch + 1,
                     "step": step,

@@ -162,9 +162,10 @@ def _loop_config():
     return config
 
 
-def _train(workdir, after_step=None):
+def _train(workdir, after_step=None, **changes):
     """`train.train_and_evaluate` with the validation loss of INJECTED_VALIDATION_LOSS, and
-    `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result."""
+    `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result;
+    `changes` set top-level keys of `_loop_config()`."""
     real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
 
     def validation(state, source, config, *args, **kwargs):
@@ -186,7 +187,9 @@ def _train(workdir, after_step=None):
         patch.setattr(evaluate, "evaluate_source", validation)
         if after_step is not None:
             patch.setattr(train, "compiled_train_step", compiled_with_hook)
-        return train.train_and_evaluate(_loop_config(), workdir)
+        config = _loop_config()
+        config.update(changes)
+        return train.train_and_evaluate(config, workdir)
 
 
 def _steps(workdir, kind: str) -> list[int]:
@@ -405,6 +408,27 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_as_if_never
     assert _file_sizes(moved) == left  # the damaged files themselves, kept for inspection
     assert _steps(workdir, "latest") == [7, 8]
     _assert_ends_as_the_reference(workdir, reference)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_checkpoint_every_epochs_saves_every_nth_epoch_end_and_a_crash_resumes_from_the_last_one(
+    tmp_path, reference, capsys
+):
+    def crash_at_step_8(step, state, metrics):
+        if step == 8:  # epoch 4's last step, before its (the run's last) save
+            raise _Crash
+        return state, metrics
+
+    with pytest.raises(_Crash):
+        _train(tmp_path, after_step=crash_at_step_8, checkpoint_every_steps=0, checkpoint_every_epochs=3)
+    assert _steps(tmp_path, "latest") == [6]  # epoch 3's end; epochs 1, 2 unsaved
+    _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=3)
+    assert "resumed at epoch 4 (step 6)" in capsys.readouterr().out
+    assert _steps(tmp_path, "latest") == [6, 8]  # the last epoch is always saved
+    _assert_ends_as_the_reference(tmp_path, reference)
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(

@@ -28,6 +28,7 @@ NON_RESULT_KEYS = (
     "compilation_cache_dir",
     "log_every_steps",
     "checkpoint_every_steps",
+    "checkpoint_every_epochs",
     "data.manual_dir",
     "data.data_dir",
     "model.variant",
