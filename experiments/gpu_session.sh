@@ -20,6 +20,13 @@
 #              this machine); PAPER_BUDGET (paper), PAPER_SETS (run_study --set items), PAPER_DATA_DIR,
 #              RESULTS_ROOT, RUNS_ROOT, PAPER_MPS=1 (runs share the card through CUDA MPS; untried);
 #              OUT gets runs.tgz (each run's logs and metrics, no checkpoints)
+#   cv         the cross-validation runs listed in CV_RUNS (default experiments/multiclass_cv_runs.txt:
+#              "candidate fold config [--config.key=value ...]" lines) on DATA_ROOT/covid-semiseg: the
+#              prepared dataset is built once, then CV_CONCURRENCY (10) processes at a time in the file's
+#              order, starting one only while more than CV_MIN_START (150) s are left, SIGTERM
+#              CV_STOP_MARGIN (25) s before the end; workdirs in CV_ROOT (/dev/shm/cv: Orbax's saves stay
+#              off the disk), `latest` saved every CV_CHECKPOINT_EVERY_EPOCHS (50) epochs; OUT gets
+#              cv_runs.tgz (each run's config, train log and metrics; no checkpoints) and smi.log
 #
 #   bash experiments/gpu_session.sh OUT DATA_ROOT [SECONDS=560]
 #
@@ -242,6 +249,76 @@ for study in ('ablation', 'split_leakage', 'dilation'):
     echo "  PHASES=paper PAPER_BUDGET=$budget PAPER_SETS=\"${PAPER_SETS-dtype=bfloat16 num_epochs=80}\"" \
       "bash experiments/gpu_session.sh \$OUT $data_root $seconds"
   fi
+}
+
+cv() {
+  local runs_file=${CV_RUNS:-experiments/multiclass_cv_runs.txt} root=${CV_ROOT:-/dev/shm/cv}
+  local concurrency=${CV_CONCURRENCY:-10} min_start=${CV_MIN_START:-150} margin=${CV_STOP_MARGIN:-25}
+  local data_dir=/tmp/cv_tfds lines=() line candidate fold config extra pid next=0
+  # About 11 MB a checkpoint, three kept per run: fall back to the disk where memory is short.
+  if ! mkdir -p "$root" || (($(df --output=avail -B1M "$root" | tail -n 1) < 4096)); then
+    root=/tmp/cv
+    mkdir -p "$root"
+  fi
+  echo "cv: workdirs in $root"
+  mapfile -t lines < <(grep -v '^#' "$runs_file" | grep .)
+  local common=(--config.data.manual_dir="$data_root/covid-semiseg" --config.data.data_dir="$data_dir"
+    --config.data.cv_folds=5 --config.eval.split=validation
+    --config.checkpoint_every_epochs="${CV_CHECKPOINT_EVERY_EPOCHS:-50}")
+  # The prepared dataset is built once, before the processes that read it start.
+  read -r candidate fold config extra <<<"${lines[0]}"
+  python3 -c "import sys
+from rdunet_jax import config_lib
+from rdunet_jax.datasets import builder
+config = config_lib.config_module(sys.argv[1]).get_config()
+config.data.manual_dir, config.data.data_dir = sys.argv[2], sys.argv[3]
+builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >"$out/cv_prepare.log" 2>&1 || {
+    echo "cv: preparing failed:"
+    tail -n 3 "$out/cv_prepare.log"
+    return 1
+  }
+  echo "cv: ${#lines[@]} runs, dataset prepared, $(left) s left"
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 >"$out/smi.log" 2>&1 &
+  local smi=$!
+  export JAX_DEFAULT_MATMUL_PRECISION=highest
+  local -A running=() started_at=()
+  cv_reap() {
+    for pid in "${!running[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid"
+        echo "cv: ${running[$pid]}: exit $?, $(($(date +%s) - started_at[$pid])) s, $(left) s left"
+        unset "running[$pid]" "started_at[$pid]"
+      fi
+    done
+  }
+  while :; do
+    cv_reap
+    if (($(left) <= margin)); then
+      ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
+      for _ in $(seq 15); do
+        cv_reap
+        ((${#running[@]})) || break
+        sleep 1
+      done
+      ((${#running[@]})) && echo "cv: killing ${running[*]}" && kill -KILL "${!running[@]}" 2>/dev/null
+      break
+    fi
+    while ((${#running[@]} < concurrency && next < ${#lines[@]} && $(left) > min_start)); do
+      read -r candidate fold config extra <<<"${lines[next]}"
+      # shellcheck disable=SC2086 # extra holds the run's --config overrides, one word each
+      (exec python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \
+        "${common[@]}" --config.data.cv_fold="$fold" $extra) >"$out/cv_${candidate}_$fold.log" 2>&1 &
+      running[$!]="$candidate fold $fold"
+      started_at[$!]=$(date +%s)
+      next=$((next + 1))
+    done
+    ((${#running[@]})) || break
+    sleep 2
+  done
+  unset JAX_DEFAULT_MATMUL_PRECISION
+  kill "$smi" 2>/dev/null
+  echo "cv: $next of ${#lines[@]} runs started; $(left) s left"
+  tar czf "$out/cv_runs.tgz" -C "$root" --exclude=checkpoints --exclude=tensorboard --exclude=overlays .
 }
 
 for phase in ${PHASES:-breakdown benchmark studies}; do

@@ -4,7 +4,7 @@ Each fold's workdir holds the teacher (the semiseg recipe, retrained here) and t
 the held-out fold (metrics/validation_slices.csv). The student is paired per slice with its own teacher and
 with the recipe study's record of the same fold (experiments/results/recipe/semiseg-small/):
 
-    python experiments/selftrain_cv.py runs/selftrain-cv0 runs/selftrain-cv1 ... > table.md
+    python -m experiments.selftrain_cv runs/selftrain-cv0 runs/selftrain-cv1 ... > table.md
 """
 
 import argparse
@@ -13,9 +13,7 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from studies import stats, tables  # noqa: E402
+from experiments.studies import stats, tables
 
 RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
 RECIPE_ARM = "r128_e300_dropout0_decay150"

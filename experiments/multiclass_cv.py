@@ -1,0 +1,109 @@
+"""Cross-validation table of multi-class recipe candidates (issue 25): per-class Dice with intervals.
+
+Reads workdirs named `<candidate>-cv<fold>` (gpu_session.sh's `cv` phase; experiments/multiclass_cv_runs.txt),
+each scored on its held-out fold (metrics/validation_classes.csv: a row per slice and class). For each
+candidate and class: the mean Dice over every slice holding the class (all folds pooled) with a 95%
+bootstrap interval over those slices, the 5 fold means with a t-interval over folds, and each candidate's
+per-slice paired difference from the reference candidate:
+
+    python -m experiments.multiclass_cv runs/cv --reference dice_ce > table.md
+"""
+
+import argparse
+import collections
+import csv
+import json
+import pathlib
+import re
+
+import numpy as np
+
+from experiments.studies import stats, tables
+
+WORKDIR_NAME = re.compile(r"(?P<candidate>.+)-cv(?P<fold>\d+)$")
+
+
+def read_run(workdir: pathlib.Path) -> dict:
+    """A finished run's per-slice, per-class Dice (slices holding the class), its any-lesion Dice per slice,
+    and its training time; raises FileNotFoundError when the run has no metrics."""
+    per_class = collections.defaultdict(dict)
+    with (workdir / "metrics" / "validation_classes.csv").open() as file:
+        for row in csv.DictReader(file):
+            if row["present"] == "1":
+                per_class[row["class"]][row["id"]] = float(row["dice"])
+    with (workdir / "metrics" / "validation_slices.csv").open() as file:
+        any_lesion = {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
+    log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines() if line]
+    return {
+        "per_class": dict(per_class),
+        "any lesion": any_lesion,
+        "epochs": len(log),
+        "seconds": sum(record["seconds"] for record in log),
+    }
+
+
+def collect(root: pathlib.Path) -> dict:
+    """{candidate: {fold: run}} of the finished runs under `root`."""
+    runs = collections.defaultdict(dict)
+    for workdir in sorted(root.iterdir()):
+        match = WORKDIR_NAME.match(workdir.name)
+        if match and (workdir / "metrics" / "validation_classes.csv").exists():
+            runs[match["candidate"]][int(match["fold"])] = read_run(workdir)
+    return dict(runs)
+
+
+def class_values(folds: dict, name: str) -> tuple[dict, list[float]]:
+    """({slice id: Dice}, [fold means]) of class `name` ('any lesion' for the top-level mask)."""
+    by_slice, fold_means = {}, []
+    for run in folds.values():
+        values = run["any lesion"] if name == "any lesion" else run["per_class"].get(name, {})
+        by_slice.update(values)
+        if values:
+            fold_means.append(float(np.mean(list(values.values()))))
+    return by_slice, fold_means
+
+
+def markdown(runs: dict, reference: str) -> str:
+    classes = sorted({name for folds in runs.values() for run in folds.values() for name in run["per_class"]})
+    classes.append("any lesion")
+    lines = [
+        "| candidate | folds | class | slices | Dice (slices pooled) [95% bootstrap] "
+        f"| Dice per fold [95% t over folds] | paired vs {reference}, per slice [95% bootstrap] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for candidate, folds in runs.items():
+        for name in classes:
+            by_slice, fold_means = class_values(folds, name)
+            if reference in runs and candidate != reference:
+                reference_slices, _ = class_values(runs[reference], name)
+                differences = stats.paired_slice_differences(
+                    {key: [value] for key, value in reference_slices.items()},
+                    {key: [value] for key, value in by_slice.items()},
+                )
+                paired = (
+                    tables.format_interval(stats.bootstrap_interval(differences)) + f" (n={differences.size})"
+                )
+            else:
+                paired = ""
+            lines.append(
+                f"| {candidate} | {len(folds)} | {name} | {len(by_slice)} "
+                f"| {tables.format_interval(stats.bootstrap_interval(list(by_slice.values())))} "
+                f"| {tables.format_interval(stats.t_interval(fold_means))} | {paired} |"
+            )
+    lines += ["", "| candidate | fold | epochs | training seconds (train log) |", "|---|---|---|---|"]
+    for candidate, folds in runs.items():
+        for fold, run in sorted(folds.items()):
+            lines.append(f"| {candidate} | {fold} | {run['epochs']} | {run['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=pathlib.Path, help="folder of <candidate>-cv<fold> workdirs")
+    parser.add_argument("--reference", default="dice_ce", help="the candidate the others are paired with")
+    args = parser.parse_args(argv)
+    print(markdown(collect(args.root), args.reference), end="")
+
+
+if __name__ == "__main__":
+    main()
