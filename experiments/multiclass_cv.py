@@ -33,12 +33,15 @@ def read_run(workdir: pathlib.Path) -> dict:
                 per_class[row["class"]][row["id"]] = float(row["dice"])
     with (workdir / "metrics" / "validation_slices.csv").open() as file:
         any_lesion = {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
-    log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines() if line]
+    log_path = workdir / "train_log.jsonl"  # absent from the copies kept in experiments/results
+    log = (
+        [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
+    )
     return {
         "per_class": dict(per_class),
         "any lesion": any_lesion,
         "epochs": len(log),
-        "seconds": sum(record["seconds"] for record in log),
+        "seconds": sum(record["seconds"] for record in log) if log else float("nan"),
     }
 
 
@@ -90,9 +93,12 @@ def markdown(runs: dict, reference: str) -> str:
                 f"| {tables.format_interval(stats.bootstrap_interval(list(by_slice.values())))} "
                 f"| {tables.format_interval(stats.t_interval(fold_means))} | {paired} |"
             )
-    lines += ["", "| candidate | fold | epochs | training seconds (train log) |", "|---|---|---|---|"]
-    for candidate, folds in runs.items():
-        for fold, run in sorted(folds.items()):
+    timed = [
+        (candidate, fold, run) for candidate, folds in runs.items() for fold, run in sorted(folds.items())
+    ]
+    if any(run["epochs"] for _, _, run in timed):
+        lines += ["", "| candidate | fold | epochs | training seconds (train log) |", "|---|---|---|---|"]
+        for candidate, fold, run in timed:
             lines.append(f"| {candidate} | {fold} | {run['epochs']} | {run['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

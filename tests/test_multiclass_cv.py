@@ -1,0 +1,71 @@
+"""experiments.multiclass_cv: per-class cross-validation Dice read from workdirs, against hand values."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import multiclass_cv
+
+
+def _workdir(root, name: str, class_rows: list[tuple], slice_dice: dict, epoch_seconds=(1.5, 2.5)):
+    """A finished run's files: class_rows are (id, class, present, dice)."""
+    metrics = root / name / "metrics"
+    metrics.mkdir(parents=True)
+    lines = ["id,class,present,dice,jaccard,precision,recall,expert_pixels,predicted_pixels"]
+    lines += [f"{slice_id},{cls},{present},{dice},0,0,0,0,0" for slice_id, cls, present, dice in class_rows]
+    (metrics / "validation_classes.csv").write_text("\n".join(lines) + "\n")
+    (metrics / "validation_slices.csv").write_text(
+        "id,dice\n" + "".join(f"{slice_id},{dice}\n" for slice_id, dice in slice_dice.items())
+    )
+    log = [
+        json.dumps({"epoch": epoch + 1, "seconds": seconds}) for epoch, seconds in enumerate(epoch_seconds)
+    ]
+    (root / name / "train_log.jsonl").write_text("\n".join(log) + "\n")
+
+
+@pytest.fixture
+def root(tmp_path):
+    # Reference: fold 0 slices a, b; fold 1 slice c. 'ggo' absent from b (its Dice 1 there is not counted).
+    _workdir(tmp_path, "ref-cv0", [("a", "ggo", 1, 0.5), ("b", "ggo", 0, 1.0), ("b", "cons", 1, 0.2)],
+             {"a": 0.6, "b": 0.4})  # fmt: skip
+    _workdir(tmp_path, "ref-cv1", [("c", "ggo", 1, 0.7), ("c", "cons", 0, 0.0)], {"c": 0.8})
+    _workdir(tmp_path, "alt-cv0", [("a", "ggo", 1, 0.6), ("b", "ggo", 0, 0.0), ("b", "cons", 1, 0.4)],
+             {"a": 0.7, "b": 0.5})  # fmt: skip
+    _workdir(tmp_path, "alt-cv1", [("c", "ggo", 1, 0.9), ("c", "cons", 0, 1.0)], {"c": 0.8})
+    (tmp_path / "unfinished-cv0").mkdir()  # no metrics: left out
+    return tmp_path
+
+
+def test_only_slices_holding_a_class_count_and_folds_are_pooled(root):
+    runs = multiclass_cv.collect(root)
+    assert sorted(runs) == ["alt", "ref"] and sorted(runs["ref"]) == [0, 1]
+    by_slice, fold_means = multiclass_cv.class_values(runs["ref"], "ggo")
+    assert by_slice == {"a": 0.5, "c": 0.7}
+    assert fold_means == [0.5, 0.7]
+    assert multiclass_cv.class_values(runs["ref"], "cons") == ({"b": 0.2}, [0.2])
+    assert multiclass_cv.class_values(runs["alt"], "any lesion")[1] == pytest.approx([0.6, 0.8])
+    assert runs["ref"][0]["seconds"] == 4.0 and runs["ref"][0]["epochs"] == 2
+
+
+def test_the_table_pairs_each_candidate_with_the_reference_per_slice(root):
+    table = multiclass_cv.markdown(multiclass_cv.collect(root), "ref")
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
+    # ggo: alt - ref on slices a and c: +0.1 and +0.2; mean 0.15, and a bootstrap over two values stays
+    # between them.
+    ggo = rows["alt", "2", "ggo"].split("|")
+    assert ggo[4].strip() == "2" and ggo[5].startswith(" 0.750 ")  # (0.6 + 0.9) / 2
+    assert ggo[7].strip() == "0.150 [0.100, 0.200] (n=2)"
+    # Over folds: t-interval of the fold means 0.6 and 0.9.
+    half_width = 12.706 * np.std([0.6, 0.9], ddof=1) / np.sqrt(2)
+    assert ggo[6].strip() == f"0.750 [{0.75 - half_width:.3f}, {0.75 + half_width:.3f}]"
+    assert rows["alt", "2", "cons"].split("|")[7].strip() == "0.200 [0.200, 0.200] (n=1)"
+    assert rows["ref", "2", "ggo"].split("|")[7].strip() == ""  # the reference is not paired with itself
+    assert "| ref | 1 | 2 | 4 |" in table
+
+
+def test_without_train_logs_the_table_has_no_timing(root):
+    for log in root.glob("*/train_log.jsonl"):
+        log.unlink()
+    table = multiclass_cv.markdown(multiclass_cv.collect(root), "ref")
+    assert "| alt | 2 | ggo | 2 | 0.750 " in table and "training seconds" not in table
