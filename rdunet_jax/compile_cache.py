@@ -22,7 +22,7 @@ from rdunet_jax.steps import TrainState, train_step
 
 # Python sources whose code is traced into the train step (a change to any of them is a new program);
 # one that does not exist in this version of the package is skipped.
-_TRAIN_STEP_SOURCES = ("models.py", "layers.py", "losses.py", "steps.py", "heads.py")
+_TRAIN_STEP_SOURCES = ("models.py", "layers.py", "losses.py", "steps.py", "heads.py", "mean_teacher.py")
 _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
@@ -42,6 +42,7 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "device": [device.platform, device.device_kind, jax.device_count()],
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
         "loss": state.loss,
+        **({"consistency": list(state.consistency)} if state.consistency else {}),
         "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
         # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
         "inputs": [

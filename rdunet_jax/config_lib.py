@@ -192,6 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
     # training batches, `extra_fraction` of each batch, as extra labelled data.
     config.data.extra_labelled_dir = ""
     config.data.extra_fraction = 0.5
+    # Mean teacher: this share of each training batch is unlabelled slices (weight 0 in the supervised
+    # loss), which only the consistency term (`consistency.*`) learns from.
+    config.data.unlabelled_fraction = 0.0
     # Random contrast and brightness change of up to this much (0 = off): the student's extra noise.
     config.data.intensity_range = 0.0
 
@@ -227,6 +230,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.selftrain.student_num_epochs = 150
     config.selftrain.student_lr_decay_epochs = 75
     config.selftrain.student_intensity_range = 0.1
+
+    # Mean teacher (rdunet_jax/mean_teacher.py): 0 trains without it; > 0 weighs the consistency between
+    # the student (the batch plus Gaussian noise of `noise_std`) and the moving average of its parameters
+    # (`ema_decay`), ramped up over `rampup_epochs`; needs data.unlabelled_fraction > 0 and a weighted loss.
+    config.consistency = ml_collections.ConfigDict()
+    config.consistency.weight = 0.0
+    config.consistency.ema_decay = 0.99
+    config.consistency.rampup_epochs = 20
+    config.consistency.noise_std = 0.05
     return config
 
 

@@ -160,6 +160,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_variant(config)
     _check_data_splits(config)
     _check_selftrain(config)
+    _check_consistency(config)
+
+
+def _check_consistency(config) -> None:
+    """The keys of mean-teacher training, and what it cannot be combined with."""
+    _require(
+        config, "consistency.weight", lambda value: _is_number(value) and 0 <= value < float("inf"),
+        "a non-negative number",
+    )  # fmt: skip
+    _require(
+        config,
+        "consistency.ema_decay",
+        lambda value: _is_number(value) and 0 <= value < 1,
+        "a number in [0, 1)",
+    )
+    _require(config, "consistency.rampup_epochs", *_NON_NEGATIVE_INT)
+    _require(
+        config, "consistency.noise_std", lambda value: _is_number(value) and 0 <= value < float("inf"),
+        "a non-negative number",
+    )  # fmt: skip
+    _require(
+        config,
+        "data.unlabelled_fraction",
+        lambda value: _is_number(value) and 0 <= value < 1,
+        "a number in [0, 1)",
+    )
+    weight, fraction = config.consistency.weight, config.data.unlabelled_fraction
+    if fraction and not weight:
+        raise UserError(
+            "data.unlabelled_fraction: unlabelled slices train only through consistency.weight > 0"
+        )
+    if not weight:
+        return
+    if not fraction:
+        raise UserError(
+            "consistency.weight: mean teacher needs unlabelled slices: set data.unlabelled_fraction > 0"
+        )
+    if config.model.get("head", "binary") != "binary":
+        raise UserError(
+            f"consistency.weight: mean teacher is built for model.head='binary', got {config.model.head!r}"
+        )
+    for key in ("data.pseudo_label_dir", "data.extra_labelled_dir"):
+        if config.data[key.split(".")[1]]:
+            raise UserError(f"{key}: cannot be mixed in together with mean teacher's unlabelled slices")
+    if config.selftrain.rounds:
+        raise UserError("consistency.weight: mean teacher and selftrain.rounds > 0 are alternatives; set one")
+    weighted = sorted(losses.WEIGHTED_LOSSES.values())
+    if config.loss not in weighted:
+        raise UserError(
+            f"loss: mean teacher's mixed batches need a weighted loss {weighted}, got {config.loss!r}"
+        )
 
 
 def _check_selftrain(config) -> None:

@@ -15,7 +15,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from rdunet_jax import checkpoints, heads, losses, models
+from rdunet_jax import checkpoints, heads, losses, mean_teacher, models
 from rdunet_jax.errors import UserError
 
 
@@ -29,6 +29,8 @@ class TrainState(train_state.TrainState):
     loss: str = struct.field(pytree_node=False, default="dice")
     # `model.head`: which loss family, target and activation the steps use; static like the loss.
     head: str = struct.field(pytree_node=False, default="binary")
+    # Mean teacher's (weight, ramp-up steps, noise std) (`mean_teacher.settings`); () trains without it.
+    consistency: tuple = struct.field(pytree_node=False, default=())
 
 
 def loss_target(batch: dict, head: str):
@@ -54,14 +56,19 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
     """Initialises the model (seeded by `config.seed`) and Adam on the staircase schedule."""
     variables = models.initialize_variables(model, config.data.image_size, config.seed)
+    optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
+    consistency = mean_teacher.settings(config, steps_per_epoch)
+    if consistency:
+        optimizer = optax.chain(optimizer, mean_teacher.track_parameter_ema(config.consistency.ema_decay))
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.adam(learning_rate_schedule(config, steps_per_epoch)),
+        tx=optimizer,
         dropout_key=jax.random.PRNGKey(config.seed),
         loss=config.loss,
         head=config.model.get("head", "binary"),
+        consistency=consistency,
     )
 
 
@@ -85,6 +92,8 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
     keyed by (seed, step)."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+    if state.consistency:
+        return _mean_teacher_step(state, batch, dropout_key)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -95,6 +104,38 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
             mutable=["batch_stats"],
         )
         return jnp.mean(per_image_loss(state, logits, batch)), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    return state, {"loss": loss}
+
+
+def _mean_teacher_step(state: TrainState, batch: dict, dropout_key) -> tuple[TrainState, dict]:
+    """`train_step` with mean teacher's consistency term: the student sees the batch plus Gaussian noise,
+    the teacher (the parameters' moving average, running BatchNorm statistics) the batch itself."""
+    weight, rampup_steps, noise_std = state.consistency
+    teacher_logits = state.apply_fn(
+        {"params": mean_teacher.teacher_parameters(state.opt_state), "batch_stats": state.batch_stats},
+        batch["image"],
+        train=False,
+    )
+    teacher = jax.lax.stop_gradient(jax.nn.sigmoid(teacher_logits.astype(jnp.float32)))
+    noise_key = jax.random.fold_in(dropout_key, 1)  # a stream of its own, beside dropout's
+    noisy = batch["image"] + noise_std * jax.random.normal(
+        noise_key, batch["image"].shape, batch["image"].dtype
+    )
+    consistency_weight = weight * mean_teacher.rampup(state.step, rampup_steps)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            noisy,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        supervised = jnp.mean(per_image_loss(state, logits, batch))
+        return supervised + consistency_weight * mean_teacher.consistency_loss(logits, teacher), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])

@@ -81,7 +81,8 @@ def load_source(data_config, split: str):
     With `data.cv_folds` > 0, `train` is the pool without fold `data.cv_fold` and `validation` is that
     fold; `train_full` is refused (it would hold the held-out fold) and `test` is the test split. With
     `data.pseudo_label_dir` set, the training split comes mixed with those pseudo-labelled slices; with
-    `data.extra_labelled_dir`, with Ma et al.'s labelled slices (joint training).
+    `data.extra_labelled_dir`, with Ma et al.'s labelled slices (joint training); with
+    `data.unlabelled_fraction`, with the unlabelled split at weight 0 (mean teacher).
     """
     labelled = _load_labelled_source(data_config, split)
     if split == data_config.train_split and data_config.get("pseudo_label_dir", ""):
@@ -91,6 +92,12 @@ def load_source(data_config, split: str):
                 data_config.pseudo_label_dir, load_source(data_config, "unlabelled")
             ),
             data_config.pseudo_fraction,
+        )
+    if split == data_config.train_split and data_config.get("unlabelled_fraction", 0.0):
+        return pseudo_labels.MixedSource(
+            labelled,
+            pseudo_labels.WithoutLabels(load_source(data_config, "unlabelled")),
+            data_config.unlabelled_fraction,
         )
     if split == data_config.train_split and data_config.get("extra_labelled_dir", ""):
         return pseudo_labels.MixedSource(

@@ -67,6 +67,26 @@ class PseudoLabelSource:
         return f"PseudoLabelSource(directory={str(self.directory)!r}, num_records={len(self)})"
 
 
+class WithoutLabels:
+    """Unlabelled slices for mean teacher: each record with an all-zero mask and an all-zero loss weight,
+    so the supervised loss ignores it and only the consistency term learns from it."""
+
+    def __init__(self, unlabelled):
+        self._unlabelled = unlabelled
+
+    def __len__(self) -> int:
+        return len(self._unlabelled)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._unlabelled[index]
+        image = np.asarray(record["image"])
+        zeros = np.zeros(image.shape, np.uint8)
+        return {"image": image, "mask": zeros, "weight": zeros, "id": record["id"]}
+
+    def __repr__(self) -> str:
+        return f"WithoutLabels({self._unlabelled!r})"
+
+
 class MixedSource:
     """The labelled training slices and extra ones (pseudo-labelled, or another dataset's labelled slices),
     mixed into batches by the input pipeline (`extra_fraction` of each batch from `extra`). Its length and

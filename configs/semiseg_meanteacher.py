@@ -1,0 +1,41 @@
+"""Mean teacher on COVID-SemiSeg (issue #27's consistency-regularisation alternative): configs/semiseg.py's
+recipe, with half of each batch from the release's 1,600 unlabelled slices, learnt from only through the
+consistency between the student and the moving average of its parameters (rdunet_jax/mean_teacher.py):
+
+    python -m rdunet_jax.main --config configs/semiseg_meanteacher.py \\
+        --config.data.manual_dir=../shared/data/covid-semiseg
+
+One fold of the cross-validation (the pool is used in every fold, never the held-out fold's labels):
+
+    python -m rdunet_jax.main --config configs/semiseg_meanteacher.py \\
+        --config.data.manual_dir=../shared/data/covid-semiseg --workdir runs/meanteacher-cv0 \\
+        --config.data.cv_folds=5 --config.data.cv_fold=0 --config.eval.split=validation
+
+Not cross-validated yet: the consistency weight, ramp-up and noise below are the literature's usual
+orders of magnitude, set before any run (experiments/selftrain_cv_runs.txt lines up the cross-validation
+for a GPU session).
+"""
+
+import pathlib
+
+from rdunet_jax import config_lib
+
+
+def get_config(variant: str = "rdunet"):
+    """The semiseg recipe with mean teacher on the unlabelled pool."""
+    config = config_lib.config_module(pathlib.Path(__file__).with_name("semiseg.py")).get_config(variant)
+    config.name = f"{config.model.variant}-semiseg-meanteacher"
+    # Two labelled and two unlabelled slices a batch: an epoch is 22 steps over the 45 labelled slices
+    # (20 in a cross-validation fold), so 150 epochs are the recipe's 3,300 steps, decayed half-way as it is.
+    config.data.unlabelled_fraction = 0.5
+    config.num_epochs = 150
+    config.lr_decay_epochs = 75
+    # The unlabelled rows carry weight 0, which only the weighted form of the recipe's Dice loss reads.
+    config.loss = "dice_weighted"
+    # The mean squared difference of probabilities is small beside a Dice loss (a few hundredths where the
+    # two disagree on a lesion's border), hence a weight well above 1, ramped up over the first sixth.
+    config.consistency.weight = 10.0
+    config.consistency.rampup_epochs = 25
+    config.consistency.ema_decay = 0.99
+    config.consistency.noise_std = 0.05
+    return config

@@ -1,0 +1,190 @@
+"""Mean teacher: the parameters' moving average against hand values, the ramp-up, the train step's loss
+against a numpy recomputation, the unlabelled rows of mixed batches, the config's errors, and a resumed
+run that ends bit-identical to an uninterrupted one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import make_tiny_config
+
+from rdunet_jax import config_validation, datasets, input_pipeline, mean_teacher, models, steps, train
+from rdunet_jax.errors import UserError
+
+
+def test_the_teacher_is_the_moving_average_of_the_updated_parameters_with_the_warm_up():
+    def run(decay, updates):
+        transform = mean_teacher.track_parameter_ema(decay)
+        params = {"w": jnp.array([1.0])}
+        state = transform.init(params)
+        teachers = []
+        for update in updates:
+            passed, state = transform.update({"w": jnp.array([update])}, state, params)
+            assert float(passed["w"][0]) == update  # the updates themselves are not changed
+            params = optax.apply_updates(params, passed)
+            teachers.append(float(state.ema["w"][0]))
+        return teachers
+
+    # Parameters 1.5, 0.5, 1.5; the teacher keeps min(decay, 1 - 1/n) of itself after update n.
+    assert run(0.99, [0.5, -1.0, 1.0]) == pytest.approx(
+        [1.5, 0.5 * 1.5 + 0.5 * 0.5, 2 / 3 * 1.0 + 1 / 3 * 1.5]
+    )
+    assert run(0.5, [0.5, -1.0, 1.0]) == pytest.approx([1.5, 1.0, 0.5 * 1.0 + 0.5 * 1.5])
+
+
+def test_the_ramp_up_is_a_sigmoid_shaped_rise_to_one():
+    assert float(mean_teacher.rampup(0, 10)) == pytest.approx(np.exp(-5.0))
+    assert float(mean_teacher.rampup(5, 10)) == pytest.approx(np.exp(-1.25))
+    assert float(mean_teacher.rampup(10, 10)) == float(mean_teacher.rampup(25, 10)) == 1.0
+    assert float(mean_teacher.rampup(0, 0)) == 1.0
+
+
+def _consistency_config(**changes):
+    config = make_tiny_config(num_unlabelled=8, unlabelled_fraction=0.5)
+    config.loss = "dice_weighted"
+    config.model.dropout_rate = 0.0
+    config.consistency.weight = 2.0
+    config.consistency.rampup_epochs = 0
+    config.consistency.noise_std = 0.0
+    config.update(changes)
+    return config
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_the_step_adds_the_weighted_consistency_to_the_supervised_loss_of_the_labelled_rows():
+    config = _consistency_config()
+    model = models.build_model(config.model)
+    state = steps.create_train_state(config, model, steps_per_epoch=2)
+    assert state.consistency == (2.0, 0, 0.0)
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32, 1), np.float32)
+    masks = (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32)
+    weights = np.ones((4, 32, 32, 1), np.float32)
+    weights[2:] = 0.0  # two unlabelled rows
+    batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
+
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    teacher = _sigmoid(model.apply(variables, images, train=False))  # teacher = student before any update
+    student_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    student = _sigmoid(student_logits)
+    intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
+    total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
+    supervised = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
+    assert supervised[2:] == pytest.approx([0.0, 0.0])  # unlabelled rows add nothing
+    expected = np.mean(supervised) + 2.0 * np.mean((student - teacher) ** 2)
+
+    first, metrics = steps.train_step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    second, _ = steps.train_step(first, batch)
+    # After update 1 the teacher is the student; after update 2 it keeps half of itself (min(0.99, 1/2)).
+    for name, trained in (("first", first), ("second", second)):
+        teacher_leaves = jax.tree_util.tree_leaves(mean_teacher.teacher_parameters(trained.opt_state))
+        if name == "first":
+            expected_leaves = jax.tree_util.tree_leaves(first.params)
+        else:
+            expected_leaves = [
+                0.5 * np.asarray(a) + 0.5 * np.asarray(b)
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(first.params),
+                    jax.tree_util.tree_leaves(second.params),
+                    strict=True,
+                )
+            ]
+        for got, want in zip(teacher_leaves, expected_leaves, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+def test_without_consistency_the_state_and_step_are_the_papers():
+    config = make_tiny_config()
+    state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
+    assert state.consistency == () and isinstance(state.opt_state, tuple)
+    assert not any(isinstance(part, mean_teacher.ParameterEmaState) for part in state.opt_state)
+
+
+def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_zero():
+    config = _consistency_config()
+    config.data.zoom_range = 0.0  # a zoom-out fills the borders of every channel, the weight's too, with 0
+    source = datasets.load_source(config.data, "train")
+    batches = list(input_pipeline.train_dataset(source, config.data, 4, seed=0, epoch=0))
+    assert len(batches) == len(source) // 2  # 2 labelled rows a batch
+    for batch in batches:
+        weights = batch["mask"][..., 1]
+        assert weights.shape == (4, 32, 32)
+        assert np.all(weights[:2] == 1.0) and np.all(weights[2:] == 0.0)
+        assert np.all(batch["mask"][2:, ..., 0] == 0.0)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"data.unlabelled_fraction": 0.0}, "consistency.weight: mean teacher needs unlabelled slices"),
+        ({"consistency.weight": 0.0}, "data.unlabelled_fraction: unlabelled slices train only through"),
+        ({"loss": "dice"}, "loss: mean teacher's mixed batches need a weighted loss"),
+        (
+            {"selftrain.rounds": 1},
+            "consistency.weight: mean teacher and selftrain.rounds > 0 are alternatives",
+        ),
+        (
+            {"data.pseudo_label_dir": "x"},
+            "data.pseudo_label_dir: cannot be mixed in together with mean teacher",
+        ),
+        ({"consistency.ema_decay": 1.0}, "consistency.ema_decay: must be a number in [0, 1), got 1.0"),
+        ({"consistency.weight": -1.0}, "consistency.weight: must be a non-negative number, got -1.0"),
+    ],
+)
+def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):
+    config = _consistency_config()
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value).startswith(message)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _final_params(config, workdir, crash_after_step=None):
+    real_compile = train.compiled_train_step
+    crashes = [crash_after_step]  # once: the resumed run steps past it
+
+    def compiled(*args):
+        step_function = real_compile(*args)
+
+        def step(state, batch):
+            state, metrics = step_function(state, batch)
+            if crashes and int(state.step) == crashes[0]:
+                crashes.pop()
+                raise _Crash
+            return state, metrics
+
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "compiled_train_step", compiled)
+        if crash_after_step is not None:
+            with pytest.raises(_Crash):
+                train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir)
+    return steps.restore_state(config, workdir)
+
+
+def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_teacher(tmp_path):
+    config = _consistency_config(checkpoint_every_steps=1, num_epochs=2)
+    config.consistency.rampup_epochs, config.consistency.noise_std = 1, 0.05
+    config.eval.checkpoint = "last"
+    reference = _final_params(config, tmp_path / "uninterrupted")
+    resumed = _final_params(config, tmp_path / "resumed", crash_after_step=3)
+    assert int(resumed.step) == int(reference.step) == 8
+    for a, b in zip(
+        jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
+        jax.tree_util.tree_leaves((reference.params, reference.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
