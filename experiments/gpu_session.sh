@@ -23,7 +23,8 @@
 #   cv         the cross-validation runs listed in CV_RUNS (default experiments/multiclass_cv_runs.txt:
 #              "candidate fold config [--config.key=value ...]" lines) on DATA_ROOT/covid-semiseg: the
 #              prepared dataset is built once, then CV_CONCURRENCY (10) processes at a time in the file's
-#              order, starting one only while more than CV_MIN_START (150) s are left, SIGTERM
+#              order (all reading the dataset of the first line, prepared once), starting one only while
+#              more than CV_MIN_START (150) s are left, SIGTERM
 #              CV_STOP_MARGIN (25) s before the end; workdirs in CV_ROOT (/dev/shm/cv: Orbax's saves stay
 #              off the disk), `latest` saved every CV_CHECKPOINT_EVERY_EPOCHS (50) epochs; OUT gets
 #              cv_runs.tgz (each run's config, train log and metrics; no checkpoints) and smi.log
@@ -318,7 +319,9 @@ builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >
   unset JAX_DEFAULT_MATMUL_PRECISION
   kill "$smi" 2>/dev/null
   echo "cv: $next of ${#lines[@]} runs started; $(left) s left"
-  tar czf "$out/cv_runs.tgz" -C "$root" --exclude=checkpoints --exclude=tensorboard --exclude=overlays .
+  # Pseudo-label masks and weight maps stay behind (1,600 of each a run): summary.json comes back.
+  tar czf "$out/cv_runs.tgz" -C "$root" --exclude=checkpoints --exclude=tensorboard --exclude=overlays \
+    --exclude=masks --exclude=confidence .
 }
 
 for phase in ${PHASES:-breakdown benchmark studies}; do

@@ -1,11 +1,11 @@
-"""experiments.multiclass_cv: per-class cross-validation Dice read from workdirs, against hand values."""
+"""experiments.cv_table: per-class cross-validation Dice read from workdirs, against hand values."""
 
 import json
 
 import numpy as np
 import pytest
 
-from experiments import multiclass_cv
+from experiments import cv_table
 
 
 def _workdir(root, name: str, class_rows: list[tuple], slice_dice: dict, epoch_seconds=(1.5, 2.5)):
@@ -38,18 +38,18 @@ def root(tmp_path):
 
 
 def test_only_slices_holding_a_class_count_and_folds_are_pooled(root):
-    runs = multiclass_cv.collect(root)
+    runs = cv_table.collect(root)
     assert sorted(runs) == ["alt", "ref"] and sorted(runs["ref"]) == [0, 1]
-    by_slice, fold_means = multiclass_cv.class_values(runs["ref"], "ggo")
+    by_slice, fold_means = cv_table.class_values(runs["ref"], "ggo")
     assert by_slice == {"a": 0.5, "c": 0.7}
     assert fold_means == [0.5, 0.7]
-    assert multiclass_cv.class_values(runs["ref"], "cons") == ({"b": 0.2}, [0.2])
-    assert multiclass_cv.class_values(runs["alt"], "any lesion")[1] == pytest.approx([0.6, 0.8])
+    assert cv_table.class_values(runs["ref"], "cons") == ({"b": 0.2}, [0.2])
+    assert cv_table.class_values(runs["alt"], "any lesion")[1] == pytest.approx([0.6, 0.8])
     assert runs["ref"][0]["seconds"] == 4.0 and runs["ref"][0]["epochs"] == 2
 
 
 def test_the_table_pairs_each_candidate_with_the_reference_per_slice(root):
-    table = multiclass_cv.markdown(multiclass_cv.collect(root), "ref")
+    table = cv_table.markdown(cv_table.collect(root), "ref")
     rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
     # ggo: alt - ref on slices a and c: +0.1 and +0.2; mean 0.15, and a bootstrap over two values stays
     # between them.
@@ -67,5 +67,15 @@ def test_the_table_pairs_each_candidate_with_the_reference_per_slice(root):
 def test_without_train_logs_the_table_has_no_timing(root):
     for log in root.glob("*/train_log.jsonl"):
         log.unlink()
-    table = multiclass_cv.markdown(multiclass_cv.collect(root), "ref")
+    table = cv_table.markdown(cv_table.collect(root), "ref")
     assert "| alt | 2 | ggo | 2 | 0.750 " in table and "training seconds" not in table
+
+
+def test_binary_runs_have_only_the_lesion_row(tmp_path):
+    for name, dice in (("recipe-cv0", {"a": 0.5, "b": 0.7}), ("mt-cv0", {"a": 0.6, "b": 0.9})):
+        _workdir(tmp_path, name, [], dice)
+        (tmp_path / name / "metrics" / "validation_classes.csv").unlink()
+    table = cv_table.markdown(cv_table.collect(tmp_path), "recipe")
+    body = [line for line in table.splitlines() if line.startswith("| mt |") or line.startswith("| recipe |")]
+    assert [line.split("|")[3].strip() for line in body[:2]] == ["any lesion", "any lesion"]
+    assert "0.150 [0.100, 0.200] (n=2)" in body[0]  # mt - recipe: +0.1 and +0.2

@@ -1,12 +1,13 @@
-"""Cross-validation table of multi-class recipe candidates (issue 25): per-class Dice with intervals.
+"""Cross-validation table of recipe candidates: Dice per class (and of the binary mask) with intervals.
 
-Reads workdirs named `<candidate>-cv<fold>` (gpu_session.sh's `cv` phase; experiments/multiclass_cv_runs.txt),
-each scored on its held-out fold (metrics/validation_classes.csv: a row per slice and class). For each
-candidate and class: the mean Dice over every slice holding the class (all folds pooled) with a 95%
-bootstrap interval over those slices, the 5 fold means with a t-interval over folds, and each candidate's
-per-slice paired difference from the reference candidate:
+Reads workdirs named `<candidate>-cv<fold>` (gpu_session.sh's `cv` phase; experiments/*_cv_runs.txt),
+each scored on its held-out fold: metrics/validation_slices.csv (the binary, or any-lesion, mask) and, with
+a multi-class head, metrics/validation_classes.csv (a row per slice and class). For each candidate and
+class: the mean Dice over every slice holding the class (all folds pooled) with a 95% bootstrap interval
+over those slices, the fold means with a t-interval over folds, and each candidate's per-slice paired
+difference from the reference candidate:
 
-    python -m experiments.multiclass_cv runs/cv --reference dice_ce > table.md
+    python -m experiments.cv_table runs/cv --reference dice_ce > table.md
 """
 
 import argparse
@@ -24,13 +25,15 @@ WORKDIR_NAME = re.compile(r"(?P<candidate>.+)-cv(?P<fold>\d+)$")
 
 
 def read_run(workdir: pathlib.Path) -> dict:
-    """A finished run's per-slice, per-class Dice (slices holding the class), its any-lesion Dice per slice,
-    and its training time; raises FileNotFoundError when the run has no metrics."""
+    """A finished run's per-slice Dice per class (slices holding the class; none for a binary head), of its
+    binary (any-lesion) mask, and its training time."""
     per_class = collections.defaultdict(dict)
-    with (workdir / "metrics" / "validation_classes.csv").open() as file:
-        for row in csv.DictReader(file):
-            if row["present"] == "1":
-                per_class[row["class"]][row["id"]] = float(row["dice"])
+    classes_path = workdir / "metrics" / "validation_classes.csv"  # multi-class heads only
+    if classes_path.exists():
+        with classes_path.open() as file:
+            for row in csv.DictReader(file):
+                if row["present"] == "1":
+                    per_class[row["class"]][row["id"]] = float(row["dice"])
     with (workdir / "metrics" / "validation_slices.csv").open() as file:
         any_lesion = {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
     log_path = workdir / "train_log.jsonl"  # absent from the copies kept in experiments/results
@@ -50,7 +53,7 @@ def collect(root: pathlib.Path) -> dict:
     runs = collections.defaultdict(dict)
     for workdir in sorted(root.iterdir()):
         match = WORKDIR_NAME.match(workdir.name)
-        if match and (workdir / "metrics" / "validation_classes.csv").exists():
+        if match and (workdir / "metrics" / "validation_slices.csv").exists():
             runs[match["candidate"]][int(match["fold"])] = read_run(workdir)
     return dict(runs)
 
