@@ -145,3 +145,23 @@ def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_nam
             ground_truth=truth,
         )
     assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
+
+
+def test_a_ground_truth_label_map_of_another_shape_is_refused_naming_the_file(tmp_path):
+    volume, expected = _phantom()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = save_nifti(tmp_path / "truth.nii.gz", expected[:, :30])
+    config = _config("exclusive", ("ggo", "consolidation"))
+    with pytest.raises(
+        UserError,
+        match=r"--ground_truth: \S+truth\.nii\.gz has shape \(32, 30, 3\), \S+case\.nii\.gz \(32, 32, 3\)$",
+    ):
+        predict.predict_path(
+            config,
+            None,
+            source,
+            tmp_path / "out",
+            predictor=IntensityClassPredictor("exclusive"),
+            ground_truth=truth,
+        )
+    assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
