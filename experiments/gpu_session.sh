@@ -45,6 +45,52 @@ started=$(date +%s)
 left() { echo $((seconds - ($(date +%s) - started))); }
 cd "$(dirname "$0")/.."
 
+# Runs the shell commands in the array named $2 (labels: the array named $1), at most $3 at a time, in
+# order, starting one only while more than $4 s are left, and stops those still running $5 s before the
+# end: SIGTERM (a training run saves a checkpoint at its next step and exits; one still compiling or
+# evaluating hears it only afterwards), then SIGKILL 20 s later regardless. Prints, prefixed by $6, each
+# run's start, exit status and seconds. Each command is run with `exec`, so its pid is the one signalled.
+run_pool() {
+  local -n pool_labels=$1 pool_commands=$2
+  local concurrency=$3 min_start=$4 margin=$5 prefix=$6 next=0 pid
+  local -A running=() started_at=()
+  pool_reap() {
+    for pid in "${!running[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid"
+        echo "$prefix: ${running[$pid]}: exit $?, $(($(date +%s) - started_at[$pid])) s, $(left) s left"
+        unset "running[$pid]" "started_at[$pid]"
+      fi
+    done
+  }
+  while :; do
+    pool_reap
+    if (($(left) <= margin)); then
+      ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
+      for _ in $(seq 20); do
+        pool_reap
+        ((${#running[@]})) || break
+        sleep 1
+      done
+      if ((${#running[@]})); then
+        echo "$prefix: killing ${running[*]}, alive 20 s after SIGTERM (a checkpoint saved before is kept)"
+        kill -KILL "${!running[@]}" 2>/dev/null
+      fi
+      break
+    fi
+    while ((${#running[@]} < concurrency && next < ${#pool_commands[@]} && $(left) > min_start)); do
+      bash -c "exec ${pool_commands[next]}" &
+      running[$!]=${pool_labels[next]}
+      started_at[$!]=$(date +%s)
+      echo "$prefix: started ${pool_labels[next]}, $(left) s left"
+      next=$((next + 1))
+    done
+    ((${#running[@]})) || break
+    sleep 2
+  done
+  echo "$prefix: $next of ${#pool_commands[@]} runs started; $(left) s left"
+}
+
 results_root=${RESULTS_ROOT:-experiments/results}
 wheel_dir=${WHEEL_DIR:-.whl}
 if compgen -G "$wheel_dir/*.whl" >/dev/null; then
@@ -134,7 +180,7 @@ ab() {
 }
 
 paper() {
-  local budget=${PAPER_BUDGET:-paper} runs_root=${RUNS_ROOT:-experiments/runs} item pid
+  local budget=${PAPER_BUDGET:-paper} runs_root=${RUNS_ROOT:-experiments/runs}
   local concurrency=${PAPER_CONCURRENCY:-2} min_start=${PAPER_MIN_START:-240} margin=${PAPER_STOP_MARGIN:-60}
   local common=(--budget "$budget" --dataset ma2020_2d --data_root "$data_root"
     --data_dir "${PAPER_DATA_DIR-}" --results_root "$results_root" --runs_root "$runs_root")
@@ -191,46 +237,14 @@ PYTHON
   if [[ ${PAPER_MPS-} == 1 ]] && nvidia-cuda-mps-control -d; then
     echo "paper: CUDA MPS daemon started"
   fi
-  local -A running=()
-  local next=0 study arm seed
-  # Prints each finished run's exit status and forgets it (running: pid -> "study arm seed N").
-  paper_reap() {
-    for pid in "${!running[@]}"; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        wait "$pid"
-        echo "${running[$pid]}: exit $?, $(left) s left"
-        unset "running[$pid]"
-      fi
-    done
-  }
-  while :; do
-    paper_reap
-    if (($(left) <= margin)); then
-      # SIGTERM: a training run saves a checkpoint at its next step and exits; one still compiling or
-      # evaluating hears it only afterwards, so SIGKILL 20 s later regardless.
-      ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
-      for _ in $(seq 20); do
-        paper_reap
-        ((${#running[@]})) || break
-        sleep 1
-      done
-      if ((${#running[@]})); then
-        echo "paper: killing ${running[*]}, alive 20 s after SIGTERM (a checkpoint saved before is kept)"
-        kill -KILL "${!running[@]}" 2>/dev/null
-      fi
-      break
-    fi
-    while ((${#running[@]} < concurrency && next < ${#queue[@]} && $(left) > min_start)); do
-      read -r study arm seed <<<"${queue[next]}"
-      (exec python3 -m experiments.run_study "$study" "${common[@]}" --arms "$arm" --seeds "$seed") \
-        >"$out/paper_${study}_${arm}_seed$seed.log" 2>&1 &
-      running[$!]="$study $arm seed $seed"
-      echo "paper: started ${running[$!]}, $(left) s left"
-      next=$((next + 1))
-    done
-    ((${#running[@]})) || break
-    sleep 2
+  local labels=() commands=() study arm seed item
+  for item in "${queue[@]}"; do
+    read -r study arm seed <<<"$item"
+    labels+=("$study $arm seed $seed")
+    commands+=("$(printf '%q ' python3 -m experiments.run_study "$study" "${common[@]}" --arms "$arm" \
+      --seeds "$seed")>$(printf '%q' "$out/paper_${study}_${arm}_seed$seed.log") 2>&1")
   done
+  run_pool labels commands "$concurrency" "$min_start" "$margin" paper
   unset JAX_DEFAULT_MATMUL_PRECISION
   [[ ${PAPER_MPS-} == 1 ]] && echo quit | nvidia-cuda-mps-control 2>/dev/null
   # Records other studies can reuse (split_leakage's random arm is ablation's rdunet; dilation's paper,
@@ -255,7 +269,7 @@ for study in ('ablation', 'split_leakage', 'dilation'):
 cv() {
   local runs_file=${CV_RUNS:-experiments/multiclass_cv_runs.txt} root=${CV_ROOT:-/dev/shm/cv}
   local concurrency=${CV_CONCURRENCY:-10} min_start=${CV_MIN_START:-150} margin=${CV_STOP_MARGIN:-25}
-  local data_dir=/tmp/cv_tfds lines=() line candidate fold config extra pid next=0
+  local data_dir=/tmp/cv_tfds lines=() line candidate fold config extra
   # About 11 MB a checkpoint, three kept per run: fall back to the disk where memory is short.
   if ! mkdir -p "$root" || (($(df --output=avail -B1M "$root" | tail -n 1) < 4096)); then
     root=/tmp/cv
@@ -282,43 +296,17 @@ builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 >"$out/smi.log" 2>&1 &
   local smi=$!
   export JAX_DEFAULT_MATMUL_PRECISION=highest
-  local -A running=() started_at=()
-  cv_reap() {
-    for pid in "${!running[@]}"; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        wait "$pid"
-        echo "cv: ${running[$pid]}: exit $?, $(($(date +%s) - started_at[$pid])) s, $(left) s left"
-        unset "running[$pid]" "started_at[$pid]"
-      fi
-    done
-  }
-  while :; do
-    cv_reap
-    if (($(left) <= margin)); then
-      ((${#running[@]})) && kill -TERM "${!running[@]}" 2>/dev/null
-      for _ in $(seq 15); do
-        cv_reap
-        ((${#running[@]})) || break
-        sleep 1
-      done
-      ((${#running[@]})) && echo "cv: killing ${running[*]}" && kill -KILL "${!running[@]}" 2>/dev/null
-      break
-    fi
-    while ((${#running[@]} < concurrency && next < ${#lines[@]} && $(left) > min_start)); do
-      read -r candidate fold config extra <<<"${lines[next]}"
-      # shellcheck disable=SC2086 # extra holds the run's --config overrides, one word each
-      (exec python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \
-        "${common[@]}" --config.data.cv_fold="$fold" $extra) >"$out/cv_${candidate}_$fold.log" 2>&1 &
-      running[$!]="$candidate fold $fold"
-      started_at[$!]=$(date +%s)
-      next=$((next + 1))
-    done
-    ((${#running[@]})) || break
-    sleep 2
+  local labels=() commands=()
+  for line in "${lines[@]}"; do
+    read -r candidate fold config extra <<<"$line"
+    labels+=("$candidate fold $fold")
+    # shellcheck disable=SC2086 # extra holds the run's --config overrides, one word each
+    commands+=("$(printf '%q ' python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \
+      "${common[@]}" --config.data.cv_fold="$fold" $extra)>$(printf '%q' "$out/cv_${candidate}_$fold.log") 2>&1")
   done
+  run_pool labels commands "$concurrency" "$min_start" "$margin" cv
   unset JAX_DEFAULT_MATMUL_PRECISION
   kill "$smi" 2>/dev/null
-  echo "cv: $next of ${#lines[@]} runs started; $(left) s left"
   # Pseudo-label masks and weight maps stay behind (1,600 of each a run): summary.json comes back.
   tar czf "$out/cv_runs.tgz" -C "$root" --exclude=checkpoints --exclude=tensorboard --exclude=overlays \
     --exclude=masks --exclude=confidence .
