@@ -90,29 +90,35 @@ EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
-    keyed by (seed, step)."""
+    keyed by (seed, step). With mean teacher (`state.consistency`) the student sees the batch plus noise
+    and the loss adds the consistency term (`_mean_teacher_terms`)."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+    inputs, consistency_term = batch["image"], None
     if state.consistency:
-        return _mean_teacher_step(state, batch, dropout_key)
+        inputs, consistency_term = _mean_teacher_terms(state, batch, dropout_key)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            inputs,
             train=True,
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
         )
-        return jnp.mean(per_image_loss(state, logits, batch)), updates
+        loss = jnp.mean(per_image_loss(state, logits, batch))
+        if consistency_term is not None:
+            loss = loss + consistency_term(logits)
+        return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     return state, {"loss": loss}
 
 
-def _mean_teacher_step(state: TrainState, batch: dict, dropout_key) -> tuple[TrainState, dict]:
-    """`train_step` with mean teacher's consistency term: the student sees the batch plus Gaussian noise,
-    the teacher (the parameters' moving average, running BatchNorm statistics) the batch itself."""
+def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):
+    """Mean teacher's student input (the batch plus Gaussian noise) and consistency term: weight x ramp-up
+    x the squared difference from the teacher's probabilities on the batch (the teacher: the parameters'
+    moving average, with the running BatchNorm statistics)."""
     weight, rampup_steps, noise_std = state.consistency
     teacher_logits = state.apply_fn(
         {"params": mean_teacher.teacher_parameters(state.opt_state), "batch_stats": state.batch_stats},
@@ -121,25 +127,10 @@ def _mean_teacher_step(state: TrainState, batch: dict, dropout_key) -> tuple[Tra
     )
     teacher = jax.lax.stop_gradient(jax.nn.sigmoid(teacher_logits.astype(jnp.float32)))
     noise_key = jax.random.fold_in(dropout_key, 1)  # a stream of its own, beside dropout's
-    noisy = batch["image"] + noise_std * jax.random.normal(
-        noise_key, batch["image"].shape, batch["image"].dtype
-    )
-    consistency_weight = weight * mean_teacher.rampup(state.step, rampup_steps)
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            noisy,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
-        )
-        supervised = jnp.mean(per_image_loss(state, logits, batch))
-        return supervised + consistency_weight * mean_teacher.consistency_loss(logits, teacher), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    return state, {"loss": loss}
+    image = batch["image"]
+    noisy = image + noise_std * jax.random.normal(noise_key, image.shape, image.dtype)
+    scale = weight * mean_teacher.rampup(state.step, rampup_steps)
+    return noisy, lambda logits: scale * mean_teacher.consistency_loss(logits, teacher)
 
 
 @functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)
