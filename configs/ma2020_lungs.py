@@ -15,7 +15,7 @@ The schedule is what fits the 2-core CPU (30 minutes): 128 px, 8 epochs of batch
 after 6, no dropout. On the test split (323 slices): lung Dice 0.953, infection 0.571, involvement error
 11.7 percentage points (experiments/results/multiclass/README.md). The paper's schedule is a config away:
 `--config.data.image_size=256 --config.num_epochs=350 --config.lr_decay_epochs=20 --config.batch_size=8
---config.model.dropout_rate=0.5` (a GPU's work).
+--config.model.dropout_rate=0.5 --config.eval.small_lesion_area=100` (a GPU's work).
 """
 
 from rdunet_jax import config_lib, reports

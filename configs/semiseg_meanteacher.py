@@ -12,7 +12,7 @@ One fold of the cross-validation (the pool is used in every fold, never the held
         --config.data.cv_folds=5 --config.data.cv_fold=0 --config.eval.split=validation
 
 Not cross-validated yet: the consistency weight, ramp-up and noise below are the literature's usual
-orders of magnitude, set before any run (experiments/selftrain_cv_runs.txt lines up the cross-validation
+orders of magnitude, set before any run (experiments/meanteacher_cv_runs.txt lines up the cross-validation
 for a GPU session).
 """
 
@@ -33,7 +33,9 @@ def get_config(variant: str = "rdunet"):
     # The unlabelled rows carry weight 0, which only the weighted form of the recipe's Dice loss reads.
     config.loss = "dice_weighted"
     # The mean squared difference of probabilities is small beside a Dice loss (a few hundredths where the
-    # two disagree on a lesion's border), hence a weight well above 1, ramped up over the first sixth.
+    # two disagree on a lesion's border), hence a weight well above 1, ramped up over the first sixth. The
+    # supervised term is the batch's mean, half of it unlabelled rows adding 0: against the labelled rows'
+    # mean alone, the weight is 20.
     config.consistency.weight = 10.0
     config.consistency.rampup_epochs = 25
     config.consistency.ema_decay = 0.99

@@ -277,6 +277,10 @@ cv() {
   fi
   echo "cv: workdirs in $root"
   mapfile -t lines < <(grep -v '^#' "$runs_file" | grep .)
+  if ((${#lines[@]} == 0)); then
+    echo "cv: no runs in $runs_file"
+    return 1
+  fi
   local common=(--config.data.manual_dir="$data_root/covid-semiseg" --config.data.data_dir="$data_dir"
     --config.data.cv_folds=5 --config.eval.split=validation
     --config.checkpoint_every_epochs="${CV_CHECKPOINT_EVERY_EPOCHS:-50}")
@@ -296,13 +300,14 @@ builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 >"$out/smi.log" 2>&1 &
   local smi=$!
   export JAX_DEFAULT_MATMUL_PRECISION=highest
-  local labels=() commands=()
+  local labels=() commands=() words=()
   for line in "${lines[@]}"; do
-    read -r candidate fold config extra <<<"$line"
+    # candidate, fold, config, then the run's --config overrides, one word each (never glob-expanded)
+    read -ra words <<<"$line"
+    candidate=${words[0]} fold=${words[1]} config=${words[2]}
     labels+=("$candidate fold $fold")
-    # shellcheck disable=SC2086 # extra holds the run's --config overrides, one word each
     commands+=("$(printf '%q ' python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \
-      "${common[@]}" --config.data.cv_fold="$fold" $extra)>$(printf '%q' "$out/cv_${candidate}_$fold.log") 2>&1")
+      "${common[@]}" --config.data.cv_fold="$fold" "${words[@]:3}")>$(printf '%q' "$out/cv_${candidate}_$fold.log") 2>&1")
   done
   run_pool labels commands "$concurrency" "$min_start" "$margin" cv
   unset JAX_DEFAULT_MATMUL_PRECISION

@@ -31,6 +31,8 @@ ARCHITECTURE_KEYS = (
 )
 # What a checkpoint saved before the heads existed was: the paper's binary lesion model.
 BINARY_ARCHITECTURE = {"head": "binary", "classes": ["lesion"]}
+# The meta key of a run trained with mean teacher, whose optimizer state also holds the teacher.
+MEAN_TEACHER = "mean_teacher"
 
 
 class ModelMismatchError(UserError):
@@ -81,6 +83,20 @@ def check_orientation(saved: str | None, data_config, directory) -> None:
         raise ModelMismatchError(
             f"checkpoint in {directory} was trained on slices in orientation {saved!r}, the config gives "
             f"data.orientation={current!r}; set --config.data.orientation={saved}"
+        )
+
+
+def check_mean_teacher(meta: dict, target_state, directory) -> None:
+    """Raises ModelMismatchError when the checkpoint was trained with mean teacher and the config has none,
+    or the other way round: their optimizer states differ, which would otherwise read as damage."""
+    saved, configured = bool(meta.get(MEAN_TEACHER)), bool(getattr(target_state, "consistency", ()))
+    if saved != configured:
+        setting = (
+            "consistency.weight > 0 (and data.unlabelled_fraction > 0)" if saved else "consistency.weight=0"
+        )
+        raise ModelMismatchError(
+            f"checkpoint in {directory} was trained {'with' if saved else 'without'} mean teacher, the "
+            f"config {'has none' if saved else 'has it'}; set {setting} as the checkpoint's run did"
         )
 
 
@@ -139,6 +155,7 @@ class RunCheckpoints:
             )
             if data_config is not None:
                 check_orientation(meta.get("orientation"), data_config, self.directory / kind / str(step))
+            check_mean_teacher(meta, target_state, self.directory / kind / str(step))
         restored = manager.restore(
             step,
             args=ocp.args.Composite(

@@ -42,7 +42,8 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "device": [device.platform, device.device_kind, jax.device_count()],
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
         "loss": state.loss,
-        **({"consistency": list(state.consistency)} if state.consistency else {}),
+        # The moving average's decay is traced into the step too (the optimizer's, not the state's, setting).
+        **({"consistency": [*state.consistency, config.consistency.ema_decay]} if state.consistency else {}),
         "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
         # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
         "inputs": [

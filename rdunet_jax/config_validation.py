@@ -197,6 +197,12 @@ def _check_consistency(config) -> None:
         raise UserError(
             "consistency.weight: mean teacher needs unlabelled slices: set data.unlabelled_fraction > 0"
         )
+    # input_pipeline.pseudo_per_batch: the nearest whole number of rows.
+    if _is_int(config.batch_size) and config.batch_size > 0 and config.batch_size * fraction < 0.5:
+        raise UserError(
+            f"data.unlabelled_fraction: {fraction} of a batch of {config.batch_size} rounds to no "
+            "unlabelled row"
+        )
     if config.model.get("head", "binary") != "binary":
         raise UserError(
             f"consistency.weight: mean teacher is built for model.head='binary', got {config.model.head!r}"

@@ -2,7 +2,8 @@
 
 The teacher is an exponential moving average of the student's parameters, kept in the optimizer state
 (`track_parameter_ema`, chained after Adam), so a checkpoint and its restore need nothing new. Each train
-step adds to the supervised loss (on the labelled rows; unlabelled rows carry weight 0) the mean squared
+step adds to the supervised loss (the batch's mean, to which the unlabelled rows, at weight 0, add 0, as
+pseudo-labelled batches are averaged) the mean squared
 difference between the student's probabilities on the batch plus Gaussian noise and the teacher's on the
 batch, weighted by `consistency.weight` times a sigmoid ramp-up over `consistency.rampup_epochs`.
 """

@@ -137,7 +137,7 @@ class _LossCheck:
 
 def new_meta(config) -> dict:
     """The JSON part of a checkpoint at the start of training."""
-    return {
+    meta = {
         "epoch": 0,
         "iterator": None,
         "epoch_loss_sum": 0.0,
@@ -147,6 +147,9 @@ def new_meta(config) -> dict:
         "model": checkpoints.architecture(config.model, config.data),
         "orientation": model_orientation(config.data),
     }
+    if config.get("consistency") and config.consistency.weight:
+        meta[checkpoints.MEAN_TEACHER] = True  # absent otherwise: other runs' meta stays as it was
+    return meta
 
 
 def restore_latest(run_checkpoints, state, config):

@@ -9,7 +9,16 @@ import optax
 import pytest
 from helpers import make_tiny_config
 
-from rdunet_jax import config_validation, datasets, input_pipeline, mean_teacher, models, steps, train
+from rdunet_jax import (
+    compile_cache,
+    config_validation,
+    datasets,
+    input_pipeline,
+    mean_teacher,
+    models,
+    steps,
+    train,
+)
 from rdunet_jax.errors import UserError
 
 
@@ -134,6 +143,7 @@ def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_ze
         ),
         ({"consistency.ema_decay": 1.0}, "consistency.ema_decay: must be a number in [0, 1), got 1.0"),
         ({"consistency.weight": -1.0}, "consistency.weight: must be a non-negative number, got -1.0"),
+        ({"data.unlabelled_fraction": 0.1}, "data.unlabelled_fraction: 0.1 of a batch of 4 rounds to no"),
     ],
 )
 def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):
@@ -188,3 +198,32 @@ def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_t
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_stored_train_step_is_another_for_another_decay_of_the_moving_average():
+    keys = []
+    for decay in (0.99, 0.999):
+        config = _consistency_config()
+        config.consistency.ema_decay = decay
+        state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
+        batch = {"image": np.zeros((4, 32, 32, 1), np.float32), "mask": np.zeros((4, 32, 32, 2), np.float32)}
+        keys.append(compile_cache.train_step_key(config, state, batch, steps_per_epoch=2))
+    assert keys[0] != keys[1]
+
+
+def test_a_checkpoint_with_or_without_mean_teacher_is_refused_by_the_other_in_one_line(tmp_path):
+    mean_teacher_config = _consistency_config(num_epochs=1)
+    plain_config = make_tiny_config()
+    plain_config.num_epochs = 1
+    for trained, other in ((mean_teacher_config, plain_config), (plain_config, mean_teacher_config)):
+        workdir = tmp_path / ("mt" if trained is mean_teacher_config else "plain")
+        train.train_and_evaluate(trained, workdir)
+        expected = (
+            "with mean teacher, the config has none"
+            if trained is mean_teacher_config
+            else ("without mean teacher, the config has it")
+        )
+        for load in (steps.restore_state, train.train_and_evaluate):
+            with pytest.raises(UserError, match=expected):
+                load(other, workdir)
+        assert not (workdir / "checkpoints" / "damaged").exists()
