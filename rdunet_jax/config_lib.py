@@ -230,6 +230,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.selftrain.student_num_epochs = 150
     config.selftrain.student_lr_decay_epochs = 75
     config.selftrain.student_intensity_range = 0.1
+    # The student's batch (0: the teacher's `batch_size`). A larger one adds the pseudo-labelled rows on top
+    # of the teacher's labelled rows instead of in their place: batch 5 with data.pseudo_fraction 0.2 is the
+    # teacher's 4 labelled slices a step plus 1 pseudo-labelled one.
+    config.selftrain.student_batch_size = 0
 
     # Mean teacher (rdunet_jax/mean_teacher.py): 0 trains without it; > 0 weighs the consistency between
     # the student (the batch plus Gaussian noise of `noise_std`) and the moving average of its parameters

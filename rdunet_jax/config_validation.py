@@ -262,6 +262,12 @@ def _check_selftrain(config) -> None:
     )
     for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
         _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
+    _require(
+        config,
+        "selftrain.student_batch_size",
+        lambda value: _is_int(value) and value >= 0,
+        "a non-negative integer (0: the teacher's batch_size)",
+    )
 
 
 def _check_head_and_classes(config) -> None:

@@ -50,10 +50,13 @@ def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_t
 
 
 def teacher_config(config):
-    """The config as plain supervised training: the teacher."""
+    """The config as plain supervised training: the teacher. The keys only students read hold their
+    defaults, so that changing the student's settings keeps a finished teacher."""
     teacher = copy.deepcopy(config)
-    teacher.selftrain.rounds = 0
+    defaults = config_lib.base_config()
+    teacher.selftrain = defaults.selftrain
     teacher.data.pseudo_label_dir = ""
+    teacher.data.pseudo_fraction = defaults.data.pseudo_fraction
     return teacher
 
 
@@ -62,9 +65,11 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
     loss weighted per pixel, the student's schedule and its intensity augmentation."""
     student = teacher_config(config)
     student.data.pseudo_label_dir = str(pseudo_label_dir)
+    student.data.pseudo_fraction = config.data.pseudo_fraction
     student.data.intensity_range = config.selftrain.student_intensity_range
     student.num_epochs = config.selftrain.student_num_epochs
     student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
+    student.batch_size = config.selftrain.student_batch_size or config.batch_size
     student.loss = losses.WEIGHTED_LOSSES.get(config.loss, config.loss)
     return student
 
@@ -128,8 +133,20 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
     Everything is written in `<folder>.partial`, renamed to `folder` once the summary is written: a folder
     that exists is complete, and a killed run starts the stage again.
     """
+    selftrain_config = config.selftrain
+    settings = {
+        "confidence_threshold": selftrain_config.confidence_threshold,
+        "weighting": selftrain_config.weighting,
+        "mask_threshold": config.eval.threshold,
+    }
     if (folder / pseudo_labels.SUMMARY).is_file():
         summary = pseudo_labels.read_summary(folder)
+        for key, value in settings.items():
+            if summary[key] != value:
+                raise UserError(
+                    f"{folder}: these pseudo-labels were made with {key} {summary[key]}, the config asks for "
+                    f"{value}; use another --workdir (or remove the folder)"
+                )
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
     started = time.perf_counter()
@@ -139,7 +156,6 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
     for subfolder in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
         (partial / subfolder).mkdir(parents=True)
     predictor = inference.JaxPredictor(steps.restore_state(model_config, model_folder))
-    selftrain_config = config.selftrain
     print(f"pseudo-labels: predicting {len(unlabelled)} unlabelled slices with {model_folder}", flush=True)
     slices = []
     for batch in evaluate.predict_source(predictor, unlabelled, model_config, test_time_flips=True):
@@ -179,9 +195,7 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "model": str(model_folder),
         "step": int(predictor.step),
         "test_time_flips": True,
-        "confidence_threshold": selftrain_config.confidence_threshold,
-        "weighting": selftrain_config.weighting,
-        "mask_threshold": config.eval.threshold,
+        **settings,
         "totals": totals,
         "seconds": time.perf_counter() - started,
         "slices": slices,

@@ -167,6 +167,46 @@ def test_evaluate_mode_of_a_self_training_workdir_evaluates_the_final_student(un
     assert metrics["dice"] == summary["final"]["dice"] and metrics["step"] == summary["final"]["step"]
 
 
+def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(uninterrupted):
+    from rdunet_jax import input_pipeline
+    from rdunet_jax.errors import UserError
+
+    workdir, summary = uninterrupted
+    config = tiny_selftrain_config()
+    config.selftrain.student_batch_size = 3
+    config.selftrain.student_num_epochs = 7
+    config.selftrain.student_intensity_range = 0.3
+    config.data.pseudo_fraction = 0.34
+    teacher = selftrain.teacher_config(config)
+    assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
+    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
+    assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
+    assert input_pipeline.pseudo_per_batch(student.batch_size, student.data.pseudo_fraction) == 1
+    config.selftrain.student_batch_size = 0  # the teacher's batch
+    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
+    assert student.batch_size == config.batch_size == teacher.batch_size
+    config.batch_size += 1  # the teacher's own settings still count
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
+
+
+@pytest.mark.parametrize(("key", "value"), [("confidence_threshold", 0.8), ("weighting", "confidence")])
+def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterrupted, key, value):
+    from rdunet_jax.errors import UserError
+
+    workdir, _ = uninterrupted
+    folder = workdir / "pseudo_labels" / "round1"
+    before = (folder / pseudo_labels.SUMMARY).read_bytes()
+    config = tiny_selftrain_config()
+    config.selftrain[key] = value
+    stored = json.loads(before)[key]
+    message = f"{folder}: these pseudo-labels were made with {key} {stored}, the config asks for {value}; "
+    with pytest.raises(UserError) as raised:
+        selftrain.write_pseudo_labels(config, workdir / "teacher", selftrain.teacher_config(config), folder)
+    assert str(raised.value).startswith(message)
+    assert (folder / pseudo_labels.SUMMARY).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     reference, summary = uninterrupted
@@ -205,6 +245,12 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
         ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
         ("data.pseudo_fraction", 1.0, "data.pseudo_fraction: must be a number in [0, 1), got 1.0"),
         ("selftrain.rounds", -1, "selftrain.rounds: must be a non-negative integer, got -1"),
+        (
+            "selftrain.student_batch_size",
+            -1,
+            "selftrain.student_batch_size: must be a non-negative integer (0: the teacher's batch_size), "
+            "got -1",
+        ),
     ],
 )
 def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message):
