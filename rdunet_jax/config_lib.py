@@ -84,6 +84,8 @@ def upgrade(config):
 # `model.head` choices: see base_config.
 HEADS = heads.HEADS
 DEFAULT_CLASSES = ("lesion",)
+# How the unlabelled pool's intensities are matched to the labelled slices' (datasets/intensity_matching.py).
+INTENSITY_MATCHING_MODES = ("none", "window", "histogram")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -195,6 +197,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Mean teacher: this share of each training batch is unlabelled slices (weight 0 in the supervised
     # loss), which only the consistency term (`consistency.*`) learns from.
     config.data.unlabelled_fraction = 0.0
+    # Match each unlabelled slice's intensities to the labelled training slices' (semiseg's pool is mostly
+    # stored in another display window): 'none', 'window' (a linear map of the 5th and 95th percentiles)
+    # or 'histogram' (cumulative histogram matching); datasets/intensity_matching.py.
+    config.data.unlabelled_intensity_matching = "none"
     # Random contrast and brightness change of up to this much (0 = off): the student's extra noise.
     config.data.intensity_range = 0.0
 

@@ -264,6 +264,12 @@ def _check_selftrain(config) -> None:
         _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
     _require(
         config,
+        "data.unlabelled_intensity_matching",
+        lambda value: value in config_lib.INTENSITY_MATCHING_MODES,
+        f"one of {list(config_lib.INTENSITY_MATCHING_MODES)}",
+    )
+    _require(
+        config,
         "selftrain.student_batch_size",
         lambda value: _is_int(value) and value >= 0,
         "a non-negative integer (0: the teacher's batch_size)",

@@ -49,14 +49,18 @@ def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_t
     return mask, np.where(confident, strength, 0.0).astype(np.float32)
 
 
+# The data keys only students read: the teacher never sees the pool or its pseudo-labels.
+STUDENT_DATA_KEYS = ("pseudo_label_dir", "pseudo_fraction", "unlabelled_intensity_matching")
+
+
 def teacher_config(config):
     """The config as plain supervised training: the teacher. The keys only students read hold their
     defaults, so that changing the student's settings keeps a finished teacher."""
     teacher = copy.deepcopy(config)
     defaults = config_lib.base_config()
     teacher.selftrain = defaults.selftrain
-    teacher.data.pseudo_label_dir = ""
-    teacher.data.pseudo_fraction = defaults.data.pseudo_fraction
+    for key in STUDENT_DATA_KEYS:
+        teacher.data[key] = defaults.data[key]
     return teacher
 
 
@@ -64,8 +68,9 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
     """The student: the config on the labelled slices mixed with `pseudo_label_dir`'s pseudo-labels, the
     loss weighted per pixel, the student's schedule and its intensity augmentation."""
     student = teacher_config(config)
+    for key in STUDENT_DATA_KEYS:
+        student.data[key] = config.data[key]
     student.data.pseudo_label_dir = str(pseudo_label_dir)
-    student.data.pseudo_fraction = config.data.pseudo_fraction
     student.data.intensity_range = config.selftrain.student_intensity_range
     student.num_epochs = config.selftrain.student_num_epochs
     student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
@@ -138,11 +143,13 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "confidence_threshold": selftrain_config.confidence_threshold,
         "weighting": selftrain_config.weighting,
         "mask_threshold": config.eval.threshold,
+        "unlabelled_intensity_matching": config.data.unlabelled_intensity_matching,
     }
     if (folder / pseudo_labels.SUMMARY).is_file():
         summary = pseudo_labels.read_summary(folder)
         for key, value in settings.items():
-            if summary[key] != value:
+            # Pseudo-labels written before intensity matching existed were made without it.
+            if summary.get(key, "none") != value:
                 raise UserError(
                     f"{folder}: these pseudo-labels were made with {key} {summary[key]}, the config asks for "
                     f"{value}; use another --workdir (or remove the folder)"

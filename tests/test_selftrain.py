@@ -177,10 +177,15 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.selftrain.student_num_epochs = 7
     config.selftrain.student_intensity_range = 0.3
     config.data.pseudo_fraction = 0.34
+    config.data.unlabelled_intensity_matching = "window"
     teacher = selftrain.teacher_config(config)
     assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
     assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
+    assert (student.data.unlabelled_intensity_matching, teacher.data.unlabelled_intensity_matching) == (
+        "window",
+        "none",
+    )
     assert input_pipeline.pseudo_per_batch(student.batch_size, student.data.pseudo_fraction) == 1
     config.selftrain.student_batch_size = 0  # the teacher's batch
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
@@ -190,15 +195,22 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
         selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
 
 
-@pytest.mark.parametrize(("key", "value"), [("confidence_threshold", 0.8), ("weighting", "confidence")])
-def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterrupted, key, value):
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("selftrain", "confidence_threshold", 0.8),
+        ("selftrain", "weighting", "confidence"),
+        ("data", "unlabelled_intensity_matching", "window"),
+    ],
+)
+def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterrupted, section, key, value):
     from rdunet_jax.errors import UserError
 
     workdir, _ = uninterrupted
     folder = workdir / "pseudo_labels" / "round1"
     before = (folder / pseudo_labels.SUMMARY).read_bytes()
     config = tiny_selftrain_config()
-    config.selftrain[key] = value
+    config[section][key] = value
     stored = json.loads(before)[key]
     message = f"{folder}: these pseudo-labels were made with {key} {stored}, the config asks for {value}; "
     with pytest.raises(UserError) as raised:

@@ -12,7 +12,7 @@ With `data.cv_folds` > 0, `train` and `validation` are index views of a cross-va
 import numpy as np
 
 from rdunet_jax.datasets import builder as builder_lib
-from rdunet_jax.datasets import layouts, pseudo_labels
+from rdunet_jax.datasets import intensity_matching, layouts, pseudo_labels
 from rdunet_jax.errors import UserError
 
 
@@ -123,7 +123,15 @@ def _load_labelled_source(data_config, split: str):
     """`load_source` without pseudo-labels: one split, or one fold of the cross-validation pool."""
     prepared = builder_lib.prepare(data_config)
     if split == builder_lib.UNLABELLED_SPLIT:
-        return UnlabelledSource(_load_prepared_split(prepared, data_config, split))
+        unlabelled = UnlabelledSource(_load_prepared_split(prepared, data_config, split))
+        mode = data_config.get("unlabelled_intensity_matching", "none")
+        if mode == "none":
+            return unlabelled
+        # The reference is the slices the model learns labels from: a fold's training slices, never the
+        # held-out ones.
+        training = _load_labelled_source(data_config, data_config.get("train_split", "train"))
+        reference = intensity_matching.pooled_histogram(training)
+        return intensity_matching.IntensityMatched(unlabelled, reference, mode)
     num_folds = data_config.get("cv_folds", 0)
     if not num_folds or split not in ("train", "validation", "train_full"):
         return _load_prepared_split(prepared, data_config, split)

@@ -1,0 +1,110 @@
+"""Intensity matching of the unlabelled pool ('window' and 'histogram'): hand-computed remappings,
+scikit-image and numpy as references, a window change undone, the source the pool is read through (the
+key's check is in test_config_lib's fuzz table)."""
+
+import numpy as np
+import pytest
+
+from rdunet_jax import config_lib, datasets
+from rdunet_jax.datasets import intensity_matching
+from rdunet_jax.errors import UserError
+
+
+def test_match_histogram_against_hand_computed_values():
+    image = np.array([[0, 0, 10, 20]], np.uint8)  # quantiles: 0 -> 0.5, 10 -> 0.75, 20 -> 1
+    reference = np.zeros(256, np.int64)
+    reference[100], reference[200] = 1, 3  # quantiles: 100 -> 0.25, 200 -> 1
+    # 0.5 and 0.75 lie a third and two thirds of the way from 0.25 to 1: 133.3 and 166.7.
+    matched = intensity_matching.match_histogram(image, reference)
+    np.testing.assert_array_equal(matched, [[133, 133, 167, 200]])
+    assert matched.dtype == np.uint8
+    # At or below the reference's first quantile, everything goes to its lowest level.
+    # Quantiles now 50 -> 0.5, 100 -> 0.625, 200 -> 1: 0.75 lies a third of the way from 100 to 200.
+    reference[50] = 4
+    np.testing.assert_array_equal(intensity_matching.match_histogram(image, reference), [[50, 50, 133, 200]])
+
+
+def test_match_histogram_is_scikit_images_match_histograms_rounded():
+    exposure = pytest.importorskip("skimage.exposure")  # in the test extra
+    rng = np.random.default_rng(2)
+    template = np.concatenate([rng.integers(90, 256, 3000), rng.integers(0, 60, 1000)]).astype(np.uint8)
+    counts = np.histogram(template, bins=256, range=(0, 256))[0]
+    for seed in range(5):
+        image = np.random.default_rng(seed).beta(2, 5, (40, 30))
+        image = (255 * image).astype(np.uint8)
+        expected = np.round(exposure.match_histograms(image, template[None, :])).astype(np.uint8)
+        np.testing.assert_array_equal(intensity_matching.match_histogram(image, counts), expected)
+
+
+def test_an_image_matched_to_its_own_histogram_is_unchanged():
+    image = np.random.default_rng(0).integers(0, 256, (17, 23), dtype=np.uint8)
+    counts = np.histogram(image, bins=256, range=(0, 256))[0]
+    np.testing.assert_array_equal(intensity_matching.match_histogram(image, counts), image)
+
+
+def test_reference_percentiles_are_numpys_percentiles_of_the_pixels():
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 7, 1000):
+        pixels = rng.integers(0, 256, size)
+        counts = np.bincount(pixels, minlength=256)
+        percentiles = [0, 5, 37.5, 95, 100]
+        np.testing.assert_allclose(
+            intensity_matching.reference_percentiles(counts, percentiles), np.percentile(pixels, percentiles)
+        )
+
+
+def test_match_window_against_hand_computed_values():
+    # The image 0..100: 5th and 95th percentiles 5 and 95. The reference 0..200: 10 and 190. So x goes to
+    # 10 + (x - 5) * 180 / 90 = 2x: 3 -> 6, 50 -> 100, 100 -> 200.
+    image = np.arange(101, dtype=np.uint8)
+    reference = np.bincount(np.arange(201), minlength=256)
+    matched = intensity_matching.match_window(image, reference)
+    assert matched.dtype == np.uint8
+    np.testing.assert_array_equal(matched[[0, 3, 50, 100]], [0, 6, 100, 200])
+    np.testing.assert_array_equal(matched, 2 * image)
+    # One more pixel, 130: the percentiles move to 5.05 and 95.95, and 130 maps past 255 (clipped).
+    image = np.concatenate([np.arange(101), [130]]).astype(np.uint8)
+    low, high = np.percentile(image, [5, 95])
+    expected = np.clip(np.round(10 + (image - low) * 180 / (high - low)), 0, 255)
+    np.testing.assert_array_equal(intensity_matching.match_window(image, reference), expected)
+    assert intensity_matching.match_window(image, reference)[-1] == 255
+
+
+@pytest.mark.parametrize("match", ["match_window", "match_histogram"])
+def test_a_wider_display_window_is_undone_by_either_matching(match):
+    # A slice stored in a window twice as wide (intensities halved, then offset) is brought back to
+    # the reference's, to within the levels the narrower copy merged.
+    rng = np.random.default_rng(1)
+    reference = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    windowed = (reference // 2 + 20).astype(np.uint8)
+    counts = np.histogram(reference, bins=256, range=(0, 256))[0]
+    matched = getattr(intensity_matching, match)(windowed, counts).astype(int)
+    assert np.abs(matched - reference).max() <= 2
+    assert np.abs(windowed.astype(int) - reference).mean() > 40
+
+
+def test_only_8_bit_images_are_matched_in_one_line():
+    with pytest.raises(UserError) as raised:
+        intensity_matching.match_histogram(np.zeros((4, 4), np.float32), np.ones(256))
+    assert str(raised.value) == (
+        "data.unlabelled_intensity_matching: needs 8-bit images, the unlabelled split holds float32 ones"
+    )
+
+
+@pytest.mark.parametrize("mode", ["window", "histogram"])
+def test_the_pool_is_read_matched_to_the_training_slices_and_the_labelled_splits_are_not(tmp_path, mode):
+    data = config_lib.base_config().data
+    data.name, data.data_dir, data.image_size = "synthetic", str(tmp_path / "tfds"), 32
+    data.num_train, data.num_validation, data.num_test, data.num_unlabelled = 4, 2, 2, 3
+    raw_pool = datasets.load_source(data, "unlabelled")
+    data.unlabelled_intensity_matching = mode
+    pool = datasets.load_source(data, "unlabelled")
+    train = datasets.load_source(data, "train")
+    train_images = np.stack([train[index]["image"] for index in range(len(train))])
+    counts = np.histogram(train_images, bins=256, range=(0, 256))[0]
+    match = getattr(intensity_matching, f"match_{mode}")
+    for index in range(3):
+        np.testing.assert_array_equal(pool[index]["image"], match(raw_pool[index]["image"], counts))
+        assert pool[index]["id"] == raw_pool[index]["id"]
+    assert not np.array_equal(pool[0]["image"], raw_pool[0]["image"])
+    np.testing.assert_array_equal(datasets.load_source(data, "train")[0]["image"], train[0]["image"])
