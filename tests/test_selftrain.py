@@ -219,6 +219,25 @@ def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterru
     assert (folder / pseudo_labels.SUMMARY).read_bytes() == before
 
 
+def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uninterrupted, capsys):
+    from experiments import pool_intensity
+
+    workdir, _ = uninterrupted
+    settings = [f"data.data_dir={TEST_DATA_DIR}", f"data.num_unlabelled={POOL_SIZE}", "num_epochs=2"]
+    arguments = ["--config", "configs/demo.py:tiny", "--model", str(workdir / "teacher"), "--sample", "4"]
+    pool_intensity.main(arguments + [item for setting in settings for item in ("--set", setting)])
+    lines = capsys.readouterr().out.splitlines()
+    train = datasets.load_source(tiny_selftrain_config().data, "train")
+    masks = [np.asarray(train[index]["mask"]) for index in range(len(train))]
+    share, present = np.mean([mask.mean() for mask in masks]), np.mean([mask.any() for mask in masks])
+    expected = f"labelled training slices: {len(train)}, lesion {share:.4f} of pixels, on {present:.2f} of"
+    assert lines[0] == expected + " slices"
+    rows = [line.split(" | ") for line in lines[3:]]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (f"| {mode}", "other", "4") for mode in ("none", "window", "histogram")
+    ]
+
+
 @pytest.mark.slow
 def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     reference, summary = uninterrupted
