@@ -50,7 +50,9 @@ def main(argv=None) -> None:
     config = common.load_config(args.config, args.set)
     model_config = selftrain.teacher_config(config)
     predictor = inference.JaxPredictor(steps.restore_state(model_config, args.model))
-    train = datasets.load_source(config.data, "train")
+    labelled = model_config.data.copy_and_resolve_references()
+    labelled.unlabelled_fraction = 0.0  # a mean-teacher config's training split mixes the pool in
+    train = datasets.load_source(labelled, labelled.train_split)
     masks = [np.asarray(train[index]["mask"]) for index in range(len(train))]
     print(
         f"labelled training slices: {len(masks)}, lesion {np.mean([mask.mean() for mask in masks]):.4f} "

@@ -274,6 +274,21 @@ def _check_selftrain(config) -> None:
         lambda value: _is_int(value) and value >= 0,
         "a non-negative integer (0: the teacher's batch_size)",
     )
+    student_batch = config.selftrain.student_batch_size or config.batch_size
+    fraction = config.data.pseudo_fraction
+    # input_pipeline.pseudo_per_batch: the nearest whole number of rows, one row at least left labelled.
+    no_pseudo_row = _is_int(student_batch) and (student_batch * fraction < 0.5 or student_batch < 2)
+    if config.selftrain.rounds and no_pseudo_row:
+        raise UserError(
+            f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
+            "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"
+        )
+    reads_pool = config.selftrain.rounds or config.data.pseudo_label_dir or config.consistency.weight
+    if config.data.unlabelled_intensity_matching != "none" and not reads_pool:
+        raise UserError(
+            "data.unlabelled_intensity_matching: only the unlabelled split is matched, and this config does "
+            "not read it (selftrain.rounds, data.pseudo_label_dir or consistency.weight)"
+        )
 
 
 def _check_head_and_classes(config) -> None:

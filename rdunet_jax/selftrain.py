@@ -16,6 +16,7 @@ predictions are deterministic). Rerunning the same command after a kill at any p
 """
 
 import copy
+import hashlib
 import json
 import os
 import pathlib
@@ -68,6 +69,10 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
     """The student: the config on the labelled slices mixed with `pseudo_label_dir`'s pseudo-labels, the
     loss weighted per pixel, the student's schedule and its intensity augmentation."""
     student = teacher_config(config)
+    # The student records the self-training settings it was made with (the pseudo-labels' threshold and
+    # weighting among them), as students did before teachers ignored them.
+    student.selftrain = copy.deepcopy(config.selftrain)
+    student.selftrain.rounds = 0
     for key in STUDENT_DATA_KEYS:
         student.data[key] = config.data[key]
     student.data.pseudo_label_dir = str(pseudo_label_dir)
@@ -127,6 +132,19 @@ def train_stage(config, folder: pathlib.Path, name: str) -> dict:
     return _mark_finished(folder, config, _evaluation_summary(summary))
 
 
+# Settings of pseudo-label summaries written before the settings were recorded.
+SUMMARY_DEFAULTS = {"unlabelled_intensity_matching": "none"}
+
+
+def _stage_config_digest(model_folder: pathlib.Path) -> str | None:
+    """A digest of the config a finished training stage recorded (None when it records none)."""
+    marker = model_folder / STAGE_DONE
+    if not marker.is_file():
+        return None
+    stage_config = json.loads(marker.read_text())["config"]
+    return hashlib.sha256(json.dumps(stage_config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
@@ -144,15 +162,19 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "weighting": selftrain_config.weighting,
         "mask_threshold": config.eval.threshold,
         "unlabelled_intensity_matching": config.data.unlabelled_intensity_matching,
+        "model_config_digest": _stage_config_digest(model_folder),
     }
     if (folder / pseudo_labels.SUMMARY).is_file():
         summary = pseudo_labels.read_summary(folder)
         for key, value in settings.items():
-            # Pseudo-labels written before intensity matching existed were made without it.
-            if summary.get(key, "none") != value:
+            # What summaries written before a key existed were made with (the model: unknown, not checked).
+            stored = summary.get(key, SUMMARY_DEFAULTS.get(key, value))
+            if stored != value:
+                what = "another model" if key == "model_config_digest" else f"{key} {stored}"
+                asked = "a retrained one" if key == "model_config_digest" else value
                 raise UserError(
-                    f"{folder}: these pseudo-labels were made with {key} {summary[key]}, the config asks for "
-                    f"{value}; use another --workdir (or remove the folder)"
+                    f"{folder}: these pseudo-labels were made with {what}, the config asks for {asked}; "
+                    "use another --workdir (or remove the folder)"
                 )
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]

@@ -91,12 +91,26 @@ def test_only_8_bit_images_are_matched_in_one_line():
     )
 
 
-@pytest.mark.parametrize("mode", ["window", "histogram"])
-def test_the_pool_is_read_matched_to_the_training_slices_and_the_labelled_splits_are_not(tmp_path, mode):
+def test_a_nearly_uniform_slice_is_left_as_it_is_by_window_matching():
+    image = np.full((10, 10), 40, np.uint8)
+    image[0, :3] = (0, 200, 255)  # 3% of the pixels: the percentiles stay at 40
+    reference = np.bincount(np.arange(201), minlength=256)
+    np.testing.assert_array_equal(intensity_matching.match_window(image, reference), image)
+
+
+@pytest.mark.parametrize(
+    ("mode", "cv_fold"), [("window", None), ("histogram", None), ("window", 0), ("window", 1)]
+)
+def test_the_pool_is_read_matched_to_the_training_slices_and_the_labelled_splits_are_not(
+    tmp_path, mode, cv_fold
+):
     data = config_lib.base_config().data
     data.name, data.data_dir, data.image_size = "synthetic", str(tmp_path / "tfds"), 32
     data.num_train, data.num_validation, data.num_test, data.num_unlabelled = 4, 2, 2, 3
+    if cv_fold is not None:  # the reference is the fold's training slices, never its held-out ones
+        data.cv_folds, data.cv_fold = 2, cv_fold
     raw_pool = datasets.load_source(data, "unlabelled")
+    raw_train = datasets.load_source(data, "train")
     data.unlabelled_intensity_matching = mode
     pool = datasets.load_source(data, "unlabelled")
     train = datasets.load_source(data, "train")
@@ -107,4 +121,19 @@ def test_the_pool_is_read_matched_to_the_training_slices_and_the_labelled_splits
         np.testing.assert_array_equal(pool[index]["image"], match(raw_pool[index]["image"], counts))
         assert pool[index]["id"] == raw_pool[index]["id"]
     assert not np.array_equal(pool[0]["image"], raw_pool[0]["image"])
-    np.testing.assert_array_equal(datasets.load_source(data, "train")[0]["image"], train[0]["image"])
+    for index in range(len(train)):
+        np.testing.assert_array_equal(train[index]["image"], raw_train[index]["image"])
+
+
+def test_matching_a_pool_that_nothing_reads_is_refused_in_one_line():
+    from rdunet_jax import config_validation
+    from rdunet_jax.errors import UserError
+
+    config = config_lib.base_config()
+    config.data.unlabelled_intensity_matching = "window"
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == (
+        "data.unlabelled_intensity_matching: only the unlabelled split is matched, and this config does not "
+        "read it (selftrain.rounds, data.pseudo_label_dir or consistency.weight)"
+    )

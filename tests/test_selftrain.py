@@ -195,6 +195,19 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
         selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
 
 
+def test_a_finished_student_is_kept_for_its_own_settings_and_refused_for_other_pseudo_labels(uninterrupted):
+    from rdunet_jax.errors import UserError
+
+    workdir, summary = uninterrupted
+    labels = workdir / "pseudo_labels" / "round1"
+    config = tiny_selftrain_config()
+    student = selftrain.student_config(config, labels.absolute())
+    assert selftrain._finished_stage(workdir / "student1", student) == summary["stages"]["student1"]
+    config.selftrain.confidence_threshold = 0.8  # other pseudo-labels: not what the student learnt from
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(workdir / "student1", selftrain.student_config(config, labels.absolute()))
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -238,6 +251,51 @@ def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uni
     ]
 
 
+def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path):
+    import shutil
+
+    from rdunet_jax.errors import UserError
+
+    workdir, _ = uninterrupted
+    folder = tmp_path / "round1"
+    shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
+    summary = json.loads((folder / pseudo_labels.SUMMARY).read_text())
+    for key in ("unlabelled_intensity_matching", "model_config_digest"):  # written before they were recorded
+        del summary[key]
+    (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
+    config = tiny_selftrain_config()
+    teacher = selftrain.teacher_config(config)
+    totals = selftrain.write_pseudo_labels(config, workdir / "teacher", teacher, folder)
+    assert totals == summary["totals"]  # made without matching, by a model it cannot tell: reused
+    config.data.unlabelled_intensity_matching = "window"
+    with pytest.raises(UserError) as raised:
+        selftrain.write_pseudo_labels(config, workdir / "teacher", teacher, folder)
+    assert str(raised.value).startswith(
+        f"{folder}: these pseudo-labels were made with unlabelled_intensity_matching none, the config asks "
+        "for window; "
+    )
+    summary["model_config_digest"] = "0" * 16  # another teacher's
+    (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="made with another model, the config asks for a retrained one"):
+        selftrain.write_pseudo_labels(tiny_selftrain_config(), workdir / "teacher", teacher, folder)
+
+
+def test_a_pseudo_label_folder_is_read_with_the_matching_it_was_made_with(uninterrupted):
+    from rdunet_jax.errors import UserError
+
+    workdir, _ = uninterrupted
+    data = tiny_selftrain_config().data
+    data.pseudo_label_dir = str(workdir / "pseudo_labels" / "round1")
+    assert len(datasets.load_source(data, "train").extra) == POOL_SIZE
+    data.unlabelled_intensity_matching = "window"
+    with pytest.raises(UserError) as raised:
+        datasets.load_source(data, "train")
+    assert str(raised.value) == (
+        f"data.unlabelled_intensity_matching: {data.pseudo_label_dir} was predicted from the pool matched "
+        "with 'none', the config reads it with 'window'"
+    )
+
+
 @pytest.mark.slow
 def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     reference, summary = uninterrupted
@@ -276,6 +334,8 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
         ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
         ("data.pseudo_fraction", 1.0, "data.pseudo_fraction: must be a number in [0, 1), got 1.0"),
         ("selftrain.rounds", -1, "selftrain.rounds: must be a non-negative integer, got -1"),
+        ("data.pseudo_fraction", 0.05, "data.pseudo_fraction: 0.05 of the student's batch of 4 "),
+        ("selftrain.student_batch_size", 1, "data.pseudo_fraction: 0.5 of the student's batch of 1 "),
         (
             "selftrain.student_batch_size",
             -1,

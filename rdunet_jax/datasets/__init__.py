@@ -89,7 +89,9 @@ def load_source(data_config, split: str):
         return pseudo_labels.MixedSource(
             labelled,
             pseudo_labels.PseudoLabelSource(
-                data_config.pseudo_label_dir, load_source(data_config, "unlabelled")
+                data_config.pseudo_label_dir,
+                load_source(data_config, "unlabelled"),
+                data_config.get("unlabelled_intensity_matching", "none"),
             ),
             data_config.pseudo_fraction,
         )

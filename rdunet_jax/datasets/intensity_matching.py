@@ -23,6 +23,8 @@ NUM_LEVELS = 256
 # The percentiles 'window' matching maps onto each other: below the lower lies air and the darkest lung,
 # above the upper the brightest soft tissue and bone, in the labelled slices and the pool alike.
 WINDOW_PERCENTILES = (5.0, 95.0)
+# A slice whose percentiles lie closer than this many levels is left as it is by 'window'.
+MIN_WINDOW_LEVELS = 4.0
 
 
 def _as_uint8(image, where: str) -> np.ndarray:
@@ -62,11 +64,15 @@ def match_histogram(image, reference_counts) -> np.ndarray:
 def match_window(image, reference_counts) -> np.ndarray:
     """`image` (uint8) linearly remapped so that its `WINDOW_PERCENTILES` land on those of
     `reference_counts` (linear interpolation between levels, as numpy's percentile), clipped and rounded
-    to uint8."""
+    to uint8; unchanged when its percentiles lie within `MIN_WINDOW_LEVELS`."""
     image = _as_uint8(image, "the unlabelled split")
     low, high = np.percentile(image, WINDOW_PERCENTILES)
+    if high - low < MIN_WINDOW_LEVELS:
+        # A (nearly) uniform slice has no window to read: stretching it would turn its few other pixels
+        # white or black.
+        return image
     reference_low, reference_high = reference_percentiles(reference_counts, WINDOW_PERCENTILES)
-    scale = (reference_high - reference_low) / max(high - low, 1.0)
+    scale = (reference_high - reference_low) / (high - low)
     remapped = reference_low + (image.astype(np.float64) - low) * scale
     return np.clip(np.round(remapped), 0, NUM_LEVELS - 1).astype(np.uint8)
 

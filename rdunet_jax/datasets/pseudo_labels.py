@@ -37,9 +37,17 @@ class PseudoLabelSource:
     """Unlabelled slices with their pseudo-labels: records of `image`, `mask` {0, 1}, `weight` (uint8,
     255 = 1) and `id`, in the summary's order."""
 
-    def __init__(self, directory, unlabelled):
+    def __init__(self, directory, unlabelled, intensity_matching: str = "none"):
         self.directory = pathlib.Path(directory)
-        self.slices = read_summary(self.directory)["slices"]
+        summary = read_summary(self.directory)
+        # The labels belong to the pool's images as the model saw them (datasets/intensity_matching.py).
+        made_with = summary.get("unlabelled_intensity_matching", "none")
+        if made_with != intensity_matching:
+            raise UserError(
+                f"data.unlabelled_intensity_matching: {directory} was predicted from the pool matched with "
+                f"{made_with!r}, the config reads it with {intensity_matching!r}"
+            )
+        self.slices = summary["slices"]
         self._unlabelled = unlabelled
 
     def __len__(self) -> int:
