@@ -27,19 +27,6 @@ def source_of(example_id: str) -> str:
     return "other"
 
 
-class Sample:
-    """`indices` of `source`."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.source[self.indices[index]]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -66,7 +53,8 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(0)
         indices = sorted(rng.choice(len(pool), min(args.sample, len(pool)), replace=False).tolist())
         found = collections.defaultdict(list)
-        for batch in evaluate.predict_source(predictor, Sample(pool, indices), model_config):
+        sample = datasets.SubsetSource([(pool, index) for index in indices], pool.name, "sample")
+        for batch in evaluate.predict_source(predictor, sample, model_config):
             for meta, probabilities in zip(batch["metadata"], batch["probabilities"], strict=True):
                 lesion = probabilities >= config.eval.threshold
                 found[source_of(meta["id"])].append((lesion.mean(), lesion.any()))

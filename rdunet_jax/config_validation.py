@@ -163,6 +163,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_consistency(config)
 
 
+def _mixed_rows(batch_size: int, fraction: float) -> int:
+    """input_pipeline.pseudo_per_batch, without importing the input pipeline at validation: the rows of a
+    batch mixed in from another source, the nearest whole number, at least one row left labelled."""
+    return min(int(batch_size * fraction + 0.5), batch_size - 1)
+
+
 def _check_consistency(config) -> None:
     """The keys of mean-teacher training, and what it cannot be combined with."""
     _require(
@@ -197,8 +203,7 @@ def _check_consistency(config) -> None:
         raise UserError(
             "consistency.weight: mean teacher needs unlabelled slices: set data.unlabelled_fraction > 0"
         )
-    # input_pipeline.pseudo_per_batch: the nearest whole number of rows.
-    if _is_int(config.batch_size) and config.batch_size > 0 and config.batch_size * fraction < 0.5:
+    if _is_int(config.batch_size) and config.batch_size > 0 and not _mixed_rows(config.batch_size, fraction):
         raise UserError(
             f"data.unlabelled_fraction: {fraction} of a batch of {config.batch_size} rounds to no "
             "unlabelled row"
@@ -276,9 +281,7 @@ def _check_selftrain(config) -> None:
     )
     student_batch = config.selftrain.student_batch_size or config.batch_size
     fraction = config.data.pseudo_fraction
-    # input_pipeline.pseudo_per_batch: the nearest whole number of rows, one row at least left labelled.
-    no_pseudo_row = _is_int(student_batch) and (student_batch * fraction < 0.5 or student_batch < 2)
-    if config.selftrain.rounds and no_pseudo_row:
+    if config.selftrain.rounds and _is_int(student_batch) and not _mixed_rows(student_batch, fraction):
         raise UserError(
             f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
             "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"

@@ -396,3 +396,12 @@ def test_the_defaults_are_the_papers_training_setup(make_config):
         if name.startswith("DilatedCascade_")
     }
     assert cascades == {16: 6, 32: 6, 64: 4, 128: 4}
+
+
+def test_validation_counts_mixed_rows_as_the_input_pipeline_does():
+    from rdunet_jax import input_pipeline
+
+    for batch_size in range(1, 17):
+        for fraction in [step * 0.03 for step in range(34)]:
+            expected = input_pipeline.pseudo_per_batch(batch_size, fraction)
+            assert config_validation._mixed_rows(batch_size, fraction) == expected, (batch_size, fraction)
