@@ -251,6 +251,12 @@ def _check_selftrain(config) -> None:
     ):
         _require(config, key, lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
     _require(
+        config,
+        "data.extra_min_lesion_fraction",
+        lambda value: _is_number(value) and 0 <= value < 1,
+        "a share of the slice in [0, 1)",
+    )
+    _require(
         config, "selftrain.rounds", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
     )
     _require(
@@ -285,6 +291,12 @@ def _check_selftrain(config) -> None:
         raise UserError(
             f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
             "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"
+        )
+    mixes_extra = config.selftrain.rounds or config.data.pseudo_label_dir or config.data.extra_labelled_dir
+    if config.data.extra_min_lesion_fraction and not mixes_extra:
+        raise UserError(
+            "data.extra_min_lesion_fraction: it filters the pseudo-labelled or extra labelled slices, and "
+            "this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, data.extra_labelled_dir)"
         )
     reads_pool = config.selftrain.rounds or config.data.pseudo_label_dir or config.consistency.weight
     if config.data.unlabelled_intensity_matching != "none" and not reads_pool:

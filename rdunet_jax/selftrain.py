@@ -51,7 +51,12 @@ def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_t
 
 
 # The data keys only students read: the teacher never sees the pool or its pseudo-labels.
-STUDENT_DATA_KEYS = ("pseudo_label_dir", "pseudo_fraction", "unlabelled_intensity_matching")
+STUDENT_DATA_KEYS = (
+    "pseudo_label_dir",
+    "pseudo_fraction",
+    "unlabelled_intensity_matching",
+    "extra_min_lesion_fraction",
+)
 
 
 def teacher_config(config):

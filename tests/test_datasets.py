@@ -909,6 +909,34 @@ def test_joint_training_mixes_every_ma2020_slice_into_the_semiseg_training_split
     assert len(datasets.load_source(data, "validation")) == 2  # validation is never mixed
 
 
+def test_joint_training_keeps_only_the_ma2020_slices_with_enough_lesion(tmp_path):
+    data = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
+    ma2020 = make_ma2020(tmp_path / "ma2020")
+    data.extra_labelled_dir = str(ma2020)
+    for index in (2, 5, 6):  # a 2-pixel lesion: 1/128 of the slice, below the others' 45/256
+        mask = np.zeros((16, 16), np.uint8)
+        mask[0, :2] = 255
+        save_png(ma2020 / "covid" / f"{index:04d}.png", mask)
+    shares = {path.stem: np.mean(np.asarray(Image.open(path)) > 0) for path in (ma2020 / "covid").glob("*")}
+    data.extra_min_lesion_fraction = float(np.median(list(shares.values())))
+    extra = datasets.load_source(data, "train").extra
+    kept = sorted(extra[index]["id"] for index in range(len(extra)))
+    assert kept == sorted(name for name, share in shares.items() if share >= data.extra_min_lesion_fraction)
+    assert kept == ["0000", "0001", "0003", "0004", "0007", "0008", "0009"]
+    data.extra_min_lesion_fraction = max(shares.values()) + 0.01
+    with pytest.raises(UserError, match=r"^data.extra_min_lesion_fraction: none of the 10 extra slices has"):
+        datasets.load_source(data, "train")
+
+
+def test_a_lesion_filter_with_nothing_to_filter_is_refused():
+    config = config_lib.base_config()
+    config.data.extra_min_lesion_fraction = 0.05
+    with pytest.raises(UserError, match=r"^data.extra_min_lesion_fraction: it filters the pseudo-labelled"):
+        config_validation.validate(config)
+    config.data.extra_labelled_dir, config.loss = "somewhere", "dice_weighted"
+    config_validation.validate(config)
+
+
 def _records(data, split):
     source = datasets.load_source(data, split)
     return [source[index] for index in range(len(source))]

@@ -330,6 +330,27 @@ def test_mixed_batches_hold_the_configured_ratio_with_weights_in_the_second_mask
             assert batch["mask"][row, ..., 0].mean() == 0.5
 
 
+def test_pseudo_labelled_slices_with_too_little_lesion_are_left_out_of_the_batches(mixed_data, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(mixed_data.pseudo_label_dir, tmp_path / "round1")
+    masks = sorted((folder / pseudo_labels.MASKS).iterdir())
+    for path in masks[1:4]:  # a single lesion row: 1/32 of the slice, below the 1/4 asked for
+        mask = np.zeros_like(np.asarray(Image.open(path)))
+        mask[0] = 255
+        Image.fromarray(mask).save(path)
+    filtered = mixed_data.copy_and_resolve_references()
+    filtered.pseudo_label_dir, filtered.extra_min_lesion_fraction = str(folder), 0.25
+    source = datasets.load_source(filtered, "train")
+    expected = sorted(path.stem for path in masks[:1] + masks[4:])
+    assert sorted(source.extra[index]["id"] for index in range(len(source.extra))) == expected
+    drawn = set()
+    for epoch in range(2):
+        mixed = input_pipeline.MixedEpoch(source, BATCH_SIZE, seed=3, epoch=epoch)
+        drawn |= {mixed[index]["id"] for index in range(len(mixed)) if mixed.locate(index)[0] == "pseudo"}
+    assert drawn == set(expected)  # 16 draws over the 7 kept slices reach each of them
+
+
 def test_mixed_epochs_use_each_labelled_slice_once_and_the_pool_without_replacement(mixed_data):
     source = datasets.load_source(mixed_data, "train")
     pool_draws = []

@@ -178,10 +178,12 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.selftrain.student_intensity_range = 0.3
     config.data.pseudo_fraction = 0.34
     config.data.unlabelled_intensity_matching = "window"
+    config.data.extra_min_lesion_fraction = 0.05
     teacher = selftrain.teacher_config(config)
     assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
     assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
+    assert (student.data.extra_min_lesion_fraction, teacher.data.extra_min_lesion_fraction) == (0.05, 0.0)
     assert (student.data.unlabelled_intensity_matching, teacher.data.unlabelled_intensity_matching) == (
         "window",
         "none",
@@ -336,6 +338,11 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
         ("selftrain.rounds", -1, "selftrain.rounds: must be a non-negative integer, got -1"),
         ("data.pseudo_fraction", 0.05, "data.pseudo_fraction: 0.05 of the student's batch of 4 "),
         ("selftrain.student_batch_size", 1, "data.pseudo_fraction: 0.5 of the student's batch of 1 "),
+        (
+            "data.extra_min_lesion_fraction",
+            1.0,
+            "data.extra_min_lesion_fraction: must be a share of the slice in [0, 1), got 1.0",
+        ),
         (
             "selftrain.student_batch_size",
             -1,

@@ -86,14 +86,13 @@ def load_source(data_config, split: str):
     """
     labelled = _load_labelled_source(data_config, split)
     if split == data_config.train_split and data_config.get("pseudo_label_dir", ""):
+        pseudo_labelled = pseudo_labels.PseudoLabelSource(
+            data_config.pseudo_label_dir,
+            load_source(data_config, "unlabelled"),
+            data_config.get("unlabelled_intensity_matching", "none"),
+        )
         return pseudo_labels.MixedSource(
-            labelled,
-            pseudo_labels.PseudoLabelSource(
-                data_config.pseudo_label_dir,
-                load_source(data_config, "unlabelled"),
-                data_config.get("unlabelled_intensity_matching", "none"),
-            ),
-            data_config.pseudo_fraction,
+            labelled, _with_lesion(pseudo_labelled, data_config), data_config.pseudo_fraction
         )
     if split == data_config.train_split and data_config.get("unlabelled_fraction", 0.0):
         return pseudo_labels.MixedSource(
@@ -103,9 +102,17 @@ def load_source(data_config, split: str):
         )
     if split == data_config.train_split and data_config.get("extra_labelled_dir", ""):
         return pseudo_labels.MixedSource(
-            labelled, extra_labelled_source(data_config), data_config.extra_fraction
+            labelled,
+            _with_lesion(extra_labelled_source(data_config), data_config),
+            data_config.extra_fraction,
         )
     return labelled
+
+
+def _with_lesion(extra, data_config):
+    """`extra`, less its slices with too little lesion (`data.extra_min_lesion_fraction`; 0 keeps all)."""
+    min_fraction = data_config.get("extra_min_lesion_fraction", 0.0)
+    return pseudo_labels.WithLesion(extra, min_fraction) if min_fraction > 0 else extra
 
 
 def extra_labelled_source(data_config) -> SubsetSource:

@@ -95,6 +95,35 @@ class WithoutLabels:
         return f"WithoutLabels({self._unlabelled!r})"
 
 
+class WithLesion:
+    """The records of `source` whose mask covers at least `min_fraction` of the slice: the extra slices
+    kept for training. The expert-labelled slices hold lesion on every slice (14% on average); the pool's
+    pseudo-labels and Ma et al.'s slices far less, and a per-slice Dice on a nearly empty slice teaches
+    the model to predict nothing."""
+
+    def __init__(self, source, min_fraction: float, setting: str = "data.extra_min_lesion_fraction"):
+        self._source, self.min_fraction = source, float(min_fraction)
+        self.kept = [
+            index
+            for index in range(len(source))
+            if np.mean(np.asarray(source[index]["mask"]) > 0) >= self.min_fraction
+        ]
+        if not self.kept:
+            raise UserError(
+                f"{setting}: none of the {len(source)} extra slices has lesion on {min_fraction} of its "
+                "pixels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[self.kept[index]]
+
+    def __repr__(self) -> str:
+        return f"WithLesion({self._source!r}, min_fraction={self.min_fraction}, num_records={len(self)})"
+
+
 class MixedSource:
     """The labelled training slices and extra ones (pseudo-labelled, or another dataset's labelled slices),
     mixed into batches by the input pipeline (`extra_fraction` of each batch from `extra`). Its length and
