@@ -22,8 +22,8 @@
 #              OUT gets runs.tgz (each run's logs and metrics, no checkpoints)
 #   cv         the cross-validation runs listed in CV_RUNS (default experiments/multiclass_cv_runs.txt:
 #              "candidate fold config [--config.key=value ...]" lines) on DATA_ROOT/covid-semiseg: the
-#              prepared dataset is built once, then CV_CONCURRENCY (10) processes at a time in the file's
-#              order (all reading the dataset of the first line, prepared once), starting one only while
+#              prepared datasets are built once (experiments/prepare_cv.py; `{data_root}` in an override is
+#              DATA_ROOT), then CV_CONCURRENCY (10) processes at a time in the file's order, starting one only while
 #              more than CV_MIN_START (150) s are left, SIGTERM
 #              CV_STOP_MARGIN (25) s before the end; workdirs in CV_ROOT (/dev/shm/cv: Orbax's saves stay
 #              off the disk), `latest` saved every CV_CHECKPOINT_EVERY_EPOCHS (50) epochs; OUT gets
@@ -284,14 +284,8 @@ cv() {
   local common=(--config.data.manual_dir="$data_root/covid-semiseg" --config.data.data_dir="$data_dir"
     --config.data.cv_folds=5 --config.eval.split=validation
     --config.checkpoint_every_epochs="${CV_CHECKPOINT_EVERY_EPOCHS:-50}")
-  # The prepared dataset is built once, before the processes that read it start.
-  read -r candidate fold config extra <<<"${lines[0]}"
-  python3 -c "import sys
-from rdunet_jax import config_lib
-from rdunet_jax.datasets import builder
-config = config_lib.config_module(sys.argv[1]).get_config()
-config.data.manual_dir, config.data.data_dir = sys.argv[2], sys.argv[3]
-builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >"$out/cv_prepare.log" 2>&1 || {
+  # The prepared datasets are built once, before the processes that read them start.
+  python3 -m experiments.prepare_cv "$runs_file" "$data_root" "$data_dir" >"$out/cv_prepare.log" 2>&1 || {
     echo "cv: preparing failed:"
     tail -n 3 "$out/cv_prepare.log"
     return 1
@@ -303,7 +297,7 @@ builder.prepare(config.data)" "$config" "$data_root/covid-semiseg" "$data_dir" >
   local labels=() commands=() words=()
   for line in "${lines[@]}"; do
     # candidate, fold, config, then the run's --config overrides, one word each (never glob-expanded)
-    read -ra words <<<"$line"
+    read -ra words <<<"${line//\{data_root\}/$data_root}"
     candidate=${words[0]} fold=${words[1]} config=${words[2]}
     labels+=("$candidate fold $fold")
     commands+=("$(printf '%q ' python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \

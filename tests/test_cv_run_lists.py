@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from experiments import common
+from experiments import prepare_cv
 from rdunet_jax import config_validation
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
@@ -15,12 +15,48 @@ RUN_LISTS = sorted(EXPERIMENTS.glob("*_cv_runs.txt"))
 
 @pytest.mark.parametrize("run_list", RUN_LISTS, ids=[path.name for path in RUN_LISTS])
 def test_every_line_is_a_valid_config_of_a_fold(run_list):
-    lines = [line.split() for line in run_list.read_text().splitlines() if line.strip() and line[0] != "#"]
-    assert lines
-    for candidate, fold, config_path, *overrides in lines:
-        assert 0 <= int(fold) < 5 and candidate
-        assert all(override.startswith("--config.") and "=" in override for override in overrides), overrides
-        settings = [override.removeprefix("--config.") for override in overrides]
-        config = common.load_config(str(EXPERIMENTS.parent / config_path), settings)
-        config.data.cv_folds, config.data.cv_fold, config.eval.split = 5, int(fold), "validation"
+    runs = prepare_cv.run_list_configs(run_list, "/data")
+    assert runs
+    for candidate, fold, config in runs:
+        assert 0 <= fold < 5 and candidate and config.data.cv_fold == fold
+        assert config.data.manual_dir == "/data/covid-semiseg"
         config_validation.validate(config)
+
+
+def test_data_root_stands_for_the_sessions_data_folder_and_bad_lines_are_refused(tmp_path):
+    run_list = tmp_path / "joint_cv_runs.txt"
+    run_list.write_text(
+        "# comment\n\njoint 3 configs/semiseg.py --config.loss=dice_weighted "
+        "--config.data.extra_labelled_dir={data_root}/covid19-ct-seg-2d\n"
+    )
+    [(candidate, fold, config)] = prepare_cv.run_list_configs(run_list, "/gpu/data", "/tmp/tfds")
+    assert (candidate, fold, config.loss) == ("joint", 3, "dice_weighted")
+    assert config.data.extra_labelled_dir == "/gpu/data/covid19-ct-seg-2d"
+    assert (config.data.data_dir, config.data.cv_folds) == ("/tmp/tfds", 5)
+    for bad in ("joint 5 configs/semiseg.py", "joint 0 configs/semiseg.py loss=dice"):
+        run_list.write_text(bad + "\n")
+        with pytest.raises(ValueError, match="not 'candidate fold"):
+            prepare_cv.run_list_configs(run_list, "/gpu/data")
+
+
+def test_prepare_builds_every_dataset_the_runs_read_before_they_start(tmp_path, capsys):
+    from test_datasets import make_ma2020, make_semiseg
+
+    make_semiseg(tmp_path / "data" / "covid-semiseg")
+    make_ma2020(tmp_path / "data" / "covid19-ct-seg-2d")
+    run_list = tmp_path / "joint_cv_runs.txt"
+    overrides = "--config.loss=dice_weighted --config.data.extra_labelled_dir={data_root}/covid19-ct-seg-2d"
+    run_list.write_text(
+        "".join(
+            f"{name} {fold} configs/semiseg.py {extra}\n"
+            for name, extra in (("recipe", ""), ("joint", overrides))
+            for fold in (0, 1)
+        )
+    )
+    prepare_cv.main([str(run_list), str(tmp_path / "data"), str(tmp_path / "tfds")])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prepared the data")]
+    assert printed == ["prepared the data of recipe", "prepared the data of joint"]  # once each
+    prepared = sorted(
+        path.name.split("-")[0] for path in (tmp_path / "tfds" / "covid_ct_slices").glob("[!.]*")
+    )
+    assert prepared == ["ma2020_2d", "semiseg"]
