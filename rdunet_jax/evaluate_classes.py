@@ -28,15 +28,19 @@ CLASS_SLICE_COLUMNS = (
 
 
 def unpacked_class_masks(collected: dict, image_size: int, num_classes: int):
-    """The per-class (predictions, targets) of every slice, boolean (N, S, S, K), from `collect_slices`."""
-    count = image_size * image_size * num_classes
+    """The per-class (predictions, targets) of every slice, boolean (N, S, S, K), from `collect_slices`;
+    unpacked once and kept in `collected` (the split's summary and its per-class CSV both read them)."""
+    key = f"class_masks_{image_size}_{num_classes}"
+    if key not in collected:
+        count = image_size * image_size * num_classes
 
-    def unpack(packed):
-        return np.unpackbits(packed)[:count].reshape(image_size, image_size, num_classes).astype(bool)
+        def unpack(packed):
+            return np.unpackbits(packed)[:count].reshape(image_size, image_size, num_classes).astype(bool)
 
-    predictions = np.stack([unpack(prediction) for prediction, _ in collected["packed_classes"]])
-    targets = np.stack([unpack(target) for _, target in collected["packed_classes"]])
-    return predictions, targets
+        predictions = np.stack([unpack(prediction) for prediction, _ in collected["packed_classes"]])
+        targets = np.stack([unpack(target) for _, target in collected["packed_classes"]])
+        collected[key] = predictions, targets
+    return collected[key]
 
 
 def class_slices_csv(collected: dict, config) -> str:

@@ -58,7 +58,7 @@ def _exclusive_case():
     return expert, predicted  # slice 2: nothing in either
 
 
-def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path):
+def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path, monkeypatch):
     config = make_tiny_config()
     config.model.head, config.data.classes, config.loss = "exclusive", ("ggo", "consolidation"), "dice_ce"
     expert, predicted = _exclusive_case()
@@ -86,7 +86,11 @@ def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path):
         "| ggo | 2 | 0.8333 ± 0.1667 |" in markdown and "| consolidation | 1 | 1.0000 ± 0.0000 |" in markdown
     )
     json.dumps(summary)  # every value is JSON
+    unpack, unpack_calls = np.unpackbits, []
+    monkeypatch.setattr(np, "unpackbits", lambda *args: unpack_calls.append(1) or unpack(*args))
     rows = list(csv.DictReader(io.StringIO(evaluate_classes.class_slices_csv(collected, config))))
+    monkeypatch.undo()
+    assert not unpack_calls  # the summary's unpacked masks are read again, not unpacked twice
     table = {(row["id"], row["class"]): row for row in rows}
     assert len(rows) == 6  # 3 slices x 2 classes
     assert table["slice-0", "ggo"] == {
