@@ -169,3 +169,54 @@ def ellipsoid(shape, centre, radii_mm, spacing):
     """A boolean ellipsoid of `radii_mm` about the voxel `centre`, in a volume of voxel `spacing`."""
     grid = np.indices(shape, dtype=np.float64)
     return sum(((grid[axis] - centre[axis]) * spacing[axis] / radii_mm[axis]) ** 2 for axis in range(3)) <= 1
+
+
+# --- tiny datasets in their public layouts ----------------------------------------------------------
+
+MULTICLASS = pathlib.Path("Dataset/TrainingSet/MultiClassInfection-Train")
+DOCTOR_LABEL = pathlib.Path("Dataset/TrainingSet/LungInfection-Train/Doctor-label")
+
+
+def lesion_slice(seed: int, height: int = 24, width: int = 20):
+    """A noisy image with a square lesion: (image uint8, class mask {0,1,2})."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(30, 200, (height, width), dtype=np.uint8)
+    class_mask = np.zeros((height, width), np.uint8)
+    class_mask[4:10, 5:11] = 1
+    class_mask[12:15, 5:8] = 2
+    return image, class_mask
+
+
+def save_png(path, array, palette=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if palette:
+        image = image.convert("P")  # palette indices keep the raw label values
+        image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    image.save(path)
+
+
+def make_semiseg(root, ids=range(6), validation=(4, 5)):
+    """A COVID-SemiSeg layout with `ids`; val.txt holds `validation`, train.txt the rest."""
+    for example_id in ids:
+        image, class_mask = lesion_slice(example_id)
+        (root / DOCTOR_LABEL / "Imgs").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / DOCTOR_LABEL / "Imgs" / f"{example_id}.jpg", quality=95)
+        save_png(root / DOCTOR_LABEL / "GT" / f"{example_id}.png", (class_mask > 0).astype(np.uint8) * 255)
+        save_png(root / MULTICLASS / "GT" / f"{example_id}.png", class_mask, palette=True)
+    train = [i for i in ids if i not in validation]
+    (root / MULTICLASS / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (root / MULTICLASS / "val.txt").write_text("".join(f"{i}\n" for i in validation))
+    return root
+
+
+def make_ma2020(root, count=10):
+    """Ma et al.'s 2-D layout: ct/, covid/, lungs/ with `count` slices."""
+    for index in range(count):
+        image, class_mask = lesion_slice(index, 16, 16)
+        lungs = np.zeros_like(class_mask)
+        lungs[2:15, 2:14] = 255
+        save_png(root / "ct" / f"{index:04d}.png", image)
+        save_png(root / "covid" / f"{index:04d}.png", (class_mask > 0).astype(np.uint8) * 255)
+        save_png(root / "lungs" / f"{index:04d}.png", lungs)
+    return root

@@ -5,6 +5,7 @@ a typo there."""
 import pathlib
 
 import pytest
+from helpers import make_ma2020, make_semiseg
 
 from experiments import prepare_cv
 from rdunet_jax import config_validation
@@ -40,8 +41,6 @@ def test_data_root_stands_for_the_sessions_data_folder_and_bad_lines_are_refused
 
 
 def test_prepare_builds_every_dataset_the_runs_read_before_they_start(tmp_path, capsys):
-    from test_datasets import make_ma2020, make_semiseg
-
     make_semiseg(tmp_path / "data" / "covid-semiseg")
     make_ma2020(tmp_path / "data" / "covid19-ct-seg-2d")
     run_list = tmp_path / "joint_cv_runs.txt"
