@@ -290,14 +290,14 @@ cv() {
     tail -n 3 "$out/cv_prepare.log"
     return 1
   }
-  echo "cv: ${#lines[@]} runs, dataset prepared, $(left) s left"
+  echo "cv: ${#lines[@]} runs, datasets prepared, $(left) s left"
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 >"$out/smi.log" 2>&1 &
   local smi=$!
   export JAX_DEFAULT_MATMUL_PRECISION=highest
   local labels=() commands=() words=()
   for line in "${lines[@]}"; do
     # candidate, fold, config, then the run's --config overrides, one word each (never glob-expanded)
-    read -ra words <<<"${line//\{data_root\}/$data_root}"
+    read -ra words <<<"${line//\{data_root\}/"$data_root"}"
     candidate=${words[0]} fold=${words[1]} config=${words[2]}
     labels+=("$candidate fold $fold")
     commands+=("$(printf '%q ' python3 -m rdunet_jax.main --config "$config" --workdir "$root/$candidate-cv$fold" \

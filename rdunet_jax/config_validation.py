@@ -237,6 +237,11 @@ def _check_selftrain(config) -> None:
     )
     if config.data.pseudo_label_dir and config.data.extra_labelled_dir:
         raise UserError("data.extra_labelled_dir: cannot be mixed in together with data.pseudo_label_dir")
+    if config.selftrain.rounds and config.data.extra_labelled_dir:
+        raise UserError(
+            "data.extra_labelled_dir: self-training's student mixes in pseudo-labels, which cannot be mixed "
+            "in together with other labelled slices; set selftrain.rounds=0 for joint training"
+        )
     weighted = sorted(losses.WEIGHTED_LOSSES.values())
     if (config.data.pseudo_label_dir or config.data.extra_labelled_dir) and config.loss not in weighted:
         # Mixed batches carry a weight channel beside the mask, which only the weighted losses read.

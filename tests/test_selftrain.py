@@ -339,6 +339,11 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
         ("data.pseudo_fraction", 0.05, "data.pseudo_fraction: 0.05 of the student's batch of 4 "),
         ("selftrain.student_batch_size", 1, "data.pseudo_fraction: 0.5 of the student's batch of 1 "),
         (
+            "data.extra_labelled_dir",
+            "ma2020",
+            "data.extra_labelled_dir: self-training's student mixes in pseudo-labels, which cannot be mixed",
+        ),
+        (
             "data.extra_min_lesion_fraction",
             1.0,
             "data.extra_min_lesion_fraction: must be a share of the slice in [0, 1), got 1.0",

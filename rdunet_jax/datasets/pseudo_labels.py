@@ -71,6 +71,11 @@ class PseudoLabelSource:
                 )
         return {"image": image, "mask": mask, "weight": weight, "id": entry["id"]}
 
+    def lesion_fraction(self, index: int) -> float:
+        """The share of slice `index`'s pseudo-label mask that is lesion."""
+        mask = readers.read_binary_mask(self.directory / MASKS / f"{self.slices[index]['id']}.png")
+        return float(np.mean(mask > 0))
+
     def __repr__(self) -> str:
         return f"PseudoLabelSource(directory={str(self.directory)!r}, num_records={len(self)})"
 
@@ -101,17 +106,17 @@ class WithLesion:
     pseudo-labels and Ma et al.'s slices far less, and a per-slice Dice on a nearly empty slice teaches
     the model to predict nothing."""
 
-    def __init__(self, source, min_fraction: float, setting: str = "data.extra_min_lesion_fraction"):
+    def __init__(self, source, min_fraction: float):
         self._source, self.min_fraction = source, float(min_fraction)
-        self.kept = [
-            index
-            for index in range(len(source))
-            if np.mean(np.asarray(source[index]["mask"]) > 0) >= self.min_fraction
-        ]
+        # A pseudo-label folder answers from its mask files alone, without reading the pool's images.
+        lesion_fraction = getattr(source, "lesion_fraction", None) or (
+            lambda index: np.mean(np.asarray(source[index]["mask"]) > 0)
+        )
+        self.kept = [index for index in range(len(source)) if lesion_fraction(index) >= self.min_fraction]
         if not self.kept:
             raise UserError(
-                f"{setting}: none of the {len(source)} extra slices has lesion on {min_fraction} of its "
-                "pixels"
+                f"data.extra_min_lesion_fraction: none of the {len(source)} extra slices has lesion on "
+                f"{min_fraction} of its pixels"
             )
 
     def __len__(self) -> int:
