@@ -5,9 +5,12 @@ each scored on its held-out fold: metrics/validation_slices.csv (the binary, or 
 a multi-class head, metrics/validation_classes.csv (a row per slice and class). For each candidate and
 class: the mean Dice over every slice holding the class (all folds pooled) with a 95% bootstrap interval
 over those slices, the fold means with a t-interval over folds, and each candidate's per-slice paired
-difference from the reference candidate:
+difference from the reference candidate, or from the recipe study's record of the same folds
+(`--reference recipe-record`: experiments/results/recipe/semiseg-small/, the binary recipe's per-slice Dice,
+for candidates trained on the binary masks, such as mean teacher):
 
     python -m experiments.cv_table runs/cv --reference dice_ce > table.md
+    python -m experiments.cv_table runs/cv --reference recipe-record > table.md
 """
 
 import argparse
@@ -22,6 +25,25 @@ import numpy as np
 from experiments.studies import stats, tables
 
 WORKDIR_NAME = re.compile(r"(?P<candidate>.+)-cv(?P<fold>\d+)$")
+RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
+RECIPE_ARM = "r128_e300_dropout0_decay150"
+RECIPE_RECORD = "recipe-record"
+
+
+def recipe_slice_dice(fold: int) -> dict[str, float]:
+    """{slice id: Dice} of the recipe study's record of `fold` (configs/semiseg.py, seed 0)."""
+    record = json.loads((RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json").read_text())
+    return dict(zip(record["slices"]["id"], record["slices"]["dice"], strict=True))
+
+
+def with_recipe_record(runs: dict) -> dict:
+    """`runs` plus the recipe study's record of every fold a candidate holds, as candidate 'recipe-record'."""
+    folds = sorted({fold for candidate_folds in runs.values() for fold in candidate_folds})
+    record = {
+        fold: {"per_class": {}, "any lesion": recipe_slice_dice(fold), "epochs": 0, "seconds": float("nan")}
+        for fold in folds
+    }
+    return {RECIPE_RECORD: record, **runs}
 
 
 def read_run(workdir: pathlib.Path) -> dict:
@@ -99,7 +121,8 @@ def markdown(runs: dict, reference: str) -> str:
     timed = [
         (candidate, fold, run) for candidate, folds in runs.items() for fold, run in sorted(folds.items())
     ]
-    if any(run["epochs"] for _, _, run in timed):
+    timed = [(candidate, fold, run) for candidate, fold, run in timed if run["epochs"]]
+    if timed:
         lines += ["", "| candidate | fold | epochs | training seconds (train log) |", "|---|---|---|---|"]
         for candidate, fold, run in timed:
             lines.append(f"| {candidate} | {fold} | {run['epochs']} | {run['seconds']:.0f} |")
@@ -109,9 +132,16 @@ def markdown(runs: dict, reference: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=pathlib.Path, help="folder of <candidate>-cv<fold> workdirs")
-    parser.add_argument("--reference", default="dice_ce", help="the candidate the others are paired with")
+    parser.add_argument(
+        "--reference",
+        default="dice_ce",
+        help=f"the candidate the others are paired with ('{RECIPE_RECORD}': the recipe study's record)",
+    )
     args = parser.parse_args(argv)
-    print(markdown(collect(args.root), args.reference), end="")
+    runs = collect(args.root)
+    if args.reference == RECIPE_RECORD:
+        runs = with_recipe_record(runs)
+    print(markdown(runs, args.reference), end="")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,13 @@ import json
 import pathlib
 import sys
 
+from experiments.cv_table import recipe_slice_dice
 from experiments.studies import stats, tables
-
-RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
-RECIPE_ARM = "r128_e300_dropout0_decay150"
 
 
 def slice_dice(csv_path: pathlib.Path) -> dict[str, float]:
     with csv_path.open() as file:
         return {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
-
-
-def recipe_slice_dice(fold: int) -> dict[str, float]:
-    record = json.loads((RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json").read_text())
-    return dict(zip(record["slices"]["id"], record["slices"]["dice"], strict=True))
 
 
 def stage_seconds(folder: pathlib.Path) -> float:

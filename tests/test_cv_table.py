@@ -79,3 +79,26 @@ def test_binary_runs_have_only_the_lesion_row(tmp_path):
     body = [line for line in table.splitlines() if line.startswith("| mt |") or line.startswith("| recipe |")]
     assert [line.split("|")[3].strip() for line in body[:2]] == ["any lesion", "any lesion"]
     assert "0.150 [0.100, 0.200] (n=2)" in body[0]  # mt - recipe: +0.1 and +0.2
+
+
+def _record(records, fold: int, slice_dice: dict):
+    """A recipe study record of `fold`, the fields read from experiments/results/recipe/semiseg-small."""
+    record = {"slices": {"id": list(slice_dice), "dice": list(slice_dice.values())}}
+    (records / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
+
+
+def test_candidates_pair_with_the_recipe_record_of_their_folds(root, tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    records.mkdir()
+    _record(records, 0, {"a": 0.4, "b": 0.5})
+    _record(records, 1, {"c": 0.6})
+    _record(records, 2, {"d": 0.0})  # a fold no candidate holds: left out
+    monkeypatch.setattr(cv_table, "RECORDS", records)
+    runs = cv_table.with_recipe_record(cv_table.collect(root))
+    assert sorted(runs["recipe-record"]) == [0, 1]
+    table = cv_table.markdown(runs, "recipe-record")
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
+    # alt's any-lesion Dice a 0.7, b 0.5, c 0.8 against the record's 0.4, 0.5, 0.6: +0.3, 0, +0.2.
+    assert rows["alt", "2", "any lesion"].split("|")[7].strip().startswith("0.167 [")
+    assert rows["recipe-record", "2", "any lesion"].split("|")[5].startswith(" 0.500 ")
+    assert "| recipe-record | 0 |" not in table  # a record has no training time of its own
