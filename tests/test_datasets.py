@@ -862,7 +862,7 @@ def test_joint_training_mixes_every_ma2020_slice_into_the_semiseg_training_split
     assert len(datasets.load_source(data, "validation")) == 2  # validation is never mixed
 
 
-def test_joint_training_keeps_only_the_ma2020_slices_with_enough_lesion(tmp_path):
+def test_joint_training_keeps_only_the_ma2020_slices_with_enough_lesion(tmp_path, capsys):
     data = data_config(tmp_path, "semiseg", make_semiseg(tmp_path / "semiseg"))
     ma2020 = make_ma2020(tmp_path / "ma2020")
     data.extra_labelled_dir = str(ma2020)
@@ -876,6 +876,9 @@ def test_joint_training_keeps_only_the_ma2020_slices_with_enough_lesion(tmp_path
     kept = sorted(extra[index]["id"] for index in range(len(extra)))
     assert kept == sorted(name for name, share in shares.items() if share >= data.extra_min_lesion_fraction)
     assert kept == ["0000", "0001", "0003", "0004", "0007", "0008", "0009"]
+    assert f"extra_min_lesion_fraction={data.extra_min_lesion_fraction:g}: 7 of 10 extra slices kept" in (
+        capsys.readouterr().out
+    )
     data.extra_min_lesion_fraction = max(shares.values()) + 0.01
     with pytest.raises(UserError, match=r"^data.extra_min_lesion_fraction: none of the 10 extra slices has"):
         datasets.load_source(data, "train")

@@ -112,7 +112,15 @@ def load_source(data_config, split: str):
 def _with_lesion(extra, data_config):
     """`extra`, less its slices with too little lesion (`data.extra_min_lesion_fraction`; 0 keeps all)."""
     min_fraction = data_config.get("extra_min_lesion_fraction", 0.0)
-    return pseudo_labels.WithLesion(extra, min_fraction) if min_fraction > 0 else extra
+    if min_fraction <= 0:
+        return extra
+    kept = pseudo_labels.WithLesion(extra, min_fraction)
+    # The count depends on the teacher's pseudo-labels (or the folder), so the log is where a user sees it.
+    print(
+        f"data.extra_min_lesion_fraction={min_fraction:g}: {len(kept)} of {len(extra)} extra slices kept",
+        flush=True,
+    )
+    return kept
 
 
 def extra_labelled_source(data_config) -> SubsetSource:
