@@ -19,31 +19,53 @@ import csv
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 
 from experiments.studies import stats, tables
+from rdunet_jax.errors import UserError
 
 WORKDIR_NAME = re.compile(r"(?P<candidate>.+)-cv(?P<fold>\d+)$")
-RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
+RECIPE_RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
 RECIPE_ARM = "r128_e300_dropout0_decay150"
 RECIPE_RECORD = "recipe-record"
 
 
 def recipe_slice_dice(fold: int) -> dict[str, float]:
     """{slice id: Dice} of the recipe study's record of `fold` (configs/semiseg.py, seed 0)."""
-    record = json.loads((RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json").read_text())
+    path = RECIPE_RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no record of the recipe for fold {fold} (the study ran folds 0-4 of 5)")
+    record = json.loads(path.read_text())
     return dict(zip(record["slices"]["id"], record["slices"]["dice"], strict=True))
 
 
+def check_same_slices(fold: int, name: str, slice_dice: dict, record: dict) -> None:
+    """A run paired with the record must have scored the record's slices: another `data.cv_seed` or fold
+    count cuts other folds, and pairing only the shared ids would hide that."""
+    if set(slice_dice) != set(record):
+        raise UserError(
+            f"{name}, fold {fold}: scored {len(slice_dice)} slices, the recipe's record {len(record)}, "
+            f"{len(set(slice_dice) ^ set(record))} not in both (another data.cv_seed or data.cv_folds?)"
+        )
+
+
 def with_recipe_record(runs: dict) -> dict:
-    """`runs` plus the recipe study's record of every fold a candidate holds, as candidate 'recipe-record'."""
-    folds = sorted({fold for candidate_folds in runs.values() for fold in candidate_folds})
-    record = {
-        fold: {"per_class": {}, "any lesion": recipe_slice_dice(fold), "epochs": 0, "seconds": float("nan")}
-        for fold in folds
+    """`runs` plus the recipe study's record of every fold a candidate holds, as candidate 'recipe-record'.
+    The record is of the binary recipe: multi-class candidates are refused."""
+    record_by_fold = {}
+    for candidate, folds in runs.items():
+        for fold, run in folds.items():
+            if run["per_class"]:
+                raise UserError(f"{candidate}: multi-class; the recipe's record scores the lesion mask only")
+            record_by_fold.setdefault(fold, recipe_slice_dice(fold))
+            check_same_slices(fold, f"{candidate}-cv{fold}", run["any lesion"], record_by_fold[fold])
+    record_runs = {
+        fold: {"per_class": {}, "any lesion": slices, "epochs": 0, "seconds": float("nan")}
+        for fold, slices in sorted(record_by_fold.items())
     }
-    return {RECIPE_RECORD: record, **runs}
+    return {RECIPE_RECORD: record_runs, **runs}
 
 
 def read_run(workdir: pathlib.Path) -> dict:
@@ -58,7 +80,7 @@ def read_run(workdir: pathlib.Path) -> dict:
                     per_class[row["class"]][row["id"]] = float(row["dice"])
     with (workdir / "metrics" / "validation_slices.csv").open() as file:
         any_lesion = {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
-    log_path = workdir / "train_log.jsonl"  # absent from the copies kept in experiments/results
+    log_path = workdir / "train_log.jsonl"  # absent from some copies kept in experiments/results
     log = (
         [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
     )
@@ -118,10 +140,13 @@ def markdown(runs: dict, reference: str) -> str:
                 f"| {tables.format_interval(stats.bootstrap_interval(list(by_slice.values())))} "
                 f"| {tables.format_interval(stats.t_interval(fold_means))} | {paired} |"
             )
+    # The record has no training time of its own; runs kept without their train log neither.
     timed = [
-        (candidate, fold, run) for candidate, folds in runs.items() for fold, run in sorted(folds.items())
+        (candidate, fold, run)
+        for candidate, folds in runs.items()
+        for fold, run in sorted(folds.items())
+        if run["epochs"]
     ]
-    timed = [(candidate, fold, run) for candidate, fold, run in timed if run["epochs"]]
     if timed:
         lines += ["", "| candidate | fold | epochs | training seconds (train log) |", "|---|---|---|---|"]
         for candidate, fold, run in timed:
@@ -129,7 +154,7 @@ def markdown(runs: dict, reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=pathlib.Path, help="folder of <candidate>-cv<fold> workdirs")
     parser.add_argument(
@@ -140,9 +165,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     runs = collect(args.root)
     if args.reference == RECIPE_RECORD:
-        runs = with_recipe_record(runs)
+        try:
+            runs = with_recipe_record(runs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     print(markdown(runs, args.reference), end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

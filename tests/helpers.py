@@ -1,5 +1,6 @@
 """Shared test constructors and paths: the tiny config the suite compiles once, and where its caches go."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -220,3 +221,15 @@ def make_ma2020(root, count=10):
         save_png(root / "covid" / f"{index:04d}.png", (class_mask > 0).astype(np.uint8) * 255)
         save_png(root / "lungs" / f"{index:04d}.png", lungs)
     return root
+
+
+def recipe_records(folder, monkeypatch, slice_dice_by_fold: dict) -> None:
+    """The recipe study's records of the given folds ({fold: {slice id: Dice}}, the fields the tables read)
+    in `folder`, where experiments.cv_table looks for them."""
+    from experiments import cv_table  # only the tables' tests need experiments/
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for fold, slice_dice in slice_dice_by_fold.items():
+        record = {"slices": {"id": list(slice_dice), "dice": list(slice_dice.values())}}
+        (folder / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
+    monkeypatch.setattr(cv_table, "RECIPE_RECORDS", folder)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import recipe_records
 
 from experiments import cv_table
 
@@ -81,24 +82,50 @@ def test_binary_runs_have_only_the_lesion_row(tmp_path):
     assert "0.150 [0.100, 0.200] (n=2)" in body[0]  # mt - recipe: +0.1 and +0.2
 
 
-def _record(records, fold: int, slice_dice: dict):
-    """A recipe study record of `fold`, the fields read from experiments/results/recipe/semiseg-small."""
-    record = {"slices": {"id": list(slice_dice), "dice": list(slice_dice.values())}}
-    (records / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
+@pytest.fixture
+def records(tmp_path, monkeypatch):
+    """The recipe's records of folds 0 and 1 (and 2, which no candidate holds), apart from the runs."""
+    recipe_records(tmp_path / "records", monkeypatch, {0: {"a": 0.4, "b": 0.5}, 1: {"c": 0.6}, 2: {"d": 0.0}})
 
 
-def test_candidates_pair_with_the_recipe_record_of_their_folds(root, tmp_path, monkeypatch):
-    records = tmp_path / "records"
-    records.mkdir()
-    _record(records, 0, {"a": 0.4, "b": 0.5})
-    _record(records, 1, {"c": 0.6})
-    _record(records, 2, {"d": 0.0})  # a fold no candidate holds: left out
-    monkeypatch.setattr(cv_table, "RECORDS", records)
-    runs = cv_table.with_recipe_record(cv_table.collect(root))
-    assert sorted(runs["recipe-record"]) == [0, 1]
+def test_candidates_pair_with_the_recipe_record_of_their_folds(root, records):
+    runs = cv_table.collect(root)
+    del runs["ref"]  # the record pairs binary candidates only: alt's class rows go too
+    for run in runs["alt"].values():
+        run["per_class"] = {}
+    runs = cv_table.with_recipe_record(runs)
+    assert sorted(runs["recipe-record"]) == [0, 1]  # fold 2: no candidate holds it
     table = cv_table.markdown(runs, "recipe-record")
     rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
     # alt's any-lesion Dice a 0.7, b 0.5, c 0.8 against the record's 0.4, 0.5, 0.6: +0.3, 0, +0.2.
     assert rows["alt", "2", "any lesion"].split("|")[7].strip().startswith("0.167 [")
     assert rows["recipe-record", "2", "any lesion"].split("|")[5].startswith(" 0.500 ")
     assert "| recipe-record | 0 |" not in table  # a record has no training time of its own
+
+
+def test_the_command_pairs_binary_runs_with_the_record(tmp_path, records, capsys):
+    runs = tmp_path / "runs"
+    _workdir(runs, "mt-cv0", [], {"a": 0.6, "b": 0.9})
+    (runs / "mt-cv0" / "metrics" / "validation_classes.csv").unlink()
+    assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 0
+    assert "| mt | 1 | any lesion | 2 | 0.750 " in capsys.readouterr().out
+    assert "0.300 [0.200, 0.400] (n=2)" in cv_table.markdown(
+        cv_table.with_recipe_record(cv_table.collect(runs)), "recipe-record"
+    )
+
+
+def test_the_record_refuses_what_it_cannot_pair(tmp_path, root, records, capsys):
+    # Multi-class runs: the record has the lesion mask only.
+    assert cv_table.main([str(root), "--reference", "recipe-record"]) == 2
+    assert capsys.readouterr().err.startswith("error: alt: multi-class; the recipe's record scores")
+    # Slices that are not the record's fold (another cv_seed), and a fold the study never ran.
+    for name, dice, message in (
+        ("mt-cv0", {"a": 0.6, "x": 0.9}, "mt-cv0, fold 0: scored 2 slices, the recipe's record 2, 2 not in"),
+        ("mt-cv7", {"a": 0.6}, "no record of the recipe for fold 7"),
+    ):
+        runs = tmp_path / name / "runs"
+        _workdir(runs, name, [], dice)
+        (runs / name / "metrics" / "validation_classes.csv").unlink()
+        assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+from helpers import recipe_records
 
-from experiments import cv_table, selftrain_cv
+from experiments import selftrain_cv
 
 
 def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
@@ -18,19 +19,14 @@ def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
 
 @pytest.fixture
 def workdirs(tmp_path, monkeypatch):
-    records = tmp_path / "records"
-    records.mkdir()
-    for fold, dice in ((0, {"a": 0.5, "b": 0.7}), (1, {"c": 0.6})):
-        record = {"slices": {"id": list(dice), "dice": list(dice.values())}}
-        (records / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
-    monkeypatch.setattr(cv_table, "RECORDS", records)
+    recipe_records(tmp_path / "records", monkeypatch, {0: {"a": 0.5, "b": 0.7}, 1: {"c": 0.6}})
     fold0, fold1, unfinished = tmp_path / "st-cv0", tmp_path / "st-cv1", tmp_path / "st-cv2"
     _stage(fold0 / "teacher", 0, {"a": 0.6, "b": 0.6}, (60, 60))
     _stage(fold0 / "student1", 0, {"a": 0.9, "b": 0.7}, (120, 120, 60))
     _stage(fold1 / "teacher", 1, {"c": 0.8}, (60,))
     _stage(fold1 / "student1", 1, {"c": 0.7}, (60,))
     _stage(unfinished / "teacher", 2, {"d": 0.1}, (60,))  # its student never finished
-    return [fold0, fold1, unfinished]
+    return [fold1, fold0, unfinished]
 
 
 def test_each_fold_row_pairs_the_student_with_its_teacher_and_the_record(workdirs, capsys):
@@ -38,11 +34,34 @@ def test_each_fold_row_pairs_the_student_with_its_teacher_and_the_record(workdir
     out = capsys.readouterr()
     assert "skipped" in out.err and "st-cv2" in out.err
     lines = out.out.splitlines()
-    # fold 0: record (0.5 + 0.7) / 2, teacher 0.6, student 0.8; 2 + 5 training minutes.
-    assert "| 0 | 0.600 | 0.600 | 0.800 | +0.200 | +0.200 | 2 + 5 |" in lines
-    assert "| 1 | 0.600 | 0.800 | 0.700 | -0.100 | +0.100 | 1 + 1 |" in lines
-    # Pooled per slice: student - teacher +0.3, +0.1, -0.1 (mean 0.1); - record +0.4, 0, +0.1.
-    teacher_line = next(line for line in lines if line.startswith("Student - teacher"))
-    record_line = next(line for line in lines if line.startswith("Student - recipe"))
-    assert "over 3 held-out slices: 0.1000 [" in teacher_line
-    assert "over 3 held-out slices: 0.1667 [" in record_line
+    # fold 0: record (0.5 + 0.7) / 2, teacher 0.6, student 0.8; 2 + 5 training minutes. Rows by fold.
+    assert lines[2] == "| 0 | 0.600 | 0.600 | 0.800 | +0.200 | +0.200 | 2 + 5 |"
+    assert lines[3] == "| 1 | 0.600 | 0.800 | 0.700 | -0.100 | +0.100 | 1 + 1 |"
+    # Pooled over the 3 slices, and over the fold means (teacher 0.6, 0.8; the record's 0.6 twice).
+    assert any(line.startswith("| teachers | 0.667 [") and "| 0.700 [" in line for line in lines)
+    assert any(line.startswith("| students | 0.767 [") and "| 0.750 [" in line for line in lines)
+    assert "| recipe record | 0.600 [0.500, 0.700] | 0.600 [0.600, 0.600] |" in lines
+    # Per slice: student - teacher +0.3, +0.1, -0.1; - record +0.4, 0, +0.1; teacher - record +0.1, -0.1,
+    # +0.2.
+    expected = {
+        "Student - teacher": "0.1000 [",
+        "Student - recipe": "0.1667 [",
+        "Teacher - recipe": "0.0667 [",
+    }
+    for prefix, value in expected.items():
+        line = next(line for line in lines if line.startswith(prefix))
+        assert f"over 3 held-out slices: {value}" in line
+
+
+def test_a_fold_twice_or_on_other_slices_is_refused(workdirs, tmp_path, capsys):
+    again = tmp_path / "again-cv0"
+    for stage in ("teacher", "student1"):
+        _stage(again / stage, 0, {"a": 0.1, "b": 0.1}, (60,))
+    assert selftrain_cv.main([str(workdirs[1]), str(again)]) == 2
+    assert f"{again}: fold 0 again (also in {workdirs[1]})" in capsys.readouterr().err
+    other = tmp_path / "other-cv1"
+    _stage(other / "teacher", 1, {"c": 0.8}, (60,))
+    _stage(other / "student1", 1, {"z": 0.8}, (60,))  # another cv_seed cut another fold
+    assert selftrain_cv.main([str(other)]) == 2
+    error = capsys.readouterr().err
+    assert f"{other} (student), fold 1: scored 1 slices, the recipe's record 1, 2 not in both" in error
