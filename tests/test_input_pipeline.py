@@ -331,7 +331,7 @@ def test_mixed_batches_hold_the_configured_ratio_with_weights_in_the_second_mask
             assert batch["mask"][row, ..., 0].mean() == 0.5
 
 
-def test_pseudo_labelled_slices_with_too_little_lesion_are_left_out_of_the_batches(mixed_data, tmp_path):
+def test_pseudo_labelled_slices_with_too_little_lesion_are_left_out_of_batches(mixed_data, tmp_path, capsys):
     folder = shutil.copytree(mixed_data.pseudo_label_dir, tmp_path / "round1")
     masks = sorted((folder / pseudo_labels.MASKS).iterdir())
     for path in masks[1:4]:  # a single lesion row: 1/32 of the slice, below the 1/4 asked for
@@ -343,6 +343,7 @@ def test_pseudo_labelled_slices_with_too_little_lesion_are_left_out_of_the_batch
     source = datasets.load_source(filtered, "train")
     expected = sorted(path.stem for path in masks[:1] + masks[4:])
     assert sorted(source.extra[index]["id"] for index in range(len(source.extra))) == expected
+    assert f"={0.25:g}: {len(expected)} of {len(masks)} extra slices kept" in capsys.readouterr().out
     mixed = input_pipeline.MixedEpoch(source, BATCH_SIZE, seed=3, epoch=0)
     drawn = {mixed[index]["id"] for index in range(len(mixed)) if mixed.locate(index)[0] == "pseudo"}
     assert drawn == set(expected)  # an epoch's 16 draws over the 7 kept slices reach each of them
