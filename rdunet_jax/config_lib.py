@@ -223,6 +223,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.small_lesion_area = 100.0
     # Best and worst slices drawn as overlays by evaluation (and slices per volume by prediction).
     config.eval.num_overlays = 4
+    # TensorBoard's overlays are predicted again with flips: every epoch they took a fifth of a CPU run's
+    # wall time (1.9 s of an epoch's 12 at 128 px, experiments/epoch_overhead.py), for images that
+    # change little from one epoch to the next.
+    config.eval.overlay_every_epochs = 10
     # What runs the model in evaluation (--mode evaluate, and after training) and --mode predict: 'jax'
     # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
     # cores, same probabilities to 1e-7; needs the `onnx` extra). Training always runs in JAX.

@@ -321,11 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 }
                 if log is not None:
                     log.write(record)
-                    overlays = evaluate.validation_overlays(
-                        inference.JaxPredictor(state), validation_source, config
-                    )
-                    visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
-                    log.writer.flush()
+                    if (epoch + 1) % config.eval.overlay_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                        overlays = evaluate.validation_overlays(
+                            inference.JaxPredictor(state), validation_source, config
+                        )
+                        visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
+                        log.writer.flush()
                 print(
                     f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
                     f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",

@@ -21,6 +21,7 @@ INVALID_VALUES = {
     "log_every_steps": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "checkpoint_every_steps": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "checkpoint_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
+    "eval.overlay_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "seed": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "learning_rate": st.one_of(
         st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan), st.none(), st.text(max_size=3)
@@ -83,6 +84,7 @@ REQUIREMENTS = {
     "log_every_steps": "a positive integer",
     "checkpoint_every_steps": "a non-negative integer",
     "checkpoint_every_epochs": "a positive integer",
+    "eval.overlay_every_epochs": "a positive integer",
     "seed": "a non-negative integer",
     "learning_rate": "a positive number",
     "lr_decay_factor": "a positive number",

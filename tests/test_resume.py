@@ -26,7 +26,7 @@ import optax
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, evaluate, models, steps, train
+from rdunet_jax import checkpoints, evaluate, models, steps, train, visualize
 from rdunet_jax.errors import UserError
 
 NUM_EPOCHS = 3  # 8 slices, batch 4: 2 steps an epoch, 6 in all
@@ -429,6 +429,17 @@ def test_checkpoint_every_epochs_saves_every_nth_epoch_end_and_a_crash_resumes_f
     assert "resumed at epoch 4 (step 6)" in capsys.readouterr().out
     assert _steps(tmp_path, "latest") == [6, 8]  # the last epoch is always saved
     _assert_ends_as_the_reference(tmp_path, reference)
+
+
+def test_tensorboard_overlays_are_drawn_every_nth_epoch_and_at_the_last(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(
+        visualize, "add_overlays_to_tensorboard", lambda writer, overlays, step: drawn.append(step)
+    )
+    config = _loop_config()
+    config.checkpoint_every_steps, config.eval.overlay_every_epochs = 0, 3
+    train.train_and_evaluate(config, tmp_path)
+    assert drawn == [3, 4]  # epoch 3, then the run's last
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(

@@ -33,6 +33,7 @@ NON_RESULT_KEYS = (
     "data.data_dir",
     "model.variant",
     "eval.num_overlays",
+    "eval.overlay_every_epochs",
 )
 # Metric keys copied from metrics/<split>.json into the run's record.
 METRIC_KEYS = (
