@@ -8,23 +8,11 @@ of repeated calls after a warm-up that compiles:
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 from experiments import common
 from rdunet_jax import datasets, evaluate, inference, steps
 from rdunet_jax.errors import UserError
-
-
-def seconds_of(function, repeats: int) -> list[float]:
-    function()  # compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> int:
@@ -41,16 +29,22 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = {
-        "validation_s": seconds_of(
-            lambda: evaluate.evaluate_source(predictor, validation_source, config), args.repeats
-        ),
-        "overlays_s": seconds_of(
-            lambda: evaluate.validation_overlays(predictor, validation_source, config), args.repeats
-        ),
+    # One untimed call compiles each; the validation pass is what every epoch runs, the overlays what
+    # TensorBoard's images cost on top.
+    timed = {
+        "validation_s": lambda: evaluate.evaluate_source(predictor, validation_source, config),
+        "overlays_s": lambda: evaluate.validation_overlays(predictor, validation_source, config),
     }
-    summary = {name: statistics.median(times) for name, times in result.items()}
-    print(json.dumps({"median": summary, "all": result, "validation_slices": len(validation_source)}))
+    result = {name: common.median_seconds(call, args.repeats, warmup=1) for name, call in timed.items()}
+    print(
+        json.dumps(
+            {
+                "median": {name: median for name, (median, _) in result.items()},
+                "all": {name: times for name, (_, times) in result.items()},
+                "validation_slices": len(validation_source),
+            }
+        )
+    )
     return 0
 
 
