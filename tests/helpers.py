@@ -15,8 +15,10 @@ from rdunet_jax import config_lib, inference
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
-# Prepared phantom datasets of the tests, kept out of the user's ~/tensorflow_datasets.
-TEST_DATA_DIR = REPO_ROOT / ".pytest_cache" / "tensorflow_datasets"
+# Prepared phantom datasets of the tests, kept out of the user's ~/tensorflow_datasets; one folder per
+# pytest-xdist worker, so that two workers never prepare the same dataset into one folder at once.
+TEST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+TEST_DATA_DIR = REPO_ROOT / ".pytest_cache" / "tensorflow_datasets" / TEST_WORKER
 # `--set` items of the experiment scripts' tests: a one-level model of 2 feature maps on 8 phantom slices.
 TINY_MODEL = [
     "model.features=2",
