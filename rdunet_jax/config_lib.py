@@ -84,6 +84,17 @@ def upgrade(config):
 # `model.head` choices: see base_config.
 HEADS = heads.HEADS
 DEFAULT_CLASSES = ("lesion",)
+# Keys that change how often a run logs, draws overlays and saves, or where it caches compiled programs:
+# never what it computes (resume is exact), so a finished run or stage counts as the same run without them.
+BOOKKEEPING_KEYS = (
+    "compilation_cache_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "checkpoint_every_epochs",
+    "eval.num_overlays",
+    "eval.overlay_every_epochs",
+)
+
 # How the unlabelled pool's intensities are matched to the labelled slices' (datasets/intensity_matching.py).
 INTENSITY_MATCHING_MODES = ("none", "window", "histogram")
 

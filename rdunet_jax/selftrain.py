@@ -91,8 +91,14 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
 
 def _same_config(stored: dict, current: dict) -> bool:
     """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
-    when `current` holds their default (a stage finished by older code is not run again)."""
-    stored, current = config_lib.flatten(stored), config_lib.flatten(current)
+    when `current` holds their default (a stage finished by older code is not run again), and how often a
+    stage logged or saved (`config_lib.BOOKKEEPING_KEYS`) does not count."""
+
+    def result_keys(values: dict) -> dict:
+        flat = config_lib.flatten(values)
+        return {key: value for key, value in flat.items() if key not in config_lib.BOOKKEEPING_KEYS}
+
+    stored, current = result_keys(stored), result_keys(current)
     defaults = config_lib.flatten(config_lib.to_json(config_lib.base_config()))
     return all(
         stored[key] == value if key in stored else defaults.get(key) == value

@@ -378,6 +378,22 @@ def test_self_training_without_an_unlabelled_split_is_refused_before_training(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_path):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    record = json.loads(config.to_json_best_effort(sort_keys=True))
+    (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+    config.checkpoint_every_epochs += 9
+    config.log_every_steps += 1
+    config.eval.overlay_every_epochs += 1
+    config.compilation_cache_dir = str(tmp_path / "elsewhere")
+    assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
+    config.seed += 1
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(tmp_path, config)
+
+
 def test_a_stage_finished_by_older_code_counts_as_finished_and_another_config_is_refused(tmp_path):
     from rdunet_jax.errors import UserError
 

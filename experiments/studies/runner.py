@@ -21,20 +21,9 @@ from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Keys that name a run, locate files on this machine or only change what is logged: not part of what a
-# run computes. (`model.variant` is a label; the model.* keys it set are kept.)
-NON_RESULT_KEYS = (
-    "name",
-    "compilation_cache_dir",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "checkpoint_every_epochs",
-    "data.manual_dir",
-    "data.data_dir",
-    "model.variant",
-    "eval.num_overlays",
-    "eval.overlay_every_epochs",
-)
+# Keys that name a run, locate files on this machine or only change its bookkeeping (how often it logs and
+# saves): not part of what a run computes. (`model.variant` is a label; the model.* keys it set are kept.)
+NON_RESULT_KEYS = ("name", "data.manual_dir", "data.data_dir", "model.variant", *config_lib.BOOKKEEPING_KEYS)
 # Metric keys copied from metrics/<split>.json into the run's record.
 METRIC_KEYS = (
     "dice",
