@@ -308,6 +308,11 @@ def to_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def computed_keys(values: dict) -> dict:
+    """The flat keys of a config's JSON less `BOOKKEEPING_KEYS`: what a run computes depends on these."""
+    return {key: value for key, value in flatten(values).items() if key not in BOOKKEEPING_KEYS}
+
+
 def flatten(values: dict, prefix: str = "") -> dict:
     """{'a.b': value} from a config's nested JSON dicts."""
     flat = {}

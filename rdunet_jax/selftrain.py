@@ -93,12 +93,7 @@ def _same_config(stored: dict, current: dict) -> bool:
     """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
     when `current` holds their default (a stage finished by older code is not run again), and how often a
     stage logged or saved (`config_lib.BOOKKEEPING_KEYS`) does not count."""
-
-    def result_keys(values: dict) -> dict:
-        flat = config_lib.flatten(values)
-        return {key: value for key, value in flat.items() if key not in config_lib.BOOKKEEPING_KEYS}
-
-    stored, current = result_keys(stored), result_keys(current)
+    stored, current = config_lib.computed_keys(stored), config_lib.computed_keys(current)
     defaults = config_lib.flatten(config_lib.to_json(config_lib.base_config()))
     return all(
         stored[key] == value if key in stored else defaults.get(key) == value

@@ -122,6 +122,17 @@ def test_dilation_schedules_keep_the_papers_depth_and_shared_runs_share_a_digest
     assert base.eval.small_lesion_area == 25.0 and base.eval.split == "validation"
 
 
+def test_the_digest_ignores_names_paths_and_bookkeeping_but_not_what_a_run_computes():
+    config = make_tiny_config()
+    digest = runner.config_digest(config)
+    config.name, config.data.data_dir, config.data.manual_dir = "other", "/elsewhere", "/elsewhere/raw"
+    config.checkpoint_every_epochs, config.log_every_steps, config.eval.overlay_every_epochs = 7, 3, 5
+    config.compilation_cache_dir = "/elsewhere/xla"
+    assert runner.config_digest(config) == digest
+    config.learning_rate *= 2
+    assert runner.config_digest(config) != digest
+
+
 def test_smoke_budget_fits_schedules_to_the_shallow_model():
     settings = design.BUDGETS[("smoke", "semiseg")]
     specs = design.plan(design.STUDIES["ablation"], design.base_config("semiseg", settings, "/d"), (0,))

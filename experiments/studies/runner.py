@@ -21,9 +21,9 @@ from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic, write_text_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Keys that name a run, locate files on this machine or only change its bookkeeping (how often it logs and
-# saves): not part of what a run computes. (`model.variant` is a label; the model.* keys it set are kept.)
-NON_RESULT_KEYS = ("name", "data.manual_dir", "data.data_dir", "model.variant", *config_lib.BOOKKEEPING_KEYS)
+# Keys that name a run or locate files on this machine: with config_lib.BOOKKEEPING_KEYS (how often it logs
+# and saves), not part of what a run computes. (`model.variant` is a label; the model.* keys it set are kept.)
+NAMING_KEYS = ("name", "data.manual_dir", "data.data_dir", "model.variant")
 # Metric keys copied from metrics/<split>.json into the run's record.
 METRIC_KEYS = (
     "dice",
@@ -47,9 +47,8 @@ METRIC_KEYS = (
 
 def result_keys(config_values: dict) -> dict:
     """The flat keys of a config's JSON that change what a run computes."""
-    return {
-        key: value for key, value in config_lib.flatten(config_values).items() if key not in NON_RESULT_KEYS
-    }
+    computed = config_lib.computed_keys(config_values)
+    return {key: value for key, value in computed.items() if key not in NAMING_KEYS}
 
 
 @functools.cache
