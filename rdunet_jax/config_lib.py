@@ -227,6 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
     # epoch). Under cross-validation the validation set is the held-out fold, so 'best' picks the epoch on
     # the very slices it is scored on; 'last' keeps the fold unseen.
     config.eval.checkpoint = "best"
+    # Validate (and keep the `best` checkpoint) after every n-th epoch and the last one. Validation does not
+    # touch the train state, so with eval.checkpoint 'last' this changes only the log: the same weights to
+    # the bit. With 'best', the best is chosen among the validated epochs.
+    config.eval.validate_every_epochs = 1
     # Average the probabilities of the identity, left-right, up-down and both flips (nnU-Net mirroring).
     config.eval.test_time_flips = False
     # Ground-truth lesions below this area are "small" in the lesion-size table: mm^2 when the data
@@ -308,9 +312,18 @@ def to_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Bookkeeping too when a run is scored with its last checkpoint: it then picks no weights.
+LAST_CHECKPOINT_BOOKKEEPING_KEYS = ("eval.validate_every_epochs",)
+
+
 def computed_keys(values: dict) -> dict:
-    """The flat keys of a config's JSON less `BOOKKEEPING_KEYS`: what a run computes depends on these."""
-    return {key: value for key, value in flatten(values).items() if key not in BOOKKEEPING_KEYS}
+    """The flat keys of a config's JSON less `BOOKKEEPING_KEYS` (and, for a run scored with its last
+    checkpoint, `LAST_CHECKPOINT_BOOKKEEPING_KEYS`): what a run computes depends on these."""
+    flat = flatten(values)
+    dropped = BOOKKEEPING_KEYS
+    if flat.get("eval.checkpoint") == "last":
+        dropped += LAST_CHECKPOINT_BOOKKEEPING_KEYS
+    return {key: value for key, value in flat.items() if key not in dropped}
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

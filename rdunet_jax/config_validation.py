@@ -88,6 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.se_reduction",
         "eval.batch_size",
         "eval.overlay_every_epochs",
+        "eval.validate_every_epochs",
     ):
         _require(config, key, *positive_int)
     for key in ("learning_rate", "lr_decay_factor", "eval.small_lesion_area"):

@@ -86,7 +86,8 @@ class _Log:
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         for key in ("loss", "val_loss", "val_dice", "learning_rate"):
-            self.writer.add_scalar(key, record[key], record["epoch"])
+            if key in record:  # val_* only on validated epochs (eval.validate_every_epochs)
+                self.writer.add_scalar(key, record[key], record["epoch"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -295,10 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 epoch_loss = (meta["epoch_loss_sum"] + sum(values)) / max(
                     meta["epoch_steps"] + len(values), 1
                 )
-                validation = evaluate.evaluate_source(
-                    inference.JaxPredictor(state), validation_source, config
+                validation = None
+                if (epoch + 1) % config.eval.validate_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                    validation = evaluate.evaluate_source(
+                        inference.JaxPredictor(state), validation_source, config
+                    )
+                is_best = validation is not None and (
+                    meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
                 )
-                is_best = meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
                 meta.update(epoch_loss_sum=0.0, epoch_steps=0)
                 if is_best:
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
@@ -310,15 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                     or stop.signal_number is not None
                 ):
                     save_latest(epoch + 1, None)
-                record = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "loss": epoch_loss,
-                    "val_loss": validation["loss"],
-                    "val_dice": validation["dice"],
-                    "learning_rate": float(schedule(step - 1)),
-                    "seconds": time.perf_counter() - epoch_start,
-                }
+                record = {"epoch": epoch + 1, "step": step, "loss": epoch_loss}
+                if validation is not None:
+                    record.update(val_loss=validation["loss"], val_dice=validation["dice"])
+                record.update(
+                    learning_rate=float(schedule(step - 1)), seconds=time.perf_counter() - epoch_start
+                )
                 if log is not None:
                     log.write(record)
                     if (epoch + 1) % config.eval.overlay_every_epochs == 0 or epoch + 1 == config.num_epochs:
@@ -327,11 +329,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                         )
                         visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
                         log.writer.flush()
-                print(
-                    f"epoch {epoch + 1}: loss {epoch_loss:.4f} val_loss {validation['loss']:.4f} "
-                    f"val_dice {validation['dice']:.4f}{' (best)' if is_best else ''}",
-                    flush=True,
+                validated = (
+                    f" val_loss {validation['loss']:.4f} val_dice {validation['dice']:.4f}"
+                    f"{' (best)' if is_best else ''}"
+                    if validation is not None
+                    else ""
                 )
+                print(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{validated}", flush=True)
                 if stop.signal_number is not None:
                     run_checkpoints.wait()
                     raise TrainingStopped(stop.signal_number, step, run_checkpoints.directory)

@@ -133,12 +133,19 @@ def curves_figure(records: list[dict]):
     from matplotlib import pyplot
 
     epochs = [record["epoch"] for record in records]
+    # Epochs between validations (eval.validate_every_epochs) have no val_* keys.
+    validated = [record for record in records if "val_loss" in record]
+    validated_epochs = [record["epoch"] for record in validated]
     figure, (loss_axes, dice_axes) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=100)
     loss_axes.plot(epochs, [record["loss"] for record in records], marker="o", label="training loss")
-    loss_axes.plot(epochs, [record["val_loss"] for record in records], marker="o", label="validation loss")
+    loss_axes.plot(
+        validated_epochs, [record["val_loss"] for record in validated], marker="o", label="validation loss"
+    )
     loss_axes.set(xlabel="epoch", ylabel="soft Dice loss", title="Loss")
     loss_axes.legend()
-    dice_axes.plot(epochs, [record["val_dice"] for record in records], marker="o", color="tab:green")
+    dice_axes.plot(
+        validated_epochs, [record["val_dice"] for record in validated], marker="o", color="tab:green"
+    )
     dice_axes.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (mean over slices)", ylim=(0.0, 1.0))
     for axes in (loss_axes, dice_axes):
         axes.grid(alpha=0.3)

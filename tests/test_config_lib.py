@@ -22,6 +22,7 @@ INVALID_VALUES = {
     "checkpoint_every_steps": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "checkpoint_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "eval.overlay_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
+    "eval.validate_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "seed": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "learning_rate": st.one_of(
         st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan), st.none(), st.text(max_size=3)
@@ -85,6 +86,7 @@ REQUIREMENTS = {
     "checkpoint_every_steps": "a non-negative integer",
     "checkpoint_every_epochs": "a positive integer",
     "eval.overlay_every_epochs": "a positive integer",
+    "eval.validate_every_epochs": "a positive integer",
     "seed": "a non-negative integer",
     "learning_rate": "a positive number",
     "lr_decay_factor": "a positive number",

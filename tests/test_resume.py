@@ -442,6 +442,22 @@ def test_tensorboard_overlays_are_drawn_every_nth_epoch_and_at_the_last(tmp_path
     assert drawn == [3, 4]  # epoch 3, then the run's last
 
 
+def test_validating_every_nth_epoch_keeps_the_weights_bit_for_bit_and_picks_the_best_among_those_epochs(
+    tmp_path, reference
+):
+    _train(tmp_path, eval={"validate_every_epochs": 3})  # epochs 3 and 4 (the last): losses 0.4, 0.35
+    state, meta = _restore(tmp_path, "latest")
+    _assert_same_state(state, reference.latest[0])
+    assert (meta["best_epoch"], meta["best_val_loss"]) == (4, 0.35)
+    assert _steps(tmp_path, "best") == [LAST_STEP]
+    records, reference_records = _log_records(tmp_path), _log_records(reference.workdir)
+    assert [sorted(record) for record in records[:2]] == [["epoch", "learning_rate", "loss", "step"]] * 2
+    assert [record.get("val_loss") for record in records] == [None, None, 0.4, 0.35]
+    assert [record["loss"] for record in records] == [record["loss"] for record in reference_records]
+    assert _test_metrics(tmp_path)["step"] == LAST_STEP
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(
     tmp_path, stopped_at_an_epoch_end
 ):

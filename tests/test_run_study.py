@@ -133,6 +133,15 @@ def test_the_digest_ignores_names_paths_and_bookkeeping_but_not_what_a_run_compu
     assert runner.config_digest(config) != digest
 
 
+def test_how_often_a_run_validates_changes_its_digest_only_when_it_is_scored_with_its_best_checkpoint():
+    for checkpoint, same in [("last", True), ("best", False)]:
+        config = make_tiny_config()
+        config.eval.checkpoint = checkpoint
+        digest = runner.config_digest(config)
+        config.eval.validate_every_epochs = 5
+        assert (runner.config_digest(config) == digest) is same, checkpoint
+
+
 def test_smoke_budget_fits_schedules_to_the_shallow_model():
     settings = design.BUDGETS[("smoke", "semiseg")]
     specs = design.plan(design.STUDIES["ablation"], design.base_config("semiseg", settings, "/d"), (0,))

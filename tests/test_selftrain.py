@@ -382,12 +382,15 @@ def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_p
     from rdunet_jax.errors import UserError
 
     config = tiny_selftrain_config()
+    config.eval.checkpoint = "last"  # as configs/semiseg_selftrain.py scores its stages
     record = json.loads(config.to_json_best_effort(sort_keys=True))
     (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
     config.checkpoint_every_epochs += 9
     config.log_every_steps += 1
     config.eval.overlay_every_epochs += 1
     config.compilation_cache_dir = str(tmp_path / "elsewhere")
+    assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
+    config.eval.validate_every_epochs += 1  # picks no weights: the stage is scored with its last checkpoint
     assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
     config.seed += 1
     with pytest.raises(UserError, match="run with another config"):
