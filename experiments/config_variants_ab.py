@@ -1,7 +1,7 @@
 """One training command under config variants, timed the way a user runs it: each variant in its own
-fresh process, alternating rounds (A, B, A, B, ...), nothing of ours running beside it. Checks too that
-the variants ended on the same result (their final evaluations' metrics, to every digit), for variants
-meant to change only the time:
+fresh process, alternating rounds (A B, B A, A B, ...: each round starts with the next variant), nothing
+of ours running beside it. Checks too that the variants ended on the same result (their final
+evaluations' metrics, to every digit), for variants meant to change only the time:
 
     python -m experiments.config_variants_ab --config configs/semiseg.py --epochs 20 --rounds 3 \\
         --set data.manual_dir=../shared/data/covid-semiseg --set checkpoint_every_epochs=10 \\
@@ -10,10 +10,12 @@ meant to change only the time:
 
 An untimed one-epoch child of the first variant prepares the dataset and fills the compilation cache
 first, so every timed child finds both. Per child: its wall time, and the sum of its train log's epoch
-times (training alone: no start-up, compilation or final evaluation). Per variant: the medians over
+times (the epochs alone: no start-up or final evaluation; the first epoch holds the compilation or its
+load from the cache, and each epoch its validation and saves). Per variant: the medians over
 rounds; `ratio`: the median over rounds of each round's ratio to the first variant (a round's children
-ran minutes apart, so a shared machine's drifting load cancels better). The load average before each
-child is recorded: compare only figures taken on a quiet machine.
+ran minutes apart, so a shared machine's drifting load cancels better). The 1-minute load average before
+each child is recorded; it still holds the previous child's load, so it shows other work only above ~2 on
+2 cores: compare only figures taken on a quiet machine.
 """
 
 import argparse

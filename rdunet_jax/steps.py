@@ -172,6 +172,12 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
                     f"{run_checkpoints.directory}; available steps: {available}"
                 )
         saved_steps = run_checkpoints.all_steps(kind)
+        if not saved_steps and kind == "best" and available:
+            # Between validations (eval.validate_every_epochs) a run has `latest` but maybe no `best` yet.
+            raise UserError(
+                f"--workdir: no best checkpoint yet in {run_checkpoints.directory} (no epoch validated); "
+                f"finish training, or use --config.eval.checkpoint=last (steps {available})"
+            )
         if not saved_steps:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
         step = max(saved_steps) if checkpoint_step is None else checkpoint_step

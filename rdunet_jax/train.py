@@ -1,10 +1,11 @@
 """Training: the epoch loop, resume, logging, signals and the stop on a non-finite loss.
 
 `train_and_evaluate(config, workdir)` trains with Dice loss (or `config.loss`) and Adam on a staircase
-schedule (`steps`), validates every epoch, keeps the latest checkpoint (resume) and the best by validation
-loss, and at the end restores `eval.checkpoint` (the best, or the last) and evaluates it on the test split
-(validation where no test split exists). The first step of a second run of a config loads its compiled
-train step from the cache folder (`compile_cache`).
+schedule (`steps`), validates every epoch (or every `eval.validate_every_epochs`-th and the last), keeps
+the latest checkpoint (resume) and the best by validation loss, and at the end restores `eval.checkpoint`
+(the best, or the last) and evaluates it on the test split (validation where no test split exists).
+The first step of a second run of a config loads its compiled train step from the cache folder
+(`compile_cache`).
 
 Running the same command again resumes from the latest checkpoint, exactly: batches are a pure function
 of (seed, epoch, position), dropout of (seed, step), and the checkpoint holds the data position, so a

@@ -453,6 +453,23 @@ def test_validation_and_overlays_every_nth_epoch_keep_the_weights_and_pick_the_b
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_a_run_stopped_before_its_first_validation_has_no_best_yet_and_says_how_to_use_the_latest(tmp_path):
+    def crash_at_step_2(step, state, metrics):
+        if step == 2:
+            raise _Crash
+        return state, metrics
+
+    with pytest.raises(_Crash):
+        _train(tmp_path, after_step=crash_at_step_2, eval={"validate_every_epochs": 3})
+    config = _loop_config()
+    with pytest.raises(
+        UserError, match=r"no best checkpoint yet .*\(no epoch validated\).*eval.checkpoint=last"
+    ):
+        steps.restore_state(config, tmp_path)
+    config.eval.checkpoint = "last"
+    assert int(steps.restore_state(config, tmp_path).step) == 1
+
+
 def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(
     tmp_path, stopped_at_an_epoch_end
 ):
