@@ -147,6 +147,15 @@ def _typed(old, text: str):
     return text
 
 
+def parse_named_overrides(text: str, flag: str) -> tuple[str, list[str]]:
+    """'NAME=KEY=VALUE[,KEY=VALUE]' (the value of `flag`) as (NAME, ['KEY=VALUE', ...])."""
+    name, separator, body = text.partition("=")
+    overrides = [item for item in body.split(",") if item]
+    if not name or not separator or not overrides or not all("=" in item for item in overrides):
+        raise SystemExit(f"{flag} {text}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+    return name, overrides
+
+
 def apply_set_items(config, items):
     """`--set KEY=VALUE` items (dotted keys, e.g. model.dtype=bfloat16) applied to `config` (returned),
     each value parsed to the type of the one it replaces."""

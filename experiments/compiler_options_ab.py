@@ -65,11 +65,7 @@ def parse_option(text: str) -> tuple[str, dict]:
 
 def parse_model_option(text: str) -> tuple[str, list[str]]:
     """'NAME=model.pool_impl=reshape,model.dropout_impl=bits' as (NAME, ['model.pool_impl=reshape', ...])."""
-    name, separator, body = text.partition("=")
-    overrides = [item for item in body.split(",") if item]
-    if not name or not separator or not all("=" in item for item in overrides) or not overrides:
-        raise SystemExit(f"--model_option {text}: expected NAME=KEY=VALUE[,KEY=VALUE]")
-    return name, overrides
+    return common.parse_named_overrides(text, "--model_option")
 
 
 def build_function(args, config):

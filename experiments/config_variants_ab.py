@@ -37,11 +37,7 @@ RESULT_KEYS = ("dice", "loss", "precision", "recall", "step")
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'NAME=KEY=VALUE[,KEY=VALUE]' as (NAME, ['KEY=VALUE', ...])."""
-    name, separator, body = text.partition("=")
-    overrides = [item for item in body.split(",") if item]
-    if not name or not separator or not overrides or not all("=" in item for item in overrides):
-        raise SystemExit(f"--variant {text}: expected NAME=KEY=VALUE[,KEY=VALUE]")
-    return name, overrides
+    return common.parse_named_overrides(text, "--variant")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -189,6 +189,11 @@ def restore_latest(run_checkpoints, state, config):
     return None
 
 
+def _due(epoch: int, every: int, config) -> bool:
+    """Whether the end of (0-based) `epoch` is an every-`every`-th one or the run's last."""
+    return (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains (resuming if `workdir` has a checkpoint), then evaluates the `eval.checkpoint` checkpoint.
 
@@ -298,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                     meta["epoch_steps"] + len(values), 1
                 )
                 validation = None
-                if (epoch + 1) % config.eval.validate_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                if _due(epoch, config.eval.validate_every_epochs, config):
                     validation = evaluate.evaluate_source(
                         inference.JaxPredictor(state), validation_source, config
                     )
@@ -310,11 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
                     meta.update(epoch=epoch + 1, iterator=None)
                     run_checkpoints.save("best", step, state, meta)
-                if (
-                    (epoch + 1) % config.checkpoint_every_epochs == 0
-                    or epoch + 1 == config.num_epochs
-                    or stop.signal_number is not None
-                ):
+                if _due(epoch, config.checkpoint_every_epochs, config) or stop.signal_number is not None:
                     save_latest(epoch + 1, None)
                 record = {"epoch": epoch + 1, "step": step, "loss": epoch_loss}
                 if validation is not None:
@@ -324,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 )
                 if log is not None:
                     log.write(record)
-                    if (epoch + 1) % config.eval.overlay_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                    if _due(epoch, config.eval.overlay_every_epochs, config):
                         overlays = evaluate.validation_overlays(
                             inference.JaxPredictor(state), validation_source, config
                         )
