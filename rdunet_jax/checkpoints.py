@@ -100,6 +100,40 @@ def check_mean_teacher(meta: dict, target_state, directory) -> None:
         )
 
 
+def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int]:
+    """(parameters, BatchNorm statistics, step) of the newest `latest` checkpoint of the run in `workdir`,
+    for initialising another run (`model_init`): checked against the config's architecture (and classes),
+    read without a target so that whatever optimizer the run used (mean teacher's too) does not matter.
+    Raises UserError naming `model_init` when there is no checkpoint or it belongs to another model."""
+    directory = pathlib.Path(workdir).absolute() / "checkpoints" / "latest"
+    steps = sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
+    if not steps:
+        raise UserError(
+            f"model_init: no checkpoint in {directory} (give the folder of a run that has trained)"
+        )
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta")
+    )
+    try:
+        meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            # Not the orientation: a model pretrained on slices facing another way is a start, not a mistake.
+            check_architecture(meta.get("model"), model_config, directory / str(steps[-1]), data_config)
+        except ModelMismatchError as error:
+            raise ModelMismatchError(f"model_init: {error}") from None
+        try:
+            state = manager.restore(
+                steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            ).state
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types for cut files
+            raise UserError(
+                f"model_init: checkpoint step {steps[-1]} in {directory} is damaged ({type(error).__name__})"
+            ) from None
+    finally:
+        manager.close()
+    return state["params"], state["batch_stats"], steps[-1]
+
+
 class RunCheckpoints:
     """The checkpoints of one workdir: `<workdir>/checkpoints/{latest,best}`."""
 

@@ -125,7 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         config, "data.train_split", lambda value: value in ("train", "train_full"), "'train' or 'train_full'"
     )
-    for key in ("data.manual_dir", "data.data_dir", "data.name", "eval.split"):
+    for key in ("model_init", "data.manual_dir", "data.data_dir", "data.name", "eval.split"):
         _require(config, key, lambda value: isinstance(value, str), "a string")
     for key in ("data.num_train", "data.num_validation", "data.num_test"):
         _require(config, key, *_NON_NEGATIVE_INT)

@@ -189,6 +189,21 @@ def restore_latest(run_checkpoints, state, config):
     return None
 
 
+def with_pretrained_weights(state, pretrained):
+    """`state` with the parameters and BatchNorm statistics of `pretrained` (`checkpoints.restore_weights`);
+    the optimizer state, step and dropout key stay those of a fresh run."""
+    params, batch_stats, _ = pretrained
+
+    def like(restored, fresh):
+        return jax.numpy.asarray(restored, fresh.dtype)
+
+    # The architecture check of restore_weights (checkpoints.ARCHITECTURE_KEYS) makes the trees fit.
+    return state.replace(
+        params=jax.tree_util.tree_map(like, params, state.params),
+        batch_stats=jax.tree_util.tree_map(like, batch_stats, state.batch_stats),
+    )
+
+
 def _due(epoch: int, every: int, config) -> bool:
     """Whether the end of (0-based) `epoch` is an every-`every`-th one or the run's last."""
     return (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs
@@ -229,6 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         f"{mesh.size} {mesh.devices.flat[0].platform} device(s)",
         flush=True,
     )
+    pretrained = None
+    has_own = any(path.name.isdigit() for path in (workdir / "checkpoints" / "latest").glob("*"))
+    if config.get("model_init") and not has_own:
+        # Read before anything is written in the workdir, so a bad model_init leaves it as it was.
+        pretrained = checkpoints.restore_weights(config.model_init, config.model, config.data)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
     meta = new_meta(config)
     restored = restore_latest(run_checkpoints, state, config)
@@ -236,6 +256,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         state, meta = restored
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)
+    elif pretrained is not None:
+        state = with_pretrained_weights(state, pretrained)
+        print(
+            f"model_init: parameters and BatchNorm statistics of {config.model_init} (step {pretrained[2]})",
+            flush=True,
+        )
     if is_first_host:
         # Written only once the checkpoints (if any) were found to fit this config.
         write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))

@@ -5,9 +5,11 @@ import asyncio
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from helpers import make_tiny_config
 
 from rdunet_jax import checkpoints, models, steps
+from rdunet_jax.errors import UserError
 
 
 def test_save_then_restore_gives_identical_state(tmp_path, tiny_state):
@@ -65,3 +67,58 @@ def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monk
     _, restored_meta = run_checkpoints.restore("latest", tiny_state)
     run_checkpoints.close()
     assert restored_meta == {"epoch": 2, "iterator": {"next_index": 5}, "epoch_steps": 1}
+
+
+def _save_latest(workdir, state, config):
+    run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(config.model, config.data)}
+    if state.consistency:
+        meta[checkpoints.MEAN_TEACHER] = True
+    run_checkpoints.save("latest", int(state.step), state, meta)
+    run_checkpoints.wait()
+    run_checkpoints.close()
+
+
+def _trained_once(config):
+    """The tiny model's state after one train step from `config`'s seed: weights no fresh state holds."""
+    state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
+    batch = {
+        "image": np.random.default_rng(0).random((4, 32, 32, 1), np.float32),
+        "mask": (np.random.default_rng(1).random((4, 32, 32, 1)) > 0.7).astype(np.float32),
+    }
+    if state.consistency:
+        batch["weight"] = np.ones((4, 32, 32, 1), np.float32)
+    return steps.train_step(state, batch)[0]
+
+
+@pytest.mark.parametrize("mean_teacher", [False, True], ids=["adam", "mean_teacher"])
+def test_restore_weights_reads_params_and_batch_stats_whatever_the_optimizer(tmp_path, mean_teacher):
+    config = make_tiny_config()
+    if mean_teacher:  # Adam chained with the parameters' moving average: another optimizer state
+        config.loss, config.data.unlabelled_fraction = "dice_weighted", 0.5
+        config.consistency.weight = 1.0
+    state = _trained_once(config)
+    _save_latest(tmp_path, state, config)
+    params, batch_stats, step = checkpoints.restore_weights(tmp_path, config.model, config.data)
+    assert step == 1
+    for name, restored in (("params", params), ("batch_stats", batch_stats)):
+        expected = jax.tree_util.tree_leaves_with_path(getattr(state, name))
+        got = dict(jax.tree_util.tree_leaves_with_path(restored))
+        assert len(got) == len(expected) > 0
+        for path, leaf in expected:
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(leaf))
+
+
+def test_restore_weights_refuses_another_model_and_a_folder_without_checkpoints_in_one_line(tmp_path):
+    config = make_tiny_config()
+    _save_latest(tmp_path / "run", _trained_once(config), config)
+    wider = make_tiny_config()
+    wider.model.features = 8
+    with pytest.raises(
+        UserError,
+        match=r"^model_init: checkpoint in .* another model: model\.features=4 in "
+        r"the checkpoint, 8 in the config$",
+    ):
+        checkpoints.restore_weights(tmp_path / "run", wider.model, wider.data)
+    with pytest.raises(UserError, match=r"^model_init: no checkpoint in .*empty.checkpoints.latest \("):
+        checkpoints.restore_weights(tmp_path / "empty", config.model, config.data)

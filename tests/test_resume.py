@@ -539,3 +539,50 @@ def test_a_finished_run_given_the_same_command_only_evaluates_again(tmp_path, re
     } == checkpoint_files
     assert (workdir / "train_log.jsonl").read_text() == log
     assert _test_metrics(workdir) == _test_metrics(reference.workdir)
+
+
+def test_model_init_starts_from_that_runs_weights_with_a_fresh_optimizer_and_a_resume_keeps_its_own(
+    tmp_path, reference, monkeypatch, capsys
+):
+    starts = []  # the state each command's first train step starts from
+    real_compile = train.compiled_train_step
+
+    def recording(config, state, *args):
+        starts.append(jax.device_get(state))
+        return real_compile(config, state, *args)
+
+    monkeypatch.setattr(train, "compiled_train_step", recording)
+    _train(tmp_path, model_init=str(reference.workdir), num_epochs=1)
+    assert f"model_init: parameters and BatchNorm statistics of {reference.workdir} (step 8)" in (
+        capsys.readouterr().out
+    )
+    config = _loop_config()
+    fresh = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
+    pretrained = reference.latest[0]
+    assert int(starts[0].step) == 0
+    with pytest.raises(AssertionError):  # the reference's weights are not a fresh draw: the check can fail
+        _assert_same_state(fresh.params, pretrained.params)
+    _assert_same_state(starts[0].params, pretrained.params)
+    _assert_same_state(starts[0].batch_stats, pretrained.batch_stats)
+    _assert_same_state((starts[0].opt_state, starts[0].dropout_key), (fresh.opt_state, fresh.dropout_key))
+
+    after_first_command, _ = _restore(tmp_path, "latest")
+    _train(tmp_path, model_init=str(reference.workdir), num_epochs=2)
+    assert int(starts[1].step) == 2
+    _assert_same_state(starts[1], after_first_command)
+    assert "model_init:" not in capsys.readouterr().out
+
+
+def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, finished_run):
+    workdir = tmp_path / "fine_tuned"
+    result = _run(workdir, f"--config.model_init={tmp_path / 'never_trained'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model_init: no checkpoint in "), result.stderr
+    wider = _run(workdir, f"--config.model_init={finished_run}", "--config.model.features=8")
+    assert wider.returncode == 2
+    assert wider.stderr.strip().splitlines() == [
+        f"error: model_init: checkpoint in {finished_run / 'checkpoints' / 'latest' / '6'} was made by another "
+        "model: model.features=4 in the checkpoint, 8 in the config"
+    ]
+    assert not workdir.exists()
