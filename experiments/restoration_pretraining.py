@@ -10,7 +10,7 @@ its weights then start a fine-tuning run on the labelled slices through `--confi
 
 The pool is the same for every fold and holds no labelled slice, so one pretraining serves all five folds.
 Its slices are window-matched (`data.unlabelled_intensity_matching=window`) to the images, never the masks,
-of the release's train.txt slices. The corruptions, each with Models Genesis' 2-D probabilities: a random
+of the release's train.txt slices. The corruptions, each at Models Genesis' default rate: a random
 monotone Bezier intensity curve (0.9, half of them inverted), local pixel shuffling (0.5), and painting
 (0.9): in-painting boxes with noise (a fifth of the paintings) or out-painting (noise everywhere but a box).
 The target is the flipped, uncorrupted slice; the loss the mean squared error of the sigmoid output.
@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments import common
 
-# Models Genesis' probabilities (its 2-D configuration).
+# Models Genesis' default rates (nonlinear_rate, local_rate, paint_rate, inpaint_rate of its configs).
 NONLINEAR_RATE, SHUFFLE_RATE, PAINT_RATE, INPAINT_RATE = 0.9, 0.5, 0.9, 0.2
 
 

@@ -573,16 +573,20 @@ def test_model_init_starts_from_that_runs_weights_with_a_fresh_optimizer_and_a_r
     assert "model_init:" not in capsys.readouterr().out
 
 
-def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, finished_run):
+def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, reference):
+    """(The command line prints a UserError as one line and exits 2: tests/test_main.py.)"""
     workdir = tmp_path / "fine_tuned"
-    result = _run(workdir, f"--config.model_init={tmp_path / 'never_trained'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model_init: no checkpoint in "), result.stderr
-    wider = _run(workdir, f"--config.model_init={finished_run}", "--config.model.features=8")
-    assert wider.returncode == 2
-    assert wider.stderr.strip().splitlines() == [
-        f"error: model_init: checkpoint in {finished_run / 'checkpoints' / 'latest' / '6'} was made by another "
+    with pytest.raises(
+        UserError, match=r"^model_init: no checkpoint in .*never_trained.checkpoints.latest \("
+    ):
+        _train(workdir, model_init=str(tmp_path / "never_trained"))
+    config = _loop_config()
+    config.update(model_init=str(reference.workdir))
+    config.model.features = 8
+    with pytest.raises(UserError) as refused:
+        train.train_and_evaluate(config, workdir)
+    assert str(refused.value) == (
+        f"model_init: checkpoint in {reference.workdir / 'checkpoints' / 'latest' / '8'} was made by another "
         "model: model.features=4 in the checkpoint, 8 in the config"
-    ]
+    )
     assert not workdir.exists()
