@@ -100,13 +100,20 @@ def check_mean_teacher(meta: dict, target_state, directory) -> None:
         )
 
 
+def latest_steps(workdir) -> list[int]:
+    """The complete `latest` steps of the run in `workdir`, oldest first, read from the folder names (Orbax's
+    unfinished saves carry a suffix); [] for a folder without checkpoints."""
+    directory = pathlib.Path(workdir) / "checkpoints" / "latest"
+    return sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
+
+
 def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int]:
     """(parameters, BatchNorm statistics, step) of the newest `latest` checkpoint of the run in `workdir`,
     for initialising another run (`model_init`): checked against the config's architecture (and classes),
     read without a target so that whatever optimizer the run used (mean teacher's too) does not matter.
     Raises UserError naming `model_init` when there is no checkpoint or it belongs to another model."""
     directory = pathlib.Path(workdir).absolute() / "checkpoints" / "latest"
-    steps = sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
+    steps = latest_steps(workdir)
     if not steps:
         raise UserError(
             f"model_init: no checkpoint in {directory} (give the folder of a run that has trained)"

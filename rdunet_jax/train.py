@@ -245,8 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         flush=True,
     )
     pretrained = None
-    has_own = any(path.name.isdigit() for path in (workdir / "checkpoints" / "latest").glob("*"))
-    if config.get("model_init") and not has_own:
+    if config.get("model_init") and not checkpoints.latest_steps(workdir):
         # Read before anything is written in the workdir, so a bad model_init leaves it as it was.
         pretrained = checkpoints.restore_weights(config.model_init, config.model, config.data)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")

@@ -122,3 +122,13 @@ def test_restore_weights_refuses_another_model_and_a_folder_without_checkpoints_
         checkpoints.restore_weights(tmp_path / "run", wider.model, wider.data)
     with pytest.raises(UserError, match=r"^model_init: no checkpoint in .*empty.checkpoints.latest \("):
         checkpoints.restore_weights(tmp_path / "empty", config.model, config.data)
+
+
+def test_restore_weights_calls_a_checkpoint_with_cut_files_damaged_in_one_line(tmp_path):
+    config = make_tiny_config()
+    _save_latest(tmp_path, _trained_once(config), config)
+    for path in (tmp_path / "checkpoints" / "latest" / "1" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"^model_init: checkpoint step 1 in .*latest is damaged \("):
+        checkpoints.restore_weights(tmp_path, config.model, config.data)
