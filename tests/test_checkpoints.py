@@ -79,7 +79,7 @@ def _save_latest(workdir, state, config):
     run_checkpoints.close()
 
 
-def _trained_once(config):
+def _with_moved_weights(config):
     """The tiny model's state from `config`'s seed with every weight and statistic moved: values no fresh
     state holds (moved by hand, not by a train step: compiling one costs seconds and proves nothing here)."""
     state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
@@ -93,7 +93,7 @@ def test_restore_weights_reads_params_and_batch_stats_whatever_the_optimizer(tmp
     if mean_teacher:  # Adam chained with the parameters' moving average: another optimizer state
         config.loss, config.data.unlabelled_fraction = "dice_weighted", 0.5
         config.consistency.weight = 1.0
-    state = _trained_once(config)
+    state = _with_moved_weights(config)
     _save_latest(tmp_path, state, config)
     params, batch_stats, step = checkpoints.restore_weights(tmp_path, config.model, config.data)
     assert step == 1
@@ -107,7 +107,7 @@ def test_restore_weights_reads_params_and_batch_stats_whatever_the_optimizer(tmp
 
 def test_restore_weights_refuses_another_model_and_a_folder_without_checkpoints_in_one_line(tmp_path):
     config = make_tiny_config()
-    _save_latest(tmp_path / "run", _trained_once(config), config)
+    _save_latest(tmp_path / "run", _with_moved_weights(config), config)
     wider = make_tiny_config()
     wider.model.features = 8
     with pytest.raises(
@@ -122,7 +122,7 @@ def test_restore_weights_refuses_another_model_and_a_folder_without_checkpoints_
 
 def test_restore_weights_calls_a_checkpoint_with_cut_files_damaged_in_one_line(tmp_path):
     config = make_tiny_config()
-    _save_latest(tmp_path, _trained_once(config), config)
+    _save_latest(tmp_path, _with_moved_weights(config), config)
     for path in (tmp_path / "checkpoints" / "latest" / "1" / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
