@@ -42,6 +42,7 @@ except UserError as error:
 """
 
 
+@pytest.mark.slow  # a fresh process on 4 virtual devices: 35 s on 2 cores
 def test_sharded_train_step_equals_single_device_step():
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_STEP_SCRIPT],
