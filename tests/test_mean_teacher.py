@@ -2,6 +2,8 @@
 against a numpy recomputation, the unlabelled rows of mixed batches, the config's errors, and a resumed
 run that ends bit-identical to an uninterrupted one."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,13 +187,28 @@ def _final_params(config, workdir, crash_after_step=None):
     return steps.restore_state(config, workdir)
 
 
-def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_teacher(tmp_path):
-    # One epoch of 4 steps, crashed after its second: the ramp-up, the noise draws, the teacher and the
-    # data order must all carry on from the step-2 checkpoint.
+def _crash_resume_config():
+    # One epoch of 4 steps, checkpointed after each: the ramp-up, the noise draws, the teacher and the
+    # data order must all carry on from a mid-epoch checkpoint.
     config = _consistency_config(checkpoint_every_steps=1, num_epochs=1)
     config.consistency.rampup_epochs, config.consistency.noise_std = 1, 0.05
     config.eval.checkpoint = "last"
-    reference = _final_params(config, tmp_path / "uninterrupted")
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """One uninterrupted mean-teacher run, shared because compiling its step is most of a test's time."""
+    workdir = tmp_path_factory.mktemp("mean_teacher") / "uninterrupted"
+    _final_params(_crash_resume_config(), workdir)
+    return workdir
+
+
+def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_teacher(
+    tmp_path, uninterrupted_run
+):
+    config = _crash_resume_config()
+    reference = steps.restore_state(config, uninterrupted_run)
     resumed = _final_params(config, tmp_path / "resumed", crash_after_step=2)
     assert int(resumed.step) == int(reference.step) == 4
     for a, b in zip(
@@ -213,13 +230,20 @@ def test_the_stored_train_step_is_another_for_another_decay_of_the_moving_averag
     assert keys[0] != keys[1]
 
 
-def test_a_checkpoint_with_or_without_mean_teacher_is_refused_by_the_other_in_one_line(tmp_path):
-    mean_teacher_config = _consistency_config(num_epochs=1)
+def test_a_checkpoint_with_or_without_mean_teacher_is_refused_by_the_other_in_one_line(
+    tmp_path, uninterrupted_run
+):
+    mean_teacher_config = _crash_resume_config()
     plain_config = make_tiny_config()
     plain_config.num_epochs = 1
-    for trained, other in ((mean_teacher_config, plain_config), (plain_config, mean_teacher_config)):
-        workdir = tmp_path / ("mt" if trained is mean_teacher_config else "plain")
-        train.train_and_evaluate(trained, workdir)
+    # A copy: a refusal that wrote to the workdir must not spoil the shared run for the resume test.
+    shutil.copytree(uninterrupted_run, tmp_path / "mt")
+    train.train_and_evaluate(plain_config, tmp_path / "plain")
+    for trained, other, name in (
+        (mean_teacher_config, plain_config, "mt"),
+        (plain_config, mean_teacher_config, "plain"),
+    ):
+        workdir = tmp_path / name
         expected = (
             "with mean teacher, the config has none"
             if trained is mean_teacher_config
