@@ -11,6 +11,7 @@ for candidates trained on the binary masks, such as mean teacher):
 
     python -m experiments.cv_table runs/cv --reference dice_ce > table.md
     python -m experiments.cv_table runs/cv --reference recipe-record > table.md
+    python -m experiments.cv_table runs/cv --reference selftrain/teacher > table.md  # stages: <run>/<stage>
 """
 
 import argparse
@@ -93,12 +94,21 @@ def read_run(workdir: pathlib.Path) -> dict:
 
 
 def collect(root: pathlib.Path) -> dict:
-    """{candidate: {fold: run}} of the finished runs under `root`."""
+    """{candidate: {fold: run}} of the finished runs under `root`. A run's stages, each in a folder of
+    its workdir (self-training's `teacher` and `student1`), are candidates `<candidate>/<stage>`, so that a
+    student can be paired with its own teacher (`--reference selftrain/teacher`)."""
     runs = collections.defaultdict(dict)
     for workdir in sorted(root.iterdir()):
         match = WORKDIR_NAME.match(workdir.name)
-        if match and (workdir / "metrics" / "validation_slices.csv").exists():
-            runs[match["candidate"]][int(match["fold"])] = read_run(workdir)
+        if not match:
+            continue
+        for run_dir, candidate in [(workdir, match["candidate"])] + [
+            (stage, f"{match['candidate']}/{stage.name}")
+            for stage in sorted(workdir.iterdir())
+            if stage.is_dir()
+        ]:
+            if (run_dir / "metrics" / "validation_slices.csv").exists():
+                runs[candidate][int(match["fold"])] = read_run(run_dir)
     return dict(runs)
 
 

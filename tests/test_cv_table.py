@@ -82,6 +82,28 @@ def test_binary_runs_have_only_the_lesion_row(tmp_path):
     assert "0.150 [0.100, 0.200] (n=2)" in body[0]  # mt - recipe: +0.1 and +0.2
 
 
+def test_a_runs_stages_are_candidates_paired_with_each_other(tmp_path):
+    # Self-training keeps its teacher and student in folders of the fold's workdir, with no metrics of its
+    # own at the top; another candidate's top-level run sits beside them.
+    for fold, teacher, student in (
+        (0, {"a": 0.5, "b": 0.7}, {"a": 0.6, "b": 0.6}),
+        (1, {"c": 0.4}, {"c": 0.7}),
+    ):
+        _workdir(tmp_path / f"st-cv{fold}", "teacher", [], teacher)
+        _workdir(tmp_path / f"st-cv{fold}", "student1", [], student)
+        (tmp_path / f"st-cv{fold}" / "checkpoints").mkdir()  # a folder without metrics is no stage
+    _workdir(tmp_path, "joint-cv0", [], {"a": 0.9, "b": 0.9})
+    runs = cv_table.collect(tmp_path)
+    assert sorted(runs) == ["joint", "st/student1", "st/teacher"]
+    assert sorted(runs["st/teacher"]) == [0, 1] and sorted(runs["joint"]) == [0]
+    table = cv_table.markdown(runs, "st/teacher")
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
+    # student - teacher per slice: +0.1, -0.1, +0.3; joint - teacher: +0.4, +0.2 (fold 0 only).
+    assert rows["st/student1", "2", "any lesion"].split("|")[7].strip().startswith("0.100 [")
+    assert rows["st/student1", "2", "any lesion"].split("|")[7].strip().endswith("(n=3)")
+    assert rows["joint", "1", "any lesion"].split("|")[7].strip() == "0.300 [0.200, 0.400] (n=2)"
+
+
 @pytest.fixture
 def records(tmp_path, monkeypatch):
     """The recipe's records of folds 0 and 1 (and 2, which no candidate holds), apart from the runs."""
