@@ -24,15 +24,17 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EQUIVALENT_LIST = REPO_ROOT / "experiments" / "results" / "mutation" / "equivalent.txt"
 # What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the README
-# (whose figures test_reference_forward checks), the mutmut config and the fork server's preload list.
+# (whose figures test_reference_forward checks), the mutmut config, the fork server's preload list, and the
+# experiments' code that some tests run (test_selftrain's pool-intensity report), without their results.
 STAGED_PATHS = (
     "rdunet_jax",
     "tests",
     "configs",
     "README.md",
     "pyproject.toml",
-    "experiments/mutation_preload.txt",
+    "experiments",
 )
+NOT_STAGED = ("__pycache__", "results")
 # The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
 # function (mutmut's own per-function selection), stopping at the first failure.
 TESTS = {
@@ -40,6 +42,9 @@ TESTS = {
     "metrics": ["tests/test_metrics.py"],
     "models": ["tests/test_models.py", "tests/test_reference_forward.py"],
     "layers": ["tests/test_layers.py", "tests/test_models.py", "tests/test_reference_forward.py"],
+    # Issue #27's semi-supervised code: pseudo-label thresholding, the stages, the parameters' moving average.
+    "selftrain": ["tests/test_selftrain.py"],
+    "mean_teacher": ["tests/test_mean_teacher.py"],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
@@ -101,7 +106,7 @@ def prepare(work: pathlib.Path, module: str):
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for file in files:
             relative = file.relative_to(REPO_ROOT)
-            if "__pycache__" in relative.parts:
+            if any(part in NOT_STAGED for part in relative.parts):
                 continue
             if relative.suffix == ".py" or relative.suffix in (".toml", ".txt"):
                 text = file.read_text()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Mutation testing of the loss, metric and model code (mutmut 3; not in CI: about an hour on 2 cores).
-#   experiments/mutation.sh [MODULE ...]          run losses, metrics, models (default: all three), then report
+# Mutation testing of the loss, metric, model and semi-supervised code (mutmut 3; not in CI: about an hour on 2 cores).
+#   experiments/mutation.sh [MODULE ...]          run losses, metrics, models (default: those three; also layers, selftrain, mean_teacher), then report
 #   experiments/mutation.sh models 'rdunet_jax.models.xǁSqueezeExcitationǁ*'   only the mutants matching a glob
 #   experiments/mutation.sh report                the table and every survivor with its diff, from the last runs
 # Each module is staged in .mutation/MODULE (git-ignored) and keeps its verdicts there: a second run tests only
@@ -26,9 +26,9 @@ if [[ $# -gt 0 ]]; then
   modules=()
   for argument in "$@"; do
     case $argument in
-      losses | metrics | models) modules+=("$argument") ;;
+      losses | metrics | models | layers | selftrain | mean_teacher) modules+=("$argument") ;;
       rdunet_jax.*) globs+=("$argument") ;;
-      *) echo "experiments/mutation.sh: '$argument' is neither losses, metrics, models, report nor a mutant glob" >&2; exit 2 ;;
+      *) echo "experiments/mutation.sh: '$argument' is neither a module (losses, metrics, models, layers, selftrain, mean_teacher), report nor a mutant glob" >&2; exit 2 ;;
     esac
   done
 fi

@@ -14,6 +14,7 @@ from PIL import Image
 
 from rdunet_jax import datasets, losses, selftrain
 from rdunet_jax.datasets import pseudo_labels
+from rdunet_jax.errors import UserError
 
 POOL_SIZE = 6
 
@@ -30,6 +31,22 @@ def test_pseudo_label_weights_against_hand_computed_values():
     # A lower threshold keeps more: at 0.85, 0.89 and 0.12 become confident.
     _, weight = selftrain.pseudo_label_weights(probabilities, 0.85, "threshold")
     np.testing.assert_array_equal(weight, [1, 0, 1, 1, 1, 1, 1, 1, 1])
+
+
+def test_pseudo_label_weights_count_the_thresholds_themselves_as_confident_and_are_float32():
+    # At 0.75 both bounds are exact in float32: p = 0.75 and p = 0.25 are confident, a hair inside is not.
+    inside = [np.nextafter(np.float32(0.75), np.float32(0)), np.nextafter(np.float32(0.25), np.float32(1))]
+    probabilities = np.array([0.75, 0.25, *inside], np.float32)
+    mask, weight = selftrain.pseudo_label_weights(probabilities, 0.75, "threshold")
+    np.testing.assert_array_equal(weight, [1, 1, 0, 0])
+    np.testing.assert_array_equal(mask, [1, 0, 1, 0])
+    assert mask.dtype == np.uint8 and weight.dtype == np.float32
+    # The model's float32 probabilities that print as 0.9 and 0.1 are confident at the threshold 0.9.
+    _, weight = selftrain.pseudo_label_weights(np.float32([0.9, 0.1]), 0.9, "threshold")
+    np.testing.assert_array_equal(weight, [1, 1])
+    message = r"^selftrain.weighting: must be 'threshold' or 'confidence', got 'soft'$"
+    with pytest.raises(UserError, match=message):
+        selftrain.pseudo_label_weights(probabilities, 0.75, "soft")
 
 
 def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
@@ -169,7 +186,6 @@ def test_evaluate_mode_of_a_self_training_workdir_evaluates_the_final_student(un
 
 def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(uninterrupted):
     from rdunet_jax import input_pipeline
-    from rdunet_jax.errors import UserError
 
     workdir, summary = uninterrupted
     config = tiny_selftrain_config()
