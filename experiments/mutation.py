@@ -35,6 +35,7 @@ STAGED_PATHS = (
     "experiments",
 )
 NOT_STAGED = ("__pycache__", "results")
+TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"  # tests/conftest.py's persistent compilation cache
 # The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
 # function (mutmut's own per-function selection), stopping at the first failure.
 TESTS = {
@@ -98,9 +99,8 @@ def prepare(work: pathlib.Path, module: str):
     mutated = f"rdunet_jax/{module}.py"
     # The tests' persistent compilation cache (tests/conftest.py), seeded from the checkout's: the unmutated
     # programs of mutmut's first full test run are then read, not compiled.
-    test_cache = REPO_ROOT / ".pytest_cache" / "xla"
-    if test_cache.is_dir():
-        shutil.copytree(test_cache, work / "mutants" / ".pytest_cache" / "xla", dirs_exist_ok=True)
+    if TEST_CACHE.is_dir():
+        shutil.copytree(TEST_CACHE, work / "mutants" / ".pytest_cache" / "xla", dirs_exist_ok=True)
     for name in STAGED_PATHS:
         source = REPO_ROOT / name
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())

@@ -1,0 +1,72 @@
+"""experiments.mutation: the staged copy mutmut mutates (decorators undone, config, what is left out)."""
+
+import pytest
+
+from experiments import mutation
+
+
+def test_undecorate_applies_each_decorator_by_assignment_innermost_first():
+    source = (
+        "import functools\n"
+        "\n"
+        "@outer\n"
+        "@functools.partial(inner, 2)\n"
+        "def f(x):\n"
+        "    return x\n"
+        "\n"
+        "class A:\n"
+        "    @staticmethod\n"
+        "    def g():\n"
+        "        pass\n"
+        "\n"
+        "    @nn.compact\n"
+        "    def __call__(self, x):\n"
+        "        return x\n"
+    )
+    expected = (
+        "import functools\n"
+        "\n"
+        "def f(x):\n"
+        "    return x\n"
+        "f = outer(functools.partial(inner, 2)(f))\n"
+        "\n"
+        "class A:\n"
+        "    @staticmethod\n"
+        "    def g():\n"
+        "        pass\n"
+        "\n"
+        "    def __call__(self, x):\n"
+        "        return x\n"
+        "    __call__ = nn.compact(__call__)\n"
+    )
+    assert mutation.undecorate(source) == expected
+
+
+def test_the_staged_config_mutates_one_module_under_its_tests():
+    staged = mutation.staged_config('[tool.mutmut]\nsource_paths = ["rdunet_jax/"]\n', "selftrain")
+    assert staged == (
+        "[tool.mutmut]\n"
+        'only_mutate = ["rdunet_jax/selftrain.py"]\n'
+        'pytest_add_cli_args_test_selection = ["tests/test_selftrain.py"]\n'
+        'source_paths = ["rdunet_jax/"]\n'
+    )
+    with pytest.raises(SystemExit, match="no \\[tool.mutmut\\] section"):
+        mutation.staged_config("[tool.ruff]\n", "losses")
+
+
+def test_every_module_and_its_tests_exist():
+    for module, test_files in mutation.TESTS.items():
+        assert (mutation.REPO_ROOT / "rdunet_jax" / f"{module}.py").is_file(), module
+        for test_file in test_files:
+            assert (mutation.REPO_ROOT / test_file).is_file(), test_file
+
+
+def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_path, monkeypatch):
+    # The checkout's compilation cache (tens of MB, written by tests running beside this one) stays out.
+    monkeypatch.setattr(mutation, "TEST_CACHE", tmp_path / "no-cache")
+    mutation.prepare(tmp_path, "mean_teacher")
+    assert (tmp_path / "experiments" / "pool_intensity.py").is_file()  # test_selftrain runs it
+    assert (tmp_path / "tests" / "test_mean_teacher.py").is_file()
+    assert not (tmp_path / "experiments" / "results").exists()
+    assert not list(tmp_path.rglob("__pycache__"))
+    assert 'only_mutate = ["rdunet_jax/mean_teacher.py"]' in (tmp_path / "pyproject.toml").read_text()
