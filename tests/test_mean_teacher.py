@@ -29,6 +29,7 @@ def test_the_teacher_is_the_moving_average_of_the_updated_parameters_with_the_wa
         transform = mean_teacher.track_parameter_ema(decay)
         params = {"w": jnp.array([1.0])}
         state = transform.init(params)
+        assert state.count.dtype == jnp.int32  # a count of updates, exact however long the run
         teachers = []
         for update in updates:
             passed, state = transform.update({"w": jnp.array([update])}, state, params)
@@ -49,6 +50,18 @@ def test_the_ramp_up_is_a_sigmoid_shaped_rise_to_one():
     assert float(mean_teacher.rampup(5, 10)) == pytest.approx(np.exp(-1.25))
     assert float(mean_teacher.rampup(10, 10)) == float(mean_teacher.rampup(25, 10)) == 1.0
     assert float(mean_teacher.rampup(0, 0)) == 1.0
+    # A ramp-up of one step still starts low; t is clipped below at 0 as above at 1.
+    assert float(mean_teacher.rampup(0, 1)) == pytest.approx(np.exp(-5.0))
+    assert float(mean_teacher.rampup(1, 1)) == 1.0
+    assert float(mean_teacher.rampup(-3, 10)) == pytest.approx(np.exp(-5.0))
+
+
+def test_the_settings_ramp_up_over_the_configured_epochs_in_steps():
+    config = _consistency_config()
+    config.consistency.rampup_epochs, config.consistency.noise_std = 2, 0.05
+    assert mean_teacher.settings(config, steps_per_epoch=3) == (2.0, 6, 0.05)
+    config.consistency.weight = 0.0
+    assert mean_teacher.settings(config, steps_per_epoch=3) == ()
 
 
 def _consistency_config(**changes):
