@@ -252,16 +252,11 @@ def test_a_checkpoint_with_or_without_mean_teacher_is_refused_by_the_other_in_on
     # A copy: a refusal that wrote to the workdir must not spoil the shared run for the resume test.
     shutil.copytree(uninterrupted_run, tmp_path / "mt")
     train.train_and_evaluate(plain_config, tmp_path / "plain")
-    for trained, other, name in (
-        (mean_teacher_config, plain_config, "mt"),
-        (plain_config, mean_teacher_config, "plain"),
+    for name, other, expected in (
+        ("mt", plain_config, "with mean teacher, the config has none"),
+        ("plain", mean_teacher_config, "without mean teacher, the config has it"),
     ):
         workdir = tmp_path / name
-        expected = (
-            "with mean teacher, the config has none"
-            if trained is mean_teacher_config
-            else ("without mean teacher, the config has it")
-        )
         for load in (steps.restore_state, train.train_and_evaluate):
             with pytest.raises(UserError, match=expected):
                 load(other, workdir)
