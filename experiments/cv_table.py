@@ -7,7 +7,10 @@ class: the mean Dice over every slice holding the class (all folds pooled) with 
 over those slices, the fold means with a t-interval over folds, and each candidate's per-slice paired
 difference from the reference candidate, or from the recipe study's record of the same folds
 (`--reference recipe-record`: experiments/results/recipe/semiseg-small/, the binary recipe's per-slice Dice,
-for candidates trained on the binary masks, such as mean teacher):
+for candidates trained on the binary masks, such as mean teacher). Each row names the candidate's category
+(issue #27), read from its config.json: labelled only, plus unlabelled (pseudo-labels, consistency, or a
+start pretrained on the pool) or plus other labelled data (joint training, or a start pretrained on
+another dataset):
 
     python -m experiments.cv_table runs/cv --reference dice_ce > table.md
     python -m experiments.cv_table runs/cv --reference recipe-record > table.md
@@ -31,6 +34,43 @@ WORKDIR_NAME = re.compile(r"(?P<candidate>.+)-cv(?P<fold>\d+)$")
 RECIPE_RECORDS = pathlib.Path(__file__).resolve().parent / "results" / "recipe" / "semiseg-small"
 RECIPE_ARM = "r128_e300_dropout0_decay150"
 RECIPE_RECORD = "recipe-record"
+LABELLED_ONLY = "labelled only"
+PLUS_UNLABELLED = "plus unlabelled"
+PLUS_OTHER_LABELLED = "plus other labelled data"
+
+
+def data_category(config: dict, root: pathlib.Path) -> str:
+    """What a run learned from besides its dataset's labelled slices (issue #27's categories), from its
+    config; a pretrained start (`model_init`) counts as what its pretraining saw."""
+    data = config.get("data", {})
+    categories = []
+    if data.get("extra_labelled_dir") and data.get("extra_fraction", 0) > 0:
+        categories.append(PLUS_OTHER_LABELLED)
+    pseudo_labels = data.get("pseudo_label_dir") and data.get("pseudo_fraction", 0) > 0
+    consistency = (
+        config.get("consistency", {}).get("weight", 0) > 0 and data.get("unlabelled_fraction", 0) > 0
+    )
+    if pseudo_labels or consistency:
+        categories.append(PLUS_UNLABELLED)
+    if config.get("model_init"):
+        categories.append(pretraining_category(pathlib.Path(config["model_init"]), data.get("name"), root))
+    categories = sorted(set(categories) - {LABELLED_ONLY})
+    return " and ".join(categories) if categories else LABELLED_ONLY
+
+
+def pretraining_category(init: pathlib.Path, dataset: str, root: pathlib.Path) -> str:
+    """The category of a `model_init` workdir, found where it was or, as kept in experiments/results, in
+    `<root>/pretraining/<its name>`: restoration of the pool (experiments/restoration_pretraining.py writes
+    pretraining.json) is plus unlabelled; supervised training on another dataset is plus other labelled."""
+    for folder in (init, root / "pretraining" / init.name):
+        if (folder / "pretraining.json").is_file():
+            return PLUS_UNLABELLED
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("data", {}).get("name") != dataset:
+                return PLUS_OTHER_LABELLED
+            return data_category(config, root)
+    return f"pretrained ({init.name}: its data unknown)"
 
 
 def recipe_slice_dice(fold: int) -> dict[str, float]:
@@ -63,15 +103,21 @@ def with_recipe_record(runs: dict) -> dict:
             record_by_fold.setdefault(fold, recipe_slice_dice(fold))
             check_same_slices(fold, f"{candidate}-cv{fold}", run["any lesion"], record_by_fold[fold])
     record_runs = {
-        fold: {"per_class": {}, "any lesion": slices, "epochs": 0, "seconds": float("nan")}
+        fold: {
+            "per_class": {},
+            "any lesion": slices,
+            "category": LABELLED_ONLY,
+            "epochs": 0,
+            "seconds": float("nan"),
+        }
         for fold, slices in sorted(record_by_fold.items())
     }
     return {RECIPE_RECORD: record_runs, **runs}
 
 
-def read_run(workdir: pathlib.Path) -> dict:
+def read_run(workdir: pathlib.Path, root: pathlib.Path) -> dict:
     """A finished run's per-slice Dice per class (slices holding the class; none for a binary head), of its
-    binary (any-lesion) mask, and its training time."""
+    binary (any-lesion) mask, its training time and its category (`data_category`)."""
     per_class = collections.defaultdict(dict)
     classes_path = workdir / "metrics" / "validation_classes.csv"  # multi-class heads only
     if classes_path.exists():
@@ -85,9 +131,12 @@ def read_run(workdir: pathlib.Path) -> dict:
     log = (
         [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
     )
+    config_path = workdir / "config.json"
+    category = data_category(json.loads(config_path.read_text()), root) if config_path.exists() else "unknown"
     return {
         "per_class": dict(per_class),
         "any lesion": any_lesion,
+        "category": category,
         "epochs": len(log),
         "seconds": sum(record["seconds"] for record in log) if log else float("nan"),
     }
@@ -108,7 +157,7 @@ def collect(root: pathlib.Path) -> dict:
             if stage.is_dir()
         ]:
             if (run_dir / "metrics" / "validation_slices.csv").exists():
-                runs[candidate][int(match["fold"])] = read_run(run_dir)
+                runs[candidate][int(match["fold"])] = read_run(run_dir, root)
     return dict(runs)
 
 
@@ -128,8 +177,8 @@ def markdown(runs: dict, reference: str) -> str:
     classes.append("any lesion")
     lines = [
         "| candidate | folds | class | slices | Dice (slices pooled) [95% bootstrap] "
-        f"| Dice per fold [95% t over folds] | paired vs {reference}, per slice [95% bootstrap] |",
-        "|---|---|---|---|---|---|---|",
+        f"| Dice per fold [95% t over folds] | paired vs {reference}, per slice [95% bootstrap] | category |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for candidate, folds in runs.items():
         for name in classes:
@@ -148,7 +197,8 @@ def markdown(runs: dict, reference: str) -> str:
             lines.append(
                 f"| {candidate} | {len(folds)} | {name} | {len(by_slice)} "
                 f"| {tables.format_interval(stats.bootstrap_interval(list(by_slice.values())))} "
-                f"| {tables.format_interval(stats.t_interval(fold_means))} | {paired} |"
+                f"| {tables.format_interval(stats.t_interval(fold_means))} | {paired} "
+                f"| {' / '.join(sorted({run['category'] for run in folds.values()}))} |"
             )
     # The record has no training time of its own; runs kept without their train log neither.
     timed = [

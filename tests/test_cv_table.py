@@ -151,3 +151,58 @@ def test_the_record_refuses_what_it_cannot_pair(tmp_path, root, records, capsys)
         assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
+
+
+def _config(**data):
+    """A run's config.json contents: the data settings given, the rest as configs/semiseg.py's teacher."""
+    defaults = {"name": "semiseg", "extra_labelled_dir": "", "extra_fraction": 0.5, "pseudo_label_dir": "",
+                "pseudo_fraction": 0.5, "unlabelled_fraction": 0.0}  # fmt: skip
+    return {"data": {**defaults, **data}, "consistency": {"weight": 0.0}, "model_init": ""}
+
+
+def test_each_candidate_is_labelled_with_what_it_learned_from(tmp_path):
+    root = tmp_path / "runs"
+    # Restoration pretraining on the pool, kept under root/pretraining/ (its own workdir gone); supervised
+    # pretraining on Ma et al.'s slices, still where it ran.
+    (root / "pretraining" / "restore-pool").mkdir(parents=True)
+    (root / "pretraining" / "restore-pool" / "pretraining.json").write_text("{}")
+    (tmp_path / "pretrain-ma").mkdir()
+    (tmp_path / "pretrain-ma" / "config.json").write_text(json.dumps(_config(name="ma2020_2d")))
+    (tmp_path / "pretrain-own").mkdir()  # a start trained on the same labelled slices adds nothing
+    (tmp_path / "pretrain-own" / "config.json").write_text(json.dumps(_config()))
+    mean_teacher = {**_config(unlabelled_fraction=0.5), "consistency": {"weight": 1.0}}
+    cases = {
+        # Fractions alone (the defaults) bring in nothing without a source.
+        "recipe": (_config(), "labelled only"),
+        "student": (_config(pseudo_label_dir="/p/round1", pseudo_fraction=0.2), "plus unlabelled"),
+        "no-pseudo": (_config(pseudo_label_dir="/p/round1", pseudo_fraction=0.0), "labelled only"),
+        "meanteacher": (mean_teacher, "plus unlabelled"),
+        "weightless": ({**mean_teacher, "consistency": {"weight": 0.0}}, "labelled only"),
+        "joint": (_config(extra_labelled_dir="/ma", extra_fraction=0.2), "plus other labelled data"),
+        "both": (
+            _config(extra_labelled_dir="/ma", pseudo_label_dir="/p"),
+            "plus other labelled data and plus unlabelled",
+        ),
+        "restoreinit": (
+            {**_config(), "model_init": str(tmp_path / "gone" / "restore-pool")},
+            "plus unlabelled",
+        ),
+        "mainit": ({**_config(), "model_init": str(tmp_path / "pretrain-ma")}, "plus other labelled data"),
+        "joint-owninit": (
+            {**_config(extra_labelled_dir="/ma"), "model_init": str(tmp_path / "pretrain-own")},
+            "plus other labelled data",
+        ),
+        "lostinit": ({**_config(), "model_init": "/nowhere/pre"}, "pretrained (pre: its data unknown)"),
+    }
+    for name, (config, _) in cases.items():
+        _workdir(root, f"{name}-cv0", [], {"a": 0.5})
+        (root / f"{name}-cv0" / "config.json").write_text(json.dumps(config))
+    _workdir(root, "noconfig-cv0", [], {"a": 0.5})
+    runs = cv_table.collect(root)
+    assert {name: runs[name][0]["category"] for name in cases} == {name: c for name, (_, c) in cases.items()}
+    assert runs["noconfig"][0]["category"] == "unknown"
+    table = cv_table.markdown(runs, "recipe")
+    assert table.splitlines()[0].endswith("| category |")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "| any lesion |" in line}
+    assert rows["joint"].endswith("| plus other labelled data |")
+    assert rows["recipe"].endswith("|  | labelled only |")  # the reference: no pairing, its category
