@@ -257,7 +257,7 @@ def base_config() -> ml_collections.ConfigDict:
     # scratch on the labelled slices plus those pseudo-labels.
     config.selftrain = ml_collections.ConfigDict()
     config.selftrain.rounds = 0
-    # A pixel is confident when its probability is at least this far from undecided: p >= t or p <= 1 - t.
+    # A pixel is confident in the label the mask gives it: lesion with p >= t, background with p <= 1 - t.
     config.selftrain.confidence_threshold = 0.9
     # 'threshold': weight 1 on confident pixels; 'confidence': weight |2p - 1| on them; 0 elsewhere.
     config.selftrain.weighting = "threshold"

@@ -299,6 +299,25 @@ def _check_selftrain(config) -> None:
             f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
             "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"
         )
+    # A source whose share of the batch rounds to no row would be silently left out of training.
+    for source, fraction_key, rows in (
+        ("pseudo_label_dir", "pseudo_fraction", "pseudo-labelled"),
+        ("extra_labelled_dir", "extra_fraction", "extra labelled"),
+    ):
+        fraction, batch_size = config.data[fraction_key], config.batch_size
+        if (
+            config.data[source]
+            and _is_int(batch_size)
+            and batch_size > 0
+            and not _mixed_rows(batch_size, fraction)
+        ):
+            raise UserError(
+                f"data.{fraction_key}: {fraction} of a batch of {batch_size} rounds to no {rows} row"
+            )
+    head = config.model.get("head", "binary")
+    if (config.selftrain.rounds or config.data.pseudo_label_dir) and head != "binary":
+        key = "selftrain.rounds" if config.selftrain.rounds else "data.pseudo_label_dir"
+        raise UserError(f"{key}: pseudo-labels are lesion masks, for model.head='binary', got {head!r}")
     mixes_extra = config.selftrain.rounds or config.data.pseudo_label_dir or config.data.extra_labelled_dir
     if config.data.extra_min_lesion_fraction and not mixes_extra:
         raise UserError(

@@ -26,7 +26,17 @@ import time
 import numpy as np
 from PIL import Image
 
-from rdunet_jax import config_lib, datasets, evaluate, inference, input_pipeline, losses, steps, train
+from rdunet_jax import (
+    config_lib,
+    config_validation,
+    datasets,
+    evaluate,
+    inference,
+    input_pipeline,
+    losses,
+    steps,
+    train,
+)
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
@@ -35,19 +45,22 @@ STAGE_DONE = "stage.json"
 
 
 def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_threshold: float = 0.5):
-    """(mask {0, 1} uint8, weight float32 in [0, 1]) of lesion probabilities: a pixel is confident when
-    p >= threshold or p <= 1 - threshold; its weight is 1 ('threshold') or |2p - 1| ('confidence') when
-    confident, 0 otherwise; the mask is p >= mask_threshold."""
+    """(mask {0, 1} uint8, weight float32 in [0, 1]) of lesion probabilities: the mask is
+    p >= mask_threshold; a lesion pixel is confident when p >= threshold, a background pixel when
+    p <= 1 - threshold; its weight is 1 ('threshold') or |2p - 1| ('confidence') when confident, 0
+    otherwise."""
     probabilities = np.asarray(probabilities, np.float32)
-    confident = (probabilities >= threshold) | (probabilities <= 1.0 - threshold)
+    # Confidence in the label the mask gives: with a mask threshold other than 0.5, a pixel beyond the
+    # confidence threshold on the other side of it must not be learnt as a confident label.
+    lesion = probabilities >= mask_threshold
+    confident = np.where(lesion, probabilities >= threshold, probabilities <= 1.0 - threshold)
     if weighting == "threshold":
         strength = np.ones_like(probabilities)
     elif weighting == "confidence":
         strength = np.abs(2.0 * probabilities - 1.0)
     else:
         raise UserError(f"selftrain.weighting: must be 'threshold' or 'confidence', got {weighting!r}")
-    mask = (probabilities >= mask_threshold).astype(np.uint8)
-    return mask, np.where(confident, strength, 0.0).astype(np.float32)
+    return lesion.astype(np.uint8), np.where(confident, strength, 0.0).astype(np.float32)
 
 
 # The data keys only students read: the teacher never sees the pool or its pseudo-labels.
@@ -249,6 +262,8 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
 def run(config, workdir) -> dict:
     """Runs (or resumes) every stage of self-training under `workdir`; returns the summary it writes."""
     workdir = pathlib.Path(workdir)
+    # The pseudo-labelling and student settings are checked before the teacher's hours of training.
+    config_validation.validate(config)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir: {workdir} exists and is not a folder")
     if not datasets.has_split(config.data, "unlabelled"):

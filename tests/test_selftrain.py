@@ -5,6 +5,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
 POOL_SIZE = 6
+MASK_THRESHOLD, CONFIDENCE_THRESHOLD = 0.55, 0.56
 
 
 def test_pseudo_label_weights_against_hand_computed_values():
@@ -49,6 +51,64 @@ def test_pseudo_label_weights_count_the_thresholds_themselves_as_confident_and_a
         selftrain.pseudo_label_weights(probabilities, 0.75, "soft")
 
 
+def test_pseudo_label_confidence_is_in_the_label_the_mask_gives():
+    probabilities = np.float32([0.65, 0.95, 0.35, 0.05, 0.25])
+    # Mask threshold 0.7, confidence 0.6: 0.65 is background (mask 0), and not confidently so (> 0.4),
+    # although it is beyond 0.6 on the lesion side.
+    mask, weight = selftrain.pseudo_label_weights(probabilities, 0.6, "threshold", mask_threshold=0.7)
+    np.testing.assert_array_equal(mask, [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(weight, [0, 1, 1, 1, 1])
+    # Mask threshold 0.3: 0.35 is lesion (mask 1), and not confidently so (< 0.6), although it is beyond
+    # 0.4 on the background side.
+    mask, weight = selftrain.pseudo_label_weights(probabilities, 0.6, "threshold", mask_threshold=0.3)
+    np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(weight, [1, 1, 0, 1, 1])
+
+
+def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkeypatch):
+    # Two pool slices: one stored at the model's size, one at twice it (its probabilities constant, so
+    # the bilinear resize to the stored size keeps them).
+    metadata = [{"id": "a_1", "case_id": "a"}, {"id": "b_7", "case_id": "b"}]
+    probabilities = [np.float32([[0.96, 0.5], [0.02, 0.3]]), np.full((2, 2), 0.97, np.float32)]
+    stored = [np.zeros((2, 2), np.uint8), np.zeros((4, 4), np.uint8)]
+    monkeypatch.setattr(selftrain.datasets, "load_source", lambda data, split: metadata)
+    monkeypatch.setattr(selftrain.steps, "restore_state", lambda config, folder: None)
+    monkeypatch.setattr(selftrain.inference, "JaxPredictor", lambda state: types.SimpleNamespace(step=12))
+
+    def predict_source(predictor, source, config, test_time_flips):
+        assert test_time_flips and source is metadata
+        yield {"metadata": metadata, "probabilities": probabilities, "original_masks": stored}
+
+    monkeypatch.setattr(selftrain.evaluate, "predict_source", predict_source)
+    config = tiny_selftrain_config()
+    config.eval.threshold, config.selftrain.confidence_threshold = 0.5, 0.9
+    config.selftrain.weighting = "confidence"
+    folder = tmp_path / "round1"
+    totals = selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["round1"]  # no .partial left
+
+    def png(name, slice_id):
+        return np.asarray(Image.open(folder / name / f"{slice_id}.png"))
+
+    # Slice a: lesion where p >= 0.5; confident 0.96 and 0.02, weights |2p - 1| * 255: 234.6 and 244.8.
+    np.testing.assert_array_equal(png("masks", "a_1"), [[255, 255], [0, 0]])
+    np.testing.assert_array_equal(png("confidence", "a_1"), [[235, 0], [245, 0]])
+    # Slice b, at its stored 4 x 4: all lesion, all confident, 0.94 * 255 = 239.7.
+    np.testing.assert_array_equal(png("masks", "b_7"), np.full((4, 4), 255))
+    np.testing.assert_array_equal(png("confidence", "b_7"), np.full((4, 4), 240))
+    assert totals["num_slices"] == 2 and totals["slices_with_lesion"] == 2
+    expected = {
+        "mean_lesion_fraction": (0.5 + 1) / 2,
+        "mean_kept_fraction": (0.5 + 1) / 2,
+        "mean_kept_lesion_fraction": (0.25 + 1) / 2,
+        "mean_mean_weight": ((0.92 + 0.96) / 4 + 0.94) / 2,
+    }
+    assert {key: totals[key] for key in expected} == pytest.approx(expected, abs=1e-6)
+    summary = pseudo_labels.read_summary(folder)
+    assert summary["step"] == 12 and summary["weighting"] == "confidence" and summary["mask_threshold"] == 0.5
+    assert [(entry["id"], entry["case_id"]) for entry in summary["slices"]] == [("a_1", "a"), ("b_7", "b")]
+
+
 def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
     # One 1x3 image: sigmoid(0) = 0.5, sigmoid(log 3) = 0.75, sigmoid(-log 3) = 0.25.
     logits = jnp.log(jnp.array([1.0, 3.0, 1 / 3]))[None, None, :, None]
@@ -79,6 +139,11 @@ def tiny_selftrain_config():
     config.selftrain.student_num_epochs = 2
     config.selftrain.student_lr_decay_epochs = 1
     config.eval.test_time_flips = True
+    # The tiny teacher's 4 steps leave its probabilities of the pool between about 0.52 and 0.57: these
+    # thresholds, inside that range, give pseudo-labels with both lesion and background, and both kept and
+    # dropped pixels (the defaults, 0.5 and 0.9, would give all lesion, nothing kept).
+    config.eval.threshold = MASK_THRESHOLD
+    config.selftrain.confidence_threshold = CONFIDENCE_THRESHOLD
     return config
 
 
@@ -109,12 +174,15 @@ def test_pseudo_labels_are_inspectable_files_that_match_the_teacher_predictions(
     workdir, _ = uninterrupted
     folder = workdir / "pseudo_labels" / "round1"
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["confidence_threshold"] == 0.9 and summary["test_time_flips"] is True
+    assert summary["confidence_threshold"] == CONFIDENCE_THRESHOLD and summary["test_time_flips"] is True
+    # Not blank: some pixels lesion and some background, some kept and some dropped.
+    totals = summary["totals"]
+    assert 0 < totals["mean_lesion_fraction"] < 1 and 0 < totals["mean_kept_fraction"] < 1
     assert not (folder.parent / "round1.partial").exists()
     config = tiny_selftrain_config()
     pool = datasets.load_source(config.data, "unlabelled")
     assert [entry["id"] for entry in summary["slices"]] == [pool[i]["id"] for i in range(POOL_SIZE)]
-    # The teacher predicted again here (independently of the stage's code path) gives the same files.
+    # The teacher's predictions, thresholded here by hand, give the stage's files.
     from rdunet_jax import evaluate, inference, steps
 
     teacher_config = selftrain.teacher_config(config)
@@ -129,8 +197,11 @@ def test_pseudo_labels_are_inspectable_files_that_match_the_teacher_predictions(
         weight = np.asarray(Image.open(folder / "confidence" / f"{entry['id']}.png"))
         assert mask.shape == weight.shape == pool[entry["index"]]["image"].shape  # the stored size
         assert set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, probabilities >= 0.5)  # 32 px phantom: no resize
-        confident = (probabilities >= 0.9) | (probabilities <= 0.1)
+        lesion = probabilities >= MASK_THRESHOLD
+        np.testing.assert_array_equal(mask == 255, lesion)  # 32 px phantom: no resize
+        confident = np.where(
+            lesion, probabilities >= CONFIDENCE_THRESHOLD, probabilities <= 1 - CONFIDENCE_THRESHOLD
+        )
         np.testing.assert_array_equal(weight, np.where(confident, 255, 0))
         assert entry["kept_fraction"] == pytest.approx(confident.mean())
         assert entry["case_id"] == "synthetic"
@@ -170,6 +241,8 @@ def _run_command(workdir, kill, *arguments):
         "--config.selftrain.student_num_epochs=2",
         "--config.selftrain.student_lr_decay_epochs=1",
         "--config.eval.test_time_flips=True",
+        f"--config.eval.threshold={MASK_THRESHOLD}",
+        f"--config.selftrain.confidence_threshold={CONFIDENCE_THRESHOLD}",
         *arguments,
     ]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -382,6 +455,49 @@ def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message)
     with pytest.raises(UserError) as raised:
         config_validation.validate(config)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # Keys only the pseudo-labelling stage or the student reads: refused before the teacher trains.
+        ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
+        ("selftrain.student_batch_size", 1, "data.pseudo_fraction: 0.5 of the student's batch of 1 "),
+        ("selftrain.student_num_epochs", 0, "selftrain.student_num_epochs: must be a positive integer"),
+        (
+            "model.head",
+            "exclusive",
+            "selftrain.rounds: pseudo-labels are lesion masks, for model.head='binary'",
+        ),
+    ],
+)
+def test_the_command_refuses_a_bad_stage_setting_before_anything_is_trained(tmp_path, key, value, message):
+    config = tiny_selftrain_config()
+    if key == "model.head":
+        config.data.classes = ("ggo", "consolidation")
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with pytest.raises(UserError) as raised:
+        selftrain.run(config, tmp_path / "run")
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mixed_in_source_that_rounds_to_no_row_is_refused():
+    from rdunet_jax import config_validation
+
+    for source, fraction, rows in (
+        ("pseudo_label_dir", "pseudo_fraction", "pseudo-labelled"),
+        ("extra_labelled_dir", "extra_fraction", "extra labelled"),
+    ):
+        config = make_tiny_config()
+        config.loss, config.batch_size = "dice_weighted", 4
+        config.data[source], config.data[fraction] = "/somewhere", 0.1
+        message = f"^data.{fraction}: 0.1 of a batch of 4 rounds to no {rows} row$"
+        with pytest.raises(UserError, match=message):
+            config_validation.validate(config)
+        config.data[fraction] = 0.125  # half a row: rounds to one
+        config_validation.validate(config)
 
 
 def test_self_training_without_an_unlabelled_split_is_refused_before_training(tmp_path):
