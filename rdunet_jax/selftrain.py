@@ -115,9 +115,19 @@ def _same_config(stored: dict, current: dict) -> bool:
 
 
 def _finished_stage(folder: pathlib.Path, config) -> dict | None:
-    """The recorded outcome of a complete stage run with `config`, or None when it is not complete."""
+    """The recorded outcome of a complete stage run with `config`, or None when it is not complete (and
+    was started with `config`, or not at all)."""
     marker = folder / STAGE_DONE
     if not marker.is_file():
+        # Resuming another config's checkpoints would end as neither run, and be recorded as this one.
+        started = folder / "config.json"
+        if started.is_file() and not _same_config(
+            json.loads(started.read_text()), config_lib.to_json(config)
+        ):
+            raise UserError(
+                f"{folder}: this unfinished stage was started with another config; rerun it unchanged to "
+                "finish it, or use another --workdir (or remove the folder)"
+            )
         return None
     done = json.loads(marker.read_text())
     if not _same_config(done["config"], config_lib.to_json(config)):

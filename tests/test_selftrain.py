@@ -544,3 +544,14 @@ def test_a_stage_finished_by_older_code_counts_as_finished_and_another_config_is
     config.num_epochs = 5
     with pytest.raises(UserError, match="run with another config"):
         selftrain._finished_stage(tmp_path, config)
+
+
+def test_an_unfinished_stage_resumes_only_under_the_config_it_was_started_with(tmp_path):
+    config = tiny_selftrain_config()
+    # What train.train_and_evaluate writes when a stage starts, before its first checkpoint.
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config.log_every_steps += 1  # bookkeeping: the same run
+    assert selftrain._finished_stage(tmp_path, config) is None
+    config.learning_rate *= 2
+    with pytest.raises(UserError, match=r"this unfinished stage was started with another config; rerun it"):
+        selftrain._finished_stage(tmp_path, config)
