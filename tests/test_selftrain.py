@@ -279,8 +279,18 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     )
     assert input_pipeline.pseudo_per_batch(student.batch_size, student.data.pseudo_fraction) == 1
     config.selftrain.student_batch_size = 0  # the teacher's batch
+    before = config.to_json(sort_keys=True)
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
     assert student.batch_size == config.batch_size == teacher.batch_size
+    # The student is plain training on mixed batches (its config run again would not self-train), and
+    # making it leaves the run's own config as it was.
+    assert student.selftrain.rounds == 0 and config.selftrain.rounds == 1
+    assert config.to_json(sort_keys=True) == before
+    # The teacher's loss becomes its weighted form; a weighted loss stays itself.
+    assert student.loss == "dice_weighted"
+    config.loss = "dice_weighted"
+    assert selftrain.student_config(config, workdir / "pseudo_labels" / "round1").loss == "dice_weighted"
+    config.loss = "dice"
     config.batch_size += 1  # the teacher's own settings still count
     with pytest.raises(UserError, match="run with another config"):
         selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
@@ -553,5 +563,9 @@ def test_an_unfinished_stage_resumes_only_under_the_config_it_was_started_with(t
     config.log_every_steps += 1  # bookkeeping: the same run
     assert selftrain._finished_stage(tmp_path, config) is None
     config.learning_rate *= 2
-    with pytest.raises(UserError, match=r"this unfinished stage was started with another config; rerun it"):
+    message = (
+        r"this unfinished stage was started with another config; rerun it unchanged to finish it, or use "
+        r"another --workdir \(or remove the folder\)$"
+    )
+    with pytest.raises(UserError, match=message):
         selftrain._finished_stage(tmp_path, config)
