@@ -228,9 +228,7 @@ def _check_consistency(config) -> None:
 
 def _check_selftrain(config) -> None:
     """The keys of self-training and of training on pseudo-labels."""
-    _require(
-        config, "data.num_unlabelled", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
-    )
+    _require(config, "data.num_unlabelled", *_NON_NEGATIVE_INT)
     _require(
         config, "data.pseudo_label_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
     )
@@ -263,9 +261,7 @@ def _check_selftrain(config) -> None:
         lambda value: _is_number(value) and 0 <= value < 1,
         "a share of the slice in [0, 1)",
     )
-    _require(
-        config, "selftrain.rounds", lambda value: _is_int(value) and value >= 0, "a non-negative integer"
-    )
+    _require(config, "selftrain.rounds", *_NON_NEGATIVE_INT)
     _require(
         config,
         "selftrain.confidence_threshold",
@@ -299,21 +295,11 @@ def _check_selftrain(config) -> None:
             f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
             "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"
         )
-    # A source whose share of the batch rounds to no row would be silently left out of training.
-    for source, fraction_key, rows in (
-        ("pseudo_label_dir", "pseudo_fraction", "pseudo-labelled"),
-        ("extra_labelled_dir", "extra_fraction", "extra labelled"),
-    ):
-        fraction, batch_size = config.data[fraction_key], config.batch_size
-        if (
-            config.data[source]
-            and _is_int(batch_size)
-            and batch_size > 0
-            and not _mixed_rows(batch_size, fraction)
-        ):
-            raise UserError(
-                f"data.{fraction_key}: {fraction} of a batch of {batch_size} rounds to no {rows} row"
-            )
+    # A source whose share of the batch rounds to no row would be left out unseen (batch_size is valid here).
+    for source, key in (("pseudo_label_dir", "pseudo_fraction"), ("extra_labelled_dir", "extra_fraction")):
+        share, batch = config.data[key], config.batch_size
+        if config.data[source] and not _mixed_rows(batch, share):
+            raise UserError(f"data.{key}: {share} of a batch of {batch} rounds to no row of data.{source}")
     head = config.model.get("head", "binary")
     if (config.selftrain.rounds or config.data.pseudo_label_dir) and head != "binary":
         key = "selftrain.rounds" if config.selftrain.rounds else "data.pseudo_label_dir"

@@ -496,14 +496,14 @@ def test_the_command_refuses_a_bad_stage_setting_before_anything_is_trained(tmp_
 def test_a_mixed_in_source_that_rounds_to_no_row_is_refused():
     from rdunet_jax import config_validation
 
-    for source, fraction, rows in (
-        ("pseudo_label_dir", "pseudo_fraction", "pseudo-labelled"),
-        ("extra_labelled_dir", "extra_fraction", "extra labelled"),
+    for source, fraction in (
+        ("pseudo_label_dir", "pseudo_fraction"),
+        ("extra_labelled_dir", "extra_fraction"),
     ):
         config = make_tiny_config()
         config.loss, config.batch_size = "dice_weighted", 4
         config.data[source], config.data[fraction] = "/somewhere", 0.1
-        message = f"^data.{fraction}: 0.1 of a batch of 4 rounds to no {rows} row$"
+        message = f"^data.{fraction}: 0.1 of a batch of 4 rounds to no row of data.{source}$"
         with pytest.raises(UserError, match=message):
             config_validation.validate(config)
         config.data[fraction] = 0.125  # half a row: rounds to one
