@@ -168,6 +168,17 @@ def test_a_whole_tiny_run_writes_every_stage(uninterrupted):
     assert student["data"]["intensity_range"] == 0.1
     # 8 labelled slices, 2 a batch of 4: 4 steps an epoch, 8 in 2 epochs (the teacher: 2 an epoch, 4).
     assert summary["stages"]["student1"]["step"] == 8 and summary["stages"]["teacher"]["step"] == 4
+    for stage in ("teacher", "student1"):
+        # Each stage's outcome: its test-split metrics, as its metrics file has them, and its marker.
+        metrics = json.loads((workdir / stage / "metrics" / "test.json").read_text())
+        outcome = summary["stages"][stage]
+        keys = ("split", "step", "dice", "jaccard", "f_score", "global_dice", "num_slices")
+        assert sorted(outcome) == sorted(keys)
+        assert {key: outcome[key] for key in keys if key != "split"} == {
+            key: metrics[key] for key in keys if key != "split"
+        }
+        marker = json.loads((workdir / stage / "stage.json").read_text())
+        assert marker["result"] == outcome and marker["config"]["num_epochs"] == 2
 
 
 def test_pseudo_labels_are_inspectable_files_that_match_the_teacher_predictions(uninterrupted):
@@ -569,3 +580,27 @@ def test_an_unfinished_stage_resumes_only_under_the_config_it_was_started_with(t
     )
     with pytest.raises(UserError, match=message):
         selftrain._finished_stage(tmp_path, config)
+
+
+def test_a_training_stage_says_where_it_trains_and_marks_itself_finished(tmp_path, monkeypatch, capsys):
+    outcome = {"split": "test", "step": 4, "dice": 0.5, "loss": 0.2, "hd95": 3.0}
+    monkeypatch.setattr(selftrain.train, "train_and_evaluate", lambda config, folder: dict(outcome))
+    config = tiny_selftrain_config()
+    result = selftrain.train_stage(config, tmp_path / "teacher", "teacher")
+    assert capsys.readouterr().out == f"teacher: training in {tmp_path / 'teacher'}\n"
+    assert result == {"split": "test", "step": 4, "dice": 0.5}  # the evaluation's summary keys only
+    marker = json.loads((tmp_path / "teacher" / "stage.json").read_text())
+    assert marker == {"config": json.loads(config.to_json()), "result": result}
+
+
+def test_the_model_digest_of_a_stage_is_of_its_recorded_config(tmp_path):
+    import hashlib
+
+    for name, config in (("a", {"x": 1, "y": [2]}), ("b", {"y": [2], "x": 1}), ("c", {"x": 2, "y": [2]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text(json.dumps({"config": config, "result": {}}))
+    digest = {name: selftrain._stage_config_digest(tmp_path / name) for name in "abc"}
+    # The first 16 hex digits of the SHA-256 of the config's JSON with sorted keys, whatever its order.
+    assert digest["a"] == hashlib.sha256(b'{"x": 1, "y": [2]}').hexdigest()[:16] == digest["b"]
+    assert digest["c"] != digest["a"] and len(digest["c"]) == 16
+    assert selftrain._stage_config_digest(tmp_path / "none") is None  # no marker: unknown
