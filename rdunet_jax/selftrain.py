@@ -114,6 +114,26 @@ def _same_config(stored: dict, current: dict) -> bool:
     ) and set(stored) <= set(current)
 
 
+def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:
+    """A config's JSON with its pseudo-label folder named relative to `workdir` when inside it; by default
+    relative to the workdir its own path names, as `run` writes it: <workdir>/pseudo_labels/round<n>."""
+    folder = values.get("data", {}).get("pseudo_label_dir")
+    if not folder:
+        return values
+    folder = pathlib.Path(folder)
+    workdir = folder.parent.parent if workdir is None else workdir.absolute()
+    if not folder.is_relative_to(workdir):
+        return values
+    return {**values, "data": {**values["data"], "pseudo_label_dir": str(folder.relative_to(workdir))}}
+
+
+def _same_stage(stored: dict, config, folder: pathlib.Path) -> bool:
+    """Whether the stage in `folder`, recorded with `stored`, ran `config`. A student names its pseudo-labels
+    by absolute path; compared by their place in the workdir, a moved workdir keeps its finished students."""
+    current = _pseudo_labels_by_place(config_lib.to_json(config), folder.parent)
+    return _same_config(_pseudo_labels_by_place(stored), current)
+
+
 def _finished_stage(folder: pathlib.Path, config) -> dict | None:
     """The recorded outcome of a complete stage run with `config`, or None when it is not complete (and
     was started with `config`, or not at all)."""
@@ -121,16 +141,14 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
     if not marker.is_file():
         # Resuming another config's checkpoints would end as neither run, and be recorded as this one.
         started = folder / "config.json"
-        if started.is_file() and not _same_config(
-            json.loads(started.read_text()), config_lib.to_json(config)
-        ):
+        if started.is_file() and not _same_stage(json.loads(started.read_text()), config, folder):
             raise UserError(
                 f"{folder}: this unfinished stage was started with another config; rerun it unchanged to "
                 "finish it, or use another --workdir (or remove the folder)"
             )
         return None
     done = json.loads(marker.read_text())
-    if not _same_config(done["config"], config_lib.to_json(config)):
+    if not _same_stage(done["config"], config, folder):
         raise UserError(
             f"{folder}: this stage was run with another config; use another --workdir (or remove the folder)"
         )

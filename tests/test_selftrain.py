@@ -3,6 +3,7 @@
 """
 
 import json
+import pathlib
 import subprocess
 import sys
 import types
@@ -604,3 +605,39 @@ def test_the_model_digest_of_a_stage_is_of_its_recorded_config(tmp_path):
     assert digest["a"] == hashlib.sha256(b'{"x": 1, "y": [2]}').hexdigest()[:16] == digest["b"]
     assert digest["c"] != digest["a"] and len(digest["c"]) == 16
     assert selftrain._stage_config_digest(tmp_path / "none") is None  # no marker: unknown
+
+
+def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from rdunet_jax.errors import UserError
+
+    workdir, summary = uninterrupted
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    again = selftrain.run(tiny_selftrain_config(), moved)
+    output = capsys.readouterr().out
+    assert "student 1: finished before" in output and "epoch 1" not in output, output
+    assert again["stages"] == summary["stages"] and again["final_model"] == str(moved / "student1")
+    # Only the workdir's own pseudo-label folder counts as the same: another round's, or another
+    # workdir's with the same name, is another config.
+    config = tiny_selftrain_config()
+    for labels in (moved / "pseudo_labels" / "round2", tmp_path / "elsewhere" / "pseudo_labels" / "round1"):
+        with pytest.raises(UserError, match="run with another config"):
+            selftrain._finished_stage(moved / "student1", selftrain.student_config(config, labels))
+
+
+def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkeypatch):
+    from rdunet_jax.errors import UserError
+
+    config = tiny_selftrain_config()
+    started = selftrain.student_config(config, tmp_path / "old" / "pseudo_labels" / "round1")
+    (tmp_path / "new" / "student1").mkdir(parents=True)
+    (tmp_path / "new" / "student1" / "config.json").write_text(started.to_json_best_effort())
+    # As `run` names them: the workdir as given (here relative), the pseudo-labels by absolute path.
+    monkeypatch.chdir(tmp_path)
+    moved = selftrain.student_config(config, (pathlib.Path("new") / "pseudo_labels" / "round1").absolute())
+    assert selftrain._finished_stage(pathlib.Path("new") / "student1", moved) is None
+    other = selftrain.student_config(config, tmp_path / "new" / "pseudo_labels" / "round2")
+    with pytest.raises(UserError, match="started with another config"):
+        selftrain._finished_stage(pathlib.Path("new") / "student1", other)
