@@ -89,10 +89,13 @@ def check_orientation(saved: str | None, data_config, directory) -> None:
 def check_mean_teacher(meta: dict, target_state, directory) -> None:
     """Raises ModelMismatchError when the checkpoint was trained with mean teacher and the config has none,
     or the other way round: their optimizer states differ, which would otherwise read as damage."""
-    saved, configured = bool(meta.get(MEAN_TEACHER)), bool(getattr(target_state, "consistency", ()))
+    consistency = getattr(target_state, "consistency", ())
+    saved, configured = bool(meta.get(MEAN_TEACHER)), bool(consistency) and consistency.method == MEAN_TEACHER
     if saved != configured:
         setting = (
-            "consistency.weight > 0 (and data.unlabelled_fraction > 0)" if saved else "consistency.weight=0"
+            "consistency.weight > 0 (and data.unlabelled_fraction > 0) with consistency.method='mean_teacher'"
+            if saved
+            else "consistency.weight=0 (or consistency.method='fixmatch')"
         )
         raise ModelMismatchError(
             f"checkpoint in {directory} was trained {'with' if saved else 'without'} mean teacher, the "

@@ -22,7 +22,15 @@ from rdunet_jax.steps import TrainState, train_step
 
 # Python sources whose code is traced into the train step (a change to any of them is a new program);
 # one that does not exist in this version of the package is skipped.
-_TRAIN_STEP_SOURCES = ("models.py", "layers.py", "losses.py", "steps.py", "heads.py", "mean_teacher.py")
+_TRAIN_STEP_SOURCES = (
+    "models.py",
+    "layers.py",
+    "losses.py",
+    "steps.py",
+    "heads.py",
+    "mean_teacher.py",
+    "fixmatch.py",
+)
 _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 

@@ -95,6 +95,9 @@ BOOKKEEPING_KEYS = (
     "eval.overlay_every_epochs",
 )
 
+# Consistency regularisation on the unlabelled split (`consistency.method`).
+CONSISTENCY_METHODS = ("mean_teacher", "fixmatch")
+
 # How the unlabelled pool's intensities are matched to the labelled slices' (datasets/intensity_matching.py).
 INTENSITY_MATCHING_MODES = ("none", "window", "histogram")
 
@@ -277,6 +280,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.consistency.ema_decay = 0.99
     config.consistency.rampup_epochs = 20
     config.consistency.noise_std = 0.05
+    # 'fixmatch' (rdunet_jax/fixmatch.py) in place of the moving average: the model's own pseudo-labels of
+    # the batch, kept where at least `confidence_threshold` sure either way, teach its predictions of the
+    # batch's strong view (contrast and brightness jitter of `strong_intensity_range`, plus the noise).
+    config.consistency.method = "mean_teacher"
+    config.consistency.confidence_threshold = 0.95
+    config.consistency.strong_intensity_range = 0.3
     return config
 
 

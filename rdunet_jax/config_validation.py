@@ -172,27 +172,25 @@ def _mixed_rows(batch_size: int, fraction: float) -> int:
 
 
 def _check_consistency(config) -> None:
-    """The keys of mean-teacher training, and what it cannot be combined with."""
-    _require(
-        config, "consistency.weight", lambda value: _is_number(value) and 0 <= value < float("inf"),
-        "a non-negative number",
-    )  # fmt: skip
-    _require(
-        config,
-        "consistency.ema_decay",
-        lambda value: _is_number(value) and 0 <= value < 1,
-        "a number in [0, 1)",
-    )
-    _require(config, "consistency.rampup_epochs", *_NON_NEGATIVE_INT)
-    _require(
-        config, "consistency.noise_std", lambda value: _is_number(value) and 0 <= value < float("inf"),
-        "a non-negative number",
-    )  # fmt: skip
+    """The keys of mean-teacher and FixMatch training, and what they cannot be combined with."""
+    non_negative = (lambda value: _is_number(value) and 0 <= value < float("inf"), "a non-negative number")
+    unit = (lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+    for key, check in (
+        ("consistency.weight", non_negative),
+        ("consistency.ema_decay", unit),
+        ("consistency.rampup_epochs", _NON_NEGATIVE_INT),
+        ("consistency.noise_std", non_negative),
+        ("consistency.strong_intensity_range", unit),
+        ("data.unlabelled_fraction", unit),
+    ):
+        _require(config, key, *check)
+    methods = config_lib.CONSISTENCY_METHODS
+    _require(config, "consistency.method", lambda value: value in methods, " or ".join(map(repr, methods)))
     _require(
         config,
-        "data.unlabelled_fraction",
-        lambda value: _is_number(value) and 0 <= value < 1,
-        "a number in [0, 1)",
+        "consistency.confidence_threshold",
+        lambda value: _is_number(value) and 0.5 <= value < 1,
+        "a probability in [0.5, 1)",
     )
     weight, fraction = config.consistency.weight, config.data.unlabelled_fraction
     if fraction and not weight:
@@ -201,9 +199,10 @@ def _check_consistency(config) -> None:
         )
     if not weight:
         return
+    method = {"mean_teacher": "mean teacher", "fixmatch": "FixMatch"}[config.consistency.method]
     if not fraction:
         raise UserError(
-            "consistency.weight: mean teacher needs unlabelled slices: set data.unlabelled_fraction > 0"
+            f"consistency.weight: {method} needs unlabelled slices: set data.unlabelled_fraction > 0"
         )
     if _is_int(config.batch_size) and config.batch_size > 0 and not _mixed_rows(config.batch_size, fraction):
         raise UserError(
@@ -212,17 +211,17 @@ def _check_consistency(config) -> None:
         )
     if config.model.get("head", "binary") != "binary":
         raise UserError(
-            f"consistency.weight: mean teacher is built for model.head='binary', got {config.model.head!r}"
+            f"consistency.weight: {method} is built for model.head='binary', got {config.model.head!r}"
         )
     for key in ("data.pseudo_label_dir", "data.extra_labelled_dir"):
         if config.data[key.split(".")[1]]:
-            raise UserError(f"{key}: cannot be mixed in together with mean teacher's unlabelled slices")
+            raise UserError(f"{key}: cannot be mixed in together with {method}'s unlabelled slices")
     if config.selftrain.rounds:
-        raise UserError("consistency.weight: mean teacher and selftrain.rounds > 0 are alternatives; set one")
+        raise UserError(f"consistency.weight: {method} and selftrain.rounds > 0 are alternatives; set one")
     weighted = sorted(losses.WEIGHTED_LOSSES.values())
     if config.loss not in weighted:
         raise UserError(
-            f"loss: mean teacher's mixed batches need a weighted loss {weighted}, got {config.loss!r}"
+            f"loss: {method}'s mixed batches need a weighted loss {weighted}, got {config.loss!r}"
         )
 
 

@@ -58,13 +58,40 @@ def consistency_loss(student_logits, teacher_probabilities):
     return jnp.mean(jnp.square(jax.nn.sigmoid(student_logits.astype(jnp.float32)) - teacher_probabilities))
 
 
-def settings(config, steps_per_epoch: int) -> tuple:
-    """(weight, ramp-up steps, noise std) of a config with `consistency.weight` > 0, else ()."""
+class Consistency(NamedTuple):
+    """A run's consistency regularisation (`consistency.*`), static in the train state."""
+
+    weight: float
+    rampup_steps: int
+    noise_std: float
+    method: str = "mean_teacher"
+    # FixMatch's (rdunet_jax/fixmatch.py): pseudo-label and confidence thresholds, strong view's jitter.
+    mask_threshold: float = 0.5
+    confidence_threshold: float = 0.0
+    strong_intensity_range: float = 0.0
+
+
+def settings(config, steps_per_epoch: int) -> Consistency | tuple:
+    """The `Consistency` of a config with `consistency.weight` > 0, else ()."""
     consistency = config.get("consistency")
     if consistency is None or not consistency.weight:
         return ()
-    return (
+    shared = (
         float(consistency.weight),
         int(consistency.rampup_epochs) * int(steps_per_epoch),
         float(consistency.noise_std),
     )
+    if consistency.get("method", "mean_teacher") == "mean_teacher":
+        return Consistency(*shared)
+    return Consistency(
+        *shared,
+        method=consistency.method,
+        mask_threshold=float(config.eval.threshold),
+        confidence_threshold=float(consistency.confidence_threshold),
+        strong_intensity_range=float(consistency.strong_intensity_range),
+    )
+
+
+def averages_parameters(consistency) -> bool:
+    """Whether the run keeps mean teacher's moving average of the parameters in its optimizer state."""
+    return bool(consistency) and consistency.method == "mean_teacher"

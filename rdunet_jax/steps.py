@@ -15,7 +15,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from rdunet_jax import checkpoints, heads, losses, mean_teacher, models
+from rdunet_jax import checkpoints, fixmatch, heads, losses, mean_teacher, models
 from rdunet_jax.errors import UserError
 
 
@@ -29,7 +29,7 @@ class TrainState(train_state.TrainState):
     loss: str = struct.field(pytree_node=False, default="dice")
     # `model.head`: which loss family, target and activation the steps use; static like the loss.
     head: str = struct.field(pytree_node=False, default="binary")
-    # Mean teacher's (weight, ramp-up steps, noise std) (`mean_teacher.settings`); () trains without it.
+    # Mean teacher's or FixMatch's settings (`mean_teacher.settings`); () trains without either.
     consistency: tuple = struct.field(pytree_node=False, default=())
 
 
@@ -58,7 +58,7 @@ def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
     variables = models.initialize_variables(model, config.data.image_size, config.seed)
     optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
     consistency = mean_teacher.settings(config, steps_per_epoch)
-    if consistency:
+    if mean_teacher.averages_parameters(consistency):
         optimizer = optax.chain(optimizer, mean_teacher.track_parameter_ema(config.consistency.ema_decay))
     return TrainState.create(
         apply_fn=model.apply,
@@ -90,12 +90,13 @@ EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
-    keyed by (seed, step). With mean teacher (`state.consistency`) the student sees the batch plus noise
-    and the loss adds the consistency term (`_mean_teacher_terms`)."""
+    keyed by (seed, step). With mean teacher or FixMatch (`state.consistency`) the student sees the batch
+    perturbed and the loss adds the consistency term (`_mean_teacher_terms`, `_fixmatch_terms`)."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     inputs, consistency_term = batch["image"], None
     if state.consistency:
-        inputs, consistency_term = _mean_teacher_terms(state, batch, dropout_key)
+        terms = _mean_teacher_terms if state.consistency.method == "mean_teacher" else _fixmatch_terms
+        inputs, consistency_term = terms(state, batch, dropout_key)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -119,7 +120,7 @@ def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):
     """Mean teacher's student input (the batch plus Gaussian noise) and consistency term: weight x ramp-up
     x the squared difference from the teacher's probabilities on the batch (the teacher: the parameters'
     moving average, with the running BatchNorm statistics)."""
-    weight, rampup_steps, noise_std = state.consistency
+    weight, rampup_steps, noise_std = state.consistency[:3]
     teacher_logits = state.apply_fn(
         {"params": mean_teacher.teacher_parameters(state.opt_state), "batch_stats": state.batch_stats},
         batch["image"],
@@ -131,6 +132,33 @@ def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):
     noisy = image + noise_std * jax.random.normal(noise_key, image.shape, image.dtype)
     scale = weight * mean_teacher.rampup(state.step, rampup_steps)
     return noisy, lambda logits: scale * mean_teacher.consistency_loss(logits, teacher)
+
+
+def _fixmatch_terms(state: TrainState, batch: dict, dropout_key):
+    """FixMatch's student input (the batch's strong view) and consistency term: weight x ramp-up x the
+    cross-entropy of the unlabelled rows against the confident pseudo-labels of the model's own prediction
+    of the batch (current parameters, running BatchNorm statistics, no gradient)."""
+    settings = state.consistency
+    weak_logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    teacher = jax.lax.stop_gradient(jax.nn.sigmoid(weak_logits.astype(jnp.float32)))
+    strong = fixmatch.strong_view(
+        batch["image"],
+        jax.random.fold_in(dropout_key, 1),  # a stream of its own, beside dropout's
+        settings.strong_intensity_range,
+        settings.noise_std,
+    )
+    scale = settings.weight * mean_teacher.rampup(state.step, settings.rampup_steps)
+    rows = fixmatch.unlabelled_rows(batch["mask"])
+
+    def consistency_term(logits):
+        loss = fixmatch.pseudo_label_loss(
+            logits, teacher, rows, settings.mask_threshold, settings.confidence_threshold
+        )
+        return scale * loss
+
+    return strong, consistency_term
 
 
 @functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)

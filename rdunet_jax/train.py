@@ -31,6 +31,7 @@ from rdunet_jax import (
     evaluate,
     inference,
     input_pipeline,
+    mean_teacher,
     models,
     visualize,
 )
@@ -149,7 +150,7 @@ def new_meta(config) -> dict:
         "model": checkpoints.architecture(config.model, config.data),
         "orientation": model_orientation(config.data),
     }
-    if config.get("consistency") and config.consistency.weight:
+    if mean_teacher.averages_parameters(mean_teacher.settings(config, steps_per_epoch=1)):
         meta[checkpoints.MEAN_TEACHER] = True  # absent otherwise: other runs' meta stays as it was
     return meta
 

@@ -64,6 +64,60 @@ def checkout_environment() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+# --- Consistency regularisation (mean teacher and FixMatch tests) -------------------------------------------
+
+
+def make_consistency_config(**changes):
+    """The tiny config with half of each batch from 8 unlabelled phantom slices, consistency weight 2, no
+    ramp-up, noise or dropout (mean teacher; FixMatch with `consistency.method`)."""
+    config = make_tiny_config(num_unlabelled=8, unlabelled_fraction=0.5)
+    config.loss = "dice_weighted"
+    config.model.dropout_rate = 0.0
+    config.consistency.weight = 2.0
+    config.consistency.rampup_epochs = 0
+    config.consistency.noise_std = 0.0
+    config.update(changes)
+    return config
+
+
+def sigmoid64(x):
+    """The logistic function in float64: an independent reference for the steps' float32 sigmoid."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+class _Crash(Exception):
+    pass
+
+
+def train_to_the_end(config, workdir, crash_after_step=None):
+    """The final train state of `config` trained in `workdir`; with `crash_after_step`, the run crashes
+    once after that step and the same call is made again (a resume)."""
+    from rdunet_jax import steps, train
+
+    real_compile = train.compiled_train_step
+    crashes = [crash_after_step]  # once: the resumed run steps past it
+
+    def compiled(*args):
+        step_function = real_compile(*args)
+
+        def step(state, batch):
+            state, metrics = step_function(state, batch)
+            if crashes and int(state.step) == crashes[0]:
+                crashes.pop()
+                raise _Crash
+            return state, metrics
+
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "compiled_train_step", compiled)
+        if crash_after_step is not None:
+            with pytest.raises(_Crash):
+                train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir)
+    return steps.restore_state(config, workdir)
+
+
 # --- Real data ---------------------------------------------------------------------------------------------
 
 # The public datasets beside the repository (../shared/data), or RDUNET_DATA_ROOT.

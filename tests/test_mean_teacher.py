@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_tiny_config
+from helpers import make_consistency_config, make_tiny_config, sigmoid64, train_to_the_end
 
 from rdunet_jax import (
     compile_cache,
@@ -57,33 +57,20 @@ def test_the_ramp_up_is_a_sigmoid_shaped_rise_to_one():
 
 
 def test_the_settings_ramp_up_over_the_configured_epochs_in_steps():
-    config = _consistency_config()
+    config = make_consistency_config()
     config.consistency.rampup_epochs, config.consistency.noise_std = 2, 0.05
-    assert mean_teacher.settings(config, steps_per_epoch=3) == (2.0, 6, 0.05)
+    settings = mean_teacher.settings(config, steps_per_epoch=3)
+    assert settings[:4] == (2.0, 6, 0.05, "mean_teacher") and mean_teacher.averages_parameters(settings)
     config.consistency.weight = 0.0
     assert mean_teacher.settings(config, steps_per_epoch=3) == ()
-
-
-def _consistency_config(**changes):
-    config = make_tiny_config(num_unlabelled=8, unlabelled_fraction=0.5)
-    config.loss = "dice_weighted"
-    config.model.dropout_rate = 0.0
-    config.consistency.weight = 2.0
-    config.consistency.rampup_epochs = 0
-    config.consistency.noise_std = 0.0
-    config.update(changes)
-    return config
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+    assert not mean_teacher.averages_parameters(())
 
 
 def test_the_step_adds_the_weighted_consistency_to_the_supervised_loss_of_the_labelled_rows():
-    config = _consistency_config()
+    config = make_consistency_config()
     model = models.build_model(config.model)
     state = steps.create_train_state(config, model, steps_per_epoch=2)
-    assert state.consistency == (2.0, 0, 0.0)
+    assert state.consistency[:4] == (2.0, 0, 0.0, "mean_teacher")
     rng = np.random.default_rng(0)
     images = rng.random((4, 32, 32, 1), np.float32)
     masks = (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32)
@@ -92,9 +79,9 @@ def test_the_step_adds_the_weighted_consistency_to_the_supervised_loss_of_the_la
     batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    teacher = _sigmoid(model.apply(variables, images, train=False))  # teacher = student before any update
+    teacher = sigmoid64(model.apply(variables, images, train=False))  # teacher = student before any update
     student_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    student = _sigmoid(student_logits)
+    student = sigmoid64(student_logits)
     intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
     total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
     supervised = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
@@ -130,7 +117,7 @@ def test_without_consistency_the_state_and_step_are_the_papers():
 
 
 def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_zero():
-    config = _consistency_config()
+    config = make_consistency_config()
     config.data.zoom_range = 0.0  # a zoom-out fills the borders of every channel, the weight's too, with 0
     source = datasets.load_source(config.data, "train")
     batches = list(input_pipeline.train_dataset(source, config.data, 4, seed=0, epoch=0))
@@ -162,7 +149,7 @@ def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_ze
     ],
 )
 def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):
-    config = _consistency_config()
+    config = make_consistency_config()
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value
@@ -171,39 +158,10 @@ def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):
     assert str(raised.value).startswith(message)
 
 
-class _Crash(Exception):
-    pass
-
-
-def _final_params(config, workdir, crash_after_step=None):
-    real_compile = train.compiled_train_step
-    crashes = [crash_after_step]  # once: the resumed run steps past it
-
-    def compiled(*args):
-        step_function = real_compile(*args)
-
-        def step(state, batch):
-            state, metrics = step_function(state, batch)
-            if crashes and int(state.step) == crashes[0]:
-                crashes.pop()
-                raise _Crash
-            return state, metrics
-
-        return step
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "compiled_train_step", compiled)
-        if crash_after_step is not None:
-            with pytest.raises(_Crash):
-                train.train_and_evaluate(config, workdir)
-        train.train_and_evaluate(config, workdir)
-    return steps.restore_state(config, workdir)
-
-
 def _crash_resume_config():
     # One epoch of 4 steps, checkpointed after each: the ramp-up, the noise draws, the teacher and the
     # data order must all carry on from a mid-epoch checkpoint.
-    config = _consistency_config(checkpoint_every_steps=1, num_epochs=1)
+    config = make_consistency_config(checkpoint_every_steps=1, num_epochs=1)
     config.consistency.rampup_epochs, config.consistency.noise_std = 1, 0.05
     config.eval.checkpoint = "last"
     return config
@@ -213,7 +171,7 @@ def _crash_resume_config():
 def uninterrupted_run(tmp_path_factory):
     """One uninterrupted mean-teacher run, shared because compiling its step is most of a test's time."""
     workdir = tmp_path_factory.mktemp("mean_teacher") / "uninterrupted"
-    _final_params(_crash_resume_config(), workdir)
+    train_to_the_end(_crash_resume_config(), workdir)
     return workdir
 
 
@@ -222,7 +180,7 @@ def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_t
 ):
     config = _crash_resume_config()
     reference = steps.restore_state(config, uninterrupted_run)
-    resumed = _final_params(config, tmp_path / "resumed", crash_after_step=2)
+    resumed = train_to_the_end(config, tmp_path / "resumed", crash_after_step=2)
     assert int(resumed.step) == int(reference.step) == 4
     for a, b in zip(
         jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
@@ -235,7 +193,7 @@ def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_t
 def test_the_stored_train_step_is_another_for_another_decay_of_the_moving_average():
     keys = []
     for decay in (0.99, 0.999):
-        config = _consistency_config()
+        config = make_consistency_config()
         config.consistency.ema_decay = decay
         state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
         batch = {"image": np.zeros((4, 32, 32, 1), np.float32), "mask": np.zeros((4, 32, 32, 2), np.float32)}

@@ -1,0 +1,185 @@
+"""FixMatch: the pseudo-label loss and the unlabelled rows against hand values, the strong view's jitter,
+the train step's loss against a numpy recomputation, the config's errors, and a resumed run that ends
+bit-identical to an uninterrupted one."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from helpers import make_consistency_config, sigmoid64, train_to_the_end
+
+from rdunet_jax import config_validation, fixmatch, mean_teacher, models, steps
+from rdunet_jax.errors import UserError
+
+
+def test_the_pseudo_label_loss_against_hand_computed_values():
+    # Row 0 (unlabelled): the teacher's p and the student's logits z, pixel by pixel.
+    #   p 0.97: lesion, confident (>= 0.95)        -> -log(sigmoid(2))
+    #   p 0.60: lesion, not confident               -> 0
+    #   p 0.03: background, confident (<= 0.05)    -> -log(1 - sigmoid(-1)) = -log(sigmoid(1))
+    #   p 0.50: lesion at the 0.5 threshold, unsure -> 0
+    # Row 1 (labelled) does not count, whatever it holds.
+    teacher = np.array([[0.97, 0.60], [0.03, 0.50]], np.float32).reshape(1, 2, 2, 1)
+    logits = np.array([[2.0, -3.0], [-1.0, 4.0]], np.float32).reshape(1, 2, 2, 1)
+    teacher, logits = np.concatenate([teacher, 1 - teacher]), np.concatenate([logits, -logits])
+    loss = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 0.0]), 0.5, 0.95)
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(-1.0)))) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # Both rows unlabelled: row 1 (p 0.03, 0.40, 0.97, 0.50 against z -2, 3, 1, -4) adds its own mean.
+    both = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 1.0]), 0.5, 0.95)
+    row1 = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(-1.0)))) / 4
+    assert float(both) == pytest.approx((expected + row1) / 2, rel=1e-6)
+    # A mask threshold of 0.7 makes p 0.60 and 0.50 background. At confidence 0.5 the teacher is sure of
+    # background where p <= 0.5: of 0.50, not of 0.60 (confident in the label its mask gives, not in any).
+    low = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 0.0]), 0.7, 0.5)
+    kept = [
+        -math.log(1 / (1 + math.exp(-2.0))),  # 0.97 lesion, z 2
+        -math.log(1 / (1 + math.exp(-1.0))),  # 0.03 background, z -1
+        -math.log(1 / (1 + math.exp(4.0))),  # 0.50 background, z 4
+    ]
+    assert float(low) == pytest.approx(sum(kept) / 4, rel=1e-6)
+    # No unlabelled row: 0, not a division by zero.
+    assert float(fixmatch.pseudo_label_loss(logits, teacher, np.zeros(2), 0.5, 0.95)) == 0.0
+
+
+def test_unlabelled_rows_are_those_whose_weight_channel_is_zero_everywhere():
+    mask = np.ones((3, 4, 4, 2), np.float32)
+    mask[1, ..., 1] = 0.0  # unlabelled
+    mask[2, :2, ..., 1] = 0.0  # labelled, its border zoomed out to weight 0
+    np.testing.assert_array_equal(np.asarray(fixmatch.unlabelled_rows(mask)), [0.0, 1.0, 0.0])
+
+
+def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_noise():
+    rng = np.random.default_rng(0)
+    images = (0.45 + 0.1 * rng.random((6, 16, 16, 1))).astype(np.float32)  # never clipped
+    key = jax.random.PRNGKey(3)
+    strong = np.asarray(fixmatch.strong_view(images, key, 0.3, 0.0), np.float64)
+    contrasts = []
+    for image, view in zip(images, strong, strict=True):
+        # An affine map of the slice about its mean: (x - m) c + m + b, c in [0.7, 1.3], b in [-0.15, 0.15].
+        contrast, intercept = np.polyfit(image.ravel(), view.ravel(), 1)
+        mean = float(np.mean(image))
+        brightness = intercept - mean * (1 - contrast)
+        np.testing.assert_allclose(view, (image - mean) * contrast + mean + brightness, atol=1e-5)
+        assert 0.7 <= contrast <= 1.3 and -0.15 <= brightness <= 0.15
+        contrasts.append(contrast)
+    assert len(set(np.round(contrasts, 4))) == 6  # each slice its own draw
+    np.testing.assert_array_equal(strong, np.asarray(fixmatch.strong_view(images, key, 0.3, 0.0)))
+    # Clipped to [0, 1] before the noise; without jitter the view is the image plus noise of that std.
+    assert float(np.max(fixmatch.strong_view(np.ones_like(images), key, 0.3, 0.0))) <= 1.0
+    noise = np.asarray(fixmatch.strong_view(images, key, 0.0, 0.05)) - images
+    assert np.std(noise) == pytest.approx(0.05, rel=0.1) and abs(np.mean(noise)) < 0.005
+
+
+def _fixmatch_config(**changes):
+    config = make_consistency_config(**changes)
+    config.consistency.method = "fixmatch"
+    return config
+
+
+def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_the_supervised_loss():
+    config = _fixmatch_config()
+    config.consistency.strong_intensity_range = 0.0  # noise_std 0 too: the strong view is the batch
+    model = models.build_model(config.model)
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32, 1), np.float32)
+    state = steps.create_train_state(config, model, steps_per_epoch=2)
+    # The untrained model's probabilities all lie within 1e-4 of 0.5, some at exactly 0.5 (all 4 features
+    # 0); a steeper output layer with a bias spreads them, so that float32 rounding decides no pixel's
+    # side of a threshold.
+    output = {"kernel": 30 * state.params["Conv_0"]["kernel"], "bias": state.params["Conv_0"]["bias"] - 0.3}
+    params = {**state.params, "Conv_0": output}
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    teacher = sigmoid64(model.apply(variables, images, train=False))
+    assert np.min(np.abs(teacher - 0.5)) > 1e-5
+    # A confidence threshold halfway between two certainties from the median up keeps some pixels.
+    certainty = np.sort(np.maximum(teacher, 1 - teacher).ravel())
+    middle = len(certainty) // 2
+    gap = middle + int(np.argmax(np.diff(certainty[middle:]) > 1e-5))
+    threshold = float((certainty[gap] + certainty[gap + 1]) / 2)
+    state = state.replace(
+        params=params, consistency=state.consistency._replace(confidence_threshold=threshold)
+    )
+    assert state.consistency.method == "fixmatch"
+    # No moving average in the optimizer: FixMatch's teacher is the model itself.
+    assert not any(isinstance(part, mean_teacher.ParameterEmaState) for part in state.opt_state)
+    masks = (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32)
+    weights = np.ones((4, 32, 32, 1), np.float32)
+    weights[2:] = 0.0  # two unlabelled rows
+    batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
+
+    student_logits = np.asarray(model.apply(variables, images, train=True, mutable=["batch_stats"])[0], float)
+    student = sigmoid64(student_logits)
+    intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
+    total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
+    supervised = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
+    lesion = teacher >= 0.5
+    confident = np.where(lesion, teacher >= threshold, teacher <= 1 - threshold)
+    assert 0.05 < np.mean(confident[2:]) < 0.95  # both kept and dropped pixels
+    # -log sigmoid(z) for lesion, -log(1 - sigmoid(z)) for background, in a form that does not overflow.
+    softplus = np.maximum(student_logits, 0) + np.log1p(np.exp(-np.abs(student_logits)))
+    entropy = softplus - lesion * student_logits
+    pseudo = np.mean(np.where(confident, entropy, 0.0)[2:])  # the unlabelled rows' pixels only
+    expected = np.mean(supervised) + 2.0 * pseudo
+
+    _, metrics = steps.train_step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert 2.0 * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
+    # The student sees the strong view, not the batch: with noise the loss is another.
+    noisy = state.replace(consistency=state.consistency._replace(noise_std=0.05))
+    assert abs(float(steps.train_step(noisy, batch)[1]["loss"]) - expected) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"consistency.method": "mixmatch"}, "consistency.method: must be 'mean_teacher' or 'fixmatch'"),
+        (
+            {"consistency.confidence_threshold": 0.4},
+            "consistency.confidence_threshold: must be a probability in [0.5, 1), got 0.4",
+        ),
+        (
+            {"consistency.strong_intensity_range": 1.0},
+            "consistency.strong_intensity_range: must be a number in [0, 1), got 1.0",
+        ),
+        ({"data.unlabelled_fraction": 0.0}, "consistency.weight: FixMatch needs unlabelled slices"),
+        ({"loss": "dice"}, "loss: FixMatch's mixed batches need a weighted loss"),
+        ({"selftrain.rounds": 1}, "consistency.weight: FixMatch and selftrain.rounds > 0 are alternatives"),
+    ],
+)
+def test_bad_fixmatch_settings_are_refused_naming_the_key(changes, message):
+    config = _fixmatch_config()
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value).startswith(message)
+
+
+def test_a_fixmatch_run_crashed_mid_epoch_resumes_bit_identical(tmp_path):
+    # One epoch of 4 steps, checkpointed after each: the ramp-up, the strong views and the data order
+    # must carry on from a mid-epoch checkpoint.
+    config = _fixmatch_config(checkpoint_every_steps=1, num_epochs=1)
+    config.consistency.rampup_epochs, config.consistency.noise_std = 1, 0.05
+    config.consistency.confidence_threshold = 0.5  # every pixel: the tiny model is never 95% sure
+    config.eval.checkpoint = "last"
+    reference = train_to_the_end(config, tmp_path / "uninterrupted")
+    resumed = train_to_the_end(config, tmp_path / "resumed", crash_after_step=2)
+    assert int(resumed.step) == int(reference.step) == 4
+    for a, b in zip(
+        jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
+        jax.tree_util.tree_leaves((reference.params, reference.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A FixMatch checkpoint holds plain Adam: a config without consistency restores it.
+    plain = make_consistency_config(num_epochs=1)
+    plain.consistency.weight, plain.data.unlabelled_fraction = 0.0, 0.0
+    plain.eval.checkpoint = "last"
+    restored = steps.restore_state(plain, tmp_path / "uninterrupted")
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree_util.tree_leaves(restored.params)[0]),
+        np.asarray(jax.tree_util.tree_leaves(reference.params)[0]),
+    )
