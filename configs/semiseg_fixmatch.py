@@ -12,8 +12,9 @@ five: experiments/fixmatch_cv_runs.txt):
         --config.data.manual_dir=../shared/data/covid-semiseg --workdir runs/fixmatch-cv0 \\
         --config.data.cv_folds=5 --config.data.cv_fold=0 --config.eval.split=validation
 
-Built on 2026-12-02 and not yet cross-validated: every setting below was fixed before any run on the real
-slices (FixMatch's own defaults where it has them, else the self-training student's chosen ones).
+Built on 2026-12-02: every setting below was fixed before any run on the real slices (FixMatch's weight 1
+and confidence 0.95; its 7 unlabelled images per labelled one are not used: 1 unlabelled slice per 4
+labelled, as self-training's student mixes its pseudo-labelled slices).
 """
 
 import pathlib
@@ -32,11 +33,14 @@ def get_config(variant: str = "rdunet"):
     config.batch_size = 5
     config.data.unlabelled_fraction = 0.2
     config.data.unlabelled_intensity_matching = "window"
-    # The unlabelled row carries weight 0, which only the weighted form of the recipe's Dice loss reads.
+    # The unlabelled row carries weight 0, which only the weighted form of the recipe's Dice loss reads;
+    # the supervised term is the mean over the 5 rows, 4/5 of the labelled rows' mean (so against that,
+    # the consistency weight is 1.25).
     config.loss = "dice_weighted"
-    # FixMatch's weight 1 and confidence 0.95. Its strong view here: contrast x0.7-1.3 and brightness
-    # +-0.15 (3 times the student's jitter), plus Gaussian noise 0.05 (mean teacher's), intensity only so
-    # the pseudo-label stays aligned. A ramp-up over the first 20 epochs, since the untrained model's
+    # FixMatch's weight 1 and confidence 0.95. Its strong view here, of the unlabelled slice only:
+    # contrast x0.7-1.3 and brightness +-0.15 (3 times the student's jitter), plus Gaussian noise 0.05
+    # (mean teacher's), intensity only so the pseudo-label stays aligned (FixMatch's RandAugment and
+    # Cutout would move or hide lesions). A ramp-up over the first 20 epochs, since the untrained model's
     # confident pixels are background nearly everywhere.
     config.consistency.weight = 1.0
     config.consistency.confidence_threshold = 0.95

@@ -182,16 +182,16 @@ def _check_consistency(config) -> None:
         ("consistency.noise_std", non_negative),
         ("consistency.strong_intensity_range", unit),
         ("data.unlabelled_fraction", unit),
+        ("consistency.confidence_threshold", (lambda value: unit[0](value) and value >= 0.5, "in [0.5, 1)")),
     ):
         _require(config, key, *check)
     methods = config_lib.CONSISTENCY_METHODS
     _require(config, "consistency.method", lambda value: value in methods, " or ".join(map(repr, methods)))
-    _require(
-        config,
-        "consistency.confidence_threshold",
-        lambda value: _is_number(value) and 0.5 <= value < 1,
-        "a probability in [0.5, 1)",
-    )
+    strong = config.consistency.strong_intensity_range or config.consistency.noise_std
+    if config.consistency.method == "fixmatch" and not strong:
+        raise UserError(
+            "consistency.strong_intensity_range: FixMatch's strong view needs it or noise_std > 0"
+        )
     weight, fraction = config.consistency.weight, config.data.unlabelled_fraction
     if fraction and not weight:
         raise UserError(

@@ -1,15 +1,15 @@
-"""FixMatch (Sohn et al., 2020) for segmentation: the model's own confident predictions on a weakly
-augmented batch are the labels of its predictions on a strongly augmented copy.
+"""FixMatch (Sohn et al., 2020) for segmentation: the model's own confident predictions on a weakly augmented
+batch are the labels of its predictions on a strongly augmented copy.
 
-The weak view is the batch as the input pipeline gives it (flips, zoom). The model predicts it with the
-current parameters and running BatchNorm statistics, without gradient; each pixel's pseudo-label is its
-thresholded probability (`eval.threshold`), kept where the model is at least `consistency.
-confidence_threshold` sure of it either way. The student sees the strong view: a random contrast and
-brightness change of each slice (`consistency.strong_intensity_range`) plus Gaussian noise
-(`consistency.noise_std`); the loss adds `consistency.weight` x ramp-up x the binary cross-entropy of its
-logits against the kept pseudo-labels, averaged over every pixel of the batch's unlabelled slices
-(FixMatch's normalisation: a pixel below the threshold counts 0). The labelled slices' Dice is taken on
-their strong view too. Intensity changes only, so a pixel's label stays where it was.
+The weak view is the batch as the input pipeline augments it (flips and zoom in the shipped config). The
+model predicts it with the current parameters and running BatchNorm statistics, without gradient; each
+pixel's pseudo-label is its thresholded probability (`eval.threshold`), kept where the model is at least
+`consistency.confidence_threshold` sure of it either way. The unlabelled slices reach the student as their
+strong view: a random contrast and brightness change of each slice (`consistency.strong_intensity_range`)
+plus Gaussian noise (`consistency.noise_std`); the loss adds `consistency.weight` x ramp-up x the binary
+cross-entropy of its logits against the kept pseudo-labels, averaged over every pixel of the batch's
+unlabelled slices (FixMatch's normalisation: a pixel below the threshold counts 0). The labelled slices are
+trained on as they come (the weak view). Intensity changes only, so a pixel's label stays where it was.
 """
 
 import jax

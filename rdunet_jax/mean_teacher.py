@@ -81,8 +81,11 @@ def settings(config, steps_per_epoch: int) -> Consistency | tuple:
         int(consistency.rampup_epochs) * int(steps_per_epoch),
         float(consistency.noise_std),
     )
-    if consistency.get("method", "mean_teacher") == "mean_teacher":
+    method = consistency.get("method", "mean_teacher")
+    if method == "mean_teacher":
         return Consistency(*shared)
+    if method != "fixmatch":
+        raise ValueError(f"consistency.method: {method!r} is neither 'mean_teacher' nor 'fixmatch'")
     return Consistency(
         *shared,
         method=consistency.method,

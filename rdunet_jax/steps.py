@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     inputs, consistency_term = batch["image"], None
     if state.consistency:
-        terms = _mean_teacher_terms if state.consistency.method == "mean_teacher" else _fixmatch_terms
+        terms = {"mean_teacher": _mean_teacher_terms, "fixmatch": _fixmatch_terms}[state.consistency.method]
         inputs, consistency_term = terms(state, batch, dropout_key)
 
     def loss_fn(params):
@@ -135,9 +135,10 @@ def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):
 
 
 def _fixmatch_terms(state: TrainState, batch: dict, dropout_key):
-    """FixMatch's student input (the batch's strong view) and consistency term: weight x ramp-up x the
-    cross-entropy of the unlabelled rows against the confident pseudo-labels of the model's own prediction
-    of the batch (current parameters, running BatchNorm statistics, no gradient)."""
+    """FixMatch's student input (the labelled rows as they are, the unlabelled rows' strong view) and
+    consistency term: weight x ramp-up x the cross-entropy of the unlabelled rows against the confident
+    pseudo-labels of the model's own prediction of the batch (current parameters, running BatchNorm
+    statistics, no gradient)."""
     settings = state.consistency
     weak_logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
@@ -151,6 +152,8 @@ def _fixmatch_terms(state: TrainState, batch: dict, dropout_key):
     )
     scale = settings.weight * mean_teacher.rampup(state.step, settings.rampup_steps)
     rows = fixmatch.unlabelled_rows(batch["mask"])
+    # As in FixMatch, the supervised loss sees the labelled slices' weak view.
+    inputs = jnp.where(rows[:, None, None, None] > 0, strong, batch["image"])
 
     def consistency_term(logits):
         loss = fixmatch.pseudo_label_loss(
@@ -158,7 +161,7 @@ def _fixmatch_terms(state: TrainState, batch: dict, dropout_key):
         )
         return scale * loss
 
-    return strong, consistency_term
+    return inputs, consistency_term
 
 
 @functools.partial(jax.jit, compiler_options=EVAL_COMPILER_OPTIONS)

@@ -19,16 +19,17 @@ def test_the_pseudo_label_loss_against_hand_computed_values():
     #   p 0.60: lesion, not confident               -> 0
     #   p 0.03: background, confident (<= 0.05)    -> -log(1 - sigmoid(-1)) = -log(sigmoid(1))
     #   p 0.50: lesion at the 0.5 threshold, unsure -> 0
-    # Row 1 (labelled) does not count, whatever it holds.
-    teacher = np.array([[0.97, 0.60], [0.03, 0.50]], np.float32).reshape(1, 2, 2, 1)
-    logits = np.array([[2.0, -3.0], [-1.0, 4.0]], np.float32).reshape(1, 2, 2, 1)
-    teacher, logits = np.concatenate([teacher, 1 - teacher]), np.concatenate([logits, -logits])
+    # Row 1 (labelled) does not count, whatever it holds; unlabelled, it adds its own mean:
+    #   p 0.99 against z -1: lesion, confident     -> -log(sigmoid(-1))
+    #   p 0.02 against z 3: background, confident  -> -log(1 - sigmoid(3)) = -log(sigmoid(-3))
+    #   p 0.40 and 0.90: unsure                     -> 0
+    teacher = np.array([[[0.97, 0.60], [0.03, 0.50]], [[0.99, 0.02], [0.40, 0.90]]], np.float32)[..., None]
+    logits = np.array([[[2.0, -3.0], [-1.0, 4.0]], [[-1.0, 3.0], [5.0, -5.0]]], np.float32)[..., None]
     loss = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 0.0]), 0.5, 0.95)
     expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(-1.0)))) / 4
     assert float(loss) == pytest.approx(expected, rel=1e-6)
-    # Both rows unlabelled: row 1 (p 0.03, 0.40, 0.97, 0.50 against z -2, 3, 1, -4) adds its own mean.
     both = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 1.0]), 0.5, 0.95)
-    row1 = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(-1.0)))) / 4
+    row1 = (-math.log(1 / (1 + math.exp(1.0))) - math.log(1 / (1 + math.exp(3.0)))) / 4
     assert float(both) == pytest.approx((expected + row1) / 2, rel=1e-6)
     # A mask threshold of 0.7 makes p 0.60 and 0.50 background. At confidence 0.5 the teacher is sure of
     # background where p <= 0.5: of 0.50, not of 0.60 (confident in the label its mask gives, not in any).
@@ -66,8 +67,15 @@ def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_
         contrasts.append(contrast)
     assert len(set(np.round(contrasts, 4))) == 6  # each slice its own draw
     np.testing.assert_array_equal(strong, np.asarray(fixmatch.strong_view(images, key, 0.3, 0.0)))
-    # Clipped to [0, 1] before the noise; without jitter the view is the image plus noise of that std.
-    assert float(np.max(fixmatch.strong_view(np.ones_like(images), key, 0.3, 0.0))) <= 1.0
+    # Clipped to [0, 1], then the noise: white slices (mean 1) are 1 + brightness, clipped to at most 1,
+    # black ones at least 0; with noise they are those values plus the noise, past the clip.
+    for value in (0.0, 1.0):
+        flat = np.full_like(images, value)
+        clipped = np.asarray(fixmatch.strong_view(flat, key, 0.3, 0.0))
+        assert np.min(clipped) >= 0.0 and np.max(clipped) <= 1.0 and np.any(clipped == value)
+        noisy = np.asarray(fixmatch.strong_view(flat, key, 0.3, 0.05))
+        assert np.std(noisy - clipped) == pytest.approx(0.05, rel=0.1)
+        assert np.any(noisy > 1.0) if value else np.any(noisy < 0.0)
     noise = np.asarray(fixmatch.strong_view(images, key, 0.0, 0.05)) - images
     assert np.std(noise) == pytest.approx(0.05, rel=0.1) and abs(np.mean(noise)) < 0.005
 
@@ -80,7 +88,7 @@ def _fixmatch_config(**changes):
 
 def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_the_supervised_loss():
     config = _fixmatch_config()
-    config.consistency.strong_intensity_range = 0.0  # noise_std 0 too: the strong view is the batch
+    config.consistency.noise_std = 0.05  # and strong_intensity_range 0.3
     model = models.build_model(config.model)
     rng = np.random.default_rng(0)
     images = rng.random((4, 32, 32, 1), np.float32)
@@ -109,7 +117,14 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     weights[2:] = 0.0  # two unlabelled rows
     batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
 
-    student_logits = np.asarray(model.apply(variables, images, train=True, mutable=["batch_stats"])[0], float)
+    # The student's input: the labelled rows as they are, the unlabelled rows' strong view, drawn from the
+    # step's own stream (the dropout key of step 0, folded with 1).
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 1)
+    strong = np.asarray(fixmatch.strong_view(images, key, 0.3, 0.05))
+    assert np.mean(np.abs(strong - images)) > 0.03
+    student_input = np.concatenate([images[:2], strong[2:]])
+    student_logits = model.apply(variables, student_input, train=True, mutable=["batch_stats"])[0]
+    student_logits = np.asarray(student_logits, float)
     student = sigmoid64(student_logits)
     intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
     total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
@@ -126,9 +141,6 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     _, metrics = steps.train_step(state, batch)
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
     assert 2.0 * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
-    # The student sees the strong view, not the batch: with noise the loss is another.
-    noisy = state.replace(consistency=state.consistency._replace(noise_std=0.05))
-    assert abs(float(steps.train_step(noisy, batch)[1]["loss"]) - expected) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -137,11 +149,15 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
         ({"consistency.method": "mixmatch"}, "consistency.method: must be 'mean_teacher' or 'fixmatch'"),
         (
             {"consistency.confidence_threshold": 0.4},
-            "consistency.confidence_threshold: must be a probability in [0.5, 1), got 0.4",
+            "consistency.confidence_threshold: must be in [0.5, 1), got 0.4",
         ),
         (
             {"consistency.strong_intensity_range": 1.0},
             "consistency.strong_intensity_range: must be a number in [0, 1), got 1.0",
+        ),
+        (
+            {"consistency.strong_intensity_range": 0.0, "consistency.noise_std": 0.0},
+            "consistency.strong_intensity_range: FixMatch's strong view needs it or noise_std > 0",
         ),
         ({"data.unlabelled_fraction": 0.0}, "consistency.weight: FixMatch needs unlabelled slices"),
         ({"loss": "dice"}, "loss: FixMatch's mixed batches need a weighted loss"),
@@ -183,3 +199,15 @@ def test_a_fixmatch_run_crashed_mid_epoch_resumes_bit_identical(tmp_path):
         np.asarray(jax.tree_util.tree_leaves(restored.params)[0]),
         np.asarray(jax.tree_util.tree_leaves(reference.params)[0]),
     )
+
+
+def test_fixmatch_settings_come_from_the_consistency_keys_and_the_mask_threshold():
+    config = _fixmatch_config()
+    config.eval.threshold, config.consistency.rampup_epochs = 0.6, 3
+    config.consistency.confidence_threshold, config.consistency.strong_intensity_range = 0.8, 0.2
+    settings = mean_teacher.settings(config, steps_per_epoch=5)
+    assert settings == (2.0, 15, 0.0, "fixmatch", 0.6, 0.8, 0.2)
+    assert not mean_teacher.averages_parameters(settings)
+    config.consistency.method = "mixmatch"  # unvalidated: refused rather than run as either
+    with pytest.raises(ValueError, match="'mixmatch' is neither 'mean_teacher' nor 'fixmatch'"):
+        mean_teacher.settings(config, steps_per_epoch=5)
