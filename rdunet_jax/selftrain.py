@@ -117,7 +117,7 @@ def _same_config(stored: dict, current: dict) -> bool:
 def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:
     """A config's JSON with its pseudo-label folder named relative to `workdir` when inside it; by default
     relative to the workdir its own path names, as `run` writes it: <workdir>/pseudo_labels/round<n>."""
-    folder = values.get("data", {}).get("pseudo_label_dir")
+    folder = values["data"].get("pseudo_label_dir")
     if not folder:
         return values
     folder = pathlib.Path(folder)

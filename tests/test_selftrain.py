@@ -66,12 +66,16 @@ def test_pseudo_label_confidence_is_in_the_label_the_mask_gives():
     np.testing.assert_array_equal(weight, [1, 1, 0, 1, 1])
 
 
-def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkeypatch):
-    # Two pool slices: one stored at the model's size, one at twice it (its probabilities constant, so
-    # the bilinear resize to the stored size keeps them).
-    metadata = [{"id": "a_1", "case_id": "a"}, {"id": "b_7", "case_id": "b"}]
-    probabilities = [np.float32([[0.96, 0.5], [0.02, 0.3]]), np.full((2, 2), 0.97, np.float32)]
-    stored = [np.zeros((2, 2), np.uint8), np.zeros((4, 4), np.uint8)]
+def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkeypatch, capsys):
+    # Three pool slices: one stored at the model's size, one at twice it (its probabilities constant, so
+    # the bilinear resize to the stored size keeps them), one without lesion.
+    metadata = [{"id": "a_1", "case_id": "a"}, {"id": "b_7", "case_id": "b"}, {"id": "c_2", "case_id": "c"}]
+    probabilities = [
+        np.float32([[0.96, 0.5], [0.02, 0.3]]),
+        np.full((2, 2), 0.97, np.float32),
+        np.full((2, 2), 0.05, np.float32),
+    ]
+    stored = [np.zeros((2, 2), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((2, 2), np.uint8)]
     monkeypatch.setattr(selftrain.datasets, "load_source", lambda data, split: metadata)
     monkeypatch.setattr(selftrain.steps, "restore_state", lambda config, folder: None)
     monkeypatch.setattr(selftrain.inference, "JaxPredictor", lambda state: types.SimpleNamespace(step=12))
@@ -85,8 +89,15 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     config.eval.threshold, config.selftrain.confidence_threshold = 0.5, 0.9
     config.selftrain.weighting = "confidence"
     folder = tmp_path / "round1"
+    # What a killed run leaves: a half-written `.partial` folder, or a folder without its summary.
+    for leftover in (tmp_path / "round1.partial", folder):
+        (leftover / "masks").mkdir(parents=True)
+        (leftover / "masks" / "stale.png").write_bytes(b"")
     totals = selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["round1"]  # no .partial left
+    assert sorted(path.name for path in (folder / "masks").iterdir()) == ["a_1.png", "b_7.png", "c_2.png"]
+    output = capsys.readouterr().out
+    assert output.startswith(f"pseudo-labels: predicting 3 unlabelled slices with {tmp_path / 'teacher'}\n")
 
     def png(name, slice_id):
         return np.asarray(Image.open(folder / name / f"{slice_id}.png"))
@@ -97,17 +108,30 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     # Slice b, at its stored 4 x 4: all lesion, all confident, 0.94 * 255 = 239.7.
     np.testing.assert_array_equal(png("masks", "b_7"), np.full((4, 4), 255))
     np.testing.assert_array_equal(png("confidence", "b_7"), np.full((4, 4), 240))
-    assert totals["num_slices"] == 2 and totals["slices_with_lesion"] == 2
+    # Slice c: no lesion, all confident background of weight 0.9.
+    assert totals["num_slices"] == 3 and totals["slices_with_lesion"] == 2
     expected = {
-        "mean_lesion_fraction": (0.5 + 1) / 2,
-        "mean_kept_fraction": (0.5 + 1) / 2,
-        "mean_kept_lesion_fraction": (0.25 + 1) / 2,
-        "mean_mean_weight": ((0.92 + 0.96) / 4 + 0.94) / 2,
+        "mean_lesion_fraction": (0.5 + 1 + 0) / 3,
+        "mean_kept_fraction": (0.5 + 1 + 1) / 3,
+        "mean_kept_lesion_fraction": (0.25 + 1 + 0) / 3,
+        "mean_mean_weight": ((0.92 + 0.96) / 4 + 0.94 + 0.9) / 3,
     }
     assert {key: totals[key] for key in expected} == pytest.approx(expected, abs=1e-6)
     summary = pseudo_labels.read_summary(folder)
     assert summary["step"] == 12 and summary["weighting"] == "confidence" and summary["mask_threshold"] == 0.5
-    assert [(entry["id"], entry["case_id"]) for entry in summary["slices"]] == [("a_1", "a"), ("b_7", "b")]
+    assert summary["model"] == str(tmp_path / "teacher") and summary["test_time_flips"] is True
+    assert summary["totals"] == totals and 0 <= summary["seconds"] < 60
+    ids = [(entry["id"], entry["case_id"]) for entry in summary["slices"]]
+    assert ids == [("a_1", "a"), ("b_7", "b"), ("c_2", "c")]
+    # Run again: finished, not written again.
+    assert selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder) == totals
+    assert capsys.readouterr().out == f"pseudo-labels: finished before ({folder})\n"
+    # The mask threshold is `eval.threshold`: at 0.25, slice a's 0.3 is lesion too.
+    config.eval.threshold = 0.25
+    selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, tmp_path / "low")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "low" / "masks" / "a_1.png")), [[255, 255], [0, 255]]
+    )
 
 
 def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
@@ -341,7 +365,7 @@ def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterru
     message = f"{folder}: these pseudo-labels were made with {key} {stored}, the config asks for {value}; "
     with pytest.raises(UserError) as raised:
         selftrain.write_pseudo_labels(config, workdir / "teacher", selftrain.teacher_config(config), folder)
-    assert str(raised.value).startswith(message)
+    assert str(raised.value) == message + "use another --workdir (or remove the folder)"
     assert (folder / pseudo_labels.SUMMARY).read_bytes() == before
 
 
