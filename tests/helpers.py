@@ -85,6 +85,20 @@ def sigmoid64(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
+def assert_refused(config, changes: dict, message: str) -> None:
+    """Sets each dotted key of `changes` in `config` and checks that validation refuses it with an error
+    starting with `message`."""
+    from rdunet_jax import config_validation
+    from rdunet_jax.errors import UserError
+
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value).startswith(message)
+
+
 class _Crash(Exception):
     pass
 

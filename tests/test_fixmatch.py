@@ -7,10 +7,9 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import make_consistency_config, sigmoid64, train_to_the_end
+from helpers import assert_refused, make_consistency_config, sigmoid64, train_to_the_end
 
-from rdunet_jax import config_validation, fixmatch, mean_teacher, models, steps
-from rdunet_jax.errors import UserError
+from rdunet_jax import fixmatch, mean_teacher, models, steps
 
 
 def test_the_pseudo_label_loss_against_hand_computed_values():
@@ -165,13 +164,7 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     ],
 )
 def test_bad_fixmatch_settings_are_refused_naming_the_key(changes, message):
-    config = _fixmatch_config()
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (config[section] if section else config)[name] = value
-    with pytest.raises(UserError) as raised:
-        config_validation.validate(config)
-    assert str(raised.value).startswith(message)
+    assert_refused(_fixmatch_config(), changes, message)
 
 
 def test_a_fixmatch_run_crashed_mid_epoch_resumes_bit_identical(tmp_path):

@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_consistency_config, make_tiny_config, sigmoid64, train_to_the_end
+from helpers import assert_refused, make_consistency_config, make_tiny_config, sigmoid64, train_to_the_end
 
 from rdunet_jax import (
     compile_cache,
-    config_validation,
     datasets,
     input_pipeline,
     mean_teacher,
@@ -149,13 +148,7 @@ def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_ze
     ],
 )
 def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):
-    config = make_consistency_config()
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (config[section] if section else config)[name] = value
-    with pytest.raises(UserError) as raised:
-        config_validation.validate(config)
-    assert str(raised.value).startswith(message)
+    assert_refused(make_consistency_config(), changes, message)
 
 
 def _crash_resume_config():
