@@ -99,6 +99,17 @@ def assert_refused(config, changes: dict, message: str) -> None:
     assert str(raised.value).startswith(message)
 
 
+def assert_same_training_state(state, reference) -> None:
+    """Parameters and optimizer state equal to the bit (a resumed run against an uninterrupted one)."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    expected = jax.tree_util.tree_leaves((reference.params, reference.opt_state))
+    assert len(leaves) == len(expected)
+    for leaf, want in zip(leaves, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+
 class _Crash(Exception):
     pass
 

@@ -7,7 +7,13 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import assert_refused, make_consistency_config, sigmoid64, train_to_the_end
+from helpers import (
+    assert_refused,
+    assert_same_training_state,
+    make_consistency_config,
+    sigmoid64,
+    train_to_the_end,
+)
 
 from rdunet_jax import fixmatch, mean_teacher, models, steps
 
@@ -177,12 +183,7 @@ def test_a_fixmatch_run_crashed_mid_epoch_resumes_bit_identical(tmp_path):
     reference = train_to_the_end(config, tmp_path / "uninterrupted")
     resumed = train_to_the_end(config, tmp_path / "resumed", crash_after_step=2)
     assert int(resumed.step) == int(reference.step) == 4
-    for a, b in zip(
-        jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
-        jax.tree_util.tree_leaves((reference.params, reference.opt_state)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_training_state(resumed, reference)
     # A FixMatch checkpoint holds plain Adam: a config without consistency restores it.
     plain = make_consistency_config(num_epochs=1)
     plain.consistency.weight, plain.data.unlabelled_fraction = 0.0, 0.0

@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_refused, make_consistency_config, make_tiny_config, sigmoid64, train_to_the_end
+from helpers import (
+    assert_refused,
+    assert_same_training_state,
+    make_consistency_config,
+    make_tiny_config,
+    sigmoid64,
+    train_to_the_end,
+)
 
 from rdunet_jax import (
     compile_cache,
@@ -175,12 +182,7 @@ def test_a_run_crashed_mid_epoch_resumes_to_the_uninterrupted_runs_student_and_t
     reference = steps.restore_state(config, uninterrupted_run)
     resumed = train_to_the_end(config, tmp_path / "resumed", crash_after_step=2)
     assert int(resumed.step) == int(reference.step) == 4
-    for a, b in zip(
-        jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
-        jax.tree_util.tree_leaves((reference.params, reference.opt_state)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_training_state(resumed, reference)
 
 
 def test_the_stored_train_step_is_another_for_another_decay_of_the_moving_average():
