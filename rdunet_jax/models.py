@@ -303,6 +303,12 @@ def initialize_variables(model: RDUNet, image_size: int, seed: int):
     Same distributions as `model.init`, but nothing is compiled: XLA takes 10-15 s to compile the
     initialisers of the full model, longer than a training epoch on the phantom.
     """
+    return draw_variables(abstract_variables(model, image_size), seed)
+
+
+def draw_variables(abstract, seed: int):
+    """Variables of the shapes in `abstract` (any block's, from `jax.eval_shape` of its `init`) drawn as
+    `initialize_variables` draws the model's."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -316,5 +322,4 @@ def initialize_variables(model: RDUNet, image_size: int, seed: int):
             return np.ones(leaf.shape, leaf.dtype)
         raise ValueError(f"no initialiser for variable {jax.tree_util.keystr(path)}")
 
-    variables = jax.tree_util.tree_map_with_path(draw, abstract_variables(model, image_size))
-    return jax.device_put(variables)
+    return jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))

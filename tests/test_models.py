@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_model as reference
+from helpers import init_variables
 
 from rdunet_jax import config_lib, config_validation, layers, models
 
@@ -19,14 +20,10 @@ PINNED_PARAMETER_COUNTS = {
 }
 
 
-def _init(module, x, **kwargs):
-    return module.init(jax.random.PRNGKey(0), x, **kwargs)
-
-
 def test_squeeze_excitation_shape_and_gates_in_unit_interval():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 16))
     se = models.SqueezeExcitation(reduction=8)
-    variables = _init(se, x)
+    variables = init_variables(se, x)
     assert variables["params"]["Dense_0"]["kernel"].shape == (16, 2)
     y = se.apply(variables, x)
     assert y.shape == x.shape
@@ -35,14 +32,17 @@ def test_squeeze_excitation_shape_and_gates_in_unit_interval():
 
 
 def test_squeeze_excitation_gates_each_channel_by_its_spatial_mean():
-    # Spatially varying channels whose maxima are far from their means, so max pooling would differ.
-    ramp = jnp.linspace(0.0, 4.0, 6)[None, :, None, None] * jnp.linspace(-1.0, 2.0, 5)[None, None, :, None]
-    x = ramp * jnp.arange(1.0, 9.0) + jax.random.normal(jax.random.PRNGKey(2), (2, 6, 5, 8))
+    # Spatially varying channels whose maxima are far from their means, so max pooling would differ; small
+    # enough (means of -0.2 to 0.6) that the gates stay off the sigmoid's flat ends.
+    ramp = jnp.linspace(0.0, 0.4, 6)[None, :, None, None] * jnp.linspace(-1.0, 2.0, 5)[None, None, :, None]
+    x = ramp * jnp.arange(1.0, 9.0) + 0.1 * jax.random.normal(jax.random.PRNGKey(2), (2, 6, 5, 8))
     se = models.SqueezeExcitation(reduction=4)
-    variables = _init(se, x)
+    variables = init_variables(se, x)
     params = jax.tree_util.tree_map(  # non-zero biases, so that each Dense's bias is exercised
         lambda leaf: leaf + 0.3 * jax.random.normal(jax.random.PRNGKey(3), leaf.shape), variables["params"]
     )
+    # Positive hidden biases keep both hidden units above the ReLU's zero, so the gates follow the pooling.
+    params["Dense_0"]["bias"] = params["Dense_0"]["bias"] + 1.0
     y = np.asarray(se.apply({"params": params}, x))
 
     def gated(pooled):
@@ -61,7 +61,7 @@ def test_dilated_cascade_receptive_field_matches_the_rates(rates):
     size = 41
     impulse = jnp.zeros((1, size, size, 1)).at[0, size // 2, size // 2, 0].set(1.0)
     cascade = models.DilatedCascade(rates, models.make_layers(train=False))
-    variables = _init(cascade, impulse)
+    variables = init_variables(cascade, impulse)
     # Positive kernels and identity BatchNorm: a pixel is non-zero iff the impulse reaches it.
     variables = jax.tree_util.tree_map(jnp.abs, variables)
     response = np.asarray(cascade.apply(variables, impulse))[0, :, :, 0]
@@ -77,8 +77,8 @@ def test_dilated_cascade_receptive_field_matches_the_rates(rates):
 
 def test_residual_block_uses_projection_only_when_channels_change():
     x = jnp.ones((1, 8, 8, 4))
-    same = _init(models.ResidualBlock(4, models.make_layers(train=False)), x)["params"]
-    projected = _init(models.ResidualBlock(8, models.make_layers(train=False)), x)["params"]
+    same = init_variables(models.ResidualBlock(4, models.make_layers(train=False)), x)["params"]
+    projected = init_variables(models.ResidualBlock(8, models.make_layers(train=False)), x)["params"]
     assert "Conv_0" not in same
     assert projected["Conv_0"]["kernel"].shape == (1, 1, 4, 8)
 
@@ -111,7 +111,7 @@ def test_variant_forward_pass_gives_logits_of_input_shape(variant):
         config.model.encoder_dilation_rates = (2, 1, 1)
     model = models.build_model(config.model)
     images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 1))
-    variables = _init(model, images, train=False)
+    variables = init_variables(model, images, train=False)
     logits = model.apply(variables, images, train=False)
     assert logits.shape == (2, 16, 16, 1) and logits.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
@@ -319,7 +319,7 @@ def test_bfloat16_squeeze_excitation_computes_its_dense_layers_in_bfloat16():
     """dtype=bfloat16 promises bfloat16 compute: both of the unit's matrix products take bfloat16 operands."""
     unit = models.SqueezeExcitation(reduction=2, dtype=jnp.bfloat16)
     x = jnp.ones((1, 4, 4, 8), jnp.bfloat16)
-    variables = unit.init(jax.random.PRNGKey(0), x)
+    variables = init_variables(unit, x)
     program = jax.make_jaxpr(unit.apply)(variables, x)
     products = [equation for equation in program.jaxpr.eqns if equation.primitive.name == "dot_general"]
     assert len(products) == 2
@@ -343,7 +343,7 @@ def test_closed_form_batch_norm_reaches_every_batch_norm_layer():
     program holds one custom-VJP normalisation per BatchNorm layer of the variable tree."""
     model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), batch_norm_impl="closed_form")
     x = jnp.ones((2, 8, 8, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = init_variables(model, x)
     norm_layers = len(jax.tree_util.tree_leaves(variables["batch_stats"])) // 2
     program = jax.make_jaxpr(
         lambda v: model.apply(
@@ -362,7 +362,7 @@ def test_bfloat16_double_conv_convolves_and_normalises_in_bfloat16(batch_norm_im
     for train in (False, True):
         block_layers = models.make_layers(train, jnp.bfloat16, batch_norm_impl=batch_norm_impl)
         block = models.DoubleConv(4, block_layers)
-        variables = block.init(jax.random.PRNGKey(0), x)
+        variables = init_variables(block, x)
 
         def apply(v, block=block):
             return block.apply(v, x, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
@@ -380,7 +380,7 @@ def test_bfloat16_model_multiplies_and_rectifies_in_bfloat16_everywhere():
     product takes bfloat16 operands, and each full-size ReLU (a max over an 8x8 map) runs on bfloat16."""
     model = models.RDUNet(features=4, depth=1, skip_dilation_rates=((1, 2),), dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 8, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = init_variables(model, x)
     program = jax.make_jaxpr(
         lambda v: model.apply(
             v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
@@ -406,7 +406,7 @@ def test_space_to_batch_reaches_resdunet_encoder_blocks():
         dilation_impl="space_to_batch",
     )
     x = jnp.ones((1, 12, 12, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = init_variables(model, x)
     program = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
     assert all(dilation == (1, 1) for dilation in _convolution_dilations(program.jaxpr))
 

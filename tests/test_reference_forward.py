@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_model as reference
+from helpers import init_variables
 from scipy import ndimage
 
 from rdunet_jax import config_lib, config_validation, inference, layers, models
@@ -201,7 +202,7 @@ def test_defaults_tested_above_are_the_fast_forms():
 
 
 def _block_variables(module, x, seed: int, **kwargs):
-    return _perturbed(module.init(jax.random.PRNGKey(seed), x, **kwargs), seed)
+    return _perturbed(init_variables(module, x, seed=seed, **kwargs), seed)
 
 
 def _apply(module, variables, x, **kwargs):
