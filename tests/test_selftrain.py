@@ -4,6 +4,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -98,6 +99,9 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     assert sorted(path.name for path in (folder / "masks").iterdir()) == ["a_1.png", "b_7.png", "c_2.png"]
     output = capsys.readouterr().out
     assert output.startswith(f"pseudo-labels: predicting 3 unlabelled slices with {tmp_path / 'teacher'}\n")
+    # The closing line: lesion on 2 of the 3 slices, (0.5 + 1 + 1) / 3 of the pixels kept.
+    closing = re.escape(f"pseudo-labels: 3 slices in {folder}; lesion in 2, 83.3% of pixels kept (")
+    assert re.search(f"^{closing}\\d+s\\)$", output, re.MULTILINE), output
 
     def png(name, slice_id):
         return np.asarray(Image.open(folder / name / f"{slice_id}.png"))
@@ -551,9 +555,17 @@ def test_self_training_without_an_unlabelled_split_is_refused_before_training(tm
 
     config = tiny_selftrain_config()
     config.data.num_unlabelled = 0
-    with pytest.raises(UserError, match="no unlabelled split .*data.num_unlabelled > 0"):
+    message = (
+        "selftrain.rounds: data.name='synthetic' has no unlabelled split (semiseg: the folder "
+        "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs; the phantom: data.num_unlabelled > 0)"
+    )
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         selftrain.run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    # A workdir that is a file is refused by name, before anything else.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=f"^--workdir: {re.escape(str(tmp_path / 'file'))} exists and is not"):
+        selftrain.run(tiny_selftrain_config(), tmp_path / "file")
 
 
 def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_path):
@@ -643,6 +655,11 @@ def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, caps
     output = capsys.readouterr().out
     assert "student 1: finished before" in output and "epoch 1" not in output, output
     assert again["stages"] == summary["stages"] and again["final_model"] == str(moved / "student1")
+    # The run's last line: the final student's and the teacher's Dice, and where the summary is.
+    final, teacher = summary["final"]["dice"], summary["stages"]["teacher"]["dice"]
+    assert output.splitlines()[-1] == (
+        f"self-training: test dice {final:.4f} (teacher {teacher:.4f}) -> {moved / 'selftrain.json'}"
+    )
     # Only the workdir's own pseudo-label folder counts as the same: another round's, or another
     # workdir's with the same name, is another config.
     config = tiny_selftrain_config()
