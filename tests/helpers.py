@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdunet_jax import config_lib, inference, models
+from rdunet_jax import config_lib, config_validation, inference, models
+from rdunet_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"
@@ -97,9 +98,6 @@ def sigmoid64(x):
 def assert_refused(config, changes: dict, message: str) -> None:
     """Sets each dotted key of `changes` in `config` and checks that validation refuses it with an error
     starting with `message`."""
-    from rdunet_jax import config_validation
-    from rdunet_jax.errors import UserError
-
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value
@@ -110,8 +108,6 @@ def assert_refused(config, changes: dict, message: str) -> None:
 
 def assert_same_training_state(state, reference) -> None:
     """Parameters and optimizer state equal to the bit (a resumed run against an uninterrupted one)."""
-    import jax
-
     leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
     expected = jax.tree_util.tree_leaves((reference.params, reference.opt_state))
     assert len(leaves) == len(expected)
