@@ -59,10 +59,11 @@ def data_category(config: dict, root: pathlib.Path) -> str:
 
 
 def pretraining_category(init: pathlib.Path, dataset: str, root: pathlib.Path) -> str:
-    """The category of a `model_init` workdir, found where it was or, as kept in experiments/results, in
-    `<root>/pretraining/<its name>`: restoration of the pool (experiments/restoration_pretraining.py writes
-    pretraining.json) is plus unlabelled; supervised training on another dataset is plus other labelled."""
-    for folder in (init, root / "pretraining" / init.name):
+    """The category of a `model_init` workdir, found where it was or, as kept in experiments/results, beside
+    the runs (`<root>/<its name>`: a candidate fine-tuned further) or in `<root>/pretraining/<its name>`:
+    restoration of the pool (experiments/restoration_pretraining.py writes pretraining.json) is plus
+    unlabelled; supervised training on another dataset is plus other labelled."""
+    for folder in (init, root / init.name, root / "pretraining" / init.name):
         if (folder / "pretraining.json").is_file():
             return PLUS_UNLABELLED
         if (folder / "config.json").is_file():

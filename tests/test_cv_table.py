@@ -193,6 +193,11 @@ def test_each_candidate_is_labelled_with_what_it_learned_from(tmp_path):
             "plus other labelled data",
         ),
         "lostinit": ({**_config(), "model_init": "/nowhere/pre"}, "pretrained (pre: its data unknown)"),
+        # Fine-tuned from another candidate's run, kept beside it (its own workdir gone).
+        "jointft": (
+            {**_config(), "model_init": str(tmp_path / "gone" / "joint-cv0")},
+            "plus other labelled data",
+        ),
     }
     for name, (config, _) in cases.items():
         _workdir(root, f"{name}-cv0", [], {"a": 0.5})
