@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.lr_decay_epochs = 20
     config.lr_decay_factor = 0.1
+    # Epochs over which the learning rate rises linearly to the staircase's value (0: none, the paper's).
+    # For fine-tuning trained weights (`model_init`): a fresh Adam's first updates are about the learning
+    # rate in size for every parameter, which undid joint training's start (issue 27's fine-tuning runs).
+    config.warmup_epochs = 0
     # The training (and validation) loss, a key of losses.LOSSES: 'dice' is the paper's soft Dice,
     # 'dice_bce' adds binary cross-entropy (nnU-Net's default).
     config.loss = "dice"

@@ -95,7 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(
             config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
         )
-    for key in ("seed", "checkpoint_every_steps", "eval.num_overlays"):
+    for key in ("seed", "checkpoint_every_steps", "eval.num_overlays", "warmup_epochs"):
         _require(config, key, *_NON_NEGATIVE_INT)
     _require(
         config,

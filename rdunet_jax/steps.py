@@ -44,13 +44,19 @@ def per_image_loss(state, logits, batch: dict):
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """The paper's staircase: learning_rate, multiplied by lr_decay_factor every lr_decay_epochs."""
-    return optax.exponential_decay(
+    """The paper's staircase: learning_rate, multiplied by lr_decay_factor every lr_decay_epochs; with
+    warmup_epochs, scaled by (step + 1) / warm-up steps until that reaches 1."""
+    staircase = optax.exponential_decay(
         init_value=config.learning_rate,
         transition_steps=config.lr_decay_epochs * steps_per_epoch,
         decay_rate=config.lr_decay_factor,
         staircase=True,
     )
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    if not warmup_steps:
+        return staircase
+    # The staircase keeps counting from step 0, so a warm-up never moves the decay epochs.
+    return lambda step: staircase(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def create_train_state(config, model, steps_per_epoch: int) -> TrainState:

@@ -24,6 +24,7 @@ INVALID_VALUES = {
     "eval.overlay_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "eval.validate_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "seed": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
+    "warmup_epochs": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "learning_rate": st.one_of(
         st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan), st.none(), st.text(max_size=3)
     ),
@@ -88,6 +89,7 @@ REQUIREMENTS = {
     "eval.overlay_every_epochs": "a positive integer",
     "eval.validate_every_epochs": "a positive integer",
     "seed": "a non-negative integer",
+    "warmup_epochs": "a non-negative integer",
     "learning_rate": "a positive number",
     "lr_decay_factor": "a positive number",
     "name": "a non-empty name without '/'",

@@ -120,6 +120,24 @@ def test_learning_rate_staircase_at_the_boundaries(
         assert float(schedule(step)) == pytest.approx(expected[2 * (step // drop_every)], rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "warmup_epochs, expected",
+    [
+        # 3 warm-up steps: (step + 1) / 3 of the staircase, then the staircase (1e-3, 1e-4 from step 6).
+        (1, [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4]),
+        # A warm-up past the first drop (9 steps, drop at 6) scales the staircase's own value there.
+        (3, [1e-3 / 9, 2e-3 / 9, 3e-3 / 9, 4e-3 / 9, 5e-3 / 9, 6e-3 / 9, 7e-4 / 9, 8e-4 / 9, 1e-4, 1e-4]),
+        (0, [1e-3] * 6 + [1e-4] * 4),
+    ],
+)
+def test_a_warm_up_scales_the_staircase_linearly_without_moving_its_drops(warmup_epochs, expected):
+    config = make_tiny_config()
+    config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor = 1e-3, 2, 0.1
+    config.warmup_epochs = warmup_epochs
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch=3)
+    np.testing.assert_allclose([float(schedule(step)) for step in range(10)], expected, rtol=1e-6)
+
+
 def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
     """One update of the train state's optimizer against Adam written out (Kingma and Ba, Algorithm 1,
     optax's defaults beta1 0.9, beta2 0.999, eps 1e-8), at steps on both sides of each drop."""
