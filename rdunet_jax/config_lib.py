@@ -117,9 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.lr_decay_epochs = 20
     config.lr_decay_factor = 0.1
-    # Epochs over which the learning rate rises linearly to the staircase's value (0: none, the paper's).
-    # For fine-tuning trained weights (`model_init`): a fresh Adam's first updates are about the learning
-    # rate in size for every parameter, which undid joint training's start (issue 27's fine-tuning runs).
+    # Epochs over which the learning rate rises linearly to the staircase's value (0: none, the paper's):
+    # a fresh Adam's first updates are about the learning rate in size for every parameter.
     config.warmup_epochs = 0
     # The training (and validation) loss, a key of losses.LOSSES: 'dice' is the paper's soft Dice,
     # 'dice_bce' adds binary cross-entropy (nnU-Net's default).
@@ -145,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.5
     # Flax's convention (new = momentum * old + (1 - momentum) * batch); Keras' default is 0.99.
     config.model.batch_norm_momentum = layers.BATCH_NORM_MOMENTUM
+    # True: BatchNorm normalises by its running statistics in training too and keeps them (fine-tuning):
+    # a model trained on batches mixing two datasets' slices depends on those batches' statistics, so
+    # batches of one dataset alone shift every layer (issue 27's fine-tuning runs). Not architecture.
+    config.model.batch_norm_frozen = False
     config.model.dtype = "float32"
     # Speed options (SPEED_OPTIONS; forms in layers.py, figures from experiments/README.md) keep the
     # parameters. Configs saved without a key ran its `before_key` form: set it to rerun them to the digit.

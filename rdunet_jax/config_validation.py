@@ -106,7 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         config, "compilation_cache_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
     )
-    for key in ("model.use_se", "data.flip", "eval.test_time_flips"):
+    for key in ("model.use_se", "model.batch_norm_frozen", "data.flip", "eval.test_time_flips"):
         _require(config, key, lambda value: isinstance(value, bool), "True or False")
     _require(config, "model.block", lambda value: value in ("plain", "residual"), "'plain' or 'residual'")
     _require(config, "model.dtype", lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'")

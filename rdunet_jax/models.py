@@ -51,8 +51,10 @@ def make_layers(
     dropout_impl: str = "flax",
     dilation_impl: str = "xla",
     batch_norm_impl: str = "flax",
+    batch_norm_frozen: bool = False,
 ) -> Layers:
-    """The blocks' convolution, BatchNorm and dropout constructors, in the speed options' forms."""
+    """The blocks' convolution, BatchNorm and dropout constructors, in the speed options' forms; a frozen
+    BatchNorm normalises by its running statistics in training too, and leaves them as they are."""
     return Layers(
         conv=functools.partial(
             nn.Conv,
@@ -62,7 +64,7 @@ def make_layers(
         ),
         norm=functools.partial(
             layers.NORMS[batch_norm_impl],
-            use_running_average=not train,
+            use_running_average=not train or batch_norm_frozen,
             momentum=batch_norm_momentum,
             dtype=dtype,
         ),
@@ -190,6 +192,7 @@ class RDUNet(nn.Module):
     pool_impl: str = "reduce_window"
     dilation_impl: str = "xla"
     batch_norm_impl: str = "flax"
+    batch_norm_frozen: bool = False
 
     def _block(self, features, index: int, block_layers: Layers, dilation_rate=1):
         # Explicit names: nn.remat's class is called CheckpointEncoderDecoderBlock, and the parameter
@@ -215,6 +218,7 @@ class RDUNet(nn.Module):
             self.dropout_impl,
             self.dilation_impl,
             self.batch_norm_impl,
+            self.batch_norm_frozen,
         )
         pool, upsample = layers.POOLS[self.pool_impl], layers.UPSAMPLINGS[self.upsample_impl]
         x = images.astype(self.dtype)
@@ -266,6 +270,7 @@ def build_model(model_config, classes=BINARY_CLASSES) -> RDUNet:
         encoder_dilation_rates=tuple(model_config.encoder_dilation_rates),
         dropout_rate=model_config.dropout_rate,
         batch_norm_momentum=model_config.batch_norm_momentum,
+        batch_norm_frozen=model_config.get("batch_norm_frozen", False),
         num_classes=heads.num_output_channels(model_config.get("head", "binary"), len(classes)),
         dtype=jnp.dtype(model_config.dtype),
         **options,

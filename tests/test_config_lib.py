@@ -38,6 +38,7 @@ INVALID_VALUES = {
         st.floats(min_value=180.001), st.floats(max_value=-1e-9), st.none(), st.text(max_size=2)
     ),
     "data.flip": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
+    "model.batch_norm_frozen": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
     "data.unlabelled_intensity_matching": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
     "selftrain.student_batch_size": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "data.train_split": st.text(max_size=6).filter(lambda t: t not in ("train", "train_full")),
@@ -97,6 +98,7 @@ REQUIREMENTS = {
     "data.zoom_range": "a number in [0, 1)",
     "data.rotation_degrees": "a number of degrees in [0, 180]",
     "data.flip": "True or False",
+    "model.batch_norm_frozen": "True or False",
     "data.unlabelled_intensity_matching": "one of ['none', 'window', 'histogram']",
     "selftrain.student_batch_size": "a non-negative integer (0: the teacher's batch_size)",
     "data.train_split": "'train' or 'train_full'",

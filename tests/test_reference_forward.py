@@ -168,6 +168,34 @@ def test_training_forward_pass_normalises_by_the_batch_and_updates_running_avera
         np.testing.assert_allclose(stored[path], value, rtol=1e-4, atol=1e-5, err_msg="/".join(path))
 
 
+@pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)
+def test_a_frozen_batch_norm_trains_on_its_running_statistics_and_keeps_them(batch_norm_impl):
+    """`model.batch_norm_frozen` (fine-tuning): in training, BatchNorm is its evaluation form, and dropout
+    stays on."""
+    model_config = _model_config("rdunet", dropout_rate=0.0, batch_norm_impl=batch_norm_impl)
+    model_config.batch_norm_frozen = True
+    variables = _perturbed(models.initialize_variables(models.build_model(model_config), 32, seed=4), seed=5)
+    images = _images(32, seed=6, batch=3)
+    want = reference.forward(variables, images, reference.Architecture.from_config(model_config))
+    for dropout_rate in (0.0, 0.5):
+        model_config.dropout_rate = dropout_rate
+        model = models.build_model(model_config)
+        apply = jax.jit(
+            lambda v, x, model=model: model.apply(
+                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}
+            )
+        )
+        with jax.default_matmul_precision("highest"):
+            got, updates = apply(variables, images)
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"]
+        )
+        if dropout_rate:
+            assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()  # dropout is not frozen
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 # The speed options away from the config's defaults: each must compute the paper's network too.
 OTHER_SPEED_FORMS = {
     "keyless": dict(config_lib.speed_options({}), dilation_impl="xla"),  # resize, reduce_window, nn.BatchNorm
