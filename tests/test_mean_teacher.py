@@ -67,6 +67,9 @@ def test_the_settings_ramp_up_over_the_configured_epochs_in_steps():
     config.consistency.rampup_epochs, config.consistency.noise_std = 2, 0.05
     settings = mean_teacher.settings(config, steps_per_epoch=3)
     assert settings[:4] == (2.0, 6, 0.05, "mean_teacher") and mean_teacher.averages_parameters(settings)
+    # A config saved before consistency.method existed ran mean teacher.
+    del config.consistency["method"]
+    assert mean_teacher.settings(config, steps_per_epoch=3) == settings
     config.consistency.weight = 0.0
     assert mean_teacher.settings(config, steps_per_epoch=3) == ()
     assert not mean_teacher.averages_parameters(())
