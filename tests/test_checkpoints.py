@@ -116,6 +116,10 @@ def test_restore_weights_refuses_another_model_and_a_folder_without_checkpoints_
         r"the checkpoint, 8 in the config$",
     ):
         checkpoints.restore_weights(tmp_path / "run", wider.model, wider.data)
+    # Training settings are not the architecture: a frozen BatchNorm fine-tunes (or resumes) the same model.
+    frozen = make_tiny_config()
+    frozen.model.batch_norm_frozen = True
+    assert checkpoints.restore_weights(tmp_path / "run", frozen.model, frozen.data)[2] == 1
     with pytest.raises(UserError, match=r"^model_init: no checkpoint in .*empty.checkpoints.latest \("):
         checkpoints.restore_weights(tmp_path / "empty", config.model, config.data)
 
