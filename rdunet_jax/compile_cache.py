@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from rdunet_jax.devices import release_freed_memory
 from rdunet_jax.files import write_bytes_atomic, write_text_atomic
-from rdunet_jax.steps import TrainState, train_step
+from rdunet_jax.steps import SCHEDULE_KEYS, TrainState, train_step
 
 # Python sources whose code is traced into the train step (a change to any of them is a new program);
 # one that does not exist in this version of the package is skipped.
@@ -52,7 +52,7 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "loss": state.loss,
         # The moving average's decay is traced into the step too (the optimizer's, not the state's, setting).
         **({"consistency": [*state.consistency, config.consistency.ema_decay]} if state.consistency else {}),
-        "optimizer": [config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor, steps_per_epoch],
+        "optimizer": [*(config[key] for key in SCHEDULE_KEYS), steps_per_epoch],
         # A Python scalar (the step of a fresh state) is weakly typed: another program than an int32 array.
         "inputs": [
             [

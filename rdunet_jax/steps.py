@@ -43,6 +43,11 @@ def per_image_loss(state, logits, batch: dict):
     return losses.LOSSES_BY_HEAD[state.head][state.loss](logits, loss_target(batch, state.head))
 
 
+# Every config key `learning_rate_schedule` reads: the schedule is traced into the compiled train step, so
+# the stored step's key (compile_cache.train_step_key) holds each of them.
+SCHEDULE_KEYS = ("learning_rate", "lr_decay_epochs", "lr_decay_factor", "warmup_epochs")
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """The paper's staircase: learning_rate, multiplied by lr_decay_factor every lr_decay_epochs; with
     warmup_epochs, scaled by (step + 1) / warm-up steps until that reaches 1."""

@@ -138,6 +138,10 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     key = compile_cache.train_step_key(config, tiny_state, batch, 2)
     assert compile_cache.train_step_key(_executable_config(tmp_path), tiny_state, batch, 2) == key
     assert compile_cache.train_step_key(config, tiny_state, batch, 3) != key  # the schedule's step count
+    for name in steps.SCHEDULE_KEYS:  # each setting the schedule reads (test_steps: it reads no other)
+        other = _executable_config(tmp_path)
+        other[name] += 1
+        assert compile_cache.train_step_key(other, tiny_state, batch, 2) != key, name
     other = _executable_config(tmp_path)
     other.model.pool_impl = "reduce_window"
     assert compile_cache.train_step_key(other, tiny_state, batch, 2) != key

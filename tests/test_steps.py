@@ -1,6 +1,7 @@
 """steps.py: the train step, the eval step, and Adam on the learning-rate staircase."""
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -136,6 +137,14 @@ def test_a_warm_up_scales_the_staircase_linearly_without_moving_its_drops(warmup
     config.warmup_epochs = warmup_epochs
     schedule = steps.learning_rate_schedule(config, steps_per_epoch=3)
     np.testing.assert_allclose([float(schedule(step)) for step in range(10)], expected, rtol=1e-6)
+
+
+def test_the_schedule_reads_only_the_keys_the_stored_train_steps_key_holds():
+    config = make_tiny_config()
+    config.warmup_epochs = 1
+    only = ml_collections.ConfigDict({key: config[key] for key in steps.SCHEDULE_KEYS})
+    schedule, full = steps.learning_rate_schedule(only, 3), steps.learning_rate_schedule(config, 3)
+    assert [float(schedule(step)) for step in range(8)] == [float(full(step)) for step in range(8)]
 
 
 def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
