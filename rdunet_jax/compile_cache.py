@@ -8,6 +8,7 @@ still has to trace the step to find its entry.
 import hashlib
 import importlib.metadata
 import json
+import os
 import pathlib
 
 import jax
@@ -36,8 +37,8 @@ _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
     """A digest of everything the compiled train step depends on: the package sources it traces, the
-    library versions, the device, the model and optimizer keys, the state's loss, and every input's path,
-    shape and dtype."""
+    library versions, the device, XLA_FLAGS, the model and optimizer keys, the state's loss, and every
+    input's path, shape and dtype."""
     digest = hashlib.sha256()
     package = pathlib.Path(__file__).parent
     for name in _TRAIN_STEP_SOURCES:
@@ -48,6 +49,8 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
     described = {
         "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
         "device": [device.platform, device.device_kind, jax.device_count()],
+        # XLA's own flags change the program it compiles (its kernels, its schedule), as in JAX's cache key.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
         "loss": state.loss,
         # The moving average's decay is traced into the step too (the optimizer's, not the state's, setting).

@@ -150,6 +150,16 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     assert compile_cache.train_step_key(config, tiny_state, half, 2) != key
 
 
+def test_the_executable_key_covers_xla_flags(tiny_state, tmp_path, monkeypatch):
+    # XLA reads XLA_FLAGS once per process: a run with other flags must not load a step compiled without.
+    config = _executable_config(tmp_path)
+    batch = _fixed_batch(config)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    key = compile_cache.train_step_key(config, tiny_state, batch, 2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+
+
 def test_the_executable_cache_is_off_with_the_compilation_cache_and_other_shapes_use_jit(
     tiny_state, tmp_path
 ):
