@@ -8,6 +8,9 @@ evaluations' metrics, to every digit), for variants meant to change only the tim
         --variant validate1=eval.validate_every_epochs=1 --variant validate10=eval.validate_every_epochs=10 \\
         --json OUT.json --markdown OUT.md
 
+An override `env.NAME=VALUE` sets an environment variable of the variant's children instead of a config
+key, e.g. XLA's flags: `--variant ynn_off=env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`.
+
 An untimed one-epoch child of the first variant prepares the dataset and fills the compilation cache
 first, so every timed child finds both. Per child: its wall time, and the sum of its train log's epoch
 times (the epochs alone: no start-up or final evaluation; the first epoch holds the compilation or its
@@ -60,9 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+ENV_PREFIX = "env."
+
+
+def environment_overrides(overrides: list[str]) -> dict:
+    """The `env.NAME=VALUE` items of `overrides` as {NAME: VALUE}."""
+    return dict(
+        item.removeprefix(ENV_PREFIX).split("=", 1) for item in overrides if item.startswith(ENV_PREFIX)
+    )
+
+
 def child_command(args, overrides: list[str], workdir: pathlib.Path, data_dir: pathlib.Path, epochs: int):
-    """The main command line of one child: the config, the shared settings, then the variant's."""
-    flags = [f"--config.{item}" for item in [*args.set, *overrides]]
+    """The main command line of one child: the config, the shared settings, then the variant's config
+    keys (its `env.` items set the child's environment instead)."""
+    config_items = [item for item in [*args.set, *overrides] if not item.startswith(ENV_PREFIX)]
+    flags = [f"--config.{item}" for item in config_items]
     flags += [f"--config.num_epochs={epochs}", f"--config.data.data_dir={data_dir}"]
     return [
         sys.executable,
@@ -74,11 +89,13 @@ def child_command(args, overrides: list[str], workdir: pathlib.Path, data_dir: p
     ]
 
 
-def run_child(command: list[str], workdir: pathlib.Path) -> dict:
-    """Runs one child to its end: wall seconds, the train log's epoch seconds, the final metrics."""
+def run_child(command: list[str], workdir: pathlib.Path, environment: dict | None = None) -> dict:
+    """Runs one child to its end (`environment` added to ours): wall seconds, the train log's epoch
+    seconds, the final metrics."""
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=common.child_environment())
+    child_environment = {**common.child_environment(), **(environment or {})}
+    completed = subprocess.run(command, capture_output=True, text=True, env=child_environment)
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-2000:]}")
@@ -150,7 +167,8 @@ def main(argv=None) -> dict:
         "children": [],
     }
     warmup = scratch / "warmup"
-    run_child(child_command(args, args.variants[0][1], warmup, data_dir, 1), warmup)
+    first = args.variants[0][1]
+    run_child(child_command(args, first, warmup, data_dir, 1), warmup, environment_overrides(first))
     shutil.rmtree(warmup)
     rounds = []
     for round_index in range(args.rounds):
@@ -159,7 +177,8 @@ def main(argv=None) -> dict:
         one_round = {}
         for name, overrides in order:
             workdir = scratch / f"{name}-{round_index}"
-            child = run_child(child_command(args, overrides, workdir, data_dir, args.epochs), workdir)
+            command = child_command(args, overrides, workdir, data_dir, args.epochs)
+            child = run_child(command, workdir, environment_overrides(overrides))
             shutil.rmtree(workdir)
             one_round[name] = child
             report["children"].append({"round": round_index, "variant": name, **child})

@@ -74,6 +74,34 @@ def test_a_child_is_read_from_its_train_log_and_its_final_metrics(tmp_path):
         ab.run_child([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path)
 
 
+def test_env_items_set_the_childs_environment_not_its_config(tmp_path):
+    overrides = ["env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=", "seed=2"]
+    assert ab.environment_overrides(overrides) == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    args = ab.parse_args(
+        ["--config", "c.py", "--variant", "a=seed=1", "--variant", "b=" + ",".join(overrides)]
+    )
+    command = ab.child_command(args, args.variants[1][1], pathlib.Path("/w"), pathlib.Path("/d"), 1)
+    assert [item for item in command if item.startswith("--config.")] == [
+        "--config.seed=2",
+        "--config.num_epochs=1",
+        "--config.data.data_dir=/d",
+    ]
+    script = textwrap.dedent(
+        f"""
+        import json, os, pathlib, sys
+        if os.environ.get("AB_FLAG") != "x=1":
+            sys.exit(3)
+        workdir = pathlib.Path({str(tmp_path)!r})
+        (workdir / "metrics").mkdir()
+        (workdir / "train_log.jsonl").write_text(json.dumps({{"seconds": 1.0}}) + "\\n")
+        (workdir / "metrics" / "validation.json").write_text("{{}}")
+        """
+    )
+    with pytest.raises(SystemExit, match="failed \\(3\\)"):
+        ab.run_child([sys.executable, "-c", script], tmp_path)
+    assert ab.run_child([sys.executable, "-c", script], tmp_path, {"AB_FLAG": "x=1"})["epochs_s"] == 1.0
+
+
 def _child(wall, epochs, dice=0.7):
     return {"wall_s": wall, "epochs_s": epochs, "result": {"dice": dice}}
 
