@@ -11,8 +11,8 @@ evaluations' metrics, to every digit), for variants meant to change only the tim
 An override `env.NAME=VALUE` sets an environment variable of the variant's children instead of a config
 key, e.g. XLA's flags: `--variant ynn_off=env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`.
 
-An untimed one-epoch child of the first variant prepares the dataset and fills the compilation cache
-first, so every timed child finds both. Per child: its wall time, and the sum of its train log's epoch
+An untimed one-epoch child of each variant prepares the dataset and fills the compilation cache first,
+so every timed child finds both. Per child: its wall time, and the sum of its train log's epoch
 times (the epochs alone: no start-up or final evaluation; the first epoch holds the compilation or its
 load from the cache, and each epoch its validation and saves). Per variant: the medians over
 rounds; `ratio`: the median over rounds of each round's ratio to the first variant (a round's children
@@ -166,10 +166,13 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "children": [],
     }
-    warmup = scratch / "warmup"
-    first = args.variants[0][1]
-    run_child(child_command(args, first, warmup, data_dir, 1), warmup, environment_overrides(first))
-    shutil.rmtree(warmup)
+    # Each variant's compiled programs are cached apart (XLA flags are part of the cache's key).
+    for name, overrides in args.variants:
+        warmup = scratch / f"warmup-{name}"
+        run_child(
+            child_command(args, overrides, warmup, data_dir, 1), warmup, environment_overrides(overrides)
+        )
+        shutil.rmtree(warmup)
     rounds = []
     for round_index in range(args.rounds):
         # Each round starts with the next variant, so no variant always runs first.
