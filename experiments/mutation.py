@@ -47,6 +47,10 @@ TESTS = {
     "selftrain": ["tests/test_selftrain.py"],
     # mean_teacher.settings maps FixMatch's settings too; their tests are FixMatch's.
     "mean_teacher": ["tests/test_mean_teacher.py", "tests/test_fixmatch.py"],
+    # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
+    "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
+    "dicom": ["tests/test_dicom.py"],
+    "involvement": ["tests/test_involvement.py", "tests/test_evaluate_classes.py"],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
@@ -201,7 +205,7 @@ def sample(work: pathlib.Path, module: str, count: int, seed: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("prepare", "report", "sample"))
+    parser.add_argument("command", choices=("prepare", "report", "sample", "modules"))
     parser.add_argument("module", nargs="?", choices=sorted(TESTS), help="the module to stage (prepare)")
     parser.add_argument("--work", type=pathlib.Path, default=REPO_ROOT / ".mutation")
     parser.add_argument("--mutmut", default="mutmut", help="the mutmut executable (for `mutmut show`)")
@@ -211,7 +215,9 @@ def main():
     args = parser.parse_args()
     if args.command in ("prepare", "sample") and args.module is None:
         parser.error(f"{args.command} needs a module")
-    if args.command == "prepare":
+    if args.command == "modules":  # for experiments/mutation.sh, which checks its arguments against them
+        print(" ".join(TESTS))
+    elif args.command == "prepare":
         prepare(args.work / args.module, args.module)
     elif args.command == "sample":
         sample(args.work, args.module, args.count, args.seed)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of the loss, metric, model and semi-supervised code (mutmut 3; not in CI: about an hour on 2 cores).
-#   experiments/mutation.sh [MODULE ...]          run losses, metrics, models (default: those three; also layers, selftrain, mean_teacher), then report
+# Mutation testing of the loss, metric, model, semi-supervised and volume/DICOM code (mutmut 3; not in CI: about an hour on 2 cores).
+#   experiments/mutation.sh [MODULE ...]          run losses, metrics, models (default: those three; the others:
+#                                                  python -m experiments.mutation modules), then report
 #   experiments/mutation.sh models 'rdunet_jax.models.xǁSqueezeExcitationǁ*'   only the mutants matching a glob
 #   experiments/mutation.sh report                the table and every survivor with its diff, from the last runs
 # Each module is staged in .mutation/MODULE (git-ignored) and keeps its verdicts there: a second run tests only
@@ -11,6 +12,9 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo" # `python -m experiments.mutation` runs from the checkout
+# The staged tests live two folders deeper than the checkout's, where tests/helpers.py would look for the
+# real data beside them: point them at the checkout's.
+export RDUNET_DATA_ROOT=${RDUNET_DATA_ROOT:-$repo/../shared/data}
 python=${PYTHON:-python}
 mutmut=${MUTMUT:-mutmut}
 children=()
@@ -21,15 +25,19 @@ if [[ ${1:-} == report ]]; then
 fi
 
 modules=(losses metrics models)
+known=" $("$python" -m experiments.mutation modules) "
 globs=()
 if [[ $# -gt 0 ]]; then
   modules=()
   for argument in "$@"; do
-    case $argument in
-      losses | metrics | models | layers | selftrain | mean_teacher) modules+=("$argument") ;;
-      rdunet_jax.*) globs+=("$argument") ;;
-      *) echo "experiments/mutation.sh: '$argument' is neither a module (losses, metrics, models, layers, selftrain, mean_teacher), report nor a mutant glob" >&2; exit 2 ;;
-    esac
+    if [[ $known == *" $argument "* ]]; then
+      modules+=("$argument")
+    elif [[ $argument == rdunet_jax.* ]]; then
+      globs+=("$argument")
+    else
+      echo "experiments/mutation.sh: '$argument' is neither a module ($(echo $known | sed 's/ /, /g')), report nor a mutant glob" >&2
+      exit 2
+    fi
   done
 fi
 

@@ -1,5 +1,9 @@
 """experiments.mutation: the staged copy mutmut mutates (decorators undone, config, what is left out)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from experiments import mutation
@@ -70,3 +74,14 @@ def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_pa
     assert not (tmp_path / "experiments" / "results").exists()
     assert not list(tmp_path.rglob("__pycache__"))
     assert 'only_mutate = ["rdunet_jax/mean_teacher.py"]' in (tmp_path / "pyproject.toml").read_text()
+
+
+def test_the_shell_runner_knows_the_same_modules_and_names_them_when_it_refuses_one():
+    runner = mutation.REPO_ROOT / "experiments" / "mutation.sh"
+    environment = {**os.environ, "PYTHON": sys.executable}
+    refused = subprocess.run(["bash", runner, "volumes"], capture_output=True, text=True, env=environment)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"experiments/mutation.sh: 'volumes' is neither a module ({', '.join(mutation.TESTS)}), "
+        "report nor a mutant glob"
+    )
