@@ -127,6 +127,96 @@ def test_a_ras_volume_is_turned_to_radiological_display_per_slice():
         np.testing.assert_array_equal(layout.slice_from_model(expected), stored[:, :, index])
 
 
+# Each in-plane orientation turned to radiological display (rows toward P, columns toward L), by hand: a
+# leading R or A reverses that axis, and a leading L or R (rows along the patient's left-right) transposes.
+TO_DISPLAY_BY_HAND = {
+    "PL": lambda a: a,
+    "PR": lambda a: a[:, ::-1],
+    "AL": lambda a: a[::-1, :],
+    "AR": lambda a: a[::-1, ::-1],
+    "LP": lambda a: a.T,
+    "LA": lambda a: a.T[::-1, :],
+    "RP": lambda a: a.T[:, ::-1],
+    "RA": lambda a: a.T[::-1, ::-1],
+}
+
+
+def test_every_in_plane_orientation_turns_to_display_as_by_hand():
+    assert set(TO_DISPLAY_BY_HAND) == set(orientation.IN_PLANE_ORIENTATIONS)
+    model_slice = np.arange(6).reshape(2, 3)
+    for code, by_hand in TO_DISPLAY_BY_HAND.items():
+        np.testing.assert_array_equal(orientation.to_display(model_slice, code), by_hand(model_slice), code)
+    # Voxel order has no known patient directions: a quarter turn counter-clockwise, as overlays always were.
+    np.testing.assert_array_equal(
+        orientation.to_display(model_slice, orientation.VOXEL_ORDER), [[2, 5], [1, 4], [0, 3]]
+    )
+
+
+def test_a_dataset_of_unknown_orientation_is_read_in_its_voxel_order():
+    data = ml_collections.ConfigDict({"name": "my_scans", "orientation": "auto"})
+    assert orientation.model_orientation(data) == orientation.VOXEL_ORDER
+
+
+IDENTITY_LAYOUT = [[0, 1], [1, 1], [2, 1]]  # each stored axis to the same model axis, same direction
+
+
+def test_voxel_order_and_a_degenerate_affine_keep_the_stored_voxels():
+    stored = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    flat = np.diag([1.0, 1.0, 0.0, 1.0])  # no slice direction: nothing to say where the patient lies
+    for affine, code in ((np.diag([-1.0, -1.0, 1.0, 1.0]), orientation.VOXEL_ORDER), (flat, "PL")):
+        layout = orientation.volume_layout(affine, code)
+        np.testing.assert_array_equal(layout.to_model, IDENTITY_LAYOUT)
+        np.testing.assert_array_equal(layout.from_model, IDENTITY_LAYOUT)
+        assert layout.per_slice
+        np.testing.assert_array_equal(layout.slice_to_model(stored[:, :, 1]), stored[:, :, 1])
+        np.testing.assert_array_equal(layout.slice_from_model(stored[:, :, 1]), stored[:, :, 1])
+
+
+def _affine_of(codes, zooms=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """An affine whose voxel axes point toward `codes` (one world axis each) with these voxel sizes."""
+    axes = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for voxel_axis, (code, zoom) in enumerate(zip(codes, zooms, strict=True)):
+        world_axis, direction = axes[code]
+        affine[world_axis, voxel_axis] = direction * zoom
+    return affine
+
+
+def test_the_model_slices_a_volume_along_its_head_foot_axis_in_the_stored_direction():
+    # (stored voxel order, whether the model's slices are the stored slices, the model axis and direction
+    # of each stored axis), by hand: rows toward P, columns toward L, slices as stored along S or I.
+    expected = {
+        "RAS": (True, [[1, -1], [0, -1], [2, 1]]),
+        "LPS": (True, [[1, 1], [0, 1], [2, 1]]),
+        "ARI": (True, [[0, -1], [1, -1], [2, 1]]),
+        "LAI": (True, [[1, 1], [0, -1], [2, 1]]),
+        "SPL": (False, [[2, 1], [0, 1], [1, 1]]),
+        "IPL": (False, [[2, 1], [0, 1], [1, 1]]),
+    }
+    for codes, (per_slice, to_model) in expected.items():
+        layout = orientation.volume_layout(_affine_of(codes), "PL")
+        assert layout.per_slice == per_slice, codes
+        np.testing.assert_array_equal(layout.to_model, to_model, codes)
+
+
+def test_voxel_sizes_and_the_affine_follow_the_voxels_into_the_model_layout():
+    # Stored: axis 0 toward A (0.6 mm), 1 toward R (0.8 mm), 2 toward I (5 mm), shape (5, 4, 3).
+    affine = _affine_of("ARI", (0.6, 0.8, 5.0))
+    affine[:3, 3] = (10.0, 20.0, 30.0)
+    layout = orientation.volume_layout(affine, "PL")
+    assert layout.spacing_in_model((0.6, 0.8, 5.0)) == (0.6, 0.8, 5.0)
+    # By hand: model voxel (r, c, k) is stored voxel (4 - r, 3 - c, k) (rows toward P reverse A, columns
+    # toward L reverse R), whose world position is (0.8 (3 - c) + 10, 0.6 (4 - r) + 20, 30 - 5 k).
+    by_hand = np.array(
+        [[0.0, -0.8, 0.0, 12.4], [-0.6, 0.0, 0.0, 22.4], [0.0, 0.0, -5.0, 30.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    np.testing.assert_allclose(layout.affine_in_model(affine, (5, 4, 3)), by_hand)
+    # A volume sliced along its first axis: each voxel size moves with its axis.
+    layout = orientation.volume_layout(_affine_of("SPL"), "PL")
+    assert layout.spacing_in_model((5.0, 0.6, 0.8)) == (0.6, 0.8, 5.0)
+
+
 # --- NIfTI prediction in every voxel order ----------------------------------------------------------------
 
 # The same volume stored in other voxel orders (nibabel orientation transforms from the canonical one):
