@@ -104,3 +104,48 @@ def test_involvement_report_over_a_split_by_hand():
     assert "per_volume" not in involvement.involvement_report(
         predicted_lungs, predicted_infection, lungs, expert_infection
     )
+
+
+def test_a_lung_of_one_pixel_has_an_involvement_and_an_empty_one_divides_by_nothing():
+    one_pixel = box((4, 4), (1, 2), (1, 2))
+    assert involvement.involvement(one_pixel, one_pixel)["involvement_percent"] == 100.0
+    lungs = np.stack([one_pixel, np.zeros((4, 4), bool)])
+    with np.errstate(all="raise"):  # the lung-less slice is NaN without a 0 / 0 on the way
+        percents = involvement.per_slice_percent(lungs, lungs)
+    np.testing.assert_array_equal(percents, [100.0, np.nan])
+
+
+def test_what_is_not_a_percentage_or_not_paired_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^involvement must be a percentage, got nan$"):
+        involvement.severity_band(float("nan"))
+    with pytest.raises(ValueError, match=r"^2 predicted and 3 expert involvements$"):
+        involvement.involvement_error([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_the_correlation_needs_both_sides_to_vary_by_any_amount_and_nothing_scored_is_none():
+    # Spreads well under one percentage point still correlate (by hand: both rise evenly, r = 1).
+    small = involvement.involvement_error([0.1, 0.2, 0.3], [0.15, 0.25, 0.35])
+    assert small["involvement_pearson_r"] == pytest.approx(1.0)
+    assert involvement.involvement_error([0.1, 0.2], [3.0, 3.0])["involvement_pearson_r"] is None
+    nothing = involvement.involvement_error([None, 1.0], [2.0, None])
+    assert nothing == {
+        "involvement_mae_points": None,
+        "involvement_pearson_r": None,
+        "involvement_num_scored": 0,
+        "involvement_num_undefined": 2,
+    }
+
+
+def test_a_slice_without_lung_on_either_side_is_left_out_of_the_report():
+    # Slice 0: both sides 10%. Slice 1: the experts' lung, none predicted. Slice 2: neither has lung.
+    expert_lungs = np.stack([np.ones((10, 10), bool), np.ones((10, 10), bool), np.zeros((10, 10), bool)])
+    predicted_lungs = np.stack([np.ones((10, 10), bool), np.zeros((10, 10), bool), np.zeros((10, 10), bool)])
+    infection = np.stack([box((10, 10), (0, 1), (0, 10))] * 3)
+    report = involvement.involvement_report(predicted_lungs, infection, expert_lungs, infection)
+    assert report["severity_agreement"] == 1.0
+    assert report["per_slice"]["involvement_num_scored"] == 1
+    assert report["expert_mean_percent"] == pytest.approx(10.0)
+    none = involvement.involvement_report(
+        predicted_lungs[1:], infection[1:], expert_lungs[2:3].repeat(2, 0), infection[1:]
+    )
+    assert none["severity_agreement"] is None and none["expert_mean_percent"] is None
