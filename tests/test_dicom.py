@@ -2,6 +2,8 @@
 the rescale, the same mask in world coordinates as the NIfTI of the same volume, and one-line errors
 for folders and files that cannot be read as one CT series."""
 
+import re
+
 import nibabel
 import numpy as np
 import pytest
@@ -205,6 +207,58 @@ def test_a_missing_slice_is_warned_and_the_series_still_read(tmp_path, monkeypat
     assert summary["num_slices"] == 4
 
 
+def _rescaled(path, stored, slope, intercept):
+    """File `path` rewritten to hold the `stored` (rows, columns) values with this rescale (None: absent;
+    '': present and empty)."""
+    data = pydicom.dcmread(path)
+    for keyword, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if value is None:
+            delattr(data, keyword)
+        else:
+            setattr(data, keyword, None if value == "" else value)
+    data.PixelData = np.asarray(stored, np.uint16).tobytes()
+    data.save_as(path)
+
+
+def test_each_files_rescale_gives_hounsfield_units_in_float32(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "series", _phantom_hu(), order=[0, 1, 2, 3])  # img00k is slice k
+    stored = np.arange(40 * 48).reshape(40, 48) % 700
+    # (slope, intercept) per slice and the Hounsfield units by hand: HU = slope x stored + intercept, with
+    # slope 1 and intercept 0 where a file leaves them out or empty.
+    rescales = [(2.5, -1000.0), (None, None), ("", ""), (0.5, -1024.5)]
+    expected = [2.5 * stored - 1000.0, stored, stored, 0.5 * stored - 1024.5]
+    for index, (slope, intercept) in enumerate(rescales):
+        _rescaled(tmp_path / "series" / f"img{index:03d}.dcm", stored, slope, intercept)
+    proxy = dicom.open_series(tmp_path / "series").dataobj
+    assert (proxy.shape, proxy.ndim, proxy.dtype) == ((48, 40, 4), 3, np.float32)
+    for index, hounsfield in enumerate(expected):
+        read = proxy[:, :, index]
+        assert read.dtype == np.float32
+        np.testing.assert_array_equal(read, hounsfield.T, err_msg=f"slice {index}")
+    whole = np.asarray(proxy)  # every slice at once, as nibabel's get_fdata reads it
+    assert whole.dtype == np.float32
+    np.testing.assert_array_equal(whole, np.stack(expected, axis=2).transpose(1, 0, 2))
+
+
+def test_pixels_that_cannot_be_decoded_are_one_line_naming_the_file_and_the_reason(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "series", _phantom_hu(), order=[0, 1, 2, 3])
+    data = pydicom.dcmread(tmp_path / "series" / "img001.dcm")
+    data.BitsAllocated, data.BitsStored, data.HighBit = 32, 32, 31  # half the bytes it now needs
+    data.save_as(tmp_path / "series" / "img001.dcm")
+    proxy = dicom.open_series(tmp_path / "series").dataobj
+    with pytest.raises(UserError) as raised:
+        proxy[:, :, 1]
+    assert re.fullmatch(
+        r".*img001\.dcm: corrupt or truncated DICOM file, pixels unreadable \(ValueError: .+\)",
+        str(raised.value),
+        flags=re.DOTALL,
+    ), str(raised.value)
+
+
 def _mixed_orientation(folder):
     write_series(folder, _phantom_hu())
     data = pydicom.dcmread(folder / "img002.dcm")
@@ -398,6 +452,25 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
     measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(3.0)
     assert "PatientID" not in pydicom.dcmread(tmp_path / "series" / "img000.dcm")
+
+
+def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_headers_alone(tmp_path):
+    import highdicom
+
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "series", _phantom_hu(), step=3.0)  # slices 2.5 mm thick, 3 mm apart
+    _without(tmp_path / "series", ("PatientID",))
+    geometry = dicom.open_series(tmp_path / "series").dicom_geometry
+    mask = np.zeros(geometry.shape, np.uint8)
+    mask[2:9, 3:7, 1] = 1
+    dicom.write_segmentation(tmp_path / "seg.dcm", geometry, mask, step=7)
+    segmentation = highdicom.seg.segread(tmp_path / "seg.dcm")
+    measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5)
+    # The SEG's completed copies (PatientID present and empty) are copies: the series' headers are unchanged.
+    assert "PatientID" in segmentation and not segmentation.PatientID
+    assert all("PatientID" not in header for _, header in geometry.files)
 
 
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID"])
