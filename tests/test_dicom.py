@@ -240,6 +240,10 @@ def test_each_files_rescale_gives_hounsfield_units_in_float32(tmp_path):
     whole = np.asarray(proxy)  # every slice at once, as nibabel's get_fdata reads it
     assert whole.dtype == np.float32
     np.testing.assert_array_equal(whole, np.stack(expected, axis=2).transpose(1, 0, 2))
+    # nibabel's slicers: a range of slices, an index of the first axis alone, a negative slice index.
+    np.testing.assert_array_equal(proxy[:, :, 1:3], whole[:, :, 1:3])
+    np.testing.assert_array_equal(proxy[5:9], whole[5:9])
+    np.testing.assert_array_equal(proxy[:, 2:4, -1], whole[:, 2:4, -1])
 
 
 def test_pixels_that_cannot_be_decoded_are_one_line_naming_the_file_and_the_reason(tmp_path):
@@ -289,6 +293,13 @@ def _compressed(folder):
     data.save_as(folder / "img000.dcm")
 
 
+def _without_pixels(folder):
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img003.dcm")
+    del data.PixelData
+    data.save_as(folder / "img003.dcm")
+
+
 def _without_rescale(folder):
     write_series(folder, _phantom_hu())
     for path in sorted(folder.iterdir()):
@@ -307,6 +318,7 @@ def _without_rescale(folder):
             _compressed,
             r"img000.dcm: pixel data compressed as JPEG Lossless.*; install a decoder: .*pylibjpeg",
         ),
+        (_without_pixels, "img003.dcm: DICOM file without pixel data"),
         (_without_rescale, "series: values do not look like CT in Hounsfield units"),
     ],
 )
@@ -466,6 +478,28 @@ def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_header
     mask[2:9, 3:7, 1] = 1
     dicom.write_segmentation(tmp_path / "seg.dcm", geometry, mask, step=7)
     segmentation = highdicom.seg.segread(tmp_path / "seg.dcm")
+    # What a PACS shows of where the SEG came from: the model, the checkpoint's step, a series of its own.
+    identification = (
+        segmentation.Manufacturer,
+        segmentation.ManufacturerModelName,
+        segmentation.SoftwareVersions,
+        segmentation.DeviceSerialNumber,
+        segmentation.SeriesDescription,
+        segmentation.SeriesNumber,
+        segmentation.InstanceNumber,
+    )
+    assert identification == (
+        "rdunet_jax",
+        "Residual Dilated U-net",
+        "7",
+        "0",
+        "COVID-19 lesion (rdunet_jax)",
+        1001,
+        1,
+    )
+    algorithm = segmentation.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("rdunet_jax Residual Dilated U-net", "7")
+    assert segmentation.SeriesInstanceUID != geometry.files[0][1].SeriesInstanceUID
     measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(2.5)
     # The SEG's completed copies (PatientID present and empty) are copies: the series' headers are unchanged.
