@@ -21,7 +21,14 @@ from rdunet_jax.errors import UserError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid  # noqa: E402
+from pydicom.uid import (  # noqa: E402
+    MPEG2MPML,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
 
 # Standard axial: along a row (columns) toward the patient's left, down a column (rows) toward posterior.
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -182,7 +189,32 @@ def test_several_series_need_one_chosen(tmp_path, monkeypatch):
     error = _refused_before_writing(
         tmp_path / "study", tmp_path / "out", "holds 2 DICOM series, choose one with --series"
     )
-    assert first in error and second in error
+    # Each series by UID (sorted), its description (or that it has none) and its number of files.
+    data = pydicom.dcmread(tmp_path / "study" / "b" / "img000.dcm")
+    del data.SeriesDescription
+    data.save_as(tmp_path / "study" / "b" / "img000.dcm")
+    described = {
+        first: f"{first} (series {first[-6:]}, 4 files)",
+        second: f"{second} (no description, 3 files)",
+    }
+    error = _refused_before_writing(tmp_path / "study", tmp_path / "out", "holds 2 DICOM series")
+    assert error == (
+        f"--input: {tmp_path / 'study'} holds 2 DICOM series, choose one with --series: "
+        + "; ".join(described[uid] for uid in sorted(described))
+    )
+    with pytest.raises(UserError) as unknown:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "study",
+            tmp_path / "out",
+            predictor=ImagePredictor(1),
+            series="1.2.3",
+        )
+    assert str(unknown.value) == (
+        f"--series: no series 1.2.3 in {tmp_path / 'study'}; it holds {', '.join(sorted(described))}"
+    )
+    assert not (tmp_path / "out").exists()
     (summary,) = predict.predict_path(
         make_tiny_config(),
         None,
@@ -246,6 +278,19 @@ def test_each_files_rescale_gives_hounsfield_units_in_float32(tmp_path):
     np.testing.assert_array_equal(proxy[:, 2:4, -1], whole[:, 2:4, -1])
 
 
+def test_a_compressed_series_that_pydicom_decodes_reads_as_the_uncompressed_one(tmp_path):
+    from rdunet_jax import dicom
+
+    volume = _phantom_hu()
+    write_series(tmp_path / "series", volume, order=[0, 1, 2, 3])
+    for path in (tmp_path / "series").iterdir():  # RLE Lossless: encapsulated, of undefined length
+        data = pydicom.dcmread(path)
+        data.compress(RLELossless)
+        data.save_as(path)
+    proxy = dicom.open_series(tmp_path / "series").dataobj
+    np.testing.assert_array_equal(np.asarray(proxy), volume.transpose(1, 0, 2))
+
+
 def test_pixels_that_cannot_be_decoded_are_one_line_naming_the_file_and_the_reason(tmp_path):
     from rdunet_jax import dicom
 
@@ -300,6 +345,48 @@ def _without_pixels(folder):
     data.save_as(folder / "img003.dcm")
 
 
+def _without_everywhere(keyword):
+    def break_series(folder):
+        write_series(folder, _phantom_hu())
+        _without(folder, (keyword,))
+
+    return break_series
+
+
+def _five_direction_cosines(folder):
+    write_series(folder, _phantom_hu())
+    for path in folder.iterdir():
+        data = pydicom.dcmread(path)
+        data.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0]
+        data.save_as(path)
+
+
+def _without_modality(folder):
+    write_series(folder, _phantom_hu())
+    _without_in(folder / "img001.dcm", "Modality")
+
+
+def _without_rows_in_one(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    _without_in(folder / "img002.dcm", "Rows")
+
+
+def _undecodable_syntax(folder):
+    from pydicom.encaps import encapsulate
+
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img000.dcm")
+    data.file_meta.TransferSyntaxUID = MPEG2MPML
+    data.PixelData = encapsulate([b"not an MPEG-2 stream"])
+    data.save_as(folder / "img000.dcm")
+
+
+def _without_in(path, keyword):
+    data = pydicom.dcmread(path)
+    delattr(data, keyword)
+    data.save_as(path)
+
+
 def _without_rescale(folder):
     write_series(folder, _phantom_hu())
     for path in sorted(folder.iterdir()):
@@ -316,8 +403,25 @@ def _without_rescale(folder):
         (_truncated, r"img002.dcm: truncated DICOM file \(\d+ bytes, its pixel data end at \d+\)"),
         (
             _compressed,
-            r"img000.dcm: pixel data compressed as JPEG Lossless.*; install a decoder: .*pylibjpeg",
+            r"img000.dcm: pixel data compressed as JPEG Lossless, Non-Hierarchical, First-Order Prediction "
+            r"\(Process 14 \[Selection Value 1\]\) \(1.2.840.10008.1.2.4.70\); install a decoder: "
+            r"gdcm\b[^;]* or pylibjpeg\b[^;]*$",  # pydicom's list of plugins, joined by ' or '
         ),
+        (
+            _undecodable_syntax,
+            r"img000.dcm: pixel data in MPEG2 Main Profile / Main Level \(1.2.840.10008.1.2.4.100\), which "
+            r"pydicom cannot decode$",
+        ),
+        (_without_everywhere("PixelSpacing"), r"/img\d{3}.dcm: DICOM file without PixelSpacing$"),
+        (_without_everywhere("Rows"), r"/img\d{3}.dcm: DICOM file without Rows$"),
+        (_without_everywhere("Columns"), r"/img\d{3}.dcm: DICOM file without Columns$"),
+        (
+            _without_everywhere("ImageOrientationPatient"),
+            r"/img\d{3}.dcm: DICOM file without ImageOrientationPatient$",
+        ),
+        (_five_direction_cosines, r"/img\d{3}.dcm: ImageOrientationPatient must hold 6 numbers$"),
+        (_without_modality, "img001.dcm: modality missing, not CT$"),
+        (_without_rows_in_one, r"img002.dcm: Nonex48 pixels, img\d{3}.dcm \(40, 48\)$"),
         (_without_pixels, "img003.dcm: DICOM file without pixel data"),
         (_without_rescale, "series: values do not look like CT in Hounsfield units"),
     ],
