@@ -252,6 +252,7 @@ def _rescaled(path, stored, slope, intercept):
     data.save_as(path)
 
 
+@pytest.mark.filterwarnings("ignore:A value of 'None' for .*'Number of Frames' is invalid")  # pydicom's
 def test_each_files_rescale_gives_hounsfield_units_in_float32(tmp_path):
     from rdunet_jax import dicom
 
@@ -263,6 +264,9 @@ def test_each_files_rescale_gives_hounsfield_units_in_float32(tmp_path):
     expected = [2.5 * stored - 1000.0, stored, stored, 0.5 * stored - 1024.5]
     for index, (slope, intercept) in enumerate(rescales):
         _rescaled(tmp_path / "series" / f"img{index:03d}.dcm", stored, slope, intercept)
+    data = pydicom.dcmread(tmp_path / "series" / "img003.dcm")
+    data.NumberOfFrames = None  # present and empty: one frame, as some exporters write it
+    data.save_as(tmp_path / "series" / "img003.dcm")
     proxy = dicom.open_series(tmp_path / "series").dataobj
     assert (proxy.shape, proxy.ndim, proxy.dtype) == ((48, 40, 4), 3, np.float32)
     for index, hounsfield in enumerate(expected):
@@ -381,6 +385,27 @@ def _undecodable_syntax(folder):
     data.save_as(folder / "img000.dcm")
 
 
+def _multi_frame(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    data = pydicom.dcmread(folder / "img001.dcm")
+    data.NumberOfFrames = 2
+    data.save_as(folder / "img001.dcm")
+
+
+def _other_columns(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    series_uid = str(pydicom.dcmread(folder / "img000.dcm").SeriesInstanceUID)
+    narrower = _phantom_hu((40, 47, 4))[:, :, 2]  # slice 2, one column fewer
+    _ct_file(
+        folder / "img002.dcm", narrower, AXIAL, (-100.0, -60.0, -195.0), (0.8, 0.7), series_uid, instance=3
+    )
+
+
+def _without_position_in_one(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    _without_in(folder / "img003.dcm", "ImagePositionPatient")
+
+
 def _without_in(path, keyword):
     data = pydicom.dcmread(path)
     delattr(data, keyword)
@@ -422,6 +447,9 @@ def _without_rescale(folder):
         (_five_direction_cosines, r"/img\d{3}.dcm: ImageOrientationPatient must hold 6 numbers$"),
         (_without_modality, "img001.dcm: modality missing, not CT$"),
         (_without_rows_in_one, r"img002.dcm: Nonex48 pixels, img\d{3}.dcm \(40, 48\)$"),
+        (_other_columns, r"img002.dcm: 40x47 pixels, img\d{3}.dcm \(40, 48\)$"),
+        (_multi_frame, "img001.dcm: a multi-frame image; only single-frame CT series are read$"),
+        (_without_position_in_one, "img003.dcm: DICOM file without ImagePositionPatient$"),
         (_without_pixels, "img003.dcm: DICOM file without pixel data"),
         (_without_rescale, "series: values do not look like CT in Hounsfield units"),
     ],
