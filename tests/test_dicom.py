@@ -234,9 +234,51 @@ def test_a_missing_slice_is_warned_and_the_series_still_read(tmp_path, monkeypat
         make_tiny_config(), None, tmp_path / "gap", tmp_path / "out", predictor=ImagePredictor(1)
     )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "img004.dcm: 5 mm from img002.dcm" in warnings[0]
-    assert "1 missing slice" in warnings[0]
+    assert warnings == [
+        f"warning: {tmp_path / 'gap' / 'img004.dcm'}: 5 mm from img002.dcm, the series steps 2.5 mm "
+        "(1 missing slice(s)?)"
+    ]
     assert summary["num_slices"] == 4
+
+
+def _moved(path, along_normal_mm):
+    data = pydicom.dcmread(path)
+    data.ImagePositionPatient = [
+        *data.ImagePositionPatient[:2],
+        float(data.ImagePositionPatient[2]) + along_normal_mm,
+    ]
+    data.save_as(path)
+
+
+def test_uneven_steps_beyond_a_tenth_are_warned_and_duplicate_positions_refused(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "uneven", _phantom_hu((40, 48, 7)), order=list(range(7)))
+    _moved(tmp_path / "uneven" / "img002.dcm", 0.2)  # steps 2.7 and 2.3: within a tenth of 2.5, no warning
+    _moved(tmp_path / "uneven" / "img006.dcm", -1.5)  # 1 mm after img005: fewer than one step
+    geometry = dicom.open_series(tmp_path / "uneven").dicom_geometry
+    assert geometry.warnings == [
+        f"{tmp_path / 'uneven' / 'img006.dcm'}: 1 mm from img005.dcm, the series steps 2.5 mm "
+        "(uneven spacing)"
+    ]
+    write_series(tmp_path / "twice", _phantom_hu(), order=[0, 1, 2, 3])
+    (tmp_path / "twice" / "img004.dcm").write_bytes((tmp_path / "twice" / "img001.dcm").read_bytes())
+    with pytest.raises(UserError) as raised:
+        dicom.open_series(tmp_path / "twice")
+    assert str(raised.value) == f"{tmp_path / 'twice' / 'img004.dcm'}: same slice position as img001.dcm"
+
+
+def test_a_single_slice_takes_its_slice_thickness_as_the_step(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "one", _phantom_hu((40, 48, 1)))  # SliceThickness 2.5
+    assert dicom.open_series(tmp_path / "one").header.get_zooms() == pytest.approx((0.7, 0.8, 2.5))
+    _without(tmp_path / "one", ("SliceThickness",))  # absent, then present and empty: 1 mm
+    assert dicom.open_series(tmp_path / "one").header.get_zooms() == pytest.approx((0.7, 0.8, 1.0))
+    data = pydicom.dcmread(tmp_path / "one" / "img000.dcm")
+    data.SliceThickness = None
+    data.save_as(tmp_path / "one" / "img000.dcm")
+    assert dicom.open_series(tmp_path / "one").header.get_zooms() == pytest.approx((0.7, 0.8, 1.0))
 
 
 def _rescaled(path, stored, slope, intercept):
