@@ -226,6 +226,26 @@ def test_several_series_need_one_chosen(tmp_path, monkeypatch):
     assert summary["series_uid"] == second and summary["num_slices"] == 3
 
 
+def test_the_folder_scan_reads_dicom_files_at_any_depth_and_skips_the_rest(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "study" / "a", _phantom_hu(), order=[0, 1, 2, 3])
+    image = (tmp_path / "study" / "a" / "img000.dcm").read_bytes()
+    (tmp_path / "study" / ".hidden.dcm").write_bytes(image)  # hidden: skipped
+    (tmp_path / "study" / "NOTES.TXT").write_bytes(image)  # a skipped suffix in capitals: skipped unread
+    (tmp_path / "study" / "readme").write_bytes(b"not DICOM")  # no DICM marker at byte 128
+    _directory_file(tmp_path / "study" / "DICOMDIR")
+    expected = [
+        tmp_path / "study" / "DICOMDIR",
+        *(tmp_path / "study" / "a" / f"img00{k}.dcm" for k in range(4)),
+    ]
+    assert dicom.dicom_files(tmp_path / "study") == sorted(expected)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as raised:
+        dicom.find_series(tmp_path / "empty")
+    assert str(raised.value) == f"--input: {tmp_path / 'empty'} holds no DICOM series"
+
+
 def test_a_missing_slice_is_warned_and_the_series_still_read(tmp_path, monkeypatch, capsys):
     volume = _phantom_hu((40, 48, 5))
     write_series(tmp_path / "gap", volume, order=[0, 1, 2, 3, 4])
