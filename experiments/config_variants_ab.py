@@ -8,8 +8,9 @@ evaluations' metrics, to every digit), for variants meant to change only the tim
         --variant validate1=eval.validate_every_epochs=1 --variant validate10=eval.validate_every_epochs=10 \\
         --json OUT.json --markdown OUT.md
 
-An override `env.NAME=VALUE` sets an environment variable of the variant's children instead of a config
-key, e.g. XLA's flags: `--variant ynn_off=env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`.
+An override `env.NAME=VALUE` (in `--set` or a variant) sets an environment variable of the children
+instead of a config key, e.g. XLA's flags:
+`--variant ynn_off=env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`.
 
 An untimed one-epoch child of each variant prepares the dataset and fills the compilation cache first,
 so every timed child finds both. Per child: its wall time, and the sum of its train log's epoch
@@ -66,11 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 ENV_PREFIX = "env."
 
 
-def environment_overrides(overrides: list[str]) -> dict:
-    """The `env.NAME=VALUE` items of `overrides` as {NAME: VALUE}."""
-    return dict(
-        item.removeprefix(ENV_PREFIX).split("=", 1) for item in overrides if item.startswith(ENV_PREFIX)
-    )
+def environment_overrides(args, overrides: list[str]) -> dict:
+    """The `env.NAME=VALUE` items of the shared settings, then the variant's, as {NAME: VALUE}."""
+    items = [*args.set, *overrides]
+    return dict(item.removeprefix(ENV_PREFIX).split("=", 1) for item in items if item.startswith(ENV_PREFIX))
 
 
 def child_command(args, overrides: list[str], workdir: pathlib.Path, data_dir: pathlib.Path, epochs: int):
@@ -170,7 +170,9 @@ def main(argv=None) -> dict:
     for name, overrides in args.variants:
         warmup = scratch / f"warmup-{name}"
         run_child(
-            child_command(args, overrides, warmup, data_dir, 1), warmup, environment_overrides(overrides)
+            child_command(args, overrides, warmup, data_dir, 1),
+            warmup,
+            environment_overrides(args, overrides),
         )
         shutil.rmtree(warmup)
     rounds = []
@@ -181,7 +183,7 @@ def main(argv=None) -> dict:
         for name, overrides in order:
             workdir = scratch / f"{name}-{round_index}"
             command = child_command(args, overrides, workdir, data_dir, args.epochs)
-            child = run_child(command, workdir, environment_overrides(overrides))
+            child = run_child(command, workdir, environment_overrides(args, overrides))
             shutil.rmtree(workdir)
             one_round[name] = child
             report["children"].append({"round": round_index, "variant": name, **child})

@@ -76,10 +76,13 @@ def test_a_child_is_read_from_its_train_log_and_its_final_metrics(tmp_path):
 
 def test_env_items_set_the_childs_environment_not_its_config(tmp_path):
     overrides = ["env.XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=", "seed=2"]
-    assert ab.environment_overrides(overrides) == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
-    args = ab.parse_args(
-        ["--config", "c.py", "--variant", "a=seed=1", "--variant", "b=" + ",".join(overrides)]
-    )
+    variants = ["--variant", "a=seed=1", "--variant", "b=" + ",".join(overrides)]
+    args = ab.parse_args(["--config", "c.py", "--set", "env.SHARED=1", *variants])
+    assert ab.environment_overrides(args, overrides) == {
+        "SHARED": "1",  # the shared settings' env items reach every variant's children
+        "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+    }
+    assert ab.environment_overrides(args, ["seed=1"]) == {"SHARED": "1"}
     command = ab.child_command(args, args.variants[1][1], pathlib.Path("/w"), pathlib.Path("/d"), 1)
     assert [item for item in command if item.startswith("--config.")] == [
         "--config.seed=2",
