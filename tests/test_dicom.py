@@ -394,14 +394,19 @@ def _truncated(folder):
     path.write_bytes(path.read_bytes()[:-200])
 
 
-def _compressed(folder):
-    from pydicom.encaps import encapsulate
+def _encapsulated_as(syntax, frame: bytes):
+    """A series breaker: img000.dcm's pixel data the encapsulated `frame`, labelled `syntax`."""
 
-    write_series(folder, _phantom_hu())
-    data = pydicom.dcmread(folder / "img000.dcm")
-    data.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-    data.PixelData = encapsulate([b"\xff\xd8\xff\xc3 not decoded \xff\xd9"])
-    data.save_as(folder / "img000.dcm")
+    def break_series(folder):
+        from pydicom.encaps import encapsulate
+
+        write_series(folder, _phantom_hu())
+        data = pydicom.dcmread(folder / "img000.dcm")
+        data.file_meta.TransferSyntaxUID = syntax
+        data.PixelData = encapsulate([frame])
+        data.save_as(folder / "img000.dcm")
+
+    return break_series
 
 
 def _without_pixels(folder):
@@ -437,16 +442,6 @@ def _without_rows_in_one(folder):
     _without_in(folder / "img002.dcm", "Rows")
 
 
-def _undecodable_syntax(folder):
-    from pydicom.encaps import encapsulate
-
-    write_series(folder, _phantom_hu())
-    data = pydicom.dcmread(folder / "img000.dcm")
-    data.file_meta.TransferSyntaxUID = MPEG2MPML
-    data.PixelData = encapsulate([b"not an MPEG-2 stream"])
-    data.save_as(folder / "img000.dcm")
-
-
 def _multi_frame(folder):
     write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
     data = pydicom.dcmread(folder / "img001.dcm")
@@ -468,9 +463,11 @@ def _without_position_in_one(folder):
     _without_in(folder / "img003.dcm", "ImagePositionPatient")
 
 
-def _without_in(path, keyword):
+def _without_in(path, *keywords):
+    """File `path` rewritten without the attributes `keywords`."""
     data = pydicom.dcmread(path)
-    delattr(data, keyword)
+    for keyword in keywords:
+        delattr(data, keyword)
     data.save_as(path)
 
 
@@ -489,13 +486,13 @@ def _without_rescale(folder):
         (_not_ct, "img001.dcm: modality MR, not CT"),
         (_truncated, r"img002.dcm: truncated DICOM file \(\d+ bytes, its pixel data end at \d+\)"),
         (
-            _compressed,
+            _encapsulated_as(JPEGLosslessSV1, b"\xff\xd8\xff\xc3 not decoded \xff\xd9"),
             r"img000.dcm: pixel data compressed as JPEG Lossless, Non-Hierarchical, First-Order Prediction "
             r"\(Process 14 \[Selection Value 1\]\) \(1.2.840.10008.1.2.4.70\); install a decoder: "
             r"gdcm\b[^;]* or pylibjpeg\b[^;]*$",  # pydicom's list of plugins, joined by ' or '
         ),
         (
-            _undecodable_syntax,
+            _encapsulated_as(MPEG2MPML, b"not an MPEG-2 stream"),
             r"img000.dcm: pixel data in MPEG2 Main Profile / Main Level \(1.2.840.10008.1.2.4.100\), which "
             r"pydicom cannot decode$",
         ),
@@ -624,10 +621,7 @@ def _without(folder, keywords):
     """Every file of the series at `folder` rewritten without the attributes `keywords` (as anonymisers
     that delete rather than empty them leave it)."""
     for path in folder.iterdir():
-        data = pydicom.dcmread(path)
-        for keyword in keywords:
-            delattr(data, keyword)
-        data.save_as(path)
+        _without_in(path, *keywords)
 
 
 # Type 2 attributes of the patient and study modules that highdicom copies into a SEG, and SliceThickness.
