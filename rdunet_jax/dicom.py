@@ -142,6 +142,10 @@ def _required(path: pathlib.Path, header, keyword: str):
     return value
 
 
+def _pixel_grid(path: pathlib.Path, header) -> tuple[int, int]:
+    return int(_required(path, header, "Rows")), int(_required(path, header, "Columns"))
+
+
 @dataclasses.dataclass
 class SeriesGeometry:
     """The sorted files of a series and the RAS affine of its (column, row, slice) voxel order."""
@@ -160,7 +164,7 @@ def series_geometry(files: list) -> SeriesGeometry:
     orientation = np.asarray(_required(first_path, first, "ImageOrientationPatient"), float)
     if orientation.shape != (6,):
         raise UserError(f"{first_path}: ImageOrientationPatient must hold 6 numbers")
-    grid = (int(_required(first_path, first, "Rows")), int(_required(first_path, first, "Columns")))
+    grid = _pixel_grid(first_path, first)
     spacing = np.asarray(_required(first_path, first, "PixelSpacing"), float)  # (between rows, columns)
     normal = np.cross(orientation[:3], orientation[3:])
     positions = []
@@ -174,10 +178,8 @@ def series_geometry(files: list) -> SeriesGeometry:
                 f"{path}: ImageOrientationPatient {list(other)} differs from {first_path.name}'s "
                 f"{list(orientation)} (mixed orientations in one series)"
             )
-        if (int(header.get("Rows", 0)), int(header.get("Columns", 0))) != grid:
-            raise UserError(
-                f"{path}: {header.get('Rows')}x{header.get('Columns')} pixels, {first_path.name} {grid}"
-            )
+        if _pixel_grid(path, header) != grid:
+            raise UserError(f"{path}: {header.Rows}x{header.Columns} pixels, {first_path.name} {grid}")
         if int(header.get("NumberOfFrames", 1) or 1) != 1:
             raise UserError(f"{path}: a multi-frame image; only single-frame CT series are read")
         _check_decoder(path, header)

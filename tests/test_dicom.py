@@ -442,6 +442,13 @@ def _without_rows_in_one(folder):
     _without_in(folder / "img002.dcm", "Rows")
 
 
+def _empty_columns_in_one(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    data = pydicom.dcmread(folder / "img002.dcm")
+    data.Columns = None  # present, without a value
+    data.save_as(folder / "img002.dcm")
+
+
 def _multi_frame(folder):
     write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
     data = pydicom.dcmread(folder / "img001.dcm")
@@ -505,7 +512,8 @@ def _without_rescale(folder):
         ),
         (_five_direction_cosines, r"/img\d{3}.dcm: ImageOrientationPatient must hold 6 numbers$"),
         (_without_modality, "img001.dcm: modality missing, not CT$"),
-        (_without_rows_in_one, r"img002.dcm: Nonex48 pixels, img\d{3}.dcm \(40, 48\)$"),
+        (_without_rows_in_one, "img002.dcm: DICOM file without Rows$"),
+        (_empty_columns_in_one, "img002.dcm: DICOM file without Columns$"),
         (_other_columns, r"img002.dcm: 40x47 pixels, img\d{3}.dcm \(40, 48\)$"),
         (_multi_frame, "img001.dcm: a multi-frame image; only single-frame CT series are read$"),
         (_without_position_in_one, "img003.dcm: DICOM file without ImagePositionPatient$"),
@@ -642,7 +650,7 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
     import highdicom
 
     write_series(tmp_path / "series", _phantom_hu(), step=3.0)
-    _without(tmp_path / "series", ABSENT_TYPE_2)
+    _without(tmp_path / "series", (*ABSENT_TYPE_2, "SeriesNumber"))
     predict.predict_path(
         make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
     )
@@ -651,6 +659,7 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
     assert all(keyword in segmentation and not segmentation.get(keyword) for keyword in ABSENT_TYPE_2[:-1])
     measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(3.0)
+    assert segmentation.SeriesNumber == 1000  # a series without a number counts as 0
     assert "PatientID" not in pydicom.dcmread(tmp_path / "series" / "img000.dcm")
 
 
