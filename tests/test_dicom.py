@@ -121,6 +121,16 @@ def test_a_series_is_ordered_by_position_and_read_in_hounsfield_units(tmp_path):
     expected = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
     np.testing.assert_allclose(image.affine, expected, atol=1e-6)
     assert image.header.get_zooms() == pytest.approx((0.7, 0.8, 2.5))
+    # What a viewer places a mask by: millimetres, and both transforms in scanner coordinates (code 1).
+    assert_scanner_header(image.header, expected)
+
+
+def assert_scanner_header(header, affine):
+    """`header` is in millimetres with its qform and sform `affine`, each coded 1 (scanner)."""
+    assert header.get_xyzt_units() == ("mm", "sec")
+    for transform, code in (header.get_qform(coded=True), header.get_sform(coded=True)):
+        assert code == 1
+        np.testing.assert_allclose(transform, affine, atol=1e-5)
 
 
 @pytest.mark.real_data
@@ -559,8 +569,11 @@ def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_p
     (summary,) = predict.predict_path(
         make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
     )
-    mask = np.asarray(nibabel.load(tmp_path / "out" / "series_mask.nii.gz").dataobj)  # (column, row, slice)
+    written = nibabel.load(tmp_path / "out" / "series_mask.nii.gz")
+    mask = np.asarray(written.dataobj)  # (column, row, slice)
     assert 0 < mask.mean() < 1
+    affine = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
+    assert_scanner_header(written.header, affine)  # the mask opens over the series in a viewer
     assert summary["segmentation"] == str(tmp_path / "out" / "series_seg.dcm")
 
     segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
