@@ -452,6 +452,16 @@ def _without_rows_in_one(folder):
     _without_in(folder / "img002.dcm", "Rows")
 
 
+def _with_a_cut_sequence(folder):
+    """The series plus a file whose sequence item says 16 bytes and holds 7: pydicom raises reading it."""
+    write_series(folder, _phantom_hu())
+    meta = b"\x02\x00\x10\x00UI\x14\x00" + ExplicitVRLittleEndian.encode() + b"\x00"
+    sequence = (
+        b"\x08\x00\x05\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\x10\x00\x00\x00" + b"\x01" * 7
+    )
+    (folder / "img004.dcm").write_bytes(b"\x00" * 128 + b"DICM" + meta + sequence)
+
+
 def _empty_columns_in_one(folder):
     write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
     data = pydicom.dcmread(folder / "img002.dcm")
@@ -524,6 +534,7 @@ def _without_rescale(folder):
         (_without_modality, "img001.dcm: modality missing, not CT$"),
         (_without_rows_in_one, "img002.dcm: DICOM file without Rows$"),
         (_empty_columns_in_one, "img002.dcm: DICOM file without Columns$"),
+        (_with_a_cut_sequence, r"img004.dcm: corrupt or unreadable DICOM file \(OSError: No tag to read at"),
         (_other_columns, r"img002.dcm: 40x47 pixels, img\d{3}.dcm \(40, 48\)$"),
         (_multi_frame, "img001.dcm: a multi-frame image; only single-frame CT series are read$"),
         (_without_position_in_one, "img003.dcm: DICOM file without ImagePositionPatient$"),
