@@ -83,6 +83,9 @@ def make_consistency_config(**changes):
     config = make_tiny_config(num_unlabelled=8, unlabelled_fraction=0.5)
     config.loss = "dice_weighted"
     config.model.dropout_rate = 0.0
+    # One level (one DC module): what these tests check does not depend on the depth, and the step of a
+    # one-level model compiles in half the time of the tiny config's two (5 s against 11 s).
+    config.model.depth, config.model.skip_dilation_rates = 1, ((1, 2),)
     config.consistency.weight = 2.0
     config.consistency.rampup_epochs = 0
     config.consistency.noise_std = 0.0

@@ -203,8 +203,8 @@ def test_a_checkpoint_with_or_without_mean_teacher_is_refused_by_the_other_in_on
     tmp_path, uninterrupted_run
 ):
     mean_teacher_config = _crash_resume_config()
-    plain_config = make_tiny_config()
-    plain_config.num_epochs = 1
+    plain_config = make_consistency_config(num_epochs=1)  # the same model, without mean teacher
+    plain_config.consistency.weight, plain_config.data.unlabelled_fraction = 0.0, 0.0
     # A copy: a refusal that wrote to the workdir must not spoil the shared run for the resume test.
     shutil.copytree(uninterrupted_run, tmp_path / "mt")
     train.train_and_evaluate(plain_config, tmp_path / "plain")
