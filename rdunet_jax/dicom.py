@@ -143,6 +143,7 @@ def _required(path: pathlib.Path, header, keyword: str):
 
 
 def _pixel_grid(path: pathlib.Path, header) -> tuple[int, int]:
+    """(Rows, Columns) of a file; either absent or empty is a UserError naming the file."""
     return int(_required(path, header, "Rows")), int(_required(path, header, "Columns"))
 
 

@@ -78,8 +78,8 @@ def checkout_environment() -> dict:
 
 
 def make_consistency_config(**changes):
-    """The tiny config with half of each batch from 8 unlabelled phantom slices, consistency weight 2, no
-    ramp-up, noise or dropout (mean teacher; FixMatch with `consistency.method`)."""
+    """The tiny config at one level, with half of each batch from 8 unlabelled phantom slices, consistency
+    weight 2, no ramp-up, noise or dropout (mean teacher; FixMatch with `consistency.method`)."""
     config = make_tiny_config(num_unlabelled=8, unlabelled_fraction=0.5)
     config.loss = "dice_weighted"
     config.model.dropout_rate = 0.0
