@@ -173,6 +173,9 @@ def test_bad_fixmatch_settings_are_refused_naming_the_key(changes, message):
     assert_refused(_fixmatch_config(), changes, message)
 
 
+# Two whole runs (28-40 s in CI); out of the default suite for CI's 15 minutes: the mean-teacher
+# crash-resume test keeps the consistency runs' resume (ramp-up, noise draws, data order) in it.
+@pytest.mark.slow
 def test_a_fixmatch_run_crashed_mid_epoch_resumes_bit_identical(tmp_path):
     # One epoch of 4 steps, checkpointed after each: the ramp-up, the strong views and the data order
     # must carry on from a mid-epoch checkpoint.
