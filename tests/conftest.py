@@ -1,5 +1,11 @@
 """Shared fixtures: a persistent compilation cache and tiny configs, so the suite compiles little (the
-constructors they use are in helpers.py)."""
+constructors they use are in helpers.py).
+
+A test module's whole-run fixture (a finished tiny run its tests read) is session-scoped, built once a
+worker: pytest-xdist's work stealing interleaves modules on a worker, and pytest tears a module-scoped
+fixture down whenever the next test comes from another module, so one CI run built the self-training
+fixture three times (13-26 s each). Its tests copy the run before changing it, or only rerun it unchanged.
+"""
 
 import jax
 import pytest

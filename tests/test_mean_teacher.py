@@ -170,7 +170,7 @@ def _crash_resume_config():
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def uninterrupted_run(tmp_path_factory):
     """One uninterrupted mean-teacher run, shared because compiling its step is most of a test's time."""
     workdir = tmp_path_factory.mktemp("mean_teacher") / "uninterrupted"

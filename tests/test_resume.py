@@ -71,7 +71,7 @@ def _assert_identical(state_a, state_b):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def finished_run(tmp_path_factory):
     """An uninterrupted tiny run: the reference every resumed run must equal bit for bit."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -232,7 +232,7 @@ def _test_metrics(workdir) -> dict:
     return json.loads((pathlib.Path(workdir) / "metrics" / "test.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def reference(tmp_path_factory):
     """One uninterrupted in-process run of `_loop_config()`, with its final and best checkpoints."""
     workdir = tmp_path_factory.mktemp("loop") / "uninterrupted"
@@ -338,7 +338,7 @@ def _stop_by_signal(workdir, signal_number: int, at_step: int) -> None:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def stopped_at_an_epoch_end(tmp_path_factory):
     """A run stopped by SIGINT at step 6, the end of epoch 3: `latest` holds steps 5 and 6."""
     workdir = tmp_path_factory.mktemp("loop") / "sigint"

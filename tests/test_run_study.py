@@ -180,7 +180,7 @@ def _refuse_training(config, workdir):
     raise AssertionError(f"{config.name} was trained again")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def finished_tiny_study(tmp_path_factory):
     """The tiny study run once: 2 arms x 2 folds (about 15 s)."""
     root = tmp_path_factory.mktemp("study")

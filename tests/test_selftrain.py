@@ -176,7 +176,7 @@ def tiny_selftrain_config():
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker: see conftest.py
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("selftrain") / "run"
     summary = selftrain.run(tiny_selftrain_config(), workdir)
