@@ -2,9 +2,10 @@
 
 import functools
 import math
+import re
 
 import pytest
-from helpers import config_from_file, make_tiny_config
+from helpers import REPO_ROOT, config_from_file, make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -413,3 +414,17 @@ def test_validation_counts_mixed_rows_as_the_input_pipeline_does():
         for fraction in [step * 0.03 for step in range(34)]:
             expected = input_pipeline.pseudo_per_batch(batch_size, fraction)
             assert config_validation._mixed_rows(batch_size, fraction) == expected, (batch_size, fraction)
+
+
+def test_the_reference_documents_every_config_key_and_no_other():
+    """docs/reference.md's "Config keys" table names each key of `base_config()` (several may share a row)."""
+    text = (REPO_ROOT / "docs" / "reference.md").read_text()
+    table = text.split("\n## Config keys\n")[1].split("\n## ")[0]
+    documented = {
+        key
+        for line in table.splitlines()
+        if line.startswith("| `")
+        for key in re.findall(r"`([^`]+)`", line.split("|")[1])
+    }
+    keys = set(config_lib.flatten(config_lib.to_json(config_lib.base_config())))
+    assert (sorted(keys - documented), sorted(documented - keys)) == ([], [])  # (undocumented, unknown)
