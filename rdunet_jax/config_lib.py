@@ -259,7 +259,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.overlay_every_epochs = 10
     # What runs the model in evaluation (--mode evaluate, and after training) and --mode predict: 'jax'
     # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
-    # cores, same probabilities to 1e-7; needs the `onnx` extra). Training always runs in JAX.
+    # cores, probabilities within 1e-5 of XLA's; needs the `onnx` extra). Training always runs in JAX.
     config.eval.runtime = "jax"
 
     # Teacher-student self-training (rdunet_jax/selftrain.py): 0 rounds is plain training; each round
