@@ -908,3 +908,27 @@ def test_mixed_training_needs_a_weighted_loss_and_one_extra_source(tmp_path):
     config.data.pseudo_label_dir = "elsewhere"
     with pytest.raises(UserError, match="^data.extra_labelled_dir: cannot be mixed in together"):
         config_validation.validate(config)
+
+
+def test_a_build_another_process_finished_first_is_reused(tmp_path, monkeypatch, capsys):
+    """Two runs preparing one dataset at once (e.g. cross-validation folds started together): the one whose
+    rename comes second reuses the winner's build instead of failing."""
+    data = data_config(tmp_path, "synthetic", num_train=4, num_validation=2, num_test=2, image_size=16)
+    real_split_generators = builder.CovidCtSlices._split_generators
+    raced = []
+
+    def finished_by_another_process_meanwhile(self, dl_manager):
+        if not raced:
+            raced.append(True)
+            other = builder.CovidCtSlices(
+                config=self.builder_config, data_dir=data.data_dir, file_format="array_record"
+            )
+            other.download_and_prepare(file_format="array_record")
+        return real_split_generators(self, dl_manager)
+
+    monkeypatch.setattr(builder.CovidCtSlices, "_split_generators", finished_by_another_process_meanwhile)
+    prepared = builder.prepare(data)
+    assert raced and prepared.data_path.is_dir()
+    assert len(datasets.load_source(data, "train")) == 4
+    leftovers = [path.name for path in prepared.data_path.parent.iterdir() if path != prepared.data_path]
+    assert leftovers == []
