@@ -80,45 +80,62 @@ def test_the_step_adds_the_weighted_consistency_to_the_supervised_loss_of_the_la
     model = models.build_model(config.model)
     state = steps.create_train_state(config, model, steps_per_epoch=2)
     assert state.consistency[:4] == (2.0, 0, 0.0, "mean_teacher")
+    # Noise and a ramp-up over 4 steps, so that the loss of step 2 sees the ramp-up at t = 1/2 and a
+    # teacher that differs from the student (after update 2 it keeps half of itself).
+    # The untrained model's probabilities all lie within 1e-4 of 0.5, too close for the consistency term to
+    # show; a steeper output layer spreads them.
+    output = {"kernel": 30 * state.params["Conv_0"]["kernel"], "bias": state.params["Conv_0"]["bias"] - 0.3}
+    params = {**state.params, "Conv_0": output}
+    state = state.replace(
+        params=params,
+        opt_state=state.tx.init(params),  # the teacher starts as these parameters
+        consistency=state.consistency._replace(rampup_steps=4, noise_std=0.05),
+    )
     rng = np.random.default_rng(0)
     images = rng.random((4, 32, 32, 1), np.float32)
     masks = (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32)
     weights = np.ones((4, 32, 32, 1), np.float32)
-    weights[2:] = 0.0  # two unlabelled rows
+    weights[2:] = 0.0  # two unlabelled rows: their Dice term is 0, counted in the mean over the 4 rows
     batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
 
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    teacher = sigmoid64(model.apply(variables, images, train=False))  # teacher = student before any update
-    student_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    student = sigmoid64(student_logits)
-    intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
-    total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
-    supervised = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
-    assert supervised[2:] == pytest.approx([0.0, 0.0])  # unlabelled rows add nothing
-    expected = np.mean(supervised) + 2.0 * np.mean((student - teacher) ** 2)
+    def expected_loss(student_params, batch_stats, teacher_params, step):
+        teacher = sigmoid64(model.apply({"params": teacher_params, "batch_stats": batch_stats}, images))
+        # The student's input: the batch plus noise from the step's own stream (its dropout key, folded
+        # with 1).
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), step), 1)
+        noisy = images + 0.05 * np.asarray(jax.random.normal(key, images.shape, jnp.float32))
+        variables = {"params": student_params, "batch_stats": batch_stats}
+        student_logits, _ = model.apply(variables, noisy, train=True, mutable=["batch_stats"])
+        student = sigmoid64(student_logits)
+        intersection = np.sum(weights * student * masks, axis=(1, 2, 3))
+        total = np.sum(weights * student, axis=(1, 2, 3)) + np.sum(weights * masks, axis=(1, 2, 3))
+        supervised = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
+        rampup = np.exp(-5.0 * (1.0 - step / 4) ** 2)
+        return np.mean(supervised) + 2.0 * rampup * np.mean((student - teacher) ** 2)
 
     first, metrics = steps.train_step(state, batch)
-    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    # Step 0: the teacher is the student; the ramp-up exp(-5).
+    assert float(metrics["loss"]) == pytest.approx(
+        expected_loss(state.params, state.batch_stats, state.params, 0), rel=1e-5
+    )
     second, _ = steps.train_step(first, batch)
     # After update 1 the teacher is the student; after update 2 it keeps half of itself (min(0.99, 1/2)).
-    for name, trained in (("first", first), ("second", second)):
+    halfway = jax.tree_util.tree_map(
+        lambda a, b: 0.5 * np.asarray(a) + 0.5 * np.asarray(b), first.params, second.params
+    )
+    for name, trained, wanted in (("first", first, first.params), ("second", second, halfway)):
         teacher_leaves = jax.tree_util.tree_leaves(mean_teacher.teacher_parameters(trained.opt_state))
-        if name == "first":
-            expected_leaves = jax.tree_util.tree_leaves(first.params)
-        else:
-            expected_leaves = [
-                0.5 * np.asarray(a) + 0.5 * np.asarray(b)
-                for a, b in zip(
-                    jax.tree_util.tree_leaves(first.params),
-                    jax.tree_util.tree_leaves(second.params),
-                    strict=True,
-                )
-            ]
-        for got, want in zip(teacher_leaves, expected_leaves, strict=True):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+        for got, want in zip(teacher_leaves, jax.tree_util.tree_leaves(wanted), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=name)
+    # Step 2: the teacher is that average, not the student's parameters; the ramp-up exp(-1.25).
+    _, metrics = steps.train_step(second, batch)
+    expected = expected_loss(second.params, second.batch_stats, halfway, 2)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    consistency = expected - expected_loss(second.params, second.batch_stats, second.params, 2)
+    assert abs(consistency) > 1e-3 * expected  # a teacher equal to the student would be seen (1.6%)
 
 
-def test_without_consistency_the_state_and_step_are_the_papers():
+def test_without_consistency_the_state_has_no_settings_and_no_moving_average():
     config = make_tiny_config()
     state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
     assert state.consistency == () and isinstance(state.opt_state, tuple)
