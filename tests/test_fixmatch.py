@@ -45,6 +45,14 @@ def test_the_pseudo_label_loss_against_hand_computed_values():
         -math.log(1 / (1 + math.exp(4.0))),  # 0.50 background, z 4
     ]
     assert float(low) == pytest.approx(sum(kept) / 4, rel=1e-6)
+    # At mask threshold 0.5, p 0.50 is lesion (p >= threshold), and at confidence 0.5 a sure one: of row
+    # 0's pixels 0.97 (lesion, z 2), 0.60 (lesion, z -3) and 0.50 (lesion, z 4) count; 0.03 is background,
+    # and p <= 0.5, sure too (z -1).
+    edge = fixmatch.pseudo_label_loss(logits, teacher, np.array([1.0, 0.0]), 0.5, 0.5)
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731  (-log sigmoid(-z))
+    assert float(edge) == pytest.approx(
+        (softplus(-2.0) + softplus(3.0) + softplus(-1.0) + softplus(-4.0)) / 4
+    )
     # No unlabelled row: 0, not a division by zero.
     assert float(fixmatch.pseudo_label_loss(logits, teacher, np.zeros(2), 0.5, 0.95)) == 0.0
 
@@ -111,8 +119,11 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     middle = len(certainty) // 2
     gap = middle + int(np.argmax(np.diff(certainty[middle:]) > 1e-5))
     threshold = float((certainty[gap] + certainty[gap + 1]) / 2)
+    # At step 1 of a ramp-up over 2 steps: the term weighs 2 x exp(-5 (1 - 1/2)^2).
     state = state.replace(
-        params=params, consistency=state.consistency._replace(confidence_threshold=threshold)
+        step=1,
+        params=params,
+        consistency=state.consistency._replace(confidence_threshold=threshold, rampup_steps=2),
     )
     assert state.consistency.method == "fixmatch"
     # No moving average in the optimizer: FixMatch's teacher is the model itself.
@@ -123,8 +134,8 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     batch = {"image": images, "mask": np.concatenate([masks, weights], axis=-1)}
 
     # The student's input: the labelled rows as they are, the unlabelled rows' strong view, drawn from the
-    # step's own stream (the dropout key of step 0, folded with 1).
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 1)
+    # step's own stream (the dropout key of step 1, folded with 1).
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 1)
     strong = np.asarray(fixmatch.strong_view(images, key, 0.3, 0.05))
     assert np.mean(np.abs(strong - images)) > 0.03
     student_input = np.concatenate([images[:2], strong[2:]])
@@ -141,11 +152,12 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     softplus = np.maximum(student_logits, 0) + np.log1p(np.exp(-np.abs(student_logits)))
     entropy = softplus - lesion * student_logits
     pseudo = np.mean(np.where(confident, entropy, 0.0)[2:])  # the unlabelled rows' pixels only
-    expected = np.mean(supervised) + 2.0 * pseudo
+    scale = 2.0 * np.exp(-1.25)
+    expected = np.mean(supervised) + scale * pseudo
 
     _, metrics = steps.train_step(state, batch)
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
-    assert 2.0 * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
+    assert scale * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
 
 
 @pytest.mark.parametrize(
