@@ -89,6 +89,16 @@ def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_
         noisy = np.asarray(fixmatch.strong_view(flat, key, 0.3, 0.05))
         assert np.std(noisy - clipped) == pytest.approx(0.05, rel=0.1)
         assert np.any(noisy > 1.0) if value else np.any(noisy < 0.0)
+    # The draws' ranges, and the centre of each slice's contrast change: on 200 slices whose means spread
+    # over 0.2-0.8 (never clipped at s 0.1), each view's mean is its slice's plus a brightness within
+    # s/2 (about the batch's mean instead, it would be off by (m - M)(c - 1), up to 0.03), and the
+    # contrasts (the fit's slopes) reach both ends of [1 - s, 1 + s].
+    spread = 0.2 + 0.6 * rng.random((200, 1, 1, 1)) + 0.05 * rng.random((200, 8, 8, 1)) - 0.025
+    views = np.asarray(fixmatch.strong_view(spread.astype(np.float32), key, 0.1, 0.0), np.float64)
+    brightness = views.mean(axis=(1, 2, 3)) - spread.mean(axis=(1, 2, 3))
+    assert np.max(np.abs(brightness)) <= 0.05 + 1e-5 and np.max(np.abs(brightness)) > 0.045
+    slopes = np.array([np.polyfit(x.ravel(), v.ravel(), 1)[0] for x, v in zip(spread, views, strict=True)])
+    assert 0.9 - 1e-4 <= np.min(slopes) < 0.91 and 1.09 < np.max(slopes) <= 1.1 + 1e-4
     noise = np.asarray(fixmatch.strong_view(images, key, 0.0, 0.05)) - images
     assert np.std(noise) == pytest.approx(0.05, rel=0.1) and abs(np.mean(noise)) < 0.005
 
