@@ -59,6 +59,7 @@ def test_severity_band_edges(percent, band):
 def test_per_slice_and_per_volume_percentages_pool_pixels():
     lungs = np.stack([box((10, 10), (0, 10), (0, 10)), box((10, 10), (0, 5), (0, 10)), np.zeros((10, 10))])
     infection = np.stack([box((10, 10), (0, 1), (0, 10)), box((10, 10), (0, 3), (0, 10)), np.ones((10, 10))])
+    infection[1, 8:] = True  # outside slice 1's lungs: in no share
     percents = involvement.per_slice_percent(lungs, infection)
     np.testing.assert_allclose(percents, [10.0, 60.0, np.nan])
     # Case a: (10 + 30) infected of (100 + 50) lung pixels; case b has no lung.
@@ -141,10 +142,13 @@ def test_a_slice_without_lung_on_either_side_is_left_out_of_the_report():
     expert_lungs = np.stack([np.ones((10, 10), bool), np.ones((10, 10), bool), np.zeros((10, 10), bool)])
     predicted_lungs = np.stack([np.ones((10, 10), bool), np.zeros((10, 10), bool), np.zeros((10, 10), bool)])
     infection = np.stack([box((10, 10), (0, 1), (0, 10))] * 3)
-    report = involvement.involvement_report(predicted_lungs, infection, expert_lungs, infection)
+    expert_infection = infection.copy()
+    expert_infection[1, :3] = True  # 30% of the experts' lung on slice 1, which is not scored
+    report = involvement.involvement_report(predicted_lungs, infection, expert_lungs, expert_infection)
     assert report["severity_agreement"] == 1.0
     assert report["per_slice"]["involvement_num_scored"] == 1
-    assert report["expert_mean_percent"] == pytest.approx(10.0)
+    # The experts' mean is over every slice with expert lung, scored or not: (10 + 30) / 2.
+    assert report["expert_mean_percent"] == pytest.approx(20.0)
     none = involvement.involvement_report(
         predicted_lungs[1:], infection[1:], expert_lungs[2:3].repeat(2, 0), infection[1:]
     )
