@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from helpers import make_tiny_config
+from scipy import stats
 
 from rdunet_jax import evaluate, evaluate_classes, inference, reports
 from rdunet_jax.datasets import labels as class_labels
@@ -110,33 +111,41 @@ def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path, monkeypatc
 def test_multilabel_lungs_and_infection_involvement_by_hand():
     config = make_tiny_config()
     config.model.head, config.data.classes = "multilabel", ("lungs", "infection")
-    expert, predicted = np.zeros((2, SIZE, SIZE, 2), np.uint8), np.zeros((2, SIZE, SIZE, 2), np.float32)
+    expert, predicted = np.zeros((3, SIZE, SIZE, 2), np.uint8), np.zeros((3, SIZE, SIZE, 2), np.float32)
     expert[0, 0:10, 0:10, 0] = predicted[0, 0:10, 0:10, 0] = 1  # 100 px of lung
     expert[0, 0:5, 0:5, 1] = 1  # 25 px infected: 25 %
     predicted[0, 0:5, 0:10, 1] = 1  # 50 px: 50 %
     expert[1, 10:20, 0:20, 0] = predicted[1, 10:20, 0:20, 0] = 1  # 200 px of lung, expert 0 % infected
     predicted[1, 10:11, 0:20, 1] = 1  # 20 px: 10 %
-    spacing = np.array([1.0, 1.0, 2.0])  # mm: rows, columns, slices
+    expert[2, 20:25, 0:20, 0] = predicted[2, 20:25, 0:20, 0] = 1  # 100 px of lung
+    expert[2, 20:22, 0:10, 1] = 1  # 20 px: 20 %
+    predicted[2, 20:21, 0:20, 1] = 1  # 20 px: 20 %, 10 of them the experts'
+    spacing = np.array([0.7, 0.8, 2.0])  # mm: rows, columns, slices
     records = [
         _record(
             index, expert[index], labels=expert[index], case_id="case", slice_index=index, spacing=spacing
         )
-        for index in range(2)
+        for index in range(3)
     ]
     collected = evaluate.collect_slices(PlantedPredictor(predicted, "multilabel"), records, config)
     summary = evaluate.summarize_collected(collected, config)
 
     assert summary["lesion_classes"] == ["infection"]
-    assert summary["global_dice"] == pytest.approx(2 * 25 / (25 + 70))  # infection only, pooled
+    assert summary["global_dice"] == pytest.approx(2 * (25 + 10) / (45 + 90))  # infection only, pooled
     report = summary["involvement"]
-    assert report["per_slice"]["involvement_mae_points"] == pytest.approx((25 + 10) / 2)
-    assert report["per_slice"]["involvement_pearson_r"] == pytest.approx(1.0)
-    assert report["severity_agreement"] == 0.0  # 25-50% vs 50-75%, <5% vs 5-25%
+    assert report["per_slice"]["involvement_mae_points"] == pytest.approx((25 + 10 + 0) / 3)
+    assert report["per_slice"]["involvement_pearson_r"] == pytest.approx(
+        stats.pearsonr([50, 10, 20], [25, 0, 20])[0]
+    )
+    assert report["severity_agreement"] == pytest.approx(1 / 3)  # 50-75% vs 25-50%, 5-25% vs <5%, same
     volume = report["volumes"]["case"]
-    assert volume["expert"]["involvement_percent"] == pytest.approx(100 * 25 / 300)
-    assert volume["predicted"]["involvement_percent"] == pytest.approx(100 * 70 / 300)
-    assert volume["expert"]["lung_ml"] == pytest.approx(300 * 1 * 1 * 2 / 1000)
+    assert volume["expert"]["involvement_percent"] == pytest.approx(100 * 45 / 400)
+    assert volume["predicted"]["involvement_percent"] == pytest.approx(100 * 90 / 400)
+    assert volume["expert"]["lung_ml"] == pytest.approx(400 * 0.7 * 0.8 * 2 / 1000)
     assert volume["predicted"]["severity"] == "5-25%"
-    assert report["per_volume"]["involvement_mae_points"] == pytest.approx(100 * 45 / 300)
-    assert [row["involvement_percent"] for row in collected["rows"]] == pytest.approx([50.0, 10.0])
+    assert report["per_volume"]["involvement_mae_points"] == pytest.approx(100 * 45 / 400)
+    assert [row["involvement_percent"] for row in collected["rows"]] == pytest.approx([50.0, 10.0, 20.0])
+    assert [row["expert_involvement_percent"] for row in collected["rows"]] == pytest.approx(
+        [25.0, 0.0, 20.0]
+    )
     assert "expert_involvement_percent" in reports.slices_csv(collected["rows"]).splitlines()[0]
