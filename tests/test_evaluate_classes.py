@@ -149,3 +149,28 @@ def test_multilabel_lungs_and_infection_involvement_by_hand():
         [25.0, 0.0, 20.0]
     )
     assert "expert_involvement_percent" in reports.slices_csv(collected["rows"]).splitlines()[0]
+
+
+def test_exclusive_lungs_and_infection_involvement_without_case_ids_by_hand():
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = "exclusive", ("lungs", "infection"), "dice_ce"
+    # Label 1 lung, 2 infection: an exclusive head's lungs are both (the infection lies in the lung).
+    expert, predicted = np.zeros((2, SIZE, SIZE), np.uint8), np.zeros((2, SIZE, SIZE), np.uint8)
+    expert[0, 0:10, 0:10] = predicted[0, 0:10, 0:10] = 1  # 100 px of lung
+    expert[0, 0:2, 0:10] = 2  # 20 px infected: 20 %
+    predicted[0, 0:5, 0:10] = 2  # 50 px: 50 %
+    expert[1, 10:20, 0:10] = predicted[1, 10:20, 0:10] = 1  # 100 px, the experts' 0 %
+    predicted[1, 10:11, 0:10] = 2  # 10 px: 10 %
+    records = [_record(index, expert[index], class_mask=expert[index]) for index in range(2)]
+    source = class_labels.LabelledSource(records, config.data, "exclusive")
+    predictor = PlantedPredictor([_one_hot(labels, 3) for labels in predicted], "exclusive")
+    collected = evaluate.collect_slices(predictor, source, config)
+    summary = evaluate.summarize_collected(collected, config)
+
+    report = summary["involvement"]
+    assert report["per_slice"]["involvement_mae_points"] == pytest.approx((30 + 10) / 2)
+    assert report["expert_mean_percent"] == pytest.approx(10.0)
+    assert [row["involvement_percent"] for row in collected["rows"]] == pytest.approx([50.0, 10.0])
+    assert [row["expert_involvement_percent"] for row in collected["rows"]] == pytest.approx([20.0, 0.0])
+    # Slices without case ids: no volumes.
+    assert "per_volume" not in report and "volumes" not in report
