@@ -22,6 +22,9 @@ def test_match_histogram_against_hand_computed_values():
     # Quantiles now 50 -> 0.5, 100 -> 0.625, 200 -> 1: 0.75 lies a third of the way from 100 to 200.
     reference[50] = 4
     np.testing.assert_array_equal(intensity_matching.match_histogram(image, reference), [[50, 50, 133, 200]])
+    # Below it: quantiles 50 -> 0.6, 100 -> 0.7, 200 -> 1; 0.5 goes to 50, 0.75 a sixth of the way to 200.
+    reference[50] = 6
+    np.testing.assert_array_equal(intensity_matching.match_histogram(image, reference), [[50, 50, 117, 200]])
 
 
 def test_match_histogram_is_scikit_images_match_histograms_rounded():
@@ -63,11 +66,10 @@ def test_match_window_against_hand_computed_values():
     np.testing.assert_array_equal(matched[[0, 3, 50, 100]], [0, 6, 100, 200])
     np.testing.assert_array_equal(matched, 2 * image)
     # One more pixel, 130: the percentiles move to 5.05 and 95.95, and 130 maps past 255 (clipped).
+    # x goes to 10 + (x - 5.05) * 180 / 90.9: 0 -> 0.0, 3 -> 5.94, 50 -> 99.01, 100 -> 198.02, 130 -> 257.5.
     image = np.concatenate([np.arange(101), [130]]).astype(np.uint8)
-    low, high = np.percentile(image, [5, 95])
-    expected = np.clip(np.round(10 + (image - low) * 180 / (high - low)), 0, 255)
-    np.testing.assert_array_equal(intensity_matching.match_window(image, reference), expected)
-    assert intensity_matching.match_window(image, reference)[-1] == 255
+    matched = intensity_matching.match_window(image, reference)
+    np.testing.assert_array_equal(matched[[0, 3, 50, 100, 101]], [0, 6, 99, 198, 255])
 
 
 @pytest.mark.parametrize("match", ["match_window", "match_histogram"])
