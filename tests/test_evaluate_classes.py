@@ -80,6 +80,7 @@ def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path, monkeypatc
     # The top level scores any foreground class: slice 0 finds 16 of 24 px, slice 1 has 2 px too many,
     # slice 2 is empty in both (1.0).
     assert summary["lesion_classes"] == ["ggo", "consolidation"] and "per_class" in summary["conventions"]
+    assert "involvement" not in summary  # no lungs among the classes
     assert summary["dice"] == pytest.approx((2 * 16 / 40 + 2 * 8 / 18 + 1.0) / 3)
     assert summary["per_class"]["ggo"]["lesion_size"]["all"]["num_lesions"] == 2
     markdown = reports.markdown_report({**summary, "split": "test", "step": 0, "threshold": 0.5}, config)
