@@ -47,6 +47,7 @@ TESTS = {
     "selftrain": ["tests/test_selftrain.py"],
     # mean_teacher.settings maps FixMatch's settings too; their tests are FixMatch's.
     "mean_teacher": ["tests/test_mean_teacher.py", "tests/test_fixmatch.py"],
+    "fixmatch": ["tests/test_fixmatch.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],

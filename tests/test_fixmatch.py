@@ -5,6 +5,7 @@ bit-identical to an uninterrupted one."""
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
@@ -53,6 +54,11 @@ def test_the_pseudo_label_loss_against_hand_computed_values():
     assert float(edge) == pytest.approx(
         (softplus(-2.0) + softplus(3.0) + softplus(-1.0) + softplus(-4.0)) / 4
     )
+    # bfloat16 logits (these are exact in it) are scored in float32: the same loss to float32 precision.
+    half = fixmatch.pseudo_label_loss(
+        jnp.asarray(logits, jnp.bfloat16), teacher, np.array([1.0, 0.0]), 0.5, 0.95
+    )
+    assert half.dtype == jnp.float32 and float(half) == pytest.approx(expected, rel=1e-6)
     # No unlabelled row: 0, not a division by zero.
     assert float(fixmatch.pseudo_label_loss(logits, teacher, np.zeros(2), 0.5, 0.95)) == 0.0
 
@@ -61,7 +67,9 @@ def test_unlabelled_rows_are_those_whose_weight_channel_is_zero_everywhere():
     mask = np.ones((3, 4, 4, 2), np.float32)
     mask[1, ..., 1] = 0.0  # unlabelled
     mask[2, :2, ..., 1] = 0.0  # labelled, its border zoomed out to weight 0
-    np.testing.assert_array_equal(np.asarray(fixmatch.unlabelled_rows(mask)), [0.0, 1.0, 0.0])
+    rows = fixmatch.unlabelled_rows(mask)
+    np.testing.assert_array_equal(np.asarray(rows), [0.0, 1.0, 0.0])
+    assert rows.dtype == np.float32  # weights of the rows' losses, not a boolean mask
 
 
 def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_noise():
@@ -96,11 +104,15 @@ def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_
     spread = 0.2 + 0.6 * rng.random((200, 1, 1, 1)) + 0.05 * rng.random((200, 8, 8, 1)) - 0.025
     views = np.asarray(fixmatch.strong_view(spread.astype(np.float32), key, 0.1, 0.0), np.float64)
     brightness = views.mean(axis=(1, 2, 3)) - spread.mean(axis=(1, 2, 3))
-    assert np.max(np.abs(brightness)) <= 0.05 + 1e-5 and np.max(np.abs(brightness)) > 0.045
+    assert np.max(np.abs(brightness)) <= 0.05 + 1e-5
+    assert np.min(brightness) < -0.045 and np.max(brightness) > 0.045  # both ends of [-s/2, s/2]
     slopes = np.array([np.polyfit(x.ravel(), v.ravel(), 1)[0] for x, v in zip(spread, views, strict=True)])
     assert 0.9 - 1e-4 <= np.min(slopes) < 0.91 and 1.09 < np.max(slopes) <= 1.1 + 1e-4
     noise = np.asarray(fixmatch.strong_view(images, key, 0.0, 0.05)) - images
     assert np.std(noise) == pytest.approx(0.05, rel=0.1) and abs(np.mean(noise)) < 0.005
+    # The view keeps the slices' dtype: its draws are made in it, so bfloat16 slices are not promoted.
+    half = fixmatch.strong_view(jnp.asarray(images, jnp.bfloat16), key, 0.3, 0.05)
+    assert half.dtype == jnp.bfloat16
 
 
 def _fixmatch_config(**changes):
