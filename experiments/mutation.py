@@ -48,6 +48,8 @@ TESTS = {
     # mean_teacher.settings maps FixMatch's settings too; their tests are FixMatch's.
     "mean_teacher": ["tests/test_mean_teacher.py", "tests/test_fixmatch.py"],
     "fixmatch": ["tests/test_fixmatch.py"],
+    # GGO vs consolidation, lungs and involvement: the heads' probabilities, masks and label maps.
+    "heads": ["tests/test_heads.py", "tests/test_evaluate_classes.py", "tests/test_predict_classes.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],
