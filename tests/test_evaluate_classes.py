@@ -10,7 +10,7 @@ import pytest
 from helpers import make_tiny_config
 from scipy import stats
 
-from rdunet_jax import evaluate, evaluate_classes, inference, reports
+from rdunet_jax import evaluate, evaluate_classes, inference, metrics, reports
 from rdunet_jax.datasets import labels as class_labels
 
 SIZE = 32  # the tiny config's image size: records are stored at the model's resolution
@@ -83,6 +83,7 @@ def test_exclusive_per_class_metrics_and_any_lesion_by_hand(tmp_path, monkeypatc
     assert "involvement" not in summary  # no lungs among the classes
     assert summary["dice"] == pytest.approx((2 * 16 / 40 + 2 * 8 / 18 + 1.0) / 3)
     assert summary["per_class"]["ggo"]["lesion_size"]["all"]["num_lesions"] == 2
+    assert ggo["hd95_unit"] == "pixels" and ggo["lesion_size"]["area_unit"] == "pixels"  # no spacing given
     markdown = reports.markdown_report({**summary, "split": "test", "step": 0, "threshold": 0.5}, config)
     assert (
         "| ggo | 2 | 0.8333 ± 0.1667 |" in markdown and "| consolidation | 1 | 1.0000 ± 0.0000 |" in markdown
@@ -144,6 +145,15 @@ def test_multilabel_lungs_and_infection_involvement_by_hand():
     assert volume["predicted"]["involvement_percent"] == pytest.approx(100 * 90 / 400)
     assert volume["expert"]["lung_ml"] == pytest.approx(400 * 0.7 * 0.8 * 2 / 1000)
     assert volume["predicted"]["severity"] == "5-25%"
+    assert volume["predicted"]["lung_ml"] == pytest.approx(400 * 0.7 * 0.8 * 2 / 1000)
+    # Per class, HD95 is in mm with the slices' pixel spacing (0.7 x 0.8 mm, so not a multiple of the
+    # pixels' figure), over the slices whose experts' mask holds the class: infection on slices 0 and 2.
+    infection = summary["per_class"]["infection"]
+    assert infection["hd95_unit"] == "mm" and infection["lesion_size"]["area_unit"] == "mm^2"
+    hd95 = [metrics.hausdorff95(predicted[i, ..., 1] > 0, expert[i, ..., 1] > 0, (0.7, 0.8)) for i in (0, 2)]
+    assert infection["hd95"] == pytest.approx(np.mean(hd95))
+    in_pixels = [metrics.hausdorff95(predicted[i, ..., 1] > 0, expert[i, ..., 1] > 0) for i in (0, 2)]
+    assert abs(np.mean(hd95) - np.mean(in_pixels)) > 0.1
     assert report["per_volume"]["involvement_mae_points"] == pytest.approx(100 * 45 / 400)
     assert [row["involvement_percent"] for row in collected["rows"]] == pytest.approx([50.0, 10.0, 20.0])
     assert [row["expert_involvement_percent"] for row in collected["rows"]] == pytest.approx(
@@ -175,3 +185,50 @@ def test_exclusive_lungs_and_infection_involvement_without_case_ids_by_hand():
     assert [row["expert_involvement_percent"] for row in collected["rows"]] == pytest.approx([20.0, 0.0])
     # Slices without case ids: no volumes.
     assert "per_volume" not in report and "volumes" not in report
+
+
+def test_involvement_rows_without_lungs_are_empty_and_each_volume_takes_its_own_spacing():
+    config = make_tiny_config()
+    config.model.head, config.data.classes = "multilabel", ("lungs", "infection")
+    masks = np.zeros((2, 4, 4, 2), bool)
+    masks[0, :2, :2, 0] = masks[0, 0, 0, 1] = True  # 4 px of lung, 1 infected: 25 %
+    # Slice 1 has no lungs in either mask: its involvement is unknown, not 0 (and not NaN in the CSV).
+    rows = [
+        {"case_id": "a", "slice_spacing": 2.0, "pixel_spacing": (0.5, 0.5)},
+        {"case_id": "b", "slice_spacing": 3.0, "pixel_spacing": (1.0, 1.0)},
+    ]
+    report = evaluate_classes.involvement_section(masks, masks, rows, config, "mm")
+    assert rows[0]["involvement_percent"] == rows[0]["expert_involvement_percent"] == 25.0
+    assert rows[1]["involvement_percent"] is None and rows[1]["expert_involvement_percent"] is None
+    # One slice a volume: each its own spacing (4 voxels of 0.5 x 0.5 x 2 mm; none of 1 x 1 x 3 mm).
+    assert report["volumes"]["a"]["expert"]["lung_ml"] == pytest.approx(4 * 0.5 * 0.5 * 2 / 1000)
+    assert report["volumes"]["b"]["predicted"]["lung_ml"] == 0.0
+    # Without a spacing (pixels), volumes are counted in voxels only, and the rows need none.
+    report = evaluate_classes.involvement_section(
+        masks, masks, [{"case_id": "a"}, {"case_id": "b"}], config, "pixels"
+    )
+    assert report["volumes"]["a"]["predicted"]["lung_pixels"] == 4
+    assert "lung_ml" not in report["volumes"]["a"]["predicted"]
+
+
+def test_the_per_class_slice_csv_by_hand_on_3_px_slices():
+    # 3 x 3 slices and 2 classes: 18 bits a mask, packed into 3 bytes with 6 bits of padding.
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.data.image_size = "exclusive", ("ggo", "consolidation"), 3
+    predictions, targets = np.zeros((2, 3, 3, 2), bool), np.zeros((2, 3, 3, 2), bool)
+    targets[0, 1, 1, 0] = predictions[0, 1, 1, 0] = True  # ggo: the experts' one pixel, found
+    predictions[0, 0, :2, 1] = True  # consolidation: absent, predicted on 2 px
+    collected = {
+        "rows": [{"id": "s0"}, {"id": "s1"}],  # s1: nothing in either mask
+        "packed_classes": [
+            (np.packbits(p), np.packbits(t)) for p, t in zip(predictions, targets, strict=True)
+        ],
+    }
+    text = evaluate_classes.class_slices_csv(collected, config)
+    assert text == (
+        "id,class,present,dice,jaccard,precision,recall,expert_pixels,predicted_pixels\n"
+        "s0,ggo,1,1,1,1,1,1,1\n"
+        "s1,ggo,0,1,1,1,1,0,0\n"
+        "s0,consolidation,0,0,0,0,0,0,2\n"  # recall 0/0 is 0: one mask is not empty (metrics' rule)
+        "s1,consolidation,0,1,1,1,1,0,0\n"
+    )
