@@ -1,4 +1,5 @@
-"""The soft Dice and Dice + cross-entropy losses against hand-computed values, one loss per image."""
+"""The soft Dice and Dice + cross-entropy losses (plain, pixel-weighted for self-training, and per class)
+against hand-computed values, one loss per image."""
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,26 @@ def test_every_head_names_its_losses_and_binary_is_the_paper_table():
     assert losses.LOSSES_BY_HEAD["binary"] is losses.LOSSES
     assert set(losses.LOSSES_BY_HEAD) == {"binary", "exclusive", "multilabel"}
     assert all("dice" in table for table in losses.LOSSES_BY_HEAD.values())
+
+
+def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
+    # One 1x3 image: sigmoid(0) = 0.5, sigmoid(log 3) = 0.75, sigmoid(-log 3) = 0.25.
+    logits = jnp.log(jnp.array([1.0, 3.0, 1 / 3]))[None, None, :, None]
+    masks = np.array([1.0, 1.0, 0.0])[None, None, :, None]
+    weights = np.array([1.0, 0.0, 0.5])[None, None, :, None]
+    targets = np.concatenate([masks, weights], axis=-1)
+    # sum wPG = 0.5; sum wP = 0.5 + 0.125 = 0.625; sum wG = 1; loss = 1 - (1 + 1) / (1.625 + 1).
+    expected = 1 - 2.0 / 2.625
+    np.testing.assert_allclose(losses.weighted_soft_dice_loss(logits, targets), [expected], rtol=1e-6)
+    # Weighted cross-entropy mean: (-log 0.5 + 0.5 * -log 0.75) / 1.5.
+    cross_entropy = (np.log(2) + 0.5 * -np.log(0.75)) / 1.5
+    np.testing.assert_allclose(
+        losses.weighted_dice_bce_loss(logits, targets), [expected + cross_entropy], rtol=1e-6
+    )
+    # One channel (an expert mask) weighs every pixel 1: the paper's Dice loss and Dice + BCE.
+    np.testing.assert_allclose(
+        losses.weighted_soft_dice_loss(logits, masks), losses.soft_dice_loss(logits, masks), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        losses.weighted_dice_bce_loss(logits, masks), losses.dice_bce_loss(logits, masks), rtol=1e-6
+    )

@@ -1,5 +1,6 @@
-"""Self-training: pseudo-label confidence and weights, the weighted loss, and whole tiny runs on the phantom
-(every stage's outputs; a run killed in each stage and rerun ends as an uninterrupted one).
+"""Self-training: pseudo-label confidence and weights, and whole tiny runs on the phantom (every stage's
+outputs; a run killed in each stage and rerun ends as an uninterrupted one). The weighted loss is tested
+in test_losses.py.
 """
 
 import json
@@ -9,13 +10,12 @@ import subprocess
 import sys
 import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
-from rdunet_jax import datasets, losses, selftrain
+from rdunet_jax import datasets, selftrain
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
@@ -135,29 +135,6 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, tmp_path / "low")
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "low" / "masks" / "a_1.png")), [[255, 255], [0, 255]]
-    )
-
-
-def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one():
-    # One 1x3 image: sigmoid(0) = 0.5, sigmoid(log 3) = 0.75, sigmoid(-log 3) = 0.25.
-    logits = jnp.log(jnp.array([1.0, 3.0, 1 / 3]))[None, None, :, None]
-    masks = np.array([1.0, 1.0, 0.0])[None, None, :, None]
-    weights = np.array([1.0, 0.0, 0.5])[None, None, :, None]
-    targets = np.concatenate([masks, weights], axis=-1)
-    # sum wPG = 0.5; sum wP = 0.5 + 0.125 = 0.625; sum wG = 1; loss = 1 - (1 + 1) / (1.625 + 1).
-    expected = 1 - 2.0 / 2.625
-    np.testing.assert_allclose(losses.weighted_soft_dice_loss(logits, targets), [expected], rtol=1e-6)
-    # Weighted cross-entropy mean: (-log 0.5 + 0.5 * -log 0.75) / 1.5.
-    cross_entropy = (np.log(2) + 0.5 * -np.log(0.75)) / 1.5
-    np.testing.assert_allclose(
-        losses.weighted_dice_bce_loss(logits, targets), [expected + cross_entropy], rtol=1e-6
-    )
-    # One channel (an expert mask) weighs every pixel 1: the paper's Dice loss and Dice + BCE.
-    np.testing.assert_allclose(
-        losses.weighted_soft_dice_loss(logits, masks), losses.soft_dice_loss(logits, masks), rtol=1e-6
-    )
-    np.testing.assert_allclose(
-        losses.weighted_dice_bce_loss(logits, masks), losses.dice_bce_loss(logits, masks), rtol=1e-6
     )
 
 
