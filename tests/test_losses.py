@@ -168,6 +168,10 @@ def test_exclusive_losses_match_a_numpy_re_implementation(trailing_channel):
     logits = jnp.asarray(logits, jnp.float32)
     _assert_per_image(losses.exclusive_soft_dice_loss(logits, given), expected_dice)
     np.testing.assert_allclose(losses.exclusive_dice_ce_loss(logits, given), expected_dice_ce, atol=1e-5)
+    # Another smoothing reaches the Dice term of Dice + cross-entropy too.
+    _, smoothed = numpy_exclusive_losses(np.asarray(logits, np.float64), labels, smooth=0.25)
+    np.testing.assert_allclose(losses.exclusive_dice_ce_loss(logits, given, smooth=0.25), smoothed, atol=1e-5)
+    assert np.max(np.abs(smoothed - expected_dice_ce)) > 1e-3
 
 
 def test_multilabel_dice_by_hand_with_overlapping_channels():
@@ -189,6 +193,11 @@ def test_multilabel_losses_match_a_numpy_re_implementation():
     logits = jnp.asarray(logits, jnp.float32)
     _assert_per_image(losses.multilabel_soft_dice_loss(logits, targets), expected_dice)
     np.testing.assert_allclose(losses.multilabel_dice_bce_loss(logits, targets), expected_dice_bce, atol=1e-5)
+    _, smoothed = numpy_multilabel_losses(np.asarray(logits, np.float64), targets, smooth=0.25)
+    np.testing.assert_allclose(
+        losses.multilabel_dice_bce_loss(logits, targets, smooth=0.25), smoothed, atol=1e-5
+    )
+    assert np.max(np.abs(smoothed - expected_dice_bce)) > 1e-3
 
 
 def test_every_head_names_its_losses_and_binary_is_the_paper_table():
@@ -218,3 +227,23 @@ def test_weighted_dice_against_hand_computed_values_and_plain_dice_at_weight_one
     np.testing.assert_allclose(
         losses.weighted_dice_bce_loss(logits, masks), losses.dice_bce_loss(logits, masks), rtol=1e-6
     )
+
+
+def test_weighted_losses_are_per_image_with_their_smoothing_and_weights_summing_below_one():
+    # Image 0 as above; image 1: p (0.5, 0.75, 0.25), mask (0, 1, 1), every weight 0.25 (sum 0.75 < 1):
+    # sum wPG = 0.25, sum wP = 0.375, sum wG = 0.5.
+    logits = jnp.log(jnp.array([1.0, 3.0, 1 / 3]))[None, None, :, None].repeat(2, axis=0)
+    masks = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])[:, None, :, None]
+    weights = np.array([[1.0, 0.0, 0.5], [0.25, 0.25, 0.25]])[:, None, :, None]
+    targets = np.concatenate([masks, weights], axis=-1)
+    for smooth in (1.0, 0.5):
+        dice = [1 - (1 + smooth) / (1.625 + smooth), 1 - (0.5 + smooth) / (0.875 + smooth)]
+        _assert_per_image(losses.weighted_soft_dice_loss(logits, targets, smooth=smooth), dice)
+        # Weighted cross-entropy means: image 1's weights sum to 0.75, the mean's denominator.
+        cross_entropy = [
+            (np.log(2) + 0.5 * -np.log(0.75)) / 1.5,
+            0.25 * (np.log(2) - np.log(0.75) + np.log(4)) / 0.75,
+        ]
+        _assert_per_image(
+            losses.weighted_dice_bce_loss(logits, targets, smooth=smooth), np.add(dice, cross_entropy)
+        )
