@@ -52,6 +52,8 @@ TESTS = {
     "heads": ["tests/test_heads.py", "tests/test_evaluate_classes.py", "tests/test_predict_classes.py"],
     # A split's per-class sections (HD95 and lesion sizes in mm with a spacing) and lung involvement.
     "evaluate_classes": ["tests/test_evaluate_classes.py", "tests/test_involvement.py"],
+    # A volume's predicted classes: label maps, per-class voxel counts and involvement.
+    "predict_classes": ["tests/test_predict_classes.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],

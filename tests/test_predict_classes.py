@@ -9,7 +9,7 @@ import pytest
 from helpers import ROTATED_AFFINE, make_tiny_config, save_nifti
 from PIL import Image
 
-from rdunet_jax import inference, predict
+from rdunet_jax import inference, involvement, predict, predict_classes
 from rdunet_jax.errors import UserError
 
 # Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
@@ -165,3 +165,42 @@ def test_a_ground_truth_label_map_of_another_shape_is_refused_naming_the_file(tm
             ground_truth=truth,
         )
     assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
+
+
+def _tally(head, classes, threshold=0.5):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.eval.threshold = head, classes, threshold
+    return predict_classes.ClassTally(config), config
+
+
+def test_a_class_tally_by_hand_with_its_threshold_an_exclusive_heads_lungs_and_no_lungs(tmp_path):
+    # Multilabel at threshold 0.7: lungs on 2 pixels (0.6 is not), infection on one of them and outside.
+    tally, config = _tally("multilabel", ("lungs", "infection"), threshold=0.7)
+    probabilities = np.zeros((2, 2, 2), np.float32)
+    probabilities[..., 0] = [[0.8, 0.8], [0.6, 0.1]]
+    probabilities[0, 0, 1] = probabilities[1, 1, 1] = 0.9
+    tally.add(probabilities, (2, 2))
+    assert tally.voxels.tolist() == [2, 2]
+    assert tally.summary(None, with_expert=False)["involvement"] == {
+        "involvement_percent": 50.0,
+        "severity": involvement.severity_band(50.0),
+        "note": "share of the whole lungs infected (not per lobe)",
+    }
+    # Exclusive labels (1 lung, 2 infection) [[1, 2], [0, 2]]: its lungs are both labels, 3 pixels.
+    tally, _ = _tally("exclusive", ("lungs", "infection"))
+    tally.add(np.eye(3, dtype=np.float32)[[[1, 2], [0, 2]]], (2, 2))
+    assert tally.summary(None, with_expert=False)["involvement"]["involvement_percent"] == pytest.approx(
+        200 / 3
+    )
+    # No lungs predicted: involvement unknown; without both classes: no involvement at all.
+    tally, _ = _tally("multilabel", ("lungs", "infection"))
+    tally.add(np.zeros((2, 2, 2), np.float32), (2, 2))
+    assert tally.summary(None, with_expert=False)["involvement"]["involvement_percent"] is None
+    tally, _ = _tally("multilabel", ("lungs", "lesion"))
+    tally.add(probabilities, (2, 2))
+    assert "involvement" not in tally.summary(None, with_expert=False)
+    # An image's label map takes the threshold too: lungs at 0.6 are not drawn at 0.7.
+    outputs = {"mask": tmp_path / "mask.png", "overlay": tmp_path / "overlay.png"}
+    image = np.full((2, 2), 100, np.uint8)
+    predict_classes.write_image_outputs(outputs, image, probabilities, config)
+    np.testing.assert_array_equal(np.asarray(Image.open(outputs["mask"])), [[2, 1], [0, 2]])
