@@ -58,6 +58,13 @@ TESTS = {
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],
     "involvement": ["tests/test_involvement.py", "tests/test_evaluate_classes.py"],
+    # A subpackage's module is named with dots, as Python imports it (its mutants' names start the same way).
+    # The class label maps and channels the multi-class heads train on, from each dataset's features.
+    "datasets.labels": [
+        "tests/test_datasets.py",
+        "tests/test_input_pipeline.py",
+        "tests/test_evaluate_classes.py",
+    ],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
@@ -97,18 +104,23 @@ def _write_if_changed(path: pathlib.Path, text: str):
         path.write_text(text)
 
 
+def module_path(module: str) -> str:
+    """The file of `module` (`datasets.labels`: rdunet_jax/datasets/labels.py), relative to the checkout."""
+    return "rdunet_jax/" + module.replace(".", "/") + ".py"
+
+
 def staged_config(pyproject: str, module: str) -> str:
     """The project's pyproject.toml with the [tool.mutmut] section mutating `module` under its tests."""
     if "[tool.mutmut]\n" not in pyproject:
         raise SystemExit("pyproject.toml: no [tool.mutmut] section")
-    settings = f"only_mutate = {json.dumps([f'rdunet_jax/{module}.py'])}\n"
+    settings = f"only_mutate = {json.dumps([module_path(module)])}\n"
     settings += f"pytest_add_cli_args_test_selection = {json.dumps(TESTS[module])}\n"
     return pyproject.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + settings)
 
 
 def prepare(work: pathlib.Path, module: str):
     """Stages the package (decorators undone in `module`), tests and config in `work`."""
-    mutated = f"rdunet_jax/{module}.py"
+    mutated = module_path(module)
     # The tests' persistent compilation cache (tests/conftest.py), seeded from the checkout's: the unmutated
     # programs of mutmut's first full test run are then read, not compiled.
     if TEST_CACHE.is_dir():
@@ -149,9 +161,9 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
     """Prints the score table and every surviving (survived, or covered by no test) mutant."""
     equivalent = read_equivalent()
     rows, survivors = [], []
-    metas = sorted(work_root.glob("*/mutants/rdunet_jax/*.py.meta"))
+    metas = sorted(work_root.glob("*/mutants/rdunet_jax/**/*.py.meta"))
     for meta in metas:
-        work = meta.parents[2]
+        work = work_root / meta.relative_to(work_root).parts[0]  # .mutation/MODULE
         verdicts = json.loads(meta.read_text())["exit_code_by_key"]
         counts = collections.Counter()
         for name, code in verdicts.items():
@@ -170,7 +182,7 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         detected = counts["killed"] + counts["timeout"]
         relevant = tested - counts["equivalent"]
         score = f"{100 * detected / relevant:.1f}%" if relevant else "-"
-        module = meta.name.removesuffix(".py.meta")
+        module = ".".join(meta.relative_to(work / "mutants" / "rdunet_jax").parts).removesuffix(".py.meta")
         rows.append(
             f"| {module} | {len(verdicts)} | {tested} | {counts['killed']} | {counts['timeout']} "
             f"| {counts['equivalent']} | {counts['survivors']} | {score} |"
@@ -203,7 +215,7 @@ def _names(meta: pathlib.Path):
 
 def sample(work: pathlib.Path, module: str, count: int, seed: int):
     """Prints `count` of the module's mutant names drawn at random (for a run too long to test them all)."""
-    meta = work / module / "mutants" / "rdunet_jax" / f"{module}.py.meta"
+    meta = work / module / "mutants" / f"{module_path(module)}.meta"
     if not meta.exists():
         raise SystemExit(f"{meta}: no mutants yet: start experiments/mutation.sh {module} once")
     names = sorted(_names(meta))

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import nibabel
 import numpy as np
 import pytest
@@ -725,6 +726,61 @@ def test_a_label_map_with_values_above_the_classes_is_refused_naming_the_record(
     for head in ("exclusive", "multilabel"):
         with pytest.raises(UserError, match=r"^record 7.*label values \{3\} outside data.classes \(0..2\)$"):
             class_labels.with_labels(record, "nifti", head, 2)
+
+
+def test_label_maps_and_channels_are_uint8_and_errors_name_the_dataset_record_and_values():
+    # By hand: class values 0..3 of int64 input, as uint8 map and as one-hot channels 1..3.
+    class_mask = np.array([[0, 1], [2, 3]], np.int64)
+    record = {"class_mask": class_mask}
+    label_map = class_labels.label_map(record, "nifti")
+    assert label_map.dtype == np.uint8 and label_map.tolist() == [[0, 1], [2, 3]]
+    channels = class_labels.label_channels(record, "nifti", 3)
+    assert channels.dtype == np.uint8
+    assert channels.tolist() == [[[0, 0, 0], [1, 0, 0]], [[0, 1, 0], [0, 0, 1]]]
+    ma2020 = {"lung_mask": np.array([[0, 255], [255, 255]]), "mask": np.array([[0, 0], [0, 1]])}
+    assert class_labels.label_map(ma2020, "ma2020_2d").dtype == np.uint8
+    assert class_labels.label_channels(ma2020, "ma2020_2d", 2).dtype == np.uint8
+    # A record without class labels, through either head, names the dataset; one without an id says "?".
+    no_classes = {"mask": np.zeros((2, 2), np.uint8)}
+    for head in ("exclusive", "multilabel"):
+        with pytest.raises(UserError) as error:
+            class_labels.with_labels(no_classes, "nifti", head, 2)
+        assert str(error.value) == "data.name='nifti': records have no class labels for a multi-class head"
+    with pytest.raises(UserError, match="data.name='nifti': records have no class labels"):
+        class_labels.label_channels(no_classes, "nifti", 2)
+    many = {"class_mask": np.arange(9, dtype=np.uint8).reshape(3, 3)}
+    for head, where in (("exclusive", "record ? of data.name='nifti'"), ("multilabel", "record ?")):
+        with pytest.raises(UserError) as error:
+            class_labels.with_labels(many, "nifti", head, 2)
+        assert str(error.value) == f"{where}: label values {{3, 4, 5, 6, 7}} outside data.classes (0..2)"
+    with pytest.raises(UserError) as error:
+        class_labels.with_labels(record, "nifti", "softmax", 3)
+    assert str(error.value) == "model.head: must be 'binary', 'exclusive' or 'multilabel', got 'softmax'"
+
+
+def test_a_labelled_source_keeps_the_name_and_split_of_its_source_and_binary_heads_skip_it():
+    data = config_lib.base_config().data
+    data.name, data.classes = "nifti", ("ggo", "consolidation")
+    records = [{"id": "0", "class_mask": np.zeros((2, 2), np.uint8)}]
+    plain = class_labels.LabelledSource(records, data, "exclusive")
+    assert (plain.name, plain.split) == ("nifti", None)
+
+    class Split(list):
+        name, split = "prepared", "validation"
+
+    named = class_labels.LabelledSource(Split(records), data, "exclusive")
+    assert (named.name, named.split) == ("prepared", "validation")
+    # Without data.classes a config is binary: one class, "lesion".
+    assert class_labels.check_classes(ml_collections.ConfigDict({"name": "semiseg"}), "binary") == ("lesion",)
+    config = config_lib.base_config()
+    config.data = data
+    assert class_labels.for_head(records, config) is records  # the default head, binary
+    with config.model.unlocked():
+        del config.model["head"]  # a config saved before the multi-class heads is binary
+    assert class_labels.for_head(records, config) is records
+    with config.model.unlocked():
+        config.model.head = "exclusive"
+    assert class_labels.for_head(records, config)[0]["labels"].tolist() == [[0, 0], [0, 0]]
 
 
 def test_nifti_label_maps_with_any_number_of_classes_named_by_the_config(tmp_path):

@@ -1,5 +1,6 @@
 """experiments.mutation: the staged copy mutmut mutates (decorators undone, config, what is left out)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -58,9 +59,15 @@ def test_the_staged_config_mutates_one_module_under_its_tests():
         mutation.staged_config("[tool.ruff]\n", "losses")
 
 
+def test_a_subpackage_module_is_named_with_dots_and_staged_by_its_path():
+    assert mutation.module_path("datasets.labels") == "rdunet_jax/datasets/labels.py"
+    staged = mutation.staged_config("[tool.mutmut]\n", "datasets.labels")
+    assert 'only_mutate = ["rdunet_jax/datasets/labels.py"]' in staged
+
+
 def test_every_module_and_its_tests_exist():
     for module, test_files in mutation.TESTS.items():
-        assert (mutation.REPO_ROOT / "rdunet_jax" / f"{module}.py").is_file(), module
+        assert (mutation.REPO_ROOT / mutation.module_path(module)).is_file(), module
         for test_file in test_files:
             assert (mutation.REPO_ROOT / test_file).is_file(), test_file
 
@@ -85,3 +92,15 @@ def test_the_shell_runner_knows_the_same_modules_and_names_them_when_it_refuses_
         f"experiments/mutation.sh: 'volumes' is neither a module ({', '.join(mutation.TESTS)}), "
         "report nor a mutant glob"
     )
+
+
+def test_the_report_reads_a_subpackage_modules_verdicts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mutation, "EQUIVALENT_LIST", tmp_path / "equivalent.txt")
+    meta = tmp_path / "datasets.labels" / "mutants" / "rdunet_jax" / "datasets" / "labels.py.meta"
+    meta.parent.mkdir(parents=True)
+    name = "rdunet_jax.datasets.labels.x_label_map__mutmut_"
+    meta.write_text(json.dumps({"exit_code_by_key": {f"{name}1": 1, f"{name}2": 0, f"{name}3": None}}))
+    mutation.report(tmp_path, "mutmut", show_diffs=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert "| datasets.labels | 3 | 2 | 1 | 0 | 0 | 1 | 50.0% |" in printed
+    assert f"- {name}2 (survived)" in printed
