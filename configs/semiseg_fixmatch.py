@@ -14,9 +14,10 @@ five: experiments/fixmatch_cv_runs.txt):
 
 Built on 2026-12-02: every setting below was fixed before any run on the real slices (FixMatch's weight 1
 and confidence 0.95; its 7 unlabelled images per labelled one are not used: 1 unlabelled slice per 4
-labelled, as self-training's student mixes its pseudo-labelled slices). Fold 0 only, on a 2-core CPU
-(100 min): 0.702 held-out Dice against the plain recipe's 0.745 there, -0.043 [-0.103, 0.002] per slice,
-under-segmenting (experiments/results/recipe/selftrain-small.md). Kept as the second consistency baseline.
+labelled, as self-training's student mixes its pseudo-labelled slices). Cross-validated on the 5 folds
+on a 2-core CPU (about an hour a fold): 0.717 held-out Dice against the plain recipe's 0.743, -0.026
+[-0.047, -0.007] per slice, worse on 4 of the 5 folds (experiments/results/recipe/selftrain-small.md).
+Kept as the second consistency baseline.
 """
 
 import pathlib
