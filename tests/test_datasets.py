@@ -1,5 +1,6 @@
 """The TFDS builder on small files written here: layouts, splits, NIfTI, cache keys and every bad input."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rdunet_jax import config_lib, config_validation, datasets, input_pipeline
-from rdunet_jax.datasets import builder, synthetic
+from rdunet_jax.datasets import builder, pseudo_labels, synthetic
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
 
@@ -988,3 +989,93 @@ def test_a_build_another_process_finished_first_is_reused(tmp_path, monkeypatch,
     assert len(datasets.load_source(data, "train")) == 4
     leftovers = [path.name for path in prepared.data_path.parent.iterdir() if path != prepared.data_path]
     assert leftovers == []
+
+
+# --- Pseudo-label folders and the sources that mix extra slices in --------------------------------------
+
+
+def pseudo_label_folder(path, slices, intensity_matching=None):
+    """A pseudo-label folder by hand: for each (id, index, mask, weight), its two PNGs; then the summary."""
+    for name in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
+        (path / name).mkdir(parents=True, exist_ok=True)
+    for example_id, _, mask, weight in slices:
+        Image.fromarray(mask).save(path / pseudo_labels.MASKS / f"{example_id}.png")
+        Image.fromarray(weight).save(path / pseudo_labels.WEIGHTS / f"{example_id}.png")
+    summary = {"slices": [{"id": example_id, "index": index} for example_id, index, _, _ in slices]}
+    if intensity_matching is not None:
+        summary["unlabelled_intensity_matching"] = intensity_matching
+    (path / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
+    return path
+
+
+def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tmp_path):
+    pool = [{"id": f"p{index}", "image": np.full((2, 3), index, np.uint8)} for index in range(3)]
+    mask = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
+    weight = np.array([[0, 128, 255], [7, 0, 255]], np.uint8)
+    folder = pseudo_label_folder(tmp_path / "round1", [("p2", 2, mask, weight), ("p0", 0, mask, weight)])
+    source = pseudo_labels.PseudoLabelSource(folder, pool)
+    record = source[0]
+    assert record["id"] == "p2" and record["image"].tolist() == [[2, 2, 2], [2, 2, 2]]
+    assert record["mask"].tolist() == [[0, 1, 1], [0, 0, 1]] and record["weight"].tolist() == weight.tolist()
+    assert source.lesion_fraction(1) == 0.5
+    assert repr(source) == f"PseudoLabelSource(directory={str(folder)!r}, num_records=2)"
+    # Labels made from the pool matched one way, read with another: refused, naming both.
+    matched = pseudo_label_folder(tmp_path / "window", [("p1", 1, mask, weight)], intensity_matching="window")
+    assert len(pseudo_labels.PseudoLabelSource(matched, pool, intensity_matching="window")) == 1
+    with pytest.raises(UserError) as error:
+        pseudo_labels.PseudoLabelSource(matched, pool)
+    assert str(error.value) == (
+        f"data.unlabelled_intensity_matching: {matched} was predicted from the pool matched with 'window', "
+        "the config reads it with 'none'"
+    )
+    # The pool changed under the labels: the slice at that index is another one.
+    moved = pseudo_labels.PseudoLabelSource(
+        pseudo_label_folder(tmp_path / "moved", [("p0", 1, mask, weight)]), pool
+    )
+    with pytest.raises(UserError) as error:
+        moved[0]
+    assert str(error.value) == (
+        f"data.pseudo_label_dir: {tmp_path / 'moved'} labels slice 'p0' at index 1, where the unlabelled "
+        "split now holds 'p1'; predict it again"
+    )
+    for name, bad_mask, bad_weight in (("mask", mask[:1], weight), ("weight", mask, weight[:, :2])):
+        bad = pseudo_label_folder(tmp_path / name, [("p1", 1, bad_mask, bad_weight)])
+        with pytest.raises(UserError) as error:
+            pseudo_labels.PseudoLabelSource(bad, pool)[0]
+        shape = (bad_mask if name == "mask" else bad_weight).shape
+        assert str(error.value) == f"{bad}: the {name} of p1 is {shape}, its image (2, 3)"
+    with pytest.raises(UserError) as error:
+        pseudo_labels.read_summary(tmp_path / "empty")
+    assert str(error.value) == (
+        f"data.pseudo_label_dir: {tmp_path / 'empty'} holds no summary.json "
+        "(not a complete pseudo-label folder)"
+    )
+
+
+def test_unlabelled_slices_without_labels_the_lesion_filter_and_the_mix_by_hand():
+    pool = [{"id": "u7", "image": np.ones((2, 2), np.uint8)}]
+    record = pseudo_labels.WithoutLabels(pool)[0]
+    assert record["id"] == "u7" and record["mask"].dtype == record["weight"].dtype == np.uint8
+    assert record["mask"].tolist() == record["weight"].tolist() == [[0, 0], [0, 0]]
+
+    class FractionsOnly(list):
+        """Answers the lesion filter from its fractions; reading a record's mask would be an error."""
+
+        def lesion_fraction(self, index):
+            return [0.05, 0.2, 0.01][index]
+
+        def __getitem__(self, index):
+            raise AssertionError("the filter read a record")
+
+    kept = pseudo_labels.WithLesion(FractionsOnly([None] * 3), 0.05)
+    assert kept.kept == [0, 1]
+    labelled = [{"id": "a"}, {"id": "b"}]
+    mixed = pseudo_labels.MixedSource(labelled, pool, 0.2)
+    assert (mixed.name, mixed.split, len(mixed), mixed[1]) == ("", "train", 2, {"id": "b"})
+    assert repr(mixed) == f"MixedSource(labelled={labelled!r}, extra={pool!r}, fraction=0.2)"
+
+    class Named(list):
+        name, split = "semiseg", "train_full"
+
+    named = pseudo_labels.MixedSource(Named(labelled), pool, 0.5)
+    assert (named.name, named.split) == ("semiseg", "train_full")
