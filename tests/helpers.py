@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from rdunet_jax import config_lib, config_validation, inference, models
+from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -284,6 +285,22 @@ def save_png(path, array, palette=False):
         image = image.convert("P")  # palette indices keep the raw label values
         image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
     image.save(path)
+
+
+def write_pseudo_label_folder(folder, slices, intensity_matching=None):
+    """A pseudo-label folder as rdunet_jax.selftrain writes one: for each (id, index in the unlabelled
+    split, mask {0, 255}, weight bytes) its two PNGs, then the summary (with the pool's matching if given)."""
+    folder = pathlib.Path(folder)
+    for subfolder in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
+        (folder / subfolder).mkdir(parents=True, exist_ok=True)
+    for example_id, _, mask, weight in slices:
+        Image.fromarray(mask).save(folder / pseudo_labels.MASKS / f"{example_id}.png")
+        Image.fromarray(weight).save(folder / pseudo_labels.WEIGHTS / f"{example_id}.png")
+    summary = {"slices": [{"id": example_id, "index": index} for example_id, index, _, _ in slices]}
+    if intensity_matching is not None:
+        summary["unlabelled_intensity_matching"] = intensity_matching
+    (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
+    return folder
 
 
 def make_semiseg(root, ids=range(6), validation=(4, 5)):

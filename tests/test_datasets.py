@@ -1,6 +1,5 @@
 """The TFDS builder on small files written here: layouts, splits, NIfTI, cache keys and every bad input."""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -10,7 +9,15 @@ import ml_collections
 import nibabel
 import numpy as np
 import pytest
-from helpers import DOCTOR_LABEL, MULTICLASS, lesion_slice, make_ma2020, make_semiseg, save_png
+from helpers import (
+    DOCTOR_LABEL,
+    MULTICLASS,
+    lesion_slice,
+    make_ma2020,
+    make_semiseg,
+    save_png,
+    write_pseudo_label_folder,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -994,25 +1001,13 @@ def test_a_build_another_process_finished_first_is_reused(tmp_path, monkeypatch,
 # --- Pseudo-label folders and the sources that mix extra slices in --------------------------------------
 
 
-def pseudo_label_folder(path, slices, intensity_matching=None):
-    """A pseudo-label folder by hand: for each (id, index, mask, weight), its two PNGs; then the summary."""
-    for name in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
-        (path / name).mkdir(parents=True, exist_ok=True)
-    for example_id, _, mask, weight in slices:
-        Image.fromarray(mask).save(path / pseudo_labels.MASKS / f"{example_id}.png")
-        Image.fromarray(weight).save(path / pseudo_labels.WEIGHTS / f"{example_id}.png")
-    summary = {"slices": [{"id": example_id, "index": index} for example_id, index, _, _ in slices]}
-    if intensity_matching is not None:
-        summary["unlabelled_intensity_matching"] = intensity_matching
-    (path / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
-    return path
-
-
 def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tmp_path):
     pool = [{"id": f"p{index}", "image": np.full((2, 3), index, np.uint8)} for index in range(3)]
     mask = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
     weight = np.array([[0, 128, 255], [7, 0, 255]], np.uint8)
-    folder = pseudo_label_folder(tmp_path / "round1", [("p2", 2, mask, weight), ("p0", 0, mask, weight)])
+    folder = write_pseudo_label_folder(
+        tmp_path / "round1", [("p2", 2, mask, weight), ("p0", 0, mask, weight)]
+    )
     source = pseudo_labels.PseudoLabelSource(folder, pool)
     record = source[0]
     assert record["id"] == "p2" and record["image"].tolist() == [[2, 2, 2], [2, 2, 2]]
@@ -1020,7 +1015,9 @@ def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tm
     assert source.lesion_fraction(1) == 0.5
     assert repr(source) == f"PseudoLabelSource(directory={str(folder)!r}, num_records=2)"
     # Labels made from the pool matched one way, read with another: refused, naming both.
-    matched = pseudo_label_folder(tmp_path / "window", [("p1", 1, mask, weight)], intensity_matching="window")
+    matched = write_pseudo_label_folder(
+        tmp_path / "window", [("p1", 1, mask, weight)], intensity_matching="window"
+    )
     assert len(pseudo_labels.PseudoLabelSource(matched, pool, intensity_matching="window")) == 1
     with pytest.raises(UserError) as error:
         pseudo_labels.PseudoLabelSource(matched, pool)
@@ -1030,7 +1027,7 @@ def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tm
     )
     # The pool changed under the labels: the slice at that index is another one.
     moved = pseudo_labels.PseudoLabelSource(
-        pseudo_label_folder(tmp_path / "moved", [("p0", 1, mask, weight)]), pool
+        write_pseudo_label_folder(tmp_path / "moved", [("p0", 1, mask, weight)]), pool
     )
     with pytest.raises(UserError) as error:
         moved[0]
@@ -1039,7 +1036,7 @@ def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tm
         "split now holds 'p1'; predict it again"
     )
     for name, bad_mask, bad_weight in (("mask", mask[:1], weight), ("weight", mask, weight[:, :2])):
-        bad = pseudo_label_folder(tmp_path / name, [("p1", 1, bad_mask, bad_weight)])
+        bad = write_pseudo_label_folder(tmp_path / name, [("p1", 1, bad_mask, bad_weight)])
         with pytest.raises(UserError) as error:
             pseudo_labels.PseudoLabelSource(bad, pool)[0]
         shape = (bad_mask if name == "mask" else bad_weight).shape

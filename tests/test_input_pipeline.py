@@ -1,10 +1,10 @@
 """The Grain pipeline: seeded batch order, aligned binary augmentation, exact resume, fixed shapes."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
+from helpers import write_pseudo_label_folder
 from PIL import Image
 from scipy import ndimage
 
@@ -277,21 +277,15 @@ POOL_SIZE, PSEUDO_WEIGHT_BYTE = 10, 128
 
 
 def write_pseudo_labels(folder, pool, weight_byte):
-    """A pseudo-label folder for every slice of `pool`: the phantom's own lesion-free mask, and one
-    weight everywhere, so a batch row tells by its weight channel where it came from."""
-    for subfolder in (pseudo_labels.MASKS, pseudo_labels.WEIGHTS):
-        (folder / subfolder).mkdir(parents=True)
+    """A pseudo-label folder for every slice of `pool`: the top half "lesion", and one weight everywhere,
+    so a batch row tells by its weight channel where it came from."""
     slices = []
     for index in range(len(pool)):
         record = pool[index]
         mask = np.zeros_like(record["image"])
-        mask[: mask.shape[0] // 2] = 255  # top half "lesion"
-        Image.fromarray(mask).save(folder / pseudo_labels.MASKS / f"{record['id']}.png")
-        weight = np.full_like(record["image"], weight_byte)
-        Image.fromarray(weight).save(folder / pseudo_labels.WEIGHTS / f"{record['id']}.png")
-        slices.append({"index": index, "id": record["id"]})
-    (folder / pseudo_labels.SUMMARY).write_text(json.dumps({"slices": slices}))
-    return folder
+        mask[: mask.shape[0] // 2] = 255
+        slices.append((record["id"], index, mask, np.full_like(record["image"], weight_byte)))
+    return write_pseudo_label_folder(folder, slices)
 
 
 @pytest.fixture(scope="module")
