@@ -72,6 +72,12 @@ TESTS = {
         "tests/test_selftrain.py",
         "tests/test_mean_teacher.py",
     ],
+    # The unlabelled pool's intensities mapped onto the labelled slices' ('window', 'histogram').
+    "datasets.intensity_matching": [
+        "tests/test_intensity_matching.py",
+        "tests/test_datasets.py",
+        "tests/test_selftrain.py",
+    ],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 

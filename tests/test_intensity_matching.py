@@ -72,6 +72,66 @@ def test_match_window_against_hand_computed_values():
     np.testing.assert_array_equal(matched[[0, 3, 50, 100, 101]], [0, 6, 99, 198, 255])
 
 
+def test_window_matching_clips_below_black_as_well_as_above_white():
+    # The second case above mirrored (x -> 255 - x, image and reference alike): every value is mirrored, and
+    # 125, the mirror of 130, maps to 255 - 257.5 = -2.5, clipped to 0 rather than wrapped round to 253.
+    image = 255 - np.concatenate([np.arange(101), [130]]).astype(np.uint8)
+    reference = np.bincount(255 - np.arange(201), minlength=256)
+    matched = intensity_matching.match_window(image, reference)
+    np.testing.assert_array_equal(matched[[0, 3, 50, 100, 101]], [255, 249, 156, 57, 0])
+
+
+def test_a_window_exactly_min_window_levels_wide_is_stretched():
+    # Half the pixels 10, half 14: the 5th and 95th percentiles are 10 and 14, 4 levels apart (the limit),
+    # so the slice is matched: 10 -> 10 and 14 -> 190, the reference's percentiles.
+    image = np.repeat(np.array([10, 14], np.uint8), 50)
+    reference = np.bincount(np.arange(201), minlength=256)
+    assert intensity_matching.MIN_WINDOW_LEVELS == 4.0
+    np.testing.assert_array_equal(np.unique(intensity_matching.match_window(image, reference)), [10, 190])
+
+
+class _Split:
+    """A labelled split as `pooled_histogram` reads it: records by index, its name as `split`."""
+
+    def __init__(self, images, split=None):
+        self.images = images
+        if split is not None:
+            self.split = split
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index]}
+
+
+def test_pooled_histogram_counts_every_image_of_the_split_as_int64():
+    images = [np.array([[0, 3], [3, 255]], np.uint8), np.array([[3]], np.uint8)]
+    counts = intensity_matching.pooled_histogram(_Split(images, "train"))
+    expected = np.zeros(256, np.int64)
+    expected[0], expected[3], expected[255] = 1, 3, 1
+    np.testing.assert_array_equal(counts, expected)
+    assert counts.dtype == np.int64
+
+
+@pytest.mark.parametrize(("split", "named"), [("train", "split 'train'"), (None, "split '?'")])
+def test_pooled_histogram_refuses_images_that_are_not_8_bit_naming_the_split(split, named):
+    with pytest.raises(UserError) as raised:
+        intensity_matching.pooled_histogram(_Split([np.zeros((2, 2), np.uint16)], split))
+    assert (
+        str(raised.value)
+        == f"data.unlabelled_intensity_matching: needs 8-bit images, {named} holds uint16 ones"
+    )
+
+
+def test_pooled_histogram_of_a_split_without_pixels_is_refused_in_one_line():
+    with pytest.raises(UserError) as raised:
+        intensity_matching.pooled_histogram(_Split([], "train"))
+    assert str(raised.value) == (
+        "data.unlabelled_intensity_matching: the labelled training split holds no pixels"
+    )
+
+
 @pytest.mark.parametrize("match", ["match_window", "match_histogram"])
 def test_a_wider_display_window_is_undone_by_either_matching(match):
     # A slice stored in a window twice as wide (intensities halved, then offset) is brought back to
@@ -85,9 +145,10 @@ def test_a_wider_display_window_is_undone_by_either_matching(match):
     assert np.abs(windowed.astype(int) - reference).mean() > 40
 
 
-def test_only_8_bit_images_are_matched_in_one_line():
+@pytest.mark.parametrize("match", ["match_window", "match_histogram"])
+def test_only_8_bit_images_are_matched_in_one_line(match):
     with pytest.raises(UserError) as raised:
-        intensity_matching.match_histogram(np.zeros((4, 4), np.float32), np.ones(256))
+        getattr(intensity_matching, match)(np.zeros((4, 4), np.float32), np.ones(256))
     assert str(raised.value) == (
         "data.unlabelled_intensity_matching: needs 8-bit images, the unlabelled split holds float32 ones"
     )
