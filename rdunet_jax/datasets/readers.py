@@ -34,22 +34,15 @@ def _open_image(path: pathlib.Path) -> Image.Image:
         raise UserError(f"{path}: corrupt or truncated image ({error})") from None
 
 
-def _as_2d(array: np.ndarray, path, what: str) -> np.ndarray:
-    """Checks that `array` is one 2-D slice."""
-    if array.ndim != 2:
-        raise UserError(f"{path}: expected a 2-D {what}, got an array of shape {array.shape}")
-    if min(array.shape) == 0:
-        raise UserError(f"{path}: empty {what} of shape {array.shape}")
-    return array
-
-
 def read_grayscale_image(path) -> np.ndarray:
-    """A slice image as (H, W) uint8; colour images are converted to luminance."""
+    """A slice image as (H, W) uint8; colour and palette images are converted to luminance."""
     path = pathlib.Path(path)
     image = _open_image(path)
-    if image.mode not in ("L", "P"):
+    if image.mode != "L":
+        # A palette slice's indices are not intensities: its displayed grey levels are.
         image = image.convert("L")
-    return _as_2d(np.asarray(image, np.uint8), path, "grayscale image")
+    # An L image is one 8-bit channel of at least 1x1 pixels (Pillow neither writes nor reads empty images).
+    return np.asarray(image)
 
 
 def read_label_image(path, labels) -> np.ndarray:
@@ -63,7 +56,7 @@ def read_label_image(path, labels) -> np.ndarray:
         raise UserError(
             f"{path}: a mask must be a single-channel (L or palette) image, got mode {image.mode}"
         )
-    array = _as_2d(np.asarray(image, np.uint8), path, "mask")
+    array = np.asarray(image)  # L or P: (H, W) uint8, as in read_grayscale_image
     check_labels(array, labels, path)
     return array
 
@@ -71,7 +64,7 @@ def read_label_image(path, labels) -> np.ndarray:
 def check_labels(array: np.ndarray, labels, path) -> None:
     """Raises UserError naming `path` when `array` has values outside `labels`."""
     if array.dtype == np.uint8:
-        values = np.flatnonzero(np.bincount(array.ravel(), minlength=256))  # far faster than np.unique
+        values = np.flatnonzero(np.bincount(array.ravel()))  # far faster than np.unique
     else:
         values = np.unique(array)
     unknown = np.setdiff1d(values, np.asarray(labels))
