@@ -121,6 +121,7 @@ def test_a_series_is_ordered_by_position_and_read_in_hounsfield_units(tmp_path):
     expected = np.array([[-0.7, 0, 0, 100.0], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
     np.testing.assert_allclose(image.affine, expected, atol=1e-6)
     assert image.header.get_zooms() == pytest.approx((0.7, 0.8, 2.5))
+    assert image.dicom_geometry.zooms == pytest.approx((0.7, 0.8, 2.5))  # (column, row, slice) as well
     # What a viewer places a mask by: millimetres, and both transforms in scanner coordinates (code 1).
     assert_scanner_header(image.header, expected)
 
@@ -250,6 +251,9 @@ def test_the_folder_scan_reads_dicom_files_at_any_depth_and_skips_the_rest(tmp_p
         *(tmp_path / "study" / "a" / f"img00{k}.dcm" for k in range(4)),
     ]
     assert dicom.dicom_files(tmp_path / "study") == sorted(expected)
+    # A path that cannot be opened (absent, or a folder) is not a DICOM file, and not an error.
+    assert not dicom.is_dicom_file(tmp_path / "study" / "absent.dcm")
+    assert not dicom.is_dicom_file(tmp_path / "study" / "a")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as raised:
         dicom.find_series(tmp_path / "empty")
@@ -291,11 +295,27 @@ def test_uneven_steps_beyond_a_tenth_are_warned_and_duplicate_positions_refused(
         f"{tmp_path / 'uneven' / 'img006.dcm'}: 1 mm from img005.dcm, the series steps 2.5 mm "
         "(uneven spacing)"
     ]
+    # Exactly a tenth of the step off (2.75 and 2.25 mm, exact in binary) is still within it.
+    write_series(tmp_path / "tenth", _phantom_hu((40, 48, 7)), order=list(range(7)))
+    _moved(tmp_path / "tenth" / "img002.dcm", 0.25)
+    assert dicom.open_series(tmp_path / "tenth").dicom_geometry.warnings == []
     write_series(tmp_path / "twice", _phantom_hu(), order=[0, 1, 2, 3])
     (tmp_path / "twice" / "img004.dcm").write_bytes((tmp_path / "twice" / "img001.dcm").read_bytes())
     with pytest.raises(UserError) as raised:
         dicom.open_series(tmp_path / "twice")
     assert str(raised.value) == f"{tmp_path / 'twice' / 'img004.dcm'}: same slice position as img001.dcm"
+    # Two files at one position keep their path order whatever the others' (a stable sort): files in
+    # reverse order, img002 a copy of img001. NumPy's default sort named img001 after img002 here.
+    write_series(tmp_path / "twice_reversed", _phantom_hu((40, 48, 5)))
+    (tmp_path / "twice_reversed" / "img002.dcm").write_bytes(
+        (tmp_path / "twice_reversed" / "img001.dcm").read_bytes()
+    )
+    with pytest.raises(UserError) as raised:
+        dicom.open_series(tmp_path / "twice_reversed")
+    assert (
+        str(raised.value)
+        == f"{tmp_path / 'twice_reversed' / 'img002.dcm'}: same slice position as img001.dcm"
+    )
 
 
 def test_a_single_slice_takes_its_slice_thickness_as_the_step(tmp_path):
@@ -485,6 +505,11 @@ def _other_columns(folder):
     )
 
 
+def _without_orientation_in_one(folder):
+    write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
+    _without_in(folder / "img002.dcm", "ImageOrientationPatient")
+
+
 def _without_position_in_one(folder):
     write_series(folder, _phantom_hu(), order=[0, 1, 2, 3])
     _without_in(folder / "img003.dcm", "ImagePositionPatient")
@@ -538,6 +563,7 @@ def _without_rescale(folder):
         (_other_columns, r"img002.dcm: 40x47 pixels, img\d{3}.dcm \(40, 48\)$"),
         (_multi_frame, "img001.dcm: a multi-frame image; only single-frame CT series are read$"),
         (_without_position_in_one, "img003.dcm: DICOM file without ImagePositionPatient$"),
+        (_without_orientation_in_one, "img002.dcm: DICOM file without ImageOrientationPatient$"),
         (_without_pixels, "img003.dcm: DICOM file without pixel data"),
         (_without_rescale, "series: values do not look like CT in Hounsfield units"),
     ],
@@ -547,6 +573,51 @@ def test_a_series_that_cannot_be_read_is_one_line_naming_the_file_and_nothing_is
 ):
     break_series(tmp_path / "series")
     _refused_before_writing(tmp_path / "series", tmp_path / "out", message)
+
+
+def test_orientations_and_positions_exactly_the_tolerance_apart_are_one_series_of_distinct_slices(tmp_path):
+    from rdunet_jax import dicom
+
+    assert dicom.ORIENTATION_TOLERANCE == 1e-4  # 0.0001 - 0.0 is exactly the float 1e-4
+    # One file's row direction tilted by exactly the tolerance: still the series' orientation.
+    write_series(tmp_path / "tilted", _phantom_hu(), order=[0, 1, 2, 3])
+    data = pydicom.dcmread(tmp_path / "tilted" / "img002.dcm")
+    data.ImageOrientationPatient = [1.0, 0.0001, 0.0, 0.0, 1.0, 0.0]
+    data.save_as(tmp_path / "tilted" / "img002.dcm")
+    assert dicom.open_series(tmp_path / "tilted").shape == (48, 40, 4)
+    # Two slices exactly the tolerance apart are two slices, not one position twice.
+    write_series(tmp_path / "close", _phantom_hu((40, 48, 2)), origin=(0.0, 0.0, 0.0), step=0.0001)
+    assert dicom.open_series(tmp_path / "close").dicom_geometry.zooms[2] == 0.0001
+
+
+def test_a_decoder_that_lists_no_missing_package_is_refused_asking_for_a_plugin(tmp_path, monkeypatch):
+    import types
+
+    import pydicom.pixels
+
+    from rdunet_jax import dicom
+
+    _encapsulated_as(JPEGLosslessSV1, b"\xff\xd8 not decoded \xff\xd9")(tmp_path / "series")
+    path = tmp_path / "series" / "img000.dcm"
+    unavailable = types.SimpleNamespace(is_available=False, missing_dependencies=[])
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda syntax: unavailable)
+    with pytest.raises(UserError) as raised:
+        dicom._check_decoder(path, pydicom.dcmread(path))
+    assert str(raised.value).endswith("(1.2.840.10008.1.2.4.70); install a decoder: a decoder plugin")
+
+
+def test_the_completeness_check_passes_over_pixel_data_read_already(tmp_path):
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "series", _phantom_hu())
+    path = tmp_path / "series" / "img001.dcm"
+    header = pydicom.dcmread(path)
+    header.PixelData  # noqa: B018 (read: no offset or length left to check against the file's size)
+    dicom._check_complete(path, header)
+    deferred = pydicom.dcmread(path, defer_size=1024)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"img001.dcm: truncated DICOM file \(\d+ bytes"):
+        dicom._check_complete(path, deferred)
 
 
 def test_without_highdicom_a_series_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -687,6 +758,21 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
     assert "PatientID" not in pydicom.dcmread(tmp_path / "series" / "img000.dcm")
 
 
+def test_a_one_slice_series_gets_a_one_frame_segmentation(tmp_path):
+    import highdicom
+
+    from rdunet_jax import dicom
+
+    write_series(tmp_path / "series", _phantom_hu((40, 48, 1)))
+    geometry = dicom.open_series(tmp_path / "series").dicom_geometry
+    mask = np.zeros(geometry.shape, np.uint8)
+    mask[2:9, 3:7, 0] = 1
+    dicom.write_segmentation(tmp_path / "seg.dcm", geometry, mask, step=7)
+    segmentation = highdicom.seg.segread(tmp_path / "seg.dcm")
+    assert (segmentation.NumberOfFrames, segmentation.SeriesNumber) == (1, 1001)
+    np.testing.assert_array_equal(segmentation.pixel_array, mask[:, :, 0].T)
+
+
 def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_headers_alone(tmp_path):
     import highdicom
 
@@ -721,6 +807,7 @@ def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_header
     algorithm = segmentation.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("rdunet_jax Residual Dilated U-net", "7")
     assert segmentation.SeriesInstanceUID != geometry.files[0][1].SeriesInstanceUID
+    assert pydicom.uid.UID(str(segmentation.SeriesInstanceUID)).is_valid  # a new series, not an empty one
     measures = segmentation.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(2.5)
     # The SEG's completed copies (PatientID present and empty) are copies: the series' headers are unchanged.
@@ -728,12 +815,19 @@ def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_header
     assert all("PatientID" not in header for _, header in geometry.files)
 
 
+@pytest.mark.parametrize("emptied", [False, True])
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID"])
 def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_anything_is_written(
-    tmp_path, monkeypatch, keyword
+    tmp_path, monkeypatch, keyword, emptied
 ):
     write_series(tmp_path / "series", _phantom_hu())
-    _without(tmp_path / "series", [keyword])
+    if emptied:  # present, as an empty string
+        for path in (tmp_path / "series").iterdir():
+            data = pydicom.dcmread(path)
+            setattr(data, keyword, "")
+            data.save_as(path)
+    else:
+        _without(tmp_path / "series", [keyword])
     _refused_before_writing(
         tmp_path / "series", tmp_path / "out", rf"img\d{{3}}\.dcm: DICOM file without {keyword}$"
     )
