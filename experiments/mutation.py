@@ -78,6 +78,15 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_selftrain.py",
     ],
+    # Reading and checking a manual directory's files: slices, masks, NIfTI volumes, split lists.
+    "datasets.readers": [
+        "tests/test_readers.py",
+        "tests/test_datasets.py",
+        "tests/test_pack_ma2020.py",
+        "tests/test_predict.py",
+    ],
+    # Which files make up each public dataset's examples and splits; the missing-data error.
+    "datasets.layouts": ["tests/test_datasets.py", "tests/test_pack_ma2020.py"],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
@@ -182,7 +191,7 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         for name, code in verdicts.items():
             if code is None:
                 counts["untested"] += 1
-            elif name in equivalent:
+            elif name in equivalent and code not in KILLED_CODES | TIMEOUT_CODES:
                 counts["equivalent"] += 1
             elif code in KILLED_CODES:
                 counts["killed"] += 1
@@ -209,9 +218,17 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         if show_diffs:
             diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
             print("```diff\n" + diff.strip() + "\n```")
-    stale = sorted(set(equivalent) - {name for meta in metas for name in _names(meta)})
-    for name in stale:
+    verdicts = {name: code for meta in metas for name, code in _names(meta).items()}
+    for name in sorted(set(equivalent) - set(verdicts)):
         print(f"warning: {EQUIVALENT_LIST.name} names {name}, which is no longer a mutant", file=sys.stderr)
+    # mutmut numbers a function's mutants in order, so a changed function renumbers them: a listed name may
+    # now be another mutant. One the tests detect is counted as detected, and its entry must go.
+    for name in sorted(name for name in equivalent if verdicts.get(name) in KILLED_CODES | TIMEOUT_CODES):
+        print(
+            f"warning: {EQUIVALENT_LIST.name} names {name}, which the tests detect: renumbered, or not "
+            "equivalent; check it with mutmut show",
+            file=sys.stderr,
+        )
 
 
 def _status(code) -> str:

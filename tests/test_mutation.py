@@ -104,3 +104,24 @@ def test_the_report_reads_a_subpackage_modules_verdicts(tmp_path, capsys, monkey
     printed = capsys.readouterr().out.splitlines()
     assert "| datasets.labels | 3 | 2 | 1 | 0 | 0 | 1 | 50.0% |" in printed
     assert f"- {name}2 (survived)" in printed
+
+
+def test_a_listed_equivalent_counts_only_while_it_survives_and_a_detected_one_is_named(
+    tmp_path, capsys, monkeypatch
+):
+    # mutmut renumbers a changed function's mutants: a listed name can come to mean one the tests kill.
+    name = "rdunet_jax.losses.x_dice__mutmut_"
+    (tmp_path / "equivalent.txt").write_text(f"{name}1 kept\n{name}2 renumbered since\n{name}9 gone\n")
+    monkeypatch.setattr(mutation, "EQUIVALENT_LIST", tmp_path / "equivalent.txt")
+    meta = tmp_path / "losses" / "mutants" / "rdunet_jax" / "losses.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {f"{name}1": 0, f"{name}2": 1, f"{name}3": 0}}))
+    mutation.report(tmp_path, "mutmut", show_diffs=False)
+    out, err = capsys.readouterr()
+    # 3 tested: 1 equivalent (survives, listed), 1 killed (listed, but detected), 1 survivor.
+    assert "| losses | 3 | 3 | 1 | 0 | 1 | 1 | 50.0% |" in out.splitlines()
+    assert err.splitlines() == [
+        f"warning: equivalent.txt names {name}9, which is no longer a mutant",
+        f"warning: equivalent.txt names {name}2, which the tests detect: renumbered, or not equivalent; "
+        "check it with mutmut show",
+    ]
