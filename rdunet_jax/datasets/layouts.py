@@ -79,14 +79,6 @@ def _require_file(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _find_image(folder: pathlib.Path, example_id: str) -> pathlib.Path:
-    """The image file of `example_id` in `folder`, whichever image suffix it has."""
-    for suffix in IMAGE_SUFFIXES:
-        if (folder / f"{example_id}{suffix}").is_file():
-            return folder / f"{example_id}{suffix}"
-    raise UserError(f"{folder / example_id}.jpg: file missing (incomplete manual directory)")
-
-
 @dataclasses.dataclass(frozen=True)
 class SliceFiles:
     """The files of one 2-D example: image, lesion mask and an optional class or lung mask."""
@@ -122,15 +114,18 @@ def semiseg_splits(manual_dir) -> dict[str, list[SliceFiles]]:
             f"{manual_dir / SEMISEG_MULTICLASS}: train.txt and val.txt share ids {sorted(overlap)[:5]}"
         )
 
-    def files(example_id, image_folder, mask_folder, class_folder):
+    def files(image, mask_folder, class_folder):
         return SliceFiles(
-            example_id,
-            _find_image(image_folder, example_id),
-            _require_file(mask_folder / f"{example_id}.png"),
-            _require_file(class_folder / f"{example_id}.png"),
+            image.stem,
+            image,
+            _require_file(mask_folder / f"{image.stem}.png"),
+            _require_file(class_folder / f"{image.stem}.png"),
         )
 
-    splits = {split: [files(i, images, masks, class_masks) for i in ids] for split, ids in lists.items()}
+    # The split lists name ids whose .jpg read_split_list found; the test split is whatever images it holds.
+    splits = {
+        split: [files(images / f"{i}.jpg", masks, class_masks) for i in ids] for split, ids in lists.items()
+    }
     splits["train_full"] = sorted(
         splits["train"] + splits["validation"], key=lambda f: _numeric_first(f.example_id)
     )
@@ -138,13 +133,13 @@ def semiseg_splits(manual_dir) -> dict[str, list[SliceFiles]]:
         test_images = _require_folder("semiseg", manual_dir, SEMISEG_TEST_BINARY / "Imgs")
         test_masks = _require_folder("semiseg", manual_dir, SEMISEG_TEST_BINARY / "GT")
         test_class_masks = _require_folder("semiseg", manual_dir, SEMISEG_TEST_MULTICLASS / "GT")
-        test_ids = sorted(
-            (path.stem for path in test_images.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES),
-            key=_numeric_first,
+        test_paths = sorted(
+            (path for path in test_images.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES),
+            key=lambda path: (_numeric_first(path.stem), path.name),
         )
-        if not test_ids:
+        if not test_paths:
             raise UserError(f"{test_images}: no .jpg or .png images in the folder")
-        splits["test"] = [files(i, test_images, test_masks, test_class_masks) for i in test_ids]
+        splits["test"] = [files(path, test_masks, test_class_masks) for path in test_paths]
     return splits
 
 
