@@ -86,7 +86,11 @@ TESTS = {
         "tests/test_predict.py",
     ],
     # Which files make up each public dataset's examples and splits; the missing-data error.
-    "datasets.layouts": ["tests/test_datasets.py", "tests/test_pack_ma2020.py"],
+    "datasets.layouts": [
+        "tests/test_dataset_layouts.py",
+        "tests/test_datasets.py",
+        "tests/test_pack_ma2020.py",
+    ],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself
 
