@@ -105,6 +105,7 @@ KILLED_CODES = {1, 3}
 TIMEOUT_CODES = {-24, 24, 152, 255, 36}
 SURVIVED_CODES = {0}
 NO_TESTS_CODES = {5, 33}
+DETECTED_CODES = KILLED_CODES | TIMEOUT_CODES
 
 
 def undecorate(source: str) -> str:
@@ -192,16 +193,17 @@ def read_equivalent() -> dict[str, str]:
 def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
     """Prints the score table and every surviving (survived, or covered by no test) mutant."""
     equivalent = read_equivalent()
-    rows, survivors, modules = [], [], []
+    rows, survivors, staged, all_verdicts = [], [], [], {}
     metas = sorted(work_root.glob("*/mutants/rdunet_jax/**/*.py.meta"))
     for meta in metas:
         work = work_root / meta.relative_to(work_root).parts[0]  # .mutation/MODULE
         verdicts = json.loads(meta.read_text())["exit_code_by_key"]
+        all_verdicts.update(verdicts)
         counts = collections.Counter()
         for name, code in verdicts.items():
             if code is None:
                 counts["untested"] += 1
-            elif name in equivalent and code not in KILLED_CODES | TIMEOUT_CODES:
+            elif name in equivalent and code not in DETECTED_CODES:
                 counts["equivalent"] += 1
             elif code in KILLED_CODES:
                 counts["killed"] += 1
@@ -215,7 +217,7 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         relevant = tested - counts["equivalent"]
         score = f"{100 * detected / relevant:.1f}%" if relevant else "-"
         module = ".".join(meta.relative_to(work / "mutants" / "rdunet_jax").parts).removesuffix(".py.meta")
-        modules.append(module)
+        staged.append(f"rdunet_jax.{module}.")
         rows.append(
             f"| {module} | {len(verdicts)} | {tested} | {counts['killed']} | {counts['timeout']} "
             f"| {counts['equivalent']} | {counts['survivors']} | {score} |"
@@ -229,14 +231,14 @@ def report(work_root: pathlib.Path, mutmut: str, show_diffs: bool):
         if show_diffs:
             diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
             print("```diff\n" + diff.strip() + "\n```")
-    verdicts = {name: code for meta in metas for name, code in _names(meta).items()}
     # Only the modules staged here can tell a name that no longer exists from one not run.
-    staged = tuple(f"rdunet_jax.{module}." for module in modules)
-    for name in sorted(name for name in set(equivalent) - set(verdicts) if name.startswith(staged)):
+    for name in sorted(
+        name for name in set(equivalent) - set(all_verdicts) if name.startswith(tuple(staged))
+    ):
         print(f"warning: {EQUIVALENT_LIST.name} names {name}, which is no longer a mutant", file=sys.stderr)
     # mutmut numbers a function's mutants in order, so a changed function renumbers them: a listed name may
     # now be another mutant. One the tests detect is counted as detected, and its entry must go.
-    for name in sorted(name for name in equivalent if verdicts.get(name) in KILLED_CODES | TIMEOUT_CODES):
+    for name in sorted(name for name in equivalent if all_verdicts.get(name) in DETECTED_CODES):
         print(
             f"warning: {EQUIVALENT_LIST.name} names {name}, which the tests detect: renumbered, or not "
             "equivalent; check it with mutmut show",

@@ -99,6 +99,13 @@ def sigmoid64(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
+def refusal(function, *arguments) -> str:
+    """The message of the UserError that `function(*arguments)` must raise."""
+    with pytest.raises(UserError) as raised:
+        function(*arguments)
+    return str(raised.value)
+
+
 def assert_refused(config, changes: dict, message: str) -> None:
     """Sets each dotted key of `changes` in `config` and checks that validation refuses it with an error
     starting with `message`."""

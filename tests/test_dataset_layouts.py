@@ -6,9 +6,9 @@ end to end, where the builder's own checks come first."""
 import pathlib
 
 import pytest
+from helpers import refusal
 
 from rdunet_jax.datasets import layouts
-from rdunet_jax.errors import UserError
 
 TRAIN = pathlib.Path("Dataset/TrainingSet")
 BINARY = TRAIN / "LungInfection-Train/Doctor-label"
@@ -30,12 +30,6 @@ def _semiseg(root, train=("1", "2"), validation=("3",)):
     (root / CLASSES / "train.txt").write_text("".join(f"{i}\n" for i in train))
     (root / CLASSES / "val.txt").write_text("".join(f"{i}\n" for i in validation))
     return root
-
-
-def _refusal(function, *arguments) -> str:
-    with pytest.raises(UserError) as raised:
-        function(*arguments)
-    return str(raised.value)
 
 
 def _missing(dataset, manual_dir, problem) -> str:
@@ -66,12 +60,12 @@ ENTRY_POINTS = [
 def test_each_layout_refuses_an_unset_absent_or_empty_folder_naming_its_own_dataset(
     tmp_path, entry_point, dataset
 ):
-    assert _refusal(entry_point, "") == _missing(dataset, "", "not set")
-    assert _refusal(entry_point, tmp_path / "absent") == _missing(
+    assert refusal(entry_point, "") == _missing(dataset, "", "not set")
+    assert refusal(entry_point, tmp_path / "absent") == _missing(
         dataset, tmp_path / "absent", "no such folder"
     )
     (tmp_path / "empty").mkdir()
-    assert _refusal(entry_point, tmp_path / "empty") == _missing(
+    assert refusal(entry_point, tmp_path / "empty") == _missing(
         dataset, tmp_path / "empty", "the folder is empty"
     )
 
@@ -82,14 +76,14 @@ def test_semiseg_names_a_missing_folder_as_missing_data(tmp_path, folder):
     for path in (root / folder).iterdir():
         path.unlink()
     (root / folder).rmdir()
-    assert _refusal(layouts.semiseg_splits, root) == _missing("semiseg", root, f"missing folder {folder}")
+    assert refusal(layouts.semiseg_splits, root) == _missing("semiseg", root, f"missing folder {folder}")
 
 
 @pytest.mark.parametrize("list_name", ["train.txt", "val.txt"])
 def test_semiseg_names_a_missing_split_list_as_missing_data(tmp_path, list_name):
     root = _semiseg(tmp_path / "semiseg")
     (root / CLASSES / list_name).unlink()
-    assert _refusal(layouts.semiseg_splits, root) == _missing(
+    assert refusal(layouts.semiseg_splits, root) == _missing(
         "semiseg", root, f"missing split list {CLASSES / list_name}"
     )
 
@@ -97,10 +91,10 @@ def test_semiseg_names_a_missing_split_list_as_missing_data(tmp_path, list_name)
 def test_semiseg_refuses_ids_in_both_split_lists_naming_up_to_five(tmp_path):
     root = _semiseg(tmp_path / "semiseg", train=("1", "2", "3"), validation=("3", "2"))
     message = f"{root / CLASSES}: train.txt and val.txt share ids ['2', '3']"
-    assert _refusal(layouts.semiseg_splits, root) == message
+    assert refusal(layouts.semiseg_splits, root) == message
     root = _semiseg(tmp_path / "six", train=tuple("1234567"), validation=tuple("654321"))
     message = f"{root / CLASSES}: train.txt and val.txt share ids ['1', '2', '3', '4', '5']"
-    assert _refusal(layouts.semiseg_splits, root) == message
+    assert refusal(layouts.semiseg_splits, root) == message
 
 
 TEST = pathlib.Path("Dataset/TestingSet")
@@ -115,13 +109,13 @@ TEST_FOLDERS = [
 def test_an_incomplete_test_split_is_missing_semiseg_data(tmp_path, missing):
     root = _semiseg(tmp_path / "semiseg")
     _touch(root, *(folder / "1.png" for folder in TEST_FOLDERS if folder != missing))
-    assert _refusal(layouts.semiseg_splits, root) == _missing("semiseg", root, f"missing folder {missing}")
+    assert refusal(layouts.semiseg_splits, root) == _missing("semiseg", root, f"missing folder {missing}")
 
 
 def test_a_test_split_without_images_is_refused(tmp_path):
     root = _touch(_semiseg(tmp_path / "semiseg"), *(folder / "notes.txt" for folder in TEST_FOLDERS))
     message = f"{root / TEST_FOLDERS[0]}: no .jpg or .png images in the folder"
-    assert _refusal(layouts.semiseg_splits, root) == message
+    assert refusal(layouts.semiseg_splits, root) == message
 
 
 def test_semiseg_splits_by_hand_with_the_test_split_in_numeric_order(tmp_path):
@@ -150,7 +144,7 @@ def test_semiseg_splits_by_hand_with_the_test_split_in_numeric_order(tmp_path):
 def test_an_unlabelled_slices_volume_is_its_name_less_the_prefix_and_slice_number():
     assert layouts.unlabelled_case_id("Data-1_coronacases_org_001_12") == "coronacases_org_001"
     for name in ("Data-1_volume_x", "12", "_12"):
-        assert _refusal(layouts.unlabelled_case_id, name) == (
+        assert refusal(layouts.unlabelled_case_id, name) == (
             f"{name}: an unlabelled slice's name must end in _<slice number>"
         )
 
@@ -172,7 +166,7 @@ def test_the_unlabelled_pool_is_sorted_by_volume_then_slice_number(tmp_path):
     for name in names:
         (folder / name).unlink()
     _touch(folder, "readme.txt")
-    assert _refusal(layouts.semiseg_unlabelled_files, tmp_path) == (
+    assert refusal(layouts.semiseg_unlabelled_files, tmp_path) == (
         f"{folder}: no .jpg or .png images in the unlabelled pool's folder"
     )
 
@@ -192,7 +186,7 @@ def test_ma2020_slices_in_numeric_order_and_a_folder_without_slices_refused(tmp_
     assert files[0] == layouts.SliceFiles("9", root / "ct/9.png", root / "covid/9.png", root / "lungs/9.png")
     for path in (root / "ct").iterdir():
         path.rename(path.with_suffix(".jpg"))
-    assert _refusal(layouts.ma2020_files, root) == f"{root / 'ct'}: no .png slices in the folder"
+    assert refusal(layouts.ma2020_files, root) == f"{root / 'ct'}: no .png slices in the folder"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +214,7 @@ def test_split_assignment_is_seeded_and_in_file_order_within_each_split():
         "validation": list("gh"),
         "test": list("ij"),
     }
-    assert _refusal(layouts.assign_splits, units, "volumes", (0.6, 0.2, 0.2), 0) == (
+    assert refusal(layouts.assign_splits, units, "volumes", (0.6, 0.2, 0.2), 0) == (
         "data.split_scheme: must be 'random' or 'blocks', got 'volumes'"
     )
 
@@ -239,14 +233,14 @@ def test_nifti_cases_of_each_layout_uncompressed_too(tmp_path):
 
 def test_nifti_refusals_are_one_line_each(tmp_path):
     root = _touch(tmp_path / "nifti", "notes.txt")
-    assert _refusal(layouts.nifti_cases, root) == _missing("nifti", root, "no NIfTI image/mask pairs found")
+    assert refusal(layouts.nifti_cases, root) == _missing("nifti", root, "no NIfTI image/mask pairs found")
     (root / "COVID-19-CT-Seg_20cases").mkdir()
-    assert _refusal(layouts.nifti_cases, root) == (
+    assert refusal(layouts.nifti_cases, root) == (
         f"{root / 'COVID-19-CT-Seg_20cases'}: no .nii or .nii.gz volumes in the folder"
     )
     (root / "COVID-19-CT-Seg_20cases").rmdir()
     _touch(root, "x/a_image.nii.gz", "x/a_mask.nii.gz", "y/a_image.nii.gz", "y/a_mask.nii.gz")
     assert (
-        _refusal(layouts.nifti_cases, root)
+        refusal(layouts.nifti_cases, root)
         == f"{root / 'y/a_image.nii.gz'}: case id 'a' appears twice in {root}"
     )

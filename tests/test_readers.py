@@ -9,18 +9,10 @@ import os
 import nibabel
 import numpy as np
 import pytest
-from helpers import save_nifti, save_png
+from helpers import refusal, save_nifti, save_png
 from PIL import Image
 
 from rdunet_jax.datasets import readers
-from rdunet_jax.errors import UserError
-
-
-def _refusal(function, *arguments) -> str:
-    with pytest.raises(UserError) as raised:
-        function(*arguments)
-    return str(raised.value)
-
 
 # --- slices and masks ------------------------------------------------------------------------------------
 
@@ -56,22 +48,22 @@ def test_masks_keep_palette_indices_and_read_1_bit_and_0_1_masks_as_lesion(tmp_p
 
 def test_a_missing_slice_is_refused_in_one_line(tmp_path):
     path = tmp_path / "1.png"
-    assert _refusal(readers.read_grayscale_image, path) == f"{path}: file not found"
+    assert refusal(readers.read_grayscale_image, path) == f"{path}: file not found"
 
 
 def test_unknown_mask_values_are_listed_up_to_five():
     mask = np.array([[0, 3, 4, 5, 6, 7, 8, 1]], np.uint8)
-    assert _refusal(readers.check_labels, mask, (0, 1, 2), "m.png") == (
+    assert refusal(readers.check_labels, mask, (0, 1, 2), "m.png") == (
         "m.png: mask values {3, 4, 5, 6, 7} outside the known labels {0, 1, 2}"
     )
-    assert _refusal(readers.check_labels, np.array([[0.0, 9.0]]), (0, 1), "m.nii") == (
+    assert refusal(readers.check_labels, np.array([[0.0, 9.0]]), (0, 1), "m.nii") == (
         "m.nii: mask values {9.0} outside the known labels {0, 1}"
     )
 
 
 def test_a_mask_of_another_size_names_both_sizes_as_width_by_height():
     image, mask = np.zeros((3, 5)), np.zeros((4, 6))
-    assert _refusal(readers.check_same_size, image, mask, "i.png", "m.png") == (
+    assert refusal(readers.check_same_size, image, mask, "i.png", "m.png") == (
         "m.png: size (6, 4) differs from its image i.png ((5, 3))"
     )
 
@@ -94,12 +86,12 @@ def test_a_single_frame_4d_volume_and_a_single_slice_are_read_as_3d_volumes(tmp_
 
 def test_missing_empty_and_unreadable_volumes_are_refused_in_one_line(tmp_path):
     missing = tmp_path / "missing.nii.gz"
-    assert _refusal(readers.read_nifti, missing) == f"{missing}: file not found"
+    assert refusal(readers.read_nifti, missing) == f"{missing}: file not found"
     empty = save_nifti(tmp_path / "empty.nii", np.zeros((4, 3, 0), np.int16))  # gzipped, nibabel reads (0,)
-    assert _refusal(readers.read_nifti, empty) == f"{empty}: empty volume of shape (4, 3, 0)"
+    assert refusal(readers.read_nifti, empty) == f"{empty}: empty volume of shape (4, 3, 0)"
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"not a volume" * 20)
-    assert _refusal(readers.read_nifti, garbage).startswith(
+    assert refusal(readers.read_nifti, garbage).startswith(
         f"{garbage}: corrupt or unreadable NIfTI file (ImageFileError: "
     )
 
@@ -108,7 +100,7 @@ def test_affines_within_a_thousandth_are_the_same_volume_grid():
     affine = np.diag([0.8, 0.7, 5.0, 1.0])
     volume = np.zeros((2, 2, 2))
     readers.check_nifti_pair("i.nii", volume, affine, "m.nii", volume, affine + 5e-4)
-    assert _refusal(readers.check_nifti_pair, "i.nii", volume, affine, "m.nii", volume, affine + 2e-3) == (
+    assert refusal(readers.check_nifti_pair, "i.nii", volume, affine, "m.nii", volume, affine + 2e-3) == (
         "m.nii: affine differs from its image i.nii"
     )
 
@@ -117,7 +109,7 @@ def test_mask_volumes_round_values_within_a_thousandth_and_refuse_fractions():
     labels = readers.nifti_label_volume(np.array([0.0, 1.0005, 1.9996]), "m.nii")
     np.testing.assert_array_equal(labels, [0, 1, 2])
     assert labels.dtype == np.uint8
-    assert _refusal(readers.nifti_label_volume, np.array([0.0, 0.5]), "m.nii", (0, 1)) == (
+    assert refusal(readers.nifti_label_volume, np.array([0.0, 0.5]), "m.nii", (0, 1)) == (
         "m.nii: mask has non-integer values; expected labels {0, 1}"
     )
 
@@ -152,14 +144,14 @@ def test_an_id_that_is_a_path_is_refused_even_when_it_names_a_file_inside(images
     # Each of these names a file: `a..b.jpg` and `a\b.jpg` in the folder, `sub/3.jpg` below it, and
     # `link.jpg`, a link to a file outside it. Only the last leaves the folder, but ids are file names.
     path = _split_list(images, f"1\n{example_id}\n")
-    assert _refusal(readers.read_split_list, path, images, ".jpg") == (
+    assert refusal(readers.read_split_list, path, images, ".jpg") == (
         f"{path}:2: {example_id!r} is a path, not an id of a file in {images}"
     )
 
 
 def test_each_split_list_refusal_is_one_line_with_its_line_number(images):
     path = images.parent / "missing.txt"
-    assert _refusal(readers.read_split_list, path, images, ".jpg") == f"{path}: split list not found"
+    assert refusal(readers.read_split_list, path, images, ".jpg") == f"{path}: split list not found"
     cases = {
         "1\n\n99\n": ":3: id '99' has no file " + str(images / "99.jpg"),
         "2\na\tb\n": ":2: 'a\\tb' is not a valid id",
@@ -168,9 +160,9 @@ def test_each_split_list_refusal_is_one_line_with_its_line_number(images):
     }
     for text, message in cases.items():
         path = _split_list(images, text)
-        assert _refusal(readers.read_split_list, path, images, ".jpg") == f"{path}{message}"
+        assert refusal(readers.read_split_list, path, images, ".jpg") == f"{path}{message}"
     path.write_bytes(b"1\n\xff\n")
-    assert _refusal(readers.read_split_list, path, images, ".jpg") == (
+    assert refusal(readers.read_split_list, path, images, ".jpg") == (
         f"{path}: split list is not UTF-8 text (byte 2)"
     )
 
