@@ -130,7 +130,7 @@ class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
             return {split: self._generate_ma2020(split_files) for split, split_files in splits.items()}
         if config.dataset == "nifti":
             return _nifti_split_generators(layouts.nifti_cases(manual_dir), config)
-        raise UserError(f"data.name: unknown dataset {config.dataset!r}; choose one of {DATASETS}")
+        raise UserError(f"data.name: unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
 
     def _generate_examples(self, examples):
         """Unused: each split passes its own generator (TFDS requires the method to exist)."""
@@ -313,7 +313,7 @@ def cache_options(data_config) -> dict:
         sizes = [data_config.num_train, data_config.num_validation, data_config.num_test]
         options = {"dataset": name, "synthetic_sizes": sizes, "synthetic_image_size": data_config.image_size}
         # Keyed only when used, so phantoms without an unlabelled pool keep their prepared caches.
-        if data_config.get("num_unlabelled", 0):
+        if data_config.get("num_unlabelled"):
             options["synthetic_unlabelled"] = data_config.num_unlabelled
         return options
     if name not in DATASETS:
@@ -355,7 +355,6 @@ def builder_config(data_config) -> CovidCtConfig:
     fields.pop("unlabelled_split", None)
     return CovidCtConfig(
         name=f"{options['dataset']}-{digest}",
-        version=CovidCtSlices.VERSION,
         description=json.dumps(options, sort_keys=True),
         **fields,
     )
@@ -375,11 +374,12 @@ def prepare(data_config) -> CovidCtSlices:
     builder = CovidCtSlices(config=config, data_dir=data_config.data_dir or None, file_format="array_record")
     if builder.data_path.exists():
         return builder
-    download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
     tfds.disable_progress_bar()
     print(f"preparing dataset {config.name} in {builder.data_path}", flush=True)
     try:
-        builder.download_and_prepare(download_config=download_config, file_format="array_record")
+        # No download config: the split generators read `config.manual_dir` themselves, and the builder
+        # already holds the file format.
+        builder.download_and_prepare()
     except OSError:
         # Another process may have finished the same build first (its rename won): reuse its result.
         if builder.data_path.exists():
