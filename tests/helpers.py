@@ -310,6 +310,14 @@ def write_pseudo_label_folder(folder, slices, intensity_matching=None):
     return folder
 
 
+def data_config(tmp_path, name, manual_dir="", **overrides):
+    """`config.data` for `name`, built into a data_dir under `tmp_path`."""
+    data = config_lib.base_config().data
+    data.name, data.manual_dir, data.data_dir = name, str(manual_dir), str(tmp_path / "tfds")
+    data.update(overrides)
+    return data
+
+
 def make_semiseg(root, ids=range(6), validation=(4, 5)):
     """A COVID-SemiSeg layout with `ids`; val.txt holds `validation`, train.txt the rest."""
     for example_id in ids:

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     DOCTOR_LABEL,
     MULTICLASS,
+    data_config,
     lesion_slice,
     make_ma2020,
     make_semiseg,
@@ -26,14 +27,6 @@ from rdunet_jax import config_lib, config_validation, datasets, input_pipeline
 from rdunet_jax.datasets import builder, pseudo_labels, synthetic
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
-
-
-def data_config(tmp_path, name, manual_dir="", **overrides):
-    """`config.data` for `name`, built into a data_dir under `tmp_path`."""
-    data = config_lib.base_config().data
-    data.name, data.manual_dir, data.data_dir = name, str(manual_dir), str(tmp_path / "tfds")
-    data.update(overrides)
-    return data
 
 
 def save_nifti(path, array, affine=None):
