@@ -91,8 +91,12 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_pack_ma2020.py",
     ],
+    # Volumes for prediction: the NIfTI mask file, a volume's refusals, the Hounsfield-unit check, slices
+    # turned to the model and back.
+    "volumes": ["tests/test_volumes.py", "tests/test_predict.py", "tests/test_dicom.py"],
     # The TFDS builder: examples from each layout, the cache key, the prepared-data folder.
     "datasets.builder": [
+        "tests/test_builder.py",
         "tests/test_datasets.py",
         "tests/test_input_pipeline.py",
         "tests/test_pack_ma2020.py",

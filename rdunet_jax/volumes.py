@@ -169,8 +169,9 @@ def display_scale(image, path: pathlib.Path, input_units: str) -> float | None:
     air_level = float(np.percentile(samples, HU_AIR_PERCENTILE))
     if air_level > HU_AIR_CEILING:
         raise UserError(
-            f"{path}: values do not look like CT in Hounsfield units (no air near -1000: "
-            f"{HU_AIR_PERCENTILE:g}th percentile {air_level:g}, range [{low:g}, {high:g}]); "
+            f"{path}: values do not look like CT in Hounsfield units (no air near -1000: the darkest "
+            f"{HU_AIR_PERCENTILE:g}% of the sampled voxels reach down only to {air_level:g}, not "
+            f"{HU_AIR_CEILING:g}; range [{low:g}, {high:g}]); "
             "pass --input_units display for already-windowed images"
         )
     return None
