@@ -271,6 +271,20 @@ def test_stacks_of_unrelated_slices_are_split_slice_by_slice_across_every_stack(
     assert ids == {"train": ["a-0000", "a-0001", "a-0002"], "validation": ["b-0000"], "test": ["b-0001"]}
 
 
+def test_nifti_random_splits_follow_the_configured_seed(tmp_path):
+    cases = [nifti_pair(tmp_path, f"case{index}", (4, 4, 1)) for index in range(10)]
+
+    def ids(seed):
+        config = builder.CovidCtConfig(name="nifti-0", dataset="nifti", split_seed=seed)
+        generators = builder._nifti_split_generators(cases, config)
+        return {split: [key for key, _ in examples] for split, examples in generators.items()}
+
+    first = ids(0)
+    assert sorted(sum(first.values(), [])) == sorted(f"case{index}-0000" for index in range(10))
+    assert ids(0) == first
+    assert ids(1) != first
+
+
 def test_too_few_nifti_cases_to_split_is_one_line(tmp_path):
     cases = [nifti_pair(tmp_path, "a", (4, 4, 3)), nifti_pair(tmp_path, "b", (4, 4, 3))]
     config = builder.CovidCtConfig(name="nifti-0", dataset="nifti")
