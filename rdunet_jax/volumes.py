@@ -53,10 +53,8 @@ def input_kind(path: pathlib.Path) -> str | None:
 def nifti_mask_writer(path: pathlib.Path, source_header, shape):
     """Yields `write(slice)`, which appends one (x, y) uint8 slice of a NIfTI mask with `shape` and the
     source header's affine (qform and sform with their codes) and voxel sizes; gzip for `.nii.gz`."""
-    import nibabel
-
-    header_type = type(source_header) if isinstance(source_header, nibabel.Nifti1Header) else None
-    header = (header_type or nibabel.Nifti1Header)()
+    # Every input's header is NIfTI (a DICOM series is read as a Nifti1Image): NIfTI-2 stays NIfTI-2.
+    header = type(source_header)()
     header.set_data_shape(shape)
     header.set_data_dtype(np.uint8)
     header.set_zooms(source_header.get_zooms()[: len(shape)])

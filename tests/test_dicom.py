@@ -14,9 +14,10 @@ from helpers import (
     in_canonical_voxels,
     make_tiny_config,
     real_display_slices,
+    refusal,
 )
 
-from rdunet_jax import inference, predict
+from rdunet_jax import inference, predict, volumes
 from rdunet_jax.errors import UserError
 
 pydicom = pytest.importorskip("pydicom")
@@ -718,6 +719,30 @@ def test_a_series_is_scored_against_a_nifti_mask_in_its_geometry_and_no_other(tm
                 ground_truth=ground_truth,
             )
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_nifti_mask_within_a_thousandth_of_the_series_affine_is_accepted_and_beyond_refused_in_whole(
+    tmp_path,
+):
+    # An origin with a fourth decimal, to see the message's rounding to three.
+    write_series(tmp_path / "series", _phantom_hu(), origin=(-100.1234, -60.0, -200.0))
+    affine = np.array([[-0.7, 0, 0, 100.1234], [0, -0.8, 0, 60.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1.0]])
+    truth = np.zeros((48, 40, 4), np.uint8)  # (columns, rows, slices)
+    for shear, accepted in ((0.0005, True), (0.002, False)):
+        # An off-diagonal entry of 0: no relative tolerance helps, only the absolute 1e-3.
+        moved = affine.copy()
+        moved[0, 1] = shear
+        path = tmp_path / f"truth-{shear}.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(truth, moved), path)
+        if accepted:
+            image, opened = volumes.open_volume_pair(tmp_path / "series", path)
+            assert opened.shape == image.shape == (48, 40, 4)
+            continue
+        assert refusal(volumes.open_volume_pair, tmp_path / "series", path) == (
+            f"--ground_truth: {path} is not in the geometry of the series {tmp_path / 'series'} (its affine "
+            "differs from the series' [[-0.7, 0.0, 0.0, 100.123], [0.0, -0.8, 0.0, 60.0], "
+            "[0.0, 0.0, 2.5, -200.0], [0.0, 0.0, 0.0, 1.0]])"
+        )
 
 
 def _without(folder, keywords):

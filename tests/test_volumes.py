@@ -237,11 +237,70 @@ def test_slices_written_back_land_on_the_voxels_they_were_read_from(tmp_path, af
     assert layout.per_slice is per_slice
     slices = volumes.VolumeSlices(image, truth, image_path, truth_path, layout)
     assert slices.num_slices == num_slices  # along the stored axis nearest superior-inferior
+    other_axes = sorted(size for axis, size in enumerate(volume.shape) if axis != (2 if per_slice else 0))
     with slices.mask_writer(tmp_path / "mask.nii") as write:
         for index in range(num_slices):
             model_slice = slices.image_slice(index)
+            assert sorted(model_slice.shape) == other_axes  # one 2-D slice, not a stack
             np.testing.assert_array_equal(slices.truth_slice(index), model_slice > 0)
             write(index, model_slice > 0)
+    assert (tmp_path / "mask.nii").stat().st_size == 352 + volume.size  # the header and one byte a voxel
     written = nibabel.load(tmp_path / "mask.nii")
     np.testing.assert_array_equal(np.asarray(written.dataobj), volume > 0)
     np.testing.assert_allclose(written.affine, affine)
+
+
+def cut_volume(path, affine):
+    """A .nii.gz of 6 noisy slices cut in half: its first slices read, its last do not."""
+    volume = np.random.default_rng(2).integers(-1000, 400, (64, 60, 6)).astype(np.int16)
+    save_nifti(path, volume, affine)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("affine", [np.eye(4), SAGITTAL])
+@pytest.mark.parametrize("cut", ["image", "truth"])
+def test_a_cut_volume_or_mask_read_through_its_slices_is_named(tmp_path, affine, cut):
+    good = save_nifti(tmp_path / "good.nii.gz", np.zeros((64, 60, 6), np.int16), affine)
+    damaged = cut_volume(tmp_path / "cut.nii.gz", affine)
+    image_path, truth_path = (damaged, good) if cut == "image" else (good, damaged)
+    image, truth = volumes.open_volume_pair(image_path, truth_path)
+    layout = orientation.volume_layout(image.affine, "PL")
+
+    def read_every_slice():
+        # Sagittal: the whole volume is read and turned when the slices are made; axial: slice by slice.
+        slices = volumes.VolumeSlices(image, truth, image_path, truth_path, layout)
+        for index in range(slices.num_slices):
+            slices.image_slice(index)
+            slices.truth_slice(index)
+
+    message = refusal(read_every_slice)
+    assert message.startswith(f"{damaged}: corrupt or truncated NIfTI file, slice ")
+
+
+def test_a_volume_and_its_mask_are_each_opened_once_for_all_their_slices(tmp_path, monkeypatch):
+    import nibabel.openers
+
+    volume = np.random.default_rng(3).integers(-1000, 400, (16, 16, 5)).astype(np.int16)
+    image_path = save_nifti(tmp_path / "ct.nii.gz", volume)
+    truth_path = save_nifti(tmp_path / "truth.nii.gz", (volume > 0).astype(np.uint8))
+    opened = []
+
+    class CountingOpener(nibabel.openers.ImageOpener):
+        def __init__(self, *args, **kwargs):
+            opened.append(str(args[0]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(nibabel.openers, "ImageOpener", CountingOpener)
+    image, truth = volumes.open_volume_pair(image_path, truth_path)
+    opened.clear()  # reading the headers
+    for index in range(5):
+        volumes.volume_slice(image, index, image_path)
+        volumes.volume_slice(truth, index, truth_path)
+    # A .nii.gz reopened for each slice is decompressed from its start each time.
+    assert sorted(opened) == sorted([str(image_path), str(truth_path)])
+    opened.clear()
+    single = volumes.open_volume(image_path)
+    for index in range(5):
+        volumes.volume_slice(single, index, image_path)
+    assert opened == [str(image_path)]
