@@ -304,3 +304,10 @@ def test_a_volume_and_its_mask_are_each_opened_once_for_all_their_slices(tmp_pat
     for index in range(5):
         volumes.volume_slice(single, index, image_path)
     assert opened == [str(image_path)]
+    # Prediction's check of a folder's inputs opens each without keeping it open: then each read opens it.
+    image, truth = volumes.open_volume_pair(image_path, truth_path, keep_file_open=False)
+    opened.clear()
+    for index in range(5):
+        volumes.volume_slice(image, index, image_path)
+        volumes.volume_slice(truth, index, truth_path)
+    assert sorted(opened) == sorted([str(image_path), str(truth_path)] * 5)
