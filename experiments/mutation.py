@@ -91,6 +91,8 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_pack_ma2020.py",
     ],
+    # The training input: resizing, HU windowing, the paper's augmentation, the labelled/pseudo-labelled mix.
+    "input_pipeline": ["tests/test_input_pipeline.py", "tests/test_datasets.py"],
     # Volumes for prediction: the NIfTI mask file, a volume's refusals, the Hounsfield-unit check, slices
     # turned to the model and back.
     "volumes": ["tests/test_volumes.py", "tests/test_predict.py", "tests/test_dicom.py"],

@@ -159,10 +159,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _stack(examples):
-    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
-
-
 def train_dataset(
     source, data_config, batch_size: int, seed: int, epoch: int, shard_index: int = 0, shard_count: int = 1
 ) -> grain.MapDataset:
@@ -193,7 +189,7 @@ def train_dataset(
             data_config.get("intensity_range", 0.0),
         )
     )
-    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    dataset = dataset.batch(batch_size, drop_remainder=True)  # Grain's default: each key stacked
     if shard_count > 1:
         dataset = dataset[shard_index : (len(dataset) // shard_count) * shard_count : shard_count]
     return dataset

@@ -404,3 +404,169 @@ def test_intensity_jitter_is_off_by_default_and_a_clipped_contrast_and_brightnes
     expected = np.clip((image - image.mean()) * contrast + image.mean() + brightness, 0, 1)
     np.testing.assert_allclose(jittered["image"][..., 0], expected, atol=1e-6)
     np.testing.assert_array_equal(jittered["mask"], example["mask"])  # labels do not move
+
+
+# --- Each step by hand ----------------------------------------------------------------------------------
+
+
+def test_resize_is_bilinear_for_images_and_nearest_for_masks():
+    # Doubling [0, 200]: output pixel centres fall at -0.25, 0.25, 0.75 and 1.25 input pixels (edges clamp).
+    row = np.array([[0, 200], [0, 200]], np.uint8)
+    np.testing.assert_array_equal(input_pipeline.resize(row, 4, is_mask=False), [[0, 50, 150, 200]] * 4)
+    np.testing.assert_array_equal(input_pipeline.resize(row, 4, is_mask=True), [[0, 0, 200, 200]] * 4)
+
+
+def test_probabilities_go_back_to_the_slice_shape_bilinearly_as_float32():
+    probabilities = np.array([[0.0, 1.0], [0.0, 1.0]])  # float64 in, float32 out
+    same = input_pipeline.resize_probabilities(probabilities, (2, 2))
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, probabilities)
+    back = input_pipeline.resize_probabilities(probabilities, [3, 4])  # 3 rows, 4 columns
+    assert back.dtype == np.float32 and back.shape == (3, 4)
+    np.testing.assert_allclose(back, [[0.0, 0.25, 0.75, 1.0]] * 3, atol=1e-6)
+
+
+def test_hounsfield_windowing_and_preprocessing_by_hand():
+    hounsfield = np.array([-1350, -600, 150, 1000], np.int16)
+    windowed = input_pipeline.window_hounsfield(hounsfield, input_pipeline.LUNG_WINDOW)
+    assert windowed.dtype == np.float32
+    np.testing.assert_allclose(windowed, [0.0, 0.5, 1.0, 1.0])
+
+    mask = np.array([[0, 255], [0, 255]], np.uint8)
+    display = input_pipeline.preprocess({"image": np.array([[0, 255], [51, 102]], np.uint8), "mask": mask}, 2)
+    np.testing.assert_allclose(display["image"][..., 0], [[0.0, 1.0], [0.2, 0.4]], atol=1e-7)
+    # Doubled: the image bilinearly, the mask by nearest neighbour (bilinear would make 64 and 191 > 0).
+    doubled = input_pipeline.preprocess({"image": np.array([[0, 200], [0, 200]], np.uint8), "mask": mask}, 4)
+    np.testing.assert_allclose(doubled["image"][0, :, 0], np.array([0, 50, 150, 200]) / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(doubled["mask"][0, :, 0], [0, 0, 1, 1])
+
+    # Hounsfield units: the record's own window, else the lung window; resized bilinearly after windowing.
+    ct = {"image": np.array([[-1350.0, 150.0], [-1350.0, 150.0]], np.float32), "mask": mask}
+    np.testing.assert_allclose(
+        input_pipeline.preprocess(ct, 4)["image"][0, :, 0], [0, 0.25, 0.75, 1], atol=1e-6
+    )
+    ct["hu_window"] = (-1350.0, -600.0)  # 150 is far above this window: 1
+    np.testing.assert_allclose(input_pipeline.preprocess(ct, 2)["image"][0, :, 0], [0.0, 1.0])
+    ct["image"] = np.full((2, 2), -975.0, np.float32)
+    assert input_pipeline.preprocess(ct, 2)["image"][0, 0, 0] == pytest.approx(0.5)
+    assert input_pipeline.preprocess(ct, 2, hu_window=(-975.0, 25.0))["image"][0, 0, 0] == 0.0
+
+
+def test_pseudo_label_weights_resize_by_nearest_as_float32_and_expert_masks_weigh_1():
+    record = {"image": np.zeros((2, 2), np.uint8), "mask": np.zeros((2, 2), np.uint8)}
+    expert = input_pipeline.preprocess_weighted(record, 2)
+    assert expert["mask"].dtype == np.float32 and expert["mask"].shape == (2, 2, 2)
+    np.testing.assert_array_equal(expert["mask"][..., 1], 1.0)
+    record["weight"] = np.array([[0, 255], [0, 255]], np.uint8)
+    weighted = input_pipeline.preprocess_weighted(record, 4)
+    assert weighted["mask"].dtype == np.float32
+    np.testing.assert_array_equal(weighted["mask"][..., 1], [[0.0, 0.0, 1.0, 1.0]] * 4)
+
+
+def disc(size=32, radius=8.0):
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+    return ((yy**2 + xx**2) <= radius**2).astype(np.float32)
+
+
+@pytest.mark.parametrize("rotation_degrees", [1.0, 30.0])
+def test_rotation_alone_draws_one_angle_and_turns_image_and_mask_without_zooming(rotation_degrees):
+    # 96 px of noise: even a turn under 1 degree moves the corners' nearest-neighbour samples.
+    image = np.random.default_rng(5).random((96, 96), dtype=np.float32)
+    mask = (np.random.default_rng(6).random((96, 96)) < 0.5).astype(np.float32)
+    example = {"image": image[..., None], "mask": np.stack([mask, disc(96, 30.0)], axis=-1)}
+    augment = input_pipeline.Augment(flip=False, zoom_range=0.0, rotation_degrees=rotation_degrees)
+    augmented = augment.random_map(example, np.random.default_rng(9))
+    degrees = np.random.default_rng(9).uniform(-rotation_degrees, rotation_degrees)  # the only draw
+    expected_image = input_pipeline.zoom_and_rotate(image, 1.0, degrees, order=1)
+    np.testing.assert_allclose(augmented["image"][..., 0], expected_image, atol=1e-6)
+    expected_mask = input_pipeline.zoom_and_rotate(mask, 1.0, degrees, order=0)
+    assert not np.array_equal(expected_mask, mask)  # the turn shows in the mask
+    np.testing.assert_array_equal(augmented["mask"][..., 0], expected_mask)
+    turned_disc = augmented["mask"][..., 1]
+    assert abs(turned_disc.sum() - disc(96, 30.0).sum()) <= 0.02 * disc(96, 30.0).sum()  # not magnified
+
+
+def test_intensity_jitter_clips_below_zero_and_stays_float32():
+    image = np.full((4, 4), 0.02, np.float32)  # a flat slice: contrast leaves it, brightness moves it
+    rng = np.random.default_rng(3)
+    _, brightness = rng.uniform(0.5, 1.5), rng.uniform(-0.25, 0.25)  # the draws of strength 0.5, in order
+    assert 0.02 + brightness < 0  # seed 3: -0.132
+    jittered = input_pipeline.jitter_intensity(image, np.random.default_rng(3), 0.5)
+    assert jittered.dtype == np.float32
+    np.testing.assert_array_equal(jittered, np.zeros((4, 4)))
+
+
+def plain_records(count, size=8):
+    """`count` slices whose pixels all hold their index (image) and a lesion on the left half (mask)."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, : size // 2] = 255
+    return [{"image": np.full((size, size), index, np.uint8), "mask": mask} for index in range(count)]
+
+
+def plain_config(**changes):
+    data = config_lib.base_config().data
+    data.image_size, data.flip, data.zoom_range, data.rotation_degrees = 8, False, 0.0, 0.0
+    data.update(changes)
+    return data
+
+
+def test_training_batches_drop_the_last_partial_batch_and_may_hold_one_slice():
+    batches = list(input_pipeline.train_dataset(plain_records(5), plain_config(), 2, seed=0, epoch=0))
+    assert [batch["image"].shape[0] for batch in batches] == [2, 2]
+    singles = list(input_pipeline.train_dataset(plain_records(3), plain_config(), 1, seed=0, epoch=0))
+    assert sorted(round(float(batch["image"][0, 0, 0, 0]) * 255) for batch in singles) == [0, 1, 2]
+
+
+def test_a_batch_as_large_as_the_split_is_allowed_and_a_larger_one_refused_in_whole():
+    (batch,) = input_pipeline.train_dataset(plain_records(4), plain_config(), 4, seed=0, epoch=0)
+    assert batch["image"].shape == (4, 8, 8, 1)
+    message = "batch_size: 5 per host is larger than the training split (4 slices over 1 hosts)"
+    with pytest.raises(input_pipeline.UserError) as raised:
+        input_pipeline.train_dataset(plain_records(4), plain_config(), 5, seed=0, epoch=0)
+    assert str(raised.value) == message
+
+
+def test_training_batches_follow_the_flip_and_intensity_settings():
+    def images(data):
+        batches = input_pipeline.train_dataset(plain_records(8), data, 8, seed=1, epoch=0)
+        return next(iter(batches))["image"][..., 0]
+
+    # Flips only: each mask's lesion is on the left or, flipped left-right, on the right.
+    flipped = input_pipeline.train_dataset(plain_records(8), plain_config(flip=True), 8, seed=1, epoch=0)
+    masks = next(iter(flipped))["mask"][..., 0]
+    left = [bool(mask[:, 0].all()) for mask in masks]
+    assert any(left) and not all(left)
+    # Without augmentation each image is its slice's index / 255, as preprocessing made it.
+    plain = images(plain_config())
+    assert sorted(round(float(image[0, 0]) * 255) for image in plain) == list(range(8))
+    assert all(np.ptp(image) == 0 for image in plain)
+    # The student's intensity change: no image keeps its value.
+    jittered = images(plain_config(intensity_range=0.5))
+    assert not any(np.isclose(jittered[:, 0, 0], plain[:, 0, 0], atol=1e-6))
+    # A config saved before the key existed trains without it.
+    saved_earlier = plain_config()
+    del saved_earlier["intensity_range"]
+    np.testing.assert_array_equal(images(saved_earlier), plain)
+
+
+class PlainMixedSource:
+    """What MixedEpoch reads of a MixedSource: the labelled and extra slices and the extra fraction."""
+
+    def __init__(self, labelled, extra, extra_fraction):
+        self.labelled, self.extra, self.extra_fraction = labelled, extra, extra_fraction
+
+
+def test_a_mixed_epoch_with_two_labelled_rows_a_batch_uses_each_labelled_slice_once():
+    source = PlainMixedSource(list(range(6)), list(range(100, 104)), 0.5)
+    epoch = input_pipeline.MixedEpoch(source, batch_size=4, seed=3, epoch=0)
+    assert (epoch.labelled_rows, epoch.pseudo_rows, len(epoch)) == (2, 2, 12)
+    items = [epoch[index] for index in range(len(epoch))]
+    rows = np.array(items).reshape(3, 4)
+    assert sorted(rows[:, :2].ravel()) == list(range(6))
+    assert sorted(rows[:, 2:].ravel()[:4]) == [100, 101, 102, 103]  # the pool once before any slice twice
+    # With a labelled slice left over (7 for 3 batches of 2), the batches take the permutation's first 6
+    # in order, two a batch.
+    source.labelled = list(range(7))
+    epoch = input_pipeline.MixedEpoch(source, batch_size=4, seed=3, epoch=0)
+    labelled = [epoch[batch * 4 + row] for batch in range(3) for row in range(2)]
+    assert labelled == list(epoch.labelled_order[:6]) and len(set(labelled)) == 6
