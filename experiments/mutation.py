@@ -91,6 +91,8 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_pack_ma2020.py",
     ],
+    # The inference layer: test-time flips, padded batches, the batches in flight.
+    "inference": ["tests/test_inference.py", "tests/test_evaluate_classes.py"],
     # The training input: resizing, HU windowing, the paper's augmentation, the labelled/pseudo-labelled mix.
     "input_pipeline": ["tests/test_input_pipeline.py", "tests/test_datasets.py"],
     # Volumes for prediction: the NIfTI mask file, a volume's refusals, the Hounsfield-unit check, slices

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import make_tiny_config, refusal
 
 from rdunet_jax import inference, models, steps
 
@@ -131,7 +131,8 @@ def test_predict_batches_bound_the_batches_in_flight_and_cut_the_padding():
         for index in range(9)
     ]
     batches = inference.predict_batches(predictor, enumerate(records), 32, 2)
-    collected = []
+    collected = [next(batches)]
+    assert predictor.calls == 1 + inference.BATCHES_IN_FLIGHT  # two more dispatched before the first returns
     for batch in batches:
         # When a batch comes out, at most BATCHES_IN_FLIGHT later ones have been dispatched.
         assert predictor.calls - len(collected) - 1 <= inference.BATCHES_IN_FLIGHT
@@ -158,3 +159,85 @@ def test_device_arrays_come_back_as_numpy():
         2,
     )
     assert type(batch.outputs["probabilities"]) is np.ndarray
+
+
+def test_predict_batches_pass_the_flips_and_the_window_on():
+    predictor = RampPredictor()
+    image = np.random.default_rng(2).integers(0, 256, (32, 32)).astype(np.uint8)
+    records = [(0, {"image": image, "mask": np.zeros((32, 32), np.uint8)})]
+    (plain,) = inference.predict_batches(predictor, records, 32, 2)
+    for with_loss in (False, True):
+        (flipped,) = inference.predict_batches(
+            predictor, records, 32, 2, test_time_flips=True, with_loss=with_loss
+        )
+        expected = predictor.probabilities(flipped.arrays["image"], test_time_flips=True)[:1, ..., 0]
+        np.testing.assert_allclose(flipped.outputs["probabilities"], expected, rtol=1e-6)
+        assert not np.allclose(flipped.outputs["probabilities"], plain.outputs["probabilities"])  # the ramp
+    ct = [(0, {"image": np.full((32, 32), -975.0, np.float32), "mask": np.zeros((32, 32), np.uint8)})]
+    (lung,) = inference.predict_batches(predictor, ct, 32, 2)
+    (windowed,) = inference.predict_batches(predictor, ct, 32, 2, hu_window=(-975.0, 25.0))
+    assert lung.arrays["image"][0, 0, 0, 0] == pytest.approx(0.25)  # (-975 + 1350) / 1500
+    assert windowed.arrays["image"][0, 0, 0, 0] == 0.0
+
+
+def test_padded_batches_are_float32_with_int32_labels():
+    record = {"image": np.zeros((8, 8), np.uint8), "mask": np.zeros((8, 8), np.uint8)}
+    record["labels"] = np.eye(8, dtype=np.uint8) * 2
+    ((_, arrays),) = inference.padded_batches([(0, record)], 8, 3)
+    assert {key: value.dtype for key, value in arrays.items()} == {
+        "image": np.float32,
+        "mask": np.float32,
+        "labels": np.int32,
+    }
+    assert arrays["labels"].shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(arrays["labels"][0, ..., 0], np.eye(8) * 2)
+
+
+def test_binary_probabilities_reuse_the_evaluation_program_and_other_heads_get_their_activation():
+    config = make_tiny_config()
+    model = models.build_model(config.model)
+    predictor = inference.JaxPredictor.from_variables(model, models.initialize_variables(model, 32, seed=3))
+    images = _images(16)
+    predictor.loss_and_probabilities({"image": images, "mask": np.zeros_like(images)})
+    compiled = steps.eval_step._cache_size()
+    predictor.probabilities(images)
+    # The same inputs as evaluation's (a zero mask): no second compilation of the whole model.
+    assert steps.eval_step._cache_size() == compiled
+
+    config.model.head = "exclusive"
+    model = models.build_model(config.model, ("ggo", "consolidation"))
+    variables = models.initialize_variables(model, 32, seed=3)
+    predictor = inference.JaxPredictor.from_variables(model, variables, loss="dice_ce", head="exclusive")
+    assert (predictor.head, predictor.state.loss) == ("exclusive", "dice_ce")
+    logits = np.asarray(model.apply(variables, images, train=False), np.float64)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    probabilities = np.asarray(predictor.probabilities(images))
+    assert probabilities.shape == (16, 32, 32, 3)
+    np.testing.assert_allclose(probabilities, softmax, atol=1e-6)
+
+
+def test_build_model_validates_turns_the_cache_on_and_builds_the_heads_channels(monkeypatch, tmp_path):
+    from rdunet_jax import devices
+    from rdunet_jax.errors import UserError
+
+    enabled = []
+    monkeypatch.setattr(devices, "enable_compilation_cache", enabled.append)
+    config = make_tiny_config()
+    config.compilation_cache_dir = str(tmp_path / "xla")
+    assert inference.build_model(config) == models.build_model(config.model)
+    assert enabled == [str(tmp_path / "xla")]
+    config.model.head, config.data.classes = "exclusive", ("ggo", "consolidation")
+    assert inference.build_model(config) == models.build_model(config.model, ("ggo", "consolidation"))
+    assert inference.build_model(config) != models.build_model(config.model)
+    config.model.head = "softmax"
+    with pytest.raises(UserError, match="model.head"):
+        inference.build_model(config)
+    # The classes are checked against the head's: an exclusive head needs the phantom's two.
+    config.model.head, config.data.classes = "exclusive", ("lesion",)
+    assert refusal(inference.build_model, config) == (
+        "data.classes: data.name='synthetic' has 2 classes ['ggo', 'consolidation'], got ['lesion']"
+    )
+    # A config saved before heads existed builds the binary model.
+    saved_earlier = make_tiny_config()
+    del saved_earlier.model["head"]
+    assert inference.build_model(saved_earlier) == models.build_model(make_tiny_config().model)
