@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import make_tiny_config, refusal
 
-from rdunet_jax import inference, models, steps
+from rdunet_jax import devices, inference, models, steps
+from rdunet_jax.errors import UserError
 
 
 class RampPredictor(inference.Predictor):
@@ -217,9 +218,6 @@ def test_binary_probabilities_reuse_the_evaluation_program_and_other_heads_get_t
 
 
 def test_build_model_validates_turns_the_cache_on_and_builds_the_heads_channels(monkeypatch, tmp_path):
-    from rdunet_jax import devices
-    from rdunet_jax.errors import UserError
-
     enabled = []
     monkeypatch.setattr(devices, "enable_compilation_cache", enabled.append)
     config = make_tiny_config()

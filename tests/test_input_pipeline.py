@@ -549,15 +549,8 @@ def test_training_batches_follow_the_flip_and_intensity_settings():
     np.testing.assert_array_equal(images(saved_earlier), plain)
 
 
-class PlainMixedSource:
-    """What MixedEpoch reads of a MixedSource: the labelled and extra slices and the extra fraction."""
-
-    def __init__(self, labelled, extra, extra_fraction):
-        self.labelled, self.extra, self.extra_fraction = labelled, extra, extra_fraction
-
-
 def test_a_mixed_epoch_with_two_labelled_rows_a_batch_uses_each_labelled_slice_once():
-    source = PlainMixedSource(list(range(6)), list(range(100, 104)), 0.5)
+    source = pseudo_labels.MixedSource(list(range(6)), list(range(100, 104)), 0.5)
     epoch = input_pipeline.MixedEpoch(source, batch_size=4, seed=3, epoch=0)
     assert (epoch.labelled_rows, epoch.pseudo_rows, len(epoch)) == (2, 2, 12)
     items = [epoch[index] for index in range(len(epoch))]
