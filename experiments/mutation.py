@@ -24,13 +24,15 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EQUIVALENT_LIST = REPO_ROOT / "experiments" / "results" / "mutation" / "equivalent.txt"
 # What the mutants' tests need besides the package: the tests, the tiny configs the fixtures load, the README
-# (whose figures test_reference_forward checks), the mutmut config, the fork server's preload list, and the
-# experiments' code that some tests run (test_selftrain's pool-intensity report), without their results.
+# (whose figures test_reference_forward checks), the docs (test_config_lib checks that reference.md names
+# every key), the mutmut config, the fork server's preload list, and the experiments' code that some tests
+# run (test_selftrain's pool-intensity report), without their results.
 STAGED_PATHS = (
     "rdunet_jax",
     "tests",
     "configs",
     "README.md",
+    "docs",
     "pyproject.toml",
     "experiments",
 )
@@ -104,6 +106,25 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_input_pipeline.py",
         "tests/test_pack_ma2020.py",
+    ],
+    # A config's checks before anything is built: nearly every test validates a config (make_tiny_config),
+    # so the selection is the schema's own tests and, by pytest node id (file::test), each other file's
+    # tests of the keys it owns; whole files would run every training test against each surviving mutant.
+    "config_validation": [
+        "tests/test_config_lib.py",
+        "tests/test_datasets.py::test_config_validation_of_data_keys",
+        "tests/test_datasets.py::test_config_validation_of_cross_validation_keys",
+        "tests/test_datasets.py::test_cross_validation_keys_accept_valid_values",
+        "tests/test_datasets.py::test_a_lesion_filter_with_nothing_to_filter_is_refused",
+        "tests/test_datasets.py::test_mixed_training_needs_a_weighted_loss_and_one_extra_source",
+        "tests/test_selftrain.py::test_invalid_selftrain_keys_are_one_line_naming_the_key",
+        "tests/test_selftrain.py::test_a_mixed_in_source_that_rounds_to_no_row_is_refused",
+        "tests/test_mean_teacher.py::test_bad_consistency_settings_are_refused_naming_the_key",
+        "tests/test_fixmatch.py::test_bad_fixmatch_settings_are_refused_naming_the_key",
+        "tests/test_orientation.py::test_the_orientation_key_defaults_to_the_datasets_and_is_validated",
+        "tests/test_onnx_export.py::test_a_bad_runtime_is_a_config_error",
+        "tests/test_onnx_export.py::test_onnxruntime_without_the_extra_is_refused_before_training",
+        "tests/test_intensity_matching.py::test_matching_a_pool_that_nothing_reads_is_refused_in_one_line",
     ],
 }
 KEPT_DECORATORS = ("staticmethod", "classmethod")  # mutmut handles these itself

@@ -1,11 +1,12 @@
 """The config schema: variants, validation of every key, and a fuzz of invalid configs."""
 
+import fractions
 import functools
 import math
 import re
 
 import pytest
-from helpers import REPO_ROOT, config_from_file, make_tiny_config
+from helpers import REPO_ROOT, config_from_file, make_consistency_config, make_tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -428,3 +429,173 @@ def test_the_reference_documents_every_config_key_and_no_other():
     }
     keys = set(config_lib.flatten(config_lib.to_json(config_lib.base_config())))
     assert (sorted(keys - documented), sorted(documented - keys)) == ([], [])  # (undocumented, unknown)
+
+
+# --- Self-training, mixed-in sources and consistency training: whole messages, written out by hand -------
+
+
+def _selftrain_config():
+    """The tiny config with one self-training round over 6 unlabelled slices (student batch: batch_size 4)."""
+    config = make_tiny_config(num_unlabelled=6)
+    config.selftrain.rounds = 1
+    return config
+
+
+@pytest.mark.parametrize(
+    "make_config, changes, message",
+    [
+        (
+            _selftrain_config,
+            {"data.pseudo_label_dir": None},
+            "data.pseudo_label_dir: must be a path string ('' for off), got None",
+        ),
+        (
+            make_tiny_config,
+            {"data.extra_labelled_dir": 0},
+            "data.extra_labelled_dir: must be a path string ('' for off), got 0",
+        ),
+        (
+            _selftrain_config,
+            {"data.extra_labelled_dir": "ma2020", "loss": "dice_weighted"},
+            "data.extra_labelled_dir: self-training's student mixes in pseudo-labels, which cannot be mixed "
+            "in together with other labelled slices; set selftrain.rounds=0 for joint training",
+        ),
+        (
+            _selftrain_config,
+            {"selftrain.confidence_threshold": 1.0},
+            "selftrain.confidence_threshold: must be a probability in [0.5, 1), got 1.0",
+        ),
+        (
+            _selftrain_config,
+            {"selftrain.student_lr_decay_epochs": 0},
+            "selftrain.student_lr_decay_epochs: must be a positive integer, got 0",
+        ),
+        (
+            _selftrain_config,
+            {"selftrain.student_num_epochs": 1.5},
+            "selftrain.student_num_epochs: must be a positive integer, got 1.5",
+        ),
+        (
+            _selftrain_config,
+            {"selftrain.student_batch_size": 1},
+            "data.pseudo_fraction: 0.5 of the student's batch of 1 (selftrain.student_batch_size, else "
+            "batch_size) rounds to no pseudo-labelled row",
+        ),
+        (
+            make_consistency_config,
+            {"batch_size": 1},
+            "data.unlabelled_fraction: 0.5 of a batch of 1 rounds to no unlabelled row",
+        ),
+        (
+            make_consistency_config,
+            {"consistency.noise_std": math.inf},
+            "consistency.noise_std: must be a non-negative number, got inf",
+        ),
+        (
+            make_consistency_config,
+            {"model.head": "exclusive", "data.classes": ("ggo", "consolidation"), "loss": "dice"},
+            "consistency.weight: mean teacher is built for model.head='binary', got 'exclusive'",
+        ),
+        (
+            _selftrain_config,
+            {"model.head": "exclusive", "data.classes": ("ggo", "consolidation"), "loss": "dice"},
+            "selftrain.rounds: pseudo-labels are lesion masks, for model.head='binary', got 'exclusive'",
+        ),
+        (
+            make_tiny_config,
+            {"data.extra_min_lesion_fraction": 0.05},
+            "data.extra_min_lesion_fraction: it filters the pseudo-labelled or extra labelled slices, and "
+            "this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, data.extra_labelled_dir)",
+        ),
+    ],
+)
+def test_semi_supervised_refusals_are_one_whole_line(make_config, changes, message):
+    config = make_config()
+    for key, value in changes.items():
+        _set(config, key, value)
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == message
+
+
+def test_semi_supervised_keys_accept_their_bounds_and_choices():
+    config = _selftrain_config()
+    config.selftrain.confidence_threshold = 0.5  # a probability in [0.5, 1): 0.5 keeps every pixel
+    config.selftrain.weighting = "confidence"
+    # The student filters its pseudo-labelled slices and reads the pool matched to the labelled slices.
+    config.data.extra_min_lesion_fraction, config.data.unlabelled_intensity_matching = 0.05, "window"
+    config_validation.validate(config)
+    config = make_consistency_config()
+    config.consistency.confidence_threshold = 0.5
+    config.data.unlabelled_intensity_matching = "histogram"  # consistency training reads the pool too
+    config_validation.validate(config)
+
+
+def test_a_config_written_before_heads_existed_may_self_train_or_train_for_consistency():
+    for config in (_selftrain_config(), make_consistency_config()):
+        del config.model["head"]
+        config_validation.validate(config)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"data.cv_folds": 1}, "data.cv_folds: must be 0 (off) or an integer >= 2, got 1"),
+        (
+            {"data.cv_folds": 5, "data.cv_fold": 5},
+            "data.cv_fold: must be an integer in [0, 4] (data.cv_folds=5), got 5",
+        ),
+        (
+            {"data.cv_folds": 5, "data.train_split": "train_full"},
+            "data.train_split: must be 'train' when data.cv_folds > 0 (train_full holds the held-out fold), "
+            "got 'train_full'",
+        ),
+        ({"data.split_scheme": "volumes"}, "data.split_scheme: must be 'random' or 'blocks', got 'volumes'"),
+        (
+            {"data.split_fractions": (0.0, 0.5, 0.5)},
+            "data.split_fractions: must be 3 positive numbers summing to 1, got (0.0, 0.5, 0.5)",
+        ),
+        (  # thirds that are not int or float (a config file may hold any Python value)
+            {"data.split_fractions": (fractions.Fraction(1, 3),) * 3},
+            "data.split_fractions: must be 3 positive numbers summing to 1, got (Fraction(1, 3), "
+            "Fraction(1, 3), Fraction(1, 3))",
+        ),
+    ],
+)
+def test_split_refusals_are_one_whole_line(changes, message):
+    config = make_tiny_config()
+    for key, value in changes.items():
+        _set(config, key, value)
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == message
+
+
+def test_two_folds_are_the_fewest_cross_validation_takes():
+    config = make_tiny_config(cv_folds=2, cv_fold=1)
+    config_validation.validate(config)
+
+
+@pytest.mark.parametrize(
+    "variant, differences",
+    [
+        (
+            "unet",
+            "block: residual (variant: plain); use_se: True (variant: False); "
+            "DC modules on the skips: True (variant: False)",
+        ),
+        (
+            "resdunet",
+            "DC modules on the skips: True (variant: False); encoder dilation: False (variant: True)",
+        ),
+    ],
+)
+def test_a_variant_name_that_does_not_match_the_model_keys_lists_each_difference(variant, differences):
+    config = config_lib.base_config()  # the full RDU-net's model keys
+    config.model.variant = variant
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == (
+        f"model.variant: {variant!r} does not match the model keys ({differences}); "
+        f"choose a variant with the config argument, e.g. configs/rdunet.py:{variant}"
+    )

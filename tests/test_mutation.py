@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,10 +67,15 @@ def test_a_subpackage_module_is_named_with_dots_and_staged_by_its_path():
 
 
 def test_every_module_and_its_tests_exist():
-    for module, test_files in mutation.TESTS.items():
+    for module, selections in mutation.TESTS.items():
         assert (mutation.REPO_ROOT / mutation.module_path(module)).is_file(), module
-        for test_file in test_files:
-            assert (mutation.REPO_ROOT / test_file).is_file(), test_file
+        for selection in selections:  # a file, or one test of it by pytest node id (file::test)
+            test_file, _, test_name = selection.partition("::")
+            assert (mutation.REPO_ROOT / test_file).is_file(), selection
+            if test_name:
+                assert re.search(
+                    rf"^def {test_name}\(", (mutation.REPO_ROOT / test_file).read_text(), re.M
+                ), selection
 
 
 def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_path, monkeypatch):
