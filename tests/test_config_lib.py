@@ -434,6 +434,15 @@ def test_the_reference_documents_every_config_key_and_no_other():
 # --- Self-training, mixed-in sources and consistency training: whole messages, written out by hand -------
 
 
+def _refusal(config, changes: dict) -> str:
+    """The whole message of the UserError validation raises once each dotted key of `changes` is set."""
+    for key, value in changes.items():
+        _set(config, key, value)
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    return str(raised.value)
+
+
 def _selftrain_config():
     """The tiny config with one self-training round over 6 unlabelled slices (student batch: batch_size 4)."""
     config = make_tiny_config(num_unlabelled=6)
@@ -510,12 +519,7 @@ def _selftrain_config():
     ],
 )
 def test_semi_supervised_refusals_are_one_whole_line(make_config, changes, message):
-    config = make_config()
-    for key, value in changes.items():
-        _set(config, key, value)
-    with pytest.raises(UserError) as raised:
-        config_validation.validate(config)
-    assert str(raised.value) == message
+    assert _refusal(make_config(), changes) == message
 
 
 def test_semi_supervised_keys_accept_their_bounds_and_choices():
@@ -563,12 +567,7 @@ def test_a_config_written_before_heads_existed_may_self_train_or_train_for_consi
     ],
 )
 def test_split_refusals_are_one_whole_line(changes, message):
-    config = make_tiny_config()
-    for key, value in changes.items():
-        _set(config, key, value)
-    with pytest.raises(UserError) as raised:
-        config_validation.validate(config)
-    assert str(raised.value) == message
+    assert _refusal(make_tiny_config(), changes) == message
 
 
 def test_two_folds_are_the_fewest_cross_validation_takes():
