@@ -10,13 +10,6 @@ from rdunet_jax import config_lib, losses, orientation
 from rdunet_jax.errors import UserError
 
 
-def _get(config, key):
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -30,7 +23,7 @@ _NON_NEGATIVE_INT = (lambda value: _is_int(value) and value >= 0, "a non-negativ
 
 def _require(config, key, predicate, description: str) -> None:
     """Raises UserError '<key>: must be <description>, got <value>' unless predicate(value) holds."""
-    value = _get(config, key)
+    value = config[key]  # a ConfigDict resolves the dotted path itself
     try:
         valid = bool(predicate(value))
     except (TypeError, ValueError):
@@ -204,7 +197,7 @@ def _check_consistency(config) -> None:
         raise UserError(
             f"consistency.weight: {method} needs unlabelled slices: set data.unlabelled_fraction > 0"
         )
-    if _is_int(config.batch_size) and config.batch_size > 0 and not _mixed_rows(config.batch_size, fraction):
+    if not _mixed_rows(config.batch_size, fraction):  # batch_size is a positive integer here
         raise UserError(
             f"data.unlabelled_fraction: {fraction} of a batch of {config.batch_size} rounds to no "
             "unlabelled row"
@@ -289,7 +282,7 @@ def _check_selftrain(config) -> None:
     )
     student_batch = config.selftrain.student_batch_size or config.batch_size
     fraction = config.data.pseudo_fraction
-    if config.selftrain.rounds and _is_int(student_batch) and not _mixed_rows(student_batch, fraction):
+    if config.selftrain.rounds and not _mixed_rows(student_batch, fraction):
         raise UserError(
             f"data.pseudo_fraction: {fraction} of the student's batch of {student_batch} "
             "(selftrain.student_batch_size, else batch_size) rounds to no pseudo-labelled row"
@@ -300,9 +293,11 @@ def _check_selftrain(config) -> None:
         if config.data[source] and not _mixed_rows(batch, share):
             raise UserError(f"data.{key}: {share} of a batch of {batch} rounds to no row of data.{source}")
     head = config.model.get("head", "binary")
-    if (config.selftrain.rounds or config.data.pseudo_label_dir) and head != "binary":
-        key = "selftrain.rounds" if config.selftrain.rounds else "data.pseudo_label_dir"
-        raise UserError(f"{key}: pseudo-labels are lesion masks, for model.head='binary', got {head!r}")
+    # data.pseudo_label_dir needs a weighted loss (above), which only the binary head has.
+    if config.selftrain.rounds and head != "binary":
+        raise UserError(
+            f"selftrain.rounds: pseudo-labels are lesion masks, for model.head='binary', got {head!r}"
+        )
     mixes_extra = config.selftrain.rounds or config.data.pseudo_label_dir or config.data.extra_labelled_dir
     if config.data.extra_min_lesion_fraction and not mixes_extra:
         raise UserError(

@@ -2,6 +2,7 @@
 
 import fractions
 import functools
+import importlib.util
 import math
 import re
 
@@ -597,4 +598,81 @@ def test_a_variant_name_that_does_not_match_the_model_keys_lists_each_difference
     assert str(raised.value) == (
         f"model.variant: {variant!r} does not match the model keys ({differences}); "
         f"choose a variant with the config argument, e.g. configs/rdunet.py:{variant}"
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"name": "."}, "name: must be a non-empty name without '/', got '.'"),
+        ({"compilation_cache_dir": 3}, "compilation_cache_dir: must be a path string ('' for off), got 3"),
+        ({"model_init": 3}, "model_init: must be a string, got 3"),
+        (
+            {"data.rotation_degrees": 181},
+            "data.rotation_degrees: must be a number of degrees in [0, 180], got 181.0",
+        ),
+        ({"eval.threshold": 0}, "eval.threshold: must be a number in (0, 1), got 0.0"),
+        (
+            {"eval.split": "tset"},
+            "eval.split: must be 'train', 'validation', 'test' or 'train_full', got 'tset'",
+        ),
+        # 36 divides by 2 * depth but not by 2 ** depth: the pools halve the image depth times.
+        (
+            {"model.depth": 3, "data.image_size": 36},
+            "data.image_size: 36 is not divisible by 2**model.depth = 8",
+        ),
+    ],
+)
+def test_key_refusals_are_one_whole_line(changes, message):
+    assert _refusal(make_tiny_config(), changes) == message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model.dtype": "bfloat16"},
+        {"data.rotation_degrees": 180},
+        *({"eval.split": split} for split in ("train", "validation", "test", "train_full")),
+    ],
+    ids=str,
+)
+def test_keys_accept_their_bounds_and_choices(changes):
+    config = make_tiny_config()
+    for key, value in changes.items():
+        _set(config, key, value)
+    config_validation.validate(config)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        # A nested typo is named by its whole dotted path, and so is its nearest known key.
+        ("data.imagesize", "data.imagesize: unknown config key (did you mean data.image_size?)"),
+        ("zqxj", "zqxj: unknown config key"),  # nothing close: no hint
+    ],
+)
+def test_an_unknown_key_is_named_with_its_nearest_known_key_if_any(key, message):
+    config = make_tiny_config()
+    *parents, leaf = key.split(".")
+    section = functools.reduce(lambda section, part: section[part], parents, config)
+    section[leaf] = 1  # a key the schema lacks, as a config file or override adds it
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "installed, missing", [((), "onnx and onnxruntime"), (("onnx",), "onnxruntime")], ids=["none", "onnx"]
+)
+def test_onnxruntime_without_its_packages_says_which_to_install(monkeypatch, installed, missing):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: find_spec(name) if name in installed else None
+    )
+    config = make_tiny_config()
+    config.eval.runtime = "onnxruntime"
+    with pytest.raises(UserError) as raised:
+        config_validation.validate(config)
+    assert str(raised.value) == (
+        f"eval.runtime: 'onnxruntime' needs {missing}, not installed: pip install -e '.[onnx]'"
     )
