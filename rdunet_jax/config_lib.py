@@ -274,6 +274,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.selftrain.student_num_epochs = 150
     config.selftrain.student_lr_decay_epochs = 75
     config.selftrain.student_intensity_range = 0.1
+    # 'scratch' (Noisy Student's student); 'teacher': the student starts from the weights of the model that
+    # made its pseudo-labels (a fresh optimizer, `model_init`), so a shorter schedule may do.
+    config.selftrain.student_init = "scratch"
     # The student's batch (0: the teacher's `batch_size`). A larger one adds the pseudo-labelled rows on top
     # of the teacher's labelled rows instead of in their place: batch 5 with data.pseudo_fraction 0.2 is the
     # teacher's 4 labelled slices a step plus 1 pseudo-labelled one.

@@ -266,6 +266,12 @@ def _check_selftrain(config) -> None:
         lambda value: value in ("threshold", "confidence"),
         "'threshold' or 'confidence'",
     )
+    _require(
+        config,
+        "selftrain.student_init",
+        lambda value: value in ("scratch", "teacher"),
+        "'scratch' or 'teacher'",
+    )
     for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
         _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
     _require(

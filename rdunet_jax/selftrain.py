@@ -83,9 +83,11 @@ def teacher_config(config):
     return teacher
 
 
-def student_config(config, pseudo_label_dir: pathlib.Path):
+def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathlib.Path | None = None):
     """The student: the config on the labelled slices mixed with `pseudo_label_dir`'s pseudo-labels, the
-    loss weighted per pixel, the student's schedule and its intensity augmentation."""
+    loss weighted per pixel, the student's schedule and its intensity augmentation; with
+    `selftrain.student_init='teacher'`, started from `previous_model`'s weights (the model that made the
+    pseudo-labels) instead of from scratch."""
     student = teacher_config(config)
     # The student records the self-training settings it was made with (the pseudo-labels' threshold and
     # weighting among them), as students did before teachers ignored them.
@@ -98,6 +100,10 @@ def student_config(config, pseudo_label_dir: pathlib.Path):
     student.num_epochs = config.selftrain.student_num_epochs
     student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
     student.batch_size = config.selftrain.student_batch_size or config.batch_size
+    if config.selftrain.student_init == "teacher":
+        if previous_model is None:
+            raise ValueError("selftrain.student_init='teacher' needs the model that made the pseudo-labels")
+        student.model_init = str(previous_model)
     student.loss = losses.WEIGHTED_LOSSES.get(config.loss, config.loss)
     return student
 
@@ -115,8 +121,9 @@ def _same_config(stored: dict, current: dict) -> bool:
 
 
 def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:
-    """A config's JSON with its pseudo-label folder named relative to `workdir` when inside it; by default
-    relative to the workdir its own path names, as `run` writes it: <workdir>/pseudo_labels/round<n>."""
+    """A config's JSON with its pseudo-label folder, and a `model_init` inside the same workdir (a student
+    started from its teacher), named relative to `workdir`; by default relative to the workdir its own
+    pseudo-label path names, as `run` writes it: <workdir>/pseudo_labels/round<n>."""
     folder = values["data"].get("pseudo_label_dir")
     if not folder:
         return values
@@ -124,7 +131,11 @@ def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -
     workdir = folder.parent.parent if workdir is None else workdir.absolute()
     if not folder.is_relative_to(workdir):
         return values
-    return {**values, "data": {**values["data"], "pseudo_label_dir": str(folder.relative_to(workdir))}}
+    values = {**values, "data": {**values["data"], "pseudo_label_dir": str(folder.relative_to(workdir))}}
+    start = pathlib.Path(values.get("model_init") or "")
+    if start.is_absolute() and start.is_relative_to(workdir):
+        values["model_init"] = str(start.relative_to(workdir))
+    return values
 
 
 def _same_stage(stored: dict, config, folder: pathlib.Path) -> bool:
@@ -307,7 +318,7 @@ def run(config, workdir) -> dict:
         stages[f"pseudo_labels{round_number}"] = write_pseudo_labels(
             config, model_folder, model_config, labels_folder
         )
-        model_config = student_config(config, labels_folder.absolute())
+        model_config = student_config(config, labels_folder.absolute(), model_folder.absolute())
         model_folder = workdir / f"student{round_number}"
         stages[f"student{round_number}"] = train_stage(model_config, model_folder, f"student {round_number}")
     final = stages[f"student{config.selftrain.rounds}"]

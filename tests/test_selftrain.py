@@ -6,6 +6,7 @@ in test_losses.py.
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -370,7 +371,6 @@ def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uni
 
 
 def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path):
-    import shutil
 
     from rdunet_jax.errors import UserError
 
@@ -469,6 +469,11 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
             -1,
             "selftrain.student_batch_size: must be a non-negative integer (0: the teacher's batch_size), "
             "got -1",
+        ),
+        (
+            "selftrain.student_init",
+            "pretrained",
+            "selftrain.student_init: must be 'scratch' or 'teacher', got",
         ),
     ],
 )
@@ -621,7 +626,6 @@ def test_the_model_digest_of_a_stage_is_of_its_recorded_config(tmp_path):
 
 
 def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, capsys):
-    import shutil
 
     from rdunet_jax.errors import UserError
 
@@ -659,3 +663,46 @@ def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkey
     other = selftrain.student_config(config, tmp_path / "new" / "pseudo_labels" / "round2")
     with pytest.raises(UserError, match="started with another config"):
         selftrain._finished_stage(pathlib.Path("new") / "student1", other)
+
+
+def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uninterrupted, tmp_path, capsys):
+    from rdunet_jax.errors import UserError
+
+    workdir, summary = uninterrupted
+    config = tiny_selftrain_config()
+    config.model_init = str(tmp_path / "pretrained")  # a user's start: the teacher's, not this student's
+    labels = workdir / "pseudo_labels" / "round1"
+    assert selftrain.student_config(config, labels, workdir / "teacher").model_init == config.model_init
+    config.selftrain.student_init = "teacher"
+    assert selftrain.student_config(config, labels, workdir / "teacher").model_init == str(
+        workdir / "teacher"
+    )
+    assert selftrain.teacher_config(config).model_init == config.model_init
+    # The same run with the student started from the teacher: the teacher and pseudo-labels are kept,
+    # the finished scratch student is another config, and a fresh workdir's student starts from its teacher.
+    with pytest.raises(UserError, match="run with another config"):
+        selftrain._finished_stage(
+            workdir / "student1", selftrain.student_config(config, labels.absolute(), workdir / "teacher")
+        )
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        workdir, copy, ignore=lambda folder, names: ["student1", "selftrain.json"] * (folder == str(workdir))
+    )
+    config.model_init = ""
+    again = selftrain.run(config, copy)
+    output = capsys.readouterr().out
+    assert "teacher: finished before" in output and "pseudo-labels: finished before" in output, output
+    assert (
+        f"model_init: parameters and BatchNorm statistics of {(copy / 'teacher').absolute()} (step 4)"
+        in output
+    )
+    assert again["stages"]["teacher"] == summary["stages"]["teacher"]
+    stored = json.loads((copy / "student1" / "config.json").read_text())
+    assert stored["model_init"] == str((copy / "teacher").absolute())
+    # Moved, the workdir keeps its student started from its own teacher.
+    moved = tmp_path / "moved"
+    shutil.move(copy, moved)
+    student = selftrain.student_config(
+        config, (moved / "pseudo_labels" / "round1").absolute(), moved / "teacher"
+    )
+    assert selftrain._finished_stage(moved / "student1", student) == again["stages"]["student1"]
