@@ -83,7 +83,7 @@ def teacher_config(config):
     return teacher
 
 
-def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathlib.Path | None = None):
+def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathlib.Path):
     """The student: the config on the labelled slices mixed with `pseudo_label_dir`'s pseudo-labels, the
     loss weighted per pixel, the student's schedule and its intensity augmentation; with
     `selftrain.student_init='teacher'`, started from `previous_model`'s weights (the model that made the
@@ -101,8 +101,6 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
     student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
     student.batch_size = config.selftrain.student_batch_size or config.batch_size
     if config.selftrain.student_init == "teacher":
-        if previous_model is None:
-            raise ValueError("selftrain.student_init='teacher' needs the model that made the pseudo-labels")
         student.model_init = str(previous_model)
     student.loss = losses.WEIGHTED_LOSSES.get(config.loss, config.loss)
     return student
@@ -120,7 +118,7 @@ def _same_config(stored: dict, current: dict) -> bool:
     ) and set(stored) <= set(current)
 
 
-def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:
+def _workdir_paths_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:
     """A config's JSON with its pseudo-label folder, and a `model_init` inside the same workdir (a student
     started from its teacher), named relative to `workdir`; by default relative to the workdir its own
     pseudo-label path names, as `run` writes it: <workdir>/pseudo_labels/round<n>."""
@@ -141,8 +139,8 @@ def _pseudo_labels_by_place(values: dict, workdir: pathlib.Path | None = None) -
 def _same_stage(stored: dict, config, folder: pathlib.Path) -> bool:
     """Whether the stage in `folder`, recorded with `stored`, ran `config`. A student names its pseudo-labels
     by absolute path; compared by their place in the workdir, a moved workdir keeps its finished students."""
-    current = _pseudo_labels_by_place(config_lib.to_json(config), folder.parent)
-    return _same_config(_pseudo_labels_by_place(stored), current)
+    current = _workdir_paths_by_place(config_lib.to_json(config), folder.parent)
+    return _same_config(_workdir_paths_by_place(stored), current)
 
 
 def _finished_stage(folder: pathlib.Path, config) -> dict | None:

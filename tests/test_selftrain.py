@@ -288,7 +288,7 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.data.extra_min_lesion_fraction = 0.05
     teacher = selftrain.teacher_config(config)
     assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
-    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
+    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
     assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
     assert (student.data.extra_min_lesion_fraction, teacher.data.extra_min_lesion_fraction) == (0.05, 0.0)
     assert (student.data.unlabelled_intensity_matching, teacher.data.unlabelled_intensity_matching) == (
@@ -298,7 +298,7 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     assert input_pipeline.pseudo_per_batch(student.batch_size, student.data.pseudo_fraction) == 1
     config.selftrain.student_batch_size = 0  # the teacher's batch
     before = config.to_json(sort_keys=True)
-    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1")
+    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
     assert student.batch_size == config.batch_size == teacher.batch_size
     # The student is plain training on mixed batches (its config run again would not self-train), and
     # making it leaves the run's own config as it was.
@@ -307,7 +307,10 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     # The teacher's loss becomes its weighted form; a weighted loss stays itself.
     assert student.loss == "dice_weighted"
     config.loss = "dice_weighted"
-    assert selftrain.student_config(config, workdir / "pseudo_labels" / "round1").loss == "dice_weighted"
+    assert (
+        selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher").loss
+        == "dice_weighted"
+    )
     config.loss = "dice"
     config.batch_size += 1  # the teacher's own settings still count
     with pytest.raises(UserError, match="run with another config"):
@@ -320,11 +323,13 @@ def test_a_finished_student_is_kept_for_its_own_settings_and_refused_for_other_p
     workdir, summary = uninterrupted
     labels = workdir / "pseudo_labels" / "round1"
     config = tiny_selftrain_config()
-    student = selftrain.student_config(config, labels.absolute())
+    student = selftrain.student_config(config, labels.absolute(), workdir / "teacher")
     assert selftrain._finished_stage(workdir / "student1", student) == summary["stages"]["student1"]
     config.selftrain.confidence_threshold = 0.8  # other pseudo-labels: not what the student learnt from
     with pytest.raises(UserError, match="run with another config"):
-        selftrain._finished_stage(workdir / "student1", selftrain.student_config(config, labels.absolute()))
+        selftrain._finished_stage(
+            workdir / "student1", selftrain.student_config(config, labels.absolute(), workdir / "teacher")
+        )
 
 
 @pytest.mark.parametrize(
@@ -371,7 +376,6 @@ def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uni
 
 
 def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path):
-
     from rdunet_jax.errors import UserError
 
     workdir, _ = uninterrupted
@@ -646,21 +650,29 @@ def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, caps
     config = tiny_selftrain_config()
     for labels in (moved / "pseudo_labels" / "round2", tmp_path / "elsewhere" / "pseudo_labels" / "round1"):
         with pytest.raises(UserError, match="run with another config"):
-            selftrain._finished_stage(moved / "student1", selftrain.student_config(config, labels))
+            selftrain._finished_stage(
+                moved / "student1", selftrain.student_config(config, labels, moved / "teacher")
+            )
 
 
 def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkeypatch):
     from rdunet_jax.errors import UserError
 
     config = tiny_selftrain_config()
-    started = selftrain.student_config(config, tmp_path / "old" / "pseudo_labels" / "round1")
+    started = selftrain.student_config(
+        config, tmp_path / "old" / "pseudo_labels" / "round1", tmp_path / "old" / "teacher"
+    )
     (tmp_path / "new" / "student1").mkdir(parents=True)
     (tmp_path / "new" / "student1" / "config.json").write_text(started.to_json_best_effort())
     # As `run` names them: the workdir as given (here relative), the pseudo-labels by absolute path.
     monkeypatch.chdir(tmp_path)
-    moved = selftrain.student_config(config, (pathlib.Path("new") / "pseudo_labels" / "round1").absolute())
+    moved = selftrain.student_config(
+        config, (pathlib.Path("new") / "pseudo_labels" / "round1").absolute(), pathlib.Path("new") / "teacher"
+    )
     assert selftrain._finished_stage(pathlib.Path("new") / "student1", moved) is None
-    other = selftrain.student_config(config, tmp_path / "new" / "pseudo_labels" / "round2")
+    other = selftrain.student_config(
+        config, tmp_path / "new" / "pseudo_labels" / "round2", tmp_path / "new" / "teacher"
+    )
     with pytest.raises(UserError, match="started with another config"):
         selftrain._finished_stage(pathlib.Path("new") / "student1", other)
 
@@ -685,9 +697,9 @@ def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uni
             workdir / "student1", selftrain.student_config(config, labels.absolute(), workdir / "teacher")
         )
     copy = tmp_path / "copy"
-    shutil.copytree(
-        workdir, copy, ignore=lambda folder, names: ["student1", "selftrain.json"] * (folder == str(workdir))
-    )
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "student1")
+    (copy / "selftrain.json").unlink()
     config.model_init = ""
     again = selftrain.run(config, copy)
     output = capsys.readouterr().out
