@@ -1,10 +1,17 @@
-"""Atomic file writes: a reader (or an interrupted run) never sees a half-written file."""
+"""Atomic file writes (a reader, or an interrupted run, never sees a half-written file) and the run
+folder's lock (two runs never write one folder at once)."""
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import socket
 import tempfile
+
+from rdunet_jax.errors import UserError
+
+LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
@@ -37,3 +44,59 @@ def write_text_atomic(path, text: str) -> None:
 
 def write_json_atomic(path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _locked(path: pathlib.Path):
+    """`path` opened and flock-ed (created with its folder if missing); None when another run holds it."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                return handle
+        # The last holder removed the file between our open and our lock: lock the file now at `path`.
+        handle.close()
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir, enabled: bool = True):
+    """Holds the lock of the run folder `workdir` (created if missing) while the block runs.
+
+    A second run of the same folder (another terminal, a job resubmitted while the first still runs) is
+    refused with a UserError naming the holder, rather than interleaving its checkpoints and logs with
+    the first's. The kernel drops the lock when its process ends however it ends (kill -9 included), so
+    a crashed run never blocks the next one. A folder this call created and the block left empty is
+    removed. `enabled=False` (the hosts after the first of a multi-host run) holds nothing.
+    """
+    if not enabled:
+        yield
+        return
+    workdir = pathlib.Path(workdir)
+    created = not workdir.exists()
+    path = workdir / LOCK_NAME
+    handle = _locked(path)
+    if handle is None:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = path.read_text().strip()
+        raise UserError(
+            f"--workdir: {workdir} is in use by another run ({holder or 'starting'}); wait for it to end, "
+            "stop it, or choose another --workdir"
+        )
+    handle.truncate(0)  # a run killed with -9 left its line
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        # Removed while still locked, so a run that opened the file meanwhile retries on the path.
+        path.unlink(missing_ok=True)
+        handle.close()
+        if created:
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                workdir.rmdir()

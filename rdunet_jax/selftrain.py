@@ -6,7 +6,8 @@ Stages, each in its own folder under the workdir and skipped once its outputs ar
     pseudo_labels/round<r>/  the previous model's flip-averaged predictions of the unlabelled split, confident
                              pixels kept (PNG masks, PNG weight maps, summary.json; see
                              datasets/pseudo_labels.py), renamed into place only when every slice is written
-    student<r>/              a student trained from scratch on the labelled slices mixed with round r's
+    student<r>/              a student trained from scratch (or from the model before it,
+                             `selftrain.student_init`) on the labelled slices mixed with round r's
                              pseudo-labels (`data.pseudo_fraction` of each batch), with the student's
                              schedule and stronger augmentation (`selftrain.student_*`)
     selftrain.json           every stage's evaluation (the test split when present, else validation)
@@ -23,6 +24,7 @@ import pathlib
 import shutil
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -30,7 +32,9 @@ from rdunet_jax import (
     config_lib,
     config_validation,
     datasets,
+    devices,
     evaluate,
+    files,
     inference,
     input_pipeline,
     losses,
@@ -308,6 +312,13 @@ def run(config, workdir) -> dict:
             f"selftrain.rounds: data.name={config.data.name!r} has no unlabelled split (semiseg: the folder "
             "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs; the phantom: data.num_unlabelled > 0)"
         )
+    devices.initialize_distributed()
+    # The stages lock their own folders; this lock keeps a second run out of the pseudo-labels too.
+    with files.exclusive_workdir(workdir, enabled=jax.process_index() == 0):
+        return _run_stages(config, workdir)
+
+
+def _run_stages(config, workdir: pathlib.Path) -> dict:
     model_config = teacher_config(config)
     model_folder = workdir / "teacher"
     stages = {"teacher": train_stage(model_config, model_folder, "teacher")}

@@ -29,6 +29,7 @@ from rdunet_jax import (
     datasets,
     devices,
     evaluate,
+    files,
     inference,
     input_pipeline,
     mean_teacher,
@@ -220,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
     Returns the evaluation summary of `evaluate.evaluate_workdir` (also written to metrics/). Raises
     TrainingStopped after saving a checkpoint on SIGTERM or SIGINT, NonFiniteLossError on a NaN or
-    infinite loss, and UserError for a bad config or workdir.
+    infinite loss, and UserError for a bad config or workdir, or one that another run is using.
     """
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -228,6 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     devices.initialize_distributed()
     config_validation.validate(config)
     devices.enable_compilation_cache(config.compilation_cache_dir)
+    with files.exclusive_workdir(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     classes = class_labels.check_classes(config.data, config.model.head)
     model = models.build_model(config.model, classes)
     mesh = devices.data_parallel_mesh()

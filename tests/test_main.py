@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import onnx
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, models, steps
+from rdunet_jax import checkpoints, files, models, steps
 
 TINY = [
     "--config",
@@ -147,6 +148,18 @@ def test_a_file_where_a_folder_belongs_is_a_one_line_error(tmp_path, flag, messa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + message.format(file=file))
     assert file.read_text() == "not a folder"
+
+
+def test_a_second_run_of_a_workdir_in_use_is_refused_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    with files.exclusive_workdir(workdir):  # as a first run would
+        result = _run(f"--workdir={workdir}")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: --workdir: {workdir} is in use by another run (process {os.getpid()} on "
+            f"{socket.gethostname()}); wait for it to end, stop it, or choose another --workdir"
+        ]
+        assert sorted(path.name for path in workdir.iterdir()) == [".lock"]  # nothing of its own written
 
 
 def _checkpoint_bytes(workdir: pathlib.Path) -> dict:

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
-from rdunet_jax import datasets, selftrain
+from rdunet_jax import datasets, files, selftrain
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
@@ -552,6 +552,17 @@ def test_self_training_without_an_unlabelled_split_is_refused_before_training(tm
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=f"^--workdir: {re.escape(str(tmp_path / 'file'))} exists and is not"):
         selftrain.run(tiny_selftrain_config(), tmp_path / "file")
+
+
+@pytest.mark.parametrize("held", ["", "teacher"])
+def test_a_self_training_workdir_or_stage_in_use_is_refused_before_anything_is_written(tmp_path, held):
+    workdir = tmp_path / "run"
+    with files.exclusive_workdir(workdir / held):
+        with pytest.raises(UserError, match=f"^--workdir: {re.escape(str(workdir / held))} is in use by"):
+            selftrain.run(tiny_selftrain_config(), workdir)
+        assert sorted(str(path.relative_to(workdir)) for path in workdir.rglob("*")) == sorted(
+            {held, str(pathlib.Path(held) / ".lock")} - {""}
+        )
 
 
 def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_path):
