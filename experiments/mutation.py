@@ -93,6 +93,8 @@ TESTS = {
         "tests/test_datasets.py",
         "tests/test_pack_ma2020.py",
     ],
+    # Atomic writes and the workdir lock.
+    "files": ["tests/test_files.py"],
     # The inference layer: test-time flips, padded batches, the batches in flight.
     "inference": ["tests/test_inference.py", "tests/test_evaluate_classes.py"],
     # The training input: resizing, HU windowing, the paper's augmentation, the labelled/pseudo-labelled mix.

@@ -1,5 +1,7 @@
-"""The run folder's lock (rdunet_jax/files.py): one run per folder, never blocked by a dead one."""
+"""rdunet_jax/files.py: atomic writes (a file is absent, old or whole) and the run folder's lock (one run per
+folder, never blocked by a dead one)."""
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +12,30 @@ import pytest
 
 from rdunet_jax import files
 from rdunet_jax.errors import UserError
+
+
+def test_an_atomic_write_creates_the_folders_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "a" / "b" / "summary.json"
+    files.write_json_atomic(path, {"b": 1, "a": [0.5]})
+    assert path.read_text() == '{\n  "a": [\n    0.5\n  ],\n  "b": 1\n}\n'  # sorted keys, indented
+    files.write_text_atomic(path, "é\n")
+    assert path.read_bytes() == b"\xc3\xa9\n"  # UTF-8 whatever the locale
+    assert [entry.name for entry in path.parent.iterdir()] == ["summary.json"]
+
+
+def test_a_write_that_fails_keeps_the_old_file_and_removes_its_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(TypeError), files.atomic_path(path) as temporary:
+        assert temporary.parent == tmp_path and temporary.name.startswith(".metrics.json.")
+        assert temporary.suffix == ".tmp" and temporary.read_bytes() == b""
+        temporary.write_text("half")
+        json.dumps(object())  # a value that cannot be written, midway
+    assert path.read_text() == "old"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(KeyboardInterrupt), files.atomic_path(path) as temporary:  # Ctrl-C too
+        raise KeyboardInterrupt
+    assert not temporary.exists() and path.read_text() == "old"
 
 
 def _refusal(workdir, holder: str) -> str:

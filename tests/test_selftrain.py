@@ -666,6 +666,23 @@ def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, caps
             )
 
 
+def test_a_stage_config_names_its_paths_inside_the_workdir_by_their_place():
+    def values(model_init):
+        return {"data": {"pseudo_label_dir": "/runs/a/pseudo_labels/round1"}, "model_init": model_init}
+
+    by_place = selftrain._workdir_paths_by_place
+    assert by_place(values("/runs/a/teacher")) == {
+        "data": {"pseudo_label_dir": "pseudo_labels/round1"},
+        "model_init": "teacher",
+    }
+    assert by_place(values("/runs/a/student1"))["model_init"] == "student1"  # round 2's start
+    assert by_place(values("/pretrained/run"))["model_init"] == "/pretrained/run"  # outside: kept
+    assert by_place(values("teacher"))["model_init"] == "teacher"  # relative: kept as given
+    assert by_place(values(""))["model_init"] == ""
+    moved = by_place(values("/runs/a/teacher"), pathlib.Path("/runs"))  # measured from another folder
+    assert moved == {"data": {"pseudo_label_dir": "a/pseudo_labels/round1"}, "model_init": "a/teacher"}
+
+
 def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkeypatch):
     from rdunet_jax.errors import UserError
 
