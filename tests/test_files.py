@@ -36,6 +36,10 @@ def test_a_write_that_fails_keeps_the_old_file_and_removes_its_temporary(tmp_pat
     with pytest.raises(KeyboardInterrupt), files.atomic_path(path) as temporary:  # Ctrl-C too
         raise KeyboardInterrupt
     assert not temporary.exists() and path.read_text() == "old"
+    with pytest.raises(ValueError), files.atomic_path(path) as temporary:  # a writer that cleaned up itself
+        temporary.unlink()
+        raise ValueError("the writer's own error, not the clean-up's")
+    assert path.read_text() == "old"
 
 
 def _refusal(workdir, holder: str) -> str:
@@ -120,6 +124,29 @@ def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeyp
         monkeypatch.setattr(files.fcntl, "flock", flock)
         with pytest.raises(UserError), files.exclusive_workdir(workdir):
             pass
+
+
+def test_a_holder_not_yet_named_or_just_gone_is_refused_as_starting(tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "a+") as other:  # a run that has locked but not written its line yet
+        files.fcntl.flock(other, files.fcntl.LOCK_EX | files.fcntl.LOCK_NB)
+        with pytest.raises(UserError) as refused, files.exclusive_workdir(workdir):
+            pass
+    assert str(refused.value) == _refusal(workdir, "starting")
+    (workdir / ".lock").unlink()
+    monkeypatch.setattr(files, "_locked", lambda path: None)  # held, then gone before its line is read
+    with pytest.raises(UserError) as refused, files.exclusive_workdir(workdir):
+        pass
+    assert str(refused.value) == _refusal(workdir, "starting")
+
+
+def test_a_lock_file_deleted_during_the_run_is_no_error_at_its_end(tmp_path):
+    workdir = tmp_path / "run"
+    with files.exclusive_workdir(workdir):
+        (workdir / ".lock").unlink()  # a user clearing the folder by hand
+        (workdir / "log").write_text("kept")
+    assert [path.name for path in workdir.iterdir()] == ["log"]
 
 
 def test_a_disabled_lock_holds_and_creates_nothing(tmp_path):
