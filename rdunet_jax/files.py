@@ -7,11 +7,13 @@ import json
 import os
 import pathlib
 import socket
+import sys
 import tempfile
 
 from rdunet_jax.errors import UserError
 
 LOCK_NAME = ".lock"
+NO_LOCKS = object()
 
 
 @contextlib.contextmanager
@@ -47,7 +49,8 @@ def write_json_atomic(path, value) -> None:
 
 
 def _locked(path: pathlib.Path):
-    """`path` opened and flock-ed (created with its folder if missing); None when another run holds it."""
+    """`path` opened and flock-ed (created with its folder if missing); None when another run holds it;
+    NO_LOCKS where the file system has no locks."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
@@ -56,6 +59,16 @@ def _locked(path: pathlib.Path):
         except BlockingIOError:
             handle.close()
             return None
+        except OSError as error:  # some network and FUSE mounts: run as before the lock existed
+            handle.close()
+            path.unlink(missing_ok=True)
+            print(
+                f"warning: cannot lock {path} ({error.strerror}); a second run of this folder will not be "
+                "refused",
+                file=sys.stderr,
+                flush=True,
+            )
+            return NO_LOCKS
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 return handle
@@ -80,6 +93,9 @@ def exclusive_workdir(workdir, enabled: bool = True):
     created = not workdir.exists()
     path = workdir / LOCK_NAME
     handle = _locked(path)
+    if handle is NO_LOCKS:
+        yield
+        return
     if handle is None:
         holder = ""
         with contextlib.suppress(OSError):

@@ -1,6 +1,7 @@
 """rdunet_jax/files.py: atomic writes (a file is absent, old or whole) and the run folder's lock (one run per
 folder, never blocked by a dead one)."""
 
+import errno
 import json
 import os
 import signal
@@ -147,6 +148,20 @@ def test_a_lock_file_deleted_during_the_run_is_no_error_at_its_end(tmp_path):
         (workdir / ".lock").unlink()  # a user clearing the folder by hand
         (workdir / "log").write_text("kept")
     assert [path.name for path in workdir.iterdir()] == ["log"]
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    def unsupported(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(files.fcntl, "flock", unsupported)
+    workdir = tmp_path / "run"
+    with files.exclusive_workdir(workdir):
+        assert [path.name for path in workdir.iterdir()] == []  # no lock file left to mislead
+        with files.exclusive_workdir(workdir):  # nothing refuses the second run
+            pass
+    message = f"warning: cannot lock {workdir / '.lock'} ({os.strerror(errno.ENOLCK)}); a second run of this "
+    assert capsys.readouterr().err == 2 * (message + "folder will not be refused\n")
 
 
 def test_a_disabled_lock_holds_and_creates_nothing(tmp_path):
