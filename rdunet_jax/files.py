@@ -66,7 +66,6 @@ def _locked(path: pathlib.Path):
                 f"warning: cannot lock {path} ({error.strerror}); a second run of this folder will not be "
                 "refused",
                 file=sys.stderr,
-                flush=True,
             )
             return NO_LOCKS
         with contextlib.suppress(FileNotFoundError):

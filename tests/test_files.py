@@ -151,7 +151,12 @@ def test_a_lock_file_deleted_during_the_run_is_no_error_at_its_end(tmp_path):
 
 
 def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    calls = []
+
     def unsupported(handle, operation):
+        calls.append(operation)
+        if len(calls) == 2:  # the second run's file removed by the first run on the same mount meanwhile
+            os.unlink(handle.name)
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(files.fcntl, "flock", unsupported)
