@@ -150,7 +150,7 @@ def collect(root: pathlib.Path) -> dict:
     runs = collections.defaultdict(dict)
     for workdir in sorted(root.iterdir()):
         match = WORKDIR_NAME.match(workdir.name)
-        if not match:
+        if not match or not workdir.is_dir():  # a file, or a link to a run not started yet
             continue
         for run_dir, candidate in [(workdir, match["candidate"])] + [
             (stage, f"{match['candidate']}/{stage.name}")

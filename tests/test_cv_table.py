@@ -35,6 +35,8 @@ def root(tmp_path):
              {"a": 0.7, "b": 0.5})  # fmt: skip
     _workdir(tmp_path, "alt-cv1", [("c", "ggo", 1, 0.9), ("c", "cons", 0, 1.0)], {"c": 0.8})
     (tmp_path / "unfinished-cv0").mkdir()  # no metrics: left out
+    (tmp_path / "queued-cv2").symlink_to(tmp_path / "not-yet-started")  # a link to a run not begun: left out
+    (tmp_path / "notes-cv3").write_text("a file, not a run")
     return tmp_path
 
 
