@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
-from rdunet_jax import datasets, files, selftrain
+from rdunet_jax import config_lib, datasets, files, selftrain
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
@@ -703,6 +703,21 @@ def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkey
     )
     with pytest.raises(UserError, match="started with another config"):
         selftrain._finished_stage(pathlib.Path("new") / "student1", other)
+
+
+def test_the_shipped_config_starts_its_student_from_its_teacher_for_a_third_of_the_epochs():
+    # The README's choice for issue 27's 90 minutes: the teacher is configs/semiseg.py's 300 epochs (decay
+    # at 150), the student starts from it for 100 (decay at 50), 4 labelled + 1 pseudo-labelled slices a step.
+    config = config_lib.config_module(REPO_ROOT / "configs" / "semiseg_selftrain.py").get_config()
+    workdir = pathlib.Path("runs") / "selftrain"
+    teacher = selftrain.teacher_config(config)
+    student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
+
+    def schedule(stage):
+        return stage.num_epochs, stage.lr_decay_epochs, stage.batch_size, stage.model_init
+
+    assert schedule(teacher) == (300, 150, 4, "")
+    assert schedule(student) == (100, 50, 5, str(workdir / "teacher"))
 
 
 def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uninterrupted, tmp_path, capsys):
