@@ -263,8 +263,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.runtime = "jax"
 
     # Teacher-student self-training (rdunet_jax/selftrain.py): 0 rounds is plain training; each round
-    # pseudo-labels the unlabelled split with the previous model (flip TTA) and trains a student from
-    # scratch on the labelled slices plus those pseudo-labels.
+    # pseudo-labels the unlabelled split with the previous model (flip TTA) and trains a student
+    # (`student_init`) on the labelled slices plus those pseudo-labels.
     config.selftrain = ml_collections.ConfigDict()
     config.selftrain.rounds = 0
     # A pixel is confident in the label the mask gives it: lesion with p >= t, background with p <= 1 - t.
