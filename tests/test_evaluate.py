@@ -389,3 +389,20 @@ def test_evaluate_source_counts_every_slice_once(tiny_state):
     assert summary["num_slices"] == 21
     for key in ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "loss"):
         assert 0.0 <= summary[key] <= 1.0
+
+
+def test_the_default_split_is_the_test_split_when_present_else_validation(tmp_path):
+    # Issue 27's one command scores the held-out COVID-SemiSeg test split when a user has it, and the
+    # validation split of the public training release otherwise.
+    from helpers import data_config, make_semiseg, save_png
+
+    config = make_tiny_config()
+    config.data = data_config(tmp_path / "without", "semiseg", make_semiseg(tmp_path / "semiseg"))
+    assert config.eval.split == "test" and evaluate.default_split(config) == "validation"
+    testing = tmp_path / "semiseg" / "Dataset" / "TestingSet"
+    for folder in ("LungInfection-Test/Imgs", "LungInfection-Test/GT", "MultiClassInfection-Test/GT"):
+        save_png(testing / folder / "100.png", np.zeros((24, 20), np.uint8))
+    config.data = data_config(tmp_path / "with", "semiseg", tmp_path / "semiseg")
+    assert evaluate.default_split(config) == "test"
+    config.eval.split = "validation"  # an explicit choice is kept
+    assert evaluate.default_split(config) == "validation"
