@@ -720,6 +720,21 @@ def test_the_shipped_config_starts_its_student_from_its_teacher_for_a_third_of_t
     assert schedule(student) == (100, 50, 5, str(workdir / "teacher"))
 
 
+def test_the_shipped_config_keeps_every_pool_pixel_weighted_by_the_teachers_confidence():
+    # The 5-fold choice of 2026-12-04: no pixel drops out; the weight is |2p - 1|, so a pixel the teacher
+    # is unsure of (p near 0.5) counts little and a sure one nearly fully.
+    config = config_lib.config_module(REPO_ROOT / "configs" / "semiseg_selftrain.py").get_config()
+    probabilities = np.array([0.05, 0.3, 0.5, 0.7, 0.95], np.float32)
+    mask, weight = selftrain.pseudo_label_weights(
+        probabilities,
+        config.selftrain.confidence_threshold,
+        config.selftrain.weighting,
+        config.eval.threshold,
+    )
+    np.testing.assert_array_equal(mask, [0, 0, 1, 1, 1])
+    np.testing.assert_allclose(weight, [0.9, 0.4, 0.0, 0.4, 0.9], atol=1e-6)
+
+
 def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uninterrupted, tmp_path, capsys):
     from rdunet_jax.errors import UserError
 
