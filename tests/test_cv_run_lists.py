@@ -2,13 +2,14 @@
 candidate, a fold, a shipped config and overrides that make a valid config; a GPU session is too short to find
 a typo there."""
 
+import json
 import pathlib
 
 import pytest
 from helpers import make_ma2020, make_semiseg
 
 from experiments import prepare_cv
-from rdunet_jax import config_validation
+from rdunet_jax import config_validation, selftrain
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 RUN_LISTS = sorted(EXPERIMENTS.glob("*_cv_runs.txt"))
@@ -58,3 +59,32 @@ def test_prepare_builds_every_dataset_the_runs_read_before_they_start(tmp_path, 
         path.name.split("-")[0] for path in (tmp_path / "tfds" / "covid_ct_slices").glob("[!.]*")
     )
     assert prepared == ["ma2020_2d", "semiseg"]
+
+
+RECORDS = EXPERIMENTS / "results" / "recipe" / "selftrain-cv"
+
+
+def _student_settings(config: dict, keys: dict) -> dict:
+    """What a self-training student learns from: its schedule, its `selftrain` keys (those in `keys`: a record
+    predates the keys added after it, which default to what it ran) and the data keys only students read
+    (the pseudo-label folder aside: it names the workdir)."""
+    schedule = {key: config[key] for key in ("num_epochs", "lr_decay_epochs", "batch_size")}
+    selftrain_settings = {key: config["selftrain"][key] for key in keys if key != "rounds"}
+    data = {key: config["data"][key] for key in selftrain.STUDENT_DATA_KEYS if key != "pseudo_label_dir"}
+    return {"schedule": schedule, "selftrain": selftrain_settings, "data": data}
+
+
+@pytest.mark.parametrize("run_list", RUN_LISTS, ids=[path.name for path in RUN_LISTS])
+def test_a_run_list_still_gives_the_students_its_stored_records_were_trained_as(run_list):
+    # A change of the shipped config must not quietly change what a run list reproduces: each line's last
+    # student is compared with the config.json stored with that run's record, where the command line ran it
+    # (a selftrain.json beside it; a one-off script's record has none).
+    for candidate, fold, config in prepare_cv.run_list_configs(run_list, "/data"):
+        rounds = config.selftrain.rounds
+        run = RECORDS / f"{candidate}-cv{fold}"
+        if not rounds or not (run / "selftrain.json").is_file():
+            continue
+        stored = json.loads((run / f"student{rounds}" / "config.json").read_text())
+        student = selftrain.student_config(config, pathlib.Path("labels"), pathlib.Path("teacher")).to_dict()
+        keys = stored["selftrain"]
+        assert _student_settings(student, keys) == _student_settings(stored, keys), f"{candidate} fold {fold}"
