@@ -36,6 +36,12 @@ def test_pseudo_label_weights_against_hand_computed_values():
     # A lower threshold keeps more: at 0.85, 0.89 and 0.12 become confident.
     _, weight = selftrain.pseudo_label_weights(probabilities, 0.85, "threshold")
     np.testing.assert_array_equal(weight, [1, 0, 1, 1, 1, 1, 1, 1, 1])
+    # The shipped setting, 'confidence' at 0.5: every pixel confident, weight |2p - 1|, so only p = 0.5
+    # drops out; 0.49 is background of weight 0.02, 0.7 lesion of 0.4.
+    probabilities = np.float32([0.95, 0.5, 0.49, 0.7, 0.3, 0.0])
+    mask, weight = selftrain.pseudo_label_weights(probabilities, 0.5, "confidence")
+    np.testing.assert_array_equal(mask, [1, 1, 0, 1, 0, 0])
+    np.testing.assert_allclose(weight, [0.9, 0, 0.02, 0.4, 0.4, 1], atol=1e-6)
 
 
 def test_pseudo_label_weights_count_the_thresholds_themselves_as_confident_and_are_float32():
