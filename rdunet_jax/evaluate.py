@@ -399,6 +399,13 @@ def evaluate_workdir(config, workdir, checkpoint_step: int | None = None) -> dic
     model = inference.build_model(config)
     state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     split = default_split(config)
+    if split != config.eval.split:
+        # Said, not silent: a user who asked for the test split must not read validation figures as test ones.
+        print(
+            f"eval.split=test: data.name={config.data.name!r} has no test split in "
+            f"{config.data.manual_dir or 'its data'}; scoring the validation split instead",
+            flush=True,
+        )
     summary = evaluate_state(predictors.for_config(config, model, state), config, workdir, split)
     hd95 = "n/a" if summary["hd95"] is None else f"{summary['hd95']:.2f} {summary['hd95_unit']}"
     print(

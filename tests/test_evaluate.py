@@ -406,3 +406,48 @@ def test_the_default_split_is_the_test_split_when_present_else_validation(tmp_pa
     assert evaluate.default_split(config) == "test"
     config.eval.split = "validation"  # an explicit choice is kept
     assert evaluate.default_split(config) == "validation"
+
+
+def test_an_evaluation_that_falls_back_to_validation_says_so(tmp_path, monkeypatch, capsys):
+    from helpers import data_config, make_semiseg, save_png
+
+    scored = []
+    summary = {
+        "dice": 0.5,
+        "jaccard": 0.25,
+        "f_score": 0.5,
+        "global_dice": 0.5,
+        "hd95": None,
+        "num_slices": 2,
+    }
+    monkeypatch.setattr(evaluate.inference, "build_model", lambda config: None)
+    monkeypatch.setattr(evaluate.steps, "restore_state", lambda config, workdir, step, model: None)
+    monkeypatch.setattr(evaluate.predictors, "for_config", lambda config, model, state: None)
+    monkeypatch.setattr(evaluate, "evaluate_state", lambda p, c, w, split: scored.append(split) or summary)
+    config = make_tiny_config()
+    manual_dir = make_semiseg(tmp_path / "semiseg")
+    config.data = data_config(tmp_path / "without", "semiseg", manual_dir)
+    evaluate.evaluate_workdir(config, tmp_path / "run")
+    notice = (
+        f"eval.split=test: data.name='semiseg' has no test split in {manual_dir}; "
+        "scoring the validation split instead"
+    )
+    lines = capsys.readouterr().out.splitlines()  # after the dataset preparation's lines
+    assert scored == ["validation"]
+    assert lines[-2] == notice and lines[-1].startswith("validation: dice 0.5000 ")
+    # With the held-out test split present, the test split is scored and nothing is said.
+    testing = manual_dir / "Dataset" / "TestingSet"
+    for folder in ("LungInfection-Test/Imgs", "LungInfection-Test/GT", "MultiClassInfection-Test/GT"):
+        save_png(testing / folder / "100.png", np.zeros((24, 20), np.uint8))
+    config.data = data_config(tmp_path / "with", "semiseg", manual_dir)
+    evaluate.evaluate_workdir(config, tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert scored[-1] == "test" and lines[-1].startswith("test: dice 0.5000 ")
+    assert not any(line.startswith("eval.split") for line in lines)
+    # An explicit validation split is not a fallback.
+    config.eval.split = "validation"
+    evaluate.evaluate_workdir(config, tmp_path / "run")
+    assert capsys.readouterr().out.splitlines() == [
+        f"validation: dice 0.5000 jaccard 0.2500 f_score 0.5000 global_dice 0.5000 hd95 n/a (2 slices) -> "
+        f"{tmp_path / 'run' / 'metrics' / 'validation'}.json"
+    ]
