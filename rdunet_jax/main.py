@@ -44,6 +44,13 @@ flags.DEFINE_enum(
     "predict: how volumes hold their values: CT in Hounsfield units (checked: refused without air near "
     "-1000), or display-windowed images in [0, 255] or [0, 1], read as the PNG datasets are.",
 )
+flags.DEFINE_enum(
+    "input_window",
+    "as_is",
+    ["as_is", "match"],
+    "predict: PNG/JPEG slices as they are, or each window-matched to the training slices (its 5th and "
+    "95th intensity percentiles mapped onto theirs) for slices exported in another display window.",
+)
 flags.DEFINE_string(
     "series",
     None,
@@ -120,6 +127,7 @@ def run(argv) -> None:
             ground_truth=FLAGS.ground_truth,
             input_units=FLAGS.input_units,
             series=FLAGS.series,
+            input_window=FLAGS.input_window,
         )
 
 

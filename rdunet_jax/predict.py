@@ -7,7 +7,10 @@ training preprocessing (`input_pipeline.preprocess`: NIfTI slices are Hounsfield
 (bilinear) before thresholding at `eval.threshold`. A volume whose values do not look like Hounsfield
 units is refused unless `input_units` is 'display' (`volumes.display_scale`). A volume is turned from its
 affine so that its axial slices face the way the model's training slices did (`data.orientation`, see
-orientation.py), its mask turned back (volumes.py); images are read as they are.
+orientation.py), its mask turned back (volumes.py); images are read as they are, or, with `input_window`
+'match', each remapped linearly so that its 5th and 95th intensity percentiles land on the training
+slices' (`intensity_matching.match_window`, as `data.unlabelled_intensity_matching=window` does for the
+unlabelled pool): for slices exported in another display window than the training slices'.
 
 Outputs, for an input named `<stem>`:
 - NIfTI: `<stem>_mask.nii[.gz]` with the input's exact shape, affine and voxel order, values
@@ -31,142 +34,29 @@ renamed, so an interruption leaves no half-written mask.
 """
 
 import heapq
-import os
 import pathlib
 
 import numpy as np
 
 from rdunet_jax import (
+    datasets,
     heads,
     inference,
     input_pipeline,
     metrics,
     orientation,
     predict_classes,
+    prediction_files,
     predictors,
     steps,
     visualize,
     volumes,
 )
-from rdunet_jax.datasets import readers
-from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
+from rdunet_jax.datasets import intensity_matching, readers
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
 
-# --- Inputs and output names -----------------------------------------------------------------------------
-
-
-def stem(path: pathlib.Path) -> str:
-    """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`; a folder's name."""
-    if path.is_dir():
-        return path.resolve().name  # '.' and '..' have no name of their own
-    name = path.name
-    for suffix in (*volumes.NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def list_inputs(input_path) -> list[pathlib.Path]:
-    """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
-    input_path = pathlib.Path(input_path)
-    if input_path.is_dir():
-        files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
-        if files:
-            return files
-        from rdunet_jax import dicom
-
-        if dicom.dicom_files(input_path):
-            return [input_path]
-        raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file")
-    if not input_path.exists():
-        raise UserError(f"--input: {input_path} does not exist")
-    if volumes.input_kind(input_path) is None:
-        raise UserError(f"--input: {input_path} is not a .nii, .nii.gz, .png, .jpg or .jpeg file or a folder")
-    return [input_path]
-
-
-def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Where the outputs of one input go."""
-    name = stem(input_file)
-    if volumes.input_kind(input_file) in ("nifti", "dicom"):
-        suffix = ".nii" if input_file.name.lower().endswith(".nii") else ".nii.gz"
-        outputs = {
-            "mask": output_dir / f"{name}_mask{suffix}",
-            "summary": output_dir / f"{name}_summary.json",
-            "overlays": output_dir / f"{name}_overlays",
-        }
-        if volumes.input_kind(input_file) == "dicom":
-            outputs["segmentation"] = output_dir / f"{name}_seg.dcm"
-        return outputs
-    return {"mask": output_dir / f"{name}_mask.png", "overlay": output_dir / f"{name}_overlay.png"}
-
-
-def check_output_folder(output_dir: pathlib.Path) -> None:
-    """Refuses an `output_dir` that is, or lies below, something other than a folder."""
-    for folder in (output_dir, *output_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UserError(f"--output: {folder} exists and is not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise UserError(f"--output: cannot write in {folder}")
-            return
-
-
-def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The folders from `output_dir` up that do not exist yet (deepest first): those prediction creates."""
-    missing = []
-    for folder in (output_dir, *output_dir.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
-def remove_empty_folders(folders: list[pathlib.Path]) -> None:
-    """Removes the `folders` (deepest first) that are empty, stopping at the first that is not."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
-
-
-def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> None:
-    """Refuses, before any work, when an output exists (unless `overwrite`) or two inputs share one."""
-    seen = {}
-    for input_file in inputs:
-        for path in output_paths(input_file, output_dir).values():
-            if path in seen:
-                raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
-            seen[path] = input_file
-            if path.exists() and not overwrite:
-                raise UserError(f"--output: {path} exists; pass --overwrite to replace it")
-
-
-def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool) -> pathlib.Path | None:
-    """The expert mask of `input_file`: the `ground_truth` file itself for one input, else the file of
-    the same name in the `ground_truth` folder (None when absent)."""
-    if ground_truth is None:
-        return None
-    ground_truth = pathlib.Path(ground_truth)
-    if volumes.input_kind(input_file) == "dicom" and (
-        not single_input or volumes.input_kind(ground_truth) != "nifti"
-    ):
-        raise UserError(
-            f"--ground_truth: a DICOM series ({input_file}) takes one NIfTI mask in the series' geometry "
-            f"(that of the mask prediction writes for it), not {ground_truth}"
-        )
-    if ground_truth.is_dir():
-        candidate = ground_truth / input_file.name
-        return candidate if candidate.exists() else None
-    if not single_input:
-        raise UserError(f"--ground_truth: {ground_truth} must be a folder when --input is a folder")
-    if not ground_truth.exists():
-        raise UserError(f"--ground_truth: {ground_truth} does not exist")
-    return ground_truth
+INPUT_WINDOWS = ("as_is", "match")
 
 
 # --- Streaming prediction --------------------------------------------------------------------------------
@@ -329,14 +219,18 @@ def prediction_settings(config, predictor) -> dict:
 # --- Images ----------------------------------------------------------------------------------------------
 
 
-def predict_images(predictor, config, jobs: list[tuple]) -> None:
-    """Segments PNG/JPEG slices, batched together; writes each mask ({0, 255}) and overlay."""
+def predict_images(predictor, config, jobs: list[tuple], window_reference=None) -> None:
+    """Segments PNG/JPEG slices, batched together; writes each mask ({0, 255}) and overlay. With
+    `window_reference` (a 256-level histogram), each slice is window-matched to it before the model."""
     dummy_mask = np.zeros((config.data.image_size,) * 2, np.uint8)
 
     def examples():
         for input_file, outputs, ground_truth in jobs:
             image = readers.read_grayscale_image(input_file)
-            yield (input_file, outputs, ground_truth, image), {"image": image, "mask": dummy_mask}
+            model_input = image
+            if window_reference is not None:
+                model_input = intensity_matching.match_window(image, window_reference)
+            yield (input_file, outputs, ground_truth, image), {"image": model_input, "mask": dummy_mask}
 
     for payload, probabilities in predict_stream(predictor, config, examples()):
         input_file, outputs, ground_truth, image = payload
@@ -387,6 +281,7 @@ def predict_path(
     predictor: inference.Predictor | None = None,
     input_units: str = "hu",
     series: str | None = None,
+    input_window: str = "as_is",
 ) -> list[dict]:
     """Segments `input_path` with a checkpoint of `workdir` into `output_dir` (`--mode predict`); returns
     the summaries of the volumes. Outputs, inputs and the checkpoint are checked before anything is
@@ -398,39 +293,74 @@ def predict_path(
     `eval.checkpoint`; `ground_truth`, the expert mask (a file for one input, else a folder of same-named
     files); `predictor`, run this instead of restoring `workdir` (then `workdir`, `checkpoint_step` and
     `eval.runtime` are unused); `input_units`, how volumes hold their values (volumes.INPUT_UNITS; images
-    are always display); `series`, the SeriesInstanceUID to read from a folder of several series.
+    are always display); `series`, the SeriesInstanceUID to read from a folder of several series;
+    `input_window`, 'as_is' or 'match' (PNG/JPEG slices window-matched to the training slices).
     """
     if not input_path or not output_dir:
         raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
     if input_units not in volumes.INPUT_UNITS:
         raise UserError(f"--input_units: {input_units!r} is not one of {list(volumes.INPUT_UNITS)}")
-    inputs = list_inputs(input_path)
+    if input_window not in INPUT_WINDOWS:
+        raise UserError(f"--input_window: {input_window!r} is not one of {list(INPUT_WINDOWS)}")
+    inputs = prediction_files.list_inputs(input_path)
+    if input_window == "match":
+        volume = next((path for path in inputs if volumes.input_kind(path) in ("nifti", "dicom")), None)
+        if volume is not None:
+            raise UserError(
+                f"--input_window=match: {volume} is a volume; it applies to PNG/JPEG slices only "
+                "(a volume in Hounsfield units is windowed by data.hu_window)"
+            )
     if series and not any(volumes.input_kind(input_file) == "dicom" for input_file in inputs):
         raise UserError(f"--series: {input_path} is not a folder of DICOM files")
     output_dir = pathlib.Path(output_dir)
-    check_output_folder(output_dir)
-    check_outputs_free(inputs, output_dir, overwrite)
+    prediction_files.check_output_folder(output_dir)
+    prediction_files.check_outputs_free(inputs, output_dir, overwrite)
     single = len(inputs) == 1
     jobs = [
-        (input_file, output_paths(input_file, output_dir), ground_truth_for(input_file, ground_truth, single))
+        (
+            input_file,
+            prediction_files.output_paths(input_file, output_dir),
+            prediction_files.ground_truth_for(input_file, ground_truth, single),
+        )
         for input_file in inputs
     ]
     if predictor is None:
         model = inference.build_model(config)
         state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     verify_inputs(jobs, input_units, series)
+    window_reference = None
+    if input_window == "match":
+        window_reference = _training_window(config)
     if predictor is None:
         predictor = predictors.for_config(config, model, state)
-    created = missing_folders(output_dir)
+    created = prediction_files.missing_folders(output_dir)
     try:
-        return _predict_jobs(predictor, config, jobs, output_dir, input_units, series)
+        return _predict_jobs(predictor, config, jobs, output_dir, input_units, series, window_reference)
     except BaseException:
-        remove_empty_folders(created)
+        prediction_files.remove_empty_folders(created)
         raise
 
 
+def _training_window(config) -> np.ndarray:
+    """The training slices' pooled histogram, the reference of `--input_window=match`; says their window."""
+    reference = datasets.training_intensity_counts(config.data)
+    low, high = intensity_matching.reference_percentiles(reference, intensity_matching.WINDOW_PERCENTILES)
+    print(
+        f"--input_window=match: each slice's 5th and 95th intensity percentiles mapped onto the training "
+        f"slices' ({low:.1f}, {high:.1f} of 255; data.name={config.data.name!r})",
+        flush=True,
+    )
+    return reference
+
+
 def _predict_jobs(
-    predictor, config, jobs: list[tuple], output_dir: pathlib.Path, input_units: str, series: str | None
+    predictor,
+    config,
+    jobs: list[tuple],
+    output_dir: pathlib.Path,
+    input_units: str,
+    series: str | None,
+    window_reference=None,
 ) -> list[dict]:
     summaries, image_jobs = [], []
     for input_file, outputs, truth in jobs:
@@ -445,6 +375,6 @@ def _predict_jobs(
         else:
             image_jobs.append((input_file, outputs, truth))
     if image_jobs:
-        predict_images(predictor, config, image_jobs)
+        predict_images(predictor, config, image_jobs, window_reference)
         print(f"{len(image_jobs)} image(s) -> {output_dir}", flush=True)
     return summaries

@@ -346,3 +346,78 @@ def test_the_same_mask_written_twice_has_the_same_gzip_bytes(tmp_path):
         written.append(path.read_bytes())
     assert written[0] == written[1]
     assert nibabel.load(tmp_path / "first" / "case_mask.nii.gz").get_fdata()[..., 1].min() == 1
+
+
+# --- Slices exported in another display window ------------------------------------------------------------
+
+
+def _reference_counts():
+    """A training-slice histogram whose 5th and 95th percentiles are 40 and 240 (half the pixels at each)."""
+    counts = np.zeros(256, np.int64)
+    counts[40] = counts[240] = 50
+    return counts
+
+
+def test_window_matching_maps_a_slice_onto_the_training_window_before_the_model(
+    tmp_path, monkeypatch, capsys
+):
+    _stand_in_model(monkeypatch)
+    monkeypatch.setattr(predict.datasets, "training_intensity_counts", lambda data: _reference_counts())
+    # A slice stored in a dark window: 448 pixels at 10, 64 at 50, 64 at 55, 448 at 110, so its 5th and
+    # 95th percentiles are 10 and 110. Matched, v -> 40 + (v - 10) * 2: 10 -> 40, 50 -> 120, 55 -> 130,
+    # 110 -> 240; the stand-in model's probability is that over 255, lesion from 0.5: rows 16-31.
+    image = np.full((32, 32), 10, np.uint8)
+    image[14:16], image[16:18], image[18:] = 50, 55, 110
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "dark.png")
+    config = make_tiny_config()
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "as_is")
+    with Image.open(tmp_path / "as_is" / "dark_mask.png") as mask:
+        assert not np.asarray(mask).any()  # 110 / 255 < 0.5: nothing, as the slice is
+    predict.predict_path(config, None, tmp_path / "in", tmp_path / "matched", input_window="match")
+    expected = np.zeros((32, 32), np.uint8)
+    expected[16:] = 255
+    with Image.open(tmp_path / "matched" / "dark_mask.png") as mask:
+        np.testing.assert_array_equal(np.asarray(mask), expected)
+    notice = (
+        "--input_window=match: each slice's 5th and 95th intensity percentiles mapped onto the training "
+        "slices' (40.0, 240.0 of 255; data.name='synthetic')"
+    )
+    assert notice in capsys.readouterr().out.splitlines()
+    with Image.open(tmp_path / "matched" / "dark_overlay.png") as overlay:  # drawn on the slice as given
+        assert np.asarray(overlay)[0, 0].tolist() == [10, 10, 10]
+
+
+def test_window_matching_refuses_a_volume_and_an_unknown_window(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    volume, _ = _volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    message = (
+        f"^--input_window=match: {source} is a volume; it applies to PNG/JPEG slices only "
+        r"\(a volume in Hounsfield units is windowed by data.hu_window\)$"
+    )
+    with pytest.raises(UserError, match=message):
+        predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", input_window="match")
+    with pytest.raises(UserError, match=r"^--input_window: 'histogram' is not one of \['as_is', 'match'\]$"):
+        predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", input_window="histogram")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_passes_input_window_on(tmp_path, monkeypatch, capsys):
+    from rdunet_jax import main
+
+    _stand_in_model(monkeypatch)
+    volume, _ = _volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    argv = ["prog", "--config", "configs/demo.py:tiny", "--mode=predict", f"--input={source}"]
+    main.parse_flags([*argv, f"--output={tmp_path / 'out'}", "--input_window=match"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["prog"])
+    finally:
+        main.FLAGS.unparse_flags()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --input_window=match: {source} is a volume; it applies to PNG/JPEG slices only "
+        "(a volume in Hounsfield units is windowed by data.hu_window)"
+    ]

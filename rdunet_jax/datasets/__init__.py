@@ -136,6 +136,13 @@ def extra_labelled_source(data_config) -> SubsetSource:
     )
 
 
+def training_intensity_counts(data_config) -> np.ndarray:
+    """The pooled 256-level histogram of the labelled training slices (a fold's, with data.cv_folds): the
+    display window the model learns in, onto which other slices' intensities are matched."""
+    training = _load_labelled_source(data_config, data_config.get("train_split", "train"))
+    return intensity_matching.pooled_histogram(training)
+
+
 def _load_labelled_source(data_config, split: str):
     """`load_source` without pseudo-labels: one split, or one fold of the cross-validation pool."""
     prepared = builder_lib.prepare(data_config)
@@ -146,8 +153,7 @@ def _load_labelled_source(data_config, split: str):
             return unlabelled
         # The reference is the slices the model learns labels from: a fold's training slices, never the
         # held-out ones.
-        training = _load_labelled_source(data_config, data_config.get("train_split", "train"))
-        reference = intensity_matching.pooled_histogram(training)
+        reference = training_intensity_counts(data_config)
         return intensity_matching.IntensityMatched(unlabelled, reference, mode)
     num_folds = data_config.get("cv_folds", 0)
     if not num_folds or split not in ("train", "validation", "train_full"):

@@ -1,0 +1,122 @@
+"""Prediction's inputs and outputs: which files an --input names, where each one's outputs go, and the
+checks on the output folder made before anything is written (predict.py)."""
+
+import os
+import pathlib
+
+from rdunet_jax import volumes
+from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
+from rdunet_jax.errors import UserError
+
+
+def stem(path: pathlib.Path) -> str:
+    """The file name without its (possibly double) suffix: `case.nii.gz` -> `case`; a folder's name."""
+    if path.is_dir():
+        return path.resolve().name  # '.' and '..' have no name of their own
+    name = path.name
+    for suffix in (*volumes.NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_inputs(input_path) -> list[pathlib.Path]:
+    """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
+    input_path = pathlib.Path(input_path)
+    if input_path.is_dir():
+        files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
+        if files:
+            return files
+        from rdunet_jax import dicom
+
+        if dicom.dicom_files(input_path):
+            return [input_path]
+        raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file")
+    if not input_path.exists():
+        raise UserError(f"--input: {input_path} does not exist")
+    if volumes.input_kind(input_path) is None:
+        raise UserError(f"--input: {input_path} is not a .nii, .nii.gz, .png, .jpg or .jpeg file or a folder")
+    return [input_path]
+
+
+def output_paths(input_file: pathlib.Path, output_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Where the outputs of one input go."""
+    name = stem(input_file)
+    if volumes.input_kind(input_file) in ("nifti", "dicom"):
+        suffix = ".nii" if input_file.name.lower().endswith(".nii") else ".nii.gz"
+        outputs = {
+            "mask": output_dir / f"{name}_mask{suffix}",
+            "summary": output_dir / f"{name}_summary.json",
+            "overlays": output_dir / f"{name}_overlays",
+        }
+        if volumes.input_kind(input_file) == "dicom":
+            outputs["segmentation"] = output_dir / f"{name}_seg.dcm"
+        return outputs
+    return {"mask": output_dir / f"{name}_mask.png", "overlay": output_dir / f"{name}_overlay.png"}
+
+
+def check_output_folder(output_dir: pathlib.Path) -> None:
+    """Refuses an `output_dir` that is, or lies below, something other than a folder."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--output: {folder} exists and is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--output: cannot write in {folder}")
+            return
+
+
+def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The folders from `output_dir` up that do not exist yet (deepest first): those prediction creates."""
+    missing = []
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_empty_folders(folders: list[pathlib.Path]) -> None:
+    """Removes the `folders` (deepest first) that are empty, stopping at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> None:
+    """Refuses, before any work, when an output exists (unless `overwrite`) or two inputs share one."""
+    seen = {}
+    for input_file in inputs:
+        for path in output_paths(input_file, output_dir).values():
+            if path in seen:
+                raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
+            seen[path] = input_file
+            if path.exists() and not overwrite:
+                raise UserError(f"--output: {path} exists; pass --overwrite to replace it")
+
+
+def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool) -> pathlib.Path | None:
+    """The expert mask of `input_file`: the `ground_truth` file itself for one input, else the file of
+    the same name in the `ground_truth` folder (None when absent)."""
+    if ground_truth is None:
+        return None
+    ground_truth = pathlib.Path(ground_truth)
+    if volumes.input_kind(input_file) == "dicom" and (
+        not single_input or volumes.input_kind(ground_truth) != "nifti"
+    ):
+        raise UserError(
+            f"--ground_truth: a DICOM series ({input_file}) takes one NIfTI mask in the series' geometry "
+            f"(that of the mask prediction writes for it), not {ground_truth}"
+        )
+    if ground_truth.is_dir():
+        candidate = ground_truth / input_file.name
+        return candidate if candidate.exists() else None
+    if not single_input:
+        raise UserError(f"--ground_truth: {ground_truth} must be a folder when --input is a folder")
+    if not ground_truth.exists():
+        raise UserError(f"--ground_truth: {ground_truth} does not exist")
+    return ground_truth
