@@ -260,19 +260,23 @@ def _display_volume(shape=(32, 32, 4)):
     return rng.integers(0, 256, shape).astype(np.float32)
 
 
-def test_a_volume_not_in_hounsfield_units_is_refused_by_the_command(tmp_path, monkeypatch, capsys):
+def _predict_command_exit_code(*arguments) -> int:
+    """Runs `--mode=predict` of the tiny config with `arguments` through the command line; its exit code."""
     from rdunet_jax import main
 
-    _stand_in_model(monkeypatch)
-    source = save_nifti(tmp_path / "windowed.nii.gz", _display_volume() / 255.0)
-    argv = ["prog", "--config", "configs/demo.py:tiny", "--mode=predict", f"--input={source}"]
-    main.parse_flags([*argv, f"--output={tmp_path / 'out'}"])
+    main.parse_flags(["prog", "--config", "configs/demo.py:tiny", "--mode=predict", *arguments])
     try:
         with pytest.raises(SystemExit) as exit_info:
             main.main(["prog"])
     finally:
         main.FLAGS.unparse_flags()
-    assert exit_info.value.code == 2
+    return exit_info.value.code
+
+
+def test_a_volume_not_in_hounsfield_units_is_refused_by_the_command(tmp_path, monkeypatch, capsys):
+    _stand_in_model(monkeypatch)
+    source = save_nifti(tmp_path / "windowed.nii.gz", _display_volume() / 255.0)
+    assert _predict_command_exit_code(f"--input={source}", f"--output={tmp_path / 'out'}") == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"error: {source}: values do not look like CT in Hounsfield units")
@@ -404,19 +408,11 @@ def test_window_matching_refuses_a_volume_and_an_unknown_window(tmp_path, monkey
 
 
 def test_the_command_passes_input_window_on(tmp_path, monkeypatch, capsys):
-    from rdunet_jax import main
-
     _stand_in_model(monkeypatch)
     volume, _ = _volume()
     source = save_nifti(tmp_path / "case.nii.gz", volume)
-    argv = ["prog", "--config", "configs/demo.py:tiny", "--mode=predict", f"--input={source}"]
-    main.parse_flags([*argv, f"--output={tmp_path / 'out'}", "--input_window=match"])
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main.main(["prog"])
-    finally:
-        main.FLAGS.unparse_flags()
-    assert exit_info.value.code == 2
+    arguments = (f"--input={source}", f"--output={tmp_path / 'out'}", "--input_window=match")
+    assert _predict_command_exit_code(*arguments) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --input_window=match: {source} is a volume; it applies to PNG/JPEG slices only "
         "(a volume in Hounsfield units is windowed by data.hu_window)"
