@@ -417,3 +417,15 @@ def test_the_command_passes_input_window_on(tmp_path, monkeypatch, capsys):
         f"error: --input_window=match: {source} is a volume; it applies to PNG/JPEG slices only "
         "(a volume in Hounsfield units is windowed by data.hu_window)"
     ]
+
+
+def test_the_matched_window_is_the_training_slices_pooled_histogram(capsys):
+    from rdunet_jax import datasets
+
+    config = make_tiny_config()
+    training = datasets.load_source(config.data, "train")
+    pixels = np.concatenate([np.asarray(training[index]["image"]).ravel() for index in range(len(training))])
+    reference = predict._training_window(config)
+    np.testing.assert_array_equal(reference, np.bincount(pixels, minlength=256))
+    low, high = np.percentile(pixels, [5, 95])
+    assert f"slices' ({low:.1f}, {high:.1f} of 255; data.name='synthetic')" in capsys.readouterr().out
