@@ -6,8 +6,9 @@ slices plus the teacher's pseudo-labels of the release's 1,600 unlabelled slices
 
 Stages under the workdir (runs/rdunet-semiseg-selftrain): teacher/, pseudo_labels/round1/ (PNG masks and
 weight maps, summary.json), student1/, selftrain.json; rerun the same command to resume after a kill. The
-student is evaluated on the test split when Dataset/TestingSet is present, else on validation. It took
-59 min end to end on a 2-core Zen 4 CPU (experiments/results/recipe/selftrain-small.md). One fold of
+student is evaluated on the test split when Dataset/TestingSet is present, else on validation (saying so).
+It took 42 min end to end on a 2-core Intel Xeon CPU, and 59 min on a 2-core Zen 4 with the earlier
+thresholded pseudo-labels (experiments/results/recipe/selftrain-small.md). One fold of
 the cross-validation by hand (fold k held out from both teacher and student; the pool is used in every fold):
 
     python -m rdunet_jax.main --config configs/semiseg_selftrain.py \\

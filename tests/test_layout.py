@@ -16,6 +16,7 @@ INFERENCE_SIDE = (
     "evaluate_classes",
     "predict",
     "predict_classes",
+    "prediction_files",
     "volumes",
     "inference",
     "onnx_export",
