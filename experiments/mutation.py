@@ -56,6 +56,10 @@ TESTS = {
     "evaluate_classes": ["tests/test_evaluate_classes.py", "tests/test_involvement.py"],
     # A volume's predicted classes: label maps, per-class voxel counts and involvement.
     "predict_classes": ["tests/test_predict_classes.py"],
+    # Prediction: the command's checks and refusals, slices (window-matched or not), volumes streamed.
+    "predict": ["tests/test_predict.py", "tests/test_dicom.py", "tests/test_predict_classes.py"],
+    # Which files an --input names, their outputs' names, the output folder's checks.
+    "prediction_files": ["tests/test_predict.py", "tests/test_dicom.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],
@@ -74,11 +78,13 @@ TESTS = {
         "tests/test_selftrain.py",
         "tests/test_mean_teacher.py",
     ],
-    # The unlabelled pool's intensities mapped onto the labelled slices' ('window', 'histogram').
+    # The unlabelled pool's intensities mapped onto the labelled slices' ('window', 'histogram'), and
+    # prediction's slices with --input_window=match.
     "datasets.intensity_matching": [
         "tests/test_intensity_matching.py",
         "tests/test_datasets.py",
         "tests/test_selftrain.py",
+        "tests/test_predict.py",
     ],
     # Reading and checking a manual directory's files: slices, masks, NIfTI volumes, split lists.
     "datasets.readers": [

@@ -16,6 +16,7 @@ from helpers import (
     real_display_slices,
     refusal,
 )
+from PIL import Image
 
 from rdunet_jax import inference, predict, volumes
 from rdunet_jax.errors import UserError
@@ -870,3 +871,22 @@ def test_a_series_given_as_the_current_folder_names_its_outputs_after_the_folder
         "chest_seg.dcm",
         "chest_summary.json",
     ]
+
+
+def test_window_matching_and_a_series_of_a_folder_without_dicom_are_refused(tmp_path):
+    series = write_series(tmp_path / "series", _phantom_hu())
+    assert series
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", input_window="match"
+        )
+    assert str(error.value) == (
+        f"--input_window=match: {tmp_path / 'series'} is a volume; it applies to PNG/JPEG slices only "
+        "(a volume in Hounsfield units is windowed by data.hu_window)"
+    )
+    (tmp_path / "slices").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "slices" / "a.png")
+    with pytest.raises(UserError) as error:
+        predict.predict_path(make_tiny_config(), None, tmp_path / "slices", tmp_path / "out", series="1.2")
+    assert str(error.value) == f"--series: {tmp_path / 'slices'} is not a folder of DICOM files"
+    assert not (tmp_path / "out").exists()

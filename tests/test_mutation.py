@@ -92,10 +92,10 @@ def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_pa
 def test_the_shell_runner_knows_the_same_modules_and_names_them_when_it_refuses_one():
     runner = mutation.REPO_ROOT / "experiments" / "mutation.sh"
     environment = {**os.environ, "PYTHON": sys.executable}
-    refused = subprocess.run(["bash", runner, "predict"], capture_output=True, text=True, env=environment)
+    refused = subprocess.run(["bash", runner, "train"], capture_output=True, text=True, env=environment)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        f"experiments/mutation.sh: 'predict' is neither a module ({', '.join(mutation.TESTS)}), "
+        f"experiments/mutation.sh: 'train' is neither a module ({', '.join(mutation.TESTS)}), "
         "report nor a mutant glob"
     )
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import ROTATED_AFFINE, ImagePredictor, make_tiny_config, real_data_root, save_nifti
 from PIL import Image
 
-from rdunet_jax import inference, predict, predictors, steps, volumes
+from rdunet_jax import checkpoints, inference, predict, predictors, steps, volumes
 from rdunet_jax.errors import UserError
 
 
@@ -387,7 +387,7 @@ def test_window_matching_maps_a_slice_onto_the_training_window_before_the_model(
         "--input_window=match: each slice's 5th and 95th intensity percentiles mapped onto the training "
         "slices' (40.0, 240.0 of 255; data.name='synthetic')"
     )
-    assert notice in capsys.readouterr().out.splitlines()
+    assert capsys.readouterr().out.splitlines()[-2:] == [notice, f"1 image(s) -> {tmp_path / 'matched'}"]
     with Image.open(tmp_path / "matched" / "dark_overlay.png") as overlay:  # drawn on the slice as given
         assert np.asarray(overlay)[0, 0].tolist() == [10, 10, 10]
 
@@ -429,3 +429,82 @@ def test_the_matched_window_is_the_training_slices_pooled_histogram(capsys):
     np.testing.assert_array_equal(reference, np.bincount(pixels, minlength=256))
     low, high = np.percentile(pixels, [5, 95])
     assert f"slices' ({low:.1f}, {high:.1f} of 255; data.name='synthetic')" in capsys.readouterr().out
+
+
+def test_the_command_restores_the_asked_checkpoint_and_says_what_it_wrote(tiny_state, tmp_path, capsys):
+    import jax
+
+    # Best at step 1 (the trained tiny state), latest at step 2 (its parameters halved: other masks).
+    halved = tiny_state.replace(
+        step=tiny_state.step + 5, params=jax.tree.map(lambda x: x / 2, tiny_state.params)
+    )
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "run" / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    run_checkpoints.save("best", 1, tiny_state, meta)
+    run_checkpoints.save("latest", 2, halved, meta)
+    run_checkpoints.close()
+    volume, _ = _volume((32, 32, 3))
+    source = save_nifti(tmp_path / "case.nii", volume)
+    config = make_tiny_config()
+    for name, step, state in (("restored", 2, halved), ("direct", None, halved), ("best", None, tiny_state)):
+        predictor = inference.JaxPredictor(state) if name == "direct" else None
+        (summary,) = predict.predict_path(
+            config, tmp_path / "run", source, tmp_path / name, checkpoint_step=step, predictor=predictor
+        )
+        assert summary["checkpoint_step"] == int(state.step)
+        mask = tmp_path / name / "case_mask.nii"
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"{source}: lesion {summary['lesion_volume_ml']:.1f} mL in "
+            f"{summary['slices_with_lesion']}/{summary['num_slices']} slices -> {mask}"
+        )
+    masks = {
+        name: np.asarray(nibabel.load(tmp_path / name / "case_mask.nii").dataobj)
+        for name in ("restored", "direct", "best")
+    }
+    np.testing.assert_array_equal(masks["restored"], masks["direct"])
+    assert not np.array_equal(masks["restored"], masks["best"])  # the two checkpoints do differ
+    # ONNX Runtime (`eval.runtime`) runs the export of the same restored checkpoint: the same mask but for
+    # voxels within float tolerance of the threshold.
+    pytest.importorskip("onnxruntime")
+    config.eval.runtime = "onnxruntime"
+    (summary,) = predict.predict_path(config, tmp_path / "run", source, tmp_path / "onnx")
+    onnx_mask = np.asarray(nibabel.load(tmp_path / "onnx" / "case_mask.nii").dataobj)
+    assert summary["checkpoint_step"] == int(tiny_state.step)
+    assert np.mean(onnx_mask == masks["best"]) > 0.999
+
+
+def test_missing_input_or_output_and_unknown_units_are_one_line_each(tmp_path):
+    needs = "--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output"
+    for input_path, output_dir in ((None, tmp_path / "out"), (tmp_path, None)):
+        with pytest.raises(UserError) as error:
+            predict.predict_path(make_tiny_config(), None, input_path, output_dir, predictor=ImagePredictor())
+        assert str(error.value) == needs
+    with pytest.raises(UserError) as error:
+        predict.predict_path(make_tiny_config(), None, tmp_path, tmp_path / "out", input_units="kelvin")
+    assert str(error.value) == "--input_units: 'kelvin' is not one of ['hu', 'display']"
+
+
+def test_an_image_overlay_outlines_the_prediction_in_red_and_the_ground_truth_in_white(tmp_path, monkeypatch):
+    _stand_in_model(monkeypatch)
+    # The stand-in model finds lesion where the slice is bright (rows 16-31); the expert mask covers
+    # columns 0-9 instead. Each outline is the mask's border, inside it.
+    image = np.full((32, 32), 20, np.uint8)
+    image[16:] = 200
+    truth = np.zeros((32, 32), np.uint8)
+    truth[:, :10] = 255
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "s.png")
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "in" / "s.png",
+        tmp_path / "out",
+        ground_truth=tmp_path / "truth.png",
+    )
+    with Image.open(tmp_path / "out" / "s_overlay.png") as overlay:
+        rgb = np.asarray(overlay)
+    red = (rgb[..., 0] == 255) & (rgb[..., 1] == 0)
+    white = (rgb == 255).all(axis=-1)
+    assert red[16, 20] and red[31, 20] and not red[:16].any()  # the prediction's top and bottom edges
+    assert white[5, 9] and white[5, 0] and not white[:, 10:].any()  # the expert mask's right and left edges

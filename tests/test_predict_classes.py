@@ -114,17 +114,18 @@ def test_image_prediction_writes_a_palette_label_map(tmp_path):
     image = np.zeros((32, 32), np.uint8)
     image[2:10, 2:10], image[20:30, 5:25] = 150, 240  # 0.59 -> class 1, 0.94 -> class 2
     Image.fromarray(image).save(folder / "slice.png")
+    Image.fromarray(image.T.copy()).save(folder / "turned.png")  # every slice of a folder is written
     config = _config("exclusive", ("ggo", "consolidation"))
     predict.predict_path(
         config, None, folder, tmp_path / "out", predictor=IntensityClassPredictor("exclusive")
     )
-    with Image.open(tmp_path / "out" / "slice_mask.png") as mask:
-        assert mask.mode == "P"
-        labels = np.asarray(mask)
-        assert mask.getpalette()[3:9] == [255, 0, 0, 0, 200, 0]  # class 1 red, class 2 green
     expected = np.zeros((32, 32), np.uint8)
     expected[2:10, 2:10], expected[20:30, 5:25] = 1, 2
-    np.testing.assert_array_equal(labels, expected)
+    for name, labels_expected in (("slice", expected), ("turned", expected.T)):
+        with Image.open(tmp_path / "out" / f"{name}_mask.png") as mask:
+            assert mask.mode == "P"
+            assert mask.getpalette()[3:9] == [255, 0, 0, 0, 200, 0]  # class 1 red, class 2 green
+            np.testing.assert_array_equal(np.asarray(mask), labels_expected)
 
 
 def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
