@@ -508,3 +508,81 @@ def test_an_image_overlay_outlines_the_prediction_in_red_and_the_ground_truth_in
     white = (rgb == 255).all(axis=-1)
     assert red[16, 20] and red[31, 20] and not red[:16].any()  # the prediction's top and bottom edges
     assert white[5, 9] and white[5, 0] and not white[:, 10:].any()  # the expert mask's right and left edges
+
+
+def test_a_ground_truth_folder_gives_each_slice_its_same_named_mask_and_bad_ones_are_one_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((32, 32), 20, np.uint8)).save(tmp_path / "in" / name)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[:, :10] = 255
+    Image.fromarray(truth).save(tmp_path / "truth" / "a.png")  # b has no expert mask
+    predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "in",
+        tmp_path / "out",
+        ground_truth=tmp_path / "truth",
+        predictor=ImagePredictor(),
+    )
+    for name, outlined in (("a", True), ("b", False)):
+        with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:
+            assert (np.asarray(overlay) == 255).all(axis=-1).any() == outlined  # white: the expert outline
+    for ground_truth, message in (
+        (
+            tmp_path / "truth" / "a.png",
+            f"--ground_truth: {tmp_path / 'truth' / 'a.png'} must be a folder when --input is a folder",
+        ),
+        (tmp_path / "missing.png", None),
+    ):
+        input_path = tmp_path / "in" if message else tmp_path / "in" / "a.png"
+        message = message or f"--ground_truth: {tmp_path / 'missing.png'} does not exist"
+        with pytest.raises(UserError) as error:
+            predict.predict_path(
+                make_tiny_config(),
+                None,
+                input_path,
+                tmp_path / "again",
+                ground_truth=ground_truth,
+                predictor=ImagePredictor(),
+            )
+        assert str(error.value) == message
+
+
+def test_two_inputs_that_would_write_one_output_are_refused_naming_both(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("s.png", "s.jpg"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / name)
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "in", tmp_path / "out", predictor=ImagePredictor()
+        )
+    first, second = tmp_path / "in" / "s.jpg", tmp_path / "in" / "s.png"  # sorted: .jpg first
+    assert (
+        str(error.value)
+        == f"--input: {second} and {first} would both write {tmp_path / 'out' / 's_mask.png'}"
+    )
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    from rdunet_jax import prediction_files
+
+    # As root every folder is writable, so the permission is asked of a stand-in: no writing anywhere.
+    monkeypatch.setattr(prediction_files.os, "access", lambda path, mode: not mode & prediction_files.os.W_OK)
+    with pytest.raises(UserError) as error:
+        prediction_files.check_output_folder(tmp_path / "new" / "out")
+    assert str(error.value) == f"--output: cannot write in {tmp_path}"
+
+
+def test_the_empty_folders_a_failed_run_created_are_removed_up_to_the_first_that_is_not(tmp_path):
+    from rdunet_jax import prediction_files
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "kept" / "x").mkdir(parents=True)
+    (tmp_path / "kept" / "file").write_text("x")
+    # Deepest first; "c" was never created (a run that failed before it): the others still go.
+    prediction_files.remove_empty_folders([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
+    assert not (tmp_path / "a").exists()
+    prediction_files.remove_empty_folders([tmp_path / "kept" / "x", tmp_path / "kept", tmp_path])
+    assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["file"]
