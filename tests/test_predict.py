@@ -471,6 +471,20 @@ def test_the_command_restores_the_asked_checkpoint_and_says_what_it_wrote(tiny_s
     onnx_mask = np.asarray(nibabel.load(tmp_path / "onnx" / "case_mask.nii").dataobj)
     assert summary["checkpoint_step"] == int(tiny_state.step)
     assert np.mean(onnx_mask == masks["best"]) > 0.999
+    # The summary says what the prediction depended on.
+    settings = {
+        key: summary[key] for key in ("threshold", "test_time_flips", "runtime", "image_size", "hu_window")
+    }
+    assert settings == {
+        "threshold": config.eval.threshold,
+        "test_time_flips": False,
+        "runtime": "onnxruntime",
+        "image_size": 32,
+        "hu_window": [-1350.0, 150.0],
+    }
+    config.eval.test_time_flips = True
+    (summary,) = predict.predict_path(config, tmp_path / "run", source, tmp_path / "flips")
+    assert summary["test_time_flips"] is True
 
 
 def test_missing_input_or_output_and_unknown_units_are_one_line_each(tmp_path):
