@@ -59,7 +59,7 @@ TESTS = {
     # Prediction: the command's checks and refusals, slices (window-matched or not), volumes streamed.
     "predict": ["tests/test_predict.py", "tests/test_dicom.py", "tests/test_predict_classes.py"],
     # Which files an --input names, their outputs' names, the output folder's checks.
-    "prediction_files": ["tests/test_predict.py", "tests/test_dicom.py"],
+    "prediction_files": ["tests/test_prediction_files.py", "tests/test_predict.py", "tests/test_dicom.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.
     "orientation": ["tests/test_orientation.py", "tests/test_dicom.py"],
     "dicom": ["tests/test_dicom.py"],

@@ -324,13 +324,12 @@ def predict_path(
         )
         for input_file in inputs
     ]
+    # The training slices are read before the checkpoint is restored, so missing data fails fast.
+    window_reference = _training_window(config) if input_window == "match" else None
     if predictor is None:
         model = inference.build_model(config)
         state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     verify_inputs(jobs, input_units, series)
-    window_reference = None
-    if input_window == "match":
-        window_reference = _training_window(config)
     if predictor is None:
         predictor = predictors.for_config(config, model, state)
     created = prediction_files.missing_folders(output_dir)

@@ -543,25 +543,26 @@ def test_a_ground_truth_folder_gives_each_slice_its_same_named_mask_and_bad_ones
     for name, outlined in (("a", True), ("b", False)):
         with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:
             assert (np.asarray(overlay) == 255).all(axis=-1).any() == outlined  # white: the expert outline
-    for ground_truth, message in (
-        (
-            tmp_path / "truth" / "a.png",
-            f"--ground_truth: {tmp_path / 'truth' / 'a.png'} must be a folder when --input is a folder",
-        ),
-        (tmp_path / "missing.png", None),
-    ):
-        input_path = tmp_path / "in" if message else tmp_path / "in" / "a.png"
-        message = message or f"--ground_truth: {tmp_path / 'missing.png'} does not exist"
-        with pytest.raises(UserError) as error:
-            predict.predict_path(
-                make_tiny_config(),
-                None,
-                input_path,
-                tmp_path / "again",
-                ground_truth=ground_truth,
-                predictor=ImagePredictor(),
-            )
-        assert str(error.value) == message
+    with pytest.raises(UserError) as error:  # a folder of inputs takes a folder of masks
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in",
+            tmp_path / "again",
+            ground_truth=tmp_path / "truth" / "a.png",
+        )
+    assert str(error.value) == (
+        f"--ground_truth: {tmp_path / 'truth' / 'a.png'} must be a folder when --input is a folder"
+    )
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in" / "a.png",
+            tmp_path / "again",
+            ground_truth=tmp_path / "no.png",
+        )
+    assert str(error.value) == f"--ground_truth: {tmp_path / 'no.png'} does not exist"
 
 
 def test_two_inputs_that_would_write_one_output_are_refused_naming_both(tmp_path):
@@ -579,24 +580,16 @@ def test_two_inputs_that_would_write_one_output_are_refused_naming_both(tmp_path
     )
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
-    from rdunet_jax import prediction_files
+def test_window_matching_without_readable_training_slices_fails_before_restoring(tmp_path, monkeypatch):
+    def unreadable(data):
+        raise UserError("data.manual_dir: no COVID-SemiSeg here")
 
-    # As root every folder is writable, so the permission is asked of a stand-in: no writing anywhere.
-    monkeypatch.setattr(prediction_files.os, "access", lambda path, mode: not mode & prediction_files.os.W_OK)
-    with pytest.raises(UserError) as error:
-        prediction_files.check_output_folder(tmp_path / "new" / "out")
-    assert str(error.value) == f"--output: cannot write in {tmp_path}"
-
-
-def test_the_empty_folders_a_failed_run_created_are_removed_up_to_the_first_that_is_not(tmp_path):
-    from rdunet_jax import prediction_files
-
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    (tmp_path / "kept" / "x").mkdir(parents=True)
-    (tmp_path / "kept" / "file").write_text("x")
-    # Deepest first; "c" was never created (a run that failed before it): the others still go.
-    prediction_files.remove_empty_folders([tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"])
-    assert not (tmp_path / "a").exists()
-    prediction_files.remove_empty_folders([tmp_path / "kept" / "x", tmp_path / "kept", tmp_path])
-    assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["file"]
+    monkeypatch.setattr(predict.datasets, "training_intensity_counts", unreadable)
+    monkeypatch.setattr(steps, "restore_state", pytest.fail)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "s.png")
+    with pytest.raises(UserError, match="^data.manual_dir: no COVID-SemiSeg here$"):
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "in", tmp_path / "out", input_window="match"
+        )
+    assert not (tmp_path / "out").exists()
