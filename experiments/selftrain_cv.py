@@ -7,6 +7,10 @@ slices (another fold cut is refused); then the pooled Dice of records, teachers 
 differences over every fold's slices:
 
     python -m experiments.selftrain_cv runs/selftrain-cv0 runs/selftrain-cv1 ... > table.md
+
+`--ensemble` adds the teacher and the student together as a fourth model (the mean of their probabilities
+from their last checkpoints with flip TTA, thresholded at `eval.threshold`; the checkpoints must be in
+the workdirs), paired with each of the others.
 """
 
 import argparse
@@ -15,8 +19,10 @@ import json
 import pathlib
 import sys
 
+import ml_collections
 import numpy as np
 
+from experiments import ensemble_cv
 from experiments.cv_table import check_same_slices, recipe_slice_dice
 from experiments.studies import stats, tables
 from rdunet_jax.errors import UserError
@@ -37,14 +43,31 @@ def fold_of(workdir: pathlib.Path) -> int:
     return int(config["data"]["cv_fold"])
 
 
-def fold_scores(workdir: pathlib.Path, fold: int) -> dict[str, dict[str, float]]:
-    """{'teacher' | 'student' | 'recipe': {slice id: Dice}} of one fold; all three on the same slices."""
+def ensemble_dice(workdir: pathlib.Path) -> dict[str, float]:
+    """{slice id: Dice} of the teacher's and the student's mean probability on the held-out fold."""
+    predictions = []
+    for stage in ("teacher", "student1"):
+        if not (workdir / stage / "checkpoints" / "latest").is_dir():
+            raise UserError(f"{workdir / stage}: no checkpoint to ensemble (kept only where the run ran)")
+        config = ml_collections.ConfigDict(json.loads((workdir / stage / "config.json").read_text()))
+        predictions.append(ensemble_cv.fold_predictions(config, workdir / stage))
+    (ids, teacher, masks), (student_ids, student, _) = predictions
+    if ids != student_ids:
+        raise UserError(f"{workdir}: the teacher and the student scored other slices")
+    dice = ensemble_cv.ensemble_slice_dice([teacher, student], masks, config.eval.threshold)
+    return dict(zip(ids, (float(value) for value in dice), strict=True))
+
+
+def fold_scores(workdir: pathlib.Path, fold: int, ensemble: bool = False) -> dict[str, dict[str, float]]:
+    """{'teacher' | 'student' | 'recipe' (| 'ensemble'): {slice id: Dice}} of one fold, on the same slices."""
     scores = {
         "teacher": slice_dice(workdir / "teacher" / "metrics" / "validation_slices.csv"),
         "student": slice_dice(workdir / "student1" / "metrics" / "validation_slices.csv"),
         "recipe": recipe_slice_dice(fold),
     }
-    for stage in ("teacher", "student"):
+    if ensemble:
+        scores["ensemble"] = ensemble_dice(workdir)
+    for stage in scores.keys() - {"recipe"}:
         check_same_slices(fold, f"{workdir} ({stage})", scores[stage], scores["recipe"])
     return scores
 
@@ -52,8 +75,10 @@ def fold_scores(workdir: pathlib.Path, fold: int) -> dict[str, dict[str, float]]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
+    parser.add_argument("--ensemble", action="store_true", help="also the teacher and student together")
     args = parser.parse_args(argv)
-    rows, pooled, workdir_of_fold = [], {"teacher": {}, "student": {}, "recipe": {}}, {}
+    names = ["recipe", "teacher", "student"] + (["ensemble"] if args.ensemble else [])
+    rows, pooled, workdir_of_fold = [], {name: {} for name in names}, {}
     try:
         for workdir in args.workdirs:
             if not (workdir / "student1" / "metrics" / "validation_slices.csv").is_file():
@@ -63,7 +88,7 @@ def main(argv=None) -> int:
             if fold in workdir_of_fold:
                 raise UserError(f"{workdir}: fold {fold} again (also in {workdir_of_fold[fold]})")
             workdir_of_fold[fold] = workdir
-            scores = fold_scores(workdir, fold)
+            scores = fold_scores(workdir, fold, args.ensemble)
             for name, values in scores.items():
                 pooled[name].update({key: [value] for key, value in values.items()})
             means = {name: float(np.mean(list(values.values()))) for name, values in scores.items()}
@@ -72,14 +97,19 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    ensemble_header = " teacher + student |" if args.ensemble else ""
     lines = [
-        "| fold | recipe record | teacher (recipe, retrained) | student | student - teacher"
+        "| fold | recipe record | teacher (recipe, retrained) | student |"
+        + ensemble_header
+        + " student - teacher"
         " | student - record | training min (teacher + student) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|" + "---|" * args.ensemble + "---|---|---|",
     ]
     for fold, means, seconds in sorted(rows, key=lambda row: row[0]):
+        ensemble_cell = f" {means['ensemble']:.3f} |" if args.ensemble else ""
         lines.append(
-            f"| {fold} | {means['recipe']:.3f} | {means['teacher']:.3f} | {means['student']:.3f} | "
+            f"| {fold} | {means['recipe']:.3f} | {means['teacher']:.3f} | {means['student']:.3f} |"
+            f"{ensemble_cell} "
             f"{means['student'] - means['teacher']:+.3f} | {means['student'] - means['recipe']:+.3f} | "
             f"{seconds['teacher'] / 60:.0f} + {seconds['student1'] / 60:.0f} |"
         )
@@ -88,18 +118,28 @@ def main(argv=None) -> int:
         "| model | Dice, slices pooled [95% bootstrap] | per fold [95% t over folds] |",
         "|---|---|---|",
     ]
-    for name, label in (("recipe", "recipe record"), ("teacher", "teachers"), ("student", "students")):
+    labels = {
+        "recipe": "recipe record",
+        "teacher": "teachers",
+        "student": "students",
+        "ensemble": "teacher + student",
+    }
+    for name, label in ((name, labels[name]) for name in names):
         fold_means = [means[name] for _, means, _ in rows]
         slices = [value for values in pooled[name].values() for value in values]
         lines.append(
             f"| {label} | {tables.format_interval(stats.bootstrap_interval(slices))} "
             f"| {tables.format_interval(stats.t_interval(fold_means))} |"
         )
-    for compared, reference in (("student", "teacher"), ("student", "recipe"), ("teacher", "recipe")):
+    comparisons = [("student", "teacher"), ("student", "recipe"), ("teacher", "recipe")]
+    if args.ensemble:
+        comparisons += [("ensemble", "student"), ("ensemble", "teacher"), ("ensemble", "recipe")]
+    for compared, reference in comparisons:
         differences = stats.paired_slice_differences(pooled[reference], pooled[compared])
         interval = stats.bootstrap_interval(differences, num_resamples=tables.BOOTSTRAP_RESAMPLES)
+        compared_label = labels[compared].capitalize() if compared == "ensemble" else compared.capitalize()
         lines.append(
-            f"\n{compared.capitalize()} - {reference}, per slice over {len(differences)} held-out slices: "
+            f"\n{compared_label} - {reference}, per slice over {len(differences)} held-out slices: "
             f"{tables.format_interval(interval, 4)} (95% bootstrap)"
         )
     print("\n".join(lines))

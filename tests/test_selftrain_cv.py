@@ -2,15 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 from helpers import recipe_records
 
-from experiments import selftrain_cv
+from experiments import ensemble_cv, selftrain_cv
 
 
 def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
     (folder / "metrics").mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"data": {"cv_fold": fold}}))
+    (folder / "config.json").write_text(json.dumps({"data": {"cv_fold": fold}, "eval": {"threshold": 0.5}}))
     (folder / "metrics" / "validation_slices.csv").write_text(
         "id,dice\n" + "".join(f"{slice_id},{dice}\n" for slice_id, dice in slice_dice.items())
     )
@@ -65,3 +66,47 @@ def test_a_fold_twice_or_on_other_slices_is_refused(workdirs, tmp_path, capsys):
     assert selftrain_cv.main([str(other)]) == 2
     error = capsys.readouterr().err
     assert f"{other} (student), fold 1: scored 1 slices, the recipe's record 1, 2 not in both" in error
+
+
+def test_the_teacher_and_student_together_are_their_mean_probability_thresholded(
+    workdirs, monkeypatch, capsys
+):
+    ids = {0: ["a", "b"], 1: ["c"]}
+    masks = {0: [[[1, 1], [0, 0]], [[0, 1], [1, 1]]], 1: [[[1, 0], [0, 0]]]}
+    probabilities = {
+        ("st-cv0", "teacher"): [[[0.9, 0.2], [0.1, 0.1]], [[0.1, 0.8], [0.8, 0.2]]],
+        ("st-cv0", "student1"): [[[0.5, 0.9], [0.3, 0.1]], [[0.8, 0.6], [0.3, 0.4]]],
+        ("st-cv1", "teacher"): [[[0.6, 0.6], [0.0, 0.0]]],
+        ("st-cv1", "student1"): [[[0.2, 0.2], [0.0, 0.0]]],
+    }
+
+    def fold_predictions(config, workdir):
+        fold = config.data.cv_fold
+        stage = (workdir.parent.name, workdir.name)
+        return ids[fold], np.array(probabilities[stage], np.float32), np.array(masks[fold], np.uint8)
+
+    monkeypatch.setattr(ensemble_cv, "fold_predictions", fold_predictions)
+    for workdir in workdirs[:2]:
+        for stage in ("teacher", "student1"):
+            (workdir / stage / "checkpoints" / "latest").mkdir(parents=True)
+    assert selftrain_cv.main(["--ensemble"] + [str(path) for path in workdirs[:2]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # The means, thresholded at 0.5: a [[0.7, 0.55], [0.2, 0.1]] -> Dice 1; b [[0.45, 0.7], [0.55, 0.3]]
+    # -> 2 x 2 / (2 + 3) = 0.8; c [[0.4, 0.4], [0, 0]] -> nothing predicted, Dice 0.
+    assert lines[2] == "| 0 | 0.600 | 0.600 | 0.800 | 0.900 | +0.200 | +0.200 | 2 + 5 |"
+    assert lines[3] == "| 1 | 0.600 | 0.800 | 0.700 | 0.000 | -0.100 | +0.100 | 1 + 1 |"
+    assert any(line.startswith("| teacher + student | 0.600 [") and "| 0.450 [" in line for line in lines)
+    # Per slice: - student +0.1, +0.1, -0.7; - teacher +0.4, +0.2, -0.8; - record +0.5, +0.1, -0.6.
+    expected = {
+        "Teacher + student - student": "-0.1667 [",
+        "Teacher + student - teacher": "-0.0667 [",
+        "Teacher + student - recipe": "0.0000 [",
+    }
+    for prefix, value in expected.items():
+        line = next(line for line in lines if line.startswith(prefix))
+        assert f"over 3 held-out slices: {value}" in line
+
+
+def test_an_ensemble_without_checkpoints_is_refused_naming_the_stage(workdirs, capsys):
+    assert selftrain_cv.main(["--ensemble", str(workdirs[0])]) == 2
+    assert f"{workdirs[0] / 'teacher'}: no checkpoint to ensemble" in capsys.readouterr().err
