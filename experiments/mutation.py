@@ -56,8 +56,14 @@ TESTS = {
     "evaluate_classes": ["tests/test_evaluate_classes.py", "tests/test_involvement.py"],
     # A volume's predicted classes: label maps, per-class voxel counts and involvement.
     "predict_classes": ["tests/test_predict_classes.py"],
-    # Prediction: the command's checks and refusals, slices (window-matched or not), volumes streamed.
-    "predict": ["tests/test_predict.py", "tests/test_dicom.py", "tests/test_predict_classes.py"],
+    # Prediction: the command's checks and refusals, slices (window-matched or not), volumes streamed (in
+    # any voxel order: volumes not stored axially are turned whole, the only path writing by slice index).
+    "predict": [
+        "tests/test_predict.py",
+        "tests/test_dicom.py",
+        "tests/test_predict_classes.py",
+        "tests/test_orientation.py",
+    ],
     # Which files an --input names, their outputs' names, the output folder's checks.
     "prediction_files": ["tests/test_prediction_files.py", "tests/test_predict.py", "tests/test_dicom.py"],
     # The data users bring: volumes in any voxel order, DICOM series in Hounsfield units, lung involvement.

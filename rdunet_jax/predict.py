@@ -88,9 +88,9 @@ def predict_volume(
     config,
     input_file: pathlib.Path,
     outputs: dict,
-    ground_truth=None,
-    input_units: str = "hu",
-    series: str | None = None,
+    ground_truth,
+    input_units: str,
+    series: str | None,
 ) -> dict:
     """Segments one NIfTI volume slice by slice, turned to the model's orientation (`data.orientation`),
     and writes its mask (in the input's voxel order), summary and overlays."""
@@ -194,7 +194,7 @@ def write_volume_overlays(
     def shown(array):
         return orientation.to_display(array, model_orientation)
 
-    for _, negative_index, display, mask, target in sorted(largest, key=lambda entry: -entry[1]):
+    for _, negative_index, display, mask, target in largest:
         if mask.ndim == 3:
             rgb = visualize.class_overlay_image(shown(display), shown(mask), None, class_names)
         else:
@@ -249,7 +249,7 @@ def predict_images(predictor, config, jobs: list[tuple], window_reference=None) 
 # --- The command -----------------------------------------------------------------------------------------
 
 
-def verify_inputs(jobs: list[tuple], input_units: str = "hu", series: str | None = None) -> None:
+def verify_inputs(jobs: list[tuple], input_units: str, series: str | None) -> None:
     """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
     shape, (uncompressed) length and the units of a few slices) and checks their sizes agree, so a bad
     file fails before any output is written."""

@@ -662,6 +662,7 @@ def test_the_segmentation_references_the_series_and_reads_back_to_the_mask(tmp_p
 
     segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
     assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert summary["series_uid"] == series_uid and segmentation.SoftwareVersions == "1"  # the model's step
     assert segmentation.StudyInstanceUID == STUDY_UID and segmentation.FrameOfReferenceUID == FRAME_UID
     (segment,) = segmentation.SegmentSequence
     assert (
@@ -797,6 +798,15 @@ def test_a_one_slice_series_gets_a_one_frame_segmentation(tmp_path):
     segmentation = highdicom.seg.segread(tmp_path / "seg.dcm")
     assert (segmentation.NumberOfFrames, segmentation.SeriesNumber) == (1, 1001)
     np.testing.assert_array_equal(segmentation.pixel_array, mask[:, :, 0].T)
+
+
+def test_a_one_slice_series_is_predicted_and_summarised_with_its_series_uid(tmp_path):
+    series_uid = write_series(tmp_path / "series", _phantom_hu((40, 48, 1)))
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor(1)
+    )
+    assert summary["series_uid"] == series_uid and summary["num_slices"] == 1
+    assert (tmp_path / "out" / "series_seg.dcm").exists()
 
 
 def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_headers_alone(tmp_path):

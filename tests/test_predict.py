@@ -5,6 +5,7 @@ model by a threshold on the preprocessed image, so where the mask lands is known
 
 import json
 
+import jax.numpy as jnp
 import nibabel
 import numpy as np
 import pytest
@@ -74,6 +75,7 @@ def test_nifti_prediction_with_the_model_and_a_4d_single_frame_volume(tiny_state
     np.testing.assert_allclose(written.affine, ROTATED_AFFINE, atol=1e-6)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
     assert 0.0 <= summary["dice_with_ground_truth"] <= 1.0
+    assert summary["voxel_spacing_mm"] == pytest.approx([0.7, 0.9, 2.5])  # not the frames' time step
 
 
 def _write_images(folder):
@@ -593,3 +595,196 @@ def test_window_matching_without_readable_training_slices_fails_before_restoring
             make_tiny_config(), None, tmp_path / "in", tmp_path / "out", input_window="match"
         )
     assert not (tmp_path / "out").exists()
+
+
+# --- The volume path: its settings, summary, overlays and refusals, each against a hand count -------------
+
+
+def _lesion_volume(shape=(32, 32, 4)):
+    """HU at the tiny model's size (no resize): air at -1000 HU (4 rows), tissue at -500 HU, lesion at
+    +100 HU: none on slice 0, one voxel on slice 1, a 2 x 3 box on slice 2 and a 4 x 5 box on slice 3."""
+    volume = np.full(shape, -500, np.int16)
+    volume[28:] = -1000  # CT has air: the units check looks for it
+    volume[10, 12, 1] = 100
+    volume[4:6, 7:10, 2] = 100
+    volume[20:24, 3:8, 3] = 100
+    return volume
+
+
+def _narrow_window_config():
+    """The tiny config in the window (-200, 300) HU: -500 HU is 0 and +100 HU is 0.6 (in the default lung
+    window (-1350, 150), -500 HU is 0.57 and would be lesion too)."""
+    config = make_tiny_config()
+    config.data.hu_window = (-200.0, 300.0)
+    return config
+
+
+def _grey_levels(png) -> set:
+    """The grey levels of an overlay: its pixels with R = G = B."""
+    with Image.open(png) as picture:
+        rgb = np.asarray(picture)
+    return set(np.unique(rgb[(rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])][:, 0]).tolist())
+
+
+def _colour_pixels(png, colour) -> int:
+    with Image.open(png) as picture:
+        return int(np.all(np.asarray(picture) == colour, axis=-1).sum())
+
+
+def test_a_volume_is_windowed_by_data_hu_window_and_summarised_by_hand_counts(tmp_path):
+    volume = _lesion_volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    (summary,) = predict.predict_path(
+        _narrow_window_config(), None, source, tmp_path / "out", predictor=ImagePredictor(7)
+    )
+
+    mask = np.asarray(nibabel.load(tmp_path / "out" / "case_mask.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask, (volume > 0).astype(np.uint8))
+    assert summary.pop("voxel_spacing_mm") == pytest.approx([0.7, 0.9, 2.5])
+    assert summary.pop("lesion_volume_ml") == pytest.approx(27 * 0.7 * 0.9 * 2.5 / 1000)
+    assert summary == {
+        "input": str(source),
+        "mask": str(tmp_path / "out" / "case_mask.nii.gz"),
+        "shape": [32, 32, 4],
+        "num_slices": 4,
+        "lesion_voxels": 27,
+        "slices_with_lesion": 3,  # the one-voxel slice counts, the empty one does not
+        "fraction_slices_with_lesion": 0.75,
+        "input_units": "hu",
+        "orientation": "PL",
+        "checkpoint_step": 7,
+        "threshold": 0.5,
+        "test_time_flips": False,
+        "runtime": "jax",
+        "image_size": 32,
+        "hu_window": [-200.0, 300.0],
+    }
+    # Overlays (up to 4) of the slices with lesion only; grey levels as the model saw them: 0 and 0.6 x 255.
+    overlays = sorted((tmp_path / "out" / "case_overlays").iterdir())
+    assert [path.name for path in overlays] == ["slice_0001.png", "slice_0002.png", "slice_0003.png"]
+    assert _grey_levels(overlays[-1]) == {0, 153}  # the 4 x 5 box's 2 x 3 inside is not outline
+
+
+class LeftHalfPredictor(inference.Predictor):
+    """A stand-in model that is not mirror-symmetric: 0.8 on the left half of the model's columns, 0.1 on
+    the right (mirrored left to right and averaged: 0.45 everywhere)."""
+
+    step = 3
+
+    def _probabilities(self, images):
+        left = jnp.arange(images.shape[2]) < images.shape[2] // 2
+        return jnp.broadcast_to(jnp.where(left, 0.8, 0.1)[None, None, :, None], images.shape)
+
+
+@pytest.mark.parametrize("test_time_flips, lesion_voxels", [(False, 32 * 16 * 2), (True, 0)])
+def test_a_volume_is_predicted_with_test_time_flips_as_configured(tmp_path, test_time_flips, lesion_voxels):
+    source = save_nifti(tmp_path / "case.nii", _lesion_volume()[..., :2])  # the stand-in ignores it
+    config = make_tiny_config()
+    config.eval.test_time_flips = test_time_flips
+    (summary,) = predict.predict_path(config, None, source, tmp_path / "out", predictor=LeftHalfPredictor())
+    assert summary["lesion_voxels"] == lesion_voxels and summary["test_time_flips"] is test_time_flips
+
+
+def test_a_display_volume_overlay_shows_its_display_values(tmp_path):
+    display = np.full((32, 32, 1), 40.0, np.float32)
+    display[8:16, 8:16, 0] = 200.0  # 200 / 255 = 0.78: lesion; 40 / 255 = 0.16: not
+    source = save_nifti(tmp_path / "windowed.nii", display)
+    (summary,) = predict.predict_path(
+        make_tiny_config(), None, source, tmp_path / "out", input_units="display", predictor=ImagePredictor()
+    )
+    assert summary["lesion_voxels"] == 64
+    assert _grey_levels(tmp_path / "out" / "windowed_overlays" / "slice_0000.png") == {40, 200}
+
+
+def test_a_volume_with_ground_truth_is_scored_and_its_overlays_outline_both(tmp_path):
+    volume = _lesion_volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[20:24, 3:10, 3] = 1  # the 4 x 5 box widened to 4 x 7: 20 of 27 predicted voxels, 28 expert
+    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth)
+    (summary,) = predict.predict_path(
+        _narrow_window_config(),
+        None,
+        source,
+        tmp_path / "out",
+        ground_truth=truth_file,
+        predictor=ImagePredictor(),
+    )
+    assert summary["ground_truth"] == str(truth_file)
+    assert summary["dice_with_ground_truth"] == pytest.approx(2 * 20 / (27 + 28))
+    overlays = tmp_path / "out" / "case_overlays"
+    # Red outlines the prediction on each slice; white the expert's, on the only slice that has one.
+    assert [_colour_pixels(overlays / f"slice_{index:04d}.png", (255, 0, 0)) > 0 for index in (1, 2, 3)] == [
+        True
+    ] * 3
+    assert [
+        _colour_pixels(overlays / f"slice_{index:04d}.png", (255, 255, 255)) > 0 for index in (1, 2, 3)
+    ] == [
+        False,
+        False,
+        True,
+    ]
+
+
+def test_a_volume_predicted_again_with_overwrite_replaces_its_overlays(tmp_path):
+    source = save_nifti(tmp_path / "case.nii", _lesion_volume())
+    config = _narrow_window_config()
+    predict.predict_path(config, None, source, tmp_path / "out", predictor=ImagePredictor())
+    moved = np.where(_lesion_volume() > 0, -500, _lesion_volume())
+    moved[3:9, 3:9, 0] = 100  # lesion on slice 0 only now
+    save_nifti(source, moved)
+    predict.predict_path(config, None, source, tmp_path / "out", overwrite=True, predictor=ImagePredictor())
+    assert [path.name for path in (tmp_path / "out" / "case_overlays").iterdir()] == ["slice_0000.png"]
+
+
+def test_a_volume_ground_truth_of_another_shape_in_a_folder_fails_before_any_output(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    for name, shape in (("a.nii", (32, 32, 4)), ("b.nii", (32, 30, 4))):
+        save_nifti(tmp_path / "in" / name, _lesion_volume())
+        save_nifti(tmp_path / "truth" / name, np.zeros(shape, np.uint8))
+    with pytest.raises(
+        UserError, match=r"--ground_truth: \S+truth/b.nii has shape \(32, 30, 4\), \S+in/b.nii"
+    ):
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in",
+            tmp_path / "out",
+            ground_truth=tmp_path / "truth",
+            predictor=ImagePredictor(),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_ground_truth_is_one_line_naming_it_and_leaves_no_mask(tmp_path):
+    rng = np.random.default_rng(1)  # noise: long enough compressed data to cut mid-stream
+    source = save_nifti(tmp_path / "case.nii.gz", _lesion_volume())
+    truth = save_nifti(tmp_path / "truth.nii.gz", rng.integers(0, 2, (32, 32, 4)).astype(np.int16))
+    truth.write_bytes(truth.read_bytes()[: truth.stat().st_size * 3 // 5])
+    with pytest.raises(UserError, match="truth.nii.gz: corrupt or truncated NIfTI file"):
+        predict.predict_path(
+            make_tiny_config(), None, source, tmp_path / "out", ground_truth=truth, predictor=ImagePredictor()
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_ground_truth_of_another_size_names_both_files(tmp_path):
+    _write_images(tmp_path / "in")
+    truth = tmp_path / "truth.png"
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(truth)
+    image = tmp_path / "in" / "a.png"
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(), None, image, tmp_path / "out", ground_truth=truth, predictor=ImagePredictor()
+        )
+    with Image.open(image) as picture:
+        size = picture.size
+    assert str(error.value) == f"{truth}: size (30, 30) differs from its image {image} ({size})"
+
+
+def test_a_mask_at_the_input_size_keeps_probabilities_at_the_threshold_as_uint8():
+    probabilities = np.array([[0.5, 0.25], [0.75, 0.4999]], np.float32)
+    mask = predict.mask_at_input_size(probabilities, (2, 2), 0.5)
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, [[1, 0], [1, 0]])

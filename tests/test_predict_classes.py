@@ -9,7 +9,7 @@ import pytest
 from helpers import ROTATED_AFFINE, make_tiny_config, save_nifti
 from PIL import Image
 
-from rdunet_jax import inference, involvement, predict, predict_classes
+from rdunet_jax import inference, involvement, predict, predict_classes, visualize
 from rdunet_jax.errors import UserError
 
 # Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
@@ -75,6 +75,27 @@ def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
     overlays = sorted((tmp_path / "out" / "case_overlays").glob("*.png"))
     with Image.open(overlays[0]) as picture:  # a legend below the slice: taller than the 32 px slice
         assert picture.mode == "RGB" and picture.size[1] > 32
+        slice_pixels = np.asarray(picture)[:32, :32]
+    for index in (0, 1):  # each class outlined in its colour
+        assert np.all(slice_pixels == visualize.class_colour(index), axis=-1).any()
+
+
+def test_a_label_map_of_a_volume_stored_along_another_axis_lands_on_its_voxels(tmp_path):
+    volume, expected = _phantom()
+    # Voxel axes stored as (0, 2, 1): the third is no longer head to foot, so the volume is turned whole.
+    swap = np.array([[0, 1], [2, 1], [1, 1]])
+    nibabel.save(nibabel.Nifti1Image(volume, ROTATED_AFFINE).as_reoriented(swap), tmp_path / "turned.nii.gz")
+    config = _config("exclusive", ("ggo", "consolidation"))
+    predict.predict_path(
+        config,
+        None,
+        tmp_path / "turned.nii.gz",
+        tmp_path / "out",
+        predictor=IntensityClassPredictor("exclusive"),
+    )
+    written = nibabel.load(tmp_path / "out" / "turned_mask.nii.gz")
+    assert written.shape == (32, 3, 32)
+    np.testing.assert_array_equal(np.asarray(written.as_reoriented(swap).dataobj), expected)
 
 
 def test_multilabel_lungs_and_infection_summary_has_the_involvement(tmp_path):
