@@ -526,6 +526,18 @@ def test_an_image_overlay_outlines_the_prediction_in_red_and_the_ground_truth_in
     assert white[5, 9] and white[5, 0] and not white[:, 10:].any()  # the expert mask's right and left edges
 
 
+def _predict_folder_with_truth_folder(tmp_path):
+    """The stand-in model over tmp_path/in, with the expert masks of tmp_path/truth, into tmp_path/out."""
+    return predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "in",
+        tmp_path / "out",
+        ground_truth=tmp_path / "truth",
+        predictor=ImagePredictor(),
+    )
+
+
 def test_a_ground_truth_folder_gives_each_slice_its_same_named_mask_and_bad_ones_are_one_line(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "truth").mkdir()
@@ -534,14 +546,7 @@ def test_a_ground_truth_folder_gives_each_slice_its_same_named_mask_and_bad_ones
     truth = np.zeros((32, 32), np.uint8)
     truth[:, :10] = 255
     Image.fromarray(truth).save(tmp_path / "truth" / "a.png")  # b has no expert mask
-    predict.predict_path(
-        make_tiny_config(),
-        None,
-        tmp_path / "in",
-        tmp_path / "out",
-        ground_truth=tmp_path / "truth",
-        predictor=ImagePredictor(),
-    )
+    _predict_folder_with_truth_folder(tmp_path)
     for name, outlined in (("a", True), ("b", False)):
         with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:
             assert (np.asarray(overlay) == 255).all(axis=-1).any() == outlined  # white: the expert outline
@@ -746,14 +751,7 @@ def test_a_volume_ground_truth_of_another_shape_in_a_folder_fails_before_any_out
     with pytest.raises(
         UserError, match=r"--ground_truth: \S+truth/b.nii has shape \(32, 30, 4\), \S+in/b.nii"
     ):
-        predict.predict_path(
-            make_tiny_config(),
-            None,
-            tmp_path / "in",
-            tmp_path / "out",
-            ground_truth=tmp_path / "truth",
-            predictor=ImagePredictor(),
-        )
+        _predict_folder_with_truth_folder(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
