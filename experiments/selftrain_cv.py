@@ -9,8 +9,8 @@ differences over every fold's slices:
     python -m experiments.selftrain_cv runs/selftrain-cv0 runs/selftrain-cv1 ... > table.md
 
 `--ensemble` adds the teacher and the student together as a fourth model (the mean of their probabilities
-from their last checkpoints with flip TTA, thresholded at `eval.threshold`; the checkpoints must be in
-the workdirs), paired with each of the others.
+from their last checkpoints with flip TTA, thresholded at `eval.threshold`, as each stage was scored: a
+stage scored otherwise is refused; the checkpoints must be in the workdirs), paired with each of the others.
 """
 
 import argparse
@@ -45,16 +45,29 @@ def fold_of(workdir: pathlib.Path) -> int:
 
 def ensemble_dice(workdir: pathlib.Path) -> dict[str, float]:
     """{slice id: Dice} of the teacher's and the student's mean probability on the held-out fold."""
-    predictions = []
+    configs = {}
     for stage in ("teacher", "student1"):
         if not (workdir / stage / "checkpoints" / "latest").is_dir():
             raise UserError(f"{workdir / stage}: no checkpoint to ensemble (kept only where the run ran)")
-        config = ml_collections.ConfigDict(json.loads((workdir / stage / "config.json").read_text()))
-        predictions.append(ensemble_cv.fold_predictions(config, workdir / stage))
-    (ids, teacher, masks), (student_ids, student, _) = predictions
+        configs[stage] = ml_collections.ConfigDict(json.loads((workdir / stage / "config.json").read_text()))
+        scoring = configs[stage].eval
+        # fold_predictions mirrors every slice; a stage scored without the flips would not pair fairly.
+        if not scoring.test_time_flips or scoring.checkpoint != "last":
+            raise UserError(
+                f"{workdir / stage}: scored with eval.test_time_flips={scoring.test_time_flips}, "
+                f"eval.checkpoint={scoring.checkpoint!r}; the ensemble is scored with flips and the last"
+            )
+    threshold = configs["teacher"].eval.threshold
+    if configs["student1"].eval.threshold != threshold:
+        raise UserError(
+            f"{workdir}: the teacher and the student are thresholded differently (eval.threshold)"
+        )
+    (ids, teacher, masks), (student_ids, student, _) = (
+        ensemble_cv.fold_predictions(config, workdir / stage) for stage, config in configs.items()
+    )
     if ids != student_ids:
         raise UserError(f"{workdir}: the teacher and the student scored other slices")
-    dice = ensemble_cv.ensemble_slice_dice([teacher, student], masks, config.eval.threshold)
+    dice = ensemble_cv.ensemble_slice_dice([teacher, student], masks, threshold)
     return dict(zip(ids, (float(value) for value in dice), strict=True))
 
 
@@ -67,7 +80,7 @@ def fold_scores(workdir: pathlib.Path, fold: int, ensemble: bool = False) -> dic
     }
     if ensemble:
         scores["ensemble"] = ensemble_dice(workdir)
-    for stage in scores.keys() - {"recipe"}:
+    for stage in (name for name in scores if name != "recipe"):
         check_same_slices(fold, f"{workdir} ({stage})", scores[stage], scores["recipe"])
     return scores
 

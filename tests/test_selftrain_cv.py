@@ -11,7 +11,8 @@ from experiments import ensemble_cv, selftrain_cv
 
 def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
     (folder / "metrics").mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"data": {"cv_fold": fold}, "eval": {"threshold": 0.5}}))
+    scoring = {"threshold": 0.5, "test_time_flips": True, "checkpoint": "last"}
+    (folder / "config.json").write_text(json.dumps({"data": {"cv_fold": fold}, "eval": scoring}))
     (folder / "metrics" / "validation_slices.csv").write_text(
         "id,dice\n" + "".join(f"{slice_id},{dice}\n" for slice_id, dice in slice_dice.items())
     )
@@ -110,3 +111,39 @@ def test_the_teacher_and_student_together_are_their_mean_probability_thresholded
 def test_an_ensemble_without_checkpoints_is_refused_naming_the_stage(workdirs, capsys):
     assert selftrain_cv.main(["--ensemble", str(workdirs[0])]) == 2
     assert f"{workdirs[0] / 'teacher'}: no checkpoint to ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "stage, setting, value, message",
+    [
+        ("student1", "threshold", 0.4, "the teacher and the student are thresholded differently"),
+        (
+            "teacher",
+            "test_time_flips",
+            False,
+            "scored with eval.test_time_flips=False, eval.checkpoint='last'",
+        ),
+        ("student1", "checkpoint", "best", "scored with eval.test_time_flips=True, eval.checkpoint='best'"),
+    ],
+)
+def test_an_ensemble_of_stages_scored_otherwise_is_refused(workdirs, capsys, stage, setting, value, message):
+    for name in ("teacher", "student1"):
+        (workdirs[1] / name / "checkpoints" / "latest").mkdir(parents=True)
+    config_file = workdirs[1] / stage / "config.json"
+    config = json.loads(config_file.read_text())
+    config["eval"][setting] = value
+    config_file.write_text(json.dumps(config))
+    assert selftrain_cv.main(["--ensemble", str(workdirs[1])]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_ensemble_whose_stages_scored_other_slices_is_refused(workdirs, monkeypatch, capsys):
+    def fold_predictions(config, workdir):
+        ids = ["a", "b"] if workdir.name == "teacher" else ["b", "a"]
+        return ids, np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8)
+
+    monkeypatch.setattr(ensemble_cv, "fold_predictions", fold_predictions)
+    for name in ("teacher", "student1"):
+        (workdirs[1] / name / "checkpoints" / "latest").mkdir(parents=True)
+    assert selftrain_cv.main(["--ensemble", str(workdirs[1])]) == 2
+    assert f"{workdirs[1]}: the teacher and the student scored other slices" in capsys.readouterr().err
