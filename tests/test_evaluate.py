@@ -391,6 +391,150 @@ def test_evaluate_source_counts_every_slice_once(tiny_state):
         assert 0.0 <= summary[key] <= 1.0
 
 
+class LeftHalfPredictor(inference.Predictor):
+    """A stand-in model that is not mirror-symmetric: 0.8 on the left half of the columns, 0.1 on the right
+    (0.45 everywhere mirrored left to right and averaged); each image's loss is its row in the batch."""
+
+    step = 0
+
+    def _probabilities(self, images):
+        left = np.arange(images.shape[2]) < images.shape[2] // 2
+        return np.broadcast_to(np.where(left, 0.8, 0.1)[None, None, :, None], images.shape).astype(np.float32)
+
+    def _loss_and_probabilities(self, batch):
+        return np.arange(len(batch["image"]), dtype=np.float32), self._probabilities(batch["image"])
+
+
+def _half_and_half_records():
+    """Three 32 px slices (no resize) whose expert masks are the left half, the middle half of the columns,
+    and a 4 x 4 box on the right."""
+    masks = np.zeros((3, 32, 32), np.uint8)
+    masks[0, :, :16], masks[1, :, 8:24], masks[2, :4, 20:24] = 255, 255, 255
+    return [
+        {"image": np.zeros((32, 32), np.uint8), "mask": mask, "id": str(index)}
+        for index, mask in enumerate(masks)
+    ]
+
+
+def test_the_epoch_validation_summary_by_hand_counts():
+    config = make_tiny_config()
+    config.eval.batch_size = 2  # two batches, the second padded
+    summary = evaluate.evaluate_source(LeftHalfPredictor(), _half_and_half_records(), config)
+    # Predicted: the left half (512 px) of each slice. TP, FP, FN, TN: (512, 0, 0, 512), (256, 256, 256,
+    # 256), (0, 512, 16, 496).
+    by_hand = {
+        "num_slices": 3,
+        "dice": (1 + 0.5 + 0) / 3,
+        "jaccard": (1 + 1 / 3 + 0) / 3,
+        "precision": (1 + 0.5 + 0) / 3,
+        "recall": (1 + 0.5 + 0) / 3,
+        "specificity": (1 + 0.5 + 496 / 1008) / 3,
+        "global_dice": 2 * 768 / (2 * 768 + 768 + 272),
+        "loss": (0 + 1 + 0) / 3,  # each batch's rows 0, 1 and 0 (the padded row's loss dropped)
+    }
+    assert {key: summary[key] for key in by_hand} == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("test_time_flips, dice", [(None, 0.5), (False, 0.5), (True, 0.0)])
+def test_the_epoch_validation_mirrors_only_when_asked(test_time_flips, dice):
+    arguments = () if test_time_flips is None else (test_time_flips,)  # None: the default
+    records = _half_and_half_records()
+    summary = evaluate.evaluate_source(LeftHalfPredictor(), records, make_tiny_config(), *arguments)
+    assert summary["dice"] == pytest.approx(dice)  # mirrored, 0.45 everywhere: nothing predicted
+
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+
+
+def _pixels_of(rgb, colour) -> np.ndarray:
+    return np.all(rgb == colour, axis=-1)
+
+
+@pytest.mark.parametrize("test_time_flips", [False, True])
+def test_overlays_outline_the_prediction_in_red_over_the_expert_in_white(test_time_flips):
+    config = make_tiny_config()
+    config.eval.test_time_flips = test_time_flips  # mirrored, the stand-in predicts nothing
+    overlays = evaluate.overlays_of(LeftHalfPredictor(), _half_and_half_records(), [2, 0], config)
+    assert [slice_id for slice_id, _ in overlays] == ["2", "0"]
+    (_, right_box), (_, left_half) = (rgb for rgb in overlays)
+    assert right_box.shape == left_half.shape == (32, 32, 3)
+    assert bool(_pixels_of(right_box, RED).any()) is not test_time_flips
+    assert _pixels_of(right_box, WHITE).sum() == 12  # the 4 x 4 box's outline
+    # Predicted exactly where the expert drew: red covers white.
+    assert bool(_pixels_of(left_half, WHITE).any()) is test_time_flips
+    for rgb in (right_box, left_half):  # elsewhere the slice itself: black
+        assert not rgb[~_pixels_of(rgb, RED) & ~_pixels_of(rgb, WHITE)].any()
+
+
+def test_validation_overlays_are_the_first_slices_up_to_num_overlays():
+    config = make_tiny_config()
+    config.eval.num_overlays = 2
+    records = _half_and_half_records()
+    ids = [
+        [
+            slice_id
+            for slice_id, _ in evaluate.validation_overlays(LeftHalfPredictor(), records, config, count)
+        ]
+        for count in (None, 5, 0)
+    ]
+    assert ids == [["0", "1"], ["0", "1", "2"], []]
+
+
+def test_written_overlays_are_the_best_and_worst_with_file_safe_names_replacing_old_ones(tmp_path):
+    config = make_tiny_config()
+    config.eval.num_overlays = 1
+    records = _half_and_half_records()
+    for record, slice_id in zip(records, ("Case 1/a", "b:2", "x y.Z-9_q"), strict=True):
+        record["id"] = slice_id
+    # Dice 1, 0.5 and 0 (the counts of the left-half prediction against each expert mask).
+    rows = [
+        {"tp": 512, "fp": 0, "fn": 0, "lesion_pixels": 512, "predicted_pixels": 512},
+        {"tp": 256, "fp": 256, "fn": 256, "lesion_pixels": 512, "predicted_pixels": 512},
+        {"tp": 0, "fp": 512, "fn": 16, "lesion_pixels": 16, "predicted_pixels": 512},
+    ]
+    folder = tmp_path / "overlays"
+    folder.mkdir()
+    (folder / "best_01_stale.png").write_bytes(b"")
+    written = evaluate.write_overlays(LeftHalfPredictor(), records, rows, config, folder)
+    expected = [folder / "best_01_Case_1_a.png", folder / "worst_01_x_y.Z-9_q.png"]
+    assert written == expected and sorted(folder.iterdir()) == expected
+
+
+def test_a_subset_keeps_its_sources_name_and_split():
+    class Named(list):
+        name, split = "semiseg", "validation"
+
+    subset = evaluate._subset(Named([{"id": "a"}, {"id": "b"}]), [1])
+    assert (subset.name, subset.split, subset[0]) == ("semiseg", "validation", {"id": "b"})
+    plain = evaluate._subset([{"id": "a"}], [0])
+    assert (plain.name, plain.split) == ("", "")
+
+
+def test_a_one_slice_volume_has_the_3d_hd95_of_its_slice_in_mm():
+    prediction, target = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    prediction[4:10, 4:10], target[6:14, 5:9] = True, True
+    meta = {"slice_index": 7, "pixel_spacing": (0.7, 1.3), "slice_spacing": 5.0}
+    packed = [(meta, np.packbits(prediction), np.packbits(target))]
+    expected = independent_hd95(prediction[..., None], target[..., None], (0.7, 1.3, 5.0))
+    assert evaluate._volume_hd95(packed, 32, "mm") == pytest.approx(expected)
+
+
+def test_evaluate_workdir_scores_the_asked_checkpoint_and_writes_its_metrics(tiny_state, tmp_path, capsys):
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    later = tiny_state.replace(step=tiny_state.step + 5)
+    run_checkpoints.save("best", 1, tiny_state, meta)
+    run_checkpoints.save("latest", 2, later, meta)
+    run_checkpoints.close()
+    config = make_tiny_config()
+    config.eval.split = "validation"  # eval.checkpoint is best; step 2 is asked for
+    summary = evaluate.evaluate_workdir(config, tmp_path, checkpoint_step=2)
+    assert (summary["step"], summary["split"]) == (int(tiny_state.step) + 5, "validation")
+    assert summary["num_slices"] == len(datasets.load_source(config.data, "validation"))
+    assert json.loads((tmp_path / "metrics" / "validation.json").read_text()) == summary
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"validation: dice {summary['dice']:.4f} ")
+
+
 def test_the_default_split_is_the_test_split_when_present_else_validation(tmp_path):
     # Issue 27's one command scores the held-out COVID-SemiSeg test split when a user has it, and the
     # validation split of the public training release otherwise.
@@ -451,3 +595,14 @@ def test_an_evaluation_that_falls_back_to_validation_says_so(tmp_path, monkeypat
         f"validation: dice 0.5000 jaccard 0.2500 f_score 0.5000 global_dice 0.5000 hd95 n/a (2 slices) -> "
         f"{tmp_path / 'run' / 'metrics' / 'validation'}.json"
     ]
+    summary.update(hd95=3.14159, hd95_unit="mm")
+    evaluate.evaluate_workdir(config, tmp_path / "run")
+    assert " hd95 3.14 mm (2 slices) -> " in capsys.readouterr().out
+    # A dataset without a manual directory and without a test split is named as such.
+    monkeypatch.setattr(evaluate.datasets, "has_split", lambda data, split: False)
+    synthetic = make_tiny_config()
+    evaluate.evaluate_workdir(synthetic, tmp_path / "run")
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "eval.split=test: data.name='synthetic' has no test split in its data; "
+        "scoring the validation split instead"
+    )

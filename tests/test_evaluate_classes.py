@@ -232,3 +232,26 @@ def test_the_per_class_slice_csv_by_hand_on_3_px_slices():
         "s0,consolidation,0,0,0,0,0,0,2\n"  # recall 0/0 is 0: one mask is not empty (metrics' rule)
         "s1,consolidation,0,1,1,1,1,0,0\n"
     )
+
+
+def test_class_overlays_outline_each_predicted_class_in_its_colour_over_the_experts_in_white():
+    from rdunet_jax import visualize
+
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = "exclusive", ("ggo", "consolidation"), "dice_ce"
+    expert, predicted = _exclusive_case()
+    records = [_record(index, expert[index], class_mask=expert[index]) for index in range(3)]
+    source = class_labels.LabelledSource(records, config.data, "exclusive")
+    predictor = PlantedPredictor([_one_hot(predicted[0], 3)], "exclusive")
+    ((slice_id, rgb),) = evaluate.overlays_of(predictor, source, [0], config)
+    assert slice_id == "slice-0" and rgb.shape[0] > SIZE  # the legend below the slice
+    picture = rgb[:SIZE, :SIZE]
+    ggo, consolidation, white = (
+        np.all(picture == colour, axis=-1)
+        for colour in (visualize.class_colour(0), visualize.class_colour(1), (255, 255, 255))
+    )
+    # Slice 0: ggo predicted on the left half (4 x 2) of the expert's 4 x 4, consolidation exactly.
+    assert ggo.sum() == 8 and consolidation.sum() == 8
+    # The expert ggo's outline (12 px: the 4 x 4 box less its 2 x 2 inside) less the 6 under the prediction's.
+    assert white.sum() == 6
+    assert set(np.unique(picture[~ggo & ~consolidation & ~white])) == {100}  # the slice itself
