@@ -511,12 +511,13 @@ def test_a_subset_keeps_its_sources_name_and_split():
 
 
 def test_a_one_slice_volume_has_the_3d_hd95_of_its_slice_in_mm():
-    prediction, target = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    # 30 px (a model of depth 1 allows it): 900 pixels pack into 113 bytes, 4 bits of padding.
+    prediction, target = np.zeros((30, 30), bool), np.zeros((30, 30), bool)
     prediction[4:10, 4:10], target[6:14, 5:9] = True, True
     meta = {"slice_index": 7, "pixel_spacing": (0.7, 1.3), "slice_spacing": 5.0}
     packed = [(meta, np.packbits(prediction), np.packbits(target))]
     expected = independent_hd95(prediction[..., None], target[..., None], (0.7, 1.3, 5.0))
-    assert evaluate._volume_hd95(packed, 32, "mm") == pytest.approx(expected)
+    assert evaluate._volume_hd95(packed, 30, "mm") == pytest.approx(expected)
 
 
 def test_evaluate_workdir_scores_the_asked_checkpoint_and_writes_its_metrics(tiny_state, tmp_path, capsys):
