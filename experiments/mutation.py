@@ -107,7 +107,7 @@ TESTS = {
     ],
     # Atomic writes and the workdir lock.
     "files": ["tests/test_files.py"],
-    # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, the ranked overlays.
+    # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py"],
     # The inference layer: test-time flips, padded batches, the batches in flight.
     "inference": ["tests/test_inference.py", "tests/test_evaluate_classes.py"],

@@ -312,7 +312,7 @@ def ranked_slices(rows: list[dict], count: int) -> tuple[list[int], list[int]]:
             dice = metrics.slice_metrics([row["tp"]], [row["fp"]], [row["fn"]])["dice"][0]
             scored.append((float(dice), index))
     best = [index for _, index in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
-    worst = [index for _, index in sorted(scored, key=lambda item: (item[0], item[1]))[:count]]
+    worst = [index for _, index in sorted(scored)[:count]]  # (dice, index) pairs: lowest Dice, then first
     return best, worst
 
 

@@ -530,7 +530,11 @@ def test_evaluate_workdir_scores_the_asked_checkpoint_and_writes_its_metrics(tin
     config = make_tiny_config()
     config.eval.split = "validation"  # eval.checkpoint is best; step 2 is asked for
     summary = evaluate.evaluate_workdir(config, tmp_path, checkpoint_step=2)
-    assert (summary["step"], summary["split"]) == (int(tiny_state.step) + 5, "validation")
+    assert (summary["step"], summary["split"], summary["threshold"]) == (
+        int(tiny_state.step) + 5,
+        "validation",
+        0.5,
+    )
     assert summary["num_slices"] == len(datasets.load_source(config.data, "validation"))
     assert json.loads((tmp_path / "metrics" / "validation.json").read_text()) == summary
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"validation: dice {summary['dice']:.4f} ")

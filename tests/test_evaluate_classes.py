@@ -255,3 +255,26 @@ def test_class_overlays_outline_each_predicted_class_in_its_colour_over_the_expe
     # The expert ggo's outline (12 px: the 4 x 4 box less its 2 x 2 inside) less the 6 under the prediction's.
     assert white.sum() == 6
     assert set(np.unique(picture[~ggo & ~consolidation & ~white])) == {100}  # the slice itself
+
+
+def test_a_multi_class_evaluation_writes_a_row_per_slice_and_class(tmp_path, monkeypatch):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = "exclusive", ("ggo", "consolidation"), "dice_ce"
+    expert, predicted = _exclusive_case()
+    records = [_record(index, expert[index], class_mask=expert[index]) for index in range(3)]
+    monkeypatch.setattr(evaluate.datasets, "load_source", lambda data, split: records)
+    predictor = PlantedPredictor([_one_hot(labels, 3) for labels in predicted], "exclusive")
+    summary = evaluate.evaluate_state(predictor, config, tmp_path, "validation")
+    assert (summary["split"], summary["step"], summary["threshold"]) == ("validation", 0, 0.5)
+    with (tmp_path / "metrics" / "validation_classes.csv").open() as file:
+        rows = [(row["id"], row["class"], row["present"], row["dice"]) for row in csv.DictReader(file)]
+    # ggo: 8 of the expert's 16 px (2 x 8 / 24), found exactly, absent from both; consolidation: found
+    # exactly, 2 px where the experts drew none, absent from both.
+    assert rows == [
+        ("slice-0", "ggo", "1", "0.666667"),
+        ("slice-1", "ggo", "1", "1"),
+        ("slice-2", "ggo", "0", "1"),
+        ("slice-0", "consolidation", "1", "1"),
+        ("slice-1", "consolidation", "0", "0"),
+        ("slice-2", "consolidation", "0", "1"),
+    ]
