@@ -480,6 +480,22 @@ def test_validation_overlays_are_the_first_slices_up_to_num_overlays():
     assert ids == [["0", "1"], ["0", "1", "2"], []]
 
 
+@pytest.mark.parametrize("test_time_flips", [False, True])
+def test_collected_slices_are_mirrored_as_configured_with_hd95_in_pixels(test_time_flips):
+    config = make_tiny_config()
+    config.eval.test_time_flips = test_time_flips  # mirrored, the stand-in predicts nothing
+    records = _half_and_half_records()
+    collected = evaluate.collect_slices(LeftHalfPredictor(), records, config)
+    predicted = np.zeros((32, 32), bool)
+    predicted[:, :16] = not test_time_flips
+    assert collected["unit"] == "pixels"  # the records carry no spacing
+    for row, record in zip(collected["rows"], records, strict=True):
+        target = record["mask"] > 0
+        assert row["predicted_pixels"] == predicted.sum()
+        by_hand = independent_hd95(predicted, target, (1.0, 1.0)) if predicted.any() else float("inf")
+        assert row["hd95"] == pytest.approx(by_hand)
+
+
 def test_written_overlays_are_the_best_and_worst_with_file_safe_names_replacing_old_ones(tmp_path):
     config = make_tiny_config()
     config.eval.num_overlays = 1

@@ -160,6 +160,16 @@ def test_multilabel_lungs_and_infection_involvement_by_hand():
         [25.0, 0.0, 20.0]
     )
     assert "expert_involvement_percent" in reports.slices_csv(collected["rows"]).splitlines()[0]
+    # The stored masks are the infection (lungs are not lesion): (TP, FP, FN, TN) of each slice.
+    assert [row["original_counts"] for row in collected["rows"]] == [
+        (25, 25, 0, 974),
+        (0, 20, 0, 1004),
+        (10, 10, 10, 994),
+    ]
+    # Each class's expert lesions in mm^2 (0.7 x 0.8 mm pixels).
+    areas = {name: [lesion["area"] for lesion in found] for name, found in collected["class_lesions"].items()}
+    assert areas["lungs"] == pytest.approx([56.0, 112.0, 56.0])
+    assert areas["infection"] == pytest.approx([14.0, 11.2])
 
 
 def test_exclusive_lungs_and_infection_involvement_without_case_ids_by_hand():
