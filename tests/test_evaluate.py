@@ -496,6 +496,26 @@ def test_collected_slices_are_mirrored_as_configured_with_hd95_in_pixels(test_ti
         assert row["hd95"] == pytest.approx(by_hand)
 
 
+def test_a_volume_with_lesion_and_nothing_predicted_has_no_hd95_rather_than_infinity():
+    config = make_tiny_config()
+    config.eval.test_time_flips = True  # mirrored, the stand-in predicts nothing
+    records = _half_and_half_records()
+    for index, record in enumerate(records):
+        record.update(case_id="a", slice_index=index)
+    collected = evaluate.collect_slices(LeftHalfPredictor(), records, config)
+    volumes = evaluate.summarize_collected(collected, config)["per_volume"]
+    assert volumes["hd95_num_volumes"] == 0 and volumes["hd95"] is None
+    assert volumes["cases"]["a"] == {
+        "dice": 0.0,
+        "jaccard": 0.0,
+        "precision": 0.0,
+        "recall": 0.0,
+        "specificity": 1.0,
+        "hd95": None,  # the JSON has no infinity
+        "num_slices": 3,
+    }
+
+
 def test_written_overlays_are_the_best_and_worst_with_file_safe_names_replacing_old_ones(tmp_path):
     config = make_tiny_config()
     config.eval.num_overlays = 1
