@@ -516,6 +516,28 @@ def test_a_volume_with_lesion_and_nothing_predicted_has_no_hd95_rather_than_infi
     }
 
 
+def test_the_split_summary_by_hand_counts():
+    config = make_tiny_config()
+    config.eval.batch_size = 5
+    records = _half_and_half_records()
+    for expert in (np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)):
+        records.append({"image": np.zeros((32, 32), np.uint8), "mask": expert, "id": str(len(records))})
+    records[-1]["mask"][31, 31] = 255  # one pixel of lesion
+    collected = evaluate.collect_slices(LeftHalfPredictor(), records, config)
+    summary = evaluate.summarize_collected(collected, config)
+    predicted = np.zeros((32, 32), bool)
+    predicted[:, :16] = True
+    finite = [independent_hd95(predicted, record["mask"] > 0, (1.0, 1.0)) for record in records[:3]]
+    finite.append(independent_hd95(predicted, records[4]["mask"] > 0, (1.0, 1.0)))
+    assert summary["loss"] == pytest.approx((0 + 1 + 2 + 3 + 4) / 5)  # each image's row in its batch
+    assert summary["hd95"] == pytest.approx(np.mean(finite))  # the empty expert mask's slice counted apart
+    assert summary["num_slices_with_lesion"] == 4  # the one-pixel lesion counts, the empty slice not
+    assert (summary["image_size"], summary["test_time_flips"]) == (32, False)
+    assert summary["conventions"] == reports.CONVENTIONS
+    # Stored at the model's size, the stored-size figures are the same.
+    assert summary["original_resolution"]["dice"] == pytest.approx(summary["dice"])
+
+
 def test_written_overlays_are_the_best_and_worst_with_file_safe_names_replacing_old_ones(tmp_path):
     config = make_tiny_config()
     config.eval.num_overlays = 1

@@ -288,3 +288,23 @@ def test_a_multi_class_evaluation_writes_a_row_per_slice_and_class(tmp_path, mon
         ("slice-1", "consolidation", "0", "0"),
         ("slice-2", "consolidation", "0", "1"),
     ]
+
+
+def test_stored_size_counts_of_the_class_heads_by_hand():
+    expert = np.zeros((4, 4), np.uint8)
+    expert[0, :2] = 1
+    # Exclusive: every class is lesion, ggo (2 px, the experts') and consolidation (1 px) alike.
+    exclusive = np.zeros((4, 4, 3), np.float32)
+    exclusive[..., 0] = 1.0
+    exclusive[0, :2], exclusive[1, :1] = (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+    counts = evaluate.original_resolution_counts(
+        exclusive, expert, 0.5, "exclusive", ("ggo", "consolidation")
+    )
+    assert counts == (2, 1, 0, 13)
+    # Multilabel: lungs are not lesion; the infection channel at the evaluation's threshold (0.4 >= 0.3).
+    multilabel = np.zeros((4, 4, 2), np.float32)
+    multilabel[..., 0], multilabel[0, :3, 1] = 0.9, 0.4
+    counts = evaluate.original_resolution_counts(
+        multilabel, expert, 0.3, "multilabel", ("lungs", "infection")
+    )
+    assert counts == (2, 1, 0, 13)
