@@ -503,7 +503,9 @@ def test_a_volume_with_lesion_and_nothing_predicted_has_no_hd95_rather_than_infi
     for index, record in enumerate(records):
         record.update(case_id="a", slice_index=index)
     collected = evaluate.collect_slices(LeftHalfPredictor(), records, config)
-    volumes = evaluate.summarize_collected(collected, config)["per_volume"]
+    summary = evaluate.summarize_collected(collected, config)
+    assert summary["test_time_flips"] is True
+    volumes = summary["per_volume"]
     assert volumes["hd95_num_volumes"] == 0 and volumes["hd95"] is None
     assert volumes["cases"]["a"] == {
         "dice": 0.0,

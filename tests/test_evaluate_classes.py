@@ -308,3 +308,15 @@ def test_stored_size_counts_of_the_class_heads_by_hand():
         multilabel, expert, 0.3, "multilabel", ("lungs", "infection")
     )
     assert counts == (2, 1, 0, 13)
+
+
+def test_a_multilabel_heads_batch_masks_take_the_evaluation_threshold():
+    config = make_tiny_config()
+    config.model.head, config.data.classes = "multilabel", ("lungs", "infection")
+    config.eval.threshold = 0.3
+    batch = {
+        "probabilities": np.full((1, 2, 2, 2), 0.4, np.float32),
+        "labels": np.zeros((1, 2, 2, 2), np.int32),
+    }
+    lesion, _, class_masks, _ = evaluate.batch_masks(batch, config)
+    assert class_masks.all() and lesion.all()  # 0.4 >= 0.3 in both channels
