@@ -540,6 +540,28 @@ def test_the_split_summary_by_hand_counts():
     assert summary["original_resolution"]["dice"] == pytest.approx(summary["dice"])
 
 
+def test_slice_metadata_scales_the_stored_spacing_in_float64_and_says_none_without_one():
+    record = {
+        "image": np.zeros((64, 96), np.float32),
+        "mask": None,
+        "id": 7,
+        "case_id": "a",
+        "slice_index": 3,
+    }
+    assert evaluate.slice_metadata(record, 32) == {
+        "id": "7",
+        "case_id": "a",
+        "slice_index": 3,
+        "pixel_spacing": None,
+        "slice_spacing": None,
+    }
+    record["spacing"] = np.array([0.7, 0.8, 5.0], np.float32)  # as stored; scaled by 64 / 32 and 96 / 32
+    meta = evaluate.slice_metadata(record, 32)
+    # In Python floats (float64) from the stored float32 values: float32 arithmetic would give 2.4000000954.
+    assert meta["pixel_spacing"] == (float(np.float32(0.7)) * 2, float(np.float32(0.8)) * 3)
+    assert meta["slice_spacing"] == 5.0
+
+
 def test_written_overlays_are_the_best_and_worst_with_file_safe_names_replacing_old_ones(tmp_path):
     config = make_tiny_config()
     config.eval.num_overlays = 1
