@@ -147,10 +147,11 @@ def main(argv=None) -> int:
     comparisons = [("student", "teacher"), ("student", "recipe"), ("teacher", "recipe")]
     if args.ensemble:
         comparisons += [("ensemble", "student"), ("ensemble", "teacher"), ("ensemble", "recipe")]
+    compared_labels = {"ensemble": "Teacher + student"}
     for compared, reference in comparisons:
         differences = stats.paired_slice_differences(pooled[reference], pooled[compared])
         interval = stats.bootstrap_interval(differences, num_resamples=tables.BOOTSTRAP_RESAMPLES)
-        compared_label = labels[compared].capitalize() if compared == "ensemble" else compared.capitalize()
+        compared_label = compared_labels.get(compared, compared.capitalize())
         lines.append(
             f"\n{compared_label} - {reference}, per slice over {len(differences)} held-out slices: "
             f"{tables.format_interval(interval, 4)} (95% bootstrap)"

@@ -19,6 +19,13 @@ def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
     (folder / "train_log.jsonl").write_text("".join(json.dumps({"seconds": s}) + "\n" for s in epoch_seconds))
 
 
+def _assert_paired_differences(lines, expected: dict) -> None:
+    """Each "<compared> - <reference>" line of the table gives the expected mean over the 3 slices."""
+    for prefix, value in expected.items():
+        line = next(line for line in lines if line.startswith(prefix))
+        assert f"over 3 held-out slices: {value}" in line
+
+
 @pytest.fixture
 def workdirs(tmp_path, monkeypatch):
     recipe_records(tmp_path / "records", monkeypatch, {0: {"a": 0.5, "b": 0.7}, 1: {"c": 0.6}})
@@ -50,9 +57,7 @@ def test_each_fold_row_pairs_the_student_with_its_teacher_and_the_record(workdir
         "Student - recipe": "0.1667 [",
         "Teacher - recipe": "0.0667 [",
     }
-    for prefix, value in expected.items():
-        line = next(line for line in lines if line.startswith(prefix))
-        assert f"over 3 held-out slices: {value}" in line
+    _assert_paired_differences(lines, expected)
 
 
 def test_a_fold_twice_or_on_other_slices_is_refused(workdirs, tmp_path, capsys):
@@ -103,9 +108,7 @@ def test_the_teacher_and_student_together_are_their_mean_probability_thresholded
         "Teacher + student - teacher": "-0.0667 [",
         "Teacher + student - recipe": "0.0000 [",
     }
-    for prefix, value in expected.items():
-        line = next(line for line in lines if line.startswith(prefix))
-        assert f"over 3 held-out slices: {value}" in line
+    _assert_paired_differences(lines, expected)
 
 
 def test_an_ensemble_without_checkpoints_is_refused_naming_the_stage(workdirs, capsys):
