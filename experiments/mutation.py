@@ -108,7 +108,7 @@ TESTS = {
     # Atomic writes and the workdir lock.
     "files": ["tests/test_files.py"],
     # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
-    "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py"],
+    "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py", "tests/test_onnx_export.py"],
     # The inference layer: test-time flips, padded batches, the batches in flight.
     "inference": ["tests/test_inference.py", "tests/test_evaluate_classes.py"],
     # The training input: resizing, HU windowing, the paper's augmentation, the labelled/pseudo-labelled mix.

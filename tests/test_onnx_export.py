@@ -272,6 +272,20 @@ def test_evaluation_with_onnxruntime_writes_the_jax_metrics(tiny_state, tmp_path
         assert summary[key] == pytest.approx(expected[key], abs=1e-4), key
 
 
+def test_evaluate_workdir_with_onnxruntime_scores_the_checkpoint_as_jax_does(tiny_state, tmp_path):
+    # The command-line path: the restored model and state are exported, not only handed to JAX.
+    config = make_tiny_config()
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    run_checkpoints.save("best", 1, tiny_state, {"epoch": 1, "model": checkpoints.architecture(config.model)})
+    run_checkpoints.close()
+    expected = evaluate.evaluate_state(inference.JaxPredictor(tiny_state), config, tmp_path / "jax", "test")
+    config.eval.runtime = "onnxruntime"
+    summary = evaluate.evaluate_workdir(config, tmp_path)
+    assert summary["step"] == expected["step"] and summary["num_slices"] == expected["num_slices"]
+    for key in ("dice", "jaccard", "global_dice", "loss"):
+        assert summary[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
 def test_predict_with_onnxruntime_writes_the_masks_jax_writes(tiny_state, tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "in").mkdir()
