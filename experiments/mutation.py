@@ -109,6 +109,9 @@ TESTS = {
     "files": ["tests/test_files.py"],
     # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py", "tests/test_onnx_export.py"],
+    # The written reports: number formats, the per-slice CSV, the paper's tables, the per-class and
+    # involvement sections.
+    "reports": ["tests/test_reports.py", "tests/test_evaluate.py", "tests/test_evaluate_classes.py"],
     # The inference layer: test-time flips, padded batches, the batches in flight.
     "inference": ["tests/test_inference.py", "tests/test_evaluate_classes.py"],
     # The training input: resizing, HU windowing, the paper's augmentation, the labelled/pseudo-labelled mix.
