@@ -93,8 +93,8 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
     `selftrain.student_init='teacher'`, started from `previous_model`'s weights (the model that made the
     pseudo-labels) instead of from scratch."""
     student = teacher_config(config)
-    # The student records the self-training settings it was made with (the pseudo-labels' threshold and
-    # weighting among them), as students did before teachers ignored them.
+    # The student records the self-training settings it was made with (its pseudo-labels' threshold and
+    # weighting among them), so that changing them makes a finished student stale.
     student.selftrain = copy.deepcopy(config.selftrain)
     student.selftrain.rounds = 0
     for key in STUDENT_DATA_KEYS:
@@ -169,11 +169,13 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
 
 
 def _mark_finished(folder: pathlib.Path, config, result: dict) -> dict:
+    """Records that the stage in `folder` finished with `config`, and its evaluation `result`."""
     write_json_atomic(folder / STAGE_DONE, {"config": config_lib.to_json(config), "result": result})
     return result
 
 
 def _evaluation_summary(summary: dict) -> dict:
+    """The figures of an evaluation summary that selftrain.json keeps for each stage."""
     keys = ("split", "step", "dice", "jaccard", "f_score", "global_dice", "num_slices")
     return {key: summary[key] for key in keys if key in summary}
 
@@ -206,6 +208,7 @@ def _stage_config_digest(model_folder: pathlib.Path) -> str | None:
 
 
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
+    """Writes one pseudo-label file (one place, where tests/kill_at_step.py kills the stage mid-folder)."""
     Image.fromarray(array).save(path)
 
 
@@ -214,12 +217,12 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
     pseudo-labels to `folder` (see datasets/pseudo_labels.py); skipped when `folder` is complete.
 
     Everything is written in `<folder>.partial`, renamed to `folder` once the summary is written: a folder
-    that exists is complete, and a killed run starts the stage again.
+    that exists is complete, and a killed run starts the stage again. With several hosts the first writes
+    and the others wait for it: on a shared file system they would delete each other's files.
     """
-    selftrain_config = config.selftrain
     settings = {
-        "confidence_threshold": selftrain_config.confidence_threshold,
-        "weighting": selftrain_config.weighting,
+        "confidence_threshold": config.selftrain.confidence_threshold,
+        "weighting": config.selftrain.weighting,
         "mask_threshold": config.eval.threshold,
         "unlabelled_intensity_matching": config.data.unlabelled_intensity_matching,
         "model_config_digest": _stage_config_digest(model_folder),
@@ -228,16 +231,28 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         summary = pseudo_labels.read_summary(folder)
         for key, value in settings.items():
             # What summaries written before a key existed were made with (the model: unknown, not checked).
-            stored = summary.get(key, SUMMARY_DEFAULTS.get(key, value))
-            if stored != value:
-                what = "another model" if key == "model_config_digest" else f"{key} {stored}"
-                asked = "a retrained one" if key == "model_config_digest" else value
-                raise UserError(
-                    f"{folder}: these pseudo-labels were made with {what}, the config asks for {asked}; "
-                    "use another --workdir (or remove the folder)"
-                )
+            stored_setting = summary.get(key, SUMMARY_DEFAULTS.get(key, value))
+            if stored_setting == value:
+                continue
+            if key == "model_config_digest":
+                what, asked = "another model", "a retrained one"
+            else:
+                what, asked = f"{key} {stored_setting}", value
+            raise UserError(
+                f"{folder}: these pseudo-labels were made with {what}, the config asks for {asked}; "
+                "use another --workdir (or remove the folder)"
+            )
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
+    if jax.process_index() == 0:
+        _predict_pseudo_labels(config, model_folder, model_config, folder, settings)
+    devices.wait_for_every_host(f"rdunet_pseudo_labels_{folder.name}")
+    return pseudo_labels.read_summary(folder)["totals"]
+
+
+def _predict_pseudo_labels(config, model_folder, model_config, folder: pathlib.Path, settings: dict) -> None:
+    """Writes `folder` for `write_pseudo_labels`: a mask and a weight map per unlabelled slice at its stored
+    size, and a summary that records `settings`."""
     started = time.perf_counter()
     unlabelled = datasets.load_source(config.data, "unlabelled")
     partial = folder.with_name(folder.name + ".partial")
@@ -248,28 +263,30 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
     print(f"pseudo-labels: predicting {len(unlabelled)} unlabelled slices with {model_folder}", flush=True)
     slices = []
     for batch in evaluate.predict_source(predictor, unlabelled, model_config, test_time_flips=True):
-        for meta, probabilities, stored in zip(
+        for meta, probabilities, stored_mask in zip(
             batch["metadata"], batch["probabilities"], batch["original_masks"], strict=True
         ):
-            original = input_pipeline.resize_probabilities(probabilities, np.shape(stored))
+            original = input_pipeline.resize_probabilities(probabilities, np.shape(stored_mask))
             mask, weight = pseudo_label_weights(
                 original,
-                selftrain_config.confidence_threshold,
-                selftrain_config.weighting,
+                config.selftrain.confidence_threshold,
+                config.selftrain.weighting,
                 config.eval.threshold,
             )
             _write_png(partial / pseudo_labels.MASKS / f"{meta['id']}.png", mask * np.uint8(255))
             weight_bytes = np.round(weight * pseudo_labels.WEIGHT_SCALE).astype(np.uint8)
             _write_png(partial / pseudo_labels.WEIGHTS / f"{meta['id']}.png", weight_bytes)
+            # Counted from the stored bytes, as the student reads them: a weight under 1/510 is 0 there.
+            kept = weight_bytes > 0
             slices.append(
                 {
                     "index": len(slices),
                     "id": meta["id"],
                     "case_id": meta["case_id"],
                     "lesion_fraction": float(mask.mean()),
-                    "kept_fraction": float((weight > 0).mean()),
-                    "kept_lesion_fraction": float(((weight > 0) & (mask > 0)).mean()),
-                    "mean_weight": float(weight.mean()),
+                    "kept_fraction": float(kept.mean()),
+                    "kept_lesion_fraction": float((kept & (mask > 0)).mean()),
+                    "mean_weight": float((weight_bytes / pseudo_labels.WEIGHT_SCALE).mean()),
                 }
             )
     totals = {
@@ -297,7 +314,6 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         f"{100 * totals['mean_kept_fraction']:.1f}% of pixels kept ({summary['seconds']:.0f}s)",
         flush=True,
     )
-    return totals
 
 
 def run(config, workdir) -> dict:
@@ -305,6 +321,10 @@ def run(config, workdir) -> dict:
     workdir = pathlib.Path(workdir)
     # The pseudo-labelling and student settings are checked before the teacher's hours of training.
     config_validation.validate(config)
+    if config.selftrain.rounds < 1:
+        raise UserError(
+            f"selftrain.rounds: {config.selftrain.rounds}; self-training needs at least one round"
+        )
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir: {workdir} exists and is not a folder")
     if not datasets.has_split(config.data, "unlabelled"):
@@ -324,11 +344,19 @@ def _run_stages(config, workdir: pathlib.Path) -> dict:
     stages = {"teacher": train_stage(model_config, model_folder, "teacher")}
     for round_number in range(1, config.selftrain.rounds + 1):
         labels_folder = workdir / "pseudo_labels" / f"round{round_number}"
+        student_folder = workdir / f"student{round_number}"
+        # A student's config names its pseudo-labels' folder, not what they hold: pseudo-labels made anew
+        # (say, of a retrained teacher) would leave a stale student looking finished.
+        if student_folder.exists() and not (labels_folder / pseudo_labels.SUMMARY).is_file():
+            raise UserError(
+                f"{student_folder}: trained on pseudo-labels no longer in {labels_folder}; remove it to "
+                "train the student on new ones, or use another --workdir"
+            )
         stages[f"pseudo_labels{round_number}"] = write_pseudo_labels(
             config, model_folder, model_config, labels_folder
         )
         model_config = student_config(config, labels_folder.absolute(), model_folder.absolute())
-        model_folder = workdir / f"student{round_number}"
+        model_folder = student_folder
         stages[f"student{round_number}"] = train_stage(model_config, model_folder, f"student {round_number}")
     final = stages[f"student{config.selftrain.rounds}"]
     summary = {"final": final, "final_model": str(model_folder), "stages": stages}

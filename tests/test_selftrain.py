@@ -74,16 +74,8 @@ def test_pseudo_label_confidence_is_in_the_label_the_mask_gives():
     np.testing.assert_array_equal(weight, [1, 1, 0, 1, 1])
 
 
-def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkeypatch, capsys):
-    # Three pool slices: one stored at the model's size, one at twice it (its probabilities constant, so
-    # the bilinear resize to the stored size keeps them), one without lesion.
-    metadata = [{"id": "a_1", "case_id": "a"}, {"id": "b_7", "case_id": "b"}, {"id": "c_2", "case_id": "c"}]
-    probabilities = [
-        np.float32([[0.96, 0.5], [0.02, 0.3]]),
-        np.full((2, 2), 0.97, np.float32),
-        np.full((2, 2), 0.05, np.float32),
-    ]
-    stored = [np.zeros((2, 2), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((2, 2), np.uint8)]
+def _teacher_predicts(monkeypatch, metadata, probabilities, stored):
+    """A stand-in teacher whose flip-averaged pool predictions are `probabilities`."""
     monkeypatch.setattr(selftrain.datasets, "load_source", lambda data, split: metadata)
     monkeypatch.setattr(selftrain.steps, "restore_state", lambda config, folder: None)
     monkeypatch.setattr(selftrain.inference, "JaxPredictor", lambda state: types.SimpleNamespace(step=12))
@@ -93,6 +85,27 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
         yield {"metadata": metadata, "probabilities": probabilities, "original_masks": stored}
 
     monkeypatch.setattr(selftrain.evaluate, "predict_source", predict_source)
+
+
+def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkeypatch, capsys):
+    # Three pool slices: one stored at the model's size, one stored twice as wide (each row's probabilities
+    # constant, so the bilinear resize to the stored 2 x 4 keeps them, whatever its convention), one
+    # without lesion.
+    metadata = [{"id": "a_1", "case_id": "a"}, {"id": "b_7", "case_id": "b"}, {"id": "c_2", "case_id": "c"}]
+    probabilities = [
+        np.float32([[0.96, 0.5009], [0.02, 0.3]]),
+        np.float32([[0.97, 0.97], [0.03, 0.03]]),
+        np.full((2, 2), 0.04, np.float32),
+    ]
+    stored = [np.zeros((2, 2), np.uint8), np.zeros((2, 4), np.uint8), np.zeros((2, 2), np.uint8)]
+    _teacher_predicts(monkeypatch, metadata, probabilities, stored)
+    barriers = []
+
+    def wait_for_every_host(name):  # the other hosts read the folder once the first host passes here
+        assert (tmp_path / "round1" / pseudo_labels.SUMMARY).is_file()
+        barriers.append(name)
+
+    monkeypatch.setattr(selftrain.devices, "wait_for_every_host", wait_for_every_host)
     config = tiny_selftrain_config()
     config.eval.threshold, config.selftrain.confidence_threshold = 0.5, 0.9
     config.selftrain.weighting = "confidence"
@@ -102,6 +115,7 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
         (leftover / "masks").mkdir(parents=True)
         (leftover / "masks" / "stale.png").write_bytes(b"")
     totals = selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder)
+    assert barriers == ["rdunet_pseudo_labels_round1"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["round1"]  # no .partial left
     assert sorted(path.name for path in (folder / "masks").iterdir()) == ["a_1.png", "b_7.png", "c_2.png"]
     output = capsys.readouterr().out
@@ -114,18 +128,22 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
         return np.asarray(Image.open(folder / name / f"{slice_id}.png"))
 
     # Slice a: lesion where p >= 0.5; confident 0.96 and 0.02, weights |2p - 1| * 255: 234.6 and 244.8.
+    # 0.5009 is lesion, not confident at 0.9 (and its |2p - 1| = 0.0018 would round to byte 0 anyway).
     np.testing.assert_array_equal(png("masks", "a_1"), [[255, 255], [0, 0]])
     np.testing.assert_array_equal(png("confidence", "a_1"), [[235, 0], [245, 0]])
-    # Slice b, at its stored 4 x 4: all lesion, all confident, 0.94 * 255 = 239.7.
-    np.testing.assert_array_equal(png("masks", "b_7"), np.full((4, 4), 255))
-    np.testing.assert_array_equal(png("confidence", "b_7"), np.full((4, 4), 240))
-    # Slice c: no lesion, all confident background of weight 0.9.
+    # Slice b, at its stored 2 x 4: the top row lesion, the bottom background, all confident: 0.94 * 255 =
+    # 239.7.
+    np.testing.assert_array_equal(png("masks", "b_7"), [[255] * 4, [0] * 4])
+    np.testing.assert_array_equal(png("confidence", "b_7"), np.full((2, 4), 240))
+    # Slice c: no lesion, all confident background of weight 0.92 (byte 235).
+    np.testing.assert_array_equal(png("confidence", "c_2"), np.full((2, 2), 235))
     assert totals["num_slices"] == 3 and totals["slices_with_lesion"] == 2
+    # The weights as the student reads them: the stored bytes / 255.
     expected = {
-        "mean_lesion_fraction": (0.5 + 1 + 0) / 3,
+        "mean_lesion_fraction": (0.5 + 0.5 + 0) / 3,
         "mean_kept_fraction": (0.5 + 1 + 1) / 3,
-        "mean_kept_lesion_fraction": (0.25 + 1 + 0) / 3,
-        "mean_mean_weight": ((0.92 + 0.96) / 4 + 0.94 + 0.9) / 3,
+        "mean_kept_lesion_fraction": (0.25 + 0.5 + 0) / 3,
+        "mean_mean_weight": ((235 + 245) / 4 + 240 + 235) / 255 / 3,
     }
     assert {key: totals[key] for key in expected} == pytest.approx(expected, abs=1e-6)
     summary = pseudo_labels.read_summary(folder)
@@ -143,6 +161,46 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "low" / "masks" / "a_1.png")), [[255, 255], [0, 255]]
     )
+
+
+def test_pseudo_label_summaries_count_the_weights_as_stored(tmp_path, monkeypatch):
+    # The shipped 'confidence' at 0.5: p = 0.5009 is kept with weight 0.0018, which the PNG stores as 0, so
+    # the student never sees it; the summary counts what is stored. 0.9 and 0.1 weigh 0.8: byte 204.
+    _teacher_predicts(
+        monkeypatch,
+        [{"id": "a_1", "case_id": "a"}],
+        [np.float32([[0.5009, 0.9], [0.1, 0.5]])],
+        [np.zeros((2, 2), np.uint8)],
+    )
+    config = tiny_selftrain_config()
+    config.eval.threshold, config.selftrain.confidence_threshold = 0.5, 0.5
+    config.selftrain.weighting = "confidence"
+    totals = selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, tmp_path / "round1")
+    weights = np.asarray(Image.open(tmp_path / "round1" / "confidence" / "a_1.png"))
+    np.testing.assert_array_equal(weights, [[0, 204], [204, 0]])
+    assert totals["mean_kept_fraction"] == 0.5 and totals["mean_kept_lesion_fraction"] == 0.25
+    assert totals["mean_mean_weight"] == pytest.approx(2 * 204 / 255 / 4, abs=1e-7)
+
+
+def test_a_host_other_than_the_first_waits_for_its_pseudo_labels_and_writes_none(
+    uninterrupted, tmp_path, monkeypatch
+):
+    workdir, _ = uninterrupted
+    folder = tmp_path / "round1"
+
+    def first_host_writes(name):
+        assert name == "rdunet_pseudo_labels_round1"
+        assert not folder.exists() and not (tmp_path / "round1.partial").exists()
+        shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
+
+    monkeypatch.setattr(selftrain.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(selftrain.devices, "wait_for_every_host", first_host_writes)
+    monkeypatch.setattr(selftrain.datasets, "load_source", lambda data, split: pytest.fail("predicted"))
+    config = tiny_selftrain_config()
+    totals = selftrain.write_pseudo_labels(
+        config, workdir / "teacher", selftrain.teacher_config(config), folder
+    )
+    assert totals == json.loads((folder / pseudo_labels.SUMMARY).read_text())["totals"]
 
 
 def tiny_selftrain_config():
@@ -324,8 +382,6 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
 
 
 def test_a_finished_student_is_kept_for_its_own_settings_and_refused_for_other_pseudo_labels(uninterrupted):
-    from rdunet_jax.errors import UserError
-
     workdir, summary = uninterrupted
     labels = workdir / "pseudo_labels" / "round1"
     config = tiny_selftrain_config()
@@ -347,8 +403,6 @@ def test_a_finished_student_is_kept_for_its_own_settings_and_refused_for_other_p
     ],
 )
 def test_pseudo_labels_made_with_other_settings_are_refused_not_reused(uninterrupted, section, key, value):
-    from rdunet_jax.errors import UserError
-
     workdir, _ = uninterrupted
     folder = workdir / "pseudo_labels" / "round1"
     before = (folder / pseudo_labels.SUMMARY).read_bytes()
@@ -382,8 +436,6 @@ def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uni
 
 
 def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path):
-    from rdunet_jax.errors import UserError
-
     workdir, _ = uninterrupted
     folder = tmp_path / "round1"
     shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
@@ -409,8 +461,6 @@ def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path
 
 
 def test_a_pseudo_label_folder_is_read_with_the_matching_it_was_made_with(uninterrupted):
-    from rdunet_jax.errors import UserError
-
     workdir, _ = uninterrupted
     data = tiny_selftrain_config().data
     data.pseudo_label_dir = str(workdir / "pseudo_labels" / "round1")
@@ -489,7 +539,6 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
 )
 def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message):
     from rdunet_jax import config_validation
-    from rdunet_jax.errors import UserError
 
     config = tiny_selftrain_config()
     section, leaf = key.split(".")
@@ -503,6 +552,7 @@ def test_invalid_selftrain_keys_are_one_line_naming_the_key(key, value, message)
     ("key", "value", "message"),
     [
         # Keys only the pseudo-labelling stage or the student reads: refused before the teacher trains.
+        ("selftrain.rounds", 0, "selftrain.rounds: 0; self-training needs at least one round"),
         ("selftrain.confidence_threshold", 0.4, "selftrain.confidence_threshold: must be a probability in"),
         ("selftrain.student_batch_size", 1, "data.pseudo_fraction: 0.5 of the student's batch of 1 "),
         ("selftrain.student_num_epochs", 0, "selftrain.student_num_epochs: must be a positive integer"),
@@ -543,8 +593,6 @@ def test_a_mixed_in_source_that_rounds_to_no_row_is_refused():
 
 
 def test_self_training_without_an_unlabelled_split_is_refused_before_training(tmp_path):
-    from rdunet_jax.errors import UserError
-
     config = tiny_selftrain_config()
     config.data.num_unlabelled = 0
     message = (
@@ -572,8 +620,6 @@ def test_a_self_training_workdir_or_stage_in_use_is_refused_before_anything_is_w
 
 
 def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_path):
-    from rdunet_jax.errors import UserError
-
     config = tiny_selftrain_config()
     config.eval.checkpoint = "last"  # as configs/semiseg_selftrain.py scores its stages
     record = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -591,8 +637,6 @@ def test_how_often_a_stage_logged_or_saved_does_not_make_it_another_config(tmp_p
 
 
 def test_a_stage_finished_by_older_code_counts_as_finished_and_another_config_is_refused(tmp_path):
-    from rdunet_jax.errors import UserError
-
     config = tiny_selftrain_config()
     record = json.loads(config.to_json_best_effort(sort_keys=True))
     del record["data"]["extra_fraction"]  # a key the schema gained after the stage ran, left at its default
@@ -647,9 +691,6 @@ def test_the_model_digest_of_a_stage_is_of_its_recorded_config(tmp_path):
 
 
 def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, capsys):
-
-    from rdunet_jax.errors import UserError
-
     workdir, summary = uninterrupted
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved)
@@ -672,6 +713,22 @@ def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, caps
             )
 
 
+def test_a_student_whose_pseudo_labels_are_gone_is_refused_not_reported_as_finished(uninterrupted, tmp_path):
+    # Its config names only the pseudo-labels' folder: labels made anew there (of a retrained teacher, say)
+    # would otherwise pass it as finished.
+    workdir, _ = uninterrupted
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    shutil.rmtree(moved / "pseudo_labels" / "round1")
+    message = (
+        f"{moved / 'student1'}: trained on pseudo-labels no longer in {moved / 'pseudo_labels' / 'round1'}; "
+        "remove it to train the student on new ones, or use another --workdir"
+    )
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        selftrain.run(tiny_selftrain_config(), moved)
+    assert not (moved / "pseudo_labels" / "round1").exists()
+
+
 def test_a_stage_config_names_its_paths_inside_the_workdir_by_their_place():
     def values(model_init):
         return {"data": {"pseudo_label_dir": "/runs/a/pseudo_labels/round1"}, "model_init": model_init}
@@ -690,8 +747,6 @@ def test_a_stage_config_names_its_paths_inside_the_workdir_by_their_place():
 
 
 def test_an_unfinished_student_of_a_moved_workdir_resumes_there(tmp_path, monkeypatch):
-    from rdunet_jax.errors import UserError
-
     config = tiny_selftrain_config()
     started = selftrain.student_config(
         config, tmp_path / "old" / "pseudo_labels" / "round1", tmp_path / "old" / "teacher"
@@ -742,8 +797,6 @@ def test_the_shipped_config_keeps_every_pool_pixel_weighted_by_the_teachers_conf
 
 
 def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uninterrupted, tmp_path, capsys):
-    from rdunet_jax.errors import UserError
-
     workdir, summary = uninterrupted
     config = tiny_selftrain_config()
     config.model_init = str(tmp_path / "pretrained")  # a user's start: the teacher's, not this student's

@@ -3,8 +3,11 @@
 A pseudo-label folder (written by `rdunet_jax.selftrain`; complete once `summary.json` exists, which is
 written last):
 
-    masks/<id>.png        the teacher's lesion mask at the slice's stored size, {0, 255}
-    confidence/<id>.png   the per-pixel loss weight at that size, 0-255 for [0, 1] (0: the pixel is ignored)
+    masks/<id>.png        the lesion mask of the model that made them (the teacher in round 1, the previous
+                          round's student after it) at the slice's stored size, {0, 255}
+    confidence/<id>.png   the per-pixel loss weight at that size, 0-255 for [0, 1] (0: the pixel is ignored):
+                          0 or 255 with `selftrain.weighting='threshold'`, the model's confidence |2p - 1|
+                          with 'confidence' (the folder's name from before the weighting was a choice)
     summary.json          the settings, per-slice statistics, and each slice's index in the unlabelled split
 """
 
