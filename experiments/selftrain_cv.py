@@ -28,28 +28,55 @@ from experiments.studies import stats, tables
 from rdunet_jax.errors import UserError
 
 
+def _read(path: pathlib.Path) -> str:
+    """The text of `path`; a UserError naming it when it is missing (a record copied without it)."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    return path.read_text()
+
+
 def slice_dice(csv_path: pathlib.Path) -> dict[str, float]:
-    with csv_path.open() as file:
-        return {row["id"]: float(row["dice"]) for row in csv.DictReader(file)}
+    """{slice id: Dice} of a stage's per-slice metrics CSV."""
+    return {row["id"]: float(row["dice"]) for row in csv.DictReader(_read(csv_path).splitlines())}
+
+
+def _train_log(folder: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in _read(folder / "train_log.jsonl").splitlines() if line.strip()]
 
 
 def stage_seconds(folder: pathlib.Path) -> float:
-    lines = (folder / "train_log.jsonl").read_text().splitlines()
-    return sum(json.loads(line)["seconds"] for line in lines if line.strip())
+    """The training time of a stage: its logged epochs' seconds."""
+    return sum(entry["seconds"] for entry in _train_log(folder))
 
 
 def fold_of(workdir: pathlib.Path) -> int:
-    config = json.loads((workdir / "teacher" / "config.json").read_text())
-    return int(config["data"]["cv_fold"])
+    """The cross-validation fold the workdir's teacher was trained without."""
+    return int(json.loads(_read(workdir / "teacher" / "config.json"))["data"]["cv_fold"])
+
+
+def final_student(workdir: pathlib.Path) -> str:
+    """The folder name of the last round's student: 'student1' after one round, 'student2' after two."""
+    rounds = [int(path.name[len("student") :]) for path in workdir.glob("student[0-9]*")]
+    return f"student{max(rounds, default=1)}"
+
+
+def scored_to_the_end(folder: pathlib.Path) -> bool:
+    """Whether the stage in `folder` trained to its config's last epoch and was scored on the validation
+    split: an evaluation of a half-trained run writes its metrics too."""
+    if not (folder / "metrics" / "validation_slices.csv").is_file() or not (folder / "config.json").is_file():
+        return False
+    log = _train_log(folder) if (folder / "train_log.jsonl").is_file() else []
+    return bool(log) and log[-1]["epoch"] == json.loads(_read(folder / "config.json"))["num_epochs"]
 
 
 def ensemble_dice(workdir: pathlib.Path) -> dict[str, float]:
     """{slice id: Dice} of the teacher's and the student's mean probability on the held-out fold."""
     configs = {}
-    for stage in ("teacher", "student1"):
+    student = final_student(workdir)
+    for stage in ("teacher", student):
         if not (workdir / stage / "checkpoints" / "latest").is_dir():
             raise UserError(f"{workdir / stage}: no checkpoint to ensemble (kept only where the run ran)")
-        configs[stage] = ml_collections.ConfigDict(json.loads((workdir / stage / "config.json").read_text()))
+        configs[stage] = ml_collections.ConfigDict(json.loads(_read(workdir / stage / "config.json")))
         scoring = configs[stage].eval
         # fold_predictions mirrors every slice; a stage scored without the flips would not pair fairly.
         if not scoring.test_time_flips or scoring.checkpoint != "last":
@@ -58,7 +85,7 @@ def ensemble_dice(workdir: pathlib.Path) -> dict[str, float]:
                 f"eval.checkpoint={scoring.checkpoint!r}; the ensemble is scored with flips and the last"
             )
     threshold = configs["teacher"].eval.threshold
-    if configs["student1"].eval.threshold != threshold:
+    if configs[student].eval.threshold != threshold:
         raise UserError(
             f"{workdir}: the teacher and the student are thresholded differently (eval.threshold)"
         )
@@ -75,7 +102,7 @@ def fold_scores(workdir: pathlib.Path, fold: int, ensemble: bool = False) -> dic
     """{'teacher' | 'student' | 'recipe' (| 'ensemble'): {slice id: Dice}} of one fold, on the same slices."""
     scores = {
         "teacher": slice_dice(workdir / "teacher" / "metrics" / "validation_slices.csv"),
-        "student": slice_dice(workdir / "student1" / "metrics" / "validation_slices.csv"),
+        "student": slice_dice(workdir / final_student(workdir) / "metrics" / "validation_slices.csv"),
         "recipe": recipe_slice_dice(fold),
     }
     if ensemble:
@@ -94,8 +121,13 @@ def main(argv=None) -> int:
     rows, pooled, workdir_of_fold = [], {name: {} for name in names}, {}
     try:
         for workdir in args.workdirs:
-            if not (workdir / "student1" / "metrics" / "validation_slices.csv").is_file():
-                print(f"(skipped {workdir}: no finished student)", file=sys.stderr)
+            student = final_student(workdir)
+            if not scored_to_the_end(workdir / student):
+                print(
+                    f"(skipped {workdir}: {student} not trained to its last epoch and scored on the "
+                    "validation split)",
+                    file=sys.stderr,
+                )
                 continue
             fold = fold_of(workdir)
             if fold in workdir_of_fold:
@@ -105,8 +137,13 @@ def main(argv=None) -> int:
             for name, values in scores.items():
                 pooled[name].update({key: [value] for key, value in values.items()})
             means = {name: float(np.mean(list(values.values()))) for name, values in scores.items()}
-            seconds = {stage: stage_seconds(workdir / stage) for stage in ("teacher", "student1")}
+            seconds = {
+                "teacher": stage_seconds(workdir / "teacher"),
+                "student": stage_seconds(workdir / student),
+            }
             rows.append((fold, means, seconds))
+        if not rows:
+            raise UserError("no workdir holds a student trained to its last epoch and scored on validation")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -124,7 +161,7 @@ def main(argv=None) -> int:
             f"| {fold} | {means['recipe']:.3f} | {means['teacher']:.3f} | {means['student']:.3f} |"
             f"{ensemble_cell} "
             f"{means['student'] - means['teacher']:+.3f} | {means['student'] - means['recipe']:+.3f} | "
-            f"{seconds['teacher'] / 60:.0f} + {seconds['student1'] / 60:.0f} |"
+            f"{seconds['teacher'] / 60:.0f} + {seconds['student'] / 60:.0f} |"
         )
     lines += [
         "",

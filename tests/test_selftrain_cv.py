@@ -9,21 +9,26 @@ from helpers import recipe_records
 from experiments import ensemble_cv, selftrain_cv
 
 
-def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple):
+def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple, num_epochs: int | None = None):
+    """A scored stage that logged one epoch a second count, of `num_epochs` (default: all of them)."""
     (folder / "metrics").mkdir(parents=True)
     scoring = {"threshold": 0.5, "test_time_flips": True, "checkpoint": "last"}
-    (folder / "config.json").write_text(json.dumps({"data": {"cv_fold": fold}, "eval": scoring}))
+    config = {"data": {"cv_fold": fold}, "eval": scoring, "num_epochs": num_epochs or len(epoch_seconds)}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics" / "validation_slices.csv").write_text(
         "id,dice\n" + "".join(f"{slice_id},{dice}\n" for slice_id, dice in slice_dice.items())
     )
-    (folder / "train_log.jsonl").write_text("".join(json.dumps({"seconds": s}) + "\n" for s in epoch_seconds))
+    log = [{"epoch": epoch, "seconds": s} for epoch, s in enumerate(epoch_seconds, start=1)]
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in log))
 
 
 def _assert_paired_differences(lines, expected: dict) -> None:
-    """Each "<compared> - <reference>" line of the table gives the expected mean over the 3 slices."""
+    """Each "<compared> - <reference>" line of the table gives the expected mean and interval over the 3
+    slices. The 95% percentile bootstrap of 3 values is [their min, their max]: 1 resample in 27 is the
+    smallest value thrice, more than the 2.5% tail, so the bounds tell a mis-pairing the mean cannot."""
     for prefix, value in expected.items():
         line = next(line for line in lines if line.startswith(prefix))
-        assert f"over 3 held-out slices: {value}" in line
+        assert f"over 3 held-out slices: {value} (95% bootstrap)" in line, line
 
 
 @pytest.fixture
@@ -53,9 +58,9 @@ def test_each_fold_row_pairs_the_student_with_its_teacher_and_the_record(workdir
     # Per slice: student - teacher +0.3, +0.1, -0.1; - record +0.4, 0, +0.1; teacher - record +0.1, -0.1,
     # +0.2.
     expected = {
-        "Student - teacher": "0.1000 [",
-        "Student - recipe": "0.1667 [",
-        "Teacher - recipe": "0.0667 [",
+        "Student - teacher": "0.1000 [-0.1000, 0.3000]",
+        "Student - recipe": "0.1667 [0.0000, 0.4000]",
+        "Teacher - recipe": "0.0667 [-0.1000, 0.2000]",
     }
     _assert_paired_differences(lines, expected)
 
@@ -104,9 +109,9 @@ def test_the_teacher_and_student_together_are_their_mean_probability_thresholded
     assert any(line.startswith("| teacher + student | 0.600 [") and "| 0.450 [" in line for line in lines)
     # Per slice: - student +0.1, +0.1, -0.7; - teacher +0.4, +0.2, -0.8; - record +0.5, +0.1, -0.6.
     expected = {
-        "Teacher + student - student": "-0.1667 [",
-        "Teacher + student - teacher": "-0.0667 [",
-        "Teacher + student - recipe": "0.0000 [",
+        "Teacher + student - student": "-0.1667 [-0.7000, 0.1000]",
+        "Teacher + student - teacher": "-0.0667 [-0.8000, 0.4000]",
+        "Teacher + student - recipe": "0.0000 [-0.6000, 0.5000]",
     }
     _assert_paired_differences(lines, expected)
 
@@ -150,3 +155,34 @@ def test_an_ensemble_whose_stages_scored_other_slices_is_refused(workdirs, monke
         (workdirs[1] / name / "checkpoints" / "latest").mkdir(parents=True)
     assert selftrain_cv.main(["--ensemble", str(workdirs[1])]) == 2
     assert f"{workdirs[1]}: the teacher and the student scored other slices" in capsys.readouterr().err
+
+
+def test_the_student_of_the_last_round_trained_to_its_last_epoch_is_the_one_scored(workdirs, capsys):
+    # Fold 1 ran two rounds: student 2 (Dice 0.2 on slice c) is the recipe's result, not student 1.
+    _stage(workdirs[0] / "student2", 1, {"c": 0.2}, (60, 60))
+    # Fold 2's student was evaluated halfway through its 3 epochs: skipped, not counted.
+    _stage(workdirs[2] / "student1", 2, {"d": 0.9}, (60,), num_epochs=3)
+    assert selftrain_cv.main([str(path) for path in workdirs]) == 0
+    out = capsys.readouterr()
+    assert (
+        f"(skipped {workdirs[2]}: student1 not trained to its last epoch and scored on the validation"
+        in out.err
+    )
+    lines = out.out.splitlines()
+    assert lines[3] == "| 1 | 0.600 | 0.800 | 0.200 | -0.600 | -0.400 | 1 + 2 |"
+    assert len([line for line in lines if line.startswith("| 2 |")]) == 0
+
+
+def test_missing_files_and_no_finished_workdir_are_one_line_errors(workdirs, capsys):
+    (workdirs[1] / "teacher" / "train_log.jsonl").unlink()
+    assert selftrain_cv.main([str(workdirs[1])]) == 2
+    assert capsys.readouterr().err == f"error: {workdirs[1] / 'teacher' / 'train_log.jsonl'}: missing\n"
+    (workdirs[1] / "teacher" / "metrics" / "validation_slices.csv").unlink()
+    assert selftrain_cv.main([str(workdirs[1])]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {workdirs[1] / 'teacher' / 'metrics' / 'validation_slices.csv'}: missing\n"
+    )
+    assert selftrain_cv.main([str(workdirs[2])]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: no workdir holds a student trained to its last epoch and scored on validation"
+    )
