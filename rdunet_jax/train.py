@@ -330,6 +330,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                             raise TrainingStopped(
                                 stop.signal_number, step, run_checkpoints.directory / "latest"
                             )
+                # A saved position is inside this epoch: the next one starts at its first batch, whether
+                # or not this epoch's end is saved.
+                meta["iterator"] = None
                 values = loss_check.flush()
                 epoch_loss = (meta["epoch_loss_sum"] + sum(values)) / max(
                     meta["epoch_steps"] + len(values), 1

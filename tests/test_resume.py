@@ -322,8 +322,9 @@ def _signals_raise():
             signal.signal(number, old_handler)
 
 
-def _stop_by_signal(workdir, signal_number: int, at_step: int) -> None:
-    """Runs `_train` and sends this process `signal_number` right after train step `at_step`."""
+def _stop_by_signal(workdir, signal_number: int, at_step: int, **changes) -> None:
+    """Runs `_train` (with `changes`) and sends this process `signal_number` right after train step
+    `at_step`."""
 
     def send_signal(step, state, metrics):
         if step == at_step:
@@ -331,7 +332,7 @@ def _stop_by_signal(workdir, signal_number: int, at_step: int) -> None:
         return state, metrics
 
     with _signals_raise(), pytest.raises(train.TrainingStopped) as stopped:
-        _train(workdir, after_step=send_signal)
+        _train(workdir, after_step=send_signal, **changes)
     assert stopped.value.signal_number == signal_number
     assert str(stopped.value).startswith(
         f"stopped by {signal.Signals(signal_number).name} at step {at_step};"
@@ -356,6 +357,20 @@ def test_sigterm_mid_epoch_then_the_same_command_ends_bit_identical(tmp_path, re
     assert _steps(tmp_path, "latest") == [2, 3]
     _train(tmp_path)
     assert "resumed at epoch 2, 1 steps into it (step 3)" in capsys.readouterr().out
+    _assert_ends_as_the_reference(tmp_path, reference)
+
+
+@pytest.mark.parametrize("stopped_at_step", [None, 5])
+def test_a_data_position_saved_mid_epoch_starts_only_that_epoch(tmp_path, reference, stopped_at_step):
+    # Epoch 3 is neither the best (0.4) nor, at checkpoint_every_epochs=4, saved at its end: the position
+    # saved inside it (by each step's save, or by a SIGTERM's) must not start epoch 4 too, skipping batches.
+    if stopped_at_step is None:
+        _train(tmp_path, checkpoint_every_epochs=4)
+    else:
+        _stop_by_signal(
+            tmp_path, signal.SIGTERM, stopped_at_step, checkpoint_every_steps=0, checkpoint_every_epochs=4
+        )
+        _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=4)
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
