@@ -193,16 +193,20 @@ def restore_latest(run_checkpoints, state, config):
 
 def with_pretrained_weights(state, pretrained):
     """`state` with the parameters and BatchNorm statistics of `pretrained` (`checkpoints.restore_weights`);
-    the optimizer state, step and dropout key stay those of a fresh run."""
+    the step and dropout key stay those of a fresh run, and the optimizer starts afresh from them."""
     params, batch_stats, _ = pretrained
 
     def like(restored, fresh):
         return jax.numpy.asarray(restored, fresh.dtype)
 
     # The architecture check of restore_weights (checkpoints.ARCHITECTURE_KEYS) makes the trees fit.
+    params = jax.tree_util.tree_map(like, params, state.params)
+    # Initialised from these parameters: Adam's moments are zeros either way, but mean teacher's moving
+    # average would otherwise start at the fresh draw they replace.
     return state.replace(
-        params=jax.tree_util.tree_map(like, params, state.params),
+        params=params,
         batch_stats=jax.tree_util.tree_map(like, batch_stats, state.batch_stats),
+        opt_state=state.tx.init(params),
     )
 
 

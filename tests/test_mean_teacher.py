@@ -135,6 +135,23 @@ def test_the_step_adds_the_weighted_consistency_to_the_supervised_loss_of_the_la
     assert abs(consistency) > 1e-3 * expected  # a teacher equal to the student would be seen (1.6%)
 
 
+def test_a_run_started_from_another_runs_weights_starts_its_teacher_there_too():
+    # model_init: the moving average is of the pretrained parameters, not of the fresh draw they replace
+    # (step 1's consistency target would be a random network).
+    config = make_consistency_config()
+    state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
+    pretrained = jax.tree_util.tree_map(lambda leaf: leaf + 1, state.params)
+    started = train.with_pretrained_weights(state, (pretrained, state.batch_stats, 7))
+    teacher = mean_teacher.teacher_parameters(started.opt_state)
+    for name, parameters in (("student", started.params), ("teacher", teacher)):
+        leaves = zip(
+            jax.tree_util.tree_leaves(parameters), jax.tree_util.tree_leaves(pretrained), strict=True
+        )
+        for leaf, expected in leaves:
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
+    assert int(started.opt_state[1].count) == 0 and int(started.step) == 0
+
+
 def test_without_consistency_the_state_has_no_settings_and_no_moving_average():
     config = make_tiny_config()
     state = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
