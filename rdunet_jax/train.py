@@ -15,6 +15,7 @@ host) along a `data` mesh axis; parameters and optimizer state are replicated (`
 """
 
 import json
+import math
 import pathlib
 import signal
 import time
@@ -346,8 +347,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     validation = evaluate.evaluate_source(
                         inference.JaxPredictor(state), validation_source, config
                     )
-                is_best = validation is not None and (
-                    meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"]
+                # A non-finite validation loss is never the best: kept as best, no later loss is below it.
+                is_best = (
+                    validation is not None
+                    and math.isfinite(validation["loss"])
+                    and (meta["best_val_loss"] is None or validation["loss"] < meta["best_val_loss"])
                 )
                 meta.update(epoch_loss_sum=0.0, epoch_steps=0)
                 if is_best:

@@ -501,6 +501,14 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_no
     assert _steps(workdir, "latest") == [5, 6]
 
 
+def test_a_non_finite_validation_loss_is_never_the_best(tmp_path, monkeypatch):
+    monkeypatch.setitem(INJECTED_VALIDATION_LOSS, 2, float("nan"))  # epoch 1's; epoch 2's 0.3 is the lowest
+    _train(tmp_path)
+    assert _steps(tmp_path, "best") == [BEST_STEP]
+    _, meta = _restore(tmp_path, "best")
+    assert (meta["best_val_loss"], meta["best_epoch"]) == (0.3, 2)
+
+
 def test_a_non_finite_loss_after_a_good_checkpoint_leaves_it_intact_and_restorable(tmp_path, reference):
     def diverge_at_step_5(step, state, metrics):
         if step != 5:
