@@ -14,6 +14,9 @@ from rdunet_jax.errors import UserError
 
 LOCK_NAME = ".lock"
 NO_LOCKS = object()
+# Read once, at import, before any thread: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -24,6 +27,8 @@ def atomic_path(path):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); the result gets the mode a plain open() would give it.
+    os.fchmod(handle, 0o666 & ~_UMASK)
     os.close(handle)
     temporary = pathlib.Path(temporary)
     try:

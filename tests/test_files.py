@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 
@@ -22,6 +23,14 @@ def test_an_atomic_write_creates_the_folders_and_leaves_no_temporary_file(tmp_pa
     files.write_text_atomic(path, "é\n")
     assert path.read_bytes() == b"\xc3\xa9\n"  # UTF-8 whatever the locale
     assert [entry.name for entry in path.parent.iterdir()] == ["summary.json"]
+
+
+def test_an_atomic_write_gets_the_mode_a_plainly_written_file_gets(tmp_path):
+    # Not mkstemp's private 0600: metrics, masks and models are read by other users of a shared server.
+    (tmp_path / "plain.json").write_text("{}")
+    files.write_json_atomic(tmp_path / "atomic.json", {})
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("plain.json", "atomic.json")}
+    assert modes["atomic.json"] == modes["plain.json"] != 0o600
 
 
 def test_a_write_that_fails_keeps_the_old_file_and_removes_its_temporary(tmp_path):
