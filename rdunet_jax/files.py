@@ -57,7 +57,10 @@ def _locked(path: pathlib.Path):
     """`path` opened and flock-ed (created with its folder if missing); None when another run holds it;
     NO_LOCKS where the file system has no locks."""
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on the way, a read-only parent: the user's --workdir
+            raise UserError(f"--workdir: cannot create {path.parent} ({error.strerror})") from None
         handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

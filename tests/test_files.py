@@ -86,6 +86,14 @@ with files.exclusive_workdir(sys.argv[1]):
 """
 
 
+def test_a_workdir_that_cannot_be_created_is_refused_naming_it(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    workdir = tmp_path / "a_file" / "run"
+    with pytest.raises(UserError, match=f"^--workdir: cannot create {workdir} \\(Not a directory\\)$"):
+        with files.exclusive_workdir(workdir):
+            pass
+
+
 def test_a_run_killed_with_minus_9_does_not_block_the_next(tmp_path):
     workdir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], stdout=subprocess.PIPE, text=True)
