@@ -124,8 +124,12 @@ def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta")
     )
+    damaged = f"model_init: checkpoint step {steps[-1]} in {directory} is damaged"
     try:
-        meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as error:  # noqa: BLE001 - a cut JSON file, a missing one
+            raise UserError(f"{damaged} ({type(error).__name__})") from None
         try:
             # Not the orientation: a model pretrained on slices facing another way is a start, not a mistake.
             check_architecture(meta.get("model"), model_config, directory / str(steps[-1]), data_config)
@@ -136,9 +140,7 @@ def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int
                 steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore())
             ).state
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types for cut files
-            raise UserError(
-                f"model_init: checkpoint step {steps[-1]} in {directory} is damaged ({type(error).__name__})"
-            ) from None
+            raise UserError(f"{damaged} ({type(error).__name__})") from None
     finally:
         manager.close()
     return state["params"], state["batch_stats"], steps[-1]

@@ -596,6 +596,20 @@ def test_model_init_starts_from_that_runs_weights_with_a_fresh_optimizer_and_a_r
     assert "model_init:" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", [_delete_array_data, _truncate_every_file], ids=["deleted", "truncated"])
+def test_a_damaged_model_init_checkpoint_stops_in_one_line_naming_it(tmp_path, reference, damage):
+    pretrained = _copy(reference.workdir, tmp_path)
+    damage(pretrained / "checkpoints" / "latest" / "8")
+    with pytest.raises(UserError) as refused:
+        _train(tmp_path / "fine_tuned", model_init=str(pretrained))
+    assert re.fullmatch(
+        f"model_init: checkpoint step 8 in {re.escape(str(pretrained / 'checkpoints' / 'latest'))} is "
+        r"damaged \(\w+\)",
+        str(refused.value),
+    )
+    assert not (tmp_path / "fine_tuned").exists()
+
+
 def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, reference):
     """(The command line prints a UserError as one line and exits 2: tests/test_main.py.)"""
     workdir = tmp_path / "fine_tuned"
