@@ -87,6 +87,29 @@ def parse_flags(argv):
     return remaining
 
 
+# The modes that read each optional flag: given to another mode, it would be silently ignored (a user
+# passing --checkpoint_step to train may expect a resume from that step).
+FLAG_MODES = {
+    "checkpoint_step": ("evaluate", "predict", "export"),
+    "input": ("predict",),
+    "output": ("predict", "export"),
+    "overwrite": ("predict", "export"),
+    "ground_truth": ("predict",),
+    "input_units": ("predict",),
+    "input_window": ("predict",),
+    "series": ("predict",),
+}
+
+
+def check_flags_fit_the_mode() -> None:
+    """UserError naming the first flag given that `--mode` does not read."""
+    for name, modes in FLAG_MODES.items():
+        if FLAGS[name].present and FLAGS.mode not in modes:
+            raise UserError(
+                f"--{name}: --mode={FLAGS.mode} does not use it (only --mode={' or --mode='.join(modes)})"
+            )
+
+
 def default_workdir(config) -> pathlib.Path:
     return pathlib.Path("runs") / config.name
 
@@ -94,6 +117,7 @@ def default_workdir(config) -> pathlib.Path:
 def run(argv) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags_fit_the_mode()
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
     if config.selftrain.rounds and FLAGS.mode != "train":  # evaluate, predict, export: the final student

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints, files, models, steps
+from rdunet_jax.errors import UserError
 
 TINY = [
     "--config",
@@ -115,6 +116,47 @@ def test_export_without_output_or_checkpoint_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "mode, flag, message",
+    [
+        (
+            "train",
+            "--checkpoint_step=4",
+            "--checkpoint_step: --mode=train does not use it (only --mode=evaluate "
+            "or --mode=predict or --mode=export)",
+        ),
+        (
+            "evaluate",
+            "--output=out",
+            "--output: --mode=evaluate does not use it (only --mode=predict or --mode=export)",
+        ),
+        (
+            "export",
+            "--input_units=display",
+            "--input_units: --mode=export does not use it (only --mode=predict)",
+        ),
+        (
+            "train",
+            "--overwrite",
+            "--overwrite: --mode=train does not use it (only --mode=predict or --mode=export)",
+        ),
+    ],
+)
+def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, mode, flag, message):
+    from rdunet_jax import main
+
+    main.parse_flags(
+        ["prog", "--config", "configs/demo.py:tiny", f"--workdir={tmp_path / 'run'}", f"--mode={mode}", flag]
+    )
+    try:
+        with pytest.raises(UserError) as refused:
+            main.run(["prog"])
+    finally:
+        main.FLAGS.unparse_flags()
+    assert str(refused.value) == message
+    assert not (tmp_path / "run").exists()
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
