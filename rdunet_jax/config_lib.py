@@ -350,6 +350,16 @@ def computed_keys(values: dict) -> dict:
     return {key: value for key, value in flat.items() if key not in dropped}
 
 
+def differing_keys(stored: dict, current: dict) -> list[str]:
+    """The computed keys (`computed_keys`) in which a run recorded as `stored` (its config's JSON) differs
+    from `current`, sorted. A key added to the schema since is the same when `current` holds its default
+    (what older code ran); a stored key the schema no longer has differs."""
+    stored, current = computed_keys(stored), computed_keys(current)
+    defaults = flatten(to_json(base_config()))
+    changed = {key for key, value in current.items() if stored.get(key, defaults.get(key)) != value}
+    return sorted(changed | (set(stored) - set(current)))
+
+
 def flatten(values: dict, prefix: str = "") -> dict:
     """{'a.b': value} from a config's nested JSON dicts."""
     flat = {}

@@ -111,15 +111,9 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
 
 
 def _same_config(stored: dict, current: dict) -> bool:
-    """Whether a stage recorded with `stored` ran `current`; keys added to the schema since are the same
-    when `current` holds their default (a stage finished by older code is not run again), and how often a
-    stage logged or saved (`config_lib.BOOKKEEPING_KEYS`) does not count."""
-    stored, current = config_lib.computed_keys(stored), config_lib.computed_keys(current)
-    defaults = config_lib.flatten(config_lib.to_json(config_lib.base_config()))
-    return all(
-        stored[key] == value if key in stored else defaults.get(key) == value
-        for key, value in current.items()
-    ) and set(stored) <= set(current)
+    """Whether a stage recorded with `stored` ran `current` (`config_lib.differing_keys`: a stage finished
+    by older code is not run again, and how often it logged or saved does not count)."""
+    return not config_lib.differing_keys(stored, current)
 
 
 def _workdir_paths_by_place(values: dict, workdir: pathlib.Path | None = None) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 
 from rdunet_jax import (
     checkpoints,
+    config_lib,
     config_validation,
     datasets,
     devices,
@@ -192,6 +193,40 @@ def restore_latest(run_checkpoints, state, config):
     return None
 
 
+# What a resumed run may change: how long it trains, where its data and its start come from, how it is
+# evaluated. Anything else would continue one run's checkpoint as another run (a batch size resumed at the
+# old one's step and data position) and overwrite the record of the first.
+RESUMABLE_KEYS = (
+    "num_epochs",
+    "model_init",
+    "data.data_dir",
+    "data.manual_dir",
+    "data.pseudo_label_dir",
+    "data.extra_labelled_dir",
+)
+
+
+def check_resumable(config, workdir: pathlib.Path) -> None:
+    """UserError naming the first setting in which `config` differs from the run it would resume."""
+    recorded = workdir / "config.json"
+    if not recorded.is_file():
+        return
+    stored = json.loads(recorded.read_text())
+    current = config_lib.to_json(config)
+    changed = [
+        key
+        for key in config_lib.differing_keys(stored, current)
+        if key not in RESUMABLE_KEYS and not key.startswith("eval.")
+    ]
+    if changed:
+        before, now = config_lib.flatten(stored).get(changed[0]), config_lib.flatten(current).get(changed[0])
+        raise UserError(
+            f"{changed[0]}: {before!r} in {recorded}, {now!r} now; resuming would continue that run with "
+            "another setting: run it unchanged (only num_epochs, eval.* and data paths may change), or use "
+            "another --workdir"
+        )
+
+
 def with_pretrained_weights(state, pretrained):
     """`state` with the parameters and BatchNorm statistics of `pretrained` (`checkpoints.restore_weights`);
     the step and dropout key stay those of a fresh run, and the optimizer starts afresh from them."""
@@ -264,6 +299,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     meta = new_meta(config)
     restored = restore_latest(run_checkpoints, state, config)
     if restored is not None:
+        check_resumable(config, workdir)
         state, meta = restored
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)

@@ -374,6 +374,28 @@ def test_a_data_position_saved_mid_epoch_starts_only_that_epoch(tmp_path, refere
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
+def test_a_resume_with_another_training_setting_is_refused_and_changes_nothing(
+    tmp_path, stopped_at_an_epoch_end
+):
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    recorded, steps_before = (workdir / "config.json").read_bytes(), _steps(workdir, "latest")
+    with pytest.raises(UserError) as refused:
+        _train(workdir, learning_rate=0.5)
+    assert str(refused.value) == (
+        f"learning_rate: {_loop_config().learning_rate!r} in {workdir / 'config.json'}, 0.5 now; resuming "
+        "would continue that run with another setting: run it unchanged (only num_epochs, eval.* and data "
+        "paths may change), or use another --workdir"
+    )
+    assert (workdir / "config.json").read_bytes() == recorded and _steps(workdir, "latest") == steps_before
+    # Longer training, another evaluation, the data moved: the same run.
+    config = _loop_config()
+    config.num_epochs, config.eval.threshold, config.data.data_dir = 9, 0.3, str(tmp_path / "moved")
+    train.check_resumable(config, workdir)
+    config.seed += 1
+    with pytest.raises(UserError, match="^seed: "):
+        train.check_resumable(config, workdir)
+
+
 def test_sigint_at_an_epoch_end_then_the_same_command_ends_bit_identical(
     tmp_path, stopped_at_an_epoch_end, reference, capsys
 ):
