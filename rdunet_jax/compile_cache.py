@@ -87,7 +87,7 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
     path = folder / f"{train_step_key(config, state, batch, steps_per_epoch)}.bin"
     refused = path.with_suffix(".unserialisable")
     in_tree = jax.tree_util.tree_structure(((state, batch), {}))
-    out_tree = jax.tree_util.tree_structure((state, {"loss": 0.0}))
+    out_tree = jax.tree_util.tree_structure((state, {"loss": 0.0, "gradient_norm": 0.0}))
     if path.exists():
         try:
             loaded = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree, out_tree)

@@ -124,7 +124,9 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    return state, {"loss": loss}
+    # The gradients' norm too: an infinite gradient of a finite loss makes the new parameters NaN, which a
+    # check of the loss alone would let the step's checkpoint keep.
+    return state, {"loss": loss, "gradient_norm": optax.global_norm(grads)}
 
 
 def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):

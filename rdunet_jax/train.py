@@ -120,25 +120,33 @@ class _StopOnSignal:
 
 
 class _LossCheck:
-    """Collects step losses on device and checks them in batches (one host sync per log interval)."""
+    """Collects step losses and gradient norms on device and checks them in batches (one host sync per log
+    interval)."""
 
     def __init__(self):
-        self.pending: list[tuple[int, jax.Array]] = []
+        self.pending: list[tuple[int, dict]] = []
 
-    def add(self, step: int, loss) -> None:
-        self.pending.append((step, loss))
+    def add(self, step: int, step_metrics: dict) -> None:
+        self.pending.append((step, {name: step_metrics[name] for name in ("loss", "gradient_norm")}))
 
     def flush(self) -> list[float]:
-        """The pending losses as floats; raises NonFiniteLossError naming the first bad step."""
-        values = [float(value) for value in jax.device_get([loss for _, loss in self.pending])]
-        for (step, _), value in zip(self.pending, values, strict=True):
-            if not np.isfinite(value):
+        """The pending losses as floats; raises NonFiniteLossError naming the first step whose loss or
+        gradient is not finite (its update is never saved)."""
+        values = jax.device_get([step_metrics for _, step_metrics in self.pending])
+        for (step, _), step_values in zip(self.pending, values, strict=True):
+            loss, gradient_norm = float(step_values["loss"]), float(step_values["gradient_norm"])
+            problem = None
+            if not np.isfinite(loss):
+                problem = f"loss is {loss}"
+            elif not np.isfinite(gradient_norm):
+                problem = f"the gradient norm is {gradient_norm} (loss {loss:.4f})"
+            if problem:
                 raise NonFiniteLossError(
-                    f"loss is {value} at step {step}; training stopped, the last good checkpoint is kept "
+                    f"{problem} at step {step}; training stopped, the last good checkpoint is kept "
                     f"(lower learning_rate or check the data)"
                 )
         self.pending = []
-        return values
+        return [float(step_values["loss"]) for step_values in values]
 
 
 def new_meta(config) -> dict:
@@ -342,7 +350,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         devices.wait_for_every_host("rdunet_train_step_compiled")
                     state, step_metrics = step_function(state, batch)
                     step += 1
-                    loss_check.add(step, step_metrics["loss"])
+                    loss_check.add(step, step_metrics)
                     # The last step of an epoch is saved after validation, with the epoch's record.
                     save_now = step % steps_per_epoch != 0 and (
                         stop.signal_number is not None

@@ -536,7 +536,8 @@ def test_a_non_finite_loss_after_a_good_checkpoint_leaves_it_intact_and_restorab
         if step != 5:
             return state, metrics
         nan = jnp.float32(jnp.nan)
-        return state.replace(params=jax.tree_util.tree_map(lambda p: p * nan, state.params)), {"loss": nan}
+        diverged = state.replace(params=jax.tree_util.tree_map(lambda p: p * nan, state.params))
+        return diverged, {**metrics, "loss": nan}
 
     with pytest.raises(train.NonFiniteLossError, match=r"^loss is nan at step 5; training stopped"):
         _train(tmp_path, after_step=diverge_at_step_5)
@@ -547,6 +548,25 @@ def test_a_non_finite_loss_after_a_good_checkpoint_leaves_it_intact_and_restorab
     restored = steps.restore_state(config, tmp_path)
     assert int(restored.step) == 4
     _assert_same_state(restored, reference.best[0])  # the uninterrupted run's state at step 4
+
+
+def test_an_infinite_gradient_of_a_finite_loss_stops_before_its_update_is_saved(tmp_path, reference):
+    # Step 5's loss was finite, its gradient not: the parameters it left are NaN, and must not be kept.
+    def overflow_at_step_5(step, state, metrics):
+        if step != 5:
+            return state, metrics
+        diverged = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
+        return diverged, {**metrics, "gradient_norm": jnp.float32(jnp.inf)}
+
+    with pytest.raises(train.NonFiniteLossError) as stopped:
+        _train(tmp_path, after_step=overflow_at_step_5)
+    assert re.fullmatch(
+        r"the gradient norm is inf \(loss \d\.\d{4}\) at step 5; training stopped, the last good checkpoint "
+        r"is kept \(lower learning_rate or check the data\)",
+        str(stopped.value),
+    )
+    assert _steps(tmp_path, "latest") == [3, 4]
+    _assert_same_state(_restore(tmp_path, "latest")[0], reference.best[0])  # the state at step 4
 
 
 def test_a_loss_that_diverges_at_once_stops_naming_the_step_and_saves_nothing(tmp_path):
