@@ -100,14 +100,19 @@ class _Log:
 
 
 class _StopOnSignal:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first; a second signal gets the
+    handlers from before (Ctrl-C twice stops at once, as a user pressing it again expects)."""
 
     def __init__(self):
         self.signal_number = None
         self._previous = {}
 
     def _handle(self, signal_number, frame):
-        self.signal_number = signal_number
+        if self.signal_number is None:
+            self.signal_number = signal_number
+            return
+        self.__exit__()
+        signal.raise_signal(signal_number)
 
     def __enter__(self):
         for signal_number in (signal.SIGTERM, signal.SIGINT):

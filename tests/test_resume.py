@@ -322,6 +322,19 @@ def _signals_raise():
             signal.signal(number, old_handler)
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_gets_the_handler_from_before(signal_number):
+    with _signals_raise():
+        with pytest.raises(_UnhandledSignal, match=signal.Signals(signal_number).name):
+            with train._StopOnSignal() as stop:
+                os.kill(os.getpid(), signal_number)
+                time.sleep(0.01)  # delivered at the next bytecode
+                assert stop.signal_number == signal_number  # the first: recorded, the loop goes on
+                os.kill(os.getpid(), signal_number)
+                time.sleep(0.01)
+                pytest.fail("the second signal was swallowed")
+
+
 def _stop_by_signal(workdir, signal_number: int, at_step: int, **changes) -> None:
     """Runs `_train` (with `changes`) and sends this process `signal_number` right after train step
     `at_step`."""
