@@ -35,15 +35,26 @@ _TRAIN_STEP_SOURCES = (
 _TRAIN_STEP_PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
-def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
-    """A digest of everything the compiled train step depends on: the package sources it traces, the
-    library versions, the device, XLA_FLAGS, the model and optimizer keys, the state's loss, and every
-    input's path, shape and dtype."""
+def _sources_digest() -> str:
+    """The digest of `_TRAIN_STEP_SOURCES` as this process imported them."""
     digest = hashlib.sha256()
     package = pathlib.Path(__file__).parent
     for name in _TRAIN_STEP_SOURCES:
         if (package / name).exists():
             digest.update((package / name).read_bytes())
+    return digest.hexdigest()
+
+
+# Read once, at import: the sources edited on disk while a run goes on are not the program it traces, and
+# would file its executable under the new code's key.
+_SOURCES_DIGEST = _sources_digest()
+
+
+def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
+    """A digest of everything the compiled train step depends on: the package sources it traces, the
+    library versions, the device, XLA_FLAGS, the model and optimizer keys, the state's loss, and every
+    input's path, shape and dtype."""
+    digest = hashlib.sha256(_SOURCES_DIGEST.encode())
     device = jax.devices()[0]
     inputs = jax.tree_util.tree_flatten_with_path((state, batch))[0]
     described = {
@@ -161,9 +172,11 @@ class _CachedStep:
         if self.stored_at is None:
             return self.compiled(state, batch)
         stored_at, self.stored_at = self.stored_at, None
+        # A kernel missing from the stored bytes (JaxRuntimeError), or another program's outputs (ValueError):
+        # either way not this step.
         try:
             return jax.block_until_ready(self.compiled(state, batch))
-        except jax.errors.JaxRuntimeError:
+        except Exception:  # noqa: BLE001
             stored_at.unlink(missing_ok=True)
             _write_marker(stored_at.with_suffix(".unserialisable"))
             self.compiled = train_step

@@ -6,6 +6,7 @@ import pathlib
 import jax
 import jax.extend
 import numpy as np
+import pytest
 from helpers import make_tiny_config
 
 from rdunet_jax import compile_cache, datasets, devices, input_pipeline, models, steps
@@ -35,6 +36,7 @@ class _FakeSerializer:
 
     def __init__(self, broken=False):
         self.executables, self.broken = {}, broken
+        self.error = jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found")
 
     def serialize(self, compiled):
         name = f"executable-{len(self.executables)}".encode()
@@ -47,7 +49,7 @@ class _FakeSerializer:
             return compiled
 
         def fails(*args):
-            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found")
+            raise self.error
 
         return fails
 
@@ -91,8 +93,17 @@ def test_a_program_that_does_not_survive_serialisation_is_marked_and_left_to_jit
     assert compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh) is steps.train_step
 
 
-def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found"),
+        # An executable of other code filed under this code's key: its outputs are not this step's.
+        ValueError("Too few leaves for PyTreeDef; expected 637, got 636."),
+    ],
+)
+def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tmp_path, monkeypatch, error):
     serializer = _FakeSerializer()
+    serializer.error = error
     monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
     config = _executable_config(tmp_path)
     batch = jax.device_put(_fixed_batch(config))
@@ -201,6 +212,17 @@ def _package_sources_in(jaxpr, package: pathlib.Path) -> set[str]:
         for inner in jax.extend.core.jaxprs_in_params(equation.params):
             names |= _package_sources_in(inner, package)
     return names
+
+
+def test_the_executable_key_is_of_the_sources_as_imported_not_as_edited_since(
+    tiny_state, tiny_config, monkeypatch
+):
+    # A source edited on disk while a run goes on is not the program that run traces and stores.
+    batch = _fixed_batch(tiny_config)
+    key = compile_cache.train_step_key(tiny_config, tiny_state, batch, 2)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda path: b"edited since")
+    assert compile_cache.train_step_key(tiny_config, tiny_state, batch, 2) == key
+    assert compile_cache._sources_digest() != compile_cache._SOURCES_DIGEST  # a new process would differ
 
 
 def test_the_executable_key_reads_every_package_source_traced_into_the_step(tiny_state, tiny_config):
