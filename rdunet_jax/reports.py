@@ -99,8 +99,8 @@ def slices_csv(rows: list[dict]) -> str:
         writer.writerow(
             [
                 row["id"],
-                "" if row["case_id"] is None else row["case_id"],
-                "" if row["slice_index"] is None else row["slice_index"],
+                row["case_id"],  # None is written as an empty cell
+                row["slice_index"],
                 *(
                     _number(values[name][0])
                     for name in ("dice", "jaccard", "precision", "recall", "specificity")

@@ -122,40 +122,48 @@ def _config(variant="rdunet"):
     return types.SimpleNamespace(name="semiseg", model=types.SimpleNamespace(variant=variant))
 
 
+# The report of `_summary()`, written out by hand: its head (Table 1 and the pooled figures) and its tail
+# (Table 2); the other sections go between.
+REPORT_HEAD = (
+    "# semiseg: evaluation on the test split\n"
+    "\n"
+    "Checkpoint step 120, threshold 0.5, test-time flips on; 4 slices at 64x64 px, 3 with lesion.\n"
+    "\n"
+    "## Segmentation (the form of the paper's Table 1)\n"
+    "\n"
+    "| Model | DSC | JC | F-score | Precision | Recall | Specificity | HD95 (px) |\n"
+    "|---|---|---|---|---|---|---|---|\n"
+    "| rdunet | 0.7123 ± 0.1010 | 0.6123 ± 0.2020 | 0.7346 | 0.8123 ± 0.3030 | 0.5123 ± 0.4040 | "
+    "0.9912 ± 0.0051 | 3.2500 ± 1.5000 |\n"
+    "\n"
+    "Mean ± standard deviation over slices. F-score: harmonic mean of mean precision and mean recall. "
+    "Pooled over the split: DSC 0.7500, JC 0.6000, precision 0.8000, recall 0.7059. HD95 over the 2 "
+    "slices where both masks have lesion; 1 slices with exactly one empty mask counted apart, 1 with "
+    "both empty excluded.\n"
+    "\n"
+    "At each slice's original resolution (probabilities resized bilinearly to the stored expert mask, "
+    "as published COVID-SemiSeg results are scored): DSC 0.7000 ± 0.1000, JC 0.6000 ± 0.2000, "
+    "F-score 0.7200, pooled DSC 0.7400.\n"
+)
+LESION_TABLE = (
+    "|---|---|---|---|---|\n"
+    "| Small (< 6.25 pixels) | 0 | n/a | n/a | n/a |\n"
+    "| Large (≥ 6.25 pixels) | 3 | 41.7 | 0.6667 | 0.5000 ± 0.2500 |\n"
+    "| All | 3 | 41.7 | 0.6667 | 0.5000 ± 0.2500 |\n"
+)
+REPORT_TAIL = (
+    "\n"
+    "## Lesion size (the form of the paper's Table 2)\n"
+    "\n"
+    "Lesions: 8-connected components of the ground truth in a slice; detected when a predicted pixel "
+    "overlaps; Dice against the overlapping predicted components.\n"
+    "\n"
+    "| Lesions | Count | Mean area (pixels) | Detection rate | DSC |\n" + LESION_TABLE
+)
+
+
 def test_the_markdown_report_of_a_binary_split_is_the_papers_tables_written_out():
-    text = reports.markdown_report(_summary(), _config())
-    assert text == (
-        "# semiseg: evaluation on the test split\n"
-        "\n"
-        "Checkpoint step 120, threshold 0.5, test-time flips on; 4 slices at 64x64 px, 3 with lesion.\n"
-        "\n"
-        "## Segmentation (the form of the paper's Table 1)\n"
-        "\n"
-        "| Model | DSC | JC | F-score | Precision | Recall | Specificity | HD95 (px) |\n"
-        "|---|---|---|---|---|---|---|---|\n"
-        "| rdunet | 0.7123 ± 0.1010 | 0.6123 ± 0.2020 | 0.7346 | 0.8123 ± 0.3030 | 0.5123 ± 0.4040 | "
-        "0.9912 ± 0.0051 | 3.2500 ± 1.5000 |\n"
-        "\n"
-        "Mean ± standard deviation over slices. F-score: harmonic mean of mean precision and mean recall. "
-        "Pooled over the split: DSC 0.7500, JC 0.6000, precision 0.8000, recall 0.7059. HD95 over the 2 "
-        "slices where both masks have lesion; 1 slices with exactly one empty mask counted apart, 1 with "
-        "both empty excluded.\n"
-        "\n"
-        "At each slice's original resolution (probabilities resized bilinearly to the stored expert mask, "
-        "as published COVID-SemiSeg results are scored): DSC 0.7000 ± 0.1000, JC 0.6000 ± 0.2000, "
-        "F-score 0.7200, pooled DSC 0.7400.\n"
-        "\n"
-        "## Lesion size (the form of the paper's Table 2)\n"
-        "\n"
-        "Lesions: 8-connected components of the ground truth in a slice; detected when a predicted pixel "
-        "overlaps; Dice against the overlapping predicted components.\n"
-        "\n"
-        "| Lesions | Count | Mean area (pixels) | Detection rate | DSC |\n"
-        "|---|---|---|---|---|\n"
-        "| Small (< 6.25 pixels) | 0 | n/a | n/a | n/a |\n"
-        "| Large (≥ 6.25 pixels) | 3 | 41.7 | 0.6667 | 0.5000 ± 0.2500 |\n"
-        "| All | 3 | 41.7 | 0.6667 | 0.5000 ± 0.2500 |\n"
-    )
+    assert reports.markdown_report(_summary(), _config()) == REPORT_HEAD + REPORT_TAIL
 
 
 def test_the_markdown_report_writes_volumes_in_mm_and_a_missing_figure_as_n_a():
@@ -203,13 +211,18 @@ def test_the_markdown_report_writes_volumes_in_mm_and_a_missing_figure_as_n_a():
     assert lines[8].endswith(" | 0.5123 ± 0.4040 | n/a | 3.2500 ± 1.5000 |")
     assert lines[8].startswith("| unet | ")
     start = lines.index("## Per volume")
-    assert lines[start + 2 : start + 7] == [
+    assert lines[start - 1 : start + 9] == [
+        "",
+        "## Per volume",
+        "",
         "| Case | Slices | DSC | JC | Precision | Recall | HD95 (mm) |",
         "|---|---|---|---|---|---|---|",
         "| case_a | 3 | 0.8000 | 0.6667 | 0.9000 | 0.7200 | 4.12 |",
         "| case_b | 1 | 0.0000 | 0.0000 | 0.0000 | 0.0000 | n/a |",
         "| mean ± std (2 volumes) | | 0.4000 ± 0.4000 | 0.3333 ± 0.3333 | 0.4500 ± 0.4500 | "
         "0.3600 ± 0.3600 | 4.1250 ± 0.0000 |",
+        "",
+        "## Lesion size (the form of the paper's Table 2)",
     ]
     assert "| Small (< 100 mm^2) | 0 | n/a | n/a | n/a |" in lines
 
@@ -263,34 +276,43 @@ def test_the_markdown_report_of_a_lungs_head_adds_classes_and_involvement():
         },
         "severity_agreement": 0.75,
     }
-    summary = _summary(per_class=per_class, involvement=involvement, lesion_classes=["infection"])
-    lines = reports.markdown_report(summary, _config()).splitlines()
-    start = lines.index("## Per class")
-    assert lines[start + 2 : start + 8] == [
-        "Top-level metrics above score the union of infection. Per class: means over the slices whose "
-        "expert mask holds the class; pooled DSC over the split; false-positive rate on the slices "
-        "without it.",
-        "",
-        "| Class | Slices with it | DSC | JC | Precision | Recall | HD95 (px) | Pooled DSC | FP rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+    summary = _summary(per_class=per_class, involvement=involvement, lesion_classes=["ggo", "consolidation"])
+    per_class_section = (
+        "\n"
+        "## Per class\n"
+        "\n"
+        "Top-level metrics above score the union of ggo, consolidation. Per class: means over the slices "
+        "whose expert mask holds the class; pooled DSC over the split; false-positive rate on the slices "
+        "without it.\n"
+        "\n"
+        "| Class | Slices with it | DSC | JC | Precision | Recall | HD95 (px) | Pooled DSC | FP rate |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         "| infection | 3 | 0.6000 ± 0.1000 | 0.5000 ± 0.2000 | 0.7000 ± 0.3000 | 0.5500 ± 0.0500 | "
-        "2.0000 ± 0.5000 | 0.6500 | 0.0000 |",
+        "2.0000 ± 0.5000 | 0.6500 | 0.0000 |\n"
         "| lungs | 4 | 0.9500 ± 0.0100 | 0.9000 ± 0.0200 | 0.9600 ± 0.0300 | 0.9400 ± 0.0400 | n/a | "
-        "0.9510 | n/a |",
-    ]
-    start = lines.index("## Lung involvement")
-    assert lines[start + 2 :][:6] == [
-        "Infection inside the lungs as a percent of the lungs (whole lungs, not per lobe).",
-        "",
-        "| Level | Scored | MAE (percentage points) | Pearson r |",
-        "|---|---|---|---|",
-        "| per slice | 4 | 3.46 | 0.9123 |",
-        "| per volume | 1 | n/a | n/a |",
-    ]
-    assert lines[start + 9] == "Severity band agreement per slice: 0.7500."
+        "0.9510 | n/a |\n"
+    )
+    involvement_section = (
+        "\n"
+        "## Lung involvement\n"
+        "\n"
+        "Infection inside the lungs as a percent of the lungs (whole lungs, not per lobe).\n"
+        "\n"
+        "| Level | Scored | MAE (percentage points) | Pearson r |\n"
+        "|---|---|---|---|\n"
+        "| per slice | 4 | 3.46 | 0.9123 |\n"
+        "| per volume | 1 | n/a | n/a |\n"
+        "\n"
+        "Severity band agreement per slice: 0.7500.\n"
+    )
     # Each class's own lesion-size table follows the top-level one.
-    assert lines[-15:-13] == ["Class infection:", ""] and lines[-7] == "Class lungs:"
-    assert lines[-5] == "| lungs | Count | Mean area (pixels) | Detection rate | DSC |"
+    class_tables = "".join(
+        f"\nClass {name}:\n\n| {name} | Count | Mean area (pixels) | Detection rate | DSC |\n" + LESION_TABLE
+        for name in ("infection", "lungs")
+    )
+    assert reports.markdown_report(summary, _config()) == (
+        REPORT_HEAD + per_class_section + involvement_section + REPORT_TAIL + class_tables
+    )
 
 
 def test_slices_csv_of_a_lungs_head_adds_each_slices_involvement_empty_where_unscored():
@@ -304,5 +326,6 @@ def test_slices_csv_of_a_lungs_head_adds_each_slices_involvement_empty_where_uns
     assert lines[0] == ",".join(reports.SLICE_COLUMNS + reports.INVOLVEMENT_COLUMNS)
     assert lines[1] == "a,,,1,1,1,1,1,0,ok,1,1,12.5,10"
     assert lines[2] == "b,,,1,1,1,1,1,,both_empty,0,0,,0.333333"
+    assert reports.slices_csv(rows[1:]).splitlines() == [lines[0], lines[2]]
     # Without involvement in the rows, no such columns.
     assert reports.slices_csv(rows[:0]) == ",".join(reports.SLICE_COLUMNS) + "\n"
