@@ -56,7 +56,8 @@ def fold_of(workdir: pathlib.Path) -> int:
 
 def final_student(workdir: pathlib.Path) -> str:
     """The folder name of the last round's student: 'student1' after one round, 'student2' after two."""
-    rounds = [int(path.name[len("student") :]) for path in workdir.glob("student[0-9]*")]
+    suffixes = (path.name[len("student") :] for path in workdir.glob("student[0-9]*"))
+    rounds = [int(suffix) for suffix in suffixes if suffix.isdigit()]
     return f"student{max(rounds, default=1)}"
 
 

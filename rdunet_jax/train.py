@@ -405,7 +405,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 meta.update(epoch_loss_sum=0.0, epoch_steps=0)
                 if is_best:
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
-                    meta.update(epoch=epoch + 1, iterator=None)
+                    meta.update(epoch=epoch + 1)
                     run_checkpoints.save("best", step, state, meta)
                 if _due(epoch, config.checkpoint_every_epochs, config) or stop.signal_number is not None:
                     save_latest(epoch + 1, None)
