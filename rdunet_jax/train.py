@@ -85,7 +85,8 @@ class _Log:
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        # TensorBoard hides the points of the epochs trained again (steps > start_epoch) written before.
+        self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_epoch + 1)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as file:

@@ -354,3 +354,26 @@ def recipe_records(folder, monkeypatch, slice_dice_by_fold: dict) -> None:
         record = {"slices": {"id": list(slice_dice), "dice": list(slice_dice.values())}}
         (folder / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
     monkeypatch.setattr(cv_table, "RECIPE_RECORDS", folder)
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)...]} as TensorBoard shows a folder's event files: read in file-name order
+    (TFRecord framing, tensorboardX's Event protos), a SessionLog START at step s hiding the points of
+    steps >= s written before it (TensorBoard's rule for event files of version 2, which tensorboardX
+    writes; checked once against tensorboard 2.21's EventAccumulator)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = np.frombuffer(data[offset : offset + 8], "<u8")
+            event = Event.FromString(data[offset + 12 : offset + 12 + int(length)])
+            offset += 12 + int(length) + 4  # length, its CRC, the record, its CRC
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                for tag, points in shown.items():
+                    shown[tag] = [(step, value) for step, value in points if step < event.step]
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":  # not the overlays' images
+                    shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return shown

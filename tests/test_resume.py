@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config, tensorboard_scalars
 
 from rdunet_jax import checkpoints, evaluate, models, steps, train, visualize
 from rdunet_jax.errors import UserError
@@ -255,6 +255,14 @@ def _assert_ends_as_the_reference(workdir, reference):
     assert best_meta == reference.best[1]
     assert _log_records(workdir) == _log_records(reference.workdir)
     assert _test_metrics(workdir) == _test_metrics(reference.workdir)
+    # TensorBoard shows each epoch once (an epoch trained again replaces its first points), as the log has it.
+    scalars = tensorboard_scalars(pathlib.Path(workdir) / "tensorboard")
+    for key in ("loss", "val_loss", "learning_rate"):
+        logged = [(record["epoch"], record[key]) for record in _log_records(workdir) if key in record]
+        assert [step for step, _ in scalars[key]] == [epoch for epoch, _ in logged], key
+        np.testing.assert_allclose(
+            [value for _, value in scalars[key]], [value for _, value in logged], rtol=1e-6
+        )
 
 
 def test_the_best_checkpoint_has_the_lowest_validation_loss_and_eval_checkpoint_picks_best_or_last(
