@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     # The gradients' norm too: an infinite gradient of a finite loss makes the new parameters NaN, which a
     # check of the loss alone would let the step's checkpoint keep.
-    return state, {"loss": loss, "gradient_norm": optax.global_norm(grads)}
+    return state, {"loss": loss, "gradient_norm": optax.tree_utils.tree_norm(grads)}
 
 
 def _mean_teacher_terms(state: TrainState, batch: dict, dropout_key):
