@@ -11,9 +11,10 @@ import pathlib
 import shutil
 import time
 
+import jax
 import orbax.checkpoint as ocp
 
-from rdunet_jax import orientation
+from rdunet_jax import devices, orientation
 from rdunet_jax.errors import UserError
 
 # The `model.*` keys that define the function a checkpoint's parameters belong to; `head` and `classes`
@@ -211,10 +212,22 @@ class RunCheckpoints:
         return restored.state, restored.meta
 
     def quarantine(self, kind: str, step: int) -> pathlib.Path:
-        """Moves a damaged step out of `kind` (to `damaged/`), so it is neither read nor overwritten."""
-        destination = self.directory / "damaged" / f"{kind}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / kind / str(step)), destination)
+        """Moves a damaged step out of `kind` (to `damaged/`), so it is neither read nor overwritten.
+
+        Every host of a run calls this; the first moves the folder once (the others would race it on
+        shared storage) and all then see it gone. The name, from the folder's own time, is the same on
+        every host."""
+        source = self.directory / kind / str(step)
+        written = time.strftime("%Y%m%d-%H%M%S", time.localtime(source.stat().st_mtime))
+        destination = self.directory / "damaged" / f"{kind}-{step}-{written}"
+        suffix = 1
+        while destination.exists():  # the same step damaged again within a second
+            destination, suffix = destination.with_name(f"{kind}-{step}-{written}-{suffix}"), suffix + 1
+        devices.wait_for_every_host(f"rdunet_quarantine_named_{kind}_{step}")
+        if jax.process_index() == 0:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), destination)
+        devices.wait_for_every_host(f"rdunet_quarantine_moved_{kind}_{step}")
         self._managers[kind].reload()
         return destination
 

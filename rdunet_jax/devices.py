@@ -148,4 +148,7 @@ def host_batches(source, config, epoch: int):
 
 def replicate(tree, mesh: Mesh):
     """Copies every leaf to every device of the mesh (parameters, optimizer state)."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    # Through host memory: a leaf restored from a checkpoint is committed to this host's device, and
+    # putting it on the other hosts' devices too is a cross-host transfer the CPU backend refuses; from
+    # host values each host fills its own devices (every host holds the same values).
+    return jax.device_put(jax.device_get(tree), NamedSharding(mesh, PartitionSpec()))

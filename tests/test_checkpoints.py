@@ -1,6 +1,7 @@
 """Orbax round trips of the whole train state."""
 
 import asyncio
+import threading
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import make_tiny_config
 
-from rdunet_jax import checkpoints, models, steps
+from rdunet_jax import checkpoints, devices, models, steps
 from rdunet_jax.errors import UserError
 
 
@@ -132,3 +133,46 @@ def test_restore_weights_calls_a_checkpoint_with_cut_files_damaged_in_one_line(t
             path.write_bytes(b"")
     with pytest.raises(UserError, match=r"^model_init: checkpoint step 1 in .*latest is damaged \("):
         checkpoints.restore_weights(tmp_path, config.model, config.data)
+
+
+def test_a_damaged_step_is_moved_aside_once_by_the_first_host_and_then_gone_for_every_host(
+    tmp_path, tiny_state, monkeypatch
+):
+    # Two hosts of one run on shared storage, as threads: each its own managers, its own process index,
+    # the coordination service's barrier a threading.Barrier.
+    directory = tmp_path / "checkpoints"
+    writer = checkpoints.RunCheckpoints(directory)
+    for step in (1, 2):
+        writer.save("latest", step, tiny_state, {"epoch": step})
+    writer.close()
+    files = sorted(path.name for path in (directory / "latest" / "2").iterdir())
+    hosts = [checkpoints.RunCheckpoints(directory, create=False) for _ in range(2)]
+    barrier, barrier_names, host = threading.Barrier(2, timeout=60), [], threading.local()
+    monkeypatch.setattr(jax, "process_index", lambda: getattr(host, "index", 0))
+    monkeypatch.setattr(
+        devices, "wait_for_every_host", lambda name: (barrier_names.append(name), barrier.wait())
+    )
+    moved_to, errors = [None, None], []
+
+    def quarantine(index):
+        host.index = index
+        try:
+            moved_to[index] = hosts[index].quarantine("latest", 2)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=quarantine, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    (moved,) = (directory / "damaged").iterdir()
+    assert moved.name.startswith("latest-2-")
+    assert moved_to == [moved, moved]  # both hosts report the same folder
+    assert sorted(path.name for path in moved.iterdir()) == files
+    assert all(run_checkpoints.all_steps("latest") == [1] for run_checkpoints in hosts)
+    assert len(set(barrier_names)) == len(barrier_names) // 2 >= 1  # each barrier by both hosts, distinct
+    for run_checkpoints in hosts:
+        run_checkpoints.close()

@@ -216,7 +216,9 @@ def restore_latest(workdir, target_state):
 
 
 @pytest.mark.slow
-def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, tiny_config, tiny_state):
+def test_two_processes_end_with_the_parameters_of_one_process_and_resume_past_a_damaged_checkpoint(
+    tmp_path, tiny_config, tiny_state
+):
     one_process, two_processes = tmp_path / "one_process", tmp_path / "two_processes"
     train.train_and_evaluate(tiny_config, one_process)
     outputs = run_processes(two_processes, tmp_path)
@@ -239,3 +241,19 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, tiny_con
         }
         worst = max(differences, key=differences.get)
         assert differences[worst] < 5e-4, f"{part}{worst} differs by {differences[worst]:.2e}"
+
+    # Both processes find the last checkpoint damaged: the first moves it aside once, both resume from the
+    # one before, and the run ends where it ended.
+    for path in (two_processes / "checkpoints" / "latest" / "4").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the arrays' data, not the metadata
+            path.unlink()
+    outputs = run_processes(two_processes, tmp_path)
+    (moved,) = (two_processes / "checkpoints" / "damaged").iterdir()
+    for output in outputs:
+        assert f"moved it to {moved} and resumed from step 2" in output, output
+    resumed, _ = restore_latest(two_processes, tiny_state)
+    assert int(resumed.step) == 4
+    for expected, actual in zip(
+        jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(resumed), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=5e-4)
