@@ -107,6 +107,17 @@ TESTS = {
     ],
     # Atomic writes and the workdir lock.
     "files": ["tests/test_files.py"],
+    # Checkpoints: the round trip, the architecture/orientation/mean-teacher checks, `model_init`'s weights,
+    # a damaged step moved aside (the training loop's resume tests exercise the rest).
+    "checkpoints": ["tests/test_checkpoints.py", "tests/test_resume.py", "tests/test_mean_teacher.py"],
+    # The train step (loss, gradient norm, dropout key), the staircase schedule, both consistency terms,
+    # the eval step and restoring a run's state.
+    "steps": [
+        "tests/test_steps.py",
+        "tests/test_mean_teacher.py",
+        "tests/test_fixmatch.py",
+        "tests/test_resume.py",
+    ],
     # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py", "tests/test_onnx_export.py"],
     # The written reports: number formats, the per-slice CSV, the paper's tables, the per-class and
