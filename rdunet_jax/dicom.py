@@ -26,6 +26,8 @@ SKIPPED_SUFFIXES = (".txt", ".json", ".md", ".csv", ".xml", ".html", ".pdf", ".z
 ORIENTATION_TOLERANCE = 1e-4
 # Steps between slice positions further than this fraction from their median are uneven.
 SPACING_TOLERANCE = 0.1
+# Pixel spacings of one series' files agree within this many mm.
+SPACING_TOLERANCE_MM = 1e-3
 
 
 def _pydicom():
@@ -176,11 +178,22 @@ def series_geometry(files: list) -> SeriesGeometry:
         other = np.asarray(_required(path, header, "ImageOrientationPatient"), float)
         if other.shape != (6,) or np.abs(other - orientation).max() > ORIENTATION_TOLERANCE:
             raise UserError(
-                f"{path}: ImageOrientationPatient {list(other)} differs from {first_path.name}'s "
-                f"{list(orientation)} (mixed orientations in one series)"
+                f"{path}: ImageOrientationPatient {other.tolist()} differs from {first_path.name}'s "
+                f"{orientation.tolist()} (mixed orientations in one series)"
             )
         if _pixel_grid(path, header) != grid:
             raise UserError(f"{path}: {header.Rows}x{header.Columns} pixels, {first_path.name} {grid}")
+        other_spacing = np.asarray(_required(path, header, "PixelSpacing"), float)
+        # One spacing makes the volume's affine and the SEG's shared pixel measures: a slice at another
+        # would be drawn and measured at the wrong size.
+        if (
+            other_spacing.shape != spacing.shape
+            or np.abs(other_spacing - spacing).max() > SPACING_TOLERANCE_MM
+        ):
+            raise UserError(
+                f"{path}: PixelSpacing {other_spacing.tolist()} differs from {first_path.name}'s "
+                f"{spacing.tolist()} (mixed pixel spacings in one series)"
+            )
         if int(header.get("NumberOfFrames", 1) or 1) != 1:
             raise UserError(f"{path}: a multi-frame image; only single-frame CT series are read")
         _check_decoder(path, header)
@@ -284,7 +297,7 @@ SEGMENT_LABEL = "COVID-19 lesion"
 
 # What a DICOM SEG copies from its source images: type 1 UIDs it cannot do without, and type 2 attributes
 # (required, but may be empty) that anonymisers often delete and highdicom reads unguarded.
-SEGMENTATION_REFERENCES = ("StudyInstanceUID", "FrameOfReferenceUID")
+SEGMENTATION_REFERENCES = ("StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID")
 SEGMENTATION_TYPE_2 = (
     "PatientName",
     "PatientID",

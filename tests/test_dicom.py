@@ -413,6 +413,13 @@ def _mixed_orientation(folder):
     data.save_as(folder / "img002.dcm")
 
 
+def _mixed_spacing(folder):
+    write_series(folder, _phantom_hu())
+    data = pydicom.dcmread(folder / "img002.dcm")
+    data.PixelSpacing = [1.6, 1.4]
+    data.save_as(folder / "img002.dcm")
+
+
 def _not_ct(folder):
     write_series(folder, _phantom_hu())
     data = pydicom.dcmread(folder / "img001.dcm")
@@ -536,7 +543,16 @@ def _without_rescale(folder):
 @pytest.mark.parametrize(
     "break_series, message",
     [
-        (_mixed_orientation, r"img002.dcm: ImageOrientationPatient .* \(mixed orientations in one series\)"),
+        (
+            _mixed_orientation,
+            r"img002.dcm: ImageOrientationPatient \[1.0, 0.0, 0.0, 0.0, 0.0, -1.0\] differs from "
+            r"img\d{3}.dcm's \[1.0, 0.0, 0.0, 0.0, 1.0, 0.0\] \(mixed orientations in one series\)$",
+        ),
+        (
+            _mixed_spacing,
+            r"img002.dcm: PixelSpacing \[1.6, 1.4\] differs from img\d{3}.dcm's \[0.8, 0.7\] \(mixed pixel "
+            r"spacings in one series\)$",
+        ),
         (_not_ct, "img001.dcm: modality MR, not CT"),
         (_truncated, r"img002.dcm: truncated DICOM file \(\d+ bytes, its pixel data end at \d+\)"),
         (
@@ -852,7 +868,9 @@ def test_the_segmentation_keeps_the_series_slice_thickness_and_leaves_its_header
 
 
 @pytest.mark.parametrize("emptied", [False, True])
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID"])
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID"]
+)
 def test_a_series_without_the_uids_a_segmentation_references_is_refused_before_anything_is_written(
     tmp_path, monkeypatch, keyword, emptied
 ):
