@@ -342,12 +342,20 @@ def segmentation_writer():
     return highdicom
 
 
+def _segment_codes(class_name: str, codes) -> tuple:
+    """(category, type) of a segment: the lungs are anatomy, every other class a lesion."""
+    if class_name.lower() in ("lung", "lungs"):
+        return codes.SCT.AnatomicalStructure, codes.SCT.Lung
+    return codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion
+
+
 def write_segmentation(
-    path: pathlib.Path, geometry: SeriesGeometry, mask_volume: np.ndarray, step: int
+    path: pathlib.Path, geometry: SeriesGeometry, mask_volume: np.ndarray, step: int, class_names=None
 ) -> None:
-    """Writes the (column, row, slice) {0, 1} mask as a binary DICOM SEG of the series (highdicom): one
-    segment, SEGMENT_LABEL, each frame referencing its source image; written to a temporary name and
-    renamed."""
+    """Writes the (column, row, slice) mask as a binary DICOM SEG of the series (highdicom), each frame
+    referencing its source image; written to a temporary name and renamed. A {0, 1} mask is one segment,
+    SEGMENT_LABEL; with `class_names` (a multi-class head) the mask is its label map and value k becomes
+    segment k, labelled with the k-th class name."""
     highdicom = segmentation_writer()
     from pydicom.sr.codedict import codes
 
@@ -358,21 +366,25 @@ def write_segmentation(
         family=codes.cid7162.ArtificialIntelligence,
         version=str(step),
     )
-    segment = highdicom.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
+    labels = [SEGMENT_LABEL] if class_names is None else list(class_names)
+    segments = [
+        highdicom.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=_segment_codes(label, codes)[0],
+            segmented_property_type=_segment_codes(label, codes)[1],
+            algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, label in enumerate(labels, start=1)
+    ]
     sources = [_completed_for_segmentation(header, geometry.zooms[2]) for _, header in geometry.files]
     frames = np.ascontiguousarray(np.transpose(mask_volume, (2, 1, 0)), dtype=np.uint8)  # (slice, row, col)
     segmentation = highdicom.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
+        segment_descriptions=segments,
         series_instance_uid=highdicom.UID(),
         series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 1000,
         sop_instance_uid=highdicom.UID(),
@@ -381,7 +393,7 @@ def write_segmentation(
         manufacturer_model_name="Residual Dilated U-net",
         software_versions=str(step),
         device_serial_number="0",
-        series_description=f"{SEGMENT_LABEL} (rdunet_jax)",
+        series_description=f"{', '.join(labels)} (rdunet_jax)",
     )
     with atomic_path(path) as temporary:
         segmentation.save_as(temporary)

@@ -170,7 +170,8 @@ def predict_volume(
 
         # The mask just written, read back whole: a SEG is encoded from all its frames at once.
         mask_volume = np.asarray(nibabel.load(outputs["mask"]).dataobj)
-        dicom.write_segmentation(outputs["segmentation"], geometry, mask_volume, predictor.step)
+        class_names = None if tally is None else tuple(config.data.classes)
+        dicom.write_segmentation(outputs["segmentation"], geometry, mask_volume, predictor.step, class_names)
         summary["series_uid"] = str(geometry.files[0][1].SeriesInstanceUID)
         summary["segmentation"] = str(outputs["segmentation"])
     if truth is not None:

@@ -239,6 +239,40 @@ class ImagePredictor(inference.Predictor):
         return images
 
 
+# Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
+# W1500/L-600 maps -900 HU to 0.3 (background), -600 HU to 0.5 (class 1), 0 HU to 0.9 (class 2).
+AIR, CLASS_1, CLASS_2 = -900, -600, 0
+
+
+class IntensityClassPredictor(inference.Predictor):
+    """Exclusive: one-hot probabilities of the class of each pixel's windowed intensity (< 0.4
+    background, < 0.8 class 1, else class 2); multilabel: (0.4 <= x, 0.8 <= x), overlapping channels."""
+
+    step = 5
+
+    def __init__(self, head):
+        self.head = head
+
+    def _probabilities(self, images):
+        x = np.asarray(images)[..., 0]
+        first, second = x >= 0.4, x >= 0.8
+        if self.head == "exclusive":
+            channels = [~first, first & ~second, second]
+        else:
+            channels = [first, second]
+        return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def class_phantom(shape=(32, 32, 3)):
+    """A volume at the model's in-plane size (no resize, so the expected labels are exact)."""
+    volume = np.full(shape, AIR, np.int16)
+    expected = np.zeros(shape, np.uint8)
+    for index in range(shape[2]):
+        volume[4 : 20 + index, 3:15, index], expected[4 : 20 + index, 3:15, index] = CLASS_1, 1
+        volume[22:26, 10 : 20 + 2 * index, index], expected[22:26, 10 : 20 + 2 * index, index] = CLASS_2, 2
+    return volume, expected
+
+
 # --- Independent references for surface distances ----------------------------------------------------------
 
 

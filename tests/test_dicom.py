@@ -11,6 +11,8 @@ from helpers import (
     CANONICAL_AFFINE,
     EXACT_WINDOW,
     ImagePredictor,
+    IntensityClassPredictor,
+    class_phantom,
     in_canonical_voxels,
     make_tiny_config,
     real_display_slices,
@@ -799,6 +801,43 @@ def test_a_series_without_type_2_attributes_still_gets_its_segmentation(tmp_path
     assert float(measures.SliceThickness) == pytest.approx(3.0)
     assert segmentation.SeriesNumber == 1000  # a series without a number counts as 0
     assert "PatientID" not in pydicom.dcmread(tmp_path / "series" / "img000.dcm")
+
+
+@pytest.mark.parametrize(
+    "head, classes, property_types",
+    [
+        ("exclusive", ("ggo", "consolidation"), ["52988006", "52988006"]),  # lesion, lesion
+        ("multilabel", ("lungs", "infection"), ["39607008", "52988006"]),  # lung, lesion
+    ],
+)
+def test_a_multi_class_model_writes_one_segment_per_class_each_frame_its_class(
+    tmp_path, head, classes, property_types
+):
+    import highdicom
+
+    volume, expected = class_phantom()  # (rows, columns, slices): HU in, the label map out
+    write_series(tmp_path / "series", volume.astype(np.float64), order=[2, 0, 1])
+    config = make_tiny_config()
+    config.model.head, config.data.classes = head, classes
+    config.loss = "dice_ce" if head == "exclusive" else "dice"
+    predictor = IntensityClassPredictor(head)
+    predict.predict_path(config, None, tmp_path / "series", tmp_path / "out", predictor=predictor)
+    segmentation = highdicom.seg.segread(tmp_path / "out" / "series_seg.dcm")
+    assert [segment.SegmentLabel for segment in segmentation.SegmentSequence] == list(classes)
+    assert [
+        segment.SegmentedPropertyTypeCodeSequence[0].CodeValue for segment in segmentation.SegmentSequence
+    ] == property_types
+    sources = {}
+    for path in (tmp_path / "series").iterdir():
+        data = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[data.SOPInstanceUID] = round((float(data.ImagePositionPatient[2]) + 200.0) / 2.5)
+    uids = sorted(sources)
+    for number in (1, 2):  # segment k: where the label map (the multilabel one: the last class on) is k
+        frames = segmentation.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[number], ignore_spatial_locations=True
+        )[..., 0]
+        for uid, frame in zip(uids, frames, strict=True):
+            np.testing.assert_array_equal(frame, expected[:, :, sources[uid]] == number)
 
 
 def test_a_one_slice_series_gets_a_one_frame_segmentation(tmp_path):

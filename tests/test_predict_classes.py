@@ -6,44 +6,11 @@ import json
 import nibabel
 import numpy as np
 import pytest
-from helpers import ROTATED_AFFINE, make_tiny_config, save_nifti
+from helpers import ROTATED_AFFINE, IntensityClassPredictor, class_phantom, make_tiny_config, save_nifti
 from PIL import Image
 
-from rdunet_jax import inference, involvement, predict, predict_classes, visualize
+from rdunet_jax import involvement, predict, predict_classes, visualize
 from rdunet_jax.errors import UserError
-
-# Hounsfield units of the phantom's tissues and the class the stand-in model gives them: the lung window
-# W1500/L-600 maps -900 HU to 0.3 (background), -600 HU to 0.5 (class 1), 0 HU to 0.9 (class 2).
-AIR, CLASS_1, CLASS_2 = -900, -600, 0
-
-
-class IntensityClassPredictor(inference.Predictor):
-    """Exclusive: one-hot probabilities of the class of each pixel's windowed intensity (< 0.4
-    background, < 0.8 class 1, else class 2); multilabel: (0.4 <= x, 0.8 <= x), overlapping channels."""
-
-    step = 5
-
-    def __init__(self, head):
-        self.head = head
-
-    def _probabilities(self, images):
-        x = np.asarray(images)[..., 0]
-        first, second = x >= 0.4, x >= 0.8
-        if self.head == "exclusive":
-            channels = [~first, first & ~second, second]
-        else:
-            channels = [first, second]
-        return np.stack(channels, axis=-1).astype(np.float32)
-
-
-def _phantom(shape=(32, 32, 3)):
-    """A volume at the model's in-plane size (no resize, so the expected labels are exact)."""
-    volume = np.full(shape, AIR, np.int16)
-    expected = np.zeros(shape, np.uint8)
-    for index in range(shape[2]):
-        volume[4 : 20 + index, 3:15, index], expected[4 : 20 + index, 3:15, index] = CLASS_1, 1
-        volume[22:26, 10 : 20 + 2 * index, index], expected[22:26, 10 : 20 + 2 * index, index] = CLASS_2, 2
-    return volume, expected
 
 
 def _config(head, classes):
@@ -54,7 +21,7 @@ def _config(head, classes):
 
 
 def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
-    volume, expected = _phantom()
+    volume, expected = class_phantom()
     source = save_nifti(tmp_path / "case.nii.gz", volume)
     config = _config("exclusive", ("ggo", "consolidation"))
     (summary,) = predict.predict_path(
@@ -81,7 +48,7 @@ def test_exclusive_label_map_nifti_round_trip_with_class_volumes(tmp_path):
 
 
 def test_a_label_map_of_a_volume_stored_along_another_axis_lands_on_its_voxels(tmp_path):
-    volume, expected = _phantom()
+    volume, expected = class_phantom()
     # Voxel axes stored as (0, 2, 1): the third is no longer head to foot, so the volume is turned whole.
     swap = np.array([[0, 1], [2, 1], [1, 1]])
     nibabel.save(nibabel.Nifti1Image(volume, ROTATED_AFFINE).as_reoriented(swap), tmp_path / "turned.nii.gz")
@@ -99,7 +66,7 @@ def test_a_label_map_of_a_volume_stored_along_another_axis_lands_on_its_voxels(t
 
 
 def test_multilabel_lungs_and_infection_summary_has_the_involvement(tmp_path):
-    volume, expected = _phantom()
+    volume, expected = class_phantom()
     source = save_nifti(tmp_path / "case.nii.gz", volume)
     truth = save_nifti(tmp_path / "truth.nii.gz", expected)
     config = _config("multilabel", ("lungs", "infection"))
@@ -150,7 +117,7 @@ def test_image_prediction_writes_a_palette_label_map(tmp_path):
 
 
 def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
-    volume, expected = _phantom()
+    volume, expected = class_phantom()
     expected[0, 0, 1] = 3  # two classes: 0..2 only
     source = save_nifti(tmp_path / "case.nii.gz", volume)
     truth = save_nifti(tmp_path / "truth.nii.gz", expected)
@@ -170,7 +137,7 @@ def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_nam
 
 
 def test_a_ground_truth_label_map_of_another_shape_is_refused_naming_the_file(tmp_path):
-    volume, expected = _phantom()
+    volume, expected = class_phantom()
     source = save_nifti(tmp_path / "case.nii.gz", volume)
     truth = save_nifti(tmp_path / "truth.nii.gz", expected[:, :30])
     config = _config("exclusive", ("ggo", "consolidation"))
