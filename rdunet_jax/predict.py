@@ -130,18 +130,20 @@ def predict_volume(
             pixels = int(mask.sum())
             lesion_voxels += pixels
             slices_with_lesion += pixels > 0
-            target = None
+            target = drawn_target = None
             if truth is not None:
                 labels = np.rint(expert_labels)
-                target = np.isin(labels, readers.NIFTI_LESION_LABELS)
+                target = drawn_target = np.isin(labels, readers.NIFTI_LESION_LABELS)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
+                if tally is not None:  # the expert's classes drawn as the prediction's are
+                    drawn_target = predict_classes.expert_class_masks(labels, tally.classes)
             if pixels and num_overlays:
                 if scale is None:
                     shown = input_pipeline.window_hounsfield(hu_slice, hu_window)
                 else:
                     shown = hu_slice.astype(np.float32) / 255.0
-                entry = (pixels, -index, shown, drawn, target)
+                entry = (pixels, -index, shown, drawn, drawn_target)
                 (heapq.heappush if len(largest) < num_overlays else heapq.heappushpop)(largest, entry)
     write_volume_overlays(outputs["overlays"], largest, model_orientation, tuple(config.data.classes))
     zooms = [float(value) for value in image.header.get_zooms()[:3]]
@@ -196,12 +198,11 @@ def write_volume_overlays(
         return orientation.to_display(array, model_orientation)
 
     for _, negative_index, display, mask, target in largest:
+        target = None if target is None else shown(target)
         if mask.ndim == 3:
-            rgb = visualize.class_overlay_image(shown(display), shown(mask), None, class_names)
+            rgb = visualize.class_overlay_image(shown(display), shown(mask), target, class_names)
         else:
-            rgb = visualize.overlay_image(
-                shown(display), shown(mask), None if target is None else shown(target)
-            )
+            rgb = visualize.overlay_image(shown(display), shown(mask), target)
         visualize.write_png(folder / f"slice_{-negative_index:04d}.png", rgb)
 
 
@@ -237,20 +238,30 @@ def predict_images(predictor, config, jobs: list[tuple], window_reference=None) 
         input_file, outputs, ground_truth, image = payload
         target = None
         if ground_truth is not None:  # checked before anything of this input is written
-            target = readers.read_binary_mask(ground_truth)
-            readers.check_same_size(image, target, input_file, ground_truth)
+            target = read_image_truth(image, input_file, ground_truth, config)
         if config.model.get("head", "binary") != "binary":
-            predict_classes.write_image_outputs(outputs, image, probabilities, config)
+            predict_classes.write_image_outputs(outputs, image, probabilities, config, target)
             continue
         mask = mask_at_input_size(probabilities, image.shape, config.eval.threshold)
         visualize.write_png(outputs["mask"], mask * 255)
         visualize.write_png(outputs["overlay"], visualize.overlay_image(image, mask, target))
 
 
+def read_image_truth(image, input_file, ground_truth, config) -> np.ndarray:
+    """A slice's expert mask, of its size: {0, 1} for a binary model, else a label map 0..K (k the k-th
+    of `data.classes`), as the multi-class models' own masks are."""
+    if config.model.get("head", "binary") == "binary":
+        target = readers.read_binary_mask(ground_truth)
+    else:
+        target = readers.read_label_image(ground_truth, range(len(config.data.classes) + 1))
+    readers.check_same_size(image, target, input_file, ground_truth)
+    return target
+
+
 # --- The command -----------------------------------------------------------------------------------------
 
 
-def verify_inputs(jobs: list[tuple], input_units: str, series: str | None) -> None:
+def verify_inputs(jobs: list[tuple], input_units: str, series: str | None, config) -> None:
     """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
     shape, (uncompressed) length and the units of a few slices) and checks their sizes agree, so a bad
     file fails before any output is written."""
@@ -267,8 +278,7 @@ def verify_inputs(jobs: list[tuple], input_units: str, series: str | None) -> No
         else:
             image = readers.read_grayscale_image(input_file)
             if ground_truth is not None:
-                target = readers.read_binary_mask(ground_truth)
-                readers.check_same_size(image, target, input_file, ground_truth)
+                read_image_truth(image, input_file, ground_truth, config)
 
 
 def predict_path(
@@ -325,12 +335,13 @@ def predict_path(
         )
         for input_file in inputs
     ]
+    _check_ground_truth_found(jobs, ground_truth, single)
     # The training slices are read before the checkpoint is restored, so missing data fails fast.
     window_reference = _training_window(config) if input_window == "match" else None
     if predictor is None:
         model = inference.build_model(config)
         state = steps.restore_state(config, workdir, checkpoint_step, model=model)
-    verify_inputs(jobs, input_units, series)
+    verify_inputs(jobs, input_units, series, config)
     if predictor is None:
         predictor = predictors.for_config(config, model, state)
     created = prediction_files.missing_folders(output_dir)
@@ -339,6 +350,23 @@ def predict_path(
     except BaseException:
         prediction_files.remove_empty_folders(created)
         raise
+
+
+def _check_ground_truth_found(jobs: list[tuple], ground_truth, single: bool) -> None:
+    """A `--ground_truth` folder must hold the mask of at least one input; inputs without one are said."""
+    if ground_truth is None or single:
+        return
+    missing = [input_file for input_file, _, truth in jobs if truth is None]
+    if len(missing) == len(jobs):
+        raise UserError(
+            f"--ground_truth: no file in {ground_truth} has the name of an input (first: {missing[0].name})"
+        )
+    if missing:
+        print(
+            f"warning: --ground_truth: no mask in {ground_truth} for {len(missing)} of {len(jobs)} inputs "
+            f"(first: {missing[0].name}); they are drawn and summarised without one",
+            flush=True,
+        )
 
 
 def _training_window(config) -> np.ndarray:
@@ -365,7 +393,13 @@ def _predict_jobs(
     summaries, image_jobs = [], []
     for input_file, outputs, truth in jobs:
         if volumes.input_kind(input_file) in ("nifti", "dicom"):
-            summary = predict_volume(predictor, config, input_file, outputs, truth, input_units, series)
+            try:
+                summary = predict_volume(predictor, config, input_file, outputs, truth, input_units, series)
+            except BaseException:
+                # A volume's outputs are one set: none is left without the others (the mask without its
+                # SEG or summary).
+                prediction_files.remove_outputs(outputs)
+                raise
             print(
                 f"{input_file}: lesion {summary['lesion_volume_ml']:.1f} mL in "
                 f"{summary['slices_with_lesion']}/{summary['num_slices']} slices -> {outputs['mask']}",

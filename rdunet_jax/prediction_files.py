@@ -3,6 +3,7 @@ checks on the output folder made before anything is written (predict.py)."""
 
 import os
 import pathlib
+import shutil
 
 from rdunet_jax import volumes
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
@@ -76,6 +77,15 @@ def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
     return missing
 
 
+def remove_outputs(outputs: dict) -> None:
+    """Removes the outputs of one input that exist (files, and the overlays folder with its contents)."""
+    for path in outputs.values():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def remove_empty_folders(folders: list[pathlib.Path]) -> None:
     """Removes the `folders` (deepest first) that are empty, stopping at the first that is not."""
     for folder in folders:
@@ -91,17 +101,24 @@ def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> Non
     """Refuses, before any work, when an output exists (unless `overwrite`) or two inputs share one."""
     seen = {}
     for input_file in inputs:
-        for path in output_paths(input_file, output_dir).values():
+        for key, path in output_paths(input_file, output_dir).items():
             if path in seen:
                 raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
             seen[path] = input_file
             if path.exists() and not overwrite:
                 raise UserError(f"--output: {path} exists; pass --overwrite to replace it")
+            if path.exists() and path.is_dir() != (key == "overlays"):
+                # --overwrite replaces outputs, not entries of another kind under their names.
+                kind = "a folder" if path.is_dir() else "a file"
+                raise UserError(
+                    f"--output: {path} is {kind}, not the output prediction writes there; move it"
+                )
 
 
 def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool) -> pathlib.Path | None:
     """The expert mask of `input_file`: the `ground_truth` file itself for one input, else the file of
-    the same name in the `ground_truth` folder (None when absent)."""
+    the same name in the `ground_truth` folder, or else the one of the same stem in another format (None
+    when absent)."""
     if ground_truth is None:
         return None
     ground_truth = pathlib.Path(ground_truth)
@@ -114,7 +131,20 @@ def ground_truth_for(input_file: pathlib.Path, ground_truth, single_input: bool)
         )
     if ground_truth.is_dir():
         candidate = ground_truth / input_file.name
-        return candidate if candidate.exists() else None
+        if candidate.exists():
+            return candidate
+        # Masks are often stored in another format than their slices (COVID-SemiSeg: Imgs/N.jpg, GT/N.png).
+        same_stem = sorted(
+            path
+            for path in ground_truth.iterdir()
+            if path.is_file() and volumes.input_kind(path) and stem(path) == stem(input_file)
+        )
+        if len(same_stem) > 1:
+            names = ", ".join(path.name for path in same_stem)
+            raise UserError(
+                f"--ground_truth: {names} in {ground_truth} all match {input_file.name}; keep one"
+            )
+        return same_stem[0] if same_stem else None
     if not single_input:
         raise UserError(f"--ground_truth: {ground_truth} must be a folder when --input is a folder")
     if not ground_truth.exists():

@@ -153,6 +153,21 @@ def test_an_interrupted_volume_leaves_no_mask_file(tmp_path):
     assert not (tmp_path / "out").exists()  # no temporary left, and the folder it made is gone
 
 
+def test_a_volume_whose_last_output_fails_leaves_none_of_its_outputs(tmp_path, monkeypatch):
+    volume, _ = _volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("kept")
+
+    def full_disk(path, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predict, "write_json_atomic", full_disk)  # the summary, written last
+    with pytest.raises(OSError, match="No space left"):
+        predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", predictor=ImagePredictor())
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["notes.txt"]  # no mask, no overlays
+
+
 def _no_model(monkeypatch):
     def no_restore(*args, **kwargs):
         raise AssertionError("the checkpoint was restored")
@@ -170,6 +185,26 @@ def test_an_output_that_is_a_file_is_refused_before_restoring(tmp_path, monkeypa
     with pytest.raises(UserError, match=f"^--output: {output} exists and is not a folder$"):
         predict.predict_path(make_tiny_config(), tmp_path / "run", tmp_path / "in", output / "below")
     assert output.read_text() == "a file"
+
+
+@pytest.mark.parametrize("taken, kind", [("case_overlays", "a file"), ("case_mask.nii.gz", "a folder")])
+def test_overwrite_refuses_an_output_name_taken_by_the_other_kind_of_entry(
+    tmp_path, monkeypatch, taken, kind
+):
+    _no_model(monkeypatch)
+    volume, _ = _volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    (tmp_path / "out").mkdir()
+    if kind == "a file":
+        (tmp_path / "out" / taken).write_text("notes")
+    else:
+        (tmp_path / "out" / taken).mkdir()
+    with pytest.raises(UserError) as error:
+        predict.predict_path(make_tiny_config(), tmp_path / "run", source, tmp_path / "out", overwrite=True)
+    assert str(error.value) == (
+        f"--output: {tmp_path / 'out' / taken} is {kind}, not the output prediction writes there; move it"
+    )
+    assert [path.name for path in (tmp_path / "out").iterdir()] == [taken]
 
 
 def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -570,6 +605,60 @@ def test_a_ground_truth_folder_gives_each_slice_its_same_named_mask_and_bad_ones
             ground_truth=tmp_path / "no.png",
         )
     assert str(error.value) == f"--ground_truth: {tmp_path / 'no.png'} does not exist"
+
+
+def test_a_ground_truth_folder_matches_masks_by_stem_says_which_inputs_have_none_and_refuses_ambiguity(
+    tmp_path, capsys
+):
+    # COVID-SemiSeg's layout: Imgs/N.jpg, GT/N.png.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.png"):
+        Image.fromarray(np.full((32, 32), 20, np.uint8)).save(tmp_path / "in" / name)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[:, :10] = 255
+    Image.fromarray(truth).save(tmp_path / "truth" / "a.png")
+    Image.fromarray(truth).save(tmp_path / "truth" / "c.png")
+    (tmp_path / "truth" / "b").mkdir()  # a folder is not b's mask
+    _predict_folder_with_truth_folder(tmp_path)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"warning: --ground_truth: no mask in {tmp_path / 'truth'} for 1 of 3 inputs (first: b.jpg); they "
+        "are drawn and summarised without one"
+    )
+    for name, outlined in (("a", True), ("b", False), ("c", True)):
+        with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:
+            assert (np.asarray(overlay) == 255).all(axis=-1).any() == outlined  # white: the expert outline
+    Image.fromarray(truth).save(tmp_path / "truth" / "a.jpg")  # the same name still wins
+    Image.fromarray(truth).save(tmp_path / "truth" / "b.png")
+    Image.fromarray(truth).save(tmp_path / "truth" / "b.bmp")  # not an image this mode reads
+    save_nifti(tmp_path / "truth" / "b.nii.gz", np.zeros((4, 4, 1), np.uint8))
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in",
+            tmp_path / "again",
+            ground_truth=tmp_path / "truth",
+            predictor=ImagePredictor(),
+        )
+    assert str(error.value) == (
+        f"--ground_truth: b.nii.gz, b.png in {tmp_path / 'truth'} all match b.jpg; keep one"
+    )
+    (tmp_path / "other").mkdir()
+    Image.fromarray(truth).save(tmp_path / "other" / "z.png")
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "in",
+            tmp_path / "again",
+            ground_truth=tmp_path / "other",
+            predictor=ImagePredictor(),
+        )
+    assert str(error.value) == (
+        f"--ground_truth: no file in {tmp_path / 'other'} has the name of an input (first: a.jpg)"
+    )
+    assert not (tmp_path / "again").exists()
 
 
 def test_two_inputs_that_would_write_one_output_are_refused_naming_both(tmp_path):

@@ -156,6 +156,56 @@ def test_a_ground_truth_label_map_of_another_shape_is_refused_naming_the_file(tm
     assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
 
 
+def _white_in_slice(path, size=32) -> np.ndarray:
+    """Where an overlay's slice (above its legend, which has a white 'expert' swatch) is white."""
+    with Image.open(path) as overlay:
+        return (np.asarray(overlay)[:size, :size] == visualize.TARGET_COLOUR).all(axis=-1)
+
+
+def test_an_expert_label_map_is_outlined_in_white_on_a_multi_class_slice_and_volume_overlays(tmp_path):
+    config = _config("exclusive", ("ggo", "consolidation"))
+    image = np.full((32, 32), 20, np.uint8)
+    image[2:10, 2:10] = 150  # class 1 (see test_image_prediction_writes_a_palette_label_map)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[20:30, 0:6], truth[20:30, 20:26] = 1, 2  # where the model finds nothing
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "s.png")
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    predictor = IntensityClassPredictor("exclusive")
+    predict.predict_path(
+        config,
+        None,
+        tmp_path / "in" / "s.png",
+        tmp_path / "out",
+        predictor=predictor,
+        ground_truth=tmp_path / "truth.png",
+    )
+    white = _white_in_slice(tmp_path / "out" / "s_overlay.png")
+    assert white[20, 0] and white[29, 25] and not white[:20].any()  # both classes' outlines, nothing else
+    assert not white[21:29, 1:5].any() and not white[:, 6:20].any()  # outlines, not fills
+    truth[0, 0] = 3  # two classes: 0..2 only
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    with pytest.raises(
+        UserError, match=r"truth\.png: mask values \{3\} outside the known labels \{0, 1, 2\}$"
+    ):
+        predict.predict_path(
+            config,
+            None,
+            tmp_path / "in" / "s.png",
+            tmp_path / "again",
+            predictor=predictor,
+            ground_truth=tmp_path / "truth.png",
+        )
+    volume, expected = class_phantom()
+    expert = np.zeros_like(expected)
+    expert[28:31, 0:3, :] = 1  # a class-1 box the model does not find, on every slice
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    truth_file = save_nifti(tmp_path / "truth.nii.gz", expert)
+    predict.predict_path(config, None, source, tmp_path / "out", predictor=predictor, ground_truth=truth_file)
+    for overlay in sorted((tmp_path / "out" / "case_overlays").glob("*.png")):
+        assert _white_in_slice(overlay).sum() == 8  # the 3x3 box's border, turned for display
+
+
 def _tally(head, classes, threshold=0.5):
     config = make_tiny_config()
     config.model.head, config.data.classes, config.eval.threshold = head, classes, threshold
