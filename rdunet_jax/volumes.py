@@ -134,11 +134,19 @@ def volume_slice(image, index: int, path: pathlib.Path) -> np.ndarray:
     A failed read (a cut or damaged file) is a UserError naming `path`."""
     region = (slice(None), slice(None), index) + ((0,) if len(image.shape) == 4 else ())
     try:
-        return np.asarray(image.dataobj[region], dtype=np.float32)
+        values = np.asarray(image.dataobj[region], dtype=np.float32)
     except READ_ERRORS as error:
         reason = f"{type(error).__name__}: {error}"
         message = f"{path}: corrupt or truncated NIfTI file, slice {index} unreadable ({reason})"
         raise UserError(message) from None
+    # A NaN spreads through every convolution and blanks the slice's mask, and turns the units check's
+    # percentiles into NaN, which passes it.
+    not_finite = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if not_finite:
+        raise UserError(
+            f"{path}: slice {index} holds {not_finite} NaN or infinite values; a volume must be finite"
+        )
+    return values
 
 
 def sampled_slice_indices(num_slices: int) -> list[int]:

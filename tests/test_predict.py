@@ -227,6 +227,24 @@ def test_a_truncated_nifti_gz_is_a_user_error_and_leaves_nothing(tmp_path, monke
     assert [path.name for path in (tmp_path / "kept").iterdir()] == ["other.txt"]
 
 
+@pytest.mark.parametrize("bad_slice", [0, 5])  # a slice the units check samples, and one it does not
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_volume_with_nan_or_infinite_values_is_one_line_naming_the_slice_and_leaves_nothing(
+    tmp_path, bad_slice, value
+):
+    volume = _volume((45, 37, 12))[0].astype(np.float32)
+    volume[3:8, 4:6, bad_slice] = value  # 10 voxels
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    assert (bad_slice in volumes.sampled_slice_indices(12)) == (bad_slice == 0)
+    with pytest.raises(UserError) as error:
+        predict.predict_path(make_tiny_config(), None, source, tmp_path / "out", predictor=ImagePredictor())
+    assert (
+        str(error.value)
+        == f"{source}: slice {bad_slice} holds 10 NaN or infinite values; a volume must be finite"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def _truncated_nifti(path):
     save_nifti(path, _volume((20, 20, 4))[0])
     path.write_bytes(path.read_bytes()[:-100])

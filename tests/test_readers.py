@@ -32,6 +32,25 @@ def test_colour_and_palette_slices_are_read_as_their_luminance(tmp_path):
     assert image.dtype == np.uint8
 
 
+@pytest.mark.parametrize(
+    "array, mode",
+    [
+        (np.array([[0, 1000, 4000]], np.uint16), "I;16"),  # a 16-bit PNG: Pillow's 8-bit conversion clips
+        (np.array([[0, 1000, 4000]], np.int32), "I"),  # TIFF (PNG writes no 32-bit grey)
+        (np.array([[0.0, 0.5, 1.0]], np.float32), "F"),
+    ],
+)
+def test_a_slice_of_more_than_8_bits_a_pixel_is_refused_not_clipped(tmp_path, array, mode):
+    path = tmp_path / ("slice.png" if mode == "I;16" else "slice.tif")
+    Image.fromarray(array).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+    assert refusal(readers.read_grayscale_image, path) == (
+        f"{path}: a {mode} image (more than 8 bits a pixel); slices must be 8-bit images in a display "
+        "window (give CT in Hounsfield units as NIfTI or DICOM)"
+    )
+
+
 def test_masks_keep_palette_indices_and_read_1_bit_and_0_1_masks_as_lesion(tmp_path):
     save_png(tmp_path / "classes.png", np.array([[0, 1, 2]], np.uint8), palette=True)
     classes = readers.read_label_image(tmp_path / "classes.png", (0, 1, 2))

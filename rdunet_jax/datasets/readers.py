@@ -38,6 +38,12 @@ def read_grayscale_image(path) -> np.ndarray:
     """A slice image as (H, W) uint8; colour and palette images are converted to luminance."""
     path = pathlib.Path(path)
     image = _open_image(path)
+    if image.mode == "F" or image.mode.startswith("I"):
+        # Pillow's conversion to 8 bits clips (a 16-bit slice becomes white), it does not rescale.
+        raise UserError(
+            f"{path}: a {image.mode} image (more than 8 bits a pixel); slices must be 8-bit images in a "
+            "display window (give CT in Hounsfield units as NIfTI or DICOM)"
+        )
     if image.mode != "L":
         # A palette slice's indices are not intensities: its displayed grey levels are.
         image = image.convert("L")
