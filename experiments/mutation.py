@@ -109,7 +109,12 @@ TESTS = {
     "files": ["tests/test_files.py"],
     # Checkpoints: the round trip, the architecture/orientation/mean-teacher checks, `model_init`'s weights,
     # a damaged step moved aside (the training loop's resume tests exercise the rest).
-    "checkpoints": ["tests/test_checkpoints.py", "tests/test_resume.py", "tests/test_mean_teacher.py"],
+    "checkpoints": [
+        "tests/test_checkpoints.py",
+        "tests/test_orientation.py",
+        "tests/test_resume.py",
+        "tests/test_mean_teacher.py",
+    ],
     # The train step (loss, gradient norm, dropout key), the staircase schedule, both consistency terms,
     # the eval step and restoring a run's state.
     "steps": [

@@ -1,7 +1,9 @@
 """Orbax round trips of the whole train state."""
 
 import asyncio
+import os
 import threading
+import time
 
 import jax
 import numpy as np
@@ -131,8 +133,25 @@ def test_restore_weights_calls_a_checkpoint_with_cut_files_damaged_in_one_line(t
     for path in (tmp_path / "checkpoints" / "latest" / "1" / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
-    with pytest.raises(UserError, match=r"^model_init: checkpoint step 1 in .*latest is damaged \("):
+    # The reason is the error's type, as orbax or tensorstore raised it.
+    with pytest.raises(
+        UserError, match=r"^model_init: checkpoint step 1 in .*latest is damaged \((?!NoneType)\w+\)$"
+    ):
         checkpoints.restore_weights(tmp_path, config.model, config.data)
+
+
+def test_restore_weights_refuses_a_checkpoint_of_other_classes_with_the_same_head(tmp_path):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = "exclusive", ("ggo", "consolidation"), "dice_ce"
+    _save_latest(tmp_path, _with_moved_weights(config), config)
+    lungs = config.copy_and_resolve_references()
+    lungs.data.classes = ("lungs", "infection")  # the same channels, other meanings
+    with pytest.raises(
+        checkpoints.ModelMismatchError,
+        match=r"data\.classes=\['ggo', 'consolidation'\] in the checkpoint, \['lungs', 'infection'\] in the "
+        r"config$",
+    ):
+        checkpoints.restore_weights(tmp_path, lungs.model, lungs.data)
 
 
 def test_a_damaged_step_is_moved_aside_once_by_the_first_host_and_then_gone_for_every_host(
@@ -173,6 +192,35 @@ def test_a_damaged_step_is_moved_aside_once_by_the_first_host_and_then_gone_for_
     assert moved_to == [moved, moved]  # both hosts report the same folder
     assert sorted(path.name for path in moved.iterdir()) == files
     assert all(run_checkpoints.all_steps("latest") == [1] for run_checkpoints in hosts)
-    assert len(set(barrier_names)) == len(barrier_names) // 2 >= 1  # each barrier by both hosts, distinct
+    # Two barriers (named, then moved), each passed by both hosts, named after the step they are for.
+    assert len(barrier_names) == 4 and len(set(barrier_names)) == 2
+    assert all(isinstance(name, str) and name.endswith("_latest_2") for name in barrier_names)
     for run_checkpoints in hosts:
         run_checkpoints.close()
+
+
+def test_a_damaged_step_is_named_after_its_folders_time_and_a_second_one_of_that_name_gets_a_number(
+    tmp_path, tiny_state
+):
+    directory = tmp_path / "checkpoints"
+    run_checkpoints = checkpoints.RunCheckpoints(directory)
+    written = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))  # local time, as the name is
+    moved = []
+    for _ in range(3):  # the same step saved again and damaged again, within the same second
+        run_checkpoints.save("latest", 2, tiny_state, {"epoch": 1})
+        run_checkpoints.wait()
+        os.utime(directory / "latest" / "2", (written, written))
+        moved.append(run_checkpoints.quarantine("latest", 2).name)
+    run_checkpoints.save("latest", 3, tiny_state, {"epoch": 1})
+    run_checkpoints.wait()
+    moved.append(run_checkpoints.quarantine("latest", 3).name)  # into the existing damaged/
+    run_checkpoints.close()
+    assert moved == [
+        "latest-2-20260102-030405",
+        "latest-2-20260102-030405-1",
+        "latest-2-20260102-030405-2",
+        moved[3],
+    ]
+    assert moved[3].startswith("latest-3-")
+    assert sorted(path.name for path in (directory / "damaged").iterdir()) == sorted(moved)
+    assert run_checkpoints.all_steps("latest") == []

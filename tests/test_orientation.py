@@ -297,6 +297,11 @@ def test_a_nifti_checkpoint_saved_before_orientations_were_recorded_needs_its_vo
     nifti = ml_collections.ConfigDict({"name": "nifti", "image_size": 32, "orientation": "auto"})
     with pytest.raises(UserError, match=r"predates recorded orientations.*data.orientation=voxel$"):
         checkpoints.check_orientation(None, nifti, tmp_path)
+    # A config from before the key existed is left at auto too.
+    with pytest.raises(UserError, match=r"predates recorded orientations.*data.orientation=voxel$"):
+        checkpoints.check_orientation(
+            None, ml_collections.ConfigDict({"name": "nifti", "image_size": 32}), tmp_path
+        )
     nifti.orientation = "voxel"
     checkpoints.check_orientation(None, nifti, tmp_path)
     # PNG-trained checkpoints were trained in their dataset's own orientation, which `auto` still means.
