@@ -8,6 +8,7 @@ Parses flags and dispatches; user mistakes end in one line on stderr and exit st
 """
 
 import pathlib
+import re
 import sys
 
 from absl import app, flags, logging
@@ -71,10 +72,23 @@ def parse_flags(argv):
     except flags.Error as error:
         _fail(str(error).splitlines()[0])
     except (AttributeError, KeyError) as error:
-        # ml_collections raises these for `--config.KEY` naming no key of the config.
-        key = str(error).strip("\"'")
-        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.") and key in arg]
-        _fail(f"{overrides[0] if overrides else '--config'}: the config has no key {key!r}")
+        # ml_collections raises these for `--config.KEY` naming no key of the config: the KeyError's
+        # message is "'KEY'" and, for a near miss, a line 'Did you mean "NAME" instead of "KEY"?'.
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        message = str(error.args[0]) if error.args else ""
+        key = (message.splitlines() or [""])[0].strip("\"'")
+        flag = next(
+            (
+                arg.split("=")[0]
+                for arg in argv
+                if arg.startswith("--config.") and arg.split("=")[0].endswith(f".{key}")
+            ),
+            "--config",
+        )
+        suggestion = re.search(r'Did you mean "([^"]+)"', message)
+        hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+        _fail(f"{flag}: the config has no key {key!r}{hint}")
     except UserError as error:  # raised by a config file's get_config()
         _fail(str(error))
     except Exception as error:  # noqa: BLE001 - a config file is user code: any failure is the user's

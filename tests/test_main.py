@@ -91,6 +91,27 @@ def test_bad_config_value_is_one_line_error_and_exit_2(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.eval.treshold=0.4",
+            "--config.eval.treshold: the config has no key 'treshold' (did you mean 'threshold'?)",
+        ),
+        (
+            "--config.batchsize=4",
+            "--config.batchsize: the config has no key 'batchsize' (did you mean 'batch_size'?)",
+        ),
+        ("--config.data.zzz=1", "--config.data.zzz: the config has no key 'zzz'"),
+    ],
+)
+def test_a_config_key_that_does_not_exist_is_one_clean_line_naming_the_flag(tmp_path, override, message):
+    result = _run(f"--workdir={tmp_path / 'bad'}", override)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
     assert result.returncode == 2
