@@ -360,6 +360,41 @@ def differing_keys(stored: dict, current: dict) -> list[str]:
     return sorted(changed | (set(stored) - set(current)))
 
 
+# Where a run's data are read from: the same data may sit elsewhere on another machine.
+DATA_PATH_KEYS = ("data.data_dir", "data.manual_dir", "data.pseudo_label_dir", "data.extra_labelled_dir")
+
+
+# The data settings that decide which slices a split holds and what the model is fed (not augmentation).
+SCORED_DATA_KEYS = tuple(
+    f"data.{key}"
+    for key in (
+        *("name", "train_split", "split_fractions", "split_scheme", "split_seed"),
+        *("cv_folds", "cv_fold", "cv_seed", "num_train", "num_validation", "num_test"),
+        *("image_size", "hu_window", "orientation", "classes"),
+    )
+)
+
+
+def check_run_data(config, workdir, mode: str) -> None:
+    """UserError naming the first of SCORED_DATA_KEYS in which `config` differs from the run's recorded
+    config.json: evaluating, exporting or predicting a run's model with others would score slices it
+    trained on (another `cv_fold`) or feed it another size, and overwrite its honest metrics."""
+    recorded = pathlib.Path(workdir or "") / "config.json"
+    if not workdir or not recorded.is_file():
+        return
+    stored, current = json.loads(recorded.read_text()), to_json(config)
+    flat_current = flatten(current)
+    changed = [
+        key for key in differing_keys(stored, current) if key in SCORED_DATA_KEYS and key in flat_current
+    ]
+    if changed:
+        before = flatten(stored).get(changed[0], flatten(to_json(base_config())).get(changed[0]))
+        raise UserError(
+            f"{changed[0]}: {before!r} in {recorded}, {flat_current[changed[0]]!r} now; --mode={mode} takes "
+            "the run's data settings (data paths, augmentation and eval.* may differ)"
+        )
+
+
 def flatten(values: dict, prefix: str = "") -> dict:
     """{'a.b': value} from a config's nested JSON dicts."""
     flat = {}

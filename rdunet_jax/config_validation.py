@@ -19,6 +19,8 @@ def _is_number(value) -> bool:
 
 
 _NON_NEGATIVE_INT = (lambda value: _is_int(value) and value >= 0, "a non-negative integer")
+_LAST_WITH_TRAIN_FULL = "'last' when data.train_split=train_full"
+_POSITIVE = (lambda value: _is_int(value) and value >= 1, "a positive integer")
 
 
 def _require(config, key, predicate, description: str) -> None:
@@ -68,7 +70,6 @@ def _is_rate_schedule(rates) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is built or compiled; raises UserError naming the bad key."""
     _check_known_keys(config)
-    positive_int = (lambda value: _is_int(value) and value > 0, "a positive integer")
     for key in (
         "num_epochs",
         "batch_size",
@@ -83,7 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.overlay_every_epochs",
         "eval.validate_every_epochs",
     ):
-        _require(config, key, *positive_int)
+        _require(config, key, *_POSITIVE)
     for key in ("learning_rate", "lr_decay_factor", "eval.small_lesion_area"):
         _require(
             config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
@@ -118,10 +119,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         config, "data.train_split", lambda value: value in ("train", "train_full"), "'train' or 'train_full'"
     )
+    full = config.data.train_split == "train_full"  # validation is then on training slices: never chosen on
+    _require(config, "eval.checkpoint", lambda value: value == "last" or not full, _LAST_WITH_TRAIN_FULL)
     for key in ("model_init", "data.manual_dir", "data.data_dir", "data.name", "eval.split"):
         _require(config, key, lambda value: isinstance(value, str), "a string")
-    for key in ("data.num_train", "data.num_validation", "data.num_test"):
-        _require(config, key, *_NON_NEGATIVE_INT)
+    for key in ("data.num_train", "data.num_validation", "data.num_test"):  # TFDS writes no empty split
+        _require(config, key, *_POSITIVE)
     model = config.model
     divisor = 2**model.depth
     if config.data.image_size % divisor:
@@ -273,7 +276,7 @@ def _check_selftrain(config) -> None:
         "'scratch' or 'teacher'",
     )
     for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
-        _require(config, key, lambda value: _is_int(value) and value > 0, "a positive integer")
+        _require(config, key, *_POSITIVE)
     _require(
         config,
         "data.unlabelled_intensity_matching",
@@ -440,9 +443,5 @@ def _check_cross_validation(config) -> None:
         f"an integer in [0, {folds - 1}] (data.cv_folds={folds})",
     )
     # train_full is the whole pool, held-out fold included: training on it would leak.
-    _require(
-        config,
-        "data.train_split",
-        lambda value: value == "train",
-        "'train' when data.cv_folds > 0 (train_full holds the held-out fold)",
-    )
+    reason = "'train' when data.cv_folds > 0 (train_full holds the held-out fold)"
+    _require(config, "data.train_split", lambda value: value == "train", reason)

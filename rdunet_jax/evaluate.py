@@ -25,6 +25,7 @@ import re
 import numpy as np
 
 from rdunet_jax import (
+    config_lib,
     datasets,
     evaluate_classes,
     heads,
@@ -37,7 +38,8 @@ from rdunet_jax import (
     visualize,
 )
 from rdunet_jax.datasets import labels as class_labels
-from rdunet_jax.files import write_json_atomic, write_text_atomic
+from rdunet_jax.errors import UserError
+from rdunet_jax.files import check_writable, write_json_atomic, write_text_atomic
 
 # --- Batches and prediction ----------------------------------------------------------------------------
 
@@ -365,10 +367,18 @@ def write_overlays(predictor, source, rows, config, folder: pathlib.Path) -> lis
 
 
 def default_split(config) -> str:
-    """`eval.split`, falling back to validation when the test split is held out or absent."""
-    if config.eval.split == "test" and not datasets.has_split(config.data, "test"):
-        return "validation"
-    return config.eval.split
+    """`eval.split`, falling back to validation when the test split is held out or absent; refused when
+    that split is part of `train_full`'s training slices."""
+    split = config.eval.split
+    if split == "test" and not datasets.has_split(config.data, "test"):
+        split = "validation"
+    if config.data.train_split == "train_full" and split != "test":
+        raise UserError(
+            f"eval.split: data.train_split=train_full trains on the {split} slices, so scoring them would "
+            "report training Dice; score the test split (Dataset/TestingSet in data.manual_dir) or train "
+            "with data.train_split=train"
+        )
+    return split
 
 
 def evaluate_state(predictor, config, workdir, split: str) -> dict:
@@ -396,6 +406,8 @@ def evaluate_workdir(config, workdir, checkpoint_step: int | None = None) -> dic
     Args: `config`, the run's config; `workdir`, the run folder; `checkpoint_step`, that step instead of
     the `eval.checkpoint` (best or last).
     """
+    config_lib.check_run_data(config, workdir, "evaluate")
+    check_writable(pathlib.Path(workdir) / "metrics", "--workdir")
     model = inference.build_model(config)
     state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     split = default_split(config)

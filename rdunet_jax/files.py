@@ -39,6 +39,21 @@ def atomic_path(path):
         raise
 
 
+def check_writable(folder, flag: str) -> None:
+    """UserError naming `flag` when no file can be made in `folder` (its nearest existing ancestor when it
+    does not exist yet): a read-only mount fails here, before the work, not when its results are written.
+    A test file, not os.access, which passes on some mounts that refuse writes."""
+    folder = pathlib.Path(folder)
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag}: cannot write in {existing} ({error.strerror})") from None
+
+
 def write_bytes_atomic(path, data: bytes) -> None:
     """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
     with atomic_path(path) as temporary:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import files, inference, steps
+from rdunet_jax import config_lib, files, inference, steps
 from rdunet_jax.errors import UserError
 from rdunet_jax.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAMES, GraphBuilder, import_onnx
 
@@ -119,13 +119,17 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
     output = pathlib.Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"--output: {output} is not a .onnx file name")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UserError(f"--output: {output.parent} is a file, not a folder")
     if not output.parent.is_dir():
         raise UserError(f"--output: the folder {output.parent} does not exist")
     if output.is_dir():
         raise UserError(f"--output: {output} is a folder, not a file")
     if output.exists() and not overwrite:
         raise UserError(f"--output: {output} exists; pass --overwrite to replace it")
+    files.check_writable(output.parent, "--output")
     import_onnx()
+    config_lib.check_run_data(config, workdir, "export")
     model = inference.build_model(config)
     state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     path = save(export_state(config, model, state), output)

@@ -39,6 +39,7 @@ import pathlib
 import numpy as np
 
 from rdunet_jax import (
+    config_lib,
     datasets,
     heads,
     inference,
@@ -339,6 +340,7 @@ def predict_path(
     # The training slices are read before the checkpoint is restored, so missing data fails fast.
     window_reference = _training_window(config) if input_window == "match" else None
     if predictor is None:
+        config_lib.check_run_data(config, workdir, "predict")
         model = inference.build_model(config)
         state = steps.restore_state(config, workdir, checkpoint_step, model=model)
     verify_inputs(jobs, input_units, series, config)

@@ -213,10 +213,7 @@ def restore_latest(run_checkpoints, state, config):
 RESUMABLE_KEYS = (
     "num_epochs",
     "model_init",
-    "data.data_dir",
-    "data.manual_dir",
-    "data.pseudo_label_dir",
-    "data.extra_labelled_dir",
+    *config_lib.DATA_PATH_KEYS,
 )
 
 
@@ -294,6 +291,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     devices.check_batch_divides(config.batch_size, mesh)
     train_source = class_labels.for_head(datasets.load_source(config.data, config.data.train_split), config)
     validation_source = class_labels.for_head(datasets.load_source(config.data, "validation"), config)
+    evaluate.default_split(config)  # a run that could be scored only on slices it trains on stops here
     steps_per_epoch = len(devices.host_batches(train_source, config, 0))
     is_first_host = jax.process_index() == 0
 

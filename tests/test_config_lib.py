@@ -3,13 +3,16 @@
 import fractions
 import functools
 import importlib.util
+import json
 import math
 import re
 
+import numpy as np
 import pytest
-from helpers import REPO_ROOT, config_from_file, make_consistency_config, make_tiny_config
+from helpers import REPO_ROOT, config_from_file, make_consistency_config, make_tiny_config, refusal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from rdunet_jax import config_lib, config_validation, models, train
 from rdunet_jax import losses as losses_lib
@@ -19,6 +22,9 @@ from rdunet_jax.errors import UserError
 NOT_AN_INT = st.one_of(st.none(), st.text(max_size=3), st.floats(allow_nan=True), st.booleans())
 INVALID_VALUES = {
     "num_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
+    "data.num_train": st.one_of(st.integers(max_value=0), NOT_AN_INT),
+    "data.num_validation": st.one_of(st.integers(max_value=0), NOT_AN_INT),
+    "data.num_test": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "batch_size": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "lr_decay_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "log_every_steps": st.one_of(st.integers(max_value=0), NOT_AN_INT),
@@ -85,6 +91,9 @@ INVALID_VALUES = {
 # Each key's requirement in the words its error message uses: '<key>: must be <requirement>, got <value>'.
 REQUIREMENTS = {
     "num_epochs": "a positive integer",
+    "data.num_train": "a positive integer",
+    "data.num_validation": "a positive integer",
+    "data.num_test": "a positive integer",
     "batch_size": "a positive integer",
     "lr_decay_epochs": "a positive integer",
     "log_every_steps": "a positive integer",
@@ -551,9 +560,13 @@ def test_a_config_written_before_heads_existed_may_self_train_or_train_for_consi
             "data.cv_fold: must be an integer in [0, 4] (data.cv_folds=5), got 5",
         ),
         (
-            {"data.cv_folds": 5, "data.train_split": "train_full"},
+            {"data.cv_folds": 5, "data.train_split": "train_full", "eval.checkpoint": "last"},
             "data.train_split: must be 'train' when data.cv_folds > 0 (train_full holds the held-out fold), "
             "got 'train_full'",
+        ),
+        (
+            {"data.train_split": "train_full"},  # its validation slices are training slices
+            "eval.checkpoint: must be 'last' when data.train_split=train_full, got 'best'",
         ),
         ({"data.split_scheme": "volumes"}, "data.split_scheme: must be 'random' or 'blocks', got 'volumes'"),
         (
@@ -671,3 +684,35 @@ def test_onnxruntime_without_its_packages_says_which_to_install(monkeypatch, ins
     assert str(raised.value) == (
         f"eval.runtime: 'onnxruntime' needs {missing}, not installed: pip install -e '.[onnx]'"
     )
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "export", "predict"])
+def test_a_runs_model_is_scored_exported_and_run_only_with_its_data_settings(tmp_path, mode):
+    from rdunet_jax import evaluate, onnx_export, predict
+
+    config = make_tiny_config()
+    config.data.cv_folds, config.data.cv_fold = 5, 0
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json(config)))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "slice.png")
+    calls = {
+        "evaluate": lambda changed: evaluate.evaluate_workdir(changed, tmp_path),
+        "export": lambda changed: onnx_export.export_workdir(changed, tmp_path, tmp_path / "model.onnx"),
+        "predict": lambda changed: predict.predict_path(
+            changed, tmp_path, tmp_path / "slice.png", tmp_path / "out"
+        ),
+    }
+    other_fold = config.copy_and_resolve_references()
+    other_fold.data.cv_fold = 1  # its training slices
+    assert refusal(calls[mode], other_fold) == (
+        f"data.cv_fold: 0 in {tmp_path / 'config.json'}, 1 now; --mode={mode} takes the run's data settings "
+        "(data paths, augmentation and eval.* may differ)"
+    )
+    larger = config.copy_and_resolve_references()
+    larger.data.image_size = 64
+    assert refusal(calls[mode], larger).startswith("data.image_size: 32 in ")
+    # Paths and evaluation settings may change: the checks pass, and the missing checkpoint is what stops.
+    moved = config.copy_and_resolve_references()
+    moved.data.data_dir, moved.eval.split, moved.eval.threshold = str(tmp_path / "x"), "validation", 0.4
+    moved.data.zoom_range, moved.data.intensity_range = 0.3, 0.1  # a self-trained student's augmentation
+    config_lib.check_run_data(moved, tmp_path, mode)
+    config_lib.check_run_data(other_fold, tmp_path / "no_record", mode)  # a folder without config.json

@@ -693,3 +693,25 @@ def test_an_evaluation_that_falls_back_to_validation_says_so(tmp_path, monkeypat
         "eval.split=test: data.name='synthetic' has no test split in its data; "
         "scoring the validation split instead"
     )
+
+
+def test_a_train_full_run_is_scored_only_on_the_test_split(tmp_path, monkeypatch):
+    config = make_tiny_config()
+    config.data.train_split, config.eval.checkpoint = "train_full", "last"
+    has_test = {"test": False}
+    monkeypatch.setattr(datasets, "has_split", lambda data, split: has_test[split])
+    message = (
+        "eval.split: data.train_split=train_full trains on the validation slices, so scoring them would "
+        "report training Dice; score the test split (Dataset/TestingSet in data.manual_dir) or train with "
+        "data.train_split=train"
+    )
+    for split in ("test", "validation"):  # the test split absent (falls back), or validation asked for
+        config.eval.split = split
+        with pytest.raises(UserError) as error:
+            evaluate.default_split(config)
+        assert str(error.value) == message
+    has_test["test"] = True
+    config.eval.split = "test"
+    assert evaluate.default_split(config) == "test"
+    config.data.train_split, config.eval.split = "train", "validation"
+    assert evaluate.default_split(config) == "validation"

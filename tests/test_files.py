@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import make_tiny_config, refusal
 
 from rdunet_jax import files
 from rdunet_jax.errors import UserError
@@ -192,3 +193,34 @@ def test_a_disabled_lock_holds_and_creates_nothing(tmp_path):
         assert not workdir.exists()
         with files.exclusive_workdir(workdir):
             pass
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_evaluation_or_export_does_any_work(
+    tmp_path, monkeypatch
+):
+    from rdunet_jax import evaluate, onnx_export, steps
+
+    (tmp_path / "afile").write_text("x")
+    assert refusal(files.check_writable, tmp_path / "afile" / "below", "--output") == (
+        f"--output: {tmp_path / 'afile'} is a file, not a folder"
+    )
+    assert refusal(
+        onnx_export.export_workdir, make_tiny_config(), tmp_path, tmp_path / "afile" / "m.onnx"
+    ) == (f"--output: {tmp_path / 'afile'} is a file, not a folder")
+    files.check_writable(tmp_path / "not" / "yet", "--output")  # made later, below a writable folder
+    assert not (tmp_path / "not").exists() and sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("the checkpoint was restored before the folder was checked")
+
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(steps, "restore_state", no_restore)
+    assert refusal(evaluate.evaluate_workdir, make_tiny_config(), tmp_path / "run") == (
+        f"--workdir: cannot write in {tmp_path} (Read-only file system)"
+    )
+    assert refusal(onnx_export.export_workdir, make_tiny_config(), tmp_path / "run", tmp_path / "m.onnx") == (
+        f"--output: cannot write in {tmp_path} (Read-only file system)"
+    )
