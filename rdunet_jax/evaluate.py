@@ -66,12 +66,24 @@ def slice_metadata(record: dict, image_size: int) -> dict:
     return meta
 
 
+def original_target(record: dict, config) -> np.ndarray:
+    """A record's expert lesion mask at its stored size: its mask, or for a multi-class head the "any
+    lesion" union of its classes, as the model-size target is (not the stored mask's own lesion set)."""
+    head, classes = config.model.get("head", "binary"), tuple(config.data.classes)
+    if head == "binary":
+        return record["mask"]
+    labels = np.asarray(record["labels"])
+    if head == "exclusive" and labels.ndim == 2:  # a record's label map, before the pipeline's channel axis
+        labels = labels[..., None]
+    return heads.any_lesion(heads.expert_class_masks(labels, head, len(classes)), head, classes)
+
+
 def original_resolution_counts(
     probabilities, original_mask, threshold: float, head: str = "binary", classes=("lesion",)
 ) -> tuple[int, ...]:
-    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert mask (lesion where > 0); a
-    multi-class head's probabilities (S, S, C) are resized channel by channel, then made its "any lesion"
-    mask."""
+    """(TP, FP, FN, TN) of one slice scored at the size of its stored expert lesion mask (lesion where
+    > 0; `original_target`); a multi-class head's probabilities (S, S, C) are resized channel by channel,
+    then made its "any lesion" mask."""
     target = np.asarray(original_mask) > 0
     if head == "binary":
         prediction = input_pipeline.resize_probabilities(probabilities, target.shape) >= threshold
@@ -83,13 +95,13 @@ def original_resolution_counts(
 
 def predict_source(predictor, source, config, test_time_flips: bool = False):
     """Yields per batch a dict of metadata, images, masks, probabilities and losses of its real rows, and
-    the masks as stored (`original_masks`, each at its own size)."""
+    the expert lesion masks at their stored sizes (`original_masks`, `original_target`)."""
     image_size = config.data.image_size
 
     def examples():
         for index in range(len(source)):
             record = source[index]
-            yield (slice_metadata(record, image_size), record["mask"]), record
+            yield (slice_metadata(record, image_size), original_target(record, config)), record
 
     batches = inference.predict_batches(
         predictor, examples(), image_size, config.eval.batch_size, test_time_flips, with_loss=True

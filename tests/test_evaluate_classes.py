@@ -320,3 +320,33 @@ def test_a_multilabel_heads_batch_masks_take_the_evaluation_threshold():
     }
     lesion, _, class_masks, _ = evaluate.batch_masks(batch, config)
     assert class_masks.all() and lesion.all()  # 0.4 >= 0.3 in both channels
+
+
+@pytest.mark.parametrize(
+    "head, classes",
+    [
+        ("multilabel", ("ggo", "consolidation")),  # "any lesion" is consolidation alone; the stored mask both
+        ("exclusive", ("lungs", "infection")),  # "any lesion" is every class; the stored mask infection alone
+    ],
+)
+def test_the_stored_size_scores_the_same_lesion_classes_as_the_model_size(head, classes):
+    config = make_tiny_config()
+    config.model.head, config.data.classes = head, classes
+    label_map = np.zeros((SIZE, SIZE), np.uint8)
+    label_map[0:10, 0:10], label_map[20:24, 20:30] = 1, 2  # class 1: 100 px, class 2: 40 px
+    channels = (label_map[..., None] == np.arange(1, 3)).astype(np.uint8)
+    # The stored binary mask as each dataset has it: COVID-SemiSeg's both classes, Ma et al.'s the infection.
+    stored = label_map > 0 if head == "multilabel" else label_map == 2
+    record = {
+        "id": "slice-0",
+        "image": np.full((SIZE, SIZE), 100, np.uint8),
+        "mask": stored.astype(np.uint8),
+        "labels": channels if head == "multilabel" else label_map,
+    }
+    planted = channels.astype(np.float32) if head == "multilabel" else _one_hot(label_map, 3)
+    collected = evaluate.collect_slices(PlantedPredictor([planted], head), [record], config)
+    (row,) = collected["rows"]
+    # The prediction is the expert's classes exactly: no error at either size.
+    lesion = 40 if head == "multilabel" else 140
+    assert (row["tp"], row["fp"], row["fn"]) == (lesion, 0, 0)
+    assert row["original_counts"] == (lesion, 0, 0, SIZE * SIZE - lesion)
