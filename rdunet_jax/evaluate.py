@@ -21,6 +21,7 @@ writes the CSV and the markdown tables.
 
 import pathlib
 import re
+import shutil
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from rdunet_jax import (
 )
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
-from rdunet_jax.files import check_writable, write_json_atomic, write_text_atomic
+from rdunet_jax.files import check_writable, json_text, write_files_together
 
 # --- Batches and prediction ----------------------------------------------------------------------------
 
@@ -400,14 +401,20 @@ def evaluate_state(predictor, config, workdir, split: str) -> dict:
     summary = summarize_collected(collected, config)
     summary.update(split=split, step=predictor.step, threshold=config.eval.threshold)
     folder = pathlib.Path(workdir) / "metrics"
-    write_json_atomic(folder / f"{split}.json", summary)
-    write_text_atomic(folder / f"{split}_slices.csv", reports.slices_csv(collected["rows"]))
+    texts = {folder / f"{split}.json": json_text(summary)}
+    texts[folder / f"{split}_slices.csv"] = reports.slices_csv(collected["rows"])
     if "per_class" in summary:
-        write_text_atomic(
-            folder / f"{split}_classes.csv", evaluate_classes.class_slices_csv(collected, config)
-        )
-    write_text_atomic(folder / f"{split}.md", reports.markdown_report(summary, config))
-    write_overlays(predictor, source, collected["rows"], config, folder / "overlays" / split)
+        texts[folder / f"{split}_classes.csv"] = evaluate_classes.class_slices_csv(collected, config)
+    texts[folder / f"{split}.md"] = reports.markdown_report(summary, config)
+    # The overlays are drawn aside first, so a stop at any point leaves the last evaluation whole.
+    staged = folder / "overlays" / f".{split}.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        write_overlays(predictor, source, collected["rows"], config, staged)
+        write_files_together(texts, {staged: folder / "overlays" / split})
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return summary
 
 

@@ -6,9 +6,12 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 
 from rdunet_jax.errors import UserError
 
@@ -64,8 +67,52 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(value) -> str:
+    """How records are written: indented, keys sorted, a final newline."""
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json_text(value))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends, then act as they would have (in the main thread; a
+    no-op elsewhere): for a few renames that must all happen or none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received, previous = [], {}
+
+    def record(signal_number, frame):
+        received.append(signal_number)
+
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        previous[signal_number] = signal.signal(signal_number, record)
+    try:
+        yield
+    finally:
+        for signal_number, handler in previous.items():
+            signal.signal(signal_number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def write_files_together(texts: dict, folders: dict) -> None:
+    """Writes {path: text} and moves {staged folder: destination} (replacing what is there) as one step:
+    every file is ready before the first is replaced, and a stop signal waits until the last is."""
+    with signals_deferred():
+        for path, text in texts.items():
+            write_text_atomic(path, text)
+        for staged, destination in folders.items():
+            destination = pathlib.Path(destination)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            if destination.exists():
+                os.replace(destination, old)
+            os.replace(staged, destination)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _locked(path: pathlib.Path):

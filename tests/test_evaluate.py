@@ -5,15 +5,17 @@ Everything runs the tiny model at the shapes the other tests compile (32 px, eva
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
 from helpers import ellipsoid, independent_hd95, make_tiny_config
 from scipy import ndimage
 
-from rdunet_jax import checkpoints, datasets, evaluate, inference, reports, steps
+from rdunet_jax import checkpoints, datasets, evaluate, files, inference, reports, steps, visualize
 from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
@@ -23,6 +25,51 @@ def _files(folder):
     return {
         path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()
     }
+
+
+def test_a_stop_during_evaluation_leaves_the_last_evaluation_whole(tiny_state, tmp_path, monkeypatch):
+    config = make_tiny_config()
+    predictor = inference.JaxPredictor(tiny_state)
+    evaluate.evaluate_state(predictor, config, tmp_path, "test")
+    before = _files(tmp_path / "metrics")
+    assert sum(str(path).startswith("overlays/test/") for path in before) == 2 * config.eval.num_overlays
+    config.eval.threshold = 0.9  # another evaluation: other figures in every file
+    drawn, write_png = [], visualize.write_png
+
+    def stopped_at_the_second_overlay(path, rgb):
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        write_png(path, rgb)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(visualize, "write_png", stopped_at_the_second_overlay)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.evaluate_state(predictor, config, tmp_path, "test")
+    assert _files(tmp_path / "metrics") == before  # nothing of the new one, the old overlays all there
+    assert sorted(path.name for path in (tmp_path / "metrics" / "overlays").iterdir()) == ["test"]
+
+    # A Ctrl-C while the files are being replaced waits until the last one is: the new evaluation whole.
+    write_text_atomic = files.write_text_atomic
+
+    def interrupted_after_the_first_file(path, text):
+        write_text_atomic(path, text)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(files, "write_text_atomic", interrupted_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_state(predictor, config, tmp_path, "test")
+    monkeypatch.undo()
+    after = _files(tmp_path / "metrics")
+    assert json.loads(after[evaluate.pathlib.Path("test.json")])["threshold"] == 0.9
+    assert ", threshold 0.9, " in after[evaluate.pathlib.Path("test.md")].decode()
+    assert after[evaluate.pathlib.Path("test_slices.csv")] != before[evaluate.pathlib.Path("test_slices.csv")]
+
+    def kinds(found):  # the files, overlays by kind and rank (the new threshold ranks other slices)
+        return sorted(str(path) if path.parent.name != "test" else path.name[:7] for path in found)
+
+    assert kinds(after) == kinds(before)  # every file anew, and no staged folder left
+    assert sorted(path.name for path in (tmp_path / "metrics" / "overlays").iterdir()) == ["test"]
 
 
 def test_evaluating_twice_gives_identical_files(tiny_state, tmp_path):
