@@ -7,6 +7,9 @@ testing set when Dataset/TestingSet is present (else on validation):
         --config.data.manual_dir=../shared/data/covid-semiseg
 
 The part after ':' picks one of the paper's model variants (default rdunet), as in configs/rdunet.py.
+The lesion-size table's "small" threshold (`eval.small_lesion_area`, the paper's 100 px at 256x256) is set
+for the recipe's image size when the file loads; with `--config.data.image_size=256` also pass
+`--config.eval.small_lesion_area=100` (in general 100 * (size / 256)**2).
 
 The recipe is `RECIPE_CANDIDATES[CHOSEN_RECIPE]`, chosen by 5-fold cross-validation over the 50 labelled
 slices (never on the test split): every candidate is an arm of the `recipe` study, run on the same folds
