@@ -139,6 +139,10 @@ def test_semiseg_splits_by_hand_with_the_test_split_in_numeric_order(tmp_path):
         ("3", "3.jpg"),
         ("11", "11.png"),
     ]
+    _touch(root, test / "LungInfection-Test/Imgs/3.png")  # slice 3 twice: it would be scored twice
+    assert refusal(layouts.semiseg_splits, root) == (
+        f"{root / test / 'LungInfection-Test/Imgs/3.png'}: the same slice id as 3.jpg; keep one of the two"
+    )
 
 
 def test_an_unlabelled_slices_volume_is_its_name_less_the_prefix_and_slice_number():
@@ -152,19 +156,26 @@ def test_an_unlabelled_slices_volume_is_its_name_less_the_prefix_and_slice_numbe
 def test_the_unlabelled_pool_is_sorted_by_volume_then_slice_number(tmp_path):
     assert layouts.semiseg_unlabelled_files(tmp_path) is None  # the pool is optional
     folder = tmp_path / layouts.SEMISEG_UNLABELLED
-    names = ["v_10.jpg", "v_2.jpg", "v_x.jpg", "v_1.jpg", "v_0.png", "w_1.jpg", "readme.txt"]
+    names = ["v_10.jpg", "v_2.jpg", "v_1.jpg", "v_0.png", "w_1.jpg", "readme.txt"]
     _touch(folder, *names)
-    # A name without a slice number sorts before the volume's numbered slices.
     assert [path.name for path in layouts.semiseg_unlabelled_files(tmp_path)] == [
-        "v_x.jpg",
         "v_0.png",
         "v_1.jpg",
         "v_2.jpg",
         "v_10.jpg",
         "w_1.jpg",
     ]
-    for name in names:
-        (folder / name).unlink()
+    # Refused when the pool is listed (not when training first draws the slice), naming the file.
+    _touch(folder, "v_x.jpg")
+    assert refusal(layouts.semiseg_unlabelled_files, tmp_path) == (
+        f"{folder / 'v_x.jpg'}: an unlabelled slice's name must end in _<slice number>"
+    )
+    (folder / "v_x.jpg").rename(folder / "v_1.png")  # two images of one slice: two pseudo-labels of one name
+    assert refusal(layouts.semiseg_unlabelled_files, tmp_path) == (
+        f"{folder / 'v_1.png'}: the same slice id as v_1.jpg; keep one of the two"
+    )
+    for name in [*names, "v_1.png"]:
+        (folder / name).unlink(missing_ok=True)
     _touch(folder, "readme.txt")
     assert refusal(layouts.semiseg_unlabelled_files, tmp_path) == (
         f"{folder}: no .jpg or .png images in the unlabelled pool's folder"
@@ -184,6 +195,14 @@ def test_ma2020_slices_in_numeric_order_and_a_folder_without_slices_refused(tmp_
         "b",
     ]  # numbers first, by value
     assert files[0] == layouts.SliceFiles("9", root / "ct/9.png", root / "covid/9.png", root / "lungs/9.png")
+    (root / "ct/9.png").rename(root / "ct/9.PNG")  # an upper-case suffix is a slice too, its masks .png
+    files = layouts.ma2020_files(root)
+    assert files[0] == layouts.SliceFiles("9", root / "ct/9.PNG", root / "covid/9.png", root / "lungs/9.png")
+    assert len(files) == 4
+    _touch(root, "ct/9.png")
+    assert refusal(layouts.ma2020_files, root) == (
+        f"{root / 'ct/9.png'}: the same slice id as 9.PNG; keep one of the two"
+    )
     for path in (root / "ct").iterdir():
         path.rename(path.with_suffix(".jpg"))
     assert refusal(layouts.ma2020_files, root) == f"{root / 'ct'}: no .png slices in the folder"

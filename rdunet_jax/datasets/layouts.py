@@ -139,8 +139,19 @@ def semiseg_splits(manual_dir) -> dict[str, list[SliceFiles]]:
         )
         if not test_paths:
             raise UserError(f"{test_images}: no .jpg or .png images in the folder")
+        _check_one_file_an_id(test_paths)
         splits["test"] = [files(path, test_masks, test_class_masks) for path in test_paths]
     return splits
+
+
+def _check_one_file_an_id(paths) -> None:
+    """Refuses two images of one id (`13.jpg` and `13.png`): the slice would be scored, or its
+    pseudo-label written, twice."""
+    seen = {}
+    for path in paths:
+        if path.stem in seen:
+            raise UserError(f"{path}: the same slice id as {seen[path.stem].name}; keep one of the two")
+        seen[path.stem] = path
 
 
 def unlabelled_case_id(example_id: str) -> str:
@@ -158,9 +169,15 @@ def semiseg_unlabelled_files(manual_dir) -> list[pathlib.Path] | None:
     folder = pathlib.Path(manual_dir).expanduser() / SEMISEG_UNLABELLED
     if not folder.is_dir():
         return None
-    paths = [path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES]
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(f"{folder}: no .jpg or .png images in the unlabelled pool's folder")
+    _check_one_file_an_id(paths)
+    for path in paths:  # checked here, when the pool is listed, not when training first draws the slice
+        try:
+            unlabelled_case_id(path.stem)
+        except UserError:
+            raise UserError(f"{path}: an unlabelled slice's name must end in _<slice number>") from None
 
     def volume_then_number(path):
         volume, _, number = path.stem.rpartition("_")
@@ -175,13 +192,21 @@ def ma2020_files(manual_dir) -> list[SliceFiles]:
     ct, covid, lungs = (
         _require_folder("ma2020_2d", manual_dir, pathlib.Path(name)) for name in ("ct", "covid", "lungs")
     )
-    ids = sorted((path.stem for path in ct.glob("*.png")), key=_numeric_first)
-    if not ids:
+    slices = sorted(
+        (path for path in ct.iterdir() if path.suffix.lower() == ".png"),
+        key=lambda path: (_numeric_first(path.stem), path.name),
+    )
+    if not slices:
         raise UserError(f"{ct}: no .png slices in the folder")
-    return [
-        SliceFiles(i, ct / f"{i}.png", _require_file(covid / f"{i}.png"), _require_file(lungs / f"{i}.png"))
-        for i in ids
-    ]
+    _check_one_file_an_id(slices)
+    # A mask of a slice named 3.PNG may be 3.png or 3.PNG.
+    return [SliceFiles(path.stem, path, _mask_file(covid, path), _mask_file(lungs, path)) for path in slices]
+
+
+def _mask_file(folder: pathlib.Path, slice_path: pathlib.Path) -> pathlib.Path:
+    """The mask in `folder` of the slice at `slice_path`: the same name, or its stem with .png."""
+    same = folder / slice_path.name
+    return same if same.is_file() else _require_file(folder / f"{slice_path.stem}.png")
 
 
 def split_sizes(count: int, fractions) -> tuple[int, int, int]:
