@@ -350,3 +350,26 @@ def test_only_an_empty_config_folder_is_removed_after_a_failed_build(tmp_path):
     empty.mkdir()
     builder._remove_if_empty(empty)
     assert not empty.exists()
+
+
+def test_a_data_dir_kept_inside_the_manual_dir_is_built_once(tmp_path):
+    semiseg = make_semiseg(tmp_path / "semiseg")
+    data = data_config(tmp_path, "semiseg", semiseg)
+    data.data_dir = str(semiseg / "prepared")
+    first = builder.prepare(data).data_path
+    assert first.is_relative_to(semiseg / "prepared")
+    assert builder.prepare(data).data_path == first  # the build itself changed nothing that is read
+    built = [
+        path
+        for path in (semiseg / "prepared" / "covid_ct_slices").iterdir()
+        if path.name.startswith("semiseg-")
+    ]
+    assert len(built) == 1
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    semiseg = make_semiseg(tmp_path / "semiseg")
+    (tmp_path / "afile").write_text("x")
+    data = data_config(tmp_path, "semiseg", semiseg)
+    data.data_dir = str(tmp_path / "afile" / "cache")
+    assert refusal(builder.prepare, data) == f"data.data_dir: {tmp_path / 'afile'} is a file, not a folder"

@@ -199,3 +199,28 @@ def test_the_fingerprint_is_sha256_of_each_files_path_size_and_time_and_sees_a_r
     before = readers.fingerprint(tmp_path)
     os.rename(tmp_path / "b" / "x.png", tmp_path / "b" / "y.png")  # same size and time, another name
     assert readers.fingerprint(tmp_path) != before
+
+
+def test_the_fingerprint_follows_linked_folders_and_leaves_out_hidden_files_broken_links_and_the_cache(
+    tmp_path,
+):
+    release = tmp_path / "release"
+    (release / "Imgs").mkdir(parents=True)
+    (release / "Imgs" / "1.jpg").write_bytes(b"12345")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "Dataset").symlink_to(release)  # a manual_dir holding only a link to the release
+    (linked / "loop").symlink_to(linked)  # a link back up the tree is read once
+    before = readers.fingerprint(linked)
+    stat = (release / "Imgs" / "1.jpg").stat()
+    expected = f"Dataset/Imgs/1.jpg\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+    assert before == hashlib.sha256(expected.encode()).hexdigest()[:12]
+    (release / "Imgs" / "1.jpg").write_bytes(b"54321 edited")  # an edit behind the link shows
+    assert readers.fingerprint(linked) != before
+    before = readers.fingerprint(linked)
+    (linked / ".#train.txt").symlink_to(tmp_path / "gone")  # an editor's lock: a broken link, hidden
+    (linked / ".DS_Store").write_bytes(b"x")
+    (linked / "broken.png").symlink_to(tmp_path / "gone")
+    (linked / "prepared" / "semiseg-1").mkdir(parents=True)  # data.data_dir kept inside manual_dir
+    (linked / "prepared" / "semiseg-1" / "data.array_record").write_bytes(b"built")
+    assert readers.fingerprint(linked, skipped=[str(linked / "prepared"), ""]) == before

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from rdunet_jax import orientation
+from rdunet_jax import files, orientation
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.datasets import layouts, readers, synthetic
 from rdunet_jax.errors import UserError
@@ -322,7 +322,7 @@ def cache_options(data_config) -> dict:
     options = {
         "dataset": name,
         "manual_dir": str(manual_dir.resolve()),
-        "fingerprint": readers.fingerprint(manual_dir),
+        "fingerprint": readers.fingerprint(manual_dir, skipped=[data_config.data_dir]),
     }
     if name == "semiseg":
         # Caches built before the unlabelled split existed lack it: a new key rebuilds them once.
@@ -369,11 +369,15 @@ def _schema_digest(dataset: str) -> str:
 def prepare(data_config) -> CovidCtSlices:
     """The builder of `data_config`, its dataset built into `data.data_dir` unless already there."""
     config = builder_config(data_config)
-    if data_config.data_dir and pathlib.Path(data_config.data_dir).expanduser().is_file():
-        raise UserError(f"data.data_dir: {data_config.data_dir} is a file, not a folder")
+    data_dir = pathlib.Path(data_config.data_dir).expanduser() if data_config.data_dir else None
+    existing = data_dir and next(folder for folder in (data_dir, *data_dir.parents) if folder.exists())
+    if existing and not existing.is_dir():
+        raise UserError(f"data.data_dir: {existing} is a file, not a folder")
     builder = CovidCtSlices(config=config, data_dir=data_config.data_dir or None, file_format="array_record")
     if builder.data_path.exists():
-        return builder
+        return builder  # a prepared dataset is read, even from a folder this user cannot write
+    if data_dir is not None:
+        files.check_writable(data_dir, "data.data_dir")
     tfds.disable_progress_bar()
     print(f"preparing dataset {config.name} in {builder.data_path}", flush=True)
     try:

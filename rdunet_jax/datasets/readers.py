@@ -176,15 +176,25 @@ def read_split_list(list_path, folder, suffix: str) -> list[str]:
     return ids
 
 
-def fingerprint(directory) -> str:
+def fingerprint(directory, skipped=()) -> str:
     """A short hash of every file's relative path, size and modification time under `directory`: it
-    changes when files are added, removed, replaced or edited, without reading their contents."""
+    changes when files are added, removed, replaced or edited, without reading their contents. Linked
+    folders are followed (their files are read too); hidden entries (editor locks, .DS_Store), broken
+    links and the `skipped` folders (a data_dir kept inside) are left out, since no layout reads them."""
     directory = pathlib.Path(directory)
-    digest = hashlib.sha256()
-    for root, subdirectories, files in os.walk(directory):
-        subdirectories.sort()  # os.walk order is filesystem-dependent; the hash must not be
+    skipped = {os.path.realpath(folder) for folder in skipped if folder}
+    digest, visited = hashlib.sha256(), set()
+    for root, subdirectories, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited or real in skipped:  # a link back up the tree, or the prepared data
+            subdirectories.clear()
+            continue
+        visited.add(real)
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
         for name in sorted(files):
             path = pathlib.Path(root) / name
+            if name.startswith(".") or not path.exists():
+                continue
             stat = path.stat()
             relative = path.relative_to(directory).as_posix()
             digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
