@@ -111,13 +111,25 @@ def latest_steps(workdir) -> list[int]:
     return sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
 
 
+def scored_kind(workdir) -> str:
+    """The checkpoints a run is scored with, as its recorded config.json says: 'best' or 'latest' (the
+    last; also for a folder without a readable config.json)."""
+    try:
+        recorded = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+        return "best" if recorded["eval"]["checkpoint"] == "best" else "latest"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "latest"
+
+
 def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int]:
-    """(parameters, BatchNorm statistics, step) of the newest `latest` checkpoint of the run in `workdir`,
-    for initialising another run (`model_init`): checked against the config's architecture (and classes),
-    read without a target so that whatever optimizer the run used (mean teacher's too) does not matter.
-    Raises UserError naming `model_init` when there is no checkpoint or it belongs to another model."""
-    directory = pathlib.Path(workdir).absolute() / "checkpoints" / "latest"
-    steps = latest_steps(workdir)
+    """(parameters, BatchNorm statistics, step) of the checkpoint the run in `workdir` is scored with (its
+    `eval.checkpoint`, `scored_kind`: the weights its metrics, and a self-training round's pseudo-labels,
+    came from), for initialising another run (`model_init`): checked against the config's architecture
+    (and classes), read without a target so that whatever optimizer the run used (mean teacher's too) does
+    not matter. Raises UserError naming `model_init` when there is no checkpoint or it belongs to another
+    model."""
+    directory = pathlib.Path(workdir).absolute() / "checkpoints" / scored_kind(workdir)
+    steps = sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
     if not steps:
         raise UserError(
             f"model_init: no checkpoint in {directory} (give the folder of a run that has trained)"

@@ -169,12 +169,17 @@ def train_dataset(
     `shard_count`-th part from `shard_index`, so the hosts' parts, in host order, are exactly the
     one-host run's global batch (the same augmented slices in the same rows) and never overlap.
     """
-    if len(source) // shard_count < batch_size:
+    mixed = isinstance(source, datasets.pseudo_labels.MixedSource)
+    # A mixed batch takes only its labelled rows from the training split (the rest from the extra source).
+    needed = batch_size * shard_count - (
+        pseudo_per_batch(batch_size * shard_count, source.extra_fraction) if mixed else 0
+    )
+    if len(source) < needed:
         raise UserError(
-            f"batch_size: {batch_size} per host is larger than the training split "
-            f"({len(source)} slices over {shard_count} hosts)"
+            f"batch_size: {batch_size} per host needs {needed} training slices a batch, more than the "
+            f"training split's {len(source)} ({shard_count} hosts)"
         )
-    if isinstance(source, datasets.pseudo_labels.MixedSource):
+    if mixed:
         dataset = mixed_epoch(source, batch_size * shard_count, seed, epoch, data_config.image_size)
     else:
         dataset = grain.MapDataset.source(source).seed(epoch_seed(seed, epoch)).shuffle()

@@ -69,6 +69,7 @@ def pseudo_label_weights(probabilities, threshold: float, weighting: str, mask_t
 
 # The data keys only students read: the teacher never sees the pool or its pseudo-labels.
 STUDENT_DATA_KEYS = (
+    "num_unlabelled",
     "pseudo_label_dir",
     "pseudo_fraction",
     "unlabelled_intensity_matching",
@@ -236,6 +237,9 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
                 f"{folder}: these pseudo-labels were made with {what}, the config asks for {asked}; "
                 "use another --workdir (or remove the folder)"
             )
+        pool = len(datasets.load_source(config.data, "unlabelled"))
+        if summary["totals"]["num_slices"] != pool:
+            raise UserError(pseudo_labels.pool_changed(folder, summary["totals"]["num_slices"], pool))
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
     if jax.process_index() == 0:
@@ -327,6 +331,10 @@ def run(config, workdir) -> dict:
             "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs; the phantom: data.num_unlabelled > 0)"
         )
     devices.initialize_distributed()
+    # The student's batch too, before the teacher trains: it may not divide over the devices.
+    devices.check_batch_divides(
+        config.selftrain.student_batch_size or config.batch_size, devices.data_parallel_mesh()
+    )
     # The stages lock their own folders; this lock keeps a second run out of the pseudo-labels too.
     with files.exclusive_workdir(workdir, enabled=jax.process_index() == 0):
         return _run_stages(config, workdir)

@@ -224,3 +224,25 @@ def test_a_damaged_step_is_named_after_its_folders_time_and_a_second_one_of_that
     assert moved[3].startswith("latest-3-")
     assert sorted(path.name for path in (directory / "damaged").iterdir()) == sorted(moved)
     assert run_checkpoints.all_steps("latest") == []
+
+
+@pytest.mark.parametrize("scored_with, expected_step", [("best", 1), ("last", 3), (None, 3)])
+def test_model_init_takes_the_checkpoint_the_run_is_scored_with(tmp_path, scored_with, expected_step):
+    # A self-training student started from its teacher starts from the weights that made its pseudo-labels.
+    config = make_tiny_config()
+    state = _with_moved_weights(config)
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(config.model, config.data)}
+    run_checkpoints.save("best", 1, state.replace(step=1), meta)
+    moved_again = state.replace(step=3, params=jax.tree_util.tree_map(lambda leaf: leaf + 1.0, state.params))
+    run_checkpoints.save("latest", 3, moved_again, meta)
+    run_checkpoints.wait()
+    run_checkpoints.close()
+    if scored_with is not None:
+        config.eval.checkpoint = scored_with
+        (tmp_path / "config.json").write_text(config.to_json())
+    params, _, step = checkpoints.restore_weights(tmp_path, config.model, config.data)
+    assert step == expected_step
+    expected = state.params if expected_step == 1 else moved_again.params
+    for got, leaf in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))

@@ -1,5 +1,6 @@
 """The TFDS builder on small files written here: layouts, splits, NIfTI, cache keys and every bad input."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -1040,6 +1041,26 @@ def test_a_pseudo_label_folder_gives_records_by_hand_and_names_every_mismatch(tm
         f"data.pseudo_label_dir: {tmp_path / 'empty'} holds no summary.json "
         "(not a complete pseudo-label folder)"
     )
+    # A summary edited by hand that no longer parses: one line naming it.
+    (folder / pseudo_labels.SUMMARY).write_text('{"slices": [],}')
+    with pytest.raises(UserError) as error:
+        pseudo_labels.read_summary(folder)
+    assert str(error.value) == (
+        f"{folder / pseudo_labels.SUMMARY}: not valid JSON (Expecting property name enclosed in double "
+        "quotes, line 1)"
+    )
+    # Labels of a pool of 3 slices, which now holds 2 (or 4): refused before any slice is drawn.
+    summary = json.loads((matched / pseudo_labels.SUMMARY).read_text())
+    summary["totals"] = {"num_slices": 3}
+    (matched / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
+    assert len(pseudo_labels.PseudoLabelSource(matched, pool, intensity_matching="window")) == 1
+    for changed in (pool[:2], [*pool, pool[0]]):
+        with pytest.raises(UserError) as error:
+            pseudo_labels.PseudoLabelSource(matched, changed, intensity_matching="window")
+        assert str(error.value) == (
+            f"data.pseudo_label_dir: {matched} labels a pool of 3 slices, the unlabelled split now holds "
+            f"{len(changed)}; remove the folder (and the students trained on it) to predict it again"
+        )
 
 
 def test_unlabelled_slices_without_labels_the_lesion_filter_and_the_mix_by_hand():

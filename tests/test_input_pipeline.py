@@ -520,7 +520,9 @@ def test_training_batches_drop_the_last_partial_batch_and_may_hold_one_slice():
 def test_a_batch_as_large_as_the_split_is_allowed_and_a_larger_one_refused_in_whole():
     (batch,) = input_pipeline.train_dataset(plain_records(4), plain_config(), 4, seed=0, epoch=0)
     assert batch["image"].shape == (4, 8, 8, 1)
-    message = "batch_size: 5 per host is larger than the training split (4 slices over 1 hosts)"
+    message = (
+        "batch_size: 5 per host needs 5 training slices a batch, more than the training split's 4 (1 hosts)"
+    )
     with pytest.raises(input_pipeline.UserError) as raised:
         input_pipeline.train_dataset(plain_records(4), plain_config(), 5, seed=0, epoch=0)
     assert str(raised.value) == message
@@ -563,3 +565,15 @@ def test_a_mixed_epoch_with_two_labelled_rows_a_batch_uses_each_labelled_slice_o
     epoch = input_pipeline.MixedEpoch(source, batch_size=4, seed=3, epoch=0)
     labelled = [epoch[batch * 4 + row] for batch in range(3) for row in range(2)]
     assert labelled == list(epoch.labelled_order[:6]) and len(set(labelled)) == 6
+
+
+def test_a_mixed_batch_needs_only_its_labelled_rows_from_the_training_split(mixed_data):
+    source = datasets.load_source(mixed_data, "train")  # 16 labelled slices, half of each batch pseudo
+    (batch,) = list(input_pipeline.train_dataset(source, mixed_data, 32, seed=0, epoch=0))  # 16 + 16 rows
+    assert batch["image"].shape[0] == 32
+    with pytest.raises(input_pipeline.UserError) as raised:
+        input_pipeline.train_dataset(source, mixed_data, 34, seed=0, epoch=0)  # 17 labelled rows
+    assert str(raised.value) == (
+        "batch_size: 34 per host needs 17 training slices a batch, more than the training split's 16 "
+        "(1 hosts)"
+    )

@@ -640,12 +640,13 @@ def test_model_init_starts_from_that_runs_weights_with_a_fresh_optimizer_and_a_r
 
     monkeypatch.setattr(train, "compiled_train_step", recording)
     _train(tmp_path, model_init=str(reference.workdir), num_epochs=1)
-    assert f"model_init: parameters and BatchNorm statistics of {reference.workdir} (step 8)" in (
+    # The reference is scored with its best checkpoint (eval.checkpoint='best'): its weights are the start.
+    assert f"model_init: parameters and BatchNorm statistics of {reference.workdir} (step {BEST_STEP})" in (
         capsys.readouterr().out
     )
     config = _loop_config()
     fresh = steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
-    pretrained = reference.latest[0]
+    pretrained = reference.best[0]
     assert int(starts[0].step) == 0
     with pytest.raises(AssertionError):  # the reference's weights are not a fresh draw: the check can fail
         _assert_same_state(fresh.params, pretrained.params)
@@ -663,11 +664,12 @@ def test_model_init_starts_from_that_runs_weights_with_a_fresh_optimizer_and_a_r
 @pytest.mark.parametrize("damage", [_delete_array_data, _truncate_every_file], ids=["deleted", "truncated"])
 def test_a_damaged_model_init_checkpoint_stops_in_one_line_naming_it(tmp_path, reference, damage):
     pretrained = _copy(reference.workdir, tmp_path)
-    damage(pretrained / "checkpoints" / "latest" / "8")
+    damage(pretrained / "checkpoints" / "best" / str(BEST_STEP))  # the checkpoint the run is scored with
     with pytest.raises(UserError) as refused:
         _train(tmp_path / "fine_tuned", model_init=str(pretrained))
     assert re.fullmatch(
-        f"model_init: checkpoint step 8 in {re.escape(str(pretrained / 'checkpoints' / 'latest'))} is "
+        f"model_init: checkpoint step {BEST_STEP} in "
+        f"{re.escape(str(pretrained / 'checkpoints' / 'best'))} is "
         r"damaged \(\w+\)",
         str(refused.value),
     )
@@ -687,7 +689,7 @@ def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, referen
     with pytest.raises(UserError) as refused:
         train.train_and_evaluate(config, workdir)
     assert str(refused.value) == (
-        f"model_init: checkpoint in {reference.workdir / 'checkpoints' / 'latest' / '8'} was made by another "
-        "model: model.features=4 in the checkpoint, 8 in the config"
+        f"model_init: checkpoint in {reference.workdir / 'checkpoints' / 'best' / str(BEST_STEP)} was made "
+        "by another model: model.features=4 in the checkpoint, 8 in the config"
     )
     assert not workdir.exists()

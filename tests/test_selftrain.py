@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
-from rdunet_jax import config_lib, datasets, files, selftrain
+from rdunet_jax import config_lib, datasets, devices, files, selftrain
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
@@ -835,3 +835,36 @@ def test_a_student_started_from_its_teacher_trains_from_the_teachers_weights(uni
         config, (moved / "pseudo_labels" / "round1").absolute(), moved / "teacher"
     )
     assert selftrain._finished_stage(moved / "student1", student) == again["stages"]["student1"]
+
+
+def test_a_student_batch_that_does_not_divide_over_the_devices_is_refused_before_the_teacher(
+    tmp_path, monkeypatch
+):
+    config = tiny_selftrain_config()
+    config.batch_size, config.selftrain.student_batch_size = 4, 5  # the shipped config's on 2 devices
+    monkeypatch.setattr(devices, "data_parallel_mesh", lambda: types.SimpleNamespace(size=2))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage trained before the student's batch was checked")
+
+    monkeypatch.setattr(selftrain, "train_stage", no_training)
+    with pytest.raises(UserError) as raised:
+        selftrain.run(config, tmp_path / "run")
+    assert str(raised.value).startswith("batch_size: 5 ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pseudo_labels_of_another_pool_are_refused_not_reused(uninterrupted, tmp_path):
+    workdir, _ = uninterrupted
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    config = tiny_selftrain_config()
+    config.data.num_unlabelled = POOL_SIZE + 2  # the pool grew: the teacher is kept, its labels are not
+    folder = moved / "pseudo_labels" / "round1"
+    message = (
+        f"data.pseudo_label_dir: {folder} labels a pool of {POOL_SIZE} slices, the unlabelled split now "
+        f"holds {POOL_SIZE + 2}; remove the folder (and the students trained on it) to predict it again"
+    )
+    with pytest.raises(UserError) as raised:
+        selftrain.run(config, moved)
+    assert str(raised.value) == message

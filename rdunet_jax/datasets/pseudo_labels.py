@@ -33,7 +33,17 @@ def read_summary(directory) -> dict:
         raise UserError(
             f"data.pseudo_label_dir: {directory} holds no {SUMMARY} (not a complete pseudo-label folder)"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+
+
+def pool_changed(directory, made_for: int, now: int) -> str:
+    return (
+        f"data.pseudo_label_dir: {directory} labels a pool of {made_for} slices, the unlabelled split now "
+        f"holds {now}; remove the folder (and the students trained on it) to predict it again"
+    )
 
 
 class PseudoLabelSource:
@@ -52,6 +62,9 @@ class PseudoLabelSource:
             )
         self.slices = summary["slices"]
         self._unlabelled = unlabelled
+        made_for = summary.get("totals", {}).get("num_slices")
+        if made_for is not None and made_for != len(unlabelled):
+            raise UserError(pool_changed(directory, made_for, len(unlabelled)))
 
     def __len__(self) -> int:
         return len(self.slices)
