@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import nibabel
 import numpy as np
 import pytest
-from helpers import ROTATED_AFFINE, ImagePredictor, make_tiny_config, real_data_root, save_nifti
+from helpers import ROTATED_AFFINE, ImagePredictor, make_tiny_config, real_data_root, refusal, save_nifti
 from PIL import Image
 
 from rdunet_jax import checkpoints, inference, predict, predictors, steps, volumes
@@ -579,14 +579,14 @@ def test_an_image_overlay_outlines_the_prediction_in_red_and_the_ground_truth_in
     assert white[5, 9] and white[5, 0] and not white[:, 10:].any()  # the expert mask's right and left edges
 
 
-def _predict_folder_with_truth_folder(tmp_path):
+def _predict_folder_with_truth_folder(tmp_path, truth="truth", output="out"):
     """The stand-in model over tmp_path/in, with the expert masks of tmp_path/truth, into tmp_path/out."""
     return predict.predict_path(
         make_tiny_config(),
         None,
         tmp_path / "in",
-        tmp_path / "out",
-        ground_truth=tmp_path / "truth",
+        tmp_path / output,
+        ground_truth=tmp_path / truth,
         predictor=ImagePredictor(),
     )
 
@@ -650,30 +650,12 @@ def test_a_ground_truth_folder_matches_masks_by_stem_says_which_inputs_have_none
     Image.fromarray(truth).save(tmp_path / "truth" / "b.png")
     Image.fromarray(truth).save(tmp_path / "truth" / "b.bmp")  # not an image this mode reads
     save_nifti(tmp_path / "truth" / "b.nii.gz", np.zeros((4, 4, 1), np.uint8))
-    with pytest.raises(UserError) as error:
-        predict.predict_path(
-            make_tiny_config(),
-            None,
-            tmp_path / "in",
-            tmp_path / "again",
-            ground_truth=tmp_path / "truth",
-            predictor=ImagePredictor(),
-        )
-    assert str(error.value) == (
+    assert refusal(_predict_folder_with_truth_folder, tmp_path, "truth", "again") == (
         f"--ground_truth: b.nii.gz, b.png in {tmp_path / 'truth'} all match b.jpg; keep one"
     )
     (tmp_path / "other").mkdir()
     Image.fromarray(truth).save(tmp_path / "other" / "z.png")
-    with pytest.raises(UserError) as error:
-        predict.predict_path(
-            make_tiny_config(),
-            None,
-            tmp_path / "in",
-            tmp_path / "again",
-            ground_truth=tmp_path / "other",
-            predictor=ImagePredictor(),
-        )
-    assert str(error.value) == (
+    assert refusal(_predict_folder_with_truth_folder, tmp_path, "other", "again") == (
         f"--ground_truth: no file in {tmp_path / 'other'} has the name of an input (first: a.jpg)"
     )
     assert not (tmp_path / "again").exists()

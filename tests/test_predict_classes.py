@@ -172,14 +172,12 @@ def test_an_expert_label_map_is_outlined_in_white_on_a_multi_class_slice_and_vol
     Image.fromarray(image).save(tmp_path / "in" / "s.png")
     Image.fromarray(truth).save(tmp_path / "truth.png")
     predictor = IntensityClassPredictor("exclusive")
-    predict.predict_path(
-        config,
-        None,
-        tmp_path / "in" / "s.png",
-        tmp_path / "out",
-        predictor=predictor,
-        ground_truth=tmp_path / "truth.png",
-    )
+
+    def predict_slice(output):
+        kwargs = {"predictor": predictor, "ground_truth": tmp_path / "truth.png"}
+        return predict.predict_path(config, None, tmp_path / "in" / "s.png", tmp_path / output, **kwargs)
+
+    predict_slice("out")
     white = _white_in_slice(tmp_path / "out" / "s_overlay.png")
     assert white[20, 0] and white[29, 25] and not white[:20].any()  # both classes' outlines, nothing else
     assert not white[21:29, 1:5].any() and not white[:, 6:20].any()  # outlines, not fills
@@ -188,14 +186,7 @@ def test_an_expert_label_map_is_outlined_in_white_on_a_multi_class_slice_and_vol
     with pytest.raises(
         UserError, match=r"truth\.png: mask values \{3\} outside the known labels \{0, 1, 2\}$"
     ):
-        predict.predict_path(
-            config,
-            None,
-            tmp_path / "in" / "s.png",
-            tmp_path / "again",
-            predictor=predictor,
-            ground_truth=tmp_path / "truth.png",
-        )
+        predict_slice("again")
     volume, expected = class_phantom()
     expert = np.zeros_like(expected)
     expert[28:31, 0:3, :] = 1  # a class-1 box the model does not find, on every slice
