@@ -104,10 +104,10 @@ def check_mean_teacher(meta: dict, target_state, directory) -> None:
         )
 
 
-def latest_steps(workdir) -> list[int]:
-    """The complete `latest` steps of the run in `workdir`, oldest first, read from the folder names (Orbax's
-    unfinished saves carry a suffix); [] for a folder without checkpoints."""
-    directory = pathlib.Path(workdir) / "checkpoints" / "latest"
+def saved_steps(workdir, kind: str = "latest") -> list[int]:
+    """The complete `kind` ('latest' or 'best') steps of the run in `workdir`, oldest first, read from the
+    folder names (Orbax's unfinished saves carry a suffix); [] for a folder without checkpoints."""
+    directory = pathlib.Path(workdir) / "checkpoints" / kind
     return sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
 
 
@@ -128,8 +128,9 @@ def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int
     (and classes), read without a target so that whatever optimizer the run used (mean teacher's too) does
     not matter. Raises UserError naming `model_init` when there is no checkpoint or it belongs to another
     model."""
-    directory = pathlib.Path(workdir).absolute() / "checkpoints" / scored_kind(workdir)
-    steps = sorted(int(path.name) for path in directory.glob("*") if path.name.isdigit())
+    kind = scored_kind(workdir)
+    directory = pathlib.Path(workdir).absolute() / "checkpoints" / kind
+    steps = saved_steps(workdir, kind)
     if not steps:
         raise UserError(
             f"model_init: no checkpoint in {directory} (give the folder of a run that has trained)"

@@ -375,24 +375,29 @@ SCORED_DATA_KEYS = tuple(
 )
 
 
-def check_run_data(config, workdir, mode: str) -> None:
-    """UserError naming the first of SCORED_DATA_KEYS in which `config` differs from the run's recorded
-    config.json: evaluating, exporting or predicting a run's model with others would score slices it
-    trained on (another `cv_fold`) or feed it another size, and overwrite its honest metrics."""
+def check_against_run(config, workdir, counts, why: str) -> None:
+    """UserError naming the first key for which `counts(key)` holds and in which `config` differs from the
+    run's recorded `<workdir>/config.json` (nothing when there is none), ending in `why`."""
     recorded = pathlib.Path(workdir or "") / "config.json"
     if not workdir or not recorded.is_file():
         return
     stored, current = json.loads(recorded.read_text()), to_json(config)
     flat_current = flatten(current)
-    changed = [
-        key for key in differing_keys(stored, current) if key in SCORED_DATA_KEYS and key in flat_current
-    ]
+    changed = [key for key in differing_keys(stored, current) if counts(key)]
     if changed:
+        # A key the record lacks held its default then (differing_keys).
         before = flatten(stored).get(changed[0], flatten(to_json(base_config())).get(changed[0]))
         raise UserError(
-            f"{changed[0]}: {before!r} in {recorded}, {flat_current[changed[0]]!r} now; --mode={mode} takes "
-            "the run's data settings (data paths, augmentation and eval.* may differ)"
+            f"{changed[0]}: {before!r} in {recorded}, {flat_current.get(changed[0])!r} now; {why}"
         )
+
+
+def check_run_data(config, workdir, mode: str) -> None:
+    """UserError naming the first of SCORED_DATA_KEYS in which `config` differs from the run's recorded
+    config.json: evaluating, exporting or predicting a run's model with others would score slices it
+    trained on (another `cv_fold`) or feed it another size, and overwrite its honest metrics."""
+    why = f"--mode={mode} takes the run's data settings (data paths, augmentation and eval.* may differ)"
+    check_against_run(config, workdir, lambda key: key in SCORED_DATA_KEYS, why)
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

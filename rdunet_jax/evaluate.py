@@ -73,10 +73,11 @@ def original_target(record: dict, config) -> np.ndarray:
     head, classes = config.model.get("head", "binary"), tuple(config.data.classes)
     if head == "binary":
         return record["mask"]
-    labels = np.asarray(record["labels"])
-    if head == "exclusive" and labels.ndim == 2:  # a record's label map, before the pipeline's channel axis
-        labels = labels[..., None]
-    return heads.any_lesion(heads.expert_class_masks(labels, head, len(classes)), head, classes)
+    if head == "exclusive":  # a record's label map, before the input pipeline's channel axis
+        masks = heads.label_map_masks(record["labels"], len(classes))
+    else:
+        masks = heads.expert_class_masks(record["labels"], head, len(classes))
+    return heads.any_lesion(masks, head, classes)
 
 
 def original_resolution_counts(

@@ -42,14 +42,21 @@ def atomic_path(path):
         raise
 
 
-def check_writable(folder, flag: str) -> None:
-    """UserError naming `flag` when no file can be made in `folder` (its nearest existing ancestor when it
-    does not exist yet): a read-only mount fails here, before the work, not when its results are written.
-    A test file, not os.access, which passes on some mounts that refuse writes."""
+def existing_folder(folder, flag: str) -> pathlib.Path:
+    """`folder`, or its nearest ancestor that exists (where it would be made); UserError naming `flag` when
+    that is a file."""
     folder = pathlib.Path(folder)
     existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
     if not existing.is_dir():
         raise UserError(f"{flag}: {existing} is a file, not a folder")
+    return existing
+
+
+def check_writable(folder, flag: str) -> None:
+    """UserError naming `flag` when no file can be made in `folder` (its nearest existing ancestor when it
+    does not exist yet): a read-only mount fails here, before the work, not when its results are written.
+    A test file, not os.access, which passes on some mounts that refuse writes."""
+    existing = existing_folder(folder, flag)
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass

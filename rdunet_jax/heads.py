@@ -99,12 +99,18 @@ def any_lesion(masks, head: str, classes) -> np.ndarray:
     return np.any(np.asarray(masks)[..., lesion_classes(head, classes)], axis=-1)
 
 
+def label_map_masks(label_map, num_classes: int) -> np.ndarray:
+    """Boolean per-class masks (..., K) of a label map (...): class k where the value is k (rounded, so a
+    NIfTI label map stored as floats reads the same)."""
+    return np.rint(np.asarray(label_map))[..., None] == np.arange(1, num_classes + 1)
+
+
 def expert_class_masks(labels, head: str, num_classes: int) -> np.ndarray:
     """Boolean per-class masks (..., K) of expert labels as the input pipeline gives them: a label map
     (..., 1) for 'exclusive', binary channels (..., K) for 'multilabel'."""
     labels = np.asarray(labels)
     if head == "exclusive":
-        return labels[..., 0][..., None] == np.arange(1, num_classes + 1)
+        return label_map_masks(labels[..., 0], num_classes)
     if head == "multilabel":
         return labels > 0
     raise ValueError(f"expert class masks are for the multi-class heads, not {head!r}")

@@ -119,9 +119,7 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
     output = pathlib.Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"--output: {output} is not a .onnx file name")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise UserError(f"--output: {output.parent} is a file, not a folder")
-    if not output.parent.is_dir():
+    if files.existing_folder(output.parent, "--output") != output.parent:
         raise UserError(f"--output: the folder {output.parent} does not exist")
     if output.is_dir():
         raise UserError(f"--output: {output} is a folder, not a file")

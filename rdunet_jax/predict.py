@@ -138,7 +138,7 @@ def predict_volume(
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
                 if tally is not None:  # the expert's classes drawn as the prediction's are
-                    drawn_target = predict_classes.expert_class_masks(labels, tally.classes)
+                    drawn_target = heads.label_map_masks(labels, len(tally.classes))
             if pixels and num_overlays:
                 if scale is None:
                     shown = input_pipeline.window_hounsfield(hu_slice, hu_window)

@@ -32,7 +32,7 @@ class ClassTally:
             self.lung_voxels += int(lungs.sum())
             self.infected_lung_voxels += int((lungs & infection).sum())
         if expert_labels is not None:
-            expert = expert_class_masks(expert_labels, self.classes)
+            expert = heads.label_map_masks(expert_labels, len(self.classes))
             counts = metrics.confusion_counts(np.moveaxis(class_masks, -1, 0), np.moveaxis(expert, -1, 0))
             self.expert_counts += np.stack(counts[:3], axis=-1)
         return class_masks
@@ -59,11 +59,6 @@ class ClassTally:
         return result
 
 
-def expert_class_masks(label_map, classes) -> np.ndarray:
-    """The class masks (..., K) of an expert label map: class k where the value is k."""
-    return np.rint(label_map)[..., None] == np.arange(1, len(classes) + 1)
-
-
 def write_image_outputs(outputs: dict, image, probabilities, config, expert_labels=None) -> None:
     """A PNG/JPEG slice's palette label map (`outputs['mask']`) and per-class overlay (the expert label
     map's classes outlined in white when given)."""
@@ -72,6 +67,6 @@ def write_image_outputs(outputs: dict, image, probabilities, config, expert_labe
         probabilities, image.shape, config.model.head, config.eval.threshold
     )
     visualize.write_label_png(outputs["mask"], heads.masks_to_label_map(class_masks))
-    targets = None if expert_labels is None else expert_class_masks(expert_labels, classes)
+    targets = None if expert_labels is None else heads.label_map_masks(expert_labels, len(classes))
     overlay = visualize.class_overlay_image(image, class_masks, targets, classes)
     visualize.write_png(outputs["overlay"], overlay)

@@ -219,23 +219,13 @@ RESUMABLE_KEYS = (
 
 def check_resumable(config, workdir: pathlib.Path) -> None:
     """UserError naming the first setting in which `config` differs from the run it would resume."""
-    recorded = workdir / "config.json"
-    if not recorded.is_file():
-        return
-    stored = json.loads(recorded.read_text())
-    current = config_lib.to_json(config)
-    changed = [
-        key
-        for key in config_lib.differing_keys(stored, current)
-        if key not in RESUMABLE_KEYS and not key.startswith("eval.")
-    ]
-    if changed:
-        before, now = config_lib.flatten(stored).get(changed[0]), config_lib.flatten(current).get(changed[0])
-        raise UserError(
-            f"{changed[0]}: {before!r} in {recorded}, {now!r} now; resuming would continue that run with "
-            "another setting: run it unchanged (only num_epochs, eval.* and data paths may change), or use "
-            "another --workdir"
-        )
+    config_lib.check_against_run(
+        config,
+        workdir,
+        lambda key: key not in RESUMABLE_KEYS and not key.startswith("eval."),
+        "resuming would continue that run with another setting: run it unchanged (only num_epochs, eval.* "
+        "and data paths may change), or use another --workdir",
+    )
 
 
 def with_pretrained_weights(state, pretrained):
@@ -304,7 +294,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         flush=True,
     )
     pretrained = None
-    if config.get("model_init") and not checkpoints.latest_steps(workdir):
+    if config.get("model_init") and not checkpoints.saved_steps(workdir):
         # Read before anything is written in the workdir, so a bad model_init leaves it as it was.
         pretrained = checkpoints.restore_weights(config.model_init, config.model, config.data)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")

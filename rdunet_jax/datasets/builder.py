@@ -370,9 +370,8 @@ def prepare(data_config) -> CovidCtSlices:
     """The builder of `data_config`, its dataset built into `data.data_dir` unless already there."""
     config = builder_config(data_config)
     data_dir = pathlib.Path(data_config.data_dir).expanduser() if data_config.data_dir else None
-    existing = data_dir and next(folder for folder in (data_dir, *data_dir.parents) if folder.exists())
-    if existing and not existing.is_dir():
-        raise UserError(f"data.data_dir: {existing} is a file, not a folder")
+    if data_dir is not None:
+        files.existing_folder(data_dir, "data.data_dir")
     builder = CovidCtSlices(config=config, data_dir=data_config.data_dir or None, file_format="array_record")
     if builder.data_path.exists():
         return builder  # a prepared dataset is read, even from a folder this user cannot write

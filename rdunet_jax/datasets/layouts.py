@@ -181,7 +181,7 @@ def semiseg_unlabelled_files(manual_dir) -> list[pathlib.Path] | None:
 
     def volume_then_number(path):
         volume, _, number = path.stem.rpartition("_")
-        return (volume, int(number) if number.isdigit() else -1, path.stem)
+        return (volume, int(number), path.stem)  # every name ends in _<number> (checked above)
 
     return sorted(paths, key=volume_then_number)
 
