@@ -105,6 +105,16 @@ def label_map_masks(label_map, num_classes: int) -> np.ndarray:
     return np.rint(np.asarray(label_map))[..., None] == np.arange(1, num_classes + 1)
 
 
+def label_map_class_masks(label_map, head: str, classes) -> np.ndarray:
+    """Boolean per-class masks (..., K) of an expert label map as `head` trains on them: a 'multilabel'
+    head's lungs hold the infection too, which lies inside them (a label map gives each pixel one class)."""
+    classes = list(classes)
+    masks = label_map_masks(label_map, len(classes))
+    if head == "multilabel" and LUNG_CLASS_NAME in classes and "infection" in classes:
+        masks[..., classes.index(LUNG_CLASS_NAME)] |= masks[..., classes.index("infection")]
+    return masks
+
+
 def expert_class_masks(labels, head: str, num_classes: int) -> np.ndarray:
     """Boolean per-class masks (..., K) of expert labels as the input pipeline gives them: a label map
     (..., 1) for 'exclusive', binary channels (..., K) for 'multilabel'."""

@@ -99,9 +99,8 @@ def predict_volume(
     # Checked again by verify_inputs before anything was written; here it also gives the display scale.
     scale = volumes.display_scale(image, input_file, input_units)
     model_orientation = orientation.model_orientation(config.data)
-    slices = volumes.VolumeSlices(
-        image, truth, input_file, ground_truth, orientation.volume_layout(image.affine, model_orientation)
-    )
+    layout = orientation.volume_layout(image.affine, model_orientation)
+    slices = volumes.VolumeSlices(image, truth, input_file, ground_truth, layout, truth_labels(config))
     shape, num_slices = image.shape, slices.num_slices
     threshold, hu_window = config.eval.threshold, tuple(config.data.hu_window)
     num_overlays = int(config.eval.num_overlays)
@@ -125,7 +124,7 @@ def predict_volume(
                 mask = drawn = mask_at_input_size(probabilities, hu_slice.shape, threshold)
                 write(index, mask)
             else:
-                drawn = tally.add(probabilities, hu_slice.shape, expert_labels, ground_truth)
+                drawn = tally.add(probabilities, hu_slice.shape, expert_labels)
                 write(index, heads.masks_to_label_map(drawn))
                 mask = heads.any_lesion(drawn, head, tally.classes).astype(np.uint8)
             pixels = int(mask.sum())
@@ -134,11 +133,13 @@ def predict_volume(
             target = drawn_target = None
             if truth is not None:
                 labels = np.rint(expert_labels)
-                target = drawn_target = np.isin(labels, readers.NIFTI_LESION_LABELS)
+                if tally is None:
+                    target = drawn_target = np.isin(labels, readers.NIFTI_LESION_LABELS)
+                else:  # the expert's classes drawn, and their lesion scored, as the prediction's are
+                    drawn_target = heads.label_map_class_masks(labels, head, tally.classes)
+                    target = heads.any_lesion(drawn_target, head, tally.classes)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])
-                if tally is not None:  # the expert's classes drawn as the prediction's are
-                    drawn_target = heads.label_map_masks(labels, len(tally.classes))
             if pixels and num_overlays:
                 if scale is None:
                     shown = input_pipeline.window_hounsfield(hu_slice, hu_window)
@@ -262,14 +263,27 @@ def read_image_truth(image, input_file, ground_truth, config) -> np.ndarray:
 # --- The command -----------------------------------------------------------------------------------------
 
 
+def truth_labels(config) -> tuple[int, ...]:
+    """The values an expert mask volume may hold: a binary model's NIfTI labels (lesions 1 and 2), else
+    0..K for the K classes."""
+    if config.model.get("head", "binary") == "binary":
+        return readers.NIFTI_LABELS
+    return tuple(range(len(config.data.classes) + 1))
+
+
 def verify_inputs(jobs: list[tuple], input_units: str, series: str | None, config) -> None:
     """Reads every input and ground truth as far as can be done cheaply (images decoded; NIfTI header,
     shape, (uncompressed) length and the units of a few slices) and checks their sizes agree, so a bad
     file fails before any output is written."""
     for input_file, _, ground_truth in jobs:
         if volumes.input_kind(input_file) in ("nifti", "dicom"):
-            image, _ = volumes.open_volume_pair(input_file, ground_truth, keep_file_open=False, series=series)
+            image, truth = volumes.open_volume_pair(
+                input_file, ground_truth, keep_file_open=False, series=series
+            )
             volumes.display_scale(image, input_file, input_units)
+            if truth is not None:  # its middle slice; prediction checks every slice as it reads it
+                middle = volumes.volume_slice(truth, truth.shape[2] // 2, ground_truth)
+                volumes.check_truth_labels(middle, ground_truth, truth_labels(config))
             if hasattr(image, "dicom_geometry"):
                 from rdunet_jax import dicom
 

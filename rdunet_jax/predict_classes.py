@@ -4,7 +4,6 @@ summary, and an image's label map and overlay (predict.py calls them)."""
 import numpy as np
 
 from rdunet_jax import heads, involvement, metrics, visualize
-from rdunet_jax.datasets import labels as class_labels
 
 
 class ClassTally:
@@ -17,14 +16,10 @@ class ClassTally:
         self.expert_counts = np.zeros((len(self.classes), 3), np.int64)  # TP, FP, FN per class
         self.lung_voxels, self.infected_lung_voxels = 0, 0
 
-    def add(self, probabilities, shape, expert_labels=None, ground_truth=None) -> np.ndarray:
+    def add(self, probabilities, shape, expert_labels=None) -> np.ndarray:
         """Counts one slice's class masks (probabilities (S, S, C) resized to `shape`, then the head's
-        rule) and returns them; an expert label map (values 0..K, checked) adds to each class's Dice."""
+        rule) and returns them; an expert label map (values 0..K) adds to each class's Dice."""
         class_masks = heads.class_masks_at_size(probabilities, shape, self.head, self.threshold)
-        if expert_labels is not None:
-            class_labels.check_label_map(
-                np.rint(expert_labels).astype(np.int64), len(self.classes), str(ground_truth)
-            )
         self.voxels += class_masks.reshape(-1, len(self.classes)).sum(axis=0)
         lungs_and_infection = heads.lungs_and_infection(class_masks, self.head, self.classes)
         if lungs_and_infection is not None:
@@ -32,7 +27,7 @@ class ClassTally:
             self.lung_voxels += int(lungs.sum())
             self.infected_lung_voxels += int((lungs & infection).sum())
         if expert_labels is not None:
-            expert = heads.label_map_masks(expert_labels, len(self.classes))
+            expert = heads.label_map_class_masks(expert_labels, self.head, self.classes)
             counts = metrics.confusion_counts(np.moveaxis(class_masks, -1, 0), np.moveaxis(expert, -1, 0))
             self.expert_counts += np.stack(counts[:3], axis=-1)
         return class_masks
@@ -67,6 +62,10 @@ def write_image_outputs(outputs: dict, image, probabilities, config, expert_labe
         probabilities, image.shape, config.model.head, config.eval.threshold
     )
     visualize.write_label_png(outputs["mask"], heads.masks_to_label_map(class_masks))
-    targets = None if expert_labels is None else heads.label_map_masks(expert_labels, len(classes))
+    targets = (
+        None
+        if expert_labels is None
+        else heads.label_map_class_masks(expert_labels, config.model.head, classes)
+    )
     overlay = visualize.class_overlay_image(image, class_masks, targets, classes)
     visualize.write_png(outputs["overlay"], overlay)

@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 
 from rdunet_jax import orientation
+from rdunet_jax.datasets import readers
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import atomic_path
@@ -120,13 +121,24 @@ def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: boo
     truth = open_volume(ground_truth, keep_file_open) if ground_truth else None
     if truth is not None and truth.shape != image.shape:
         raise UserError(f"--ground_truth: {ground_truth} has shape {truth.shape}, {input_file} {image.shape}")
-    if truth is not None and input_kind(input_file) == "dicom":
-        if not np.allclose(truth.affine, image.affine, atol=1e-3):
-            raise UserError(
-                f"--ground_truth: {ground_truth} is not in the geometry of the series {input_file} "
-                f"(its affine differs from the series' {np.round(image.affine, 3).tolist()})"
-            )
+    # A mask of the same shape stored in another orientation would be scored voxel by voxel, flipped.
+    if truth is not None and not np.allclose(truth.affine, image.affine, atol=1e-3):
+        kind = "the series" if input_kind(input_file) == "dicom" else "the volume"
+        raise UserError(
+            f"--ground_truth: {ground_truth} is not in the geometry of {kind} {input_file} "
+            f"(its affine differs from the input's {np.round(image.affine, 3).tolist()})"
+        )
     return image, truth
+
+
+def check_truth_labels(values: np.ndarray, ground_truth, labels) -> np.ndarray:
+    """Expert mask values as integer labels; values outside `labels` or not integers (a {0, 255} mask, a
+    CT given as the mask) are a UserError naming the file, not a silent Dice of 0."""
+    where, rounded = f"--ground_truth: {ground_truth}", np.rint(values)
+    if not np.allclose(rounded, values, atol=1e-3):
+        raise UserError(f"{where}: mask has non-integer values; expected labels {set(labels)}")
+    readers.check_labels(rounded.astype(np.int64), labels, where)
+    return rounded.astype(np.float32)
 
 
 def volume_slice(image, index: int, path: pathlib.Path) -> np.ndarray:
@@ -193,16 +205,26 @@ class VolumeSlices:
 
     When the stored slices are the model's slices turned in plane (`layout.per_slice`: the stored third
     axis is the one nearest superior-inferior), each is read, turned and, once predicted, turned back and
-    written on its own, in bounded memory; otherwise the whole volume is read and turned at once."""
+    written on its own, in bounded memory; otherwise the whole volume is read and turned at once. Expert
+    mask values must be among `truth_labels`."""
 
-    def __init__(self, image, truth, input_file, ground_truth, layout: orientation.VolumeLayout):
+    def __init__(
+        self,
+        image,
+        truth,
+        input_file,
+        ground_truth,
+        layout: orientation.VolumeLayout,
+        truth_labels=readers.NIFTI_LABELS,
+    ):
         self.image, self.truth, self.input_file, self.ground_truth = image, truth, input_file, ground_truth
-        self.layout = layout
+        self.layout, self.truth_labels = layout, truth_labels
         self.turned = self.turned_truth = None
         if not layout.per_slice:
             self.turned = orientation.turn(self._whole(image, input_file), layout.to_model)
             if truth is not None:
-                self.turned_truth = orientation.turn(self._whole(truth, ground_truth), layout.to_model)
+                whole_truth = check_truth_labels(self._whole(truth, ground_truth), ground_truth, truth_labels)
+                self.turned_truth = orientation.turn(whole_truth, layout.to_model)
 
     @staticmethod
     def _whole(image, path):
@@ -220,7 +242,8 @@ class VolumeSlices:
     def truth_slice(self, index: int) -> np.ndarray:
         if self.turned_truth is not None:
             return self.turned_truth[:, :, index]
-        return self.layout.slice_to_model(volume_slice(self.truth, index, self.ground_truth))
+        values = volume_slice(self.truth, index, self.ground_truth)
+        return self.layout.slice_to_model(check_truth_labels(values, self.ground_truth, self.truth_labels))
 
     @contextlib.contextmanager
     def mask_writer(self, path: pathlib.Path):

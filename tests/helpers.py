@@ -99,10 +99,10 @@ def sigmoid64(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
-def refusal(function, *arguments) -> str:
-    """The message of the UserError that `function(*arguments)` must raise."""
+def refusal(function, *arguments, **keywords) -> str:
+    """The message of the UserError that `function(*arguments, **keywords)` must raise."""
     with pytest.raises(UserError) as raised:
-        function(*arguments)
+        function(*arguments, **keywords)
     return str(raised.value)
 
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from rdunet_jax import config_lib, config_validation, datasets, input_pipeline
+from rdunet_jax import config_lib, config_validation, datasets, heads, input_pipeline, involvement
 from rdunet_jax.datasets import builder, pseudo_labels, synthetic
 from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
@@ -724,10 +724,25 @@ def test_a_dataset_with_fixed_classes_refuses_another_number_of_names(tmp_path):
 def test_a_label_map_with_values_above_the_classes_is_refused_naming_the_record():
     record = {"id": "7", "image": np.zeros((4, 4), np.uint8), "mask": np.zeros((4, 4), np.uint8)}
     record["class_mask"] = np.array([[0, 1], [2, 3]], np.uint8)
-    assert class_labels.with_labels(record, "nifti", "exclusive", 3)["labels"].max() == 3
+    assert class_labels.with_labels(record, "nifti", "exclusive", ("a", "b", "c"))["labels"].max() == 3
     for head in ("exclusive", "multilabel"):
         with pytest.raises(UserError, match=r"^record 7.*label values \{3\} outside data.classes \(0..2\)$"):
-            class_labels.with_labels(record, "nifti", head, 2)
+            class_labels.with_labels(record, "nifti", head, ("a", "b"))
+
+
+def test_a_nifti_label_maps_lungs_channel_holds_its_infection_as_ma2020s_does():
+    # By hand: 1 is lung, 2 infection drawn over it; as channels the lungs are every lung pixel, 3 of 4,
+    # and the involvement 1 of 3 (it was 0: the lungs channel was the value-1 pixels only).
+    record = {"id": "1", "class_mask": np.array([[0, 1], [2, 1]], np.uint8)}
+    channels = class_labels.with_labels(record, "nifti", "multilabel", ("lungs", "infection"))["labels"]
+    assert channels[..., 0].tolist() == [[0, 1], [1, 1]] and channels[..., 1].tolist() == [[0, 0], [1, 0]]
+    lungs, infection = heads.lungs_and_infection(channels > 0, "multilabel", ("lungs", "infection"))
+    assert involvement.per_slice_percent(lungs[None], infection[None]).tolist() == [pytest.approx(100 / 3)]
+    # Other names (and the exclusive head's label map) keep one class a pixel.
+    other = class_labels.with_labels(record, "nifti", "multilabel", ("ggo", "consolidation"))["labels"]
+    assert other[..., 0].tolist() == [[0, 1], [0, 1]]
+    exclusive = class_labels.with_labels(record, "nifti", "exclusive", ("lungs", "infection"))["labels"]
+    assert exclusive.tolist() == [[0, 1], [2, 1]]
 
 
 def test_label_maps_and_channels_are_uint8_and_errors_name_the_dataset_record_and_values():
@@ -736,27 +751,27 @@ def test_label_maps_and_channels_are_uint8_and_errors_name_the_dataset_record_an
     record = {"class_mask": class_mask}
     label_map = class_labels.label_map(record, "nifti")
     assert label_map.dtype == np.uint8 and label_map.tolist() == [[0, 1], [2, 3]]
-    channels = class_labels.label_channels(record, "nifti", 3)
+    channels = class_labels.label_channels(record, "nifti", ("a", "b", "c"))
     assert channels.dtype == np.uint8
     assert channels.tolist() == [[[0, 0, 0], [1, 0, 0]], [[0, 1, 0], [0, 0, 1]]]
     ma2020 = {"lung_mask": np.array([[0, 255], [255, 255]]), "mask": np.array([[0, 0], [0, 1]])}
     assert class_labels.label_map(ma2020, "ma2020_2d").dtype == np.uint8
-    assert class_labels.label_channels(ma2020, "ma2020_2d", 2).dtype == np.uint8
+    assert class_labels.label_channels(ma2020, "ma2020_2d", ("lungs", "infection")).dtype == np.uint8
     # A record without class labels, through either head, names the dataset; one without an id says "?".
     no_classes = {"mask": np.zeros((2, 2), np.uint8)}
     for head in ("exclusive", "multilabel"):
         with pytest.raises(UserError) as error:
-            class_labels.with_labels(no_classes, "nifti", head, 2)
+            class_labels.with_labels(no_classes, "nifti", head, ("a", "b"))
         assert str(error.value) == "data.name='nifti': records have no class labels for a multi-class head"
     with pytest.raises(UserError, match="data.name='nifti': records have no class labels"):
-        class_labels.label_channels(no_classes, "nifti", 2)
+        class_labels.label_channels(no_classes, "nifti", ("a", "b"))
     many = {"class_mask": np.arange(9, dtype=np.uint8).reshape(3, 3)}
     for head, where in (("exclusive", "record ? of data.name='nifti'"), ("multilabel", "record ?")):
         with pytest.raises(UserError) as error:
-            class_labels.with_labels(many, "nifti", head, 2)
+            class_labels.with_labels(many, "nifti", head, ("a", "b"))
         assert str(error.value) == f"{where}: label values {{3, 4, 5, 6, 7}} outside data.classes (0..2)"
     with pytest.raises(UserError) as error:
-        class_labels.with_labels(record, "nifti", "softmax", 3)
+        class_labels.with_labels(record, "nifti", "softmax", ("a", "b", "c"))
     assert str(error.value) == "model.head: must be 'binary', 'exclusive' or 'multilabel', got 'softmax'"
 
 

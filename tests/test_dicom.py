@@ -760,7 +760,7 @@ def test_a_nifti_mask_within_a_thousandth_of_the_series_affine_is_accepted_and_b
             continue
         assert refusal(volumes.open_volume_pair, tmp_path / "series", path) == (
             f"--ground_truth: {path} is not in the geometry of the series {tmp_path / 'series'} (its affine "
-            "differs from the series' [[-0.7, 0.0, 0.0, 100.123], [0.0, -0.8, 0.0, 60.0], "
+            "differs from the input's [[-0.7, 0.0, 0.0, 100.123], [0.0, -0.8, 0.0, 60.0], "
             "[0.0, 0.0, 2.5, -200.0], [0.0, 0.0, 0.0, 1.0]])"
         )
 

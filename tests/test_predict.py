@@ -4,6 +4,7 @@ The real model runs at the tiny config's shapes (32 px, batch 16); the orientati
 model by a threshold on the preprocessed image, so where the mask lands is known exactly."""
 
 import json
+import re
 
 import jax.numpy as jnp
 import nibabel
@@ -854,6 +855,66 @@ def test_a_truncated_ground_truth_is_one_line_naming_it_and_leaves_no_mask(tmp_p
             make_tiny_config(), None, source, tmp_path / "out", ground_truth=truth, predictor=ImagePredictor()
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_volume_ground_truth_stored_in_another_orientation_is_refused_before_any_output(tmp_path):
+    # The same anatomy stored LPS beside a RAS volume: the same shape, but voxel (i, j, k) is elsewhere.
+    volume = _lesion_volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume, np.eye(4))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:2, 3] = 31.0
+    truth = save_nifti(tmp_path / "truth.nii.gz", (volume[::-1, ::-1] > 0).astype(np.uint8), lps)
+    message = refusal(
+        predict.predict_path,
+        make_tiny_config(),
+        None,
+        source,
+        tmp_path / "out",
+        ground_truth=truth,
+        predictor=ImagePredictor(),
+    )
+    assert message.startswith(
+        f"--ground_truth: {truth} is not in the geometry of the volume {source} (its affine differs from the "
+        "input's [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("0-255", r"mask values \{255\} outside the known labels \{0, 1, 2, 3\}"),
+        ("the CT", r"mask values \{-1000, -500, 100\} outside the known labels \{0, 1, 2, 3\}"),
+        ("fractions", r"mask has non-integer values; expected labels \{0, 1, 2, 3\}"),
+        ("slice 0", r"mask values \{9\} outside the known labels \{0, 1, 2, 3\}"),
+    ],
+)
+def test_a_volume_ground_truth_that_is_not_a_label_mask_is_one_line_and_leaves_nothing(
+    tmp_path, kind, message
+):
+    # It was scored as it stood (only values 1 and 2 are lesion): a {0, 255} mask or the CT itself gave a
+    # Dice of 0 without a word. The middle slice is checked before any output, every slice as it is read.
+    volume = _lesion_volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    labels = (volume > 0).astype(np.float32)
+    truth = {
+        "0-255": labels * 255,
+        "the CT": volume.astype(np.float32),
+        "fractions": labels * 0.5,
+        "slice 0": np.where(np.arange(4) == 0, 9.0, labels),  # not the middle slice (2) checked first
+    }[kind]
+    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth)
+    got = refusal(
+        predict.predict_path,
+        make_tiny_config(),
+        None,
+        source,
+        tmp_path / "out",
+        ground_truth=truth_file,
+        predictor=ImagePredictor(),
+    )
+    assert re.fullmatch(f"--ground_truth: {re.escape(str(truth_file))}: {message}", got)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 def test_an_image_ground_truth_of_another_size_names_both_files(tmp_path):

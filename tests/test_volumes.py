@@ -269,7 +269,9 @@ def test_a_cut_volume_or_mask_read_through_its_slices_is_named(tmp_path, affine,
 
     def read_every_slice():
         # Sagittal: the whole volume is read and turned when the slices are made; axial: slice by slice.
-        slices = volumes.VolumeSlices(image, truth, image_path, truth_path, layout)
+        # The cut file holds CT values: as the mask they are labels here, so the read, not them, fails.
+        labels = range(-1024, 1025)
+        slices = volumes.VolumeSlices(image, truth, image_path, truth_path, layout, truth_labels=labels)
         for index in range(slices.num_slices):
             slices.image_slice(index)
             slices.truth_slice(index)

@@ -10,11 +10,13 @@ with 0 background and k the k-th name of `data.classes`; for `'multilabel'` one 
   `infection`; as channels they overlap (infection lies inside the lungs), as a label map infection
   takes precedence (1 lung without infection, 2 infection).
 - `nifti`: `class_mask`, the label volume with any number of classes named by `data.classes` (value k
-  is the k-th name); the builder refuses values above K when it prepares such a dataset.
+  is the k-th name); the builder refuses values above K when it prepares such a dataset. As channels, a
+  `lungs` class holds the `infection` class too, as Ma et al.'s do.
 """
 
 import numpy as np
 
+from rdunet_jax import heads
 from rdunet_jax.errors import UserError
 
 # The classes each dataset's labels describe, in label-value order, and where they come from.
@@ -50,14 +52,13 @@ def label_map(record: dict, dataset: str) -> np.ndarray:
     return np.asarray(record["class_mask"], np.uint8)
 
 
-def label_channels(record: dict, dataset: str, num_classes: int) -> np.ndarray:
-    """The record's classes as binary channels (H, W, K) uint8, which may overlap."""
+def label_channels(record: dict, dataset: str, classes) -> np.ndarray:
+    """The record's classes (names `classes`) as binary channels (H, W, K) uint8, which may overlap."""
     if dataset == "ma2020_2d":
         return np.stack(
             [np.asarray(record["lung_mask"]) > 0, np.asarray(record["mask"]) > 0], axis=-1
         ).astype(np.uint8)
-    labels = label_map(record, dataset)
-    return (labels[..., None] == np.arange(1, num_classes + 1)).astype(np.uint8)
+    return heads.label_map_class_masks(label_map(record, dataset), "multilabel", classes).astype(np.uint8)
 
 
 def check_label_map(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -68,8 +69,10 @@ def check_label_map(labels: np.ndarray, num_classes: int, where: str) -> None:
         raise UserError(f"{where}: label values {{{shown}}} outside data.classes (0..{num_classes})")
 
 
-def with_labels(record: dict, dataset: str, head: str, num_classes: int) -> dict:
-    """The record with the `labels` its head trains on (unchanged for the binary head)."""
+def with_labels(record: dict, dataset: str, head: str, classes) -> dict:
+    """The record with the `labels` its head trains on for the class names `classes` (unchanged for the
+    binary head)."""
+    num_classes = len(classes)
     if head == "binary":
         return record
     if head == "exclusive":
@@ -78,7 +81,7 @@ def with_labels(record: dict, dataset: str, head: str, num_classes: int) -> dict
     elif head == "multilabel":
         if dataset != "ma2020_2d":
             check_label_map(label_map(record, dataset), num_classes, f"record {record.get('id', '?')!s}")
-        labels = label_channels(record, dataset, num_classes)
+        labels = label_channels(record, dataset, classes)
     else:
         raise UserError(f"model.head: must be 'binary', 'exclusive' or 'multilabel', got {head!r}")
     return {**record, "labels": labels}
@@ -90,14 +93,14 @@ class LabelledSource:
     def __init__(self, source, data_config, head: str):
         self._source, self._head = source, head
         self._dataset = data_config.name
-        self._num_classes = len(check_classes(data_config, head))
+        self._classes = check_classes(data_config, head)
         self.name, self.split = getattr(source, "name", self._dataset), getattr(source, "split", None)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        return with_labels(self._source[index], self._dataset, self._head, self._num_classes)
+        return with_labels(self._source[index], self._dataset, self._head, self._classes)
 
     def __repr__(self) -> str:
         return f"LabelledSource({self._source!r}, head={self._head!r})"
