@@ -52,7 +52,7 @@ def slice_metadata(record: dict, image_size: int) -> dict:
     spacing = record.get("spacing")
     meta = {
         "id": str(record["id"]),
-        "case_id": str(record["case_id"]) if "case_id" in record else None,
+        "case_id": (str(record["case_id"]) or None) if "case_id" in record else None,
         "slice_index": int(record["slice_index"]) if "slice_index" in record else None,
         "pixel_spacing": None,
         "slice_spacing": None,
@@ -254,10 +254,10 @@ def _volume_hd95(slices, image_size: int, unit: str) -> float:
 
 
 def per_volume_summary(collected: dict, image_size: int) -> dict | None:
-    """Per-case metrics from the case's pooled counts and 3-D HD95, and their mean and std over cases;
-    None when slices carry no case id."""
-    rows = collected["rows"]
-    if not rows or any(row["case_id"] is None for row in rows):
+    """Per-case metrics from the case's pooled counts and 3-D HD95, and their mean and std over cases,
+    of the slices with a case id (the others are counted); None when no slice has one."""
+    rows = [row for row in collected["rows"] if row["case_id"] is not None]
+    if not rows:
         return None
     by_case: dict[str, list] = {}
     for row, (packed_prediction, packed_target) in zip(rows, collected["packed"], strict=True):
@@ -270,7 +270,7 @@ def per_volume_summary(collected: dict, image_size: int) -> dict | None:
         values["hd95"] = _volume_hd95(slices, image_size, collected["unit"])
         values["num_slices"] = len(slices)
         cases[case_id] = values
-    summary = {"num_volumes": len(cases)}
+    summary = {"num_volumes": len(cases), "num_slices_outside_volumes": len(collected["rows"]) - len(rows)}
     for name in ("dice", "jaccard", "precision", "recall", "specificity"):
         values = np.array([case[name] for case in cases.values()])
         summary[name], summary[f"{name}_std"] = float(np.mean(values)), float(np.std(values))

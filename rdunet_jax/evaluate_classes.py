@@ -72,8 +72,8 @@ def _volume_involvement(lungs, infection, rows, unit: str) -> dict:
     """Involvement of each case (slices grouped by case id), with lung and lesion mL when the spacing is
     known."""
     cases = {}
-    case_ids = np.array([row["case_id"] for row in rows])
-    for case_id in dict.fromkeys(case_ids.tolist()):
+    case_ids = np.array([row["case_id"] for row in rows], object)
+    for case_id in dict.fromkeys(case_id for case_id in case_ids.tolist() if case_id is not None):
         chosen = np.flatnonzero(case_ids == case_id)
         first = rows[chosen[0]]
         spacing = (first["slice_spacing"], *first["pixel_spacing"]) if unit == "mm" else None
@@ -90,7 +90,7 @@ def involvement_section(predictions, targets, rows, config, unit: str) -> dict |
     predicted, expert = (heads.lungs_and_infection(masks, head, classes) for masks in (predictions, targets))
     if predicted is None:
         return None
-    has_cases = rows and all(row["case_id"] is not None for row in rows)
+    has_cases = any(row["case_id"] is not None for row in rows)
     report = involvement.involvement_report(
         *predicted, *expert, [row["case_id"] for row in rows] if has_cases else None
     )
@@ -100,8 +100,9 @@ def involvement_section(predictions, targets, rows, config, unit: str) -> dict |
         row["involvement_percent"] = None if np.isnan(value) else float(value)
         row["expert_involvement_percent"] = None if np.isnan(reference) else float(reference)
     if has_cases:
+        expert_volumes = _volume_involvement(*expert, rows, unit)
         report["volumes"] = {
-            case_id: {"predicted": value, "expert": _volume_involvement(*expert, rows, unit)[case_id]}
+            case_id: {"predicted": value, "expert": expert_volumes[case_id]}
             for case_id, value in _volume_involvement(*predicted, rows, unit).items()
         }
     return report

@@ -69,15 +69,17 @@ def per_slice_percent(lungs, infection) -> np.ndarray:
 
 def per_volume_percent(lungs, infection, case_ids) -> dict:
     """Involvement in percent of each volume, pooling the lung and infected-lung pixels of its slices
-    (N, H, W) by `case_ids` (one per slice); None for a volume without lung. Pooling pixels equals the
-    volume ratio when every slice of a case has the same spacing."""
+    (N, H, W) by `case_ids` (one per slice; None for a slice of no volume); None for a volume without
+    lung. Pooling pixels equals the volume ratio when every slice of a case has the same spacing."""
     lungs, infection = np.asarray(lungs).astype(bool), np.asarray(infection).astype(bool)
     lung = np.sum(lungs, axis=(1, 2))
     infected = np.sum(lungs & infection, axis=(1, 2))
-    case_ids = np.asarray([str(case) for case in case_ids])
+    cases = [None if case is None else str(case) for case in case_ids]
+    case_ids = np.asarray(cases, object)
     return {
         case: _percent(float(np.sum(infected[case_ids == case])), float(np.sum(lung[case_ids == case])))
-        for case in dict.fromkeys(case_ids.tolist())
+        for case in dict.fromkeys(cases)
+        if case is not None
     }
 
 
@@ -102,7 +104,8 @@ def involvement_error(predicted_percent, expert_percent) -> dict:
 
 def involvement_report(predicted_lungs, predicted_infection, expert_lungs, expert_infection, case_ids=None):
     """The involvement error of a split's (N, H, W) predicted masks against the experts': per slice, the
-    share of slices in the experts' severity band, and per volume when slices carry `case_ids`."""
+    share of slices in the experts' severity band, and per volume when slices carry `case_ids` (None for
+    a slice of no volume)."""
     predicted = per_slice_percent(predicted_lungs, predicted_infection)
     expert = per_slice_percent(expert_lungs, expert_infection)
     defined = np.isfinite(predicted) & np.isfinite(expert)

@@ -323,7 +323,7 @@ def test_prepare_builds_into_data_dir_once_and_records_what_it_was_built_from(tm
     data = phantom(tmp_path)
     prepared = builder.prepare(data)
     name = builder.builder_config(data).name
-    assert prepared.data_path == tmp_path / "tfds" / "covid_ct_slices" / name / "1.0.0"
+    assert prepared.data_path == tmp_path / "tfds" / "covid_ct_slices" / name / "1.1.0"
     assert f"preparing dataset {name} in {prepared.data_path}\n" in capsys.readouterr().out
     info = json.loads((prepared.data_path / "dataset_info.json").read_text())
     assert info["fileFormat"] == "array_record"

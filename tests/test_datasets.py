@@ -167,13 +167,15 @@ def test_nifti_reads_medseg_and_ma_layouts(tmp_path):
     save_nifti(root / "Infection_Mask/coronacases_001.nii.gz", (labels > 0).astype(np.uint8))
     data = data_config(tmp_path, "nifti", root)
     records = [r for split in ("train", "validation", "test") for r in datasets.load_source(data, split)]
-    assert sorted({r["case_id"] for r in records}) == ["coronacases_001", "medseg_tr"]
+    # The stack's slices are no volume: no case id (evaluation stacked them into one), named by their id.
+    assert sorted({r["case_id"] for r in records}) == ["", "coronacases_001"]
+    assert sorted(r["id"] for r in records if not r["case_id"]) == [f"medseg_tr-{i:04d}" for i in range(5)]
     assert len(records) == 5 + 3
     # MedSeg's stack holds unrelated slices: they are split one by one, into all three splits.
     splits_with_stack_slices = [
         split
         for split in ("train", "validation", "test")
-        if any(r["case_id"] == "medseg_tr" for r in datasets.load_source(data, split))
+        if any(r["id"].startswith("medseg_tr-") for r in datasets.load_source(data, split))
     ]
     assert len(splits_with_stack_slices) >= 2
 

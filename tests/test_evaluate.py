@@ -166,6 +166,26 @@ def test_per_volume_values_and_millimetres_from_case_ids_and_spacing(tiny_state)
     assert original["num_slices"] == 7 and original["dice"] == pytest.approx(np.mean(dice))
 
 
+def test_slices_of_no_volume_are_counted_and_left_out_of_the_volumes(tiny_state):
+    # MedSeg's stack of unrelated slices was one "volume": a 3-D HD95 matched one patient's false alarm to
+    # another's lesion. Slices without a case id now stay out of the volumes, which score as without them.
+    config = make_tiny_config()
+    volume = _volume_records("a", 3, {1})
+    loose = [dict(record, case_id="", id=f"medseg_tr-{index:04d}") for index, record in enumerate(volume)]
+    loose[0]["mask"] = np.zeros_like(loose[0]["mask"])  # nothing planted: a false alarm if predicted
+    predictor = inference.JaxPredictor(tiny_state)
+    alone = evaluate.summarize_collected(evaluate.collect_slices(predictor, volume, config), config)
+    mixed_collected = evaluate.collect_slices(predictor, volume + loose, config)
+    mixed = evaluate.summarize_collected(mixed_collected, config)
+    assert [row["case_id"] for row in mixed_collected["rows"]] == ["a"] * 3 + [None] * 3
+    assert mixed["num_slices"] == 6 and mixed["per_volume"]["num_volumes"] == 1
+    assert mixed["per_volume"]["num_slices_outside_volumes"] == 3
+    assert alone["per_volume"]["num_slices_outside_volumes"] == 0
+    assert mixed["per_volume"]["cases"] == alone["per_volume"]["cases"]
+    only_loose = evaluate.summarize_collected(evaluate.collect_slices(predictor, loose, config), config)
+    assert only_loose["per_volume"] is None and only_loose["num_slices"] == 3
+
+
 # Stored slices of 64 rows x 96 columns, voxels 0.7 x 0.8 x 5 mm, scored at the tiny model's 32 px: a
 # model pixel spans 2 stored rows and 3 stored columns, 1.4 x 2.4 mm, whatever the code derives.
 STORED_SHAPE, STORED_SPACING = (64, 96), (0.7, 0.8, 5.0)

@@ -65,6 +65,9 @@ def test_per_slice_and_per_volume_percentages_pool_pixels():
     # Case a: (10 + 30) infected of (100 + 50) lung pixels; case b has no lung.
     volumes = involvement.per_volume_percent(lungs, infection, ["a", "a", "b"])
     assert volumes == {"a": pytest.approx(100 * 40 / 150), "b": None}
+    # A slice of no volume (case None: one of MedSeg's unrelated slices) is in none; not a case "None".
+    volumes = involvement.per_volume_percent(lungs, infection, [None, "a", "b"])
+    assert volumes == {"a": pytest.approx(60.0), "b": None}
 
 
 def test_involvement_error_against_scipy_with_an_undefined_item():

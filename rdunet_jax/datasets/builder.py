@@ -85,8 +85,11 @@ def features_for(dataset: str) -> tfds.features.FeaturesDict:
 class CovidCtSlices(tfds.core.GeneratorBasedBuilder):
     """COVID-19 CT slices with lesion masks, from a manual directory (or generated: `synthetic`)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "semiseg, ma2020_2d, nifti and synthetic configs."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "semiseg, ma2020_2d, nifti and synthetic configs.",
+        "1.1.0": "nifti: the slices of a stack of unrelated slices (MedSeg's tr_im) have no case_id ('').",
+    }
     BUILDER_CONFIGS = [CovidCtConfig(name=dataset, dataset=dataset) for dataset in DATASETS]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(
         f"{dataset}: {layout}" for dataset, layout in layouts.EXPECTED_LAYOUT.items()
@@ -274,7 +277,8 @@ def _generate_nifti(units, model_orientation: str, label_values=readers.NIFTI_LA
                     "mask": np.isin(class_mask, readers.NIFTI_LESION_LABELS).astype(np.uint8),
                     "class_mask": class_mask,
                     "id": example_id,
-                    "case_id": case.case_id,
+                    # Unrelated slices are no volume: evaluation must not stack them into one.
+                    "case_id": "" if case.independent_slices else case.case_id,
                     "slice_index": index,
                     "spacing": np.asarray(spacing, np.float32),
                     "affine": affine,
