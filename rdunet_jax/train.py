@@ -219,10 +219,17 @@ RESUMABLE_KEYS = (
 
 def check_resumable(config, workdir: pathlib.Path) -> None:
     """UserError naming the first setting in which `config` differs from the run it would resume."""
+    consistency = config.get("consistency")
+    # FixMatch's pseudo-labels are its probabilities thresholded at eval.threshold: a training setting there.
+    trains_with = (
+        {"eval.threshold"}
+        if consistency and consistency.weight > 0 and consistency.get("method") == "fixmatch"
+        else set()
+    )
     config_lib.check_against_run(
         config,
         workdir,
-        lambda key: key not in RESUMABLE_KEYS and not key.startswith("eval."),
+        lambda key: key not in RESUMABLE_KEYS and (not key.startswith("eval.") or key in trains_with),
         "resuming would continue that run with another setting: run it unchanged (only num_epochs, eval.* "
         "and data paths may change), or use another --workdir",
     )

@@ -24,7 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config, tensorboard_scalars
+from helpers import (
+    REPO_ROOT,
+    TEST_CACHE,
+    TEST_DATA_DIR,
+    make_consistency_config,
+    make_tiny_config,
+    tensorboard_scalars,
+)
 
 from rdunet_jax import checkpoints, evaluate, models, steps, train, visualize
 from rdunet_jax.errors import UserError
@@ -416,6 +423,25 @@ def test_a_resume_with_another_training_setting_is_refused_and_changes_nothing(
     config.seed += 1
     with pytest.raises(UserError, match="^seed: "):
         train.check_resumable(config, workdir)
+
+
+@pytest.mark.parametrize("method, refused", [("fixmatch", True), ("mean_teacher", False)])
+def test_eval_threshold_is_a_training_setting_of_fixmatch_only(tmp_path, method, refused):
+    # FixMatch's pseudo-labels are its probabilities thresholded at eval.threshold: changing it on resume
+    # trained the rest of the run at another threshold and rewrote config.json as if all of it had.
+    config = make_consistency_config()
+    config.consistency.method = method
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config.eval.threshold = 0.9
+    if refused:
+        with pytest.raises(UserError, match=r"^eval.threshold: 0.5 in \S+config.json, 0.9 now; resuming"):
+            train.check_resumable(config, tmp_path)
+    else:
+        train.check_resumable(config, tmp_path)
+    config.consistency.weight = 0.0  # no consistency loss: the threshold trains nothing
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config.eval.threshold = 0.3
+    train.check_resumable(config, tmp_path)
 
 
 def test_sigint_at_an_epoch_end_then_the_same_command_ends_bit_identical(
