@@ -403,8 +403,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     meta.update(best_val_loss=validation["loss"], best_epoch=epoch + 1)
                     meta.update(epoch=epoch + 1)
                     run_checkpoints.save("best", step, state, meta)
-                if _due(epoch, config.checkpoint_every_epochs, config) or stop.signal_number is not None:
-                    save_latest(epoch + 1, None)
                 record = {"epoch": epoch + 1, "step": step, "loss": epoch_loss}
                 if validation is not None:
                     record.update(val_loss=validation["loss"], val_dice=validation["dice"])
@@ -419,6 +417,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         )
                         visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
                         log.writer.flush()
+                # After the log and overlays: a signal that arrives while they are written is saved too.
+                if _due(epoch, config.checkpoint_every_epochs, config) or stop.signal_number is not None:
+                    save_latest(epoch + 1, None)
                 validated = (
                     f" val_loss {validation['loss']:.4f} val_dice {validation['dice']:.4f}"
                     f"{' (best)' if is_best else ''}"

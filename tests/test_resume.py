@@ -170,10 +170,10 @@ def _loop_config():
     return config
 
 
-def _train(workdir, after_step=None, **changes):
+def _train(workdir, after_step=None, eval_changes=None, **changes):
     """`train.train_and_evaluate` with the validation loss of INJECTED_VALIDATION_LOSS, and
     `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result;
-    `changes` set top-level keys of `_loop_config()`."""
+    `changes` set top-level keys of `_loop_config()`, `eval_changes` its `eval` keys."""
     real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
 
     def validation(state, source, config, *args, **kwargs):
@@ -197,6 +197,7 @@ def _train(workdir, after_step=None, **changes):
             patch.setattr(train, "compiled_train_step", compiled_with_hook)
         config = _loop_config()
         config.update(changes)
+        config.eval.update(eval_changes or {})
         return train.train_and_evaluate(config, workdir)
 
 
@@ -386,6 +387,30 @@ def test_sigterm_mid_epoch_then_the_same_command_ends_bit_identical(tmp_path, re
     assert _steps(tmp_path, "latest") == [2, 3]
     _train(tmp_path)
     assert "resumed at epoch 2, 1 steps into it (step 3)" in capsys.readouterr().out
+    _assert_ends_as_the_reference(tmp_path, reference)
+
+
+def test_a_signal_while_an_epochs_overlays_are_drawn_saves_that_epochs_end(tmp_path, reference):
+    # The save was decided before the log and the overlays were written: a SIGTERM during them said
+    # "checkpoint saved" with epoch 1 unsaved (checkpoint_every_epochs=4), and the rerun began at step 0.
+    real_overlays = evaluate.validation_overlays
+
+    def overlays_then_signal(*args, **kwargs):
+        drawn = real_overlays(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return drawn
+
+    changes = {"checkpoint_every_steps": 0, "checkpoint_every_epochs": 4}
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        _signals_raise(),
+        pytest.raises(train.TrainingStopped) as stop,
+    ):
+        patch.setattr(evaluate, "validation_overlays", overlays_then_signal)
+        _train(tmp_path, eval_changes={"overlay_every_epochs": 1}, **changes)
+    assert str(stop.value).startswith("stopped by SIGTERM at step 2;")
+    assert _steps(tmp_path, "latest") == [2]
+    _train(tmp_path, eval_changes={"overlay_every_epochs": 1}, **changes)
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
