@@ -74,7 +74,7 @@ def original_target(record: dict, config) -> np.ndarray:
     if head == "binary":
         return record["mask"]
     if head == "exclusive":  # a record's label map, before the input pipeline's channel axis
-        masks = heads.label_map_masks(record["labels"], len(classes))
+        masks = class_labels.label_map_masks(record["labels"], len(classes))
     else:
         masks = heads.expert_class_masks(record["labels"], head, len(classes))
     return heads.any_lesion(masks, head, classes)

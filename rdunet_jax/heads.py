@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdunet_jax import input_pipeline
+from rdunet_jax.datasets import labels as class_labels
 
 HEADS = ("binary", "exclusive", "multilabel")
 
@@ -82,7 +83,7 @@ def class_masks_at_size(probabilities, shape, head: str, threshold: float = 0.5)
 # union of the classes, e.g. GGO or consolidation); for 'multilabel', the lesion class: the class named
 # 'infection' or 'lesion' when there is one (Ma et al.'s lungs + infection), else the last class.
 LESION_CLASS_NAMES = ("infection", "lesion")
-LUNG_CLASS_NAME = "lungs"
+LUNG_CLASS_NAME = class_labels.LUNG_CLASS_NAME
 
 
 def lesion_classes(head: str, classes) -> list[int]:
@@ -99,28 +100,12 @@ def any_lesion(masks, head: str, classes) -> np.ndarray:
     return np.any(np.asarray(masks)[..., lesion_classes(head, classes)], axis=-1)
 
 
-def label_map_masks(label_map, num_classes: int) -> np.ndarray:
-    """Boolean per-class masks (..., K) of a label map (...): class k where the value is k (rounded, so a
-    NIfTI label map stored as floats reads the same)."""
-    return np.rint(np.asarray(label_map))[..., None] == np.arange(1, num_classes + 1)
-
-
-def label_map_class_masks(label_map, head: str, classes) -> np.ndarray:
-    """Boolean per-class masks (..., K) of an expert label map as `head` trains on them: a 'multilabel'
-    head's lungs hold the infection too, which lies inside them (a label map gives each pixel one class)."""
-    classes = list(classes)
-    masks = label_map_masks(label_map, len(classes))
-    if head == "multilabel" and LUNG_CLASS_NAME in classes and "infection" in classes:
-        masks[..., classes.index(LUNG_CLASS_NAME)] |= masks[..., classes.index("infection")]
-    return masks
-
-
 def expert_class_masks(labels, head: str, num_classes: int) -> np.ndarray:
     """Boolean per-class masks (..., K) of expert labels as the input pipeline gives them: a label map
     (..., 1) for 'exclusive', binary channels (..., K) for 'multilabel'."""
     labels = np.asarray(labels)
     if head == "exclusive":
-        return label_map_masks(labels[..., 0], num_classes)
+        return class_labels.label_map_masks(labels[..., 0], num_classes)
     if head == "multilabel":
         return labels > 0
     raise ValueError(f"expert class masks are for the multi-class heads, not {head!r}")

@@ -54,6 +54,7 @@ from rdunet_jax import (
     volumes,
 )
 from rdunet_jax.datasets import intensity_matching, readers
+from rdunet_jax.datasets import labels as class_labels
 from rdunet_jax.errors import UserError
 from rdunet_jax.files import write_json_atomic
 
@@ -136,7 +137,7 @@ def predict_volume(
                 if tally is None:
                     target = drawn_target = np.isin(labels, readers.NIFTI_LESION_LABELS)
                 else:  # the expert's classes drawn, and their lesion scored, as the prediction's are
-                    drawn_target = heads.label_map_class_masks(labels, head, tally.classes)
+                    drawn_target = class_labels.label_map_class_masks(labels, head, tally.classes)
                     target = heads.any_lesion(drawn_target, head, tally.classes)
                 tp, fp, fn, _ = metrics.confusion_counts(mask[None], target[None])
                 counts += np.concatenate([tp, fp, fn])

@@ -4,6 +4,7 @@ summary, and an image's label map and overlay (predict.py calls them)."""
 import numpy as np
 
 from rdunet_jax import heads, involvement, metrics, visualize
+from rdunet_jax.datasets import labels as class_labels
 
 
 class ClassTally:
@@ -27,7 +28,7 @@ class ClassTally:
             self.lung_voxels += int(lungs.sum())
             self.infected_lung_voxels += int((lungs & infection).sum())
         if expert_labels is not None:
-            expert = heads.label_map_class_masks(expert_labels, self.head, self.classes)
+            expert = class_labels.label_map_class_masks(expert_labels, self.head, self.classes)
             counts = metrics.confusion_counts(np.moveaxis(class_masks, -1, 0), np.moveaxis(expert, -1, 0))
             self.expert_counts += np.stack(counts[:3], axis=-1)
         return class_masks
@@ -65,7 +66,7 @@ def write_image_outputs(outputs: dict, image, probabilities, config, expert_labe
     targets = (
         None
         if expert_labels is None
-        else heads.label_map_class_masks(expert_labels, config.model.head, classes)
+        else class_labels.label_map_class_masks(expert_labels, config.model.head, classes)
     )
     overlay = visualize.class_overlay_image(image, class_masks, targets, classes)
     visualize.write_png(outputs["overlay"], overlay)

@@ -16,7 +16,6 @@ with 0 background and k the k-th name of `data.classes`; for `'multilabel'` one 
 
 import numpy as np
 
-from rdunet_jax import heads
 from rdunet_jax.errors import UserError
 
 # The classes each dataset's labels describe, in label-value order, and where they come from.
@@ -26,6 +25,7 @@ DATASET_CLASSES = {
     "ma2020_2d": ("lungs", "infection"),
 }
 BINARY_CLASSES = ("lesion",)  # a binary config's data.classes (config_lib.DEFAULT_CLASSES)
+LUNG_CLASS_NAME = "lungs"
 
 
 def check_classes(data_config, head: str) -> tuple[str, ...]:
@@ -52,13 +52,29 @@ def label_map(record: dict, dataset: str) -> np.ndarray:
     return np.asarray(record["class_mask"], np.uint8)
 
 
+def label_map_masks(values, num_classes: int) -> np.ndarray:
+    """Boolean per-class masks (..., K) of a label map (...): class k where the value is k (rounded, so a
+    NIfTI label map stored as floats reads the same)."""
+    return np.rint(np.asarray(values))[..., None] == np.arange(1, num_classes + 1)
+
+
+def label_map_class_masks(values, head: str, classes) -> np.ndarray:
+    """Boolean per-class masks (..., K) of an expert label map as `head` trains on them: a 'multilabel'
+    head's lungs hold the infection too, which lies inside them (a label map gives each pixel one class)."""
+    classes = list(classes)
+    masks = label_map_masks(values, len(classes))
+    if head == "multilabel" and LUNG_CLASS_NAME in classes and "infection" in classes:
+        masks[..., classes.index(LUNG_CLASS_NAME)] |= masks[..., classes.index("infection")]
+    return masks
+
+
 def label_channels(record: dict, dataset: str, classes) -> np.ndarray:
     """The record's classes (names `classes`) as binary channels (H, W, K) uint8, which may overlap."""
     if dataset == "ma2020_2d":
         return np.stack(
             [np.asarray(record["lung_mask"]) > 0, np.asarray(record["mask"]) > 0], axis=-1
         ).astype(np.uint8)
-    return heads.label_map_class_masks(label_map(record, dataset), "multilabel", classes).astype(np.uint8)
+    return label_map_class_masks(label_map(record, dataset), "multilabel", classes).astype(np.uint8)
 
 
 def check_label_map(labels: np.ndarray, num_classes: int, where: str) -> None:
