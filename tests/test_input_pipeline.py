@@ -1,7 +1,9 @@
 """The Grain pipeline: seeded batch order, aligned binary augmentation, exact resume, fixed shapes."""
 
 import shutil
+import time
 
+import grain
 import numpy as np
 import pytest
 from helpers import write_pseudo_label_folder
@@ -155,6 +157,18 @@ def test_iterator_restored_mid_epoch_yields_exactly_the_remaining_batches(source
     resumed = list(input_pipeline.to_iterator(rebuilt, state))
     assert_same_batches(consumed + resumed, uninterrupted)
     assert len(resumed) == len(uninterrupted) - 2
+
+
+def test_the_iterator_reads_only_a_few_batches_ahead_of_the_train_step():
+    # Grain's default buffer of 500 read a whole epoch ahead while a slow train step ran (0.5 GB of 256-px
+    # batches); now at most the buffer and one in flight per thread are read before the next is asked for.
+    reads = []
+    dataset = grain.MapDataset.range(200).map(lambda index: reads.append(index) or index)
+    iterator = input_pipeline.to_iterator(dataset, num_threads=2)
+    assert next(iterator) == 0
+    time.sleep(1.0)  # the reading threads run on while the step computes
+    assert len(reads) <= 1 + input_pipeline.PREFETCH_BATCHES + 2
+    assert list(iterator) == list(range(1, 200))  # and nothing is lost or reordered
 
 
 # --- Label maps (multi-class heads) ---------------------------------------------------------------------
