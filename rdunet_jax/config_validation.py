@@ -21,6 +21,8 @@ def _is_number(value) -> bool:
 _NON_NEGATIVE_INT = (lambda value: _is_int(value) and value >= 0, "a non-negative integer")
 _LAST_WITH_TRAIN_FULL = "'last' when data.train_split=train_full"
 _POSITIVE = (lambda value: _is_int(value) and value >= 1, "a positive integer")
+# The dropout key's seed: jax.random.PRNGKey(2**32) is PRNGKey(0), and 2**63 overflows.
+_SEED = (lambda value: _is_int(value) and 0 <= value < 2**32, "an integer from 0 to 2**32-1")
 
 
 def _require(config, key, predicate, description: str) -> None:
@@ -89,8 +91,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(
             config, key, lambda value: _is_number(value) and 0 < value < float("inf"), "a positive number"
         )
-    for key in ("seed", "checkpoint_every_steps", "eval.num_overlays", "warmup_epochs"):
+    for key in ("checkpoint_every_steps", "eval.num_overlays", "warmup_epochs"):
         _require(config, key, *_NON_NEGATIVE_INT)
+    _require(config, "seed", *_SEED)
     _require(
         config,
         "name",

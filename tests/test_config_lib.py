@@ -32,7 +32,7 @@ INVALID_VALUES = {
     "checkpoint_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "eval.overlay_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
     "eval.validate_every_epochs": st.one_of(st.integers(max_value=0), NOT_AN_INT),
-    "seed": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
+    "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32), NOT_AN_INT),
     "warmup_epochs": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
     "learning_rate": st.one_of(
         st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan), st.none(), st.text(max_size=3)
@@ -101,7 +101,7 @@ REQUIREMENTS = {
     "checkpoint_every_epochs": "a positive integer",
     "eval.overlay_every_epochs": "a positive integer",
     "eval.validate_every_epochs": "a positive integer",
-    "seed": "a non-negative integer",
+    "seed": "an integer from 0 to 2**32-1",
     "warmup_epochs": "a non-negative integer",
     "learning_rate": "a positive number",
     "lr_decay_factor": "a positive number",
