@@ -217,10 +217,12 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
                 )
         saved_steps = run_checkpoints.all_steps(kind)
         if not saved_steps and kind == "best" and available:
-            # Between validations (eval.validate_every_epochs) a run has `latest` but maybe no `best` yet.
+            # Between validations (eval.validate_every_epochs) a run has `latest` but maybe no `best` yet;
+            # a run whose every validation loss was NaN never has one.
             raise UserError(
-                f"--workdir: no best checkpoint yet in {run_checkpoints.directory} (no epoch validated); "
-                f"finish training, or use --config.eval.checkpoint=last (steps {available})"
+                f"--workdir: no best checkpoint yet in {run_checkpoints.directory} (no epoch validated, or "
+                "every validation loss NaN or infinite: see train_log.jsonl); finish training, or use "
+                f"--config.eval.checkpoint=last (steps {available})"
             )
         if not saved_steps:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")

@@ -170,10 +170,10 @@ def _loop_config():
     return config
 
 
-def _train(workdir, after_step=None, eval_changes=None, **changes):
+def _train(workdir, after_step=None, **changes):
     """`train.train_and_evaluate` with the validation loss of INJECTED_VALIDATION_LOSS, and
     `after_step(step, state, metrics) -> (state, metrics)` called on every train step's result;
-    `changes` set top-level keys of `_loop_config()`, `eval_changes` its `eval` keys."""
+    `changes` set top-level keys of `_loop_config()`."""
     real_validation, real_compile = evaluate.evaluate_source, train.compiled_train_step
 
     def validation(state, source, config, *args, **kwargs):
@@ -197,7 +197,6 @@ def _train(workdir, after_step=None, eval_changes=None, **changes):
             patch.setattr(train, "compiled_train_step", compiled_with_hook)
         config = _loop_config()
         config.update(changes)
-        config.eval.update(eval_changes or {})
         return train.train_and_evaluate(config, workdir)
 
 
@@ -407,10 +406,10 @@ def test_a_signal_while_an_epochs_overlays_are_drawn_saves_that_epochs_end(tmp_p
         pytest.raises(train.TrainingStopped) as stop,
     ):
         patch.setattr(evaluate, "validation_overlays", overlays_then_signal)
-        _train(tmp_path, eval_changes={"overlay_every_epochs": 1}, **changes)
+        _train(tmp_path, eval={"overlay_every_epochs": 1}, **changes)
     assert str(stop.value).startswith("stopped by SIGTERM at step 2;")
     assert _steps(tmp_path, "latest") == [2]
-    _train(tmp_path, eval_changes={"overlay_every_epochs": 1}, **changes)
+    _train(tmp_path, eval={"overlay_every_epochs": 1}, **changes)
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
@@ -573,11 +572,21 @@ def test_a_run_stopped_before_its_first_validation_has_no_best_yet_and_says_how_
         _train(tmp_path, after_step=crash_at_step_2, eval={"validate_every_epochs": 3})
     config = _loop_config()
     with pytest.raises(
-        UserError, match=r"no best checkpoint yet .*\(no epoch validated\).*eval.checkpoint=last"
+        UserError,
+        match=r"no best checkpoint yet .*\(no epoch validated, or every validation loss NaN or infinite: see "
+        r"train_log.jsonl\).*eval.checkpoint=last",
     ):
         steps.restore_state(config, tmp_path)
     config.eval.checkpoint = "last"
     assert int(steps.restore_state(config, tmp_path).step) == 1
+
+
+def test_a_run_whose_every_validation_loss_is_nan_says_so_rather_than_that_none_ran(tmp_path, monkeypatch):
+    for step in INJECTED_VALIDATION_LOSS:
+        monkeypatch.setitem(INJECTED_VALIDATION_LOSS, step, float("nan"))
+    with pytest.raises(UserError, match=r"every validation loss NaN or infinite: see train_log.jsonl"):
+        _train(tmp_path)
+    assert _steps(tmp_path, "best") == [] and _steps(tmp_path, "latest")[-1] == LAST_STEP
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_nothing(
