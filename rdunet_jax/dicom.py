@@ -218,6 +218,7 @@ def series_geometry(files: list) -> SeriesGeometry:
                 f"{files[index + 1][0]}: {step:.3g} mm from {files[index][0].name}, the series steps "
                 f"{slice_step:.3g} mm ({what})"
             )
+    warnings += _tilt_warning(files, normal, float(np.min(spacing)))
     # Voxel (i, j, k): column i, row j, slice k. DICOM's patient coordinates are LPS; NIfTI's are RAS.
     lps = np.eye(4)
     lps[:3, 0] = orientation[:3] * spacing[1]
@@ -227,6 +228,29 @@ def series_geometry(files: list) -> SeriesGeometry:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     shape = (grid[1], grid[0], len(files))
     return SeriesGeometry(files, affine, shape, (float(spacing[1]), float(spacing[0]), slice_step), warnings)
+
+
+def _tilt_warning(files: list, normal: np.ndarray, pixel_mm: float) -> list[str]:
+    """A warning when the sorted files' positions drift in plane by over half a pixel (gantry tilt)."""
+    if len(files) < 2:
+        return []
+    travel = np.subtract(
+        np.asarray(files[-1][1].ImagePositionPatient, float),
+        np.asarray(files[0][1].ImagePositionPatient, float),
+    )
+    along = float(np.dot(travel, normal))
+    drift = float(np.linalg.norm(travel - along * normal))
+    if drift <= 0.5 * pixel_mm:
+        return []
+    # The affine steps along the slice normal, as ITK's series reader does; a sheared sform would be exact
+    # but is refused or squared off by viewers, and resampling is dcm2niix's job.
+    tilt = np.degrees(np.arctan2(drift, abs(along)))
+    return [
+        f"{files[-1][0]}: the series is tilted {tilt:.1f} degrees (gantry tilt): its slices drift "
+        f"{drift:.1f} mm in plane from the first to the last, which the NIfTI mask's affine (stepping "
+        "along the slice normal) leaves out; the DICOM SEG places each frame at its file's position. "
+        "For a NIfTI in exact geometry, resample the series first (dcm2niix corrects tilt)"
+    ]
 
 
 class SeriesPixels:

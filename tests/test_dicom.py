@@ -288,6 +288,32 @@ def _moved(path, along_normal_mm):
     data.save_as(path)
 
 
+def _shifted_in_plane(folder, count, rows_mm_per_slice):
+    """File k (slice k) of an axial series moved k x `rows_mm_per_slice` along y: a tilted gantry's drift."""
+    for index in range(count):
+        data = pydicom.dcmread(folder / f"img{index:03d}.dcm")
+        x, y, z = (float(value) for value in data.ImagePositionPatient)
+        data.ImagePositionPatient = [x, y + index * rows_mm_per_slice, z]
+        data.save_as(folder / f"img{index:03d}.dcm")
+
+
+def test_a_tilted_series_is_warned_that_its_nifti_affine_leaves_the_tilt_out(tmp_path):
+    from rdunet_jax import dicom
+
+    # 7 slices 2.5 mm apart along z, each 2.5 tan(20 deg) mm further along y: 5.46 mm of drift in all.
+    write_series(tmp_path / "tilted", _phantom_hu((40, 48, 7)), order=list(range(7)))
+    _shifted_in_plane(tmp_path / "tilted", 7, 2.5 * np.tan(np.radians(20.0)))
+    (warning,) = dicom.open_series(tmp_path / "tilted").dicom_geometry.warnings
+    assert warning.startswith(
+        f"{tmp_path / 'tilted' / 'img006.dcm'}: the series is tilted 20.0 degrees (gantry tilt): its slices "
+        "drift 5.5 mm in plane from the first to the last"
+    )
+    # 0.3 mm in all: under half of the 0.7 mm pixel, no warning.
+    write_series(tmp_path / "straight", _phantom_hu((40, 48, 7)), order=list(range(7)))
+    _shifted_in_plane(tmp_path / "straight", 7, 0.05)
+    assert dicom.open_series(tmp_path / "straight").dicom_geometry.warnings == []
+
+
 def test_uneven_steps_beyond_a_tenth_are_warned_and_duplicate_positions_refused(tmp_path):
     from rdunet_jax import dicom
 
