@@ -255,12 +255,19 @@ def test_onnxruntime_batches_give_the_jax_losses_and_probabilities(tiny_state):
     np.testing.assert_allclose(runtime.logits(images), jax_predictor.logits(images), atol=1e-5)
 
 
-def test_eval_runtime_picks_the_predictor(tiny_state):
+def test_eval_runtime_picks_the_predictor(tiny_state, capsys):
     config = make_tiny_config()
     model = models.build_model(config.model)
     assert type(predictors.for_config(config, model, tiny_state)) is inference.JaxPredictor
     config.eval.runtime = "onnxruntime"
     assert type(predictors.for_config(config, model, tiny_state)) is onnx_runtime.OnnxRuntimePredictor
+    assert capsys.readouterr().err == ""
+    # A bfloat16 model is told that ONNX Runtime scores its float32 version, not what training validated.
+    config.model.dtype = "bfloat16"
+    predictors.for_config(config, models.build_model(config.model), tiny_state)
+    assert capsys.readouterr().err.startswith(
+        "note: model.dtype=bfloat16, but the ONNX export computes in float32"
+    )
 
 
 def test_evaluation_with_onnxruntime_writes_the_jax_metrics(tiny_state, tmp_path):
