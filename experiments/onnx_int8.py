@@ -96,6 +96,11 @@ def scores(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> di
 
 def run(args) -> dict:
     config = common.load_config(args.config, args.set)
+    head = config.model.get("head", "binary")
+    if head != "binary":  # channel 0 is the background (exclusive) or the lungs (Ma et al.'s multilabel)
+        raise SystemExit(
+            f"--config: model.head={head!r}; this experiment scores a binary model's lesion mask"
+        )
     network = inference.build_model(config)
     state = steps.restore_state(config, args.workdir, model=network)
     float_model = onnx_export.export_state(config, network, state)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
 from rdunet_jax import checkpoints
@@ -29,3 +30,15 @@ def test_int8_and_float32_are_scored_and_timed_on_the_split(tiny_state, tmp_path
     assert 0.0 <= report["mask_pixels_changed"] <= 1.0
     # int8 rounding moves probabilities, but not far: the model is the same.
     assert 0.0 < report["max_probability_difference"] < 0.2
+
+
+def test_a_multi_class_model_is_refused_in_one_line_not_scored_on_its_first_channel(tmp_path):
+    from experiments import onnx_int8
+
+    argv = ["--config", str(REPO_ROOT / "configs" / "demo.py") + ":tiny", "--workdir", str(tmp_path)]
+    argv += ["--set", "model.head=exclusive", "--set", 'data.classes=["ggo", "consolidation"]']
+    with pytest.raises(SystemExit) as refused:
+        onnx_int8.main(argv)
+    assert str(refused.value) == (
+        "--config: model.head='exclusive'; this experiment scores a binary model's lesion mask"
+    )
