@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdunet_jax import config_lib, files, inference, steps
+from rdunet_jax import config_lib, files, inference, orientation, steps
 from rdunet_jax.errors import UserError
 from rdunet_jax.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAMES, GraphBuilder, import_onnx
 
@@ -101,6 +101,12 @@ def export_state(config, model, state):
         "threshold": str(float(config.eval.threshold)),
         "head": head,
         "classes": ",".join(config.data.get("classes", ("lesion",))),
+        # What each channel of `probabilities` is: an exclusive head's softmax puts the background first.
+        "probability_channels": ",".join(
+            (("background",) if head == "exclusive" else ()) + tuple(config.data.get("classes", ("lesion",)))
+        ),
+        # How a volume's slices are turned before the model sees them (prediction does it; see the docs).
+        "slice_orientation": orientation.model_orientation(config.data),
     }
     import_onnx().helper.set_model_props(onnx_model, metadata)
     return onnx_model

@@ -368,6 +368,21 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     assert metadata["checkpoint_step"] == str(int(tiny_state.step))
     assert metadata["input"] == "images (batch, 32, 32, 1) float32 in [0, 1]"
+    assert metadata["probability_channels"] == "lesion" and metadata["slice_orientation"] == "PL"  # phantom
+    # An exclusive head's softmax channels start with the background; the orientation is the data's.
+    config.model.head, config.data.classes, config.data.orientation = (
+        "exclusive",
+        ("ggo", "consolidation"),
+        "AR",
+    )
+    exclusive_model = models.build_model(config.model, config.data.classes)
+    exclusive_state = steps.create_train_state(config, exclusive_model, steps_per_epoch=1)
+    exclusive = onnx_export.export_state(config, exclusive_model, exclusive_state)
+    metadata = {prop.key: prop.value for prop in exclusive.metadata_props}
+    assert metadata["classes"] == "ggo,consolidation"
+    assert metadata["probability_channels"] == "background,ggo,consolidation"
+    assert metadata["slice_orientation"] == "AR"
+    config = make_tiny_config()
     assert [entry.name for entry in model.graph.output] == ["logits", "probabilities"]
     with pytest.raises(UserError, match="exists"):
         onnx_export.export_workdir(config, tmp_path, path)
