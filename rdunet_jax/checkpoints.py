@@ -251,3 +251,16 @@ class RunCheckpoints:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+
+
+def check_steps_per_epoch(meta: dict, steps_per_epoch: int, num_slices: int) -> None:
+    """UserError when the training data now gives another number of steps an epoch than the run trained
+    with (data paths may change on resume, and an edited data folder is prepared anew): the step would
+    fall elsewhere in the learning-rate schedule and the epochs. Checkpoints before the key: unchecked."""
+    trained = meta.get("steps_per_epoch")
+    if trained is not None and trained != steps_per_epoch:
+        raise UserError(
+            f"data: the run trained {trained} steps an epoch, its training split now gives {steps_per_epoch} "
+            f"({num_slices} slices); resuming would move its learning-rate schedule and epochs: point the "
+            "data paths at the run's data, or use another --workdir"
+        )

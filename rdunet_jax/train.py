@@ -155,10 +155,11 @@ class _LossCheck:
         return [float(step_values["loss"]) for step_values in values]
 
 
-def new_meta(config) -> dict:
+def new_meta(config, steps_per_epoch: int | None = None) -> dict:
     """The JSON part of a checkpoint at the start of training."""
     meta = {
         "epoch": 0,
+        "steps_per_epoch": steps_per_epoch,
         "iterator": None,
         "epoch_loss_sum": 0.0,
         "epoch_steps": 0,
@@ -172,12 +173,13 @@ def new_meta(config) -> dict:
     return meta
 
 
-def restore_latest(run_checkpoints, state, config):
+def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
     """The newest readable `latest` checkpoint as (state, meta), falling back past damaged ones.
 
     Returns None when there is no checkpoint; raises UserError when the checkpoints were made by another
     model, or when every one is damaged (rather than silently training from scratch). Damaged steps
-    newer than the one restored are moved to `checkpoints/damaged/`, out of the way of new saves.
+    newer than the one restored are moved to `checkpoints/damaged/`, out of the way of new saves, once
+    `check(restored)` has passed: a refused resume leaves the folder as it was.
     """
     steps = sorted(run_checkpoints.all_steps("latest"), reverse=True)
     damaged = []
@@ -191,6 +193,7 @@ def restore_latest(run_checkpoints, state, config):
         except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
             damaged.append((step, type(error).__name__))
             continue
+        check(restored)
         for damaged_step, reason in damaged:
             moved_to = run_checkpoints.quarantine("latest", damaged_step)
             print(
@@ -305,10 +308,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         # Read before anything is written in the workdir, so a bad model_init leaves it as it was.
         pretrained = checkpoints.restore_weights(config.model_init, config.model, config.data)
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
-    meta = new_meta(config)
-    restored = restore_latest(run_checkpoints, state, config)
-    if restored is not None:
+    meta = new_meta(config, steps_per_epoch)
+
+    def check(restored):
         check_resumable(config, workdir)
+        checkpoints.check_steps_per_epoch(restored[1], steps_per_epoch, len(train_source))
+
+    restored = restore_latest(run_checkpoints, state, config, check)
+    if restored is not None:
         state, meta = restored
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)

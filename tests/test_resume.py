@@ -33,7 +33,7 @@ from helpers import (
     tensorboard_scalars,
 )
 
-from rdunet_jax import checkpoints, evaluate, models, steps, train, visualize
+from rdunet_jax import checkpoints, datasets, evaluate, models, steps, train, visualize
 from rdunet_jax.errors import UserError
 
 NUM_EPOCHS = 3  # 8 slices, batch 4: 2 steps an epoch, 6 in all
@@ -603,6 +603,40 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_no
     )
     assert not (workdir / "checkpoints" / "damaged").exists()
     assert _steps(workdir, "latest") == [5, 6]
+
+
+def test_a_refused_resume_moves_no_damaged_checkpoint_aside(tmp_path, stopped_at_an_epoch_end):
+    # The config was compared after restoring, which had already moved the damaged step 6 to damaged/.
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    _truncate_every_file(workdir / "checkpoints" / "latest" / "6")
+    with pytest.raises(UserError, match="^learning_rate: "):
+        _train(workdir, learning_rate=0.5)
+    assert not (workdir / "checkpoints" / "damaged").exists()
+    assert _steps(workdir, "latest") == [5, 6]
+
+
+def test_a_resume_whose_training_split_changed_size_is_refused(
+    tmp_path, stopped_at_an_epoch_end, monkeypatch
+):
+    # Data paths may change on resume, and an edited data folder is prepared anew: with 4 of the 8 training
+    # slices an epoch is 1 step, and step 6 would fall at another epoch and learning rate.
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    recorded = (workdir / "config.json").read_bytes()
+    load_source = datasets.load_source
+
+    def fewer_training_slices(data, split):
+        source = load_source(data, split)
+        return [source[index] for index in range(4)] if split == data.train_split else source
+
+    monkeypatch.setattr(datasets, "load_source", fewer_training_slices)
+    with pytest.raises(UserError) as refused:
+        _train(workdir)
+    assert str(refused.value) == (
+        "data: the run trained 2 steps an epoch, its training split now gives 1 (4 slices); resuming would "
+        "move its learning-rate schedule and epochs: point the data paths at the run's data, or use another "
+        "--workdir"
+    )
+    assert (workdir / "config.json").read_bytes() == recorded and _steps(workdir, "latest") == [5, 6]
 
 
 def test_a_non_finite_validation_loss_is_never_the_best(tmp_path, monkeypatch):
