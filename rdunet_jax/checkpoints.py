@@ -200,6 +200,20 @@ class RunCheckpoints:
     def all_steps(self, kind: str) -> list[int]:
         return list(self._managers[kind].all_steps())
 
+    def meta(self, kind: str, step: int) -> dict:
+        """The JSON meta of step `step` of `kind`, without its arrays."""
+        return self._managers[kind].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def best_after(self, step: int) -> dict:
+        """`best_val_loss` and `best_epoch` of a `best` saved after `step` (a kill between the two saves),
+        else {}: it stays the best to beat, so a resumed run's meta names the weights in best/ even where
+        the replay validates differently (on GPUs, where replays are not exact)."""
+        newer = [saved for saved in self.all_steps("best") if saved > step]
+        if not newer:
+            return {}
+        meta = self.meta("best", max(newer))
+        return {"best_val_loss": meta["best_val_loss"], "best_epoch": meta["best_epoch"]}
+
     def restore(self, kind: str, target_state, step: int | None = None, model_config=None, data_config=None):
         """Restores (state, meta) of `kind` at `step` (the newest by default) onto `target_state`'s
         structure, or returns None when there is none. With `model_config` (and `data_config`), first
@@ -209,7 +223,7 @@ class RunCheckpoints:
         if step is None:
             return None
         if model_config is not None:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            meta = self.meta(kind, step)
             check_architecture(
                 meta.get("model"), model_config, self.directory / kind / str(step), data_config
             )

@@ -317,6 +317,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     restored = restore_latest(run_checkpoints, state, config, check)
     if restored is not None:
         state, meta = restored
+        meta.update(run_checkpoints.best_after(int(state.step)))
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)
     elif pretrained is not None:

@@ -605,6 +605,28 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_no
     assert _steps(workdir, "latest") == [5, 6]
 
 
+def test_a_best_saved_after_the_resumed_step_stays_the_best_to_beat(tmp_path, monkeypatch):
+    # Killed between epoch 2's best save and its latest save: latest [2], best [4] (val 0.3). The replay of
+    # epoch 2 validates worse (as on a GPU, where replays are not exact): best/ keeps step 4, and the meta
+    # must name it, not epoch 1 (0.5) whose weights best/ no longer holds.
+    def crash_at_step_5(step, state, metrics):
+        if step == 5:
+            raise _Crash
+        return state, metrics
+
+    with pytest.raises(_Crash):
+        _train(tmp_path, after_step=crash_at_step_5, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")
+    for step, loss in ((4, 0.6), (6, 0.7), (8, 0.8)):
+        monkeypatch.setitem(INJECTED_VALIDATION_LOSS, step, loss)
+    _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    assert _steps(tmp_path, "best") == [4]
+    _, best_meta = _restore(tmp_path, "best")
+    _, last_meta = _restore(tmp_path, "latest")
+    assert (best_meta["best_epoch"], best_meta["best_val_loss"]) == (2, 0.3)
+    assert (last_meta["best_epoch"], last_meta["best_val_loss"]) == (2, 0.3)  # it was (1, 0.5)
+
+
 def test_a_refused_resume_moves_no_damaged_checkpoint_aside(tmp_path, stopped_at_an_epoch_end):
     # The config was compared after restoring, which had already moved the damaged step 6 to damaged/.
     workdir = _copy(stopped_at_an_epoch_end, tmp_path)
