@@ -31,6 +31,7 @@ BUDGET_OVERRIDES = {
     "cv_folds": int,
     "seeds": lambda text: tuple(int(value) for value in text.split(",")),
     "dtype": lambda text: _one_of(text, ("float32", "bfloat16")),
+    "checkpoint": lambda text: _one_of(text, ("best", "last")),
 }
 
 

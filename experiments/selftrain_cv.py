@@ -10,7 +10,9 @@ differences over every fold's slices:
 
 `--ensemble` adds the teacher and the student together as a fourth model (the mean of their probabilities
 from their last checkpoints with flip TTA, thresholded at `eval.threshold`, as each stage was scored: a
-stage scored otherwise is refused; the checkpoints must be in the workdirs), paired with each of the others.
+stage scored otherwise is refused; the checkpoints must be in the workdirs), paired with each of the others;
+`--slices_csv FILE` writes every held-out slice's Dice of each model (fold, id, one column a model), so the
+pooled and paired figures can be derived again once the checkpoints are gone.
 """
 
 import argparse
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
     parser.add_argument("--ensemble", action="store_true", help="also the teacher and student together")
+    parser.add_argument("--slices_csv", type=pathlib.Path, help="write each held-out slice's Dice here")
     args = parser.parse_args(argv)
     names = ["recipe", "teacher", "student"] + (["ensemble"] if args.ensemble else [])
     rows, pooled, workdir_of_fold = [], {name: {} for name in names}, {}
@@ -195,7 +198,27 @@ def main(argv=None) -> int:
             f"{tables.format_interval(interval, 4)} (95% bootstrap)"
         )
     print("\n".join(lines))
+    if args.slices_csv:
+        write_slices_csv(
+            args.slices_csv, pooled, {fold: workdir for fold, workdir in workdir_of_fold.items()}
+        )
     return 0
+
+
+def write_slices_csv(path: pathlib.Path, pooled: dict, workdir_of_fold: dict) -> None:
+    """fold, id and each model's Dice of every held-out slice, by fold and id."""
+    names = list(pooled)
+    fold_of_slice = {}
+    for fold, workdir in workdir_of_fold.items():
+        for slice_id in slice_dice(workdir / "teacher" / "metrics" / "validation_slices.csv"):
+            fold_of_slice[slice_id] = fold
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["fold", "id", *names])
+        for slice_id in sorted(pooled["teacher"], key=lambda key: (fold_of_slice[key], key)):
+            writer.writerow(
+                [fold_of_slice[slice_id], slice_id, *(f"{pooled[name][slice_id][0]:.6f}" for name in names)]
+            )
 
 
 if __name__ == "__main__":

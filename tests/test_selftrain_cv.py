@@ -100,8 +100,19 @@ def test_the_teacher_and_student_together_are_their_mean_probability_thresholded
     for workdir in workdirs[:2]:
         for stage in ("teacher", "student1"):
             (workdir / stage / "checkpoints" / "latest").mkdir(parents=True)
-    assert selftrain_cv.main(["--ensemble"] + [str(path) for path in workdirs[:2]]) == 0
+    slices_csv = workdirs[0].parent / "slices.csv"
+    assert (
+        selftrain_cv.main(["--ensemble", "--slices_csv", str(slices_csv)] + [str(p) for p in workdirs[:2]])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
+    # Every held-out slice's Dice of each model, as the paired differences below imply them.
+    assert slices_csv.read_text().splitlines() == [
+        "fold,id,recipe,teacher,student,ensemble",
+        "0,a,0.500000,0.600000,0.900000,1.000000",
+        "0,b,0.700000,0.600000,0.700000,0.800000",
+        "1,c,0.600000,0.800000,0.700000,0.000000",
+    ]
     # The means, thresholded at 0.5: a [[0.7, 0.55], [0.2, 0.1]] -> Dice 1; b [[0.45, 0.7], [0.55, 0.3]]
     # -> 2 x 2 / (2 + 3) = 0.8; c [[0.4, 0.4], [0, 0]] -> nothing predicted, Dice 0.
     assert lines[2] == "| 0 | 0.600 | 0.600 | 0.800 | 0.900 | +0.200 | +0.200 | 2 + 5 |"

@@ -31,6 +31,10 @@ class Budget:
     model_features: int = 16
     model_depth: int = 4
     dtype: str = "float32"  # model.dtype: the compute type ('bfloat16': float32 parameters)
+    # eval.checkpoint. 'best' (the lowest validation loss) is how the stored ablation, dilation and
+    # lesion-size records were scored; under cross-validation the validation split is the scored fold, so
+    # it picks each run's epoch on the slices it is scored on (optimistic). 'last' keeps the fold unseen.
+    checkpoint: str = "best"
 
     def describe(self) -> str:
         """One line for the tables: resolution, schedule, replicates."""
@@ -43,6 +47,12 @@ class Budget:
             text += f", model shrunk to {self.model_features} feature maps and {self.model_depth} levels"
         if self.dtype != "float32":
             text += f", {self.dtype} compute"
+        if self.cv_folds:
+            text += (
+                ", scored at the last epoch (the held-out fold unseen)"
+                if self.checkpoint == "last"
+                else ", scored at the epoch of lowest loss on the held-out fold it is scored on (optimistic)"
+            )
         return text
 
 
@@ -255,6 +265,7 @@ def base_config(dataset: str, budget: Budget, data_root) -> ml_collections.Confi
     # With CV the held-out fold is the evaluation set (the test split, where present, stays untouched).
     config.eval.split = "validation" if budget.cv_folds else "test"
     config.eval.small_lesion_area = reports.small_lesion_area(budget.image_size)
+    config.eval.checkpoint = budget.checkpoint
     # Every record under experiments/results was made with these forms, the defaults before 2026-11-29:
     # pinned, so the records stay the runs a plan describes and a rerun reproduces them to the digit
     # (`bits` dropout draws other masks; the other two compute the same function to float tolerance).
