@@ -436,6 +436,37 @@ def test_cli_seeds_select_runs_and_dtype_changes_the_model_and_tag(tmp_path, cap
     assert "not a valid dtype" in capsys.readouterr().err
 
 
+def test_checkpoint_last_scores_the_last_epoch_and_says_how_every_table_was_scored(tmp_path):
+    roots = ["--results_root", str(tmp_path / "r"), "--runs_root", str(tmp_path / "w")]
+    common = ["ablation", "--budget", "small", "--dry_run", *roots]
+    _, _, best, _, best_specs, best_tag = run_study.prepare_study(run_study.parse_args(common))
+    _, _, last, _, last_specs, last_tag = run_study.prepare_study(
+        run_study.parse_args([*common, "--set", "checkpoint=last"])
+    )
+    # The stored records' selection stays the default, so they reproduce; 'last' is its own tag and runs.
+    assert (best_tag, last_tag) == ("semiseg-small", "semiseg-small-checkpointlast")
+    assert {spec.config.eval.checkpoint for spec in best_specs} == {"best"}
+    assert {spec.config.eval.checkpoint for spec in last_specs} == {"last"}
+    assert _differing_keys(
+        config_lib.to_json(best_specs[0].config), config_lib.to_json(last_specs[0].config)
+    ) == {"eval.checkpoint"}
+    assert tables.scoring_line(best_specs[0].config, best_specs) == (
+        "Every run is scored at the epoch of lowest loss on the held-out fold it is scored on (chosen on the "
+        "scored slices: optimistic)."
+    )
+    assert tables.scoring_line(last_specs[0].config, last_specs) == (
+        "Every run is scored at its last epoch (the held-out fold unseen)."
+    )
+    # The recipe study's reference arm kept the default while its candidates score the last epoch.
+    recipe = run_study.prepare_study(
+        run_study.parse_args(["recipe", "--budget", "small", "--dry_run", *roots])
+    )
+    line = tables.scoring_line(recipe[3], recipe[4])
+    assert line.startswith("Runs are scored: `rdunet` at the epoch of lowest loss on the held-out fold")
+    assert "(chosen on the scored slices: optimistic); `r128" in line
+    assert run_study.main([*common, "--set", "checkpoint=first"]) == 2
+
+
 @pytest.mark.parametrize(
     ("study", "folder"),
     [

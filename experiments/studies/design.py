@@ -47,12 +47,6 @@ class Budget:
             text += f", model shrunk to {self.model_features} feature maps and {self.model_depth} levels"
         if self.dtype != "float32":
             text += f", {self.dtype} compute"
-        if self.cv_folds:
-            text += (
-                ", scored at the last epoch (the held-out fold unseen)"
-                if self.checkpoint == "last"
-                else ", scored at the epoch of lowest loss on the held-out fold it is scored on (optimistic)"
-            )
         return text
 
 

@@ -212,11 +212,40 @@ def _protocol(base, budget_name: str, budget, specs, records) -> list[str]:
     return [
         f"Data: `{data.name}`, {split}.",
         f"Budget `{budget_name}`: {budget.describe()}.",
+        scoring_line(base, specs),
         f"Runs finished: {len(done)} of {len(specs)}. Training time: {'; '.join(compute)}.",
         f"DSC, JC: mean over slices per run; F-score: harmonic mean of mean precision and mean recall. "
         f"Intervals: 95% Student-t over runs (folds or seeds). Small lesions: below {small_area:g} px at "
         f"{data.image_size}x{data.image_size} (100 px at 256x256).",
     ]
+
+
+# How a run's checkpoint was chosen, under cross-validation (where the validation split is the scored fold).
+_CV_SCORING = {
+    "best": "at the epoch of lowest loss on the held-out fold it is scored on (chosen on the scored slices: "
+    "optimistic)",
+    "last": "at its last epoch (the held-out fold unseen)",
+}
+
+
+def scoring_line(base, specs) -> str:
+    """Which checkpoint each arm's runs were scored at."""
+    arms_by_kind = {}
+    for spec in specs:
+        arms = arms_by_kind.setdefault(spec.config.eval.checkpoint, [])
+        if spec.arm not in arms:
+            arms.append(spec.arm)
+    describe = (
+        _CV_SCORING.get
+        if base.data.cv_folds
+        else {"best": "at the epoch of lowest validation loss", "last": "at its last epoch"}.get
+    )
+    if len(arms_by_kind) == 1:
+        return f"Every run is scored {describe(next(iter(arms_by_kind)))}."
+    parts = [
+        f"{', '.join(f'`{arm}`' for arm in arms)} {describe(kind)}" for kind, arms in arms_by_kind.items()
+    ]
+    return f"Runs are scored: {'; '.join(parts)}."
 
 
 def study_markdown(study, base, budget_name: str, budget, specs, records, command: str) -> str:
