@@ -341,6 +341,7 @@ def predict_path(
         raise UserError(f"--series: {input_path} is not a folder of DICOM files")
     output_dir = pathlib.Path(output_dir)
     prediction_files.check_output_folder(output_dir)
+    prediction_files.check_output_outside_input(pathlib.Path(input_path), output_dir, inputs)
     prediction_files.check_outputs_free(inputs, output_dir, overwrite)
     single = len(inputs) == 1
     jobs = [

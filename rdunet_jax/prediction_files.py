@@ -21,6 +21,21 @@ def stem(path: pathlib.Path) -> str:
     return path.stem
 
 
+def check_output_outside_input(input_path: pathlib.Path, output_dir: pathlib.Path, inputs: list) -> None:
+    """UserError when the outputs would land among the inputs: a rerun would segment its own masks and
+    overlays (the folder of a DICOM series is read at any depth, so not inside it either)."""
+    if not input_path.is_dir():
+        return
+    folder, output = input_path.resolve(), output_dir.resolve()
+    is_series = inputs == [input_path]
+    if output == folder or (is_series and folder in output.parents):
+        where = "inside the input folder" if output != folder else "the input folder"
+        raise UserError(
+            f"--output: {output_dir} is {where} {input_path}; a rerun would read the outputs as inputs: "
+            "give another folder"
+        )
+
+
 def list_inputs(input_path) -> list[pathlib.Path]:
     """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
     input_path = pathlib.Path(input_path)

@@ -297,6 +297,23 @@ def _shifted_in_plane(folder, count, rows_mm_per_slice):
         data.save_as(folder / f"img{index:03d}.dcm")
 
 
+def test_an_output_folder_inside_a_series_folder_is_refused(tmp_path):
+    # A series folder is read at any depth: a rerun would find the SEG written there among the CT files.
+    write_series(tmp_path / "series", _phantom_hu())
+    with pytest.raises(UserError) as refused:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "series",
+            tmp_path / "series" / "out",
+            predictor=ImagePredictor(),
+        )
+    assert str(refused.value).startswith(
+        f"--output: {tmp_path / 'series' / 'out'} is inside the input folder"
+    )
+    assert not (tmp_path / "series" / "out").exists()
+
+
 def test_a_tilted_series_is_warned_that_its_nifti_affine_leaves_the_tilt_out(tmp_path):
     from rdunet_jax import dicom
 

@@ -270,6 +270,34 @@ def test_a_bad_input_in_a_folder_fails_before_any_output(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_that_is_the_input_folder_is_refused_but_one_beside_or_below_it_is_not(tmp_path):
+    # A rerun segmented its own outputs: 6 "images" for 2 slices, 10_mask_mask.png and so on.
+    _write_images(tmp_path / "in")
+    message = refusal(
+        predict.predict_path,
+        make_tiny_config(),
+        None,
+        tmp_path / "in",
+        tmp_path / "in" / ".",
+        predictor=ImagePredictor(),
+    )
+    assert message == (
+        f"--output: {tmp_path / 'in' / '.'} is the input folder {tmp_path / 'in'}; a rerun would read the "
+        "outputs as inputs: give another folder"
+    )
+    assert sorted(path.name for path in (tmp_path / "in").iterdir()) == [
+        "a.png",
+        "b.jpg",
+        "c.jpeg",
+        "notes.txt",
+    ]
+    # A folder of slices is read one level deep: outputs in a folder below it are never read as inputs.
+    predict.predict_path(
+        make_tiny_config(), None, tmp_path / "in", tmp_path / "in" / "out", predictor=ImagePredictor()
+    )
+    assert (tmp_path / "in" / "out" / "a_mask.png").is_file()
+
+
 def test_a_ground_truth_of_another_size_is_refused_before_the_mask_is_written(tmp_path, monkeypatch):
     _no_model(monkeypatch)
     _write_images(tmp_path / "in")
