@@ -9,6 +9,7 @@ Parses flags and dispatches; user mistakes end in one line on stderr and exit st
 
 import pathlib
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -169,12 +170,23 @@ def run(argv) -> None:
         )
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop: unwinds like Ctrl-C, so every atomic write removes its temporary
+    file (the default action killed the process mid-write and left it)."""
+
+
+def _raise_terminated(signal_number, frame):
+    raise _Terminated
+
+
 def main(argv) -> None:
     # Orbax logs every checkpoint operation (and each failed read of a damaged one) and TFDS warns about
     # every custom builder config; the command reports progress and problems in its own lines.
     logging.set_verbosity(logging.FATAL)
     from rdunet_jax.train import TrainingStopped
 
+    # The training loop and files.signals_deferred put their own handler in place while they run.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run(argv)
     except UserError as error:
@@ -186,6 +198,9 @@ def main(argv) -> None:
         # Outside the training loop (which checkpoints on SIGINT), nothing is left to save.
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ import onnx
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 
-from rdunet_jax import checkpoints, files, models, steps
+from rdunet_jax import checkpoints, files, main, models, steps
 from rdunet_jax.errors import UserError
 
 TINY = [
@@ -278,3 +279,25 @@ def test_two_runs_with_the_same_settings_write_the_same_bytes(tmp_path):
     assert first_checkpoints.keys() == second_checkpoints.keys()
     for key, value in first_checkpoints.items():
         assert second_checkpoints[key] == value, key
+
+
+def test_sigterm_outside_training_unwinds_so_a_file_being_written_leaves_no_temporary(tmp_path, capsys):
+    # The default action killed the process mid-write: `--mode predict` left `.case_mask.nii.gz.*.tmp`.
+    def run_writing(argv):
+        with files.atomic_path(tmp_path / "case_mask.nii.gz") as temporary:
+            temporary.write_bytes(b"half a mask")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # delivered at the next bytecode
+            pytest.fail("SIGTERM was not acted on")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(main, "run", run_writing)
+            with pytest.raises(SystemExit) as exited:
+                main.main(["main"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "terminated\n"
+    assert list(tmp_path.iterdir()) == []
