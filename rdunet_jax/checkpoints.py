@@ -278,3 +278,40 @@ def check_steps_per_epoch(meta: dict, steps_per_epoch: int, num_slices: int) -> 
             f"({num_slices} slices); resuming would move its learning-rate schedule and epochs: point the "
             "data paths at the run's data, or use another --workdir"
         )
+
+
+def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
+    """The newest readable `latest` checkpoint as (state, meta), falling back past damaged ones.
+
+    Returns None when there is no checkpoint; raises UserError when the checkpoints were made by another
+    model, or when every one is damaged (rather than silently training from scratch). Damaged steps
+    newer than the one restored are moved to `checkpoints/damaged/`, out of the way of new saves, once
+    `check(restored)` has passed: a refused resume leaves the folder as it was.
+    """
+    steps = sorted(run_checkpoints.all_steps("latest"), reverse=True)
+    damaged = []
+    for step in steps:
+        try:
+            restored = run_checkpoints.restore(
+                "latest", state, step, model_config=config.model, data_config=config.data
+            )
+        except ModelMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
+            damaged.append((step, type(error).__name__))
+            continue
+        check(restored)
+        for damaged_step, reason in damaged:
+            moved_to = run_checkpoints.quarantine("latest", damaged_step)
+            print(
+                f"warning: checkpoint step {damaged_step} in {run_checkpoints.directory / 'latest'} is "
+                f"damaged ({reason}); moved it to {moved_to} and resumed from step {step}",
+                flush=True,
+            )
+        return restored
+    if steps:
+        raise UserError(
+            f"every checkpoint in {run_checkpoints.directory / 'latest'} is damaged "
+            f"(steps {steps}); move the folder away to train from scratch"
+        )
+    return None

@@ -382,7 +382,7 @@ def _check_ground_truth_found(jobs: list[tuple], ground_truth, single: bool) -> 
     if missing:
         print(
             f"warning: --ground_truth: no mask in {ground_truth} for {len(missing)} of {len(jobs)} inputs "
-            f"(first: {missing[0].name}); they are drawn and summarised without one",
+            f"(first: {missing[0].name}); they are predicted without one",
             flush=True,
         )
 

@@ -173,43 +173,6 @@ def new_meta(config, steps_per_epoch: int | None = None) -> dict:
     return meta
 
 
-def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
-    """The newest readable `latest` checkpoint as (state, meta), falling back past damaged ones.
-
-    Returns None when there is no checkpoint; raises UserError when the checkpoints were made by another
-    model, or when every one is damaged (rather than silently training from scratch). Damaged steps
-    newer than the one restored are moved to `checkpoints/damaged/`, out of the way of new saves, once
-    `check(restored)` has passed: a refused resume leaves the folder as it was.
-    """
-    steps = sorted(run_checkpoints.all_steps("latest"), reverse=True)
-    damaged = []
-    for step in steps:
-        try:
-            restored = run_checkpoints.restore(
-                "latest", state, step, model_config=config.model, data_config=config.data
-            )
-        except checkpoints.ModelMismatchError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
-            damaged.append((step, type(error).__name__))
-            continue
-        check(restored)
-        for damaged_step, reason in damaged:
-            moved_to = run_checkpoints.quarantine("latest", damaged_step)
-            print(
-                f"warning: checkpoint step {damaged_step} in {run_checkpoints.directory / 'latest'} is "
-                f"damaged ({reason}); moved it to {moved_to} and resumed from step {step}",
-                flush=True,
-            )
-        return restored
-    if steps:
-        raise UserError(
-            f"every checkpoint in {run_checkpoints.directory / 'latest'} is damaged "
-            f"(steps {steps}); move the folder away to train from scratch"
-        )
-    return None
-
-
 # What a resumed run may change: how long it trains, where its data and its start come from, how it is
 # evaluated. Anything else would continue one run's checkpoint as another run (a batch size resumed at the
 # old one's step and data position) and overwrite the record of the first.
@@ -314,12 +277,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         check_resumable(config, workdir)
         checkpoints.check_steps_per_epoch(restored[1], steps_per_epoch, len(train_source))
 
-    restored = restore_latest(run_checkpoints, state, config, check)
+    restored = checkpoints.restore_latest(run_checkpoints, state, config, check)
     if restored is not None:
         state, meta = restored
         meta.update(run_checkpoints.best_after(int(state.step)))
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
-        print(f"resumed at epoch {meta['epoch'] + 1}{position} (step {int(state.step)})", flush=True)
+        resumed = f"resumed at epoch {meta['epoch'] + 1}{position}"
+        if meta["epoch"] >= config.num_epochs and not meta["iterator"]:  # a finished run re-evaluates
+            resumed = f"all {meta['epoch']} epochs trained: evaluating only"
+        print(f"{resumed} (step {int(state.step)})", flush=True)
     elif pretrained is not None:
         state = with_pretrained_weights(state, pretrained)
         print(

@@ -670,7 +670,7 @@ def test_a_ground_truth_folder_matches_masks_by_stem_says_which_inputs_have_none
     _predict_folder_with_truth_folder(tmp_path)
     assert capsys.readouterr().out.splitlines()[0] == (
         f"warning: --ground_truth: no mask in {tmp_path / 'truth'} for 1 of 3 inputs (first: b.jpg); they "
-        "are drawn and summarised without one"
+        "are predicted without one"
     )
     for name, outlined in (("a", True), ("b", False), ("c", True)):
         with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:

@@ -734,7 +734,8 @@ def test_a_finished_run_given_the_same_command_only_evaluates_again(tmp_path, re
     out = capsys.readouterr().out
     assert trained == []
     assert not re.search(r"^epoch \d", out, re.MULTILINE)  # no training and no validation epoch
-    assert "(step 8)" in out and re.search(r"^test: dice \d", out, re.MULTILINE)
+    # It said "resumed at epoch 5" of a 4-epoch run.
+    assert "all 4 epochs trained: evaluating only (step 8)" in out and re.search(r"^test: dice \d", out, re.M)
     assert {
         path: (path.stat().st_size, path.stat().st_mtime_ns)
         for path in (workdir / "checkpoints").rglob("*")
