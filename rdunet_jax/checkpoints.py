@@ -298,7 +298,8 @@ def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
         except ModelMismatchError:
             raise
         except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
-            damaged.append((step, type(error).__name__))
+            detail = (str(error).strip().splitlines() or [""])[0][:150]  # Orbax's can run to pages
+            damaged.append((step, f"{type(error).__name__}: {detail}" if detail else type(error).__name__))
             continue
         check(restored)
         for damaged_step, reason in damaged:

@@ -509,7 +509,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_as_if_never
     _train(workdir)
     out = capsys.readouterr().out
     assert re.search(
-        r"checkpoint step 6 in \S+ is damaged \(\w+\); moved it to \S+ and resumed from step 5", out
+        r"checkpoint step 6 in \S+ is damaged \(\w+: .+\); moved it to \S+ and resumed from step 5", out
     )
     assert "resumed at epoch 3, 1 steps into it (step 5)" in out
     (moved,) = (workdir / "checkpoints" / "damaged").iterdir()
