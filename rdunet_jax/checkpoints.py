@@ -211,8 +211,16 @@ class RunCheckpoints:
         newer = [saved for saved in self.all_steps("best") if saved > step]
         if not newer:
             return {}
-        meta = self.meta("best", max(newer))
-        return {"best_val_loss": meta["best_val_loss"], "best_epoch": meta["best_epoch"]}
+        try:
+            meta = self.meta("best", max(newer))
+            return {"best_val_loss": meta["best_val_loss"], "best_epoch": meta["best_epoch"]}
+        except Exception as error:  # noqa: BLE001 - a damaged best: the next best saved replaces it
+            print(
+                f"warning: best checkpoint step {max(newer)} in {self.directory / 'best'} is unreadable "
+                f"({type(error).__name__}); the resumed run's next best replaces it",
+                flush=True,
+            )
+            return {}
 
     def restore(self, kind: str, target_state, step: int | None = None, model_config=None, data_config=None):
         """Restores (state, meta) of `kind` at `step` (the newest by default) onto `target_state`'s
@@ -267,16 +275,19 @@ class RunCheckpoints:
             manager.close()
 
 
-def check_steps_per_epoch(meta: dict, steps_per_epoch: int, num_slices: int) -> None:
+def check_steps_per_epoch(meta: dict, step: int, steps_per_epoch: int, num_slices: int) -> None:
     """UserError when the training data now gives another number of steps an epoch than the run trained
     with (data paths may change on resume, and an edited data folder is prepared anew): the step would
-    fall elsewhere in the learning-rate schedule and the epochs. Checkpoints before the key: unchecked."""
+    fall elsewhere in the learning-rate schedule and the epochs. A checkpoint saved before the meta had the
+    key tells it by its step: the steps of its finished epochs over their number."""
     trained = meta.get("steps_per_epoch")
+    if trained is None and meta.get("epoch"):
+        trained = (step - meta.get("epoch_steps", 0)) / meta["epoch"]
     if trained is not None and trained != steps_per_epoch:
         raise UserError(
-            f"data: the run trained {trained} steps an epoch, its training split now gives {steps_per_epoch} "
-            f"({num_slices} slices); resuming would move its learning-rate schedule and epochs: point the "
-            "data paths at the run's data, or use another --workdir"
+            f"data: the run trained {trained:g} steps an epoch, its training split now gives "
+            f"{steps_per_epoch} ({num_slices} slices); resuming would move its learning-rate schedule and "
+            "epochs: point the data paths at the run's data, or use another --workdir"
         )
 
 

@@ -31,7 +31,8 @@ CONVENTIONS = {
     "(hd95_num_both_empty), slices with exactly one empty mask are counted apart (hd95_num_one_empty); "
     "neither enters hd95 or hd95_std",
     "per_volume": "slices grouped by case id and placed at their slice index; counts pooled per volume; "
-    "3-D HD95 with the volume's voxel spacing",
+    "3-D HD95 with the volume's voxel spacing; slices without a case id (of no volume) are left out and "
+    "counted (num_slices_outside_volumes)",
     "lesions": "ground-truth lesions are 8-connected components of a slice's mask; a lesion is detected "
     "when a predicted pixel overlaps it; its Dice is against the predicted components that overlap it; "
     "small when its area is below eval.small_lesion_area",
@@ -170,6 +171,11 @@ def markdown_report(summary: dict, config) -> str:
             f"{_mean_std(volumes, 'jaccard')} | {_mean_std(volumes, 'precision')} | "
             f"{_mean_std(volumes, 'recall')} | {_mean_std(volumes, 'hd95')} |"
         )
+        if volumes.get("num_slices_outside_volumes"):
+            lines += [
+                "",
+                f"{volumes['num_slices_outside_volumes']} slices of no volume are left out of this table.",
+            ]
     if "per_class" in summary:
         lines += _per_class_lines(summary, unit)
     if "involvement" in summary:

@@ -183,13 +183,14 @@ RESUMABLE_KEYS = (
 )
 
 
-def check_resumable(config, workdir: pathlib.Path) -> None:
-    """UserError naming the first setting in which `config` differs from the run it would resume."""
+def check_resumable(config, workdir: pathlib.Path, finished: bool = False) -> None:
+    """UserError naming the first setting in which `config` differs from the run it would resume (a
+    `finished` one trains no more: it is only evaluated again)."""
     consistency = config.get("consistency")
     # FixMatch's pseudo-labels are its probabilities thresholded at eval.threshold: a training setting there.
     trains_with = (
         {"eval.threshold"}
-        if consistency and consistency.weight > 0 and consistency.get("method") == "fixmatch"
+        if consistency and consistency.weight > 0 and consistency.get("method") == "fixmatch" and not finished
         else set()
     )
     config_lib.check_against_run(
@@ -274,13 +275,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     meta = new_meta(config, steps_per_epoch)
 
     def check(restored):
-        check_resumable(config, workdir)
-        checkpoints.check_steps_per_epoch(restored[1], steps_per_epoch, len(train_source))
+        state, meta = restored
+        check_resumable(config, workdir, finished=meta["epoch"] >= config.num_epochs and not meta["iterator"])
+        checkpoints.check_steps_per_epoch(meta, int(state.step), steps_per_epoch, len(train_source))
 
     restored = checkpoints.restore_latest(run_checkpoints, state, config, check)
     if restored is not None:
         state, meta = restored
-        meta.update(run_checkpoints.best_after(int(state.step)))
+        meta.update(run_checkpoints.best_after(int(state.step)), steps_per_epoch=steps_per_epoch)
         position = f", {meta['epoch_steps']} steps into it" if meta["iterator"] else ""
         resumed = f"resumed at epoch {meta['epoch'] + 1}{position}"
         if meta["epoch"] >= config.num_epochs and not meta["iterator"]:  # a finished run re-evaluates

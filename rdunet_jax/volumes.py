@@ -137,7 +137,9 @@ def check_truth_labels(values: np.ndarray, ground_truth, labels) -> np.ndarray:
     where, rounded = f"--ground_truth: {ground_truth}", np.rint(values)
     if not np.allclose(rounded, values, atol=1e-3):
         raise UserError(f"{where}: mask has non-integer values; expected labels {set(labels)}")
-    readers.check_labels(rounded.astype(np.int64), labels, where)
+    # uint8 where it fits: check_labels counts those with bincount instead of sorting the volume.
+    fits = rounded.size and 0 <= rounded.min() and rounded.max() <= 255
+    readers.check_labels(rounded.astype(np.uint8 if fits else np.int64), labels, where)
     return rounded.astype(np.float32)
 
 
@@ -223,12 +225,15 @@ class VolumeSlices:
         if not layout.per_slice:
             self.turned = orientation.turn(self._whole(image, input_file), layout.to_model)
             if truth is not None:
-                whole_truth = check_truth_labels(self._whole(truth, ground_truth), ground_truth, truth_labels)
+                # Checked slice by slice: a whole volume's temporaries would take gigabytes.
+                whole_truth = self._whole(
+                    truth, ground_truth, lambda values: check_truth_labels(values, ground_truth, truth_labels)
+                )
                 self.turned_truth = orientation.turn(whole_truth, layout.to_model)
 
     @staticmethod
-    def _whole(image, path):
-        return np.stack([volume_slice(image, index, path) for index in range(image.shape[2])], axis=2)
+    def _whole(image, path, check=lambda values: values):
+        return np.stack([check(volume_slice(image, index, path)) for index in range(image.shape[2])], axis=2)
 
     @property
     def num_slices(self) -> int:

@@ -184,6 +184,13 @@ def test_slices_of_no_volume_are_counted_and_left_out_of_the_volumes(tiny_state)
     assert mixed["per_volume"]["cases"] == alone["per_volume"]["cases"]
     only_loose = evaluate.summarize_collected(evaluate.collect_slices(predictor, loose, config), config)
     assert only_loose["per_volume"] is None and only_loose["num_slices"] == 3
+    # The report says so under its volume table, and the JSON's conventions too.
+    stamp = {"split": "test", "step": 1, "threshold": 0.5, "test_time_flips": False, "image_size": 32}
+    assert "3 slices of no volume are left out of this table." in reports.markdown_report(
+        {**mixed, **stamp}, config
+    )
+    assert "slices of no volume" not in reports.markdown_report({**alone, **stamp}, config)
+    assert "num_slices_outside_volumes" in mixed["conventions"]["per_volume"]
 
 
 # Stored slices of 64 rows x 96 columns, voxels 0.7 x 0.8 x 5 mm, scored at the tiny model's 32 px: a

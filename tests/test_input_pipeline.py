@@ -167,7 +167,7 @@ def test_the_iterator_reads_only_a_few_batches_ahead_of_the_train_step():
     iterator = input_pipeline.to_iterator(dataset, num_threads=2)
     assert next(iterator) == 0
     time.sleep(1.0)  # the reading threads run on while the step computes
-    assert len(reads) <= 1 + input_pipeline.PREFETCH_BATCHES + 2
+    assert len(reads) <= 8  # a fixed bound: the constant set back to 500 fails here
     assert list(iterator) == list(range(1, 200))  # and nothing is lost or reordered
 
 

@@ -462,6 +462,7 @@ def test_eval_threshold_is_a_training_setting_of_fixmatch_only(tmp_path, method,
             train.check_resumable(config, tmp_path)
     else:
         train.check_resumable(config, tmp_path)
+    train.check_resumable(config, tmp_path, finished=True)  # nothing left to train: only evaluated again
     config.consistency.weight = 0.0  # no consistency loss: the threshold trains nothing
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     config.eval.threshold = 0.3
@@ -625,6 +626,36 @@ def test_a_best_saved_after_the_resumed_step_stays_the_best_to_beat(tmp_path, mo
     _, last_meta = _restore(tmp_path, "latest")
     assert (best_meta["best_epoch"], best_meta["best_val_loss"]) == (2, 0.3)
     assert (last_meta["best_epoch"], last_meta["best_val_loss"]) == (2, 0.3)  # it was (1, 0.5)
+
+
+def test_a_damaged_best_saved_after_the_resumed_step_is_warned_not_a_traceback(tmp_path, capsys):
+    def crash_at_step_5(step, state, metrics):
+        if step == 5:
+            raise _Crash
+        return state, metrics
+
+    with pytest.raises(_Crash):
+        _train(tmp_path, after_step=crash_at_step_5, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")
+    _truncate_every_file(tmp_path / "checkpoints" / "best" / "4")
+    _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    assert re.search(r"warning: best checkpoint step 4 in \S+ is unreadable \(\w+\)", capsys.readouterr().out)
+    # The replay's epoch 2 (0.3, the best again) replaced it.
+    _, best_meta = _restore(tmp_path, "best")
+    assert _steps(tmp_path, "best") == [4] and best_meta["best_val_loss"] == 0.3
+
+
+def test_checkpoints_from_before_steps_per_epoch_tell_it_by_their_step():
+    # By hand: 3 finished epochs in 6 steps are 2 a step; 2 epochs and 1 step into the third at step 5, too.
+    for meta, step in (({"epoch": 3, "epoch_steps": 0}, 6), ({"epoch": 2, "epoch_steps": 1}, 5)):
+        checkpoints.check_steps_per_epoch(meta, step, 2, 8)
+        with pytest.raises(
+            UserError, match=r"^data: the run trained 2 steps an epoch, its training split now "
+        ):
+            checkpoints.check_steps_per_epoch(meta, step, 1, 4)
+    checkpoints.check_steps_per_epoch({"epoch": 0, "epoch_steps": 1}, 1, 5, 20)  # no epoch finished: unknown
+    with pytest.raises(UserError, match=r"trained 3 steps an epoch"):  # the key, where the meta has it
+        checkpoints.check_steps_per_epoch({"steps_per_epoch": 3, "epoch": 0}, 1, 2, 8)
 
 
 def test_a_refused_resume_moves_no_damaged_checkpoint_aside(tmp_path, stopped_at_an_epoch_end):
