@@ -36,7 +36,7 @@ STAGED_PATHS = (
     "pyproject.toml",
     "experiments",
 )
-NOT_STAGED = ("__pycache__", "results")
+NOT_STAGED = ("__pycache__", "results", "runs")  # runs: study workdirs (gitignored), written as we copy
 TEST_CACHE = REPO_ROOT / ".pytest_cache" / "xla"  # tests/conftest.py's persistent compilation cache
 # The fast test files that exercise each mutated module; a mutant runs those of their tests that call its
 # function (mutmut's own per-function selection), stopping at the first failure.

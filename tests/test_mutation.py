@@ -89,6 +89,21 @@ def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_pa
     assert 'only_mutate = ["rdunet_jax/mean_teacher.py"]' in (tmp_path / "pyproject.toml").read_text()
 
 
+def test_prepare_leaves_out_study_workdirs_which_runs_write_while_it_copies(tmp_path, monkeypatch):
+    # experiments/runs/ (gitignored checkpoints of a study running beside it) was copied: a checkpoint file
+    # gone between listing and copying failed the staging.
+    checkout = tmp_path / "checkout"
+    (checkout / "experiments" / "runs" / "0123" / "checkpoints").mkdir(parents=True)
+    (checkout / "experiments" / "runs" / "0123" / "checkpoints" / "state.bin").write_bytes(b"weights")
+    (checkout / "experiments" / "pool_intensity.py").write_text("print('staged')\n")
+    monkeypatch.setattr(mutation, "REPO_ROOT", checkout)
+    monkeypatch.setattr(mutation, "STAGED_PATHS", ("experiments",))
+    monkeypatch.setattr(mutation, "TEST_CACHE", tmp_path / "no-cache")
+    mutation.prepare(tmp_path / "work", "losses")
+    assert (tmp_path / "work" / "experiments" / "pool_intensity.py").is_file()
+    assert not (tmp_path / "work" / "experiments" / "runs").exists()
+
+
 def test_the_shell_runner_knows_the_same_modules_and_names_them_when_it_refuses_one():
     runner = mutation.REPO_ROOT / "experiments" / "mutation.sh"
     environment = {**os.environ, "PYTHON": sys.executable}
