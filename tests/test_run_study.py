@@ -468,21 +468,26 @@ def test_checkpoint_last_scores_the_last_epoch_and_says_how_every_table_was_scor
 
 
 @pytest.mark.parametrize(
-    ("study", "folder"),
+    ("study", "folder", "settings"),
     [
-        ("ablation", "semiseg-small"),
-        ("lesion_size", "semiseg-small"),
-        ("dilation", "semiseg-small"),
-        ("split_leakage", "ma2020_2d-small"),
-        ("recipe", "semiseg-small"),
+        ("ablation", "semiseg-small", []),
+        ("ablation", "semiseg-small-checkpointlast", ["--set", "checkpoint=last"]),
+        ("lesion_size", "semiseg-small", []),
+        ("dilation", "semiseg-small", []),
+        ("split_leakage", "ma2020_2d-small", []),
+        ("recipe", "semiseg-small", []),
     ],
 )
-def test_every_committed_study_record_is_still_the_run_its_plan_describes(study, folder, tmp_path, capsys):
+def test_every_committed_study_record_is_still_the_run_its_plan_describes(
+    study, folder, settings, tmp_path, capsys
+):
     # A plan whose config no longer matches a record refuses it ("made with another config"), and a rerun
     # would not reproduce it: a change to the schema's defaults must leave every record finished.
     results = run_study.EXPERIMENTS / "results" / study / folder
     records = sorted(path.stem for path in results.glob("*.json"))
-    status = run_study.main([study, "--budget", "small", "--dry_run", "--runs_root", str(tmp_path / "w")])
+    status = run_study.main(
+        [study, "--budget", "small", *settings, "--dry_run", "--runs_root", str(tmp_path / "w")]
+    )
     lines = capsys.readouterr().out.splitlines()
     finished = sorted(line.split()[0] for line in lines if " finished " in line)
     assert status == 0 and len(records) >= 6
