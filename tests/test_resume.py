@@ -606,21 +606,30 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_in_one_line_and_moves_no
     assert _steps(workdir, "latest") == [5, 6]
 
 
-def test_a_best_saved_after_the_resumed_step_stays_the_best_to_beat(tmp_path, monkeypatch):
-    # Killed between epoch 2's best save and its latest save: latest [2], best [4] (val 0.3). The replay of
-    # epoch 2 validates worse (as on a GPU, where replays are not exact): best/ keeps step 4, and the meta
-    # must name it, not epoch 1 (0.5) whose weights best/ no longer holds.
+EVERY_EPOCH = {"checkpoint_every_steps": 0, "checkpoint_every_epochs": 1}
+
+
+def _killed_between_epoch_2s_two_saves(workdir):
+    """A run saving at each epoch's end, left as if killed after epoch 2's best save and before its latest
+    one: latest [2], best [4] (validation loss 0.3)."""
+
     def crash_at_step_5(step, state, metrics):
         if step == 5:
             raise _Crash
         return state, metrics
 
     with pytest.raises(_Crash):
-        _train(tmp_path, after_step=crash_at_step_5, checkpoint_every_steps=0, checkpoint_every_epochs=1)
-    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")
+        _train(workdir, after_step=crash_at_step_5, **EVERY_EPOCH)
+    shutil.rmtree(workdir / "checkpoints" / "latest" / "4")
+
+
+def test_a_best_saved_after_the_resumed_step_stays_the_best_to_beat(tmp_path, monkeypatch):
+    # The replay of epoch 2 validates worse (as on a GPU, where replays are not exact): best/ keeps step 4,
+    # and the meta must name it, not epoch 1 (0.5) whose weights best/ no longer holds.
+    _killed_between_epoch_2s_two_saves(tmp_path)
     for step, loss in ((4, 0.6), (6, 0.7), (8, 0.8)):
         monkeypatch.setitem(INJECTED_VALIDATION_LOSS, step, loss)
-    _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    _train(tmp_path, **EVERY_EPOCH)
     assert _steps(tmp_path, "best") == [4]
     _, best_meta = _restore(tmp_path, "best")
     _, last_meta = _restore(tmp_path, "latest")
@@ -629,16 +638,9 @@ def test_a_best_saved_after_the_resumed_step_stays_the_best_to_beat(tmp_path, mo
 
 
 def test_a_damaged_best_saved_after_the_resumed_step_is_warned_not_a_traceback(tmp_path, capsys):
-    def crash_at_step_5(step, state, metrics):
-        if step == 5:
-            raise _Crash
-        return state, metrics
-
-    with pytest.raises(_Crash):
-        _train(tmp_path, after_step=crash_at_step_5, checkpoint_every_steps=0, checkpoint_every_epochs=1)
-    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")
+    _killed_between_epoch_2s_two_saves(tmp_path)
     _truncate_every_file(tmp_path / "checkpoints" / "best" / "4")
-    _train(tmp_path, checkpoint_every_steps=0, checkpoint_every_epochs=1)
+    _train(tmp_path, **EVERY_EPOCH)
     assert re.search(r"warning: best checkpoint step 4 in \S+ is unreadable \(\w+\)", capsys.readouterr().out)
     # The replay's epoch 2 (0.3, the best again) replaced it.
     _, best_meta = _restore(tmp_path, "best")
