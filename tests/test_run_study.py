@@ -473,6 +473,7 @@ def test_checkpoint_last_scores_the_last_epoch_and_says_how_every_table_was_scor
         ("ablation", "semiseg-small", []),
         ("ablation", "semiseg-small-checkpointlast", ["--set", "checkpoint=last"]),
         ("lesion_size", "semiseg-small", []),
+        ("lesion_size", "semiseg-small-checkpointlast", ["--set", "checkpoint=last"]),
         ("dilation", "semiseg-small", []),
         ("split_leakage", "ma2020_2d-small", []),
         ("recipe", "semiseg-small", []),
