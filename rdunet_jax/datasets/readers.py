@@ -132,7 +132,9 @@ def nifti_label_volume(volume: np.ndarray, path, labels=NIFTI_LABELS) -> np.ndar
     rounded = np.rint(volume)
     if not np.allclose(rounded, volume, atol=1e-3):
         raise UserError(f"{path}: mask has non-integer values; expected labels {set(labels)}")
-    check_labels(rounded, labels, path)
+    # As integers (named as such in the error), uint8 where they fit: check_labels bincounts those.
+    fits = rounded.size and 0 <= rounded.min() and rounded.max() <= 255
+    check_labels(rounded.astype(np.uint8 if fits else np.int64), labels, path)
     return rounded.astype(np.uint8)
 
 
