@@ -945,6 +945,29 @@ def test_a_volume_ground_truth_that_is_not_a_label_mask_is_one_line_and_leaves_n
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_sagittal_stored_volumes_ground_truth_is_checked_as_it_is_read_whole(tmp_path):
+    # Stored axis 0 is superior-inferior: the volume and its mask are read whole and turned, a path of its
+    # own; a bad value on stored slice 0 (not the middle one checked first) is refused there too.
+    sagittal = np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    volume = _lesion_volume()
+    source = save_nifti(tmp_path / "case.nii.gz", volume, sagittal)
+    truth = np.where(np.arange(4) == 0, 9.0, (volume > 0).astype(np.float32))
+    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth, sagittal)
+    message = refusal(
+        predict.predict_path,
+        make_tiny_config(),
+        None,
+        source,
+        tmp_path / "out",
+        ground_truth=truth_file,
+        predictor=ImagePredictor(),
+    )
+    assert (
+        message == f"--ground_truth: {truth_file}: mask values {{9}} outside the known labels {{0, 1, 2, 3}}"
+    )
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
 def test_an_image_ground_truth_of_another_size_names_both_files(tmp_path):
     _write_images(tmp_path / "in")
     truth = tmp_path / "truth.png"
