@@ -11,12 +11,15 @@
 # sets the workers per module (default: mutmut's, the CPU count).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# PYTHON and MUTMUT given as paths are resolved here, before the script moves to the checkout and mutmut to
+# each staged folder, where a relative path would name nothing.
+absolute() { if [[ $1 == */* ]]; then echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; else echo "$1"; fi; }
+python=$(absolute "${PYTHON:-python}")
+mutmut=$(absolute "${MUTMUT:-mutmut}")
 cd "$repo" # `python -m experiments.mutation` runs from the checkout
 # The staged tests live two folders deeper than the checkout's, where tests/helpers.py would look for the
 # real data beside them: point them at the checkout's.
 export RDUNET_DATA_ROOT=${RDUNET_DATA_ROOT:-$repo/../shared/data}
-python=${PYTHON:-python}
-mutmut=${MUTMUT:-mutmut}
 children=()
 [[ -n ${MAX_CHILDREN:-} ]] && children=(--max-children "$MAX_CHILDREN")
 

@@ -149,3 +149,15 @@ def test_a_listed_equivalent_counts_only_while_it_survives_and_a_detected_one_is
         f"warning: equivalent.txt names {name}2, which the tests detect: renumbered, or not equivalent; "
         "check it with mutmut show",
     ]
+
+
+def test_the_shell_runner_resolves_executables_given_as_paths_relative_to_where_it_is_called(tmp_path):
+    # The runner moves to the checkout (and mutmut to each staged folder): './python' must still be found.
+    (tmp_path / "python").symlink_to(sys.executable)
+    runner = mutation.REPO_ROOT / "experiments" / "mutation.sh"
+    environment = {**os.environ, "PYTHON": "./python", "MUTMUT": "./mutmut"}
+    refused = subprocess.run(
+        ["bash", runner, "train"], capture_output=True, text=True, env=environment, cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("experiments/mutation.sh: 'train' is neither a module (losses, ")
