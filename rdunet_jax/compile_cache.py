@@ -5,6 +5,7 @@ Kept beside, not instead of, JAX's persistent compilation cache (`devices.enable
 still has to trace the step to find its entry.
 """
 
+import enum
 import hashlib
 import importlib.metadata
 import json
@@ -13,6 +14,7 @@ import pathlib
 
 import jax
 import numpy as np
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 from jax.sharding import Mesh
@@ -50,18 +52,42 @@ def _sources_digest() -> str:
 _SOURCES_DIGEST = _sources_digest()
 
 
+def _trace_settings() -> list[str]:
+    """JAX's settings that change a traced program (its PRNG's form, matmul precision, x64, ...).
+
+    The stored step is loaded without tracing, so these must be in its key; JAX's own cache hashes the
+    traced program instead. `trace_context` is JAX's private list of them; its plain values are kept (the
+    axis environment is an object whose repr names an address, and is empty outside a transformation).
+    """
+    plain = (bool, int, float, str, type(None), tuple, enum.Enum)
+    trace_context = getattr(jax_config, "trace_context", None)
+    if trace_context is None:  # a JAX without it: the public settings known to change the program
+        names = ("jax_threefry_partitionable", "jax_default_prng_impl", "jax_enable_x64")
+        return [repr(getattr(jax.config, name, None)) for name in names] + [
+            repr(jax.config.jax_default_matmul_precision)
+        ]
+    return [repr(value) for value in trace_context() if isinstance(value, plain)]
+
+
 def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int) -> str:
     """A digest of everything the compiled train step depends on: the package sources it traces, the
-    library versions, the device, XLA_FLAGS, the model and optimizer keys, the state's loss, and every
-    input's path, shape and dtype."""
+    library versions, the device (and its runtime's version), XLA_FLAGS, JAX's tracing settings, the model
+    and optimizer keys, the state's loss, and every input's path, shape and dtype."""
     digest = hashlib.sha256(_SOURCES_DIGEST.encode())
     device = jax.devices()[0]
     inputs = jax.tree_util.tree_flatten_with_path((state, batch))[0]
     described = {
         "versions": [importlib.metadata.version(name) for name in _TRAIN_STEP_PACKAGES],
-        "device": [device.platform, device.device_kind, jax.device_count()],
+        # The runtime's version (CUDA and cuDNN on a GPU) picks the kernels, as in JAX's cache key.
+        "device": [
+            device.platform,
+            device.device_kind,
+            jax.device_count(),
+            getattr(device.client, "platform_version", ""),
+        ],
         # XLA's own flags change the program it compiles (its kernels, its schedule), as in JAX's cache key.
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_settings": _trace_settings(),
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
         "loss": state.loss,
         # The moving average's decay is traced into the step too (the optimizer's, not the state's, setting).

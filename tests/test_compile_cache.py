@@ -232,3 +232,28 @@ def test_the_executable_key_reads_every_package_source_traced_into_the_step(tiny
     traced = _package_sources_in(program.jaxpr, pathlib.Path(compile_cache.__file__).parent)
     assert {"models.py", "losses.py", "steps.py"} <= traced
     assert traced <= set(compile_cache._TRAIN_STEP_SOURCES)
+
+
+def test_the_executable_key_covers_jax_settings_that_change_the_traced_program(tiny_state, tmp_path):
+    # The stored step is loaded untraced: a run under another PRNG form or matmul precision must not load it.
+    config = _executable_config(tmp_path)
+    batch = _fixed_batch(config)
+    key = compile_cache.train_step_key(config, tiny_state, batch, 2)
+    with jax.threefry_partitionable(not jax.config.jax_threefry_partitionable):
+        assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+    with jax.default_matmul_precision("highest"):
+        assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+    assert compile_cache.train_step_key(config, tiny_state, batch, 2) == key
+
+
+def test_without_jaxs_private_trace_context_the_key_still_covers_the_prng_form(
+    tiny_state, tmp_path, monkeypatch
+):
+    monkeypatch.delattr(compile_cache.jax_config, "trace_context")
+    config = _executable_config(tmp_path)
+    batch = _fixed_batch(config)
+    key = compile_cache.train_step_key(config, tiny_state, batch, 2)
+    with jax.threefry_partitionable(not jax.config.jax_threefry_partitionable):
+        assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+    with jax.default_matmul_precision("highest"):
+        assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
