@@ -72,6 +72,8 @@ def upgrade(config):
     """A copy of a saved config (ConfigDict or its JSON dict) with each speed option it predates set to
     the value it ran with, so that it describes the run it records."""
     upgraded = copy.deepcopy(config)
+    if "model" not in upgraded:
+        return upgraded
     model = upgraded["model"]
     unlocked = model.unlocked() if isinstance(model, ml_collections.ConfigDict) else contextlib.nullcontext()
     with unlocked:
@@ -352,9 +354,10 @@ def computed_keys(values: dict) -> dict:
 
 def differing_keys(stored: dict, current: dict) -> list[str]:
     """The computed keys (`computed_keys`) in which a run recorded as `stored` (its config's JSON) differs
-    from `current`, sorted. A key added to the schema since is the same when `current` holds its default
-    (what older code ran); a stored key the schema no longer has differs."""
-    stored, current = computed_keys(stored), computed_keys(current)
+    from `current`, sorted. A speed option the record predates is the form it ran with (`upgrade`); any other
+    key added to the schema since is the same when `current` holds its default (what older code ran); a
+    stored key the schema no longer has differs."""
+    stored, current = computed_keys(upgrade(stored)), computed_keys(current)
     defaults = flatten(to_json(base_config()))
     changed = {key for key, value in current.items() if stored.get(key, defaults.get(key)) != value}
     return sorted(changed | (set(stored) - set(current)))
@@ -385,8 +388,8 @@ def check_against_run(config, workdir, counts, why: str) -> None:
     flat_current = flatten(current)
     changed = [key for key in differing_keys(stored, current) if counts(key)]
     if changed:
-        # A key the record lacks held its default then (differing_keys).
-        before = flatten(stored).get(changed[0], flatten(to_json(base_config())).get(changed[0]))
+        # A key the record lacks held its default then, or the form it ran before it existed (differing_keys).
+        before = flatten(upgrade(stored)).get(changed[0], flatten(to_json(base_config())).get(changed[0]))
         raise UserError(
             f"{changed[0]}: {before!r} in {recorded}, {flat_current.get(changed[0])!r} now; {why}"
         )

@@ -716,3 +716,30 @@ def test_a_runs_model_is_scored_exported_and_run_only_with_its_data_settings(tmp
     moved.data.zoom_range, moved.data.intensity_range = 0.3, 0.1  # a self-trained student's augmentation
     config_lib.check_run_data(moved, tmp_path, mode)
     config_lib.check_run_data(other_fold, tmp_path / "no_record", mode)  # a folder without config.json
+
+
+def test_a_run_recorded_before_the_speed_options_differs_from_todays_forms_and_matches_the_ones_it_ran(
+    tmp_path,
+):
+    # Its config.json lacks the speed keys: it ran their `before_key` forms, not today's defaults, so
+    # resuming it with today's defaults would continue with other dropout masks and layer forms.
+    stored = config_lib.to_json(config_lib.base_config())
+    for key in config_lib.SPEED_OPTIONS:
+        del stored["model"][key]
+    today = config_lib.base_config()
+    # Hand-listed: the options whose default is no longer the form they replaced.
+    changed = ["model.batch_norm_impl", "model.dropout_impl", "model.pool_impl", "model.upsample_impl"]
+    assert config_lib.differing_keys(stored, config_lib.to_json(today)) == changed
+    as_it_ran = config_lib.base_config()
+    with as_it_ran.unlocked():
+        for key, option in config_lib.SPEED_OPTIONS.items():
+            as_it_ran.model[key] = option.before_key
+    assert config_lib.differing_keys(stored, config_lib.to_json(as_it_ran)) == []
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError) as refused:
+        config_lib.check_against_run(today, tmp_path, lambda key: True, "why")
+    now = today.model.batch_norm_impl
+    assert (
+        str(refused.value) == f"model.batch_norm_impl: 'flax' in {tmp_path / 'config.json'}, {now!r} now; why"
+    )
+    config_lib.check_against_run(as_it_ran, tmp_path, lambda key: True, "why")
