@@ -55,6 +55,14 @@ def _check_known_keys(config) -> None:
         raise UserError(f"{key}: unknown config key{hint}")
 
 
+def check_complete(config) -> None:
+    """UserError naming the first schema key a config file's config lacks (one not built on base_config
+    would fail deep inside a run). Only for configs from files: a run's saved config.json may predate
+    keys, which `validate` and the code read as their earlier meaning."""
+    for key in sorted(_flat_keys(config_lib.base_config()) - _flat_keys(config)):
+        raise UserError(f"{key}: missing from the config; build it on rdunet_jax.config_lib.base_config()")
+
+
 def _check_speed_options(config) -> None:
     """The `model.*` keys of SPEED_OPTIONS, each one of its choices, of the choice's type (remat=1 is not
     remat=True)."""

@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -87,6 +88,8 @@ def parse_flags(argv):
             ),
             "--config",
         )
+        if flag == "--config":  # no override names it: the config file's own code failed
+            _fail(f"--config: cannot load the config file: {type(error).__name__}: {message}".splitlines()[0])
         suggestion = re.search(r'Did you mean "([^"]+)"', message)
         hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
         _fail(f"{flag}: the config has no key {key!r}{hint}")
@@ -95,7 +98,12 @@ def parse_flags(argv):
     except Exception as error:  # noqa: BLE001 - a config file is user code: any failure is the user's
         _fail(f"--config: cannot load the config file: {type(error).__name__}: {error}".splitlines()[0])
     try:
-        FLAGS.config.name  # noqa: B018 - a config file that could not be found raises when first read
+        config = FLAGS.config  # a config file that could not be found raises when first read
+        if not isinstance(config, ml_collections.ConfigDict):
+            _fail(
+                "--config: get_config() must return an ml_collections.ConfigDict built on "
+                f"rdunet_jax.config_lib.base_config(), not {type(config).__name__}"
+            )
     except OSError as error:
         reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
         _fail(f"--config: cannot load the config file: {reason}")
@@ -134,6 +142,9 @@ def run(argv) -> None:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags_fit_the_mode()
     config = FLAGS.config
+    from rdunet_jax import config_validation
+
+    config_validation.check_complete(config)  # before any key is read
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config)
     if config.selftrain.rounds and FLAGS.mode != "train":  # evaluate, predict, export: the final student
         workdir = workdir / f"student{config.selftrain.rounds}"

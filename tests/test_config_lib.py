@@ -669,6 +669,20 @@ def test_an_unknown_key_is_named_with_its_nearest_known_key_if_any(key, message)
     assert _refusal(make_tiny_config(), {key: 1}) == message
 
 
+def test_a_key_a_config_files_config_lacks_is_named_before_a_run_reads_it():
+    # A config file not built on base_config would otherwise fail deep inside a run with a KeyError.
+    config = make_tiny_config()
+    with config.unlocked():
+        del config.data["rotation_degrees"]
+        del config["selftrain"]
+    with pytest.raises(UserError) as raised:
+        config_validation.check_complete(config)
+    assert str(raised.value) == (
+        "data.rotation_degrees: missing from the config; build it on rdunet_jax.config_lib.base_config()"
+    )
+    config_validation.check_complete(make_tiny_config())
+
+
 @pytest.mark.parametrize(
     "installed, missing", [((), "onnx and onnxruntime"), (("onnx",), "onnxruntime")], ids=["none", "onnx"]
 )

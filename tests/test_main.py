@@ -113,6 +113,41 @@ def test_a_config_key_that_does_not_exist_is_one_clean_line_naming_the_flag(tmp_
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    "config_file, message",
+    [
+        (
+            "def get_config():\n    return {'name': 'plain'}\n",
+            "--config: get_config() must return an ml_collections.ConfigDict built on "
+            "rdunet_jax.config_lib.base_config(), not dict",
+        ),
+        (
+            "settings = 1\n",
+            "--config: cannot load the config file: AttributeError: module 'config_config' has no attribute "
+            "'get_config'",
+        ),
+        (
+            "import ml_collections\n\ndef get_config():\n"
+            "    return ml_collections.ConfigDict({'name': 'partial', 'num_epochs': 1})\n",
+            "batch_size: missing from the config; build it on rdunet_jax.config_lib.base_config()",
+        ),
+    ],
+    ids=["a dict", "no get_config", "not built on base_config"],
+)
+def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_file, message):
+    # These gave tracebacks (exit 1), or called a missing get_config an unknown key.
+    (tmp_path / "broken.py").write_text(config_file)
+    result = subprocess.run(
+        [sys.executable, "-m", "rdunet_jax.main", f"--config={tmp_path / 'broken.py'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()) == (2, [f"error: {message}"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.py"]  # no runs/ folder
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
     assert result.returncode == 2
