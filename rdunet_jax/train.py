@@ -302,7 +302,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     log = _Log(workdir, meta["epoch"]) if is_first_host else None
     total_steps = config.num_epochs * steps_per_epoch
     loss_check = _LossCheck()
-    timer_start, timed_from = None, 0
+    # Epoch ends (validation, overlays, saves) count in the time left, not in the train steps' images/s.
+    timer_start, timed_from, epoch_end_seconds = None, 0, 0.0
     # The step is counted on the host: reading state.step would wait for each step to finish and stall
     # the dispatch of the next.
     step = int(state.step)
@@ -342,10 +343,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         # Time from the first logged step, so compilation does not skew images/s.
                         timer_start, timed_from = time.perf_counter(), step
                     else:
-                        rate = (step - timed_from) / max(time.perf_counter() - timer_start, 1e-9)
+                        elapsed = time.perf_counter() - timer_start
+                        rate = (step - timed_from) / max(elapsed, 1e-9)
+                        images_per_second = (
+                            (step - timed_from) * config.batch_size / max(elapsed - epoch_end_seconds, 1e-9)
+                        )
                         print(
                             f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} "
-                            f"{rate * config.batch_size:.1f} img/s loss {values[-1]:.4f} "
+                            f"{images_per_second:.1f} img/s loss {values[-1]:.4f} "
                             f"left {_format_seconds((total_steps - step) / max(rate, 1e-9))}",
                             flush=True,
                         )
@@ -356,6 +361,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                             raise TrainingStopped(
                                 stop.signal_number, step, run_checkpoints.directory / "latest"
                             )
+                epoch_end_start = time.perf_counter()
                 # A saved position is inside this epoch: the next one starts at its first batch, whether
                 # or not this epoch's end is saved.
                 meta["iterator"] = None
@@ -403,6 +409,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     else ""
                 )
                 print(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{validated}", flush=True)
+                if timer_start is not None:
+                    epoch_end_seconds += time.perf_counter() - epoch_end_start
                 if stop.signal_number is not None:
                     run_checkpoints.wait()
                     raise TrainingStopped(stop.signal_number, step, run_checkpoints.directory)

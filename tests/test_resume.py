@@ -843,3 +843,32 @@ def test_a_bad_model_init_stops_in_one_line_and_writes_nothing(tmp_path, referen
         "by another model: model.features=4 in the checkpoint, 8 in the config"
     )
     assert not workdir.exists()
+
+
+def test_images_per_second_time_the_train_steps_and_the_time_left_counts_the_epoch_ends_too(
+    tmp_path, monkeypatch, capsys
+):
+    # A clock seen only by the loop: each train step takes 1 s, each validation 100 s. The printed rate
+    # once took in every validation (161.8 img/s, then 3.8 after the first epoch's end, on the tiny run).
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_validation = evaluate.evaluate_source
+
+    def slow_validation(*args, **kwargs):
+        clock[0] += 100.0
+        return real_validation(*args, **kwargs)
+
+    def one_second_steps(step, state, metrics):
+        clock[0] += 1.0
+        return state, metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_source", slow_validation)
+    _train(tmp_path, after_step=one_second_steps)
+    config = _loop_config()
+    printed = re.findall(r"step (\d+)/8 ([\d.]+) img/s loss \S+ left (\S+)", capsys.readouterr().out)
+    assert [int(step) for step, _, _ in printed] == list(range(2, 9))  # the first step starts the clock
+    for step, images_per_second, left in printed:
+        timed_steps = int(step) - 1
+        elapsed = timed_steps + 100.0 * (timed_steps // 2)  # 2 steps an epoch, a validation at each end
+        assert float(images_per_second) == config.batch_size
+        assert left == train._format_seconds((8 - int(step)) * elapsed / timed_steps)
