@@ -125,8 +125,24 @@ def read_train_log(workdir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curves_figure(records: list[dict]):
-    """A matplotlib figure: loss and validation loss (left) and validation Dice (right) per epoch."""
+# `config.loss` names, as the curves' axis says them (a `_weighted` form: the same, pixel-weighted).
+_LOSS_LABELS = {
+    "dice": "soft Dice loss",
+    "dice_bce": "soft Dice + cross-entropy loss",
+    "dice_ce": "soft Dice + cross-entropy loss",
+}
+
+
+def loss_label(loss: str) -> str:
+    """The axis label of the loss `config.loss` names."""
+    weighted = loss.endswith("_weighted")
+    label = _LOSS_LABELS.get(loss.removesuffix("_weighted"), f"{loss} loss")
+    return f"pixel-weighted {label}" if weighted else label
+
+
+def curves_figure(records: list[dict], loss: str = "dice"):
+    """A matplotlib figure: loss and validation loss (left; `loss` names it) and validation Dice (right)
+    per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -141,7 +157,7 @@ def curves_figure(records: list[dict]):
     loss_axes.plot(
         validated_epochs, [record["val_loss"] for record in validated], marker="o", label="validation loss"
     )
-    loss_axes.set(xlabel="epoch", ylabel="soft Dice loss", title="Loss")
+    loss_axes.set(xlabel="epoch", ylabel=loss_label(loss), title="Loss")
     loss_axes.legend()
     dice_axes.plot(
         validated_epochs, [record["val_dice"] for record in validated], marker="o", color="tab:green"
@@ -153,14 +169,15 @@ def curves_figure(records: list[dict]):
     return figure
 
 
-def write_curves(workdir) -> pathlib.Path | None:
-    """Writes `<workdir>/curves.png` from train_log.jsonl; returns its path (None without a log)."""
+def write_curves(workdir, loss: str = "dice") -> pathlib.Path | None:
+    """Writes `<workdir>/curves.png` from train_log.jsonl, the loss `loss` names (`config.loss`); returns
+    its path (None without a log)."""
     from matplotlib import pyplot
 
     records = read_train_log(workdir)
     if not records:
         return None
-    figure = curves_figure(records)
+    figure = curves_figure(records, loss)
     buffer = io.BytesIO()
     # No metadata: the same log always gives the same bytes.
     figure.savefig(buffer, format="png", metadata={"Software": None})

@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from rdunet_jax import visualize
@@ -53,6 +54,24 @@ def test_curves_png_is_written_and_reproducible(tmp_path):
         assert picture.format == "PNG" and picture.size == (1000, 400)
     visualize.write_curves(tmp_path)
     assert path.read_bytes() == first
+
+
+@pytest.mark.parametrize(
+    "loss, label",
+    [
+        ("dice", "soft Dice loss"),
+        ("dice_bce", "soft Dice + cross-entropy loss"),
+        ("dice_bce_weighted", "pixel-weighted soft Dice + cross-entropy loss"),
+        ("dice_ce", "soft Dice + cross-entropy loss"),
+    ],
+)
+def test_the_curves_loss_axis_names_the_loss_the_run_trained_with(loss, label):
+    # It said "soft Dice loss" whatever config.loss was.
+    records = [{"epoch": 1, "loss": 0.5, "val_loss": 0.6, "val_dice": 0.4}]
+    figure = visualize.curves_figure(records, loss)
+    labels = [axes.get_ylabel() for axes in figure.axes]
+    figure.clear()
+    assert labels == [label, "Dice"]
 
 
 def test_overlays_go_to_tensorboard_as_hwc_images():
