@@ -257,3 +257,21 @@ def test_without_jaxs_private_trace_context_the_key_still_covers_the_prng_form(
         assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
     with jax.default_matmul_precision("highest"):
         assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+
+
+def test_the_executable_key_covers_every_consistency_setting_traced_into_the_step(tiny_state, tmp_path):
+    # Mean teacher's and FixMatch's settings are constants of the traced step (the state's static field).
+    from rdunet_jax.mean_teacher import Consistency
+
+    config = _executable_config(tmp_path)
+    batch = _fixed_batch(config)
+    fixmatch = Consistency(1.0, 10, 0.05, "fixmatch", 0.5, 0.95, 0.3)
+    keys = {compile_cache.train_step_key(config, tiny_state, batch, 2)}
+    for index in range(len(fixmatch)):
+        changed = fixmatch._replace(**{fixmatch._fields[index]: ("mean_teacher" if index == 3 else 0.25)})
+        keys.add(compile_cache.train_step_key(config, tiny_state.replace(consistency=changed), batch, 2))
+    keys.add(compile_cache.train_step_key(config, tiny_state.replace(consistency=fixmatch), batch, 2))
+    with config.unlocked():
+        config.consistency.ema_decay = 0.5  # the optimizer's moving average, not the state's
+    keys.add(compile_cache.train_step_key(config, tiny_state.replace(consistency=fixmatch), batch, 2))
+    assert len(keys) == 1 + len(fixmatch) + 2

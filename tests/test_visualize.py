@@ -87,3 +87,30 @@ def test_overlays_go_to_tensorboard_as_hwc_images():
         ("validation/overlay/0", (8, 8, 3), 5, "HWC"),
         ("validation/overlay/1", (8, 8, 3), 5, "HWC"),
     ]
+
+
+def test_grey_levels_clip_floats_outside_zero_to_one_and_outlines_widen_on_512_pixel_slices():
+    grey = visualize.to_uint8_grey(np.array([[-0.5, 0.0, 0.5, 1.0, 1.2]], np.float32))
+    np.testing.assert_array_equal(grey, [[0, 0, 128, 255, 255]])  # 1.2 is white, not a wrapped grey
+    target = np.zeros((512, 512), bool)
+    target[100:200, 100:200] = True
+    rgb = visualize.overlay_image(np.zeros((512, 512), np.float32), target=target)
+    outlined = np.all(rgb == visualize.TARGET_COLOUR, axis=-1)
+    # Two pixels wide at 512 px (one per 256): rows 100 and 101 of the square, not 102.
+    assert outlined[100, 150] and outlined[101, 150] and not outlined[102, 150]
+    assert outlined.sum() == 100 * 100 - 96 * 96
+
+
+def test_curves_of_a_run_validated_every_other_epoch_plot_the_validated_epochs_only():
+    records = [
+        {"epoch": 1, "loss": 0.9},
+        {"epoch": 2, "loss": 0.8, "val_loss": 0.85, "val_dice": 0.3},
+        {"epoch": 3, "loss": 0.7},
+        {"epoch": 4, "loss": 0.6, "val_loss": 0.65, "val_dice": 0.5},
+    ]
+    figure = visualize.curves_figure(records)
+    training, validation = figure.axes[0].get_lines()
+    (dice,) = figure.axes[1].get_lines()
+    plotted = [list(line.get_xydata().ravel()) for line in (training, validation, dice)]
+    figure.clear()
+    assert plotted == [[1, 0.9, 2, 0.8, 3, 0.7, 4, 0.6], [2, 0.85, 4, 0.65], [2, 0.3, 4, 0.5]]
