@@ -185,6 +185,11 @@ class RunCheckpoints:
     def save(self, kind: str, step: int, state, meta: dict) -> None:
         """Saves `state` and `meta` as step `step` of `kind` ('latest' or 'best')."""
         manager = self._managers[kind]
+        if kind == "latest":
+            # Both write in the background; a `latest` whose meta names its own step the best must not be
+            # on disk before that `best`: killed in between, the resumed run would keep the older best as
+            # its weights while beating this one's loss. Best saves are rare, so the wait is too.
+            self._managers["best"].wait_until_finished()
         if step in manager.all_steps():
             # Left by a timeline that was rolled back past a damaged checkpoint: this one replaces it.
             manager.delete(step)

@@ -72,6 +72,36 @@ def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monk
     assert restored_meta == {"epoch": 2, "iterator": {"next_index": 5}, "epoch_steps": 1}
 
 
+def test_a_latest_saved_at_the_best_step_is_written_only_once_that_best_is_on_disk(
+    tmp_path, tiny_state, monkeypatch
+):
+    # An epoch end saves best, then latest, both in the background. Killed after latest/S but before
+    # best/S landed, the resumed run read "best: epoch S" from latest's meta while best/ held an older step,
+    # and scored those weights.
+    original_write = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def slow_write(self, item, directory):
+        await asyncio.sleep(0.5)
+        await original_write(self, item, directory)
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", slow_write)
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    latest = run_checkpoints._managers["latest"]
+    best_on_disk_when_latest_started = []
+
+    def save_latest(step, *args, **kwargs):
+        best_on_disk_when_latest_started.append((tmp_path / "checkpoints" / "best" / str(step)).is_dir())
+        return type(latest).save(latest, step, *args, **kwargs)
+
+    monkeypatch.setattr(latest, "save", save_latest)
+    meta = {"epoch": 1, "best_epoch": 1}
+    run_checkpoints.save("best", 2, tiny_state, meta)
+    run_checkpoints.save("latest", 2, tiny_state, meta)
+    run_checkpoints.wait()
+    run_checkpoints.close()
+    assert best_on_disk_when_latest_started == [True]
+
+
 def _save_latest(workdir, state, config):
     run_checkpoints = checkpoints.RunCheckpoints(workdir / "checkpoints")
     meta = {"epoch": 1, "model": checkpoints.architecture(config.model, config.data)}
