@@ -365,6 +365,13 @@ def differing_keys(stored: dict, current: dict) -> list[str]:
 
 # Where a run's data are read from: the same data may sit elsewhere on another machine.
 DATA_PATH_KEYS = ("data.data_dir", "data.manual_dir", "data.pseudo_label_dir", "data.extra_labelled_dir")
+# Of those, the sources that are off when empty: turning one on or off changes what a run trains on.
+OPTIONAL_SOURCE_KEYS = ("data.pseudo_label_dir", "data.extra_labelled_dir")
+
+
+def moves_data(key: str, before, now) -> bool:
+    """Whether `key` going from `before` to `now` only moves data (a path; not a source turned on or off)."""
+    return key in DATA_PATH_KEYS and (key not in OPTIONAL_SOURCE_KEYS or bool(before) == bool(now))
 
 
 # The data settings that decide which slices a split holds and what the model is fed (not augmentation).
@@ -378,21 +385,23 @@ SCORED_DATA_KEYS = tuple(
 )
 
 
+def changes(stored: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, value then, value now) of each of `differing_keys(stored, current)`, in its order. A key the
+    record lacks held its default then, or the form it ran before it existed (`upgrade`)."""
+    then, now, defaults = flatten(upgrade(stored)), flatten(current), flatten(to_json(base_config()))
+    return [(key, then.get(key, defaults.get(key)), now.get(key)) for key in differing_keys(stored, current)]
+
+
 def check_against_run(config, workdir, counts, why: str) -> None:
-    """UserError naming the first key for which `counts(key)` holds and in which `config` differs from the
-    run's recorded `<workdir>/config.json` (nothing when there is none), ending in `why`."""
+    """UserError naming the first key for which `counts(key, value then, value now)` holds and in which
+    `config` differs from the run's recorded `<workdir>/config.json` (nothing when there is none), ending
+    in `why`."""
     recorded = pathlib.Path(workdir or "") / "config.json"
     if not workdir or not recorded.is_file():
         return
-    stored, current = json.loads(recorded.read_text()), to_json(config)
-    flat_current = flatten(current)
-    changed = [key for key in differing_keys(stored, current) if counts(key)]
-    if changed:
-        # A key the record lacks held its default then, or the form it ran before it existed (differing_keys).
-        before = flatten(upgrade(stored)).get(changed[0], flatten(to_json(base_config())).get(changed[0]))
-        raise UserError(
-            f"{changed[0]}: {before!r} in {recorded}, {flat_current.get(changed[0])!r} now; {why}"
-        )
+    for key, before, now in changes(json.loads(recorded.read_text()), to_json(config)):
+        if counts(key, before, now):
+            raise UserError(f"{key}: {before!r} in {recorded}, {now!r} now; {why}")
 
 
 def check_run_data(config, workdir, mode: str) -> None:
@@ -400,7 +409,7 @@ def check_run_data(config, workdir, mode: str) -> None:
     config.json: evaluating, exporting or predicting a run's model with others would score slices it
     trained on (another `cv_fold`) or feed it another size, and overwrite its honest metrics."""
     why = f"--mode={mode} takes the run's data settings (data paths, augmentation and eval.* may differ)"
-    check_against_run(config, workdir, lambda key: key in SCORED_DATA_KEYS, why)
+    check_against_run(config, workdir, lambda key, before, now: key in SCORED_DATA_KEYS, why)
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

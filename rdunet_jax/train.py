@@ -176,11 +176,8 @@ def new_meta(config, steps_per_epoch: int | None = None) -> dict:
 # What a resumed run may change: how long it trains, where its data and its start come from, how it is
 # evaluated. Anything else would continue one run's checkpoint as another run (a batch size resumed at the
 # old one's step and data position) and overwrite the record of the first.
-RESUMABLE_KEYS = (
-    "num_epochs",
-    "model_init",
-    *config_lib.DATA_PATH_KEYS,
-)
+# Data paths may change too, as long as they only move the data (`config_lib.moves_data`).
+RESUMABLE_KEYS = ("num_epochs", "model_init")
 
 
 def check_resumable(config, workdir: pathlib.Path, finished: bool = False) -> None:
@@ -196,9 +193,13 @@ def check_resumable(config, workdir: pathlib.Path, finished: bool = False) -> No
     config_lib.check_against_run(
         config,
         workdir,
-        lambda key: key not in RESUMABLE_KEYS and (not key.startswith("eval.") or key in trains_with),
+        lambda key, before, now: (
+            key not in RESUMABLE_KEYS
+            and not config_lib.moves_data(key, before, now)
+            and (not key.startswith("eval.") or key in trains_with)
+        ),
         "resuming would continue that run with another setting: run it unchanged (only num_epochs, eval.* "
-        "and data paths may change), or use another --workdir",
+        "and where the data are may change), or use another --workdir",
     )
 
 

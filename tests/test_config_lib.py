@@ -751,9 +751,9 @@ def test_a_run_recorded_before_the_speed_options_differs_from_todays_forms_and_m
     assert config_lib.differing_keys(stored, config_lib.to_json(as_it_ran)) == []
     (tmp_path / "config.json").write_text(json.dumps(stored))
     with pytest.raises(UserError) as refused:
-        config_lib.check_against_run(today, tmp_path, lambda key: True, "why")
+        config_lib.check_against_run(today, tmp_path, lambda key, before, now: True, "why")
     now = today.model.batch_norm_impl
     assert (
         str(refused.value) == f"model.batch_norm_impl: 'flax' in {tmp_path / 'config.json'}, {now!r} now; why"
     )
-    config_lib.check_against_run(as_it_ran, tmp_path, lambda key: True, "why")
+    config_lib.check_against_run(as_it_ran, tmp_path, lambda key, before, now: True, "why")

@@ -436,8 +436,8 @@ def test_a_resume_with_another_training_setting_is_refused_and_changes_nothing(
         _train(workdir, learning_rate=0.5)
     assert str(refused.value) == (
         f"learning_rate: {_loop_config().learning_rate!r} in {workdir / 'config.json'}, 0.5 now; resuming "
-        "would continue that run with another setting: run it unchanged (only num_epochs, eval.* and data "
-        "paths may change), or use another --workdir"
+        "would continue that run with another setting: run it unchanged (only num_epochs, eval.* and where "
+        "the data are may change), or use another --workdir"
     )
     assert (workdir / "config.json").read_bytes() == recorded and _steps(workdir, "latest") == steps_before
     # Longer training, another evaluation, the data moved: the same run.
@@ -447,6 +447,23 @@ def test_a_resume_with_another_training_setting_is_refused_and_changes_nothing(
     config.seed += 1
     with pytest.raises(UserError, match="^seed: "):
         train.check_resumable(config, workdir)
+
+
+@pytest.mark.parametrize("key", ["data.pseudo_label_dir", "data.extra_labelled_dir"])
+def test_turning_a_data_source_on_at_a_resume_is_a_changed_setting_not_moved_data(tmp_path, key):
+    # With the same steps an epoch, a resume that mixed pseudo-labels into every later batch was accepted.
+    config = _loop_config()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    section, name = key.split(".")
+    config[section][name] = str(tmp_path / "source")
+    with pytest.raises(UserError) as refused:
+        train.check_resumable(config, tmp_path)
+    assert str(refused.value).startswith(
+        f"{key}: '' in {tmp_path / 'config.json'}, '{tmp_path / 'source'}' now"
+    )
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    config[section][name] = str(tmp_path / "moved")  # the source moved: the same run
+    train.check_resumable(config, tmp_path)
 
 
 @pytest.mark.parametrize("method, refused", [("fixmatch", True), ("mean_teacher", False)])

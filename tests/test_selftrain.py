@@ -657,13 +657,34 @@ def test_an_unfinished_stage_resumes_only_under_the_config_it_was_started_with(t
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     config.log_every_steps += 1  # bookkeeping: the same run
     assert selftrain._finished_stage(tmp_path, config) is None
+    learning_rate = config.learning_rate
     config.learning_rate *= 2
-    message = (
-        r"this unfinished stage was started with another config; rerun it unchanged to finish it, or use "
-        r"another --workdir \(or remove the folder\)$"
-    )
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError) as refused:
         selftrain._finished_stage(tmp_path, config)
+    assert str(refused.value) == (
+        f"{tmp_path}: this unfinished stage was started with another config (learning_rate: "
+        f"{learning_rate!r} then, {learning_rate * 2!r} now); rerun it unchanged to finish it, or use "
+        "another --workdir (or remove the folder)"
+    )
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+def test_a_stage_keeps_its_work_when_its_data_moved_and_names_a_source_turned_on(tmp_path, finished):
+    # A cluster job that stages the data to a new scratch folder each time: the finished teacher (hours of
+    # training) was refused, with no key named, and plain training accepted the same change.
+    config = tiny_selftrain_config()
+    record = json.loads(config.to_json_best_effort())
+    if finished:
+        (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(record))
+    config.data.data_dir = str(tmp_path / "moved" / "tfds")
+    config.data.manual_dir = str(tmp_path / "moved" / "covid-semiseg")
+    assert selftrain._finished_stage(tmp_path, config) == ({"dice": 0.5} if finished else None)
+    config.data.extra_labelled_dir = str(tmp_path / "more")  # a labelled source turned on: not a move
+    with pytest.raises(UserError) as refused:
+        selftrain._finished_stage(tmp_path, config)
+    assert f"(data.extra_labelled_dir: '' then, '{tmp_path / 'more'}' now)" in str(refused.value)
 
 
 def test_a_training_stage_says_where_it_trains_and_marks_itself_finished(tmp_path, monkeypatch, capsys):
