@@ -227,18 +227,30 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
         if not saved_steps:
             raise UserError(f"--workdir: no checkpoint in {run_checkpoints.directory}; train first")
         step = max(saved_steps) if checkpoint_step is None else checkpoint_step
-        try:
-            restored = run_checkpoints.restore(
-                kind, target, step, model_config=config.model, data_config=config.data
-            )
-        except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not a damaged one
-            raise
-        except Exception as error:  # orbax and tensorstore raise many types for missing or cut files
-            others = [other for other in available if other != step]
-            raise UserError(
-                f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged "
-                f"({type(error).__name__}); evaluate another with --checkpoint_step (available: {others})"
-            ) from None
-        return restored[0]
+        # best/S and latest/S are the same state: a damaged one is read from the other.
+        twin = "latest" if kind == "best" else "best"
+        damage = None
+        for read_kind in (kind, twin) if step in run_checkpoints.all_steps(twin) else (kind,):
+            try:
+                restored = run_checkpoints.restore(
+                    read_kind, target, step, model_config=config.model, data_config=config.data
+                )
+            except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not damage
+                raise
+            except Exception as error:  # orbax and tensorstore raise many types for missing or cut files
+                damage = damage or type(error).__name__
+                continue
+            if read_kind != kind:
+                print(
+                    f"warning: checkpoint step {step} in {run_checkpoints.directory / kind} is damaged "
+                    f"({damage}); read the same step from {run_checkpoints.directory / read_kind}",
+                    flush=True,
+                )
+            return restored[0]
+        others = [other for other in available if other != step]
+        raise UserError(
+            f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged ({damage}); evaluate "
+            f"another with --mode=evaluate --checkpoint_step (available: {others})"
+        )
     finally:
         run_checkpoints.close()

@@ -12,7 +12,7 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import ellipsoid, independent_hd95, make_tiny_config
+from helpers import assert_same_training_state, ellipsoid, independent_hd95, make_tiny_config
 from scipy import ndimage
 
 from rdunet_jax import checkpoints, datasets, evaluate, files, inference, reports, steps, visualize
@@ -402,21 +402,35 @@ def _save_checkpoints(tiny_state, workdir):
     run_checkpoints.close()
 
 
-@pytest.mark.parametrize("damage", ["delete_data", "truncate_files"])
-def test_a_damaged_best_checkpoint_is_a_user_error_naming_the_others(tiny_state, tmp_path, damage):
-    _save_checkpoints(tiny_state, tmp_path)
-    state_folder = tmp_path / "checkpoints" / "best" / "1" / "state"
+def _damage(state_folder, damage):
     if damage == "delete_data":
         shutil.rmtree(state_folder / "d")
     else:
         for path in state_folder.rglob("*"):
             if path.is_file():
                 path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["delete_data", "truncate_files"])
+def test_a_damaged_best_is_read_from_latest_at_its_step_and_else_is_a_user_error_naming_the_others(
+    tiny_state, tmp_path, damage, capsys
+):
+    _save_checkpoints(tiny_state, tmp_path)
+    _damage(tmp_path / "checkpoints" / "best" / "1" / "state", damage)
+    # latest/1 holds the same state: a finished run was stuck at its evaluation with it intact.
+    restored = steps.restore_state(make_tiny_config(), tmp_path)
+    assert_same_training_state(restored, tiny_state)
+    assert re.fullmatch(
+        rf"warning: checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged "
+        rf"\(\w+\); read the same step from {re.escape(str(tmp_path / 'checkpoints' / 'latest'))}\n",
+        capsys.readouterr().out,
+    )
+    _damage(tmp_path / "checkpoints" / "latest" / "1" / "state", damage)
     with pytest.raises(UserError) as raised:
         steps.restore_state(make_tiny_config(), tmp_path)
     assert re.fullmatch(
         rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \(\w+\); "
-        r"evaluate another with --checkpoint_step \(available: \[2\]\)",
+        r"evaluate another with --mode=evaluate --checkpoint_step \(available: \[2\]\)",
         str(raised.value),
     )
     restored = steps.restore_state(make_tiny_config(), tmp_path, checkpoint_step=2)
