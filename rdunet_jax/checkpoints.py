@@ -6,6 +6,7 @@ architecture, so a checkpoint is never restored into a different model, and the 
 its training slices, so a model is never fed slices the other way round.
 """
 
+import errno
 import json
 import pathlib
 import shutil
@@ -296,6 +297,15 @@ def check_steps_per_epoch(meta: dict, step: int, steps_per_epoch: int, num_slice
         )
 
 
+def _not_damage(error: Exception) -> bool:
+    """A read that failed for want of memory or file handles, not because the checkpoint is damaged."""
+    if isinstance(error, MemoryError):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return True
+    return "RESOURCE_EXHAUSTED" in str(error)  # XLA's out of memory (placing the restored arrays)
+
+
 def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
     """The newest readable `latest` checkpoint as (state, meta), falling back past damaged ones.
 
@@ -313,8 +323,14 @@ def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
             )
         except ModelMismatchError:
             raise
-        except Exception as error:  # noqa: BLE001 - any read failure means a damaged checkpoint
+        except Exception as error:  # noqa: BLE001 - any other read failure means a damaged checkpoint
             detail = (str(error).strip().splitlines() or [""])[0][:150]  # Orbax's can run to pages
+            if _not_damage(error):  # an intact newest step must not be moved aside and trained again
+                raise UserError(
+                    f"cannot read checkpoint step {step} in {run_checkpoints.directory / 'latest'} "
+                    f"({type(error).__name__}: {detail}); out of memory or file handles, nothing was moved: "
+                    "free them and run again"
+                ) from None
             damaged.append((step, f"{type(error).__name__}: {detail}" if detail else type(error).__name__))
             continue
         check(restored)

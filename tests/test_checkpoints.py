@@ -276,3 +276,41 @@ def test_model_init_takes_the_checkpoint_the_run_is_scored_with(tmp_path, scored
     expected = state.params if expected_step == 1 else moved_again.params
     for got, leaf in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        MemoryError("out of memory"),
+        OSError(24, "Too many open files"),
+        RuntimeError("RESOURCE_EXHAUSTED: 2GB"),
+    ],
+    ids=["memory", "file handles", "device memory"],
+)
+def test_a_checkpoint_unread_for_want_of_memory_or_files_is_not_moved_aside_as_damaged(
+    tmp_path, tiny_state, failure, monkeypatch
+):
+    # The intact newest step went to damaged/ and the run trained its steps again.
+    directory = tmp_path / "checkpoints"
+    writer = checkpoints.RunCheckpoints(directory)
+    for step in (1, 2):
+        writer.save("latest", step, tiny_state, {"epoch": step})
+    writer.close()
+    run_checkpoints = checkpoints.RunCheckpoints(directory, create=False)
+
+    def failing_restore(kind, target, step, **kwargs):
+        raise failures[0]
+
+    failures = [failure]
+    monkeypatch.setattr(run_checkpoints, "restore", failing_restore)
+    with pytest.raises(UserError) as raised:
+        checkpoints.restore_latest(run_checkpoints, tiny_state, make_tiny_config())
+    assert str(raised.value) == (
+        f"cannot read checkpoint step 2 in {directory / 'latest'} ({type(failure).__name__}: {failure}); out "
+        "of memory or file handles, nothing was moved: free them and run again"
+    )
+    assert run_checkpoints.all_steps("latest") == [1, 2] and not (directory / "damaged").exists()
+    failures[0] = ValueError("cut file")  # a damaged checkpoint: every step tried, as before
+    with pytest.raises(UserError, match=r"^every checkpoint in .* is damaged \(steps \[2, 1\]\)"):
+        checkpoints.restore_latest(run_checkpoints, tiny_state, make_tiny_config())
+    run_checkpoints.close()
