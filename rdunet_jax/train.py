@@ -277,6 +277,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     def check(restored):
         state, meta = restored
+        past = meta["epoch"] + bool(meta["iterator"])  # epochs begun
+        if past > config.num_epochs:
+            # It would be evaluated, and recorded in config.json, as a run of fewer epochs than it trained.
+            trained = f" and {meta['epoch_steps']} steps" if meta["iterator"] else ""
+            raise UserError(
+                f"num_epochs: {config.num_epochs}, but the run in {workdir} trained {meta['epoch']} epochs"
+                f"{trained} (step {int(state.step)}); set it to at least {past}, or use another --workdir"
+            )
         check_resumable(config, workdir, finished=meta["epoch"] >= config.num_epochs and not meta["iterator"])
         checkpoints.check_steps_per_epoch(meta, int(state.step), steps_per_epoch, len(train_source))
 

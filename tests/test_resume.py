@@ -449,6 +449,27 @@ def test_a_resume_with_another_training_setting_is_refused_and_changes_nothing(
         train.check_resumable(config, workdir)
 
 
+@pytest.mark.parametrize("mid_epoch", [False, True], ids=["epoch end", "mid-epoch"])
+def test_fewer_epochs_than_the_run_trained_is_refused_and_changes_nothing(
+    tmp_path, stopped_at_an_epoch_end, mid_epoch
+):
+    # It evaluated, and rewrote config.json as, a run of 2 epochs that had trained 3 (or 2 and a step of
+    # the third, printing "resumed at epoch 3").
+    workdir = _copy(stopped_at_an_epoch_end, tmp_path)
+    if mid_epoch:
+        shutil.rmtree(workdir / "checkpoints" / "latest" / "6")  # latest: step 5, one step into epoch 3
+    recorded = (workdir / "config.json").read_bytes()
+    with pytest.raises(UserError) as refused:
+        _train(workdir, num_epochs=2)
+    trained = "2 epochs and 1 steps (step 5)" if mid_epoch else "3 epochs (step 6)"
+    assert str(refused.value) == (
+        f"num_epochs: 2, but the run in {workdir} trained {trained}; set it to at least 3, or use another "
+        "--workdir"
+    )
+    assert (workdir / "config.json").read_bytes() == recorded and not (workdir / "metrics").exists()
+    _train(workdir, num_epochs=3)  # at least the epochs begun: it goes on
+
+
 @pytest.mark.parametrize("key", ["data.pseudo_label_dir", "data.extra_labelled_dir"])
 def test_turning_a_data_source_on_at_a_resume_is_a_changed_setting_not_moved_data(tmp_path, key):
     # With the same steps an epoch, a resume that mixed pseudo-labels into every later batch was accepted.
