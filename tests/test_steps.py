@@ -7,7 +7,7 @@ import optax
 import pytest
 from helpers import make_tiny_config
 
-from rdunet_jax import config_lib, datasets, input_pipeline, models, steps
+from rdunet_jax import config_lib, datasets, input_pipeline, layers, models, steps
 from rdunet_jax import losses as losses_lib
 
 
@@ -70,6 +70,45 @@ def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
     config.loss = "dice_bce"
     model = models.build_model(config.model)
     assert steps.abstract_train_state(config, model, steps_per_epoch=2).loss == "dice_bce"
+
+
+def test_a_train_step_moves_the_running_statistics_by_the_momentum_and_reports_the_gradients_norm(
+    tiny_state, tiny_config
+):
+    batch = _fixed_batch(tiny_config)
+    after, step_metrics = steps.train_step(tiny_state, batch)
+    # Running statistics s' = m s + (1 - m) (the batch's): starting 0.5 higher ends m x 0.5 higher, and
+    # the training forward pass (batch statistics) is unchanged. A step that dropped the stored statistics
+    # (re-initialised them) gave a difference of 0.
+    shifted = tiny_state.replace(
+        batch_stats=jax.tree_util.tree_map(lambda s: s + 0.5, tiny_state.batch_stats)
+    )
+    after_shifted, _ = steps.train_step(shifted, batch)
+    for moved, plain in zip(
+        jax.tree_util.tree_leaves(after_shifted.batch_stats),
+        jax.tree_util.tree_leaves(after.batch_stats),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(moved) - np.asarray(plain), layers.BATCH_NORM_MOMENTUM * 0.5, atol=1e-5
+        )
+    # The gradient norm the loop checks for non-finite values: that of jax.grad of the step's loss.
+    dropout_key = jax.random.fold_in(tiny_state.dropout_key, tiny_state.step)
+
+    def loss_of(params):
+        logits, _ = tiny_state.apply_fn(
+            {"params": params, "batch_stats": tiny_state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        return jax.numpy.mean(losses_lib.LOSSES["dice"](logits, batch["mask"]))
+
+    gradients = jax.tree_util.tree_leaves(jax.grad(loss_of)(tiny_state.params))
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in gradients))
+    assert expected > 0
+    np.testing.assert_allclose(float(step_metrics["gradient_norm"]), expected, rtol=1e-4)
 
 
 def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
