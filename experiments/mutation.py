@@ -215,6 +215,24 @@ def staged_config(pyproject: str, module: str) -> str:
     return pyproject.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + settings)
 
 
+# The stored train-step executable (rdunet_jax/compile_cache.py) is keyed by the package's sources, which are
+# the same file for every mutant of a module (mutmut picks one by MUTANT_UNDER_TEST when it runs): unkeyed, a
+# loop test of every mutant loaded the step that mutmut's clean run stored, and saw no mutant traced into it.
+_EXECUTABLE_KEY = "    digest = hashlib.sha256(_SOURCES_DIGEST.encode())\n"
+_EXECUTABLE_KEY_BY_MUTANT = (
+    '    digest = hashlib.sha256((_SOURCES_DIGEST + os.environ.get("MUTANT_UNDER_TEST", "")).encode())\n'
+)
+
+
+def keyed_by_mutant(compile_cache_source: str) -> str:
+    """The staged compile_cache.py, its executables' key covering the mutant under test."""
+    if compile_cache_source.count(_EXECUTABLE_KEY) != 1:
+        raise SystemExit(
+            "experiments/mutation.py: compile_cache.py's key line changed; update _EXECUTABLE_KEY"
+        )
+    return compile_cache_source.replace(_EXECUTABLE_KEY, _EXECUTABLE_KEY_BY_MUTANT)
+
+
 def prepare(work: pathlib.Path, module: str):
     """Stages the package (decorators undone in `module`), tests and config in `work`."""
     mutated = module_path(module)
@@ -235,6 +253,8 @@ def prepare(work: pathlib.Path, module: str):
                     text = undecorate(text)
                 elif str(relative) == "pyproject.toml":
                     text = staged_config(text, module)
+                if str(relative) == "rdunet_jax/compile_cache.py":
+                    text = keyed_by_mutant(text)
                 _write_if_changed(work / relative, text)
             else:
                 target = work / relative

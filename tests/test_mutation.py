@@ -1,11 +1,13 @@
 """experiments.mutation: the staged copy mutmut mutates (decorators undone, config, what is left out)."""
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import mutation
@@ -87,6 +89,28 @@ def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_pa
     assert not (tmp_path / "experiments" / "results").exists()
     assert not list(tmp_path.rglob("__pycache__"))
     assert 'only_mutate = ["rdunet_jax/mean_teacher.py"]' in (tmp_path / "pyproject.toml").read_text()
+
+
+def test_the_staged_stored_train_step_is_keyed_by_the_mutant_under_test(
+    tmp_path, monkeypatch, tiny_state, tiny_config
+):
+    # Every mutant of a module runs the same staged file: a loop test loaded the step the clean run stored.
+    monkeypatch.setattr(mutation, "TEST_CACHE", tmp_path / "no-cache")
+    monkeypatch.setattr(mutation, "STAGED_PATHS", ("rdunet_jax",))
+    mutation.prepare(tmp_path, "steps")
+    spec = importlib.util.spec_from_file_location(
+        "staged_cache", tmp_path / "rdunet_jax" / "compile_cache.py"
+    )
+    staged = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(staged)
+    batch = {"image": np.zeros((2, 32, 32, 1), np.float32), "mask": np.zeros((2, 32, 32, 1), np.float32)}
+    keys = []
+    for mutant in ("rdunet_jax.steps.x_train_step__mutmut_1", "rdunet_jax.steps.x_train_step__mutmut_2"):
+        monkeypatch.setenv("MUTANT_UNDER_TEST", mutant)
+        keys.append(staged.train_step_key(tiny_config, tiny_state, batch, 2))
+    assert keys[0] != keys[1]
+    with pytest.raises(SystemExit, match="compile_cache.py's key line changed"):
+        mutation.keyed_by_mutant("digest = hashlib.sha256(b'')\n")
 
 
 def test_prepare_leaves_out_study_workdirs_which_runs_write_while_it_copies(tmp_path, monkeypatch):
