@@ -53,8 +53,9 @@ def test_without_create_nothing_is_made(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
-def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monkeypatch):
-    """The train loop changes its meta dict right after saving; a slow background write must not see that."""
+@pytest.fixture
+def slow_json_writes(monkeypatch):
+    """Every checkpoint's JSON item written half a second late, in Orbax's background thread."""
     original_write = ocp.handlers.JsonCheckpointHandler._save_fn
 
     async def slow_write(self, item, directory):
@@ -62,6 +63,10 @@ def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monk
         await original_write(self, item, directory)
 
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", slow_write)
+
+
+def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, slow_json_writes):
+    """The train loop changes its meta dict right after saving; a slow background write must not see that."""
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
     meta = {"epoch": 2, "iterator": {"next_index": 5}, "epoch_steps": 1}
     run_checkpoints.save("latest", 5, tiny_state, meta)
@@ -73,18 +78,11 @@ def test_meta_is_saved_as_it_was_when_save_was_called(tmp_path, tiny_state, monk
 
 
 def test_a_latest_saved_at_the_best_step_is_written_only_once_that_best_is_on_disk(
-    tmp_path, tiny_state, monkeypatch
+    tmp_path, tiny_state, monkeypatch, slow_json_writes
 ):
     # An epoch end saves best, then latest, both in the background. Killed after latest/S but before
     # best/S landed, the resumed run read "best: epoch S" from latest's meta while best/ held an older step,
     # and scored those weights.
-    original_write = ocp.handlers.JsonCheckpointHandler._save_fn
-
-    async def slow_write(self, item, directory):
-        await asyncio.sleep(0.5)
-        await original_write(self, item, directory)
-
-    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", slow_write)
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
     latest = run_checkpoints._managers["latest"]
     best_on_disk_when_latest_started = []
