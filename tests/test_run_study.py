@@ -475,6 +475,7 @@ def test_checkpoint_last_scores_the_last_epoch_and_says_how_every_table_was_scor
         ("lesion_size", "semiseg-small", []),
         ("lesion_size", "semiseg-small-checkpointlast", ["--set", "checkpoint=last"]),
         ("dilation", "semiseg-small", []),
+        ("dilation", "semiseg-small-checkpointlast", ["--set", "checkpoint=last"]),
         ("split_leakage", "ma2020_2d-small", []),
         ("recipe", "semiseg-small", []),
     ],
