@@ -423,6 +423,11 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def flat_keys(config) -> set[str]:
+    """The dotted keys of a config ('a.b')."""
+    return set(flatten(to_json(config)))
+
+
 def config_module(path):
     """The config file at `path` as a module: config files are run by path (`--config`), not imported as
     a package, so one that builds on another (configs/semiseg_*.py on semiseg.py) loads it this way."""

@@ -36,30 +36,19 @@ def _require(config, key, predicate, description: str) -> None:
         raise UserError(f"{key}: must be {description}, got {value!r}")
 
 
-def _flat_keys(config, prefix="") -> set[str]:
-    keys = set()
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys |= _flat_keys(value, f"{prefix}{key}.")
-        else:
-            keys.add(f"{prefix}{key}")
-    return keys
-
-
 def _check_known_keys(config) -> None:
     """A key the schema does not know is a typo that would silently be ignored: refuse it."""
-    known = _flat_keys(config_lib.base_config())
-    for key in sorted(_flat_keys(config) - known):
+    known = config_lib.flat_keys(config_lib.base_config())
+    for key in sorted(config_lib.flat_keys(config) - known):
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"{key}: unknown config key{hint}")
 
 
 def check_complete(config) -> None:
-    """UserError naming the first schema key a config file's config lacks (one not built on base_config
-    would fail deep inside a run). Only for configs from files: a run's saved config.json may predate
-    keys, which `validate` and the code read as their earlier meaning."""
-    for key in sorted(_flat_keys(config_lib.base_config()) - _flat_keys(config)):
+    """UserError naming the first schema key a config file's config lacks (it would fail deep in a run); not
+    for a run's saved config.json, which may predate keys that the code reads as their earlier meaning."""
+    for key in sorted(config_lib.flat_keys(config_lib.base_config()) - config_lib.flat_keys(config)):
         raise UserError(f"{key}: missing from the config; build it on rdunet_jax.config_lib.base_config()")
 
 
