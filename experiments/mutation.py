@@ -116,12 +116,13 @@ TESTS = {
         "tests/test_mean_teacher.py",
     ],
     # The train step (loss, gradient norm, dropout key), the staircase schedule, both consistency terms,
-    # the eval step and restoring a run's state.
+    # the eval step and restoring a run's state (test_evaluate holds restore_state's tests).
     "steps": [
         "tests/test_steps.py",
         "tests/test_mean_teacher.py",
         "tests/test_fixmatch.py",
         "tests/test_resume.py",
+        "tests/test_evaluate.py",
     ],
     # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py", "tests/test_onnx_export.py"],

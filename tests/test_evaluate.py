@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_same_training_state, ellipsoid, independent_hd95, make_tiny_config
 from scipy import ndimage
 
-from rdunet_jax import checkpoints, datasets, evaluate, files, inference, reports, steps, visualize
+from rdunet_jax import checkpoints, datasets, evaluate, files, inference, models, reports, steps, visualize
 from rdunet_jax.errors import UserError
 
 EXISTING_KEYS = ("dice", "jaccard", "f_score", "precision", "recall", "global_dice", "num_slices")
@@ -453,6 +453,22 @@ def test_restoring_from_a_missing_workdir_creates_nothing(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*; train first"):
         steps.restore_state(make_tiny_config(), tmp_path / "empty")
     assert list((tmp_path / "empty" / "checkpoints").iterdir()) == []
+
+
+def test_restoring_a_multi_class_run_builds_its_model_with_the_configs_classes(tmp_path):
+    # Self-training's pseudo-label stage restores without a model: one built for the binary head would not
+    # fit a run of 2 classes (2 + 1 output channels).
+    config = make_tiny_config()
+    config.model.head, config.data.classes = "exclusive", ("ggo", "consolidation")
+    model = models.build_model(config.model, config.data.classes)
+    state = steps.create_train_state(config, model, steps_per_epoch=2)
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    run_checkpoints.save(
+        "best", 1, state, {"epoch": 1, "model": checkpoints.architecture(config.model, config.data)}
+    )
+    run_checkpoints.close()
+    restored = steps.restore_state(config, tmp_path)
+    assert_same_training_state(restored, state)
 
 
 @pytest.mark.parametrize(("which", "step_offset"), [("best", 0), ("last", 5)])
