@@ -370,11 +370,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                             raise TrainingStopped(
                                 stop.signal_number, step, run_checkpoints.directory / "latest"
                             )
-                epoch_end_start = time.perf_counter()
                 # A saved position is inside this epoch: the next one starts at its first batch, whether
                 # or not this epoch's end is saved.
                 meta["iterator"] = None
-                values = loss_check.flush()
+                values = loss_check.flush()  # waits for the steps still running: train time, not the end's
+                epoch_end_start = time.perf_counter()
                 epoch_loss = (meta["epoch_loss_sum"] + sum(values)) / max(
                     meta["epoch_steps"] + len(values), 1
                 )
