@@ -369,6 +369,11 @@ DATA_PATH_KEYS = ("data.data_dir", "data.manual_dir", "data.pseudo_label_dir", "
 OPTIONAL_SOURCE_KEYS = ("data.pseudo_label_dir", "data.extra_labelled_dir")
 
 
+# The speed options' keys: another form computes the same model to other digits, so they matter for a
+# resume (bit-identical) but not for a finished run or stage, which is only evaluated or reused.
+SPEED_KEYS = tuple(f"model.{key}" for key in SPEED_OPTIONS)
+
+
 def moves_data(key: str, before, now) -> bool:
     """Whether `key` going from `before` to `now` only moves data (a path; not a source turned on or off)."""
     return key in DATA_PATH_KEYS and (key not in OPTIONAL_SOURCE_KEYS or bool(before) == bool(now))

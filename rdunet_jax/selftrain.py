@@ -111,15 +111,16 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
     return student
 
 
-def _config_changes(stored: dict, current: dict) -> list[tuple]:
+def _config_changes(stored: dict, current: dict, finished: bool) -> list[tuple]:
     """(key, then, now) of each setting in which a stage recorded with `stored` differs from `current`
-    (`config_lib.changes`: a stage finished by older code is not run again, and how often it logged or
-    saved does not count), less data that only moved (as a resumed run's). A student's pseudo-labels are
-    its stage's own data, compared by their place in the workdir (`_workdir_paths_by_place`), never moved."""
+    (`config_lib.changes`: how often it logged or saved does not count), less data that only moved (as a
+    resumed run's) and, for a `finished` stage (not run again), the speed options' forms. A student's
+    pseudo-labels are its stage's own data, compared by their place in the workdir, never moved."""
     return [
         (key, before, now)
         for key, before, now in config_lib.changes(stored, current)
-        if key == "data.pseudo_label_dir" or not config_lib.moves_data(key, before, now)
+        if (key == "data.pseudo_label_dir" or not config_lib.moves_data(key, before, now))
+        and not (finished and key in config_lib.SPEED_KEYS)
     ]
 
 
@@ -141,12 +142,12 @@ def _workdir_paths_by_place(values: dict, workdir: pathlib.Path | None = None) -
     return values
 
 
-def _stage_change(stored: dict, config, folder: pathlib.Path) -> str:
+def _stage_change(stored: dict, config, folder: pathlib.Path, finished: bool) -> str:
     """The first setting in which the stage in `folder`, recorded with `stored`, did not run `config`, in
     words ('' when none). A student names its pseudo-labels by absolute path; compared by their place in
     the workdir, a moved workdir keeps its finished students."""
     current = _workdir_paths_by_place(config_lib.to_json(config), folder.parent)
-    changes = _config_changes(_workdir_paths_by_place(stored), current)
+    changes = _config_changes(_workdir_paths_by_place(stored), current, finished)
     return f"{changes[0][0]}: {changes[0][1]!r} then, {changes[0][2]!r} now" if changes else ""
 
 
@@ -157,7 +158,9 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
     if not marker.is_file():
         # Resuming another config's checkpoints would end as neither run, and be recorded as this one.
         started = folder / "config.json"
-        change = _stage_change(json.loads(started.read_text()), config, folder) if started.is_file() else ""
+        change = (
+            _stage_change(json.loads(started.read_text()), config, folder, False) if started.is_file() else ""
+        )
         if change:
             raise UserError(
                 f"{folder}: this unfinished stage was started with another config ({change}); rerun it "
@@ -165,7 +168,7 @@ def _finished_stage(folder: pathlib.Path, config) -> dict | None:
             )
         return None
     done = json.loads(marker.read_text())
-    change = _stage_change(done["config"], config, folder)
+    change = _stage_change(done["config"], config, folder, finished=True)
     if change:
         raise UserError(
             f"{folder}: this stage was run with another config ({change}); use another --workdir (or remove "

@@ -197,6 +197,7 @@ def check_resumable(config, workdir: pathlib.Path, finished: bool = False) -> No
             key not in RESUMABLE_KEYS
             and not config_lib.moves_data(key, before, now)
             and (not key.startswith("eval.") or key in trains_with)
+            and not (finished and key in config_lib.SPEED_KEYS)
         ),
         "resuming would continue that run with another setting: run it unchanged (only num_epochs, eval.* "
         "and where the data are may change), or use another --workdir",

@@ -33,7 +33,7 @@ from helpers import (
     tensorboard_scalars,
 )
 
-from rdunet_jax import checkpoints, datasets, evaluate, models, steps, train, visualize
+from rdunet_jax import checkpoints, config_lib, datasets, evaluate, models, steps, train, visualize
 from rdunet_jax.errors import UserError
 
 NUM_EPOCHS = 3  # 8 slices, batch 4: 2 steps an epoch, 6 in all
@@ -468,6 +468,21 @@ def test_fewer_epochs_than_the_run_trained_is_refused_and_changes_nothing(
     )
     assert (workdir / "config.json").read_bytes() == recorded and not (workdir / "metrics").exists()
     _train(workdir, num_epochs=3)  # at least the epochs begun: it goes on
+
+
+def test_a_finished_run_recorded_before_the_speed_options_is_evaluated_but_not_resumed_in_todays_forms(
+    tmp_path,
+):
+    config = _loop_config()
+    record = json.loads(config.to_json_best_effort())
+    for key in config_lib.SPEED_OPTIONS:
+        del record["model"][key]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    train.check_resumable(config, tmp_path, finished=True)  # only evaluated: the forms give the same model
+    with pytest.raises(
+        UserError, match=r"^model.batch_norm_impl: 'flax' in \S+, 'closed_form' now; resuming"
+    ):
+        train.check_resumable(config, tmp_path)
 
 
 @pytest.mark.parametrize("key", ["data.pseudo_label_dir", "data.extra_labelled_dir"])

@@ -669,6 +669,28 @@ def test_an_unfinished_stage_resumes_only_under_the_config_it_was_started_with(t
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+def test_a_stage_recorded_before_the_speed_options_is_kept_when_finished_and_resumed_only_in_its_forms(
+    tmp_path, finished
+):
+    # Another form of a layer computes the same model to other digits: a finished teacher is reused, but
+    # resuming an unfinished one in today's forms would not continue it to the digit.
+    config = tiny_selftrain_config()
+    record = json.loads(config.to_json_best_effort())
+    for key in config_lib.SPEED_OPTIONS:
+        del record["model"][key]
+    if finished:
+        (tmp_path / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+        assert selftrain._finished_stage(tmp_path, config) == {"dice": 0.5}
+        return
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"\(model.batch_norm_impl: 'flax' then, 'closed_form' now\)"):
+        selftrain._finished_stage(tmp_path, config)
+    for key, option in config_lib.SPEED_OPTIONS.items():
+        config.model[key] = option.before_key
+    assert selftrain._finished_stage(tmp_path, config) is None
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
 def test_a_stage_keeps_its_work_when_its_data_moved_and_names_a_source_turned_on(tmp_path, finished):
     # A cluster job that stages the data to a new scratch folder each time: the finished teacher (hours of
     # training) was refused, with no key named, and plain training accepted the same change.
