@@ -297,13 +297,16 @@ def check_steps_per_epoch(meta: dict, step: int, steps_per_epoch: int, num_slice
         )
 
 
-def _not_damage(error: Exception) -> bool:
+def not_damage(error: Exception) -> bool:
     """A read that failed for want of memory or file handles, not because the checkpoint is damaged."""
     if isinstance(error, MemoryError):
         return True
     if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return True
-    return "RESOURCE_EXHAUSTED" in str(error)  # XLA's out of memory (placing the restored arrays)
+    # XLA's out of memory (placing the restored arrays), and the same causes as tensorstore words them.
+    return any(
+        text in str(error) for text in ("RESOURCE_EXHAUSTED", "Too many open files", "Cannot allocate")
+    )
 
 
 def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
@@ -325,7 +328,7 @@ def restore_latest(run_checkpoints, state, config, check=lambda restored: None):
             raise
         except Exception as error:  # noqa: BLE001 - any other read failure means a damaged checkpoint
             detail = (str(error).strip().splitlines() or [""])[0][:150]  # Orbax's can run to pages
-            if _not_damage(error):  # an intact newest step must not be moved aside and trained again
+            if not_damage(error):  # an intact newest step must not be moved aside and trained again
                 raise UserError(
                     f"cannot read checkpoint step {step} in {run_checkpoints.directory / 'latest'} "
                     f"({type(error).__name__}: {detail}); out of memory or file handles, nothing was moved: "

@@ -84,7 +84,7 @@ def parse_flags(argv):
             (
                 arg.split("=")[0]
                 for arg in argv
-                if arg.startswith("--config.") and arg.split("=")[0].endswith(f".{key}")
+                if arg.startswith("--config.") and key in arg.split("=")[0].split(".")[1:]
             ),
             "--config",
         )

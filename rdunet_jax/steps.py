@@ -238,6 +238,11 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
             except UserError:  # checkpoints.ModelMismatchError: another model's checkpoint, not damage
                 raise
             except Exception as error:  # orbax and tensorstore raise many types for missing or cut files
+                if checkpoints.not_damage(error):
+                    raise UserError(
+                        f"cannot read checkpoint step {step} in {run_checkpoints.directory / read_kind} "
+                        f"({type(error).__name__}); out of memory or file handles: free them and run again"
+                    ) from None
                 damage = damage or type(error).__name__
                 continue
             if read_kind != kind:

@@ -437,6 +437,27 @@ def test_a_damaged_best_is_read_from_latest_at_its_step_and_else_is_a_user_error
     assert int(restored.step) == int(tiny_state.step)  # the undamaged one still restores
 
 
+@pytest.mark.parametrize(
+    "failure", [MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: 2GB"), ValueError("Too many open files")]
+)
+def test_a_checkpoint_unread_for_want_of_memory_is_not_called_damaged(
+    tiny_state, tmp_path, monkeypatch, failure
+):
+    # "is damaged ... evaluate another" might have had a user delete an intact best checkpoint.
+    _save_checkpoints(tiny_state, tmp_path)
+
+    def restore(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(checkpoints.RunCheckpoints, "restore", restore)
+    with pytest.raises(UserError) as raised:
+        steps.restore_state(make_tiny_config(), tmp_path)
+    assert str(raised.value) == (
+        f"cannot read checkpoint step 1 in {tmp_path / 'checkpoints' / 'best'} ({type(failure).__name__}); "
+        "out of memory or file handles: free them and run again"
+    )
+
+
 def test_another_models_checkpoint_is_still_a_model_mismatch(tiny_state, tmp_path):
     _save_checkpoints(tiny_state, tmp_path)
     config = make_tiny_config()

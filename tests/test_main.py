@@ -104,6 +104,11 @@ def test_bad_config_value_is_one_line_error_and_exit_2(tmp_path):
             "--config.batchsize: the config has no key 'batchsize' (did you mean 'batch_size'?)",
         ),
         ("--config.data.zzz=1", "--config.data.zzz: the config has no key 'zzz'"),
+        # A typo in a section's name, not the last part of the key.
+        (
+            "--config.modle.depth=3",
+            "--config.modle.depth: the config has no key 'modle' (did you mean 'model'?)",
+        ),
     ],
 )
 def test_a_config_key_that_does_not_exist_is_one_clean_line_naming_the_flag(tmp_path, override, message):
