@@ -430,5 +430,5 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         if log is not None:
             log.close()
     if is_first_host:
-        visualize.write_curves(workdir, config.loss)
+        visualize.write_curves(workdir, config.loss, consistency=bool(config.consistency.weight))
     return evaluate.evaluate_workdir(config, workdir)

@@ -140,9 +140,9 @@ def loss_label(loss: str) -> str:
     return f"pixel-weighted {label}" if weighted else label
 
 
-def curves_figure(records: list[dict], loss: str = "dice"):
-    """A matplotlib figure: loss and validation loss (left; `loss` names it) and validation Dice (right)
-    per epoch."""
+def curves_figure(records: list[dict], loss: str = "dice", consistency: bool = False):
+    """A matplotlib figure: loss and validation loss (left; `loss` names it, and `consistency` says the
+    training loss adds mean teacher's or FixMatch's term) and validation Dice (right) per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -153,7 +153,8 @@ def curves_figure(records: list[dict], loss: str = "dice"):
     validated = [record for record in records if "val_loss" in record]
     validated_epochs = [record["epoch"] for record in validated]
     figure, (loss_axes, dice_axes) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=100)
-    loss_axes.plot(epochs, [record["loss"] for record in records], marker="o", label="training loss")
+    training = "training loss + consistency term" if consistency else "training loss"
+    loss_axes.plot(epochs, [record["loss"] for record in records], marker="o", label=training)
     loss_axes.plot(
         validated_epochs, [record["val_loss"] for record in validated], marker="o", label="validation loss"
     )
@@ -169,15 +170,15 @@ def curves_figure(records: list[dict], loss: str = "dice"):
     return figure
 
 
-def write_curves(workdir, loss: str = "dice") -> pathlib.Path | None:
-    """Writes `<workdir>/curves.png` from train_log.jsonl, the loss `loss` names (`config.loss`); returns
-    its path (None without a log)."""
+def write_curves(workdir, loss: str = "dice", consistency: bool = False) -> pathlib.Path | None:
+    """Writes `<workdir>/curves.png` from train_log.jsonl (`curves_figure`); returns its path (None without
+    a log)."""
     from matplotlib import pyplot
 
     records = read_train_log(workdir)
     if not records:
         return None
-    figure = curves_figure(records, loss)
+    figure = curves_figure(records, loss, consistency)
     buffer = io.BytesIO()
     # No metadata: the same log always gives the same bytes.
     figure.savefig(buffer, format="png", metadata={"Software": None})

@@ -72,6 +72,11 @@ def test_the_curves_loss_axis_names_the_loss_the_run_trained_with(loss, label):
     labels = [axes.get_ylabel() for axes in figure.axes]
     figure.clear()
     assert labels == [label, "Dice"]
+    # Mean teacher's and FixMatch's training loss adds the consistency term; their validation loss does not.
+    figure = visualize.curves_figure(records, loss, consistency=True)
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    figure.clear()
+    assert legend == ["training loss + consistency term", "validation loss"]
 
 
 def test_overlays_go_to_tensorboard_as_hwc_images():
