@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import mutation
+from rdunet_jax import devices, steps
 
 
 def test_undecorate_applies_each_decorator_by_assignment_innermost_first():
@@ -91,7 +92,7 @@ def test_prepare_stages_the_code_the_tests_need_without_results_or_caches(tmp_pa
     assert 'only_mutate = ["rdunet_jax/mean_teacher.py"]' in (tmp_path / "pyproject.toml").read_text()
 
 
-def test_the_staged_stored_train_step_is_keyed_by_the_mutant_under_test(
+def test_the_staged_train_step_is_always_jits_whose_cache_keys_each_mutants_program(
     tmp_path, monkeypatch, tiny_state, tiny_config
 ):
     # Every mutant of a module runs the same staged file: a loop test loaded the step the clean run stored.
@@ -104,13 +105,11 @@ def test_the_staged_stored_train_step_is_keyed_by_the_mutant_under_test(
     staged = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(staged)
     batch = {"image": np.zeros((2, 32, 32, 1), np.float32), "mask": np.zeros((2, 32, 32, 1), np.float32)}
-    keys = []
-    for mutant in ("rdunet_jax.steps.x_train_step__mutmut_1", "rdunet_jax.steps.x_train_step__mutmut_2"):
-        monkeypatch.setenv("MUTANT_UNDER_TEST", mutant)
-        keys.append(staged.train_step_key(tiny_config, tiny_state, batch, 2))
-    assert keys[0] != keys[1]
-    with pytest.raises(SystemExit, match="compile_cache.py's key line changed"):
-        mutation.keyed_by_mutant("digest = hashlib.sha256(b'')\n")
+    assert tiny_config.compilation_cache_dir  # the checkout's loads stored steps for this config
+    step = staged.cached_train_step(tiny_config, tiny_state, batch, 2, devices.data_parallel_mesh())
+    assert step is steps.train_step
+    with pytest.raises(SystemExit, match="compile_cache.py's cache check changed"):
+        mutation.without_stored_steps("if config.compilation_cache_dir:\n")
 
 
 def test_prepare_leaves_out_study_workdirs_which_runs_write_while_it_copies(tmp_path, monkeypatch):
