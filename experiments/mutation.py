@@ -116,13 +116,13 @@ TESTS = {
         "tests/test_mean_teacher.py",
     ],
     # The train step (loss, gradient norm, dropout key), the staircase schedule, both consistency terms,
-    # the eval step and restoring a run's state (test_evaluate holds restore_state's tests).
+    # the eval step and restoring a run's state. test_evaluate holds restore_state's own tests, but with it
+    # mutmut's first (stats) run fails ("runner returned 1") where plain pytest passes; not found why.
     "steps": [
         "tests/test_steps.py",
         "tests/test_mean_teacher.py",
         "tests/test_fixmatch.py",
         "tests/test_resume.py",
-        "tests/test_evaluate.py",
     ],
     # Scoring a split: slices at their stored size, per-volume Dice and HD95, the summary, ranked overlays.
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_classes.py", "tests/test_onnx_export.py"],
