@@ -233,6 +233,18 @@ def without_stored_steps(compile_cache_source: str) -> str:
     return compile_cache_source.replace(_STORED_STEP_CHECK, _NO_STORED_STEP)
 
 
+# mutmut runs each mutant only against the tests its first (stats) run saw call the mutated function, and a
+# jitted function is called (traced) only by the first test of a process that uses its shapes: the staged
+# tests clear JAX's caches before each test, so every test that uses one traces it and is recorded.
+_TRACE_EVERY_TEST = """
+
+@pytest.fixture(autouse=True)
+def _trace_in_every_test():
+    \"\"\"Staged for mutation testing (experiments/mutation.py): each test traces what it jits.\"\"\"
+    jax.clear_caches()
+"""
+
+
 def prepare(work: pathlib.Path, module: str):
     """Stages the package (decorators undone in `module`), tests and config in `work`."""
     mutated = module_path(module)
@@ -255,6 +267,8 @@ def prepare(work: pathlib.Path, module: str):
                     text = staged_config(text, module)
                 if str(relative) == "rdunet_jax/compile_cache.py":
                     text = without_stored_steps(text)
+                if str(relative) == "tests/conftest.py":
+                    text += _TRACE_EVERY_TEST
                 _write_if_changed(work / relative, text)
             else:
                 target = work / relative

@@ -112,6 +112,37 @@ def test_the_staged_train_step_is_always_jits_whose_cache_keys_each_mutants_prog
         mutation.without_stored_steps("if config.compilation_cache_dir:\n")
 
 
+def test_every_staged_test_traces_the_jitted_functions_it_calls(tmp_path, monkeypatch):
+    # mutmut runs a mutant only against the tests seen calling its function; jit's cache hid every test but
+    # the first one that traced it (a train-step mutant skipped the test that kills it).
+    monkeypatch.setattr(mutation, "TEST_CACHE", tmp_path / "no-cache")
+    monkeypatch.setattr(mutation, "STAGED_PATHS", ("tests/conftest.py", "tests/helpers.py"))
+    mutation.prepare(tmp_path, "steps")
+    (tmp_path / "tests" / "test_traced.py").write_text(
+        "import jax\n\nTRACES = []\n\n\n@jax.jit\ndef double(x):\n"
+        "    TRACES.append(1)\n    return 2 * x\n\n\n"
+        "def test_first():\n    double(1.0)\n    assert len(TRACES) == 1\n\n\n"
+        "def test_second():\n    double(1.0)\n    assert len(TRACES) == 2\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "--numprocesses=0",
+            "tests/test_traced.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
 def test_prepare_leaves_out_study_workdirs_which_runs_write_while_it_copies(tmp_path, monkeypatch):
     # experiments/runs/ (gitignored checkpoints of a study running beside it) was copied: a checkpoint file
     # gone between listing and copying failed the staging.
