@@ -908,22 +908,33 @@ def test_a_volume_ground_truth_stored_in_another_orientation_is_refused_before_a
     assert not (tmp_path / "out").exists()
 
 
+# Stored axis 0 superior-inferior: the volume and its mask are read whole and turned, a path of its own.
+SAGITTAL = np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+
+
 @pytest.mark.parametrize(
-    "kind, message",
+    "kind, message, affine",
     [
-        ("0-255", r"mask values \{255\} outside the known labels \{0, 1, 2, 3\}"),
-        ("the CT", r"mask values \{-1000, -500, 100\} outside the known labels \{0, 1, 2, 3\}"),
-        ("fractions", r"mask has non-integer values; expected labels \{0, 1, 2, 3\}"),
-        ("slice 0", r"mask values \{9\} outside the known labels \{0, 1, 2, 3\}"),
+        ("0-255", r"mask values \{255\} outside the known labels \{0, 1, 2, 3\}", ROTATED_AFFINE),
+        (
+            "the CT",
+            r"mask values \{-1000, -500, 100\} outside the known labels \{0, 1, 2, 3\}",
+            ROTATED_AFFINE,
+        ),
+        ("fractions", r"mask has non-integer values; expected labels \{0, 1, 2, 3\}", ROTATED_AFFINE),
+        ("slice 0", r"mask values \{9\} outside the known labels \{0, 1, 2, 3\}", ROTATED_AFFINE),
+        ("slice 0", r"mask values \{9\} outside the known labels \{0, 1, 2, 3\}", SAGITTAL),
     ],
+    ids=["0-255", "the CT", "fractions", "slice 0", "slice 0 of a sagittal-stored volume"],
 )
 def test_a_volume_ground_truth_that_is_not_a_label_mask_is_one_line_and_leaves_nothing(
-    tmp_path, kind, message
+    tmp_path, kind, message, affine
 ):
     # It was scored as it stood (only values 1 and 2 are lesion): a {0, 255} mask or the CT itself gave a
-    # Dice of 0 without a word. The middle slice is checked before any output, every slice as it is read.
+    # Dice of 0 without a word. The middle slice is checked before any output, every slice as it is read
+    # (a volume stored otherwise than axially: as it is read whole and turned).
     volume = _lesion_volume()
-    source = save_nifti(tmp_path / "case.nii.gz", volume)
+    source = save_nifti(tmp_path / "case.nii.gz", volume, affine)
     labels = (volume > 0).astype(np.float32)
     truth = {
         "0-255": labels * 255,
@@ -931,7 +942,7 @@ def test_a_volume_ground_truth_that_is_not_a_label_mask_is_one_line_and_leaves_n
         "fractions": labels * 0.5,
         "slice 0": np.where(np.arange(4) == 0, 9.0, labels),  # not the middle slice (2) checked first
     }[kind]
-    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth)
+    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth, affine)
     got = refusal(
         predict.predict_path,
         make_tiny_config(),
@@ -942,29 +953,6 @@ def test_a_volume_ground_truth_that_is_not_a_label_mask_is_one_line_and_leaves_n
         predictor=ImagePredictor(),
     )
     assert re.fullmatch(f"--ground_truth: {re.escape(str(truth_file))}: {message}", got)
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
-
-
-def test_a_sagittal_stored_volumes_ground_truth_is_checked_as_it_is_read_whole(tmp_path):
-    # Stored axis 0 is superior-inferior: the volume and its mask are read whole and turned, a path of its
-    # own; a bad value on stored slice 0 (not the middle one checked first) is refused there too.
-    sagittal = np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
-    volume = _lesion_volume()
-    source = save_nifti(tmp_path / "case.nii.gz", volume, sagittal)
-    truth = np.where(np.arange(4) == 0, 9.0, (volume > 0).astype(np.float32))
-    truth_file = save_nifti(tmp_path / "truth.nii.gz", truth, sagittal)
-    message = refusal(
-        predict.predict_path,
-        make_tiny_config(),
-        None,
-        source,
-        tmp_path / "out",
-        ground_truth=truth_file,
-        predictor=ImagePredictor(),
-    )
-    assert (
-        message == f"--ground_truth: {truth_file}: mask values {{9}} outside the known labels {{0, 1, 2, 3}}"
-    )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
