@@ -374,9 +374,11 @@ OPTIONAL_SOURCE_KEYS = ("data.pseudo_label_dir", "data.extra_labelled_dir")
 SPEED_KEYS = tuple(f"model.{key}" for key in SPEED_OPTIONS)
 
 
-def moves_data(key: str, before, now) -> bool:
-    """Whether `key` going from `before` to `now` only moves data (a path; not a source turned on or off)."""
-    return key in DATA_PATH_KEYS and (key not in OPTIONAL_SOURCE_KEYS or bool(before) == bool(now))
+def makes_another_run(key: str, before, now, finished: bool) -> bool:
+    """Whether `key` going from `before` to `now` makes a recorded run (or stage) another one: not data that
+    only moved (a path; a source turned on or off does count), nor, for a `finished` run, a speed option."""
+    moved = key in DATA_PATH_KEYS and (key not in OPTIONAL_SOURCE_KEYS or bool(before) == bool(now))
+    return not moved and not (finished and key in SPEED_KEYS)
 
 
 # The data settings that decide which slices a split holds and what the model is fed (not augmentation).

@@ -113,14 +113,13 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
 
 def _config_changes(stored: dict, current: dict, finished: bool) -> list[tuple]:
     """(key, then, now) of each setting in which a stage recorded with `stored` differs from `current`
-    (`config_lib.changes`: how often it logged or saved does not count), less data that only moved (as a
-    resumed run's) and, for a `finished` stage (not run again), the speed options' forms. A student's
-    pseudo-labels are its stage's own data, compared by their place in the workdir, never moved."""
+    (`config_lib.changes`: how often it logged or saved does not count) that makes it another stage
+    (`config_lib.makes_another_run`, as for a resumed or finished run). A student's pseudo-labels are its
+    stage's own data, compared by their place in the workdir, never moved."""
     return [
         (key, before, now)
         for key, before, now in config_lib.changes(stored, current)
-        if (key == "data.pseudo_label_dir" or not config_lib.moves_data(key, before, now))
-        and not (finished and key in config_lib.SPEED_KEYS)
+        if key == "data.pseudo_label_dir" or config_lib.makes_another_run(key, before, now, finished)
     ]
 
 

@@ -176,7 +176,7 @@ def new_meta(config, steps_per_epoch: int | None = None) -> dict:
 # What a resumed run may change: how long it trains, where its data and its start come from, how it is
 # evaluated. Anything else would continue one run's checkpoint as another run (a batch size resumed at the
 # old one's step and data position) and overwrite the record of the first.
-# Data paths may change too, as long as they only move the data (`config_lib.moves_data`).
+# Data paths may change too, as long as they only move the data (`config_lib.makes_another_run`).
 RESUMABLE_KEYS = ("num_epochs", "model_init")
 
 
@@ -195,9 +195,8 @@ def check_resumable(config, workdir: pathlib.Path, finished: bool = False) -> No
         workdir,
         lambda key, before, now: (
             key not in RESUMABLE_KEYS
-            and not config_lib.moves_data(key, before, now)
+            and config_lib.makes_another_run(key, before, now, finished)
             and (not key.startswith("eval.") or key in trains_with)
-            and not (finished and key in config_lib.SPEED_KEYS)
         ),
         "resuming would continue that run with another setting: run it unchanged (only num_epochs, eval.* "
         "and where the data are may change), or use another --workdir",
