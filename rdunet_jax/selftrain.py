@@ -250,9 +250,16 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
                 f"{folder}: these pseudo-labels were made with {what}, the config asks for {asked}; "
                 "use another --workdir (or remove the folder)"
             )
-        pool = len(datasets.load_source(config.data, "unlabelled"))
-        if summary["totals"]["num_slices"] != pool:
-            raise UserError(pseudo_labels.pool_changed(folder, summary["totals"]["num_slices"], pool))
+        pool = datasets.unlabelled_pool(config.data)
+        if summary["totals"]["num_slices"] != len(pool):
+            raise UserError(pseudo_labels.pool_changed(folder, summary["totals"]["num_slices"], len(pool)))
+        # A pool replaced by as many other slices (summaries of older code record no digest: not checked).
+        if "pool_digest" in summary and summary["pool_digest"] != pseudo_labels.pool_digest(pool):
+            raise UserError(
+                f"{folder}: these pseudo-labels label other images than the unlabelled split's now (as many "
+                "slices, other ids or pixels); remove the folder (and the students trained on it) to "
+                "predict it again"
+            )
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
     if jax.process_index() == 0:
@@ -311,6 +318,7 @@ def _predict_pseudo_labels(config, model_folder, model_config, folder: pathlib.P
     summary = {
         "model": str(model_folder),
         "step": int(predictor.step),
+        "pool_digest": pseudo_labels.pool_digest(datasets.unlabelled_pool(config.data)),
         "test_time_flips": True,
         **settings,
         "totals": totals,

@@ -77,6 +77,8 @@ def test_pseudo_label_confidence_is_in_the_label_the_mask_gives():
 def _teacher_predicts(monkeypatch, metadata, probabilities, stored):
     """A stand-in teacher whose flip-averaged pool predictions are `probabilities`."""
     monkeypatch.setattr(selftrain.datasets, "load_source", lambda data, split: metadata)
+    pool = [{**meta, "image": image} for meta, image in zip(metadata, stored, strict=True)]
+    monkeypatch.setattr(selftrain.datasets, "unlabelled_pool", lambda data: pool)
     monkeypatch.setattr(selftrain.steps, "restore_state", lambda config, folder: None)
     monkeypatch.setattr(selftrain.inference, "JaxPredictor", lambda state: types.SimpleNamespace(step=12))
 
@@ -152,6 +154,9 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     assert summary["totals"] == totals and 0 <= summary["seconds"] < 60
     ids = [(entry["id"], entry["case_id"]) for entry in summary["slices"]]
     assert ids == [("a_1", "a"), ("b_7", "b"), ("c_2", "c")]
+    assert summary["pool_digest"] == pseudo_labels.pool_digest(
+        selftrain.datasets.unlabelled_pool(config.data)
+    )
     # Run again: finished, not written again.
     assert selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder) == totals
     assert capsys.readouterr().out == f"pseudo-labels: finished before ({folder})\n"
@@ -440,7 +445,8 @@ def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path
     folder = tmp_path / "round1"
     shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
     summary = json.loads((folder / pseudo_labels.SUMMARY).read_text())
-    for key in ("unlabelled_intensity_matching", "model_config_digest"):  # written before they were recorded
+    # Written before they were recorded.
+    for key in ("unlabelled_intensity_matching", "model_config_digest", "pool_digest"):
         del summary[key]
     (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
     config = tiny_selftrain_config()
@@ -911,3 +917,27 @@ def test_pseudo_labels_of_another_pool_are_refused_not_reused(uninterrupted, tmp
     with pytest.raises(UserError) as raised:
         selftrain.run(config, moved)
     assert str(raised.value) == message
+
+
+def test_pseudo_labels_of_a_pool_replaced_by_as_many_other_slices_are_refused_not_reused(
+    uninterrupted, tmp_path, monkeypatch
+):
+    workdir, _ = uninterrupted
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    folder = moved / "pseudo_labels" / "round1"
+    stored = json.loads((folder / pseudo_labels.SUMMARY).read_text())
+    pool = datasets.unlabelled_pool(tiny_selftrain_config().data)
+    assert stored["pool_digest"] == pseudo_labels.pool_digest(pool)
+    last = pool[POOL_SIZE - 1]
+    one_pixel_brighter = last["image"].copy()
+    one_pixel_brighter[0, 0] += 1
+    replaced = [pool[index] for index in range(POOL_SIZE - 1)] + [{**last, "image": one_pixel_brighter}]
+    monkeypatch.setattr(selftrain.datasets, "unlabelled_pool", lambda data: replaced)
+    with pytest.raises(UserError) as raised:
+        selftrain.run(tiny_selftrain_config(), moved)
+    assert str(raised.value) == (
+        f"{folder}: these pseudo-labels label other images than the unlabelled split's now (as many slices, "
+        "other ids or pixels); remove the folder (and the students trained on it) to predict it again"
+    )
+    assert json.loads((folder / pseudo_labels.SUMMARY).read_text()) == stored

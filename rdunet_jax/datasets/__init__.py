@@ -145,9 +145,8 @@ def training_intensity_counts(data_config) -> np.ndarray:
 
 def _load_labelled_source(data_config, split: str):
     """`load_source` without pseudo-labels: one split, or one fold of the cross-validation pool."""
-    prepared = builder_lib.prepare(data_config)
     if split == builder_lib.UNLABELLED_SPLIT:
-        unlabelled = UnlabelledSource(_load_prepared_split(prepared, data_config, split))
+        unlabelled = unlabelled_pool(data_config)
         mode = data_config.get("unlabelled_intensity_matching", "none")
         if mode == "none":
             return unlabelled
@@ -155,6 +154,7 @@ def _load_labelled_source(data_config, split: str):
         # held-out ones.
         reference = training_intensity_counts(data_config)
         return intensity_matching.IntensityMatched(unlabelled, reference, mode)
+    prepared = builder_lib.prepare(data_config)
     num_folds = data_config.get("cv_folds", 0)
     if not num_folds or split not in ("train", "validation", "train_full"):
         return _load_prepared_split(prepared, data_config, split)
@@ -176,6 +176,12 @@ def _load_labelled_source(data_config, split: str):
     else:
         chosen = sorted(set(range(len(entries))) - set(held_out.tolist()))
     return SubsetSource([entries[index] for index in chosen], data_config.name, split)
+
+
+def unlabelled_pool(data_config) -> "UnlabelledSource":
+    """The unlabelled split as stored, before any intensity matching: what pseudo-labels are made from."""
+    prepared = builder_lib.prepare(data_config)
+    return UnlabelledSource(_load_prepared_split(prepared, data_config, builder_lib.UNLABELLED_SPLIT))
 
 
 class UnlabelledSource:

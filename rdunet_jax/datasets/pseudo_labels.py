@@ -11,6 +11,7 @@ written last):
     summary.json          the settings, per-slice statistics, and each slice's index in the unlabelled split
 """
 
+import hashlib
 import json
 import pathlib
 
@@ -44,6 +45,17 @@ def pool_changed(directory, made_for: int, now: int) -> str:
         f"data.pseudo_label_dir: {directory} labels a pool of {made_for} slices, the unlabelled split now "
         f"holds {now}; remove the folder (and the students trained on it) to predict it again"
     )
+
+
+def pool_digest(unlabelled) -> str:
+    """A digest of every unlabelled slice's id and stored image: pseudo-labels belong to these bytes."""
+    digest = hashlib.sha256()
+    for index in range(len(unlabelled)):
+        record = unlabelled[index]
+        image = np.asarray(record["image"])
+        digest.update(f"{record['id']}\0{image.dtype.str}\0{image.shape}\0".encode())
+        digest.update(image.tobytes())  # in C order, whatever the layout in memory
+    return digest.hexdigest()[:16]
 
 
 class PseudoLabelSource:
