@@ -143,6 +143,15 @@ TESTS = {
         "tests/test_input_pipeline.py",
         "tests/test_pack_ma2020.py",
     ],
+    # What makes a recorded run another one (resume, the self-training stages), the model variants, the
+    # speed options' old forms, the config files. base_config's defaults are every test's: mutate the other
+    # functions by glob (experiments/results/mutation/README.md gives the command).
+    "config_lib": [
+        "tests/test_config_lib.py",
+        "tests/test_resume.py",
+        "tests/test_selftrain.py",
+        "tests/test_main.py",
+    ],
     # A config's checks before anything is built: nearly every test validates a config (make_tiny_config),
     # so the selection is the schema's own tests and, by pytest node id (file::test), each other file's
     # tests of the keys it owns; whole files would run every training test against each surviving mutant.

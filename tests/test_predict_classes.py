@@ -115,42 +115,40 @@ def test_image_prediction_writes_a_palette_label_map(tmp_path):
             np.testing.assert_array_equal(np.asarray(mask), labels_expected)
 
 
-def test_a_ground_truth_label_map_with_values_outside_the_classes_is_refused_naming_the_file(tmp_path):
-    volume, expected = class_phantom()
+def _bad_values(expected):
     expected[0, 0, 1] = 3  # two classes: 0..2 only
-    source = save_nifti(tmp_path / "case.nii.gz", volume)
-    truth = save_nifti(tmp_path / "truth.nii.gz", expected)
-    config = _config("multilabel", ("lungs", "infection"))
-    with pytest.raises(
-        UserError,
-        match=r"^--ground_truth: .*truth\.nii\.gz: mask values \{3\} outside the known labels \{0, 1, 2\}$",
-    ):
-        predict.predict_path(
-            config,
-            None,
-            source,
-            tmp_path / "out",
-            predictor=IntensityClassPredictor("multilabel"),
-            ground_truth=truth,
-        )
-    assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
+    return expected
 
 
-def test_a_ground_truth_label_map_of_another_shape_is_refused_naming_the_file(tmp_path):
+@pytest.mark.parametrize(
+    "mode, classes, spoil, message",
+    [
+        (
+            "multilabel",
+            ("lungs", "infection"),
+            _bad_values,
+            r"^--ground_truth: .*truth\.nii\.gz: mask values \{3\} outside the known labels \{0, 1, 2\}$",
+        ),
+        (
+            "exclusive",
+            ("ggo", "consolidation"),
+            lambda expected: expected[:, :30],
+            r"--ground_truth: \S+truth\.nii\.gz has shape \(32, 30, 3\), \S+case\.nii\.gz \(32, 32, 3\)$",
+        ),
+    ],
+    ids=["values outside the classes", "another shape"],
+)
+def test_a_bad_ground_truth_label_map_is_refused_naming_the_file(tmp_path, mode, classes, spoil, message):
     volume, expected = class_phantom()
     source = save_nifti(tmp_path / "case.nii.gz", volume)
-    truth = save_nifti(tmp_path / "truth.nii.gz", expected[:, :30])
-    config = _config("exclusive", ("ggo", "consolidation"))
-    with pytest.raises(
-        UserError,
-        match=r"--ground_truth: \S+truth\.nii\.gz has shape \(32, 30, 3\), \S+case\.nii\.gz \(32, 32, 3\)$",
-    ):
+    truth = save_nifti(tmp_path / "truth.nii.gz", spoil(expected))
+    with pytest.raises(UserError, match=message):
         predict.predict_path(
-            config,
+            _config(mode, classes),
             None,
             source,
             tmp_path / "out",
-            predictor=IntensityClassPredictor("exclusive"),
+            predictor=IntensityClassPredictor(mode),
             ground_truth=truth,
         )
     assert not (tmp_path / "out" / "case_mask.nii.gz").exists()
