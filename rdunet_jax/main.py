@@ -98,7 +98,10 @@ def parse_flags(argv):
     except Exception as error:  # noqa: BLE001 - a config file is user code: any failure is the user's
         _fail(f"--config: cannot load the config file: {type(error).__name__}: {error}".splitlines()[0])
     try:
-        config = FLAGS.config  # a config file that could not be found raises when first read
+        config = FLAGS.config
+        # A config file that could not be found or loaded raises when first read: ml_collections >= 1.1
+        # returns a stand-in whose every attribute raises the loading error (an OSError).
+        getattr(config, "lock", None)
         if not isinstance(config, ml_collections.ConfigDict):
             _fail(
                 "--config: get_config() must return an ml_collections.ConfigDict built on "

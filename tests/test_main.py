@@ -153,6 +153,24 @@ def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.py"]  # no runs/ folder
 
 
+@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
+def test_a_config_file_that_is_not_there_is_one_line_naming_it(tmp_path, relative):
+    # It was called "not _ErrorConfig", as if get_config() had returned the wrong type.
+    missing = "configs/demo.py" if relative else str(tmp_path / "configs" / "demo.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "rdunet_jax.main", f"--config={missing}:tiny"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()) == (
+        2,
+        [f"error: --config: cannot load the config file: [Errno 2] No such file or directory: {missing!r}"],
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     result = _run(f"--workdir={tmp_path / 'none'}", "--mode=evaluate")
     assert result.returncode == 2
