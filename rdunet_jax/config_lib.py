@@ -403,8 +403,10 @@ def check_against_run(config, workdir, counts, why: str) -> None:
     """UserError naming the first key for which `counts(key, value then, value now)` holds and in which
     `config` differs from the run's recorded `<workdir>/config.json` (nothing when there is none), ending
     in `why`."""
-    recorded = pathlib.Path(workdir or "") / "config.json"
-    if not workdir or not recorded.is_file():
+    if not workdir:
+        return
+    recorded = pathlib.Path(workdir) / "config.json"
+    if not recorded.is_file():
         return
     for key, before, now in changes(json.loads(recorded.read_text()), to_json(config)):
         if counts(key, before, now):

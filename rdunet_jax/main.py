@@ -178,7 +178,7 @@ def run(argv) -> None:
             overwrite=FLAGS.overwrite,
             checkpoint_step=FLAGS.checkpoint_step,
             ground_truth=FLAGS.ground_truth,
-            input_units=FLAGS.input_units,
+            input_units=FLAGS.input_units if FLAGS["input_units"].present else None,
             series=FLAGS.series,
             input_window=FLAGS.input_window,
         )
@@ -215,6 +215,12 @@ def main(argv) -> None:
     except _Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except OSError as error:
+        # The file system refused a path the user gave (a name too long, a folder that cannot be made):
+        # one line naming it. An error naming no file is the code's, and keeps its traceback.
+        if error.filename is None:
+            raise
+        _fail(f"{error.filename}: {error.strerror or error}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ renamed, so an interruption leaves no half-written mask.
 
 import heapq
 import pathlib
+import sys
 
 import numpy as np
 
@@ -163,6 +164,7 @@ def predict_volume(
         "fraction_slices_with_lesion": slices_with_lesion / num_slices,
         "input_units": input_units,
         "orientation": model_orientation,
+        "orientation_in_header": volumes.header_orientation(image),
         **prediction_settings(config, predictor),
     }
     if tally is not None:
@@ -282,6 +284,14 @@ def verify_inputs(jobs: list[tuple], input_units: str, series: str | None, confi
                 input_file, ground_truth, keep_file_open=False, series=series
             )
             volumes.display_scale(image, input_file, input_units)
+            if not volumes.header_orientation(image):
+                print(
+                    f"warning: {input_file}: no orientation in its header (qform_code and sform_code 0): "
+                    "read with its voxel axes as left, anterior, superior (NIfTI's fallback); stored "
+                    "otherwise, the model sees its slices turned: write the scanner's affine into the file",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if truth is not None:  # its middle slice; prediction checks every slice as it reads it
                 middle = volumes.volume_slice(truth, truth.shape[2] // 2, ground_truth)
                 volumes.check_truth_labels(middle, ground_truth, truth_labels(config))
@@ -306,7 +316,7 @@ def predict_path(
     checkpoint_step: int | None = None,
     ground_truth=None,
     predictor: inference.Predictor | None = None,
-    input_units: str = "hu",
+    input_units: str | None = None,
     series: str | None = None,
     input_window: str = "as_is",
 ) -> list[dict]:
@@ -319,17 +329,24 @@ def predict_path(
     `overwrite`, replace existing outputs (refused otherwise); `checkpoint_step`, that step instead of the
     `eval.checkpoint`; `ground_truth`, the expert mask (a file for one input, else a folder of same-named
     files); `predictor`, run this instead of restoring `workdir` (then `workdir`, `checkpoint_step` and
-    `eval.runtime` are unused); `input_units`, how volumes hold their values (volumes.INPUT_UNITS; images
-    are always display); `series`, the SeriesInstanceUID to read from a folder of several series;
-    `input_window`, 'as_is' or 'match' (PNG/JPEG slices window-matched to the training slices).
+    `eval.runtime` are unused); `input_units`, how volumes hold their values (volumes.INPUT_UNITS; 'hu'
+    when None; images are always display, so given for PNG/JPEG slices alone it is refused); `series`,
+    the SeriesInstanceUID to read from a folder of several series; `input_window`, 'as_is' or 'match'
+    (PNG/JPEG slices window-matched to the training slices).
     """
     if not input_path or not output_dir:
         raise UserError("--mode=predict needs --input (a NIfTI/PNG/JPEG file or a folder) and --output")
-    if input_units not in volumes.INPUT_UNITS:
+    if input_units is not None and input_units not in volumes.INPUT_UNITS:
         raise UserError(f"--input_units: {input_units!r} is not one of {list(volumes.INPUT_UNITS)}")
     if input_window not in INPUT_WINDOWS:
         raise UserError(f"--input_window: {input_window!r} is not one of {list(INPUT_WINDOWS)}")
     inputs = prediction_files.list_inputs(input_path)
+    if input_units is not None and not any(volumes.input_kind(path) in ("nifti", "dicom") for path in inputs):
+        raise UserError(
+            f"--input_units={input_units}: {input_path} holds PNG/JPEG slices only, which are always read as "
+            "8-bit display images; it applies to volumes (NIfTI, DICOM)"
+        )
+    input_units = input_units or "hu"
     if input_window == "match":
         volume = next((path for path in inputs if volumes.input_kind(path) in ("nifti", "dicom")), None)
         if volume is not None:

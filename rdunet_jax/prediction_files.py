@@ -40,11 +40,19 @@ def list_inputs(input_path) -> list[pathlib.Path]:
     """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
     input_path = pathlib.Path(input_path)
     if input_path.is_dir():
-        files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
-        if files:
-            return files
         from rdunet_jax import dicom
 
+        files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
+        if files:
+            # A scanner's export often puts a preview image beside the series: which one is meant is unclear.
+            others = sorted(path for path in input_path.iterdir() if path.is_file() and path not in files)
+            series = next((path for path in others if dicom.is_dicom_file(path)), None)
+            if series is not None:
+                raise UserError(
+                    f"--input: {input_path} holds DICOM files ({series.name}) beside NIfTI/PNG/JPEG files "
+                    f"({files[0].name}); give a folder of the DICOM series alone, or of the other files alone"
+                )
+            return files
         if dicom.dicom_files(input_path):
             return [input_path]
         raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file")

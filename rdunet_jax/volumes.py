@@ -108,6 +108,13 @@ def open_volume(path: pathlib.Path, keep_file_open: bool = True):
     return image
 
 
+def header_orientation(image) -> bool:
+    """Whether a NIfTI header gives the volume's orientation (a qform or sform code above 0). Without, nibabel
+    (as the NIfTI standard's ANALYZE fallback) reads the voxel axes as left, anterior, superior."""
+    header = image.header
+    return bool(header["qform_code"] > 0 or header["sform_code"] > 0)
+
+
 def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True, series=None):
     """(volume, expert mask volume or None), checked to have the same shape; a folder is a DICOM series
     (`series`: its SeriesInstanceUID, needed when the folder holds several), whose mask must also have

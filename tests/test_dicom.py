@@ -314,6 +314,33 @@ def test_an_output_folder_inside_a_series_folder_is_refused(tmp_path):
     assert not (tmp_path / "series" / "out").exists()
 
 
+def test_a_series_folder_with_an_image_beside_it_is_refused_naming_both(tmp_path):
+    # It segmented the preview alone, saying "1 image(s)", and ignored the series.
+    write_series(tmp_path / "series", _phantom_hu())
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "series" / "preview.jpg")
+    with pytest.raises(UserError) as refused:
+        predict.predict_path(
+            make_tiny_config(), None, tmp_path / "series", tmp_path / "out", predictor=ImagePredictor()
+        )
+    assert str(refused.value) == (
+        f"--input: {tmp_path / 'series'} holds DICOM files (img000.dcm) beside NIfTI/PNG/JPEG files "
+        "(preview.jpg); give a folder of the DICOM series alone, or of the other files alone"
+    )
+    assert not (tmp_path / "out").exists()
+    # Files that are neither (notes, a DICOM series one folder down) stay beside images as before.
+    (tmp_path / "slices").mkdir()
+    (tmp_path / "series" / "preview.jpg").rename(tmp_path / "slices" / "preview.jpg")
+    (tmp_path / "slices" / "notes.txt").write_text("scanner export")
+    write_series(tmp_path / "slices" / "series", _phantom_hu())
+    predict.predict_path(
+        make_tiny_config(), None, tmp_path / "slices", tmp_path / "out", predictor=ImagePredictor()
+    )
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "preview_mask.png",
+        "preview_overlay.png",
+    ]
+
+
 def test_a_tilted_series_is_warned_that_its_nifti_affine_leaves_the_tilt_out(tmp_path):
     from rdunet_jax import dicom
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from PIL import Image
 
 from rdunet_jax import checkpoints, files, main, models, steps
 from rdunet_jax.errors import UserError
@@ -237,6 +238,46 @@ def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, mode, fl
         main.FLAGS.unparse_flags()
     assert str(refused.value) == message
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given, passed", [((), None), (("--input_units=display",), "display")])
+def test_predict_is_told_whether_input_units_was_given(tmp_path, monkeypatch, given, passed):
+    # Given for slices alone it is refused (predict.py), so its default must not read as given.
+    from rdunet_jax import main, predict
+
+    calls = []
+    monkeypatch.setattr(predict, "predict_path", lambda *args, **kwargs: calls.append(kwargs["input_units"]))
+    main.parse_flags(
+        [
+            "prog",
+            "--config",
+            "configs/demo.py:tiny",
+            "--mode=predict",
+            "--input=a.png",
+            "--output=out",
+            *given,
+        ]
+    )
+    try:
+        main.run(["prog"])
+    finally:
+        main.FLAGS.unparse_flags()
+    assert calls == [passed]
+
+
+def test_a_path_the_file_system_refuses_is_one_line_naming_it(tmp_path):
+    # A name over 255 bytes: the OSError of the first look at it ended in a traceback (exit 1).
+    image = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    output = tmp_path / ("x" * 300)
+    result = _run(
+        f"--workdir={tmp_path / 'none'}", "--mode=predict", f"--input={image}", f"--output={output}"
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()) == (
+        2,
+        [f"error: {output}: File name too long"],
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["slice.png"]
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):

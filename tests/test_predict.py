@@ -582,6 +582,38 @@ def test_missing_input_or_output_and_unknown_units_are_one_line_each(tmp_path):
     assert str(error.value) == "--input_units: 'kelvin' is not one of ['hu', 'display']"
 
 
+@pytest.mark.parametrize("units", ["display", "hu"])
+def test_input_units_given_for_slices_alone_are_refused_not_ignored(tmp_path, units):
+    # Slices are always read as display images: the flag was silently ignored.
+    (tmp_path / "slices").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "slices" / "a.png")
+    with pytest.raises(UserError) as error:
+        predict.predict_path(
+            make_tiny_config(),
+            None,
+            tmp_path / "slices",
+            tmp_path / "out",
+            input_units=units,
+            predictor=ImagePredictor(),
+        )
+    assert str(error.value) == (
+        f"--input_units={units}: {tmp_path / 'slices'} holds PNG/JPEG slices only, which are always read as "
+        "8-bit display images; it applies to volumes (NIfTI, DICOM)"
+    )
+    assert not (tmp_path / "out").exists()
+    # Beside a volume it is the volume's.
+    save_nifti(tmp_path / "slices" / "volume.nii", np.full((8, 8, 1), 40.0, np.float32))
+    summaries = predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "slices",
+        tmp_path / "out",
+        input_units="display",
+        predictor=ImagePredictor(),
+    )
+    assert [summary["input_units"] for summary in summaries] == ["display"]
+
+
 def test_an_image_overlay_outlines_the_prediction_in_red_and_the_ground_truth_in_white(tmp_path, monkeypatch):
     _stand_in_model(monkeypatch)
     # The stand-in model finds lesion where the slice is bright (rows 16-31); the expert mask covers
@@ -775,6 +807,7 @@ def test_a_volume_is_windowed_by_data_hu_window_and_summarised_by_hand_counts(tm
         "fraction_slices_with_lesion": 0.75,
         "input_units": "hu",
         "orientation": "PL",
+        "orientation_in_header": True,
         "checkpoint_step": 7,
         "threshold": 0.5,
         "test_time_flips": False,
@@ -975,3 +1008,23 @@ def test_a_mask_at_the_input_size_keeps_probabilities_at_the_threshold_as_uint8(
     mask = predict.mask_at_input_size(probabilities, (2, 2), 0.5)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, [[1, 0], [1, 0]])
+
+
+def test_a_volume_whose_header_gives_no_orientation_is_warned_and_said_in_its_summary(tmp_path, capsys):
+    # Both codes 0 (an ANALYZE conversion): nibabel reads the voxel axes as left, anterior, superior.
+    unknown = nibabel.Nifti1Image(_lesion_volume(), None)
+    assert (unknown.header["qform_code"], unknown.header["sform_code"]) == (0, 0)
+    nibabel.save(unknown, tmp_path / "analyze.nii")
+    save_nifti(tmp_path / "scanner.nii", _lesion_volume())
+    summaries = predict.predict_path(
+        _narrow_window_config(), None, tmp_path, tmp_path / "out", predictor=ImagePredictor()
+    )
+    assert [(summary["input"], summary["orientation_in_header"]) for summary in summaries] == [
+        (str(tmp_path / "analyze.nii"), False),
+        (str(tmp_path / "scanner.nii"), True),
+    ]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path / 'analyze.nii'}: no orientation in its header (qform_code and sform_code 0): "
+        "read with its voxel axes as left, anterior, superior (NIfTI's fallback); stored otherwise, the "
+        "model sees its slices turned: write the scanner's affine into the file"
+    ]

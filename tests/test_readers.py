@@ -70,6 +70,16 @@ def test_a_missing_slice_is_refused_in_one_line(tmp_path):
     assert refusal(readers.read_grayscale_image, path) == f"{path}: file not found"
 
 
+def test_an_image_too_large_to_decode_is_refused_in_one_line(tmp_path, monkeypatch):
+    # Pillow's guard against decompression bombs (2 x MAX_IMAGE_PIXELS) ended in a traceback.
+    save_png(tmp_path / "huge.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # 64 pixels: twice the limit
+    assert refusal(readers.read_grayscale_image, tmp_path / "huge.png") == (
+        f"{tmp_path / 'huge.png'}: too large an image to decode (Image size (64 pixels) exceeds limit of 32 "
+        "pixels, could be decompression bomb DOS attack.)"
+    )
+
+
 def test_unknown_mask_values_are_listed_up_to_five():
     mask = np.array([[0, 3, 4, 5, 6, 7, 8, 1]], np.uint8)
     assert refusal(readers.check_labels, mask, (0, 1, 2), "m.png") == (

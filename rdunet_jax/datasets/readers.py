@@ -30,6 +30,8 @@ def _open_image(path: pathlib.Path) -> Image.Image:
             return image.copy()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as error:  # far beyond any CT slice: refused before decoding
+        raise UserError(f"{path}: too large an image to decode ({error})") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: corrupt or truncated image ({error})") from None
 
