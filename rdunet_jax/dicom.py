@@ -47,16 +47,19 @@ def is_dicom_file(path: pathlib.Path) -> bool:
         return False
 
 
-def dicom_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """The DICOM files under `folder` (any depth), sorted by path."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
+def dicom_file(path: pathlib.Path) -> bool:
+    """Whether `path` is a DICOM file worth reading: not hidden, not of a known other kind, marked DICM."""
+    return (
+        path.is_file()
         and not path.name.startswith(".")
         and not path.name.lower().endswith(SKIPPED_SUFFIXES)
         and is_dicom_file(path)
     )
+
+
+def dicom_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The DICOM files under `folder` (any depth), sorted by path."""
+    return sorted(path for path in folder.rglob("*") if dicom_file(path))
 
 
 def read_header(path: pathlib.Path):

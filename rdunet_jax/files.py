@@ -29,7 +29,10 @@ def atomic_path(path):
     either absent, the old file or complete."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # named after the file asked for, not a temporary name nobody gave
+        raise OSError(error.errno, error.strerror, str(path)) from None
     # mkstemp makes the file private (0600); the result gets the mode a plain open() would give it.
     os.fchmod(handle, 0o666 & ~_UMASK)
     os.close(handle)
@@ -40,6 +43,11 @@ def atomic_path(path):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# The longest file name `atomic_path` can write: its temporary name adds "." + "." + 8 letters + ".tmp" to
+# the 255 bytes Linux and macOS file systems allow.
+MAX_NAME_BYTES = 255 - 14
 
 
 def existing_folder(folder, flag: str) -> pathlib.Path:

@@ -7,6 +7,7 @@ checkpoint as an ONNX model (for ONNX Runtime, or `--config.eval.runtime=onnxrun
 Parses flags and dispatches; user mistakes end in one line on stderr and exit status 2.
 """
 
+import errno
 import pathlib
 import re
 import signal
@@ -62,6 +63,16 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
+FILE_SYSTEM_REFUSALS = {
+    errno.ENAMETOOLONG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+}
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -95,6 +106,8 @@ def parse_flags(argv):
         _fail(f"{flag}: the config has no key {key!r}{hint}")
     except UserError as error:  # raised by a config file's get_config()
         _fail(str(error))
+    except OSError as error:  # a config file not found, first read by an override of one of its keys
+        _fail(f"--config: cannot load the config file: {_last_line(error)}")
     except Exception as error:  # noqa: BLE001 - a config file is user code: any failure is the user's
         _fail(f"--config: cannot load the config file: {type(error).__name__}: {error}".splitlines()[0])
     try:
@@ -108,9 +121,13 @@ def parse_flags(argv):
                 f"rdunet_jax.config_lib.base_config(), not {type(config).__name__}"
             )
     except OSError as error:
-        reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-        _fail(f"--config: cannot load the config file: {reason}")
+        _fail(f"--config: cannot load the config file: {_last_line(error)}")
     return remaining
+
+
+def _last_line(error: OSError) -> str:
+    """The reason ml_collections gives last in its loading error ('[Errno 2] No such file ...')."""
+    return [line.strip() for line in str(error).splitlines() if line.strip()][-1]
 
 
 # The modes that read each optional flag: given to another mode, it would be silently ignored (a user
@@ -216,11 +233,11 @@ def main(argv) -> None:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except OSError as error:
-        # The file system refused a path the user gave (a name too long, a folder that cannot be made):
-        # one line naming it. An error naming no file is the code's, and keeps its traceback.
-        if error.filename is None:
+        # The file system refused a path (a name too long, a folder that cannot be made, a full disk): one
+        # line naming it. Any other OSError, a missing file among them, may be the code's: its traceback.
+        if error.filename is None or error.errno not in FILE_SYSTEM_REFUSALS:
             raise
-        _fail(f"{error.filename}: {error.strerror or error}")
+        _fail(f"{error.filename}: {error.strerror}")
 
 
 if __name__ == "__main__":

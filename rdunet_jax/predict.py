@@ -35,7 +35,6 @@ renamed, so an interruption leaves no half-written mask.
 
 import heapq
 import pathlib
-import sys
 
 import numpy as np
 
@@ -284,14 +283,7 @@ def verify_inputs(jobs: list[tuple], input_units: str, series: str | None, confi
                 input_file, ground_truth, keep_file_open=False, series=series
             )
             volumes.display_scale(image, input_file, input_units)
-            if not volumes.header_orientation(image):
-                print(
-                    f"warning: {input_file}: no orientation in its header (qform_code and sform_code 0): "
-                    "read with its voxel axes as left, anterior, superior (NIfTI's fallback); stored "
-                    "otherwise, the model sees its slices turned: write the scanner's affine into the file",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            volumes.warn_without_orientation(image, input_file)
             if truth is not None:  # its middle slice; prediction checks every slice as it reads it
                 middle = volumes.volume_slice(truth, truth.shape[2] // 2, ground_truth)
                 volumes.check_truth_labels(middle, ground_truth, truth_labels(config))
@@ -381,6 +373,7 @@ def predict_path(
         predictor = predictors.for_config(config, model, state)
     created = prediction_files.missing_folders(output_dir)
     try:
+        prediction_files.make_output_folder(output_dir)
         return _predict_jobs(predictor, config, jobs, output_dir, input_units, series, window_reference)
     except BaseException:
         prediction_files.remove_empty_folders(created)

@@ -5,7 +5,7 @@ import os
 import pathlib
 import shutil
 
-from rdunet_jax import volumes
+from rdunet_jax import files, volumes
 from rdunet_jax.datasets.layouts import IMAGE_SUFFIXES
 from rdunet_jax.errors import UserError
 
@@ -45,8 +45,11 @@ def list_inputs(input_path) -> list[pathlib.Path]:
         files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
         if files:
             # A scanner's export often puts a preview image beside the series: which one is meant is unclear.
+            # A DICOMDIR, the index of a medium, holds no image.
             others = sorted(path for path in input_path.iterdir() if path.is_file() and path not in files)
-            series = next((path for path in others if dicom.is_dicom_file(path)), None)
+            series = next(
+                (path for path in others if path.name.upper() != "DICOMDIR" and dicom.dicom_file(path)), None
+            )
             if series is not None:
                 raise UserError(
                     f"--input: {input_path} holds DICOM files ({series.name}) beside NIfTI/PNG/JPEG files "
@@ -90,6 +93,15 @@ def check_output_folder(output_dir: pathlib.Path) -> None:
             return
 
 
+def make_output_folder(output_dir: pathlib.Path) -> None:
+    """Makes `output_dir`; UserError when the file system refuses (a folder such as /proc that the
+    permission check passes for root, a name too long)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output: cannot make {output_dir} ({error.strerror})") from None
+
+
 def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
     """The folders from `output_dir` up that do not exist yet (deepest first): those prediction creates."""
     missing = []
@@ -125,6 +137,12 @@ def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> Non
     seen = {}
     for input_file in inputs:
         for key, path in output_paths(input_file, output_dir).items():
+            if len(path.name.encode()) > files.MAX_NAME_BYTES:
+                raise UserError(
+                    f"--input: {input_file}: its output {path.name[:40]}... would have a name of "
+                    f"{len(path.name.encode())} bytes, over the {files.MAX_NAME_BYTES} a file can have here; "
+                    "rename the input"
+                )
             if path in seen:
                 raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
             seen[path] = input_file

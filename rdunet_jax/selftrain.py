@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 import jax
@@ -253,19 +254,34 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         pool = datasets.unlabelled_pool(config.data)
         if summary["totals"]["num_slices"] != len(pool):
             raise UserError(pseudo_labels.pool_changed(folder, summary["totals"]["num_slices"], len(pool)))
-        # A pool replaced by as many other slices (summaries of older code record no digest: not checked).
-        if "pool_digest" in summary and summary["pool_digest"] != pseudo_labels.pool_digest(pool):
-            raise UserError(
-                f"{folder}: these pseudo-labels label other images than the unlabelled split's now (as many "
-                "slices, other ids or pixels); remove the folder (and the students trained on it) to "
-                "predict it again"
-            )
+        _check_same_pool(folder, summary, *pseudo_labels.pool_ids_and_digest(pool))
         print(f"pseudo-labels: finished before ({folder})", flush=True)
         return summary["totals"]
     if jax.process_index() == 0:
         _predict_pseudo_labels(config, model_folder, model_config, folder, settings)
     devices.wait_for_every_host(f"rdunet_pseudo_labels_{folder.name}")
     return pseudo_labels.read_summary(folder)["totals"]
+
+
+def _check_same_pool(folder: pathlib.Path, summary: dict, ids: list[str], digest: str) -> None:
+    """UserError when a pool of as many slices holds other ones than the pseudo-labels of `folder` label; a
+    warning when the same slices now hold other pixels (files replaced under the same names, or decoded by
+    another image library), which may be the same images to the model."""
+    for entry in summary["slices"]:
+        if ids[entry["index"]] != entry["id"]:
+            raise UserError(
+                f"{folder}: these pseudo-labels label slice {entry['id']!r} at index {entry['index']}, "
+                f"where the unlabelled split now holds {ids[entry['index']]!r}; remove the folder (and the "
+                "students trained on it) to predict it again"
+            )
+    if summary.get("pool_digest", digest) != digest:  # summaries of older code record none
+        print(
+            f"warning: {folder}: the unlabelled split holds the same slices with other pixels than when "
+            "these pseudo-labels were made (files replaced, or decoded by another image library); reusing "
+            "them: remove the folder (and the students trained on it) to predict them again",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _predict_pseudo_labels(config, model_folder, model_config, folder: pathlib.Path, settings: dict) -> None:
@@ -318,7 +334,7 @@ def _predict_pseudo_labels(config, model_folder, model_config, folder: pathlib.P
     summary = {
         "model": str(model_folder),
         "step": int(predictor.step),
-        "pool_digest": pseudo_labels.pool_digest(datasets.unlabelled_pool(config.data)),
+        "pool_digest": pseudo_labels.pool_ids_and_digest(datasets.unlabelled_pool(config.data))[1],
         "test_time_flips": True,
         **settings,
         "totals": totals,

@@ -9,6 +9,7 @@ naming the file.
 import contextlib
 import gzip
 import pathlib
+import sys
 import zlib
 
 import numpy as np
@@ -109,10 +110,22 @@ def open_volume(path: pathlib.Path, keep_file_open: bool = True):
 
 
 def header_orientation(image) -> bool:
-    """Whether a NIfTI header gives the volume's orientation (a qform or sform code above 0). Without, nibabel
-    (as the NIfTI standard's ANALYZE fallback) reads the voxel axes as left, anterior, superior."""
+    """Whether a NIfTI header gives the volume's orientation (a qform or sform code above 0). Without, the
+    standard leaves it unknown and nibabel reads the voxel axes as left, anterior, superior (ANALYZE's)."""
     header = image.header
     return bool(header["qform_code"] > 0 or header["sform_code"] > 0)
+
+
+def warn_without_orientation(image, path: pathlib.Path) -> None:
+    """Warns (stderr) when `image`'s header gives no orientation: the slices the model sees may be turned."""
+    if not header_orientation(image):
+        print(
+            f"warning: {path}: no orientation in its header (qform_code and sform_code 0): read with its "
+            "voxel axes as left, anterior, superior (nibabel's ANALYZE default); stored otherwise, the model "
+            "sees its slices turned: write the scanner's affine into the file",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def open_volume_pair(input_file: pathlib.Path, ground_truth, keep_file_open: bool = True, series=None):

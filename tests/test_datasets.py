@@ -1110,6 +1110,10 @@ def test_unlabelled_slices_without_labels_the_lesion_filter_and_the_mix_by_hand(
     assert (named.name, named.split) == ("semiseg", "train_full")
 
 
+def _digest(pool):
+    return pseudo_labels.pool_ids_and_digest(pool)[1]
+
+
 def test_the_pool_digest_tells_every_id_pixel_and_shape_and_only_those():
     def pool(*changes):
         slices = [{"id": f"p{index}", "image": np.full((2, 4), index, np.uint8)} for index in range(3)]
@@ -1117,10 +1121,11 @@ def test_the_pool_digest_tells_every_id_pixel_and_shape_and_only_those():
             change(slices)
         return slices
 
-    digest = pseudo_labels.pool_digest(pool())
+    ids, digest = pseudo_labels.pool_ids_and_digest(pool())
+    assert ids == ["p0", "p1", "p2"]
     assert re.fullmatch("[0-9a-f]{16}", digest)
     # The same slices read again, or with other record fields (a case id, a mask): the same pool.
-    assert pseudo_labels.pool_digest(pool(lambda s: s[1].update(mask=np.ones((2, 4)), case_id="x"))) == digest
+    assert _digest(pool(lambda s: s[1].update(mask=np.ones((2, 4)), case_id="x"))) == digest
     others = {
         "a pixel": lambda s: s[2]["image"].__setitem__((1, 3), 7),
         "an id": lambda s: s[0].update(id="q0"),
@@ -1128,8 +1133,8 @@ def test_the_pool_digest_tells_every_id_pixel_and_shape_and_only_those():
         "a shape, same bytes": lambda s: s[1].update(image=s[1]["image"].reshape(4, 2)),
         "a dtype, same bytes": lambda s: s[0].update(image=s[0]["image"].astype(np.int8)),
     }
-    digests = {what: pseudo_labels.pool_digest(pool(change)) for what, change in others.items()}
+    digests = {what: _digest(pool(change)) for what, change in others.items()}
     assert digest not in digests.values() and len(set(digests.values())) == len(others)
     # A transposed (non-contiguous) view reads as the image it shows.
     transposed = pool(lambda s: s[1].update(image=np.full((4, 2), 1, np.uint8).T))
-    assert pseudo_labels.pool_digest(transposed) == digest
+    assert _digest(transposed) == digest

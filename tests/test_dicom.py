@@ -327,10 +327,14 @@ def test_a_series_folder_with_an_image_beside_it_is_refused_naming_both(tmp_path
         "(preview.jpg); give a folder of the DICOM series alone, or of the other files alone"
     )
     assert not (tmp_path / "out").exists()
-    # Files that are neither (notes, a DICOM series one folder down) stay beside images as before.
+    # Files that are no series (notes, a DICOMDIR, a hidden or .txt copy of a DICOM file) and a series one
+    # folder down do not make a folder of images another input.
     (tmp_path / "slices").mkdir()
     (tmp_path / "series" / "preview.jpg").rename(tmp_path / "slices" / "preview.jpg")
     (tmp_path / "slices" / "notes.txt").write_text("scanner export")
+    _directory_file(tmp_path / "slices" / "DICOMDIR")
+    for copy in (".img000.dcm", "img000.dcm.txt"):
+        (tmp_path / "slices" / copy).write_bytes((tmp_path / "series" / "img000.dcm").read_bytes())
     write_series(tmp_path / "slices" / "series", _phantom_hu())
     predict.predict_path(
         make_tiny_config(), None, tmp_path / "slices", tmp_path / "out", predictor=ImagePredictor()

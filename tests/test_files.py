@@ -53,6 +53,19 @@ def test_a_write_that_fails_keeps_the_old_file_and_removes_its_temporary(tmp_pat
     assert path.read_text() == "old"
 
 
+def test_the_longest_name_an_atomic_write_takes_and_one_byte_more_named_as_asked(tmp_path):
+    longest = tmp_path / ("n" * files.MAX_NAME_BYTES)
+    with files.atomic_path(longest) as temporary:
+        temporary.write_text("x")
+    assert longest.read_text() == "x"
+    too_long = tmp_path / ("n" * (files.MAX_NAME_BYTES + 1))
+    with pytest.raises(OSError) as refused, files.atomic_path(too_long):
+        pass
+    # The file asked for, not the temporary name (15 bytes longer) that the file system refused.
+    assert (refused.value.errno, refused.value.filename) == (errno.ENAMETOOLONG, str(too_long))
+    assert [entry.name for entry in tmp_path.iterdir()] == [longest.name]
+
+
 def _refusal(workdir, holder: str) -> str:
     return (
         f"--workdir: {workdir} is in use by another run ({holder}); wait for it to end, stop it, or "

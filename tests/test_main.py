@@ -1,5 +1,6 @@
 """End to end through the command line: train, stop, resume, evaluate, and user errors."""
 
+import errno
 import json
 import os
 import pathlib
@@ -155,11 +156,13 @@ def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_
 
 
 @pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
-def test_a_config_file_that_is_not_there_is_one_line_naming_it(tmp_path, relative):
-    # It was called "not _ErrorConfig", as if get_config() had returned the wrong type.
+@pytest.mark.parametrize("overrides", [(), ("--config.num_epochs=3",)], ids=["alone", "with an override"])
+def test_a_config_file_that_is_not_there_is_one_line_naming_it(tmp_path, relative, overrides):
+    # It was called "not _ErrorConfig", as if get_config() had returned the wrong type, and with an
+    # override the message named no file.
     missing = "configs/demo.py" if relative else str(tmp_path / "configs" / "demo.py")
     result = subprocess.run(
-        [sys.executable, "-m", "rdunet_jax.main", f"--config={missing}:tiny"],
+        [sys.executable, "-m", "rdunet_jax.main", f"--config={missing}:tiny", *overrides],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -243,7 +246,7 @@ def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, mode, fl
 @pytest.mark.parametrize("given, passed", [((), None), (("--input_units=display",), "display")])
 def test_predict_is_told_whether_input_units_was_given(tmp_path, monkeypatch, given, passed):
     # Given for slices alone it is refused (predict.py), so its default must not read as given.
-    from rdunet_jax import main, predict
+    from rdunet_jax import predict
 
     calls = []
     monkeypatch.setattr(predict, "predict_path", lambda *args, **kwargs: calls.append(kwargs["input_units"]))
@@ -278,6 +281,26 @@ def test_a_path_the_file_system_refuses_is_one_line_naming_it(tmp_path):
         [f"error: {output}: File name too long"],
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["slice.png"]
+
+
+def test_only_a_file_system_refusal_is_one_line_and_another_os_error_keeps_its_traceback(monkeypatch, capsys):
+    def failing(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(main, "run", failing(OSError(errno.ENOSPC, "No space left on device", "/runs/x/log")))
+    with pytest.raises(SystemExit) as exited:
+        main.main(["prog"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: /runs/x/log: No space left on device\n"
+    # A missing file may be the code's own mistake (a misspelt internal path), as may an error naming none.
+    for error in (FileNotFoundError(errno.ENOENT, "No such file", "/runs/x/chekpoint"), OSError("closed")):
+        monkeypatch.setattr(main, "run", failing(error))
+        with pytest.raises(OSError) as raised:
+            main.main(["prog"])
+        assert raised.value is error
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):

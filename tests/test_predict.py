@@ -1025,6 +1025,6 @@ def test_a_volume_whose_header_gives_no_orientation_is_warned_and_said_in_its_su
     ]
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {tmp_path / 'analyze.nii'}: no orientation in its header (qform_code and sform_code 0): "
-        "read with its voxel axes as left, anterior, superior (NIfTI's fallback); stored otherwise, the "
-        "model sees its slices turned: write the scanner's affine into the file"
+        "read with its voxel axes as left, anterior, superior (nibabel's ANALYZE default); stored otherwise, "
+        "the model sees its slices turned: write the scanner's affine into the file"
     ]

@@ -25,3 +25,27 @@ def test_the_empty_folders_a_failed_run_created_are_removed_up_to_the_first_that
     assert not (tmp_path / "a").exists()
     prediction_files.remove_empty_folders([tmp_path / "kept" / "x", tmp_path / "kept", tmp_path])
     assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["file"]
+
+
+def test_an_output_folder_the_file_system_will_not_make_is_one_line(tmp_path, monkeypatch):
+    # As root, /proc passes the permission check and its mkdir fails (FileNotFoundError, a traceback).
+    def refuse(self, parents=False, exist_ok=False):
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(prediction_files.pathlib.Path, "mkdir", refuse)
+    with pytest.raises(UserError) as error:
+        prediction_files.make_output_folder(tmp_path / "out")
+    assert str(error.value) == f"--output: cannot make {tmp_path / 'out'} (No such file or directory)"
+
+
+def test_an_input_whose_outputs_names_are_too_long_is_refused_before_anything_is_written(tmp_path):
+    # Its mask was written, its overlay's temporary name failed: a half set of outputs and a traceback.
+    fits = tmp_path / ("s" * (241 - len("_overlay.png")) + ".png")
+    prediction_files.check_outputs_free([fits], tmp_path / "out", overwrite=False)
+    too_long = tmp_path / ("s" * (242 - len("_overlay.png")) + ".png")
+    with pytest.raises(UserError) as error:
+        prediction_files.check_outputs_free([too_long], tmp_path / "out", overwrite=False)
+    assert str(error.value) == (
+        f"--input: {too_long}: its output {'s' * 40}... would have a name of 242 bytes, over the 241 a file "
+        "can have here; rename the input"
+    )

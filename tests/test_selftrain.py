@@ -154,9 +154,9 @@ def test_pseudo_label_files_against_hand_computed_probabilities(tmp_path, monkey
     assert summary["totals"] == totals and 0 <= summary["seconds"] < 60
     ids = [(entry["id"], entry["case_id"]) for entry in summary["slices"]]
     assert ids == [("a_1", "a"), ("b_7", "b"), ("c_2", "c")]
-    assert summary["pool_digest"] == pseudo_labels.pool_digest(
-        selftrain.datasets.unlabelled_pool(config.data)
-    )
+    # Of the pool's stored images (not, say, the source the teacher predicted through).
+    _, digest = pseudo_labels.pool_ids_and_digest(selftrain.datasets.unlabelled_pool(config.data))
+    assert summary["pool_digest"] == digest
     # Run again: finished, not written again.
     assert selftrain.write_pseudo_labels(config, tmp_path / "teacher", config, folder) == totals
     assert capsys.readouterr().out == f"pseudo-labels: finished before ({folder})\n"
@@ -920,7 +920,7 @@ def test_pseudo_labels_of_another_pool_are_refused_not_reused(uninterrupted, tmp
 
 
 def test_pseudo_labels_of_a_pool_replaced_by_as_many_other_slices_are_refused_not_reused(
-    uninterrupted, tmp_path, monkeypatch
+    uninterrupted, tmp_path, monkeypatch, capsys
 ):
     workdir, _ = uninterrupted
     moved = tmp_path / "moved"
@@ -928,16 +928,29 @@ def test_pseudo_labels_of_a_pool_replaced_by_as_many_other_slices_are_refused_no
     folder = moved / "pseudo_labels" / "round1"
     stored = json.loads((folder / pseudo_labels.SUMMARY).read_text())
     pool = datasets.unlabelled_pool(tiny_selftrain_config().data)
-    assert stored["pool_digest"] == pseudo_labels.pool_digest(pool)
+    assert stored["pool_digest"] == pseudo_labels.pool_ids_and_digest(pool)[1]
     last = pool[POOL_SIZE - 1]
     one_pixel_brighter = last["image"].copy()
     one_pixel_brighter[0, 0] += 1
-    replaced = [pool[index] for index in range(POOL_SIZE - 1)] + [{**last, "image": one_pixel_brighter}]
-    monkeypatch.setattr(selftrain.datasets, "unlabelled_pool", lambda data: replaced)
+    kept = [pool[index] for index in range(POOL_SIZE - 1)]
+    # Another slice in the last one's place: refused, naming both.
+    monkeypatch.setattr(selftrain.datasets, "unlabelled_pool", lambda data: [*kept, {**last, "id": "other"}])
     with pytest.raises(UserError) as raised:
         selftrain.run(tiny_selftrain_config(), moved)
     assert str(raised.value) == (
-        f"{folder}: these pseudo-labels label other images than the unlabelled split's now (as many slices, "
-        "other ids or pixels); remove the folder (and the students trained on it) to predict it again"
+        f"{folder}: these pseudo-labels label slice {last['id']!r} at index {POOL_SIZE - 1}, where the "
+        "unlabelled split now holds 'other'; remove the folder (and the students trained on it) to predict "
+        "it again"
     )
+    # The same slices, one pixel changed (a file replaced, or another JPEG decoder): reused, with a warning.
+    monkeypatch.setattr(
+        selftrain.datasets, "unlabelled_pool", lambda data: [*kept, {**last, "image": one_pixel_brighter}]
+    )
+    capsys.readouterr()
+    selftrain.run(tiny_selftrain_config(), moved)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {folder}: the unlabelled split holds the same slices with other pixels than when these "
+        "pseudo-labels were made (files replaced, or decoded by another image library); reusing them: remove "
+        "the folder (and the students trained on it) to predict them again"
+    ]
     assert json.loads((folder / pseudo_labels.SUMMARY).read_text()) == stored

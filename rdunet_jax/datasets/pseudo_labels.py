@@ -47,15 +47,17 @@ def pool_changed(directory, made_for: int, now: int) -> str:
     )
 
 
-def pool_digest(unlabelled) -> str:
-    """A digest of every unlabelled slice's id and stored image: pseudo-labels belong to these bytes."""
-    digest = hashlib.sha256()
+def pool_ids_and_digest(unlabelled) -> tuple[list[str], str]:
+    """Every unlabelled slice's id, and a digest of the ids and stored images: pseudo-labels belong to
+    these bytes."""
+    ids, digest = [], hashlib.sha256()
     for index in range(len(unlabelled)):
         record = unlabelled[index]
         image = np.asarray(record["image"])
+        ids.append(str(record["id"]))
         digest.update(f"{record['id']}\0{image.dtype.str}\0{image.shape}\0".encode())
         digest.update(image.tobytes())  # in C order, whatever the layout in memory
-    return digest.hexdigest()[:16]
+    return ids, digest.hexdigest()[:16]
 
 
 class PseudoLabelSource:
