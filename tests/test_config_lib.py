@@ -757,3 +757,18 @@ def test_a_run_recorded_before_the_speed_options_differs_from_todays_forms_and_m
         str(refused.value) == f"model.batch_norm_impl: 'flax' in {tmp_path / 'config.json'}, {now!r} now; why"
     )
     config_lib.check_against_run(as_it_ran, tmp_path, lambda key, before, now: True, "why")
+
+
+def test_a_key_added_since_a_run_was_recorded_held_its_default_then():
+    # What older code ran: the default of a key it did not have yet, named as the value then.
+    stored = config_lib.to_json(config_lib.base_config())
+    del stored["data"]["extra_fraction"]
+    current = config_lib.base_config()
+    default = current.data.extra_fraction
+    assert config_lib.changes(stored, config_lib.to_json(current)) == []
+    current.data.extra_fraction = 0.25
+    assert config_lib.changes(stored, config_lib.to_json(current)) == [("data.extra_fraction", default, 0.25)]
+    # A key the schema no longer has: its value then, and none now.
+    stored["data"]["retired"] = 3
+    assert config_lib.changes(stored, config_lib.to_json(current))[0] == ("data.extra_fraction", default, 0.25)
+    assert ("data.retired", 3, None) in config_lib.changes(stored, config_lib.to_json(current))
