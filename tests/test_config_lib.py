@@ -770,5 +770,23 @@ def test_a_key_added_since_a_run_was_recorded_held_its_default_then():
     assert config_lib.changes(stored, config_lib.to_json(current)) == [("data.extra_fraction", default, 0.25)]
     # A key the schema no longer has: its value then, and none now.
     stored["data"]["retired"] = 3
-    assert config_lib.changes(stored, config_lib.to_json(current))[0] == ("data.extra_fraction", default, 0.25)
+    assert config_lib.changes(stored, config_lib.to_json(current))[0] == (
+        "data.extra_fraction",
+        default,
+        0.25,
+    )
     assert ("data.retired", 3, None) in config_lib.changes(stored, config_lib.to_json(current))
+
+
+def test_the_json_form_of_a_config_has_its_keys_sorted_at_every_level_and_lists_for_tuples():
+    values = config_lib.to_json(config_lib.base_config())
+
+    def check(section):
+        assert list(section) == sorted(section)
+        for value in section.values():
+            assert not isinstance(value, tuple)
+            if isinstance(value, dict):
+                check(value)
+
+    check(values)
+    assert values["data"]["hu_window"] == list(config_lib.base_config().data.hu_window)
