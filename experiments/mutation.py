@@ -152,6 +152,8 @@ TESTS = {
         "tests/test_selftrain.py",
         "tests/test_main.py",
     ],
+    # What a user looks at: slice overlays (outlines, class colours, the legend), label PNGs, the curves.
+    "visualize": ["tests/test_visualize.py", "tests/test_predict.py", "tests/test_predict_classes.py"],
     # A config's checks before anything is built: nearly every test validates a config (make_tiny_config),
     # so the selection is the schema's own tests and, by pytest node id (file::test), each other file's
     # tests of the keys it owns; whole files would run every training test against each surviving mutant.
