@@ -135,12 +135,12 @@ _LOSS_LABELS = {
 
 def loss_label(loss: str) -> str:
     """The axis label of the loss `config.loss` names."""
-    weighted = loss.endswith("_weighted")
-    label = _LOSS_LABELS.get(loss.removesuffix("_weighted"), f"{loss} loss")
+    weighted, base = loss.endswith("_weighted"), loss.removesuffix("_weighted")
+    label = _LOSS_LABELS.get(base, f"{base} loss")
     return f"pixel-weighted {label}" if weighted else label
 
 
-def curves_figure(records: list[dict], loss: str = "dice", consistency: bool = False):
+def curves_figure(records: list[dict], loss: str, consistency: bool):
     """A matplotlib figure: loss and validation loss (left; `loss` names it, and `consistency` says the
     training loss adds mean teacher's or FixMatch's term) and validation Dice (right) per epoch."""
     import matplotlib
@@ -170,7 +170,7 @@ def curves_figure(records: list[dict], loss: str = "dice", consistency: bool = F
     return figure
 
 
-def write_curves(workdir, loss: str = "dice", consistency: bool = False) -> pathlib.Path | None:
+def write_curves(workdir, loss: str, consistency: bool) -> pathlib.Path | None:
     """Writes `<workdir>/curves.png` from train_log.jsonl (`curves_figure`); returns its path (None without
     a log)."""
     from matplotlib import pyplot
