@@ -36,7 +36,7 @@ def to_uint8_grey(image) -> np.ndarray:
     return np.round(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def contour(mask, thickness: int = 1) -> np.ndarray:
+def contour(mask, thickness: int) -> np.ndarray:
     """The inner outline of a binary mask, `thickness` pixels wide."""
     mask = np.asarray(mask).astype(bool)
     eroded = ndimage.binary_erosion(mask, iterations=thickness, border_value=0)

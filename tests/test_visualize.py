@@ -100,11 +100,14 @@ def test_grey_levels_clip_floats_outside_zero_to_one_and_outlines_widen_on_512_p
     np.testing.assert_array_equal(grey, [[0, 0, 128, 255, 255]])  # 1.2 is white, not a wrapped grey
     target = np.zeros((512, 512), bool)
     target[100:200, 100:200] = True
-    rgb = visualize.overlay_image(np.zeros((512, 512), np.float32), target=target)
-    outlined = np.all(rgb == visualize.TARGET_COLOUR, axis=-1)
-    # Two pixels wide at 512 px (one per 256): rows 100 and 101 of the square, not 102.
-    assert outlined[100, 150] and outlined[101, 150] and not outlined[102, 150]
-    assert outlined.sum() == 100 * 100 - 96 * 96
+    prediction = np.zeros((512, 512), bool)
+    prediction[300:400, 300:400] = True
+    rgb = visualize.overlay_image(np.zeros((512, 512), np.float32), prediction, target)
+    # Two pixels wide at 512 px (one per 256): rows 100 and 101 of the square, not 102; the same in red.
+    for colour, top in ((visualize.TARGET_COLOUR, 100), (visualize.PREDICTION_COLOUR, 300)):
+        outlined = np.all(rgb == colour, axis=-1)
+        assert outlined[top, top + 50] and outlined[top + 1, top + 50] and not outlined[top + 2, top + 50]
+        assert outlined.sum() == 100 * 100 - 96 * 96
 
 
 def test_curves_of_a_run_validated_every_other_epoch_plot_the_validated_epochs_only():
@@ -172,10 +175,12 @@ def test_a_class_overlay_outlines_each_class_in_its_colour_over_the_experts_and_
     # A slice wider than 120 pixels: not padded, the legend as wide; 512 px outlines are 2 pixels wide.
     wide = np.zeros((512, 512, 1), bool)
     wide[100:200, 100:200, 0] = True
-    rgb = visualize.class_overlay_image(np.zeros((512, 512), np.float32), wide, None, ("lesion",))
+    rgb = visualize.class_overlay_image(np.zeros((512, 512), np.float32), wide, wide[::-1, ::-1], ("lesion",))
     assert rgb.shape == (512 + 24, 512, 3)
     red = np.all(rgb[:512] == (255, 0, 0), axis=-1)
     assert red[100, 150] and red[101, 150] and not red[102, 150] and red.sum() == 100 * 100 - 96 * 96
+    white = np.all(rgb[:512] == (255, 255, 255), axis=-1)  # the expert's square, mirrored: 312-411
+    assert white[410, 350] and white[411, 350] and not white[409, 350] and white.sum() == 100 * 100 - 96 * 96
 
 
 def test_a_label_png_keeps_the_stored_values_and_shows_them_in_the_class_colours(tmp_path):
@@ -247,3 +252,20 @@ def test_the_curves_show_each_series_against_its_epochs_with_the_axes_a_reader_n
 )
 def test_a_loss_without_a_label_of_its_own_is_named_as_configured(loss, label):
     assert visualize.loss_label(loss) == label
+
+
+def test_the_curves_file_is_a_1000_by_400_png_whatever_the_users_matplotlib_settings(tmp_path, monkeypatch):
+    import matplotlib
+
+    # A matplotlibrc may change the default resolution and file format: curves.png is still the same PNG.
+    _write_log(tmp_path)
+    expected = visualize.write_curves(tmp_path, "dice", consistency=False).read_bytes()
+    monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", 50)
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "svg")
+    assert visualize.write_curves(tmp_path, "dice", consistency=False).read_bytes() == expected
+
+
+def test_a_png_of_any_integer_array_is_8_bit(tmp_path):
+    visualize.write_png(tmp_path / "grey.png", np.array([[0, 128, 255]], np.int64))
+    with Image.open(tmp_path / "grey.png") as picture:
+        assert picture.mode == "L" and np.asarray(picture).tolist() == [[0, 128, 255]]
