@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, refusal
 
 from rdunet_jax import devices
 
@@ -76,6 +76,67 @@ def test_distributed_initialisation_only_when_a_coordinator_is_set(monkeypatch):
     devices.initialize_distributed()
     devices.initialize_distributed()
     assert calls == [{"num_processes": 2, "process_id": 1}]
+
+
+@pytest.mark.parametrize(
+    ("num_processes", "process_id", "passed", "message"),
+    [
+        ("1", "0", (1, 0), None),  # the lowest of each
+        ("3", "2", (3, 2), None),  # the highest index
+        (
+            "0",
+            "0",
+            None,
+            "JAX_NUM_PROCESSES: '0' is not a whole number >= 1 (JAX_COORDINATOR_ADDRESS is set)",
+        ),
+        ("", "0", None, "JAX_NUM_PROCESSES: '' is not a whole number >= 1 (JAX_COORDINATOR_ADDRESS is set)"),
+        (
+            "3",
+            "3",
+            None,
+            "JAX_PROCESS_ID: '3' is not a whole number from 0 to 2 (JAX_COORDINATOR_ADDRESS is set)",
+        ),
+        (
+            "3",
+            "x",
+            None,
+            "JAX_PROCESS_ID: 'x' is not a whole number from 0 to 2 (JAX_COORDINATOR_ADDRESS is set)",
+        ),
+    ],
+)
+def test_the_process_count_and_index_are_checked_at_their_bounds(
+    monkeypatch, num_processes, process_id, passed, message
+):
+    calls = []
+    monkeypatch.setattr(devices.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(devices, "_distributed_initialized", False)
+    monkeypatch.setattr(devices, "_cluster_scheduler_detected", lambda: False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12355")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", num_processes)
+    monkeypatch.setenv("JAX_PROCESS_ID", process_id)
+    if message is None:
+        devices.initialize_distributed()
+        assert calls == [{"num_processes": passed[0], "process_id": passed[1]}]
+    else:
+        assert refusal(devices.initialize_distributed) == message and calls == []
+
+
+def test_under_a_cluster_scheduler_unset_counts_are_left_to_jax_and_set_ones_still_checked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(devices.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(devices, "_distributed_initialized", False)
+    monkeypatch.setattr(devices, "_cluster_scheduler_detected", lambda: True)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12355")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    devices.initialize_distributed()
+    assert calls == [{"num_processes": None, "process_id": None}]
+    monkeypatch.setattr(devices, "_distributed_initialized", False)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    assert refusal(devices.initialize_distributed).startswith(
+        "JAX_PROCESS_ID: '5' is not a whole number from 0 to 1"
+    )
 
 
 def _resident_mb() -> float:
