@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import REPO_ROOT, refusal
 
@@ -173,3 +174,27 @@ def test_release_freed_memory_returns_free_heap_pages_to_the_system():
     released = held - _resident_mb()
     libc.free(fence)
     assert released > 100, f"only {released:.0f} MB of 128 MB freed came back"
+
+
+def test_one_process_data_mesh_sharded_batch_replicas_and_the_batch_check():
+    import types
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = devices.data_parallel_mesh()
+    assert mesh.axis_names == ("data",) and list(mesh.devices.flat) == jax.devices()
+    batch = {"image": np.arange(8, dtype=np.float32).reshape(4, 2), "mask": np.eye(4, 2, dtype=np.uint8)}
+    sharded = devices.shard_batch(batch, mesh)
+    assert sorted(sharded) == ["image", "mask"]
+    for key, array in sharded.items():
+        assert array.sharding == NamedSharding(mesh, PartitionSpec("data")), key
+        np.testing.assert_array_equal(np.asarray(array), batch[key])
+    replicated = devices.replicate({"weights": np.full(3, 0.5, np.float32)}, mesh)
+    assert replicated["weights"].sharding == NamedSharding(mesh, PartitionSpec())
+    np.testing.assert_array_equal(np.asarray(replicated["weights"]), [0.5, 0.5, 0.5])
+    devices.check_batch_divides(4, mesh)
+    devices.check_batch_divides(8, types.SimpleNamespace(size=4))  # only the mesh's size is read
+    assert refusal(devices.check_batch_divides, 6, types.SimpleNamespace(size=4)) == (
+        "batch_size: 6 does not divide over the 4 devices of this run"
+    )
