@@ -333,14 +333,14 @@ def predict_path(
     if input_window not in INPUT_WINDOWS:
         raise UserError(f"--input_window: {input_window!r} is not one of {list(INPUT_WINDOWS)}")
     inputs = prediction_files.list_inputs(input_path)
-    if input_units is not None and not any(volumes.input_kind(path) in ("nifti", "dicom") for path in inputs):
+    volume = next((path for path in inputs if volumes.input_kind(path) in ("nifti", "dicom")), None)
+    if input_units is not None and volume is None:
         raise UserError(
             f"--input_units={input_units}: {input_path} holds PNG/JPEG slices only, which are always read as "
             "8-bit display images; it applies to volumes (NIfTI, DICOM)"
         )
     input_units = input_units or "hu"
     if input_window == "match":
-        volume = next((path for path in inputs if volumes.input_kind(path) in ("nifti", "dicom")), None)
         if volume is not None:
             raise UserError(
                 f"--input_window=match: {volume} is a volume; it applies to PNG/JPEG slices only "

@@ -42,20 +42,26 @@ def list_inputs(input_path) -> list[pathlib.Path]:
     if input_path.is_dir():
         from rdunet_jax import dicom
 
-        files = sorted(path for path in input_path.iterdir() if path.is_file() and volumes.input_kind(path))
-        if files:
+        entries = sorted(path for path in input_path.iterdir() if path.is_file())
+        inputs = [path for path in entries if volumes.input_kind(path)]
+        if inputs:
             # A scanner's export often puts a preview image beside the series: which one is meant is unclear.
             # A DICOMDIR, the index of a medium, holds no image.
-            others = sorted(path for path in input_path.iterdir() if path.is_file() and path not in files)
             series = next(
-                (path for path in others if path.name.upper() != "DICOMDIR" and dicom.dicom_file(path)), None
+                (
+                    path
+                    for path in entries
+                    if path not in inputs and path.name.upper() != "DICOMDIR" and dicom.dicom_file(path)
+                ),
+                None,
             )
             if series is not None:
                 raise UserError(
                     f"--input: {input_path} holds DICOM files ({series.name}) beside NIfTI/PNG/JPEG files "
-                    f"({files[0].name}); give a folder of the DICOM series alone, or of the other files alone"
+                    f"({inputs[0].name}); give a folder of the DICOM series alone, or of the other files "
+                    "alone"
                 )
-            return files
+            return inputs
         if dicom.dicom_files(input_path):
             return [input_path]
         raise UserError(f"--input: {input_path} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file")
