@@ -2,8 +2,9 @@
 
 Each checkpoint holds the train state (parameters, batch statistics, optimizer state, step, dropout key)
 and a small JSON `meta` item: epoch, position of the data iterator, best validation loss, the model's
-architecture, so a checkpoint is never restored into a different model, and the in-plane orientation of
-its training slices, so a model is never fed slices the other way round.
+architecture, so a checkpoint is never restored into a different model, the in-plane orientation of
+its training slices, so a model is never fed slices the other way round, and a CRC-32 of each part of the
+state, so arrays that read back other than saved are found damaged.
 """
 
 import errno
@@ -11,8 +12,10 @@ import json
 import pathlib
 import shutil
 import time
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from rdunet_jax import devices, orientation
@@ -35,10 +38,61 @@ ARCHITECTURE_KEYS = (
 BINARY_ARCHITECTURE = {"head": "binary", "classes": ["lesion"]}
 # The meta key of a run trained with mean teacher, whose optimizer state also holds the teacher.
 MEAN_TEACHER = "mean_teacher"
+# The meta key of the state's checksums. Orbax and tensorstore keep none for array data: most flipped bits in
+# a stored array read back as other weights without any error.
+CHECKSUMS = "checksums"
 
 
 class ModelMismatchError(UserError):
     """A checkpoint was made by a model with other settings than the config's."""
+
+
+class ChecksumMismatchError(Exception):
+    """A checkpoint's arrays read back other than they were saved: damage, not a user's mistake."""
+
+
+def _part_and_name(path) -> tuple[str, str]:
+    """(top-level part, full name) of a state leaf, alike for a TrainState and the dict Orbax restores
+    without a target."""
+    keys = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+    return keys[0], "/".join(keys)
+
+
+def state_checksums(state) -> dict[str, str]:
+    """The CRC-32 of each top-level part of a train state (params, batch_stats, opt_state, ...) over its
+    leaves' names, dtypes, shapes and bytes, in name order; from this process's copy of replicated arrays."""
+    parts = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        part, name = _part_and_name(path)
+        parts.setdefault(part, []).append((name, leaf))
+    checksums = {}
+    for part, leaves in parts.items():
+        crc = 0
+        for name, leaf in sorted(leaves, key=lambda named: named[0]):
+            array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+            # A Python number (a fresh state's step) is stored, and read back, as JAX's dtype for it.
+            array = array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
+            crc = zlib.crc32(f"{name}:{array.dtype.str}:{array.shape}".encode(), crc)
+            crc = zlib.crc32(array.tobytes(), crc)
+        checksums[part] = f"{crc:08x}"
+    return checksums
+
+
+def check_checksums(meta: dict, state, directory, parts=None) -> None:
+    """Raises ChecksumMismatchError naming each part of `state` (of `parts`, else every saved one) whose
+    CRC-32 differs from the one `meta` recorded when it was saved; checkpoints saved before checksums were
+    recorded are trusted."""
+    saved = meta.get(CHECKSUMS)
+    if not saved:
+        return
+    read = state_checksums(state)
+    differing = [part for part in (saved if parts is None else parts) if read.get(part) != saved.get(part)]
+    if differing:
+        raise ChecksumMismatchError(
+            f"{', '.join(differing)} in {directory} read back other than saved (CRC-32 "
+            + ", ".join(f"{saved.get(part)} saved, {read.get(part)} read" for part in differing)
+            + ")"
+        )
 
 
 def architecture(model_config, data_config=None) -> dict:
@@ -154,6 +208,7 @@ def restore_weights(workdir, model_config, data_config) -> tuple[dict, dict, int
             state = manager.restore(
                 steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore())
             ).state
+            check_checksums(meta, state, directory / str(steps[-1]), parts=("params", "batch_stats"))
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types for cut files
             raise UserError(f"{damaged} ({type(error).__name__})") from None
     finally:
@@ -196,7 +251,7 @@ class RunCheckpoints:
             manager.delete(step)
         # Orbax serialises `meta` in a background thread, possibly after the caller has gone on to change
         # the dict (the train loop resets its epoch counters right after a save): save a copy.
-        meta = json.loads(json.dumps(meta))
+        meta = {**json.loads(json.dumps(meta)), CHECKSUMS: state_checksums(state)}
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -250,6 +305,7 @@ class RunCheckpoints:
                 state=ocp.args.StandardRestore(target_state), meta=ocp.args.JsonRestore()
             ),
         )
+        check_checksums(restored.meta, restored.state, self.directory / kind / str(step))
         return restored.state, restored.meta
 
     def quarantine(self, kind: str, step: int) -> pathlib.Path:

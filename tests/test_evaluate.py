@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 
+import jax
 import numpy as np
 import pytest
 from helpers import assert_same_training_state, ellipsoid, independent_hd95, make_tiny_config
@@ -402,34 +403,41 @@ def _save_checkpoints(tiny_state, workdir):
     run_checkpoints.close()
 
 
-def _damage(state_folder, damage):
+def _damage(state_folder, damage, tiny_state):
     if damage == "delete_data":
         shutil.rmtree(state_folder / "d")
+    elif damage == "other_arrays":  # read back other than saved, as most flipped bits do, without an error
+        other = state_folder.parents[3] / f"other-{state_folder.parents[1].name}"
+        moved = jax.tree_util.tree_map(lambda leaf: leaf + 1, tiny_state.params)
+        _save_checkpoints(tiny_state.replace(params=moved), other)
+        shutil.rmtree(state_folder)
+        shutil.copytree(other / "checkpoints" / "latest" / "1" / "state", state_folder)
     else:
         for path in state_folder.rglob("*"):
             if path.is_file():
                 path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage", ["delete_data", "truncate_files"])
+@pytest.mark.parametrize("damage", ["delete_data", "truncate_files", "other_arrays"])
 def test_a_damaged_best_is_read_from_latest_at_its_step_and_else_is_a_user_error_naming_the_others(
     tiny_state, tmp_path, damage, capsys
 ):
     _save_checkpoints(tiny_state, tmp_path)
-    _damage(tmp_path / "checkpoints" / "best" / "1" / "state", damage)
+    _damage(tmp_path / "checkpoints" / "best" / "1" / "state", damage, tiny_state)
+    reason = "ChecksumMismatchError" if damage == "other_arrays" else r"\w+"
     # latest/1 holds the same state: a finished run was stuck at its evaluation with it intact.
     restored = steps.restore_state(make_tiny_config(), tmp_path)
     assert_same_training_state(restored, tiny_state)
     assert re.fullmatch(
         rf"warning: checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged "
-        rf"\(\w+\); read the same step from {re.escape(str(tmp_path / 'checkpoints' / 'latest'))}\n",
+        rf"\({reason}\); read the same step from {re.escape(str(tmp_path / 'checkpoints' / 'latest'))}\n",
         capsys.readouterr().out,
     )
-    _damage(tmp_path / "checkpoints" / "latest" / "1" / "state", damage)
+    _damage(tmp_path / "checkpoints" / "latest" / "1" / "state", damage, tiny_state)
     with pytest.raises(UserError) as raised:
         steps.restore_state(make_tiny_config(), tmp_path)
     assert re.fullmatch(
-        rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \(\w+\); "
+        rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \({reason}\); "
         r"evaluate another with --mode=evaluate --checkpoint_step \(available: \[2\]\)",
         str(raised.value),
     )
