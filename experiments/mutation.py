@@ -156,6 +156,12 @@ TESTS = {
     # the host's share of a batch. Not test_compile_cache.py: the staged compile_cache always jits (below),
     # so its stored-step test fails there and mutmut's stats run with it.
     "devices": ["tests/test_devices.py", "tests/test_distributed.py"],
+    # The ONNX export: the jaxpr translator (every primitive the model uses, BatchNorm and ReLU folded into
+    # the convolutions), the exported file's metadata and outputs, and ONNX Runtime as a predictor; the tests
+    # compare ONNX Runtime's outputs with JAX's.
+    "onnx_graph": ["tests/test_onnx_export.py", "tests/test_onnx_int8.py"],
+    "onnx_export": ["tests/test_onnx_export.py", "tests/test_onnx_int8.py"],
+    "onnx_runtime": ["tests/test_onnx_export.py", "tests/test_onnx_int8.py"],
     # What a user looks at: slice overlays (outlines, class colours, the legend), label PNGs, the curves.
     "visualize": ["tests/test_visualize.py", "tests/test_predict.py", "tests/test_predict_classes.py"],
     # A config's checks before anything is built: nearly every test validates a config (make_tiny_config),

@@ -54,7 +54,7 @@ class ChecksumMismatchError(Exception):
 def _part_and_name(path) -> tuple[str, str]:
     """(top-level part, full name) of a state leaf, alike for a TrainState and the dict Orbax restores
     without a target."""
-    keys = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+    keys = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]  # a sequence's: "[0]"
     return keys[0], "/".join(keys)
 
 

@@ -1,6 +1,7 @@
 """Orbax round trips of the whole train state."""
 
 import asyncio
+import binascii
 import json
 import os
 import re
@@ -126,12 +127,27 @@ def test_a_flipped_bit_in_a_stored_array_is_damage_never_other_weights(tmp_path)
     assert outcomes.count("checksum") >= 4, outcomes
 
 
+def test_the_recorded_checksum_is_the_crc32_of_each_parts_names_dtypes_shapes_and_bytes_in_name_order():
+    """The format checkpoints on disk were recorded in: any change to it would call every one damaged."""
+    kernel, bias = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.5, -1.0, 2.0], np.float32)
+    state = {"step": 7, "params": {"conv": {"kernel": jax.numpy.asarray(kernel), "bias": bias}}}
+    params = (
+        b"params/conv/bias:<f4:(3,)" + bias.tobytes() + b"params/conv/kernel:<f4:(2, 3)" + kernel.tobytes()
+    )
+    assert checkpoints.state_checksums(state) == {
+        "params": f"{binascii.crc32(params):08x}",
+        # A Python number is stored, and read back, as JAX's int32.
+        "step": f"{binascii.crc32(b'step:<i4:()' + np.int32(7).tobytes()):08x}",
+    }
+
+
 def test_a_checkpoint_saved_before_checksums_is_trusted_and_model_init_checks_only_what_it_reads(tmp_path):
     config = make_tiny_config()
     state = _with_moved_weights(config)
     _save_latest(tmp_path, state, config)
     meta_file = tmp_path / "checkpoints" / "latest" / "1" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
+    saved = dict(meta["checksums"])
     # Another optimizer state than saved: model_init reads only the parameters and statistics.
     meta["checksums"]["opt_state"] = "00000000"
     meta_file.write_text(json.dumps(meta))
@@ -142,10 +158,16 @@ def test_a_checkpoint_saved_before_checksums_is_trusted_and_model_init_checks_on
         UserError, match=r"^model_init: checkpoint step 1 in .* is damaged \(ChecksumMismatchError\)$"
     ):
         checkpoints.restore_weights(tmp_path, config.model, config.data)
-    del meta["checksums"]
-    meta_file.write_text(json.dumps(meta))
     target = steps.abstract_train_state(config, models.build_model(config.model), steps_per_epoch=2)
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints", create=False)
+    with pytest.raises(checkpoints.ChecksumMismatchError) as mismatch:
+        run_checkpoints.restore("latest", target, 1)
+    assert str(mismatch.value) == (
+        f"params, opt_state in {tmp_path / 'checkpoints' / 'latest' / '1'} read back other than saved "
+        f"(CRC-32 00000000 saved, {saved['params']} read, 00000000 saved, {saved['opt_state']} read)"
+    )
+    del meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
     restored, restored_meta = run_checkpoints.restore("latest", target, 1)
     run_checkpoints.close()
     assert "checksums" not in restored_meta
