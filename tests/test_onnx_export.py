@@ -121,6 +121,8 @@ def test_batchnorm_and_relu_fold_into_the_convolutions():
     assert op_types.count("Conv") == 5 * 3 + 5 + 1
     assert "Sub" not in op_types and "Max" not in op_types and "Expand" not in op_types
     assert op_types.count("Resize") == 2 and op_types.count("MaxPool") == 2
+    # Each residual block's SE unit: two dense layers, as MatMul, which every ONNX runtime has (not Einsum).
+    assert op_types.count("MatMul") == 5 * 2 and "Einsum" not in op_types
 
 
 def test_training_speed_options_export_the_same_function():
@@ -218,9 +220,57 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
     _assert_close(logits, reference)
 
 
+@pytest.mark.parametrize(
+    "function",
+    [
+        lambda x: jnp.reshape(x, (x.shape[0], 8, 4, 6)),
+        lambda x: jnp.squeeze(jax.lax.slice_in_dim(x, 1, 2, axis=3), axis=3)[..., None],
+        lambda x: x.astype(jnp.float16).astype(jnp.float32),
+        lambda x: jnp.stack([x, 2 * x], axis=3).reshape(x.shape[0], 8, 8, 6),
+        lambda x: jnp.max(x, axis=(2, 3), keepdims=True) * jnp.ones_like(x),
+        lambda x: jnp.copy(x) - 2 * x,
+        # To a shape without the batch axis: a static shape tensor.
+        lambda x: x + jnp.broadcast_to(x.sum(axis=(0, 3))[:, :, None], (8, 8, 3)),
+    ],
+    ids=[
+        "reshape",
+        "squeeze",
+        "convert_element_type",
+        "stack",
+        "reduce_max",
+        "copy",
+        "static_shape",
+    ],
+)
+def test_primitives_no_model_variant_emits_translate_too(function):
+    """The translator's primitives (each named by its id) and static shape tensors, which the models of this
+    JAX version do not trace to, so that a model that does is exported right."""
+    images = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    reference = np.asarray(function(images))
+    logits, _ = _export(function).run(None, {"images": images})
+    assert logits.shape == reference.shape
+    _assert_close(logits, reference)
+
+
 def test_an_unsupported_primitive_is_named():
     with pytest.raises(NotImplementedError, match="'cumsum'"):
         onnx_export.export_function(lambda images: jnp.cumsum(images, axis=1), (8, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        (lambda x: jax.lax.slice(x, (0, 0, 0, 0), (x.shape[0] - 1, 8, 8, 1)), "ending inside a symbolic"),
+        (
+            lambda x: jax.lax.slice(x, (x.shape[0] - 1, 0, 0, 0), (x.shape[0], 8, 8, 1)),
+            "starting at a symbolic",
+        ),
+    ],
+    ids=["end", "start"],
+)
+def test_a_slice_of_the_batch_axis_by_its_size_is_refused_by_name(function, message):
+    with pytest.raises(NotImplementedError, match=f"^a slice {message} (dimension|index)$"):
+        onnx_export.export_function(function, (8, 8, 1))
 
 
 def _runtime(config, state):
