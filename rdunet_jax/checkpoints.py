@@ -60,7 +60,7 @@ def _part_and_name(path) -> tuple[str, str]:
 
 def state_checksums(state) -> dict[str, str]:
     """The CRC-32 of each top-level part of a train state (params, batch_stats, opt_state, ...) over its
-    leaves' names, dtypes, shapes and bytes, in name order; from this process's copy of replicated arrays."""
+    leaves' names, dtypes, shapes and bytes, in name order."""
     parts = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         part, name = _part_and_name(path)
@@ -69,7 +69,7 @@ def state_checksums(state) -> dict[str, str]:
     for part, leaves in parts.items():
         crc = 0
         for name, leaf in sorted(leaves, key=lambda named: named[0]):
-            array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+            array = np.asarray(leaf)  # with several processes too: the train state is fully replicated
             # A Python number (a fresh state's step) is stored, and read back, as JAX's dtype for it.
             array = array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
             crc = zlib.crc32(f"{name}:{array.dtype.str}:{array.shape}".encode(), crc)
