@@ -231,6 +231,11 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         lambda x: jnp.copy(x) - 2 * x,
         # To a shape without the batch axis: a static shape tensor.
         lambda x: x + jnp.broadcast_to(x.sum(axis=(0, 3))[:, :, None], (8, 8, 3)),
+        # Reductions whose result is the output itself, without JAX's keepdims reshape after them.
+        lambda x: jnp.sum(x, axis=3),
+        lambda x: jnp.max(x, axis=3),
+        # Max-pooling with a 3x3 window at stride 1: its spatial axes are those of the window.
+        lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME"),
     ],
     ids=[
         "reshape",
@@ -240,6 +245,9 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         "reduce_max",
         "copy",
         "static_shape",
+        "reduce_sum_output",
+        "reduce_max_output",
+        "max_pool_stride_1",
     ],
 )
 def test_primitives_no_model_variant_emits_translate_too(function):
@@ -270,6 +278,29 @@ def test_an_unsupported_primitive_is_named():
 )
 def test_a_slice_of_the_batch_axis_by_its_size_is_refused_by_name(function, message):
     with pytest.raises(NotImplementedError, match=f"^a slice {message} (dimension|index)$"):
+        onnx_export.export_function(function, (8, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        (
+            lambda x: jnp.reshape(x[:, None] * x[None, :], (x.shape[0], x.shape[0], 64)).sum(1)[
+                ..., None, None
+            ],
+            r"a shape with more than one symbolic dimension: \(batch, batch, 64\)",
+        ),
+        (
+            lambda x: jax.lax.reduce_window(
+                x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID", base_dilation=(1, 2, 2, 1)
+            ),
+            "max-pooling with base dilation",
+        ),
+    ],
+    ids=["two_symbolic_dimensions", "base_dilation"],
+)
+def test_what_onnx_cannot_express_is_refused_by_name(function, message):
+    with pytest.raises(NotImplementedError, match=f"^{message}$"):
         onnx_export.export_function(function, (8, 8, 1))
 
 
