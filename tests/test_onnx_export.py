@@ -236,6 +236,14 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         lambda x: jnp.max(x, axis=3),
         # Max-pooling with a 3x3 window at stride 1: its spatial axes are those of the window.
         lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME"),
+        # A 2x2 window at stride 1: padded after, not before; and a dilated window.
+        lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "SAME"),
+        lambda x: jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "VALID", window_dilation=(1, 2, 2, 1)
+        ),
+        # A maximum with a constant other than ReLU's 0, and a convolution scaled and shifted by scalars.
+        lambda x: jnp.maximum(x, 0.5),
+        lambda x: _conv(x, ONE_CHANNEL_KERNEL) * 2.5 + 0.5,
     ],
     ids=[
         "reshape",
@@ -248,6 +256,10 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         "reduce_sum_output",
         "reduce_max_output",
         "max_pool_stride_1",
+        "max_pool_padded_after",
+        "max_pool_dilated",
+        "maximum_not_relu",
+        "conv_scalar_affine",
     ],
 )
 def test_primitives_no_model_variant_emits_translate_too(function):
@@ -296,8 +308,12 @@ def test_a_slice_of_the_batch_axis_by_its_size_is_refused_by_name(function, mess
             ),
             "max-pooling with base dilation",
         ),
+        (
+            lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 2), (1, 2, 2, 2), "VALID"),
+            r"max-pooling that is not over the spatial axes of an \(N, C\) layout",
+        ),
     ],
-    ids=["two_symbolic_dimensions", "base_dilation"],
+    ids=["two_symbolic_dimensions", "base_dilation", "pooling_three_axes"],
 )
 def test_what_onnx_cannot_express_is_refused_by_name(function, message):
     with pytest.raises(NotImplementedError, match=f"^{message}$"):
