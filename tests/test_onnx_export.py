@@ -185,6 +185,7 @@ def _conv(images, kernel):
 
 ONE_CHANNEL_KERNEL = np.random.default_rng(2).standard_normal((3, 3, 3, 1)).astype(np.float32)
 FOUR = np.arange(1, 5, dtype=np.float32)
+FOUR_CHANNEL_KERNEL = np.random.default_rng(3).standard_normal((3, 3, 3, 4)).astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -244,6 +245,8 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         # A maximum with a constant other than ReLU's 0, and a convolution scaled and shifted by scalars.
         lambda x: jnp.maximum(x, 0.5),
         lambda x: _conv(x, ONE_CHANNEL_KERNEL) * 2.5 + 0.5,
+        # Per-channel division and subtraction folded into a convolution, then ReLU: no model divides.
+        lambda x: jax.nn.relu(_conv(x, FOUR_CHANNEL_KERNEL) / FOUR - FOUR / 8),
     ],
     ids=[
         "reshape",
@@ -260,6 +263,7 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         "max_pool_dilated",
         "maximum_not_relu",
         "conv_scalar_affine",
+        "conv_divided_minus_relu",
     ],
 )
 def test_primitives_no_model_variant_emits_translate_too(function):
