@@ -267,8 +267,8 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
     ],
 )
 def test_primitives_no_model_variant_emits_translate_too(function):
-    """The translator's primitives (each named by its id) and static shape tensors, which the models of this
-    JAX version do not trace to, so that a model that does is exported right."""
+    """Translations the models of this JAX version never exercise (primitives, each named by its id, static
+    shape tensors, pooling forms, folding by division), so that a model that does is exported right."""
     images = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
     reference = np.asarray(function(images))
     logits, _ = _export(function).run(None, {"images": images})
