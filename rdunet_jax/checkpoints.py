@@ -286,7 +286,8 @@ class RunCheckpoints:
     def restore(self, kind: str, target_state, step: int | None = None, model_config=None, data_config=None):
         """Restores (state, meta) of `kind` at `step` (the newest by default) onto `target_state`'s
         structure, or returns None when there is none. With `model_config` (and `data_config`), first
-        checks that the checkpoint was made by the same architecture (and slice orientation)."""
+        checks that the checkpoint was made by the same architecture (and slice orientation). Raises
+        ChecksumMismatchError when the arrays read back other than saved."""
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
         if step is None:

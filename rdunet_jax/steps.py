@@ -253,9 +253,13 @@ def restore_state(config, workdir, checkpoint_step: int | None = None, model=Non
                 )
             return restored[0]
         others = [other for other in available if other != step]
+        remedy = (
+            f"evaluate another with --mode=evaluate --checkpoint_step (available: {others})"
+            if others
+            else "no other step is saved: train the run again in another --workdir"
+        )
         raise UserError(
-            f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged ({damage}); evaluate "
-            f"another with --mode=evaluate --checkpoint_step (available: {others})"
+            f"checkpoint step {step} in {run_checkpoints.directory / kind} is damaged ({damage}); {remedy}"
         )
     finally:
         run_checkpoints.close()

@@ -443,6 +443,14 @@ def test_a_damaged_best_is_read_from_latest_at_its_step_and_else_is_a_user_error
     )
     restored = steps.restore_state(make_tiny_config(), tmp_path, checkpoint_step=2)
     assert int(restored.step) == int(tiny_state.step)  # the undamaged one still restores
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
+    with pytest.raises(UserError) as raised:
+        steps.restore_state(make_tiny_config(), tmp_path)
+    assert re.fullmatch(
+        rf"checkpoint step 1 in {re.escape(str(tmp_path / 'checkpoints' / 'best'))} is damaged \({reason}\); "
+        "no other step is saved: train the run again in another --workdir",
+        str(raised.value),
+    )
 
 
 @pytest.mark.parametrize(
