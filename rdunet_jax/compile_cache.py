@@ -90,6 +90,8 @@ def train_step_key(config, state: TrainState, batch: dict, steps_per_epoch: int)
         "jax_settings": _trace_settings(),
         "model": json.loads(config.model.to_json_best_effort(sort_keys=True)),
         "loss": state.loss,
+        # Set from the data source, not the model config: a batch split otherwise is another program.
+        **({"labelled_rows": state.labelled_rows} if state.labelled_rows else {}),
         # The moving average's decay is traced into the step too (the optimizer's, not the state's, setting).
         **({"consistency": [*state.consistency, config.consistency.ema_decay]} if state.consistency else {}),
         "optimizer": [*(config[key] for key in SCHEDULE_KEYS), steps_per_epoch],

@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
     # a model trained on batches mixing two datasets' slices depends on those batches' statistics, so
     # batches of one dataset alone shift every layer (issue 27's fine-tuning runs). Not architecture.
     config.model.batch_norm_frozen = False
+    # True: a batch mixing sources normalises its labelled rows and the others each by their own statistics,
+    # the running ones following the labelled rows' (domain-specific batch statistics; docs/reference.md).
+    config.model.batch_norm_by_source = False
     config.model.dtype = "float32"
     # Speed options (SPEED_OPTIONS; forms in layers.py, figures from experiments/README.md) keep the
     # parameters. Configs saved without a key ran its `before_key` form: set it to rerun them to the digit.

@@ -100,7 +100,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         config, "compilation_cache_dir", lambda value: isinstance(value, str), "a path string ('' for off)"
     )
-    for key in ("model.use_se", "model.batch_norm_frozen", "data.flip", "eval.test_time_flips"):
+    booleans = ("model.use_se", "model.batch_norm_frozen", "model.batch_norm_by_source", "data.flip")
+    for key in (*booleans, "eval.test_time_flips"):
         _require(config, key, lambda value: isinstance(value, bool), "True or False")
     _require(config, "model.block", lambda value: value in ("plain", "residual"), "'plain' or 'residual'")
     _require(config, "model.dtype", lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
@@ -196,6 +197,8 @@ def _check_consistency(config) -> None:
     if not weight:
         return
     method = {"mean_teacher": "mean teacher", "fixmatch": "FixMatch"}[config.consistency.method]
+    if config.model.get("batch_norm_by_source"):
+        raise UserError(f"model.batch_norm_by_source: not built for {method}'s unlabelled rows; set it False")
     if not fraction:
         raise UserError(
             f"consistency.weight: {method} needs unlabelled slices: set data.unlabelled_fraction > 0"

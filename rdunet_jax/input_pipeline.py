@@ -209,6 +209,14 @@ def pseudo_per_batch(batch_size: int, pseudo_fraction: float) -> int:
     return min(int(np.floor(batch_size * pseudo_fraction + 0.5)), batch_size - 1)
 
 
+def labelled_rows(source, batch_size: int) -> int:
+    """How many labelled rows open each global batch of `batch_size` from `source` (`MixedEpoch`'s order);
+    0 for a source of one kind."""
+    if not isinstance(source, datasets.pseudo_labels.MixedSource):
+        return 0
+    return batch_size - pseudo_per_batch(batch_size, source.extra_fraction)
+
+
 def preprocess_weighted(record: dict, image_size: int) -> dict:
     """`preprocess`, with the mask's second channel the per-pixel loss weight (a pseudo-label's stored
     weight, 1 everywhere for an expert mask)."""

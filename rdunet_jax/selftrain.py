@@ -76,6 +76,8 @@ STUDENT_DATA_KEYS = (
     "unlabelled_intensity_matching",
     "extra_min_lesion_fraction",
 )
+# And the model keys that act only on a student's mixed batches: the teacher's batches are of one source.
+STUDENT_MODEL_KEYS = ("batch_norm_by_source",)
 
 
 def teacher_config(config):
@@ -86,6 +88,8 @@ def teacher_config(config):
     teacher.selftrain = defaults.selftrain
     for key in STUDENT_DATA_KEYS:
         teacher.data[key] = defaults.data[key]
+    for key in STUDENT_MODEL_KEYS:
+        teacher.model[key] = defaults.model[key]
     return teacher
 
 
@@ -101,6 +105,8 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
     student.selftrain.rounds = 0
     for key in STUDENT_DATA_KEYS:
         student.data[key] = config.data[key]
+    for key in STUDENT_MODEL_KEYS:
+        student.model[key] = config.model[key]
     student.data.pseudo_label_dir = str(pseudo_label_dir)
     student.data.intensity_range = config.selftrain.student_intensity_range
     student.num_epochs = config.selftrain.student_num_epochs

@@ -31,6 +31,9 @@ class TrainState(train_state.TrainState):
     head: str = struct.field(pytree_node=False, default="binary")
     # Mean teacher's or FixMatch's settings (`mean_teacher.settings`); () trains without either.
     consistency: tuple = struct.field(pytree_node=False, default=())
+    # `model.batch_norm_by_source` in a mixed batch: its first `labelled_rows` rows (the labelled ones) and
+    # the rest are normalised each by their own batch statistics; 0 normalises the batch as one.
+    labelled_rows: int = struct.field(pytree_node=False, default=0)
 
 
 def loss_target(batch: dict, head: str):
@@ -98,6 +101,23 @@ COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZ
 EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def train_forward(state: TrainState, params, inputs, dropout_key):
+    """The model's training-mode logits of `inputs` and its new BatchNorm statistics; with
+    `state.labelled_rows`, domain-specific batch statistics: the labelled rows and the rest each normalised
+    by their own, the running statistics updated by the labelled rows' alone."""
+
+    def forward(rows, key):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        return state.apply_fn(variables, rows, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+
+    if not state.labelled_rows:
+        return forward(inputs, dropout_key)
+    logits, updates = forward(inputs[: state.labelled_rows], dropout_key)
+    # Evaluation sees labelled-like slices only, so the other source's running averages are dropped.
+    other_logits, _ = forward(inputs[state.labelled_rows :], jax.random.fold_in(dropout_key, 1))
+    return jnp.concatenate([logits, other_logits]), updates
+
+
 @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step on the batch's mean loss (`state.loss`, the paper's soft Dice by default); dropout
@@ -110,13 +130,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         inputs, consistency_term = terms(state, batch, dropout_key)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            inputs,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
-        )
+        logits, updates = train_forward(state, params, inputs, dropout_key)
         loss = jnp.mean(per_image_loss(state, logits, batch))
         if consistency_term is not None:
             loss = loss + consistency_term(logits)

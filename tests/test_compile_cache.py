@@ -157,6 +157,11 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     other.model.pool_impl = "reduce_window"
     assert compile_cache.train_step_key(other, tiny_state, batch, 2) != key
     assert compile_cache.train_step_key(config, tiny_state.replace(loss="dice_bce"), batch, 2) != key
+    # Where `model.batch_norm_by_source` splits the batch is set from the data, not the model config.
+    split = compile_cache.train_step_key(config, tiny_state.replace(labelled_rows=2), batch, 2)
+    assert split != key and split != compile_cache.train_step_key(
+        config, tiny_state.replace(labelled_rows=3), batch, 2
+    )
     half = {name: value[:1] for name, value in batch.items()}
     assert compile_cache.train_step_key(config, tiny_state, half, 2) != key
 

@@ -591,3 +591,21 @@ def test_a_mixed_batch_needs_only_its_labelled_rows_from_the_training_split(mixe
         "batch_size: 34 per host needs 17 training slices a batch, more than the training split's 16 "
         "(1 hosts)"
     )
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "fraction", "expected"), [(5, 0.2, 4), (4, 0.5, 2), (8, 0.3, 6), (2, 0.9, 1)]
+)
+def test_labelled_rows_are_the_rows_a_mixed_epoch_takes_from_the_labelled_slices(
+    batch_size, fraction, expected
+):
+    """`labelled_rows` (what `model.batch_norm_by_source` splits each batch at): the labelled rows that open
+    every batch of a `MixedEpoch`, 0 for a source of one kind."""
+    source = pseudo_labels.MixedSource(list(range(40)), list(range(100, 140)), fraction)
+    assert input_pipeline.labelled_rows(source, batch_size) == expected
+    epoch = input_pipeline.MixedEpoch(source, batch_size, seed=1, epoch=2)
+    kinds = [epoch.locate(index)[0] for index in range(len(epoch))]
+    for batch in range(len(epoch) // batch_size):
+        rows = kinds[batch * batch_size : (batch + 1) * batch_size]
+        assert rows == ["labelled"] * expected + ["pseudo"] * (batch_size - expected)
+    assert input_pipeline.labelled_rows(list(range(40)), batch_size) == 0

@@ -355,11 +355,14 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.data.pseudo_fraction = 0.34
     config.data.unlabelled_intensity_matching = "window"
     config.data.extra_min_lesion_fraction = 0.05
+    config.model.batch_norm_by_source = True
     teacher = selftrain.teacher_config(config)
     assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
     assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
     assert (student.data.extra_min_lesion_fraction, teacher.data.extra_min_lesion_fraction) == (0.05, 0.0)
+    # The teacher's batches are of one source: the setting is the student's alone.
+    assert (student.model.batch_norm_by_source, teacher.model.batch_norm_by_source) == (True, False)
     assert (student.data.unlabelled_intensity_matching, teacher.data.unlabelled_intensity_matching) == (
         "window",
         "none",
@@ -384,6 +387,28 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.batch_size += 1  # the teacher's own settings still count
     with pytest.raises(UserError, match="run with another config"):
         selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
+
+
+@pytest.mark.parametrize(("by_source", "expected"), [(True, [0, 2]), (False, [0, 0])])
+def test_batch_norm_by_source_splits_the_students_batches_at_their_labelled_rows(
+    tmp_path, monkeypatch, by_source, expected
+):
+    from rdunet_jax import train
+
+    split_at = []
+
+    def recording(config, state, *args):
+        split_at.append(state.labelled_rows)
+        return compiled_train_step(config, state, *args)
+
+    compiled_train_step = train.compiled_train_step
+    monkeypatch.setattr(train, "compiled_train_step", recording)
+    config = tiny_selftrain_config()
+    config.model.batch_norm_by_source = by_source
+    selftrain.run(config, tmp_path / "run")
+    # The teacher's batches are of one source; the student's batch of 4 opens with 2 labelled rows
+    # (data.pseudo_fraction 0.5). Off, no batch is split.
+    assert split_at == expected
 
 
 def test_a_finished_student_is_kept_for_its_own_settings_and_refused_for_other_pseudo_labels(uninterrupted):

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import reference_model as reference
 from helpers import make_tiny_config
 
 from rdunet_jax import config_lib, datasets, input_pipeline, layers, models, steps
@@ -215,3 +216,95 @@ def test_the_optimizer_is_adam_with_the_scheduled_learning_rate():
         m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
         expected = -learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
         np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=2e-5, err_msg=f"step {step}")
+
+
+def _state_with_labelled_rows(model, variables, labelled_rows: int):
+    return steps.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=optax.sgd(0.0),
+        dropout_key=jax.random.PRNGKey(0),
+        labelled_rows=labelled_rows,
+    )
+
+
+def test_batch_norm_by_source_normalises_each_source_by_its_own_statistics_against_the_reference():
+    """`model.batch_norm_by_source` (domain-specific batch statistics): the numpy reference network in its
+    training form run on the labelled rows alone and on the other rows alone gives the logits, and the
+    labelled rows alone give the running averages stored."""
+    config = config_lib.base_config()
+    config.model.features = 4
+    config.model.update(dropout_rate=0.0, batch_norm_momentum=0.8)
+    model = models.build_model(config.model)
+    rng = np.random.default_rng(3)
+    variables = models.initialize_variables(model, 32, seed=4)
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda leaf: jax.numpy.asarray(rng.uniform(0.5, 1.5, leaf.shape), jax.numpy.float32),
+        variables["batch_stats"],
+    )
+    ramp = np.linspace(-1.0, 1.0, 32)[None, :, None, None]
+    # The other source brighter and wider, as another dataset's processing would make it.
+    images = rng.normal(size=(5, 32, 32, 1)) + ramp
+    images[3:] = 3.0 * images[3:] + 2.0
+    images = images.astype(np.float32)
+    architecture = reference.Architecture.from_config(config.model)
+    labelled = reference.Variables(variables, training_momentum=0.8)
+    other = reference.Variables(variables, training_momentum=0.8)
+    want = np.concatenate(
+        [
+            reference.forward(labelled, images[:3], architecture),
+            reference.forward(other, images[3:], architecture),
+        ]
+    )
+    forward = jax.jit(lambda state, x: steps.train_forward(state, state.params, x, state.dropout_key))
+    with jax.default_matmul_precision("highest"):
+        got, updates = forward(_state_with_labelled_rows(model, variables, 3), images)
+        whole, _ = forward(_state_with_labelled_rows(model, variables, 0), images)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # The whole batch's statistics give other logits: the comparison above could fail.
+    assert np.abs(np.asarray(whole) - want).max() > 0.05 * np.abs(want).max()
+    stored = {
+        tuple(key.key for key in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0]
+    }
+    expected = {
+        (*path, name): value
+        for path, statistics in labelled.updated_stats.items()
+        for name, value in statistics.items()
+    }
+    assert sorted(stored) == sorted(expected)
+    for path, value in expected.items():
+        np.testing.assert_allclose(stored[path], value, rtol=1e-4, atol=1e-5, err_msg="/".join(path))
+
+
+def test_a_train_step_with_batch_norm_by_source_keeps_running_statistics_of_the_labelled_rows(
+    tiny_state, tiny_config
+):
+    batch = _fixed_batch(tiny_config)
+    split = tiny_state.replace(labelled_rows=2)
+    after, _ = steps.train_step(split, batch)
+    # Other images in the other rows: the same running statistics, other parameters.
+    changed = dict(batch, image=batch["image"].copy())
+    changed["image"][2:] = 1.0 - changed["image"][2:]
+    after_changed, _ = steps.train_step(split, changed)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after.batch_stats, after_changed.batch_stats)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(after.params),
+            jax.tree_util.tree_leaves(after_changed.params),
+            strict=True,
+        )
+    )
+    # Without the split they move with the other rows.
+    whole, _ = steps.train_step(tiny_state, batch)
+    whole_changed, _ = steps.train_step(tiny_state, changed)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(whole.batch_stats),
+            jax.tree_util.tree_leaves(whole_changed.batch_stats),
+            strict=True,
+        )
+    )
