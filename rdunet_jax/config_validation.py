@@ -69,20 +69,9 @@ def _is_rate_schedule(rates) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is built or compiled; raises UserError naming the bad key."""
     _check_known_keys(config)
-    for key in (
-        "num_epochs",
-        "batch_size",
-        "lr_decay_epochs",
-        "log_every_steps",
-        "data.image_size",
-        "checkpoint_every_epochs",
-        "model.features",
-        "model.depth",
-        "model.se_reduction",
-        "eval.batch_size",
-        "eval.overlay_every_epochs",
-        "eval.validate_every_epochs",
-    ):
+    counts = ("num_epochs", "batch_size", "lr_decay_epochs", "log_every_steps", "checkpoint_every_epochs")
+    sizes = ("data.image_size", "model.features", "model.depth", "model.se_reduction", "eval.batch_size")
+    for key in (*counts, *sizes, "eval.overlay_every_epochs", "eval.validate_every_epochs"):
         _require(config, key, *_POSITIVE)
     for key in ("learning_rate", "lr_decay_factor", "eval.small_lesion_area"):
         _require(
@@ -197,8 +186,6 @@ def _check_consistency(config) -> None:
     if not weight:
         return
     method = {"mean_teacher": "mean teacher", "fixmatch": "FixMatch"}[config.consistency.method]
-    if config.model.get("batch_norm_by_source"):
-        raise UserError(f"model.batch_norm_by_source: not built for {method}'s unlabelled rows; set it False")
     if not fraction:
         raise UserError(
             f"consistency.weight: {method} needs unlabelled slices: set data.unlabelled_fraction > 0"
@@ -315,6 +302,14 @@ def _check_selftrain(config) -> None:
         raise UserError(
             "data.extra_min_lesion_fraction: it filters the pseudo-labelled or extra labelled slices, and "
             "this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, data.extra_labelled_dir)"
+        )
+    if config.model.get("batch_norm_by_source") and (
+        not mixes_extra or config.model.get("batch_norm_frozen")
+    ):
+        raise UserError(
+            "model.batch_norm_by_source: it splits batches that mix in pseudo-labelled or extra labelled "
+            "slices, and this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, "
+            "data.extra_labelled_dir) or freezes BatchNorm (model.batch_norm_frozen)"
         )
     reads_pool = config.selftrain.rounds or config.data.pseudo_label_dir or config.consistency.weight
     if config.data.unlabelled_intensity_matching != "none" and not reads_pool:

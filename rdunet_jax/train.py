@@ -262,6 +262,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     started = time.perf_counter()
     state = create_train_state(config, model, steps_per_epoch)
+    # Of the global batch: the hosts' parts in host order, as jax.devices() orders the data mesh.
     if config.model.get("batch_norm_by_source"):
         state = state.replace(labelled_rows=input_pipeline.labelled_rows(train_source, config.batch_size))
     print(

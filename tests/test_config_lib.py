@@ -528,6 +528,20 @@ def _selftrain_config():
             "data.extra_min_lesion_fraction: it filters the pseudo-labelled or extra labelled slices, and "
             "this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, data.extra_labelled_dir)",
         ),
+        *(
+            (
+                make_config,
+                {"model.batch_norm_by_source": True, **changes},
+                "model.batch_norm_by_source: it splits batches that mix in pseudo-labelled or extra labelled "
+                "slices, and this config mixes in neither (selftrain.rounds, data.pseudo_label_dir, "
+                "data.extra_labelled_dir) or freezes BatchNorm (model.batch_norm_frozen)",
+            )
+            for make_config, changes in (
+                (make_tiny_config, {}),
+                (make_consistency_config, {}),  # mean teacher's unlabelled rows are not split
+                (_selftrain_config, {"model.batch_norm_frozen": True}),
+            )
+        ),
     ],
 )
 def test_semi_supervised_refusals_are_one_whole_line(make_config, changes, message):
@@ -540,7 +554,12 @@ def test_semi_supervised_keys_accept_their_bounds_and_choices():
     config.selftrain.weighting = "confidence"
     # The student filters its pseudo-labelled slices and reads the pool matched to the labelled slices.
     config.data.extra_min_lesion_fraction, config.data.unlabelled_intensity_matching = 0.05, "window"
+    config.model.batch_norm_by_source = True  # the student's batches mix in pseudo-labelled slices
     config_validation.validate(config)
+    joint = make_tiny_config()
+    joint.data.extra_labelled_dir, joint.model.batch_norm_by_source = "/data/ma2020", True
+    joint.loss = "dice_weighted"
+    config_validation.validate(joint)
     config = make_consistency_config()
     config.consistency.confidence_threshold = 0.5
     config.data.unlabelled_intensity_matching = "histogram"  # consistency training reads the pool too

@@ -201,7 +201,6 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
         ({"data.unlabelled_fraction": 0.0}, "consistency.weight: FixMatch needs unlabelled slices"),
         ({"loss": "dice"}, "loss: FixMatch's mixed batches need a weighted loss"),
         ({"selftrain.rounds": 1}, "consistency.weight: FixMatch and selftrain.rounds > 0 are alternatives"),
-        ({"model.batch_norm_by_source": True}, "model.batch_norm_by_source: not built for FixMatch's"),
     ],
 )
 def test_bad_fixmatch_settings_are_refused_naming_the_key(changes, message):

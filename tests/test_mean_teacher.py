@@ -189,10 +189,6 @@ def test_mixed_batches_hold_the_configured_share_of_unlabelled_rows_at_weight_ze
         ({"consistency.ema_decay": 1.0}, "consistency.ema_decay: must be a number in [0, 1), got 1.0"),
         ({"consistency.weight": -1.0}, "consistency.weight: must be a non-negative number, got -1.0"),
         ({"data.unlabelled_fraction": 0.1}, "data.unlabelled_fraction: 0.1 of a batch of 4 rounds to no"),
-        (
-            {"model.batch_norm_by_source": True},
-            "model.batch_norm_by_source: not built for mean teacher's unlabelled rows; set it False",
-        ),
     ],
 )
 def test_bad_consistency_settings_are_refused_naming_the_key(changes, message):

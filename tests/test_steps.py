@@ -308,3 +308,20 @@ def test_a_train_step_with_batch_norm_by_source_keeps_running_statistics_of_the_
             strict=True,
         )
     )
+
+
+def test_batch_norm_by_source_draws_the_other_rows_dropout_masks_apart(tiny_config):
+    """The two parts of a split batch are two forward passes: the other rows get their own dropout key, not
+    the labelled rows' masks again."""
+    images = np.asarray(_fixed_batch(tiny_config)["image"][:2])
+    twice = np.concatenate([images, images])  # the same rows, so the same statistics, on both sides
+    forward = jax.jit(lambda state, x: steps.train_forward(state, state.params, x, state.dropout_key))
+    logits = {}
+    for dropout_rate in (0.5, 0.0):
+        model_config = tiny_config.model.copy_and_resolve_references()
+        model_config.dropout_rate = dropout_rate
+        model = models.build_model(model_config)
+        variables = models.initialize_variables(model, tiny_config.data.image_size, seed=0)
+        logits[dropout_rate], _ = forward(_state_with_labelled_rows(model, variables, 2), twice)
+    np.testing.assert_allclose(logits[0.0][:2], logits[0.0][2:], rtol=1e-5, atol=1e-6)  # only dropout differs
+    assert np.abs(np.asarray(logits[0.5][:2]) - np.asarray(logits[0.5][2:])).max() > 1e-3
