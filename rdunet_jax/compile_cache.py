@@ -150,7 +150,9 @@ def cached_train_step(config, state: TrainState, batch: dict, steps_per_epoch: i
         loaded = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
         release_freed_memory()
         first_result = jax.block_until_ready(loaded(state, batch))
-    except Exception:  # noqa: BLE001 - XLA could not round-trip this program
+    except Exception as error:  # noqa: BLE001 - XLA could not round-trip this program
+        if _out_of_memory(error):
+            raise
         _write_marker(refused)
         return _CachedStep(compiled, batch)
     try:
@@ -168,6 +170,12 @@ def compiled_train_step(config, state: TrainState, batch: dict, steps_per_epoch:
         step = _CachedStep(train_step.lower(state, batch).compile(), batch)
     release_freed_memory()
     return step
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether `error` is the device running out of memory: a passing state of this process, not a sign
+    that the program cannot be stored (a marker would keep it from the cache for good)."""
+    return "RESOURCE_EXHAUSTED" in str(error)
 
 
 def _write_marker(path: pathlib.Path) -> None:
@@ -204,7 +212,9 @@ class _CachedStep:
         # either way not this step.
         try:
             return jax.block_until_ready(self.compiled(state, batch))
-        except Exception:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001
+            if _out_of_memory(error):
+                raise
             stored_at.unlink(missing_ok=True)
             _write_marker(stored_at.with_suffix(".unserialisable"))
             self.compiled = train_step

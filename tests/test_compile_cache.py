@@ -44,6 +44,7 @@ class _FakeSerializer:
         return name, None, None
 
     def deserialize_and_load(self, serialized, in_tree, out_tree):
+        self.trees = (in_tree, out_tree)
         compiled = self.executables[serialized]
         if not self.broken:
             return compiled
@@ -117,6 +118,57 @@ def test_a_stored_executable_that_fails_to_run_is_replaced_by_jit(tiny_state, tm
     _assert_same_step(step_function, tiny_state, batch)
 
 
+def test_out_of_memory_in_a_check_run_is_raised_and_marks_nothing(tiny_state, tmp_path, monkeypatch):
+    """A device out of memory is a passing state: the step is neither marked unserialisable nor its stored
+    file removed, as it would be for good."""
+    serializer = _FakeSerializer(broken=True)
+    serializer.error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes")
+    monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    assert not list((tmp_path / "train_step").glob("*"))
+    serializer.broken = False
+    compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    (stored,) = (tmp_path / "train_step").glob("*.bin")
+    serializer.broken = True  # the stored executable's first run runs out of memory
+    step_function = compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        step_function(tiny_state, batch)
+    assert stored.is_file() and not list((tmp_path / "train_step").glob("*.unserialisable"))
+
+
+def test_executables_are_loaded_with_jits_own_argument_and_result_trees(tiny_state, tmp_path, monkeypatch):
+    """A stored step is loaded with the trees jit itself gives the train step's arguments and results
+    (another tree would make every check run fail and mark the step)."""
+    serializer = _FakeSerializer()
+    monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    compile_cache.cached_train_step(config, tiny_state, batch, 2, devices.data_parallel_mesh())
+    lowered = steps.train_step.lower(tiny_state, batch)
+    assert serializer.trees == (lowered.in_tree, lowered.out_tree)
+
+
+def test_the_first_call_is_answered_with_the_check_runs_result_once(tiny_state, tmp_path, monkeypatch):
+    serializer = _FakeSerializer()
+    monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    step_function = compile_cache.cached_train_step(
+        config, tiny_state, batch, 2, devices.data_parallel_mesh()
+    )
+    runs = []
+    compiled = step_function.compiled
+    step_function.compiled = lambda *args: runs.append(args) or compiled(*args)
+    step_function(tiny_state, batch)
+    assert not runs  # the check run's result: the executable did not run again
+    step_function(tiny_state, batch)
+    assert len(runs) == 1
+
+
 def test_a_damaged_stored_executable_is_compiled_again(tiny_state, tmp_path, monkeypatch):
     monkeypatch.setattr(compile_cache, "serialize_executable", _FakeSerializer())
     config = _executable_config(tmp_path)
@@ -164,6 +216,15 @@ def test_the_executable_key_covers_model_schedule_and_shapes(tiny_state, tmp_pat
     )
     half = {name: value[:1] for name, value in batch.items()}
     assert compile_cache.train_step_key(config, tiny_state, half, 2) != key
+    # Same shapes, other dtypes or names: other programs.
+    narrow = dict(batch, image=batch["image"].astype(np.float16))
+    assert compile_cache.train_step_key(config, tiny_state, narrow, 2) != key
+    renamed = {"images" if name == "image" else name: value for name, value in batch.items()}
+    assert compile_cache.train_step_key(config, tiny_state, renamed, 2) != key
+    # A fresh state's step is a weakly typed Python 0; a restored one an int32 array.
+    assert isinstance(tiny_state.step, int)
+    restored = tiny_state.replace(step=jax.numpy.asarray(0, jax.numpy.int32))
+    assert compile_cache.train_step_key(config, restored, batch, 2) != key
 
 
 def test_the_executable_key_covers_xla_flags(tiny_state, tmp_path, monkeypatch):
