@@ -333,3 +333,67 @@ def test_the_executable_key_covers_every_consistency_setting_traced_into_the_ste
         config.consistency.ema_decay = 0.5  # the optimizer's moving average, not the state's
     keys.add(compile_cache.train_step_key(config, tiny_state.replace(consistency=fixmatch), batch, 2))
     assert len(keys) == 1 + len(fixmatch) + 2
+
+
+@pytest.mark.parametrize("package", ["jax", "jaxlib", "flax", "optax"])
+def test_the_executable_key_covers_each_librarys_version_and_the_device_count(
+    tiny_state, tiny_config, monkeypatch, package
+):
+    batch = _fixed_batch(tiny_config)
+    key = compile_cache.train_step_key(tiny_config, tiny_state, batch, 2)
+    version = compile_cache.importlib.metadata.version
+    monkeypatch.setattr(
+        compile_cache.importlib.metadata,
+        "version",
+        lambda name: "0.0.1-other" if name == package else version(name),
+    )
+    assert compile_cache.train_step_key(tiny_config, tiny_state, batch, 2) != key
+    monkeypatch.setattr(compile_cache.importlib.metadata, "version", version)
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert compile_cache.train_step_key(tiny_config, tiny_state, batch, 2) != key
+
+
+def test_the_sources_digest_reads_every_listed_source(monkeypatch):
+    """Each file whose code is traced into the step changes the digest on its own (a loop that stopped
+    early, or a file dropped from the list, would keep an edited model's stale executable)."""
+    package = pathlib.Path(compile_cache.__file__).parent
+    present = [name for name in compile_cache._TRAIN_STEP_SOURCES if (package / name).exists()]
+    assert {"models.py", "layers.py", "losses.py", "steps.py", "mean_teacher.py", "fixmatch.py"} <= set(
+        present
+    )
+    digest = compile_cache._sources_digest()
+    read_bytes = pathlib.Path.read_bytes
+    for name in present:
+        monkeypatch.setattr(
+            pathlib.Path,
+            "read_bytes",
+            lambda path, name=name: read_bytes(path) + (b"# edited" if path.name == name else b""),
+        )
+        assert compile_cache._sources_digest() != digest, name
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    assert compile_cache._sources_digest() == digest
+
+
+@pytest.mark.parametrize("cache_was_on", [True, False])
+def test_a_program_to_store_is_compiled_with_the_persistent_cache_off_and_it_is_restored(
+    tiny_state, tmp_path, monkeypatch, cache_was_on
+):
+    monkeypatch.setattr(compile_cache, "serialize_executable", _FakeSerializer())
+    seen = []
+
+    class Recording:
+        def lower(self, *args):
+            lowered = steps.train_step.lower(*args)
+            seen.append(jax.config.jax_enable_compilation_cache)
+            return lowered
+
+    monkeypatch.setattr(compile_cache, "train_step", Recording())
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", cache_was_on)
+    try:
+        compile_cache.cached_train_step(config, tiny_state, batch, 2, devices.data_parallel_mesh())
+        assert seen == [False] and jax.config.jax_enable_compilation_cache is cache_was_on
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
