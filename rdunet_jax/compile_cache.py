@@ -185,8 +185,13 @@ def _write_marker(path: pathlib.Path) -> None:
         pass
 
 
+def _shapes(batch: dict) -> dict:
+    """Each input's shape and dtype: what a compiled executable is fixed to."""
+    return {key: (value.shape, value.dtype) for key, value in batch.items()}
+
+
 class _CachedStep:
-    """A compiled train step for batches of one shape (others go to the jitted `train_step`).
+    """A compiled train step for batches of one shape and dtype (others go to the jitted `train_step`).
 
     `first` (state, batch, result) answers one call on exactly those objects with a result already
     computed. An executable loaded from `stored_at` is checked on its first call: if it fails, the file
@@ -195,7 +200,7 @@ class _CachedStep:
 
     def __init__(self, compiled, batch: dict, first=None, stored_at: pathlib.Path | None = None):
         self.compiled, self.first, self.stored_at = compiled, first, stored_at
-        self.shapes = {key: value.shape for key, value in batch.items()}
+        self.shapes = _shapes(batch)
 
     def __call__(self, state, batch):
         if self.first is not None:
@@ -203,7 +208,7 @@ class _CachedStep:
             self.first = None
             if state is first_state and batch is first_batch:
                 return result
-        if {key: value.shape for key, value in batch.items()} != self.shapes:
+        if _shapes(batch) != self.shapes:
             return train_step(state, batch)
         if self.stored_at is None:
             return self.compiled(state, batch)

@@ -152,6 +152,23 @@ def test_executables_are_loaded_with_jits_own_argument_and_result_trees(tiny_sta
     assert serializer.trees == (lowered.in_tree, lowered.out_tree)
 
 
+def test_a_cache_folder_that_cannot_be_written_only_costs_the_stored_step(tiny_state, tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compile_cache, "write_bytes_atomic", refuse)
+    monkeypatch.setattr(compile_cache, "write_text_atomic", refuse)
+    config = _executable_config(tmp_path)
+    batch = jax.device_put(_fixed_batch(config))
+    mesh = devices.data_parallel_mesh()
+    for serializer in (_FakeSerializer(), _FakeSerializer(broken=True)):  # the step, then the marker
+        monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
+        _assert_same_step(
+            compile_cache.cached_train_step(config, tiny_state, batch, 2, mesh), tiny_state, batch
+        )
+        assert not list(tmp_path.glob("**/*.*"))
+
+
 def test_the_first_call_is_answered_with_the_check_runs_result_once(tiny_state, tmp_path, monkeypatch):
     serializer = _FakeSerializer()
     monkeypatch.setattr(compile_cache, "serialize_executable", serializer)
@@ -265,6 +282,10 @@ def test_without_the_cache_the_step_is_compiled_before_its_first_call_and_other_
     half = {name: value[:1] for name, value in batch.items()}
     want = steps.train_step(tiny_state, half)[1]["loss"]
     assert float(step_function(tiny_state, half)[1]["loss"]) == float(want)
+    # Same shapes, another dtype: jit too, not the executable fixed to float32.
+    narrow = dict(batch, image=np.asarray(batch["image"], np.float16))
+    want = steps.train_step(tiny_state, narrow)[1]["loss"]
+    assert float(step_function(tiny_state, narrow)[1]["loss"]) == float(want)
 
 
 def _package_sources_in(jaxpr, package: pathlib.Path) -> set[str]:
