@@ -342,10 +342,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     step += 1
                     loss_check.add(step, step_metrics)
                     # The last step of an epoch is saved after validation, with the epoch's record.
-                    save_now = step % steps_per_epoch != 0 and (
-                        stop.signal_number is not None
-                        or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-                    )
+                    step_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                    save_now = step % steps_per_epoch != 0 and (stop.signal_number is not None or step_due)
                     if step % config.log_every_steps and not save_now:
                         continue
                     values = loss_check.flush()
@@ -411,8 +409,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         )
                         visualize.add_overlays_to_tensorboard(log.writer, overlays, epoch + 1)
                         log.writer.flush()
-                # After the log and overlays: a signal that arrives while they are written is saved too.
-                if _due(epoch, config.checkpoint_every_epochs, config) or stop.signal_number is not None:
+                # After the log and overlays: a signal that arrives while they are written is saved too. A
+                # last step due by checkpoint_every_steps is saved here, whether or not the epoch end is due.
+                steps_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                if (
+                    _due(epoch, config.checkpoint_every_epochs, config)
+                    or steps_due
+                    or stop.signal_number is not None
+                ):
                     save_latest(epoch + 1, None)
                 validated = (
                     f" val_loss {validation['loss']:.4f} val_dice {validation['dice']:.4f}"

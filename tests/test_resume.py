@@ -612,6 +612,59 @@ def test_checkpoint_every_epochs_saves_every_nth_epoch_end_and_a_crash_resumes_f
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
+def test_checkpoint_every_steps_saves_an_epochs_last_step_when_the_epoch_end_is_not_due(
+    tmp_path, reference, capsys
+):
+    # Every 2nd step is every epoch's end here (2 steps an epoch), none of them due by epochs (every 4th):
+    # steps 2, 4 and 6 are due by steps. They were left unsaved, for the epoch end to save.
+    def crash_at_step_7(step, state, metrics):
+        if step == 7:
+            raise _Crash
+        return state, metrics
+
+    every_2_steps = {"checkpoint_every_steps": 2, "checkpoint_every_epochs": 4}
+    with pytest.raises(_Crash):
+        _train(tmp_path, after_step=crash_at_step_7, **every_2_steps)
+    assert _steps(tmp_path, "latest") == [4, 6]  # the two newest kept
+    _train(tmp_path, **every_2_steps)
+    assert "resumed at epoch 4 (step 6)" in capsys.readouterr().out
+    _assert_ends_as_the_reference(tmp_path, reference)
+
+
+def test_the_epoch_loss_is_the_mean_of_its_steps_losses_whatever_the_logging_cadence(tmp_path):
+    losses = {}
+
+    def record(step, state, metrics):
+        losses[step] = float(metrics["loss"])
+        return state, metrics
+
+    # Logged every 3rd step of 2-step epochs: epochs' losses are flushed across log steps and epoch ends.
+    _train(tmp_path, after_step=record, log_every_steps=3, checkpoint_every_steps=0)
+    records = _log_records(tmp_path)
+    assert [record["epoch"] for record in records] == [1, 2, 3, 4]
+    for record in records:
+        first = 2 * record["epoch"] - 1
+        np.testing.assert_allclose(record["loss"], (losses[first] + losses[first + 1]) / 2, rtol=1e-6)
+
+
+def test_a_validation_loss_equal_to_the_best_does_not_replace_it(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(INJECTED_VALIDATION_LOSS, 6, 0.3)  # ties epoch 2's best
+        _train(tmp_path, checkpoint_every_steps=0)
+    assert _steps(tmp_path, "best") == [BEST_STEP]
+    state, meta = _restore(tmp_path, "best")
+    assert (meta["best_epoch"], meta["best_val_loss"]) == (2, 0.3)
+
+
+def test_remaining_time_is_printed_in_hours_minutes_and_seconds():
+    assert [train._format_seconds(seconds) for seconds in (5, 68.4, 3725, 0)] == [
+        "0m05s",
+        "1m08s",
+        "1h02m05s",
+        "0m00s",
+    ]
+
+
 def test_validation_and_overlays_every_nth_epoch_keep_the_weights_and_pick_the_best_among_those_epochs(
     tmp_path, reference, monkeypatch
 ):
