@@ -612,6 +612,35 @@ def test_checkpoint_every_epochs_saves_every_nth_epoch_end_and_a_crash_resumes_f
     _assert_ends_as_the_reference(tmp_path, reference)
 
 
+def test_a_signal_or_a_due_save_between_log_steps_is_saved_at_its_step(tmp_path):
+    # Logged every 4th step: steps 1 and 3 are not log steps, yet their saves must not wait for one.
+    _stop_by_signal(tmp_path / "signal", signal.SIGTERM, 3, log_every_steps=4, checkpoint_every_steps=0)
+    assert _steps(tmp_path / "signal", "latest") == [2, 3]
+
+    def crash_at_step_2(step, state, metrics):
+        if step == 2:
+            raise _Crash
+        return state, metrics
+
+    with pytest.raises(_Crash):
+        _train(tmp_path / "due", after_step=crash_at_step_2, log_every_steps=4)
+    assert _steps(tmp_path / "due", "latest") == [1]
+
+
+def test_validation_dice_is_logged_as_the_evaluation_gave_it(tmp_path):
+    real_validation, dice = evaluate.evaluate_source, []
+
+    def recording(*args, **kwargs):
+        summary = real_validation(*args, **kwargs)
+        dice.append(summary["dice"])
+        return summary
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "evaluate_source", recording)
+        _train(tmp_path, checkpoint_every_steps=0)
+    assert len(dice) == 4 and [record["val_dice"] for record in _log_records(tmp_path)] == dice
+
+
 def test_checkpoint_every_steps_saves_an_epochs_last_step_when_the_epoch_end_is_not_due(
     tmp_path, reference, capsys
 ):
