@@ -1035,3 +1035,6 @@ def test_images_per_second_time_the_train_steps_and_the_time_left_counts_the_epo
     printed = re.findall(r"step (\d+)/8 ([\d.]+) img/s loss \S+ left (\S+)", capsys.readouterr().out)
     # Step 3 starts the clock; steps 4 to 6 take 3 s and epoch 2's validation 100 s.
     assert printed == [("6", f"{config.batch_size:.1f}", train._format_seconds(2 * 103 / 3))]
+    # Each epoch's logged time: its two steps and its validation.
+    logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [record["seconds"] for record in logged] == [102.0] * 4
