@@ -335,6 +335,17 @@ def test_the_executable_key_covers_jax_settings_that_change_the_traced_program(
         assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
     with jax.default_matmul_precision("highest"):
         assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+    if trace_context:  # an enum-valued setting
+        with jax.numpy_dtype_promotion("strict"):
+            assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key
+    else:  # each public setting of the fallback list
+        for name, other in (("jax_enable_x64", True), ("jax_default_prng_impl", "rbg")):
+            before = getattr(jax.config, name)
+            jax.config.update(name, other)
+            try:
+                assert compile_cache.train_step_key(config, tiny_state, batch, 2) != key, name
+            finally:
+                jax.config.update(name, before)
     assert compile_cache.train_step_key(config, tiny_state, batch, 2) == key
 
 
