@@ -83,6 +83,10 @@ def parse_flags(argv):
     try:
         remaining = FLAGS(argv)
     except flags.Error as error:
+        if "Error whilst parsing config file" in str(error):
+            # ml_collections wraps a ValueError or TypeError of the file's own code in its traceback, whose
+            # last line is the reason.
+            _fail(f"--config: cannot load the config file: {_last_line(error)}")
         _fail(str(error).splitlines()[0])
     except (AttributeError, KeyError) as error:
         # ml_collections raises these for `--config.KEY` naming no key of the config: the KeyError's
@@ -125,7 +129,7 @@ def parse_flags(argv):
     return remaining
 
 
-def _last_line(error: OSError) -> str:
+def _last_line(error: Exception) -> str:
     """The reason ml_collections gives last in its loading error ('[Errno 2] No such file ...')."""
     return [line.strip() for line in str(error).splitlines() if line.strip()][-1]
 

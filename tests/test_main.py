@@ -138,8 +138,16 @@ def test_a_config_key_that_does_not_exist_is_one_clean_line_naming_the_flag(tmp_
             "    return ml_collections.ConfigDict({'name': 'partial', 'num_epochs': 1})\n",
             "batch_size: missing from the config; build it on rdunet_jax.config_lib.base_config()",
         ),
+        (
+            'def get_config():\n    return int("x")\n',
+            "--config: cannot load the config file: ValueError: invalid literal for int() with base 10: 'x'",
+        ),
+        (
+            "def get_config():\n    return 1 / 0\n",
+            "--config: cannot load the config file: ZeroDivisionError: division by zero",
+        ),
     ],
-    ids=["a dict", "no get_config", "not built on base_config"],
+    ids=["a dict", "no get_config", "not built on base_config", "a ValueError", "another error"],
 )
 def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_file, message):
     # These gave tracebacks (exit 1), or called a missing get_config an unknown key.
@@ -301,6 +309,124 @@ def test_only_a_file_system_refusal_is_one_line_and_another_os_error_keeps_its_t
         with pytest.raises(OSError) as raised:
             main.main(["prog"])
         assert raised.value is error
+
+
+@pytest.mark.parametrize(
+    "refusal", [errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.ENOSPC, errno.ENAMETOOLONG]
+)
+def test_every_file_system_refusal_naming_a_path_is_one_line_and_one_naming_none_keeps_its_traceback(
+    monkeypatch, capsys, refusal
+):
+    def failing(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(main, "run", failing(OSError(refusal, "Refused", "/out")))
+    with pytest.raises(SystemExit) as exited:
+        main.main(["prog"])
+    assert (exited.value.code, capsys.readouterr().err) == (2, "error: /out: Refused\n")
+    unnamed = OSError(refusal, "Refused")
+    monkeypatch.setattr(main, "run", failing(unnamed))
+    with pytest.raises(OSError) as raised:
+        main.main(["prog"])
+    assert raised.value is unnamed
+
+
+def test_a_stop_or_interrupt_exits_128_plus_the_signal_with_one_line(monkeypatch, capsys):
+    from rdunet_jax.train import TrainingStopped
+
+    for error, code, line in (
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (
+            TrainingStopped(signal.SIGINT, 6, "d"),
+            130,
+            "stopped by SIGINT at step 6; checkpoint saved in d; run the same command to resume",
+        ),
+    ):
+
+        def run(argv, error=error):
+            raise error
+
+        monkeypatch.setattr(main, "run", run)
+        with pytest.raises(SystemExit) as exited:
+            main.main(["prog"])
+        assert (exited.value.code, capsys.readouterr().err) == (code, line + "\n")
+
+
+def _recorded_call(monkeypatch, module, function: str, argv: list[str], config="configs/demo.py:tiny"):
+    """The arguments `main.run` passes to `module.function` under the command line `argv`."""
+    calls = []
+    monkeypatch.setattr(module, function, lambda *args, **kwargs: calls.append((args, kwargs)))
+    main.parse_flags(["prog", "--config", config, *argv])
+    try:
+        main.run(["prog"])
+    finally:
+        main.FLAGS.unparse_flags()
+    (call,) = calls
+    return call
+
+
+def test_each_mode_is_given_the_flags_it_reads(monkeypatch, tmp_path):
+    from rdunet_jax import evaluate, onnx_export, predict
+
+    args, kwargs = _recorded_call(
+        monkeypatch,
+        predict,
+        "predict_path",
+        [
+            "--mode=predict",
+            "--input=a.dcm",
+            "--output=out",
+            "--overwrite",
+            "--checkpoint_step=4",
+            "--ground_truth=t.png",
+            "--series=1.2.3",
+            "--input_window=match",
+        ],
+    )
+    assert (str(args[1]), args[2:]) == ("runs/demo_tiny", ("a.dcm", "out"))
+    assert kwargs == {
+        "overwrite": True,
+        "checkpoint_step": 4,
+        "ground_truth": "t.png",
+        "input_units": None,
+        "series": "1.2.3",
+        "input_window": "match",
+    }
+    args, _ = _recorded_call(
+        monkeypatch, evaluate, "evaluate_workdir", ["--mode=evaluate", "--checkpoint_step=4"]
+    )
+    assert (str(args[1]), args[2]) == ("runs/demo_tiny", 4)
+    args, _ = _recorded_call(
+        monkeypatch,
+        onnx_export,
+        "export_workdir",
+        ["--mode=export", "--output=m.onnx", "--overwrite", "--checkpoint_step=4", "--workdir=w"],
+    )
+    assert (str(args[1]), args[2:]) == ("w", ("m.onnx", True, 4))
+    # A self-training run is evaluated, exported and predicted with its last round's student.
+    two_rounds = tmp_path / "two_rounds.py"
+    two_rounds.write_text(
+        "from rdunet_jax import config_lib\n\n\ndef get_config():\n"
+        "    config = config_lib.base_config()\n    config.selftrain.rounds = 2\n    return config\n"
+    )
+    for module, function, mode in (
+        (evaluate, "evaluate_workdir", "evaluate"),
+        (onnx_export, "export_workdir", "export"),
+        (predict, "predict_path", "predict --input=a.png"),
+    ):
+        args, _ = _recorded_call(
+            monkeypatch, module, function, [*f"--mode={mode}".split(), "--workdir=w"], str(two_rounds)
+        )
+        assert str(args[1]) == "w/student2", mode
+
+
+def test_unexpected_positional_arguments_are_refused():
+    for extra in (["extra"], ["extra", "more"]):
+        with pytest.raises(UserError, match=f"^unexpected arguments: {' '.join(extra)}$"):
+            main.run(["prog", *extra])
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
