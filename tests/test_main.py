@@ -165,6 +165,20 @@ def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_
 
 @pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
 @pytest.mark.parametrize("overrides", [(), ("--config.num_epochs=3",)], ids=["alone", "with an override"])
+def test_a_config_files_own_refusal_of_its_argument_is_its_line_alone():
+    result = subprocess.run(
+        [sys.executable, "-m", "rdunet_jax.main", "--config=configs/demo.py:huge"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()) == (
+        2,
+        ["error: configs/demo.py: unknown argument 'huge'; use 'full' or 'tiny'"],
+    )
+
+
 def test_a_config_file_that_is_not_there_is_one_line_naming_it(tmp_path, relative, overrides):
     # It was called "not _ErrorConfig", as if get_config() had returned the wrong type, and with an
     # override the message named no file.
@@ -233,6 +247,15 @@ def test_export_without_output_or_checkpoint_is_a_one_line_error(tmp_path):
             "train",
             "--overwrite",
             "--overwrite: --mode=train does not use it (only --mode=predict or --mode=export)",
+        ),
+        *(
+            ("train", f"--{name}={value}", f"--{name}: --mode=train does not use it (only --mode=predict)")
+            for name, value in (
+                ("input", "a.png"),
+                ("ground_truth", "t.png"),
+                ("input_window", "match"),
+                ("series", "1.2"),
+            )
         ),
     ],
 )
