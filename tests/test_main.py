@@ -163,8 +163,6 @@ def test_a_broken_config_file_is_one_line_naming_what_is_wrong(tmp_path, config_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.py"]  # no runs/ folder
 
 
-@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
-@pytest.mark.parametrize("overrides", [(), ("--config.num_epochs=3",)], ids=["alone", "with an override"])
 def test_a_config_files_own_refusal_of_its_argument_is_its_line_alone():
     result = subprocess.run(
         [sys.executable, "-m", "rdunet_jax.main", "--config=configs/demo.py:huge"],
@@ -179,6 +177,8 @@ def test_a_config_files_own_refusal_of_its_argument_is_its_line_alone():
     )
 
 
+@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
+@pytest.mark.parametrize("overrides", [(), ("--config.num_epochs=3",)], ids=["alone", "with an override"])
 def test_a_config_file_that_is_not_there_is_one_line_naming_it(tmp_path, relative, overrides):
     # It was called "not _ErrorConfig", as if get_config() had returned the wrong type, and with an
     # override the message named no file.
