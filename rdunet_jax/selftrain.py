@@ -213,13 +213,14 @@ def train_stage(config, folder: pathlib.Path, name: str) -> dict:
 SUMMARY_DEFAULTS = {"unlabelled_intensity_matching": "none"}
 
 
-def _stage_config_digest(model_folder: pathlib.Path) -> str | None:
-    """A digest of the config a finished training stage recorded (None when it records none)."""
+def _stage_config_digest(model_folder: pathlib.Path, part: str = "config") -> str | None:
+    """A digest of the config (or, with part='result', the outcome) a finished training stage recorded
+    (None when it records none)."""
     marker = model_folder / STAGE_DONE
     if not marker.is_file():
         return None
-    stage_config = json.loads(marker.read_text())["config"]
-    return hashlib.sha256(json.dumps(stage_config, sort_keys=True).encode()).hexdigest()[:16]
+    recorded = json.loads(marker.read_text())[part]
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
@@ -241,6 +242,9 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "mask_threshold": config.eval.threshold,
         "unlabelled_intensity_matching": config.data.unlabelled_intensity_matching,
         "model_config_digest": _stage_config_digest(model_folder),
+        # The same config trained again (its folder removed) may be other weights: its recorded outcome
+        # tells them apart.
+        "model_result_digest": _stage_config_digest(model_folder, "result"),
     }
     if (folder / pseudo_labels.SUMMARY).is_file():
         summary = pseudo_labels.read_summary(folder)
@@ -249,7 +253,7 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
             stored_setting = summary.get(key, SUMMARY_DEFAULTS.get(key, value))
             if stored_setting == value:
                 continue
-            if key == "model_config_digest":
+            if key in ("model_config_digest", "model_result_digest"):
                 what, asked = "another model", "a retrained one"
             else:
                 what, asked = f"{key} {stored_setting}", value

@@ -471,7 +471,7 @@ def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path
     shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
     summary = json.loads((folder / pseudo_labels.SUMMARY).read_text())
     # Written before they were recorded.
-    for key in ("unlabelled_intensity_matching", "model_config_digest", "pool_digest"):
+    for key in ("unlabelled_intensity_matching", "model_config_digest", "model_result_digest", "pool_digest"):
         del summary[key]
     (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
     config = tiny_selftrain_config()
@@ -489,6 +489,44 @@ def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path
     (folder / pseudo_labels.SUMMARY).write_text(json.dumps(summary))
     with pytest.raises(UserError, match="made with another model, the config asks for a retrained one"):
         selftrain.write_pseudo_labels(tiny_selftrain_config(), workdir / "teacher", teacher, folder)
+
+
+def test_a_run_in_a_relative_workdir_keeps_its_finished_stages(tmp_path, monkeypatch, capsys):
+    """The command's default workdir is relative (runs/<name>): the student records its pseudo-label and
+    teacher folders absolute, and a rerun from the same folder finds every stage finished."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_selftrain_config()
+    config.selftrain.student_init = "teacher"
+    selftrain.run(config, pathlib.Path("run"))
+    student = json.loads((tmp_path / "run" / "student1" / "config.json").read_text())
+    assert student["data"]["pseudo_label_dir"] == str(tmp_path / "run" / "pseudo_labels" / "round1")
+    assert student["model_init"] == str(tmp_path / "run" / "teacher")
+    capsys.readouterr()
+    selftrain.run(config, pathlib.Path("run"))
+    printed = capsys.readouterr().out
+    assert printed.count("finished before") == 3 and "training in" not in printed
+
+
+def test_pseudo_labels_of_a_teacher_trained_again_with_the_same_config_are_refused(uninterrupted, tmp_path):
+    """A teacher's folder removed and trained again with the same config may be other weights (a GPU's
+    kernels): its recorded outcome differs, and its predecessor's pseudo-labels are not reused."""
+    workdir, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(workdir / "teacher", run / "teacher", ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(workdir / "pseudo_labels", run / "pseudo_labels")
+    config = tiny_selftrain_config()
+    teacher = selftrain.teacher_config(config)
+    folder = run / "pseudo_labels" / "round1"
+    assert selftrain.write_pseudo_labels(config, run / "teacher", teacher, folder)  # the same teacher
+    stage = json.loads((run / "teacher" / selftrain.STAGE_DONE).read_text())
+    stage["result"]["dice"] += 0.01  # the same config, another outcome
+    (run / "teacher" / selftrain.STAGE_DONE).write_text(json.dumps(stage))
+    with pytest.raises(UserError) as raised:
+        selftrain.write_pseudo_labels(config, run / "teacher", teacher, folder)
+    assert str(raised.value) == (
+        f"{folder}: these pseudo-labels were made with another model, the config asks for a retrained one; "
+        "use another --workdir (or remove the folder)"
+    )
 
 
 def test_a_pseudo_label_folder_is_read_with_the_matching_it_was_made_with(uninterrupted):
