@@ -465,7 +465,7 @@ def test_pool_intensity_experiment_reports_each_matching_mode_on_the_teacher(uni
     ]
 
 
-def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path):
+def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path, capsys):
     workdir, _ = uninterrupted
     folder = tmp_path / "round1"
     shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
@@ -478,6 +478,7 @@ def test_pseudo_labels_of_older_code_or_of_another_model(uninterrupted, tmp_path
     teacher = selftrain.teacher_config(config)
     totals = selftrain.write_pseudo_labels(config, workdir / "teacher", teacher, folder)
     assert totals == summary["totals"]  # made without matching, by a model it cannot tell: reused
+    assert capsys.readouterr().err == ""  # no pool digest recorded: no warning of other pixels
     config.data.unlabelled_intensity_matching = "window"
     with pytest.raises(UserError) as raised:
         selftrain.write_pseudo_labels(config, workdir / "teacher", teacher, folder)
