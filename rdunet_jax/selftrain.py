@@ -246,6 +246,9 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         # tells them apart.
         "model_result_digest": _stage_config_digest(model_folder, "result"),
     }
+    # Every host looks only once all have arrived: one that looked after the first host's summary was in
+    # place would skip the barrier below that the first host waits at.
+    devices.wait_for_every_host(f"rdunet_pseudo_labels_check_{folder.name}")
     if (folder / pseudo_labels.SUMMARY).is_file():
         summary = pseudo_labels.read_summary(folder)
         for key, value in settings.items():

@@ -193,10 +193,13 @@ def test_a_host_other_than_the_first_waits_for_its_pseudo_labels_and_writes_none
     workdir, _ = uninterrupted
     folder = tmp_path / "round1"
 
+    barriers = []
+
     def first_host_writes(name):
-        assert name == "rdunet_pseudo_labels_round1"
-        assert not folder.exists() and not (tmp_path / "round1.partial").exists()
-        shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
+        barriers.append(name)
+        if name == "rdunet_pseudo_labels_round1":
+            assert not folder.exists() and not (tmp_path / "round1.partial").exists()
+            shutil.copytree(workdir / "pseudo_labels" / "round1", folder)
 
     monkeypatch.setattr(selftrain.jax, "process_index", lambda: 1)
     monkeypatch.setattr(selftrain.devices, "wait_for_every_host", first_host_writes)
@@ -206,6 +209,11 @@ def test_a_host_other_than_the_first_waits_for_its_pseudo_labels_and_writes_none
         config, workdir / "teacher", selftrain.teacher_config(config), folder
     )
     assert totals == json.loads((folder / pseudo_labels.SUMMARY).read_text())["totals"]
+    # Every host meets before looking, then once the first host's folder is in place; a rerun that finds
+    # it meets once, as every host then finds it.
+    assert barriers == ["rdunet_pseudo_labels_check_round1", "rdunet_pseudo_labels_round1"]
+    selftrain.write_pseudo_labels(config, workdir / "teacher", selftrain.teacher_config(config), folder)
+    assert barriers[2:] == ["rdunet_pseudo_labels_check_round1"]
 
 
 def tiny_selftrain_config():
