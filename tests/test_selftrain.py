@@ -1026,3 +1026,44 @@ def test_pseudo_labels_of_a_pool_replaced_by_as_many_other_slices_are_refused_no
         "the folder (and the students trained on it) to predict them again"
     ]
     assert json.loads((folder / pseudo_labels.SUMMARY).read_text()) == stored
+
+
+def test_a_second_round_learns_from_the_first_students_pseudo_labels_and_ends_with_its_student(
+    tmp_path, monkeypatch
+):
+    """The loop of rounds without training: each round pseudo-labels the pool with the model before it (the
+    teacher, then student 1), and the run's final model is the last round's student."""
+    labelled, trained = [], []
+
+    def train_stage(stage_config, folder, name):
+        trained.append((name, folder, stage_config))
+        folder.mkdir(parents=True)
+        return {"split": "test", "dice": 0.5 + 0.1 * len(trained)}
+
+    def write_pseudo_labels(config, model_folder, model_config, folder):
+        labelled.append((model_folder, model_config, folder))
+        return {"num_slices": POOL_SIZE}
+
+    monkeypatch.setattr(selftrain, "train_stage", train_stage)
+    monkeypatch.setattr(selftrain, "write_pseudo_labels", write_pseudo_labels)
+    config = tiny_selftrain_config()
+    config.selftrain.rounds, config.selftrain.student_init = 2, "teacher"
+    workdir = tmp_path / "run"
+    summary = selftrain._run_stages(config, workdir)
+    assert [name for name, _, _ in trained] == ["teacher", "student 1", "student 2"]
+    assert [folder for _, folder, _ in trained] == [
+        workdir / "teacher",
+        workdir / "student1",
+        workdir / "student2",
+    ]
+    assert [(model, folder) for model, _, folder in labelled] == [
+        (workdir / "teacher", workdir / "pseudo_labels" / "round1"),
+        (workdir / "student1", workdir / "pseudo_labels" / "round2"),
+    ]
+    assert labelled[1][1] is trained[1][2]  # round 2 predicts with student 1's own config
+    student2 = trained[2][2]
+    assert student2.model_init == str((workdir / "student1").absolute())
+    assert student2.data.pseudo_label_dir == str((workdir / "pseudo_labels" / "round2").absolute())
+    assert summary["final"] == {"split": "test", "dice": 0.8} and summary["final_model"] == str(
+        workdir / "student2"
+    )
