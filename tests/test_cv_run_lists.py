@@ -9,7 +9,7 @@ import pytest
 from helpers import make_ma2020, make_semiseg
 
 from experiments import prepare_cv
-from rdunet_jax import config_validation, selftrain
+from rdunet_jax import config_lib, config_validation, selftrain
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 RUN_LISTS = sorted(EXPERIMENTS.glob("*_cv_runs.txt"))
@@ -71,7 +71,10 @@ def _student_settings(config: dict, keys: dict) -> dict:
     schedule = {key: config[key] for key in ("num_epochs", "lr_decay_epochs", "batch_size")}
     selftrain_settings = {key: config["selftrain"][key] for key in keys if key != "rounds"}
     data = {key: config["data"][key] for key in selftrain.STUDENT_DATA_KEYS if key != "pseudo_label_dir"}
-    return {"schedule": schedule, "selftrain": selftrain_settings, "data": data}
+    # A record that predates a model key ran its default.
+    defaults = config_lib.base_config().model
+    model = {key: config["model"].get(key, defaults[key]) for key in selftrain.STUDENT_MODEL_KEYS}
+    return {"schedule": schedule, "selftrain": selftrain_settings, "data": data, "model": model}
 
 
 @pytest.mark.parametrize("run_list", RUN_LISTS, ids=[path.name for path in RUN_LISTS])
