@@ -227,6 +227,11 @@ def _due(epoch: int, every: int, config) -> bool:
     return (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs
 
 
+def _step_due(step: int, config) -> bool:
+    """Whether `checkpoint_every_steps` saves `latest` at (1-based) `step`."""
+    return bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains (resuming if `workdir` has a checkpoint), then evaluates the `eval.checkpoint` checkpoint.
 
@@ -342,8 +347,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     step += 1
                     loss_check.add(step, step_metrics)
                     # The last step of an epoch is saved after validation, with the epoch's record.
-                    step_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                    save_now = step % steps_per_epoch != 0 and (stop.signal_number is not None or step_due)
+                    save_now = step % steps_per_epoch != 0 and (
+                        stop.signal_number is not None or _step_due(step, config)
+                    )
                     if step % config.log_every_steps and not save_now:
                         continue
                     values = loss_check.flush()
@@ -411,10 +417,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         log.writer.flush()
                 # After the log and overlays: a signal that arrives while they are written is saved too. A
                 # last step due by checkpoint_every_steps is saved here, whether or not the epoch end is due.
-                steps_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
                 if (
                     _due(epoch, config.checkpoint_every_epochs, config)
-                    or steps_due
+                    or _step_due(step, config)
                     or stop.signal_number is not None
                 ):
                     save_latest(epoch + 1, None)

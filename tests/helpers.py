@@ -411,3 +411,20 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
                 if value.WhichOneof("value") == "simple_value":  # not the overlays' images
                     shown.setdefault(value.tag, []).append((event.step, value.simple_value))
     return shown
+
+
+def assert_running_stats_as_the_reference(batch_stats, reader) -> None:
+    """Every BatchNorm's stored running averages (a Flax `batch_stats` tree) are the ones the numpy
+    reference's training-mode `reader` (reference_model.Variables) recorded, and no other is stored."""
+    stored = {
+        tuple(key.key for key in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch_stats)[0]
+    }
+    expected = {
+        (*path, name): value
+        for path, statistics in reader.updated_stats.items()
+        for name, value in statistics.items()
+    }
+    assert sorted(stored) == sorted(expected)  # every BatchNorm updated its running averages
+    for path, value in expected.items():
+        np.testing.assert_allclose(stored[path], value, rtol=1e-4, atol=1e-5, err_msg="/".join(path))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_model as reference
-from helpers import init_variables
+from helpers import assert_running_stats_as_the_reference, init_variables
 from scipy import ndimage
 
 from rdunet_jax import config_lib, config_validation, inference, layers, models
@@ -154,18 +154,7 @@ def test_training_forward_pass_normalises_by_the_batch_and_updates_running_avera
     with jax.default_matmul_precision("highest"):
         got, updates = apply(variables, images)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    stored = {
-        tuple(key.key for key in path): np.asarray(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0]
-    }
-    expected = {
-        (*path, name): value
-        for path, statistics in reader.updated_stats.items()
-        for name, value in statistics.items()
-    }
-    assert sorted(stored) == sorted(expected)  # every BatchNorm updated its running averages
-    for path, value in expected.items():
-        np.testing.assert_allclose(stored[path], value, rtol=1e-4, atol=1e-5, err_msg="/".join(path))
+    assert_running_stats_as_the_reference(updates["batch_stats"], reader)
 
 
 @pytest.mark.parametrize("batch_norm_impl", config_lib.SPEED_OPTIONS["batch_norm_impl"].choices)
