@@ -217,6 +217,14 @@ def labelled_rows(source, batch_size: int) -> int:
     return batch_size - pseudo_per_batch(batch_size, source.extra_fraction)
 
 
+def batch_norm_split_row(source, config) -> int:
+    """Where `model.batch_norm_by_source` (domain-specific batch statistics) splits each training batch:
+    the labelled rows of the global batch, 0 where the setting is off."""
+    # The step sees the global batch, the hosts' parts in host order (`devices.host_batches`), not one
+    # host's part: a host's part of a mixed batch has another split.
+    return labelled_rows(source, config.batch_size) if config.model.get("batch_norm_by_source") else 0
+
+
 def preprocess_weighted(record: dict, image_size: int) -> dict:
     """`preprocess`, with the mask's second channel the per-pixel loss weight (a pseudo-label's stored
     weight, 1 everywhere for an expert mask)."""

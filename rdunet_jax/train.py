@@ -268,8 +268,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     started = time.perf_counter()
     state = create_train_state(config, model, steps_per_epoch)
     # Of the global batch: the hosts' parts in host order, as jax.devices() orders the data mesh.
-    if config.model.get("batch_norm_by_source"):
-        state = state.replace(labelled_rows=input_pipeline.labelled_rows(train_source, config.batch_size))
+    state = state.replace(labelled_rows=input_pipeline.batch_norm_split_row(train_source, config))
     print(
         f"model {config.model.variant}: {models.count_parameters(state.params):,} parameters "
         f"(built in {time.perf_counter() - started:.1f}s); "

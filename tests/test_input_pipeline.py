@@ -4,13 +4,15 @@ import shutil
 import time
 
 import grain
+import jax
+import ml_collections
 import numpy as np
 import pytest
 from helpers import write_pseudo_label_folder
 from PIL import Image
 from scipy import ndimage
 
-from rdunet_jax import config_lib, datasets, input_pipeline
+from rdunet_jax import config_lib, datasets, devices, input_pipeline
 from rdunet_jax.datasets import pseudo_labels
 
 IMAGE_SIZE, BATCH_SIZE = 32, 4
@@ -579,6 +581,30 @@ def test_a_mixed_epoch_with_two_labelled_rows_a_batch_uses_each_labelled_slice_o
     epoch = input_pipeline.MixedEpoch(source, batch_size=4, seed=3, epoch=0)
     labelled = [epoch[batch * 4 + row] for batch in range(3) for row in range(2)]
     assert labelled == list(epoch.labelled_order[:6]) and len(set(labelled)) == 6
+
+
+@pytest.mark.parametrize(("num_hosts", "batch_size"), [(1, 4), (2, 4), (2, 6), (3, 6)])
+def test_batch_norm_splits_the_global_batch_at_its_labelled_rows_whatever_the_hosts(
+    monkeypatch, mixed_data, num_hosts, batch_size
+):
+    """Every host's step sees the global batch, the hosts' parts in host order: `batch_norm_split_row` is
+    where its expert-masked rows (weight 1) end, not where one host's part of it would split."""
+    config = ml_collections.ConfigDict({"data": mixed_data, "batch_size": batch_size, "seed": 0})
+    config.model = {"batch_norm_by_source": True}
+    source = datasets.load_source(mixed_data, "train")
+    parts = []
+    for host in range(num_hosts):
+        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+        monkeypatch.setattr(jax, "process_count", lambda: num_hosts)
+        parts.append(list(devices.host_batches(source, config, epoch=1)))
+        split = input_pipeline.batch_norm_split_row(source, config)  # as each host's train.py computes it
+        assert split == batch_size // 2  # half of each batch pseudo-labelled
+    for step_parts in zip(*parts, strict=True):
+        weights = np.concatenate([part["mask"][..., 1] for part in step_parts])
+        labelled = [bool(np.all(weight == 1.0)) for weight in weights]
+        assert labelled == [True] * split + [False] * (batch_size - split)
+    config.model.batch_norm_by_source = False
+    assert input_pipeline.batch_norm_split_row(source, config) == 0
 
 
 def test_a_mixed_batch_needs_only_its_labelled_rows_from_the_training_split(mixed_data):
