@@ -198,3 +198,43 @@ def test_one_process_data_mesh_sharded_batch_replicas_and_the_batch_check():
     assert refusal(devices.check_batch_divides, 6, types.SimpleNamespace(size=4)) == (
         "batch_size: 6 does not divide over the 4 devices of this run"
     )
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+def test_wait_for_every_host_is_an_hour_long_barrier_of_every_process_and_nothing_alone(
+    monkeypatch, num_processes
+):
+    calls = []
+    monkeypatch.setattr(devices.jax, "process_count", lambda: num_processes)
+    monkeypatch.setattr(
+        devices.ocp.multihost, "sync_global_processes", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
+    devices.wait_for_every_host("rdunet_step")
+    # The coordination service's barrier, not a device collective (XLA:CPU's Gloo gives up after 30 s),
+    # over every process, waiting out a compile of minutes (orbax's default is 300 s).
+    expected = [(("rdunet_step",), {"timeout": 3600, "processes": set(range(num_processes))})]
+    assert calls == (expected if num_processes > 1 else [])
+
+
+def test_the_compilation_cache_makes_its_folder_and_caches_every_compiled_program(tmp_path):
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: getattr(devices.jax.config, name) for name in names}
+    try:
+        devices.enable_compilation_cache("")  # off: nothing changes
+        assert {name: getattr(devices.jax.config, name) for name in names} == saved
+        folder = tmp_path / "cache" / "nested"
+        devices.enable_compilation_cache(str(folder))
+        # Every program, however fast it compiles: the tests' small steps compile in under a second.
+        assert folder.is_dir()
+        assert [getattr(devices.jax.config, name) for name in names] == [str(folder), 0.0, 0]
+        (tmp_path / "file").write_text("")
+        assert refusal(devices.enable_compilation_cache, str(tmp_path / "file" / "cache")) == (
+            f"compilation_cache_dir: cannot use {tmp_path / 'file' / 'cache'} as a folder (Not a directory)"
+        )
+    finally:
+        for name, value in saved.items():
+            devices.jax.config.update(name, value)

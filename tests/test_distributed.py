@@ -147,6 +147,50 @@ def test_a_coordinator_under_a_scheduler_takes_the_process_count_and_index_jax_d
         assert process.returncode == 0 and f"JOINED {index} 2" in output, output[-2000:]
 
 
+BARRIER_TWICE = (
+    "from rdunet_jax import devices; devices.initialize_distributed(); import jax, time\n"
+    "for _ in range(2):\n"
+    "    if jax.process_index() == 1: time.sleep(2)\n"
+    "    started = time.monotonic(); devices.wait_for_every_host('rdunet_train_step_compiled')\n"
+    "    print('WAITED', round(time.monotonic() - started, 1), flush=True)\n"
+    "jax.distributed.shutdown()"
+)
+
+
+def test_a_barrier_name_met_again_still_waits_for_every_host():
+    """Self-training runs the training loop once per stage in one process, and each run meets the same
+    compile barrier: the second meeting must wait for the late host as the first did, not pass at once."""
+    address = f"127.0.0.1:{free_loopback_port()}"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "SLURM_"))}
+    environment.update(
+        JAX_COORDINATOR_ADDRESS=address,
+        JAX_COORDINATOR_BIND_ADDRESS=address,
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_PROCESSES="2",
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", BARRIER_TWICE],
+            cwd=REPO_ROOT,
+            env={**environment, "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert all(process.returncode == 0 for process in processes), outputs
+    waits = [float(line.split()[1]) for line in outputs[0].splitlines() if line.startswith("WAITED")]
+    assert len(waits) == 2 and min(waits) >= 1.5, outputs[0]  # host 0 waited out host 1's 2 s both times
+
+
 # --- a real two-process run ---------------------------------------------------------------------------
 
 TINY_COMMAND = [
