@@ -2,6 +2,7 @@
 BatchNorm and ReLU fold into the convolutions, and the export command and runtime option work end to end."""
 
 import importlib.util
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +140,12 @@ def test_training_speed_options_export_the_same_function():
         remat=True,
     )
     images = _images(2)
-    logits, _ = _session(onnx_export.export_model(fast, variables, SIZE)).run(None, {"images": images})
+    exported = onnx_export.export_model(fast, variables, SIZE)
+    logits, _ = _session(exported).run(None, {"images": images})
     _assert_close(logits, np.asarray(plain.apply(variables, images, train=False)))
+    # jax.image.resize would export as constant weights and Einsum, which not every ONNX runtime has.
+    op_types = [node.op_type for node in exported.graph.node]
+    assert op_types.count("Resize") == 2 and "Einsum" not in op_types
 
 
 def _export(function, shape=(8, 8, 3)):
@@ -356,17 +361,25 @@ def test_onnxruntime_batches_give_the_jax_losses_and_probabilities(tiny_state):
     np.testing.assert_allclose(runtime.logits(images), jax_predictor.logits(images), atol=1e-5)
 
 
-def test_eval_runtime_picks_the_predictor(tiny_state, capsys):
+def test_eval_runtime_picks_the_predictor(tiny_state, capfd):
     config = make_tiny_config()
     model = models.build_model(config.model)
     assert type(predictors.for_config(config, model, tiny_state)) is inference.JaxPredictor
     config.eval.runtime = "onnxruntime"
-    assert type(predictors.for_config(config, model, tiny_state)) is onnx_runtime.OnnxRuntimePredictor
-    assert capsys.readouterr().err == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown provider is only a warning, and a fall-back
+        runtime = predictors.for_config(config, model, tiny_state)
+    assert type(runtime) is onnx_runtime.OnnxRuntimePredictor
+    # ONNX Runtime's own log goes to file descriptor 2: errors only, not a warning per unused initializer.
+    assert capfd.readouterr() == ("", "")
+    # On the CPU (an onnxruntime-gpu install would otherwise pick its GPU), one thread per physical core.
+    assert runtime.session.get_providers() == ["CPUExecutionProvider"]
+    options = runtime.session.get_session_options()
+    assert (options.intra_op_num_threads, options.log_severity_level) == (0, 3)
     # A bfloat16 model is told that ONNX Runtime scores its float32 version, not what training validated.
     config.model.dtype = "bfloat16"
     predictors.for_config(config, models.build_model(config.model), tiny_state)
-    assert capsys.readouterr().err.startswith(
+    assert capfd.readouterr().err.startswith(
         "note: model.dtype=bfloat16, but the ONNX export computes in float32"
     )
 
@@ -453,7 +466,9 @@ def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, 
 
 def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp_path, monkeypatch):
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
-    run_checkpoints.save("best", 1, tiny_state, {"model": checkpoints.architecture(make_tiny_config().model)})
+    architecture = {"model": checkpoints.architecture(make_tiny_config().model)}
+    run_checkpoints.save("best", 1, tiny_state, architecture)
+    run_checkpoints.save("latest", 3, tiny_state.replace(step=tiny_state.step + 3), architecture)
     run_checkpoints.close()
     built = []
     build_model = models.build_model
@@ -467,8 +482,22 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
     assert len(built) == 1  # one model, restored into and exported
     model = onnx.load(path)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
-    assert metadata["checkpoint_step"] == str(int(tiny_state.step))
+    assert metadata["checkpoint_step"] == str(int(tiny_state.step))  # the best checkpoint, as evaluation
     assert metadata["input"] == "images (batch, 32, 32, 1) float32 in [0, 1]"
+    # What a deployment must do to its input and output, from the run's config.
+    assert (metadata["config_name"], metadata["hu_window"]) == ("demo_tiny", "-1350.0,150.0")
+    assert (metadata["threshold"], metadata["head"]) == ("0.5", "binary")
+    # IR 8, which every ONNX Runtime since 1.14 reads; the batch one free dimension of input and outputs.
+    assert model.ir_version == 8
+    declared = {
+        entry.name: [dim.dim_param or dim.dim_value for dim in entry.type.tensor_type.shape.dim]
+        for entry in (*model.graph.input, *model.graph.output)
+    }
+    assert declared == {name: ["batch", 32, 32, 1] for name in ("images", "logits", "probabilities")}
+    chosen = onnx_export.export_workdir(config, tmp_path, tmp_path / "step3.onnx", checkpoint_step=3)
+    chosen_metadata = {prop.key: prop.value for prop in onnx.load(chosen).metadata_props}
+    assert chosen_metadata["checkpoint_step"] == str(int(tiny_state.step) + 3)
+    chosen.unlink()
     assert metadata["probability_channels"] == "lesion" and metadata["slice_orientation"] == "PL"  # phantom
     # An exclusive head's softmax channels start with the background; the orientation is the data's.
     config.model.head, config.data.classes, config.data.orientation = (
