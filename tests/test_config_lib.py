@@ -1,5 +1,6 @@
 """The config schema: variants, validation of every key, and a fuzz of invalid configs."""
 
+import ast
 import fractions
 import functools
 import importlib.util
@@ -441,6 +442,45 @@ def test_the_reference_documents_every_config_key_and_no_other():
     }
     keys = set(config_lib.flatten(config_lib.to_json(config_lib.base_config())))
     assert (sorted(keys - documented), sorted(documented - keys)) == ([], [])  # (undocumented, unknown)
+
+
+def _documented_value(cell: str):
+    """A default as the reference table writes it: `word` or a bare word, '' , True/False, a number, a tuple,
+    and `(rates)x2` for a schedule repeated on two skips."""
+    cell = cell.strip().strip("`")
+    repeated = re.sub(r"(\([^()]*\))x2", r"\1, \1", cell)  # (1,2,2,1)x2 -> (1,2,2,1), (1,2,2,1)
+    if repeated != cell:
+        cell = f"({repeated})"
+    try:
+        return ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return cell  # a bare word or path
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list | tuple) else value
+
+
+def test_the_reference_tables_defaults_are_base_configs():
+    """docs/reference.md's "Config keys" table's default column, read by hand-written rules, is
+    `base_config()`'s value of every key (a changed default is a changed documented behaviour)."""
+    text = (REPO_ROOT / "docs" / "reference.md").read_text()
+    table = text.split("\n## Config keys\n")[1].split("\n## ")[0]
+    defaults = config_lib.flatten(config_lib.to_json(config_lib.base_config()))
+    checked = 0
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        keys_cell, default_cell = line.split(" | ")[:2]
+        keys = re.findall(r"`([^`]+)`", keys_cell)
+        # Several keys share a row as `a`, `b`: their defaults are split at the commas outside brackets.
+        cells = re.split(r",\s*(?![^()]*\))", default_cell) if len(keys) > 1 else [default_cell]
+        assert len(cells) == len(keys), line
+        for key, cell in zip(keys, cells, strict=True):
+            expected = _documented_value(cell)
+            assert _as_tuples(defaults[key]) == _as_tuples(expected), (key, cell)
+            checked += 1
+    assert checked == len(defaults)
 
 
 # --- Self-training, mixed-in sources and consistency training: whole messages, written out by hand -------
