@@ -238,3 +238,20 @@ def test_the_compilation_cache_makes_its_folder_and_caches_every_compiled_progra
     finally:
         for name, value in saved.items():
             devices.jax.config.update(name, value)
+
+
+def test_a_scheduler_is_detected_only_where_jax_reads_it_without_being_asked(monkeypatch):
+    from jax._src import clusters
+
+    def environment(opt_in: bool, present: bool):
+        return type("Environment", (), {"opt_in_only_method": opt_in, "is_env_present": lambda: present})
+
+    for types, detected in [
+        ([environment(False, False), environment(True, True)], False),  # MPI4Py-like: only when asked
+        ([environment(True, True), environment(False, True)], True),  # Slurm-like, its variables set
+        ([], False),
+    ]:
+        monkeypatch.setattr(clusters.ClusterEnv, "_cluster_types", types)
+        assert devices._cluster_scheduler_detected() is detected
+    monkeypatch.delattr(clusters.ClusterEnv, "_cluster_types")  # a JAX that moved it: not detected
+    assert devices._cluster_scheduler_detected() is False
