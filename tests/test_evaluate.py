@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import assert_same_training_state, ellipsoid, independent_hd95, make_tiny_config
+from helpers import assert_same_training_state, ellipsoid, independent_hd95, make_tiny_config, refusal
 from scipy import ndimage
 
 from rdunet_jax import checkpoints, datasets, evaluate, files, inference, models, reports, steps, visualize
@@ -451,6 +451,34 @@ def test_a_damaged_best_is_read_from_latest_at_its_step_and_else_is_a_user_error
         "no other step is saved: train the run again in another --workdir",
         str(raised.value),
     )
+
+
+def test_checkpoint_step_restores_that_step_of_latest_else_of_best_else_names_the_saved_steps(
+    tiny_state, tmp_path, capsys
+):
+    # As a run leaves them: best at step 1; latest keeps its last two, steps 2 and 3. Each state's own
+    # step counter tells which was read.
+    run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
+    meta = {"epoch": 1, "model": checkpoints.architecture(make_tiny_config().model)}
+    for kind, step in (("best", 1), ("latest", 2), ("latest", 3)):
+        run_checkpoints.save(kind, step, tiny_state.replace(step=tiny_state.step + step), meta)
+    run_checkpoints.close()
+    config = make_tiny_config()
+    for asked in (2, 3, 1):  # an older step of latest, the newest, one only best holds
+        restored = steps.restore_state(config, tmp_path, checkpoint_step=asked)
+        assert int(restored.step) == int(tiny_state.step) + asked
+    assert refusal(steps.restore_state, config, tmp_path, checkpoint_step=7) == (
+        f"--checkpoint_step: no checkpoint at step 7 in {tmp_path / 'checkpoints'}; "
+        "available steps: [1, 2, 3]"
+    )
+    # eval.checkpoint=last with a damaged latest step that best also holds: read from best.
+    twins = tmp_path / "twins"
+    _save_checkpoints(tiny_state, twins)
+    shutil.rmtree(twins / "checkpoints" / "latest" / "2")
+    _damage(twins / "checkpoints" / "latest" / "1" / "state", "delete_data", tiny_state)
+    config.eval.checkpoint = "last"
+    assert_same_training_state(steps.restore_state(config, twins), tiny_state)
+    assert capsys.readouterr().out.endswith(f"read the same step from {twins / 'checkpoints' / 'best'}\n")
 
 
 @pytest.mark.parametrize(
