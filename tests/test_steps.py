@@ -307,3 +307,25 @@ def test_batch_norm_by_source_draws_the_other_rows_dropout_masks_apart(tiny_conf
         logits[dropout_rate], _ = forward(_state_with_labelled_rows(model, variables, 2), twice)
     np.testing.assert_allclose(logits[0.0][:2], logits[0.0][2:], rtol=1e-5, atol=1e-6)  # only dropout differs
     assert np.abs(np.asarray(logits[0.5][:2]) - np.asarray(logits[0.5][2:])).max() > 1e-3
+
+
+@pytest.mark.parametrize(("head", "loss"), [("exclusive", "dice_ce"), ("multilabel", "dice_bce")])
+def test_a_class_heads_evaluation_loss_compares_the_logits_with_the_class_labels_not_the_lesion_mask(
+    head, loss
+):
+    config = make_tiny_config()
+    config.model.head, config.data.classes, config.loss = head, ("ggo", "consolidation"), loss
+    model = models.build_model(config.model, config.data.classes)
+    state = steps.create_train_state(config, model, steps_per_epoch=1)
+    rng = np.random.default_rng(4)
+    images = rng.random((2, 32, 32, 1), np.float32)
+    # Every pipeline batch carries the binary lesion mask too; here it disagrees with the labels.
+    if head == "exclusive":  # a label map: 0 background, 1 ggo, 2 consolidation
+        labels = rng.integers(0, 3, (2, 32, 32, 1)).astype(np.int32)
+    else:  # per-class channels
+        labels = rng.integers(0, 2, (2, 32, 32, 2)).astype(np.int32)
+    batch = {"image": images, "mask": np.ones((2, 32, 32, 1), np.float32), "labels": labels}
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    expected = losses_lib.LOSSES_BY_HEAD[head][loss](logits, labels)
+    np.testing.assert_allclose(np.asarray(steps.eval_step(state, batch)["loss"]), expected, rtol=1e-6)
+    assert "loss" not in steps.eval_step(state, {"image": images, "mask": batch["mask"]})  # no labels
