@@ -2,6 +2,7 @@
 
 import asyncio
 import binascii
+import errno
 import json
 import os
 import re
@@ -409,3 +410,50 @@ def test_a_checkpoint_unread_for_want_of_memory_or_files_is_not_moved_aside_as_d
     with pytest.raises(UserError, match=r"^every checkpoint in .* is damaged \(steps \[2, 1\]\)"):
         checkpoints.restore_latest(run_checkpoints, tiny_state, make_tiny_config())
     run_checkpoints.close()
+
+
+def test_model_init_checks_the_batchnorm_statistics_checksum_alone_too(tmp_path):
+    config = make_tiny_config()
+    _save_latest(tmp_path, _with_moved_weights(config), config)
+    meta_file = tmp_path / "checkpoints" / "latest" / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["checksums"]["batch_stats"] = "00000000"  # the running statistics read back other than saved
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r"^model_init: checkpoint step 1 in .* is damaged \(ChecksumMismatchError\)$"
+    ):
+        checkpoints.restore_weights(tmp_path, config.model, config.data)
+
+
+def test_a_model_config_without_a_head_is_binary_and_every_differing_setting_is_named(tmp_path):
+    config = make_tiny_config()
+    del config.model["head"]  # a run from before the heads existed
+    assert checkpoints.architecture(config.model)["head"] == "binary"
+    saved = checkpoints.architecture(make_tiny_config().model)
+    checkpoints.check_architecture(saved, config.model, tmp_path)  # the same model
+    wider = make_tiny_config()
+    wider.model.features, wider.model.use_se = 8, False
+    with pytest.raises(checkpoints.ModelMismatchError) as raised:
+        checkpoints.check_architecture(saved, wider.model, tmp_path)
+    assert str(raised.value) == (
+        f"checkpoint in {tmp_path} was made by another model: model.features=4 in the checkpoint, 8 in the "
+        "config; model.use_se=True in the checkpoint, False in the config"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (MemoryError(), True),
+        (OSError(errno.ENOMEM, "x"), True),  # the errno alone, whatever the words
+        (OSError(errno.ENFILE, "x"), True),
+        (OSError(errno.EMFILE, "x"), True),
+        (RuntimeError("RESOURCE_EXHAUSTED: 2GB"), True),
+        (ValueError("Too many open files"), True),  # tensorstore's words, not an OSError
+        (ValueError("Cannot allocate memory"), True),
+        (OSError(errno.ENOENT, "No such file or directory"), False),
+        (ValueError("cut file"), False),
+    ],
+)
+def test_not_damage_is_want_of_memory_or_file_handles_by_type_errno_or_words(error, expected):
+    assert checkpoints.not_damage(error) is expected

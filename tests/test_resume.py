@@ -802,7 +802,12 @@ def test_a_damaged_best_saved_after_the_resumed_step_is_warned_not_a_traceback(t
 
 def test_checkpoints_from_before_steps_per_epoch_tell_it_by_their_step():
     # By hand: 3 finished epochs in 6 steps are 2 a step; 2 epochs and 1 step into the third at step 5, too.
-    for meta, step in (({"epoch": 3, "epoch_steps": 0}, 6), ({"epoch": 2, "epoch_steps": 1}, 5)):
+    # A meta older still has no epoch_steps: it was saved at an epoch's end.
+    for meta, step in (
+        ({"epoch": 3, "epoch_steps": 0}, 6),
+        ({"epoch": 2, "epoch_steps": 1}, 5),
+        ({"epoch": 3}, 6),
+    ):
         checkpoints.check_steps_per_epoch(meta, step, 2, 8)
         with pytest.raises(
             UserError, match=r"^data: the run trained 2 steps an epoch, its training split now "
