@@ -37,12 +37,17 @@ def check_output_outside_input(input_path: pathlib.Path, output_dir: pathlib.Pat
 
 
 def list_inputs(input_path) -> list[pathlib.Path]:
-    """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted)."""
+    """The files to segment: `input_path` itself, or the NIfTI and image files of a folder (sorted; hidden
+    files skipped)."""
     input_path = pathlib.Path(input_path)
     if input_path.is_dir():
         from rdunet_jax import dicom
 
-        entries = sorted(path for path in input_path.iterdir() if path.is_file())
+        # Hidden files, as the DICOM scan skips them: macOS writes `._a.png` beside `a.png` on FAT drives
+        # and in zip files, resource data that is no image.
+        entries = sorted(
+            path for path in input_path.iterdir() if path.is_file() and not path.name.startswith(".")
+        )
         inputs = [path for path in entries if volumes.input_kind(path)]
         if inputs:
             # A scanner's export often puts a preview image beside the series: which one is meant is unclear.
@@ -119,12 +124,18 @@ def missing_folders(output_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def remove_outputs(outputs: dict) -> None:
-    """Removes the outputs of one input that exist (files, and the overlays folder with its contents)."""
+    """Removes the outputs of one input that exist (files, and the overlays folder with its contents), as
+    many as will go."""
+    # Called while the run's own error propagates: a file that will not go must neither hide that error
+    # nor keep the outputs after it.
     for path in outputs.values():
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def remove_empty_folders(folders: list[pathlib.Path]) -> None:

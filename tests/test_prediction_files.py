@@ -2,7 +2,12 @@
 clean-up after a failed run. What an --input names and where its outputs go is tested through the command
 in test_predict.py."""
 
+import os
+
+import numpy as np
 import pytest
+from helpers import refusal
+from PIL import Image
 
 from rdunet_jax import prediction_files
 from rdunet_jax.errors import UserError
@@ -49,3 +54,43 @@ def test_an_input_whose_outputs_names_are_too_long_is_refused_before_anything_is
         f"--input: {too_long}: its output {'s' * 40}... would have a name of 242 bytes, over the 241 a file "
         "can have here; rename the input"
     )
+
+
+def test_a_folders_hidden_files_are_not_inputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    # macOS's AppleDouble companion of a.png on a FAT drive or in a zip: resource data, no image.
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (folder / ".volume.nii.gz").write_bytes(b"")
+    assert prediction_files.list_inputs(folder) == [folder / "a.png"]
+    (folder / "a.png").unlink()
+    assert refusal(prediction_files.list_inputs, folder) == (
+        f"--input: {folder} holds no .nii, .nii.gz, .png, .jpg, .jpeg or DICOM file"
+    )
+
+
+def test_removing_a_failed_inputs_outputs_removes_what_will_go_and_raises_nothing(tmp_path, monkeypatch):
+    overlays = tmp_path / "a_overlays"
+    overlays.mkdir()
+    for name in ("slice_000.png", "slice_001.png"):
+        (overlays / name).write_bytes(b"png")
+    outputs = {
+        "mask": tmp_path / "a_mask.nii.gz",
+        "summary": tmp_path / "a_summary.json",
+        "overlays": overlays,
+        "seg": tmp_path / "a_seg.dcm",
+    }
+    for key in ("mask", "summary", "seg"):
+        outputs[key].write_bytes(b"x")
+    unlink = os.unlink
+
+    def refusing_unlink(path, *args, **kwargs):  # a busy file on a network drive, say
+        if str(path).endswith(("slice_001.png", "a_summary.json")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing_unlink)
+    prediction_files.remove_outputs(outputs)
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert left == ["a_overlays", "a_overlays/slice_001.png", "a_summary.json"]
