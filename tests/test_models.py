@@ -425,3 +425,52 @@ def test_bits_dropout_option_draws_the_models_masks_with_bits_dropout():
 
     np.testing.assert_array_equal(logits("bits"), logits("bits"))
     assert np.max(np.abs(logits("bits") - logits("flax"))) > 1e-3
+
+
+def test_remat_wraps_each_encoder_decoder_block_in_a_checkpoint_and_only_when_asked():
+    """`model.remat` trades compute for memory (recomputed in the backward pass); the traced program
+    shows it as one checkpoint per encoder/decoder block, none without the option."""
+    images = jnp.ones((2, 16, 16, 1))
+    counts = {}
+    for remat in (False, True):
+        model = models.build_model(_tiny_model_config(remat=remat))
+        variables = models.initialize_variables(model, 16, seed=0)
+
+        def forward(params, model=model, variables=variables):
+            return _training_logits(model, variables, params, images)
+
+        program = jax.make_jaxpr(forward)(variables["params"])
+        counts[remat] = sum(
+            equation.primitive.name in ("checkpoint", "remat", "remat2")
+            for equation in _equations(program.jaxpr)
+        )
+    # depth 2: 2 encoder blocks, the bottom one, 2 decoder blocks.
+    assert counts == {False: 0, True: 5}
+
+
+def test_a_model_config_saved_before_batch_norm_frozen_trains_its_statistics():
+    config = _tiny_model_config()
+    del config["batch_norm_frozen"]
+    assert models.build_model(config).batch_norm_frozen is False
+
+
+def test_rdunet_built_without_arguments_is_the_papers_network():
+    """The class's own defaults, for a user who builds it directly: the paper's widths, depth, SE
+    reduction, dilation schedules, dropout and binary output, as `configs/rdunet.py` builds it."""
+    paper = {
+        "features": 16,
+        "depth": 4,
+        "block": "residual",
+        "use_se": True,
+        "se_reduction": 8,
+        "skip_dilation_rates": ((1, 2, 3, 3, 2, 1), (1, 2, 3, 3, 2, 1), (1, 2, 2, 1), (1, 2, 2, 1)),
+        "encoder_dilation_rates": (),
+        "dropout_rate": 0.5,
+        "batch_norm_momentum": 0.9,
+        "batch_norm_frozen": False,
+        "num_classes": 1,
+    }
+    default = models.RDUNet()
+    configured = models.build_model(config_lib.base_config().model)
+    for name, value in paper.items():
+        assert (getattr(default, name), getattr(configured, name)) == (value, value), name
