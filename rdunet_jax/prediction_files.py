@@ -163,7 +163,7 @@ def check_outputs_free(inputs, output_dir: pathlib.Path, overwrite: bool) -> Non
             if path in seen:
                 raise UserError(f"--input: {input_file} and {seen[path]} would both write {path}")
             seen[path] = input_file
-            if path.exists() and not overwrite:
+            if (path.exists() or path.is_symlink()) and not overwrite:  # a link to nothing is there too
                 raise UserError(f"--output: {path} exists; pass --overwrite to replace it")
             if path.exists() and path.is_dir() != (key == "overlays"):
                 # --overwrite replaces outputs, not entries of another kind under their names.

@@ -94,3 +94,15 @@ def test_removing_a_failed_inputs_outputs_removes_what_will_go_and_raises_nothin
     prediction_files.remove_outputs(outputs)
     left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
     assert left == ["a_overlays", "a_overlays/slice_001.png", "a_summary.json"]
+
+
+def test_a_link_to_nothing_where_an_output_goes_is_not_replaced_without_overwrite(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_mask.png").symlink_to(tmp_path / "gone.png")
+    inputs = [tmp_path / "in" / "a.png"]
+    assert refusal(prediction_files.check_outputs_free, inputs, tmp_path / "out", False) == (
+        f"--output: {tmp_path / 'out' / 'a_mask.png'} exists; pass --overwrite to replace it"
+    )
+    prediction_files.check_outputs_free(inputs, tmp_path / "out", True)
