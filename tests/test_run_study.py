@@ -45,10 +45,32 @@ def test_bootstrap_interval_matches_the_resampling_distribution():
     )
 
 
+def test_a_bootstrap_interval_of_many_values_is_the_normal_one_whatever_the_seed():
+    """40 values, symmetric about their mean: the percentile bootstrap of the mean is then close to
+    mean +- 1.96 sd / sqrt(n) (sd with ddof 0, the resampling distribution's). With 10,000 resamples every
+    seed's bounds are within 3% of that half-width (measured: 2.1% at most over seeds 0-4); a 99% interval
+    is 27-34% wider, a 90% one 14-17% narrower, and 100 or 1,000 resamples miss by up to 24% and 6%."""
+    draws = np.random.default_rng(7).normal(0.01, 0.05, 20)
+    values = np.concatenate([draws, 2 * draws.mean() - draws])
+    half_width = 1.959964 * np.std(values) / np.sqrt(values.size)
+    intervals = [stats.bootstrap_interval(values, seed=seed) for seed in range(5)]
+    for mean, low, high in intervals:
+        assert mean == pytest.approx(np.mean(values), abs=1e-15)
+        assert low == pytest.approx(mean - half_width, abs=0.03 * half_width)
+        assert high == pytest.approx(mean + half_width, abs=0.03 * half_width)
+    assert len(set(intervals)) == 5  # each seed its own draws
+    assert stats.bootstrap_interval(values, seed=3) == intervals[3]  # and reproducible
+
+
 def test_paired_slice_differences_average_each_slice_over_runs_first():
-    reference = {"a": [0.5, 0.7], "b": [0.2]}
+    reference = {"a": [0.5, 0.7, 0.0], "b": [0.2]}  # a's mean 0.4 (its median 0.5)
     alternative = {"a": [0.8], "b": [0.1, 0.3], "c": [1.0]}  # c: not evaluated by the reference
-    np.testing.assert_allclose(stats.paired_slice_differences(reference, alternative), [0.2, 0.0], atol=1e-12)
+    np.testing.assert_allclose(stats.paired_slice_differences(reference, alternative), [0.4, 0.0], atol=1e-12)
+    # Paired by slice id, not by order: the two records list their slices in other orders (in id order
+    # out: "10" < "2" < "3").
+    reference = {"3": [0.5], "10": [0.9], "2": [0.1]}
+    alternative = {"2": [0.4], "3": [0.6], "10": [0.7]}
+    np.testing.assert_allclose(stats.paired_slice_differences(reference, alternative), [-0.2, 0.3, 0.1])
 
 
 def test_train_time_per_run_is_split_by_device_only_when_runs_ran_on_several():

@@ -77,6 +77,12 @@ def test_a_fold_twice_or_on_other_slices_is_refused(workdirs, tmp_path, capsys):
     assert selftrain_cv.main([str(other)]) == 2
     error = capsys.readouterr().err
     assert f"{other} (student), fold 1: scored 1 slices, the recipe's record 1, 2 not in both" in error
+    swapped = tmp_path / "swapped-cv1"
+    _stage(swapped / "teacher", 1, {"z": 0.8}, (60,))  # the teacher on other slices, the student not
+    _stage(swapped / "student1", 1, {"c": 0.8}, (60,))
+    assert selftrain_cv.main([str(swapped)]) == 2
+    error = capsys.readouterr().err
+    assert f"{swapped} (teacher), fold 1: scored 1 slices, the recipe's record 1, 2 not in both" in error
 
 
 def test_the_teacher_and_student_together_are_their_mean_probability_thresholded(
