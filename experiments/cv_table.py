@@ -83,6 +83,33 @@ def recipe_slice_dice(fold: int) -> dict[str, float]:
     return dict(zip(record["slices"]["id"], record["slices"]["dice"], strict=True))
 
 
+# How a run was scored, which must be the record's for a per-slice pairing to compare like with like: Dice at
+# another model resolution, without the flips, at another threshold or checkpoint is another measurement.
+SCORING_KEYS = (
+    ("data", "image_size"),
+    ("eval", "test_time_flips"),
+    ("eval", "checkpoint"),
+    ("eval", "threshold"),
+)
+
+
+def check_scored_as_the_record(fold: int, name: str, config: dict) -> None:
+    """A run paired with the recipe's record of `fold` must have been scored as the record was."""
+    path = RECIPE_RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json"
+    record = json.loads(path.read_text())["config"] if path.is_file() else None
+    if record is None:
+        raise UserError(f"{path}: no record of the recipe for fold {fold} (the study ran folds 0-4 of 5)")
+    differing = [
+        f"{group}.{key}={config.get(group, {}).get(key)!r} (the record's {record[group][key]!r})"
+        for group, key in SCORING_KEYS
+        if config.get(group, {}).get(key) != record[group][key]
+    ]
+    if differing:
+        raise UserError(
+            f"{name}, fold {fold}: scored otherwise than the recipe's record: {', '.join(differing)}"
+        )
+
+
 def check_same_slices(fold: int, name: str, slice_dice: dict, record: dict) -> None:
     """A run paired with the record must have scored the record's slices: another `data.cv_seed` or fold
     count cuts other folds, and pairing only the shared ids would hide that."""

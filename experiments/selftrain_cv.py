@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from experiments import ensemble_cv
-from experiments.cv_table import check_same_slices, recipe_slice_dice
+from experiments.cv_table import check_same_slices, check_scored_as_the_record, recipe_slice_dice
 from experiments.studies import stats, tables
 from rdunet_jax.errors import UserError
 
@@ -112,6 +112,10 @@ def fold_scores(workdir: pathlib.Path, fold: int, ensemble: bool = False) -> dic
         scores["ensemble"] = ensemble_dice(workdir)
     for stage in (name for name in scores if name != "recipe"):
         check_same_slices(fold, f"{workdir} ({stage})", scores[stage], scores["recipe"])
+    for stage in ("teacher", final_student(workdir)):
+        check_scored_as_the_record(
+            fold, f"{workdir / stage}", json.loads(_read(workdir / stage / "config.json"))
+        )
     return scores
 
 

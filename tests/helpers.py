@@ -385,7 +385,14 @@ def recipe_records(folder, monkeypatch, slice_dice_by_fold: dict) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for fold, slice_dice in slice_dice_by_fold.items():
-        record = {"slices": {"id": list(slice_dice), "dice": list(slice_dice.values())}}
+        record = {
+            "slices": {"id": list(slice_dice), "dice": list(slice_dice.values())},
+            # How the study scored its records (the committed ones: 128 px, flips, last checkpoint).
+            "config": {
+                "data": {"image_size": 128},
+                "eval": {"test_time_flips": True, "checkpoint": "last", "threshold": 0.5},
+            },
+        }
         (folder / f"{cv_table.RECIPE_ARM}-fold{fold}-seed0.json").write_text(json.dumps(record))
     monkeypatch.setattr(cv_table, "RECIPE_RECORDS", folder)
 

@@ -13,7 +13,8 @@ def _stage(folder, fold: int, slice_dice: dict, epoch_seconds: tuple, num_epochs
     """A scored stage that logged one epoch a second count, of `num_epochs` (default: all of them)."""
     (folder / "metrics").mkdir(parents=True)
     scoring = {"threshold": 0.5, "test_time_flips": True, "checkpoint": "last"}
-    config = {"data": {"cv_fold": fold}, "eval": scoring, "num_epochs": num_epochs or len(epoch_seconds)}
+    data = {"cv_fold": fold, "image_size": 128}  # scored as the recipe's record was
+    config = {"data": data, "eval": scoring, "num_epochs": num_epochs or len(epoch_seconds)}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics" / "validation_slices.csv").write_text(
         "id,dice\n" + "".join(f"{slice_id},{dice}\n" for slice_id, dice in slice_dice.items())
@@ -77,6 +78,22 @@ def test_a_fold_twice_or_on_other_slices_is_refused(workdirs, tmp_path, capsys):
     assert selftrain_cv.main([str(other)]) == 2
     error = capsys.readouterr().err
     assert f"{other} (student), fold 1: scored 1 slices, the recipe's record 1, 2 not in both" in error
+    # Scored otherwise than the record (at 256 px, without the flips): another measurement of the slices.
+    larger = tmp_path / "larger-cv1"
+    _stage(larger / "teacher", 1, {"c": 0.8}, (60,))
+    _stage(larger / "student1", 1, {"c": 0.8}, (60,))
+    config = json.loads((larger / "student1" / "config.json").read_text())
+    config["data"]["image_size"], config["eval"]["test_time_flips"] = 256, False
+    (larger / "student1" / "config.json").write_text(json.dumps(config))
+    assert selftrain_cv.main([str(larger)]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{larger / 'student1'}, fold 1: scored otherwise than the recipe's record: data.image_size=256 "
+            "(the record's 128), eval.test_time_flips=False (the record's True)"
+        )
+    )
     swapped = tmp_path / "swapped-cv1"
     _stage(swapped / "teacher", 1, {"z": 0.8}, (60,))  # the teacher on other slices, the student not
     _stage(swapped / "student1", 1, {"c": 0.8}, (60,))
