@@ -18,6 +18,7 @@ from helpers import (
     lesion_slice,
     make_ma2020,
     make_semiseg,
+    refusal,
     save_png,
     write_pseudo_label_folder,
 )
@@ -66,7 +67,7 @@ def assert_no_dataset_left(tmp_path):
 
 
 def test_synthetic_goes_through_the_builder_and_matches_its_source(tmp_path):
-    data = data_config(tmp_path, "synthetic", num_train=16, num_validation=2, num_test=2, image_size=32)
+    data = data_config(tmp_path, "synthetic", num_train=16, num_validation=2, num_test=1, image_size=32)
     source = datasets.load_source(data, "train")
     assert len(source) == 16
     expected = synthetic.SyntheticSource("train", 16, 32)[7]
@@ -74,6 +75,7 @@ def test_synthetic_goes_through_the_builder_and_matches_its_source(tmp_path):
     assert record["id"] == expected["id"] == "phantom-train-00007"
     for key in ("image", "mask", "class_mask"):
         np.testing.assert_array_equal(record[key], expected[key])
+    # A test split of one slice is there (evaluation would otherwise score the validation split).
     assert datasets.has_split(data, "test") and not datasets.has_split(data, "train_full")
     with pytest.raises(UserError, match="train_full"):
         datasets.load_source(data, "train_full")
@@ -519,10 +521,14 @@ def test_cross_validation_folds_partition_the_ids_and_depend_only_on_the_seed():
     assert as_ids == [sorted(ids[::-1][i] for i in fold) for fold in reversed_folds]
     other = datasets.cross_validation_folds(ids, 5, seed=4)
     assert as_ids != [sorted(ids[i] for i in fold) for fold in other]
-    with pytest.raises(UserError, match="data.cv_folds"):
-        datasets.cross_validation_folds(ids[:3], 5, seed=0)
-    with pytest.raises(UserError, match="duplicate"):
-        datasets.cross_validation_folds(["a", "a", "b"], 2, seed=0)
+    assert refusal(datasets.cross_validation_folds, ids[:3], 5, 0) == (
+        "data.cv_folds: 5 folds need at least as many slices, the pool has 3"
+    )
+    # Leave one out: as many folds as slices.
+    assert sorted(len(fold) for fold in datasets.cross_validation_folds(ids[:5], 5, seed=0)) == [1] * 5
+    assert refusal(datasets.cross_validation_folds, ["a", "a", "b"], 2, 0) == (
+        "data.cv_folds: the cross-validation pool has duplicate ids"
+    )
 
 
 def test_semiseg_cross_validation_folds_partition_train_full(tmp_path):
@@ -546,6 +552,17 @@ def test_semiseg_cross_validation_folds_partition_train_full(tmp_path):
     assert _ids(datasets.load_source(again, "validation")) == validation_ids[1]
     with pytest.raises(UserError, match="train_full"):
         datasets.load_source(again, "train_full")
+    # A caller that skips config validation (an experiments script) still gets the fold checked.
+    for fold in (3, -1):
+        outside = data_config(tmp_path, "semiseg", root, cv_folds=3, cv_fold=fold, cv_seed=7)
+        assert refusal(datasets.load_source, outside, "validation") == (
+            f"data.cv_fold: must be an integer in [0, 2], got {fold}"
+        )
+    # Another pool in the same process (its ids cached by its own folder) has its own folds.
+    other_root = make_semiseg(tmp_path / "other", ids=range(100, 106), validation=(105,))
+    other = data_config(tmp_path, "semiseg", other_root, cv_folds=3, cv_fold=0, cv_seed=7)
+    other_ids = _ids(datasets.load_source(other, "validation")) + _ids(datasets.load_source(other, "train"))
+    assert sorted(other_ids, key=int) == [str(i) for i in range(100, 106)]
 
 
 def test_ma2020_cross_validation_pools_train_and_validation_and_keeps_test(tmp_path):
@@ -1138,3 +1155,28 @@ def test_the_pool_digest_tells_every_id_pixel_and_shape_and_only_those():
     # A transposed (non-contiguous) view reads as the image it shows.
     transposed = pool(lambda s: s[1].update(image=np.full((4, 2), 1, np.uint8).T))
     assert _digest(transposed) == digest
+
+
+def test_the_phantom_splits_hold_different_slices_and_lesions_look_as_documented():
+    """Each split its own slices (a split seed shared by two splits would make validation or the pool the
+    test images), and what the module docstring promises: one or more lesions a slice, a small share of
+    it, brighter than the dark lungs, consolidation denser than ground glass."""
+    splits = ("train", "validation", "test", "unlabelled")
+    images = {
+        split: [synthetic.SyntheticSource(split, 3, 32)[i]["image"] for i in range(3)] for split in splits
+    }
+    fingerprints = {image.tobytes() for split in splits for image in images[split]}
+    assert len(fingerprints) == 12
+    source = synthetic.SyntheticSource("train", 40, 64)
+    records = [source[index] for index in range(40)]
+    assert all(record["mask"].any() for record in records)
+    assert all(set(np.unique(record["class_mask"])) <= {0, 1, 2} for record in records)
+    for record in records:
+        np.testing.assert_array_equal(record["mask"], record["class_mask"] > 0)
+    assert np.mean([record["mask"].mean() for record in records]) < 0.1  # measured 0.046
+    ggo = np.mean([r["image"][r["class_mask"] == 1].mean() for r in records if (r["class_mask"] == 1).any()])
+    consolidation = np.mean(
+        [r["image"][r["class_mask"] == 2].mean() for r in records if (r["class_mask"] == 2).any()]
+    )
+    # The lungs are 0.12 * 255 = 31 before vessels, lesions and noise; measured 83 and 137.
+    assert 60 < ggo < consolidation - 30
