@@ -130,6 +130,8 @@ def with_recipe_record(runs: dict) -> dict:
                 raise UserError(f"{candidate}: multi-class; the recipe's record scores the lesion mask only")
             record_by_fold.setdefault(fold, recipe_slice_dice(fold))
             check_same_slices(fold, f"{candidate}-cv{fold}", run["any lesion"], record_by_fold[fold])
+            if run.get("config") is not None:  # a run kept without its config.json: category "unknown"
+                check_scored_as_the_record(fold, f"{candidate}-cv{fold}", run["config"])
     record_runs = {
         fold: {
             "per_class": {},
@@ -160,8 +162,10 @@ def read_run(workdir: pathlib.Path, root: pathlib.Path) -> dict:
         [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
     )
     config_path = workdir / "config.json"
-    category = data_category(json.loads(config_path.read_text()), root) if config_path.exists() else "unknown"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    category = data_category(config, root) if config is not None else "unknown"
     return {
+        "config": config,
         "per_class": dict(per_class),
         "any lesion": any_lesion,
         "category": category,

@@ -153,6 +153,22 @@ def test_the_record_refuses_what_it_cannot_pair(tmp_path, root, records, capsys)
         assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
+    # The record's slices scored otherwise (its config.json says so): at the stored resolution, the last
+    # checkpoint but not the best.
+    runs = tmp_path / "other-scoring" / "runs"
+    _workdir(runs, "mt-cv0", [], {"a": 0.6, "b": 0.9})
+    (runs / "mt-cv0" / "metrics" / "validation_classes.csv").unlink()
+    scoring = {"test_time_flips": True, "checkpoint": "best", "threshold": 0.5}
+    config = {**_config(image_size=512), "eval": scoring}
+    (runs / "mt-cv0" / "config.json").write_text(json.dumps(config))
+    assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 2
+    assert capsys.readouterr().err == (
+        "error: mt-cv0, fold 0: scored otherwise than the recipe's record: data.image_size=512 (the record's "
+        "128), eval.checkpoint='best' (the record's 'last')\n"
+    )
+    config["data"]["image_size"], scoring["checkpoint"] = 128, "last"
+    (runs / "mt-cv0" / "config.json").write_text(json.dumps(config))
+    assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 0
 
 
 def _config(**data):
