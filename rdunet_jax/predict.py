@@ -382,7 +382,8 @@ def predict_path(
 
 def _check_ground_truth_found(jobs: list[tuple], ground_truth, single: bool) -> None:
     """A `--ground_truth` folder must hold the mask of at least one input; inputs without one are said."""
-    if ground_truth is None or single:
+    # One input takes `--ground_truth` as its mask file, or, given a folder, the mask found in it.
+    if ground_truth is None or (single and not pathlib.Path(ground_truth).is_dir()):
         return
     missing = [input_file for input_file, _, truth in jobs if truth is None]
     if len(missing) == len(jobs):

@@ -720,6 +720,29 @@ def test_a_ground_truth_folder_matches_masks_by_stem_says_which_inputs_have_none
         f"--ground_truth: no file in {tmp_path / 'other'} has the name of an input (first: a.jpg)"
     )
     assert not (tmp_path / "again").exists()
+    # One input takes its mask from a folder too; a folder without it is refused, not left unsaid.
+    (tmp_path / "solo").mkdir()
+    Image.fromarray(truth).save(tmp_path / "solo" / "a.png")
+    predict.predict_path(
+        make_tiny_config(),
+        None,
+        tmp_path / "in" / "a.jpg",
+        tmp_path / "alone",
+        ground_truth=tmp_path / "solo",
+        predictor=ImagePredictor(),
+    )
+    with Image.open(tmp_path / "alone" / "a_overlay.png") as overlay:
+        assert (np.asarray(overlay) == 255).all(axis=-1).any()  # its mask found in the folder
+    assert refusal(
+        predict.predict_path,
+        make_tiny_config(),
+        None,
+        tmp_path / "in" / "a.jpg",
+        tmp_path / "again",
+        ground_truth=tmp_path / "other",
+        predictor=ImagePredictor(),
+    ) == (f"--ground_truth: no file in {tmp_path / 'other'} has the name of an input (first: a.jpg)")
+    assert not (tmp_path / "again").exists()
 
 
 def test_two_inputs_that_would_write_one_output_are_refused_naming_both(tmp_path):
