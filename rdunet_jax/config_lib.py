@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "rdunet"
     config.seed = 0
-    # A run folder whose last checkpoint's parameters and BatchNorm statistics start training instead of
+    # A run folder whose scored checkpoint's parameters and BatchNorm statistics start training instead of
     # random ones (fine-tuning a pretrained model, e.g. one trained on another dataset); the optimizer, its
     # schedule and the data order start fresh. '' initialises at random (`seed`). A run that has its own
     # checkpoint resumes from it.

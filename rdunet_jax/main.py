@@ -1,8 +1,9 @@
 """Command line: `python -m rdunet_jax.main --config configs/rdunet.py [--workdir DIR] [--mode ...]`.
 
-`--mode predict --input PATH --output DIR [--overwrite]` segments a NIfTI volume, a PNG/JPEG slice or a
-folder of either with the workdir's best checkpoint. `--mode export --output FILE.onnx` writes that
-checkpoint as an ONNX model (for ONNX Runtime, or `--config.eval.runtime=onnxruntime` in predict).
+`--mode predict --input PATH --output DIR [--overwrite]` segments a NIfTI volume, a DICOM series, a PNG/JPEG
+slice or a folder of them with the workdir's scored checkpoint (`eval.checkpoint`: best or last).
+`--mode export --output FILE.onnx` writes that checkpoint as an ONNX model (for ONNX Runtime, or
+`--config.eval.runtime=onnxruntime` in predict).
 
 Parses flags and dispatches; user mistakes end in one line on stderr and exit status 2.
 """
@@ -30,7 +31,11 @@ flags.DEFINE_enum(
     ["train", "evaluate", "predict", "export"],
     "Train (then evaluate), only evaluate, predict, or export the checkpoint to ONNX.",
 )
-flags.DEFINE_integer("checkpoint_step", None, "Evaluate or predict with this checkpoint step, not the best.")
+flags.DEFINE_integer(
+    "checkpoint_step",
+    None,
+    "evaluate, predict, export: this checkpoint step, not the one eval.checkpoint names (best or last).",
+)
 flags.DEFINE_string(
     "input", None, "predict: a NIfTI volume, a PNG/JPEG slice, a folder of either, or a DICOM series folder."
 )
@@ -39,7 +44,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("overwrite", False, "predict, export: replace existing outputs (refused otherwise).")
 flags.DEFINE_string(
-    "ground_truth", None, "predict: the expert mask (a file, or a folder of same-named files) for overlays."
+    "ground_truth",
+    None,
+    "predict: the expert mask (a file, or a folder of same-named files), outlined in the overlays and "
+    "scored against.",
 )
 flags.DEFINE_enum(
     "input_units",

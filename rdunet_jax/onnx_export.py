@@ -9,6 +9,7 @@ The translator is onnx_graph.py; onnx_runtime.py runs the export as a Predictor.
 """
 
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,18 @@ def save(onnx_model, path) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def note_float32_export(config, advice: str = "") -> None:
+    """Says on stderr, for a `model.dtype=bfloat16` config, that its export computes in float32."""
+    if config.model.get("dtype", "float32") == "bfloat16":
+        print(
+            "note: model.dtype=bfloat16, but the ONNX export computes in float32: its probabilities differ "
+            "from JAX's bfloat16 ones by bfloat16's rounding, enough to flip pixels near the threshold"
+            + advice,
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _input_contract(image_size: int) -> str:
     return f"{INPUT_NAME} (batch, {image_size}, {image_size}, 1) float32 in [0, 1]"
 
@@ -142,4 +155,5 @@ def export_workdir(config, workdir, output, overwrite: bool = False, checkpoint_
         f"{_input_contract(config.data.image_size)}, outputs {', '.join(OUTPUT_NAMES)}",
         flush=True,
     )
+    note_float32_export(config)
     return path

@@ -1,8 +1,6 @@
 """The Predictor a config's `eval.runtime` asks for: above both backends, so that inference.py (the base
 class and JAX) and onnx_runtime.py (a subclass) import one way."""
 
-import sys
-
 from rdunet_jax import inference
 
 
@@ -13,13 +11,8 @@ def for_config(config, model, state) -> inference.Predictor:
         # Imported only when asked for: the ONNX path is the optional `onnx` extra.
         from rdunet_jax import onnx_runtime
 
-        if config.model.get("dtype", "float32") == "bfloat16":
-            print(
-                "note: model.dtype=bfloat16, but the ONNX export computes in float32: its probabilities "
-                "differ from JAX's bfloat16 ones by bfloat16's rounding, enough to flip pixels near the "
-                "threshold; --config.eval.runtime=jax scores the model as training validated it",
-                file=sys.stderr,
-                flush=True,
-            )
+        onnx_runtime.onnx_export.note_float32_export(
+            config, "; --config.eval.runtime=jax scores the model as training validated it"
+        )
         return onnx_runtime.OnnxRuntimePredictor.from_state(config, model, state)
     return inference.JaxPredictor(state)

@@ -153,8 +153,8 @@ def test_the_record_refuses_what_it_cannot_pair(tmp_path, root, records, capsys)
         assert cv_table.main([str(runs), "--reference", "recipe-record"]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
-    # The record's slices scored otherwise (its config.json says so): at the stored resolution, the last
-    # checkpoint but not the best.
+    # The record's slices scored otherwise (its config.json says so): at another resolution, with the best
+    # checkpoint rather than the last.
     runs = tmp_path / "other-scoring" / "runs"
     _workdir(runs, "mt-cv0", [], {"a": 0.6, "b": 0.9})
     (runs / "mt-cv0" / "metrics" / "validation_classes.csv").unlink()

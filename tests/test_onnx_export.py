@@ -464,7 +464,7 @@ def test_bad_export_outputs_are_refused_before_restoring(tmp_path, monkeypatch, 
     assert (tmp_path / "existing.onnx").read_bytes() == b"kept"
 
 
-def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp_path, monkeypatch):
+def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp_path, monkeypatch, capfd):
     run_checkpoints = checkpoints.RunCheckpoints(tmp_path / "checkpoints")
     architecture = {"model": checkpoints.architecture(make_tiny_config().model)}
     run_checkpoints.save("best", 1, tiny_state, architecture)
@@ -498,6 +498,15 @@ def test_export_writes_metadata_and_replaces_only_with_overwrite(tiny_state, tmp
     chosen_metadata = {prop.key: prop.value for prop in onnx.load(chosen).metadata_props}
     assert chosen_metadata["checkpoint_step"] == str(int(tiny_state.step) + 3)
     chosen.unlink()
+    assert capfd.readouterr().err == ""  # float32: nothing to note
+    bfloat16 = make_tiny_config()
+    bfloat16.model.dtype = "bfloat16"
+    onnx_export.export_workdir(bfloat16, tmp_path, tmp_path / "bf16.onnx")
+    assert capfd.readouterr().err == (
+        "note: model.dtype=bfloat16, but the ONNX export computes in float32: its probabilities differ from "
+        "JAX's bfloat16 ones by bfloat16's rounding, enough to flip pixels near the threshold\n"
+    )
+    (tmp_path / "bf16.onnx").unlink()
     assert metadata["probability_channels"] == "lesion" and metadata["slice_orientation"] == "PL"  # phantom
     # An exclusive head's softmax channels start with the background; the orientation is the data's.
     config.model.head, config.data.classes, config.data.orientation = (
