@@ -317,17 +317,32 @@ def test_tables_of_the_tiny_study(finished_tiny_study):
     row = next(line for line in paired_section.splitlines() if line.startswith("| flips off"))
     assert row.endswith("| 12 |") and row.split("|")[2].strip().startswith(f"{np.mean(differences):.4f}")
     # Paired with a second arm too (the recipe study's chosen candidate): the differences negated. The tiny
-    # arms may score alike, so the second arm's slices are raised by 0.1 to give the pairing a sign.
+    # arms may score alike, so the second arm's slices are raised by 0.1 on average to give the pairing a
+    # sign, and by 0.05, 0.1 or 0.15 by slice to give its interval a width.
     raised = copy.deepcopy(records)
+    raised_differences = []
     for fold in (0, 1):
         slices = raised[f"no_flip-fold{fold}-seed0"]["slices"]
-        slices["dice"] = [value + 0.1 for value in slices["dice"]]
+        slices["dice"] = [value + 0.1 + 0.05 * (index % 3 - 1) for index, value in enumerate(slices["dice"])]
+        flip = records[f"flip-fold{fold}-seed0"]["slices"]["dice"]
+        raised_differences += list(np.subtract(flip, slices["dice"]))
     twice = dataclasses.replace(TINY_STUDY, also_paired_with="no_flip")
     markdown_twice = tables.study_markdown(twice, base, "tiny", budget, specs, raised, "cmd")
     second_section = markdown_twice.split("## Paired difference to `no_flip`, per slice")[1]
     row = next(line for line in second_section.splitlines() if line.startswith("| flips on"))
     expected = -np.mean(differences) - 0.1
     assert row.endswith("| 12 |") and float(row.split("|")[2].split()[0]) == pytest.approx(expected, abs=1e-4)
+    # Its 95% interval against an independent percentile bootstrap of the same differences (another
+    # generator, 100,000 resamples): within a tenth of the interval's width.
+    low, high = (float(value) for value in row.split("[")[1].split("]")[0].split(","))
+    draws = np.random.default_rng(123).integers(0, 12, (100_000, 12))
+    expected_low, expected_high = np.percentile(
+        np.asarray(raised_differences)[draws].mean(axis=1), [2.5, 97.5]
+    )
+    tolerance = 0.1 * (expected_high - expected_low)
+    assert low == pytest.approx(expected_low, abs=tolerance) and high == pytest.approx(
+        expected_high, abs=tolerance
+    )
     assert "## Paired difference to `no_flip`" not in markdown
     # A missing run shows as '…' and is left out of the means.
     partial = {name: record for name, record in records.items() if name != "no_flip-fold1-seed0"}
