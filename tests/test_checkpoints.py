@@ -87,6 +87,9 @@ def _array_data_files(step_folder):
     return [path for path in step_folder.rglob("*") if path.is_file() and path.parent.name == "d"]
 
 
+# A damaged read stops orbax's other shard reads mid-flight; their abandoned coroutines are collected later
+# and reported as unraisable (dozens a run, more under load): noise in the output, not a failure here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_flipped_bit_in_a_stored_array_is_damage_never_other_weights(tmp_path):
     """Orbax and tensorstore keep no checksum of array data: without the meta's, most of these flips read back
     as other numbers without an error. Where a flip lands depends on tensorstore's file layout, so each of
