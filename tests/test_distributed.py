@@ -112,24 +112,19 @@ JOIN_AND_REPORT = (
 )
 
 
-def test_a_coordinator_under_a_scheduler_takes_the_process_count_and_index_jax_detects(tmp_path):
-    # Under Slurm (Open MPI, Kubernetes...) JAX reads the count and index from the scheduler's variables:
-    # a coordinator address alone must not be refused there.
+def run_two_processes(code: str, shared: dict, per_process) -> list[tuple[int, str]]:
+    """(exit status, output) of `code` run as 2 Python processes on a loopback coordinator, with the
+    `shared` environment variables and `per_process(index)`'s; kills any still running after 120 s."""
     address = f"127.0.0.1:{free_loopback_port()}"
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "SLURM_"))}
     environment.update(
-        JAX_COORDINATOR_ADDRESS=address,
-        JAX_COORDINATOR_BIND_ADDRESS=address,
-        JAX_PLATFORMS="cpu",
-        SLURM_JOB_ID="1",
-        SLURM_STEP_NODELIST="localhost",
-        SLURM_NTASKS="2",
+        JAX_COORDINATOR_ADDRESS=address, JAX_COORDINATOR_BIND_ADDRESS=address, JAX_PLATFORMS="cpu", **shared
     )
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", JOIN_AND_REPORT],
+            [sys.executable, "-c", code],
             cwd=REPO_ROOT,
-            env={**environment, "SLURM_PROCID": str(index), "SLURM_LOCALID": str(index)},
+            env={**environment, **per_process(index)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -143,8 +138,19 @@ def test_a_coordinator_under_a_scheduler_takes_the_process_count_and_index_jax_d
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    for index, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert process.returncode == 0 and f"JOINED {index} 2" in output, output[-2000:]
+    return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
+
+
+def test_a_coordinator_under_a_scheduler_takes_the_process_count_and_index_jax_detects(tmp_path):
+    # Under Slurm (Open MPI, Kubernetes...) JAX reads the count and index from the scheduler's variables:
+    # a coordinator address alone must not be refused there.
+    results = run_two_processes(
+        JOIN_AND_REPORT,
+        {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2"},
+        lambda index: {"SLURM_PROCID": str(index), "SLURM_LOCALID": str(index)},
+    )
+    for index, (returncode, output) in enumerate(results):
+        assert returncode == 0 and f"JOINED {index} 2" in output, output[-2000:]
 
 
 BARRIER_TWICE = (
@@ -160,35 +166,12 @@ BARRIER_TWICE = (
 def test_a_barrier_name_met_again_still_waits_for_every_host():
     """Self-training runs the training loop once per stage in one process, and each run meets the same
     compile barrier: the second meeting must wait for the late host as the first did, not pass at once."""
-    address = f"127.0.0.1:{free_loopback_port()}"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "SLURM_"))}
-    environment.update(
-        JAX_COORDINATOR_ADDRESS=address,
-        JAX_COORDINATOR_BIND_ADDRESS=address,
-        JAX_PLATFORMS="cpu",
-        JAX_NUM_PROCESSES="2",
+    results = run_two_processes(
+        BARRIER_TWICE, {"JAX_NUM_PROCESSES": "2"}, lambda index: {"JAX_PROCESS_ID": str(index)}
     )
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", BARRIER_TWICE],
-            cwd=REPO_ROOT,
-            env={**environment, "JAX_PROCESS_ID": str(index)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    try:
-        outputs = [process.communicate(timeout=120)[0] for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert all(process.returncode == 0 for process in processes), outputs
-    waits = [float(line.split()[1]) for line in outputs[0].splitlines() if line.startswith("WAITED")]
-    assert len(waits) == 2 and min(waits) >= 1.5, outputs[0]  # host 0 waited out host 1's 2 s both times
+    assert all(returncode == 0 for returncode, _ in results), results
+    waits = [float(line.split()[1]) for line in results[0][1].splitlines() if line.startswith("WAITED")]
+    assert len(waits) == 2 and min(waits) >= 1.5, results[0][1]  # host 0 waited out host 1's 2 s both times
 
 
 # --- a real two-process run ---------------------------------------------------------------------------
