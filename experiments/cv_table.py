@@ -74,13 +74,18 @@ def pretraining_category(init: pathlib.Path, dataset: str, root: pathlib.Path) -
     return f"pretrained ({init.name}: its data unknown)"
 
 
-def recipe_slice_dice(fold: int) -> dict[str, float]:
-    """{slice id: Dice} of the recipe study's record of `fold` (configs/semiseg.py, seed 0)."""
+def _recipe_record(fold: int) -> dict:
+    """The recipe study's record of `fold` (configs/semiseg.py, seed 0)."""
     path = RECIPE_RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json"
     if not path.is_file():
         raise UserError(f"{path}: no record of the recipe for fold {fold} (the study ran folds 0-4 of 5)")
-    record = json.loads(path.read_text())
-    return dict(zip(record["slices"]["id"], record["slices"]["dice"], strict=True))
+    return json.loads(path.read_text())
+
+
+def recipe_slice_dice(fold: int) -> dict[str, float]:
+    """{slice id: Dice} of the recipe study's record of `fold`."""
+    slices = _recipe_record(fold)["slices"]
+    return dict(zip(slices["id"], slices["dice"], strict=True))
 
 
 # How a run was scored, which must be the record's for a per-slice pairing to compare like with like: Dice at
@@ -95,10 +100,7 @@ SCORING_KEYS = (
 
 def check_scored_as_the_record(fold: int, name: str, config: dict) -> None:
     """A run paired with the recipe's record of `fold` must have been scored as the record was."""
-    path = RECIPE_RECORDS / f"{RECIPE_ARM}-fold{fold}-seed0.json"
-    record = json.loads(path.read_text())["config"] if path.is_file() else None
-    if record is None:
-        raise UserError(f"{path}: no record of the recipe for fold {fold} (the study ran folds 0-4 of 5)")
+    record = _recipe_record(fold)["config"]
     differing = [
         f"{group}.{key}={config.get(group, {}).get(key)!r} (the record's {record[group][key]!r})"
         for group, key in SCORING_KEYS

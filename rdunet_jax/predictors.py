@@ -9,9 +9,9 @@ def for_config(config, model, state) -> inference.Predictor:
     ONNX Runtime ('onnxruntime')."""
     if config.eval.runtime == "onnxruntime":
         # Imported only when asked for: the ONNX path is the optional `onnx` extra.
-        from rdunet_jax import onnx_runtime
+        from rdunet_jax import onnx_export, onnx_runtime
 
-        onnx_runtime.onnx_export.note_float32_export(
+        onnx_export.note_float32_export(
             config, "; --config.eval.runtime=jax scores the model as training validated it"
         )
         return onnx_runtime.OnnxRuntimePredictor.from_state(config, model, state)
