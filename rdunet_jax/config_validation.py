@@ -279,6 +279,12 @@ def _check_selftrain(config) -> None:
         lambda value: _is_int(value) and value >= 0,
         "a non-negative integer (0: the teacher's batch_size)",
     )
+    _require(
+        config,
+        "selftrain.student_seed",
+        lambda value: value == -1 or _SEED[0](value),
+        f"-1 (the run's seed) or {_SEED[1]}",
+    )
     student_batch = config.selftrain.student_batch_size or config.batch_size
     fraction = config.data.pseudo_fraction
     if config.selftrain.rounds and not _mixed_rows(student_batch, fraction):

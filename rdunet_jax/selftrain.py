@@ -112,6 +112,8 @@ def student_config(config, pseudo_label_dir: pathlib.Path, previous_model: pathl
     student.num_epochs = config.selftrain.student_num_epochs
     student.lr_decay_epochs = config.selftrain.student_lr_decay_epochs
     student.batch_size = config.selftrain.student_batch_size or config.batch_size
+    if config.selftrain.student_seed >= 0:
+        student.seed = config.selftrain.student_seed
     if config.selftrain.student_init == "teacher":
         student.model_init = str(previous_model)
     student.loss = losses.WEIGHTED_LOSSES.get(config.loss, config.loss)

@@ -365,10 +365,12 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
     config.data.unlabelled_intensity_matching = "window"
     config.data.extra_min_lesion_fraction = 0.05
     config.model.batch_norm_by_source = True
+    config.selftrain.student_seed = 7
     teacher = selftrain.teacher_config(config)
     assert selftrain._finished_stage(workdir / "teacher", teacher) == summary["stages"]["teacher"]
     student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
     assert (student.batch_size, student.num_epochs, student.data.intensity_range) == (3, 7, 0.3)
+    assert (student.seed, teacher.seed) == (7, config.seed)
     assert (student.data.extra_min_lesion_fraction, teacher.data.extra_min_lesion_fraction) == (0.05, 0.0)
     # The teacher's batches are of one source: the setting is the student's alone.
     assert (student.model.batch_norm_by_source, teacher.model.batch_norm_by_source) == (True, False)
@@ -393,6 +395,11 @@ def test_the_students_settings_keep_the_finished_teacher_and_reach_the_student(u
         == "dice_weighted"
     )
     config.loss = "dice"
+    for student_seed, seed in ((0, 0), (-1, 3)):  # -1: the run's seed
+        config.selftrain.student_seed, config.seed = student_seed, 3
+        student = selftrain.student_config(config, workdir / "pseudo_labels" / "round1", workdir / "teacher")
+        assert student.seed == seed
+    config.seed = 0
     config.batch_size += 1  # the teacher's own settings still count
     with pytest.raises(UserError, match="run with another config"):
         selftrain._finished_stage(workdir / "teacher", selftrain.teacher_config(config))
