@@ -15,6 +15,9 @@ another dataset):
     python -m experiments.cv_table runs/cv --reference dice_ce > table.md
     python -m experiments.cv_table runs/cv --reference recipe-record > table.md
     python -m experiments.cv_table runs/cv --reference selftrain/teacher > table.md  # stages: <run>/<stage>
+
+`--draws NAME=A,B` adds candidate NAME, the runs of A and B (say one recipe with two seeds) averaged per
+slice, to pair as any other (it may be the reference).
 """
 
 import argparse
@@ -195,6 +198,45 @@ def collect(root: pathlib.Path) -> dict:
     return dict(runs)
 
 
+def _averaged_slices(name: str, fold: int, members: list[str], values: list[dict]) -> dict[str, float]:
+    """{slice id: mean Dice over the draws} of one fold; draws that scored other slices are refused."""
+    if any(set(draw) != set(values[0]) for draw in values):
+        raise UserError(f"--draws {name}: {', '.join(members)} scored other slices on fold {fold}")
+    return {slice_id: float(np.mean([draw[slice_id] for draw in values])) for slice_id in sorted(values[0])}
+
+
+def averaged_draws(runs: dict, name: str, members: list[str]) -> dict:
+    """{fold: run} of candidate `name`: the runs of `members` (draws of one recipe, say with other seeds)
+    averaged per slice, so that its paired differences carry less of one training run's noise. Every
+    member must hold the same folds and, on each, the same slices and classes."""
+    missing = [member for member in members if member not in runs]
+    if missing:
+        raise UserError(f"--draws {name}: no finished runs of {', '.join(missing)}")
+    folds = [sorted(runs[member]) for member in members]
+    if any(member_folds != folds[0] for member_folds in folds):
+        raise UserError(f"--draws {name}: {', '.join(members)} ran other folds ({folds})")
+    averaged = {}
+    for fold in folds[0]:
+        draws = [runs[member][fold] for member in members]
+        classes = sorted(draws[0]["per_class"])
+        if any(sorted(draw["per_class"]) != classes for draw in draws):
+            raise UserError(f"--draws {name}: {', '.join(members)} scored other classes on fold {fold}")
+        averaged[fold] = {
+            "config": None,
+            "per_class": {
+                class_name: _averaged_slices(
+                    name, fold, members, [draw["per_class"][class_name] for draw in draws]
+                )
+                for class_name in classes
+            },
+            "any lesion": _averaged_slices(name, fold, members, [draw["any lesion"] for draw in draws]),
+            "category": " / ".join(sorted({draw["category"] for draw in draws})),
+            "epochs": 0,  # its members' training times are their own rows
+            "seconds": float("nan"),
+        }
+    return averaged
+
+
 def class_values(folds: dict, name: str) -> tuple[dict, list[float]]:
     """({slice id: Dice}, [fold means]) of class `name` ('any lesion' for the top-level mask)."""
     by_slice, fold_means = {}, []
@@ -256,14 +298,27 @@ def main(argv=None) -> int:
         default="dice_ce",
         help=f"the candidate the others are paired with ('{RECIPE_RECORD}': the recipe study's record)",
     )
+    parser.add_argument(
+        "--draws",
+        action="append",
+        default=[],
+        metavar="NAME=CANDIDATE,CANDIDATE[,...]",
+        help="adds candidate NAME: the listed candidates' runs averaged per slice (draws of one recipe with "
+        "other seeds); it can be the --reference",
+    )
     args = parser.parse_args(argv)
     runs = collect(args.root)
-    if args.reference == RECIPE_RECORD:
-        try:
+    try:
+        if args.reference == RECIPE_RECORD:
             runs = with_recipe_record(runs)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        for draws in args.draws:
+            name, _, members = draws.partition("=")
+            if not name or len(members.split(",")) < 2:
+                raise UserError(f"--draws {draws}: not NAME=CANDIDATE,CANDIDATE[,...]")
+            runs[name] = averaged_draws(runs, name, members.split(","))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(markdown(runs, args.reference), end="")
     return 0
 

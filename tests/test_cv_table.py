@@ -229,3 +229,62 @@ def test_each_candidate_is_labelled_with_what_it_learned_from(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "| any lesion |" in line}
     assert rows["joint"].endswith("| plus other labelled data |")
     assert rows["recipe"].endswith("|  | labelled only |")  # the reference: no pairing, its category
+
+
+def _second_draw(root):
+    """alt's recipe drawn again: any-lesion a 0.5, b 0.7, c 0.6 (alt's 0.7, 0.5, 0.8)."""
+    _workdir(root, "alt2-cv0", [("a", "ggo", 1, 0.8), ("b", "ggo", 0, 0.0), ("b", "cons", 1, 0.2)],
+             {"a": 0.5, "b": 0.7})  # fmt: skip
+    _workdir(root, "alt2-cv1", [("c", "ggo", 1, 0.7), ("c", "cons", 0, 1.0)], {"c": 0.6})
+
+
+def test_draws_are_averaged_per_slice_and_paired_as_one_candidate(root, capsys):
+    _second_draw(root)
+    averaged = cv_table.averaged_draws(cv_table.collect(root), "alt-both", ["alt", "alt2"])
+    assert sorted(averaged) == [0, 1]
+    assert averaged[0]["any lesion"] == pytest.approx({"a": 0.6, "b": 0.6})
+    assert averaged[1]["any lesion"] == pytest.approx({"c": 0.7})
+    # Per class, the slices holding it: ggo a (0.6, 0.8), c (0.9, 0.7); cons b (0.4, 0.2).
+    assert sorted(averaged[0]["per_class"]) == ["cons", "ggo"] and list(averaged[1]["per_class"]) == ["ggo"]
+    assert averaged[0]["per_class"]["ggo"] == pytest.approx({"a": 0.7})
+    assert averaged[0]["per_class"]["cons"] == pytest.approx({"b": 0.3})
+    assert averaged[1]["per_class"]["ggo"] == pytest.approx({"c": 0.8})
+    assert cv_table.main([str(root), "--reference", "ref", "--draws", "alt-both=alt,alt2"]) == 0
+    table = capsys.readouterr().out
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()}
+    # Against ref's a 0.6, b 0.4, c 0.8: 0, +0.2, -0.1.
+    assert rows["alt-both", "2", "any lesion"].split("|")[5].startswith(" 0.633 [")
+    assert rows["alt-both", "2", "any lesion"].split("|")[7].strip().startswith("0.033 [")
+    assert rows["alt-both", "2", "any lesion"].split("|")[7].strip().endswith("(n=3)")
+    assert "| alt-both | 0 |" not in table  # no training time of its own
+    # It can be the reference: alt's own draw against the average, +0.1, -0.1, +0.1.
+    assert cv_table.main([str(root), "--reference", "alt-both", "--draws", "alt-both=alt,alt2"]) == 0
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:4]): line
+        for line in capsys.readouterr().out.splitlines()
+    }
+    assert rows["alt", "2", "any lesion"].split("|")[7].strip().startswith("0.033 [")
+
+
+def test_draws_of_other_folds_slices_or_classes_are_refused(root, capsys):
+    _second_draw(root)
+    for draws, message in (
+        ("alt-both=alt", "--draws alt-both=alt: not NAME=CANDIDATE,CANDIDATE[,...]"),
+        ("=alt,alt2", "--draws =alt,alt2: not NAME=CANDIDATE,CANDIDATE[,...]"),
+        ("alt-both=alt,alt3", "--draws alt-both: no finished runs of alt3"),
+    ):
+        assert cv_table.main([str(root), "--reference", "ref", "--draws", draws]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    (root / "alt2-cv1" / "metrics" / "validation_slices.csv").unlink()  # fold 1 of alt2 not finished
+    assert cv_table.main([str(root), "--reference", "ref", "--draws", "both=alt,alt2"]) == 2
+    assert capsys.readouterr().err == "error: --draws both: alt, alt2 ran other folds ([[0, 1], [0]])\n"
+    runs = cv_table.collect(root)
+    runs["alt2"][1] = {**runs["alt"][1], "any lesion": {"d": 0.5}}
+    with pytest.raises(cv_table.UserError, match=r"^--draws both: alt, alt2 scored other slices on fold 1$"):
+        cv_table.averaged_draws(runs, "both", ["alt", "alt2"])
+    runs["alt2"][1] = {**runs["alt"][1], "per_class": {"cons": {"c": 0.5}}}  # alt's: ggo only
+    with pytest.raises(cv_table.UserError, match=r"^--draws both: alt, alt2 scored other classes on fold 1$"):
+        cv_table.averaged_draws(runs, "both", ["alt", "alt2"])
+    runs["alt2"][1] = {**runs["alt"][1], "per_class": {"ggo": {"d": 0.5}}}
+    with pytest.raises(cv_table.UserError, match=r"^--draws both: alt, alt2 scored other slices on fold 1$"):
+        cv_table.averaged_draws(runs, "both", ["alt", "alt2"])
