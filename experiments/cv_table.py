@@ -42,7 +42,7 @@ PLUS_UNLABELLED = "plus unlabelled"
 PLUS_OTHER_LABELLED = "plus other labelled data"
 
 
-def data_category(config: dict, root: pathlib.Path) -> str:
+def data_category(config: dict, root: pathlib.Path, run_dir: pathlib.Path | None = None) -> str:
     """What a run learned from besides its dataset's labelled slices (issue #27's categories), from its
     config; a pretrained start (`model_init`) counts as what its pretraining saw."""
     data = config.get("data", {})
@@ -56,17 +56,23 @@ def data_category(config: dict, root: pathlib.Path) -> str:
     if pseudo_labels or consistency:
         categories.append(PLUS_UNLABELLED)
     if config.get("model_init"):
-        categories.append(pretraining_category(pathlib.Path(config["model_init"]), data.get("name"), root))
+        init = pathlib.Path(config["model_init"])
+        categories.append(pretraining_category(init, data.get("name"), root, run_dir))
     categories = sorted(set(categories) - {LABELLED_ONLY})
     return " and ".join(categories) if categories else LABELLED_ONLY
 
 
-def pretraining_category(init: pathlib.Path, dataset: str, root: pathlib.Path) -> str:
+def pretraining_category(
+    init: pathlib.Path, dataset: str, root: pathlib.Path, run_dir: pathlib.Path | None = None
+) -> str:
     """The category of a `model_init` workdir, found where it was or, as kept in experiments/results, beside
     the runs (`<root>/<its name>`: a candidate fine-tuned further) or in `<root>/pretraining/<its name>`:
     restoration of the pool (experiments/restoration_pretraining.py writes pretraining.json) is plus
-    unlabelled; supervised training on another dataset is plus other labelled."""
-    for folder in (init, root / init.name, root / "pretraining" / init.name):
+    unlabelled; supervised training on another dataset is plus other labelled. A self-training student's
+    start, its own teacher, is first looked for beside the student (`run_dir`) in its workdir: the copy kept
+    with it, whatever the workdir was called where it ran."""
+    beside = [run_dir.parent / init.name] if run_dir is not None else []
+    for folder in (*beside, init, root / init.name, root / "pretraining" / init.name):
         if (folder / "pretraining.json").is_file():
             return PLUS_UNLABELLED
         if (folder / "config.json").is_file():
@@ -168,7 +174,7 @@ def read_run(workdir: pathlib.Path, root: pathlib.Path) -> dict:
     )
     config_path = workdir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
-    category = data_category(config, root) if config is not None else "unknown"
+    category = data_category(config, root, workdir) if config is not None else "unknown"
     return {
         "config": config,
         "per_class": dict(per_class),

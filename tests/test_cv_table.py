@@ -221,7 +221,19 @@ def test_each_candidate_is_labelled_with_what_it_learned_from(tmp_path):
         _workdir(root, f"{name}-cv0", [], {"a": 0.5})
         (root / f"{name}-cv0" / "config.json").write_text(json.dumps(config))
     _workdir(root, "noconfig-cv0", [], {"a": 0.5})
+    # A self-training run kept with its stages: the student started from its own teacher, which ran in a
+    # workdir of another name.
+    _workdir(root / "st-cv0", "teacher", [], {"a": 0.5})
+    (root / "st-cv0" / "teacher" / "config.json").write_text(json.dumps(_config()))
+    _workdir(root / "st-cv0", "student1", [], {"a": 0.5})
+    student = {
+        **_config(pseudo_label_dir="/p/round1"),
+        "model_init": str(tmp_path / "gone" / "st0" / "teacher"),
+    }
+    (root / "st-cv0" / "student1" / "config.json").write_text(json.dumps(student))
     runs = cv_table.collect(root)
+    assert runs["st/student1"][0]["category"] == "plus unlabelled"
+    assert runs["st/teacher"][0]["category"] == "labelled only"
     assert {name: runs[name][0]["category"] for name in cases} == {name: c for name, (_, c) in cases.items()}
     assert runs["noconfig"][0]["category"] == "unknown"
     table = cv_table.markdown(runs, "recipe")
