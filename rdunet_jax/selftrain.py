@@ -215,7 +215,7 @@ def train_stage(config, folder: pathlib.Path, name: str) -> dict:
 SUMMARY_DEFAULTS = {"unlabelled_intensity_matching": "none"}
 
 
-def _stage_config_digest(model_folder: pathlib.Path, part: str = "config") -> str | None:
+def _stage_digest(model_folder: pathlib.Path, part: str = "config") -> str | None:
     """A digest of the config (or, with part='result', the outcome) a finished training stage recorded
     (None when it records none)."""
     marker = model_folder / STAGE_DONE
@@ -243,10 +243,10 @@ def write_pseudo_labels(config, model_folder: pathlib.Path, model_config, folder
         "weighting": config.selftrain.weighting,
         "mask_threshold": config.eval.threshold,
         "unlabelled_intensity_matching": config.data.unlabelled_intensity_matching,
-        "model_config_digest": _stage_config_digest(model_folder),
+        "model_config_digest": _stage_digest(model_folder),
         # The same config trained again (its folder removed) may be other weights: its recorded outcome
         # tells them apart.
-        "model_result_digest": _stage_config_digest(model_folder, "result"),
+        "model_result_digest": _stage_digest(model_folder, "result"),
     }
     # Every host looks only once all have arrived: one that looked after the first host's summary was in
     # place would skip the barrier below that the first host waits at.

@@ -812,11 +812,11 @@ def test_the_model_digest_of_a_stage_is_of_its_recorded_config(tmp_path):
     for name, config in (("a", {"x": 1, "y": [2]}), ("b", {"y": [2], "x": 1}), ("c", {"x": 2, "y": [2]})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "stage.json").write_text(json.dumps({"config": config, "result": {}}))
-    digest = {name: selftrain._stage_config_digest(tmp_path / name) for name in "abc"}
+    digest = {name: selftrain._stage_digest(tmp_path / name) for name in "abc"}
     # The first 16 hex digits of the SHA-256 of the config's JSON with sorted keys, whatever its order.
     assert digest["a"] == hashlib.sha256(b'{"x": 1, "y": [2]}').hexdigest()[:16] == digest["b"]
     assert digest["c"] != digest["a"] and len(digest["c"]) == 16
-    assert selftrain._stage_config_digest(tmp_path / "none") is None  # no marker: unknown
+    assert selftrain._stage_digest(tmp_path / "none") is None  # no marker: unknown
 
 
 def test_a_moved_workdir_keeps_its_finished_stages(uninterrupted, tmp_path, capsys):
