@@ -57,7 +57,8 @@ def data_category(config: dict, root: pathlib.Path, run_dir: pathlib.Path | None
         categories.append(PLUS_UNLABELLED)
     if config.get("model_init"):
         init = pathlib.Path(config["model_init"])
-        categories.append(pretraining_category(init, data.get("name"), root, run_dir))
+        # A start's category may itself be several ("... and ..."), some of them this run's own.
+        categories += pretraining_category(init, data.get("name"), root, run_dir).split(" and ")
     categories = sorted(set(categories) - {LABELLED_ONLY})
     return " and ".join(categories) if categories else LABELLED_ONLY
 
@@ -69,9 +70,9 @@ def pretraining_category(
     the runs (`<root>/<its name>`: a candidate fine-tuned further) or in `<root>/pretraining/<its name>`:
     restoration of the pool (experiments/restoration_pretraining.py writes pretraining.json) is plus
     unlabelled; supervised training on another dataset is plus other labelled. A self-training student's
-    start, its own teacher, is first looked for beside the student (`run_dir`) in its workdir: the copy kept
-    with it, whatever the workdir was called where it ran."""
-    beside = [run_dir.parent / init.name] if run_dir is not None else []
+    start, its own teacher (or the student before it), is first looked for beside the student (`run_dir`, a
+    stage of a workdir under `root`): the copy kept with it, whatever the workdir was called where it ran."""
+    beside = [run_dir.parent / init.name] if run_dir is not None and run_dir.parent != root else []
     for folder in (*beside, init, root / init.name, root / "pretraining" / init.name):
         if (folder / "pretraining.json").is_file():
             return PLUS_UNLABELLED
@@ -79,7 +80,7 @@ def pretraining_category(
             config = json.loads((folder / "config.json").read_text())
             if config.get("data", {}).get("name") != dataset:
                 return PLUS_OTHER_LABELLED
-            return data_category(config, root)
+            return data_category(config, root, folder)
     return f"pretrained ({init.name}: its data unknown)"
 
 
@@ -321,6 +322,8 @@ def main(argv=None) -> int:
             name, _, members = draws.partition("=")
             if not name or len(members.split(",")) < 2:
                 raise UserError(f"--draws {draws}: not NAME=CANDIDATE,CANDIDATE[,...]")
+            if name in runs:
+                raise UserError(f"--draws {name}: a candidate of that name exists; name the draws otherwise")
             runs[name] = averaged_draws(runs, name, members.split(","))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

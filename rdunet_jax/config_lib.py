@@ -287,7 +287,8 @@ def base_config() -> ml_collections.ConfigDict:
     # teacher's 4 labelled slices a step plus 1 pseudo-labelled one.
     config.selftrain.student_batch_size = 0
     # The student's `seed` (-1: the run's): another draw of the student's dropout, data order and
-    # augmentation from the same teacher and pseudo-labels, the student's part of the variance of training.
+    # augmentation (and, with student_init='scratch', its initial weights) from the same teacher and
+    # pseudo-labels, the student's part of the variance of training.
     config.selftrain.student_seed = -1
 
     # Mean teacher (rdunet_jax/mean_teacher.py): 0 trains without it; > 0 weighs the consistency between

@@ -282,7 +282,7 @@ def _check_selftrain(config) -> None:
     _require(
         config,
         "selftrain.student_seed",
-        lambda value: value == -1 or _SEED[0](value),
+        lambda value: (_is_int(value) and value == -1) or _SEED[0](value),
         f"-1 (the run's seed) or {_SEED[1]}",
     )
     student_batch = config.selftrain.student_batch_size or config.batch_size

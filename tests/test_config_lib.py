@@ -52,7 +52,9 @@ INVALID_VALUES = {
     "model.batch_norm_by_source": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
     "data.unlabelled_intensity_matching": st.one_of(st.integers(), st.none(), st.text(max_size=2)),
     "selftrain.student_batch_size": st.one_of(st.integers(max_value=-1), NOT_AN_INT),
-    "selftrain.student_seed": st.one_of(st.integers(max_value=-2), st.integers(min_value=2**32), NOT_AN_INT),
+    "selftrain.student_seed": st.one_of(
+        st.integers(max_value=-2), st.integers(min_value=2**32), st.just(-1.0), NOT_AN_INT
+    ),
     "data.train_split": st.text(max_size=6).filter(lambda t: t not in ("train", "train_full")),
     "data.split_fractions": st.one_of(
         st.lists(st.floats(0.01, 1.0), min_size=3, max_size=3).filter(lambda f: abs(sum(f) - 1) > 1e-3),

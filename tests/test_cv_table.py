@@ -231,9 +231,38 @@ def test_each_candidate_is_labelled_with_what_it_learned_from(tmp_path):
         "model_init": str(tmp_path / "gone" / "st0" / "teacher"),
     }
     (root / "st-cv0" / "student1" / "config.json").write_text(json.dumps(student))
+    # Its second round started from student1, which started from the teacher, both kept beside it.
+    _workdir(root / "st-cv0", "student2", [], {"a": 0.5})
+    student2 = {**student, "model_init": str(tmp_path / "gone" / "st0" / "student1")}
+    (root / "st-cv0" / "student2" / "config.json").write_text(json.dumps(student2))
+    # Where the start still is at its recorded path, the copy kept beside the student is read first: here
+    # the recorded path now holds another dataset's run.
+    (tmp_path / "elsewhere" / "teacher").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "teacher" / "config.json").write_text(json.dumps(_config(name="ma2020_2d")))
+    _workdir(root / "st-cv1", "teacher", [], {"a": 0.5})
+    (root / "st-cv1" / "teacher" / "config.json").write_text(json.dumps(_config()))
+    _workdir(root / "st-cv1", "student1", [], {"a": 0.5})
+    moved = {**student, "model_init": str(tmp_path / "elsewhere" / "teacher")}
+    (root / "st-cv1" / "student1" / "config.json").write_text(json.dumps(moved))
+    # A top-level run's start is read where it was recorded before any copy under root of that name.
+    (tmp_path / "other" / "start").mkdir(parents=True)
+    (tmp_path / "other" / "start" / "config.json").write_text(json.dumps(_config(name="ma2020_2d")))
+    (root / "start").mkdir()
+    (root / "start" / "config.json").write_text(json.dumps(_config()))
+    _workdir(root, "ft-cv0", [], {"a": 0.5})
+    (root / "ft-cv0" / "config.json").write_text(
+        json.dumps({**student, "model_init": str(tmp_path / "other" / "start")})
+    )
+    # Started from that run (kept under root): its categories and this run's own are named once each.
+    _workdir(root, "ft2-cv0", [], {"a": 0.5})
+    (root / "ft2-cv0" / "config.json").write_text(json.dumps({**student, "model_init": "/gone/ft-cv0"}))
     runs = cv_table.collect(root)
     assert runs["st/student1"][0]["category"] == "plus unlabelled"
+    assert runs["st/student2"][0]["category"] == "plus unlabelled"
     assert runs["st/teacher"][0]["category"] == "labelled only"
+    assert runs["st/student1"][1]["category"] == "plus unlabelled"
+    assert runs["ft"][0]["category"] == "plus other labelled data and plus unlabelled"
+    assert runs["ft2"][0]["category"] == "plus other labelled data and plus unlabelled"
     assert {name: runs[name][0]["category"] for name in cases} == {name: c for name, (_, c) in cases.items()}
     assert runs["noconfig"][0]["category"] == "unknown"
     table = cv_table.markdown(runs, "recipe")
@@ -278,9 +307,24 @@ def test_draws_are_averaged_per_slice_and_paired_as_one_candidate(root, capsys):
     assert rows["alt", "2", "any lesion"].split("|")[7].strip().startswith("0.033 [")
 
 
+def test_draws_are_the_mean_of_every_draw_and_name_each_category():
+    def run(dice, category):
+        return {"per_class": {}, "any lesion": {"a": dice}, "category": category}
+
+    runs = {
+        "x": {0: run(0.1, "plus unlabelled")},
+        "y": {0: run(0.2, "labelled only")},
+        "z": {0: run(0.6, "plus unlabelled")},
+    }
+    averaged = cv_table.averaged_draws(runs, "xyz", ["x", "y", "z"])[0]
+    assert averaged["any lesion"] == pytest.approx({"a": 0.3})  # the mean, not the median 0.2
+    assert averaged["category"] == "labelled only / plus unlabelled"
+
+
 def test_draws_of_other_folds_slices_or_classes_are_refused(root, capsys):
     _second_draw(root)
     for draws, message in (
+        ("alt=alt,alt2", "--draws alt: a candidate of that name exists; name the draws otherwise"),
         ("alt-both=alt", "--draws alt-both=alt: not NAME=CANDIDATE,CANDIDATE[,...]"),
         ("=alt,alt2", "--draws =alt,alt2: not NAME=CANDIDATE,CANDIDATE[,...]"),
         ("alt-both=alt,alt3", "--draws alt-both: no finished runs of alt3"),
