@@ -279,16 +279,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.selftrain.student_num_epochs = 150
     config.selftrain.student_lr_decay_epochs = 75
     config.selftrain.student_intensity_range = 0.1
-    # 'scratch' (Noisy Student's student); 'teacher': the student starts from the weights of the model that
-    # made its pseudo-labels (a fresh optimizer, `model_init`), so a shorter schedule may do.
+    # 'scratch' (Noisy Student's); 'teacher': from the weights that made its pseudo-labels, a fresh optimizer.
     config.selftrain.student_init = "scratch"
-    # The student's batch (0: the teacher's `batch_size`). A larger one adds the pseudo-labelled rows on top
-    # of the teacher's labelled rows instead of in their place: batch 5 with data.pseudo_fraction 0.2 is the
-    # teacher's 4 labelled slices a step plus 1 pseudo-labelled one.
+    # The student's batch (0: `batch_size`); a larger one adds the pseudo-labelled rows on top of the
+    # labelled ones: batch 5 with data.pseudo_fraction 0.2 is 4 labelled + 1 pseudo-labelled slice a step.
     config.selftrain.student_batch_size = 0
-    # The student's `seed` (-1: the run's): another draw of the student's dropout, data order and
-    # augmentation (and, with student_init='scratch', its initial weights) from the same teacher and
-    # pseudo-labels, the student's part of the variance of training.
+    # The student's `seed` (-1: the run's), to draw the student again from the same teacher.
     config.selftrain.student_seed = -1
 
     # Mean teacher (rdunet_jax/mean_teacher.py): 0 trains without it; > 0 weighs the consistency between

@@ -23,6 +23,10 @@ _LAST_WITH_TRAIN_FULL = "'last' when data.train_split=train_full"
 _POSITIVE = (lambda value: _is_int(value) and value >= 1, "a positive integer")
 # The dropout key's seed: jax.random.PRNGKey(2**32) is PRNGKey(0), and 2**63 overflows.
 _SEED = (lambda value: _is_int(value) and 0 <= value < 2**32, "an integer from 0 to 2**32-1")
+_STUDENT_SEED = (
+    lambda value: (_is_int(value) and value == -1) or _SEED[0](value),
+    f"-1 (the run's seed) or {_SEED[1]}",
+)
 
 
 def _require(config, key, predicate, description: str) -> None:
@@ -279,12 +283,7 @@ def _check_selftrain(config) -> None:
         lambda value: _is_int(value) and value >= 0,
         "a non-negative integer (0: the teacher's batch_size)",
     )
-    _require(
-        config,
-        "selftrain.student_seed",
-        lambda value: (_is_int(value) and value == -1) or _SEED[0](value),
-        f"-1 (the run's seed) or {_SEED[1]}",
-    )
+    _require(config, "selftrain.student_seed", *_STUDENT_SEED)
     student_batch = config.selftrain.student_batch_size or config.batch_size
     fraction = config.data.pseudo_fraction
     if config.selftrain.rounds and not _mixed_rows(student_batch, fraction):

@@ -183,6 +183,19 @@ def test_image_size_must_divide_by_the_pools():
         config_validation.validate(config)
 
 
+def test_the_students_seed_is_the_runs_or_a_seed_of_its_own():
+    config = make_tiny_config()
+    for value in (-1, 0, 2**32 - 1):
+        _set(config, "selftrain.student_seed", value)
+        config_validation.validate(config)
+    for value in (-1.0, -2, 2**32, True):
+        config = make_tiny_config()  # a float set once would make the later ints floats
+        _set(config, "selftrain.student_seed", value)
+        message = "selftrain.student_seed: must be -1 (the run's seed) or an integer from 0 to 2**32-1, got"
+        with pytest.raises(UserError, match=f"^{re.escape(f'{message} {value!r}')}$"):
+            config_validation.validate(config)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_invalid_configs_end_in_one_line_naming_the_key_and_the_requirement(data):
