@@ -1,0 +1,84 @@
+"""experiments.bar_power: draws of a recipe against its record, and the bar's power, against hand values."""
+
+import pytest
+
+from experiments import bar_power
+
+# Three slices on fold 0. Against the record (0.5, 0.7, 0.6): recipe draw 2 differs by (0, 0, 0.3), whose
+# bootstrap means are 0, 0.1, 0.2 or 0.3 with chances 8/27, 12/27, 6/27 and 1/27, so its 2.5% bound is 0
+# (not clear) and its 97.5% bound 0.3: a margin (mean minus lower bound) of 0.1, not 0.2 (upper bound minus
+# mean); draw 3 by 0.2 on each slice, margin 0; the candidate by 0.3 on each.
+DRAWS = {
+    "record": {"a": 0.5, "b": 0.7, "c": 0.6},
+    "recipe2": {"a": 0.5, "b": 0.7, "c": 0.9},
+    "recipe3": {"a": 0.7, "b": 0.9, "c": 0.8},
+    "candidate": {"a": 0.8, "b": 1.0, "c": 0.9},
+}
+
+
+def _runs(draws=DRAWS):
+    return {name: {0: {"per_class": {}, "any lesion": dict(slices)}} for name, slices in draws.items()}
+
+
+def _write_runs(root, draws=DRAWS):
+    for name, slices in draws.items():
+        metrics = root / f"{name}-cv0" / "metrics"
+        metrics.mkdir(parents=True)
+        rows = "".join(f"{slice_id},{dice}\n" for slice_id, dice in slices.items())
+        (metrics / "validation_slices.csv").write_text("id,dice\n" + rows)
+
+
+def test_the_chance_to_clear_is_a_normal_tail_past_the_margin():
+    assert bar_power.chance_to_clear(0.01, 0.01, 0.005) == pytest.approx(0.5)
+    assert bar_power.chance_to_clear(0.01 + 0.841621 * 0.005, 0.01, 0.005) == pytest.approx(0.8, abs=1e-6)
+    assert bar_power.chance_to_clear(0.0, 0.01, 0.005) == pytest.approx(0.0227501, abs=1e-6)  # 2 sd short
+
+
+def test_draws_margin_spread_and_chances_match_hand_values():
+    lines = bar_power.bar_summary(_runs(), ["record", "recipe2", "recipe3"], {"cand": ["candidate"]})
+    assert lines[2] == "| record | recipe | 0.600 | (the record) | |"
+    assert lines[3] == "| recipe2 | recipe | 0.700 | 0.100 [0.000, 0.300] | no |"
+    assert lines[4] == "| recipe3 | recipe | 0.800 | 0.200 [0.200, 0.200] | yes |"
+    assert lines[5] == "| candidate | cand | 0.900 | 0.300 [0.300, 0.300] | yes |"
+    text = "\n".join(lines)
+    # Margin (0.1 + 0) / 2; spread: the sd of 0.6, 0.7, 0.8; half: 0.05 - (0.7 - 0.6); four fifths:
+    # -0.05 + 0.8416 * 0.1.
+    assert "recipe's 2 other draws): 0.0500." in text
+    assert "draws): 0.1000; the recipe's mean 0.7000, the record 0.6000." in text
+    assert "half of the time: -0.0500; four times in five: +0.0342." in text
+    # Chances: the recipe's Phi((0.1 - 0.05) / 0.1) = Phi(0.5); the candidate's Phi((0.3 - 0.05) / 0.1).
+    assert lines[-2] == "| recipe | 3 | 0.7000 | +0.0000 | 0.69 |"
+    assert lines[-1] == "| cand | 1 | 0.9000 | +0.2000 | 0.99 |"
+
+
+def test_main_reads_workdirs_and_prints_the_table(tmp_path, capsys):
+    _write_runs(tmp_path)
+    argv = [str(tmp_path), "--recipe", "record,recipe2,recipe3", "--draws", "cand=candidate"]
+    assert bar_power.main(argv) == 0
+    assert "| candidate | cand | 0.900 | 0.300 [0.300, 0.300] | yes |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--recipe", "record,recipe2"], "--recipe: name the record and at least two other draws"),
+        (["--recipe", "record,recipe2,missing"], "missing: no finished runs (candidates: candidate, "),
+        (["--recipe", "record,recipe2,recipe3", "--draws", "recipe=candidate"], "--draws recipe=candidate: "),
+        (["--recipe", "record,recipe2,recipe3", "--draws", "cand"], "--draws cand: not NAME=CANDIDATE"),
+        (
+            ["--recipe", "record,recipe2,recipe3", "--draws", "a=candidate", "--draws", "a=recipe2"],
+            "--draws a=",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys, arguments, message):
+    _write_runs(tmp_path)
+    assert bar_power.main([str(tmp_path), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1
+
+
+def test_a_draw_of_other_slices_is_refused():
+    draws = {**DRAWS, "candidate": {"a": 0.7, "b": 0.8, "d": 0.9}}
+    with pytest.raises(bar_power.UserError, match="candidate: scored 3 slices, the record 3; not the same"):
+        bar_power.bar_summary(_runs(draws), ["record", "recipe2", "recipe3"], {"cand": ["candidate"]})
