@@ -96,14 +96,17 @@ def bar_summary(runs: dict, recipe: list[str], families: dict[str, list[str]]) -
         f"- Gain over the recipe's mean that clears the bar half of the time: {half:+.4f}; four times in "
         f"five: {half + FOUR_FIFTHS * spread:+.4f}.",
         "",
-        "| family | draws | mean pooled Dice | - the recipe's mean | chance one draw clears the bar |",
-        "|---|---|---|---|---|",
+        "| family | draws | mean pooled Dice | sd over its draws | - the recipe's mean "
+        "| chance one draw clears the bar |",
+        "|---|---|---|---|---|---|",
     ]
     for family, family_means in means.items():
         mean = float(np.mean(family_means))
+        own_spread = f"{np.std(family_means, ddof=1):.4f}" if len(family_means) > 1 else ""
         chance = chance_to_clear(mean - record_mean, margin, spread)
         lines.append(
-            f"| {family} | {len(family_means)} | {mean:.4f} | {mean - recipe_mean:+.4f} | {chance:.2f} |"
+            f"| {family} | {len(family_means)} | {mean:.4f} | {own_spread} | {mean - recipe_mean:+.4f} "
+            f"| {chance:.2f} |"
         )
     return lines
 

@@ -35,7 +35,8 @@ def test_the_chance_to_clear_is_a_normal_tail_past_the_margin():
 
 
 def test_draws_margin_spread_and_chances_match_hand_values():
-    lines = bar_power.bar_summary(_runs(), ["record", "recipe2", "recipe3"], {"cand": ["candidate"]})
+    families = {"cand": ["candidate"], "two": ["candidate", "recipe3"]}
+    lines = bar_power.bar_summary(_runs(), ["record", "recipe2", "recipe3"], families)
     assert lines[2] == "| record | recipe | 0.600 | (the record) | |"
     assert lines[3] == "| recipe2 | recipe | 0.700 | 0.100 [0.000, 0.300] | no |"
     assert lines[4] == "| recipe3 | recipe | 0.800 | 0.200 [0.200, 0.200] | yes |"
@@ -47,8 +48,10 @@ def test_draws_margin_spread_and_chances_match_hand_values():
     assert "draws): 0.1000; the recipe's mean 0.7000, the record 0.6000." in text
     assert "half of the time: -0.0500; four times in five: +0.0342." in text
     # Chances: the recipe's Phi((0.1 - 0.05) / 0.1) = Phi(0.5); the candidate's Phi((0.3 - 0.05) / 0.1).
-    assert lines[-2] == "| recipe | 3 | 0.7000 | +0.0000 | 0.69 |"
-    assert lines[-1] == "| cand | 1 | 0.9000 | +0.2000 | 0.99 |"
+    assert lines[-3] == "| recipe | 3 | 0.7000 | 0.1000 | +0.0000 | 0.69 |"
+    assert lines[-2] == "| cand | 1 | 0.9000 |  | +0.2000 | 0.99 |"
+    # Its own sd: that of 0.9 and 0.8; its chance Phi((0.85 - 0.6 - 0.05) / 0.1) = Phi(2).
+    assert lines[-1] == "| two | 2 | 0.8500 | 0.0707 | +0.1500 | 0.98 |"
 
 
 def test_main_reads_workdirs_and_prints_the_table(tmp_path, capsys):
