@@ -255,6 +255,14 @@ def class_values(folds: dict, name: str) -> tuple[dict, list[float]]:
     return by_slice, fold_means
 
 
+def slice_differences(reference: dict[str, float], alternative: dict[str, float]) -> np.ndarray:
+    """Per slice both scored (sorted by id), the alternative's Dice minus the reference's."""
+    return stats.paired_slice_differences(
+        {key: [value] for key, value in reference.items()},
+        {key: [value] for key, value in alternative.items()},
+    )
+
+
 def markdown(runs: dict, reference: str) -> str:
     classes = sorted({name for folds in runs.values() for run in folds.values() for name in run["per_class"]})
     classes.append("any lesion")
@@ -268,10 +276,7 @@ def markdown(runs: dict, reference: str) -> str:
             by_slice, fold_means = class_values(folds, name)
             if reference in runs and candidate != reference:
                 reference_slices, _ = class_values(runs[reference], name)
-                differences = stats.paired_slice_differences(
-                    {key: [value] for key, value in reference_slices.items()},
-                    {key: [value] for key, value in by_slice.items()},
-                )
+                differences = slice_differences(reference_slices, by_slice)
                 paired = (
                     tables.format_interval(stats.bootstrap_interval(differences)) + f" (n={differences.size})"
                 )
