@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
-from rdunet_jax import config_lib, datasets, devices, files, selftrain
+from rdunet_jax import config_lib, config_validation, datasets, devices, files, selftrain
 from rdunet_jax.datasets import pseudo_labels
 from rdunet_jax.errors import UserError
 
@@ -908,6 +908,29 @@ def test_the_shipped_config_starts_its_student_from_its_teacher_for_a_third_of_t
 
     assert schedule(teacher) == (300, 150, 4, "")
     assert schedule(student) == (100, 50, 5, str(workdir / "teacher"))
+
+
+def test_the_shipped_config_splits_the_students_batch_statistics_and_keeps_an_earlier_runs_teacher(tmp_path):
+    # The choice of 2026-12-05 (three draws over 5 folds): the student alone normalises its pseudo-labelled
+    # row apart. A workdir finished under the earlier config keeps its teacher; its student is refused by
+    # name, and kept with the earlier setting.
+    config = config_lib.config_module(REPO_ROOT / "configs" / "semiseg_selftrain.py").get_config()
+    config_validation.validate(config)
+    earlier = config_lib.config_module(REPO_ROOT / "configs" / "semiseg_selftrain.py").get_config()
+    earlier.model.batch_norm_by_source = False
+    assert selftrain.teacher_config(config).to_dict() == selftrain.teacher_config(earlier).to_dict()
+    assert selftrain.teacher_config(config).model.batch_norm_by_source is False
+    labels, teacher = tmp_path / "pseudo_labels" / "round1", tmp_path / "teacher"
+    student = selftrain.student_config(config, labels, teacher)
+    assert student.model.batch_norm_by_source is True
+    record = config_lib.to_json(selftrain.student_config(earlier, labels, teacher))
+    (tmp_path / "student1").mkdir()
+    (tmp_path / "student1" / "stage.json").write_text(json.dumps({"config": record, "result": {"dice": 0.5}}))
+    with pytest.raises(UserError, match="model.batch_norm_by_source: False then, True now"):
+        selftrain._finished_stage(tmp_path / "student1", student)
+    assert selftrain._finished_stage(
+        tmp_path / "student1", selftrain.student_config(earlier, labels, teacher)
+    )
 
 
 def test_the_shipped_config_keeps_every_pool_pixel_weighted_by_the_teachers_confidence():
