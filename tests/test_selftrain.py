@@ -587,6 +587,27 @@ def test_killed_in_every_stage_and_rerun_it_ends_as_the_uninterrupted_run(uninte
             assert (workdir / "pseudo_labels" / "round1" / name / path.name).read_bytes() == path.read_bytes()
 
 
+@pytest.mark.slow
+def test_a_student_with_split_batch_statistics_killed_mid_epoch_resumes_as_the_uninterrupted_run(tmp_path):
+    # The shipped student (`model.batch_norm_by_source`): where its batches split is no checkpoint's but set
+    # from the data at every start, so a resumed student must split them where the killed one did.
+    config = tiny_selftrain_config()
+    config.model.batch_norm_by_source = True
+    summary = selftrain.run(config, tmp_path / "reference")
+    workdir = tmp_path / "killed"
+    # A save every step, each waiting for the one before, so the kill after step 6 (mid-epoch 2 of the
+    # student) leaves step 4's or 5's complete to resume from.
+    options = ("--config.model.batch_norm_by_source=True", "--config.checkpoint_every_steps=1")
+    result = _run_command(workdir, "6", *options)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert not (workdir / "student1" / "stage.json").exists()
+    result = _run_command(workdir, None, *options)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "student 1: training in" in result.stdout and "resumed at epoch 2" in result.stdout
+    resumed = json.loads((workdir / "selftrain.json").read_text())
+    assert resumed["stages"]["student1"] == summary["stages"]["student1"]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
