@@ -33,13 +33,6 @@ from rdunet_jax.errors import UserError
 Z_FOUR_FIFTHS = float(scipy_stats.norm.ppf(0.8))
 
 
-def pooled_slices(runs: dict, name: str) -> dict[str, float]:
-    """{slice id: Dice} of candidate `name` over all its folds; a UserError when it has no runs."""
-    if name not in runs:
-        raise UserError(f"{name}: no finished runs (candidates: {', '.join(sorted(runs))})")
-    return cv_table.class_values(runs[name], "any lesion")[0]
-
-
 def against_record(record: dict, draw: dict, name: str) -> tuple[float, float, float]:
     """(mean, low, high) of the draw's per-slice Dice minus the record's, 95% bootstrap; the draw must have
     scored the record's slices."""
@@ -75,27 +68,31 @@ def bar_summary(runs: dict, recipe: list[str], families: dict[str, list[str]]) -
     if len(recipe) < 3:
         raise UserError("--recipe: name the record and at least two other draws of the recipe")
     named = {"recipe": recipe, **families}
-    draws = {name: pooled_slices(runs, name) for names in named.values() for name in names}
+    # {name: {slice id: Dice}} over all its folds; main has checked that every name has runs.
+    draws = {
+        name: cv_table.class_values(runs[name], "any lesion")[0] for names in named.values() for name in names
+    }
     if len(draws) < sum(len(names) for names in named.values()):
         raise UserError("--recipe/--draws: a candidate is named twice")
     check_distinct_draws(draws)
     record = draws[recipe[0]]
+    pooled_dice = {name: float(np.mean(list(slices.values()))) for name, slices in draws.items()}
     lines = [
         f"| draw | of | Dice, {len(record)} slices pooled "
         f"| - {recipe[0]}, per slice [95% bootstrap] | clears |",
         "|---|---|---|---|---|",
-        f"| {recipe[0]} | recipe | {np.mean(list(record.values())):.3f} | (the record) | |",
+        f"| {recipe[0]} | recipe | {pooled_dice[recipe[0]]:.3f} | (the record) | |",
     ]
     pooled_dice_by_family, margins = {}, []
     for family, names in named.items():
-        pooled_dice_by_family[family] = [float(np.mean(list(draws[name].values()))) for name in names]
+        pooled_dice_by_family[family] = [pooled_dice[name] for name in names]
         for name in names[1:] if family == "recipe" else names:
             mean, low, high = against_record(record, draws[name], name)
             # One margin for every family, the recipe's: what a draw of the plain recipe needed to clear.
             if family == "recipe":
                 margins.append(mean - low)
             lines.append(
-                f"| {name} | {family} | {np.mean(list(draws[name].values())):.3f} "
+                f"| {name} | {family} | {pooled_dice[name]:.3f} "
                 f"| {tables.format_interval((mean, low, high))} | {'yes' if low > 0 else 'no'} |"
             )
     margin = float(np.mean(margins))
