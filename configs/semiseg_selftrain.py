@@ -7,7 +7,7 @@ slices plus the teacher's pseudo-labels of the release's 1,600 unlabelled slices
 Stages under the workdir (runs/rdunet-semiseg-selftrain): teacher/, pseudo_labels/round1/ (PNG masks and
 weight maps, summary.json), student1/, selftrain.json; rerun the same command to resume after a kill. The
 student is evaluated on the test split when Dataset/TestingSet is present, else on validation (saying so).
-It took 42 min end to end on a 2-core Intel Xeon CPU (as before split batch statistics), and 59 min on a
+It took 42 min end to end on a 2-core Intel Xeon CPU (41 min 59 s as shipped), and 59 min on a
 2-core Zen 4 with the earlier thresholded pseudo-labels (experiments/results/recipe/selftrain-small.md).
 One fold of the cross-validation by hand (fold k held out from both teacher and student; the pool is used
 in every fold):
@@ -69,7 +69,8 @@ def get_config(variant: str = "rdunet"):
     # averaged 0.751 over the 5 folds, +0.008 [0.001, 0.015] per slice against the recipe's record and
     # +0.0035 [-0.0014, 0.0099] against the student without it (two draws); the two draws that did not prompt
     # the test, +0.0072 [0.0004, 0.0147], by the rule fixed before the third draw ran. Against its own
-    # teacher it is +0.002 [-0.005, 0.008]: most of its lead is its teachers'. The student without it:
+    # teacher it is +0.002 [-0.005, 0.008]: most of its lead is its teachers' (seed 0's; new teachers,
+    # seed 1, scored below the record on folds 0-3, and their students too). The student without it:
     # --config.model.batch_norm_by_source=False.
     config.model.batch_norm_by_source = True
     # Both stages save their `latest` checkpoint every 10th epoch (and on a stop signal, and at the end), not
