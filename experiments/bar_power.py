@@ -109,8 +109,8 @@ def bar_summary(runs: dict, recipe: list[str], families: dict[str, list[str]]) -
         f"- The margin a draw needs above the record (mean point estimate minus lower bound, the recipe's "
         f"{len(margins)} other draws): {margin:.4f}.",
         f"- The spread of one draw's pooled Dice (standard deviation over the recipe's {len(recipe)} draws): "
-        f"{spread:.4f}; the recipe's mean {recipe_mean:.4f}, the record {record_mean:.4f}. Draws with other "
-        "seeds than these may spread further, which would raise the gain needed four times in five.",
+        f"{spread:.4f}; the recipe's mean {recipe_mean:.4f}, the record {record_mean:.4f}. A few draws give "
+        "a rough spread: more, of other seeds above all, may widen it and the gain needed 4 times in 5.",
         f"- Gain over the recipe's mean that clears the bar half of the time: {gain_for_half:+.4f}; four "
         f"times in five: {gain_for_half + Z_FOUR_FIFTHS * spread:+.4f}.",
         "",
