@@ -10,7 +10,7 @@ that one draw of a recipe clears the bar and the gain over the recipe's mean it 
 four fifths of the time:
 
     python -m experiments.bar_power experiments/results/recipe/selftrain-cv \\
-        --recipe recipe-record,selftrain/teacher,selftrain-ens/teacher \\
+        --recipe recipe-record,selftrain/teacher,selftrain-ens/teacher,selftrain-seed1/teacher \\
         --draws split=selftrain-dsbn/student1,selftrain-dsbn-s1/student1
 
 The margin a draw needs is the mean, over the recipe's other draws, of its point estimate minus its lower
@@ -110,7 +110,7 @@ def bar_summary(runs: dict, recipe: list[str], families: dict[str, list[str]]) -
         f"{len(margins)} other draws): {margin:.4f}.",
         f"- The spread of one draw's pooled Dice (standard deviation over the recipe's {len(recipe)} draws): "
         f"{spread:.4f}; the recipe's mean {recipe_mean:.4f}, the record {record_mean:.4f}. A few draws give "
-        "a rough spread: more, of other seeds above all, may widen it and the gain needed 4 times in 5.",
+        "a rough spread: more draws, of other seeds above all, may move it and the gain needed 4 times in 5.",
         f"- Gain over the recipe's mean that clears the bar half of the time: {gain_for_half:+.4f}; four "
         f"times in five: {gain_for_half + Z_FOUR_FIFTHS * spread:+.4f}.",
         "",
