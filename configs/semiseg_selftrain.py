@@ -70,7 +70,9 @@ def get_config(variant: str = "rdunet"):
     # +0.0035 [-0.0014, 0.0099] against the student without it (two draws); the two draws that did not prompt
     # the test, +0.0072 [0.0004, 0.0147], by the rule fixed before the third draw ran. Against its own
     # teacher it is +0.002 [-0.005, 0.008]: most of its lead is its teachers' (seed 0's; new teachers,
-    # seed 1, scored 0.019 below the record over the 5 folds, their students 0.009). The student without it:
+    # seed 1, scored 0.019 below the record over the 5 folds, their students 0.009; seed 2's 0.006 and 0.010;
+    # over the three seeds the students lead their own teachers by +0.003 [-0.004, 0.010], a gain not
+    # shown). The student without it:
     # --config.model.batch_norm_by_source=False.
     config.model.batch_norm_by_source = True
     # Both stages save their `latest` checkpoint every 10th epoch (and on a stop signal, and at the end), not
