@@ -28,7 +28,18 @@ def _files(folder):
     }
 
 
-def test_a_stop_during_evaluation_leaves_the_last_evaluation_whole(tiny_state, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as at a terminal, even where the test runner was started ignoring it:
+    a shell's background job ignores SIGINT, and Python then leaves it ignored, so the stop never comes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_during_evaluation_leaves_the_last_evaluation_whole(
+    tiny_state, tmp_path, monkeypatch, sigint_raises
+):
     config = make_tiny_config()
     predictor = inference.JaxPredictor(tiny_state)
     evaluate.evaluate_state(predictor, config, tmp_path, "test")
