@@ -246,7 +246,7 @@ class GraphBuilder:
         params = equation.params
         out_aval = equation.outvars[0].aval
         if name in ("jit", "pjit") and params.get("name") == "upsample_bilinear_stencil":
-            return [self.upsample(values[0], equation)]
+            return [self.upsample(values[0])]
         if name in _NESTED:
             closed = params[_NESTED[name]]
             return self.run(closed.jaxpr, closed.consts, values)
@@ -295,7 +295,7 @@ class GraphBuilder:
             output = self.node("Expand", [output, self.shape_tensor(out_aval.shape)])
         return output
 
-    def upsample(self, value, equation) -> str:
+    def upsample(self, value) -> str:
         """`layers.upsample_bilinear_stencil` (2x bilinear, half-pixel centres, NHWC) as ONNX's Resize."""
         image = self.node("Transpose", [self.materialized(value, np.float32)], perm=[0, 3, 1, 2])
         scales = self.constant(np.array([1, 1, 2, 2], np.float32))

@@ -252,6 +252,11 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         lambda x: _conv(x, ONE_CHANNEL_KERNEL) * 2.5 + 0.5,
         # Per-channel division and subtraction folded into a convolution, then ReLU: no model divides.
         lambda x: jax.nn.relu(_conv(x, FOUR_CHANNEL_KERNEL) / FOUR - FOUR / 8),
+        # The reciprocal square root of a tensor: BatchNorm in evaluation mode takes it of constants only.
+        lambda x: jax.lax.rsqrt(x * x + 0.5),
+        # A constant too large to fold (over 65,536 elements) kept at size-1 axes, then concatenated, which
+        # does not broadcast: it must be materialized at its full shape.
+        lambda x: jnp.concatenate([x, jnp.ones((350, 8, 8, 3)) * 2.0], axis=0),
     ],
     ids=[
         "reshape",
@@ -269,6 +274,8 @@ def test_broadcasting_results_come_out_at_their_full_shape(function):
         "maximum_not_relu",
         "conv_scalar_affine",
         "conv_divided_minus_relu",
+        "rsqrt_of_a_tensor",
+        "large_constant_concatenated",
     ],
 )
 def test_primitives_no_model_variant_emits_translate_too(function):
@@ -435,6 +442,15 @@ def test_onnxruntime_without_the_extra_is_refused_before_training(monkeypatch):
     )
     with pytest.raises(UserError, match=r"eval.runtime: 'onnxruntime' needs onnxruntime, not installed"):
         config_validation.validate(config)
+
+
+def test_export_without_the_onnx_extra_is_refused_before_restoring_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # `import onnx` raises ImportError
+    monkeypatch.setattr(steps, "restore_state", pytest.fail)
+    with pytest.raises(UserError) as refused:
+        onnx_export.export_workdir(make_tiny_config(), tmp_path, tmp_path / "model.onnx")
+    assert str(refused.value) == "ONNX export needs the onnx package: pip install -e '.[onnx]'"
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_a_bad_runtime_is_a_config_error():
