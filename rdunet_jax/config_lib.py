@@ -244,8 +244,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.threshold = 0.5
     config.eval.batch_size = 16
     # Which checkpoint training evaluates at its end: 'best' (lowest validation loss) or 'last' (the final
-    # epoch). Under cross-validation the validation set is the held-out fold, so 'best' picks the epoch on
-    # the very slices it is scored on; 'last' keeps the fold unseen.
+    # epoch). Under cross-validation 'best' picks the epoch on the held-out fold it is scored on; 'last' not.
     config.eval.checkpoint = "best"
     # Validate (and keep the `best` checkpoint) after every n-th epoch and the last one. Validation does not
     # touch the train state, so with eval.checkpoint 'last' this changes only the log: the same weights to
@@ -259,8 +258,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Best and worst slices drawn as overlays by evaluation (and slices per volume by prediction).
     config.eval.num_overlays = 4
     # TensorBoard's overlays are predicted again with flips: every epoch they took a fifth of a CPU run's
-    # wall time (1.9 s of an epoch's 12 at 128 px, experiments/epoch_overhead.py), for images that
-    # change little from one epoch to the next.
+    # wall time (1.9 s of 12 at 128 px, experiments/epoch_overhead.py), for images that change little.
     config.eval.overlay_every_epochs = 10
     # What runs the model in evaluation (--mode evaluate, and after training) and --mode predict: 'jax'
     # (XLA), or 'onnxruntime' (the model exported to ONNX, on the CPU: 0.66x XLA's time per slice on 2
@@ -297,10 +295,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.consistency.noise_std = 0.05
     # 'fixmatch' (rdunet_jax/fixmatch.py) in place of the moving average: the model's own pseudo-labels of
     # the batch, kept where at least `confidence_threshold` sure either way, teach its predictions of the
-    # batch's strong view (contrast and brightness jitter of `strong_intensity_range`, plus the noise).
+    # batch's strong view (contrast and brightness jitter of `strong_intensity_range`, plus the noise);
+    # only the slices whose pseudo-label is at least `min_lesion_fraction` lesion teach (0: all).
     config.consistency.method = "mean_teacher"
     config.consistency.confidence_threshold = 0.95
     config.consistency.strong_intensity_range = 0.3
+    config.consistency.min_lesion_fraction = 0.0
     return config
 
 

@@ -171,6 +171,7 @@ def _check_consistency(config) -> None:
         ("consistency.rampup_epochs", _NON_NEGATIVE_INT),
         ("consistency.noise_std", non_negative),
         ("consistency.strong_intensity_range", unit),
+        ("consistency.min_lesion_fraction", unit),
         ("data.unlabelled_fraction", unit),
         ("consistency.confidence_threshold", (lambda value: unit[0](value) and value >= 0.5, "in [0.5, 1)")),
     ):
@@ -181,6 +182,10 @@ def _check_consistency(config) -> None:
     if config.consistency.method == "fixmatch" and not strong:
         raise UserError(
             "consistency.strong_intensity_range: FixMatch's strong view needs it or noise_std > 0"
+        )
+    if config.consistency.method != "fixmatch" and config.consistency.min_lesion_fraction:
+        raise UserError(
+            "consistency.min_lesion_fraction: FixMatch's slice filter; mean teacher's consistency has none"
         )
     weight, fraction = config.consistency.weight, config.data.unlabelled_fraction
     if fraction and not weight:
@@ -257,18 +262,11 @@ def _check_selftrain(config) -> None:
         lambda value: _is_number(value) and 0.5 <= value < 1,
         "a probability in [0.5, 1)",
     )
-    _require(
-        config,
-        "selftrain.weighting",
-        lambda value: value in ("threshold", "confidence"),
-        "'threshold' or 'confidence'",
-    )
-    _require(
-        config,
-        "selftrain.student_init",
-        lambda value: value in ("scratch", "teacher"),
-        "'scratch' or 'teacher'",
-    )
+    for key, choices in (
+        ("selftrain.weighting", ("threshold", "confidence")),
+        ("selftrain.student_init", ("scratch", "teacher")),
+    ):
+        _require(config, key, lambda value, ok=choices: value in ok, " or ".join(map(repr, choices)))
     for key in ("selftrain.student_num_epochs", "selftrain.student_lr_decay_epochs"):
         _require(config, key, *_POSITIVE)
     _require(

@@ -10,6 +10,8 @@ plus Gaussian noise (`consistency.noise_std`); the loss adds `consistency.weight
 cross-entropy of its logits against the kept pseudo-labels, averaged over every pixel of the batch's
 unlabelled slices (FixMatch's normalisation: a pixel below the threshold counts 0). The labelled slices are
 trained on as they come (the weak view). Intensity changes only, so a pixel's label stays where it was.
+With `consistency.min_lesion_fraction` > 0 only the unlabelled slices whose weak view the model calls lesion
+on at least that share of pixels count (self-training's slice filter, `data.extra_min_lesion_fraction`).
 """
 
 import jax
@@ -37,6 +39,14 @@ def unlabelled_rows(mask):
     """1 for each row of a mixed batch whose loss-weight channel (the mask's last) is 0 everywhere: the
     unlabelled slices (`data.unlabelled_fraction`), else 0."""
     return (jnp.max(mask[..., -1:], axis=tuple(range(1, mask.ndim))) == 0).astype(jnp.float32)
+
+
+def rows_with_lesion(teacher_probabilities, mask_threshold: float, min_lesion_fraction: float):
+    """1 for each row whose pseudo-label (p >= mask threshold) covers at least `min_lesion_fraction` of its
+    pixels, else 0: the slice filter that keeps a pool mostly without lesion from teaching only background."""
+    lesion = (teacher_probabilities >= mask_threshold).astype(jnp.float32)
+    share = jnp.mean(lesion, axis=tuple(range(1, lesion.ndim)))
+    return (share >= min_lesion_fraction).astype(jnp.float32)
 
 
 def pseudo_label_loss(

@@ -65,10 +65,12 @@ class Consistency(NamedTuple):
     rampup_steps: int
     noise_std: float
     method: str = "mean_teacher"
-    # FixMatch's (rdunet_jax/fixmatch.py): pseudo-label and confidence thresholds, strong view's jitter.
+    # FixMatch's (rdunet_jax/fixmatch.py): pseudo-label and confidence thresholds, strong view's jitter,
+    # and the slice filter (0: every unlabelled slice).
     mask_threshold: float = 0.5
     confidence_threshold: float = 0.0
     strong_intensity_range: float = 0.0
+    min_lesion_fraction: float = 0.0
 
 
 def settings(config, steps_per_epoch: int) -> Consistency | tuple:
@@ -92,6 +94,8 @@ def settings(config, steps_per_epoch: int) -> Consistency | tuple:
         mask_threshold=float(config.eval.threshold),
         confidence_threshold=float(consistency.confidence_threshold),
         strong_intensity_range=float(consistency.strong_intensity_range),
+        # A config stored before the key existed (a run folder's) trains as it did: every slice.
+        min_lesion_fraction=float(consistency.get("min_lesion_fraction", 0.0)),
     )
 
 

@@ -181,10 +181,13 @@ def _fixmatch_terms(state: TrainState, batch: dict, dropout_key):
     rows = fixmatch.unlabelled_rows(batch["mask"])
     # As in FixMatch, the supervised loss sees the labelled slices' weak view.
     inputs = jnp.where(rows[:, None, None, None] > 0, strong, batch["image"])
+    # Every unlabelled row is seen strong (so the batch statistics do not depend on the filter); only the
+    # rows the filter keeps teach.
+    taught = rows * fixmatch.rows_with_lesion(teacher, settings.mask_threshold, settings.min_lesion_fraction)
 
     def consistency_term(logits):
         loss = fixmatch.pseudo_label_loss(
-            logits, teacher, rows, settings.mask_threshold, settings.confidence_threshold
+            logits, teacher, taught, settings.mask_threshold, settings.confidence_threshold
         )
         return scale * loss
 

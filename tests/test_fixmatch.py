@@ -72,6 +72,26 @@ def test_unlabelled_rows_are_those_whose_weight_channel_is_zero_everywhere():
     assert rows.dtype == np.float32  # weights of the rows' losses, not a boolean mask
 
 
+def test_the_slice_filter_keeps_rows_whose_pseudo_label_covers_at_least_the_share():
+    # 4 rows of 10 pixels; lesion where p >= 0.5 (0.5 itself included):
+    #   row 0: one pixel 0.9            -> share 0.1
+    #   row 1: none (0.49 is background) -> 0.0
+    #   row 2: two pixels, one at 0.5   -> 0.2
+    #   row 3: every pixel 0.7          -> 1.0
+    p = np.full((4, 2, 5, 1), 0.1, np.float32)
+    p[0, 0, 0] = 0.9
+    p[1, 1, 4] = 0.49
+    p[2, 0, :2, 0] = (0.5, 0.8)
+    p[3] = 0.7
+    np.testing.assert_array_equal(np.asarray(fixmatch.rows_with_lesion(p, 0.5, 0.1)), [1, 0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(fixmatch.rows_with_lesion(p, 0.5, 0.15)), [0, 0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(fixmatch.rows_with_lesion(p, 0.5, 0.0)), [1, 1, 1, 1])
+    # At mask threshold 0.6, 0.5 is background: row 2 is 0.1 lesion; 0.49 still is not.
+    np.testing.assert_array_equal(np.asarray(fixmatch.rows_with_lesion(p, 0.6, 0.15)), [0, 0, 0, 1])
+    np.testing.assert_array_equal(np.asarray(fixmatch.rows_with_lesion(p, 0.45, 0.1)), [1, 1, 1, 1])
+    assert fixmatch.rows_with_lesion(p, 0.5, 0.1).dtype == np.float32
+
+
 def test_the_strong_view_is_a_contrast_and_brightness_change_of_each_slice_plus_noise():
     rng = np.random.default_rng(0)
     images = (0.45 + 0.1 * rng.random((6, 16, 16, 1))).astype(np.float32)  # never clipped
@@ -121,7 +141,10 @@ def _fixmatch_config(**changes):
     return config
 
 
-def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_the_supervised_loss():
+@pytest.mark.parametrize("slice_filter", [False, True])
+def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_the_supervised_loss(
+    slice_filter,
+):
     config = _fixmatch_config()
     config.consistency.noise_std = 0.05  # and strong_intensity_range 0.3
     model = models.build_model(config.model)
@@ -173,7 +196,17 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     # -log sigmoid(z) for lesion, -log(1 - sigmoid(z)) for background, in a form that does not overflow.
     softplus = np.maximum(student_logits, 0) + np.log1p(np.exp(-np.abs(student_logits)))
     entropy = softplus - lesion * student_logits
-    pseudo = np.mean(np.where(confident, entropy, 0.0)[2:])  # the unlabelled rows' pixels only
+    per_row = np.mean(np.where(confident, entropy, 0.0), axis=(1, 2, 3))
+    pseudo = np.mean(per_row[2:])  # the unlabelled rows' pixels only
+    if slice_filter:
+        # A share between the two unlabelled rows' pseudo-label lesion shares: only the larger one teaches,
+        # its own pixels' mean (not halved by the row left out).
+        shares = np.mean(lesion[2:], axis=(1, 2, 3))
+        assert abs(shares[0] - shares[1]) > 0.01
+        state = state.replace(
+            consistency=state.consistency._replace(min_lesion_fraction=float(np.mean(shares)))
+        )
+        pseudo = per_row[2 + int(np.argmax(shares))]
     scale = 2.0 * np.exp(-1.25)
     expected = np.mean(supervised) + scale * pseudo
 
@@ -201,6 +234,14 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
         ({"data.unlabelled_fraction": 0.0}, "consistency.weight: FixMatch needs unlabelled slices"),
         ({"loss": "dice"}, "loss: FixMatch's mixed batches need a weighted loss"),
         ({"selftrain.rounds": 1}, "consistency.weight: FixMatch and selftrain.rounds > 0 are alternatives"),
+        (
+            {"consistency.min_lesion_fraction": 1.0},
+            "consistency.min_lesion_fraction: must be a number in [0, 1), got 1.0",
+        ),
+        (
+            {"consistency.method": "mean_teacher", "consistency.min_lesion_fraction": 0.05},
+            "consistency.min_lesion_fraction: FixMatch's slice filter; mean teacher's consistency has none",
+        ),
     ],
 )
 def test_bad_fixmatch_settings_are_refused_naming_the_key(changes, message):
@@ -237,8 +278,13 @@ def test_fixmatch_settings_come_from_the_consistency_keys_and_the_mask_threshold
     config.eval.threshold, config.consistency.rampup_epochs = 0.6, 3
     config.consistency.confidence_threshold, config.consistency.strong_intensity_range = 0.8, 0.2
     settings = mean_teacher.settings(config, steps_per_epoch=5)
-    assert settings == (2.0, 15, 0.0, "fixmatch", 0.6, 0.8, 0.2)
+    assert settings == (2.0, 15, 0.0, "fixmatch", 0.6, 0.8, 0.2, 0.0)
     assert not mean_teacher.averages_parameters(settings)
+    config.consistency.min_lesion_fraction = 0.05
+    assert mean_teacher.settings(config, steps_per_epoch=5).min_lesion_fraction == 0.05
+    # A run folder's config.json from before the filter trains on every slice, as it did.
+    del config.consistency["min_lesion_fraction"]
+    assert mean_teacher.settings(config, steps_per_epoch=5).min_lesion_fraction == 0.0
     config.consistency.method = "mixmatch"  # unvalidated: refused rather than run as either
     with pytest.raises(ValueError, match="'mixmatch' is neither 'mean_teacher' nor 'fixmatch'"):
         mean_teacher.settings(config, steps_per_epoch=5)
