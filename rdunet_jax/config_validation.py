@@ -185,7 +185,7 @@ def _check_consistency(config) -> None:
         )
     if config.consistency.method != "fixmatch" and config.consistency.min_lesion_fraction:
         raise UserError(
-            "consistency.min_lesion_fraction: FixMatch's slice filter; mean teacher's consistency has none"
+            "consistency.min_lesion_fraction: only consistency.method='fixmatch' reads this slice filter"
         )
     weight, fraction = config.consistency.weight, config.data.unlabelled_fraction
     if fraction and not weight:

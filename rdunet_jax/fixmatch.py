@@ -11,7 +11,8 @@ cross-entropy of its logits against the kept pseudo-labels, averaged over every 
 unlabelled slices (FixMatch's normalisation: a pixel below the threshold counts 0). The labelled slices are
 trained on as they come (the weak view). Intensity changes only, so a pixel's label stays where it was.
 With `consistency.min_lesion_fraction` > 0 only the unlabelled slices whose weak view the model calls lesion
-on at least that share of pixels count (self-training's slice filter, `data.extra_min_lesion_fraction`).
+on at least that share of pixels count (self-training's slice filter, `data.extra_min_lesion_fraction`): the
+mean is then over the kept slices' pixels, and a step that keeps none adds 0.
 """
 
 import jax

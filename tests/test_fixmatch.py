@@ -141,7 +141,7 @@ def _fixmatch_config(**changes):
     return config
 
 
-@pytest.mark.parametrize("slice_filter", [False, True])
+@pytest.mark.parametrize("slice_filter", ["none", "one row", "every row"])
 def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_the_supervised_loss(
     slice_filter,
 ):
@@ -198,21 +198,29 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
     entropy = softplus - lesion * student_logits
     per_row = np.mean(np.where(confident, entropy, 0.0), axis=(1, 2, 3))
     pseudo = np.mean(per_row[2:])  # the unlabelled rows' pixels only
-    if slice_filter:
+    shares = np.mean(lesion[2:], axis=(1, 2, 3))
+    assert abs(shares[0] - shares[1]) > 0.01 and np.max(shares) < 0.99
+    if slice_filter == "one row":
         # A share between the two unlabelled rows' pseudo-label lesion shares: only the larger one teaches,
         # its own pixels' mean (not halved by the row left out).
-        shares = np.mean(lesion[2:], axis=(1, 2, 3))
-        assert abs(shares[0] - shares[1]) > 0.01
-        state = state.replace(
-            consistency=state.consistency._replace(min_lesion_fraction=float(np.mean(shares)))
-        )
+        minimum = float(np.mean(shares))
         pseudo = per_row[2 + int(np.argmax(shares))]
+    elif slice_filter == "every row":
+        # Above both: the step is the supervised loss alone, not a division by zero.
+        minimum = float(np.max(shares) + 0.005)
+        pseudo = 0.0
+    if slice_filter != "none":
+        state = state.replace(consistency=state.consistency._replace(min_lesion_fraction=minimum))
     scale = 2.0 * np.exp(-1.25)
     expected = np.mean(supervised) + scale * pseudo
 
-    _, metrics = steps.train_step(state, batch)
+    trained, metrics = steps.train_step(state, batch)
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
-    assert scale * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
+    if slice_filter == "every row":
+        leaves = jax.tree_util.tree_leaves(trained.params)
+        assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)
+    else:
+        assert scale * pseudo > 0.01 * expected  # the term is large enough for the comparison to see it
 
 
 @pytest.mark.parametrize(
@@ -240,7 +248,7 @@ def test_the_step_adds_the_weighted_pseudo_label_loss_of_the_unlabelled_rows_to_
         ),
         (
             {"consistency.method": "mean_teacher", "consistency.min_lesion_fraction": 0.05},
-            "consistency.min_lesion_fraction: FixMatch's slice filter; mean teacher's consistency has none",
+            "consistency.min_lesion_fraction: only consistency.method='fixmatch' reads this slice filter",
         ),
     ],
 )
