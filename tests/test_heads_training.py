@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import ONE_LEVEL, make_tiny_config
 
 from rdunet_jax import checkpoints, datasets, steps, train
 
@@ -15,6 +15,7 @@ CLASSES = ("ggo", "consolidation")
 def _config(head: str, loss: str):
     config = make_tiny_config()
     config.model.head, config.data.classes, config.loss = head, CLASSES, loss
+    config.model.update(ONE_LEVEL)
     return config
 
 
@@ -51,5 +52,6 @@ def test_a_tiny_multi_class_run_writes_per_class_metrics(head, loss, tmp_path):
 
     # The checkpoint records its head and classes: a binary config cannot restore it.
     binary = make_tiny_config()
+    binary.model.update(ONE_LEVEL)
     with pytest.raises(checkpoints.ModelMismatchError, match=f"model.head='{head}' in the checkpoint"):
         steps.restore_state(binary, tmp_path)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import make_tiny_config
+from helpers import ONE_LEVEL, make_tiny_config
 
 from experiments import run_study
 from experiments.studies import design, runner, stats, tables
@@ -191,8 +191,7 @@ TINY_STUDY = design.Study(
 
 def _tiny_base():
     config = make_tiny_config()
-    # One level: the runner does not depend on the depth, and each run then compiles in about half the time.
-    config.model.depth, config.model.skip_dilation_rates = 1, ((1, 2),)
+    config.model.update(ONE_LEVEL)
     config.num_epochs = 1
     config.data.cv_folds = 2
     config.eval.split = "validation"

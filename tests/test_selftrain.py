@@ -13,7 +13,7 @@ import types
 
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
+from helpers import ONE_LEVEL, ONE_LEVEL_FLAGS, REPO_ROOT, TEST_CACHE, TEST_DATA_DIR, make_tiny_config
 from PIL import Image
 
 from rdunet_jax import config_lib, config_validation, datasets, devices, files, selftrain
@@ -22,10 +22,6 @@ from rdunet_jax.errors import UserError
 
 POOL_SIZE = 6
 MASK_THRESHOLD, CONFIDENCE_THRESHOLD = 0.52, 0.525
-# One level: what these tests check does not depend on the depth, and each stage then compiles in about
-# half the time and saves half the arrays (167 against 301; Orbax's save time grows with them).
-ONE_LEVEL = {"depth": 1, "skip_dilation_rates": ((1, 2),)}
-ONE_LEVEL_FLAGS = ["--config.model.depth=1", "--config.model.skip_dilation_rates=((1,2),)"]
 
 
 def test_pseudo_label_weights_against_hand_computed_values():

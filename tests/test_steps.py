@@ -6,10 +6,29 @@ import numpy as np
 import optax
 import pytest
 import reference_model as reference
-from helpers import assert_running_stats_as_the_reference, make_tiny_config
+from helpers import ONE_LEVEL, assert_running_stats_as_the_reference, make_tiny_config
 
 from rdunet_jax import config_lib, datasets, input_pipeline, layers, models, steps
 from rdunet_jax import losses as losses_lib
+
+
+def _one_level_tiny_config():
+    """The tiny config at one level (helpers.ONE_LEVEL): what a step does does not depend on the depth."""
+    config = make_tiny_config()
+    config.model.update(ONE_LEVEL)
+    return config
+
+
+@pytest.fixture
+def one_level_config():
+    return _one_level_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def one_level_state():
+    """A freshly initialised train state of the one-level tiny config (built once per session)."""
+    config = _one_level_tiny_config()
+    return steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
 
 
 def _fixed_batch(config):
@@ -18,9 +37,9 @@ def _fixed_batch(config):
     return dataset[0]
 
 
-def test_train_steps_on_one_batch_lower_the_loss(tiny_state, tiny_config):
-    batch = _fixed_batch(tiny_config)
-    state = tiny_state
+def test_train_steps_on_one_batch_lower_the_loss(one_level_state, one_level_config):
+    batch = _fixed_batch(one_level_config)
+    state = one_level_state
     losses = []
     for _ in range(12):
         state, step_metrics = steps.train_step(state, batch)
@@ -29,44 +48,44 @@ def test_train_steps_on_one_batch_lower_the_loss(tiny_state, tiny_config):
     # Dropout makes single steps noisy: compare the first and last few.
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01
     # Batch statistics are updated by training, not frozen at their initial values.
-    before = jax.tree_util.tree_leaves(tiny_state.batch_stats)
+    before = jax.tree_util.tree_leaves(one_level_state.batch_stats)
     after = jax.tree_util.tree_leaves(state.batch_stats)
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_train_step_is_deterministic_and_dropout_depends_on_step(tiny_state, tiny_config):
-    batch = _fixed_batch(tiny_config)
-    first, metrics_a = steps.train_step(tiny_state, batch)
-    again, metrics_b = steps.train_step(tiny_state, batch)
+def test_train_step_is_deterministic_and_dropout_depends_on_step(one_level_state, one_level_config):
+    batch = _fixed_batch(one_level_config)
+    first, metrics_a = steps.train_step(one_level_state, batch)
+    again, metrics_b = steps.train_step(one_level_state, batch)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for a, b in zip(
         jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(again.params), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     # Same parameters, different step: a different dropout mask gives a different loss.
-    shifted = tiny_state.replace(step=tiny_state.step + 1)
+    shifted = one_level_state.replace(step=one_level_state.step + 1)
     _, metrics_c = steps.train_step(shifted, batch)
     assert float(metrics_c["loss"]) != float(metrics_a["loss"])
 
 
-def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
-    batch = _fixed_batch(tiny_config)
-    dropout_key = jax.random.fold_in(tiny_state.dropout_key, tiny_state.step)
-    logits, _ = tiny_state.apply_fn(
-        {"params": tiny_state.params, "batch_stats": tiny_state.batch_stats},
+def test_the_train_step_minimises_the_configured_loss(one_level_state, one_level_config):
+    batch = _fixed_batch(one_level_config)
+    dropout_key = jax.random.fold_in(one_level_state.dropout_key, one_level_state.step)
+    logits, _ = one_level_state.apply_fn(
+        {"params": one_level_state.params, "batch_stats": one_level_state.batch_stats},
         batch["image"],
         train=True,
         rngs={"dropout": dropout_key},
         mutable=["batch_stats"],
     )
     for name in ("dice", "dice_bce"):
-        _, step_metrics = steps.train_step(tiny_state.replace(loss=name), batch)
+        _, step_metrics = steps.train_step(one_level_state.replace(loss=name), batch)
         expected = float(np.mean(losses_lib.LOSSES[name](logits, batch["mask"])))
         np.testing.assert_allclose(float(step_metrics["loss"]), expected, rtol=1e-5)
-    validation = steps.eval_step(tiny_state.replace(loss="dice_bce"), batch)["loss"]
-    assert validation.shape == (tiny_config.batch_size,)
+    validation = steps.eval_step(one_level_state.replace(loss="dice_bce"), batch)["loss"]
+    assert validation.shape == (one_level_config.batch_size,)
     # Cross-entropy is positive, so the validation loss rises above plain Dice on every image.
-    assert np.all(validation > steps.eval_step(tiny_state, batch)["loss"])
+    assert np.all(validation > steps.eval_step(one_level_state, batch)["loss"])
     config = make_tiny_config()
     config.loss = "dice_bce"
     model = models.build_model(config.model)
@@ -74,15 +93,15 @@ def test_the_train_step_minimises_the_configured_loss(tiny_state, tiny_config):
 
 
 def test_a_train_step_moves_the_running_statistics_by_the_momentum_and_reports_the_gradients_norm(
-    tiny_state, tiny_config
+    one_level_state, one_level_config
 ):
-    batch = _fixed_batch(tiny_config)
-    after, step_metrics = steps.train_step(tiny_state, batch)
+    batch = _fixed_batch(one_level_config)
+    after, step_metrics = steps.train_step(one_level_state, batch)
     # Running statistics s' = m s + (1 - m) (the batch's): starting 0.5 higher ends m x 0.5 higher, and
     # the training forward pass (batch statistics) is unchanged. A step that dropped the stored statistics
     # (re-initialised them) gave a difference of 0.
-    shifted = tiny_state.replace(
-        batch_stats=jax.tree_util.tree_map(lambda s: s + 0.5, tiny_state.batch_stats)
+    shifted = one_level_state.replace(
+        batch_stats=jax.tree_util.tree_map(lambda s: s + 0.5, one_level_state.batch_stats)
     )
     after_shifted, _ = steps.train_step(shifted, batch)
     for moved, plain in zip(
@@ -94,11 +113,11 @@ def test_a_train_step_moves_the_running_statistics_by_the_momentum_and_reports_t
             np.asarray(moved) - np.asarray(plain), layers.BATCH_NORM_MOMENTUM * 0.5, atol=1e-5
         )
     # The gradient norm the loop checks for non-finite values: that of jax.grad of the step's loss.
-    dropout_key = jax.random.fold_in(tiny_state.dropout_key, tiny_state.step)
+    dropout_key = jax.random.fold_in(one_level_state.dropout_key, one_level_state.step)
 
     def loss_of(params):
-        logits, _ = tiny_state.apply_fn(
-            {"params": params, "batch_stats": tiny_state.batch_stats},
+        logits, _ = one_level_state.apply_fn(
+            {"params": params, "batch_stats": one_level_state.batch_stats},
             batch["image"],
             train=True,
             rngs={"dropout": dropout_key},
@@ -106,31 +125,35 @@ def test_a_train_step_moves_the_running_statistics_by_the_momentum_and_reports_t
         )
         return jax.numpy.mean(losses_lib.LOSSES["dice"](logits, batch["mask"]))
 
-    gradients = jax.tree_util.tree_leaves(jax.grad(loss_of)(tiny_state.params))
+    gradients = jax.tree_util.tree_leaves(jax.grad(loss_of)(one_level_state.params))
     expected = np.sqrt(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in gradients))
     assert expected > 0
     np.testing.assert_allclose(float(step_metrics["gradient_norm"]), expected, rtol=1e-4)
 
 
-def test_the_train_step_is_scheduled_for_memory_with_the_same_result(tiny_state, tiny_config):
-    batch = _fixed_batch(tiny_config)
+def test_the_train_step_is_scheduled_for_memory_with_the_same_result(one_level_state, one_level_config):
+    batch = _fixed_batch(one_level_config)
     default_order = jax.jit(steps.train_step.__wrapped__)  # XLA:CPU's own scheduler
-    ours = steps.train_step.lower(tiny_state, batch).compile()
-    theirs = default_order.lower(tiny_state, batch).compile()
+    ours = steps.train_step.lower(one_level_state, batch).compile()
+    theirs = default_order.lower(one_level_state, batch).compile()
     # 5.0 MB against 7.2 MB for this tiny model (1.7 GB against 2.5 GB at 256 px, batch 8).
     assert ours.memory_analysis().temp_size_in_bytes < 0.8 * theirs.memory_analysis().temp_size_in_bytes
     np.testing.assert_allclose(
-        float(ours(tiny_state, batch)[1]["loss"]), float(theirs(tiny_state, batch)[1]["loss"]), rtol=1e-5
+        float(ours(one_level_state, batch)[1]["loss"]),
+        float(theirs(one_level_state, batch)[1]["loss"]),
+        rtol=1e-5,
     )
 
 
-def test_the_eval_step_uses_xlas_own_convolutions_with_the_same_result(tiny_state, tiny_config):
-    batch = _fixed_batch(tiny_config)
-    ours = steps.eval_step.lower(tiny_state, batch).compile()
-    theirs = jax.jit(steps.eval_step.__wrapped__).lower(tiny_state, batch).compile()
+def test_the_eval_step_uses_xlas_own_convolutions_with_the_same_result(one_level_state, one_level_config):
+    batch = _fixed_batch(one_level_config)
+    ours = steps.eval_step.lower(one_level_state, batch).compile()
+    theirs = jax.jit(steps.eval_step.__wrapped__).lower(one_level_state, batch).compile()
     assert "ynn" in theirs.as_text() and "ynn" not in ours.as_text()
     np.testing.assert_allclose(
-        ours(tiny_state, batch)["probabilities"], theirs(tiny_state, batch)["probabilities"], atol=1e-6
+        ours(one_level_state, batch)["probabilities"],
+        theirs(one_level_state, batch)["probabilities"],
+        atol=1e-6,
     )
 
 
@@ -268,10 +291,10 @@ def test_batch_norm_by_source_normalises_each_source_by_its_own_statistics_again
 
 
 def test_a_train_step_with_batch_norm_by_source_keeps_running_statistics_of_the_labelled_rows(
-    tiny_state, tiny_config
+    one_level_state, one_level_config
 ):
-    batch = _fixed_batch(tiny_config)
-    split = tiny_state.replace(labelled_rows=2)
+    batch = _fixed_batch(one_level_config)
+    split = one_level_state.replace(labelled_rows=2)
     after, _ = steps.train_step(split, batch)
     # Other images in the other rows: the same running statistics, other parameters.
     changed = dict(batch, image=batch["image"].copy())
@@ -280,8 +303,8 @@ def test_a_train_step_with_batch_norm_by_source_keeps_running_statistics_of_the_
     jax.tree_util.tree_map(np.testing.assert_array_equal, after.batch_stats, after_changed.batch_stats)
     assert _some_leaf_differs(after.params, after_changed.params)
     # Without the split they move with the other rows.
-    whole, _ = steps.train_step(tiny_state, batch)
-    whole_changed, _ = steps.train_step(tiny_state, changed)
+    whole, _ = steps.train_step(one_level_state, batch)
+    whole_changed, _ = steps.train_step(one_level_state, changed)
     assert _some_leaf_differs(whole.batch_stats, whole_changed.batch_stats)
 
 
@@ -292,18 +315,18 @@ def _some_leaf_differs(tree, other) -> bool:
     )
 
 
-def test_batch_norm_by_source_draws_the_other_rows_dropout_masks_apart(tiny_config):
+def test_batch_norm_by_source_draws_the_other_rows_dropout_masks_apart(one_level_config):
     """The two parts of a split batch are two forward passes: the other rows get their own dropout key, not
     the labelled rows' masks again."""
-    images = np.asarray(_fixed_batch(tiny_config)["image"][:2])
+    images = np.asarray(_fixed_batch(one_level_config)["image"][:2])
     twice = np.concatenate([images, images])  # the same rows, so the same statistics, on both sides
     forward = jax.jit(lambda state, x: steps.train_forward(state, state.params, x, state.dropout_key))
     logits = {}
     for dropout_rate in (0.5, 0.0):
-        model_config = tiny_config.model.copy_and_resolve_references()
+        model_config = one_level_config.model.copy_and_resolve_references()
         model_config.dropout_rate = dropout_rate
         model = models.build_model(model_config)
-        variables = models.initialize_variables(model, tiny_config.data.image_size, seed=0)
+        variables = models.initialize_variables(model, one_level_config.data.image_size, seed=0)
         logits[dropout_rate], _ = forward(_state_with_labelled_rows(model, variables, 2), twice)
     np.testing.assert_allclose(logits[0.0][:2], logits[0.0][2:], rtol=1e-5, atol=1e-6)  # only dropout differs
     assert np.abs(np.asarray(logits[0.5][:2]) - np.asarray(logits[0.5][2:])).max() > 1e-3
