@@ -10,6 +10,8 @@ after=${2:?AFTER commit}
 rounds=${3:-2}
 shift $(($# < 3 ? $# : 3))
 python=${PYTHON:-$(pwd)/.venv/bin/python}
+# The worktrees are not beside ../shared/data: the real-data tests read it where this checkout has it.
+export RDUNET_DATA_ROOT=${RDUNET_DATA_ROOT:-$(cd .. && pwd)/shared/data}
 scratch=$(mktemp -d)
 trap 'git worktree remove --force "$scratch/before" 2>/dev/null; git worktree remove --force "$scratch/after" 2>/dev/null; rm -rf "$scratch"' EXIT
 git worktree add -q --detach "$scratch/before" "$before"
