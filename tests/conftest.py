@@ -9,11 +9,21 @@ fixture three times (13-26 s each). Its tests copy the run before changing it, o
 
 import jax
 import pytest
-from helpers import TEST_CACHE, make_tiny_config
+from helpers import ONE_LEVEL, TEST_CACHE, make_tiny_config
 
 from rdunet_jax import devices, models, steps
 
 devices.enable_compilation_cache(str(TEST_CACHE))
+
+
+def _one_level_tiny_config():
+    config = make_tiny_config()
+    config.model.update(ONE_LEVEL)
+    return config
+
+
+def _fresh_train_state(config):
+    return steps.create_train_state(config, models.build_model(config.model), steps_per_epoch=2)
 
 
 @pytest.fixture
@@ -24,9 +34,19 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_state():
     """A freshly initialised train state of the tiny config (built once per session)."""
-    config = make_tiny_config()
-    model = models.build_model(config.model)
-    return steps.create_train_state(config, model, steps_per_epoch=2)
+    return _fresh_train_state(make_tiny_config())
+
+
+@pytest.fixture
+def one_level_config():
+    """The tiny config at one level (helpers.ONE_LEVEL), for tests whose checks do not depend on the depth."""
+    return _one_level_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def one_level_state():
+    """A freshly initialised train state of the one-level tiny config (built once per session)."""
+    return _fresh_train_state(_one_level_tiny_config())
 
 
 @pytest.fixture(scope="session")
